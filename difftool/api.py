@@ -1,0 +1,161 @@
+"""The Python API: ``difftool.run("superres", "in.png", scale=4).image.save("out.png")``.
+
+The CLI and the GUI call these same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from difftool import __version__
+from difftool.core.errors import DifftoolError, ModelError, ParameterError, PluginError
+from difftool.core.images import LoadedImage, open_image
+from difftool.core.task import CancelToken, Param, ProgressCallback, RunContext, Task, TaskRequest
+from difftool.plugins.registry import Registry, get_registry
+
+
+@dataclass
+class RunResult:
+    """Output images and the record of how they were made (also written into PNG metadata)."""
+
+    images: list[Image.Image]
+    record: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image(self) -> Image.Image:
+        return self.images[0]
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def derive_seed(base: int, key: str) -> int:
+    """A per-input seed from the run's base seed and the input's relative path (not its position)."""
+    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def _load(value: Any, what: str) -> LoadedImage:
+    if isinstance(value, LoadedImage):
+        return value
+    if isinstance(value, (str, Path, bytes, bytearray, Image.Image)):
+        return open_image(value)
+    raise ParameterError(f"{what}: expected an image path, bytes or PIL image, got {type(value).__name__}")
+
+
+def param_choices(param: Param, registry: Registry) -> tuple[str, ...]:
+    if param.choices_from == "schedulers":
+        return tuple(registry.schedulers)
+    return param.choices
+
+
+def validate_params(task: Task, params: Mapping[str, Any], registry: Registry) -> dict[str, Any]:
+    """Apply defaults, convert and range-check ``params`` against the task's declaration."""
+    declared = {p.name: p for p in task.params}
+    unknown = sorted(set(params) - set(declared))
+    if unknown:
+        raise ParameterError(
+            f"task {task.name!r} has no parameter {unknown[0]!r}",
+            f"its parameters are: {', '.join(declared) or 'none'}",
+        )
+    values: dict[str, Any] = {}
+    for name, param in declared.items():
+        value = params.get(name, param.default)
+        choices = param_choices(param, registry) if param.type == "choice" else None
+        value = param.validate(value, choices)
+        if param.type in ("image", "mask") and value is not None:
+            value = _load(value, param.flag)
+        values[name] = value
+    return values
+
+
+def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any], registry: Registry) -> TaskRequest:
+    """Validate parameters and load the inputs of one run."""
+    if len(inputs) != len(task.inputs):
+        names = ", ".join(p.name for p in task.inputs)
+        raise ParameterError(f"task {task.name!r} takes {len(task.inputs)} input(s) ({names}), got {len(inputs)}")
+    values = validate_params(task, params, registry)
+    loaded = {
+        port.name: _load(value, port.name) if port.kind in ("image", "mask") else value
+        for port, value in zip(task.inputs, inputs)
+    }
+    return TaskRequest(loaded, values)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, LoadedImage):
+        return str(value.path) if value.path else "<image>"
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def run(
+    task: str,
+    *inputs: Any,
+    model: str | None = None,
+    backend: str = "torch",
+    device: str = "cpu",
+    dtype: str = "fp32",
+    seed: int | None = None,
+    progress: ProgressCallback | None = None,
+    preview_every: int = 0,
+    cancel: CancelToken | None = None,
+    registry: Registry | None = None,
+    **params: Any,
+) -> RunResult:
+    """Run ``task`` on ``inputs`` (paths, bytes or PIL images) with task ``params``.
+
+    Raises a :class:`~difftool.core.errors.DifftoolError` subclass with a one-line message for anything
+    the caller can fix; a task's unexpected exception comes back as a ``PluginError`` naming its plugin.
+    """
+    registry = registry or get_registry()
+    instance = registry.task(task)
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise ParameterError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    reason = instance.availability(model)
+    if reason:
+        raise ModelError(f"task {task!r} cannot run: {reason}")
+    registry.backend(backend, device)
+    request = prepare(instance, inputs, params, registry)
+    seed = new_seed() if seed is None else int(seed)
+    context = RunContext(
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        model=model,
+        progress=progress,
+        preview_every=preview_every,
+        cancel=cancel or CancelToken(),
+        registry=registry,
+    )
+    try:
+        result = instance.run(request, context)
+    except DifftoolError:
+        raise
+    except Exception as exc:
+        plugin = registry.task_plugin(task)
+        raise PluginError(
+            f"task {task!r} (plugin {plugin}) failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "run with --debug for the traceback and report it to the plugin's author",
+        ) from exc
+    record = {
+        "task": task,
+        **{k: _plain(v) for k, v in request.params.items() if v is not None},
+        "seed": seed,
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "difftool_version": __version__,
+        **result.record,
+    }
+    return RunResult(result.images, record)

@@ -1,0 +1,313 @@
+"""The ``difftool`` command line. Commands only parse, call :mod:`difftool.api` and print."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from difftool import __version__
+from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
+from difftool.core.task import DTYPES, Param, Task
+
+
+def _registry() -> Any:
+    from difftool.plugins.registry import get_registry
+
+    return get_registry()
+
+
+def fail(error: DifftoolError, debug: bool) -> None:
+    """Print the one-line error (and the traceback with --debug) and exit 2 (usage) or 1."""
+    if debug:
+        import traceback
+
+        traceback.print_exception(error)
+    click.echo(f"Error: {error}", err=True)
+    sys.exit(2 if isinstance(error, ParameterError) else 1)
+
+
+# --- task parameters -> click options ---------------------------------------------------------------
+
+
+def click_option(param: Param, registry: Any) -> click.Option:
+    """The click option for one declared task parameter."""
+    kwargs: dict[str, Any] = {"help": param.help, "required": param.required, "show_default": param.default is not None}
+    if param.type == "bool":
+        name = param.name.replace("_", "-")
+        return click.Option([f"--{name}/--no-{name}", param.name], default=bool(param.default), **kwargs)
+    if param.type == "int":
+        kwargs["type"] = click.IntRange(param.min, param.max)
+    elif param.type == "float":
+        kwargs["type"] = click.FloatRange(param.min, param.max)
+    elif param.type == "choice":
+        from difftool.api import param_choices
+
+        kwargs["type"] = click.Choice(param_choices(param, registry))
+    elif param.type in ("image", "mask"):
+        kwargs["type"] = click.Path(exists=True, dir_okay=False)
+    elif param.type == "path":
+        kwargs["type"] = click.Path()
+    else:
+        kwargs["type"] = str
+    return click.Option([param.flag, param.name], default=param.default, **kwargs)
+
+
+def common_options(task: Task, registry: Any) -> list[click.Option]:
+    options = [
+        click.Option(["-o", "--output"], help="output file (one input) or folder; default: beside each input"),
+        click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
+        click.Option(["--backend"], type=click.Choice(sorted(registry.backends)), default="torch", show_default=True),
+        click.Option(["--device"], default="cpu", show_default=True, help="cpu or cuda[:N]"),
+        click.Option(["--dtype"], type=click.Choice(DTYPES), default="fp32", show_default=True),
+        click.Option(["--seed"], type=click.IntRange(0, 2**63 - 1), help="random seed (default: random, recorded)"),
+        click.Option(["--json", "as_json"], is_flag=True, help="print a machine-readable result on stdout"),
+        click.Option(["--debug"], is_flag=True, help="show tracebacks and debug logs"),
+    ]
+    if task.uses_model:
+        options.insert(0, click.Option(["--model"], help="model folder, file or name from `difftool models`"))
+    return options
+
+
+def task_command(name: str, registry: Any) -> click.Command:
+    task = registry.task(name)
+    params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=True)]
+    params += [click_option(p, registry) for p in task.params]
+    params += common_options(task, registry)
+
+    def callback(**values: Any) -> None:
+        run_batch(name, registry, values)
+
+    inputs = ", ".join(f"{p.name} ({p.kind})" for p in task.inputs)
+    return click.Command(
+        name,
+        params=params,
+        callback=callback,
+        help=f"{task.summary}.\n\nINPUTS: {inputs}; files, folders or glob patterns.",
+        short_help=task.summary,
+    )
+
+
+def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
+    from tqdm import tqdm
+
+    from difftool import api
+    from difftool.batch import expand_inputs, output_paths
+    from difftool.core.images import save_image
+
+    debug = values.pop("debug")
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
+    specs = list(values.pop("inputs"))
+    output, overwrite, as_json = values.pop("output"), values.pop("overwrite"), values.pop("as_json")
+    common = {k: values.pop(k) for k in ("backend", "device", "dtype", "seed") if k in values}
+    common["model"] = values.pop("model", None)
+    params = {k: v for k, v in values.items() if v is not None}
+    task = registry.task(task_name)
+    try:
+        reason = task.availability(common["model"])
+        if reason:
+            from difftool.core.errors import ModelError
+
+            raise ModelError(f"task {task_name!r} cannot run: {reason}")
+        registry.backend(common["backend"], common["device"])
+        items = expand_inputs(specs)
+        targets = output_paths(items, output, task_name, count=len(task.outputs))
+        existing = [p for paths in targets for p in paths if p.exists()]
+        if existing and not overwrite:
+            raise OutputExistsError(f"{existing[0]} exists", "pass --overwrite to replace it or -o another path")
+    except DifftoolError as error:
+        fail(error, debug)
+    base_seed = common.pop("seed")
+    base_seed = api.new_seed() if base_seed is None else base_seed
+    results: list[dict[str, Any]] = []
+    overall = tqdm(total=len(items), unit="img", disable=None if len(items) > 1 else True, file=sys.stderr)
+    for item, paths in zip(items, targets):
+        seed = base_seed if len(items) == 1 else api.derive_seed(base_seed, item.key)
+        bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
+
+        def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"input": str(item.path), "seed": seed}
+        try:
+            result = api.run(task_name, item.path, seed=seed, progress=progress, registry=registry, **common, **params)
+            for image, path in zip(result.images, paths):
+                save_image(image, path, result.record)
+            entry.update(status="ok", outputs=[str(p) for p in paths])
+        except DifftoolError as error:
+            if len(items) == 1:
+                bar.close()
+                fail(error, debug)
+            if debug:
+                import traceback
+
+                traceback.print_exception(error)
+            entry.update(status="failed", error=str(error))
+            tqdm.write(f"Error: {item.key}: {error}", file=sys.stderr)
+        finally:
+            bar.close()
+        entry["seconds"] = round(time.perf_counter() - started, 3)
+        results.append(entry)
+        overall.update(1)
+    overall.close()
+    failed = [r for r in results if r["status"] != "ok"]
+    if as_json:
+        click.echo(json.dumps({"task": task_name, "results": results, "failed": len(failed)}, indent=2))
+    else:
+        for r in results:
+            if r["status"] == "ok":
+                click.echo(f"{r['input']} -> {', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
+        if len(results) > 1:
+            click.echo(f"{len(results) - len(failed)} done, {len(failed)} failed", err=True)
+    if failed:
+        sys.exit(1)
+
+
+# --- command groups ---------------------------------------------------------------------------------
+
+
+class RunGroup(click.Group):
+    """``difftool run TASK``: one subcommand per registered task, generated from its declaration."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_registry().tasks)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        registry = _registry()
+        if cmd_name not in registry.tasks:
+            return None
+        return task_command(cmd_name, registry)
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+        name = args[0] if args else ""
+        if name and not name.startswith("-") and self.get_command(ctx, name) is None:
+            known = ", ".join(self.list_commands(ctx)) or "none"
+            raise click.UsageError(f"unknown task {name!r} (available: {known}); see `difftool tasks`", ctx)
+        return super().resolve_command(ctx, args)
+
+
+class MainGroup(click.Group):
+    """The top-level group; plugins add commands through ``register_commands``."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if MainGroup._plugins_added:
+            return
+        MainGroup._plugins_added = True
+        from difftool.plugins.registry import call_each
+
+        registry = _registry()
+        call_each(registry, "register_commands", lambda plugin: {"cli": self})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None:
+            self._add_plugin_commands()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+
+@click.group(cls=MainGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="difftool")
+@click.option("--no-plugins", is_flag=True, help="ignore third-party plugins (same as DIFFTOOL_NO_PLUGINS=1)")
+def cli(no_plugins: bool) -> None:
+    """Diffusion models on images: super-resolution, inpainting, generation, style. Offline."""
+    if no_plugins:
+        os.environ["DIFFTOOL_NO_PLUGINS"] = "1"
+
+
+@cli.group(cls=RunGroup)
+def run() -> None:
+    """Run a task: difftool run TASK INPUTS... [OPTIONS] (see `difftool tasks`)."""
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip())
+
+
+@cli.command()
+@click.argument("name", required=False)
+def tasks(name: str | None) -> None:
+    """List tasks, or show the parameters of task NAME."""
+    registry = _registry()
+    if name is None:
+        rows = []
+        for task_name, entry in sorted(registry.tasks.items()):
+            reason = entry.cls().availability(None)
+            rows.append((task_name, "ready" if reason is None else "needs --model", entry.cls.summary))
+        _table(rows)
+        return
+    try:
+        task = registry.task(name)
+    except DifftoolError as error:
+        fail(error, False)
+    reason = task.availability(None)
+    click.echo(f"{task.name}: {task.summary} (plugin {registry.task_plugin(name)})")
+    if reason:
+        click.echo(f"  not ready: {reason}")
+    click.echo("inputs: " + ", ".join(f"{p.name} ({p.kind})" for p in task.inputs))
+    click.echo("parameters:")
+    from difftool.api import param_choices
+
+    rows = []
+    for p in task.params:
+        kind = p.type
+        if p.type == "choice":
+            kind = "|".join(param_choices(p, registry))
+        elif p.min is not None or p.max is not None:
+            kind += f" {p._range_text()}"
+        default = "required" if p.required else f"default {p.default}"
+        rows.append((f"  {p.flag}", kind, default, p.help))
+    _table(rows)
+
+
+@cli.command()
+def schedulers() -> None:
+    """List schedulers (usable as --scheduler)."""
+    registry = _registry()
+    _table([(e.name, e.label, e.plugin, e.summary) for e in registry.schedulers.values()])
+
+
+@cli.command()
+def plugins() -> None:
+    """List plugins, what each registered, and plugins that failed."""
+    registry = _registry()
+    for info in registry.plugins.values():
+        kind = "built-in" if info.builtin else f"plugin {info.version}".rstrip()
+        click.echo(f"{info.name} ({kind}): {', '.join(info.registered) or 'nothing registered'}")
+    for failure in registry.failures:
+        click.echo(f"FAILED {failure}")
+
+
+@cli.command()
+def models() -> None:
+    """List models found on disk (see docs: ~/.difftool/models, $DIFFTOOL_MODELS)."""
+    registry = _registry()
+    found = registry.find_models()
+    if not found:
+        click.echo("no models found; put them in ~/.difftool/models or point DIFFTOOL_MODELS at a folder", err=True)
+    _table([(m.name, m.family, str(m.path)) for m in found])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="difftool")
+
+

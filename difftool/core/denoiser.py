@@ -1,0 +1,83 @@
+"""The Denoiser interface: one network evaluation, whatever runs it.
+
+Conditioning is a dict with these keys (a backend passes through what it does not use):
+
+``concat``
+    Tensor concatenated to the noisy sample along channels (super-resolution's upsampled image,
+    inpainting's masked image and mask). Batched like the sample.
+``encoder_hidden_states``
+    Cross-attention context (text embeddings), batch first.
+``added_cond_kwargs``
+    A dict of extra tensors (SDXL's ``text_embeds`` and ``time_ids``).
+
+The sampler batches classifier-free guidance into one call, so every tensor's batch is the sample's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+Conditioning = Mapping[str, Any]
+
+
+class Denoiser(ABC):
+    """``denoiser(sample, t, cond) -> model output`` plus what a pipeline needs to know about it."""
+
+    #: Channels of the noisy sample (without ``concat`` conditioning).
+    sample_channels: int
+    #: Channels the network takes in total (sample + ``concat``).
+    in_channels: int
+    prediction_type: str
+    dtype: torch.dtype
+    device: torch.device
+    #: ``torch``, ``onnxruntime``, ``tensorrt``, ...
+    backend: str
+
+    @abstractmethod
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Model output for ``sample`` at ``timestep`` (scalar or per-batch), in the sample's dtype."""
+
+
+class TorchDenoiser(Denoiser):
+    """A :class:`Denoiser` over a PyTorch ``nn.Module`` with the diffusers U-Net call convention."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        prediction_type: str,
+        sample_channels: int | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.module = module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        config = getattr(module, "config", None)
+        self.in_channels = int(getattr(config, "in_channels", sample_channels or 0))
+        self.sample_channels = int(sample_channels or getattr(config, "out_channels", self.in_channels))
+        self.prediction_type = prediction_type
+
+    @torch.inference_mode()
+    def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        x = sample.to(self.device, self.dtype)
+        extra = cond.get("concat")
+        if extra is not None:
+            x = torch.cat([x, extra.to(self.device, self.dtype)], dim=1)
+        kwargs: dict[str, Any] = {}
+        if cond.get("encoder_hidden_states") is not None:
+            kwargs["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.device, self.dtype)
+        if cond.get("added_cond_kwargs") is not None:
+            kwargs["added_cond_kwargs"] = {
+                k: v.to(self.device, self.dtype) for k, v in cond["added_cond_kwargs"].items()
+            }
+        t = timestep.to(self.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+        out = self.module(x, t, **kwargs)
+        out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+        return out.to(sample.dtype)

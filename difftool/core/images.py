@@ -1,0 +1,313 @@
+"""Reading and writing images: one loader for every task, PNG metadata, atomic saves.
+
+Policy, in one place:
+
+* **Formats** are detected from the file's content and limited to :data:`ALLOWED_FORMATS`, whatever
+  the file is called (a ``.png`` that is really EPS is refused).
+* **Size** is checked from the header, before any pixel is decoded, against :func:`max_pixels`
+  (``DIFFTOOL_MAX_PIXELS``, default Pillow's own 89.5 MP). Pillow's global limit is never changed.
+* **Orientation**: the EXIF orientation tag is applied; corrupt EXIF is ignored with the image kept.
+* **Modes** are normalised to float RGB in [0, 1]: 16-bit data (``I;16*``, and ``I`` within 0..65535)
+  is divided by 65535, never clipped to 8 bits; ``I`` and ``F`` data outside that range is scaled by
+  its own min..max. ``1``/``L``/``LA``/``I*``/``F`` are marked grayscale so a task can keep the mode.
+* **Alpha** (``LA``, ``RGBA``, ``PA`` and ``P`` with a ``transparency`` entry) is split off and kept in
+  :attr:`LoadedImage.alpha`; tasks that can re-attach it do (superres upscales it separately).
+* **Frames**: animated GIF/WebP/PNG and multi-page TIFF use their first frame.
+* **Output** is written atomically; PNG carries the parameters in an A1111-compatible ``parameters``
+  text chunk and the full record as JSON under ``difftool``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from difftool.core.atomic import atomic_write
+from difftool.core.errors import ImageError, ImageTooLargeError
+
+ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS, held here so theirs stays untouched
+SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+_GRAY = {"1", "L", "LA", "I", "F"} | _SIXTEEN_BIT
+
+
+def max_pixels() -> int:
+    """Largest image (width x height) difftool decodes or writes; ``DIFFTOOL_MAX_PIXELS`` overrides."""
+    raw = os.environ.get("DIFFTOOL_MAX_PIXELS")
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    try:
+        return int(raw)
+    except ValueError:
+        raise ImageError(
+            f"DIFFTOOL_MAX_PIXELS={raw!r} is not an integer", "set it to a pixel count such as 200000000"
+        ) from None
+
+
+def check_pixels(width: int, height: int, what: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` if a ``width`` x ``height`` ``what`` is over :func:`max_pixels`."""
+    limit = max_pixels()
+    if width * height > limit:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}",
+            "set DIFFTOOL_MAX_PIXELS to a larger value if you trust this image",
+        )
+
+
+@dataclass
+class LoadedImage:
+    """An image normalised for a task: float32 RGB in [0, 1] plus what was learned about the source."""
+
+    rgb: np.ndarray  # H x W x 3, float32, [0, 1]
+    alpha: np.ndarray | None = None  # H x W, float32, [0, 1]
+    grayscale: bool = False
+    bits: int = 8
+    source_mode: str = "RGB"
+    source_format: str | None = None
+    path: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[0])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+    def to_pil(self, keep_mode: bool = False) -> Image.Image:
+        """Back to an 8-bit PIL image; ``keep_mode`` writes grayscale sources as ``L``/``LA``."""
+        return to_pil(self.rgb, self.alpha, grayscale=keep_mode and self.grayscale)
+
+
+def _describe(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "image data"
+
+
+def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedImage:
+    """Load ``source`` (a path, encoded bytes or a PIL image) as a :class:`LoadedImage`."""
+    path: Path | None = None
+    if isinstance(source, Image.Image):
+        check_pixels(*source.size)
+        return _normalise(source, path=None)
+    if isinstance(source, (bytes, bytearray)):
+        stream: Any = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise ImageError(f"{path}: no such file", "check the path")
+        if path.is_dir():
+            raise ImageError(f"{path} is a folder, not an image", "pass an image file")
+        stream = path
+    name = _describe(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(stream, formats=ALLOWED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"{name}: {exc}", "set DIFFTOOL_MAX_PIXELS to a larger value if you trust this image"
+        ) from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{name} is not an image difftool reads",
+            f"use one of {', '.join(f.lower() for f in ALLOWED_FORMATS)}",
+        ) from None
+    except OSError as exc:
+        raise ImageError(f"{name} cannot be read: {exc}", "check the file") from None
+    with image:
+        check_pixels(*image.size, what=name)
+        try:
+            image.load()
+        except OSError as exc:
+            raise ImageError(f"{name} is truncated or corrupt ({exc})", "re-export the image") from None
+        fmt = image.format
+        try:
+            image = ImageOps.exif_transpose(image)
+        except Exception:  # noqa: BLE001 - corrupt EXIF must not lose the picture; orientation is kept as stored
+            pass
+        loaded = _normalise(image, path=path)
+    loaded.source_format = fmt
+    return loaded
+
+
+def _scaled_gray(array: np.ndarray, sixteen_bit: bool) -> tuple[np.ndarray, int]:
+    data = array.astype(np.float64)
+    if sixteen_bit or (array.dtype.kind in "iu" and data.min() >= 0 and data.max() <= 65535):
+        return (data / 65535.0).astype(np.float32), 16
+    if array.dtype.kind == "f" and data.min() >= 0 and data.max() <= 1:
+        return data.astype(np.float32), 32
+    finite = data[np.isfinite(data)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    scale = hi - lo if hi > lo else 1.0
+    return np.nan_to_num((data - lo) / scale).clip(0, 1).astype(np.float32), 32
+
+
+def _normalise(image: Image.Image, path: Path | None) -> LoadedImage:
+    mode = image.mode
+    alpha: np.ndarray | None = None
+    bits = 8
+    if mode in _SIXTEEN_BIT or mode in ("I", "F"):
+        gray, bits = _scaled_gray(np.asarray(image), sixteen_bit=mode in _SIXTEEN_BIT)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        if mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        elif mode == "1":
+            image = image.convert("L")
+        elif mode not in ("L", "LA", "RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in mode else "RGB")
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        if image.mode in ("L", "LA"):
+            gray = array if image.mode == "L" else array[..., 0]
+            rgb = np.repeat(gray[..., None], 3, axis=2)
+            alpha = array[..., 1] if image.mode == "LA" else None
+        else:
+            rgb = np.ascontiguousarray(array[..., :3])
+            alpha = array[..., 3] if image.mode == "RGBA" else None
+    if alpha is not None and bool((alpha >= 1.0).all()):
+        alpha = None  # an opaque alpha channel carries nothing to keep
+    return LoadedImage(
+        rgb=np.ascontiguousarray(rgb, dtype=np.float32),
+        alpha=None if alpha is None else np.ascontiguousarray(alpha, dtype=np.float32),
+        grayscale=mode in _GRAY,
+        bits=bits,
+        source_mode=mode,
+        path=path,
+        info={k: v for k, v in image.info.items() if k in ("dpi", "icc_profile")},
+    )
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Float [0, 1] to uint8 with rounding (NaN is an error, never a black pixel)."""
+    if not np.isfinite(array).all():
+        raise ImageError("the result contains NaN or Inf values", "try --dtype fp32 or another seed")
+    return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool = False) -> Image.Image:
+    """Float RGB (H x W x 3) and optional alpha (H x W) in [0, 1] to an 8-bit PIL image."""
+    if grayscale:
+        gray = to_uint8(rgb.mean(axis=2))
+        if alpha is None:
+            return Image.fromarray(gray, "L")
+        return Image.fromarray(np.dstack([gray, to_uint8(alpha)]), "LA")
+    if alpha is None:
+        return Image.fromarray(to_uint8(rgb), "RGB")
+    return Image.fromarray(np.dstack([to_uint8(rgb), to_uint8(alpha)]), "RGBA")
+
+
+# --- metadata ----------------------------------------------------------------------------------------
+
+_A1111_KEYS = (
+    ("steps", "Steps"),
+    ("scheduler", "Sampler"),
+    ("guidance_scale", "CFG scale"),
+    ("seed", "Seed"),
+    ("size", "Size"),
+    ("model_hash", "Model hash"),
+    ("model", "Model"),
+    ("strength", "Denoising strength"),
+    ("scale", "Upscale"),
+    ("task", "difftool task"),
+)
+
+
+def format_parameters(record: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    lines = [str(record.get("prompt", "") or "")]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    fields = [f"{label}: {record[key]}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse an A1111 ``parameters`` text into ``prompt``, ``negative_prompt`` and its ``Key: value`` pairs."""
+    lines = text.split("\n")
+    result: dict[str, Any] = {}
+    settings = lines[-1] if len(lines) > 1 or ": " in lines[-1] else ""
+    body = lines[:-1] if settings else lines
+    prompt_lines, negative = [], None
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            negative = line[len("Negative prompt:") :].strip()
+        elif negative is not None:
+            negative += "\n" + line
+        else:
+            prompt_lines.append(line)
+    result["prompt"] = "\n".join(prompt_lines)
+    if negative is not None:
+        result["negative_prompt"] = negative
+    for part in settings.split(", "):
+        key, sep, value = part.partition(": ")
+        if sep:
+            result[key.strip()] = value.strip()
+    return result
+
+
+def read_metadata(source: str | os.PathLike[str] | Image.Image) -> dict[str, Any]:
+    """Generation parameters stored in an image: ``{"difftool": {...}, "parameters": {...}}`` (either may be absent)."""
+    if isinstance(source, Image.Image):
+        text = dict(getattr(source, "text", {}) or source.info)
+    else:
+        try:
+            with Image.open(source, formats=ALLOWED_FORMATS) as image:
+                text = dict(getattr(image, "text", {}) or image.info)
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ImageError(f"{source} cannot be read: {exc}", "check the file") from None
+    found: dict[str, Any] = {}
+    if isinstance(text.get("difftool"), str):
+        try:
+            found["difftool"] = json.loads(text["difftool"])
+        except json.JSONDecodeError:
+            pass
+    if isinstance(text.get("parameters"), str):
+        found["parameters"] = parse_parameters(text["parameters"])
+    return found
+
+
+def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping[str, Any] | None = None) -> Path:
+    """Write ``image`` to ``path`` atomically; PNG gets ``record`` as ``parameters`` and ``difftool`` text."""
+    target = Path(path)
+    fmt = SAVE_FORMATS.get(target.suffix.lower())
+    if fmt is None:
+        raise ImageError(
+            f"cannot write {target.name}: unknown extension {target.suffix!r}",
+            f"use one of {', '.join(sorted(SAVE_FORMATS))}",
+        )
+    check_pixels(*image.size, what=f"output {target.name}")
+    kwargs: dict[str, Any] = {}
+    if fmt == "PNG" and record is not None:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", format_parameters(record))
+        info.add_text("difftool", json.dumps(record, sort_keys=True, default=str))
+        kwargs["pnginfo"] = info
+    if fmt == "JPEG":
+        if image.mode in ("RGBA", "LA"):
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+            image = background
+        elif image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        kwargs["quality"] = 95
+    if fmt == "WEBP":
+        kwargs["quality"] = 95
+    with atomic_write(target, "wb") as handle:
+        image.save(handle, format=fmt, **kwargs)
+    return target

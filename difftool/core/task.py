@@ -1,0 +1,229 @@
+"""The Task interface: a declared unit of work (parameters, inputs, outputs) and how it runs.
+
+The declaration is data: the CLI builds its options from :attr:`Task.params`, the GUI its forms,
+the API validates keyword arguments with it. No task writes its own CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from difftool.core.errors import Cancelled, ParameterError
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from difftool.core.denoiser import Denoiser
+    from difftool.core.scheduler import Scheduler
+
+ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
+PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path")
+DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared task parameter.
+
+    ``choices_from="schedulers"`` takes the choices from the registry at run time, so a plugin's
+    scheduler is a valid choice for every task that declares a scheduler parameter.
+    """
+
+    name: str
+    type: ParamType
+    default: Any = None
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+    choices_from: Literal["schedulers"] | None = None
+    required: bool = False
+    multiline: bool = False
+
+    def __post_init__(self) -> None:
+        if self.type not in PARAM_TYPES:
+            raise TypeError(f"parameter {self.name!r}: unknown type {self.type!r}; use one of {PARAM_TYPES}")
+        if self.type == "choice" and not (self.choices or self.choices_from):
+            raise TypeError(f"parameter {self.name!r}: a choice needs choices or choices_from")
+        if not self.name.isidentifier():
+            raise TypeError(f"parameter name {self.name!r} must be a Python identifier")
+
+    @property
+    def flag(self) -> str:
+        """The CLI spelling: ``--guidance-scale`` for ``guidance_scale``."""
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any, choices: Sequence[str] | None = None) -> Any:
+        """Convert ``value`` to this parameter's type and check its range, or raise :class:`ParameterError`."""
+        if value is None:
+            if self.required:
+                raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
+            return None
+        fix = f"pass {self.flag} {self._range_text()}".rstrip()
+        try:
+            if self.type == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif self.type == "float":
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif self.type == "bool":
+                if isinstance(value, str):
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    value = value.lower() in ("1", "true", "yes", "on")
+                value = bool(value)
+            elif self.type == "string":
+                value = str(value)
+            elif self.type == "path":
+                value = Path(value)
+        except (TypeError, ValueError):
+            raise ParameterError(f"{self.flag}: {value!r} is not a valid {self.type}", fix) from None
+        if self.type in ("int", "float"):
+            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+                raise ParameterError(f"{self.flag} {value} is out of range {self._range_text()}", fix)
+        if self.type == "choice":
+            allowed = tuple(choices if choices is not None else self.choices)
+            if value not in allowed:
+                raise ParameterError(f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(allowed)}")
+        return value
+
+    def _range_text(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"in [{self.min:g}, {self.max:g}]"
+        if self.min is not None:
+            return f">= {self.min:g}"
+        if self.max is not None:
+            return f"<= {self.max:g}"
+        return ""
+
+
+@dataclass(frozen=True)
+class Port:
+    """A declared input or output: its name, kind (``image``, ``mask``, ...) and help text."""
+
+    name: str
+    kind: Literal["image", "mask", "text", "path"] = "image"
+    help: str = ""
+
+
+class CancelToken:
+    """Thread-safe cancellation flag; the sampler checks it before every step."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self._event.is_set():
+            raise Cancelled()
+
+
+#: ``progress(step, total, preview)``; ``preview`` is a PIL image on preview steps, else ``None``.
+ProgressCallback = Callable[[int, int, "Image.Image | None"], None]
+
+
+@dataclass
+class RunContext:
+    """Everything a task run needs besides its inputs: where and how to run, and how to report."""
+
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "fp32"
+    backend: str = "torch"
+    model: str | None = None
+    progress: ProgressCallback | None = None
+    #: Decode a preview every this many steps (0: never); previews cost a decode, so opt in.
+    preview_every: int = 0
+    cancel: CancelToken = field(default_factory=CancelToken)
+    logger: logging.Logger = field(default_factory=lambda: logging.getLogger("difftool"))
+    #: Schedulers and backends are looked up here (a :class:`difftool.plugins.registry.Registry`).
+    registry: Any = None
+    _generator: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with :attr:`seed`, shared by the whole run (created on first use)."""
+        if self._generator is None:
+            import torch
+
+            self._generator = torch.Generator("cpu").manual_seed(self.seed)
+        return self._generator
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
+    def report(self, step: int, total: int, preview: Image.Image | None = None) -> None:
+        if self.progress is not None:
+            self.progress(step, total, preview)
+
+    def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Scheduler:
+        """A fresh scheduler ``name`` for a model trained with noise schedule ``config``."""
+        return self.registry.make_scheduler(name, config)
+
+    def make_denoiser(self, module: Any, *, prediction_type: str, model_id: str = "") -> Denoiser:
+        """Wrap a torch module for :attr:`backend` on :attr:`device` in :attr:`dtype`."""
+        return self.registry.backend(self.backend).make_denoiser(
+            module, prediction_type=prediction_type, device=self.device, dtype=self.torch_dtype, model_id=model_id
+        )
+
+
+@dataclass
+class TaskRequest:
+    """Validated inputs and parameters of one run (images already loaded)."""
+
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+
+
+@dataclass
+class TaskResult:
+    """A run's output images and the record written into their metadata."""
+
+    images: list[Image.Image]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class Task(ABC):
+    """A unit of work. Subclasses declare the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    params: ClassVar[tuple[Param, ...]] = ()
+    inputs: ClassVar[tuple[Port, ...]] = (Port("image", "image", "the image to process"),)
+    outputs: ClassVar[tuple[Port, ...]] = (Port("image", "image", "the result"),)
+    #: Whether the task loads a model (the CLI then offers ``--model``).
+    uses_model: ClassVar[bool] = False
+
+    def availability(self, model: str | None) -> str | None:
+        """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
+        return None
+
+    @abstractmethod
+    def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        """Do the work; report progress through ``context`` and stop when ``context.cancel`` is set."""
+
+    @classmethod
+    def param(cls, name: str) -> Param:
+        for p in cls.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)

@@ -1,0 +1,1 @@
+"""difftool's own plugins: registered through the same hooks as any third-party package."""

@@ -1,0 +1,39 @@
+"""The built-in PyTorch backend (ONNX Runtime and TensorRT come from the exporters)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from difftool.core.backend import Backend
+from difftool.core.denoiser import Denoiser
+from difftool.plugins.hookspecs import hookimpl
+
+
+class TorchBackend(Backend):
+    name = "torch"
+    summary = "PyTorch eager, on the CPU or a CUDA GPU"
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        if device == "cpu":
+            return None
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                return "this PyTorch build sees no CUDA GPU; use --device cpu"
+            index = int(device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                return f"there is no GPU {index} (found {torch.cuda.device_count()}); use --device cuda:0"
+            return None
+        return f"unknown device {device!r}; use cpu or cuda[:N]"
+
+    def make_denoiser(self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = "") -> Denoiser:
+        from difftool.core.denoiser import TorchDenoiser
+
+        return TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
+
+
+@hookimpl
+def register_backends(register: Callable[[Backend], None]) -> None:
+    register(TorchBackend())

@@ -1,0 +1,231 @@
+"""difftool's pixel-space image-to-image models (superres, inpaint): folder layout, load, save.
+
+A model folder is a diffusers ``UNet2DModel`` folder plus two small files::
+
+    config.json                            UNet2DModel config (diffusers)
+    diffusion_pytorch_model.safetensors    weights (fp16 or fp32)
+    scheduler_config.json                  training noise schedule, incl. prediction_type
+    difftool.json                          {"task": "superres", "target": "residual", "steps": 4, ...}
+
+``target`` is ``image`` (the sample is the clean image) or ``residual`` (the sample is the clean image
+minus the conditioning image, superres' bicubic upsample). The embedded defaults live in
+``difftool/models/<task>/`` inside the package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from difftool.core.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+META_FILE = "difftool.json"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+EMBEDDED_ROOT = Path(__file__).resolve().parents[2] / "models"
+
+
+@dataclass
+class PixelModel:
+    """A loaded pixel-space model and what a task needs to know to run it."""
+
+    path: Path
+    meta: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    unet: torch.nn.Module
+    sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.name
+
+    @property
+    def multiple(self) -> int:
+        """Height and width must be multiples of this (the U-Net's total downsampling)."""
+        return 2 ** (len(self.unet.config.down_block_types) - 1)
+
+
+def embedded_model_path(task: str) -> Path | None:
+    path = EMBEDDED_ROOT / task
+    return path if (path / META_FILE).is_file() else None
+
+
+def resolve_model(task: str, model: str | None, find_models: Any = None) -> Path:
+    """The folder for ``--model`` (a path, or a name that ``difftool models`` lists), or the embedded one."""
+    if model is None:
+        embedded = embedded_model_path(task)
+        if embedded is None:
+            raise ModelError(
+                f"this install has no embedded {task} model",
+                f"pass --model PATH to a difftool {task} model folder (see `difftool train {task}`)",
+            )
+        return embedded
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if find_models is not None:
+        for entry in find_models():
+            if entry.name == model:
+                return entry.path
+    raise ModelError(f"model {model!r} not found", "pass a folder path or a name listed by `difftool models`")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_CACHE: dict[tuple[str, int], PixelModel] = {}
+
+
+def load_pixel_model(path: Path, task: str) -> PixelModel:
+    """Load and check a model folder for ``task``; one model stays cached for batch runs."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path} is not a model folder", f"pass the folder that holds {META_FILE} and config.json")
+    meta_path, weights = path / META_FILE, path / WEIGHTS_FILE
+    if not meta_path.is_file():
+        raise ModelError(f"{path} has no {META_FILE}", f"pass a difftool {task} model folder")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("task") != task:
+        raise ModelError(
+            f"{path} is a model for {meta.get('task')!r}, not {task!r}", f"pass a {task} model to this task"
+        )
+    if not weights.is_file():
+        hint = " (only pickle .bin weights, which difftool does not load)" if any(path.glob("*.bin")) else ""
+        raise ModelError(f"{path} has no {WEIGHTS_FILE}{hint}", "save the weights as safetensors")
+    key = (str(weights.resolve()), weights.stat().st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    from diffusers import UNet2DModel
+
+    try:
+        unet = UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
+    except Exception as exc:  # diffusers raises several types for a bad folder; we name the folder
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load the model in {path}: {first}", "check that its weights match config.json") from exc
+    scheduler_config = json.loads((path / "scheduler_config.json").read_text())
+    loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), _file_sha256(weights))
+    _CACHE.clear()
+    _CACHE[key] = loaded
+    return loaded
+
+
+def save_pixel_model(
+    unet: torch.nn.Module,
+    path: str | os.PathLike[str],
+    meta: dict[str, Any],
+    scheduler_config: dict[str, Any],
+    fp16: bool = True,
+) -> Path:
+    """Write a model folder atomically (built in a temp folder, then renamed into place)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        module = unet.half() if fp16 else unet
+        module.save_pretrained(tmp, safe_serialization=True)
+        if fp16:
+            unet.float()
+        (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# --- running ---------------------------------------------------------------------------------------
+
+
+def to_tensor(rgb: Any) -> torch.Tensor:
+    """H x W x C float [0, 1] numpy -> 1 x C x H x W torch in [-1, 1]."""
+    import torch
+
+    array = rgb if rgb.ndim == 3 else rgb[..., None]
+    return torch.from_numpy(array).permute(2, 0, 1)[None].float() * 2 - 1
+
+
+def to_numpy(x: torch.Tensor) -> Any:
+    """1 x C x H x W in [-1, 1] -> H x W x C float32 numpy in [0, 1]."""
+    return ((x[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
+
+
+def denoise(
+    model: PixelModel,
+    *,
+    cond: torch.Tensor,
+    steps: int | None,
+    scheduler: str | None,
+    context: Any,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sample a 3-channel image conditioned on ``cond`` (concatenated channels), same H x W as ``cond``.
+
+    Pads H and W up to the U-Net's multiple by reflection and crops back. For ``residual`` models the
+    result is ``base + sample``.
+    """
+    import torch.nn.functional as F
+
+    from difftool.core.sampler import sample
+
+    height, width = cond.shape[-2:]
+    m = model.multiple
+    pad_h, pad_w = (-height) % m, (-width) % m
+    if pad_h or pad_w:
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        cond = F.pad(cond, (0, pad_w, 0, pad_h), mode=mode)
+    denoiser = context.make_denoiser(
+        model.unet, prediction_type=model.scheduler_config.get("prediction_type", "epsilon"), model_id=model.sha256
+    )
+    sched = context.make_scheduler(scheduler or model.meta.get("scheduler", "ddim"), model.scheduler_config)
+    cond = cond.to(denoiser.device, denoiser.dtype)
+
+    residual = model.meta.get("target") == "residual"
+
+    def preview(x0: torch.Tensor) -> Any:
+        from difftool.core.images import to_pil
+
+        shown = x0[..., :height, :width]
+        if residual and base is not None:
+            shown = shown.float().cpu() + base
+        return to_pil(to_numpy(shown))
+
+    out = sample(
+        denoiser,
+        sched,
+        steps=steps or int(model.meta.get("steps", 4)),
+        context=context,
+        shape=(cond.shape[0], denoiser.sample_channels, *cond.shape[-2:]),
+        cond={"concat": cond},
+        decode_preview=preview,
+    )
+    out = out[..., :height, :width].float().cpu()
+    if residual:
+        if base is None:
+            raise ValueError("a residual model needs the base image")
+        out = base + out
+    return out.clamp(-1, 1)
+
+
+def model_record(model: PixelModel) -> dict[str, Any]:
+    return {"model": model.name, "model_hash": model.sha256[:10]}

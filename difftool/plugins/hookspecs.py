@@ -1,0 +1,72 @@
+"""The difftool plugin hooks. These docstrings are the plugin documentation.
+
+A plugin is a module (or object) with functions named after these hooks and decorated with
+:data:`hookimpl`, announced in its package's ``pyproject.toml``::
+
+    [project.entry-points.difftool]
+    my_plugin = "my_package.plugin"
+
+The registration hooks receive a ``register`` callback owned by difftool: difftool records which
+plugin registered what (``difftool plugins``), and refuses a duplicate name with an error naming both
+plugins. A hook that raises is reported and the other plugins keep working.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import click
+
+    from difftool.core.backend import Backend
+    from difftool.core.models import ModelSource
+    from difftool.core.task import Task
+
+hookspec = pluggy.HookspecMarker("difftool")
+hookimpl = pluggy.HookimplMarker("difftool")
+
+# --- registration: called once, when a registry is built --------------------------------------------
+
+@hookspec
+def register_tasks(register: Callable[[type[Task]], None]) -> None:
+    """Register :class:`~difftool.core.task.Task` subclasses: ``register(MyTask)``.
+
+    The task's ``name`` becomes ``difftool run NAME``; its declared ``params`` become CLI options and
+    GUI fields. ``register`` checks the declaration (unique names, no clash with the common options
+    ``--model --backend --device --dtype --seed --output --overwrite --json --debug``) and raises
+    :class:`~difftool.core.errors.PluginError` if it is wrong.
+    """
+
+@hookspec
+def register_schedulers(register: Callable[..., None]) -> None:
+    """Register schedulers: ``register(name, factory, label="", summary="")``.
+
+    ``factory(config: Mapping[str, Any]) -> Scheduler`` gets the model's training noise schedule
+    (diffusers scheduler config keys: ``num_train_timesteps``, ``beta_schedule``, ``prediction_type``,
+    ...) and returns a fresh :class:`~difftool.core.scheduler.Scheduler`. ``label`` is the name other
+    tools use (A1111's "DPM++ 2M Karras"), written into image metadata.
+    """
+
+@hookspec
+def register_backends(register: Callable[[Backend], None]) -> None:
+    """Register :class:`~difftool.core.backend.Backend` instances (``torch``, ``onnxruntime``, ...).
+
+    A backend that cannot run on this machine still registers, and says why through
+    ``unavailable_reason()``; ``--backend NAME`` then fails at once with that reason.
+    """
+
+@hookspec
+def register_models(register: Callable[[ModelSource], None]) -> None:
+    """Register :class:`~difftool.core.models.ModelSource` instances that list models on disk.
+
+    ``difftool models`` shows what every source finds; ``--model NAME`` resolves a listed name.
+    """
+
+# --- command line ---------------------------------------------------------------------------------
+
+@hookspec
+def register_commands(cli: click.Group) -> None:
+    """Add subcommands to the ``difftool`` Click group: ``@cli.command() def mycmd(): ...``."""

@@ -1,0 +1,266 @@
+"""Builds a :class:`Registry` of tasks, schedulers, backends and model sources from plugins.
+
+``build_registry()`` is a factory: tests build one with exactly the plugins they pass in, the CLI and
+API share :func:`get_registry`. Entry points are loaded one by one, so one broken plugin is reported
+(``difftool plugins``) while the others keep working.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from difftool.core.backend import Backend
+from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
+from difftool.core.models import ModelEntry, ModelSource
+from difftool.core.task import Task
+from difftool.plugins import hookspecs
+
+ENTRY_POINT_GROUP = "difftool"
+#: Built-in plugins, registered exactly as third-party ones are (by module, through the same hooks).
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "difftool.plugins.builtin.schedulers",
+    "difftool.plugins.builtin.backends",
+    "difftool.plugins.builtin.models",
+    "difftool.plugins.builtin.superres",
+    "difftool.plugins.builtin.inpaint",
+)
+#: Option names every ``difftool run`` command has; a task parameter may not take one.
+COMMON_OPTIONS = frozenset(
+    {"model", "backend", "device", "dtype", "seed", "output", "overwrite", "json", "debug", "inputs", "help"}
+)
+
+
+@dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that failed to import, or raised or registered wrongly in a hook."""
+
+    plugin: str
+    stage: str
+    error: str
+
+    def __str__(self) -> str:
+        return f"plugin {self.plugin!r} failed in {self.stage}: {self.error}"
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    builtin: bool
+    version: str = ""
+    registered: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SchedulerEntry:
+    name: str
+    factory: Callable[[Mapping[str, Any]], Any]
+    plugin: str
+    label: str = ""
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    cls: type[Task]
+    plugin: str
+
+
+class Registry:
+    """What the installed plugins provide, and who provided it."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, TaskEntry] = {}
+        self.schedulers: dict[str, SchedulerEntry] = {}
+        self.backends: dict[str, tuple[Backend, str]] = {}
+        self.model_sources: dict[str, tuple[ModelSource, str]] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+        self.failures: list[PluginFailure] = []
+        self.plugin_manager: pluggy.PluginManager | None = None
+
+    # --- lookups ----------------------------------------------------------------------------------
+    def task(self, name: str) -> Task:
+        """A fresh instance of task ``name``."""
+        entry = self.tasks.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise ParameterError(f"unknown task {name!r} (available: {known})", "run `difftool tasks` to list them")
+        return entry.cls()
+
+    def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
+        entry = self.schedulers.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.schedulers))
+            raise ParameterError(f"unknown scheduler {name!r}", f"use one of {known}")
+        return entry.factory(config)
+
+    def backend(self, name: str, device: str = "cpu") -> Backend:
+        """Backend ``name``, checked to run on ``device`` here."""
+        found = self.backends.get(name)
+        if found is None:
+            known = ", ".join(sorted(self.backends))
+            raise BackendUnavailableError(f"unknown backend {name!r}", f"use one of {known}")
+        reason = found[0].unavailable_reason(device)
+        if reason:
+            raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
+        return found[0]
+
+    def find_models(self) -> list[ModelEntry]:
+        """Models every source lists; a source that raises is recorded as a failure and skipped."""
+        models: list[ModelEntry] = []
+        for source, plugin in self.model_sources.values():
+            try:
+                models.extend(source.find())
+            except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
+                self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
+        return models
+
+    def task_plugin(self, name: str) -> str:
+        return self.tasks[name].plugin
+
+    # --- registration -----------------------------------------------------------------------------
+    def _record(self, plugin: str, what: str) -> None:
+        self.plugins.setdefault(plugin, PluginInfo(plugin, builtin=False)).registered.append(what)
+
+    def _register_task(self, plugin: str, cls: type[Task]) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise PluginError(f"register_tasks got {cls!r}, not a Task subclass")
+        for attr in ("name", "summary"):
+            if not isinstance(getattr(cls, attr, None), str) or not getattr(cls, attr):
+                raise PluginError(f"task {cls.__name__} declares no {attr}")
+        names = [p.name for p in cls.params]
+        if len(set(names)) != len(names):
+            raise PluginError(f"task {cls.name!r} declares a parameter twice: {names}")
+        clash = COMMON_OPTIONS.intersection(names)
+        if clash:
+            raise PluginError(f"task {cls.name!r} parameter {sorted(clash)[0]!r} clashes with a common option")
+        if cls.name in self.tasks:
+            raise PluginError(
+                f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}"
+            )
+        self.tasks[cls.name] = TaskEntry(cls, plugin)
+        self._record(plugin, f"task {cls.name}")
+
+    def _register_scheduler(
+        self, plugin: str, name: str, factory: Callable[[Mapping[str, Any]], Any], label: str = "", summary: str = ""
+    ) -> None:
+        if name in self.schedulers:
+            raise PluginError(
+                f"scheduler {name!r} is already registered by plugin {self.schedulers[name].plugin!r}"
+            )
+        if not callable(factory):
+            raise PluginError(f"scheduler {name!r}: factory {factory!r} is not callable")
+        self.schedulers[name] = SchedulerEntry(name, factory, plugin, label or name, summary)
+        self._record(plugin, f"scheduler {name}")
+
+    def _register_backend(self, plugin: str, backend: Backend) -> None:
+        if not isinstance(backend, Backend):
+            raise PluginError(f"register_backends got {backend!r}, not a Backend instance")
+        if backend.name in self.backends:
+            raise PluginError(
+                f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name][1]!r}"
+            )
+        self.backends[backend.name] = (backend, plugin)
+        self._record(plugin, f"backend {backend.name}")
+
+    def _register_model_source(self, plugin: str, source: ModelSource) -> None:
+        if not isinstance(source, ModelSource):
+            raise PluginError(f"register_models got {source!r}, not a ModelSource instance")
+        if source.name in self.model_sources:
+            raise PluginError(f"model source {source.name!r} is already registered")
+        self.model_sources[source.name] = (source, plugin)
+        self._record(plugin, f"models {source.name}")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def call_each(
+    registry: Registry, hook_name: str, make_kwargs: Callable[[str], dict[str, Any]]
+) -> None:
+    """Call ``hook_name`` plugin by plugin, in registration order, recording each one's failure."""
+    pm = registry.plugin_manager
+    assert pm is not None
+    caller = getattr(pm.hook, hook_name)
+    for impl in caller.get_hookimpls():
+        kwargs = make_kwargs(impl.plugin_name)
+        try:
+            impl.function(*[kwargs[arg] for arg in impl.argnames])
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, never fatal to the rest
+            registry.failures.append(PluginFailure(impl.plugin_name, f"hook {hook_name}", _one_line(exc)))
+
+
+def build_registry(
+    plugins: Iterable[object] = (), *, builtins: bool = True, entry_points: bool = True
+) -> Registry:
+    """A registry from the built-ins (if ``builtins``), the ``difftool`` entry points (if ``entry_points``)
+    and the plugin objects or module names in ``plugins``, in that order."""
+    registry = Registry()
+    pm = pluggy.PluginManager("difftool")
+    pm.add_hookspecs(hookspecs)
+    registry.plugin_manager = pm
+
+    def add(plugin: object, name: str, builtin: bool, version: str = "") -> None:
+        try:
+            pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - e.g. a hook with a misspelt argument
+            registry.failures.append(PluginFailure(name, "registration", _one_line(exc)))
+            return
+        registry.plugins.setdefault(name, PluginInfo(name, builtin=builtin, version=version))
+
+    if builtins:
+        for module_name in DEFAULT_PLUGINS:
+            add(importlib.import_module(module_name), module_name, builtin=True)
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            version = ep.dist.version if ep.dist is not None else ""
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - pluggy's loader stops at the first failure; we go on
+                registry.failures.append(PluginFailure(ep.name, "import", _one_line(exc)))
+                registry.plugins.setdefault(ep.name, PluginInfo(ep.name, builtin=False, version=version))
+                continue
+            add(plugin, ep.name, builtin=False, version=version)
+    for plugin in plugins:
+        if isinstance(plugin, str):
+            plugin_name, plugin = plugin, importlib.import_module(plugin)
+        else:
+            plugin_name = getattr(plugin, "__name__", None) or type(plugin).__name__
+        add(plugin, plugin_name, builtin=False)
+
+    def guarded(method: Callable[..., None]) -> Callable[[str], dict[str, Any]]:
+        return lambda plugin: {"register": functools.partial(method, plugin)}
+
+    call_each(registry, "register_schedulers", guarded(registry._register_scheduler))
+    call_each(registry, "register_backends", guarded(registry._register_backend))
+    call_each(registry, "register_models", guarded(registry._register_model_source))
+    call_each(registry, "register_tasks", guarded(registry._register_task))
+    return registry
+
+
+def plugins_disabled() -> bool:
+    """``DIFFTOOL_NO_PLUGINS=1`` (or ``--no-plugins``) turns third-party plugins off."""
+    return os.environ.get("DIFFTOOL_NO_PLUGINS", "").strip().lower() not in ("", "0", "false", "no")
+
+
+@functools.lru_cache(maxsize=1)
+def _default_registry(entry_points: bool) -> Registry:
+    registry = build_registry(entry_points=entry_points)
+    for failure in registry.failures:
+        print(f"warning: {failure}", file=sys.stderr)
+    return registry
+
+
+def get_registry() -> Registry:
+    """The shared registry: built-ins plus entry-point plugins unless :func:`plugins_disabled`."""
+    return _default_registry(not plugins_disabled())

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random-weight models in the real folder layout, a fresh registry, no network."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("DIFFTOOL_NO_PLUGINS", "1")  # tests pass plugins explicitly
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a network connection fails the test."""
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> None:
+        if self.family == socket.AF_UNIX:
+            return real_connect(self, address)
+        raise AssertionError(f"a test tried to connect to {address!r}; difftool must work offline")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+
+
+def make_pixel_model(path: Path, task: str, prediction_type: str = "sample", target: str = "residual") -> Path:
+    import torch
+    from diffusers import UNet2DModel
+
+    from difftool.plugins.builtin.pixel_model import save_pixel_model
+
+    torch.manual_seed(0)
+    in_channels = 6 if task == "superres" else 7
+    unet = UNet2DModel(
+        sample_size=32,
+        in_channels=in_channels,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    meta = {"task": task, "target": target if task == "superres" else "image", "steps": 3, "scheduler": "ddim"}
+    if task == "superres":
+        meta["scales"] = [2, 4]
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": prediction_type}
+    return save_pixel_model(unet, path, meta, schedule, fp16=False)
+
+
+@pytest.fixture(scope="session")
+def superres_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pixel_model(tmp_path_factory.mktemp("models") / "tiny-superres", "superres")
+
+
+@pytest.fixture(scope="session")
+def inpaint_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_pixel_model(tmp_path_factory.mktemp("models") / "tiny-inpaint", "inpaint")
+
+
+@pytest.fixture
+def registry():
+    from difftool.plugins.registry import build_registry
+
+    return build_registry(entry_points=False)
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    """A small textured RGB PNG."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = np.mgrid[0:20, 0:28]
+    rgb = np.stack([xx * 9, yy * 12, (xx * yy) % 255], axis=2).astype(np.uint8)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rgb).save(path)
+    return path

@@ -1,0 +1,188 @@
+import io
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difftool.core import images
+from difftool.core.errors import ImageError, ImageTooLargeError
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "gray", "has_alpha"),
+    [
+        ("1", "PNG", True, False),
+        ("L", "PNG", True, False),
+        ("LA", "PNG", True, True),
+        ("P", "PNG", False, False),
+        ("RGB", "JPEG", False, False),
+        ("RGBA", "WEBP", False, True),
+        ("CMYK", "JPEG", False, False),
+        ("CMYK", "TIFF", False, False),
+        ("I", "TIFF", True, False),
+        ("I;16", "PNG", True, False),
+        ("F", "TIFF", True, False),
+        ("RGB", "BMP", False, False),
+    ],
+)
+def test_every_mode_becomes_float_rgb(tmp_path: Path, mode: str, fmt: str, gray: bool, has_alpha: bool) -> None:
+    base = Image.linear_gradient("L").resize((20, 10))
+    if mode in ("I", "I;16"):
+        image = Image.fromarray((np.asarray(base).astype(np.uint16) * 257))
+        image = image.convert("I") if mode == "I" else image
+    elif mode == "F":
+        image = Image.fromarray(np.asarray(base).astype(np.float32) / 255.0, "F")
+    elif mode == "LA":
+        image = Image.merge("LA", [base, base.point(lambda v: 255 - v)])
+    elif mode == "RGBA":
+        image = Image.merge("RGBA", [base, base, base, base.point(lambda v: 255 - v)])
+    else:
+        image = base.convert(mode)
+    path = _save(image, tmp_path / f"x.{fmt.lower()}", format=fmt)
+    loaded = images.open_image(path)
+    assert loaded.rgb.shape == (10, 20, 3) and loaded.rgb.dtype == np.float32
+    assert 0.0 <= loaded.rgb.min() and loaded.rgb.max() <= 1.0
+    assert loaded.grayscale is gray
+    assert (loaded.alpha is not None) is has_alpha
+    if mode in ("L", "I", "I;16", "F"):  # gradient preserved, top row dark, values not clipped to 8 bits
+        assert loaded.rgb[-1].mean() > 0.9 and loaded.rgb[0].mean() < 0.1
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
+    data = np.array([[0, 1, 256, 65535]], dtype=np.uint16)
+    path = _save(Image.fromarray(data), tmp_path / "16.png")
+    loaded = images.open_image(path)
+    assert loaded.bits == 16
+    np.testing.assert_allclose(loaded.rgb[0, :, 0], data[0] / 65535.0, rtol=1e-6)
+    assert loaded.rgb[0, 1, 0] != loaded.rgb[0, 0, 0]  # a 1/65535 step survives
+
+
+def test_palette_with_transparency_keeps_alpha(tmp_path: Path) -> None:
+    image = Image.new("P", (4, 4), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.putpixel((1, 1), 1)
+    path = _save(image, tmp_path / "p.png", transparency=0)
+    loaded = images.open_image(path)
+    assert loaded.alpha is not None
+    assert loaded.alpha[1, 1] == 1.0 and loaded.alpha[0, 0] == 0.0
+    assert tuple(loaded.rgb[1, 1]) == (1.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int) -> None:
+    # A 3x2 image with a single red pixel at the top-left; after transposition the image is upright.
+    raw = Image.new("RGB", (3, 2), (0, 0, 0))
+    raw.putpixel((0, 0), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = _save(raw, tmp_path / "o.png", exif=exif.tobytes())
+    expected = np.asarray(Image.open(path).transpose(_TRANSPOSE[orientation]) if orientation > 1 else raw)
+    loaded = images.open_image(path)
+    np.testing.assert_array_equal(images.to_uint8(loaded.rgb), expected)
+    assert loaded.size == (expected.shape[1], expected.shape[0])
+
+
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20_000, 100_000])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side: int) -> None:
+    limit_before = Image.MAX_IMAGE_PIXELS
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(side, side))
+    with pytest.raises(ImageTooLargeError, match="pixels|limit|bomb"):
+        images.open_image(path)
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def test_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, photo: Path) -> None:
+    monkeypatch.setenv("DIFFTOOL_MAX_PIXELS", "100")
+    with pytest.raises(ImageTooLargeError, match="DIFFTOOL_MAX_PIXELS"):
+        images.open_image(photo)
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [(b"", "not an image"), (b"hello, world\n", "not an image"), (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not an image")],
+)
+def test_non_images_are_refused(tmp_path: Path, content: bytes, match: str) -> None:
+    path = tmp_path / "fake.png"
+    path.write_bytes(content)
+    with pytest.raises(ImageError, match=match):
+        images.open_image(path)
+
+
+def test_truncated_png(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 40).convert("RGB").save(buffer, "PNG")
+    path = tmp_path / "cut.png"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageError, match="truncated|corrupt|cannot"):
+        images.open_image(path)
+
+
+def test_missing_file_and_folder(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="no such file"):
+        images.open_image(tmp_path / "nope.png")
+    with pytest.raises(ImageError, match="folder"):
+        images.open_image(tmp_path)
+
+
+def test_png_metadata_round_trip(tmp_path: Path) -> None:
+    record = {"task": "generate", "prompt": "a cat, (detailed:1.2)", "negative_prompt": "blurry", "steps": 20,
+              "scheduler": "DPM++ 2M Karras", "guidance_scale": 7.5, "seed": 42, "size": "64x64"}
+    path = images.save_image(Image.new("RGB", (8, 8)), tmp_path / "out.png", record)
+    meta = images.read_metadata(path)
+    assert meta["difftool"] == record
+    params = meta["parameters"]
+    assert params["prompt"] == record["prompt"] and params["negative_prompt"] == "blurry"
+    assert params["Steps"] == "20" and params["Sampler"] == "DPM++ 2M Karras" and params["Seed"] == "42"
+    assert params["CFG scale"] == "7.5"
+
+
+def test_parse_a1111_text_from_another_tool() -> None:
+    text = "masterpiece\nmore prompt\nNegative prompt: ugly\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 7"
+    parsed = images.parse_parameters(text)
+    assert parsed["prompt"] == "masterpiece\nmore prompt"
+    assert parsed["negative_prompt"] == "ugly"
+    assert parsed["Sampler"] == "Euler a" and parsed["Seed"] == "7"
+
+
+def test_jpeg_output_drops_alpha_onto_white(tmp_path: Path) -> None:
+    path = images.save_image(Image.new("RGBA", (4, 4), (0, 0, 0, 0)), tmp_path / "o.jpg")
+    with Image.open(path) as out:
+        assert out.mode == "RGB" and out.getpixel((0, 0))[0] > 240
+
+
+def test_nan_result_is_an_error_not_a_black_image() -> None:
+    with pytest.raises(ImageError, match="NaN"):
+        images.to_pil(np.full((2, 2, 3), np.nan, dtype=np.float32))
+
+
+def test_unknown_output_extension(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="extension"):
+        images.save_image(Image.new("RGB", (2, 2)), tmp_path / "out.xyz")

@@ -85,7 +85,7 @@ def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any], regist
     values = validate_params(task, params, registry)
     loaded = {
         port.name: _load(value, port.name) if port.kind in ("image", "mask") else value
-        for port, value in zip(task.inputs, inputs)
+        for port, value in zip(task.inputs, inputs, strict=True)
     }
     return TaskRequest(loaded, values)
 
@@ -143,11 +143,17 @@ def run(
     except DifftoolError:
         raise
     except Exception as exc:
-        plugin = registry.task_plugin(task)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
         raise PluginError(
-            f"task {task!r} (plugin {plugin}) failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            f"task {task!r} (plugin {registry.task_plugin(task)}) failed: {type(exc).__name__}: {detail}",
             "run with --debug for the traceback and report it to the plugin's author",
         ) from exc
+    if len(result.images) != len(instance.outputs):
+        raise PluginError(
+            f"task {task!r} (plugin {registry.task_plugin(task)}) returned {len(result.images)} image(s) "
+            f"but declares {len(instance.outputs)} output(s)",
+            "report it to the plugin's author",
+        )
     record = {
         "task": task,
         **{k: _plain(v) for k, v in request.params.items() if v is not None},

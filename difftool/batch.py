@@ -28,7 +28,9 @@ def expand_inputs(specs: list[str]) -> list[BatchItem]:
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise ImageError(f"{spec}: the folder holds no images", f"use {', '.join(sorted(IMAGE_SUFFIXES))} files")
+                raise ImageError(
+                    f"{spec}: the folder holds no images", f"use {', '.join(sorted(IMAGE_SUFFIXES))} files"
+                )
             items += [BatchItem(p, p.relative_to(path).as_posix()) for p in files]
         elif path.exists():
             items.append(BatchItem(path, path.name))

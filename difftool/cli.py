@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import click
@@ -127,7 +126,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     base_seed = api.new_seed() if base_seed is None else base_seed
     results: list[dict[str, Any]] = []
     overall = tqdm(total=len(items), unit="img", disable=None if len(items) > 1 else True, file=sys.stderr)
-    for item, paths in zip(items, targets):
+    for item, paths in zip(items, targets, strict=True):
         seed = base_seed if len(items) == 1 else api.derive_seed(base_seed, item.key)
         bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
 
@@ -139,7 +138,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
         entry: dict[str, Any] = {"input": str(item.path), "seed": seed}
         try:
             result = api.run(task_name, item.path, seed=seed, progress=progress, registry=registry, **common, **params)
-            for image, path in zip(result.images, paths):
+            for image, path in zip(result.images, paths, strict=True):
                 save_image(image, path, result.record)
             entry.update(status="ok", outputs=[str(p) for p in paths])
         except DifftoolError as error:
@@ -186,7 +185,9 @@ class RunGroup(click.Group):
             return None
         return task_command(cmd_name, registry)
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None, list[str]]:
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
         name = args[0] if args else ""
         if name and not name.startswith("-") and self.get_command(ctx, name) is None:
             known = ", ".join(self.list_commands(ctx)) or "none"
@@ -239,7 +240,7 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         return
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join([c.ljust(w) for c, w in zip(row, widths)] + [row[-1]]).rstrip())
+        click.echo("  ".join([c.ljust(w) for c, w in zip(row, widths, strict=False)] + [row[-1]]).rstrip())
 
 
 @cli.command()
@@ -309,5 +310,3 @@ def models() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="difftool")
-
-

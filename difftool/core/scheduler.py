@@ -188,4 +188,3 @@ class DiffusersSchedulerFactory:
         # from_config ignores keys this class does not take, so any model's schedule config fits.
         impl = cls.from_config({**dict(config), **self.overrides})
         return DiffusersScheduler(impl, stochastic=self.stochastic, seed_attr=self.seed_attr)
-

@@ -30,6 +30,7 @@ hookimpl = pluggy.HookimplMarker("difftool")
 
 # --- registration: called once, when a registry is built --------------------------------------------
 
+
 @hookspec
 def register_tasks(register: Callable[[type[Task]], None]) -> None:
     """Register :class:`~difftool.core.task.Task` subclasses: ``register(MyTask)``.
@@ -39,6 +40,7 @@ def register_tasks(register: Callable[[type[Task]], None]) -> None:
     ``--model --backend --device --dtype --seed --output --overwrite --json --debug``) and raises
     :class:`~difftool.core.errors.PluginError` if it is wrong.
     """
+
 
 @hookspec
 def register_schedulers(register: Callable[..., None]) -> None:
@@ -50,6 +52,7 @@ def register_schedulers(register: Callable[..., None]) -> None:
     tools use (A1111's "DPM++ 2M Karras"), written into image metadata.
     """
 
+
 @hookspec
 def register_backends(register: Callable[[Backend], None]) -> None:
     """Register :class:`~difftool.core.backend.Backend` instances (``torch``, ``onnxruntime``, ...).
@@ -58,6 +61,7 @@ def register_backends(register: Callable[[Backend], None]) -> None:
     ``unavailable_reason()``; ``--backend NAME`` then fails at once with that reason.
     """
 
+
 @hookspec
 def register_models(register: Callable[[ModelSource], None]) -> None:
     """Register :class:`~difftool.core.models.ModelSource` instances that list models on disk.
@@ -65,7 +69,9 @@ def register_models(register: Callable[[ModelSource], None]) -> None:
     ``difftool models`` shows what every source finds; ``--model NAME`` resolves a listed name.
     """
 
+
 # --- command line ---------------------------------------------------------------------------------
+
 
 @hookspec
 def register_commands(cli: click.Group) -> None:

@@ -143,9 +143,7 @@ class Registry:
         if clash:
             raise PluginError(f"task {cls.name!r} parameter {sorted(clash)[0]!r} clashes with a common option")
         if cls.name in self.tasks:
-            raise PluginError(
-                f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}"
-            )
+            raise PluginError(f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}")
         self.tasks[cls.name] = TaskEntry(cls, plugin)
         self._record(plugin, f"task {cls.name}")
 
@@ -153,9 +151,7 @@ class Registry:
         self, plugin: str, name: str, factory: Callable[[Mapping[str, Any]], Any], label: str = "", summary: str = ""
     ) -> None:
         if name in self.schedulers:
-            raise PluginError(
-                f"scheduler {name!r} is already registered by plugin {self.schedulers[name].plugin!r}"
-            )
+            raise PluginError(f"scheduler {name!r} is already registered by plugin {self.schedulers[name].plugin!r}")
         if not callable(factory):
             raise PluginError(f"scheduler {name!r}: factory {factory!r} is not callable")
         self.schedulers[name] = SchedulerEntry(name, factory, plugin, label or name, summary)
@@ -185,9 +181,7 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
-def call_each(
-    registry: Registry, hook_name: str, make_kwargs: Callable[[str], dict[str, Any]]
-) -> None:
+def call_each(registry: Registry, hook_name: str, make_kwargs: Callable[[str], dict[str, Any]]) -> None:
     """Call ``hook_name`` plugin by plugin, in registration order, recording each one's failure."""
     pm = registry.plugin_manager
     assert pm is not None
@@ -200,9 +194,7 @@ def call_each(
             registry.failures.append(PluginFailure(impl.plugin_name, f"hook {hook_name}", _one_line(exc)))
 
 
-def build_registry(
-    plugins: Iterable[object] = (), *, builtins: bool = True, entry_points: bool = True
-) -> Registry:
+def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, entry_points: bool = True) -> Registry:
     """A registry from the built-ins (if ``builtins``), the ``difftool`` entry points (if ``entry_points``)
     and the plugin objects or module names in ``plugins``, in that order."""
     registry = Registry()

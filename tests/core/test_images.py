@@ -36,7 +36,7 @@ def _save(image: Image.Image, path: Path, **kwargs) -> Path:
 def test_every_mode_becomes_float_rgb(tmp_path: Path, mode: str, fmt: str, gray: bool, has_alpha: bool) -> None:
     base = Image.linear_gradient("L").resize((20, 10))
     if mode in ("I", "I;16"):
-        image = Image.fromarray((np.asarray(base).astype(np.uint16) * 257))
+        image = Image.fromarray(np.asarray(base).astype(np.uint16) * 257)
         image = image.convert("I") if mode == "I" else image
     elif mode == "F":
         image = Image.fromarray(np.asarray(base).astype(np.float32) / 255.0, "F")
@@ -153,8 +153,16 @@ def test_missing_file_and_folder(tmp_path: Path) -> None:
 
 
 def test_png_metadata_round_trip(tmp_path: Path) -> None:
-    record = {"task": "generate", "prompt": "a cat, (detailed:1.2)", "negative_prompt": "blurry", "steps": 20,
-              "scheduler": "DPM++ 2M Karras", "guidance_scale": 7.5, "seed": 42, "size": "64x64"}
+    record = {
+        "task": "generate",
+        "prompt": "a cat, (detailed:1.2)",
+        "negative_prompt": "blurry",
+        "steps": 20,
+        "scheduler": "DPM++ 2M Karras",
+        "guidance_scale": 7.5,
+        "seed": 42,
+        "size": "64x64",
+    }
     path = images.save_image(Image.new("RGB", (8, 8)), tmp_path / "out.png", record)
     meta = images.read_metadata(path)
     assert meta["difftool"] == record

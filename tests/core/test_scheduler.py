@@ -3,8 +3,8 @@ import importlib
 import pytest
 import torch
 
-from difftool.core.scheduler import steps_for_strength
 from difftool.core.errors import ParameterError
+from difftool.core.scheduler import steps_for_strength
 from difftool.plugins.builtin.schedulers import BUILTIN_SCHEDULERS
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
 

@@ -28,7 +28,9 @@ class TorchBackend(Backend):
             return None
         return f"unknown device {device!r}; use cpu or cuda[:N]"
 
-    def make_denoiser(self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = "") -> Denoiser:
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+    ) -> Denoiser:
         from difftool.core.denoiser import TorchDenoiser
 
         return TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)

@@ -45,7 +45,10 @@ class Inpaint(Task):
         cond = torch.cat([x * known, 1 - known], dim=1)
         out = pixel_model.to_numpy(
             pixel_model.denoise(
-                model, cond=cond, steps=request.params.get("steps"), scheduler=request.params.get("scheduler"),
+                model,
+                cond=cond,
+                steps=request.params.get("steps"),
+                scheduler=request.params.get("scheduler"),
                 context=context,
             )
         )

@@ -63,7 +63,9 @@ class FolderModelSource(ModelSource):
                         if family:
                             found.append(ModelEntry(child.name, child, family, str(root)))
                     elif child.suffix.lower() in WEIGHT_SUFFIXES:
-                        kind = "pickle (needs --allow-pickle)" if child.suffix.lower() != ".safetensors" else "single file"
+                        kind = (
+                            "pickle (needs --allow-pickle)" if child.suffix.lower() != ".safetensors" else "single file"
+                        )
                         found.append(ModelEntry(child.stem, child, kind, str(root)))
         return found
 

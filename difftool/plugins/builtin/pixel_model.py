@@ -114,7 +114,9 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
         unet = UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises several types for a bad folder; we name the folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load the model in {path}: {first}", "check that its weights match config.json") from exc
+        raise ModelError(
+            f"cannot load the model in {path}: {first}", "check that its weights match config.json"
+        ) from exc
     scheduler_config = json.loads((path / "scheduler_config.json").read_text())
     loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), _file_sha256(weights))
     _CACHE.clear()

@@ -1,0 +1,146 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+from difftool.core.task import Param, Task, TaskResult
+from difftool.plugins import hookimpl
+from difftool.plugins.registry import DEFAULT_PLUGINS, build_registry, get_registry, plugins_disabled
+
+EXAMPLE_SRC = Path(__file__).resolve().parents[2] / "examples" / "difftool-plugin-example" / "src"
+
+
+def fake_distribution(root: Path, name: str, entry_points: dict[str, str]) -> None:
+    """A real installed-distribution record (dist-info) that importlib.metadata discovers on sys.path."""
+    info = root / f"{name.replace('-', '_')}-0.3.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.3.0\n")
+    lines = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[difftool]\n{lines}\n")
+
+
+@pytest.fixture
+def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith(("difftool_plugin_example", "broken_plugin"))]:
+        del sys.modules[name]
+
+
+def test_builtins_register_through_the_hooks(registry) -> None:
+    assert {"superres", "inpaint"} <= set(registry.tasks)
+    assert registry.tasks["superres"].plugin in DEFAULT_PLUGINS
+    assert registry.schedulers["ddim"].plugin == "difftool.plugins.builtin.schedulers"
+    assert all(registry.plugins[name].builtin for name in DEFAULT_PLUGINS)
+    assert registry.failures == []
+
+
+def test_entry_point_plugin_is_discovered(site: Path) -> None:
+    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    registry = build_registry()
+    assert registry.tasks["posterize"].plugin == "example"
+    assert "ddim-trailing" in registry.schedulers
+    assert registry.plugins["example"].version == "0.3.0"
+    assert registry.failures == []
+
+
+def test_plugin_that_fails_to_import_is_reported_and_others_work(site: Path) -> None:
+    (site / "broken_plugin.py").write_text("raise ImportError('needs libfoo 2.0')\n")
+    fake_distribution(site, "broken-plugin", {"broken": "broken_plugin"})
+    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    registry = build_registry()
+    assert "posterize" in registry.tasks and "superres" in registry.tasks
+    [failure] = registry.failures
+    assert failure.plugin == "broken" and failure.stage == "import" and "libfoo" in failure.error
+
+
+class RaisingPlugin:
+    @hookimpl
+    def register_tasks(self, register):
+        raise RuntimeError("bad hook")
+
+
+class Echo(Task):
+    name = "echo"
+    summary = "Return the input"
+    params = (Param("times", "int", default=1, min=1, max=3),)
+
+    def run(self, request, context):
+        return TaskResult([request.inputs["image"].to_pil()])
+
+
+class EchoPlugin:
+    @hookimpl
+    def register_tasks(self, register):
+        register(Echo)
+
+
+def test_plugin_whose_hook_raises_is_reported_and_others_work() -> None:
+    registry = build_registry([RaisingPlugin(), EchoPlugin()], entry_points=False)
+    assert "echo" in registry.tasks and "superres" in registry.tasks
+    [failure] = registry.failures
+    assert failure.plugin == "RaisingPlugin" and "bad hook" in failure.error and "register_tasks" in failure.stage
+
+
+def test_duplicate_task_name_is_refused_naming_both_plugins() -> None:
+    class Again(Echo):
+        name = "superres"
+
+    class DupPlugin:
+        @hookimpl
+        def register_tasks(self, register):
+            register(Again)
+
+    registry = build_registry([DupPlugin()], entry_points=False)
+    assert registry.tasks["superres"].cls is not Again
+    [failure] = registry.failures
+    assert "already registered by plugin 'difftool.plugins.builtin.superres'" in failure.error
+
+
+def test_parameter_clashing_with_a_common_option_is_refused() -> None:
+    class Clash(Echo):
+        name = "clash"
+        params = (Param("seed", "int"),)
+
+    class ClashPlugin:
+        @hookimpl
+        def register_tasks(self, register):
+            register(Clash)
+
+    registry = build_registry([ClashPlugin()], entry_points=False)
+    assert "clash" not in registry.tasks
+    assert "clashes with a common option" in registry.failures[0].error
+
+
+def test_no_plugins_switch(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    monkeypatch.setenv("DIFFTOOL_NO_PLUGINS", "1")
+    assert plugins_disabled()
+    assert "posterize" not in get_registry().tasks
+    monkeypatch.setenv("DIFFTOOL_NO_PLUGINS", "0")
+    assert not plugins_disabled()
+    assert "posterize" in get_registry().tasks
+
+
+def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import click
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    class CommandPlugin:
+        @hookimpl
+        def register_commands(self, cli):
+            @cli.command()
+            def hello():
+                click.echo("hello from a plugin")
+
+    registry = build_registry([CommandPlugin()], entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    monkeypatch.setattr(cli.MainGroup, "_plugins_added", False)
+    try:
+        result = CliRunner().invoke(cli.cli, ["hello"])
+        assert result.exit_code == 0 and "hello from a plugin" in result.output
+    finally:
+        cli.cli.commands.pop("hello", None)

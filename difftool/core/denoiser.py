@@ -9,6 +9,8 @@ Conditioning is a dict with these keys (a backend passes through what it does no
     Cross-attention context (text embeddings), batch first.
 ``added_cond_kwargs``
     A dict of extra tensors (SDXL's ``text_embeds`` and ``time_ids``).
+``class_labels``
+    Integer class per batch item (difftool's superres model: the scale).
 
 The sampler batches classifier-free guidance into one call, so every tensor's batch is the sample's.
 """
@@ -58,7 +60,9 @@ class TorchDenoiser(Denoiser):
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        self.module = module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+        # channels_last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels.
+        self.module = module.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        self.module.eval().requires_grad_(False)
         config = getattr(module, "config", None)
         self.in_channels = int(getattr(config, "in_channels", sample_channels or 0))
         self.sample_channels = int(sample_channels or getattr(config, "out_channels", self.in_channels))
@@ -70,7 +74,10 @@ class TorchDenoiser(Denoiser):
         extra = cond.get("concat")
         if extra is not None:
             x = torch.cat([x, extra.to(self.device, self.dtype)], dim=1)
+        x = x.contiguous(memory_format=torch.channels_last)
         kwargs: dict[str, Any] = {}
+        if cond.get("class_labels") is not None:
+            kwargs["class_labels"] = cond["class_labels"].to(self.device)
         if cond.get("encoder_hidden_states") is not None:
             kwargs["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.device, self.dtype)
         if cond.get("added_cond_kwargs") is not None:

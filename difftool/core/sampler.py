@@ -25,7 +25,7 @@ def _batch_conditioning(uncond: Conditioning, cond: Conditioning) -> dict[str, A
         a, b = uncond.get(key), cond[key]
         if isinstance(b, Mapping):
             merged[key] = _batch_conditioning(a or {}, b)
-        elif isinstance(b, torch.Tensor):
+        elif isinstance(b, torch.Tensor) and b.ndim > 0:
             merged[key] = torch.cat([a if a is not None else b, b], dim=0)
         else:
             merged[key] = b

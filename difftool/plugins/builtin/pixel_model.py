@@ -172,23 +172,41 @@ def to_numpy(x: torch.Tensor) -> Any:
     return ((x[0].float().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
 
 
+def upsample(low: torch.Tensor, scale: int) -> torch.Tensor:
+    """Bicubic upsample of a [-1, 1] batch: superres' conditioning, in training and inference alike."""
+    import torch.nn.functional as F
+
+    return F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def make_denoiser(model: PixelModel, context: Any) -> Any:
+    return context.make_denoiser(
+        model.unet, prediction_type=model.scheduler_config.get("prediction_type", "epsilon"), model_id=model.sha256
+    )
+
+
 def denoise(
     model: PixelModel,
+    denoiser: Any,
     *,
     cond: torch.Tensor,
     steps: int | None,
     scheduler: str | None,
     context: Any,
     base: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """Sample a 3-channel image conditioned on ``cond`` (concatenated channels), same H x W as ``cond``.
 
     Pads H and W up to the U-Net's multiple by reflection and crops back. For ``residual`` models the
-    result is ``base + sample``.
+    result is ``base + sample``. ``noise`` (same H x W) makes tiles share one noise field; ``extra``
+    is passed through as conditioning (``class_labels``).
     """
+    import torch
     import torch.nn.functional as F
 
-    from difftool.core.sampler import sample
+    from difftool.core.sampler import make_noise, sample
 
     height, width = cond.shape[-2:]
     m = model.multiple
@@ -196,20 +214,21 @@ def denoise(
     if pad_h or pad_w:
         mode = "reflect" if pad_h < height and pad_w < width else "replicate"
         cond = F.pad(cond, (0, pad_w, 0, pad_h), mode=mode)
-    denoiser = context.make_denoiser(
-        model.unet, prediction_type=model.scheduler_config.get("prediction_type", "epsilon"), model_id=model.sha256
-    )
+    shape = (cond.shape[0], denoiser.sample_channels, *cond.shape[-2:])
+    if noise is None:
+        noise = make_noise(shape, context, denoiser.device, torch.float32)
+    elif pad_h or pad_w:
+        noise = F.pad(noise, (0, pad_w, 0, pad_h), mode="replicate")
     sched = context.make_scheduler(scheduler or model.meta.get("scheduler", "ddim"), model.scheduler_config)
     cond = cond.to(denoiser.device, denoiser.dtype)
-
     residual = model.meta.get("target") == "residual"
 
     def preview(x0: torch.Tensor) -> Any:
         from difftool.core.images import to_pil
 
-        shown = x0[..., :height, :width]
+        shown = x0[..., :height, :width].float().cpu()
         if residual and base is not None:
-            shown = shown.float().cpu() + base
+            shown = shown + base
         return to_pil(to_numpy(shown))
 
     out = sample(
@@ -217,8 +236,9 @@ def denoise(
         sched,
         steps=steps or int(model.meta.get("steps", 4)),
         context=context,
-        shape=(cond.shape[0], denoiser.sample_channels, *cond.shape[-2:]),
-        cond={"concat": cond},
+        shape=shape,
+        cond={"concat": cond, **(extra or {})},
+        noise=noise.to(denoiser.device),
         decode_preview=preview,
     )
     out = out[..., :height, :width].float().cpu()

@@ -1,13 +1,20 @@
-"""The ``superres`` task: diffusion super-resolution conditioned on the bicubic upsample."""
+"""The ``superres`` task: diffusion super-resolution conditioned on the bicubic upsample.
+
+Large images run in overlapping tiles blended with linear ramps, so memory is bounded by the tile
+size; every tile takes its noise from one image-wide noise field, so overlapping tiles agree.
+Alpha is upscaled separately (bicubic) and re-attached; 16-bit input is processed in float.
+"""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from difftool.core.errors import ModelError
+from difftool.core.errors import ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
@@ -22,7 +29,9 @@ class SuperResolution(Task):
         Param("scale", "choice", default="4", choices=("2", "4"), help="upscaling factor"),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
-        Param("keep_mode", "bool", default=False, help="write grayscale input as grayscale output"),
+        Param("tile", "int", default=512, min=64, max=4096, help="tile size in output pixels (memory bound)"),
+        Param("overlap", "int", default=64, min=8, max=1024, help="tile overlap in output pixels"),
+        Param("keep_mode", "bool", default=False, help="write grayscale input as grayscale (16-bit stays 16-bit)"),
     )
 
     def availability(self, model: str | None) -> str | None:
@@ -32,8 +41,13 @@ class SuperResolution(Task):
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
-        scale = int(request.params["scale"])
+        params = request.params
+        scale = int(params["scale"])
         check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
+        if params["overlap"] >= params["tile"]:
+            raise ParameterError(
+                f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
+            )
         find = context.registry.find_models if context.registry is not None else None
         model = pixel_model.load_pixel_model(pixel_model.resolve_model(self.name, context.model, find), self.name)
         scales = model.meta.get("scales", [scale])
@@ -42,32 +56,86 @@ class SuperResolution(Task):
                 f"model {model.name} upscales by {', '.join(map(str, scales))}, not {scale}",
                 f"pass --scale {scales[0]} or another model",
             )
-        rgb = upscale_rgb(model, image.rgb, scale, request.params, context)
+        rgb = upscale_rgb(model, image.rgb, scale, params, context)
         alpha = upscale_alpha(image.alpha, scale)
-        result = to_pil(rgb, alpha, grayscale=bool(request.params.get("keep_mode")) and image.grayscale)
+        keep = bool(params.get("keep_mode")) and image.grayscale
+        if keep and image.bits == 16 and alpha is None:
+            gray = np.clip(rgb.mean(axis=2) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
+            result = Image.fromarray(gray)
+        else:
+            result = to_pil(rgb, alpha, grayscale=keep)
         record = {
             "task": self.name,
             "scale": scale,
-            "steps": request.params.get("steps") or model.meta.get("steps"),
-            "scheduler": request.params.get("scheduler") or model.meta.get("scheduler"),
+            "steps": params.get("steps") or model.meta.get("steps"),
+            "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
             "size": f"{result.width}x{result.height}",
             **pixel_model.model_record(model),
         }
         return TaskResult([result], record)
 
 
+class _TileProgress:
+    """Reports steps across all tiles as one count."""
+
+    def __init__(self, context: RunContext, tiles: int, steps: int) -> None:
+        self.context, self.total, self.done = context, tiles * steps, 0
+
+    def __call__(self, step: int, total: int, preview: Any) -> None:
+        self.context.report(self.done + step, self.total, preview)
+        if step == total:
+            self.done += total
+
+
 def upscale_rgb(
-    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: dict, context: RunContext
+    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: dict[str, Any], context: RunContext
 ) -> np.ndarray:
-    """Upscale float RGB (H x W x 3, [0, 1]) by ``scale`` with ``model``."""
-    import torch.nn.functional as F
+    """Upscale float RGB (H x W x 3, [0, 1]) by ``scale`` with ``model``, tile by tile."""
+    import torch
+
+    from difftool.core.sampler import make_noise
+    from difftool.core.tiling import blend_weights, tile_spans
+    from difftool.plugins.builtin.pixel_model import upsample
 
     low = pixel_model.to_tensor(rgb)
-    up = F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
-    out = pixel_model.denoise(
-        model, cond=up, steps=params.get("steps"), scheduler=params.get("scheduler"), context=context, base=up
-    )
-    return pixel_model.to_numpy(out)
+    height, width = rgb.shape[:2]
+    out_h, out_w = height * scale, width * scale
+    lr_tile = max(model.multiple, params.get("tile", 512) // scale)
+    lr_overlap = max(1, params.get("overlap", 64) // scale)
+    spans_y = tile_spans(height, lr_tile, lr_overlap)
+    spans_x = tile_spans(width, lr_tile, lr_overlap)
+    steps = params.get("steps") or int(model.meta.get("steps", 4))
+    denoiser = pixel_model.make_denoiser(model, context)
+    noise = make_noise((1, 3, out_h, out_w), context, torch.device("cpu"), torch.float32)
+    extra = {}
+    if model.unet.config.num_class_embeds:
+        extra["class_labels"] = torch.tensor([model.meta.get("scales", [scale]).index(scale)])
+    tile_context = copy.copy(context)
+    tile_context.progress = _TileProgress(context, len(spans_y) * len(spans_x), steps)
+    if len(spans_y) * len(spans_x) == 1:
+        up = upsample(low, scale)
+        out = pixel_model.denoise(
+            model, denoiser, cond=up, steps=steps, scheduler=params.get("scheduler"), context=tile_context,
+            base=up, noise=noise, extra=extra,
+        )
+        return pixel_model.to_numpy(out)
+    total = torch.zeros(3, out_h, out_w)
+    weight = torch.zeros(out_h, out_w)
+    overlap = lr_overlap * scale
+    for y0, y1 in spans_y:
+        for x0, x1 in spans_x:
+            up = upsample(low[..., y0:y1, x0:x1], scale)
+            ys, xs = (y0 * scale, y1 * scale), (x0 * scale, x1 * scale)
+            out = pixel_model.denoise(
+                model, denoiser, cond=up, steps=steps, scheduler=params.get("scheduler"), context=tile_context,
+                base=up, noise=noise[..., ys[0] : ys[1], xs[0] : xs[1]], extra=extra,
+            )
+            w = blend_weights(ys, xs, (out_h, out_w), overlap)
+            total[:, ys[0] : ys[1], xs[0] : xs[1]] += out[0] * w
+            weight[ys[0] : ys[1], xs[0] : xs[1]] += w
+            del out, up
+    total /= weight
+    return ((total.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
 
 
 def upscale_alpha(alpha: np.ndarray | None, scale: int) -> np.ndarray | None:

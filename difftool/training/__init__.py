@@ -1,0 +1,1 @@
+"""Training difftool's pixel-space models (``difftool train superres|inpaint``, extra ``[train]``)."""

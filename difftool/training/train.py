@@ -1,0 +1,274 @@
+"""The training loop for the pixel-space superres and inpaint models: reproducible and resumable.
+
+Formulation: a diffusers ``UNet2DModel`` conditioned by channel concatenation predicts the clean
+sample (``prediction_type="sample"``) from a noised one. For superres the sample is the residual
+between the high-resolution image and the bicubic upsample of its low-resolution version, and the
+scale (2x or 4x) is a class label. Few-step sampling works because the network is trained mostly at
+the timesteps a 1-, 2- or 4-step "trailing" DDIM schedule visits.
+
+Checkpoints (``OUT/checkpoint/``) are safetensors plus JSON (never pickle): weights, EMA weights,
+optimizer moments, step and random states. A rerun with the same output folder resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from difftool.core.atomic import atomic_write_bytes
+from difftool.plugins.builtin.pixel_model import save_pixel_model, upsample
+
+NOISE_SCHEDULE: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "sample",
+    "timestep_spacing": "trailing",
+    "clip_sample": False,
+}
+#: Timesteps that 1-, 2- and 4-step trailing schedules visit; half of the training batch uses them.
+FEW_STEP_TIMESTEPS = (999, 749, 499, 249)
+
+
+@dataclass
+class TrainConfig:
+    task: str
+    steps: int = 6000
+    batch: int = 12
+    crop: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    scales: list[int] = field(default_factory=lambda: [2, 4])
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    layers_per_block: int = 1
+    inference_steps: int = 2
+    threads: int = 0
+    save_every: int = 200
+    ema_decay: float = 0.999
+    bf16: bool = True
+    init: str | None = None
+    folders: list[str] = field(default_factory=list)
+    builtin_data: bool = True
+
+    @classmethod
+    def for_task(cls, task: str, **overrides: Any) -> TrainConfig:
+        defaults: dict[str, Any] = {}
+        if task == "inpaint":
+            defaults = {"crop": 96, "batch": 8, "block_out_channels": [32, 64, 128, 128], "inference_steps": 2}
+        elif task != "superres":
+            raise ValueError(f"unknown training task {task!r}; use superres or inpaint")
+        return cls(task=task, **{**defaults, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainConfig:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def build_unet(config: TrainConfig) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    levels = len(config.block_out_channels)
+    return UNet2DModel(
+        in_channels=6 if config.task == "superres" else 7,
+        out_channels=3,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=("DownBlock2D",) * levels,
+        up_block_types=("UpBlock2D",) * levels,
+        norm_num_groups=8,
+        add_attention=False,
+        num_class_embeds=len(config.scales) if config.task == "superres" else None,
+    )
+
+
+def make_batch(config: TrainConfig, pool: Any, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """One batch: ``target`` (clean sample), ``cond`` (concatenated channels), ``weight`` and ``labels``."""
+    from difftool.training.degrade import degrade_for_superres, random_mask
+
+    crops = [pool.crop(config.crop, rng) for _ in range(config.batch)]
+    hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) * 2 - 1
+    if config.task == "superres":
+        scale_index = rng.integers(0, len(config.scales), size=config.batch)
+        ups, lows = [], []
+        for crop, index in zip(crops, scale_index, strict=True):
+            scale = config.scales[index]
+            low = torch.from_numpy(degrade_for_superres(crop, scale, rng)).permute(2, 0, 1)[None] * 2 - 1
+            lows.append(low)
+            ups.append(upsample(low, scale))
+        up = torch.cat(ups)
+        return {"target": hr - up, "cond": up, "labels": torch.from_numpy(scale_index), "weight": torch.ones_like(hr)}
+    masks = torch.from_numpy(np.stack([random_mask(config.crop, rng) for _ in crops]))[:, None]
+    cond = torch.cat([hr * (1 - masks), masks], dim=1)
+    return {"target": hr, "cond": cond, "labels": None, "weight": 0.2 + masks.expand_as(hr)}
+
+
+class Trainer:
+    """Owns the model, EMA, optimizer, random states and checkpoints of one training run."""
+
+    def __init__(self, config: TrainConfig, out: Path) -> None:
+        from diffusers import DDIMScheduler
+
+        self.config, self.out = config, Path(out)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self.model = build_unet(config)
+        if config.init:
+            from difftool.plugins.builtin.pixel_model import load_pixel_model
+
+            self.model.load_state_dict(load_pixel_model(Path(config.init), config.task).unet.state_dict())
+        self.ema = build_unet(config)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.alphas = DDIMScheduler.from_config(NOISE_SCHEDULE).alphas_cumprod.float()
+        self.rng = np.random.default_rng(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        self.autocast = config.bf16 and cpu_supports_bf16()
+
+    # --- checkpoints --------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save(self) -> None:
+        from safetensors.torch import save
+
+        folder = self.checkpoint_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        optimizer = self.optimizer.state_dict()
+        moments = {
+            f"{index}.{key}": value.contiguous()
+            for index, state in optimizer["state"].items()
+            for key, value in state.items()
+        }
+        atomic_write_bytes(folder / "model.safetensors", save(_contiguous(self.model.state_dict())))
+        atomic_write_bytes(folder / "ema.safetensors", save(_contiguous(self.ema.state_dict())))
+        atomic_write_bytes(
+            folder / "optimizer.safetensors", save({**moments, "generator": self.generator.get_state()})
+        )
+        state = {
+            "step": self.step,
+            "config": asdict(self.config),
+            "param_groups": optimizer["param_groups"],
+            "numpy_rng": self.rng.bit_generator.state,
+            "losses": self.losses[-2000:],
+        }
+        atomic_write_bytes(folder / "state.json", json.dumps(state, default=int).encode())  # written last
+
+    def resume(self) -> bool:
+        from safetensors.torch import load_file
+
+        folder = self.checkpoint_dir
+        if not (folder / "state.json").is_file():
+            return False
+        state = json.loads((folder / "state.json").read_text())
+        self.model.load_state_dict(load_file(folder / "model.safetensors"))
+        self.ema.load_state_dict(load_file(folder / "ema.safetensors"))
+        tensors = load_file(folder / "optimizer.safetensors")
+        self.generator.set_state(tensors.pop("generator"))
+        per_param: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+        self.rng.bit_generator.state = state["numpy_rng"]
+        self.step = int(state["step"])
+        self.losses = list(state.get("losses", []))
+        return True
+
+    def export(self, path: Path | None = None, extra_meta: dict[str, Any] | None = None) -> Path:
+        """Write the EMA weights as an fp16 model folder (what tasks load)."""
+        config = self.config
+        meta: dict[str, Any] = {
+            "task": config.task,
+            "name": f"difftool-{config.task}",
+            "target": "residual" if config.task == "superres" else "image",
+            "steps": config.inference_steps,
+            "scheduler": "ddim",
+            "trained_steps": self.step,
+            **(extra_meta or {}),
+        }
+        if config.task == "superres":
+            meta["scales"] = list(config.scales)
+        model = build_unet(config)
+        model.load_state_dict(self.ema.state_dict())
+        return save_pixel_model(model, path or self.out / "model", meta, NOISE_SCHEDULE, fp16=True)
+
+    # --- training -----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        warmup = min(200, self.config.steps // 10 + 1)
+        if step < warmup:
+            return self.config.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, self.config.steps - warmup)
+        return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+    def sample_timesteps(self, batch: int) -> torch.Tensor:
+        uniform = torch.randint(0, 1000, (batch,), generator=self.generator)
+        few = torch.tensor(FEW_STEP_TIMESTEPS)[torch.randint(0, 4, (batch,), generator=self.generator)]
+        pick = torch.rand(batch, generator=self.generator) < 0.5
+        return torch.where(pick, few, uniform)
+
+    def train_step(self, pool: Any) -> float:
+        batch = make_batch(self.config, pool, self.rng)
+        target = batch["target"]
+        t = self.sample_timesteps(target.shape[0])
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noise = torch.randn(target.shape, generator=self.generator)
+        noisy = a.sqrt() * target + (1 - a).sqrt() * noise
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            pred = self.model(torch.cat([noisy, batch["cond"]], dim=1), t, class_labels=batch["labels"]).sample
+        loss = ((pred.float() - target).abs() * batch["weight"]).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                e.lerp_(p, 1 - self.config.ema_decay)
+        self.step += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def fit(self, pool: Any, progress: bool = True, stop_after: int | None = None) -> None:
+        """Train to ``config.steps`` (or ``stop_after`` more steps), checkpointing every ``save_every``."""
+        from tqdm import tqdm
+
+        end = self.config.steps if stop_after is None else min(self.config.steps, self.step + stop_after)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc=f"train {self.config.task}")
+        started = time.perf_counter()
+        while self.step < end:
+            loss = self.train_step(pool)
+            bar.update(1)
+            if self.step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", lr=f"{self.lr_at(self.step):.1e}")
+            if self.step % self.config.save_every == 0 or self.step == end:
+                self.save()
+                self.export()
+        bar.close()
+        self.seconds = time.perf_counter() - started
+        del loss
+
+
+def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def cpu_supports_bf16() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags

@@ -15,6 +15,7 @@ from typing import Any
 from PIL import Image
 
 from difftool import __version__
+from difftool.core.devices import resolve_dtype
 from difftool.core.errors import DifftoolError, ModelError, ParameterError, PluginError
 from difftool.core.images import LoadedImage, open_image
 from difftool.core.task import CancelToken, Param, ProgressCallback, RunContext, Task, TaskRequest
@@ -104,7 +105,7 @@ def run(
     model: str | None = None,
     backend: str = "torch",
     device: str = "cpu",
-    dtype: str = "fp32",
+    dtype: str = "auto",
     seed: int | None = None,
     progress: ProgressCallback | None = None,
     preview_every: int = 0,
@@ -119,8 +120,7 @@ def run(
     """
     registry = registry or get_registry()
     instance = registry.task(task)
-    if dtype not in ("fp32", "fp16", "bf16"):
-        raise ParameterError(f"unknown dtype {dtype!r}", "use fp32, fp16 or bf16")
+    dtype = resolve_dtype(dtype, device)
     reason = instance.availability(model)
     if reason:
         raise ModelError(f"task {task!r} cannot run: {reason}")

@@ -12,8 +12,9 @@ from typing import Any
 import click
 
 from difftool import __version__
+from difftool.core.devices import DTYPES
 from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
-from difftool.core.task import DTYPES, Param, Task
+from difftool.core.task import Param, Task
 
 
 def _registry() -> Any:
@@ -64,7 +65,13 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
         click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
         click.Option(["--backend"], type=click.Choice(sorted(registry.backends)), default="torch", show_default=True),
         click.Option(["--device"], default="cpu", show_default=True, help="cpu or cuda[:N]"),
-        click.Option(["--dtype"], type=click.Choice(DTYPES), default="fp32", show_default=True),
+        click.Option(
+            ["--dtype"],
+            type=click.Choice(DTYPES),
+            default="auto",
+            show_default=True,
+            help="auto: bf16 on CPUs with AMX/AVX-512 BF16, fp16 on CUDA, else fp32",
+        ),
         click.Option(["--seed"], type=click.IntRange(0, 2**63 - 1), help="random seed (default: random, recorded)"),
         click.Option(["--json", "as_json"], is_flag=True, help="print a machine-readable result on stdout"),
         click.Option(["--debug"], is_flag=True, help="show tracebacks and debug logs"),

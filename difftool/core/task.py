@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
 PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path")
-DTYPES: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
 
 @dataclass(frozen=True)

@@ -23,10 +23,24 @@ CORPUS: dict[str, tuple[str, str, str]] = {
     **{
         name: ("skimage", f"data/{name}.{ext}", "scikit-image sample data (see skimage/data/README.txt)")
         for name, ext in [
-            ("astronaut", "png"), ("chelsea", "png"), ("coffee", "png"), ("brick", "png"), ("camera", "png"),
-            ("coins", "png"), ("color", "png"), ("grass", "png"), ("gravel", "png"), ("hubble_deep_field", "jpg"),
-            ("ihc", "png"), ("moon", "png"), ("motorcycle_left", "png"), ("motorcycle_right", "png"),
-            ("page", "png"), ("retina", "jpg"), ("rocket", "jpg"), ("text", "png"),
+            ("astronaut", "png"),
+            ("chelsea", "png"),
+            ("coffee", "png"),
+            ("brick", "png"),
+            ("camera", "png"),
+            ("coins", "png"),
+            ("color", "png"),
+            ("grass", "png"),
+            ("gravel", "png"),
+            ("hubble_deep_field", "jpg"),
+            ("ihc", "png"),
+            ("moon", "png"),
+            ("motorcycle_left", "png"),
+            ("motorcycle_right", "png"),
+            ("page", "png"),
+            ("retina", "jpg"),
+            ("rocket", "jpg"),
+            ("text", "png"),
         ]
     },
     "china": ("sklearn", "datasets/images/china.jpg", "scikit-learn sample image (CC BY 2.0, Wikimedia Commons)"),

@@ -22,7 +22,9 @@ def downscale(rgb: np.ndarray, scale: int) -> np.ndarray:
     """Clean bicubic downscale by ``scale`` (Pillow's, with antialiasing), float in and out."""
     height, width = rgb.shape[:2]
     channels = [
-        np.asarray(Image.fromarray(rgb[..., c], "F").resize((width // scale, height // scale), Image.Resampling.BICUBIC))
+        np.asarray(
+            Image.fromarray(rgb[..., c], "F").resize((width // scale, height // scale), Image.Resampling.BICUBIC)
+        )
         for c in range(3)
     ]
     return np.stack(channels, axis=2).clip(0, 1).astype(np.float32)

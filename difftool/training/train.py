@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from difftool.core.atomic import atomic_write_bytes
+from difftool.core.devices import cpu_supports_bf16
 from difftool.plugins.builtin.pixel_model import save_pixel_model, upsample
 
 NOISE_SCHEDULE: dict[str, Any] = {
@@ -152,9 +153,7 @@ class Trainer:
         }
         atomic_write_bytes(folder / "model.safetensors", save(_contiguous(self.model.state_dict())))
         atomic_write_bytes(folder / "ema.safetensors", save(_contiguous(self.ema.state_dict())))
-        atomic_write_bytes(
-            folder / "optimizer.safetensors", save({**moments, "generator": self.generator.get_state()})
-        )
+        atomic_write_bytes(folder / "optimizer.safetensors", save({**moments, "generator": self.generator.get_state()}))
         state = {
             "step": self.step,
             "config": asdict(self.config),
@@ -263,12 +262,3 @@ class Trainer:
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.contiguous() for k, v in state.items()}
-
-
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags

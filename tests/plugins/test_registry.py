@@ -1,6 +1,8 @@
+import importlib.metadata
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from difftool.core.task import Param, Task, TaskResult
@@ -21,11 +23,39 @@ def fake_distribution(root: Path, name: str, entry_points: dict[str, str]) -> No
 
 @pytest.fixture
 def site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder on sys.path where tests create plugin modules and their dist-info records."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
     yield tmp_path
-    for name in [m for m in sys.modules if m.startswith(("difftool_plugin_example", "broken_plugin"))]:
+    for name in [m for m in sys.modules if m.startswith(("shout_plugin", "broken_plugin"))]:
         del sys.modules[name]
+
+
+SHOUT_PLUGIN = """
+from difftool.core.task import Task, TaskResult
+from difftool.plugins import hookimpl
+
+class Shout(Task):
+    name = "shout"
+    summary = "Return the input, loudly"
+    def run(self, request, context):
+        return TaskResult([request.inputs["image"].to_pil()])
+
+@hookimpl
+def register_tasks(register):
+    register(Shout)
+"""
+
+
+@pytest.fixture
+def example_plugin_installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example plugin, found through its real entry point: installed (README's test command) or, when
+    this suite runs without it, through a dist-info record of the same entry point."""
+    try:
+        importlib.metadata.distribution("difftool-plugin-example")
+    except importlib.metadata.PackageNotFoundError:
+        monkeypatch.syspath_prepend(str(EXAMPLE_SRC))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        fake_distribution(tmp_path, "difftool-plugin-example", {"example": "difftool_plugin_example"})
 
 
 def test_builtins_register_through_the_hooks(registry) -> None:
@@ -37,22 +67,44 @@ def test_builtins_register_through_the_hooks(registry) -> None:
 
 
 def test_entry_point_plugin_is_discovered(site: Path) -> None:
-    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    (site / "shout_plugin.py").write_text(SHOUT_PLUGIN)
+    fake_distribution(site, "shout-plugin", {"shout": "shout_plugin"})
+    registry = build_registry()
+    assert registry.tasks["shout"].plugin == "shout"
+    assert registry.plugins["shout"].version == "0.3.0" and not registry.plugins["shout"].builtin
+    assert [f for f in registry.failures if f.plugin == "shout"] == []
+
+
+def test_example_plugin_runs_through_its_entry_point_and_the_cli(
+    example_plugin_installed: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from difftool import cli
+
+    monkeypatch.setenv("DIFFTOOL_NO_PLUGINS", "0")
     registry = build_registry()
     assert registry.tasks["posterize"].plugin == "example"
-    assert "ddim-trailing" in registry.schedulers
-    assert registry.plugins["example"].version == "0.3.0"
-    assert registry.failures == []
+    assert registry.schedulers["ddim-trailing"].plugin == "example"
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    Image.linear_gradient("L").save(tmp_path / "in.png")
+    listing = CliRunner().invoke(cli.cli, ["tasks"])
+    assert "posterize" in listing.output
+    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(tmp_path / "in.png"), "--levels", "2"])
+    assert result.exit_code == 0, result.output
+    assert set(np.unique(np.asarray(Image.open(tmp_path / "in.posterize.png").convert("L")))) == {0, 255}
 
 
 def test_plugin_that_fails_to_import_is_reported_and_others_work(site: Path) -> None:
     (site / "broken_plugin.py").write_text("raise ImportError('needs libfoo 2.0')\n")
     fake_distribution(site, "broken-plugin", {"broken": "broken_plugin"})
-    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    (site / "shout_plugin.py").write_text(SHOUT_PLUGIN)
+    fake_distribution(site, "shout-plugin", {"shout": "shout_plugin"})
     registry = build_registry()
-    assert "posterize" in registry.tasks and "superres" in registry.tasks
-    [failure] = registry.failures
-    assert failure.plugin == "broken" and failure.stage == "import" and "libfoo" in failure.error
+    assert "shout" in registry.tasks and "superres" in registry.tasks
+    [failure] = [f for f in registry.failures if f.plugin == "broken"]
+    assert failure.stage == "import" and "libfoo" in failure.error
 
 
 class RaisingPlugin:
@@ -114,13 +166,14 @@ def test_parameter_clashing_with_a_common_option_is_refused() -> None:
 
 
 def test_no_plugins_switch(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    fake_distribution(site, "difftool-plugin-example", {"example": "difftool_plugin_example"})
+    (site / "shout_plugin.py").write_text(SHOUT_PLUGIN)
+    fake_distribution(site, "shout-plugin", {"shout": "shout_plugin"})
     monkeypatch.setenv("DIFFTOOL_NO_PLUGINS", "1")
     assert plugins_disabled()
-    assert "posterize" not in get_registry().tasks
+    assert "shout" not in get_registry().tasks
     monkeypatch.setenv("DIFFTOOL_NO_PLUGINS", "0")
     assert not plugins_disabled()
-    assert "posterize" in get_registry().tasks
+    assert "shout" in get_registry().tasks
 
 
 def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> None:

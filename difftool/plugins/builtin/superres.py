@@ -115,8 +115,15 @@ def upscale_rgb(
     if len(spans_y) * len(spans_x) == 1:
         up = upsample(low, scale)
         out = pixel_model.denoise(
-            model, denoiser, cond=up, steps=steps, scheduler=params.get("scheduler"), context=tile_context,
-            base=up, noise=noise, extra=extra,
+            model,
+            denoiser,
+            cond=up,
+            steps=steps,
+            scheduler=params.get("scheduler"),
+            context=tile_context,
+            base=up,
+            noise=noise,
+            extra=extra,
         )
         return pixel_model.to_numpy(out)
     total = torch.zeros(3, out_h, out_w)
@@ -127,8 +134,15 @@ def upscale_rgb(
             up = upsample(low[..., y0:y1, x0:x1], scale)
             ys, xs = (y0 * scale, y1 * scale), (x0 * scale, x1 * scale)
             out = pixel_model.denoise(
-                model, denoiser, cond=up, steps=steps, scheduler=params.get("scheduler"), context=tile_context,
-                base=up, noise=noise[..., ys[0] : ys[1], xs[0] : xs[1]], extra=extra,
+                model,
+                denoiser,
+                cond=up,
+                steps=steps,
+                scheduler=params.get("scheduler"),
+                context=tile_context,
+                base=up,
+                noise=noise[..., ys[0] : ys[1], xs[0] : xs[1]],
+                extra=extra,
             )
             w = blend_weights(ys, xs, (out_h, out_w), overlap)
             total[:, ys[0] : ys[1], xs[0] : xs[1]] += out[0] * w

@@ -1,0 +1,181 @@
+"""Each registration hook, exercised end to end by a small plugin defined here."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from difftool import api
+from difftool.core.backend import Backend
+from difftool.core.denoiser import TorchDenoiser
+from difftool.core.errors import BackendUnavailableError
+from difftool.core.models import ModelEntry, ModelSource
+from difftool.core.scheduler import Scheduler, SchedulerStep
+from difftool.plugins import hookimpl
+from difftool.plugins.registry import build_registry
+from difftool.testing import SD_SCHEDULE, SchedulerConformance
+
+
+class OneStepScheduler(Scheduler):
+    """A scheduler written from scratch: jump straight to the predicted clean sample."""
+
+    prediction_type = "sample"
+
+    def __init__(self, config):
+        self.config = dict(config)
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return 1.0
+
+    def set_timesteps(self, num_steps, strength=1.0):
+        kept = max(1, int(num_steps * strength)) if strength < 1 else num_steps
+        self.timesteps = torch.linspace(999, 0, num_steps).round()[-kept:]
+
+    def scale_model_input(self, sample, t):
+        return sample
+
+    def step(self, model_output, t, sample, generator=None):
+        return SchedulerStep(prev_sample=model_output, pred_original_sample=model_output)
+
+    def add_noise(self, original, noise, t):
+        return original + noise * (t.float() / 1000).reshape(-1, 1, 1, 1)
+
+
+class SchedulerPlugin:
+    @hookimpl
+    def register_schedulers(self, register):
+        register("one-step", OneStepScheduler, label="One step", summary="test")
+
+
+class TestOneStepScheduler(SchedulerConformance):
+    def make_scheduler(self):
+        return build_registry([SchedulerPlugin()], entry_points=False).make_scheduler("one-step", SD_SCHEDULE)
+
+
+def test_a_plugin_scheduler_drives_a_builtin_task(photo: Path, superres_model: Path) -> None:
+    registry = build_registry([SchedulerPlugin()], entry_points=False)
+    assert registry.schedulers["one-step"].plugin == "SchedulerPlugin"
+    result = api.run(
+        "superres",
+        photo,
+        model=str(superres_model),
+        scale="2",
+        scheduler="one-step",
+        seed=1,
+        registry=registry,
+        dtype="fp32",
+    )
+    assert result.image.size == (56, 40) and result.record["scheduler"] == "one-step"
+
+
+class CountingBackend(Backend):
+    name = "counting"
+    summary = "torch, counting calls"
+    calls = 0
+
+    def make_denoiser(self, module, *, prediction_type, device, dtype, model_id=""):
+        inner = TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
+
+        class Counting(TorchDenoiser):
+            backend = "counting"
+
+            def __call__(s, sample, t, cond):  # noqa: N805 - reads better beside inner
+                CountingBackend.calls += 1
+                return inner(sample, t, cond)
+
+        wrapped = Counting.__new__(Counting)
+        wrapped.__dict__.update(inner.__dict__)
+        return wrapped
+
+
+class MissingDriverBackend(Backend):
+    name = "fancy"
+
+    def unavailable_reason(self, device="cpu"):
+        return "libfancy.so not found; install fancy-runtime"
+
+    def make_denoiser(self, module, **kwargs):
+        raise AssertionError("never called")
+
+
+class BackendPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(CountingBackend())
+        register(MissingDriverBackend())
+
+
+def test_a_plugin_backend_runs_a_task_unchanged(photo: Path, superres_model: Path) -> None:
+    registry = build_registry([BackendPlugin()], entry_points=False)
+    CountingBackend.calls = 0
+    result = api.run(
+        "superres",
+        photo,
+        model=str(superres_model),
+        scale="2",
+        steps=3,
+        backend="counting",
+        seed=1,
+        registry=registry,
+        dtype="fp32",
+    )
+    assert CountingBackend.calls == 3
+    reference = api.run(
+        "superres", photo, model=str(superres_model), scale="2", steps=3, seed=1, registry=registry, dtype="fp32"
+    )
+    assert result.image.tobytes() == reference.image.tobytes()
+
+
+def test_unavailable_backend_fails_at_once_with_its_reason(photo: Path, superres_model: Path) -> None:
+    registry = build_registry([BackendPlugin()], entry_points=False)
+    with pytest.raises(BackendUnavailableError, match="libfancy.so not found"):
+        api.run("superres", photo, model=str(superres_model), backend="fancy", registry=registry)
+
+
+class ListedSource(ModelSource):
+    name = "listed"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def find(self):
+        return [ModelEntry("house-upscaler", self.path, "difftool-superres", "test")]
+
+
+class BrokenSource(ModelSource):
+    name = "broken"
+
+    def find(self):
+        raise OSError("network share unreachable")
+
+
+def test_model_sources_list_and_resolve_names(photo: Path, superres_model: Path) -> None:
+    class ModelPlugin:
+        @hookimpl
+        def register_models(self, register):
+            register(ListedSource(superres_model))
+            register(BrokenSource())
+
+    registry = build_registry([ModelPlugin()], entry_points=False)
+    names = [m.name for m in registry.find_models()]
+    assert "house-upscaler" in names
+    assert any(f.stage == "model source 'broken'" and "unreachable" in f.error for f in registry.failures)
+    result = api.run("superres", photo, model="house-upscaler", scale="2", seed=0, registry=registry)
+    assert result.record["model"] == "tiny-superres"
+
+
+def test_folder_source_finds_models_and_checkpoints(tmp_path: Path, superres_model: Path, monkeypatch) -> None:
+    import shutil
+
+    root = tmp_path / "webui"
+    (root / "models" / "Stable-diffusion").mkdir(parents=True)
+    (root / "models" / "Stable-diffusion" / "dreamy.safetensors").write_bytes(b"\0" * 16)
+    (root / "models" / "Lora").mkdir()
+    (root / "models" / "Lora" / "old.ckpt").write_bytes(b"\0")
+    shutil.copytree(superres_model, root / "mine")
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(root))
+    found = {m.name: m.family for m in build_registry(entry_points=False).find_models()}
+    assert found["mine"] == "difftool-superres"
+    assert found["dreamy"] == "single file"
+    assert found["old"].startswith("pickle")

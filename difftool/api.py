@@ -164,4 +164,7 @@ def run(
         "difftool_version": __version__,
         **result.record,
     }
+    scheduler = registry.schedulers.get(str(record.get("scheduler")))
+    if scheduler is not None:
+        record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field
     return RunResult(result.images, record)

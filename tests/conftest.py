@@ -78,3 +78,21 @@ def photo(tmp_path: Path) -> Path:
     path = tmp_path / "photo.png"
     Image.fromarray(rgb).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedded_superres() -> Path:
+    from difftool.plugins.builtin.pixel_model import embedded_model_path
+
+    path = embedded_model_path("superres")
+    assert path is not None, "the package must ship difftool/models/superres"
+    return path
+
+
+@pytest.fixture(scope="session")
+def embedded_inpaint() -> Path:
+    from difftool.plugins.builtin.pixel_model import embedded_model_path
+
+    path = embedded_model_path("inpaint")
+    assert path is not None, "the package must ship difftool/models/inpaint"
+    return path

@@ -60,8 +60,9 @@ class TorchDenoiser(Denoiser):
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
-        # channels_last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels.
-        self.module = module.to(device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        # channels_last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels. nn.Module.to is
+        # called directly: diffusers' override warns on every dtype cast about fp32 modules it keeps.
+        self.module = torch.nn.Module.to(module, device=self.device, dtype=dtype, memory_format=torch.channels_last)
         self.module.eval().requires_grad_(False)
         config = getattr(module, "config", None)
         self.in_channels = int(getattr(config, "in_channels", sample_channels or 0))

@@ -229,6 +229,7 @@ _A1111_KEYS = (
 
 def format_parameters(record: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler")}
     lines = [str(record.get("prompt", "") or "")]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")

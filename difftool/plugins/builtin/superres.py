@@ -29,7 +29,7 @@ class SuperResolution(Task):
         Param("scale", "choice", default="4", choices=("2", "4"), help="upscaling factor"),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
-        Param("tile", "int", default=512, min=64, max=4096, help="tile size in output pixels (memory bound)"),
+        Param("tile", "int", default=512, min=32, max=4096, help="tile size in output pixels (memory bound)"),
         Param("overlap", "int", default=64, min=8, max=1024, help="tile overlap in output pixels"),
         Param("keep_mode", "bool", default=False, help="write grayscale input as grayscale (16-bit stays 16-bit)"),
     )

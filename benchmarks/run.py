@@ -1,0 +1,184 @@
+"""Quality and speed benchmarks of the embedded models; writes docs/benchmarks.md.
+
+    pip install -e ".[bench]" && python benchmarks/run.py            # about 10 minutes on 2 CPU cores
+    python benchmarks/run.py --quick                                  # 2 held-out images, no 4096 px run
+
+Quality: each held-out photo (never trained on) is downscaled with Pillow's bicubic filter and
+restored; PSNR/SSIM on RGB and on Y with the scale shaved off the borders, against bicubic and Lanczos.
+Inpaint: fixed masks (boxes and strokes, 16-96 px), PSNR/SSIM inside the masks against OpenCV's Telea
+and Navier-Stokes. Speed: wall time and peak RSS of `difftool run` in a fresh process each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def mean_rows(rows: list[dict], keys: list[str]) -> dict[str, float]:
+    return {k: float(np.mean([r[k] for r in rows])) for k in keys}
+
+
+def timed_run(args: list[str]) -> tuple[float, float]:
+    """Seconds and peak RSS (GiB) of one `difftool ...` command in a fresh process."""
+    code = (
+        "import resource, sys, time; from difftool.cli import main; t = time.perf_counter()\n"
+        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('SECONDS', time.perf_counter() - t)\n"
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(out.stderr)
+    values = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("SECONDS", "RSS")))
+    return float(values["SECONDS"]), int(values["RSS"]) / 2**20
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+
+    import torch
+
+    from difftool.core.devices import resolve_dtype
+    from difftool.plugins.builtin.pixel_model import embedded_model_path
+    from difftool.training.evaluate import evaluate_inpaint, evaluate_superres, holdout_images
+
+    limit = 2 if args.quick else None
+    sr_model, ip_model = embedded_model_path("superres"), embedded_model_path("inpaint")
+    auto = resolve_dtype("auto", "cpu")
+    report: dict = {"dtype_auto": auto}
+    lines = [
+        "# Benchmarks",
+        "",
+        'Regenerate with `pip install -e ".[bench]" && python benchmarks/run.py` (this file is its output).',
+        "",
+        f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}. `--dtype auto` resolves to **{auto}** here.",
+        "",
+    ]
+    started = time.perf_counter()
+
+    # --- superres quality -------------------------------------------------------------------------
+    keys = [
+        "model_psnr",
+        "bicubic_psnr",
+        "lanczos_psnr",
+        "model_psnr_y",
+        "bicubic_psnr_y",
+        "lanczos_psnr_y",
+        "model_ssim",
+        "bicubic_ssim",
+        "lanczos_ssim",
+        "model_ssim_y",
+        "bicubic_ssim_y",
+    ]
+    lines += [
+        "## Super-resolution quality (held-out photos)",
+        "",
+        "| scale | dtype | image | PSNR model | bicubic | Lanczos | gain vs bicubic | PSNR-Y model | bicubic |"
+        " SSIM model | bicubic |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in ("fp32", "bf16"):
+        rows = evaluate_superres(sr_model, dtype=dtype, limit=limit)
+        report[f"superres_{dtype}"] = rows
+        for scale in (2, 4):
+            chosen = [r for r in rows if r["scale"] == scale]
+            for r in chosen + [{"image": "**mean**", **mean_rows(chosen, keys)}]:
+                lines.append(
+                    f"| {scale}x | {dtype} | {r['image']} | {r['model_psnr']:.2f} | {r['bicubic_psnr']:.2f} | "
+                    f"{r['lanczos_psnr']:.2f} | {r['model_psnr'] - r['bicubic_psnr']:+.2f} dB | "
+                    f"{r['model_psnr_y']:.2f} | {r['bicubic_psnr_y']:.2f} | {r['model_ssim']:.4f} | "
+                    f"{r['bicubic_ssim']:.4f} |"
+                )
+    lines += ["", "Targets: 4x at least +1.0 dB over bicubic on average, 2x at least +1.5 dB.", ""]
+
+    # --- inpaint quality --------------------------------------------------------------------------
+    lines += [
+        "## Inpainting quality (held-out photos, fixed masks, inside the masks)",
+        "",
+        "| dtype | image | mask % | PSNR model | Telea | Navier-Stokes | SSIM model | Telea | NS |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for dtype in ("fp32", "bf16"):
+        rows = evaluate_inpaint(ip_model, dtype=dtype, limit=limit)
+        report[f"inpaint_{dtype}"] = rows
+        ikeys = ["mask_fraction", "model_psnr", "telea_psnr", "ns_psnr", "model_ssim", "telea_ssim", "ns_ssim"]
+        for r in rows + [{"image": "**mean**", **mean_rows(rows, ikeys)}]:
+            lines.append(
+                f"| {dtype} | {r['image']} | {100 * r['mask_fraction']:.1f} | {r['model_psnr']:.2f} | "
+                f"{r['telea_psnr']:.2f} | {r['ns_psnr']:.2f} | {r['model_ssim']:.4f} | {r['telea_ssim']:.4f} | "
+                f"{r['ns_ssim']:.4f} |"
+            )
+    lines += ["", "Target: better than Telea on average.", ""]
+
+    # --- speed --------------------------------------------------------------------------------------
+    lines += [
+        "## Speed and memory (fresh process each, default settings unless named)",
+        "",
+        "| job | dtype | seconds | peak RSS GiB |",
+        "|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        photo = holdout_images(1)[0][1]
+        photo.resize((512, 512)).save(tmp_path / "512.png")
+        jobs = [("superres 512 -> 2048 (4x)", ["run", "superres", str(tmp_path / "512.png")], ("auto", "fp32"))]
+        if not args.quick:
+            photo.resize((1024, 1024)).save(tmp_path / "1024.png")
+            jobs.append(("superres 1024 -> 4096 (4x)", ["run", "superres", str(tmp_path / "1024.png")], ("auto",)))
+        mask = Image.fromarray(
+            ((np.indices((512, 512)).sum(axis=0) // 64) % 5 == 0).astype(np.uint8) * 255
+        )  # diagonal stripes over ~20% of the image
+        mask.save(tmp_path / "mask.png")
+        jobs.append(
+            (
+                "inpaint 512x512 (20% stripes)",
+                ["run", "inpaint", str(tmp_path / "512.png"), "--mask", str(tmp_path / "mask.png")],
+                ("auto", "fp32"),
+            )
+        )
+        for name, command, dtypes in jobs:
+            for dtype in dtypes:
+                seconds, rss = timed_run(
+                    [*command, "--dtype", dtype, "-o", str(tmp_path / "out.png"), "--overwrite", "--seed", "0"]
+                )
+                shown = f"{dtype} ({auto})" if dtype == "auto" else dtype
+                report[f"speed {name} {dtype}"] = {"seconds": seconds, "rss_gib": rss}
+                lines.append(f"| {name} | {shown} | {seconds:.1f} | {rss:.2f} |")
+    lines += [
+        "",
+        "Targets: 512 -> 2048 superres <= 30 s; 1024 -> 4096 under 3 GiB peak RSS.",
+        "",
+        f"Benchmark wall time: {time.perf_counter() - started:.0f} s.",
+        "",
+    ]
+    Path(args.out).write_text("\n".join(lines))
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

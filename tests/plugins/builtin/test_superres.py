@@ -1,0 +1,126 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difftool import api
+from difftool.core.errors import ImageTooLargeError, ParameterError
+from difftool.core.tiling import blend_weights, tile_spans
+
+
+def upscale(image, model: Path, registry, **params) -> np.ndarray:
+    params.setdefault("scale", "2")
+    result = api.run("superres", image, model=str(model), seed=4, dtype="fp32", registry=registry, **params)
+    return np.asarray(result.image).astype(np.float64)
+
+
+def textured(width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([np.sin(xx / 5.0), np.cos(yy / 7.0), np.sin((xx + yy) / 3.0)], axis=2) * 0.35 + 0.5
+    noisy = base + rng.normal(0, 0.05, base.shape)
+    return Image.fromarray((np.clip(noisy, 0, 1) * 255).astype(np.uint8))
+
+
+def test_tile_spans_cover_and_overlap() -> None:
+    spans = tile_spans(100, 40, 10)
+    assert spans[0][0] == 0 and spans[-1][1] == 100
+    assert all(b[0] <= a[1] - 10 for a, b in zip(spans, spans[1:], strict=False))
+    assert tile_spans(30, 40, 10) == [(0, 30)]
+
+
+def test_blend_weights_sum_to_one_where_tiles_meet() -> None:
+    spans = tile_spans(100, 40, 12)
+    total = np.zeros(100)
+    for span in spans:
+        total[span[0] : span[1]] += blend_weights(span, (0, 1), (100, 1), 12)[:, 0].numpy()
+    assert total.min() > 0.3  # every pixel is covered with weight; the division normalises
+
+
+@pytest.mark.parametrize("kind", ["flat", "textured"])
+def test_tiled_matches_untiled_without_seams(kind: str, embedded_superres: Path, registry) -> None:
+    # The shipped model: a random-weight one has no small residual to compare, only GroupNorm noise.
+    image = Image.new("RGB", (60, 44), (90, 140, 200)) if kind == "flat" else textured(60, 44)
+    whole = upscale(image, embedded_superres, registry, tile=512, overlap=64)  # one tile
+    tiled = upscale(image, embedded_superres, registry, tile=48, overlap=16)  # 3 x 2 tiles
+    diff = np.abs(whole - tiled)
+    assert diff.mean() < 0.5 and diff.max() <= 3.0, (diff.mean(), diff.max())
+
+    # Seam metric: the strongest column-to-column jump of the tiled image is no stronger than the untiled one's.
+    def column_jumps(a: np.ndarray) -> np.ndarray:
+        return np.abs(np.diff(a, axis=1)).mean(axis=(0, 2))
+
+    assert column_jumps(tiled).max() <= column_jumps(whole).max() * 1.05 + 0.1
+
+
+def test_one_tile_is_the_untiled_result(superres_model: Path, registry) -> None:
+    image = textured(30, 20)
+    assert np.array_equal(
+        upscale(image, superres_model, registry, tile=512), upscale(image, superres_model, registry, tile=2048)
+    )
+
+
+def test_alpha_is_upscaled_and_reattached(superres_model: Path, registry) -> None:
+    rgba = np.zeros((16, 16, 4), dtype=np.uint8)
+    rgba[..., :3] = 128
+    rgba[4:12, 4:12, 3] = 255
+    out = upscale(Image.fromarray(rgba, "RGBA"), superres_model, registry)
+    assert out.shape == (32, 32, 4)
+    assert out[16, 16, 3] == 255 and out[0, 0, 3] == 0
+
+
+def test_keep_mode_grayscale_and_16_bit(superres_model: Path, registry, tmp_path: Path) -> None:
+    gray = Image.linear_gradient("L").resize((24, 16))
+    assert (
+        api.run(
+            "superres", gray, model=str(superres_model), scale="2", keep_mode=True, registry=registry, dtype="fp32"
+        ).image.mode
+        == "L"
+    )
+    assert (
+        api.run("superres", gray, model=str(superres_model), scale="2", registry=registry, dtype="fp32").image.mode
+        == "RGB"
+    )
+    deep = Image.fromarray((np.arange(24 * 16, dtype=np.uint16).reshape(16, 24) * 170))
+    deep.save(tmp_path / "deep.png")
+    result = api.run(
+        "superres",
+        tmp_path / "deep.png",
+        model=str(superres_model),
+        scale="2",
+        keep_mode=True,
+        registry=registry,
+        dtype="fp32",
+    ).image
+    assert result.mode == "I;16" and result.size == (48, 32)
+    values = np.asarray(result)
+    assert len(np.unique(values)) > 256  # more levels than 8 bits could hold
+
+
+def test_output_over_the_pixel_limit_is_refused_before_work(superres_model: Path, registry, monkeypatch) -> None:
+    monkeypatch.setenv("DIFFTOOL_MAX_PIXELS", str(64 * 64))
+    with pytest.raises(ImageTooLargeError, match="4x output"):
+        api.run("superres", Image.new("RGB", (32, 32)), model=str(superres_model), scale="4", registry=registry)
+
+
+def test_overlap_must_be_smaller_than_tile(superres_model: Path, registry) -> None:
+    with pytest.raises(ParameterError, match="--overlap"):
+        api.run("superres", Image.new("RGB", (8, 8)), model=str(superres_model), tile=64, overlap=64, registry=registry)
+
+
+def test_progress_counts_steps_over_all_tiles(superres_model: Path, registry) -> None:
+    seen = []
+    api.run(
+        "superres",
+        textured(60, 44),
+        model=str(superres_model),
+        scale="2",
+        tile=48,
+        overlap=16,
+        steps=2,
+        registry=registry,
+        dtype="fp32",
+        progress=lambda s, n, p: seen.append((s, n)),
+    )
+    assert seen[-1][0] == seen[-1][1] == 12 and [s for s, _ in seen] == list(range(1, 13))

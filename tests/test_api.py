@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from difftool import api
+from difftool.core.errors import Cancelled, ParameterError
+from difftool.core.task import CancelToken
+
+
+def test_run_returns_images_and_record(photo: Path, superres_model: Path, registry) -> None:
+    result = api.run("superres", photo, model=str(superres_model), scale="2", seed=3, registry=registry)
+    assert result.image.size == (56, 40)
+    assert result.record["seed"] == 3 and result.record["scale"] == 2 and result.record["task"] == "superres"
+    assert result.record["dtype"] in ("fp32", "bf16")
+    assert result.record["scheduler_label"] == "DDIM"
+
+
+def test_same_seed_same_image(photo: Path, superres_model: Path, registry) -> None:
+    a = api.run("superres", photo, model=str(superres_model), scale="2", seed=3, registry=registry, dtype="fp32")
+    b = api.run("superres", photo, model=str(superres_model), scale="2", seed=3, registry=registry, dtype="fp32")
+    c = api.run("superres", photo, model=str(superres_model), scale="2", seed=4, registry=registry, dtype="fp32")
+    assert a.image.tobytes() == b.image.tobytes() != c.image.tobytes()
+
+
+def test_cancel_from_another_place_stops_within_a_step(photo: Path, superres_model: Path, registry) -> None:
+    token, steps = CancelToken(), []
+
+    def progress(step: int, total: int, preview) -> None:
+        steps.append(step)
+        token.cancel()
+
+    with pytest.raises(Cancelled):
+        api.run(
+            "superres",
+            photo,
+            model=str(superres_model),
+            scale="2",
+            steps=8,
+            cancel=token,
+            progress=progress,
+            registry=registry,
+        )
+    assert steps == [1]
+
+
+def test_previews_arrive_on_schedule(photo: Path, superres_model: Path, registry) -> None:
+    previews = []
+    api.run(
+        "superres",
+        photo,
+        model=str(superres_model),
+        scale="2",
+        steps=4,
+        preview_every=2,
+        registry=registry,
+        progress=lambda s, n, p: previews.append((s, p)),
+    )
+    assert [s for s, p in previews if p is not None] == [2, 4]
+    assert all(isinstance(p, Image.Image) and p.size == (56, 40) for s, p in previews if p is not None)
+
+
+def test_unknown_parameter_and_input_count(photo: Path, superres_model: Path, registry) -> None:
+    with pytest.raises(ParameterError, match="has no parameter 'strenght'"):
+        api.run("superres", photo, model=str(superres_model), strenght=0.5, registry=registry)
+    with pytest.raises(ParameterError, match="takes 1 input"):
+        api.run("superres", photo, photo, model=str(superres_model), registry=registry)

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftool.training.data import HOLDOUT, CORPUS, ImagePool, builtin_corpus
+from difftool.training.degrade import degrade_for_superres, random_mask
+from difftool.training.train import TrainConfig, Trainer
+
+
+def tiny(task: str, **overrides) -> TrainConfig:
+    return TrainConfig.for_task(
+        task,
+        steps=6,
+        batch=2,
+        crop=32,
+        block_out_channels=[8, 16],
+        save_every=3,
+        bf16=False,
+        threads=1,
+        builtin_data=False,
+        **overrides,
+    )
+
+
+@pytest.fixture
+def pool(tmp_path: Path) -> ImagePool:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return ImagePool.from_sources([folder], builtin=False)
+
+
+@pytest.mark.parametrize("task", ["superres", "inpaint"])
+def test_resumed_run_continues_exactly(task: str, pool: ImagePool, tmp_path: Path) -> None:
+    straight = Trainer(tiny(task), tmp_path / "a")
+    straight.fit(pool, progress=False)
+
+    first = Trainer(tiny(task), tmp_path / "b")
+    first.fit(pool, progress=False, stop_after=3)  # checkpoint at step 3, then "killed"
+    resumed = Trainer(tiny(task), tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit(pool, progress=False)
+    assert resumed.step == 6
+    assert resumed.losses == pytest.approx(straight.losses)
+    for a, b in zip(straight.ema.state_dict().values(), resumed.ema.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    model = tmp_path / "b" / "model"
+    assert (model / "diffusion_pytorch_model.safetensors").is_file() and (model / "difftool.json").is_file()
+
+
+def test_exported_model_runs_in_its_task(pool: ImagePool, tmp_path: Path, registry) -> None:
+    from difftool import api
+
+    trainer = Trainer(tiny("superres"), tmp_path / "run")
+    trainer.fit(pool, progress=False)
+    result = api.run(
+        "superres",
+        Image.new("RGB", (12, 10), (9, 99, 199)),
+        model=str(tmp_path / "run" / "model"),
+        scale="4",
+        registry=registry,
+    )
+    assert result.image.size == (48, 40)
+
+
+def test_holdout_is_never_in_the_training_corpus() -> None:
+    assert len(HOLDOUT) >= 4 and set(HOLDOUT) <= set(CORPUS)
+    names = {image.name for image in builtin_corpus("train")}
+    assert names and not names & set(HOLDOUT)
+
+
+def test_degradations() -> None:
+    rng = np.random.default_rng(0)
+    hr = rng.random((32, 32, 3)).astype(np.float32)
+    for _ in range(4):
+        low = degrade_for_superres(hr, 4, rng)
+        assert low.shape == (8, 8, 3) and 0 <= low.min() and low.max() <= 1
+    areas = [random_mask(64, rng).mean() for _ in range(40)]
+    assert min(areas) >= 0.04 and max(areas) <= 0.5

@@ -164,6 +164,11 @@ def run(
         "difftool_version": __version__,
         **result.record,
     }
+    if context.denoisers:
+        denoiser = context.denoisers[-1]
+        record["precision"] = str(denoiser.dtype).replace("torch.", "")
+        if getattr(denoiser, "fingerprint", None):
+            record["artifact"] = denoiser.fingerprint
     scheduler = registry.schedulers.get(str(record.get("scheduler")))
     if scheduler is not None:
         record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field

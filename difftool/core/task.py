@@ -153,6 +153,8 @@ class RunContext:
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("difftool"))
     #: Schedulers and backends are looked up here (a :class:`difftool.plugins.registry.Registry`).
     registry: Any = None
+    #: Denoisers this run made (the API records their precision and artifact fingerprint).
+    denoisers: list[Any] = field(default_factory=list)
     _generator: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -180,9 +182,11 @@ class RunContext:
 
     def make_denoiser(self, module: Any, *, prediction_type: str, model_id: str = "") -> Denoiser:
         """Wrap a torch module for :attr:`backend` on :attr:`device` in :attr:`dtype`."""
-        return self.registry.backend(self.backend).make_denoiser(
+        denoiser = self.registry.backend(self.backend).make_denoiser(
             module, prediction_type=prediction_type, device=self.device, dtype=self.torch_dtype, model_id=model_id
         )
+        self.denoisers.append(denoiser)
+        return denoiser
 
 
 @dataclass

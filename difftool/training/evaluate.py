@@ -133,5 +133,7 @@ def evaluate_inpaint(model: str | Path, dtype: str = "auto", limit: int | None =
     return rows
 
 
-def evaluate(model: str | Path, task: str, limit: int | None = None) -> list[dict[str, Any]]:
-    return evaluate_superres(model, limit=limit) if task == "superres" else evaluate_inpaint(model, limit=limit)
+def evaluate(model: str | Path, task: str, limit: int | None = None, dtype: str = "auto") -> list[dict[str, Any]]:
+    if task == "superres":
+        return evaluate_superres(model, limit=limit, dtype=dtype)
+    return evaluate_inpaint(model, limit=limit, dtype=dtype)

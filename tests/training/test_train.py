@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool.training.data import HOLDOUT, CORPUS, ImagePool, builtin_corpus
+from difftool.training.data import CORPUS, HOLDOUT, ImagePool, builtin_corpus
 from difftool.training.degrade import degrade_for_superres, random_mask
 from difftool.training.train import TrainConfig, Trainer
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftool.core.backend import Backend
-from difftool.core.denoiser import Denoiser
 from difftool.plugins.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from difftool.core.denoiser import Denoiser
 
 
 class TorchBackend(Backend):
@@ -36,6 +38,37 @@ class TorchBackend(Backend):
         return TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
 
 
+class OnnxBackend(Backend):
+    name = "onnx"
+    summary = "ONNX Runtime; the model is exported, validated and cached on first use"
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            return f"{', '.join(missing)} not installed; pip install 'difftool[onnx]'"
+        return None
+
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+    ) -> Denoiser:
+        from difftool.exporters.onnx import UNetSignature, cached_export
+        from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
+
+        entry = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
+        denoiser = OnnxRuntimeDenoiser(
+            entry.file("model.onnx"),
+            UNetSignature.of(module),
+            prediction_type=prediction_type,
+            sample_channels=int(module.config.out_channels),
+            device=device,
+        )
+        denoiser.fingerprint = entry.manifest["key"]
+        return denoiser
+
+
 @hookimpl
 def register_backends(register: Callable[[Backend], None]) -> None:
     register(TorchBackend())
+    register(OnnxBackend())

@@ -60,6 +60,69 @@ def train(
     click.echo(f"model: {model_dir}")
 
 
+@click.group()
+def export() -> None:
+    """Export a task's denoiser for another runtime (validated against PyTorch, cached)."""
+
+
+@export.command("onnx")
+@click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
+@click.option("--model", help="model folder (default: the embedded one)")
+def export_onnx(task_name: str, model: str | None) -> None:
+    """Export the U-Net to ONNX; prints the cached file and the measured error."""
+    from difftool.core.errors import DifftoolError
+    from difftool.exporters.onnx import cached_export
+    from difftool.plugins.builtin import pixel_model
+
+    try:
+        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+        entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None
+    report = entry.manifest["validation"]
+    click.echo(f"{entry.file('model.onnx')}")
+    for shape in report["shapes"]:
+        click.echo(f"  shape {shape['shape']}: max relative error {shape['relative_error']:.2e}")
+    click.echo(f"  tolerance {report['tolerance']:.0e}; manifest {entry.file('manifest.json')}")
+
+
+@click.group()
+def cache() -> None:
+    """The artifact cache ($DIFFTOOL_CACHE or ~/.cache/difftool)."""
+
+
+@cache.command("list")
+def cache_list() -> None:
+    """List cached artifacts and whether each verifies."""
+    from difftool.exporters.cache import ArtifactCache
+
+    for folder, ok in ArtifactCache().entries():
+        click.echo(f"{'ok     ' if ok else 'BROKEN '} {folder}")
+
+
+@cache.command("verify")
+def cache_verify() -> None:
+    """Check every artifact against its manifest's hashes; exit 1 if any is broken."""
+    from difftool.exporters.cache import ArtifactCache
+
+    broken = [folder for folder, ok in ArtifactCache().entries() if not ok]
+    for folder in broken:
+        click.echo(f"BROKEN {folder} (it will be rebuilt on next use)")
+    if broken:
+        raise SystemExit(1)
+    click.echo("all cached artifacts verify")
+
+
+@cache.command("clear")
+def cache_clear() -> None:
+    """Delete every cached artifact."""
+    from difftool.exporters.cache import ArtifactCache
+
+    click.echo(f"removed {ArtifactCache().clear()} artifact(s)")
+
+
 @hookimpl
 def register_commands(cli: click.Group) -> None:
     cli.add_command(train)
+    cli.add_command(export)
+    cli.add_command(cache)

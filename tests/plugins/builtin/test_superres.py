@@ -82,7 +82,7 @@ def test_keep_mode_grayscale_and_16_bit(superres_model: Path, registry, tmp_path
         api.run("superres", gray, model=str(superres_model), scale="2", registry=registry, dtype="fp32").image.mode
         == "RGB"
     )
-    deep = Image.fromarray((np.arange(24 * 16, dtype=np.uint16).reshape(16, 24) * 170))
+    deep = Image.fromarray(np.arange(24 * 16, dtype=np.uint16).reshape(16, 24) * 170)
     deep.save(tmp_path / "deep.png")
     result = api.run(
         "superres",

@@ -1,0 +1,169 @@
+"""Export a diffusers ``UNet2DModel`` denoiser to ONNX, validate it against PyTorch, cache it.
+
+The exported graph takes the network's full input (noisy sample with the ``concat`` conditioning
+already attached), the timestep and, for class-conditioned models, the class labels; batch, height
+and width are dynamic (height and width in multiples of the U-Net's downsampling). Validation runs
+ONNX Runtime and PyTorch on fresh random inputs at two or more shapes and fails the export when the
+relative error is over tolerance; the errors go into the cache manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftool.core.errors import ModelError
+from difftool.exporters.cache import ArtifactCache, Entry
+
+OPSET = 18
+MODEL_FILE = "model.onnx"
+#: Shapes (batch, height in multiples, width in multiples) the export is validated on: odd sizes too.
+VALIDATION_SHAPES = ((1, 9, 13), (2, 4, 6))
+TOLERANCE = {"fp32": 1e-4}
+
+
+@dataclass(frozen=True)
+class UNetSignature:
+    """What the exported graph takes, read from the U-Net's config."""
+
+    in_channels: int
+    multiple: int
+    class_labels: bool
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> UNetSignature:
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "down_block_types") or hasattr(config, "cross_attention_dim"):
+            raise ModelError(
+                f"ONNX export supports diffusers UNet2DModel denoisers, not {type(module).__name__}",
+                "use --backend torch for this model",
+            )
+        return cls(int(config.in_channels), 2 ** (len(config.down_block_types) - 1), bool(config.num_class_embeds))
+
+    def input_names(self) -> list[str]:
+        return ["sample", "timestep"] + (["class_labels"] if self.class_labels else [])
+
+
+class _Graph(torch.nn.Module):
+    """The traced call: positional inputs, one tensor out."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        return self.module(sample, timestep).sample
+
+
+class _ClassGraph(_Graph):
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.module(sample, timestep, class_labels=class_labels).sample
+
+
+def _graph(module: torch.nn.Module, signature: UNetSignature) -> _Graph:
+    return (_ClassGraph if signature.class_labels else _Graph)(module.float().eval()).eval()
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    m = signature.multiple
+    inputs = [torch.randn(batch, signature.in_channels, h * m, w * m, generator=g), torch.rand(1, generator=g) * 999]
+    if signature.class_labels:
+        inputs.append(torch.zeros(batch, dtype=torch.long))
+    return inputs
+
+
+def export(module: torch.nn.Module, path: Path, precision: str = "fp32") -> UNetSignature:
+    """Write ``module`` as an ONNX model at ``path`` with dynamic batch, height and width."""
+    if precision != "fp32":
+        raise ModelError(f"ONNX export in {precision} is not supported yet", "export in fp32")
+    signature = UNetSignature.of(module)
+    graph = _graph(module, signature)
+    batch = torch.export.Dim("batch", min=1, max=256)
+    height, width = torch.export.Dim("h", min=1, max=2048), torch.export.Dim("w", min=1, max=2048)
+    m = signature.multiple
+    shapes: dict[str, Any] = {"sample": {0: batch, 2: m * height, 3: m * width}, "timestep": {}}
+    if signature.class_labels:
+        shapes["class_labels"] = {0: batch}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            graph,
+            tuple(example_inputs(signature, 2, 5, 7)),  # distinct sizes: no 0/1 specialisation
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=signature.input_names(),
+            output_names=["out"],
+            dynamic_shapes=tuple(shapes.values()),
+            verbose=False,
+        )
+    program.save(str(path))
+    return signature
+
+
+def validate(module: torch.nn.Module, path: Path, precision: str = "fp32") -> dict[str, Any]:
+    """Run ONNX Runtime and PyTorch on fresh random inputs at several shapes; raise if over tolerance."""
+    import onnxruntime as ort
+
+    signature = UNetSignature.of(module)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    report: dict[str, Any] = {"tolerance": TOLERANCE[precision], "shapes": []}
+    for i, (batch, h, w) in enumerate(VALIDATION_SHAPES):
+        inputs = example_inputs(signature, batch, h, w, seed=100 + i)
+        with torch.no_grad():
+            expected = _graph(module, signature)(*inputs).numpy()
+        feeds = {name: t.numpy() for name, t in zip(signature.input_names(), inputs, strict=True)}
+        actual = session.run(None, feeds)[0]
+        max_abs = float(abs(actual - expected).max())
+        relative = max_abs / max(float(abs(expected).max()), 1e-6)
+        report["shapes"].append({"shape": list(inputs[0].shape), "max_abs_error": max_abs, "relative_error": relative})
+    worst = max(s["relative_error"] for s in report["shapes"])
+    report["max_relative_error"] = worst
+    if worst > TOLERANCE[precision]:
+        raise ModelError(
+            f"the ONNX export differs from PyTorch by {worst:.2e} (relative), over the tolerance "
+            f"{TOLERANCE[precision]:.0e}",
+            "report this model; use --backend torch meanwhile",
+        )
+    return report
+
+
+def cached_export(
+    module: torch.nn.Module, name: str, precision: str = "fp32", model_id: str = "", cache: ArtifactCache | None = None
+) -> Entry:
+    """The validated ONNX export of ``module`` from the cache, exported on first use."""
+    import onnx
+    import onnxruntime
+
+    components = {
+        "weights": model_id or weights_hash(module),
+        "precision": precision,
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "signature": UNetSignature.of(module).__dict__,
+        "format": 1,
+    }
+
+    def build(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        export(module, folder / MODEL_FILE, precision)
+        return {
+            "validation": validate(module, folder / MODEL_FILE, precision),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+    return (cache or ArtifactCache()).get_or_build("onnx", f"{name}-{precision}", components, build)

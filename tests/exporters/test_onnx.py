@@ -1,0 +1,92 @@
+"""ONNX export parity, the onnx backend driving unchanged tasks, and the CLI commands (CPU)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+
+from difftool import api  # noqa: E402
+from difftool.exporters.cache import ArtifactCache  # noqa: E402
+from difftool.exporters.onnx import UNetSignature, cached_export  # noqa: E402
+from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser  # noqa: E402
+from difftool.plugins.builtin.pixel_model import load_pixel_model  # noqa: E402
+from difftool.training.evaluate import psnr  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path_factory.getbasetemp() / "artifact-cache"  # shared by this module's tests: one export each
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(root))
+    return root
+
+
+@pytest.mark.parametrize("task", ["superres", "inpaint"])
+def test_export_matches_pytorch_at_odd_sizes(task: str, request: pytest.FixtureRequest) -> None:
+    model = load_pixel_model(request.getfixturevalue(f"{task}_model"), task)
+    entry = cached_export(model.unet, name=f"test-{task}", model_id=model.sha256)
+    assert entry.manifest["validation"]["max_relative_error"] <= 1e-4
+    assert entry.manifest["components"]["opset"] >= 17
+    signature = UNetSignature.of(model.unet)
+    denoiser = OnnxRuntimeDenoiser(entry.file("model.onnx"), signature, prediction_type="sample", sample_channels=3)
+    g = torch.Generator().manual_seed(5)
+    sample = torch.randn(2, 3, 72, 104, generator=g)
+    cond = {"concat": torch.randn(2, signature.in_channels - 3, 72, 104, generator=g)}
+    if signature.class_labels:
+        cond["class_labels"] = torch.tensor([1])
+    with torch.no_grad():
+        labels = cond.get("class_labels")
+        expected = model.unet(
+            torch.cat([sample, cond["concat"]], 1),
+            torch.tensor(400.0),
+            class_labels=None if labels is None else labels.expand(2),
+        ).sample
+    actual = denoiser(sample, torch.tensor(400.0), cond)
+    relative = float((actual - expected).abs().max() / expected.abs().max())
+    assert relative <= 1e-4
+
+
+def test_tasks_run_unchanged_on_the_onnx_backend(superres_model: Path, inpaint_model: Path, photo: Path, registry):
+    kwargs = {"model": str(superres_model), "scale": "2", "seed": 3, "registry": registry, "dtype": "fp32"}
+    torch_out = api.run("superres", photo, **kwargs)
+    onnx_out = api.run("superres", photo, backend="onnx", **kwargs)
+    assert onnx_out.record["backend"] == "onnx" and onnx_out.record["artifact"]
+    assert psnr(np.asarray(torch_out.image), np.asarray(onnx_out.image)) > 40.0
+
+    mask = Image.new("L", (28, 20), 0)
+    mask.paste(255, (5, 5, 15, 12))
+    a = api.run("inpaint", photo, mask=mask, model=str(inpaint_model), seed=1, registry=registry, dtype="fp32")
+    b = api.run("inpaint", photo, mask=mask, model=str(inpaint_model), seed=1, registry=registry, backend="onnx")
+    assert psnr(np.asarray(a.image), np.asarray(b.image)) > 40.0
+
+
+def test_cli_export_and_cache_commands(superres_model: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    private_cache = tmp_path / "cache"
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(private_cache))
+    runner = CliRunner()
+    result = runner.invoke(cli.cli, ["export", "onnx", "--model", str(superres_model)])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx" in result.output and "max relative error" in result.output
+    assert "ok" in runner.invoke(cli.cli, ["cache", "list"]).output
+    assert runner.invoke(cli.cli, ["cache", "verify"]).exit_code == 0
+    onnx_file = next(private_cache.rglob("model.onnx"))
+    onnx_file.write_bytes(onnx_file.read_bytes()[:100])  # truncated
+    verify = runner.invoke(cli.cli, ["cache", "verify"])
+    assert verify.exit_code == 1 and "BROKEN" in verify.output
+    rebuilt = runner.invoke(cli.cli, ["export", "onnx", "--model", str(superres_model)])
+    assert rebuilt.exit_code == 0 and runner.invoke(cli.cli, ["cache", "verify"]).exit_code == 0
+    assert ArtifactCache(private_cache).entries()
+
+
+def test_unsupported_module_is_refused_before_work() -> None:
+    from difftool.core.errors import ModelError
+
+    with pytest.raises(ModelError, match="UNet2DModel"):
+        UNetSignature.of(torch.nn.Linear(2, 2))

@@ -43,7 +43,7 @@ def test_tiled_matches_untiled_without_seams(kind: str, embedded_superres: Path,
     # The shipped model: a random-weight one has no small residual to compare, only GroupNorm noise.
     image = Image.new("RGB", (60, 44), (90, 140, 200)) if kind == "flat" else textured(60, 44)
     whole = upscale(image, embedded_superres, registry, tile=512, overlap=64)  # one tile
-    tiled = upscale(image, embedded_superres, registry, tile=48, overlap=16)  # 3 x 2 tiles
+    tiled = upscale(image, embedded_superres, registry, tile=48, overlap=16)  # 4 x 3 tiles
     diff = np.abs(whole - tiled)
     assert diff.mean() < 0.5 and diff.max() <= 3.0, (diff.mean(), diff.max())
 
@@ -123,4 +123,6 @@ def test_progress_counts_steps_over_all_tiles(superres_model: Path, registry) ->
         dtype="fp32",
         progress=lambda s, n, p: seen.append((s, n)),
     )
-    assert seen[-1][0] == seen[-1][1] == 12 and [s for s, _ in seen] == list(range(1, 13))
+    tiles = len(tile_spans(44, 24, 8)) * len(tile_spans(60, 24, 8))  # in input pixels: 48 / 2, 16 / 2
+    assert tiles == 12
+    assert seen[-1][0] == seen[-1][1] == 2 * tiles and [s for s, _ in seen] == list(range(1, 2 * tiles + 1))

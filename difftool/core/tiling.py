@@ -5,17 +5,18 @@ from __future__ import annotations
 import torch
 
 
-def tile_spans(length: int, tile: int, overlap: int, multiple: int = 1) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` covering ``0..length`` with tiles of at most ``tile`` that overlap by at
-    least ``overlap``; starts are multiples of ``multiple``. One span if the length fits in a tile."""
+def tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` covering ``0..length`` with as few tiles of at most ``tile`` as possible,
+    overlapping by at least ``overlap``. Tiles are shrunk to share the length evenly, so the work
+    spent on overlaps stays small. One span if the length fits in a tile."""
     if tile >= length:
         return [(0, length)]
     if overlap >= tile:
         raise ValueError(f"overlap {overlap} must be smaller than the tile {tile}")
     count = -(-(length - overlap) // (tile - overlap))  # ceil
-    stride = (length - tile) / (count - 1)
-    starts = sorted({min(length - tile, int(round(i * stride / multiple)) * multiple) for i in range(count)})
-    return [(s, s + tile) for s in starts]
+    size = -(-(length + (count - 1) * overlap) // count)  # the even share, overlaps included
+    stride = (length - size) / (count - 1)
+    return [(start, start + size) for start in sorted({int(round(i * stride)) for i in range(count)})]
 
 
 def ramp(length: int, left: int, right: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ class SuperResolution(Task):
         Param("scale", "choice", default="4", choices=("2", "4"), help="upscaling factor"),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
-        Param("tile", "int", default=512, min=32, max=4096, help="tile size in output pixels (memory bound)"),
+        Param("tile", "int", default=1024, min=32, max=8192, help="largest tile, in output pixels (bounds memory)"),
         Param("overlap", "int", default=64, min=8, max=1024, help="tile overlap in output pixels"),
         Param("keep_mode", "bool", default=False, help="write grayscale input as grayscale (16-bit stays 16-bit)"),
     )
@@ -100,7 +100,7 @@ def upscale_rgb(
     low = pixel_model.to_tensor(rgb)
     height, width = rgb.shape[:2]
     out_h, out_w = height * scale, width * scale
-    lr_tile = max(model.multiple, params.get("tile", 512) // scale)
+    lr_tile = max(model.multiple, params.get("tile", 1024) // scale)
     lr_overlap = max(1, params.get("overlap", 64) // scale)
     spans_y = tile_spans(height, lr_tile, lr_overlap)
     spans_x = tile_spans(width, lr_tile, lr_overlap)

@@ -13,11 +13,12 @@ import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from difftool.core.errors import ParameterError
+
+if TYPE_CHECKING:  # torch loads when a scheduler runs, so listing schedulers stays fast
+    import torch
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
@@ -130,6 +131,8 @@ class DiffusersScheduler(Scheduler):
         generator: torch.Generator | None = None,
     ) -> SchedulerStep:
         if self.seed_attr and not self._seeded and generator is not None:
+            import torch
+
             setattr(self.impl, self.seed_attr, int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
             self._seeded = True
         sigma = self._current_sigma()

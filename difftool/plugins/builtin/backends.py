@@ -68,7 +68,45 @@ class OnnxBackend(Backend):
         return denoiser
 
 
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        from difftool.exporters.tensorrt import unavailable_reason
+
+        return OnnxBackend().unavailable_reason(device) or unavailable_reason(device)
+
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+    ) -> Denoiser:
+        import os
+
+        import torch
+
+        from difftool.exporters.onnx import UNetSignature, cached_export
+        from difftool.exporters.tensorrt import TensorRTDenoiser, cached_engine, unet_profile
+
+        signature = UNetSignature.of(module)
+        largest = int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024"))
+        profile = unet_profile(
+            signature.in_channels, signature.multiple, (1, 1, 2), (64, 512, largest), signature.class_labels
+        )
+        onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
+        engine = cached_engine(onnx, [profile], fp16=dtype != torch.float32)
+        return TensorRTDenoiser(
+            engine,
+            [profile],
+            in_channels=signature.in_channels,
+            sample_channels=int(module.config.out_channels),
+            prediction_type=prediction_type,
+            class_labels=signature.class_labels,
+            device=device,
+        )
+
+
 @hookimpl
 def register_backends(register: Callable[[Backend], None]) -> None:
     register(TorchBackend())
     register(OnnxBackend())
+    register(TensorRTBackend())

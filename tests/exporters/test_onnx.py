@@ -90,3 +90,15 @@ def test_unsupported_module_is_refused_before_work() -> None:
 
     with pytest.raises(ModelError, match="UNet2DModel"):
         UNetSignature.of(torch.nn.Linear(2, 2))
+
+
+def test_check_backends_compares_every_backend(superres_model: Path, photo: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    result = CliRunner().invoke(cli.cli, ["check-backends", "superres", str(photo), "--model", str(superres_model)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0] + " " + line.split()[1]: line for line in result.output.splitlines()}
+    assert "PSNR" in lines["onnx float32"] and "PSNR" in lines["torch bfloat16"]
+    assert "unavailable" in result.output and "tensorrt" in result.output

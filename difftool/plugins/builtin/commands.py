@@ -86,6 +86,48 @@ def export_onnx(task_name: str, model: str | None) -> None:
     click.echo(f"  tolerance {report['tolerance']:.0e}; manifest {entry.file('manifest.json')}")
 
 
+@click.command("check-backends")
+@click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--mask", type=click.Path(exists=True, dir_okay=False), help="mask, for inpaint")
+@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--device", default="cpu", show_default=True)
+def check_backends(task_name: str, image: str, mask: str | None, model: str | None, device: str) -> None:
+    """Run one request on every backend available here and compare each with PyTorch fp32 (PSNR)."""
+    import numpy as np
+
+    from difftool import api
+    from difftool.core.errors import DifftoolError
+    from difftool.plugins.registry import get_registry
+    from difftool.training.evaluate import psnr
+
+    registry = get_registry()
+    params = {"mask": mask} if mask else {}
+    try:
+        reference = api.run(task_name, image, model=model, device=device, dtype="fp32", seed=0, **params)
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None
+    base = np.asarray(reference.image)
+    click.echo(f"{'torch fp32':<22} reference")
+    for name, (backend, _) in sorted(registry.backends.items()):
+        reason = backend.unavailable_reason(device)
+        if reason:
+            click.echo(f"{name:<22} unavailable: {reason}")
+            continue
+        for dtype in ("fp32", "bf16" if device == "cpu" else "fp16"):
+            if name == "torch" and dtype == "fp32":
+                continue
+            try:
+                result = api.run(
+                    task_name, image, model=model, device=device, backend=name, dtype=dtype, seed=0, **params
+                )
+            except DifftoolError as error:
+                click.echo(f"{name + ' ' + dtype:<22} failed: {error}")
+                continue
+            score = psnr(base, np.asarray(result.image))
+            click.echo(f"{name + ' ' + result.record.get('precision', dtype):<22} PSNR {score:.2f} dB vs torch fp32")
+
+
 @click.group()
 def cache() -> None:
     """The artifact cache ($DIFFTOOL_CACHE or ~/.cache/difftool)."""
@@ -126,3 +168,4 @@ def register_commands(cli: click.Group) -> None:
     cli.add_command(train)
     cli.add_command(export)
     cli.add_command(cache)
+    cli.add_command(check_backends)

@@ -194,3 +194,60 @@ def test_nan_result_is_an_error_not_a_black_image() -> None:
 def test_unknown_output_extension(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="extension"):
         images.save_image(Image.new("RGB", (2, 2)), tmp_path / "out.xyz")
+
+
+def test_animated_and_multipage_use_the_first_frame(tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (6, 4), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    for name in ("anim.gif", "anim.webp", "anim.png", "pages.tiff"):
+        frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:])
+        loaded = images.open_image(tmp_path / name)
+        assert loaded.size == (6, 4)
+        assert loaded.rgb[0, 0, 0] > 0.9 and loaded.rgb[0, 0, 1] < 0.1, name
+
+
+def test_corrupt_exif_keeps_the_picture(tmp_path: Path) -> None:
+    path = tmp_path / "bad-exif.jpg"
+    Image.new("RGB", (5, 3), (10, 200, 30)).save(path, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff")
+    loaded = images.open_image(path)
+    assert loaded.size == (5, 3) and loaded.rgb[1, 1, 1] > 0.7
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "I", "I;16", "F"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mode=st.sampled_from(MODES),
+    width=st.integers(1, 17),
+    height=st.integers(1, 17),
+    fmt=st.sampled_from(["PNG", "TIFF", "WEBP", "JPEG", "BMP", "GIF"]),
+    seed=st.integers(0, 2**16),
+    cut=st.one_of(st.none(), st.floats(0.0, 0.95)),
+)
+def test_random_images_load_or_fail_with_our_error(mode, width, height, fmt, seed, cut) -> None:
+    """Any small image of any mode, written in any format (or cut short), loads or raises ImageError."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray(rng.integers(0, 65536, (height, width), dtype=np.uint16))
+    elif mode in ("I", "F"):
+        image = rgb.convert("L").convert(mode)
+    else:
+        image = rgb.convert(mode)
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, format=fmt)
+    except (OSError, ValueError, KeyError):
+        return  # this format cannot store this mode; nothing to read
+    data = buffer.getvalue()
+    if cut is not None:
+        data = data[: int(len(data) * cut)]
+    try:
+        loaded = images.open_image(data)
+    except ImageError:
+        return
+    assert loaded.rgb.shape == (loaded.height, loaded.width, 3)
+    assert np.isfinite(loaded.rgb).all() and loaded.rgb.min() >= 0 and loaded.rgb.max() <= 1

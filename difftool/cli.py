@@ -314,6 +314,18 @@ def models() -> None:
     _table([(m.name, m.family, str(m.path)) for m in found])
 
 
+@cli.command()
+@click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
+def gui(image: str | None) -> None:
+    """Open the desktop app (needs difftool[gui])."""
+    try:
+        from difftool.gui import main as gui_main
+    except ImportError as error:
+        click.echo(f"Error: the desktop app needs PySide6 ({error}); pip install 'difftool[gui]'", err=True)
+        sys.exit(1)
+    sys.exit(gui_main([image] if image else []))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="difftool")

@@ -1,0 +1,562 @@
+"""The main window: task picker and generated form, canvas, queue, progress, history."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtGui import QAction, QGuiApplication, QIcon, QImage, QKeySequence, QPixmap
+from PySide6.QtWidgets import (
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDockWidget,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QMainWindow,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from difftool.core.images import read_metadata, save_image
+from difftool.gui.canvas import Canvas
+from difftool.gui.convert import pil_to_qimage, qimage_to_pil
+from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+from difftool.gui.jobs import Job, JobQueue
+
+SAVE_FILTER = "PNG with metadata (*.png);;JPEG (*.jpg);;WebP (*.webp)"
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, registry: Any = None, settings: QSettings | None = None) -> None:
+        super().__init__()
+        from difftool.plugins.registry import get_registry
+
+        self.registry = registry or get_registry()
+        self.settings = settings or QSettings("difftool", "difftool")
+        self.source: Image.Image | None = None
+        self.source_path: Path | None = None
+        self.history: list[Any] = []
+        self.queue = JobQueue(preview_every=2)
+        self.queue.signals.progress.connect(self._on_progress)
+        self.queue.signals.finished.connect(self._on_finished)
+        self.queue.signals.changed.connect(self._refresh_queue)
+        self._started_at: dict[int, float] = {}
+        self.setWindowTitle("difftool")
+        self.setAcceptDrops(True)
+        self.canvas = Canvas()
+        self.setCentralWidget(self.canvas)
+        self._build_controls()
+        self._build_bottom()
+        self._build_menus()
+        self.canvas.hovered.connect(self._on_hover)
+        geometry = self.settings.value("geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        self.task_box.setCurrentText(str(self.settings.value("task", self.task_box.itemText(0))))
+        self._on_task_changed()
+        self._show_plugin_failures_once()
+
+    # --- building ------------------------------------------------------------------------------
+    def _build_controls(self) -> None:
+        panel = QWidget()
+        layout = QVBoxLayout(panel)
+        self.task_box = QComboBox()
+        for name, entry in sorted(self.registry.tasks.items()):
+            self.task_box.addItem(name)
+            self.task_box.setItemData(self.task_box.count() - 1, entry.cls.summary, Qt.ItemDataRole.ToolTipRole)
+        self.task_box.currentTextChanged.connect(self._on_task_changed)
+        layout.addWidget(QLabel("Task"))
+        layout.addWidget(self.task_box)
+        self.task_status = QLabel()
+        self.task_status.setWordWrap(True)
+        layout.addWidget(self.task_status)
+        self.form_area = QScrollArea()
+        self.form_area.setWidgetResizable(True)
+        layout.addWidget(self.form_area, 1)
+
+        common = QFormLayout()
+        self.model_box = QComboBox()
+        self.model_box.addItem(DEFAULT_CHOICE)
+        for entry in self.registry.find_models():
+            self.model_box.addItem(entry.name, str(entry.path))
+        self.model_box.addItem("Browse…")
+        self.model_box.activated.connect(self._on_model_picked)
+        self.backend_box = QComboBox()
+        self.device_box = QComboBox()
+        self.device_box.addItems(["cpu"] + self._cuda_devices())
+        self.device_box.currentTextChanged.connect(self._refresh_backends)
+        self.dtype_box = QComboBox()
+        self.dtype_box.addItems(["auto", "fp32", "fp16", "bf16"])
+        self.seed_box = QSpinBox()
+        self.seed_box.setRange(-1, 2**31 - 1)
+        self.seed_box.setSpecialValueText("random")
+        self.seed_box.setValue(-1)
+        common.addRow("model", self.model_box)
+        common.addRow("backend", self.backend_box)
+        common.addRow("device", self.device_box)
+        common.addRow("precision", self.dtype_box)
+        common.addRow("seed", self.seed_box)
+        layout.addLayout(common)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setDefault(True)
+        self.run_button.clicked.connect(self.run_current)
+        reset = QPushButton("Defaults")
+        reset.clicked.connect(lambda: self.form.reset())
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(reset)
+        layout.addLayout(buttons)
+        layout.addWidget(QLabel("Queue"))
+        self.queue_list = QListWidget()
+        self.queue_list.setMaximumHeight(90)
+        layout.addWidget(self.queue_list)
+        cancel_selected = QPushButton("Cancel selected job")
+        cancel_selected.clicked.connect(self._cancel_selected)
+        layout.addWidget(cancel_selected)
+        dock = QDockWidget("Task", self)
+        dock.setObjectName("task-dock")
+        dock.setWidget(panel)
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
+        self.backend_box.setCurrentText(str(self.settings.value("backend", "torch")))
+        self._refresh_backends()
+
+        mask_panel = QWidget()
+        mask_layout = QFormLayout(mask_panel)
+        self.paint_check = QCheckBox("paint mask")
+        self.paint_check.toggled.connect(self._on_paint_toggled)
+        self.brush_size = QSpinBox()
+        self.brush_size.setRange(1, 512)
+        self.brush_size.setValue(32)
+        self.hardness = QSlider(Qt.Orientation.Horizontal)
+        self.hardness.setRange(0, 100)
+        self.hardness.setValue(80)
+        self.eraser = QCheckBox("eraser")
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(50)
+        self.opacity.valueChanged.connect(self._on_opacity)
+        for widget in (self.brush_size, self.hardness, self.eraser):
+            (widget.valueChanged if hasattr(widget, "valueChanged") else widget.toggled).connect(self._sync_brush)
+        mask_layout.addRow(self.paint_check)
+        mask_layout.addRow("brush size", self.brush_size)
+        mask_layout.addRow("hardness", self.hardness)
+        mask_layout.addRow(self.eraser)
+        mask_layout.addRow("overlay", self.opacity)
+        row = QHBoxLayout()
+        for text, slot in (
+            ("Undo", "undo"),
+            ("Redo", "redo"),
+            ("Invert", "invert"),
+            ("Clear", "clear"),
+            ("Fill", "fill"),
+        ):
+            button = QPushButton(text)
+            button.clicked.connect(lambda _=False, s=slot: self._mask_op(s))
+            row.addWidget(button)
+        mask_layout.addRow(row)
+        io = QHBoxLayout()
+        load, save = QPushButton("Load mask…"), QPushButton("Save mask…")
+        load.clicked.connect(self.load_mask)
+        save.clicked.connect(self.save_mask)
+        io.addWidget(load)
+        io.addWidget(save)
+        mask_layout.addRow(io)
+        mask_dock = QDockWidget("Mask", self)
+        mask_dock.setObjectName("mask-dock")
+        mask_panel.setMaximumWidth(280)
+        mask_dock.setWidget(mask_panel)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, mask_dock)
+
+        self.history_list = QListWidget()
+        self.history_list.setViewMode(QListWidget.ViewMode.IconMode)
+        self.history_list.setIconSize(QPixmap(96, 96).size())
+        self.history_list.setMaximumHeight(130)
+        self.history_list.itemClicked.connect(self._on_history_clicked)
+        history_dock = QDockWidget("History", self)
+        history_dock.setObjectName("history-dock")
+        history_dock.setWidget(self.history_list)
+        self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, history_dock)
+
+    def _build_bottom(self) -> None:
+        bar = self.statusBar()
+        self.info = QLabel("no image")
+        self.progress = QProgressBar()
+        self.progress.setMaximumWidth(240)
+        self.progress.setFormat("%v / %m")
+        self.eta = QLabel()
+        self.split = QSlider(Qt.Orientation.Horizontal)
+        self.split.setRange(0, 100)
+        self.split.setValue(100)
+        self.split.setMaximumWidth(160)
+        self.split.setToolTip("before / after")
+        self.split.valueChanged.connect(lambda v: (setattr(self.canvas, "split", v / 100), self.canvas.update()))
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_running)
+        bar.addWidget(self.info, 1)
+        bar.addPermanentWidget(QLabel("before/after"))
+        bar.addPermanentWidget(self.split)
+        bar.addPermanentWidget(self.progress)
+        bar.addPermanentWidget(self.eta)
+        bar.addPermanentWidget(self.cancel_button)
+
+    def _build_menus(self) -> None:
+        def action(menu: Any, text: str, slot: Any, shortcut: Any = None) -> QAction:
+            act = QAction(text, self)
+            act.triggered.connect(slot)
+            if shortcut is not None:
+                act.setShortcut(shortcut)
+            menu.addAction(act)
+            return act
+
+        file_menu = self.menuBar().addMenu("&File")
+        action(file_menu, "&Open…", self.open_dialog, QKeySequence.StandardKey.Open)
+        action(file_menu, "&Save result…", self.save_dialog, QKeySequence.StandardKey.Save)
+        action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
+        edit_menu = self.menuBar().addMenu("&Edit")
+        action(edit_menu, "&Paste image", self.paste, QKeySequence.StandardKey.Paste)
+        action(edit_menu, "&Copy result", self.copy_result, QKeySequence.StandardKey.Copy)
+        action(edit_menu, "&Reuse parameters of the selected result", self.reuse_selected)
+        view_menu = self.menuBar().addMenu("&View")
+        action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
+        action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")
+        help_menu = self.menuBar().addMenu("&Help")
+        action(help_menu, "&Plugins…", self.show_plugins)
+
+    # --- registry-driven parts -----------------------------------------------------------------
+    @staticmethod
+    def _cuda_devices() -> list[str]:
+        try:
+            import torch
+
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        except ImportError:
+            return []
+
+    def _refresh_backends(self) -> None:
+        current = self.backend_box.currentText() or "torch"
+        self.backend_box.clear()
+        for name, (backend, _plugin) in sorted(self.registry.backends.items()):
+            reason = backend.unavailable_reason(self.device_box.currentText())
+            self.backend_box.addItem(name)
+            index = self.backend_box.count() - 1
+            self.backend_box.setItemData(index, reason or backend.summary, Qt.ItemDataRole.ToolTipRole)
+            if reason:
+                self.backend_box.model().item(index).setEnabled(False)
+        self.backend_box.setCurrentText(current if current in self.registry.backends else "torch")
+
+    def _on_task_changed(self) -> None:
+        name = self.task_box.currentText()
+        if not name:
+            return
+        task = self.registry.task(name)
+        from difftool.api import param_choices
+
+        choices = {p.name: param_choices(p, self.registry) for p in task.params if p.type == "choice"}
+        self.form = ParamForm(task, choices)
+        self.form_area.setWidget(self.form)
+        reason = task.availability(self._model_choice())
+        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
+        self.model_box.setEnabled(task.uses_model)
+        self.settings.setValue("task", name)
+
+    def _model_choice(self) -> str | None:
+        text = self.model_box.currentText()
+        if text in (DEFAULT_CHOICE, "Browse…", ""):
+            return None
+        return self.model_box.currentData() or text
+
+    def _on_model_picked(self, index: int) -> None:
+        if self.model_box.itemText(index) == "Browse…":
+            folder = QFileDialog.getExistingDirectory(self, "Model folder", str(self.settings.value("model_dir", "")))
+            if folder:
+                self.model_box.insertItem(index, Path(folder).name, folder)
+                self.model_box.setCurrentIndex(index)
+                self.settings.setValue("model_dir", folder)
+            else:
+                self.model_box.setCurrentIndex(0)
+        self._on_task_changed()
+
+    # --- images -------------------------------------------------------------------------------
+    def open_path(self, path: str | Path) -> None:
+        from difftool.core.errors import DifftoolError
+        from difftool.core.images import open_image
+
+        try:
+            loaded = open_image(path)
+        except DifftoolError as error:
+            self.show_error(str(error))
+            return
+        self.set_source(loaded.to_pil(keep_mode=False), Path(path))
+        self.settings.setValue("open_dir", str(Path(path).parent))
+        meta = read_metadata(path) if str(path).lower().endswith(".png") else {}
+        if meta:
+            self.reuse_record(meta.get("difftool") or {}, meta.get("parameters") or {})
+
+    def set_source(self, image: Image.Image, path: Path | None = None) -> None:
+        self.source, self.source_path = image, path
+        self.canvas.set_image(pil_to_qimage(image))
+        self._sync_brush()
+        self.info.setText(f"{path.name if path else 'pasted image'} — {image.width}×{image.height} {image.mode}")
+
+    def open_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self,
+            "Open image",
+            str(self.settings.value("open_dir", "")),
+            "Images (*.png *.jpg *.jpeg *.webp *.tif *.tiff *.bmp *.gif)",
+        )
+        if path:
+            self.open_path(path)
+
+    def paste(self) -> None:
+        image = QGuiApplication.clipboard().image()
+        if image.isNull():
+            self.show_error("the clipboard holds no image")
+            return
+        self.set_source(qimage_to_pil(image).convert("RGBA"))
+
+    def dragEnterEvent(self, event: Any) -> None:  # noqa: N802
+        if event.mimeData().hasUrls() or event.mimeData().hasImage():
+            event.acceptProposedAction()
+
+    def dropEvent(self, event: Any) -> None:  # noqa: N802
+        urls = event.mimeData().urls()
+        if urls:
+            self.open_path(urls[0].toLocalFile())
+        elif event.mimeData().hasImage():
+            self.set_source(qimage_to_pil(QImage(event.mimeData().imageData())))
+
+    # --- mask ---------------------------------------------------------------------------------
+    def _on_paint_toggled(self, on: bool) -> None:
+        self.canvas.painting = on
+        if on and self.canvas.after is not None:
+            self.canvas.after = None  # paint on the source
+            self.canvas.update()
+
+    def _sync_brush(self) -> None:
+        if self.canvas.mask is not None:
+            self.canvas.mask.brush_size = self.brush_size.value()
+            self.canvas.mask.hardness = self.hardness.value() / 100
+            self.canvas.mask.erase = self.eraser.isChecked()
+
+    def _on_opacity(self, value: int) -> None:
+        self.canvas.mask_opacity = value / 100
+        self.canvas.update()
+
+    def _mask_op(self, name: str) -> None:
+        if self.canvas.mask is not None:
+            getattr(self.canvas.mask, name)()
+            self.canvas.update()
+
+    def painted_mask(self) -> Image.Image | None:
+        """The painted mask as an ``L`` image the size of the source (``None`` if nothing is painted)."""
+        mask = self.canvas.mask
+        if mask is None:
+            return None
+        image = qimage_to_pil(mask.image)
+        return image if image.getbbox() is not None else None
+
+    def load_mask(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load mask", "", "Images (*.png *.jpg *.bmp *.tif)")
+        if path and self.canvas.mask is not None:
+            self.canvas.mask.load(QImage(path))
+            self.canvas.update()
+
+    def save_mask(self) -> None:
+        mask = self.painted_mask()
+        if mask is None:
+            self.show_error("there is no painted mask to save")
+            return
+        path, _ = QFileDialog.getSaveFileName(self, "Save mask", "mask.png", "PNG (*.png)")
+        if path:
+            save_image(mask, path)
+
+    # --- running ------------------------------------------------------------------------------
+    def build_job(self) -> Job:
+        task = self.registry.task(self.task_box.currentText())
+        params = self.form.values()
+        mask_params = [p.name for p in task.params if p.type == "mask"]
+        painted = self.painted_mask()
+        for name in mask_params:
+            if name not in params and painted is not None:
+                params[name] = painted  # exactly what was painted, pixel for pixel
+        options = {
+            "model": self._model_choice(),
+            "backend": self.backend_box.currentText() or "torch",
+            "device": self.device_box.currentText(),
+            "dtype": self.dtype_box.currentText(),
+            "seed": None if self.seed_box.value() < 0 else self.seed_box.value(),
+            "registry": self.registry,
+        }
+        inputs: list[Any] = [self.source] if task.inputs else []
+        return Job(task.name, inputs, params, options)
+
+    def run_current(self) -> int | None:
+        if self.source is None and self.registry.task(self.task_box.currentText()).inputs:
+            self.show_error("open an image first (File > Open, drag and drop, or paste)")
+            return None
+        self.settings.setValue("backend", self.backend_box.currentText())
+        return self.queue.submit(self.build_job())
+
+    def cancel_running(self) -> None:
+        if self.queue.running is not None:
+            self.queue.cancel(self.queue.running)
+
+    def _cancel_selected(self) -> None:
+        item = self.queue_list.currentItem()
+        if item is not None:
+            self.queue.cancel(int(item.data(Qt.ItemDataRole.UserRole)))
+
+    def _refresh_queue(self) -> None:
+        self.queue_list.clear()
+        for job in self.queue.jobs.values():
+            if job.state in ("queued", "running"):
+                item = QListWidgetItem(job.label())
+                item.setData(Qt.ItemDataRole.UserRole, job.id)
+                self.queue_list.addItem(item)
+        self.cancel_button.setEnabled(self.queue.running is not None)
+
+    def _on_progress(self, job_id: int, step: int, total: int, preview: Any) -> None:
+        started = self._started_at.setdefault(job_id, time.perf_counter())
+        self.progress.setRange(0, total)
+        self.progress.setValue(step)
+        if step:
+            remaining = (time.perf_counter() - started) / step * (total - step)
+            self.eta.setText(f"ETA {remaining:.0f} s")
+        if preview is not None:
+            self.canvas.set_result(pil_to_qimage(preview))
+
+    def _on_finished(self, job_id: int) -> None:
+        job = self.queue.jobs[job_id]
+        self.eta.setText(job.state)
+        if job.state == "done":
+            self.history.append(job)
+            image = job.result.image
+            self.canvas.set_result(pil_to_qimage(image))
+            item = QListWidgetItem(
+                QIcon(
+                    QPixmap.fromImage(pil_to_qimage(image.copy()).scaled(96, 96, Qt.AspectRatioMode.KeepAspectRatio))
+                ),
+                f"{job.task} #{job.id}",
+            )
+            item.setData(Qt.ItemDataRole.UserRole, len(self.history) - 1)
+            item.setToolTip(json.dumps(job.result.record, indent=1, default=str))
+            self.history_list.addItem(item)
+            self.history_list.setCurrentItem(item)
+        elif job.state == "failed":
+            self.show_error(job.error, getattr(job, "details", ""))
+
+    # --- results ------------------------------------------------------------------------------
+    def selected_result(self) -> Any:
+        item = self.history_list.currentItem()
+        return self.history[int(item.data(Qt.ItemDataRole.UserRole))].result if item else None
+
+    def _on_history_clicked(self, item: QListWidgetItem) -> None:
+        self.canvas.set_result(pil_to_qimage(self.history[int(item.data(Qt.ItemDataRole.UserRole))].result.image))
+
+    def save_result(self, path: str | Path) -> Path:
+        result = self.selected_result()
+        if result is None:
+            raise ValueError("no result to save")
+        return save_image(result.image, path, result.record)
+
+    def save_dialog(self) -> None:
+        if self.selected_result() is None:
+            self.show_error("run a task first: there is no result to save")
+            return
+        default = str(Path(str(self.settings.value("save_dir", ""))) / "result.png")
+        path, _ = QFileDialog.getSaveFileName(self, "Save result", default, SAVE_FILTER)
+        if path:
+            from difftool.core.errors import DifftoolError
+
+            try:
+                self.save_result(path)
+                self.settings.setValue("save_dir", str(Path(path).parent))
+            except DifftoolError as error:
+                self.show_error(str(error))
+
+    def copy_result(self) -> None:
+        result = self.selected_result()
+        if result is not None:
+            QGuiApplication.clipboard().setImage(pil_to_qimage(result.image))
+
+    def reuse_selected(self) -> None:
+        result = self.selected_result()
+        if result is not None:
+            self.reuse_record(result.record, {})
+
+    def reuse_record(self, record: dict[str, Any], a1111: dict[str, Any]) -> None:
+        """Fill the task, form and seed from a difftool record or A1111 ``parameters``."""
+        task = record.get("task") or a1111.get("difftool task")
+        if task in self.registry.tasks:
+            self.task_box.setCurrentText(task)
+        values = dict(record)
+        if a1111:
+            values.setdefault("steps", a1111.get("Steps"))
+            values.setdefault("seed", a1111.get("Seed"))
+            values.setdefault("prompt", a1111.get("prompt"))
+            values.setdefault("negative_prompt", a1111.get("negative_prompt"))
+        self.form.set_values({k: v for k, v in values.items() if k in self.form.widgets})
+        if values.get("seed") not in (None, ""):
+            self.seed_box.setValue(int(values["seed"]))
+
+    # --- messages -----------------------------------------------------------------------------
+    def show_error(self, message: str, details: str = "") -> None:
+        box = QMessageBox(QMessageBox.Icon.Warning, "difftool", message, parent=self)
+        if details:
+            box.setDetailedText(details)
+        box.setModal(False)
+        box.show()
+        self.last_error = message
+
+    def show_plugins(self) -> None:
+        lines = [f"{info.name}: {', '.join(info.registered) or 'nothing'}" for info in self.registry.plugins.values()]
+        lines += [f"FAILED {failure}" for failure in self.registry.failures]
+        QMessageBox.information(self, "Plugins", "\n".join(lines))
+
+    def _show_plugin_failures_once(self) -> None:
+        if self.registry.failures:
+            self.statusBar().showMessage(f"{len(self.registry.failures)} plugin(s) failed: see Help > Plugins", 10_000)
+
+    def _on_hover(self, x: int, y: int) -> None:
+        image = self.canvas.shown()
+        if image is not None and 0 <= x < image.width() and 0 <= y < image.height():
+            self.statusBar().showMessage(f"{x}, {y}   zoom {self.canvas.scale * 100:.0f}%", 2000)
+
+    def closeEvent(self, event: Any) -> None:  # noqa: N802
+        self.settings.setValue("geometry", self.saveGeometry())
+        for job_id, job in list(self.queue.jobs.items()):
+            if job.state in ("queued", "running"):
+                self.queue.cancel(job_id)
+        self.queue.wait(10_000)
+        super().closeEvent(event)
+
+
+def run_app(argv: list[str]) -> int:
+    app = QApplication.instance() or QApplication([sys.argv[0], *argv])
+    app.setApplicationName("difftool")
+    window = MainWindow()
+    window.resize(1280, 800)
+    window.show()
+    for path in argv:
+        if Path(path).is_file():
+            window.open_path(path)
+            break
+    return app.exec()

@@ -1,0 +1,203 @@
+"""The image canvas: zoom and pan, a before/after split, and mask painting with undo."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
+from PySide6.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QRadialGradient, QWheelEvent
+from PySide6.QtWidgets import QWidget
+
+
+class MaskLayer:
+    """A grayscale mask the size of the image (255 = repaint), with brush strokes and undo/redo."""
+
+    def __init__(self, width: int, height: int) -> None:
+        self.image = QImage(width, height, QImage.Format.Format_Grayscale8)
+        self.image.fill(0)
+        self.undo_stack: list[QImage] = []
+        self.redo_stack: list[QImage] = []
+        self.brush_size = 32
+        self.hardness = 0.8
+        self.erase = False
+
+    def checkpoint(self) -> None:
+        self.undo_stack.append(self.image.copy())
+        self.undo_stack = self.undo_stack[-50:]
+        self.redo_stack.clear()
+
+    def stroke(self, start: QPointF, end: QPointF) -> None:
+        painter = QPainter(self.image)
+        painter.setRenderHint(QPainter.RenderHint.Antialiasing, self.hardness < 1.0)
+        value = 0 if self.erase else 255
+        radius = self.brush_size / 2
+        steps = max(1, int((end - start).manhattanLength() / max(1.0, radius / 3)))
+        painter.setPen(Qt.PenStyle.NoPen)
+        for i in range(steps + 1):
+            point = start + (end - start) * (i / steps)
+            if self.hardness >= 1.0:
+                painter.setBrush(QColor(value, value, value))
+            else:
+                gradient = QRadialGradient(point, radius)
+                gradient.setColorAt(0.0, QColor(value, value, value, 255))
+                gradient.setColorAt(self.hardness, QColor(value, value, value, 255))
+                gradient.setColorAt(1.0, QColor(value, value, value, 0))
+                painter.setBrush(gradient)
+            painter.drawEllipse(point, radius, radius)
+        painter.end()
+
+    def _apply(self, change) -> None:  # noqa: ANN001 - a small local callback
+        self.checkpoint()
+        change()
+
+    def clear(self) -> None:
+        self._apply(lambda: self.image.fill(0))
+
+    def fill(self) -> None:
+        self._apply(lambda: self.image.fill(255))
+
+    def invert(self) -> None:
+        self._apply(lambda: self.image.invertPixels())
+
+    def undo(self) -> None:
+        if self.undo_stack:
+            self.redo_stack.append(self.image)
+            self.image = self.undo_stack.pop()
+
+    def redo(self) -> None:
+        if self.redo_stack:
+            self.undo_stack.append(self.image)
+            self.image = self.redo_stack.pop()
+
+    def load(self, image: QImage) -> None:
+        self._apply(
+            lambda: setattr(
+                self,
+                "image",
+                image.convertToFormat(QImage.Format.Format_Grayscale8).scaled(self.image.width(), self.image.height()),
+            )
+        )
+
+
+class Canvas(QWidget):
+    """Shows ``after`` (or ``before``) with zoom/pan; ``split`` in [0, 1] reveals ``before`` on the left."""
+
+    hovered = Signal(int, int)  # image pixel under the cursor
+    zoomed = Signal(float)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.before: QImage | None = None
+        self.after: QImage | None = None
+        self.mask: MaskLayer | None = None
+        self.mask_opacity = 0.5
+        self.painting = False
+        self.split = 1.0
+        self.scale = 1.0
+        self.offset = QPointF(0, 0)
+        self._drag: QPointF | None = None
+        self._last_paint: QPointF | None = None
+        self.fitted = True  # keep fitting on resize until the user zooms
+        self.setMouseTracking(True)
+        self.setMinimumSize(320, 240)
+
+    # --- content ------------------------------------------------------------------------------
+    def set_image(self, image: QImage) -> None:
+        """A new source image: resets the result, the mask and the view."""
+        self.before, self.after = image, None
+        self.mask = MaskLayer(image.width(), image.height())
+        self.fit()
+
+    def set_result(self, image: QImage) -> None:
+        self.after = image
+        self.update()
+
+    def shown(self) -> QImage | None:
+        return self.after or self.before
+
+    # --- view ---------------------------------------------------------------------------------
+    def resizeEvent(self, event: object) -> None:  # noqa: N802 - Qt's name
+        if self.fitted:
+            self.fit()
+
+    def fit(self) -> None:
+        self.fitted = True
+        image = self.shown()
+        if image is None or image.width() == 0:
+            return
+        self.scale = min(self.width() / image.width(), self.height() / image.height())
+        self.offset = QPointF(
+            (self.width() - image.width() * self.scale) / 2, (self.height() - image.height() * self.scale) / 2
+        )
+        self.zoomed.emit(self.scale)
+        self.update()
+
+    def actual_size(self) -> None:
+        self.fitted = False
+        self.scale = 1.0
+        self.offset = QPointF(0, 0)
+        self.zoomed.emit(self.scale)
+        self.update()
+
+    def to_image(self, point: QPointF) -> QPointF:
+        return (point - self.offset) / self.scale
+
+    def wheelEvent(self, event: QWheelEvent) -> None:  # noqa: N802 - Qt's name
+        self.fitted = False
+        factor = 1.25 if event.angleDelta().y() > 0 else 0.8
+        anchor = event.position()
+        before = self.to_image(anchor)
+        self.scale = max(0.02, min(64.0, self.scale * factor))
+        self.offset = anchor - before * self.scale
+        self.zoomed.emit(self.scale)
+        self.update()
+
+    # --- mouse: pan with the right/middle button (or left when not painting), paint with the left --
+    def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802
+        if event.button() == Qt.MouseButton.LeftButton and self.painting and self.mask is not None:
+            self.mask.checkpoint()
+            self._last_paint = self.to_image(event.position())
+            self.mask.stroke(self._last_paint, self._last_paint)
+            self.update()
+        else:
+            self._drag = event.position()
+
+    def mouseMoveEvent(self, event: QMouseEvent) -> None:  # noqa: N802
+        point = self.to_image(event.position())
+        self.hovered.emit(int(point.x()), int(point.y()))
+        if self._last_paint is not None and self.mask is not None:
+            self.mask.stroke(self._last_paint, point)
+            self._last_paint = point
+            self.update()
+        elif self._drag is not None:
+            self.offset += event.position() - self._drag
+            self._drag = event.position()
+            self.update()
+
+    def mouseReleaseEvent(self, event: QMouseEvent) -> None:  # noqa: N802
+        self._drag = self._last_paint = None
+
+    # --- drawing ------------------------------------------------------------------------------
+    def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
+        painter = QPainter(self)
+        painter.fillRect(self.rect(), self.palette().window())
+        image = self.shown()
+        if image is None:
+            painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "Open, drop or paste an image")
+            return
+        target = QRectF(self.offset.x(), self.offset.y(), image.width() * self.scale, image.height() * self.scale)
+        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.scale < 1.0)
+        painter.drawImage(target, image)
+        if self.after is not None and self.before is not None and self.split < 1.0:
+            x = target.left() + target.width() * self.split
+            painter.save()
+            painter.setClipRect(QRectF(target.left(), target.top(), x - target.left(), target.height()))
+            painter.drawImage(target, self.before)  # scaled to the result's size
+            painter.restore()
+            painter.setPen(QColor(255, 255, 255))
+            painter.drawLine(QPointF(x, target.top()), QPointF(x, target.bottom()))
+        if self.mask is not None and self.after is None:
+            overlay = QImage(self.mask.image.size(), QImage.Format.Format_ARGB32)
+            overlay.fill(QColor(255, 40, 40))
+            overlay.setAlphaChannel(self.mask.image)
+            painter.setOpacity(self.mask_opacity)
+            painter.drawImage(target, overlay)
+        painter.end()

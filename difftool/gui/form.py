@@ -1,0 +1,158 @@
+"""A parameter form generated from a task's declared parameters."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+
+from difftool.core.task import Param, Task
+
+DEFAULT_CHOICE = "(default)"
+
+
+class PathField(QWidget):
+    """A line edit with a Browse button."""
+
+    def __init__(self, param: Param) -> None:
+        super().__init__()
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText("required" if param.required else "optional")
+        button = QPushButton("Browse…")
+        button.clicked.connect(self._browse)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.edit)
+        layout.addWidget(button)
+        self.kind = param.type
+
+    def _browse(self) -> None:
+        pattern = "Images (*.png *.jpg *.jpeg *.webp *.tif *.tiff *.bmp)" if self.kind in ("image", "mask") else "*"
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a file", "", pattern)
+        if path:
+            self.edit.setText(path)
+
+    def text(self) -> str:
+        return self.edit.text()
+
+
+class ParamForm(QWidget):
+    """One widget per declared parameter; :meth:`values` gives what :func:`difftool.api.run` takes."""
+
+    def __init__(self, task: Task, choices: dict[str, tuple[str, ...]]) -> None:
+        super().__init__()
+        self.task = task
+        self.widgets: dict[str, QWidget] = {}
+        layout = QFormLayout(self)
+        for param in task.params:
+            widget = self._widget(param, choices.get(param.name, param.choices))
+            tip = param.help + (
+                f" (range {param._range_text()})" if param.min is not None or param.max is not None else ""
+            )
+            widget.setToolTip(tip)
+            widget.setObjectName(param.name)
+            self.widgets[param.name] = widget
+            layout.addRow(param.name.replace("_", " "), widget)
+        self.reset()
+
+    @staticmethod
+    def _widget(param: Param, choices: tuple[str, ...]) -> QWidget:
+        if param.type == "int":
+            box = QSpinBox()
+            box.setRange(
+                int(param.min if param.min is not None else -(2**31)),
+                int(param.max if param.max is not None else 2**31 - 1),
+            )
+            if param.default is None:
+                box.setSpecialValueText(DEFAULT_CHOICE)
+                box.setMinimum(box.minimum() - 1)
+            return box
+        if param.type == "float":
+            box = QDoubleSpinBox()
+            box.setDecimals(3)
+            box.setSingleStep(0.05)
+            box.setRange(param.min if param.min is not None else -1e9, param.max if param.max is not None else 1e9)
+            return box
+        if param.type == "bool":
+            return QCheckBox()
+        if param.type == "choice":
+            combo = QComboBox()
+            if param.default is None:
+                combo.addItem(DEFAULT_CHOICE)
+            combo.addItems(list(choices))
+            return combo
+        if param.type in ("image", "mask", "path"):
+            return PathField(param)
+        return QPlainTextEdit() if param.multiline else QLineEdit()
+
+    def reset(self) -> None:
+        """Restore every declared default."""
+        for param in self.task.params:
+            widget, default = self.widgets[param.name], param.default
+            if isinstance(widget, QSpinBox):
+                widget.setValue(widget.minimum() if default is None else int(default))
+            elif isinstance(widget, QDoubleSpinBox):
+                widget.setValue(float(default or 0.0))
+            elif isinstance(widget, QCheckBox):
+                widget.setChecked(bool(default))
+            elif isinstance(widget, QComboBox):
+                widget.setCurrentText(DEFAULT_CHOICE if default is None else str(default))
+            elif isinstance(widget, PathField):
+                widget.edit.setText(str(default or ""))
+            elif isinstance(widget, QPlainTextEdit):
+                widget.setPlainText(str(default or ""))
+            elif isinstance(widget, QLineEdit):
+                widget.setText(str(default or ""))
+
+    def set_values(self, values: dict[str, Any]) -> None:
+        """Fill the form from a record (``reuse parameters``); unknown keys are ignored."""
+        for name, value in values.items():
+            widget = self.widgets.get(name)
+            if widget is None or value is None:
+                continue
+            if isinstance(widget, QSpinBox):
+                widget.setValue(int(value))
+            elif isinstance(widget, QDoubleSpinBox):
+                widget.setValue(float(value))
+            elif isinstance(widget, QCheckBox):
+                widget.setChecked(str(value).lower() in ("1", "true", "yes"))
+            elif isinstance(widget, QComboBox):
+                widget.setCurrentText(str(value))
+            elif isinstance(widget, QPlainTextEdit):
+                widget.setPlainText(str(value))
+            elif isinstance(widget, (QLineEdit, PathField)):
+                (widget.edit if isinstance(widget, PathField) else widget).setText(str(value))
+
+    def values(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for param in self.task.params:
+            widget = self.widgets[param.name]
+            if isinstance(widget, QSpinBox):
+                value: Any = None if widget.value() == widget.minimum() and param.default is None else widget.value()
+            elif isinstance(widget, QDoubleSpinBox):
+                value = widget.value()
+            elif isinstance(widget, QCheckBox):
+                value = widget.isChecked()
+            elif isinstance(widget, QComboBox):
+                value = None if widget.currentText() == DEFAULT_CHOICE else widget.currentText()
+            elif isinstance(widget, PathField):
+                value = widget.text() or None
+            elif isinstance(widget, QPlainTextEdit):
+                value = widget.toPlainText()
+            else:
+                value = widget.text()
+            if value is not None:
+                out[param.name] = value
+        return out

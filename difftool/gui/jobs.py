@@ -1,0 +1,118 @@
+"""A job queue that runs tasks one at a time on a worker thread and reports through Qt signals."""
+
+from __future__ import annotations
+
+import itertools
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+
+from difftool.core.errors import Cancelled, DifftoolError
+from difftool.core.task import CancelToken
+
+
+@dataclass
+class Job:
+    task: str
+    inputs: list[Any]
+    params: dict[str, Any]
+    options: dict[str, Any] = field(default_factory=dict)  # model, backend, device, dtype, seed, registry
+    id: int = 0
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    token: CancelToken = field(default_factory=CancelToken)
+    result: Any = None
+    error: str = ""
+
+    def label(self) -> str:
+        return f"#{self.id} {self.task} — {self.state}"
+
+
+class JobSignals(QObject):
+    started = Signal(int)
+    progress = Signal(int, int, int, object)  # job id, step, total, preview image or None
+    finished = Signal(int)  # job id; the job holds its result or error
+    changed = Signal()  # the queue's contents or states changed
+
+
+class _Runner(QRunnable):
+    def __init__(self, job: Job, signals: JobSignals, preview_every: int) -> None:
+        super().__init__()
+        self.job, self.signals, self.preview_every = job, signals, preview_every
+
+    def run(self) -> None:
+        from difftool import api
+
+        job = self.job
+        try:
+            job.result = api.run(
+                job.task,
+                *job.inputs,
+                progress=lambda step, total, preview: self.signals.progress.emit(job.id, step, total, preview),
+                preview_every=self.preview_every,
+                cancel=job.token,
+                **job.options,
+                **job.params,
+            )
+            job.state = "done"
+        except Cancelled:
+            job.state = "cancelled"
+        except DifftoolError as error:
+            job.state, job.error = "failed", str(error)
+            job.details = traceback.format_exc()
+        except Exception as error:  # noqa: BLE001 - the app must survive any task's bug
+            job.state, job.error = "failed", f"unexpected error: {type(error).__name__}: {error}"
+            job.details = traceback.format_exc()
+        self.signals.finished.emit(job.id)
+
+
+class JobQueue(QObject):
+    """Jobs run in submission order, one at a time; cancelling a queued job never touches the running one."""
+
+    def __init__(self, preview_every: int = 0, pool: QThreadPool | None = None) -> None:
+        super().__init__()
+        self.signals = JobSignals()
+        self.pool = pool or QThreadPool.globalInstance()
+        self.preview_every = preview_every
+        self.jobs: dict[int, Job] = {}
+        self.pending: list[int] = []
+        self.running: int | None = None
+        self._ids = itertools.count(1)
+        self.signals.finished.connect(self._on_finished)
+
+    def submit(self, job: Job) -> int:
+        job.id = next(self._ids)
+        self.jobs[job.id] = job
+        self.pending.append(job.id)
+        self.signals.changed.emit()
+        self._start_next()
+        return job.id
+
+    def cancel(self, job_id: int) -> None:
+        job = self.jobs[job_id]
+        if job.state == "queued":
+            self.pending.remove(job_id)
+            job.state = "cancelled"
+            self.signals.changed.emit()
+        elif job.state == "running":
+            job.token.cancel()  # the sampler stops before its next step
+
+    def _start_next(self) -> None:
+        if self.running is not None or not self.pending:
+            return
+        job = self.jobs[self.pending.pop(0)]
+        job.state, self.running = "running", job.id
+        self.signals.started.emit(job.id)
+        self.signals.changed.emit()
+        self.pool.start(_Runner(job, self.signals, self.preview_every))
+
+    def _on_finished(self, job_id: int) -> None:
+        if self.running == job_id:
+            self.running = None
+        self.signals.changed.emit()
+        self._start_next()
+
+    def wait(self, timeout_ms: int = 60_000) -> bool:
+        """Block until the pool is idle (tests and shutdown)."""
+        return self.pool.waitForDone(timeout_ms)

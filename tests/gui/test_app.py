@@ -1,0 +1,197 @@
+"""The desktop app, offscreen: generated forms, the job queue, mask painting, saving, errors."""
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+pytest.importorskip("PySide6", reason="the test extra installs PySide6")
+
+from PIL import Image  # noqa: E402
+from PySide6.QtCore import QPointF, QSettings  # noqa: E402
+from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox  # noqa: E402
+
+from difftool.core.images import read_metadata  # noqa: E402
+from difftool.core.task import Param, Task, TaskResult  # noqa: E402
+from difftool.gui.app import MainWindow  # noqa: E402
+from difftool.gui.form import ParamForm  # noqa: E402
+from difftool.gui.jobs import Job, JobQueue  # noqa: E402
+from difftool.plugins import hookimpl  # noqa: E402
+from difftool.plugins.registry import build_registry  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def qapp():
+    return QApplication.instance() or QApplication([])
+
+
+class Dial(Task):
+    name = "dial"
+    summary = "A third-party task with no GUI code"
+    params = (
+        Param("strength", "float", default=0.4, min=0, max=1, help="how strong"),
+        Param("count", "int", default=3, min=1, max=9),
+        Param("flip", "bool", default=True),
+        Param("style", "choice", default="b", choices=("a", "b")),
+    )
+
+    def run(self, request, context):
+        for step in range(request.params["count"]):
+            context.cancel.raise_if_cancelled()
+            time.sleep(0.05)
+            context.report(step + 1, request.params["count"])
+        return TaskResult([request.inputs["image"].to_pil()], {"size": "x"})
+
+
+class DialPlugin:
+    @hookimpl
+    def register_tasks(self, register):
+        register(Dial)
+
+
+@pytest.fixture
+def window(qapp, tmp_path: Path, superres_model: Path):
+    registry = build_registry([DialPlugin()], entry_points=False)
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(registry=registry, settings=settings)
+    win.model_box.insertItem(1, "tiny", str(superres_model))
+    yield win
+    win.queue.wait()
+    win.close()
+
+
+def wait_for(queue: JobQueue, qapp) -> None:
+    """Process events (as the app's event loop would) until the worker is idle, then flush."""
+    while not queue.wait(10):
+        qapp.processEvents()
+    for _ in range(20):
+        qapp.processEvents()
+
+
+def test_third_party_task_gets_a_working_form(qapp) -> None:
+    registry = build_registry([DialPlugin()], entry_points=False)
+    form = ParamForm(registry.task("dial"), {})
+    assert isinstance(form.widgets["strength"], QDoubleSpinBox) and form.widgets["strength"].maximum() == 1
+    assert isinstance(form.widgets["count"], QSpinBox) and form.widgets["count"].value() == 3
+    assert isinstance(form.widgets["flip"], QCheckBox) and form.widgets["flip"].isChecked()
+    assert isinstance(form.widgets["style"], QComboBox) and form.widgets["style"].currentText() == "b"
+    assert form.widgets["strength"].toolTip().startswith("how strong")
+    form.widgets["count"].setValue(7)
+    assert form.values() == {"strength": 0.4, "count": 7, "flip": True, "style": "b"}
+    form.reset()
+    assert form.values()["count"] == 3
+
+
+def test_builtin_task_form_leaves_model_defaults_unset(qapp) -> None:
+    registry = build_registry(entry_points=False)
+    form = ParamForm(registry.task("superres"), {"scheduler": tuple(registry.schedulers), "scale": ("2", "4")})
+    values = form.values()
+    assert "steps" not in values and "scheduler" not in values and values["scale"] == "4"
+
+
+def test_run_superres_from_the_window_and_save_with_metadata(window, qapp, photo: Path, tmp_path: Path) -> None:
+    window.task_box.setCurrentText("superres")
+    window.open_path(photo)
+    window.model_box.setCurrentIndex(1)
+    window.form.widgets["scale"].setCurrentText("2")
+    window.seed_box.setValue(5)
+    job_id = window.run_current()
+    wait_for(window.queue, qapp)
+    job = window.queue.jobs[job_id]
+    assert job.state == "done", job.error
+    assert window.canvas.after is not None and window.canvas.after.width() == 56
+    assert window.history_list.count() == 1 and window.progress.value() == window.progress.maximum()
+    saved = window.save_result(tmp_path / "out.png")
+    assert read_metadata(saved)["difftool"]["seed"] == 5
+
+
+def test_cancelling_a_queued_job_leaves_the_running_one(window, qapp) -> None:
+    window.task_box.setCurrentText("dial")
+    window.set_source(Image.new("RGB", (8, 8)))
+    first = window.queue.submit(Job("dial", [window.source], {"count": 5}, {"registry": window.registry}))
+    second = window.queue.submit(Job("dial", [window.source], {"count": 5}, {"registry": window.registry}))
+    window.queue.cancel(second)
+    wait_for(window.queue, qapp)
+    assert window.queue.jobs[first].state == "done"
+    assert window.queue.jobs[second].state == "cancelled"
+
+
+def test_cancel_stops_the_running_job_within_a_step(window, qapp) -> None:
+    steps = []
+    job = Job("dial", [Image.new("RGB", (4, 4))], {"count": 9}, {"registry": window.registry})
+    window.queue.signals.progress.connect(lambda jid, step, total, p: (steps.append(step), window.queue.cancel(jid)))
+    window.queue.submit(job)
+    wait_for(window.queue, qapp)
+    assert job.state == "cancelled" and len(steps) <= 2
+
+
+def test_painted_mask_is_exactly_what_the_task_receives(window, qapp) -> None:
+    window.task_box.setCurrentText("inpaint")
+    window.set_source(Image.new("RGB", (40, 30), (20, 40, 60)))
+    window.paint_check.setChecked(True)
+    window.hardness.setValue(100)
+    window.brush_size.setValue(6)
+    mask = window.canvas.mask
+    mask.checkpoint()
+    mask.stroke(QPointF(10, 10), QPointF(20, 10))
+    painted = window.painted_mask()
+    job = window.build_job()
+    assert job.params["mask"].tobytes() == painted.tobytes() and job.params["mask"].mode == "L"
+    array = np.asarray(painted)
+    assert array.shape == (30, 40) and array[10, 15] == 255 and array[25, 35] == 0
+    mask.invert()
+    assert np.asarray(window.painted_mask())[25, 35] == 255
+    mask.undo()
+    assert np.asarray(window.painted_mask())[25, 35] == 0
+    mask.undo()
+    assert window.painted_mask() is None
+    mask.redo()
+    assert np.asarray(window.painted_mask())[10, 15] == 255
+
+
+def test_failing_task_shows_the_one_line_error_and_the_app_goes_on(window, qapp, photo: Path) -> None:
+    window.task_box.setCurrentText("superres")
+    window.open_path(photo)
+    window.model_box.setCurrentIndex(0)
+    window.model_box.insertItem(1, "missing", "/nonexistent/model")
+    window.model_box.setCurrentIndex(1)
+    job_id = window.run_current()
+    wait_for(window.queue, qapp)
+    assert window.queue.jobs[job_id].state == "failed"
+    assert "not found" in window.last_error
+    window.open_path(Path("/nonexistent.png"))
+    assert "no such file" in window.last_error
+
+
+def test_reuse_parameters_from_a_png(window, qapp, tmp_path: Path) -> None:
+    from difftool.core.images import save_image
+
+    path = save_image(
+        Image.new("RGB", (8, 8)), tmp_path / "made.png", {"task": "dial", "count": 8, "strength": 0.9, "seed": 77}
+    )
+    window.open_path(path)
+    assert window.task_box.currentText() == "dial"
+    assert window.form.values()["count"] == 8 and window.seed_box.value() == 77
+
+
+def test_backends_show_availability(window) -> None:
+    model = window.backend_box.model()
+    names = [window.backend_box.itemText(i) for i in range(window.backend_box.count())]
+    assert "torch" in names and "tensorrt" in names
+    trt = names.index("tensorrt")
+    assert not model.item(trt).isEnabled()
+    assert "cuda" in window.backend_box.itemData(trt, 3).lower()  # tooltip role: the reason
+
+
+def test_screenshot(window, qapp, photo: Path, tmp_path: Path) -> None:
+    window.resize(1100, 700)
+    window.task_box.setCurrentText("superres")
+    window.open_path(photo)
+    window.show()
+    qapp.processEvents()
+    assert not window.grab().isNull()
+    if os.environ.get("DIFFTOOL_SCREENSHOT"):
+        window.grab().save(os.environ["DIFFTOOL_SCREENSHOT"])

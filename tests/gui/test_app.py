@@ -195,3 +195,67 @@ def test_screenshot(window, qapp, photo: Path, tmp_path: Path) -> None:
     assert not window.grab().isNull()
     if os.environ.get("DIFFTOOL_SCREENSHOT"):
         window.grab().save(os.environ["DIFFTOOL_SCREENSHOT"])
+
+
+def test_gui_run_gives_the_same_pixels_as_the_cli(window, qapp, photo: Path, superres_model: Path, tmp_path):
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    window.task_box.setCurrentText("superres")
+    window.open_path(photo)
+    window.model_box.setCurrentIndex(1)
+    window.form.widgets["scale"].setCurrentText("2")
+    window.seed_box.setValue(11)
+    job_id = window.run_current()
+    wait_for(window.queue, qapp)
+    gui_pixels = np.asarray(window.queue.jobs[job_id].result.image)
+    out = tmp_path / "cli.png"
+    result = CliRunner().invoke(cli.cli, ["run", "superres", str(photo), "--model", str(superres_model),
+                                          "--scale", "2", "--seed", "11", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert np.array_equal(gui_pixels, np.asarray(Image.open(out)))
+
+
+def test_cancel_mid_run_adds_no_result(window, qapp) -> None:
+    window.task_box.setCurrentText("dial")
+    window.set_source(Image.new("RGB", (8, 8)))
+    window.form.widgets["count"].setValue(9)
+    window.queue.signals.progress.connect(lambda jid, step, total, p: step == 2 and window.cancel_running())
+    job_id = window.run_current()
+    wait_for(window.queue, qapp)
+    assert window.queue.jobs[job_id].state == "cancelled"
+    assert window.history_list.count() == 0 and window.selected_result() is None
+
+
+def test_dropping_a_png_with_a1111_metadata_restores_parameters(window, qapp, tmp_path: Path) -> None:
+    from PIL import PngImagePlugin
+    from PySide6.QtCore import QMimeData, QPoint, Qt, QUrl
+    from PySide6.QtGui import QDropEvent
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a castle\nSteps: 6, Sampler: Euler a, Seed: 4242, difftool task: superres")
+    path = tmp_path / "from-webui.png"
+    Image.new("RGB", (16, 16)).save(path, pnginfo=info)
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path))])
+    event = QDropEvent(QPoint(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    window.dropEvent(event)
+    assert window.task_box.currentText() == "superres"
+    assert window.form.values()["steps"] == 6 and window.seed_box.value() == 4242
+    assert window.source is not None and window.source.size == (16, 16)
+
+
+def test_a_plugin_that_raises_does_not_break_the_window(qapp, tmp_path: Path) -> None:
+    class Raising:
+        @hookimpl
+        def register_tasks(self, register):
+            raise RuntimeError("plugin bug")
+
+    registry = build_registry([Raising(), DialPlugin()], entry_points=False)
+    win = MainWindow(registry=registry, settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    names = [win.task_box.itemText(i) for i in range(win.task_box.count())]
+    assert "dial" in names and "superres" in names
+    assert "plugin(s) failed" in win.statusBar().currentMessage()
+    win.close()

@@ -211,8 +211,10 @@ def test_gui_run_gives_the_same_pixels_as_the_cli(window, qapp, photo: Path, sup
     wait_for(window.queue, qapp)
     gui_pixels = np.asarray(window.queue.jobs[job_id].result.image)
     out = tmp_path / "cli.png"
-    result = CliRunner().invoke(cli.cli, ["run", "superres", str(photo), "--model", str(superres_model),
-                                          "--scale", "2", "--seed", "11", "-o", str(out)])
+    result = CliRunner().invoke(
+        cli.cli,
+        ["run", "superres", str(photo), "--model", str(superres_model), "--scale", "2", "--seed", "11", "-o", str(out)],
+    )
     assert result.exit_code == 0, result.output
     assert np.array_equal(gui_pixels, np.asarray(Image.open(out)))
 
@@ -239,8 +241,9 @@ def test_dropping_a_png_with_a1111_metadata_restores_parameters(window, qapp, tm
     Image.new("RGB", (16, 16)).save(path, pnginfo=info)
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(path))])
-    event = QDropEvent(QPoint(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
-                       Qt.KeyboardModifier.NoModifier)
+    event = QDropEvent(
+        QPoint(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
+    )
     window.dropEvent(event)
     assert window.task_box.currentText() == "superres"
     assert window.form.values()["steps"] == 6 and window.seed_box.value() == 4242

@@ -117,6 +117,11 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
         raise ModelError(
             f"cannot load the model in {path}: {first}", "check that its weights match config.json"
         ) from exc
+    import torch
+
+    for name, tensor in unet.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: weight {name} contains NaN or Inf", "re-export or re-download the model")
     scheduler_config = json.loads((path / "scheduler_config.json").read_text())
     loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), _file_sha256(weights))
     _CACHE.clear()

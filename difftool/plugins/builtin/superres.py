@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from difftool.core.errors import ModelError, ParameterError
+from difftool.core.errors import DifftoolError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
@@ -56,7 +56,7 @@ class SuperResolution(Task):
                 f"model {model.name} upscales by {', '.join(map(str, scales))}, not {scale}",
                 f"pass --scale {scales[0]} or another model",
             )
-        rgb = upscale_rgb(model, image.rgb, scale, params, context)
+        rgb, tile = upscale_with_retry(model, image.rgb, scale, params, context)
         alpha = upscale_alpha(image.alpha, scale)
         keep = bool(params.get("keep_mode")) and image.grayscale
         if keep and image.bits == 16 and alpha is None:
@@ -72,7 +72,48 @@ class SuperResolution(Task):
             "size": f"{result.width}x{result.height}",
             **pixel_model.model_record(model),
         }
+        if tile != params["tile"]:
+            record["tile_used"] = tile
         return TaskResult([result], record)
+
+
+MIN_TILE = 64
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    text = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+
+
+def upscale_with_retry(
+    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: dict[str, Any], context: RunContext
+) -> tuple[np.ndarray, int]:
+    """:func:`upscale_rgb`, halving the tile after an out-of-memory error until it fits or is too small."""
+    import gc
+
+    import torch
+
+    tile = int(params["tile"])
+    while True:
+        try:
+            return upscale_rgb(model, rgb, scale, {**params, "tile": tile}, context), tile
+        except Exception as error:
+            if not is_out_of_memory(error):
+                raise
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if tile // 2 < MIN_TILE:
+                raise DifftoolError(
+                    f"out of memory even with {tile} px tiles",
+                    "close other programs, use --device cpu, or a smaller image",
+                ) from error
+            context.logger.warning("out of memory with %d px tiles; retrying with %d px", tile, tile // 2)
+            tile //= 2
 
 
 class _TileProgress:
@@ -101,7 +142,7 @@ def upscale_rgb(
     height, width = rgb.shape[:2]
     out_h, out_w = height * scale, width * scale
     lr_tile = max(model.multiple, params.get("tile", 1024) // scale)
-    lr_overlap = max(1, params.get("overlap", 64) // scale)
+    lr_overlap = max(1, min(params.get("overlap", 64) // scale, lr_tile // 2))  # smaller tiles after an OOM
     spans_y = tile_spans(height, lr_tile, lr_overlap)
     spans_x = tile_spans(width, lr_tile, lr_overlap)
     steps = params.get("steps") or int(model.meta.get("steps", 4))

@@ -69,3 +69,24 @@ def test_mask_is_required(inpaint_model: Path, registry) -> None:
     image, _, _ = photo_and_mask()
     with pytest.raises(ParameterError, match="--mask is required"):
         api.run("inpaint", image, model=str(inpaint_model), registry=registry)
+
+
+def test_nan_weights_are_refused_naming_the_weight(tmp_path: Path, inpaint_model: Path, registry) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from difftool.core.errors import ModelError
+
+    folder = tmp_path / "poisoned"
+    shutil.copytree(inpaint_model, folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = sorted(state)[0]
+    state[key] = torch.full_like(state[key], float("nan"))
+    save_file(state, weights)
+    with pytest.raises(ModelError, match=f"weight {key} contains NaN"):
+        api.run(
+            "inpaint", Image.new("RGB", (8, 8)), mask=Image.new("L", (8, 8), 255), model=str(folder), registry=registry
+        )

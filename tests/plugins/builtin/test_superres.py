@@ -126,3 +126,55 @@ def test_progress_counts_steps_over_all_tiles(superres_model: Path, registry) ->
     tiles = len(tile_spans(44, 24, 8)) * len(tile_spans(60, 24, 8))  # in input pixels: 48 / 2, 16 / 2
     assert tiles == 12
     assert seen[-1][0] == seen[-1][1] == 2 * tiles and [s for s, _ in seen] == list(range(1, 2 * tiles + 1))
+
+
+def test_out_of_memory_retries_with_smaller_tiles(superres_model: Path, registry, monkeypatch) -> None:
+    import torch
+
+    from difftool.plugins.builtin import pixel_model
+
+    real = pixel_model.denoise
+    sizes = []
+
+    def tight(model, denoiser, *, cond, **kwargs):
+        sizes.append(max(cond.shape[-2:]))
+        if max(cond.shape[-2:]) > 80:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, denoiser, cond=cond, **kwargs)
+
+    monkeypatch.setattr(pixel_model, "denoise", tight)
+    result = api.run(
+        "superres",
+        textured(60, 44),
+        model=str(superres_model),
+        scale="2",
+        tile=256,
+        overlap=16,
+        registry=registry,
+        dtype="fp32",
+    )
+    assert result.image.size == (120, 88) and result.record["tile_used"] == 64
+    assert max(sizes[-1:]) <= 80
+
+
+def test_out_of_memory_at_the_smallest_tile_names_it(superres_model: Path, registry, monkeypatch) -> None:
+    from difftool.core.errors import DifftoolError
+    from difftool.plugins.builtin import pixel_model
+
+    def never(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 99 bytes")
+
+    monkeypatch.setattr(pixel_model, "denoise", never)
+    with pytest.raises(DifftoolError, match="out of memory even with 64 px tiles"):
+        api.run("superres", textured(60, 44), model=str(superres_model), scale="2", tile=256, registry=registry)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 5), (7, 1), (3, 2)])
+def test_tiny_and_odd_sizes(superres_model: Path, inpaint_model: Path, registry, size) -> None:
+    image = Image.new("RGB", size, (10, 20, 30))
+    assert api.run("superres", image, model=str(superres_model), scale="4", registry=registry).image.size == (
+        size[0] * 4,
+        size[1] * 4,
+    )
+    filled = api.run("inpaint", image, mask=Image.new("L", size, 255), model=str(inpaint_model), registry=registry)
+    assert filled.image.size == size

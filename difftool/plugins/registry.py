@@ -177,6 +177,27 @@ class Registry:
         self._record(plugin, f"models {source.name}")
 
 
+def _guarded_globals() -> dict[str, tuple[object, str, object]]:
+    """Process-wide settings a plugin must not change: name -> (owner, attribute, current value)."""
+    from PIL import Image, ImageFile
+
+    guarded = {
+        "PIL.Image.MAX_IMAGE_PIXELS": (Image, "MAX_IMAGE_PIXELS"),
+        "PIL.ImageFile.LOAD_TRUNCATED_IMAGES": (ImageFile, "LOAD_TRUNCATED_IMAGES"),
+    }
+    torch = sys.modules.get("torch")
+    if torch is not None:  # never import torch just to guard it
+        guarded["torch.load"] = (torch, "load")
+    return {name: (owner, attr, getattr(owner, attr)) for name, (owner, attr) in guarded.items()}
+
+
+def _restore_globals(registry: Registry, plugin: str, before: dict[str, tuple[object, str, object]]) -> None:
+    for name, (owner, attr, value) in before.items():
+        if getattr(owner, attr) is not value:
+            setattr(owner, attr, value)
+            registry.failures.append(PluginFailure(plugin, "global state", f"changed {name}; difftool restored it"))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -189,10 +210,12 @@ def call_each(registry: Registry, hook_name: str, make_kwargs: Callable[[str], d
     caller = getattr(pm.hook, hook_name)
     for impl in caller.get_hookimpls():
         kwargs = make_kwargs(impl.plugin_name)
+        before = _guarded_globals()
         try:
             impl.function(*[kwargs[arg] for arg in impl.argnames])
         except Exception as exc:  # noqa: BLE001 - a plugin's bug is reported, never fatal to the rest
             registry.failures.append(PluginFailure(impl.plugin_name, f"hook {hook_name}", _one_line(exc)))
+        _restore_globals(registry, impl.plugin_name, before)
 
 
 def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, entry_points: bool = True) -> Registry:
@@ -217,12 +240,15 @@ def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, ent
     if entry_points:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             version = ep.dist.version if ep.dist is not None else ""
+            before = _guarded_globals()
             try:
                 plugin = ep.load()
             except Exception as exc:  # noqa: BLE001 - pluggy's loader stops at the first failure; we go on
                 registry.failures.append(PluginFailure(ep.name, "import", _one_line(exc)))
                 registry.plugins.setdefault(ep.name, PluginInfo(ep.name, builtin=False, version=version))
                 continue
+            finally:
+                _restore_globals(registry, ep.name, before)
             add(plugin, ep.name, builtin=False, version=version)
     for plugin in plugins:
         if isinstance(plugin, str):

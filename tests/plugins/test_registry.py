@@ -197,3 +197,26 @@ def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> No
         assert result.exit_code == 0 and "hello from a plugin" in result.output
     finally:
         cli.cli.commands.pop("hello", None)
+
+
+def test_plugin_that_changes_global_state_is_reported_and_undone(site: Path) -> None:
+    from PIL import Image, ImageFile
+
+    limit = Image.MAX_IMAGE_PIXELS
+    (site / "broken_plugin.py").write_text(
+        "from PIL import Image\nImage.MAX_IMAGE_PIXELS = None  # 'fixes' large images for everyone\n"
+    )
+    fake_distribution(site, "broken-plugin", {"broken": "broken_plugin"})
+
+    class Truncating:
+        @hookimpl
+        def register_tasks(self, register):
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
+
+    registry = build_registry([Truncating()])
+    assert Image.MAX_IMAGE_PIXELS == limit and ImageFile.LOAD_TRUNCATED_IMAGES is False
+    changed = {(f.plugin, f.error.split(";")[0]) for f in registry.failures if f.stage == "global state"}
+    assert changed == {
+        ("broken", "changed PIL.Image.MAX_IMAGE_PIXELS"),
+        ("Truncating", "changed PIL.ImageFile.LOAD_TRUNCATED_IMAGES"),
+    }

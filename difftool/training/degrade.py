@@ -1,8 +1,8 @@
 """Degradations that make training pairs: low-resolution inputs for superres, holes for inpaint.
 
-Superres: with probability 1/2 a clean bicubic downscale (what the benchmark measures); otherwise a
-Gaussian blur of sigma 0.2-1.2 before the downscale, Gaussian noise of sigma 0-3/255 and, half of the
-time, JPEG at quality 60-95. Inpaint: a union of random strokes, boxes and blobs covering 5-50% of
+Superres: with probability ``clean_fraction`` (training config) a clean bicubic downscale (what the
+benchmark measures); otherwise a Gaussian blur of radius 0.2-1.2 px before the downscale, Gaussian noise
+of sigma 0-3/255 and, half of the time, JPEG at quality 60-95. Inpaint: a union of random strokes, boxes and blobs covering 5-50% of
 the crop.
 """
 
@@ -30,9 +30,11 @@ def downscale(rgb: np.ndarray, scale: int) -> np.ndarray:
     return np.stack(channels, axis=2).clip(0, 1).astype(np.float32)
 
 
-def degrade_for_superres(hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
+def degrade_for_superres(
+    hr: np.ndarray, scale: int, rng: np.random.Generator, clean_fraction: float = 0.5
+) -> np.ndarray:
     """The low-resolution training input for the high-resolution crop ``hr``."""
-    if rng.random() < 0.5:
+    if rng.random() < clean_fraction:
         return downscale(hr, scale)
     image = _to_u8(hr).filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(0.2, 1.2))))
     low = downscale(np.asarray(image, dtype=np.float32) / 255.0, scale)

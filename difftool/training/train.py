@@ -53,6 +53,10 @@ class TrainConfig:
     save_every: int = 200
     ema_decay: float = 0.999
     bf16: bool = True
+    #: Share of superres crops degraded by a clean bicubic downscale (the rest: blur, noise, JPEG).
+    clean_fraction: float = 0.5
+    #: Share of the batch trained at the timesteps few-step sampling visits (the rest: uniform).
+    few_step_fraction: float = 0.5
     init: str | None = None
     folders: list[str] = field(default_factory=list)
     builtin_data: bool = True
@@ -99,7 +103,8 @@ def make_batch(config: TrainConfig, pool: Any, rng: np.random.Generator) -> dict
         ups, lows = [], []
         for crop, index in zip(crops, scale_index, strict=True):
             scale = config.scales[index]
-            low = torch.from_numpy(degrade_for_superres(crop, scale, rng)).permute(2, 0, 1)[None] * 2 - 1
+            low = degrade_for_superres(crop, scale, rng, clean_fraction=config.clean_fraction)
+            low = torch.from_numpy(low).permute(2, 0, 1)[None] * 2 - 1
             lows.append(low)
             ups.append(upsample(low, scale))
         up = torch.cat(ups)
@@ -213,7 +218,7 @@ class Trainer:
     def sample_timesteps(self, batch: int) -> torch.Tensor:
         uniform = torch.randint(0, 1000, (batch,), generator=self.generator)
         few = torch.tensor(FEW_STEP_TIMESTEPS)[torch.randint(0, 4, (batch,), generator=self.generator)]
-        pick = torch.rand(batch, generator=self.generator) < 0.5
+        pick = torch.rand(batch, generator=self.generator) < self.config.few_step_fraction
         return torch.where(pick, few, uniform)
 
     def train_step(self, pool: Any) -> float:

@@ -1,0 +1,5 @@
+"""``python -m difftool`` is the ``difftool`` command."""
+
+from difftool.cli import main
+
+main()

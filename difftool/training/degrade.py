@@ -2,8 +2,8 @@
 
 Superres: with probability ``clean_fraction`` (training config) a clean bicubic downscale (what the
 benchmark measures); otherwise a Gaussian blur of radius 0.2-1.2 px before the downscale, Gaussian noise
-of sigma 0-3/255 and, half of the time, JPEG at quality 60-95. Inpaint: a union of random strokes, boxes and blobs covering 5-50% of
-the crop.
+of sigma 0-3/255 and, half of the time, JPEG at quality 60-95. Inpaint: a union of random strokes,
+boxes and blobs covering 5-50% of the crop.
 """
 
 from __future__ import annotations

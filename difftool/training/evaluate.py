@@ -115,8 +115,12 @@ def evaluate_inpaint(model: str | Path, dtype: str = "auto", limit: int | None =
         truth = np.asarray(image)
         holed = truth.copy()
         holed[mask] = 0
-        result = api.run("inpaint", Image.fromarray(holed), model=str(model), mask=mask_image, seed=0, dtype=dtype)
-        outputs = {"model": np.asarray(result.image)}
+        outputs = {}
+        for method, fill in (("model", "blur"), ("model_noise", "noise")):
+            result = api.run(
+                "inpaint", Image.fromarray(holed), model=str(model), mask=mask_image, seed=0, dtype=dtype, fill=fill
+            )
+            outputs[method] = np.asarray(result.image)
         if cv2 is not None:
             mask_u8 = mask.astype(np.uint8) * 255
             bgr = np.ascontiguousarray(holed[..., ::-1])

@@ -1,5 +1,11 @@
 """The ``inpaint`` task with difftool's pixel-space inpainting model.
 
+``--fill blur`` (default) first fills the hole from its surroundings (a push-pull pyramid fill: the
+colours flow in smoothly from the border) and lets the diffusion model refine it from ``--strength``
+(img2img, like A1111's "masked content: fill"); ``--fill noise`` paints the hole from pure noise.
+The embedded model is small and trained briefly on CPU: on the held-out benchmark the refined fill
+beats OpenCV's Telea, the model alone does not (see its model card).
+
 Mask semantics: non-zero (white) pixels are repainted, zero (black) pixels are kept. ``--dilate``
 grows the mask; ``--feather`` blends the repainted area into the original over that many pixels
 outside the mask. Pixels outside the feathered mask are bit-exact copies of the input. Only a crop
@@ -9,6 +15,7 @@ around the mask (plus ``--context`` pixels) goes through the model, so large ima
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -30,6 +37,14 @@ class Inpaint(Task):
         Param("dilate", "int", default=0, min=0, max=256, help="grow the mask by this many pixels"),
         Param("feather", "int", default=0, min=0, max=256, help="blend over this many pixels outside the mask"),
         Param("context", "int", default=64, min=0, max=4096, help="pixels of context around the mask"),
+        Param(
+            "fill",
+            "choice",
+            default="blur",
+            choices=("blur", "noise"),
+            help="start from a smooth fill of the hole (refined by the model) or from pure noise",
+        ),
+        Param("strength", "float", default=0.3, min=0.05, max=1.0, help="how much the model repaints a blur fill"),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
     )
@@ -49,6 +64,7 @@ class Inpaint(Task):
         model = pixel_model.load_pixel_model(pixel_model.resolve_model(self.name, context.model, find), self.name)
         record = {
             "task": self.name,
+            "fill": params.get("fill", "blur"),
             "steps": params.get("steps") or model.meta.get("steps"),
             "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
             "size": f"{image.width}x{image.height}",
@@ -72,20 +88,51 @@ def paint(
     model: pixel_model.PixelModel, rgb: np.ndarray, repaint: np.ndarray, params: dict, context: RunContext
 ) -> np.ndarray:
     """The model's fill of ``repaint`` (bool H x W) in ``rgb`` (float H x W x 3), as float RGB."""
+    import math
+
     import torch
 
     x = pixel_model.to_tensor(rgb)
     hole = torch.from_numpy(repaint.astype(np.float32))[None, None]
     cond = torch.cat([x * (1 - hole), hole], dim=1)
+    steps = params.get("steps") or int(model.meta.get("steps", 2))
+    init, strength = None, 1.0
+    if params.get("fill", "blur") == "blur":
+        init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength", 0.3))
+        steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
     out = pixel_model.denoise(
         model,
         pixel_model.make_denoiser(model, context),
         cond=cond,
-        steps=params.get("steps"),
+        steps=steps,
         scheduler=params.get("scheduler"),
         context=context,
+        init=init,
+        strength=strength,
     )
     return pixel_model.to_numpy(out)
+
+
+def push_pull_fill(x: Any, known: Any, smoothing: int = 8) -> Any:
+    """Fill the unknown pixels of ``x`` (1 x C x H x W) from the known ones (``known`` = 1).
+
+    Pull: average the known pixels down a pyramid; push: upsample the coarse fill back into the
+    holes, smoothing each level. Written here because neither Pillow nor torch has hole filling and
+    OpenCV is only a benchmark dependency.
+    """
+    import torch.nn.functional as F
+
+    height, width = x.shape[-2:]
+    if bool((known > 0).all()) or min(height, width) <= 1:
+        return x
+    pooled = F.avg_pool2d(x * known, 2, ceil_mode=True)
+    weight = F.avg_pool2d(known, 2, ceil_mode=True)
+    coarse = push_pull_fill(pooled / weight.clamp_min(1e-6), (weight > 0).float(), smoothing)
+    filled = known * x + (1 - known) * F.interpolate(coarse, size=(height, width), mode="bilinear")
+    for _ in range(smoothing):
+        blurred = F.avg_pool2d(F.pad(filled, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        filled = known * x + (1 - known) * blurred
+    return filled
 
 
 def mask_array(mask: LoadedImage, size: tuple[int, int], resize: bool) -> np.ndarray:

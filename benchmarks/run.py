@@ -33,11 +33,13 @@ def mean_rows(rows: list[dict], keys: list[str]) -> dict[str, float]:
 
 def timed_run(args: list[str]) -> tuple[float, float]:
     """Seconds and peak RSS (GiB) of one `difftool ...` command in a fresh process."""
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec from this (large) parent.
     code = (
-        "import resource, sys, time; from difftool.cli import main; t = time.perf_counter()\n"
+        "import sys, time; from difftool.cli import main; t = time.perf_counter()\n"
         "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
         "print('SECONDS', time.perf_counter() - t)\n"
-        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print('RSS', hwm)"
     )
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if out.returncode:

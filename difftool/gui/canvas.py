@@ -108,6 +108,8 @@ class Canvas(QWidget):
 
     def set_result(self, image: QImage) -> None:
         self.after = image
+        if self.fitted:
+            self.fit()  # a 4x result keeps filling the view instead of zooming in 4x
         self.update()
 
     def shown(self) -> QImage | None:

@@ -82,8 +82,8 @@ channels {config["block_out_channels"]}, no attention) trained by difftool on CP
   `difftool train {task} --config difftool/training/configs/{task}.json -o runs/{task}`.
 * **Training images** ({len(train_names)}, from PyPI wheels): {", ".join(train_names)}.
 * **Held out, never trained on**: {", ".join(HOLDOUT)}.
-* **Degradations**: {degradations} This model: `clean_fraction` {config.get('clean_fraction', 0.5)},
-  `few_step_fraction` {config.get('few_step_fraction', 0.5)}.
+* **Degradations**: {degradations} This model: `clean_fraction` {config.get("clean_fraction", 0.5)},
+  `few_step_fraction` {config.get("few_step_fraction", 0.5)}.
 
 ## Evaluation on the held-out images
 

@@ -77,10 +77,15 @@ def test_declared_parameters_become_typed_options() -> None:
     assert "model" not in options  # the task loads no model
 
 
-def test_tasks_and_schedulers_and_plugins_listing(runner) -> None:
+def test_tasks_and_schedulers_and_plugins_listing(runner, monkeypatch) -> None:
+    from difftool.plugins.builtin import pixel_model
+
     listing = runner("tasks")
     assert listing.exit_code == 0
-    assert "superres" in listing.output and "needs --model" in listing.output and "everything" in listing.output
+    rows = {line.split()[0]: line.split()[1] for line in listing.output.splitlines()}
+    assert rows["superres"] == "ready" and rows["inpaint"] == "ready" and rows["everything"] == "ready"
+    monkeypatch.setattr(pixel_model, "EMBEDDED_ROOT", Path("/nonexistent"))
+    assert "superres  needs --model" in runner("tasks").output
     detail = runner("tasks", "everything")
     assert "--count" in detail.output and "[1, 9]" in detail.output
     assert "dpmpp-2m-karras" in runner("schedulers").output
@@ -103,7 +108,8 @@ def test_run_writes_output_with_metadata(runner, photo: Path, tmp_path: Path) ->
         (["run", "everything", "{photo}", "--count", "0"], 2, "0 is not in the range 1<=x<=9"),
         (["run", "everything", "{photo}", "--scheduler", "nope"], 2, "'nope' is not one of"),
         (["run", "everything", "{text}"], 1, "is not an image"),
-        (["run", "everything", "{photo}", "--backend", "tensorrt"], 2, "'tensorrt' is not"),
+        (["run", "everything", "{photo}", "--backend", "nope"], 2, "'nope' is not one of"),
+        (["run", "everything", "{photo}", "--backend", "tensorrt"], 1, "TensorRT needs an NVIDIA GPU"),
         (["run", "everything", "{photo}", "--device", "cuda:3"], 1, "backend 'torch' cannot run on cuda:3"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temp file in the target's folder, fsync, then ``os.replace``.
+"""File helpers. Atomic writes: a temp file in the target's folder, fsync, then ``os.replace``.
 
 Readers see the old file or the new one, never half of one; a failure leaves no temp file behind.
 """
@@ -6,6 +6,7 @@ Readers see the old file or the new one, never half of one; a failure leaves no 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -35,3 +36,12 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_write(path, "wb") as handle:
         handle.write(data)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

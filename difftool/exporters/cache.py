@@ -24,20 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difftool.core.atomic import file_sha256
+
 log = logging.getLogger("difftool")
 MANIFEST = "manifest.json"
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("DIFFTOOL_CACHE") or Path.home() / ".cache" / "difftool")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(components: Mapping[str, Any]) -> str:

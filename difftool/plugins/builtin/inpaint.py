@@ -49,10 +49,7 @@ class Inpaint(Task):
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
     )
 
-    def availability(self, model: str | None) -> str | None:
-        if model is None and pixel_model.embedded_model_path(self.name) is None:
-            return f"no embedded {self.name} model in this install; pass --model PATH"
-        return None
+    availability = pixel_model.availability
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
@@ -60,8 +57,7 @@ class Inpaint(Task):
         mask = mask_array(params["mask"], image.size, bool(params.get("resize_mask")))
         mask = dilate(mask, params.get("dilate") or 0)
         weight = feather(mask, params.get("feather") or 0)
-        find = context.registry.find_models if context.registry is not None else None
-        model = pixel_model.load_pixel_model(pixel_model.resolve_model(self.name, context.model, find), self.name)
+        model = pixel_model.model_for(self.name, context)
         record = {
             "task": self.name,
             "fill": params.get("fill", "blur"),

@@ -14,7 +14,6 @@ minus the conditioning image, superres' bicubic upsample). The embedded defaults
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
 
 if TYPE_CHECKING:
@@ -78,12 +78,17 @@ def resolve_model(task: str, model: str | None, find_models: Any = None) -> Path
     raise ModelError(f"model {model!r} not found", "pass a folder path or a name listed by `difftool models`")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def availability(task: Any, model: str | None) -> str | None:
+    """``Task.availability`` for tasks that run a pixel model: ready when given one or one is embedded."""
+    if model is None and embedded_model_path(task.name) is None:
+        return f"no embedded {task.name} model in this install; pass --model PATH"
+    return None
+
+
+def model_for(task: str, context: Any) -> PixelModel:
+    """The model a run asked for (``context.model``) or the embedded one, loaded and checked."""
+    find = context.registry.find_models if context.registry is not None else None
+    return load_pixel_model(resolve_model(task, context.model, find), task)
 
 
 _CACHE: dict[tuple[str, int], PixelModel] = {}
@@ -123,7 +128,7 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelError(f"{path}: weight {name} contains NaN or Inf", "re-export or re-download the model")
     scheduler_config = json.loads((path / "scheduler_config.json").read_text())
-    loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), _file_sha256(weights))
+    loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), file_sha256(weights))
     _CACHE.clear()
     _CACHE[key] = loaded
     return loaded

@@ -34,10 +34,7 @@ class SuperResolution(Task):
         Param("keep_mode", "bool", default=False, help="write grayscale input as grayscale (16-bit stays 16-bit)"),
     )
 
-    def availability(self, model: str | None) -> str | None:
-        if model is None and pixel_model.embedded_model_path(self.name) is None:
-            return f"no embedded {self.name} model in this install; pass --model PATH"
-        return None
+    availability = pixel_model.availability
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
@@ -48,8 +45,7 @@ class SuperResolution(Task):
             raise ParameterError(
                 f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
             )
-        find = context.registry.find_models if context.registry is not None else None
-        model = pixel_model.load_pixel_model(pixel_model.resolve_model(self.name, context.model, find), self.name)
+        model = pixel_model.model_for(self.name, context)
         scales = model.meta.get("scales", [scale])
         if scale not in scales:
             raise ModelError(
@@ -153,20 +149,6 @@ def upscale_rgb(
         extra["class_labels"] = torch.tensor([model.meta.get("scales", [scale]).index(scale)])
     tile_context = copy.copy(context)
     tile_context.progress = _TileProgress(context, len(spans_y) * len(spans_x), steps)
-    if len(spans_y) * len(spans_x) == 1:
-        up = upsample(low, scale)
-        out = pixel_model.denoise(
-            model,
-            denoiser,
-            cond=up,
-            steps=steps,
-            scheduler=params.get("scheduler"),
-            context=tile_context,
-            base=up,
-            noise=noise,
-            extra=extra,
-        )
-        return pixel_model.to_numpy(out)
     total = torch.zeros(3, out_h, out_w)
     weight = torch.zeros(out_h, out_w)
     overlap = lr_overlap * scale

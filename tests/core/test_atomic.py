@@ -37,3 +37,19 @@ def test_new_file_appears_whole(tmp_path: Path) -> None:
     target = tmp_path / "sub" / "a.txt"
     atomic_write_bytes(target, b"complete")
     assert target.read_bytes() == b"complete"
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        target = tmp_path / "new.png"
+        save_image(Image.new("RGB", (2, 2)), target)
+        assert stat.S_IMODE(target.stat().st_mode) == 0o644
+        target.chmod(0o640)
+        save_image(Image.new("RGB", (2, 2)), target)  # replacing keeps the existing mode
+        assert stat.S_IMODE(target.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -23,8 +23,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     # mkstemp makes 0600 files; give the result the mode a plain open() would (or the replaced file's).
     umask = os.umask(0)
     os.umask(umask)
-    mode = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask
-    os.fchmod(fd, mode)
+    permissions = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask
+    os.fchmod(fd, permissions)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle

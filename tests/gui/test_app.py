@@ -262,3 +262,39 @@ def test_a_plugin_that_raises_does_not_break_the_window(qapp, tmp_path: Path) ->
     assert "dial" in names and "superres" in names
     assert "plugin(s) failed" in win.statusBar().currentMessage()
     win.close()
+
+
+def test_the_form_of_every_registered_task_matches_its_declaration(qapp) -> None:
+    from difftool.api import param_choices
+    from difftool.gui.form import PathField
+
+    registry = build_registry([DialPlugin()], entry_points=False)
+    kinds = {
+        "int": QSpinBox,
+        "float": QDoubleSpinBox,
+        "bool": QCheckBox,
+        "choice": QComboBox,
+        "image": PathField,
+        "mask": PathField,
+        "path": PathField,
+    }
+    for name in registry.tasks:
+        task = registry.task(name)
+        choices = {p.name: param_choices(p, registry) for p in task.params if p.type == "choice"}
+        form = ParamForm(task, choices)
+        assert list(form.widgets) == [p.name for p in task.params], name
+        for param in task.params:
+            widget = form.widgets[param.name]
+            if param.type in kinds:
+                assert isinstance(widget, kinds[param.type]), (name, param.name)
+            if param.type == "choice":
+                offered = [widget.itemText(i) for i in range(widget.count())]
+                assert set(choices[param.name]) <= set(offered), (name, param.name)
+            if param.type in ("int", "float") and param.max is not None:
+                assert widget.maximum() == param.max, (name, param.name)
+        values = form.values()
+        for param in task.params:  # untouched form = the declared defaults
+            if param.default is not None:
+                assert values[param.name] == param.default, (name, param.name)
+            else:
+                assert param.name not in values, (name, param.name)

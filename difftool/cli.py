@@ -280,7 +280,7 @@ def tasks(name: str | None) -> None:
         if p.type == "choice":
             kind = "|".join(param_choices(p, registry))
         elif p.min is not None or p.max is not None:
-            kind += f" {p._range_text()}"
+            kind += f" {p.range_text()}"
         default = "required" if p.required else f"default {p.default}"
         rows.append((f"  {p.flag}", kind, default, p.help))
     _table(rows)

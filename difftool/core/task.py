@@ -65,7 +65,7 @@ class Param:
             if self.required:
                 raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
             return None
-        fix = f"pass {self.flag} {self._range_text()}".rstrip()
+        fix = f"pass {self.flag} {self.range_text()}".rstrip()
         try:
             if self.type == "int":
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -89,14 +89,15 @@ class Param:
             raise ParameterError(f"{self.flag}: {value!r} is not a valid {self.type}", fix) from None
         if self.type in ("int", "float"):
             if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
-                raise ParameterError(f"{self.flag} {value} is out of range {self._range_text()}", fix)
+                raise ParameterError(f"{self.flag} {value} is out of range {self.range_text()}", fix)
         if self.type == "choice":
             allowed = tuple(choices if choices is not None else self.choices)
             if value not in allowed:
                 raise ParameterError(f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(allowed)}")
         return value
 
-    def _range_text(self) -> str:
+    def range_text(self) -> str:
+        """The declared range as text (``in [1, 50]``, ``>= 0``), for help and error messages."""
         if self.min is not None and self.max is not None:
             return f"in [{self.min:g}, {self.max:g}]"
         if self.min is not None:

@@ -59,7 +59,7 @@ class ParamForm(QWidget):
         for param in task.params:
             widget = self._widget(param, choices.get(param.name, param.choices))
             tip = param.help + (
-                f" (range {param._range_text()})" if param.min is not None or param.max is not None else ""
+                f" (range {param.range_text()})" if param.min is not None or param.max is not None else ""
             )
             widget.setToolTip(tip)
             widget.setObjectName(param.name)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,9 +250,8 @@ class Trainer:
 
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step + stop_after)
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc=f"train {self.config.task}")
-        started = time.perf_counter()
         while self.step < end:
-            loss = self.train_step(pool)
+            self.train_step(pool)
             bar.update(1)
             if self.step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", lr=f"{self.lr_at(self.step):.1e}")
@@ -261,8 +259,6 @@ class Trainer:
                 self.save()
                 self.export()
         bar.close()
-        self.seconds = time.perf_counter() - started
-        del loss
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -221,6 +222,9 @@ _A1111_KEYS = (
     ("size", "Size"),
     ("model_hash", "Model hash"),
     ("model", "Model"),
+    ("vae", "VAE"),
+    ("clip_skip", "Clip skip"),
+    ("lora_hashes", "Lora hashes"),
     ("strength", "Denoising strength"),
     ("scale", "Upscale"),
     ("task", "difftool task"),
@@ -233,9 +237,19 @@ def format_parameters(record: Mapping[str, Any]) -> str:
     lines = [str(record.get("prompt", "") or "")]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
-    fields = [f"{label}: {record[key]}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
+    fields = [f"{label}: {_quote(record[key])}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes values that hold a comma (``Lora hashes: "a: 1, b: 2"``)."""
+    text = str(value)
+    return json.dumps(text) if "," in text or '"' in text else text
+
+
+#: One ``Key: value`` of the settings line; a value is either quoted (JSON string) or runs to the next comma.
+_SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict[str, Any]:
@@ -255,10 +269,14 @@ def parse_parameters(text: str) -> dict[str, Any]:
     result["prompt"] = "\n".join(prompt_lines)
     if negative is not None:
         result["negative_prompt"] = negative
-    for part in settings.split(", "):
-        key, sep, value = part.partition(": ")
-        if sep:
-            result[key.strip()] = value.strip()
+    for key, value in _SETTING.findall(settings):
+        value = value.strip()
+        if value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        result[key.strip()] = value
     return result
 
 

@@ -1,4 +1,8 @@
-"""The ``inpaint`` task with difftool's pixel-space inpainting model.
+"""The ``inpaint`` task: difftool's pixel-space inpainting model, or a Stable Diffusion model.
+
+With ``--model`` naming a Stable Diffusion checkpoint (inpainting or ordinary), the SD path in
+:mod:`difftool.plugins.builtin.sd.inpaint` runs with ``--prompt``; ``--extend`` outpaints and
+``--only-masked`` repaints a crop around the mask at the model's resolution. Otherwise:
 
 ``--fill blur`` (default) first fills the hole from its surroundings (a push-pull pyramid fill: the
 colours flow in smoothly from the border) and lets the diffusion model refine it from ``--strength``
@@ -24,6 +28,9 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil, to_uint8
 from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
+from difftool.plugins.builtin.sd.inpaint import parse_extend
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
+from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -32,7 +39,7 @@ class Inpaint(Task):
     summary = "Repaint the white area of a mask"
     uses_model = True
     params = (
-        Param("mask", "mask", required=True, help="mask image: white (non-zero) = repaint, black = keep"),
+        Param("mask", "mask", help="mask image: white (non-zero) = repaint, black = keep (or use --extend)"),
         Param("resize_mask", "bool", default=False, help="resize a mask of another size to the image"),
         Param("dilate", "int", default=0, min=0, max=256, help="grow the mask by this many pixels"),
         Param("feather", "int", default=0, min=0, max=256, help="blend over this many pixels outside the mask"),
@@ -40,13 +47,28 @@ class Inpaint(Task):
         Param(
             "fill",
             "choice",
-            default="blur",
+            default=None,
             choices=("blur", "noise"),
-            help="start from a smooth fill of the hole (refined by the model) or from pure noise",
+            help="blur: start from a smooth fill of the hole; noise: from pure noise (default: blur; SD: the image)",
         ),
-        Param("strength", "float", default=0.3, min=0.05, max=1.0, help="how much the model repaints a blur fill"),
-        Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
+        Param(
+            "strength",
+            "float",
+            default=None,
+            min=0.05,
+            max=1.0,
+            help="how much the model repaints (default: 0.3 for the blur fill, 1.0 with SD models)",
+        ),
+        Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's; SD: 25)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
+        # Stable Diffusion models only:
+        Param("prompt", "string", default="", help="SD models: what to paint in the mask", multiline=True),
+        Param("negative_prompt", "string", default="", help="SD models: what not to paint", multiline=True),
+        Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="SD models: CFG scale"),
+        Param("clip_skip", "int", default=1, min=1, max=12, help="SD models: text encoder layer from the end"),
+        Param("only_masked", "bool", default=False, help="SD models: repaint a crop around the mask (+ --context)"),
+        Param("extend", "string", default=None, help="outpaint: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels"),
+        *LOAD_PARAMS,
     )
 
     availability = pixel_model.availability
@@ -54,13 +76,23 @@ class Inpaint(Task):
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        mask = mask_array(params["mask"], image.size, bool(params.get("resize_mask")))
+        extend = parse_extend(params.get("extend"))
+        if params.get("mask") is None and not any(extend):
+            raise ParameterError("inpaint needs a mask", "pass --mask FILE (white = repaint) or --extend L,R,T,B")
+        if params.get("mask") is not None:
+            mask = mask_array(params["mask"], image.size, bool(params.get("resize_mask")))
+        else:
+            mask = np.zeros((image.height, image.width), np.float32)
+        if is_sd_request(context.model, context):
+            return self._run_sd(image, mask, extend, params, context)
+        if any(extend):
+            raise ParameterError("--extend needs a Stable Diffusion model", "pass --model with an SD checkpoint")
         mask = dilate(mask, params.get("dilate") or 0)
         weight = feather(mask, params.get("feather") or 0)
         model = pixel_model.model_for(self.name, context)
         record = {
             "task": self.name,
-            "fill": params.get("fill", "blur"),
+            "fill": params.get("fill") or "blur",
             "steps": params.get("steps") or model.meta.get("steps"),
             "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
             "size": f"{image.width}x{image.height}",
@@ -79,6 +111,30 @@ class Inpaint(Task):
         result[y0:y1, x0:x1] = np.where(w > 0, blended, original[y0:y1, x0:x1])
         return TaskResult([to_pil(result.astype(np.float32) / 255.0, image.alpha)], record)
 
+    def _run_sd(
+        self, image: LoadedImage, mask: np.ndarray, extend: tuple[int, ...], params: dict, context: RunContext
+    ) -> TaskResult:
+        from difftool.plugins.builtin.sd.inpaint import extend_canvas, sd_inpaint
+
+        rgb, alpha, mask = extend_canvas(image.rgb, image.alpha, mask, extend)
+        mask = dilate(mask, params.get("dilate") or 0)
+        weight = feather(mask, params.get("feather") or 0)
+        height, width = mask.shape
+        record = {"task": self.name, "size": f"{width}x{height}", "steps": params.get("steps") or 25}
+        record["scheduler"] = params.get("scheduler") or DEFAULT_SCHEDULER
+        if not weight.any():
+            context.logger.warning("the mask is empty: the image is returned unchanged")
+            return TaskResult([to_pil(rgb, alpha)], record)
+        sd_params = {**params, "steps": record["steps"], "scheduler": record["scheduler"]}
+        painted, model = sd_inpaint(rgb, mask, sd_params, context)
+        record.update(model.record())
+        original = to_uint8(rgb)
+        w = weight[..., None]
+        blended = to_uint8(rgb * (1 - w) + painted * w)
+        # Pixels with zero weight keep the input's exact bytes (the VAE round trip would blur them).
+        result = np.where(w > 0, blended, original)
+        return TaskResult([to_pil(result.astype(np.float32) / 255.0, alpha)], record)
+
 
 def paint(
     model: pixel_model.PixelModel, rgb: np.ndarray, repaint: np.ndarray, params: dict, context: RunContext
@@ -93,8 +149,8 @@ def paint(
     cond = torch.cat([x * (1 - hole), hole], dim=1)
     steps = params.get("steps") or int(model.meta.get("steps", 2))
     init, strength = None, 1.0
-    if params.get("fill", "blur") == "blur":
-        init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength", 0.3))
+    if (params.get("fill") or "blur") == "blur":
+        init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
     out = pixel_model.denoise(
         model,

@@ -1,0 +1,99 @@
+"""Which Stable Diffusion model a run uses: ``--model`` resolution, load options, and a one-model cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from difftool.core.errors import ModelError, ParameterError
+from difftool.core.task import Param, RunContext
+from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model
+
+#: Parameters every Stable Diffusion task declares for loading its model.
+LOAD_PARAMS = (
+    Param("vae", "path", help="a VAE file or folder to use instead of the checkpoint's"),
+    Param("lora", "string", help="LoRA files, comma-separated, each PATH[:WEIGHT] (weight default 1)"),
+    Param(
+        "prediction",
+        "choice",
+        default="auto",
+        choices=("auto", "epsilon", "v"),
+        help="what the U-Net predicts; auto: from the model (SD 2.x single files: v, or a .yaml beside it)",
+    ),
+    Param("allow_pickle", "bool", default=False, help="load .ckpt/.bin pickle files (only from trusted sources)"),
+)
+
+_CACHE: dict[tuple[Any, ...], SDModel] = {}
+
+
+def resolve_path(model: str | None, context: RunContext) -> Path:
+    """The file or folder that ``--model`` names: a path, or a name that ``difftool models`` lists."""
+    if not model:
+        raise ModelError(
+            "this task needs a Stable Diffusion model", "pass --model PATH or a name from `difftool models`"
+        )
+    path = Path(model).expanduser()
+    if path.exists():
+        return path
+    if context.registry is not None:
+        for entry in context.registry.find_models():
+            if entry.name == model:
+                return entry.path
+    raise ModelError(f"model {model!r} not found", "pass a checkpoint path or a name listed by `difftool models`")
+
+
+def is_sd_request(model: str | None, context: RunContext) -> bool:
+    """Whether ``--model`` names a Stable Diffusion model (tasks that also run difftool's own models ask)."""
+    if not model:
+        return False
+    return is_sd_model(resolve_path(model, context))
+
+
+def parse_loras(spec: str | None) -> list[tuple[Path, float]]:
+    """``a.safetensors:0.7,b.safetensors`` -> [(path, 0.7), (path, 1.0)]."""
+    loras = []
+    for item in (spec or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        path, sep, weight = item.rpartition(":")
+        if not sep or not _is_number(weight):
+            path, weight = item, "1"
+        lora = Path(path).expanduser()
+        if not lora.is_file():
+            raise ParameterError(f"LoRA file {path} does not exist", "pass --lora PATH[:WEIGHT] with an existing file")
+        loras.append((lora, float(weight)))
+    return loras
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
+    """Load (or reuse) the model a run asked for with its VAE and LoRA options."""
+    path = resolve_path(context.model, context)
+    loras = parse_loras(params.get("lora"))
+    vae = params.get("vae")
+    key = (
+        str(path.resolve()),
+        path.stat().st_mtime_ns,
+        bool(params.get("allow_pickle")),
+        params.get("prediction") or "auto",
+        str(vae),
+        tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras),
+    )
+    if key not in _CACHE:
+        _CACHE.clear()  # one model at a time: they are gigabytes
+        _CACHE[key] = load_sd_model(
+            path,
+            allow_pickle=bool(params.get("allow_pickle")),
+            prediction=params.get("prediction") or "auto",
+            vae=vae,
+            loras=loras,
+        )
+    return _CACHE[key]

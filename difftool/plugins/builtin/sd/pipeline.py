@@ -1,0 +1,190 @@
+"""The Stable Diffusion pieces around the core sampler: text conditioning, VAE encode/decode, latents.
+
+Each step follows diffusers' reference pipelines (StableDiffusion, Img2Img, Inpaint and their SDXL
+versions) closely enough that the same weights, seed and scheduler give the same image: random
+numbers are drawn from the run's generator in the same order (VAE posterior samples, then noise).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from difftool.core.errors import ModelError, ParameterError
+from difftool.core.task import RunContext
+from difftool.plugins.builtin.sd.loader import SDModel
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("difftool")
+#: Decode in tiles above this many output pixels, so a large image's VAE decode fits memory.
+TILED_DECODE_PIXELS = 1536 * 1536
+
+
+@dataclass
+class TextConditioning:
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+
+
+def encode_prompt(
+    model: SDModel,
+    prompt: str,
+    negative: str,
+    *,
+    clip_skip: int = 1,
+    size: tuple[int, int] | None = None,
+    context: RunContext | None = None,
+) -> TextConditioning:
+    """Prompt and negative prompt -> the U-Net's cross-attention inputs (and SDXL's added conditions).
+
+    ``clip_skip`` follows A1111: 1 uses the last layer, 2 the one before it. Prompts over 77 tokens
+    are truncated with a warning that says what was dropped (as diffusers does).
+    """
+    import torch
+
+    if clip_skip < 1:
+        raise ParameterError(f"clip skip {clip_skip} is below 1", "pass --clip-skip 1 (last layer) or 2")
+    logger = context.logger if context is not None else log
+    with torch.inference_mode():
+        pos, pos_pooled = _encode(model, prompt, clip_skip, logger)
+        neg, neg_pooled = _encode(model, negative, clip_skip, None)
+    cond: dict[str, Any] = {"encoder_hidden_states": pos}
+    uncond: dict[str, Any] = {"encoder_hidden_states": neg}
+    if model.family.xl:
+        if size is None:
+            raise ValueError("SDXL conditioning needs the image size")
+        width, height = size
+        # original size, crop top-left, target size (diffusers' defaults: no crop, original = target)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pos.dtype)
+        cond["added_cond_kwargs"] = {"text_embeds": pos_pooled, "time_ids": time_ids}
+        uncond["added_cond_kwargs"] = {"text_embeds": neg_pooled, "time_ids": time_ids}
+    return TextConditioning(cond, uncond)
+
+
+def _encode(model: SDModel, text: str, clip_skip: int, logger: logging.Logger | None) -> tuple[Any, Any]:
+    import torch
+
+    hidden, pooled = [], None
+    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True):
+        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        if logger is not None and tokenizer is model.tokenizers[0]:
+            _warn_truncated(tokenizer, text, logger)
+        ids = torch.tensor([tokens.input_ids])
+        device = next(encoder.parameters()).device
+        out = encoder(ids.to(device), output_hidden_states=True)
+        if model.family.xl:
+            # SDXL: penultimate layer (+ clip skip), no final norm; pooled output of the last encoder.
+            hidden.append(out.hidden_states[-(clip_skip + 1)])
+            if out[0].ndim == 2:
+                pooled = out[0]
+        elif clip_skip == 1:
+            hidden.append(out[0])
+        else:
+            layer = out.hidden_states[-clip_skip]
+            hidden.append(_final_norm(encoder)(layer))
+    return torch.cat(hidden, dim=-1).float(), None if pooled is None else pooled.float()
+
+
+def _final_norm(encoder: Any) -> Any:
+    text_model = getattr(encoder, "text_model", encoder)
+    return text_model.final_layer_norm
+
+
+def _warn_truncated(tokenizer: Any, text: str, logger: logging.Logger) -> None:
+    ids = tokenizer(text, truncation=False).input_ids
+    limit = tokenizer.model_max_length
+    if len(ids) > limit:
+        dropped = tokenizer.decode(ids[limit - 1 : -1])
+        logger.warning("the prompt has %d tokens; CLIP reads %d, so this was truncated: %r", len(ids), limit, dropped)
+
+
+def check_size(width: int, height: int, what: str = "the image") -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value % 8:
+            raise ParameterError(
+                f"{what}'s {name} {value} is not a multiple of 8", f"pass a {name} such as {max(8, value // 8 * 8)}"
+            )
+
+
+def vae_dtype(model: SDModel, dtype: torch.dtype) -> torch.dtype:
+    """fp16 VAEs overflow to NaN (SD's VAE notoriously); run them in fp32 unless the run is bf16."""
+    import torch
+
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def encode_image(model: SDModel, image: torch.Tensor, context: RunContext) -> torch.Tensor:
+    """A [-1, 1] image batch -> scaled latents, sampled from the VAE posterior with the run's generator."""
+    import torch
+
+    vae = _vae_on(model, context)
+    with torch.inference_mode():
+        dist = vae.encode(image.to(context.device, next(vae.parameters()).dtype)).latent_dist
+        noise = torch.randn(dist.mean.shape, generator=context.generator, dtype=torch.float32)
+        latents = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
+    return latents * vae.config.scaling_factor
+
+
+def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -> torch.Tensor:
+    """Latents -> a [-1, 1] float32 image batch on the CPU. NaN or Inf in the result is an error."""
+    import torch
+
+    vae = _vae_on(model, context)
+    pixels = latents.shape[-1] * latents.shape[-2] * model.vae_scale**2
+    if pixels > TILED_DECODE_PIXELS:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()
+    with torch.inference_mode():
+        z = latents.to(context.device, next(vae.parameters()).dtype) / vae.config.scaling_factor
+        image = vae.decode(z).sample.float().cpu()
+    if not bool(torch.isfinite(image).all()):
+        raise ModelError(
+            "the VAE produced NaN or Inf values; nothing was written",
+            "run with --dtype fp32, or pass a fixed VAE with --vae",
+        )
+    return image
+
+
+def _vae_on(model: SDModel, context: RunContext) -> Any:
+    import torch
+
+    dtype = vae_dtype(model, context.torch_dtype)
+    return torch.nn.Module.to(model.vae, device=context.device, dtype=dtype).eval()
+
+
+def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
+    import torch
+
+    dtype = torch.float32 if context.torch_dtype == torch.float16 and context.device == "cpu" else context.torch_dtype
+    for encoder in model.text_encoders:
+        torch.nn.Module.to(encoder, device=context.device, dtype=dtype).eval()
+
+
+def make_denoiser(model: SDModel, context: RunContext) -> Any:
+    return context.make_denoiser(model.unet, prediction_type=model.prediction_type, model_id=model.sha256)
+
+
+def preview_decoder(model: SDModel, context: RunContext) -> Any:
+    def decode(x0: torch.Tensor) -> Any:
+        from difftool.core.images import to_pil
+
+        image = decode_latents(model, x0[:1], context)
+        return to_pil(to_numpy(image))
+
+    return decode
+
+
+def to_tensor(rgb: Any) -> torch.Tensor:
+    """H x W x 3 float [0, 1] numpy -> 1 x 3 x H x W in [-1, 1]."""
+    import torch
+
+    return torch.from_numpy(rgb).permute(2, 0, 1)[None].float() * 2 - 1
+
+
+def to_numpy(image: torch.Tensor) -> Any:
+    """1 x 3 x H x W in [-1, 1] -> H x W x 3 float32 in [0, 1] (diffusers' postprocess)."""
+    return (image[0] / 2 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()

@@ -1,0 +1,205 @@
+"""The ``generate`` (text-to-image) and ``style`` (img2img style transfer) tasks on Stable Diffusion.
+
+Both need ``--model``: a checkpoint or diffusers folder the user owns (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from difftool.core.errors import ParameterError
+from difftool.core.images import LoadedImage, to_pil
+from difftool.core.task import Param, Port, RunContext, Task, TaskRequest, TaskResult
+from difftool.plugins.builtin.sd import pipeline
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
+from difftool.plugins.hookspecs import hookimpl
+
+DEFAULT_SCHEDULER = "dpmpp-2m-karras"
+
+#: Prompt parameters shared by every Stable Diffusion task.
+PROMPT_PARAMS = (
+    Param("negative_prompt", "string", default="", help="what the image should not show", multiline=True),
+    Param("steps", "int", default=25, min=1, max=500, help="denoising steps"),
+    Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="classifier-free guidance (CFG) scale"),
+    Param("scheduler", "choice", default=DEFAULT_SCHEDULER, choices_from="schedulers", help="sampler"),
+    Param("clip_skip", "int", default=1, min=1, max=12, help="text encoder layer from the end (A1111: 1 = last)"),
+)
+
+#: ``--style`` presets: (prompt template, negative prompt). ``{}`` is the user's ``--prompt``.
+STYLE_PRESETS: dict[str, tuple[str, str]] = {
+    "oil painting": (
+        "an oil painting of {}, thick impasto brush strokes, canvas texture, rich colours",
+        "photo, photograph, smooth, blurry",
+    ),
+    "watercolor": (
+        "a watercolor painting of {}, soft washes, wet-on-wet, paper texture, light colours",
+        "photo, photograph, harsh lines, oversaturated",
+    ),
+    "ink sketch": (
+        "an ink sketch of {}, black pen lines, cross-hatching, white paper, monochrome",
+        "colour, photo, photograph, blurry",
+    ),
+    "anime": (
+        "anime style illustration of {}, cel shading, clean line art, vibrant colours",
+        "photo, photograph, realistic, 3d render",
+    ),
+}
+
+
+def run_sd(
+    model: Any,
+    context: RunContext,
+    params: dict[str, Any],
+    *,
+    prompt: str,
+    negative: str,
+    size: tuple[int, int],
+    init: Any = None,
+    strength: float = 1.0,
+    extra: dict[str, Any] | None = None,
+    noise: Any = None,
+    step_hook: Any = None,
+    scheduler: Any = None,
+) -> Any:
+    """Sample latents for ``size`` (width, height) through the core sampler; returns latents."""
+    from difftool.core.sampler import sample
+
+    pipeline.prepare_text_encoders(model, context)
+    text = pipeline.encode_prompt(
+        model, prompt, negative, clip_skip=int(params.get("clip_skip") or 1), size=size, context=context
+    )
+    denoiser = pipeline.make_denoiser(model, context)
+    if scheduler is None:
+        scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
+    width, height = size
+    channels = model.unet.config.out_channels
+    shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
+    return sample(
+        denoiser,
+        scheduler,
+        steps=int(params.get("steps") or 25),
+        context=context,
+        shape=shape,
+        init=init,
+        strength=strength,
+        cond={**text.cond, **(extra or {})},
+        uncond=text.uncond,
+        guidance_scale=float(params.get("guidance_scale", 7.0)),
+        noise=noise,
+        step_hook=step_hook,
+        decode_preview=pipeline.preview_decoder(model, context) if context.preview_every else None,
+    )
+
+
+class Generate(Task):
+    name = "generate"
+    summary = "Make an image from a text prompt with a Stable Diffusion model"
+    uses_model = True
+    inputs = ()
+    params = (
+        Param("prompt", "string", required=True, help="what to draw", multiline=True),
+        *PROMPT_PARAMS,
+        Param("width", "int", default=None, min=64, max=4096, help="multiple of 8 (default: the model's native size)"),
+        Param("height", "int", default=None, min=64, max=4096, help="multiple of 8 (default: the model's native size)"),
+        *LOAD_PARAMS,
+    )
+
+    def availability(self, model: str | None) -> str | None:
+        return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        params = request.params
+        model = sd_model_for(context, params)
+        if model.family.inpainting:
+            raise ParameterError(
+                f"{model.name} is an inpainting model", "use it with `difftool run inpaint`, or pass a base model"
+            )
+        width = params.get("width") or model.family.native_size
+        height = params.get("height") or model.family.native_size
+        pipeline.check_size(width, height, "the output")
+        latents = run_sd(
+            model,
+            context,
+            params,
+            prompt=params["prompt"],
+            negative=params.get("negative_prompt") or "",
+            size=(width, height),
+        )
+        image = pipeline.decode_latents(model, latents, context)
+        record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
+        return TaskResult([to_pil(pipeline.to_numpy(image))], record)
+
+
+class Style(Task):
+    name = "style"
+    summary = "Restyle an image (oil painting, watercolor, ...) with a Stable Diffusion model"
+    uses_model = True
+    inputs = (Port("image", "image", "the image to restyle"),)
+    params = (
+        Param("style", "choice", default=None, choices=tuple(STYLE_PRESETS), help="a preset style prompt"),
+        Param("prompt", "string", default="", help="what the image shows, or a full style prompt", multiline=True),
+        Param("strength", "float", default=0.6, min=0.01, max=1.0, help="how far from the input (1: ignore it)"),
+        *PROMPT_PARAMS,
+        *LOAD_PARAMS,
+    )
+
+    def availability(self, model: str | None) -> str | None:
+        return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        params = request.params
+        image: LoadedImage = request.inputs["image"]
+        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")
+        negative = ", ".join(p for p in (params.get("negative_prompt") or "", negative) if p)
+        model = sd_model_for(context, params)
+        if model.family.inpainting:
+            raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to style")
+        # The VAE needs sizes in multiples of 8: work at the nearest such size, restore the input's after.
+        width, height = (max(8, round(v / 8) * 8) for v in image.size)
+        rgb = image.rgb
+        if (width, height) != image.size:
+            rgb = _resize(rgb, (width, height))
+        init = pipeline.encode_image(model, pipeline.to_tensor(rgb), context)
+        latents = run_sd(
+            model,
+            context,
+            params,
+            prompt=prompt,
+            negative=negative,
+            size=(width, height),
+            init=init,
+            strength=float(params.get("strength", 0.6)),
+        )
+        out = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
+        if (width, height) != image.size:
+            out = _resize(out, image.size)
+        record = {"task": self.name, "prompt": prompt, "size": f"{image.width}x{image.height}", **model.record()}
+        if negative:
+            record["negative_prompt"] = negative
+        return TaskResult([to_pil(out, image.alpha)], record)
+
+
+def style_prompt(style: str | None, prompt: str) -> tuple[str, str]:
+    """The prompt and extra negative prompt for a preset (or the user's prompt alone)."""
+    if style is None:
+        if not prompt:
+            raise ParameterError("style needs --style or --prompt", f"pass --style ({', '.join(STYLE_PRESETS)})")
+        return prompt, ""
+    template, negative = STYLE_PRESETS[style]
+    return template.format(prompt or "the scene"), negative
+
+
+def _resize(rgb: Any, size: tuple[int, int]) -> Any:
+    import numpy as np
+
+    channels = [np.asarray(Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS)) for c in range(3)]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+@hookimpl
+def register_tasks(register: Callable[[type[Task]], None]) -> None:
+    register(Generate)
+    register(Style)

@@ -1,0 +1,235 @@
+"""Tiny random-weight Stable Diffusion components for tests, saved in real formats and key layouts.
+
+``ldm_*_keys`` rename diffusers state dicts to the original (LDM / A1111) single-file layout; the
+tests check the renaming by loading the file back through diffusers' own converter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
+
+SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+def unet_config(in_channels: int = 4, xl: bool = False) -> dict[str, Any]:
+    config: dict[str, Any] = dict(
+        sample_size=16,
+        in_channels=in_channels,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4) if xl else 8,
+        norm_num_groups=32,
+    )
+    if xl:
+        config.update(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 time ids + pooled text (text_encoder_2)
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
+        )
+    return config
+
+
+VAE_CONFIG = dict(
+    block_out_channels=(32, 64),
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    latent_channels=4,
+    norm_num_groups=32,
+    layers_per_block=1,
+    sample_size=32,
+)
+
+
+def text_config(projection: bool = False) -> dict[str, Any]:
+    return dict(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu" if projection else "quick_gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+
+
+def components(in_channels: int = 4, xl: bool = False, seed: int = 0) -> dict[str, Any]:
+    """Random-weight components of a tiny SD 1.x-style (or SDXL-style) pipeline."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    parts: dict[str, Any] = {
+        "unet": UNet2DConditionModel(**unet_config(in_channels, xl)).eval(),
+        "vae": AutoencoderKL(**VAE_CONFIG).eval(),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config())).eval(),
+        "tokenizer": clip_tokenizer("clip"),
+        "scheduler": PNDMScheduler.from_config(SCHEDULER_CONFIG),
+    }
+    if xl:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(True))).eval()
+        parts["tokenizer_2"] = clip_tokenizer("openclip")
+    return parts
+
+
+def save_folder(parts: dict[str, Any], path: Path) -> Path:
+    """A diffusers pipeline folder (safetensors), as ``save_pretrained`` writes it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if "text_encoder_2" in parts:
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(
+            **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+# --- the original single-file key layout -------------------------------------------------------
+
+
+def _resnet(key: str) -> str:
+    for new, old in (
+        ("norm1", "in_layers.0"),
+        ("conv1", "in_layers.2"),
+        ("norm2", "out_layers.0"),
+        ("conv2", "out_layers.3"),
+        ("time_emb_proj", "emb_layers.1"),
+        ("conv_shortcut", "skip_connection"),
+    ):
+        key = key.replace(new + ".", old + ".")
+    return key
+
+
+def ldm_unet_keys(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    layers = config["layers_per_block"]
+    up_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        head = ".".join(parts[:2]) if ".".join(parts[:2]) in fixed else parts[0]
+        if head in fixed:
+            new = fixed[head] + "." + key[len(head) + 1 :]
+        elif parts[0] == "down_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"input_blocks.{(layers + 1) * i + j + 1}.0.{_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"input_blocks.{(layers + 1) * i + j + 1}.1.{rest}"
+            else:  # downsamplers.0.conv
+                new = f"input_blocks.{(layers + 1) * (i + 1)}.0.op.{'.'.join(parts[5:])}"
+        elif parts[0] == "mid_block":
+            kind, j, rest = parts[1], int(parts[2]), ".".join(parts[3:])
+            new = f"middle_block.{2 * j}.{_resnet(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
+        elif parts[0] == "up_blocks":
+            i, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), ".".join(parts[4:])
+            if kind == "resnets":
+                new = f"output_blocks.{(layers + 1) * i + j}.0.{_resnet(rest)}"
+            elif kind == "attentions":
+                new = f"output_blocks.{(layers + 1) * i + j}.1.{rest}"
+            else:  # upsamplers.0.conv
+                new = f"output_blocks.{(layers + 1) * i + layers}.{2 if up_attn[i] else 1}.{rest}"
+        else:
+            raise KeyError(key)
+        out["model.diffusion_model." + new] = value
+    return out
+
+
+def ldm_vae_keys(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    blocks = len(config["block_out_channels"])
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        parts = new.split(".")
+        if parts[1] == "down_blocks":
+            i = int(parts[2])
+            if parts[3] == "resnets":
+                new = f"{parts[0]}.down.{i}.block.{'.'.join(parts[4:])}"
+            else:
+                new = f"{parts[0]}.down.{i}.downsample.{'.'.join(parts[5:])}"
+        elif parts[1] == "up_blocks":
+            i = blocks - 1 - int(parts[2])
+            if parts[3] == "resnets":
+                new = f"{parts[0]}.up.{i}.block.{'.'.join(parts[4:])}"
+            else:
+                new = f"{parts[0]}.up.{i}.upsample.{'.'.join(parts[5:])}"
+        elif parts[1] == "mid_block":
+            if parts[2] == "resnets":
+                new = f"{parts[0]}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}"
+            else:
+                names = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+                rest = parts[4:]
+                if rest[0] == "to_out":
+                    rest = rest[:1] + rest[2:]
+                new = f"{parts[0]}.mid.attn_1.{names[rest[0]]}.{'.'.join(rest[1:])}"
+                if rest[0] != "group_norm" and rest[-1] == "weight":
+                    value = value.reshape(*value.shape, 1, 1)
+        out["first_stage_model." + new] = value
+    return out
+
+
+def ldm_clip_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """CLIP ViT-L keys as SD 1.x files hold them (transformers >= 5.6 dropped the ``text_model.`` level)."""
+    return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
+
+
+def save_single_file(parts: dict[str, Any], path: Path, with_sidecar: bool = True) -> Path:
+    """An SD 1.x-style single-file checkpoint (original key layout) and, for tiny sizes, its sidecar configs."""
+    from safetensors.torch import save_file
+
+    state = {
+        **ldm_unet_keys(parts["unet"].state_dict(), dict(parts["unet"].config)),
+        **ldm_vae_keys(parts["vae"].state_dict(), dict(parts["vae"].config)),
+        **ldm_clip_keys(parts["text_encoder"].state_dict(), "cond_stage_model.transformer."),
+    }
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    if with_sidecar:
+        sidecar = path.with_name(path.name + ".diffusers")
+        for name in ("unet", "vae", "text_encoder"):
+            (sidecar / name).mkdir(parents=True, exist_ok=True)
+            parts[name].config.to_json_file(sidecar / name / "config.json") if name == "text_encoder" else (
+                parts[name].save_config(sidecar / name)
+            )
+        (sidecar / "scheduler").mkdir(exist_ok=True)
+        (sidecar / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    return path

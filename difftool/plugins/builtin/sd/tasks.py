@@ -102,8 +102,8 @@ class Generate(Task):
     params = (
         Param("prompt", "string", required=True, help="what to draw", multiline=True),
         *PROMPT_PARAMS,
-        Param("width", "int", default=None, min=64, max=4096, help="multiple of 8 (default: the model's native size)"),
-        Param("height", "int", default=None, min=64, max=4096, help="multiple of 8 (default: the model's native size)"),
+        Param("width", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
+        Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         *LOAD_PARAMS,
     )
 

@@ -48,11 +48,14 @@ def expand_inputs(specs: list[str]) -> list[BatchItem]:
     return items
 
 
-def output_paths(items: list[BatchItem], output: str | None, task: str, count: int = 1) -> list[list[Path]]:
+def output_paths(
+    items: list[BatchItem], output: str | None, task: str, count: int = 1, generated: bool = False
+) -> list[list[Path]]:
     """Where each input's ``count`` outputs go.
 
     ``-o FILE.png`` with one input writes that file; ``-o DIR`` writes ``DIR/<key>.png``; no ``-o``
     writes ``<input stem>.<task>.png`` beside each input. Several outputs get ``-1``, ``-2``, ... suffixes.
+    ``generated`` items (tasks without inputs) are named by their key: ``generate-SEED.png``.
     """
 
     def numbered(base: Path) -> list[Path]:
@@ -67,4 +70,6 @@ def output_paths(items: list[BatchItem], output: str | None, task: str, count: i
                 raise ParameterError(f"-o {output} is one file but there are {len(items)} inputs", "pass -o FOLDER")
             return [numbered(out)]
         return [numbered((out / item.key).with_suffix(".png")) for item in items]
+    if generated:
+        return [numbered(item.path) for item in items]
     return [numbered(item.path.with_name(f"{item.path.stem}.{task}.png")) for item in items]

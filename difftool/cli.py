@@ -83,33 +83,48 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
 
 def task_command(name: str, registry: Any) -> click.Command:
     task = registry.task(name)
-    params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=True)]
+    params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=bool(task.inputs))]
     params += [click_option(p, registry) for p in task.params]
     params += common_options(task, registry)
+    if not task.inputs:
+        params.append(
+            click.Option(
+                ["--batch-count"], type=click.IntRange(1, 10000), default=1, show_default=True, help="images to make"
+            )
+        )
 
     def callback(**values: Any) -> None:
         run_batch(name, registry, values)
 
     inputs = ", ".join(f"{p.name} ({p.kind})" for p in task.inputs)
+    usage = (
+        f"INPUTS: {inputs}; files, folders or glob patterns."
+        if task.inputs
+        else "Takes no input files; --batch-count N makes N images with seeds SEED, SEED+1, ..."
+    )
     return click.Command(
         name,
         params=params,
         callback=callback,
-        help=f"{task.summary}.\n\nINPUTS: {inputs}; files, folders or glob patterns.",
+        help=f"{task.summary}.\n\n{usage}",
         short_help=task.summary,
     )
 
 
 def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
+    from pathlib import Path
+
     from tqdm import tqdm
 
     from difftool import api
-    from difftool.batch import expand_inputs, output_paths
+    from difftool.batch import BatchItem, expand_inputs, output_paths
+    from difftool.core.errors import ParameterError
     from difftool.core.images import save_image
 
     debug = values.pop("debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     specs = list(values.pop("inputs"))
+    count = values.pop("batch_count", 1)
     output, overwrite, as_json = values.pop("output"), values.pop("overwrite"), values.pop("as_json")
     common = {k: values.pop(k) for k in ("backend", "device", "dtype", "seed") if k in values}
     common["model"] = values.pop("model", None)
@@ -122,19 +137,26 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
 
             raise ModelError(f"task {task_name!r} cannot run: {reason}")
         registry.backend(common["backend"], common["device"])
-        items = expand_inputs(specs)
-        targets = output_paths(items, output, task_name, count=len(task.outputs))
+        base_seed = common.pop("seed")
+        base_seed = api.new_seed() if base_seed is None else base_seed
+        if task.inputs:
+            items = expand_inputs(specs)
+            targets = output_paths(items, output, task_name, count=len(task.outputs))
+            seeds = [base_seed if len(items) == 1 else api.derive_seed(base_seed, item.key) for item in items]
+        else:
+            if specs:
+                raise ParameterError(f"task {task_name!r} takes no input files, got {specs[0]!r}", "drop them")
+            seeds = [base_seed + i for i in range(count)]
+            items = [BatchItem(Path(f"{task_name}-{seed}.png"), f"{task_name}-{seed}") for seed in seeds]
+            targets = output_paths(items, output, task_name, count=len(task.outputs), generated=True)
         existing = [p for paths in targets for p in paths if p.exists()]
         if existing and not overwrite:
             raise OutputExistsError(f"{existing[0]} exists", "pass --overwrite to replace it or -o another path")
     except DifftoolError as error:
         fail(error, debug)
-    base_seed = common.pop("seed")
-    base_seed = api.new_seed() if base_seed is None else base_seed
     results: list[dict[str, Any]] = []
     overall = tqdm(total=len(items), unit="img", disable=None if len(items) > 1 else True, file=sys.stderr)
-    for item, paths in zip(items, targets, strict=True):
-        seed = base_seed if len(items) == 1 else api.derive_seed(base_seed, item.key)
+    for item, paths, seed in zip(items, targets, seeds, strict=True):
         bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
 
         def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
@@ -142,9 +164,10 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             bar.update(step - bar.n)
 
         started = time.perf_counter()
-        entry: dict[str, Any] = {"input": str(item.path), "seed": seed}
+        entry: dict[str, Any] = {"input": str(item.path) if task.inputs else None, "seed": seed}
         try:
-            result = api.run(task_name, item.path, seed=seed, progress=progress, registry=registry, **common, **params)
+            args = (item.path,) if task.inputs else ()
+            result = api.run(task_name, *args, seed=seed, progress=progress, registry=registry, **common, **params)
             for image, path in zip(result.images, paths, strict=True):
                 save_image(image, path, result.record)
             entry.update(status="ok", outputs=[str(p) for p in paths])
@@ -170,7 +193,8 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     else:
         for r in results:
             if r["status"] == "ok":
-                click.echo(f"{r['input']} -> {', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
+                source = f"{r['input']} -> " if r["input"] else ""
+                click.echo(f"{source}{', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
         if len(results) > 1:
             click.echo(f"{len(results) - len(failed)} done, {len(failed)} failed", err=True)
     if failed:

@@ -84,6 +84,9 @@ class ParamForm(QWidget):
             box.setDecimals(3)
             box.setSingleStep(0.05)
             box.setRange(param.min if param.min is not None else -1e9, param.max if param.max is not None else 1e9)
+            if param.default is None:  # one step below the range reads "(default)", as for integers
+                box.setSpecialValueText(DEFAULT_CHOICE)
+                box.setMinimum(box.minimum() - box.singleStep())
             return box
         if param.type == "bool":
             return QCheckBox()
@@ -104,7 +107,7 @@ class ParamForm(QWidget):
             if isinstance(widget, QSpinBox):
                 widget.setValue(widget.minimum() if default is None else int(default))
             elif isinstance(widget, QDoubleSpinBox):
-                widget.setValue(float(default or 0.0))
+                widget.setValue(widget.minimum() if default is None else float(default))
             elif isinstance(widget, QCheckBox):
                 widget.setChecked(bool(default))
             elif isinstance(widget, QComboBox):
@@ -142,7 +145,7 @@ class ParamForm(QWidget):
             if isinstance(widget, QSpinBox):
                 value: Any = None if widget.value() == widget.minimum() and param.default is None else widget.value()
             elif isinstance(widget, QDoubleSpinBox):
-                value = widget.value()
+                value = None if widget.value() == widget.minimum() and param.default is None else widget.value()
             elif isinstance(widget, QCheckBox):
                 value = widget.isChecked()
             elif isinstance(widget, QComboBox):
@@ -150,9 +153,9 @@ class ParamForm(QWidget):
             elif isinstance(widget, PathField):
                 value = widget.text() or None
             elif isinstance(widget, QPlainTextEdit):
-                value = widget.toPlainText()
+                value = widget.toPlainText() or (None if param.default is None else "")
             else:
-                value = widget.text()
+                value = widget.text() or (None if param.default is None else "")
             if value is not None:
                 out[param.name] = value
         return out

@@ -37,7 +37,20 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 )
 #: Option names every ``difftool run`` command has; a task parameter may not take one.
 COMMON_OPTIONS = frozenset(
-    {"model", "backend", "device", "dtype", "seed", "output", "overwrite", "json", "debug", "inputs", "help"}
+    {
+        "model",
+        "backend",
+        "device",
+        "dtype",
+        "seed",
+        "output",
+        "overwrite",
+        "json",
+        "debug",
+        "inputs",
+        "help",
+        "batch_count",
+    }
 )
 
 

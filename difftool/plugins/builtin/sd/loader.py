@@ -220,7 +220,7 @@ def _load_exact(module: Any, state: dict[str, Any], what: str) -> None:
     for key, value in state.items():
         if key in own and tuple(own[key].shape) != tuple(value.shape):
             raise ModelError(
-                f"{what}: weight {key} has shape {tuple(value.shape)}, the architecture expects {tuple(own[key].shape)}",
+                f"{what}: weight {key} has shape {tuple(value.shape)}, the model expects {tuple(own[key].shape)}",
                 "pass weights made for this model family",
             )
     missing, unexpected = module.load_state_dict(state, strict=False)

@@ -1,0 +1,149 @@
+"""Offline loading: tokenizers, family detection, single files, pickles, and what bad files say."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from difftool import api
+from difftool.core.errors import ModelError
+from difftool.plugins.builtin.sd import checkpoint, loader
+from difftool.plugins.builtin.sd.families import FAMILIES, detect_family
+from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
+
+from . import tiny
+
+
+def test_clip_tokenizers_are_built_offline_from_the_bpe_file() -> None:
+    ids = clip_tokenizer("clip")("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert ids[:7] == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert ids[7:] == [49407] * 70 and len(ids) == 77
+    openclip = clip_tokenizer("openclip")("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert openclip[:7] == ids[:7] and openclip[7:] == [0] * 70  # SD 2.x / SDXL pad with "!"
+    assert len(clip_tokenizer().get_vocab()) == 49408
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_detected_from_original_key_layout(name: str) -> None:
+    """Full-size shapes of every family (meta tensors) -> detected family; diffusers maps them back."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    family = FAMILIES[name]
+    config = family.config("unet")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+    original = tiny.ldm_unet_keys(unet.state_dict(), config)
+    assert detect_family({k: tuple(v.shape) for k, v in original.items()}) is family
+    # The shipped config and the original layout agree: diffusers' converter recovers every weight.
+    converted = convert_ldm_unet_checkpoint(original, config)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in unet.state_dict().items()
+    }
+
+
+def test_unknown_checkpoint_names_what_it_found(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    lora = tmp_path / "style.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}, str(lora))
+    with pytest.raises(ModelError, match=r"no Stable Diffusion U-Net: found 1 tensors \(lora.*--lora"):
+        loader.load_sd_model(lora)
+    refiner = {
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
+    }
+    with pytest.raises(ModelError, match="SDXL refiner"):
+        detect_family(refiner)
+    with pytest.raises(ModelError, match="8 input channels"):
+        detect_family(
+            {
+                "model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3),
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768),
+            }
+        )
+
+
+@pytest.fixture(scope="module")
+def parts() -> dict[str, Any]:
+    return tiny.components(seed=5)
+
+
+def test_single_file_loads_with_identical_outputs(parts: dict, tmp_path: Path) -> None:
+    folder = tiny.save_folder(parts, tmp_path / "folder")
+    single = tiny.save_single_file(parts, tmp_path / "tiny.safetensors")
+    common = dict(prompt="a lighthouse", width=32, height=32, steps=3, seed=11, dtype="fp32", scheduler="euler-a")
+    a = api.run("generate", model=str(folder), **common)
+    b = api.run("generate", model=str(single), **common)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert b.record["model"] == "tiny" and len(b.record["model_hash"]) == 10
+
+
+class WritesAFile:
+    """A pickle whose loading would create a file: the classic malicious .ckpt."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.write_text, (self.target, "pwned"))
+
+
+def test_pickles_are_refused_and_never_executed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    victim = tmp_path / "victim.txt"
+    ckpt = tmp_path / "evil.ckpt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": {"x": WritesAFile(victim)}}))
+    with pytest.raises(ModelError, match=r"evil.ckpt is a pickle file.*--allow-pickle"):
+        loader.load_sd_model(ckpt)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ModelError, match="cannot be loaded safely"):
+        checkpoint.load_state_dict(ckpt, allow_pickle=True)
+    assert not victim.exists()
+
+
+def test_allow_pickle_loads_a_plain_tensor_checkpoint(parts: dict, tmp_path: Path) -> None:
+    single = tiny.save_single_file(parts, tmp_path / "tiny.safetensors")
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": load_file(str(single))}, ckpt)
+    os.rename(single.with_name("tiny.safetensors.diffusers"), ckpt.with_name("tiny.ckpt.diffusers"))
+    model = loader.load_sd_model(ckpt, allow_pickle=True)
+    assert model.family.name == "sd1"
+    assert torch.equal(model.unet.conv_in.weight, parts["unet"].conv_in.weight)
+
+
+def test_bin_only_folder_is_refused_unless_opted_in(parts: dict, tmp_path: Path) -> None:
+    folder = tiny.save_folder(parts, tmp_path / "folder")
+    for weights in folder.glob("*/*.safetensors"):
+        state = __import__("safetensors.torch").torch.load_file(str(weights))
+        name = "pytorch_model.bin" if weights.parent.name == "text_encoder" else "diffusion_pytorch_model.bin"
+        torch.save(state, weights.with_name(name))
+        weights.unlink()
+    with pytest.raises(ModelError, match=r"only pickle \(.bin\) weights"):
+        loader.load_sd_model(folder)
+    assert loader.load_sd_model(folder, allow_pickle=True).family.name == "sd1"
+
+
+def test_long_prompts_are_truncated_with_a_warning(parts: dict, tmp_path: Path, caplog) -> None:
+    folder = tiny.save_folder(parts, tmp_path / "folder")
+    prompt = " ".join(["cat"] * 80) + " zebra"
+    with caplog.at_level(logging.WARNING, logger="difftool"):
+        api.run("generate", model=str(folder), prompt=prompt, width=16, height=16, steps=1, seed=0, dtype="fp32")
+    assert "truncated" in caplog.text and "zebra" in caplog.text
+
+
+def test_mismatched_weights_name_the_key_and_both_shapes(parts: dict, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    vae = tmp_path / "vae.safetensors"
+    save_file(dict(parts["vae"].state_dict()), str(vae))  # a tiny VAE is not an SD 1.x VAE
+    with pytest.raises(ModelError, match=r"weight \S+ has shape \(\d+[\d, ]*\), the model expects \(\d+"):
+        loader.load_vae(vae, FAMILIES["sd1"], allow_pickle=False)

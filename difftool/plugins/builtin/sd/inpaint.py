@@ -82,7 +82,7 @@ def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str
 
     y0, y1, x0, x1 = crop_box(hole > 0, int(params.get("context") or 32), (hole.shape[1], hole.shape[0]))
     crop_h, crop_w = y1 - y0, x1 - x0
-    scale = model.family.native_size / max(crop_h, crop_w)
+    scale = model.native_size / max(crop_h, crop_w)
     work = (max(8, round(crop_w * scale / 8) * 8), max(8, round(crop_h * scale / 8) * 8))
     crop = _resize(rgb[y0:y1, x0:x1], work, Image.Resampling.LANCZOS)
     crop_hole = (_resize(hole[y0:y1, x0:x1, None], work, Image.Resampling.BILINEAR)[..., 0] > 0).astype(np.float32)

@@ -53,6 +53,13 @@ class SDModel:
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
+    def native_size(self) -> int:
+        """The resolution the model was trained at, from its U-Net config (SD 1.x: 512, SDXL: 1024)."""
+        sample_size = self.unet.config.sample_size
+        size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        return int(size) * self.vae_scale if size else self.family.native_size
+
+    @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 

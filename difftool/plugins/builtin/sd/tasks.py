@@ -117,8 +117,8 @@ class Generate(Task):
             raise ParameterError(
                 f"{model.name} is an inpainting model", "use it with `difftool run inpaint`, or pass a base model"
             )
-        width = params.get("width") or model.family.native_size
-        height = params.get("height") or model.family.native_size
+        width = params.get("width") or model.native_size
+        height = params.get("height") or model.native_size
         pipeline.check_size(width, height, "the output")
         latents = run_sd(
             model,

@@ -42,9 +42,37 @@ def detect_folder(path: Path) -> str | None:
             return f"difftool-{json.loads(meta.read_text()).get('task', '?')}"
         except (OSError, json.JSONDecodeError):
             return "difftool-(unreadable difftool.json)"
+    unet_config = path / "unet" / "config.json"
+    if unet_config.is_file():
+        from difftool.core.errors import ModelError
+        from difftool.plugins.builtin.sd.families import family_from_unet_config
+
+        try:
+            return family_from_unet_config(json.loads(unet_config.read_text())).name
+        except (OSError, json.JSONDecodeError, ModelError):
+            return "diffusers (unsupported U-Net)"
     if (path / "model_index.json").is_file():
         return "diffusers-pipeline"
     return None
+
+
+def detect_file(path: Path) -> str:
+    """What a weights file holds, from its safetensors header only: a family, ``lora``, ``vae``, or why not."""
+    from difftool.core.errors import ModelError
+    from difftool.plugins.builtin.sd.checkpoint import read_shapes
+    from difftool.plugins.builtin.sd.families import component_kind, detect_family
+
+    sidecar = path.with_name(path.name + ".diffusers")
+    if sidecar.is_dir():  # configs beside a checkpoint of a non-standard size (see sd/loader.py)
+        return detect_folder(sidecar) or "unsupported checkpoint"
+    if path.suffix.lower() != ".safetensors":
+        return "pickle (needs --allow-pickle)"
+    try:
+        shapes = read_shapes(path)
+        kind = component_kind(shapes)
+        return detect_family(shapes).name if kind == "checkpoint" else kind
+    except ModelError as error:
+        return f"unreadable ({error.problem})" if "safetensors" in error.problem else "unsupported checkpoint"
 
 
 class FolderModelSource(ModelSource):
@@ -58,15 +86,12 @@ class FolderModelSource(ModelSource):
             folders = [root] + [root / sub for sub in KNOWN_SUBFOLDERS if (root / sub).is_dir()]
             for folder in folders:
                 for child in sorted(folder.iterdir()):
-                    if child.is_dir():
+                    if child.is_dir() and not child.name.endswith(".diffusers"):  # not a checkpoint's sidecar
                         family = detect_folder(child)
                         if family:
                             found.append(ModelEntry(child.name, child, family, str(root)))
                     elif child.suffix.lower() in WEIGHT_SUFFIXES:
-                        kind = (
-                            "pickle (needs --allow-pickle)" if child.suffix.lower() != ".safetensors" else "single file"
-                        )
-                        found.append(ModelEntry(child.stem, child, kind, str(root)))
+                        found.append(ModelEntry(child.stem, child, detect_file(child), str(root)))
         return found
 
 

@@ -110,7 +110,8 @@ def component_kind(shapes: Mapping[str, Sequence[int]]) -> str:
         return "checkpoint"
     if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
         return "lora"
-    if any(k.startswith(("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")) for k in keys):
+    vae_prefixes = ("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", "first_stage_model.")
+    if any(k.startswith(vae_prefixes) for k in keys):
         return "vae"
     return "unknown"
 

@@ -123,3 +123,43 @@ def test_errors_are_one_line(models: dict, run, picture: Path, tmp_path: Path) -
     result = run("generate", "--model", models["inpaint"], "--prompt", "x", "-o", tmp_path / "d.png")
     assert result.exit_code != 0 and "inpainting model" in result.stderr
     assert not any((tmp_path / name).exists() for name in ("a.png", "b.png", "c.png", "d.png"))
+
+
+def test_models_lists_families_and_names_resolve(models: dict, run, tmp_path: Path, monkeypatch) -> None:
+    import shutil
+
+    from difftool.plugins.builtin.sd.families import FAMILIES
+
+    root = tmp_path / "ComfyUI"
+    for sub in ("models/checkpoints", "models/loras", "models/vae"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(models["file"], root / "models/checkpoints/tiny-file.safetensors")
+    sidecar = models["file"].with_name(models["file"].name + ".diffusers")
+    shutil.copytree(sidecar, root / "models/checkpoints" / sidecar.name)
+    shutil.copytree(models["folder"], root / "models/checkpoints/tiny-folder")
+    shutil.copytree(models["inpaint"], root / "models/checkpoints/tiny-inpaint")
+    from safetensors.torch import save_file
+
+    from .test_loading import tiny as tiny_mod
+
+    parts = tiny_mod.components()
+    save_file(
+        tiny_mod.ldm_vae_keys(parts["vae"].state_dict(), dict(parts["vae"].config)),
+        str(root / "models/vae/v.safetensors"),
+    )
+    import torch
+
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(root / "models/loras/l.safetensors"))
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(root))
+    listing = CliRunner().invoke(cli.cli, ["models"])
+    assert listing.exit_code == 0, listing.output
+    rows = {line.split()[0]: line.split()[1] for line in listing.output.splitlines() if line.strip()}
+    # A tiny single file is recognised through its sidecar configs; full-size ones from the header.
+    assert rows["tiny-file"] == "sd1" and rows["tiny-folder"] == "sd1" and rows["tiny-inpaint"] == "sd1-inpaint"
+    assert rows["v"] == "vae" and rows["l"] == "lora"
+    assert not any(name.endswith(".diffusers") for name in rows)
+    assert set(FAMILIES) >= {rows["tiny-file"], rows["tiny-inpaint"]}
+    out = tmp_path / "by-name.png"
+    result = run("generate", "--model", "tiny-folder", "--prompt", "x", "--steps", 1, "--width", 16, "--height", 16,
+                 "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output

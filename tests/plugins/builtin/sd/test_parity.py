@@ -185,3 +185,83 @@ def test_inpaint_matches_inpaint_pipeline(scheduler: str, nine_channel: bool, re
     assert np.abs(ours_px[inside] - ref_px[inside]).max() <= 1
     assert np.array_equal(ours_px[~inside], src_px[~inside])
     assert np.abs(ours_px[inside] - src_px[inside]).mean() > 5  # the hole really was repainted
+
+
+@pytest.fixture(scope="module")
+def xl_parts() -> dict[str, Any]:
+    return tiny.components(xl=True, seed=2)
+
+
+@pytest.fixture(scope="module")
+def xl_folder(xl_parts: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.save_folder(xl_parts, tmp_path_factory.mktemp("sd") / "tiny-sdxl")
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_sdxl_generate_matches_sdxl_pipeline(scheduler: str, xl_parts: dict, xl_folder: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    ours = api.run(
+        "generate",
+        model=str(xl_folder),
+        prompt="a glass teapot",
+        negative_prompt="dust",
+        width=48,
+        height=32,
+        steps=STEPS,
+        guidance_scale=5.0,
+        scheduler=scheduler,
+        seed=SEED,
+        dtype="fp32",
+    )
+    pipe = StableDiffusionXLPipeline(**{**xl_parts, "scheduler": reference_scheduler(scheduler)})
+    ref = pipe(
+        "a glass teapot",
+        negative_prompt="dust",
+        width=48,
+        height=32,
+        num_inference_steps=STEPS,
+        guidance_scale=5.0,
+        generator=generator(),
+    ).images[0]
+    assert ours.record["model_family"] == "sdxl"
+    assert max_diff(ours.images[0], ref) <= 1
+
+
+def test_sdxl_style_matches_sdxl_img2img_pipeline(xl_parts: dict, xl_folder: Path) -> None:
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    source = photo()
+    ours = api.run(
+        "style", source, model=str(xl_folder), prompt="pastel", strength=0.5, steps=6, seed=SEED, dtype="fp32",
+        scheduler="euler-a", guidance_scale=4.0,
+    )  # fmt: skip
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        **{**xl_parts, "scheduler": reference_scheduler("euler-a")}, requires_aesthetics_score=False
+    )
+    ref = pipe(
+        "pastel", image=source, negative_prompt="", strength=0.5, num_inference_steps=6, guidance_scale=4.0,
+        generator=generator(),
+    ).images[0]  # fmt: skip
+    assert max_diff(ours.images[0], ref) <= 1
+
+
+def test_sdxl_inpaint_matches_sdxl_inpaint_pipeline(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    parts = tiny.components(in_channels=9, xl=True, seed=8)
+    folder = tiny.save_folder(parts, tmp_path / "tiny-sdxl-inpaint")
+    source, mask = photo(), hole_mask()
+    ours = api.run(
+        "inpaint", source, model=str(folder), mask=mask, prompt="moss", steps=STEPS, seed=SEED, dtype="fp32",
+        scheduler="dpmpp-2m-karras",
+    ).images[0]  # fmt: skip
+    pipe = StableDiffusionXLInpaintPipeline(
+        **{**parts, "scheduler": reference_scheduler("dpmpp-2m-karras")}, requires_aesthetics_score=False
+    )
+    ref = pipe(
+        "moss", image=source, mask_image=mask, negative_prompt="", width=64, height=48, strength=1.0,
+        num_inference_steps=STEPS, guidance_scale=7.0, generator=generator(),
+    ).images[0]  # fmt: skip
+    inside = np.asarray(mask) > 0
+    assert np.abs(np.asarray(ours, np.int16)[inside] - np.asarray(ref, np.int16)[inside]).max() <= 1

@@ -29,7 +29,7 @@ SCHEDULER_CONFIG = {
 }
 
 
-def unet_config(in_channels: int = 4, xl: bool = False) -> dict[str, Any]:
+def unet_config(in_channels: int = 4, xl: bool = False, sd2: bool = False) -> dict[str, Any]:
     config: dict[str, Any] = dict(
         sample_size=16,
         in_channels=in_channels,
@@ -42,14 +42,18 @@ def unet_config(in_channels: int = 4, xl: bool = False) -> dict[str, Any]:
         attention_head_dim=(2, 4) if xl else 8,
         norm_num_groups=32,
     )
+    if sd2:
+        config.update(use_linear_projection=True, attention_head_dim=(2, 4))
     if xl:
         config.update(
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=8 * 6 + 32,  # 6 time ids + pooled text (text_encoder_2)
+            # 6 time ids + pooled text (text_encoder_2's projection); its width differs from text_encoder's,
+            # which is how diffusers tells the two encoders of an SDXL single file apart.
+            projection_class_embeddings_input_dim=8 * 6 + 32,
             transformer_layers_per_block=(1, 2),
             use_linear_projection=True,
-            cross_attention_dim=64,  # the two text encoders' hidden states, concatenated
+            cross_attention_dim=32 + 48,  # the two text encoders' hidden states, concatenated
         )
     return config
 
@@ -67,10 +71,10 @@ VAE_CONFIG = dict(
 )
 
 
-def text_config(projection: bool = False) -> dict[str, Any]:
+def text_config(projection: bool = False, hidden_size: int = 32) -> dict[str, Any]:
     return dict(
         vocab_size=49408,
-        hidden_size=32,
+        hidden_size=hidden_size,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=3,
@@ -83,21 +87,21 @@ def text_config(projection: bool = False) -> dict[str, Any]:
     )
 
 
-def components(in_channels: int = 4, xl: bool = False, seed: int = 0) -> dict[str, Any]:
-    """Random-weight components of a tiny SD 1.x-style (or SDXL-style) pipeline."""
+def components(in_channels: int = 4, xl: bool = False, seed: int = 0, sd2: bool = False) -> dict[str, Any]:
+    """Random-weight components of a tiny SD 1.x-style (or SD 2.x-, SDXL-style) pipeline."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     parts: dict[str, Any] = {
-        "unet": UNet2DConditionModel(**unet_config(in_channels, xl)).eval(),
+        "unet": UNet2DConditionModel(**unet_config(in_channels, xl, sd2)).eval(),
         "vae": AutoencoderKL(**VAE_CONFIG).eval(),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config())).eval(),
-        "tokenizer": clip_tokenizer("clip"),
+        "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config(projection=sd2))).eval(),
+        "tokenizer": clip_tokenizer("openclip" if sd2 else "clip"),
         "scheduler": PNDMScheduler.from_config(SCHEDULER_CONFIG),
     }
     if xl:
-        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(True))).eval()
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**text_config(True, 48))).eval()
         parts["tokenizer_2"] = clip_tokenizer("openclip")
     return parts
 
@@ -213,21 +217,66 @@ def ldm_clip_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {prefix + (k if k.startswith("text_model.") else "text_model." + k): v for k, v in state.items()}
 
 
+def ldm_openclip_keys(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text tower (SD 2.x, SDXL's second encoder) as the original files hold it."""
+    state = {k.removeprefix("text_model."): v for k, v in state.items()}
+    renames = {
+        "layer_norm1": "ln_1",
+        "layer_norm2": "ln_2",
+        "mlp.fc1": "mlp.c_fc",
+        "mlp.fc2": "mlp.c_proj",
+        "self_attn.out_proj": "attn.out_proj",
+    }
+    out: dict[str, torch.Tensor] = {
+        prefix + "token_embedding.weight": state["embeddings.token_embedding.weight"],
+        prefix + "positional_embedding": state["embeddings.position_embedding.weight"],
+        prefix + "ln_final.weight": state["final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["final_layer_norm.bias"],
+    }
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state["text_projection.weight"].T.contiguous()
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state[f"{src}self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv)
+            for old, new in renames.items():
+                out[f"{dst}{new}.{kind}"] = state[f"{src}{old}.{kind}"]
+    return out
+
+
 def save_single_file(parts: dict[str, Any], path: Path, with_sidecar: bool = True) -> Path:
-    """An SD 1.x-style single-file checkpoint (original key layout) and, for tiny sizes, its sidecar configs."""
+    """A single-file checkpoint in the original key layout and, for tiny sizes, its sidecar configs.
+
+    SD 1.x: ``cond_stage_model.transformer.``; SD 2.x: ``cond_stage_model.model.`` (OpenCLIP);
+    SDXL: ``conditioner.embedders.0.transformer.`` and ``conditioner.embedders.1.model.``.
+    """
     from safetensors.torch import save_file
 
     state = {
         **ldm_unet_keys(parts["unet"].state_dict(), dict(parts["unet"].config)),
         **ldm_vae_keys(parts["vae"].state_dict(), dict(parts["vae"].config)),
-        **ldm_clip_keys(parts["text_encoder"].state_dict(), "cond_stage_model.transformer."),
     }
+    text = parts["text_encoder"].state_dict()
+    if "text_encoder_2" in parts:
+        state.update(ldm_clip_keys(text, "conditioner.embedders.0.transformer."))
+        state.update(ldm_openclip_keys(parts["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
+    elif parts["unet"].config.use_linear_projection:
+        state.update(ldm_openclip_keys(text, "cond_stage_model.model."))
+    else:
+        state.update(ldm_clip_keys(text, "cond_stage_model.transformer."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     if with_sidecar:
         sidecar = path.with_name(path.name + ".diffusers")
-        for name in ("unet", "vae", "text_encoder"):
+        names = (
+            ("unet", "vae", "text_encoder", "text_encoder_2")
+            if "text_encoder_2" in parts
+            else ("unet", "vae", "text_encoder")
+        )
+        for name in names:
             (sidecar / name).mkdir(parents=True, exist_ok=True)
-            parts[name].config.to_json_file(sidecar / name / "config.json") if name == "text_encoder" else (
+            parts[name].config.to_json_file(sidecar / name / "config.json") if name.startswith("text") else (
                 parts[name].save_config(sidecar / name)
             )
         (sidecar / "scheduler").mkdir(exist_ok=True)

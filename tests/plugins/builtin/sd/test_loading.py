@@ -83,7 +83,7 @@ def test_single_file_loads_with_identical_weights_and_outputs(kind: str, tmp_pat
     single = tiny.save_single_file(parts, tmp_path / "tiny.safetensors")
     model = loader.load_sd_model(single)
     loaded = {"unet": model.unet, "vae": model.vae}
-    loaded.update(zip(("text_encoder", "text_encoder_2"), model.text_encoders))
+    loaded.update(zip(model.family.text_encoders, model.text_encoders, strict=True))
     for name, module in loaded.items():
         expected, got = parts[name].state_dict(), module.state_dict()
         assert expected.keys() == got.keys(), name

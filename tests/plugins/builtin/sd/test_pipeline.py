@@ -1,0 +1,86 @@
+"""VAE safety nets (NaN, tiling, fp16 upcast) and prediction-type overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from difftool import api
+from difftool.core.errors import ModelError
+from difftool.core.task import RunContext
+from difftool.plugins.builtin.sd import loader, pipeline
+
+from . import tiny
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.save_folder(tiny.components(seed=3), tmp_path_factory.mktemp("sd") / "model")
+
+
+def test_nan_from_the_vae_is_an_error_and_nothing_is_written(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    model = loader.load_sd_model(folder)
+    monkeypatch.setattr(pipeline, "_vae_on", lambda m, c: _NanVae(model.vae))
+    out = tmp_path / "x.png"
+    result = CliRunner().invoke(
+        cli.cli, ["run", "generate", "--model", str(folder), "--prompt", "x", "--width", "16", "--height", "16",
+                  "--steps", "1", "-o", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "NaN or Inf" in result.stderr and "--dtype fp32" in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+class _NanVae(torch.nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+        self.config = vae.config
+
+    def decode(self, z: torch.Tensor) -> Any:
+        out = self.vae.decode(z)
+        out.sample[..., 0, 0] = float("nan")
+        return out
+
+    def disable_tiling(self) -> None:
+        pass
+
+
+def test_large_images_decode_in_tiles(folder: Path, monkeypatch) -> None:
+    model = loader.load_sd_model(folder)
+    latents = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(0))
+    context = RunContext(dtype="fp32")
+    whole = pipeline.decode_latents(model, latents, context)
+    assert not model.vae.use_tiling
+    monkeypatch.setattr(pipeline, "TILED_DECODE_PIXELS", 32 * 32)
+    model.vae.tile_sample_min_size, model.vae.tile_latent_min_size = 32, 16
+    tiled = pipeline.decode_latents(model, latents, context)
+    assert model.vae.use_tiling and tiled.shape == whole.shape == (1, 3, 80, 80)
+    assert torch.isfinite(tiled).all()
+    assert (tiled - whole).abs().mean() < 0.2  # tiles blend into nearly the same image
+
+
+def test_fp16_runs_keep_the_vae_in_fp32(folder: Path) -> None:
+    model = loader.load_sd_model(folder)
+    assert pipeline.vae_dtype(model, torch.float16) == torch.float32
+    assert pipeline.vae_dtype(model, torch.bfloat16) == torch.bfloat16
+
+
+def test_prediction_type_overrides(folder: Path, tmp_path: Path) -> None:
+    assert loader.load_sd_model(folder).prediction_type == "epsilon"
+    assert loader.load_sd_model(folder, prediction="v").prediction_type == "v_prediction"
+    single = tiny.save_single_file(tiny.components(seed=3), tmp_path / "m.safetensors")
+    single.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    assert loader.load_sd_model(single).prediction_type == "v_prediction"
+    a = api.run("generate", model=str(folder), prompt="x", width=16, height=16, steps=2, seed=1, dtype="fp32")
+    b = api.run(
+        "generate", model=str(folder), prompt="x", width=16, height=16, steps=2, seed=1, dtype="fp32", prediction="v"
+    )
+    assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from difftool import api
-from difftool.core.errors import ModelError
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import loader, pipeline
 

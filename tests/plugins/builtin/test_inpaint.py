@@ -67,7 +67,7 @@ def test_mask_of_another_size(inpaint_model: Path, registry) -> None:
 
 def test_mask_is_required(inpaint_model: Path, registry) -> None:
     image, _, _ = photo_and_mask()
-    with pytest.raises(ParameterError, match="--mask is required"):
+    with pytest.raises(ParameterError, match="inpaint needs a mask.*--mask FILE.*--extend"):
         api.run("inpaint", image, model=str(inpaint_model), registry=registry)
 
 

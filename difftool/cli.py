@@ -13,7 +13,7 @@ import click
 
 from difftool import __version__
 from difftool.core.devices import DTYPES
-from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
+from difftool.core.errors import DifftoolError, ParameterError
 from difftool.core.task import Param, Task
 
 
@@ -74,6 +74,16 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
         ),
         click.Option(["--seed"], type=click.IntRange(0, 2**63 - 1), help="random seed (default: random, recorded)"),
         click.Option(["--json", "as_json"], is_flag=True, help="print a machine-readable result on stdout"),
+        click.Option(
+            ["--executor"],
+            type=click.Choice(["local", "ray"]),
+            default="local",
+            show_default=True,
+            help="ray: run the batch on Ray Data (pip install difftool[ray])",
+        ),
+        click.Option(["--address"], help="Ray cluster: auto or ray://HOST:PORT (default: start Ray on this machine)"),
+        click.Option(["--workers"], type=click.IntRange(1, 4096), help="Ray actors (default: one per CPU)"),
+        click.Option(["--gpus-per-worker"], type=click.FloatRange(0, 64), help="GPUs for each Ray actor"),
         click.Option(["--debug"], is_flag=True, help="show tracebacks and debug logs"),
     ]
     if task.uses_model:
@@ -112,22 +122,20 @@ def task_command(name: str, registry: Any) -> click.Command:
 
 
 def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
-    from pathlib import Path
-
     from tqdm import tqdm
 
-    from difftool import api
-    from difftool.batch import BatchItem, expand_inputs, output_paths
-    from difftool.core.errors import ParameterError
-    from difftool.core.images import save_image
+    from difftool import api, jobs
 
     debug = values.pop("debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
     specs = list(values.pop("inputs"))
     count = values.pop("batch_count", 1)
     output, overwrite, as_json = values.pop("output"), values.pop("overwrite"), values.pop("as_json")
-    common = {k: values.pop(k) for k in ("backend", "device", "dtype", "seed") if k in values}
+    executor = values.pop("executor", "local")
+    ray_options = {k: values.pop(k, None) for k in ("address", "workers", "gpus_per_worker")}
+    common = {k: values.pop(k) for k in ("backend", "device", "dtype") if k in values}
     common["model"] = values.pop("model", None)
+    seed = values.pop("seed", None)
     params = {k: v for k, v in values.items() if v is not None}
     task = registry.task(task_name)
     try:
@@ -137,68 +145,74 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
 
             raise ModelError(f"task {task_name!r} cannot run: {reason}")
         registry.backend(common["backend"], common["device"])
-        base_seed = common.pop("seed")
-        base_seed = api.new_seed() if base_seed is None else base_seed
-        if task.inputs:
-            items = expand_inputs(specs)
-            targets = output_paths(items, output, task_name, count=len(task.outputs))
-            seeds = [base_seed if len(items) == 1 else api.derive_seed(base_seed, item.key) for item in items]
-        else:
-            if specs:
-                raise ParameterError(f"task {task_name!r} takes no input files, got {specs[0]!r}", "drop them")
-            seeds = [base_seed + i for i in range(count)]
-            items = [BatchItem(Path(f"{task_name}-{seed}.png"), f"{task_name}-{seed}") for seed in seeds]
-            targets = output_paths(items, output, task_name, count=len(task.outputs), generated=True)
-        existing = [p for paths in targets for p in paths if p.exists()]
-        if existing and not overwrite:
-            raise OutputExistsError(f"{existing[0]} exists", "pass --overwrite to replace it or -o another path")
+        job = jobs.plan(
+            task_name,
+            registry,
+            specs=specs,
+            output=output,
+            base_seed=api.new_seed() if seed is None else seed,
+            params=params,
+            common=common,
+            overwrite=overwrite,
+            count=count,
+        )
     except DifftoolError as error:
         fail(error, debug)
-    results: list[dict[str, Any]] = []
-    overall = tqdm(total=len(items), unit="img", disable=None if len(items) > 1 else True, file=sys.stderr)
-    for item, paths, seed in zip(items, targets, seeds, strict=True):
+    started = time.perf_counter()
+    if executor == "ray":
+        from difftool.executors.ray_data import run_on_ray
+
+        try:
+            records = run_on_ray(job, **ray_options)
+        except DifftoolError as error:
+            fail(error, debug)
+    else:
+        try:
+            records = _run_local(job, registry, tqdm)
+        except DifftoolError as error:  # one input: its error is the command's error
+            fail(error, debug)
+        except OSError as error:
+            fail(DifftoolError(str(error), "check the path and free disk space"), debug)
+    jobs.write_report(job, records)
+    result = jobs.summary(job, records, executor, time.perf_counter() - started)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        for r in records:
+            source = f"{r['input']} -> " if r["input"] else ""
+            if r["status"] == "ok":
+                click.echo(f"{source}{', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
+            elif r["status"] == "skipped":
+                click.echo(f"{source}{', '.join(r['outputs'])} (up to date, skipped; --overwrite redoes it)")
+        if len(records) > 1:
+            click.echo(f"{result['ok']} done, {result['skipped']} skipped, {result['failed']} failed", err=True)
+    if result["failed"]:
+        sys.exit(1)
+
+
+def _run_local(job: Any, registry: Any, tqdm: Any) -> list[dict[str, Any]]:
+    """The one-process executor: items in order, a step bar per item and an overall bar."""
+    from difftool import jobs
+
+    records: list[dict[str, Any]] = []
+    overall = tqdm(total=len(job.items), unit="img", disable=None if len(job.items) > 1 else True, file=sys.stderr)
+    for item in job.items:
         bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
 
         def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
             bar.total = total
             bar.update(step - bar.n)
 
-        started = time.perf_counter()
-        entry: dict[str, Any] = {"input": str(item.path) if task.inputs else None, "seed": seed}
         try:
-            args = (item.path,) if task.inputs else ()
-            result = api.run(task_name, *args, seed=seed, progress=progress, registry=registry, **common, **params)
-            for image, path in zip(result.images, paths, strict=True):
-                save_image(image, path, result.record)
-            entry.update(status="ok", outputs=[str(p) for p in paths])
-        except DifftoolError as error:
-            if len(items) == 1:
-                bar.close()
-                fail(error, debug)
-            if debug:
-                import traceback
-
-                traceback.print_exception(error)
-            entry.update(status="failed", error=str(error))
-            tqdm.write(f"Error: {item.key}: {error}", file=sys.stderr)
+            record = jobs.process_item(job, item, registry, progress, raise_errors=len(job.items) == 1)
         finally:
             bar.close()
-        entry["seconds"] = round(time.perf_counter() - started, 3)
-        results.append(entry)
+        if record["status"] == "failed" and len(job.items) > 1:
+            tqdm.write(f"Error: {item.key}: {record['error']}", file=sys.stderr)
+        records.append(record)
         overall.update(1)
     overall.close()
-    failed = [r for r in results if r["status"] != "ok"]
-    if as_json:
-        click.echo(json.dumps({"task": task_name, "results": results, "failed": len(failed)}, indent=2))
-    else:
-        for r in results:
-            if r["status"] == "ok":
-                source = f"{r['input']} -> " if r["input"] else ""
-                click.echo(f"{source}{', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
-        if len(results) > 1:
-            click.echo(f"{len(results) - len(failed)} done, {len(failed)} failed", err=True)
-    if failed:
-        sys.exit(1)
+    return records
 
 
 # --- command groups ---------------------------------------------------------------------------------

@@ -216,6 +216,11 @@ class Task(ABC):
     outputs: ClassVar[tuple[Port, ...]] = (Port("image", "image", "the result"),)
     #: Whether the task loads a model (the CLI then offers ``--model``).
     uses_model: ClassVar[bool] = False
+    #: What one worker running this task needs (distributed executors reserve it): ``cpus``, ``gpus``
+    #: (with ``--device cuda``), ``memory_gb``.
+    resources: ClassVar[dict[str, float]] = {"cpus": 1}
+    #: Whether :meth:`run` may be handed several inputs' worth of work at once (no built-in task is yet).
+    batchable: ClassVar[bool] = False
 
     def availability(self, model: str | None) -> str | None:
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""

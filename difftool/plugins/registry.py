@@ -50,6 +50,10 @@ COMMON_OPTIONS = frozenset(
         "inputs",
         "help",
         "batch_count",
+        "executor",
+        "address",
+        "workers",
+        "gpus_per_worker",
     }
 )
 
@@ -100,6 +104,9 @@ class Registry:
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
+        #: How it was built, so another process (a Ray worker) can build the same one.
+        self.entry_points = True
+        self.plugin_modules: tuple[str, ...] = ()
 
     # --- lookups ----------------------------------------------------------------------------------
     def task(self, name: str) -> Task:
@@ -235,7 +242,10 @@ def call_each(registry: Registry, hook_name: str, make_kwargs: Callable[[str], d
 def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, entry_points: bool = True) -> Registry:
     """A registry from the built-ins (if ``builtins``), the ``difftool`` entry points (if ``entry_points``)
     and the plugin objects or module names in ``plugins``, in that order."""
+    plugins = list(plugins)
     registry = Registry()
+    registry.entry_points = entry_points
+    registry.plugin_modules = tuple(p for p in plugins if isinstance(p, str))
     pm = pluggy.PluginManager("difftool")
     pm.add_hookspecs(hookspecs)
     registry.plugin_manager = pm

@@ -1,0 +1,207 @@
+"""Folder jobs: plan a batch, process one input (resumably), and write the report.
+
+The same :func:`process_item` runs in the CLI's local loop and inside each Ray Data actor, so a
+distributed run writes the same files as a local one: outputs are named by the input's relative
+path, seeds derive from the base seed and that path (never from processing order), and every
+output is written atomically with its metadata. An output is *up to date* when its metadata records
+the same input hash and job fingerprint (task, parameters, model); a rerun skips those inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftool.core.atomic import atomic_write_bytes
+from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
+
+REPORT_NAME = "report.jsonl"
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One unit of a job: an input (path or URI; ``None`` for tasks without inputs) and where it goes."""
+
+    source: str | None
+    key: str
+    outputs: tuple[str, ...]
+    seed: int
+
+
+@dataclass
+class FolderJob:
+    """Everything a worker needs to process any item of a batch, picklable for Ray."""
+
+    task: str
+    items: list[JobItem]
+    params: dict[str, Any]
+    #: ``model``, ``backend``, ``device``, ``dtype`` for :func:`difftool.api.run`.
+    common: dict[str, Any]
+    overwrite: bool = False
+    #: Where ``report.jsonl`` goes (the output folder), or ``None``.
+    report_dir: str | None = None
+    #: Plugin module names beyond the built-ins and entry points (workers import them).
+    plugin_modules: tuple[str, ...] = ()
+    entry_points: bool = True
+    fingerprint: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
+        plain = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(self.params.items())}
+        payload = json.dumps({"task": self.task, "params": plain, "model": self.common.get("model")}, default=str)
+        self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan(
+    task_name: str,
+    registry: Any,
+    *,
+    specs: list[str],
+    output: str | None,
+    base_seed: int,
+    params: dict[str, Any],
+    common: dict[str, Any],
+    overwrite: bool = False,
+    count: int = 1,
+) -> FolderJob:
+    """Expand inputs, name outputs and derive seeds; raises a :class:`DifftoolError` for bad arguments."""
+    from difftool.api import derive_seed
+    from difftool.batch import BatchItem, expand_inputs, output_paths
+
+    task = registry.task(task_name)
+    if task.inputs:
+        batch = expand_inputs(specs)
+        targets = output_paths(batch, output, task_name, count=len(task.outputs))
+        seeds = [base_seed if len(batch) == 1 else derive_seed(base_seed, item.key) for item in batch]
+        sources: list[str | None] = [str(item.path) for item in batch]
+    else:
+        if specs:
+            raise ParameterError(f"task {task_name!r} takes no input files, got {specs[0]!r}", "drop them")
+        seeds = [base_seed + i for i in range(count)]
+        batch = [BatchItem(Path(f"{task_name}-{seed}.png"), f"{task_name}-{seed}") for seed in seeds]
+        targets = output_paths(batch, output, task_name, count=len(task.outputs), generated=True)
+        sources = [None] * len(batch)
+    items = [
+        JobItem(source, item.key, tuple(str(p) for p in paths), seed)
+        for source, item, paths, seed in zip(sources, batch, targets, seeds, strict=True)
+    ]
+    report_dir = None
+    if output is not None and (Path(output).is_dir() or not Path(output).suffix):
+        report_dir = str(Path(output))
+    return FolderJob(
+        task_name,
+        items,
+        params,
+        common,
+        overwrite=overwrite,
+        report_dir=report_dir,
+        plugin_modules=tuple(getattr(registry, "plugin_modules", ())),
+        entry_points=bool(getattr(registry, "entry_points", True)),
+    )
+
+
+def read_source(source: str) -> bytes:
+    """The bytes of a local path or of any URI pyarrow's filesystems read (``s3://``, ``gs://``, ...)."""
+    if "://" not in source:
+        return Path(source).read_bytes()
+    from pyarrow import fs
+
+    filesystem, path = fs.FileSystem.from_uri(source)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def up_to_date(job: FolderJob, item: JobItem, input_sha256: str | None) -> bool | None:
+    """``True``: every output exists from this input and job; ``None``: none exists; ``False``: a foreign file."""
+    from difftool.core.images import read_metadata
+
+    existing = [Path(p) for p in item.outputs if Path(p).exists()]
+    if not existing:
+        return None
+    for path in existing:
+        try:
+            record = read_metadata(path).get("difftool", {})
+        except DifftoolError:
+            return False
+        if record.get("job") != job.fingerprint or record.get("input_sha256") != input_sha256:
+            return False
+    return len(existing) == len(item.outputs)
+
+
+def process_item(
+    job: FolderJob, item: JobItem, registry: Any, progress: Any = None, *, raise_errors: bool = False
+) -> dict[str, Any]:
+    """Run one input and write its outputs. The user's errors go in the record (``raise_errors``: raised)."""
+    from difftool import api
+    from difftool.core.images import save_image
+
+    started = time.perf_counter()
+    record: dict[str, Any] = {
+        "input": item.source,
+        "key": item.key,
+        "outputs": list(item.outputs),
+        "seed": item.seed,
+        "worker": f"{socket.gethostname()}:{os.getpid()}",
+    }
+    try:
+        data = read_source(item.source) if item.source is not None else None
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        state = up_to_date(job, item, digest)
+        if state and not job.overwrite:
+            return {**record, "status": "skipped", "seconds": round(time.perf_counter() - started, 3)}
+        if state is False and not job.overwrite:
+            first = next(p for p in item.outputs if Path(p).exists())
+            raise OutputExistsError(
+                f"{first} exists and was not made from this input with these parameters",
+                "pass --overwrite to replace it or -o another folder",
+            )
+        args = (data,) if data is not None else ()
+        result = api.run(
+            job.task, *args, seed=item.seed, progress=progress, registry=registry, **job.common, **job.params
+        )
+        meta = {**result.record, "input": item.source, "job": job.fingerprint}
+        if digest is not None:
+            meta["input_sha256"] = digest
+        for image, path in zip(result.images, item.outputs, strict=True):
+            save_image(image, path, meta)
+        record["status"] = "ok"
+    except (DifftoolError, OSError) as error:
+        if raise_errors:
+            raise
+        record.update(status="failed", error=str(error), error_type=type(error).__name__)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    return record
+
+
+def write_report(job: FolderJob, records: list[dict[str, Any]]) -> Path | None:
+    """``report.jsonl`` in the output folder: one line per input, in input order; written atomically."""
+    if job.report_dir is None:
+        return None
+    order = {item.key: i for i, item in enumerate(job.items)}
+    lines = [json.dumps(r, sort_keys=True) for r in sorted(records, key=lambda r: order.get(r["key"], 0))]
+    path = Path(job.report_dir) / REPORT_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def summary(job: FolderJob, records: list[dict[str, Any]], executor: str, seconds: float) -> dict[str, Any]:
+    counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
+    return {
+        "task": job.task,
+        "executor": executor,
+        "inputs": len(job.items),
+        **counts,
+        "seconds": round(seconds, 2),
+        "failed_inputs": [r["key"] for r in records if r["status"] == "failed"],
+        "results": records,
+    }
+
+
+def job_dict(job: FolderJob) -> dict[str, Any]:
+    return asdict(job)

@@ -1,0 +1,107 @@
+"""Folder jobs on a local Ray (2 CPUs): same files as a local batch, resume, corrupt inputs, killed actors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from difftool import cli
+from difftool.plugins.registry import build_registry
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    from difftool.executors.ray_data import start_ray
+
+    start_ray()
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "shots"
+    (root / "b").mkdir(parents=True)
+    for i, name in enumerate(["a1.png", "a2.png", "b/b1.png", "b/b2.png", "c.png", "d.png"]):
+        Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(root / name)
+    return root
+
+
+def cli_run(monkeypatch, *args: object, plugins: tuple[str, ...] = ()):
+    registry = build_registry(list(plugins), entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    return CliRunner().invoke(cli.cli, ["run", *[str(a) for a in args]])
+
+
+def report(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+
+
+def test_ray_writes_the_same_files_as_a_local_batch_and_resumes(
+    folder: Path, superres_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    common = ("superres", folder, "--model", superres_model, "--scale", "2", "--seed", 5, "--dtype", "fp32")
+    local = cli_run(monkeypatch, *common, "-o", tmp_path / "local")
+    assert local.exit_code == 0, local.output
+    distributed = cli_run(monkeypatch, *common, "-o", tmp_path / "ray", "--executor", "ray", "--workers", 2, "--json")
+    assert distributed.exit_code == 0, distributed.output
+    summary = json.loads(distributed.stdout)
+    assert summary["executor"] == "ray" and summary["ok"] == 6 and summary["failed"] == 0
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png"))
+    assert len(files) == 6 and files == sorted(
+        p.relative_to(tmp_path / "ray") for p in (tmp_path / "ray").rglob("*.png")
+    )
+    for rel in files:
+        a, b = (np.asarray(Image.open(tmp_path / d / rel)) for d in ("local", "ray"))
+        assert np.array_equal(a, b), rel
+    rows = report(tmp_path / "ray")
+    assert [r["key"] for r in rows] == ["a1.png", "a2.png", "b/b1.png", "b/b2.png", "c.png", "d.png"]
+    assert all(r["status"] == "ok" and r["worker"] and r["seconds"] >= 0 for r in rows)
+
+    again = cli_run(monkeypatch, *common, "-o", tmp_path / "ray", "--executor", "ray", "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["skipped"] == 6
+    assert {r["status"] for r in report(tmp_path / "ray")} == {"skipped"}
+
+
+def test_a_corrupt_input_is_reported_and_the_rest_are_written(
+    folder: Path, superres_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    (folder / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    result = cli_run(monkeypatch, "superres", folder, "--model", superres_model, "--scale", "2", "-o", out,
+                     "--executor", "ray", "--json")  # fmt: skip
+    assert result.exit_code == 1
+    summary = json.loads(result.stdout)
+    assert summary["failed_inputs"] == ["c.png"] and summary["ok"] == 5
+    bad = next(r for r in report(out) if r["key"] == "c.png")
+    assert bad["status"] == "failed" and "c.png" in bad["error"] or "cannot" in bad["error"]
+    assert not (out / "c.png").exists() and len(list(out.rglob("*.png"))) == 5
+
+
+def test_a_killed_actor_is_retried_and_no_output_is_lost(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("DIFFTOOL_TEST_CRASH_MARKER", str(marker))
+    ray.shutdown()  # restart so the workers inherit the marker's environment variable
+    from difftool.executors.ray_data import start_ray
+
+    start_ray()
+    out = tmp_path / "out"
+    result = cli_run(monkeypatch, "crash-once", folder, "-o", out, "--executor", "ray", "--workers", 1, "--json",
+                     plugins=("ray_crash_plugin",))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert marker.exists()  # a worker really died mid-job
+    rows = report(out)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    for row in rows:
+        source = np.asarray(Image.open(folder / row["key"]))
+        assert np.array_equal(np.asarray(Image.open(out / row["key"])), source)
+    assert not list(out.rglob(".*"))  # no temp files left behind

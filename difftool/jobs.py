@@ -49,6 +49,9 @@ class FolderJob:
     #: Plugin module names beyond the built-ins and entry points (workers import them).
     plugin_modules: tuple[str, ...] = ()
     entry_points: bool = True
+    #: PyTorch intra-op threads for workers; results depend on it (reduction order), so a distributed
+    #: run uses the driver's count to write the same bytes as a local run on the same kind of machine.
+    torch_threads: int | None = None
     fingerprint: str = field(default="", init=False)
 
     def __post_init__(self) -> None:

@@ -35,6 +35,10 @@ class TaskActor:
 
         self.job = job
         self.registry = build_registry(list(job.plugin_modules), entry_points=job.entry_points)
+        if job.torch_threads:
+            import torch
+
+            torch.set_num_threads(job.torch_threads)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -91,6 +95,11 @@ def run_on_ray(
 
     from difftool.plugins.registry import build_registry
 
+    import dataclasses
+
+    import torch
+
+    job = dataclasses.replace(job, torch_threads=job.torch_threads or torch.get_num_threads())
     ray = start_ray(address)
     task = build_registry(list(job.plugin_modules), entry_points=job.entry_points).task(job.task)
     needs = dict(getattr(task, "resources", {}) or {})

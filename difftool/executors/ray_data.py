@@ -91,13 +91,12 @@ def run_on_ray(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Process every item of ``job`` on Ray Data; one record per input, in completion order."""
-    from tqdm import tqdm
-
-    from difftool.plugins.registry import build_registry
-
     import dataclasses
 
     import torch
+    from tqdm import tqdm
+
+    from difftool.plugins.registry import build_registry
 
     job = dataclasses.replace(job, torch_threads=job.torch_threads or torch.get_num_threads())
     ray = start_ray(address)

@@ -34,6 +34,7 @@ class UNetSignature:
     in_channels: int
     multiple: int
     class_labels: bool
+    out_channels: int = 3
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> UNetSignature:
@@ -43,7 +44,12 @@ class UNetSignature:
                 f"ONNX export supports diffusers UNet2DModel denoisers, not {type(module).__name__}",
                 "use --backend torch for this model",
             )
-        return cls(int(config.in_channels), 2 ** (len(config.down_block_types) - 1), bool(config.num_class_embeds))
+        return cls(
+            int(config.in_channels),
+            2 ** (len(config.down_block_types) - 1),
+            bool(config.num_class_embeds),
+            int(config.out_channels),
+        )
 
     def input_names(self) -> list[str]:
         return ["sample", "timestep"] + (["class_labels"] if self.class_labels else [])
@@ -80,7 +86,11 @@ def weights_hash(module: torch.nn.Module) -> str:
 def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     m = signature.multiple
-    inputs = [torch.randn(batch, signature.in_channels, h * m, w * m, generator=g), torch.rand(1, generator=g) * 999]
+    # One timestep per sample: servers that batch requests (Triton) stack them like the samples.
+    inputs = [
+        torch.randn(batch, signature.in_channels, h * m, w * m, generator=g),
+        torch.rand(batch, generator=g) * 999,
+    ]
     if signature.class_labels:
         inputs.append(torch.zeros(batch, dtype=torch.long))
     return inputs
@@ -95,7 +105,7 @@ def export(module: torch.nn.Module, path: Path, precision: str = "fp32") -> UNet
     batch = torch.export.Dim("batch", min=1, max=256)
     height, width = torch.export.Dim("h", min=1, max=2048), torch.export.Dim("w", min=1, max=2048)
     m = signature.multiple
-    shapes: dict[str, Any] = {"sample": {0: batch, 2: m * height, 3: m * width}, "timestep": {}}
+    shapes: dict[str, Any] = {"sample": {0: batch, 2: m * height, 3: m * width}, "timestep": {0: batch}}
     if signature.class_labels:
         shapes["class_labels"] = {0: batch}
     with torch.no_grad():
@@ -155,7 +165,7 @@ def cached_export(
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
         "signature": UNetSignature.of(module).__dict__,
-        "format": 1,
+        "format": 2,  # 2: per-sample timestep input (was one scalar)
     }
 
     def build(folder: Path) -> dict[str, Any]:

@@ -60,7 +60,7 @@ class OnnxRuntimeDenoiser(Denoiser):
             x = torch.cat([x, cond["concat"].float().cpu()], dim=1)
         feeds = {
             "sample": np.ascontiguousarray(x.numpy()),
-            "timestep": np.asarray(timestep, dtype=np.float32).reshape(1),
+            "timestep": np.broadcast_to(np.asarray(timestep, dtype=np.float32).reshape(-1), (x.shape[0],)).copy(),
         }
         if self.signature.class_labels:
             labels = cond.get("class_labels")

@@ -51,7 +51,7 @@ def unet_profile(
 
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {
         "sample": (sample(batch[0], size[0]), sample(batch[1], size[1]), sample(batch[2], size[2])),
-        "timestep": ((1,), (1,), (1,)),
+        "timestep": ((batch[0],), (batch[1],), (batch[2],)),
     }
     if class_labels:
         shapes["class_labels"] = ((batch[0],), (batch[1],), (batch[2],))
@@ -176,7 +176,10 @@ class TensorRTDenoiser(Denoiser):
             x = torch.cat([x, cond["concat"].to(self.device, torch.float32)], dim=1)
         inputs = {
             "sample": x.contiguous(),
-            "timestep": torch.as_tensor(timestep, device=self.device, dtype=torch.float32).reshape(1),
+            "timestep": torch.as_tensor(timestep, device=self.device, dtype=torch.float32)
+            .reshape(-1)
+            .expand(x.shape[0])
+            .contiguous(),
         }
         if self.class_labels:
             labels = cond["class_labels"].to(self.device).long()

@@ -21,7 +21,7 @@ def test_select_profile_picks_the_first_that_covers() -> None:
     large = unet_profile(6, 4, (1, 2, 2), (256, 512, 1024), class_labels=False)
     request = {"sample": (1, 6, 128, 200), "timestep": (1,)}
     assert select_profile([small, large], request) == 0
-    assert select_profile([small, large], {"sample": (2, 6, 512, 600), "timestep": (1,)}) == 1
+    assert select_profile([small, large], {"sample": (2, 6, 512, 600), "timestep": (2,)}) == 1
 
 
 def test_no_profile_covers_the_shape_says_what_was_built() -> None:

@@ -86,6 +86,35 @@ def export_onnx(task_name: str, model: str | None) -> None:
     click.echo(f"  tolerance {report['tolerance']:.0e}; manifest {entry.file('manifest.json')}")
 
 
+@export.command("triton")
+@click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
+@click.option("-o", "--output", "repo", type=click.Path(file_okay=False), required=True, help="model repository")
+@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--name", help="model name in the repository (default: difftool_TASK)")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Triton batch limit")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="model instances")
+@click.option("--gpu", is_flag=True, help="instances on GPUs (KIND_GPU) instead of CPUs")
+def export_triton(
+    task_name: str, repo: str, model: str | None, name: str | None, max_batch: int, instances: int, gpu: bool
+) -> None:
+    """Write a Triton Inference Server model repository for TASK's U-Net (ONNX; TensorRT plan if built)."""
+    from difftool.core.errors import DifftoolError
+    from difftool.exporters.onnx import UNetSignature, cached_export
+    from difftool.exporters.triton import TritonOptions, write_repository
+    from difftool.plugins.builtin import pixel_model
+
+    try:
+        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+        entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
+        options = TritonOptions(max_batch, instances, "KIND_GPU" if gpu else "KIND_CPU")
+        folder = write_repository(
+            repo, name or f"difftool_{task_name}", entry.file("model.onnx"), UNetSignature.of(loaded.unet), options
+        )
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{folder} (serve with: tritonserver --model-repository {Path(repo).resolve()})")
+
+
 @click.command("check-backends")
 @click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))

@@ -54,7 +54,8 @@ def test_generate_writes_a1111_metadata(kind: str, models: dict, run, tmp_path: 
         "--width", 32, "--height", 24, "--steps", 2, "--seed", 7, "--batch-count", 2, "-o", out,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    files = sorted(out.iterdir())
+    files = sorted(out.glob("*.png"))
+    assert (out / "report.jsonl").is_file()
     assert [f.name for f in files] == ["generate-7.png", "generate-8.png"]
     assert Image.open(files[0]).size == (32, 24)
     meta = read_metadata(files[0])

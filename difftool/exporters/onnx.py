@@ -1,8 +1,11 @@
-"""Export a diffusers ``UNet2DModel`` denoiser to ONNX, validate it against PyTorch, cache it.
+"""Export a diffusers U-Net denoiser to ONNX, validate it against PyTorch, cache it.
 
-The exported graph takes the network's full input (noisy sample with the ``concat`` conditioning
-already attached), the timestep and, for class-conditioned models, the class labels; batch, height
-and width are dynamic (height and width in multiples of the U-Net's downsampling). Validation runs
+Supported: ``UNet2DModel`` (difftool's pixel models) and ``UNet2DConditionModel`` (Stable Diffusion
+1.x / 2.x, SDXL with its added conditions, 9-channel inpainting U-Nets). The exported graph takes
+the network's full input (noisy sample with the ``concat`` conditioning already attached), one
+timestep per sample and, as the model needs, class labels, the text encoder's hidden states
+(``encoder_hidden_states``) and SDXL's ``text_embeds`` / ``time_ids``; batch, height, width and
+token count are dynamic (height and width in multiples of the U-Net's downsampling). Validation runs
 ONNX Runtime and PyTorch on fresh random inputs at two or more shapes and fails the export when the
 relative error is over tolerance; the errors go into the cache manifest.
 """
@@ -25,6 +28,10 @@ MODEL_FILE = "model.onnx"
 #: Shapes (batch, height in multiples, width in multiples) the export is validated on: odd sizes too.
 VALIDATION_SHAPES = ((1, 9, 13), (2, 4, 6))
 TOLERANCE = {"fp32": 1e-4}
+#: Text tokens in example inputs (CLIP's 77); the exported dimension is dynamic.
+TOKENS = 77
+#: Weights above this size go to an external data file beside model.onnx.
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 @dataclass(frozen=True)
@@ -35,24 +42,46 @@ class UNetSignature:
     multiple: int
     class_labels: bool
     out_channels: int = 3
+    #: Width of the cross-attention context (text encoder hidden size); 0 for unconditional U-Nets.
+    context_dim: int = 0
+    #: SDXL: width of the pooled text embedding (``text_embeds``); 0 when the U-Net has no added conditions.
+    text_embeds_dim: int = 0
+    #: SDXL: number of size/crop conditioning values (``time_ids``).
+    time_ids: int = 0
 
     @classmethod
     def of(cls, module: torch.nn.Module) -> UNetSignature:
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "down_block_types") or hasattr(config, "cross_attention_dim"):
+        if config is None or not hasattr(config, "down_block_types"):
             raise ModelError(
-                f"ONNX export supports diffusers UNet2DModel denoisers, not {type(module).__name__}",
+                f"ONNX export supports diffusers U-Nets, not {type(module).__name__}", "use --backend torch for it"
+            )
+        base = dict(
+            in_channels=int(config.in_channels),
+            multiple=2 ** (len(config.down_block_types) - 1),
+            class_labels=bool(getattr(config, "num_class_embeds", None)),
+            out_channels=int(config.out_channels),
+        )
+        if not hasattr(config, "cross_attention_dim"):
+            return cls(**base)
+        added = getattr(config, "addition_embed_type", None)
+        if not isinstance(config.cross_attention_dim, int) or added not in (None, "text_time"):
+            raise ModelError(
+                f"ONNX export does not support this U-Net's conditioning ({added or 'per-block context'})",
                 "use --backend torch for this model",
             )
-        return cls(
-            int(config.in_channels),
-            2 ** (len(config.down_block_types) - 1),
-            bool(config.num_class_embeds),
-            int(config.out_channels),
-        )
+        if added == "text_time":
+            time_ids = 6
+            pooled = int(config.projection_class_embeddings_input_dim) - time_ids * int(config.addition_time_embed_dim)
+            return cls(**base, context_dim=int(config.cross_attention_dim), text_embeds_dim=pooled, time_ids=time_ids)
+        return cls(**base, context_dim=int(config.cross_attention_dim))
 
     def input_names(self) -> list[str]:
-        return ["sample", "timestep"] + (["class_labels"] if self.class_labels else [])
+        names = ["sample", "timestep"]
+        names += ["class_labels"] if self.class_labels else []
+        names += ["encoder_hidden_states"] if self.context_dim else []
+        names += ["text_embeds", "time_ids"] if self.text_embeds_dim else []
+        return names
 
 
 class _Graph(torch.nn.Module):
@@ -71,8 +100,36 @@ class _ClassGraph(_Graph):
         return self.module(sample, timestep, class_labels=class_labels).sample
 
 
+class _TextGraph(_Graph):
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.module(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+
+class _XLGraph(_Graph):
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        text_embeds: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> torch.Tensor:
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.module(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added
+        ).sample
+
+
 def _graph(module: torch.nn.Module, signature: UNetSignature) -> _Graph:
-    return (_ClassGraph if signature.class_labels else _Graph)(module.float().eval()).eval()
+    if signature.text_embeds_dim:
+        cls: type[_Graph] = _XLGraph
+    elif signature.context_dim:
+        cls = _TextGraph
+    else:
+        cls = _ClassGraph if signature.class_labels else _Graph
+    return cls(module.float().eval()).eval()
 
 
 def weights_hash(module: torch.nn.Module) -> str:
@@ -93,6 +150,12 @@ def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: i
     ]
     if signature.class_labels:
         inputs.append(torch.zeros(batch, dtype=torch.long))
+    if signature.context_dim:
+        inputs.append(torch.randn(batch, TOKENS, signature.context_dim, generator=g))
+    if signature.text_embeds_dim:
+        inputs.append(torch.randn(batch, signature.text_embeds_dim, generator=g))
+        size = [h * m * 8, w * m * 8]
+        inputs.append(torch.tensor([size + [0, 0] + size] * batch, dtype=torch.float32))
     return inputs
 
 
@@ -108,6 +171,12 @@ def export(module: torch.nn.Module, path: Path, precision: str = "fp32") -> UNet
     shapes: dict[str, Any] = {"sample": {0: batch, 2: m * height, 3: m * width}, "timestep": {0: batch}}
     if signature.class_labels:
         shapes["class_labels"] = {0: batch}
+    if signature.context_dim:
+        shapes["encoder_hidden_states"] = {0: batch, 1: torch.export.Dim("tokens", min=1, max=4096)}
+    if signature.text_embeds_dim:
+        shapes["text_embeds"] = {0: batch}
+        shapes["time_ids"] = {0: batch}
+    external = sum(p.numel() * 4 for p in module.parameters()) > EXTERNAL_DATA_BYTES
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -119,7 +188,7 @@ def export(module: torch.nn.Module, path: Path, precision: str = "fp32") -> UNet
             dynamic_shapes=tuple(shapes.values()),
             verbose=False,
         )
-    program.save(str(path))
+    program.save(str(path), external_data=external)  # protobuf cannot hold more than 2 GB in one file
     return signature
 
 

@@ -68,5 +68,14 @@ class OnnxRuntimeDenoiser(Denoiser):
                 raise ValueError("this model needs class_labels conditioning")
             labels = labels.cpu().long().expand(x.shape[0]) if labels.numel() == 1 else labels.cpu().long()
             feeds["class_labels"] = labels.numpy()
+        if self.signature.context_dim:
+            context = cond.get("encoder_hidden_states")
+            if context is None:
+                raise ValueError("this model needs encoder_hidden_states conditioning")
+            feeds["encoder_hidden_states"] = np.ascontiguousarray(context.float().cpu().numpy())
+        if self.signature.text_embeds_dim:
+            added = cond.get("added_cond_kwargs") or {}
+            for name in ("text_embeds", "time_ids"):
+                feeds[name] = np.ascontiguousarray(added[name].float().cpu().numpy())
         out = self.session.run(None, feeds)[0]
         return torch.from_numpy(out).to(sample.dtype)

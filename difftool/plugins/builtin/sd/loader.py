@@ -8,6 +8,7 @@ Nothing is fetched: every call passes ``local_files_only=True``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -62,6 +63,14 @@ class SDModel:
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def unet_id(self) -> str:
+        """Identifies the U-Net's weights (checkpoint hash + fused LoRAs): exported artifacts are keyed by it."""
+        if not self.loras:
+            return self.sha256
+        loras = ",".join(f"{digest}:{weight:g}" for _, weight, digest in self.loras)
+        return hashlib.sha256(f"{self.sha256}|{loras}".encode()).hexdigest()
 
     def record(self) -> dict[str, Any]:
         """What the output metadata says about the model (A1111's ``Model``, ``Model hash``, ``Lora hashes``)."""

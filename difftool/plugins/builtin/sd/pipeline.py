@@ -165,7 +165,7 @@ def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
 
 
 def make_denoiser(model: SDModel, context: RunContext) -> Any:
-    return context.make_denoiser(model.unet, prediction_type=model.prediction_type, model_id=model.sha256)
+    return context.make_denoiser(model.unet, prediction_type=model.prediction_type, model_id=model.unet_id)
 
 
 def preview_decoder(model: SDModel, context: RunContext) -> Any:

@@ -177,5 +177,5 @@ def test_folder_source_finds_models_and_checkpoints(tmp_path: Path, superres_mod
     monkeypatch.setenv("DIFFTOOL_MODELS", str(root))
     found = {m.name: m.family for m in build_registry(entry_points=False).find_models()}
     assert found["mine"] == "difftool-superres"
-    assert found["dreamy"].startswith("unreadable (dreamy.safetensors is not a valid safetensors file")
+    assert found["dreamy"].startswith("unreadable (dreamy.safetensors is invalid")
     assert found["old"].startswith("pickle")

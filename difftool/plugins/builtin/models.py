@@ -69,10 +69,13 @@ def detect_file(path: Path) -> str:
         return "pickle (needs --allow-pickle)"
     try:
         shapes = read_shapes(path)
+    except ModelError as error:
+        return f"unreadable ({error.problem})"
+    try:
         kind = component_kind(shapes)
         return detect_family(shapes).name if kind == "checkpoint" else kind
-    except ModelError as error:
-        return f"unreadable ({error.problem})" if "safetensors" in error.problem else "unsupported checkpoint"
+    except ModelError:
+        return "unsupported checkpoint"
 
 
 class FolderModelSource(ModelSource):

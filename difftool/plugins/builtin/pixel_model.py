@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
+from difftool.core.safetensors_check import check_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -113,6 +114,7 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
     key = (str(weights.resolve()), weights.stat().st_mtime_ns)
     if key in _CACHE:
         return _CACHE[key]
+    check_safetensors(weights)
     from diffusers import UNet2DModel
 
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from difftool.core.errors import ModelError
+from difftool.core.safetensors_check import check_safetensors
 
 if TYPE_CHECKING:
     import torch
@@ -25,17 +26,11 @@ def refuse_pickle(path: Path) -> ModelError:
 
 
 def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape from a safetensors header, without reading the weights."""
-    from safetensors import safe_open
-
+    """Tensor name -> shape from a safetensors header (checked), without reading the weights."""
     path = Path(path)
     if is_pickle(path):
         raise refuse_pickle(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
-    except Exception as exc:  # safetensors raises its own error types for bad headers
-        raise _invalid(path, exc) from exc
+    return check_safetensors(path)
 
 
 def load_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -61,6 +56,7 @@ def load_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
         return {k: v for k, v in state.items() if hasattr(v, "shape")}
     from safetensors.torch import load_file
 
+    check_safetensors(path)
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for damaged files
@@ -69,6 +65,4 @@ def load_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
 
 def _invalid(path: Path, exc: Exception) -> ModelError:
     detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if path.is_file() and path.stat().st_size < 1024 and path.read_bytes().startswith(b"version https://git-lfs"):
-        return ModelError(f"{path.name} is a Git LFS pointer, not the weights", "run `git lfs pull` to fetch the file")
     return ModelError(f"{path.name} is not a valid safetensors file ({detail})", "re-download or re-export it")

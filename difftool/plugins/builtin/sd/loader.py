@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
+from difftool.core.safetensors_check import check_safetensors
 from difftool.plugins.builtin.sd import checkpoint
 from difftool.plugins.builtin.sd.families import Family, detect_family, family_from_unet_config, fix_for
 from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
@@ -146,6 +147,8 @@ def _folder_weight_kwargs(path: Path, allow_pickle: bool) -> dict[str, Any]:
             f"{path} holds only pickle (.bin) weights, which can run code when loaded",
             "convert them to safetensors, or pass --allow-pickle if you trust the source",
         )
+    for weights in path.glob("*/*.safetensors"):
+        check_safetensors(weights)
     # With both present, diffusers reads only the safetensors files when asked to.
     return {"local_files_only": True, "use_safetensors": True if safetensors else None}
 

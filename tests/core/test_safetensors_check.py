@@ -1,0 +1,74 @@
+"""Damaged or hostile safetensors files: one clear error each, read from the header alone."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from difftool.core.errors import ModelError
+from difftool.core.safetensors_check import check_safetensors
+from difftool.plugins.builtin.sd.checkpoint import load_state_dict
+
+
+def write(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw) if length is None else length) + raw + data)
+    return path
+
+
+def entry(dtype: str, shape: list[int], begin: int, end: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data_offsets": [begin, end]}
+
+
+def test_a_sound_file_passes_and_gives_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "ok.safetensors"
+    save_file({"a": torch.zeros(2, 3), "b": torch.ones(4, dtype=torch.int64)}, str(path))
+    assert check_safetensors(path) == {"a": (2, 3), "b": (4,)}
+    assert torch.equal(load_state_dict(path)["b"], torch.ones(4, dtype=torch.int64))
+
+
+CASES = {
+    "header length over the file size": (lambda p: write(p, {}, length=10_000), r"is incomplete: its header needs"),
+    "absurd header length": (lambda p: write(p, {}, length=2**60), r"is invalid: it claims a \d+-byte header"),
+    "truncated data": (lambda p: write(p, {"a": entry("F32", [4], 0, 16)}, b"\0" * 8), r"is incomplete: .*16 bytes"),
+    "overlapping offsets": (
+        lambda p: write(p, {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 4, 12)}, b"\0" * 12),
+        r"is invalid: tensors 'a' and 'b' overlap",
+    ),
+    "shape x dtype mismatch": (
+        lambda p: write(p, {"a": entry("F16", [3, 3], 0, 8)}, b"\0" * 8),
+        r"is invalid: tensor 'a' F16\[3, 3\] needs 18 bytes, its offsets span 8",
+    ),
+    "non-dict header": (lambda p: write(p, [1, 2, 3]), r"is invalid: its header is a list"),
+    "header not JSON": (
+        lambda p: p.write_bytes(struct.pack("<Q", 4) + b"\xff\xfe{{"),
+        r"is invalid: its header is not JSON",
+    ),
+    "pickle named .safetensors": (
+        lambda p: p.write_bytes(pickle.dumps({"x": 1})),
+        r"is invalid: it is a pickle / zip .*--allow-pickle",
+    ),
+    "Git LFS pointer": (
+        lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n"),
+        r"is a Git LFS pointer.*git lfs pull",
+    ),
+    "empty file": (lambda p: p.write_bytes(b""), r"is invalid: 0 bytes is too short"),
+    "unknown dtype": (lambda p: write(p, {"a": entry("F128", [1], 0, 16)}, b"\0" * 16), r"tensor 'a' has a malformed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_each_damage_has_its_own_error(case: str, tmp_path: Path) -> None:
+    make, message = CASES[case]
+    path = tmp_path / "bad.safetensors"
+    make(path)
+    with pytest.raises(ModelError, match=message):
+        check_safetensors(path)
+    with pytest.raises(ModelError, match=message):  # every loader goes through the check first
+        load_state_dict(path)

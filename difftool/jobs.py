@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -18,10 +19,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftool.core.atomic import atomic_write_bytes
+from difftool.core.atomic import atomic_write_bytes, clean_stale_temps
 from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
 
 REPORT_NAME = "report.jsonl"
+log = logging.getLogger("difftool")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,14 @@ def plan(
         JobItem(source, item.key, tuple(str(p) for p in paths), seed)
         for source, item, paths, seed in zip(sources, batch, targets, seeds, strict=True)
     ]
+    sources_set = {Path(src).resolve() for src in sources if src is not None and "://" not in src}
+    for paths in targets:
+        clash = next((p for p in paths if p.resolve() in sources_set), None)
+        if clash is not None:
+            raise ParameterError(f"the output {clash} would overwrite an input", "pass -o to another file or folder")
+    stale = [p for folder in {p.parent for paths in targets for p in paths} for p in clean_stale_temps(folder)]
+    if stale:
+        log.info("removed %d temp file(s) left by an interrupted run, e.g. %s", len(stale), stale[0])
     report_dir = None
     if output is not None and (Path(output).is_dir() or not Path(output).suffix):
         report_dir = str(Path(output))

@@ -219,3 +219,24 @@ def test_inpaint_mask_size_mismatch(runner, photo: Path, inpaint_model: Path, tm
 def test_version() -> None:
     result = CliRunner().invoke(cli.cli, ["--version"])
     assert result.exit_code == 0 and "0.1.0" in result.output
+
+
+def test_an_output_never_replaces_an_input(runner, photo: Path) -> None:
+    before = photo.read_bytes()
+    for extra in ((), ("--overwrite",)):
+        result = runner("run", "everything", photo, "-o", photo, *extra)
+        assert result.exit_code == 2 and "would overwrite an input" in one_line_error(result)
+    assert photo.read_bytes() == before
+
+
+def test_a_folder_run_removes_temp_files_of_a_killed_run(runner, photo: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = out / f".{photo.stem}.png.{int(dead.stdout)}.x1y2.tmp"
+    stale.write_bytes(b"half an image")
+    assert runner("run", "everything", photo, "-o", out).exit_code == 0
+    assert not stale.exists() and (out / f"{photo.name}").with_suffix(".png").exists()

@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,65 @@ def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
         assert stat.S_IMODE(target.stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+# --- faults during a write ------------------------------------------------------------------------
+
+KILLED_WRITER = """
+import sys, time
+from difftool.core.atomic import atomic_write
+with atomic_write(sys.argv[1]) as handle:
+    handle.write(b"new half")
+    handle.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_writer_leaves_the_old_file_and_a_temp_the_next_run_removes(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from difftool.core.atomic import clean_stale_temps
+
+    target = tmp_path / "out.png"
+    target.write_bytes(b"previous output")
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    leftovers = [p for p in tmp_path.iterdir() if p != target]
+    assert target.read_bytes() == b"previous output" and len(leftovers) == 1
+    assert f".{writer.pid}." in leftovers[0].name
+    mine = tmp_path / f".other.png.{os.getpid()}.abc.tmp"  # a live writer's temp file is left alone
+    mine.write_bytes(b"in progress")
+    assert clean_stale_temps(tmp_path) == leftovers
+    assert sorted(tmp_path.iterdir()) == sorted([target, mine])
+
+
+DISK_FULL_WRITER = """
+import resource, signal, sys
+import numpy as np
+from PIL import Image
+from difftool.core.images import save_image
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+noise = np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8)
+try:
+    save_image(Image.fromarray(noise), sys.argv[1], {"task": "test"})
+except OSError as error:
+    print("OSError", error.errno)
+"""
+
+
+def test_disk_full_during_a_save_keeps_the_previous_output_and_no_temp(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.png"
+    target.write_bytes(b"previous output")
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_WRITER, str(target)], capture_output=True, text=True)
+    assert result.stdout.startswith("OSError"), result.stderr
+    assert target.read_bytes() == b"previous output"
+    assert list(tmp_path.iterdir()) == [target]

@@ -29,3 +29,24 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if device.startswith("cuda"):
         return "fp16"
     return "bf16" if cpu_supports_bf16() else "fp32"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch (CUDA or CPU allocator) or Python running out of memory."""
+    import torch
+
+    text = str(error).lower()
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+    )
+
+
+def release_memory() -> None:
+    """Free what an out-of-memory failure left allocated, before a retry."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from difftool.core.devices import is_out_of_memory
 from difftool.core.errors import DifftoolError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
@@ -74,15 +75,6 @@ class SuperResolution(Task):
 
 
 MIN_TILE = 64
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    import torch
-
-    text = str(error).lower()
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
-        isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-    )
 
 
 def upscale_with_retry(

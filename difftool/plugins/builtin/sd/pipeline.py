@@ -132,15 +132,30 @@ def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -
     """Latents -> a [-1, 1] float32 image batch on the CPU. NaN or Inf in the result is an error."""
     import torch
 
+    from difftool.core.devices import is_out_of_memory, release_memory
+
     vae = _vae_on(model, context)
     pixels = latents.shape[-1] * latents.shape[-2] * model.vae_scale**2
-    if pixels > TILED_DECODE_PIXELS:
-        vae.enable_tiling()
-    else:
-        vae.disable_tiling()
-    with torch.inference_mode():
-        z = latents.to(context.device, next(vae.parameters()).dtype) / vae.config.scaling_factor
-        image = vae.decode(z).sample.float().cpu()
+    tiled = pixels > TILED_DECODE_PIXELS
+    while True:
+        vae.enable_tiling() if tiled else vae.disable_tiling()
+        try:
+            with torch.inference_mode():
+                z = latents.to(context.device, next(vae.parameters()).dtype) / vae.config.scaling_factor
+                image = vae.decode(z).sample.float().cpu()
+            break
+        except (RuntimeError, MemoryError) as error:
+            if not is_out_of_memory(error):
+                raise
+            release_memory()
+            if tiled:
+                tile = getattr(vae, "tile_sample_min_size", "?")
+                raise ModelError(
+                    f"out of memory decoding {pixels} px even in {tile} px VAE tiles",
+                    "close other programs, use a smaller --width/--height or --device cpu",
+                ) from None
+            context.logger.warning("out of memory in the VAE decode; retrying in tiles")
+            tiled = True
     if not bool(torch.isfinite(image).all()):
         raise ModelError(
             "the VAE produced NaN or Inf values; nothing was written",

@@ -77,21 +77,54 @@ def run_sd(
     width, height = size
     channels = model.unet.config.out_channels
     shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
-    return sample(
-        denoiser,
-        scheduler,
-        steps=int(params.get("steps") or 25),
-        context=context,
-        shape=shape,
-        init=init,
-        strength=strength,
-        cond={**text.cond, **(extra or {})},
-        uncond=text.uncond,
-        guidance_scale=float(params.get("guidance_scale", 7.0)),
-        noise=noise,
-        step_hook=step_hook,
-        decode_preview=pipeline.preview_decoder(model, context) if context.preview_every else None,
-    )
+
+    def run() -> Any:
+        return sample(
+            denoiser,
+            scheduler,
+            steps=int(params.get("steps") or 25),
+            context=context,
+            shape=shape,
+            init=init,
+            strength=strength,
+            cond={**text.cond, **(extra or {})},
+            uncond=text.uncond,
+            guidance_scale=float(params.get("guidance_scale", 7.0)),
+            noise=noise,
+            step_hook=step_hook,
+            decode_preview=pipeline.preview_decoder(model, context) if context.preview_every else None,
+        )
+
+    return with_attention_slicing_on_oom(run, model, context)
+
+
+def with_attention_slicing_on_oom(run: Callable[[], Any], model: Any, context: RunContext) -> Any:
+    """Run the sampler; out of memory once, retry it with sliced attention from the same random state."""
+    from difftool.core.devices import is_out_of_memory, release_memory
+    from difftool.core.errors import ModelError
+
+    state = context.generator.get_state()
+    try:
+        return run()
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error) or not hasattr(model.unet, "set_attention_slice"):
+            raise
+    release_memory()
+    context.logger.warning("out of memory in the U-Net; retrying with sliced attention")
+    context.generator.set_state(state)
+    processors = dict(model.unet.attn_processors)
+    model.unet.set_attention_slice("max")
+    try:
+        return run()
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        release_memory()
+        raise ModelError(
+            "out of memory in the U-Net even with sliced attention", "use a smaller --width/--height or --dtype bf16"
+        ) from None
+    finally:
+        model.unet.set_attn_processor(processors)  # back to the fast (SDPA) processors for the next run
 
 
 class Generate(Task):

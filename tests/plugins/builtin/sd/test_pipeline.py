@@ -83,3 +83,40 @@ def test_prediction_type_overrides(folder: Path, tmp_path: Path) -> None:
         "generate", model=str(folder), prompt="x", width=16, height=16, steps=2, seed=1, dtype="fp32", prediction="v"
     )
     assert not np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_out_of_memory_falls_back_to_tiles_and_sliced_attention(folder: Path, monkeypatch, caplog) -> None:
+    """An OOM in the U-Net retries with sliced attention (same image), one in the VAE retries in tiles."""
+    import logging
+
+    common = dict(model=str(folder), prompt="x", width=16, height=16, steps=2, seed=4, dtype="fp32")
+    reference = api.run("generate", **common).images[0]
+    model = loader.load_sd_model(folder)
+    from difftool.plugins.builtin.sd import models
+
+    unet = next(iter(models._CACHE.values())).unet
+    real_forward = type(unet).forward
+    calls = {"n": 0}
+
+    def forward_oom_unless_sliced(self, *args, **kwargs):
+        sliced = any(type(p).__name__.startswith("Sliced") for p in self.attn_processors.values())
+        calls["n"] += 1
+        if not sliced:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(unet), "forward", forward_oom_unless_sliced)
+    real_decode = type(model.vae).decode
+
+    def decode_oom_unless_tiled(self, z, *args, **kwargs):
+        if not self.use_tiling:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(type(model.vae), "decode", decode_oom_unless_tiled)
+    with caplog.at_level(logging.WARNING, logger="difftool"):
+        retried = api.run("generate", **common).images[0]
+    assert "sliced attention" in caplog.text and "in tiles" in caplog.text
+    # Same random state on retry; the tiled decode of a 16 px image is one tile, so the same pixels.
+    assert np.array_equal(np.asarray(retried), np.asarray(reference))
+    assert not any(type(p).__name__.startswith("Sliced") for p in unet.attn_processors.values())

@@ -220,3 +220,34 @@ def test_plugin_that_changes_global_state_is_reported_and_undone(site: Path) -> 
         ("broken", "changed PIL.Image.MAX_IMAGE_PIXELS"),
         ("Truncating", "changed PIL.ImageFile.LOAD_TRUNCATED_IMAGES"),
     }
+
+
+def test_malformed_registrations_are_reported_and_the_rest_registered() -> None:
+    from difftool.core.task import Task
+
+    class Nameless(Task):
+        summary = "no name"
+
+        def run(self, request, context):
+            return None
+
+    class Malformed:
+        @hookimpl
+        def register_tasks(self, register):
+            register("not a class")
+            register(Nameless)
+
+        @hookimpl
+        def register_schedulers(self, register):
+            register("broken", object())  # not callable: refused when used, named now
+
+        @hookimpl
+        def register_backends(self, register):
+            register(42)
+
+    registry = build_registry([Malformed()], entry_points=False)
+    stages = {(f.plugin, f.error.split(":")[0]) for f in registry.failures}
+    assert any("not a Task subclass" in f.error for f in registry.failures)
+    assert any("not a Backend instance" in f.error for f in registry.failures)
+    assert all(plugin == "Malformed" for plugin, _ in stages)
+    assert "superres" in registry.tasks and "torch" in registry.backends  # the built-ins are unaffected

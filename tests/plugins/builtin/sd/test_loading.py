@@ -159,3 +159,30 @@ def test_mismatched_weights_name_the_key_and_both_shapes(parts: dict, tmp_path: 
     save_file(dict(parts["vae"].state_dict()), str(vae))  # a tiny VAE is not an SD 1.x VAE
     with pytest.raises(ModelError, match=r"weight \S+ has shape \(\d+[\d, ]*\), the model expects \(\d+"):
         loader.load_vae(vae, FAMILIES["sd1"], allow_pickle=False)
+
+
+def test_with_both_formats_only_safetensors_are_read(parts: dict, tmp_path: Path) -> None:
+    folder = tiny.save_folder(parts, tmp_path / "folder")
+    victim = tmp_path / "victim.txt"
+    for sub in ("unet", "vae"):  # a hostile pickle beside each safetensors file
+        (folder / sub / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(WritesAFile(victim)))
+    (folder / "text_encoder" / "pytorch_model.bin").write_bytes(pickle.dumps(WritesAFile(victim)))
+    model = loader.load_sd_model(folder, allow_pickle=True)
+    assert torch.equal(model.unet.conv_in.weight, parts["unet"].conv_in.weight)
+    assert not victim.exists()
+
+
+def test_model_names_never_escape_the_model_folders(tmp_path: Path, monkeypatch) -> None:
+    from difftool.core.task import RunContext
+    from difftool.plugins.builtin.sd.models import resolve_path
+    from difftool.plugins.registry import build_registry
+
+    root, outside = tmp_path / "models", tmp_path / "secret.safetensors"
+    root.mkdir()
+    outside.write_bytes(b"\0" * 16)
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(root))
+    monkeypatch.chdir(root)  # relative to here, "../secret.safetensors" is a real path; as a *name* it is not
+    context = RunContext(registry=build_registry(entry_points=False))
+    for name in ("../secret", "../../secret", "models/../secret"):
+        with pytest.raises(ModelError, match="not found"):
+            resolve_path(name, context)

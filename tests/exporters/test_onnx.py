@@ -102,3 +102,23 @@ def test_check_backends_compares_every_backend(superres_model: Path, photo: Path
     lines = {line.split()[0] + " " + line.split()[1]: line for line in result.output.splitlines()}
     assert "PSNR" in lines["onnx float32"] and "PSNR" in lines["torch bfloat16"]
     assert "unavailable" in result.output and "tensorrt" in result.output
+
+
+def test_the_optimised_model_is_cached_and_gives_the_same_output(superres_model: Path) -> None:
+    import time
+
+    from difftool.exporters.onnxruntime_denoiser import make_session
+
+    model = load_pixel_model(superres_model, "superres")
+    entry = cached_export(model.unet, name="test-superres", model_id=model.sha256)
+    assert entry.manifest["optimized"] and "model.opt.onnx" in entry.files
+    sample = np.random.default_rng(0).standard_normal((1, 6, 24, 40)).astype(np.float32)
+    feeds = {"sample": sample, "timestep": np.array([300.0], np.float32)}
+    timings, outputs = {}, {}
+    for name in ("model.onnx", "model.opt.onnx"):
+        started = time.perf_counter()
+        session = make_session(entry.file(name), "cpu")
+        timings[name] = time.perf_counter() - started
+        outputs[name] = session.run(None, feeds)[0]
+    assert np.abs(outputs["model.onnx"] - outputs["model.opt.onnx"]).max() < 1e-4
+    print(f"session creation: {timings}")  # figures only; not asserted (timing in unit tests is noise)

@@ -57,8 +57,9 @@ class OnnxBackend(Backend):
         from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
 
         entry = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
+        optimized = entry.file("model.opt.onnx")
         denoiser = OnnxRuntimeDenoiser(
-            entry.file("model.onnx"),
+            optimized if optimized.is_file() and not device.startswith("cuda") else entry.file("model.onnx"),
             UNetSignature.of(module),
             prediction_type=prediction_type,
             sample_channels=int(module.config.out_channels),

@@ -139,7 +139,9 @@ def run(
         registry=registry,
     )
     try:
+        context.cancel.raise_if_cancelled()
         result = instance.run(request, context)
+        context.cancel.raise_if_cancelled()  # a cancel during the last step or the decode: nothing is returned to save
     except DifftoolError:
         raise
     except Exception as exc:

@@ -65,3 +65,29 @@ def test_unknown_parameter_and_input_count(photo: Path, superres_model: Path, re
         api.run("superres", photo, model=str(superres_model), strenght=0.5, registry=registry)
     with pytest.raises(ParameterError, match="takes 1 input"):
         api.run("superres", photo, photo, model=str(superres_model), registry=registry)
+
+
+def test_cancel_during_model_load_stops_before_work_and_the_next_run_works(
+    superres_model: Path, photo: Path, monkeypatch
+) -> None:
+    from difftool.core.errors import Cancelled
+    from difftool.core.task import CancelToken
+    from difftool.plugins.builtin import pixel_model
+
+    token = CancelToken()
+    real_load = pixel_model.load_pixel_model
+    steps = []
+
+    def load_then_cancel(path, task):
+        model = real_load(path, task)
+        token.cancel()  # the user pressed cancel while the model was loading
+        return model
+
+    monkeypatch.setattr(pixel_model, "load_pixel_model", load_then_cancel)
+    with pytest.raises(Cancelled):
+        api.run(
+            "superres", photo, model=str(superres_model), scale="2", cancel=token, progress=lambda *a: steps.append(a)
+        )
+    assert steps == []  # no denoising step ran
+    monkeypatch.setattr(pixel_model, "load_pixel_model", real_load)
+    assert api.run("superres", photo, model=str(superres_model), scale="2", seed=1).image.size[0] > 0

@@ -7,7 +7,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from PySide6.QtCore import QObject, QRunnable, QThreadPool, Signal
+from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
@@ -78,6 +78,9 @@ class JobQueue(QObject):
         self.jobs: dict[int, Job] = {}
         self.pending: list[int] = []
         self.running: int | None = None
+        self.abandoned: set[int] = set()
+        #: How long a cancelled job may take to reach a step boundary before it is abandoned.
+        self.abandon_after_ms = 3000
         self._ids = itertools.count(1)
         self.signals.finished.connect(self._on_finished)
 
@@ -97,6 +100,20 @@ class JobQueue(QObject):
             self.signals.changed.emit()
         elif job.state == "running":
             job.token.cancel()  # the sampler stops before its next step
+            # A task that never reaches a step boundary (hung in a plugin's code) cannot be stopped from
+            # another thread; after the grace period it is abandoned: marked cancelled, its eventual
+            # result discarded, and the queue moves on.
+            QTimer.singleShot(self.abandon_after_ms, lambda: self._abandon(job_id))
+
+    def _abandon(self, job_id: int) -> None:
+        job = self.jobs[job_id]
+        if self.running != job_id or job.state != "running":
+            return
+        job.state, job.error = "cancelled", "abandoned: the task did not stop within the grace period"
+        self.abandoned.add(job_id)
+        self.running = None
+        self.signals.changed.emit()
+        self._start_next()
 
     def _start_next(self) -> None:
         if self.running is not None or not self.pending:
@@ -108,6 +125,10 @@ class JobQueue(QObject):
         self.pool.start(_Runner(job, self.signals, self.preview_every))
 
     def _on_finished(self, job_id: int) -> None:
+        if job_id in self.abandoned:  # it finished after all; it was already reported cancelled
+            job = self.jobs[job_id]
+            job.state, job.result = "cancelled", None
+            return
         if self.running == job_id:
             self.running = None
         self.signals.changed.emit()

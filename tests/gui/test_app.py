@@ -298,3 +298,47 @@ def test_the_form_of_every_registered_task_matches_its_declaration(qapp) -> None
                 assert values[param.name] == param.default, (name, param.name)
             else:
                 assert param.name not in values, (name, param.name)
+
+
+class Hang(Task):
+    name = "hang"
+    summary = "Blocks in plugin code and never checks for cancel"
+    release = __import__("threading").Event()
+
+    def run(self, request, context):
+        Hang.release.wait(60)
+        return TaskResult([request.inputs["image"].to_pil()], {})
+
+
+class HangPlugin:
+    @hookimpl
+    def register_tasks(self, register):
+        register(Hang)
+        register(Dial)
+
+
+def test_a_hung_task_is_abandoned_on_cancel_and_the_queue_goes_on(qapp) -> None:
+    registry = build_registry([HangPlugin()], entry_points=False)
+    queue = JobQueue()
+    queue.abandon_after_ms = 200
+    image = Image.new("RGB", (4, 4))
+    hung = Job("hang", [image], {}, {"registry": registry})
+    queue.submit(hung)
+    time.sleep(0.3)  # let it get inside the task's run()
+    queue.cancel(hung.id)
+    deadline = time.monotonic() + 10
+    while hung.state != "cancelled" and time.monotonic() < deadline:
+        qapp.processEvents()
+        time.sleep(0.01)
+    assert hung.state == "cancelled" and "abandoned" in hung.error
+    follow = Job("dial", [image], {"count": 2}, {"registry": registry})
+    queue.submit(follow)
+    while follow.state not in ("done", "failed") and time.monotonic() < deadline:
+        qapp.processEvents()
+        time.sleep(0.01)
+    assert follow.state == "done"  # the window's queue kept working while the hung thread sat there
+    Hang.release.set()
+    assert queue.wait(10_000)
+    for _ in range(20):
+        qapp.processEvents()
+    assert hung.state == "cancelled" and hung.result is None  # its late result is discarded

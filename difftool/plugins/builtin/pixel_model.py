@@ -89,7 +89,9 @@ def availability(task: Any, model: str | None) -> str | None:
 def model_for(task: str, context: Any) -> PixelModel:
     """The model a run asked for (``context.model``) or the embedded one, loaded and checked."""
     find = context.registry.find_models if context.registry is not None else None
-    return load_pixel_model(resolve_model(task, context.model, find), task)
+    model = load_pixel_model(resolve_model(task, context.model, find), task)
+    context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
+    return model
 
 
 _CACHE: dict[tuple[str, int], PixelModel] = {}

@@ -96,4 +96,5 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
             vae=vae,
             loras=loras,
         )
+    context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return _CACHE[key]

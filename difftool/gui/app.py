@@ -96,6 +96,7 @@ class MainWindow(QMainWindow):
         for entry in self.registry.find_models():
             self.model_box.addItem(entry.name, str(entry.path))
         self.model_box.addItem("Browse…")
+        self.model_box.addItem("Browse file…")
         self.model_box.activated.connect(self._on_model_picked)
         self.backend_box = QComboBox()
         self.device_box = QComboBox()
@@ -278,17 +279,24 @@ class MainWindow(QMainWindow):
 
     def _model_choice(self) -> str | None:
         text = self.model_box.currentText()
-        if text in (DEFAULT_CHOICE, "Browse…", ""):
+        if text in (DEFAULT_CHOICE, "Browse…", "Browse file…", ""):
             return None
         return self.model_box.currentData() or text
 
     def _on_model_picked(self, index: int) -> None:
-        if self.model_box.itemText(index) == "Browse…":
-            folder = QFileDialog.getExistingDirectory(self, "Model folder", str(self.settings.value("model_dir", "")))
+        label = self.model_box.itemText(index)
+        if label in ("Browse…", "Browse file…"):
+            start = str(self.settings.value("model_dir", ""))
+            if label == "Browse…":
+                folder = QFileDialog.getExistingDirectory(self, "Model folder", start)
+            else:  # single-file checkpoints (Stable Diffusion .safetensors)
+                folder, _ = QFileDialog.getOpenFileName(
+                    self, "Model file", start, "Checkpoints (*.safetensors *.ckpt);;All files (*)"
+                )
             if folder:
                 self.model_box.insertItem(index, Path(folder).name, folder)
                 self.model_box.setCurrentIndex(index)
-                self.settings.setValue("model_dir", folder)
+                self.settings.setValue("model_dir", str(Path(folder).parent if Path(folder).is_file() else folder))
             else:
                 self.model_box.setCurrentIndex(0)
         self._on_task_changed()

@@ -342,3 +342,33 @@ def test_a_hung_task_is_abandoned_on_cancel_and_the_queue_goes_on(qapp) -> None:
     for _ in range(20):
         qapp.processEvents()
     assert hung.state == "cancelled" and hung.result is None  # its late result is discarded
+
+
+def test_generate_runs_from_the_window_with_a_single_file_checkpoint(qapp, tmp_path: Path, monkeypatch) -> None:
+    """A task without an input image and an SD checkpoint picked with "Browse file…"."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
+    from sd import tiny
+
+    from difftool.gui import app as app_module
+
+    checkpoint = tiny.save_single_file(tiny.components(seed=1), tmp_path / "tiny.safetensors")
+    monkeypatch.setattr(app_module.QFileDialog, "getOpenFileName", lambda *a, **k: (str(checkpoint), ""))
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(registry=build_registry(entry_points=False), settings=settings)
+    win.task_box.setCurrentText("generate")
+    win.model_box.setCurrentIndex(win.model_box.findText("Browse file…"))
+    win._on_model_picked(win.model_box.currentIndex())
+    assert win.model_box.currentData() == str(checkpoint)
+    win.form.widgets["prompt"].setPlainText("a boat")
+    win.form.widgets["width"].setValue(16)
+    win.form.widgets["height"].setValue(16)
+    win.form.widgets["steps"].setValue(2)
+    job = win.build_job()
+    assert job.inputs == [] and job.options["model"] == str(checkpoint)
+    win.queue.submit(job)
+    wait_for(win.queue, qapp)
+    assert job.state == "done", job.error
+    assert job.result.image.size == (16, 16) and job.result.record["model"] == "tiny"
+    win.close()

@@ -88,8 +88,19 @@ def test_cli_export_and_cache_commands(superres_model: Path, tmp_path: Path, mon
 def test_unsupported_module_is_refused_before_work() -> None:
     from difftool.core.errors import ModelError
 
-    with pytest.raises(ModelError, match="UNet2DModel"):
+    with pytest.raises(ModelError, match="supports diffusers U-Nets, not Linear"):
         UNetSignature.of(torch.nn.Linear(2, 2))
+    from diffusers import UNet2DConditionModel
+
+    per_block = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=(16, 32),
+        sample_size=8,
+    )
+    with pytest.raises(ModelError, match="does not support this U-Net's conditioning"):
+        UNetSignature.of(per_block)
 
 
 def test_check_backends_compares_every_backend(superres_model: Path, photo: Path, monkeypatch) -> None:

@@ -36,14 +36,15 @@ def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
         head = handle.read(8)
         if (head + handle.read(24)).startswith(b"version https://git-lfs"):
             raise ModelError(f"{path.name} is a Git LFS pointer, not the weights", "run `git lfs pull` to fetch it")
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        if len(head) < 8:
+            raise ModelError(f"{path.name} is invalid: {size} bytes is too short for a safetensors file", _FIX)
+        length = int.from_bytes(head, "little")
+        # A pickle (0x80 + protocol) or zip ("PK") read as a length is absurd; only then name the format.
+        if (length > MAX_HEADER_BYTES or 8 + length > size) and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise ModelError(
                 f"{path.name} is invalid: it is a pickle / zip (a .ckpt renamed to .safetensors?)",
                 "convert it with a tool you trust, or load the original .ckpt with --allow-pickle",
             )
-        if len(head) < 8:
-            raise ModelError(f"{path.name} is invalid: {size} bytes is too short for a safetensors file", _FIX)
-        length = int.from_bytes(head, "little")
         if length > MAX_HEADER_BYTES:
             raise ModelError(f"{path.name} is invalid: it claims a {length}-byte header", _FIX)
         if 8 + length > size:

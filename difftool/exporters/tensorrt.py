@@ -58,6 +58,53 @@ def unet_profile(
     return Profile(shapes)
 
 
+def signature_profile(
+    signature: Any,
+    batch: tuple[int, int, int],
+    size: tuple[int, int, int],
+    tokens: tuple[int, int, int] = (77, 77, 77),
+) -> Profile:
+    """A profile for every input of an exported U-Net (:class:`~difftool.exporters.onnx.UNetSignature`).
+
+    ``size`` is the square sample size in the U-Net's own units (pixels for pixel models, latent
+    cells for Stable Diffusion: 512 px is 64), as (min, opt, max); ``tokens`` the text length.
+    """
+    profile = unet_profile(signature.in_channels, signature.multiple, batch, size, signature.class_labels)
+    shapes = dict(profile.shapes)
+    if signature.context_dim:
+        shapes["encoder_hidden_states"] = tuple(
+            (b, t, signature.context_dim) for b, t in zip(batch, tokens, strict=True)
+        )  # type: ignore[assignment]
+    if signature.text_embeds_dim:
+        shapes["text_embeds"] = tuple((b, signature.text_embeds_dim) for b in batch)  # type: ignore[assignment]
+        shapes["time_ids"] = tuple((b, signature.time_ids) for b in batch)  # type: ignore[assignment]
+    return Profile(shapes)
+
+
+def engine_inputs(signature: Any, sample: Any, timestep: Any, cond: Mapping[str, Any], device: Any) -> dict[str, Any]:
+    """The engine's input tensors (contiguous, on ``device``) for one denoiser call: the ONNX signature's names."""
+    import torch
+
+    x = sample.to(device, torch.float32)
+    if cond.get("concat") is not None:
+        x = torch.cat([x, cond["concat"].to(device, torch.float32)], dim=1)
+    batch = x.shape[0]
+    inputs = {
+        "sample": x.contiguous(),
+        "timestep": torch.as_tensor(timestep, dtype=torch.float32).to(device).reshape(-1).expand(batch).contiguous(),
+    }
+    if signature.class_labels:
+        labels = cond["class_labels"].to(device).long()
+        inputs["class_labels"] = (labels.expand(batch) if labels.numel() == 1 else labels).contiguous()
+    if signature.context_dim:
+        inputs["encoder_hidden_states"] = cond["encoder_hidden_states"].to(device, torch.float32).contiguous()
+    if signature.text_embeds_dim:
+        added = cond["added_cond_kwargs"]
+        inputs["text_embeds"] = added["text_embeds"].to(device, torch.float32).contiguous()
+        inputs["time_ids"] = added["time_ids"].to(device, torch.float32).contiguous()
+    return inputs
+
+
 def select_profile(profiles: Sequence[Profile], request: Mapping[str, Shape]) -> int:
     """Index of the first profile covering every requested input shape, or a clear error."""
     for index, profile in enumerate(profiles):
@@ -147,10 +194,9 @@ class TensorRTDenoiser(Denoiser):
         entry: Entry,
         profiles: Sequence[Profile],
         *,
-        in_channels: int,
+        signature: Any,
         sample_channels: int,
         prediction_type: str,
-        class_labels: bool,
         device: str,
     ) -> None:
         import tensorrt as trt
@@ -158,8 +204,9 @@ class TensorRTDenoiser(Denoiser):
 
         self.device = torch.device(device)
         self.dtype = torch.float32
-        self.in_channels, self.sample_channels = in_channels, sample_channels
-        self.prediction_type, self.class_labels = prediction_type, class_labels
+        self.signature = signature
+        self.in_channels, self.sample_channels = signature.in_channels, sample_channels
+        self.prediction_type = prediction_type
         self.profiles = list(profiles)
         self.fingerprint = entry.manifest["key"]
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
@@ -171,19 +218,8 @@ class TensorRTDenoiser(Denoiser):
     def __call__(self, sample: Any, timestep: Any, cond: Mapping[str, Any]) -> Any:
         import torch
 
-        x = sample.to(self.device, torch.float32)
-        if cond.get("concat") is not None:
-            x = torch.cat([x, cond["concat"].to(self.device, torch.float32)], dim=1)
-        inputs = {
-            "sample": x.contiguous(),
-            "timestep": torch.as_tensor(timestep, device=self.device, dtype=torch.float32)
-            .reshape(-1)
-            .expand(x.shape[0])
-            .contiguous(),
-        }
-        if self.class_labels:
-            labels = cond["class_labels"].to(self.device).long()
-            inputs["class_labels"] = labels.expand(x.shape[0]).contiguous() if labels.numel() == 1 else labels
+        inputs = engine_inputs(self.signature, sample, timestep, cond, self.device)
+        x = inputs["sample"]
         index = select_profile(self.profiles, {k: tuple(v.shape) for k, v in inputs.items()})
         if index != self._profile:
             self.context.set_optimization_profile_async(index, self.stream.cuda_stream)

@@ -86,22 +86,22 @@ class TensorRTBackend(Backend):
         import torch
 
         from difftool.exporters.onnx import UNetSignature, cached_export
-        from difftool.exporters.tensorrt import TensorRTDenoiser, cached_engine, unet_profile
+        from difftool.exporters.tensorrt import TensorRTDenoiser, cached_engine, signature_profile
 
         signature = UNetSignature.of(module)
         largest = int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024"))
-        profile = unet_profile(
-            signature.in_channels, signature.multiple, (1, 1, 2), (64, 512, largest), signature.class_labels
-        )
+        if signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
+            profile = signature_profile(signature, (1, 2, 4), (8, 64, largest // 8 * 2))
+        else:
+            profile = signature_profile(signature, (1, 1, 2), (64, 512, largest))
         onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
         engine = cached_engine(onnx, [profile], fp16=dtype != torch.float32)
         return TensorRTDenoiser(
             engine,
             [profile],
-            in_channels=signature.in_channels,
+            signature=signature,
             sample_channels=int(module.config.out_channels),
             prediction_type=prediction_type,
-            class_labels=signature.class_labels,
             device=device,
         )
 

@@ -186,3 +186,42 @@ def test_model_names_never_escape_the_model_folders(tmp_path: Path, monkeypatch)
     for name in ("../secret", "../../secret", "models/../secret"):
         with pytest.raises(ModelError, match="not found"):
             resolve_path(name, context)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_shipped_vae_and_text_encoder_configs_fit_the_original_layout(name: str) -> None:
+    """Full-size VAE and text encoders of each family (meta tensors) survive the original-layout round trip."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    family = FAMILIES[name]
+
+    def shapes(state: dict) -> dict:
+        return {k: tuple(v.shape) for k, v in state.items()}
+
+    with torch.device("meta"):
+        vae = AutoencoderKL.from_config(family.config("vae"))
+        encoders = [
+            (CLIPTextModelWithProjection if part == "text_encoder_2" else CLIPTextModel)(
+                CLIPTextConfig(**family.config(part))
+            )
+            for part in family.text_encoders
+        ]
+    original = tiny.ldm_vae_keys(vae.state_dict(), dict(vae.config))
+    assert shapes(convert_ldm_vae_checkpoint(original, dict(vae.config))) == shapes(vae.state_dict())
+    for part, encoder in zip(family.text_encoders, encoders, strict=True):
+        expected = {k.removeprefix("text_model."): v for k, v in shapes(encoder.state_dict()).items()}
+        if family.tokenizers[family.text_encoders.index(part)] == "clip":
+            prefix = "conditioner.embedders.0.transformer." if family.xl else "cond_stage_model.transformer."
+            converted = convert_ldm_clip_checkpoint(tiny.ldm_clip_keys(encoder.state_dict(), prefix), prefix)
+        else:
+            prefix = "conditioner.embedders.1.model." if family.xl else "cond_stage_model.model."
+            original_text = tiny.ldm_openclip_keys(encoder.state_dict(), prefix)
+            converted = convert_open_clip_checkpoint(encoder, original_text, prefix=prefix)
+        got = {k.removeprefix("text_model."): v for k, v in shapes(converted).items()}
+        assert got == expected, (name, part)

@@ -67,24 +67,37 @@ def encode_prompt(
 def _encode(model: SDModel, text: str, clip_skip: int, logger: logging.Logger | None) -> tuple[Any, Any]:
     import torch
 
+    from difftool.plugins.builtin.sd import prompt_weights
+
+    emphasis = prompt_weights.has_emphasis(text)
     hidden, pooled = [], None
     for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True):
-        tokens = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        weights = None
+        if emphasis:
+            id_list, weights = prompt_weights.weighted_ids(tokenizer, text)
+        else:
+            id_list = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+            id_list = id_list.input_ids
         if logger is not None and tokenizer is model.tokenizers[0]:
             _warn_truncated(tokenizer, text, logger)
-        ids = torch.tensor([tokens.input_ids])
+        ids = torch.tensor([id_list])
         device = next(encoder.parameters()).device
         out = encoder(ids.to(device), output_hidden_states=True)
         if model.family.xl:
             # SDXL: penultimate layer (+ clip skip), no final norm; pooled output of the last encoder.
-            hidden.append(out.hidden_states[-(clip_skip + 1)])
+            states = out.hidden_states[-(clip_skip + 1)]
             if out[0].ndim == 2:
                 pooled = out[0]
         elif clip_skip == 1:
-            hidden.append(out[0])
+            states = out[0]
         else:
-            layer = out.hidden_states[-clip_skip]
-            hidden.append(_final_norm(encoder)(layer))
+            states = _final_norm(encoder)(out.hidden_states[-clip_skip])
+        if weights is not None and any(w != 1.0 for w in weights):
+            # A1111: scale each token's features by its weight, then restore the original mean.
+            mean = states.float().mean()
+            states = states * torch.tensor(weights, dtype=states.dtype, device=states.device)[None, :, None]
+            states = states * (mean / states.float().mean()).to(states.dtype)
+        hidden.append(states)
     return torch.cat(hidden, dim=-1).float(), None if pooled is None else pooled.float()
 
 

@@ -1,0 +1,68 @@
+"""A1111's prompt emphasis: ``(word)`` x1.1, ``((word))`` x1.21, ``[word]`` /1.1, ``(word:1.5)``, ``\\(`` literal.
+
+Each token's text-encoder output is scaled by its weight, then the whole is rescaled to keep its
+mean (A1111's method). Written here because compel, the library for this, re-implements text
+encoding around diffusers pipelines rather than offering the parser alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+#: A1111's grammar, tokenised: escapes, brackets, ``:weight)`` and plain text.
+_TOKEN = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+UP, DOWN = 1.1, 1 / 1.1
+
+
+def has_emphasis(prompt: str) -> bool:
+    return bool(re.search(r"(?<!\\)[()\[\]]", prompt))
+
+
+def parse(prompt: str) -> list[tuple[str, float]]:
+    """``"a (red:1.5) [car]"`` -> ``[("a ", 1.0), ("red", 1.5), ("car", 0.909...)]`` (adjacent equal weights merged)."""
+    out: list[tuple[str, float]] = []
+    stack: list[tuple[int, str]] = []  # (index in out where the group starts, opening bracket)
+
+    def scale(start: int, factor: float) -> None:
+        for i in range(start, len(out)):
+            out[i] = (out[i][0], out[i][1] * factor)
+
+    for match in _TOKEN.finditer(prompt):
+        text, weight = match.group(0), match.group(1)
+        if text.startswith("\\"):
+            out.append((text[1:], 1.0))
+        elif text in ("(", "["):
+            stack.append((len(out), text))
+        elif weight is not None and stack and stack[-1][1] == "(":
+            scale(stack.pop()[0], float(weight))
+        elif text == ")" and stack and stack[-1][1] == "(":
+            scale(stack.pop()[0], UP)
+        elif text == "]" and stack and stack[-1][1] == "[":
+            scale(stack.pop()[0], DOWN)
+        else:
+            out.append((text, 1.0))
+    for start, bracket in reversed(stack):  # unclosed brackets still apply, as in A1111
+        scale(start, UP if bracket == "(" else DOWN)
+    merged: list[tuple[str, float]] = []
+    for text, weight in out:
+        if merged and merged[-1][1] == weight:
+            merged[-1] = (merged[-1][0] + text, weight)
+        elif text:
+            merged.append((text, weight))
+    return merged or [("", 1.0)]
+
+
+def weighted_ids(tokenizer: object, prompt: str) -> tuple[list[int], list[float]]:
+    """Token ids (BOS ... EOS, padded to the tokenizer's length) and one weight per id."""
+    limit = tokenizer.model_max_length  # type: ignore[attr-defined]
+    ids, weights = [], []
+    for text, weight in parse(prompt):
+        piece = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
+        ids += piece
+        weights += [weight] * len(piece)
+    ids, weights = ids[: limit - 2], weights[: limit - 2]
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id  # type: ignore[attr-defined]
+    ids = [bos, *ids, eos]
+    weights = [1.0, *weights, 1.0]
+    padding = limit - len(ids)
+    return ids + [pad] * padding, weights + [1.0] * padding

@@ -1,0 +1,41 @@
+"""A1111 emphasis syntax: parsing, and what it does to the text conditioning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from difftool.plugins.builtin.sd import loader, pipeline
+from difftool.plugins.builtin.sd.prompt_weights import parse, weighted_ids
+from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
+
+from . import tiny
+
+
+def test_parse_follows_a1111() -> None:
+    assert parse("a cat") == [("a cat", 1.0)]
+    assert parse("a (red:1.5) car") == [("a ", 1.0), ("red", 1.5), (" car", 1.0)]
+    assert parse("((big)) [dog]") == [("big", pytest.approx(1.21)), (" ", 1.0), ("dog", pytest.approx(1 / 1.1))]
+    assert parse(r"a \(literal\) x") == [("a (literal) x", 1.0)]
+    assert parse("(open ended") == [("open ended", pytest.approx(1.1))]
+    assert parse("(a (b:2) c:0.5)") == [("a ", 0.5), ("b", 1.0), (" c", 0.5)]
+
+
+def test_weighted_ids_match_plain_tokenization_and_pad() -> None:
+    tokenizer = clip_tokenizer("clip")
+    ids, weights = weighted_ids(tokenizer, "a photo of a (cat:1.3)")
+    plain = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
+    assert ids == plain and len(weights) == 77
+    assert weights[5] == pytest.approx(1.3) and weights[:5] == [1.0] * 5 and weights[6:] == [1.0] * 71
+
+
+def test_emphasis_scales_only_its_tokens_and_weight_one_changes_nothing(tmp_path) -> None:
+    model = loader.load_sd_model(tiny.save_folder(tiny.components(seed=2), tmp_path / "m"))
+    plain = pipeline.encode_prompt(model, "a photo of a cat", "").cond["encoder_hidden_states"]
+    same = pipeline.encode_prompt(model, "a photo of a (cat:1.0)", "").cond["encoder_hidden_states"]
+    strong = pipeline.encode_prompt(model, "a photo of a (cat:1.5)", "").cond["encoder_hidden_states"]
+    assert torch.equal(plain, same)
+    assert not torch.allclose(plain, strong)
+    assert strong.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)  # the mean is restored
+    ratio = (strong / plain)[0, :, 0]  # every token is rescaled by the same mean factor, cat by 1.5 more
+    assert ratio[5].item() == pytest.approx(1.5 * ratio[4].item(), rel=1e-4)

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
-MARK_BEGIN, MARK_END = "<!-- backend-benchmark:begin -->", "<!-- backend-benchmark:end -->"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import update_section  # noqa: E402
 
 
 def best_of(fn, repeats: int) -> float:
@@ -139,8 +142,7 @@ def write_markdown(r: dict) -> None:
             f"{x['torch_bf16_s']} ({x['torch_bf16_of_peak']:.0%}) | "
             f"{x['onnxruntime_fp32_s']} ({x['onnxruntime_fp32_of_peak']:.0%}) | {x['floor_bf16_s']} |"
         )
-    table = f"""{MARK_BEGIN}
-## CPU backends, one denoiser call (`python benchmarks/backends.py`)
+    table = f"""## CPU backends, one denoiser call (`python benchmarks/backends.py`)
 
 {r["threads"]} threads; measured matmul peak: {r["peak_fp32_gflops"]} GFLOP/s fp32, {r["peak_bf16_gflops"]} GFLOP/s
 bf16. Seconds per call (best of several), with the fraction of the peak of that precision reached.
@@ -148,15 +150,8 @@ bf16. Seconds per call (best of several), with the fraction of the peak of that 
 | model | GFLOP | torch fp32 | torch bf16 | ONNX Runtime fp32 | bf16 floor |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
-{MARK_END}"""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        text = head + table + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.write_text(text)
+"""
+    update_section(ROOT / "docs" / "benchmarks.md", "backend-benchmark", table)
 
 
 if __name__ == "__main__":

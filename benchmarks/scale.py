@@ -20,7 +20,9 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-MARK_BEGIN, MARK_END = "<!-- scale-benchmark:begin -->", "<!-- scale-benchmark:end -->"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import update_section  # noqa: E402
 
 
 def make_inputs(folder: Path, count: int = 64) -> None:
@@ -74,8 +76,7 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2))
     (ROOT / "docs" / "benchmarks-scale.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = f"""{MARK_BEGIN}
-## Folder jobs: local batch vs Ray Data (2 workers, this machine)
+    table = f"""## Folder jobs: local batch vs Ray Data (2 workers, this machine)
 
 `python benchmarks/scale.py`: 64 images of 128x128, embedded superres 4x, each executor in a fresh
 process (model load included).
@@ -86,15 +87,8 @@ process (model load included).
 | `--executor ray --workers 2` | {results["ray_seconds"]} | {results["ray_images_per_s"]} |
 
 Ray start-up (local `ray.init`): {results["ray_startup_seconds"]} s. Outputs byte-identical in pixels: {identical}.
-{MARK_END}"""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        text = head + table + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.write_text(text)
+"""
+    update_section(ROOT / "docs" / "benchmarks.md", "scale-benchmark", table)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from run import cpu_name, timed_run  # noqa: E402
-
-MARK_BEGIN, MARK_END = "<!-- sd-benchmark:begin -->", "<!-- sd-benchmark:end -->"
+from sections import update_section  # noqa: E402
 
 
 def build_model(path: Path) -> Path:
@@ -121,8 +121,7 @@ def main() -> None:
 
 
 def write_markdown(path: Path, r: dict) -> None:
-    table = f"""{MARK_BEGIN}
-## Stable Diffusion 1.5-size model (random weights), 512x512, CFG (U-Net batch 2)
+    table = f"""## Stable Diffusion 1.5-size model (random weights), 512x512, CFG (U-Net batch 2)
 
 `python benchmarks/sd.py` on {r["cpu"]} ({r["threads"]} threads); {r["unet_params_m"]} M U-Net parameters;
 seconds per step from each pipeline's step callback, DPM++ 2M Karras, first step not counted.
@@ -135,14 +134,8 @@ seconds per step from each pipeline's step callback, DPM++ 2M Karras, first step
 difftool bf16 is {r["bf16_speedup"]}x its fp32. Peak RSS of a whole `difftool run generate --dtype bf16`
 at 512x512 (fresh process, load + 2 steps + VAE decode): {r["difftool_bf16_512_rss_gib"]} GiB
 ({r["difftool_bf16_512_2step_seconds"]} s).
-{MARK_END}"""
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        text = head + table + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.write_text(text)
+"""
+    update_section(path, "sd-benchmark", table)
 
 
 if __name__ == "__main__":

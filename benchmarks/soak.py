@@ -16,8 +16,12 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+
 sys.path.insert(0, str(ROOT))
-MARK_BEGIN, MARK_END = "<!-- soak-benchmark:begin -->", "<!-- soak-benchmark:end -->"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import update_section  # noqa: E402
+
 JOBS, WARM_UP = 200, 20
 
 
@@ -52,21 +56,13 @@ def main() -> None:
     }
     print(json.dumps(results, indent=2))
     (ROOT / "docs" / "benchmarks-soak.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = f"""{MARK_BEGIN}
-## Soak: {JOBS} superres jobs in one process (`python benchmarks/soak.py`)
+    table = f"""## Soak: {JOBS} superres jobs in one process (`python benchmarks/soak.py`)
 
 RSS after {WARM_UP} jobs (warm-up): {results["rss_after_warm_up_mib"]} MiB; after all {JOBS}:
 {results["rss_end_mib"]} MiB (max {results["rss_max_mib"]} MiB); growth after warm-up
 {results["growth_after_warm_up_pct"]}% (limit 10%). {results["seconds"]} s in all.
-{MARK_END}"""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text()
-    if MARK_BEGIN in text:
-        head, _, rest = text.partition(MARK_BEGIN)
-        text = head + table + rest.partition(MARK_END)[2]
-    else:
-        text = text.rstrip() + "\n\n" + table + "\n"
-    path.write_text(text)
+"""
+    update_section(ROOT / "docs" / "benchmarks.md", "soak-benchmark", table)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -68,6 +69,19 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def replace_dir(tmp: Path, target: Path) -> Path:
+    """Move the finished folder ``tmp`` to ``target``, replacing an existing one with two renames."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -20,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from difftool.core.atomic import replace_dir
 from difftool.exporters.onnx import UNetSignature
 
 DTYPES = {"sample": "TYPE_FP32", "timestep": "TYPE_FP32", "class_labels": "TYPE_INT64"}
@@ -79,20 +80,8 @@ def write_repository(
             (plan_dir / str(options.version)).mkdir()
             shutil.copyfile(plan_file, plan_dir / str(options.version) / "model.plan")
             (plan_dir / "config.pbtxt").write_text(config_text(plan_name, signature, options, "tensorrt_plan"))
-            _replace(plan_dir, repo / plan_name)
-        return _replace(tmp, repo / name)
+            replace_dir(plan_dir, repo / plan_name)
+        return replace_dir(tmp, repo / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _replace(tmp: Path, target: Path) -> Path:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-    return target

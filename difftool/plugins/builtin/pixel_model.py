@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from difftool.core.atomic import file_sha256
+from difftool.core.atomic import file_sha256, replace_dir
 from difftool.core.errors import ModelError
 from difftool.core.safetensors_check import check_safetensors
 
@@ -156,14 +156,7 @@ def save_pixel_model(
             unet.float()
         (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -95,3 +95,14 @@ def test_sd_profiles_and_engine_inputs_cover_every_input_of_the_export() -> None
     assert feed["sample"].shape == (2, 9, 64, 64)
     with pytest.raises(ParameterError, match="no TensorRT profile covers"):
         select_profile([signature_profile(inpaint, (1, 2, 2), (8, 64, 96))], {"sample": (2, 9, 128, 128)})
+
+
+def test_export_tensorrt_without_a_gpu_says_why(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli.cli, ["export", "tensorrt", "--device", "cpu"])
+    assert result.exit_code == 1 and "cannot build a TensorRT engine here" in result.output
+    assert "--device cuda" in result.output and not (tmp_path / "cache").exists()

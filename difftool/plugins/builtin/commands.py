@@ -86,6 +86,37 @@ def export_onnx(task_name: str, model: str | None) -> None:
     click.echo(f"  tolerance {report['tolerance']:.0e}; manifest {entry.file('manifest.json')}")
 
 
+@export.command("tensorrt")
+@click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
+@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--device", default="cuda", show_default=True, help="the GPU the engine is for")
+@click.option("--fp32", is_flag=True, help="build in fp32 (default fp16)")
+def export_tensorrt(task_name: str, model: str | None, device: str, fp32: bool) -> None:
+    """Build (or reuse) the TensorRT engine for TASK's U-Net from its validated ONNX export."""
+    import torch
+
+    from difftool.core.errors import DifftoolError
+    from difftool.exporters.tensorrt import unavailable_reason
+    from difftool.plugins.builtin import pixel_model
+    from difftool.plugins.builtin.backends import TensorRTBackend
+
+    reason = unavailable_reason(device)
+    if reason:
+        raise click.ClickException(f"cannot build a TensorRT engine here: {reason}")
+    try:
+        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+        denoiser = TensorRTBackend().make_denoiser(
+            loaded.unet,
+            prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
+            device=device,
+            dtype=torch.float32 if fp32 else torch.float16,
+            model_id=loaded.sha256,
+        )
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"engine {denoiser.fingerprint} (profiles: {[p.as_json() for p in denoiser.profiles]})")
+
+
 @export.command("triton")
 @click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
 @click.option("-o", "--output", "repo", type=click.Path(file_okay=False), required=True, help="model repository")

@@ -140,6 +140,7 @@ def run(
     )
     try:
         context.cancel.raise_if_cancelled()
+        context.export_shapes = instance.export_shapes(request.params)
         result = instance.run(request, context)
         context.cancel.raise_if_cancelled()  # a cancel during the last step or the decode: nothing is returned to save
     except DifftoolError:

@@ -20,6 +20,9 @@ class Backend(ABC):
 
     name: str
     summary: str = ""
+    #: Set by backends that build shape-specific engines: ``make_denoiser`` then also receives
+    #: ``shapes``, the task's :class:`~difftool.core.task.ExportShapes` (or ``None``).
+    accepts_shapes: bool = False
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         """``None`` if this backend can run on ``device`` here, else a one-line reason and fix."""

@@ -108,6 +108,26 @@ class Param:
 
 
 @dataclass(frozen=True)
+class ExportShapes:
+    """What a task will ask of an exported denoiser, declared so engines are built for it before any work.
+
+    Each field is (min, opt, max). ``size`` is the square side of the sample in the denoiser's own
+    units (pixels for pixel models, latent cells for Stable Diffusion: 512 px is 64); ``batch``
+    counts classifier-free guidance's doubled batch; ``tokens`` is the text length.
+    """
+
+    batch: tuple[int, int, int] = (1, 1, 1)
+    size: tuple[int, int, int] = (64, 512, 1024)
+    tokens: tuple[int, int, int] = (77, 77, 77)
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "size", "tokens"):
+            low, opt, high = getattr(self, name)
+            if not 1 <= low <= opt <= high:
+                raise ValueError(f"ExportShapes.{name} must be 1 <= min <= opt <= max, got {(low, opt, high)}")
+
+
+@dataclass(frozen=True)
 class Port:
     """A declared input or output: its name, kind (``image``, ``mask``, ...) and help text."""
 
@@ -156,6 +176,8 @@ class RunContext:
     registry: Any = None
     #: Denoisers this run made (the API records their precision and artifact fingerprint).
     denoisers: list[Any] = field(default_factory=list)
+    #: The task's declared export shapes for this request (backends that build engines use them).
+    export_shapes: ExportShapes | None = None
     _generator: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -183,8 +205,15 @@ class RunContext:
 
     def make_denoiser(self, module: Any, *, prediction_type: str, model_id: str = "") -> Denoiser:
         """Wrap a torch module for :attr:`backend` on :attr:`device` in :attr:`dtype`."""
-        denoiser = self.registry.backend(self.backend).make_denoiser(
-            module, prediction_type=prediction_type, device=self.device, dtype=self.torch_dtype, model_id=model_id
+        backend = self.registry.backend(self.backend)
+        extra = {"shapes": self.export_shapes} if getattr(backend, "accepts_shapes", False) else {}
+        denoiser = backend.make_denoiser(
+            module,
+            prediction_type=prediction_type,
+            device=self.device,
+            dtype=self.torch_dtype,
+            model_id=model_id,
+            **extra,
         )
         self.denoisers.append(denoiser)
         return denoiser
@@ -224,6 +253,10 @@ class Task(ABC):
 
     def availability(self, model: str | None) -> str | None:
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
+        return None
+
+    def export_shapes(self, params: Mapping[str, Any]) -> ExportShapes | None:
+        """The shapes this request will send the denoiser (``None``: the backend's defaults)."""
         return None
 
     @abstractmethod

@@ -179,3 +179,37 @@ def test_folder_source_finds_models_and_checkpoints(tmp_path: Path, superres_mod
     assert found["mine"] == "difftool-superres"
     assert found["dreamy"].startswith("unreadable (dreamy.safetensors is invalid")
     assert found["old"].startswith("pickle")
+
+
+class ShapeRecordingBackend(Backend):
+    """A backend that builds shape-specific engines: it receives the task's declared export shapes."""
+
+    name = "shapes"
+    accepts_shapes = True
+    seen: list = []
+
+    def make_denoiser(self, module, *, shapes=None, **kwargs):
+        from difftool.core.denoiser import TorchDenoiser
+
+        ShapeRecordingBackend.seen.append(shapes)
+        return TorchDenoiser(module, prediction_type=kwargs["prediction_type"], device=kwargs["device"])
+
+
+class ShapesPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(ShapeRecordingBackend())
+
+
+def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Path, superres_model: Path) -> None:
+    from difftool.core.task import ExportShapes
+
+    registry = build_registry([ShapesPlugin()], entry_points=False)
+    ShapeRecordingBackend.seen = []
+    api.run("superres", photo, model=str(superres_model), scale="2", tile=256, overlap=32, backend="shapes",
+            seed=1, registry=registry, dtype="fp32")  # fmt: skip
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(64, 256, 256))]
+    generate = registry.task("generate").export_shapes({"width": 640, "height": 512, "guidance_scale": 7.0})
+    assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128))
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        ExportShapes(size=(64, 32, 128))

@@ -71,6 +71,7 @@ class OnnxBackend(Backend):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
+    accepts_shapes = True
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
@@ -79,7 +80,7 @@ class TensorRTBackend(Backend):
         return OnnxBackend().unavailable_reason(device) or unavailable_reason(device)
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = "", shapes: Any = None
     ) -> Denoiser:
         import os
 
@@ -90,7 +91,9 @@ class TensorRTBackend(Backend):
 
         signature = UNetSignature.of(module)
         largest = int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024"))
-        if signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
+        if shapes is not None:  # what the task declared for this request
+            profile = signature_profile(signature, shapes.batch, shapes.size, shapes.tokens)
+        elif signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
             profile = signature_profile(signature, (1, 2, 4), (8, 64, largest // 8 * 2))
         else:
             profile = signature_profile(signature, (1, 1, 2), (64, 512, largest))

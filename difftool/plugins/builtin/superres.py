@@ -17,7 +17,7 @@ from PIL import Image
 from difftool.core.devices import is_out_of_memory
 from difftool.core.errors import DifftoolError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
-from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
+from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.hookspecs import hookimpl
 
@@ -36,6 +36,11 @@ class SuperResolution(Task):
     )
 
     availability = pixel_model.availability
+
+    def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
+        """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time."""
+        tile = int(params.get("tile") or 1024)
+        return ExportShapes(batch=(1, 1, 1), size=(min(64, tile), tile, tile))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]

@@ -12,7 +12,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
-from difftool.core.task import Param, Port, RunContext, Task, TaskRequest, TaskResult
+from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.hookspecs import hookimpl
@@ -142,6 +142,12 @@ class Generate(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
+        """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
+        side = max(params.get("width") or 512, params.get("height") or 512) // 8
+        cfg = 2 if float(params.get("guidance_scale", 7.0)) != 1.0 else 1
+        return ExportShapes(batch=(1, cfg, cfg), size=(8, side, max(side, 128)))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

@@ -25,6 +25,9 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import update_section  # noqa: E402
 
 
 def mean_rows(rows: list[dict], keys: list[str]) -> dict[str, float]:
@@ -72,9 +75,9 @@ def main() -> None:
     auto = resolve_dtype("auto", "cpu")
     report: dict = {"dtype_auto": auto}
     lines = [
-        "# Benchmarks",
+        "## Embedded models",
         "",
-        'Regenerate with `pip install -e ".[bench]" && python benchmarks/run.py` (this file is its output).',
+        'Regenerate with `pip install -e ".[bench]" && python benchmarks/run.py` (this section is its output).',
         "",
         f"Machine: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"Python {platform.python_version()}. `--dtype auto` resolves to **{auto}** here.",
@@ -97,7 +100,7 @@ def main() -> None:
         "bicubic_ssim_y",
     ]
     lines += [
-        "## Super-resolution quality (held-out photos)",
+        "### Super-resolution quality (held-out photos)",
         "",
         "| scale | dtype | image | PSNR model | bicubic | Lanczos | gain vs bicubic | PSNR-Y model | bicubic |"
         " SSIM model | bicubic |",
@@ -119,7 +122,7 @@ def main() -> None:
 
     # --- inpaint quality --------------------------------------------------------------------------
     lines += [
-        "## Inpainting quality (held-out photos, fixed masks, inside the masks)",
+        "### Inpainting quality (held-out photos, fixed masks, inside the masks)",
         "",
         "| dtype | image | mask % | PSNR model | Telea | Navier-Stokes | SSIM model | Telea | NS |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -138,7 +141,7 @@ def main() -> None:
 
     # --- speed --------------------------------------------------------------------------------------
     lines += [
-        "## Speed and memory (fresh process each, default settings unless named)",
+        "### Speed and memory (fresh process each, default settings unless named)",
         "",
         "| job | dtype | seconds | peak RSS GiB |",
         "|---|---|---|---|",
@@ -177,7 +180,7 @@ def main() -> None:
         f"Benchmark wall time: {time.perf_counter() - started:.0f} s.",
         "",
     ]
-    Path(args.out).write_text("\n".join(lines))
+    update_section(Path(args.out), "embedded-benchmark", "\n".join(lines))
     Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1, default=float))
     print("\n".join(lines))
 

@@ -35,8 +35,18 @@ class TritonOptions:
     version: int = 1
 
 
-def config_text(name: str, signature: UNetSignature, options: TritonOptions, platform: str = "onnxruntime_onnx") -> str:
-    """``config.pbtxt`` in protobuf text format (Triton's ``ModelConfig``)."""
+def config_text(
+    name: str,
+    signature: UNetSignature,
+    options: TritonOptions,
+    platform: str = "onnxruntime_onnx",
+    weights_id: str = "",
+) -> str:
+    """``config.pbtxt`` in protobuf text format (Triton's ``ModelConfig``).
+
+    ``weights_id`` goes into ``parameters`` as ``difftool_weights``: difftool's Triton backend serves a
+    model only from the server model whose id matches the weights it was asked to run.
+    """
     dims = {"sample": f"[ {signature.in_channels}, -1, -1 ]", "timestep": "[ 1 ]", "class_labels": "[ 1 ]"}
     inputs = []
     for input_name in signature.input_names():
@@ -54,6 +64,7 @@ def config_text(name: str, signature: UNetSignature, options: TritonOptions, pla
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {options.max_queue_delay_us}\n}}\n"
         f"instance_group [\n  {{\n    count: {options.instances}\n    kind: {options.kind}\n  }}\n]\n"
         f"version_policy: {{ latest: {{ num_versions: 1 }} }}\n"
+        f'parameters: {{ key: "difftool_weights" value: {{ string_value: "{weights_id}" }} }}\n'
     )
 
 
@@ -64,6 +75,7 @@ def write_repository(
     signature: UNetSignature,
     options: TritonOptions = TritonOptions(),
     plan_file: Path | None = None,
+    weights_id: str = "",
 ) -> Path:
     """Write (or replace) model ``name`` in the repository ``repo``; returns the model's folder."""
     repo = Path(repo)
@@ -73,13 +85,14 @@ def write_repository(
         version = tmp / str(options.version)
         version.mkdir()
         shutil.copyfile(onnx_file, version / "model.onnx")
-        (tmp / "config.pbtxt").write_text(config_text(name, signature, options))
+        (tmp / "config.pbtxt").write_text(config_text(name, signature, options, weights_id=weights_id))
         if plan_file is not None:
             plan_name = f"{name}_trt"
             plan_dir = Path(tempfile.mkdtemp(dir=repo, prefix=f".{plan_name}."))
             (plan_dir / str(options.version)).mkdir()
             shutil.copyfile(plan_file, plan_dir / str(options.version) / "model.plan")
-            (plan_dir / "config.pbtxt").write_text(config_text(plan_name, signature, options, "tensorrt_plan"))
+            plan_config = config_text(plan_name, signature, options, "tensorrt_plan", weights_id)
+            (plan_dir / "config.pbtxt").write_text(plan_config)
             replace_dir(plan_dir, repo / plan_name)
         return replace_dir(tmp, repo / name)
     except BaseException:

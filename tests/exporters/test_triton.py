@@ -62,3 +62,115 @@ def test_class_conditioned_models_get_an_int64_label_input() -> None:
     labels = config.input[2]
     assert labels.name == "class_labels" and labels.data_type == model_config_pb2.TYPE_INT64
     assert config.max_batch_size == 4 and config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+class StubTriton:
+    """A test-only stand-in for Triton's gRPC inference service over a Unix socket (no server can run here):
+    it serves a repository written by `difftool export triton` by running each model.onnx in ONNX Runtime,
+    honouring config.pbtxt's reshapes. Only the calls difftool's Triton backend makes are implemented."""
+
+    def __init__(self, repo: Path) -> None:
+        import onnxruntime as ort
+
+        self.configs, self.sessions = {}, {}
+        for folder in sorted(p for p in repo.iterdir() if (p / "config.pbtxt").is_file()):
+            config = text_format.Parse((folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+            self.configs[config.name] = config
+            self.sessions[config.name] = ort.InferenceSession(str(folder / "1" / "model.onnx"))
+
+    def servicer(self):
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        stub = self
+
+        class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+            def RepositoryIndex(self, request, context):
+                models = [service_pb2.RepositoryIndexResponse.ModelIndex(name=n, state="READY") for n in stub.configs]
+                return service_pb2.RepositoryIndexResponse(models=models)
+
+            def ModelConfig(self, request, context):
+                return service_pb2.ModelConfigResponse(config=stub.configs[request.name])
+
+            def ModelReady(self, request, context):
+                return service_pb2.ModelReadyResponse(ready=request.name in stub.configs)
+
+            def ModelInfer(self, request, context):
+                config = stub.configs[request.model_name]
+                reshaped = {i.name: i.HasField("reshape") for i in config.input}
+                feeds = {}
+                for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
+                    array = np.frombuffer(raw, np.int64 if tensor.datatype == "INT64" else np.float32)
+                    array = array.reshape(list(tensor.shape))
+                    feeds[tensor.name] = array.reshape(array.shape[0]) if reshaped[tensor.name] else array
+                out = stub.sessions[request.model_name].run(None, feeds)[0].astype(np.float32)
+                output = service_pb2.ModelInferResponse.InferOutputTensor(name="out", datatype="FP32", shape=out.shape)
+                response = service_pb2.ModelInferResponse(model_name=request.model_name, outputs=[output])
+                response.raw_output_contents.append(out.tobytes())
+                return response
+
+        return Servicer()
+
+
+@pytest.fixture
+def triton_repo(superres_model: Path, tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "repo"
+    result = CliRunner().invoke(
+        cli.cli, ["export", "triton", "superres", "-o", str(repo), "--model", str(superres_model)]
+    )
+    assert result.exit_code == 0, result.output
+    return repo
+
+
+def serve(repo: Path, socket_path: Path):
+    from concurrent import futures
+
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(StubTriton(repo).servicer(), server)
+    server.add_insecure_port(f"unix:{socket_path}")
+    server.start()
+    return server
+
+
+def test_the_triton_backend_runs_a_task_through_a_server(
+    triton_repo: Path, superres_model: Path, photo: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from difftool import api
+    from difftool.training.evaluate import psnr
+
+    server = serve(triton_repo, tmp_path / "triton.sock")
+    try:
+        monkeypatch.setenv("DIFFTOOL_TRITON_URL", f"unix:{tmp_path / 'triton.sock'}")
+        common = dict(model=str(superres_model), scale="2", seed=3, dtype="fp32")
+        reference = api.run("superres", photo, **common)
+        served = api.run("superres", photo, backend="triton", **common)
+        assert served.record["backend"] == "triton" and served.record["artifact"].endswith("/difftool_superres")
+        a, b = (np.asarray(r.image, np.float32) / 255 for r in (reference, served))
+        assert psnr(a, b) > 40
+    finally:
+        server.stop(0)
+
+
+def test_the_triton_backend_refuses_a_model_from_other_weights(
+    triton_repo: Path, superres_model: Path, photo: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from difftool import api
+    from difftool.core.errors import ModelError
+
+    config = triton_repo / "difftool_superres" / "config.pbtxt"
+    config.write_text(config.read_text().replace('string_value: "', 'string_value: "other'))
+    server = serve(triton_repo, tmp_path / "triton.sock")
+    try:
+        monkeypatch.setenv("DIFFTOOL_TRITON_URL", f"unix:{tmp_path / 'triton.sock'}")
+        with pytest.raises(ModelError, match="serves no model exported from these weights"):
+            api.run("superres", photo, model=str(superres_model), scale="2", backend="triton")
+    finally:
+        server.stop(0)
+    monkeypatch.delenv("DIFFTOOL_TRITON_URL")
+    from difftool.plugins.registry import build_registry
+
+    backend = build_registry(entry_points=False).backends["triton"][0]
+    assert "DIFFTOOL_TRITON_URL" in backend.unavailable_reason()

@@ -109,8 +109,32 @@ class TensorRTBackend(Backend):
         )
 
 
+class TritonBackend(Backend):
+    name = "triton"
+    summary = "a Triton Inference Server (gRPC, DIFFTOOL_TRITON_URL) serving `difftool export triton` models"
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        from difftool.exporters.triton_denoiser import unavailable_reason
+
+        return unavailable_reason()
+
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+    ) -> Denoiser:
+        import os
+
+        from difftool.exporters.onnx import UNetSignature, weights_hash
+        from difftool.exporters.triton_denoiser import URL_VARIABLE, TritonDenoiser
+
+        signature = UNetSignature.of(module)
+        return TritonDenoiser(
+            os.environ[URL_VARIABLE], model_id or weights_hash(module), signature, prediction_type=prediction_type
+        )
+
+
 @hookimpl
 def register_backends(register: Callable[[Backend], None]) -> None:
     register(TorchBackend())
     register(OnnxBackend())
     register(TensorRTBackend())
+    register(TritonBackend())

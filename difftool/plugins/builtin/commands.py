@@ -139,7 +139,12 @@ def export_triton(
         entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
         options = TritonOptions(max_batch, instances, "KIND_GPU" if gpu else "KIND_CPU")
         folder = write_repository(
-            repo, name or f"difftool_{task_name}", entry.file("model.onnx"), UNetSignature.of(loaded.unet), options
+            repo,
+            name or f"difftool_{task_name}",
+            entry.file("model.onnx"),
+            UNetSignature.of(loaded.unet),
+            options,
+            weights_id=loaded.sha256,
         )
     except DifftoolError as error:
         raise click.ClickException(str(error)) from None

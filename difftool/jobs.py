@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,3 @@ def summary(job: FolderJob, records: list[dict[str, Any]], executor: str, second
         "failed_inputs": [r["key"] for r in records if r["status"] == "failed"],
         "results": records,
     }
-
-
-def job_dict(job: FolderJob) -> dict[str, Any]:
-    return asdict(job)

@@ -17,6 +17,7 @@ The sampler batches classifier-free guidance into one call, so every tensor's ba
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +61,12 @@ class TorchDenoiser(Denoiser):
     ) -> None:
         self.device = torch.device(device)
         self.dtype = dtype
+        current = next(iter(module.parameters()), torch.empty(0)).dtype
+        if current != dtype:
+            # Never round a caller's (often cached) weights in place: an fp32 model cast to bf16 and back
+            # would stay bf16-rounded, and a later fp32 run would silently differ. Large models avoid the
+            # copy by being loaded in the run's dtype (see the Stable Diffusion loader).
+            module = copy.deepcopy(module)
         # channels_last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels. nn.Module.to is
         # called directly: diffusers' override warns on every dtype cast about fp32 modules it keeps.
         self.module = torch.nn.Module.to(module, device=self.device, dtype=dtype, memory_format=torch.channels_last)

@@ -117,7 +117,7 @@ def run_on_ray(
     extra = {"memory": int(needs["memory_gb"] * 2**30)} if needs.get("memory_gb") else {}
     results = dataset.map_batches(
         TaskActor,
-        batch_size=1,
+        batch_size=4 if getattr(task, "batchable", False) else 1,  # a batchable task gets several inputs a call
         fn_constructor_kwargs={"job": job},
         compute=ray.data.ActorPoolStrategy(size=min(workers, max(1, len(rows)))),
         num_cpus=cpus,

@@ -25,6 +25,16 @@ class CrashOnce(Task):
         return TaskResult([request.inputs["image"].to_pil()], {"copied": True})
 
 
+class CopyBatched(Task):
+    name = "copy-batched"
+    summary = "Copies the image; batchable, so Ray hands each worker several inputs per call"
+    batchable = True
+
+    def run(self, request, context):
+        return TaskResult([request.inputs["image"].to_pil()], {"pid": os.getpid()})
+
+
 @hookimpl
 def register_tasks(register):
     register(CrashOnce)
+    register(CopyBatched)

@@ -105,3 +105,15 @@ def test_a_killed_actor_is_retried_and_no_output_is_lost(folder: Path, tmp_path:
         source = np.asarray(Image.open(folder / row["key"]))
         assert np.array_equal(np.asarray(Image.open(out / row["key"])), source)
     assert not list(out.rglob(".*"))  # no temp files left behind
+
+
+def test_a_batchable_task_runs_in_batches_with_the_same_results(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    result = cli_run(monkeypatch, "copy-batched", folder, "-o", out, "--executor", "ray", "--workers", 1, "--json",
+                     plugins=("ray_crash_plugin",))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = report(out)
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert len({r["worker"] for r in rows}) == 1  # one actor took them all, several per call
+    for row in rows:
+        assert np.array_equal(np.asarray(Image.open(out / row["key"])), np.asarray(Image.open(folder / row["key"])))

@@ -211,5 +211,7 @@ def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Pat
     assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(64, 256, 256))]
     generate = registry.task("generate").export_shapes({"width": 640, "height": 512, "guidance_scale": 7.0})
     assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128))
+    tiny = registry.task("generate").export_shapes({"width": 16, "height": 16, "guidance_scale": 1.0})
+    assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128))
     with pytest.raises(ValueError, match="min <= opt <= max"):
         ExportShapes(size=(64, 32, 128))

@@ -99,13 +99,17 @@ def load_sd_model(
     prediction: str = "auto",
     vae: str | Path | None = None,
     loras: list[tuple[Path, float]] | None = None,
+    unet_dtype: torch.dtype | None = None,
 ) -> SDModel:
-    """Load a diffusers folder or single-file checkpoint; ``prediction`` overrides the detected type."""
+    """Load a diffusers folder or single-file checkpoint; ``prediction`` overrides the detected type.
+
+    ``unet_dtype`` loads the U-Net directly in the run's precision (no fp32 copy in memory).
+    """
     path = Path(path).expanduser()
     if path.is_dir():
-        model = _load_folder(path, allow_pickle)
+        model = _load_folder(path, allow_pickle, unet_dtype)
     elif path.is_file():
-        model = _load_single_file(path, allow_pickle)
+        model = _load_single_file(path, allow_pickle, unet_dtype)
     else:
         raise ModelError(f"model {path} does not exist", "pass a checkpoint file or a diffusers model folder")
     if prediction != "auto":
@@ -121,14 +125,14 @@ def load_sd_model(
     return model
 
 
-def _load_folder(path: Path, allow_pickle: bool) -> SDModel:
+def _load_folder(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | None = None) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     family = family_from_unet_config(unet_config)
     kwargs = _folder_weight_kwargs(path, allow_pickle)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype, **kwargs)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs)
         encoders = [_load_text_encoder(path / name, name, kwargs) for name in family.text_encoders]
     except (OSError, ValueError, RuntimeError) as exc:
@@ -169,7 +173,7 @@ def _folder_tokenizer(path: Path, index: int, kind: str) -> Any:
     return clip_tokenizer(kind)
 
 
-def _load_single_file(path: Path, allow_pickle: bool) -> SDModel:
+def _load_single_file(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | None = None) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     state = checkpoint.load_state_dict(path, allow_pickle=allow_pickle)
@@ -183,7 +187,7 @@ def _load_single_file(path: Path, allow_pickle: bool) -> SDModel:
         config_dir = family.config_dir
     kwargs = {"config": str(config_dir), "local_files_only": True}
     try:
-        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", **kwargs)
+        unet = UNet2DConditionModel.from_single_file(state, subfolder="unet", torch_dtype=unet_dtype, **kwargs)
         vae = AutoencoderKL.from_single_file(state, subfolder="vae", **kwargs)
         encoders = [_single_file_text_encoder(state, name, config_dir) for name in family.text_encoders]
     except (ValueError, RuntimeError, KeyError) as exc:

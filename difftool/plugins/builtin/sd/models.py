@@ -86,6 +86,8 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
         params.get("prediction") or "auto",
         str(vae),
         tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras),
+        context.dtype,  # the U-Net loads in the run's precision; the VAE and text encoders are cast in place
+        context.backend,
     )
     if key not in _CACHE:
         _CACHE.clear()  # one model at a time: they are gigabytes
@@ -95,6 +97,8 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
             prediction=params.get("prediction") or "auto",
             vae=vae,
             loras=loras,
+            # Exporting backends take fp32 weights: an export keyed by the checkpoint must not see rounded ones.
+            unet_dtype=context.torch_dtype if context.backend == "torch" else None,
         )
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return _CACHE[key]

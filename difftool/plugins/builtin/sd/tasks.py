@@ -145,9 +145,9 @@ class Generate(Task):
 
     def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
-        side = max(params.get("width") or 512, params.get("height") or 512) // 8
+        side = max(1, max(params.get("width") or 512, params.get("height") or 512) // 8)
         cfg = 2 if float(params.get("guidance_scale", 7.0)) != 1.0 else 1
-        return ExportShapes(batch=(1, cfg, cfg), size=(8, side, max(side, 128)))
+        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

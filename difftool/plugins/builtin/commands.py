@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -60,6 +63,24 @@ def train(
     click.echo(f"model: {model_dir}")
 
 
+@contextlib.contextmanager
+def click_errors() -> Iterator[None]:
+    """Turn difftool's one-line errors into click's (message, exit 1)."""
+    from difftool.core.errors import DifftoolError
+
+    try:
+        yield
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None
+
+
+def load_task_model(task_name: str, model: str | None) -> Any:
+    """The pixel model ``--model`` names for ``task_name`` (the embedded one by default), loaded."""
+    from difftool.plugins.builtin import pixel_model
+
+    return pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+
+
 @click.group()
 def export() -> None:
     """Export a task's denoiser for another runtime (validated against PyTorch, cached)."""
@@ -70,15 +91,11 @@ def export() -> None:
 @click.option("--model", help="model folder (default: the embedded one)")
 def export_onnx(task_name: str, model: str | None) -> None:
     """Export the U-Net to ONNX; prints the cached file and the measured error."""
-    from difftool.core.errors import DifftoolError
     from difftool.exporters.onnx import cached_export
-    from difftool.plugins.builtin import pixel_model
 
-    try:
-        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+    with click_errors():
+        loaded = load_task_model(task_name, model)
         entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
-    except DifftoolError as error:
-        raise click.ClickException(str(error)) from None
     report = entry.manifest["validation"]
     click.echo(f"{entry.file('model.onnx')}")
     for shape in report["shapes"]:
@@ -95,16 +112,14 @@ def export_tensorrt(task_name: str, model: str | None, device: str, fp32: bool) 
     """Build (or reuse) the TensorRT engine for TASK's U-Net from its validated ONNX export."""
     import torch
 
-    from difftool.core.errors import DifftoolError
     from difftool.exporters.tensorrt import unavailable_reason
-    from difftool.plugins.builtin import pixel_model
     from difftool.plugins.builtin.backends import TensorRTBackend
 
     reason = unavailable_reason(device)
     if reason:
         raise click.ClickException(f"cannot build a TensorRT engine here: {reason}")
-    try:
-        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+    with click_errors():
+        loaded = load_task_model(task_name, model)
         denoiser = TensorRTBackend().make_denoiser(
             loaded.unet,
             prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
@@ -112,8 +127,6 @@ def export_tensorrt(task_name: str, model: str | None, device: str, fp32: bool) 
             dtype=torch.float32 if fp32 else torch.float16,
             model_id=loaded.sha256,
         )
-    except DifftoolError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(f"engine {denoiser.fingerprint} (profiles: {[p.as_json() for p in denoiser.profiles]})")
 
 
@@ -129,13 +142,11 @@ def export_triton(
     task_name: str, repo: str, model: str | None, name: str | None, max_batch: int, instances: int, gpu: bool
 ) -> None:
     """Write a Triton Inference Server model repository for TASK's U-Net (ONNX; TensorRT plan if built)."""
-    from difftool.core.errors import DifftoolError
     from difftool.exporters.onnx import UNetSignature, cached_export
     from difftool.exporters.triton import TritonOptions, write_repository
-    from difftool.plugins.builtin import pixel_model
 
-    try:
-        loaded = pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
+    with click_errors():
+        loaded = load_task_model(task_name, model)
         entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
         options = TritonOptions(max_batch, instances, "KIND_GPU" if gpu else "KIND_CPU")
         folder = write_repository(
@@ -146,8 +157,6 @@ def export_triton(
             options,
             weights_id=loaded.sha256,
         )
-    except DifftoolError as error:
-        raise click.ClickException(str(error)) from None
     click.echo(f"{folder} (serve with: tritonserver --model-repository {Path(repo).resolve()})")
 
 
@@ -168,10 +177,8 @@ def check_backends(task_name: str, image: str, mask: str | None, model: str | No
 
     registry = get_registry()
     params = {"mask": mask} if mask else {}
-    try:
+    with click_errors():
         reference = api.run(task_name, image, model=model, device=device, dtype="fp32", seed=0, **params)
-    except DifftoolError as error:
-        raise click.ClickException(str(error)) from None
     base = np.asarray(reference.image)
     click.echo(f"{'torch fp32':<22} reference")
     for name, (backend, _) in sorted(registry.backends.items()):

@@ -80,10 +80,20 @@ def plan(
 
     task = registry.task(task_name)
     if task.inputs:
-        batch = expand_inputs(specs)
+        remote = [spec for spec in specs if "://" in spec]
+        batch = expand_inputs([spec for spec in specs if "://" not in spec]) if len(remote) < len(specs) else []
+        sources: list[str | None] = [str(item.path) for item in batch]
+        if remote:
+            if output is None:
+                raise ParameterError("inputs given as URIs need an output folder", "pass -o FOLDER")
+            for uri, key in expand_uris(remote):
+                batch.append(BatchItem(Path(key), key))
+                sources.append(uri)
+        keys = [item.key for item in batch]
+        if len(set(keys)) != len(keys):
+            raise ParameterError("two inputs would write the same output name", "run them separately")
         targets = output_paths(batch, output, task_name, count=len(task.outputs))
         seeds = [base_seed if len(batch) == 1 else derive_seed(base_seed, item.key) for item in batch]
-        sources: list[str | None] = [str(item.path) for item in batch]
     else:
         if specs:
             raise ParameterError(f"task {task_name!r} takes no input files, got {specs[0]!r}", "drop them")
@@ -116,6 +126,42 @@ def plan(
         plugin_modules=tuple(getattr(registry, "plugin_modules", ())),
         entry_points=bool(getattr(registry, "entry_points", True)),
     )
+
+
+def expand_uris(uris: list[str]) -> list[tuple[str, str]]:
+    """``(uri, key)`` for each image under URI folders (recursively) or URI files, via pyarrow's filesystems."""
+    from pyarrow import fs
+
+    from difftool.batch import IMAGE_SUFFIXES
+    from difftool.core.errors import ImageError
+
+    found = []
+    for uri in uris:
+        try:
+            filesystem, root = fs.FileSystem.from_uri(uri)
+            info = filesystem.get_file_info(root)
+        except (OSError, ValueError) as exc:
+            raise ImageError(
+                f"{uri}: cannot be read ({exc})", "check the URI and its filesystem's credentials"
+            ) from None
+        if info.type == fs.FileType.File:
+            found.append((uri, Path(root).name))
+        elif info.type == fs.FileType.Directory:
+            selector = fs.FileSelector(root, recursive=True)
+            files = sorted(
+                f.path
+                for f in filesystem.get_file_info(selector)
+                if f.type == fs.FileType.File and Path(f.path).suffix.lower() in IMAGE_SUFFIXES
+            )
+            if not files:
+                raise ImageError(f"{uri}: the folder holds no images", f"use {', '.join(sorted(IMAGE_SUFFIXES))} files")
+            base = uri.rstrip("/")
+            for path in files:
+                key = Path(path).relative_to(root).as_posix()
+                found.append((f"{base}/{key}", key))
+        else:
+            raise ImageError(f"{uri}: no such file", "check the URI")
+    return found
 
 
 def read_source(source: str) -> bytes:

@@ -117,3 +117,22 @@ def test_a_batchable_task_runs_in_batches_with_the_same_results(folder: Path, tm
     assert len({r["worker"] for r in rows}) == 1  # one actor took them all, several per call
     for row in rows:
         assert np.array_equal(np.asarray(Image.open(out / row["key"])), np.asarray(Image.open(folder / row["key"])))
+
+
+def test_inputs_given_as_uris_run_locally_and_on_ray(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    """pyarrow-readable URIs (file:// here; s3://, gs:// alike): listed, read by the workers, named by relative path."""
+    uri = folder.resolve().as_uri()
+    local = cli_run(monkeypatch, "copy-batched", uri, "-o", tmp_path / "local", plugins=("ray_crash_plugin",))
+    assert local.exit_code == 0, local.output
+    remote = cli_run(monkeypatch, "copy-batched", uri, "-o", tmp_path / "ray", "--executor", "ray",
+                     plugins=("ray_crash_plugin",))  # fmt: skip
+    assert remote.exit_code == 0, remote.output
+    rows = report(tmp_path / "ray")
+    assert [r["key"] for r in rows] == ["a1.png", "a2.png", "b/b1.png", "b/b2.png", "c.png", "d.png"]
+    assert rows[2]["input"] == f"{uri}/b/b1.png"
+    for row in rows:
+        expected = np.asarray(Image.open(folder / row["key"]))
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "ray" / row["key"])), expected)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "local" / row["key"])), expected)
+    missing = cli_run(monkeypatch, "copy-batched", uri, plugins=("ray_crash_plugin",))
+    assert missing.exit_code == 2 and "need an output folder" in missing.stderr

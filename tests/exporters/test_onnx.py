@@ -133,3 +133,87 @@ def test_the_optimised_model_is_cached_and_gives_the_same_output(superres_model:
         outputs[name] = session.run(None, feeds)[0]
     assert np.abs(outputs["model.onnx"] - outputs["model.opt.onnx"]).max() < 1e-4
     print(f"session creation: {timings}")  # figures only; not asserted (timing in unit tests is noise)
+
+
+def test_fp16_export_keeps_fp32_io_and_guards(superres_model: Path, tmp_path: Path, monkeypatch) -> None:
+    import onnx
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli.cli, ["export", "onnx", "--model", str(superres_model), "--precision", "fp16"])
+    assert result.exit_code == 0, result.output
+    entry_dir = next((tmp_path / "cache").rglob("model.onnx")).parent
+    manifest = ArtifactCache(tmp_path / "cache").entries()
+    assert len(manifest) == 1 and manifest[0][1]
+    model = onnx.load(str(entry_dir / "model.onnx"))
+    float_types = {onnx.TensorProto.FLOAT}
+    assert {i.type.tensor_type.elem_type for i in model.graph.input if i.name != "class_labels"} == float_types
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weights = [i for i in model.graph.initializer if len(i.dims) == 4]  # conv kernels
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    # The guards: normalisations and the sinusoidal timestep embedding run in fp32.
+    kept = {n.op_type for n in model.graph.node if n.op_type in ("Sin", "Cos", "InstanceNormalization")}
+    assert kept == {"Sin", "Cos", "InstanceNormalization"}
+    for node in model.graph.node:
+        if node.op_type in ("Sin", "Cos", "InstanceNormalization"):
+            # their input comes from a Cast to float (or from other fp32 nodes), never fp16 initializers
+            assert not any(
+                i.name in node.input and i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer
+            )
+
+
+def test_fp16_task_run_matches_pytorch(superres_model: Path, photo: Path, registry) -> None:
+    kwargs = {"model": str(superres_model), "scale": "2", "seed": 3, "registry": registry}
+    reference = api.run("superres", photo, dtype="fp32", **kwargs)
+    half = api.run("superres", photo, backend="onnx", dtype="fp16", **kwargs)
+    assert half.record["precision"] == "float16" and half.record["artifact"]
+    assert psnr(np.asarray(reference.image), np.asarray(half.image)) > 35.0
+
+
+def test_timestep_embedding_nodes_stay_fp32() -> None:
+    import onnx
+    from onnx import helper
+
+    from difftool.exporters.onnx import timestep_nodes
+
+    f = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        [
+            helper.make_node("Unsqueeze", ["timestep", "axes"], ["t1"], name="unsq"),
+            helper.make_node("Mul", ["t1", "freqs"], ["arg"], name="mul"),
+            helper.make_node("Sin", ["arg"], ["s"], name="sin"),
+            helper.make_node("Cos", ["arg"], ["c"], name="cos"),
+            helper.make_node("Concat", ["s", "c"], ["emb"], name="cat", axis=1),
+            helper.make_node("Gemm", ["emb", "w"], ["h"], name="linear"),
+            helper.make_node("Add", ["h", "sample"], ["out"], name="add"),
+        ],
+        "g",
+        [helper.make_tensor_value_info(n, f, None) for n in ("timestep", "sample")],
+        [helper.make_tensor_value_info("out", f, None)],
+    )
+    assert timestep_nodes(graph) == ["unsq", "mul", "sin", "cos", "cat"]
+
+
+def test_fp16_overflow_is_an_error_not_a_model(tmp_path: Path) -> None:
+    from diffusers import UNet2DModel
+
+    from difftool.core.errors import ModelError
+    from difftool.exporters.onnx import export, validate
+
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    )
+    with torch.no_grad():
+        unet.conv_out.weight.fill_(3e4)  # output values far beyond fp16's 65504
+    path = tmp_path / "model.onnx"
+    export(unet, path, "fp16")
+    with pytest.raises(ModelError, match="overflows: conv_out reaches"):
+        validate(unet, path, "fp16")

@@ -40,6 +40,15 @@ def test_sd_unet_export_matches_pytorch_at_odd_sizes(in_channels: int, xl: bool)
     assert report["max_relative_error"] <= 1e-4
 
 
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_sd_unet_fp16_export_is_within_tolerance(xl: bool) -> None:
+    unet = tiny.components(xl=xl, seed=8)["unet"]
+    entry = cached_export(unet, name=f"test-sd16-{xl}", precision="fp16")
+    report = entry.manifest["validation"]
+    assert entry.manifest["components"]["precision"] == "fp16" and report["tolerance"] == 2e-2
+    assert 0 < report["max_relative_error"] <= 2e-2  # fp16 rounding is visible, but small
+
+
 def test_generate_runs_unchanged_on_the_onnx_backend(tmp_path: Path) -> None:
     folder = tiny.save_folder(tiny.components(seed=12), tmp_path / "model")
     common = dict(model=str(folder), prompt="a kite", width=40, height=24, steps=3, seed=2, dtype="fp32")

@@ -53,10 +53,14 @@ class OnnxBackend(Backend):
     def make_denoiser(
         self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
     ) -> Denoiser:
+        import torch
+
         from difftool.exporters.onnx import UNetSignature, cached_export
         from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
 
-        entry = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
+        # fp16 runs get an fp16 graph (fp32 I/O); bf16 has no ONNX Runtime kernels to speak of: fp32.
+        precision = "fp16" if dtype == torch.float16 else "fp32"
+        entry = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=precision, model_id=model_id)
         optimized = entry.file("model.opt.onnx")
         denoiser = OnnxRuntimeDenoiser(
             optimized if optimized.is_file() and not device.startswith("cuda") else entry.file("model.onnx"),
@@ -66,6 +70,7 @@ class OnnxBackend(Backend):
             device=device,
         )
         denoiser.fingerprint = entry.manifest["key"]
+        denoiser.dtype = torch.float16 if precision == "fp16" else torch.float32
         return denoiser
 
 

@@ -89,13 +89,22 @@ def export() -> None:
 @export.command("onnx")
 @click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
 @click.option("--model", help="model folder (default: the embedded one)")
-def export_onnx(task_name: str, model: str | None) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp32",
+    show_default=True,
+    help="fp16 keeps fp32 inputs/output, normalisations, softmax and the timestep embedding",
+)
+def export_onnx(task_name: str, model: str | None, precision: str) -> None:
     """Export the U-Net to ONNX; prints the cached file and the measured error."""
     from difftool.exporters.onnx import cached_export
 
     with click_errors():
         loaded = load_task_model(task_name, model)
-        entry = cached_export(loaded.unet, name=f"unet-{loaded.sha256[:12]}", model_id=loaded.sha256)
+        entry = cached_export(
+            loaded.unet, name=f"unet-{loaded.sha256[:12]}", precision=precision, model_id=loaded.sha256
+        )
     report = entry.manifest["validation"]
     click.echo(f"{entry.file('model.onnx')}")
     for shape in report["shapes"]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,43 @@ def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: i
         inputs.append(torch.randn(batch, signature.text_embeds_dim, generator=g))
         size = [h * m * 8, w * m * 8]
         inputs.append(torch.tensor([size + [0, 0] + size] * batch, dtype=torch.float32))
+    return inputs
+
+
+def graph_inputs(
+    signature: UNetSignature, sample: torch.Tensor, timestep: Any, cond: Mapping[str, Any], device: Any
+) -> dict[str, torch.Tensor]:
+    """The exported graph's inputs for one denoiser call, by name: contiguous fp32 tensors on ``device``.
+
+    Shared by the runtimes that take tensors by pointer (ONNX Runtime IO binding, TensorRT).
+    """
+
+    def needed(name: str) -> torch.Tensor:
+        value = (
+            cond.get(name)
+            if name != "text_embeds" and name != "time_ids"
+            else (cond.get("added_cond_kwargs") or {}).get(name)
+        )
+        if value is None:
+            raise ValueError(f"this model needs {name} conditioning")
+        return value
+
+    x = sample.to(device, torch.float32)
+    if cond.get("concat") is not None:
+        x = torch.cat([x, cond["concat"].to(device, torch.float32)], dim=1)
+    batch = x.shape[0]
+    inputs = {
+        "sample": x.contiguous(),
+        "timestep": torch.as_tensor(timestep, dtype=torch.float32).to(device).reshape(-1).expand(batch).contiguous(),
+    }
+    if signature.class_labels:
+        labels = needed("class_labels").to(device).long()
+        inputs["class_labels"] = (labels.expand(batch) if labels.numel() == 1 else labels).contiguous()
+    names = (["encoder_hidden_states"] if signature.context_dim else []) + (
+        ["text_embeds", "time_ids"] if signature.text_embeds_dim else []
+    )
+    for name in names:
+        inputs[name] = needed(name).to(device, torch.float32).contiguous()
     return inputs
 
 

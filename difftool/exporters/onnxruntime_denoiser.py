@@ -1,4 +1,8 @@
-"""A :class:`~difftool.core.denoiser.Denoiser` over an ONNX Runtime session."""
+"""A :class:`~difftool.core.denoiser.Denoiser` over an ONNX Runtime session.
+
+Inputs and the output are bound to torch tensors by pointer (IO binding), so on a GPU no step copies
+through host memory and on the CPU no step converts to numpy.
+"""
 
 from __future__ import annotations
 
@@ -10,72 +14,102 @@ import numpy as np
 import torch
 
 from difftool.core.denoiser import Conditioning, Denoiser
-from difftool.core.errors import BackendUnavailableError
-from difftool.exporters.onnx import UNetSignature
+from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.exporters.onnx import UNetSignature, graph_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+#: Which execution provider ``--backend onnx`` asks for: ``auto`` (CUDA on cuda devices, else CPU),
+#: or one of PROVIDERS' keys.
+PROVIDER_VARIABLE = "DIFFTOOL_ORT_PROVIDER"
+_NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
-def make_session(path: Path, device: str) -> Any:
+def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path | None = None) -> list[Any]:
+    """The provider list for an ``InferenceSession``: the chosen provider first, then its fallbacks.
+
+    Pure logic (no ONNX Runtime import), tested everywhere.
+    """
+    if choice not in ("auto", *PROVIDERS):
+        raise ParameterError(
+            f"unknown ONNX Runtime provider {choice!r}", f"set {PROVIDER_VARIABLE} to auto, cpu, cuda or tensorrt"
+        )
+    if choice == "auto":
+        choice = "cuda" if device.startswith("cuda") else "cpu"
+    if choice == "cpu":
+        return [PROVIDERS["cpu"]]
+    if not device.startswith("cuda"):
+        raise ParameterError(f"the {choice} provider runs on a GPU, not on {device}", "pass --device cuda")
+    device_id = int(device.partition(":")[2] or 0)
+    chain: list[Any] = [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
+    if choice == "tensorrt":
+        options: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
+        if cache_dir is not None:  # ORT keeps its own engines; keyed by model and GPU inside that folder
+            options |= {
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache_dir),
+                "trt_timing_cache_enable": True,
+                "trt_timing_cache_path": str(cache_dir),
+            }
+        chain.insert(0, (PROVIDERS["tensorrt"], options))
+    return chain
+
+
+def make_session(path: Path, device: str, fp16: bool = False) -> Any:
     import onnxruntime as ort
 
-    wanted = PROVIDERS["cuda" if device.startswith("cuda") else "cpu"]
+    from difftool.exporters.cache import cache_root
+
+    chain = provider_chain(device, os.environ.get(PROVIDER_VARIABLE, "auto"), fp16, cache_root() / "ort-tensorrt")
+    wanted = chain[0] if isinstance(chain[0], str) else chain[0][0]
     available = ort.get_available_providers()
-    if wanted not in available:
+    missing = [p if isinstance(p, str) else p[0] for p in chain]
+    missing = [name for name in missing if name not in available]
+    if missing:
+        fix = "install onnxruntime-gpu (pip install 'difftool[onnx-gpu]')" if wanted != PROVIDERS["cpu"] else ""
         raise BackendUnavailableError(
-            f"ONNX Runtime has no {wanted} here (available: {', '.join(available)})",
-            "install onnxruntime-gpu for CUDA, or use --device cpu",
+            f"ONNX Runtime has no {', '.join(missing)} here (available: {', '.join(available)})",
+            fix or "reinstall onnxruntime",
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     threads = int(os.environ.get("DIFFTOOL_ORT_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads
-    providers: list[Any] = (
-        [wanted]
-        if wanted == "CPUExecutionProvider"
-        else [(wanted, {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
-    )
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(str(path), options, providers=chain)
 
 
 class OnnxRuntimeDenoiser(Denoiser):
     backend = "onnxruntime"
 
     def __init__(
-        self, path: Path, signature: UNetSignature, *, prediction_type: str, sample_channels: int, device: str = "cpu"
+        self,
+        path: Path,
+        signature: UNetSignature,
+        *,
+        prediction_type: str,
+        sample_channels: int,
+        device: str = "cpu",
+        fp16: bool = False,
     ) -> None:
-        self.session = make_session(path, device)
+        self.session = make_session(path, device, fp16)
         self.signature = signature
         self.in_channels = signature.in_channels
         self.sample_channels = sample_channels
         self.prediction_type = prediction_type
-        self.device = torch.device("cpu")  # inputs are handed over through host memory
-        self.dtype = torch.float32
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if fp16 else torch.float32  # the graph's precision; its I/O is fp32
         self.path = path
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        x = sample.float().cpu()
-        if cond.get("concat") is not None:
-            x = torch.cat([x, cond["concat"].float().cpu()], dim=1)
-        feeds = {
-            "sample": np.ascontiguousarray(x.numpy()),
-            "timestep": np.broadcast_to(np.asarray(timestep, dtype=np.float32).reshape(-1), (x.shape[0],)).copy(),
-        }
-        if self.signature.class_labels:
-            labels = cond.get("class_labels")
-            if labels is None:
-                raise ValueError("this model needs class_labels conditioning")
-            labels = labels.cpu().long().expand(x.shape[0]) if labels.numel() == 1 else labels.cpu().long()
-            feeds["class_labels"] = labels.numpy()
-        if self.signature.context_dim:
-            context = cond.get("encoder_hidden_states")
-            if context is None:
-                raise ValueError("this model needs encoder_hidden_states conditioning")
-            feeds["encoder_hidden_states"] = np.ascontiguousarray(context.float().cpu().numpy())
-        if self.signature.text_embeds_dim:
-            added = cond.get("added_cond_kwargs") or {}
-            for name in ("text_embeds", "time_ids"):
-                feeds[name] = np.ascontiguousarray(added[name].float().cpu().numpy())
-        out = self.session.run(None, feeds)[0]
-        return torch.from_numpy(out).to(sample.dtype)
+        inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
+        x = inputs["sample"]
+        out = torch.empty((x.shape[0], self.signature.out_channels, *x.shape[2:]), device=self.device)
+        kind, index = self.device.type, self.device.index or 0
+        binding = self.session.io_binding()
+        for name, tensor in inputs.items():
+            binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+        binding.bind_output("out", kind, index, np.float32, tuple(out.shape), out.data_ptr())
+        if kind == "cuda":  # ONNX Runtime runs on its own stream: the inputs must be written first
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        return out.to(sample.dtype)

@@ -16,6 +16,7 @@ from typing import Any
 from difftool.core.denoiser import Denoiser
 from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.exporters.cache import ArtifactCache, Entry
+from difftool.exporters.onnx import graph_inputs
 
 ENGINE_FILE = "model.engine"
 Shape = tuple[int, ...]
@@ -79,30 +80,6 @@ def signature_profile(
         shapes["text_embeds"] = tuple((b, signature.text_embeds_dim) for b in batch)  # type: ignore[assignment]
         shapes["time_ids"] = tuple((b, signature.time_ids) for b in batch)  # type: ignore[assignment]
     return Profile(shapes)
-
-
-def engine_inputs(signature: Any, sample: Any, timestep: Any, cond: Mapping[str, Any], device: Any) -> dict[str, Any]:
-    """The engine's input tensors (contiguous, on ``device``) for one denoiser call: the ONNX signature's names."""
-    import torch
-
-    x = sample.to(device, torch.float32)
-    if cond.get("concat") is not None:
-        x = torch.cat([x, cond["concat"].to(device, torch.float32)], dim=1)
-    batch = x.shape[0]
-    inputs = {
-        "sample": x.contiguous(),
-        "timestep": torch.as_tensor(timestep, dtype=torch.float32).to(device).reshape(-1).expand(batch).contiguous(),
-    }
-    if signature.class_labels:
-        labels = cond["class_labels"].to(device).long()
-        inputs["class_labels"] = (labels.expand(batch) if labels.numel() == 1 else labels).contiguous()
-    if signature.context_dim:
-        inputs["encoder_hidden_states"] = cond["encoder_hidden_states"].to(device, torch.float32).contiguous()
-    if signature.text_embeds_dim:
-        added = cond["added_cond_kwargs"]
-        inputs["text_embeds"] = added["text_embeds"].to(device, torch.float32).contiguous()
-        inputs["time_ids"] = added["time_ids"].to(device, torch.float32).contiguous()
-    return inputs
 
 
 def select_profile(profiles: Sequence[Profile], request: Mapping[str, Shape]) -> int:
@@ -218,7 +195,7 @@ class TensorRTDenoiser(Denoiser):
     def __call__(self, sample: Any, timestep: Any, cond: Mapping[str, Any]) -> Any:
         import torch
 
-        inputs = engine_inputs(self.signature, sample, timestep, cond, self.device)
+        inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
         x = inputs["sample"]
         index = select_profile(self.profiles, {k: tuple(v.shape) for k, v in inputs.items()})
         if index != self._profile:

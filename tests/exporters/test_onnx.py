@@ -217,3 +217,55 @@ def test_fp16_overflow_is_an_error_not_a_model(tmp_path: Path) -> None:
     export(unet, path, "fp16")
     with pytest.raises(ModelError, match="overflows: conv_out reaches"):
         validate(unet, path, "fp16")
+
+
+def test_provider_chain_puts_the_choice_first_with_fallbacks(tmp_path: Path) -> None:
+    from difftool.core.errors import ParameterError
+    from difftool.exporters.onnxruntime_denoiser import provider_chain
+
+    assert provider_chain("cpu", "auto") == ["CPUExecutionProvider"]
+    assert provider_chain("cuda:1", "auto") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    trt = provider_chain("cuda", "tensorrt", fp16=True, cache_dir=tmp_path)
+    assert [p if isinstance(p, str) else p[0] for p in trt] == [
+        "TensorrtExecutionProvider",
+        "CUDAExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert trt[0][1]["trt_fp16_enable"] and trt[0][1]["trt_engine_cache_path"] == str(tmp_path)
+    with pytest.raises(ParameterError, match="runs on a GPU"):
+        provider_chain("cpu", "cuda")
+    with pytest.raises(ParameterError, match="unknown ONNX Runtime provider 'rocm'"):
+        provider_chain("cuda", "rocm")
+
+
+def test_a_missing_provider_is_named_with_the_fix(superres_model: Path, monkeypatch) -> None:
+    import onnxruntime
+
+    from difftool.core.errors import BackendUnavailableError
+    from difftool.exporters.onnxruntime_denoiser import make_session
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(BackendUnavailableError, match="no CUDAExecutionProvider here.*onnxruntime-gpu"):
+        make_session(Path("unused.onnx"), "cuda")
+
+
+def test_io_binding_gives_what_session_run_gives(superres_model: Path) -> None:
+    """The denoiser binds torch tensors by pointer; the plain numpy path must agree bit for bit."""
+    model = load_pixel_model(superres_model, "superres")
+    entry = cached_export(model.unet, name="test-superres", model_id=model.sha256)
+    signature = UNetSignature.of(model.unet)
+    denoiser = OnnxRuntimeDenoiser(entry.file("model.onnx"), signature, prediction_type="sample", sample_channels=3)
+    g = torch.Generator().manual_seed(9)
+    sample = torch.randn(2, 3, 40, 56, generator=g)
+    concat = torch.randn(2, signature.in_channels - 3, 40, 56, generator=g)
+    cond = {"concat": concat, "class_labels": torch.tensor([1])} if signature.class_labels else {"concat": concat}
+    bound = denoiser(sample, torch.tensor([300.0, 700.0]), cond)
+    feeds = {"sample": torch.cat([sample, concat], 1).numpy(), "timestep": np.array([300.0, 700.0], np.float32)}
+    if signature.class_labels:
+        feeds["class_labels"] = np.array([1, 1], np.int64)
+    plain = denoiser.session.run(None, feeds)[0]
+    assert bound.shape == (2, 3, 40, 56) and np.array_equal(bound.numpy(), plain)
+    with pytest.raises(ValueError, match="needs encoder_hidden_states"):
+        from difftool.exporters.onnx import graph_inputs
+
+        graph_inputs(UNetSignature(4, 8, False, 4, context_dim=32), sample, torch.tensor(1.0), {}, "cpu")

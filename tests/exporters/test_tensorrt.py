@@ -69,12 +69,12 @@ def test_engine_matches_pytorch_on_the_gpu(superres_model: Path, photo: Path, re
     assert psnr(np.asarray(reference.image), np.asarray(engine.image)) > 35.0
 
 
-def test_sd_profiles_and_engine_inputs_cover_every_input_of_the_export() -> None:
+def test_sd_profiles_and_graph_inputs_cover_every_input_of_the_export() -> None:
     """Pure logic, tested everywhere: the SDXL profile names each ONNX input; the feed matches it."""
     import torch
 
-    from difftool.exporters.onnx import UNetSignature
-    from difftool.exporters.tensorrt import engine_inputs, signature_profile
+    from difftool.exporters.onnx import UNetSignature, graph_inputs
+    from difftool.exporters.tensorrt import signature_profile
 
     signature = UNetSignature(4, 4, False, 4, context_dim=2048, text_embeds_dim=1280, time_ids=6)
     profile = signature_profile(signature, (1, 2, 4), (8, 128, 160))
@@ -85,12 +85,12 @@ def test_sd_profiles_and_engine_inputs_cover_every_input_of_the_export() -> None
         "encoder_hidden_states": torch.zeros(2, 77, 2048),
         "added_cond_kwargs": {"text_embeds": torch.zeros(2, 1280), "time_ids": torch.zeros(2, 6)},
     }
-    inputs = engine_inputs(signature, torch.zeros(2, 4, 128, 96), torch.tensor(999), cond, "cpu")
+    inputs = graph_inputs(signature, torch.zeros(2, 4, 128, 96), torch.tensor(999), cond, "cpu")
     assert list(inputs) == signature.input_names()
     assert inputs["timestep"].shape == (2,) and float(inputs["timestep"][1]) == 999
     assert select_profile([profile], {k: tuple(v.shape) for k, v in inputs.items()}) == 0
     inpaint = UNetSignature(9, 4, False, 4, context_dim=768)
-    feed = engine_inputs(inpaint, torch.zeros(2, 4, 64, 64), torch.tensor(1), {
+    feed = graph_inputs(inpaint, torch.zeros(2, 4, 64, 64), torch.tensor(1), {
         "concat": torch.zeros(2, 5, 64, 64), "encoder_hidden_states": torch.zeros(2, 77, 768)}, "cpu")  # fmt: skip
     assert feed["sample"].shape == (2, 9, 64, 64)
     with pytest.raises(ParameterError, match="no TensorRT profile covers"):

@@ -68,9 +68,9 @@ class OnnxBackend(Backend):
             prediction_type=prediction_type,
             sample_channels=int(module.config.out_channels),
             device=device,
+            fp16=precision == "fp16",
         )
         denoiser.fingerprint = entry.manifest["key"]
-        denoiser.dtype = torch.float16 if precision == "fp16" else torch.float32
         return denoiser
 
 

@@ -351,6 +351,23 @@ def validate(module: torch.nn.Module, path: Path, precision: str = "fp32") -> di
     return report
 
 
+def structure_hash(path: Path) -> str:
+    """Hash of an ONNX graph without its weight values: exports differing only in weights share it.
+
+    Engines built refittable are keyed by this, so a LoRA or fine-tune of the same architecture refits
+    an engine (TensorRT reads the new initializers by name) instead of building one.
+    """
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    digest = hashlib.sha256()
+    for part in [*graph.input, *graph.output, *graph.node]:
+        digest.update(part.SerializeToString(deterministic=True))
+    for init in graph.initializer:
+        digest.update(f"{init.name}:{list(init.dims)}:{init.data_type};".encode())
+    return digest.hexdigest()[:16]
+
+
 def save_optimized(model: Path, target: Path) -> bool:
     """Save ONNX Runtime's graph-optimised model beside ``model``, so later sessions skip those passes.
 

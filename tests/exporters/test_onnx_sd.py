@@ -57,3 +57,20 @@ def test_generate_runs_unchanged_on_the_onnx_backend(tmp_path: Path) -> None:
     assert onnx_out.record["backend"] == "onnx" and onnx_out.record["artifact"]
     a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (torch_out, onnx_out))
     assert psnr(a, b) > 40
+
+
+def test_structure_hash_ignores_weights_only() -> None:
+    """Refittable TensorRT engines are keyed by it: a LoRA'd or fine-tuned U-Net must share it."""
+    from difftool.exporters.onnx import structure_hash
+
+    exports = {  # "a" and "xl" are the cached exports of the parity test above
+        name: cached_export(tiny.components(in_channels=4, xl=xl, seed=seed)["unet"], name=cache_name)
+        for name, seed, xl, cache_name in (
+            ("a", 7, False, "test-sd-4-False"),
+            ("b", 9, False, "test-structure-b"),
+            ("xl", 7, True, "test-sd-4-True"),
+        )
+    }
+    hashes = {name: structure_hash(entry.file("model.onnx")) for name, entry in exports.items()}
+    assert exports["a"].manifest["key"] != exports["b"].manifest["key"]
+    assert hashes["a"] == hashes["b"] != hashes["xl"]

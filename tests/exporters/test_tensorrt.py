@@ -106,3 +106,297 @@ def test_export_tensorrt_without_a_gpu_says_why(tmp_path: Path, monkeypatch) -> 
     result = CliRunner().invoke(cli.cli, ["export", "tensorrt", "--device", "cpu"])
     assert result.exit_code == 1 and "cannot build a TensorRT engine here" in result.output
     assert "--device cuda" in result.output and not (tmp_path / "cache").exists()
+
+
+# --- build options, cache key, refit and progress: pure logic, tested everywhere ----------------------
+
+
+def test_precision_flags_follow_the_gpu() -> None:
+    from difftool.exporters.tensorrt import precision_flags
+
+    assert precision_flags("fp32", (7, 5)) == [] and precision_flags("fp16", (7, 5)) == ["FP16"]
+    assert precision_flags("bf16", (8, 6)) == ["BF16"]
+    with pytest.raises(ParameterError, match=r"compute capability 7\.5\) has no bf16.*needs 8\.0"):
+        precision_flags("bf16", (7, 5))
+    with pytest.raises(ParameterError, match="fp8 needs a quantized"):
+        precision_flags("fp8", (9, 0))
+
+
+def test_workspace_limit_leaves_room_and_refuses_more_than_is_free() -> None:
+    from difftool.exporters.tensorrt import GIB, workspace_limit
+
+    assert workspace_limit(12 * GIB) == int(12 * GIB * 0.6)  # a 12 GB card: 7.2 GiB for tactics
+    assert workspace_limit(100 << 20) == 256 << 20  # a floor, so tiny budgets still build something
+    assert workspace_limit(12 * GIB, 2) == 2 * GIB
+    with pytest.raises(ParameterError, match="DIFFTOOL_TRT_WORKSPACE_GB=20 asks for more than the 12.0 GiB free"):
+        workspace_limit(12 * GIB, 20)
+
+
+def test_engine_key_refittable_ignores_weights_but_not_the_rest(tmp_path: Path) -> None:
+    from difftool.exporters.cache import Entry, cache_key
+    from difftool.exporters.tensorrt import BuildOptions, engine_components, needs_refit, timing_cache_path
+
+    profile = unet_profile(6, 4, (1, 1, 1), (64, 256, 256), class_labels=False)
+    a, b = Entry(tmp_path, {"key": "weights-a", "name": "x"}), Entry(tmp_path, {"key": "weights-b", "name": "x"})
+
+    def key(onnx: Entry, options: BuildOptions, **changes: object) -> str:
+        args = {"structure": "s1", "profiles": [profile], "tensorrt_version": "10.3", "capability": (8, 9)} | changes
+        return cache_key(engine_components(onnx, options=options, **args))  # type: ignore[arg-type]
+
+    refit, fixed = BuildOptions("fp16", refittable=True), BuildOptions("fp16")
+    assert key(a, refit) == key(b, refit)  # new weights (a LoRA): same engine, refitted
+    assert key(a, fixed) != key(b, fixed)
+    base = key(a, refit)
+    assert key(a, refit, structure="s2") != base
+    assert key(a, BuildOptions("bf16", refittable=True)) != base
+    assert key(a, refit, tensorrt_version="10.4") != base and key(a, refit, capability=(9, 0)) != base
+    assert key(a, refit, profiles=[unet_profile(6, 4, (1, 1, 1), (64, 256, 512), False)]) != base
+    engine = Entry(tmp_path, {"components": {"refittable": True}, "weights": "weights-a"})
+    assert not needs_refit(engine, a) and needs_refit(engine, b)
+    assert not needs_refit(Entry(tmp_path, {"components": {"refittable": False}, "weights": "weights-a"}), b)
+    assert timing_cache_path(tmp_path, "10.3", (8, 9)) == tmp_path / "tensorrt" / "timing-10.3-sm89.cache"
+
+
+def test_build_progress_bars_and_cancel() -> None:
+    import io
+
+    from difftool.exporters.tensorrt import BuildProgress
+
+    out, stop = io.StringIO(), {"now": False}
+    progress = BuildProgress(file=out, cancelled=lambda: stop["now"])
+    progress.phase_start("Building engine", None, 4)
+    progress.phase_start("Tactic timing", "Building engine", 100)
+    assert progress.step_complete("Tactic timing", 0)  # nested: shown as the bar's postfix
+    assert progress.step_complete("Building engine", 1)
+    assert progress.bars["Building engine"].n == 2
+    stop["now"] = True
+    assert progress.step_complete("Building engine", 2) is False  # asks TensorRT to cancel
+    progress.phase_finish("Tactic timing")
+    progress.phase_finish("Building engine")
+    assert not progress.bars and "TensorRT Building engine" in out.getvalue()
+
+
+def test_static_profiles_use_cuda_graphs() -> None:
+    from difftool.exporters.tensorrt import is_static
+
+    static = unet_profile(6, 4, (2, 2, 2), (512, 512, 512), class_labels=False)
+    dynamic = unet_profile(6, 4, (1, 1, 2), (64, 512, 1024), class_labels=False)
+    assert is_static([static]) and not is_static([static, dynamic])
+
+
+class _FakeTensorRT:
+    """A recording stand-in with the names of TensorRT 10's Python API that build_engine uses.
+
+    It checks difftool's orchestration (flags, memory pool, timing cache in and out, profiles,
+    progress monitor); it is not TensorRT and says nothing about what TensorRT builds.
+    """
+
+    def __init__(self, serialized: bytes | None = b"engine-bytes") -> None:
+        import types
+
+        self.calls: list[tuple] = []
+        self.serialized = serialized
+        fake = self
+
+        class Config:
+            def set_flag(self, flag: str) -> None:
+                fake.calls.append(("flag", flag))
+
+            def set_memory_pool_limit(self, pool: str, size: int) -> None:
+                fake.calls.append(("pool", pool, size))
+
+            def create_timing_cache(self, data: bytes) -> bytes:
+                fake.calls.append(("timing_in", data))
+                return data
+
+            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> None:
+                fake.calls.append(("timing_set", ignore_mismatch))
+
+            def get_timing_cache(self) -> types.SimpleNamespace:
+                return types.SimpleNamespace(serialize=lambda: b"timing-after")
+
+            def add_optimization_profile(self, profile: dict) -> None:
+                fake.calls.append(("profile", profile))
+
+            @property
+            def progress_monitor(self) -> None:
+                return None
+
+            @progress_monitor.setter
+            def progress_monitor(self, monitor: object) -> None:
+                monitor.phase_start("Building", None, 1)
+                monitor.step_complete("Building", 0)
+                monitor.phase_finish("Building")
+                fake.calls.append(("monitor",))
+
+        class Builder:
+            def __init__(self, logger: object) -> None:
+                pass
+
+            def create_network(self, flags: int) -> str:
+                return "network"
+
+            def create_builder_config(self) -> Config:
+                return Config()
+
+            def create_optimization_profile(self) -> types.SimpleNamespace:
+                shapes: dict = {}
+                return types.SimpleNamespace(set_shape=lambda n, lo, op, hi: shapes.update({n: (lo, op, hi)}), s=shapes)
+
+            def build_serialized_network(self, network: str, config: Config) -> bytes | None:
+                return fake.serialized
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network: str, logger: object) -> None:
+                pass
+
+            def parse_from_file(self, path: str) -> bool:
+                fake.calls.append(("parse", Path(path).name))
+                return True
+
+        class Monitor:
+            def __init__(self) -> None:
+                pass
+
+        self.module = types.SimpleNamespace(
+            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
+            Builder=Builder,
+            OnnxParser=Parser,
+            IProgressMonitor=Monitor,
+            BuilderFlag=types.SimpleNamespace(FP16="FP16", BF16="BF16", REFIT="REFIT"),
+            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
+        )
+
+
+def test_build_engine_sets_precision_refit_memory_timing_cache_and_profiles(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    import torch
+
+    from difftool.exporters.tensorrt import GIB, BuildOptions, BuildProgress, build_engine
+
+    fake = _FakeTensorRT()
+    monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10 * GIB, 12 * GIB))
+    monkeypatch.delenv("DIFFTOOL_TRT_WORKSPACE_GB", raising=False)
+    timing = tmp_path / "timing.cache"
+    timing.write_bytes(b"timing-before")
+    profile = unet_profile(6, 4, (1, 1, 2), (64, 256, 512), class_labels=False)
+    engine = tmp_path / "model.engine"
+    build_engine(tmp_path / "model.onnx", engine, [profile], BuildOptions("bf16", True), timing, BuildProgress())
+    assert engine.read_bytes() == b"engine-bytes" and timing.read_bytes() == b"timing-after"
+    assert ("flag", "BF16") in fake.calls and ("flag", "REFIT") in fake.calls
+    assert ("pool", "WORKSPACE", int(10 * GIB * 0.6)) in fake.calls
+    assert ("timing_in", b"timing-before") in fake.calls and ("timing_set", False) in fake.calls
+    assert ("monitor",) in fake.calls and sum(c[0] == "profile" for c in fake.calls) == 1
+
+    fake.serialized = None  # the build fails (out of memory, say): no engine, the timing cache is left alone
+    monkeypatch.setenv("DIFFTOOL_TRT_WORKSPACE_GB", "4")
+    with pytest.raises(BackendUnavailableError, match="failed to build.*DIFFTOOL_TRT_WORKSPACE_GB"):
+        build_engine(tmp_path / "model.onnx", tmp_path / "other.engine", [profile], BuildOptions("fp16"), timing)
+    assert ("pool", "WORKSPACE", 4 * GIB) in fake.calls and not (tmp_path / "other.engine").exists()
+    assert timing.read_bytes() == b"timing-after"
+
+
+def test_export_tensorrt_refuses_fp8_before_any_work(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli.cli, ["export", "tensorrt", "--precision", "fp8"])
+    assert result.exit_code == 1 and "fp8 needs a quantized" in result.output
+    assert not (tmp_path / "cache").exists()
+
+
+def _tiny_sd_unet(seed: int):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
+    from sd import tiny
+
+    return tiny.components(seed=seed)["unet"]
+
+
+def _sd_call(denoiser, unet, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    sample = torch.randn(2, 4, 32, 48, generator=g)
+    context = torch.randn(2, 77, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        expected = unet.float()(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context).sample
+    actual = denoiser(sample.cuda(), torch.tensor(500.0), {"encoder_hidden_states": context.cuda()}).float().cpu()
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
+def test_refittable_engine_takes_new_weights_without_a_rebuild(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from difftool.plugins.builtin.backends import TensorRTBackend
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+    monkeypatch.setenv("DIFFTOOL_TRT_CUDA_GRAPH", "0")
+    first, second = _tiny_sd_unet(1), _tiny_sd_unet(2)  # same architecture, other weights (a LoRA, say)
+    backend = TensorRTBackend()
+    a = backend.make_denoiser(first, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="a" * 64)
+    assert _sd_call(a, first) < 1e-2
+    b = backend.make_denoiser(second, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="b" * 64)
+    assert "+" in b.fingerprint  # refitted
+    assert len([p for p in (tmp_path / "tensorrt").iterdir() if p.is_dir()]) == 1  # one engine, built once
+    assert _sd_call(b, second) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
+def test_cuda_graph_replay_matches_direct_execution(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from difftool.plugins.builtin.backends import TensorRTBackend
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+    unet = _tiny_sd_unet(3)
+    runs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("DIFFTOOL_TRT_CUDA_GRAPH", flag)
+        denoiser = TensorRTBackend().make_denoiser(
+            unet, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="c" * 64
+        )
+        assert denoiser.use_graphs == (flag == "1")
+        runs[flag] = [_sd_call(denoiser, unet, seed) for seed in (0, 1, 0)]  # replays with new inputs
+    assert runs["0"] == pytest.approx(runs["1"], abs=1e-6)
+
+
+def _ort_cuda_reason() -> str | None:
+    try:
+        import onnxruntime
+        import torch
+    except ImportError:
+        return "needs torch and onnxruntime"
+    if not torch.cuda.is_available():
+        return "needs a CUDA GPU (CI and this workstation have none)"
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "needs onnxruntime-gpu (pip install 'difftool[onnx-gpu]')"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_ort_cuda_reason() is not None, reason=_ort_cuda_reason() or "")
+def test_onnx_runtime_cuda_binds_gpu_tensors(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from difftool.plugins.builtin.backends import OnnxBackend
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+    unet = _tiny_sd_unet(4)
+    for dtype, tolerance in ((torch.float32, 1e-3), (torch.float16, 2e-2)):
+        denoiser = OnnxBackend().make_denoiser(
+            unet, prediction_type="epsilon", device="cuda", dtype=dtype, model_id="d" * 64
+        )
+        assert denoiser.device.type == "cuda"
+        assert _sd_call(denoiser, unet) < tolerance

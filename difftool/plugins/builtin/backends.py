@@ -92,18 +92,15 @@ class TensorRTBackend(Backend):
         import torch
 
         from difftool.exporters.onnx import UNetSignature, cached_export
-        from difftool.exporters.tensorrt import TensorRTDenoiser, cached_engine, signature_profile
+        from difftool.exporters.tensorrt import BuildOptions, TensorRTDenoiser, cached_engine, engine_profile
 
         signature = UNetSignature.of(module)
-        largest = int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024"))
-        if shapes is not None:  # what the task declared for this request
-            profile = signature_profile(signature, shapes.batch, shapes.size, shapes.tokens)
-        elif signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
-            profile = signature_profile(signature, (1, 2, 4), (8, 64, largest // 8 * 2))
-        else:
-            profile = signature_profile(signature, (1, 1, 2), (64, 512, largest))
+        profile = engine_profile(signature, shapes, int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024")))
+        precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
+        # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild.
+        refit = os.environ.get("DIFFTOOL_TRT_REFIT", "1" if signature.context_dim else "0") == "1"
         onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
-        engine = cached_engine(onnx, [profile], fp16=dtype != torch.float32)
+        engine = cached_engine(onnx, [profile], BuildOptions(precision, refittable=refit))
         return TensorRTDenoiser(
             engine,
             [profile],
@@ -111,6 +108,8 @@ class TensorRTBackend(Backend):
             sample_channels=int(module.config.out_channels),
             prediction_type=prediction_type,
             device=device,
+            onnx=onnx,
+            dtype=dtype,
         )
 
 

@@ -116,14 +116,23 @@ def export_onnx(task_name: str, model: str | None, precision: str) -> None:
 @click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
 @click.option("--model", help="model folder (default: the embedded one)")
 @click.option("--device", default="cuda", show_default=True, help="the GPU the engine is for")
-@click.option("--fp32", is_flag=True, help="build in fp32 (default fp16)")
-def export_tensorrt(task_name: str, model: str | None, device: str, fp32: bool) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp16", "bf16", "fp32", "fp8"]),
+    default="fp16",
+    show_default=True,
+    help="engine precision (bf16 needs compute capability 8.0+; fp8 is refused: it needs a quantized export)",
+)
+def export_tensorrt(task_name: str, model: str | None, device: str, precision: str) -> None:
     """Build (or reuse) the TensorRT engine for TASK's U-Net from its validated ONNX export."""
     import torch
 
-    from difftool.exporters.tensorrt import unavailable_reason
+    from difftool.exporters.tensorrt import precision_flags, unavailable_reason
     from difftool.plugins.builtin.backends import TensorRTBackend
 
+    if precision == "fp8":
+        with click_errors():
+            precision_flags(precision, (9, 0))  # raises: says why and what to use instead
     reason = unavailable_reason(device)
     if reason:
         raise click.ClickException(f"cannot build a TensorRT engine here: {reason}")
@@ -133,7 +142,7 @@ def export_tensorrt(task_name: str, model: str | None, device: str, fp32: bool) 
             loaded.unet,
             prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
             device=device,
-            dtype=torch.float32 if fp32 else torch.float16,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16),
             model_id=loaded.sha256,
         )
     click.echo(f"engine {denoiser.fingerprint} (profiles: {[p.as_json() for p in denoiser.profiles]})")

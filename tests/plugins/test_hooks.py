@@ -215,3 +215,33 @@ def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Pat
     assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128))
     with pytest.raises(ValueError, match="min <= opt <= max"):
         ExportShapes(size=(64, 32, 128))
+
+
+def test_image_sized_tasks_declare_shapes_from_their_input(photo: Path, inpaint_model: Path, tmp_path: Path) -> None:
+    """style and inpaint learn their size from the image: they declare it once they have it."""
+    import sys
+
+    from PIL import Image
+
+    from difftool.core.task import ExportShapes
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "builtin"))
+    from sd import tiny
+
+    registry = build_registry([ShapesPlugin()], entry_points=False)
+    ShapeRecordingBackend.seen = []
+    width, height = Image.open(photo).size
+    mask = Image.new("L", (width, height), 0)
+    mask.paste(255, (2, 2, 10, 10))
+    api.run("inpaint", photo, mask=mask, model=str(inpaint_model), backend="shapes", seed=1, registry=registry,
+            dtype="fp32")  # fmt: skip
+    side = max(width, height)
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(min(64, side), side, 1024))]
+
+    folder = tiny.save_folder(tiny.components(seed=3), tmp_path / "sd")
+    image = tmp_path / "in.png"
+    Image.new("RGB", (72, 40), (120, 90, 60)).save(image)
+    ShapeRecordingBackend.seen = []
+    api.run("style", image, model=str(folder), prompt="ink", steps=2, strength=0.5, backend="shapes", seed=1,
+            registry=registry, dtype="fp32")  # fmt: skip
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 9, 128))]

@@ -26,7 +26,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil, to_uint8
-from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
+from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
@@ -152,6 +152,9 @@ def paint(
     if (params.get("fill") or "blur") == "blur":
         init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
+    if context.export_shapes is None:  # the U-Net sees the whole image: engines are built for its size
+        side = max(rgb.shape[:2])
+        context.export_shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, side), side, max(side + 16, 1024)))
     out = pixel_model.denoise(
         model,
         pixel_model.make_denoiser(model, context),

@@ -49,6 +49,13 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
+def latent_shapes(size: tuple[int, int], guidance_scale: float) -> ExportShapes:
+    """What sampling ``size`` (pixels) asks of the U-Net: latents of side / 8, doubled for CFG."""
+    side = max(1, max(size) // 8)
+    cfg = 2 if guidance_scale != 1.0 else 1
+    return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
+
+
 def run_sd(
     model: Any,
     context: RunContext,
@@ -71,6 +78,8 @@ def run_sd(
     text = pipeline.encode_prompt(
         model, prompt, negative, clip_skip=int(params.get("clip_skip") or 1), size=size, context=context
     )
+    if context.export_shapes is None:  # tasks whose size comes from the input image (style, inpaint)
+        context.export_shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)))
     denoiser = pipeline.make_denoiser(model, context)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
@@ -145,9 +154,8 @@ class Generate(Task):
 
     def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
-        side = max(1, max(params.get("width") or 512, params.get("height") or 512) // 8)
-        cfg = 2 if float(params.get("guidance_scale", 7.0)) != 1.0 else 1
-        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
+        size = (params.get("width") or 512, params.get("height") or 512)
+        return latent_shapes(size, float(params.get("guidance_scale", 7.0)))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

@@ -74,3 +74,18 @@ def test_structure_hash_ignores_weights_only() -> None:
     hashes = {name: structure_hash(entry.file("model.onnx")) for name, entry in exports.items()}
     assert exports["a"].manifest["key"] != exports["b"].manifest["key"]
     assert hashes["a"] == hashes["b"] != hashes["xl"]
+
+
+def test_cli_exports_a_stable_diffusion_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+    from difftool.exporters.cache import ArtifactCache
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    folder = tiny.save_folder(tiny.components(seed=7), tmp_path / "model")  # the parity test's weights
+    result = CliRunner().invoke(cli.cli, ["export", "onnx", "--model", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "model.onnx" in result.output and "max relative error" in result.output
+    [(entry, ok)] = ArtifactCache(tmp_path / "cache").entries()
+    assert ok and entry.name.startswith("unet-")

@@ -75,9 +75,18 @@ def click_errors() -> Iterator[None]:
 
 
 def load_task_model(task_name: str, model: str | None) -> Any:
-    """The pixel model ``--model`` names for ``task_name`` (the embedded one by default), loaded."""
-    from difftool.plugins.builtin import pixel_model
+    """The model ``--model`` names for ``task_name`` (the embedded one by default), loaded.
 
+    A Stable Diffusion checkpoint or folder works too: its U-Net exports like a pixel model's.
+    """
+    from types import SimpleNamespace
+
+    from difftool.plugins.builtin import pixel_model
+    from difftool.plugins.builtin.sd.loader import is_sd_model, load_sd_model
+
+    if model and is_sd_model(Path(model).expanduser()):
+        sd = load_sd_model(model)  # fp32 U-Net: exports are keyed by the checkpoint, not rounded weights
+        return SimpleNamespace(unet=sd.unet, sha256=sd.unet_id, scheduler_config=sd.scheduler_config)
     return pixel_model.load_pixel_model(pixel_model.resolve_model(task_name, model), task_name)
 
 
@@ -88,7 +97,7 @@ def export() -> None:
 
 @export.command("onnx")
 @click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
-@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--model", help="pixel model folder, or a Stable Diffusion checkpoint/folder (default: the embedded one)")
 @click.option(
     "--precision",
     type=click.Choice(["fp32", "fp16"]),
@@ -114,7 +123,7 @@ def export_onnx(task_name: str, model: str | None, precision: str) -> None:
 
 @export.command("tensorrt")
 @click.option("--task", "task_name", type=click.Choice(["superres", "inpaint"]), default="superres", show_default=True)
-@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--model", help="pixel model folder, or a Stable Diffusion checkpoint/folder (default: the embedded one)")
 @click.option("--device", default="cuda", show_default=True, help="the GPU the engine is for")
 @click.option(
     "--precision",
@@ -151,7 +160,7 @@ def export_tensorrt(task_name: str, model: str | None, device: str, precision: s
 @export.command("triton")
 @click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
 @click.option("-o", "--output", "repo", type=click.Path(file_okay=False), required=True, help="model repository")
-@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--model", help="pixel model folder, or a Stable Diffusion checkpoint/folder (default: the embedded one)")
 @click.option("--name", help="model name in the repository (default: difftool_TASK)")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=8, show_default=True, help="Triton batch limit")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True, help="model instances")
@@ -182,7 +191,7 @@ def export_triton(
 @click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
 @click.argument("image", type=click.Path(exists=True, dir_okay=False))
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), help="mask, for inpaint")
-@click.option("--model", help="model folder (default: the embedded one)")
+@click.option("--model", help="pixel model folder, or a Stable Diffusion checkpoint/folder (default: the embedded one)")
 @click.option("--device", default="cpu", show_default=True)
 def check_backends(task_name: str, image: str, mask: str | None, model: str | None, device: str) -> None:
     """Run one request on every backend available here and compare each with PyTorch fp32 (PSNR)."""

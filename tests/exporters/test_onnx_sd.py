@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("onnxruntime")
 
@@ -89,3 +91,46 @@ def test_cli_exports_a_stable_diffusion_checkpoint(tmp_path: Path, monkeypatch) 
     assert "model.onnx" in result.output and "max relative error" in result.output
     [(entry, ok)] = ArtifactCache(tmp_path / "cache").entries()
     assert ok and entry.name.startswith("unet-")
+
+
+def _runners(model, context=None):
+    from difftool.plugins.builtin.sd.pipeline import _encoder_runners
+
+    return _encoder_runners(model, context)
+
+
+@pytest.mark.parametrize("xl", [False, True], ids=["sd", "sdxl"])
+def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
+    xl: bool, tmp_path: Path, monkeypatch
+) -> None:
+    from difftool.plugins.builtin.sd import models
+
+    folder = tiny.save_folder(tiny.components(seed=13, xl=xl), tmp_path / "model")
+    common = dict(model=str(folder), prompt="a (red:1.3) kite", width=40, height=24, steps=3, seed=2, dtype="fp32")
+    references = {skip: api.run("generate", clip_skip=skip, **common) for skip in (1, 2)}
+    monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "all")
+    first = api.run("generate", backend="onnx", clip_skip=1, **common)  # exports the parts
+    [model] = models._CACHE.values()
+    ids = torch.randint(0, 99, (1, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = [(first, hidden[-3], normed(-2)) for first, hidden, normed in (r(ids) for r in _runners(model))]
+
+    def torch_ran(*args, **kwargs):
+        raise AssertionError("a torch text encoder or VAE decoder ran")
+
+    for encoder in model.text_encoders:
+        monkeypatch.setattr(encoder, "forward", torch_ran)
+    monkeypatch.setattr(model.vae, "decode", torch_ran)
+    second = api.run("generate", backend="onnx", clip_skip=2, **common)  # clip skip: chosen at run time
+    for skip, result in ((1, first), (2, second)):
+        a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (references[skip], result))
+        assert psnr(a, b) > 40, skip
+    # What clip skip reads (any layer, normalised or not) matches PyTorch, not only the final images.
+    onnx_runs = _runners(model, SimpleNamespace(backend="onnx", device="cpu"))
+    for (first_t, layer_t, normed_t), run in zip(expected, onnx_runs, strict=True):
+        first_o, hidden_o, normed_o = run(ids)
+        for want, got in ((first_t, first_o), (layer_t, hidden_o[-3]), (normed_t, normed_o(-2))):
+            assert float((want - got).abs().max() / want.abs().max()) < 1e-4
+    with pytest.raises(Exception, match="DIFFTOOL_ONNX_EXPORT='some' is not a choice"):
+        monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "some")
+        api.run("generate", backend="onnx", **common)

@@ -48,9 +48,10 @@ def encode_prompt(
     if clip_skip < 1:
         raise ParameterError(f"clip skip {clip_skip} is below 1", "pass --clip-skip 1 (last layer) or 2")
     logger = context.logger if context is not None else log
+    runners = _encoder_runners(model, context)
     with torch.inference_mode():
-        pos, pos_pooled = _encode(model, prompt, clip_skip, logger)
-        neg, neg_pooled = _encode(model, negative, clip_skip, None)
+        pos, pos_pooled = _encode(model, runners, prompt, clip_skip, logger)
+        neg, neg_pooled = _encode(model, runners, negative, clip_skip, None)
     cond: dict[str, Any] = {"encoder_hidden_states": pos}
     uncond: dict[str, Any] = {"encoder_hidden_states": neg}
     if model.family.xl:
@@ -64,14 +65,46 @@ def encode_prompt(
     return TextConditioning(cond, uncond)
 
 
-def _encode(model: SDModel, text: str, clip_skip: int, logger: logging.Logger | None) -> tuple[Any, Any]:
+def _encoder_runners(model: SDModel, context: RunContext | None) -> list[Any]:
+    """Per text encoder: ids -> (first output, hidden states by layer, layer index -> normalised states).
+
+    PyTorch modules, or their ONNX exports when the run asks for the whole pipeline in ONNX Runtime.
+    """
+    from difftool.plugins.builtin.sd import onnx_parts
+
+    if onnx_parts.whole_pipeline(context):
+        assert context is not None
+        runners = []
+        for index in range(len(model.text_encoders)):
+            module = onnx_parts.text_encoder(model, index, context.device)
+
+            def run(ids: Any, module: Any = module) -> tuple[Any, Any, Any]:
+                first, hidden, normed = module(ids)
+                return first, hidden, lambda layer: normed[layer]
+
+            runners.append(run)
+        return runners
+
+    def torch_runner(encoder: Any) -> Any:
+        def run(ids: Any) -> tuple[Any, Any, Any]:
+            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            return out[0], out.hidden_states, lambda layer: _final_norm(encoder)(out.hidden_states[layer])
+
+        return run
+
+    return [torch_runner(encoder) for encoder in model.text_encoders]
+
+
+def _encode(
+    model: SDModel, runners: list[Any], text: str, clip_skip: int, logger: logging.Logger | None
+) -> tuple[Any, Any]:
     import torch
 
     from difftool.plugins.builtin.sd import prompt_weights
 
     emphasis = prompt_weights.has_emphasis(text)
     hidden, pooled = [], None
-    for tokenizer, encoder in zip(model.tokenizers, model.text_encoders, strict=True):
+    for tokenizer, run in zip(model.tokenizers, runners, strict=True):
         weights = None
         if emphasis:
             id_list, weights = prompt_weights.weighted_ids(tokenizer, text)
@@ -80,18 +113,16 @@ def _encode(model: SDModel, text: str, clip_skip: int, logger: logging.Logger | 
             id_list = id_list.input_ids
         if logger is not None and tokenizer is model.tokenizers[0]:
             _warn_truncated(tokenizer, text, logger)
-        ids = torch.tensor([id_list])
-        device = next(encoder.parameters()).device
-        out = encoder(ids.to(device), output_hidden_states=True)
+        first, layers, normed = run(torch.tensor([id_list]))
         if model.family.xl:
             # SDXL: penultimate layer (+ clip skip), no final norm; pooled output of the last encoder.
-            states = out.hidden_states[-(clip_skip + 1)]
-            if out[0].ndim == 2:
-                pooled = out[0]
+            states = layers[-(clip_skip + 1)]
+            if first.ndim == 2:
+                pooled = first
         elif clip_skip == 1:
-            states = out[0]
+            states = first
         else:
-            states = _final_norm(encoder)(out.hidden_states[-clip_skip])
+            states = normed(-clip_skip)
         if weights is not None and any(w != 1.0 for w in weights):
             # A1111: scale each token's features by its weight, then restore the original mean.
             mean = states.float().mean()
@@ -146,10 +177,15 @@ def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -
     import torch
 
     from difftool.core.devices import is_out_of_memory, release_memory
+    from difftool.plugins.builtin.sd import onnx_parts
 
     vae = _vae_on(model, context)
     pixels = latents.shape[-1] * latents.shape[-2] * model.vae_scale**2
     tiled = pixels > TILED_DECODE_PIXELS
+    if not tiled and onnx_parts.whole_pipeline(context):
+        decoder = onnx_parts.vae_decoder(model, context.device)
+        image = decoder(latents.float() / vae.config.scaling_factor)[0].float().cpu()
+        return _checked(image)
     while True:
         vae.enable_tiling() if tiled else vae.disable_tiling()
         try:
@@ -169,6 +205,12 @@ def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -
                 ) from None
             context.logger.warning("out of memory in the VAE decode; retrying in tiles")
             tiled = True
+    return _checked(image)
+
+
+def _checked(image: torch.Tensor) -> torch.Tensor:
+    import torch
+
     if not bool(torch.isfinite(image).all()):
         raise ModelError(
             "the VAE produced NaN or Inf values; nothing was written",
@@ -180,13 +222,20 @@ def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -
 def _vae_on(model: SDModel, context: RunContext) -> Any:
     import torch
 
-    dtype = vae_dtype(model, context.torch_dtype)
+    from difftool.plugins.builtin.sd import onnx_parts
+
+    # An exported VAE decoder is made from these weights: keep them fp32, never rounded in place.
+    dtype = torch.float32 if onnx_parts.whole_pipeline(context) else vae_dtype(model, context.torch_dtype)
     return torch.nn.Module.to(model.vae, device=context.device, dtype=dtype).eval()
 
 
 def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
     import torch
 
+    from difftool.plugins.builtin.sd import onnx_parts
+
+    if onnx_parts.whole_pipeline(context):
+        return  # they are exported from their fp32 weights and run in ONNX Runtime
     dtype = torch.float32 if context.torch_dtype == torch.float16 and context.device == "cpu" else context.torch_dtype
     for encoder in model.text_encoders:
         torch.nn.Module.to(encoder, device=context.device, dtype=dtype).eval()

@@ -1,0 +1,122 @@
+"""Stable Diffusion's text encoders and VAE decoder on ONNX Runtime, for a whole pipeline without torch.
+
+``--backend onnx`` runs the U-Net in ONNX Runtime; with ``DIFFTOOL_ONNX_EXPORT=all`` the text
+encoders and the VAE decoder are exported (validated, cached) and run there too, so generating an
+image calls no torch module (the VAE *encoder* of style/inpaint and tiled decodes of very large
+images still use PyTorch).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from difftool.core.task import RunContext
+from difftool.plugins.builtin.sd.loader import SDModel
+
+EXPORT_VARIABLE = "DIFFTOOL_ONNX_EXPORT"
+_SESSIONS: dict[str, Any] = {}
+
+
+def whole_pipeline(context: RunContext | None) -> bool:
+    """Whether this run exports the text encoders and VAE decoder too."""
+    if context is None or context.backend != "onnx":
+        return False
+    value = os.environ.get(EXPORT_VARIABLE, "unet")
+    if value not in ("unet", "all"):
+        from difftool.core.errors import ParameterError
+
+        raise ParameterError(f"{EXPORT_VARIABLE}={value!r} is not a choice", f"set {EXPORT_VARIABLE} to unet or all")
+    return value == "all"
+
+
+class TextEncoderGraph(torch.nn.Module):
+    """input_ids -> (first output, every layer's hidden states, the same after the final layer norm).
+
+    All layers come out stacked so clip skip stays a run-time choice (A1111: layer -N, normalised).
+    """
+
+    def __init__(self, encoder: Any) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.encoder(input_ids, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states)
+        norm = getattr(self.encoder, "text_model", self.encoder).final_layer_norm
+        return out[0], hidden, norm(hidden)
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latent).sample
+
+
+def _session(entry: Any, device: str) -> Any:
+    from difftool.exporters.onnx_modules import OnnxModule
+
+    key = f"{entry.manifest['key']}-{device}"
+    if key not in _SESSIONS:
+        _SESSIONS.clear()  # one model's parts at a time
+        _SESSIONS[key] = OnnxModule(entry, device)
+    return _SESSIONS[key]
+
+
+def _dtype_tag(module: Any) -> str:
+    return str(next(module.parameters()).dtype).replace("torch.", "")
+
+
+def text_encoder(model: SDModel, index: int, device: str) -> Any:
+    """The ``index``-th text encoder as an :class:`~difftool.exporters.onnx_modules.OnnxModule`."""
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+
+    encoder = model.text_encoders[index]
+    tokens = model.tokenizers[index].model_max_length
+    g = torch.Generator().manual_seed(index)
+    vocab = int(encoder.config.vocab_size)
+
+    def ids(batch: int) -> torch.Tensor:
+        return torch.randint(0, vocab, (batch, tokens), generator=g)
+
+    spec = ModuleSpec(
+        inputs={"input_ids": ids(2)},
+        dynamic={"input_ids": {0: ("batch", 1, 64)}},
+        outputs=("first", "hidden", "normed"),
+        checks=({"input_ids": ids(1)}, {"input_ids": ids(3)}),
+    )
+    # Weights as they are now (LoRAs fused, dtype as loaded): the id says both.
+    model_id = f"{model.unet_id}-te{index}-{_dtype_tag(encoder)}"
+    entry = cached_module_export(
+        lambda: TextEncoderGraph(encoder).eval(), f"text-encoder-{index}-{model.unet_id[:12]}", spec, model_id
+    )
+    return _session(entry, device)
+
+
+def vae_decoder(model: SDModel, device: str) -> Any:
+    """The VAE decoder (latents / scaling factor -> [-1, 1] image) as an ``OnnxModule``."""
+    from difftool.exporters.onnx import weights_hash
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+
+    vae = model.vae
+    channels = int(vae.config.latent_channels)
+    g = torch.Generator().manual_seed(0)
+
+    def latent(batch: int, h: int, w: int) -> torch.Tensor:
+        return torch.randn(batch, channels, h, w, generator=g)
+
+    spec = ModuleSpec(
+        inputs={"latent": latent(2, 10, 14)},  # batch 2 and distinct sizes: no 0/1 specialisation
+        dynamic={"latent": {0: ("batch", 1, 64), 2: ("h", 2, 512), 3: ("w", 2, 512)}},
+        outputs=("image",),
+        checks=({"latent": latent(1, 7, 9)}, {"latent": latent(1, 12, 8)}),
+    )
+    weights = weights_hash(vae) if model.vae_name else model.sha256  # --vae: a file of its own
+    model_id = f"{weights}-vae-{_dtype_tag(vae)}"
+    entry = cached_module_export(lambda: VaeDecoderGraph(vae).eval(), f"vae-decoder-{weights[:12]}", spec, model_id)
+    return _session(entry, device)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
@@ -107,9 +108,14 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
 
     folder = tiny.save_folder(tiny.components(seed=13, xl=xl), tmp_path / "model")
     common = dict(model=str(folder), prompt="a (red:1.3) kite", width=40, height=24, steps=3, seed=2, dtype="fp32")
+    photo = tmp_path / "in.png"
+    Image.fromarray((np.random.default_rng(0).random((24, 32, 3)) * 255).astype(np.uint8)).save(photo)
+    style = dict(model=str(folder), prompt="ink", steps=3, strength=0.6, seed=2, dtype="fp32")
     references = {skip: api.run("generate", clip_skip=skip, **common) for skip in (1, 2)}
+    references["style"] = api.run("style", photo, **style)
     monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "all")
     first = api.run("generate", backend="onnx", clip_skip=1, **common)  # exports the parts
+    api.run("style", photo, backend="onnx", **style)  # and the VAE encoder
     [model] = models._CACHE.values()
     ids = torch.randint(0, 99, (1, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -121,10 +127,12 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     for encoder in model.text_encoders:
         monkeypatch.setattr(encoder, "forward", torch_ran)
     monkeypatch.setattr(model.vae, "decode", torch_ran)
+    monkeypatch.setattr(model.vae, "encode", torch_ran)
     second = api.run("generate", backend="onnx", clip_skip=2, **common)  # clip skip: chosen at run time
-    for skip, result in ((1, first), (2, second)):
-        a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (references[skip], result))
-        assert psnr(a, b) > 40, skip
+    styled = api.run("style", photo, backend="onnx", **style)
+    for key, result in ((1, first), (2, second), ("style", styled)):
+        a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (references[key], result))
+        assert psnr(a, b) > 40, key
     # What clip skip reads (any layer, normalised or not) matches PyTorch, not only the final images.
     onnx_runs = _runners(model, SimpleNamespace(backend="onnx", device="cpu"))
     for (first_t, layer_t, normed_t), run in zip(expected, onnx_runs, strict=True):

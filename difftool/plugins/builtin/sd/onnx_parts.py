@@ -1,9 +1,8 @@
 """Stable Diffusion's text encoders and VAE decoder on ONNX Runtime, for a whole pipeline without torch.
 
 ``--backend onnx`` runs the U-Net in ONNX Runtime; with ``DIFFTOOL_ONNX_EXPORT=all`` the text
-encoders and the VAE decoder are exported (validated, cached) and run there too, so generating an
-image calls no torch module (the VAE *encoder* of style/inpaint and tiled decodes of very large
-images still use PyTorch).
+encoders and the VAE are exported (validated, cached) and run there too, so a run calls no torch
+module (tiled decodes of very large images still use PyTorch).
 """
 
 from __future__ import annotations
@@ -58,12 +57,26 @@ class VaeDecoderGraph(torch.nn.Module):
         return self.vae.decode(latent).sample
 
 
-def _session(entry: Any, device: str) -> Any:
+class VaeEncoderGraph(torch.nn.Module):
+    """[-1, 1] image -> the posterior's mean and std (the run samples from them with its own generator)."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dist = self.vae.encode(image).latent_dist
+        return dist.mean, dist.std
+
+
+def _session(model: SDModel, entry: Any, device: str) -> Any:
     from difftool.exporters.onnx_modules import OnnxModule
 
+    if _SESSIONS.get("model") != model.unet_id:
+        _SESSIONS.clear()  # one model's parts at a time: they hold its weights
+        _SESSIONS["model"] = model.unet_id
     key = f"{entry.manifest['key']}-{device}"
     if key not in _SESSIONS:
-        _SESSIONS.clear()  # one model's parts at a time
         _SESSIONS[key] = OnnxModule(entry, device)
     return _SESSIONS[key]
 
@@ -95,28 +108,39 @@ def text_encoder(model: SDModel, index: int, device: str) -> Any:
     entry = cached_module_export(
         lambda: TextEncoderGraph(encoder).eval(), f"text-encoder-{index}-{model.unet_id[:12]}", spec, model_id
     )
-    return _session(entry, device)
+    return _session(model, entry, device)
 
 
 def vae_decoder(model: SDModel, device: str) -> Any:
     """The VAE decoder (latents / scaling factor -> [-1, 1] image) as an ``OnnxModule``."""
+    channels = int(model.vae.config.latent_channels)
+    return _vae_part(model, device, "decoder", VaeDecoderGraph, "latent", channels, 1, ("image",))
+
+
+def vae_encoder(model: SDModel, device: str) -> Any:
+    """The VAE encoder ([-1, 1] image -> posterior mean and std) as an ``OnnxModule``."""
+    return _vae_part(model, device, "encoder", VaeEncoderGraph, "image", 3, model.vae_scale, ("mean", "std"))
+
+
+def _vae_part(
+    model: SDModel, device: str, part: str, graph: type, name: str, channels: int, scale: int, outputs: tuple
+) -> Any:
     from difftool.exporters.onnx import weights_hash
     from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
 
     vae = model.vae
-    channels = int(vae.config.latent_channels)
     g = torch.Generator().manual_seed(0)
 
-    def latent(batch: int, h: int, w: int) -> torch.Tensor:
-        return torch.randn(batch, channels, h, w, generator=g)
+    def example(batch: int, h: int, w: int) -> torch.Tensor:  # sizes in latent cells, times ``scale``
+        return torch.randn(batch, channels, h * scale, w * scale, generator=g)
 
     spec = ModuleSpec(
-        inputs={"latent": latent(2, 10, 14)},  # batch 2 and distinct sizes: no 0/1 specialisation
-        dynamic={"latent": {0: ("batch", 1, 64), 2: ("h", 2, 512), 3: ("w", 2, 512)}},
-        outputs=("image",),
-        checks=({"latent": latent(1, 7, 9)}, {"latent": latent(1, 12, 8)}),
+        inputs={name: example(2, 10, 14)},  # batch 2 and distinct sizes: no 0/1 specialisation
+        dynamic={name: {0: ("batch", 1, 64), 2: ("h", 2 * scale, 512 * scale), 3: ("w", 2 * scale, 512 * scale)}},
+        outputs=outputs,
+        checks=({name: example(1, 7, 9)}, {name: example(1, 12, 8)}),
     )
     weights = weights_hash(vae) if model.vae_name else model.sha256  # --vae: a file of its own
-    model_id = f"{weights}-vae-{_dtype_tag(vae)}"
-    entry = cached_module_export(lambda: VaeDecoderGraph(vae).eval(), f"vae-decoder-{weights[:12]}", spec, model_id)
-    return _session(entry, device)
+    model_id = f"{weights}-vae-{part}-{_dtype_tag(vae)}"
+    entry = cached_module_export(lambda: graph(vae).eval(), f"vae-{part}-{weights[:12]}", spec, model_id)
+    return _session(model, entry, device)

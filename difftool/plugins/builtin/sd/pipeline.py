@@ -164,11 +164,17 @@ def encode_image(model: SDModel, image: torch.Tensor, context: RunContext) -> to
     """A [-1, 1] image batch -> scaled latents, sampled from the VAE posterior with the run's generator."""
     import torch
 
+    from difftool.plugins.builtin.sd import onnx_parts
+
     vae = _vae_on(model, context)
     with torch.inference_mode():
-        dist = vae.encode(image.to(context.device, next(vae.parameters()).dtype)).latent_dist
-        noise = torch.randn(dist.mean.shape, generator=context.generator, dtype=torch.float32)
-        latents = dist.mean.float() + dist.std.float() * noise.to(dist.mean.device)
+        if onnx_parts.whole_pipeline(context):
+            mean, std = onnx_parts.vae_encoder(model, context.device)(image.float())
+        else:
+            dist = vae.encode(image.to(context.device, next(vae.parameters()).dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        noise = torch.randn(mean.shape, generator=context.generator, dtype=torch.float32)
+        latents = mean.float() + std.float() * noise.to(mean.device)
     return latents * vae.config.scaling_factor
 
 

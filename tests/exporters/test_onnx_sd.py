@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,3 +143,19 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     with pytest.raises(Exception, match="DIFFTOOL_ONNX_EXPORT='some' is not a choice"):
         monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "some")
         api.run("generate", backend="onnx", **common)
+
+
+def test_check_backends_takes_any_task_and_its_parameters(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+
+    folder = tiny.save_folder(tiny.components(seed=12), tmp_path / "model")
+    args = ["check-backends", "generate", "--model", str(folder), "-p", "prompt=a kite", "-p", "width=40"]
+    result = CliRunner().invoke(cli.cli, [*args, "-p", "height=24", "-p", "steps=2"])
+    assert result.exit_code == 0, result.output
+    assert float(re.search(r"onnx fp32 +PSNR (\S+) dB", result.output).group(1)) > 40
+    assert re.search(r"onnx bf16 +PSNR \S+ dB vs torch fp32 \(ran in float32\)", result.output)
+    assert re.search(r"torch bf16 +PSNR", result.output) and "tensorrt  " in result.output
+    bad = CliRunner().invoke(cli.cli, [*args, "-p", "steps"])
+    assert bad.exit_code == 2 and "'steps' is not NAME=VALUE" in bad.output

@@ -188,13 +188,23 @@ def export_triton(
 
 
 @click.command("check-backends")
-@click.argument("task_name", metavar="TASK", type=click.Choice(["superres", "inpaint"]))
-@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.argument("task_name", metavar="TASK")
+@click.argument("inputs", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--mask", type=click.Path(exists=True, dir_okay=False), help="mask, for inpaint")
-@click.option("--model", help="pixel model folder, or a Stable Diffusion checkpoint/folder (default: the embedded one)")
+@click.option("--model", help="model path or name (default: the task's embedded one)")
 @click.option("--device", default="cpu", show_default=True)
-def check_backends(task_name: str, image: str, mask: str | None, model: str | None, device: str) -> None:
-    """Run one request on every backend available here and compare each with PyTorch fp32 (PSNR)."""
+@click.option(
+    "-p", "--param", "params", multiple=True, metavar="NAME=VALUE", help="a task parameter, e.g. -p prompt='a kite'"
+)
+def check_backends(
+    task_name: str, inputs: tuple[str, ...], mask: str | None, model: str | None, device: str, params: tuple[str, ...]
+) -> None:
+    """Run one request of TASK on every backend available here and compare each with PyTorch fp32 (PSNR).
+
+    \b
+    difftool check-backends superres photo.png
+    difftool check-backends generate --model sd15.safetensors -p prompt="a kite" -p steps=20
+    """
     import numpy as np
 
     from difftool import api
@@ -203,10 +213,15 @@ def check_backends(task_name: str, image: str, mask: str | None, model: str | No
     from difftool.training.evaluate import psnr
 
     registry = get_registry()
-    params = {"mask": mask} if mask else {}
+    values: dict[str, str] = {"mask": mask} if mask else {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
+        values[name.replace("-", "_")] = value
     with click_errors():
-        reference = api.run(task_name, image, model=model, device=device, dtype="fp32", seed=0, **params)
-    base = np.asarray(reference.image)
+        reference = api.run(task_name, *inputs, model=model, device=device, dtype="fp32", seed=0, **values)
+    base = np.asarray(reference.images[0])
     click.echo(f"{'torch fp32':<22} reference")
     for name, (backend, _) in sorted(registry.backends.items()):
         reason = backend.unavailable_reason(device)
@@ -218,13 +233,17 @@ def check_backends(task_name: str, image: str, mask: str | None, model: str | No
                 continue
             try:
                 result = api.run(
-                    task_name, image, model=model, device=device, backend=name, dtype=dtype, seed=0, **params
+                    task_name, *inputs, model=model, device=device, backend=name, dtype=dtype, seed=0, **values
                 )
             except DifftoolError as error:
                 click.echo(f"{name + ' ' + dtype:<22} failed: {error}")
                 continue
-            score = psnr(base, np.asarray(result.image))
-            click.echo(f"{name + ' ' + result.record.get('precision', dtype):<22} PSNR {score:.2f} dB vs torch fp32")
+            score = psnr(base, np.asarray(result.images[0]))
+            ran = str(result.record.get("precision", dtype))
+            note = "" if ran in (dtype, {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]) else ran
+            click.echo(
+                f"{name + ' ' + dtype:<22} PSNR {score:.2f} dB vs torch fp32" + (f" (ran in {note})" if note else "")
+            )
 
 
 @click.group()

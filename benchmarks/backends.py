@@ -3,8 +3,9 @@
     python benchmarks/backends.py            # about 10 minutes on 2 CPU cores (the SD export dominates)
     python benchmarks/backends.py --no-sd    # the embedded superres model only
 
-For the embedded superres U-Net at 512x512 (batch 1) and an SD 1.5-size U-Net with random weights
-(64x64 latent, batch 2 = one CFG step, 77 tokens): one denoiser call in torch fp32, torch bf16
+For the embedded superres U-Net at 512x512 (batch 1), an SD 1.5-size U-Net with random weights
+(64x64 latent, batch 2 = one CFG step, 77 tokens) and the SD 1.5 VAE decoder at 512x512 (what
+``DIFFTOOL_ONNX_EXPORT=all`` also runs in ONNX Runtime): one call in torch fp32, torch bf16
 (channels_last, as TorchDenoiser runs it) and ONNX Runtime fp32 (the cached, validated export).
 FLOPs come from ``torch.utils.flop_counter``; the peak is a 4096^3 matmul in fp32 and bf16 measured
 here, so each result is also given as a fraction of the peak of its precision.
@@ -90,6 +91,46 @@ def measure(name: str, module: torch.nn.Module, inputs: dict, repeats: int, resu
     print(name, row, flush=True)
 
 
+def measure_vae_decode(repeats: int, results: dict) -> None:
+    """The SD 1.5 VAE decoder at 512x512 (random weights): what a whole-pipeline ONNX run also moves."""
+    from diffusers import AutoencoderKL
+
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.plugins.builtin.sd.families import FAMILIES
+    from difftool.plugins.builtin.sd.onnx_parts import VaeDecoderGraph
+
+    torch.manual_seed(0)
+    graph = VaeDecoderGraph(AutoencoderKL.from_config(FAMILIES["sd1"].config("vae"))).eval()
+    latent = torch.randn(1, 4, 64, 64)
+    flops = flops_of(graph, {"latent": latent})
+    row: dict = {"gflop": round(flops / 1e9, 1)}
+    with torch.no_grad():
+        row["torch_fp32_s"] = best_of(lambda: graph(latent), repeats)
+        low = torch.nn.Module.to(graph, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        cast = latent.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        row["torch_bf16_s"] = best_of(lambda: low(cast), repeats)
+        graph = graph.float().to(memory_format=torch.contiguous_format)
+    spec = ModuleSpec(
+        inputs={"latent": torch.randn(2, 4, 10, 14)},
+        dynamic={"latent": {0: ("batch", 1, 64), 2: ("h", 2, 512), 3: ("w", 2, 512)}},
+        outputs=("image",),
+        checks=({"latent": torch.randn(1, 4, 7, 9)},),
+    )
+    started = time.perf_counter()
+    entry = cached_module_export(lambda: graph, "bench-vae-decoder", spec, model_id="bench-vae")
+    row["onnx_export_s"] = round(time.perf_counter() - started, 1)
+    session = make_session(entry.file("model.onnx"), "cpu")
+    row["onnxruntime_fp32_s"] = best_of(lambda: session.run(None, {"latent": latent.numpy()}), repeats)
+    for key in ("torch_fp32_s", "torch_bf16_s", "onnxruntime_fp32_s"):
+        peak = results["peak_bf16_gflops" if "bf16" in key else "peak_fp32_gflops"] * 1e9
+        row[key.replace("_s", "_of_peak")] = round(flops / row[key] / peak, 3)
+        row[key] = round(row[key], 3)
+    row["floor_bf16_s"] = round(flops / (results["peak_bf16_gflops"] * 1e9), 3)
+    results["sd15_vae_decode_512"] = row
+    print("sd15_vae_decode_512", row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-sd", action="store_true")
@@ -126,6 +167,8 @@ def main() -> None:
                 "encoder_hidden_states": torch.randn(2, 77, 768, generator=g),
             }
             measure("sd15_unet_64x64_b2", unet, inputs, 1, results)
+            del unet
+            measure_vae_decode(1, results)
     print(json.dumps(results, indent=2))
     (ROOT / "docs" / "benchmarks-backends.json").write_text(json.dumps(results, indent=2) + "\n")
     write_markdown(results)
@@ -133,7 +176,7 @@ def main() -> None:
 
 def write_markdown(r: dict) -> None:
     rows = []
-    for name in ("superres_512", "sd15_unet_64x64_b2"):
+    for name in ("superres_512", "sd15_unet_64x64_b2", "sd15_vae_decode_512"):
         if name not in r:
             continue
         x = r[name]

@@ -59,7 +59,10 @@ def make_session(path: Path, device: str, fp16: bool = False) -> Any:
 
     from difftool.exporters.cache import cache_root
 
-    chain = provider_chain(device, os.environ.get(PROVIDER_VARIABLE, "auto"), fp16, cache_root() / "ort-tensorrt")
+    engines = cache_root() / "ort-tensorrt"
+    chain = provider_chain(device, os.environ.get(PROVIDER_VARIABLE, "auto"), fp16, engines)
+    if isinstance(chain[0], tuple) and chain[0][0] == PROVIDERS["tensorrt"]:
+        engines.mkdir(parents=True, exist_ok=True)
     wanted = chain[0] if isinstance(chain[0], str) else chain[0][0]
     available = ort.get_available_providers()
     missing = [p if isinstance(p, str) else p[0] for p in chain]

@@ -185,10 +185,11 @@ def write_markdown(r: dict) -> None:
             f"{x['torch_bf16_s']} ({x['torch_bf16_of_peak']:.0%}) | "
             f"{x['onnxruntime_fp32_s']} ({x['onnxruntime_fp32_of_peak']:.0%}) | {x['floor_bf16_s']} |"
         )
-    table = f"""## CPU backends, one denoiser call (`python benchmarks/backends.py`)
+    table = f"""## CPU backends, one network call (`python benchmarks/backends.py`)
 
 {r["threads"]} threads; measured matmul peak: {r["peak_fp32_gflops"]} GFLOP/s fp32, {r["peak_bf16_gflops"]} GFLOP/s
-bf16. Seconds per call (best of several), with the fraction of the peak of that precision reached.
+bf16. Seconds per call (best of several), with the fraction of the peak of that precision reached
+(the 4096^3 matmul is not a hard ceiling: the VAE's large convolutions reach it).
 
 | model | GFLOP | torch fp32 | torch bf16 | ONNX Runtime fp32 | bf16 floor |
 |---|---|---|---|---|---|

@@ -236,7 +236,7 @@ def test_image_sized_tasks_declare_shapes_from_their_input(photo: Path, inpaint_
     api.run("inpaint", photo, mask=mask, model=str(inpaint_model), backend="shapes", seed=1, registry=registry,
             dtype="fp32")  # fmt: skip
     side = max(width, height)
-    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(min(64, side), side, 1024))]
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(min(64, side), 512, 1024))]
 
     folder = tiny.save_folder(tiny.components(seed=3), tmp_path / "sd")
     image = tmp_path / "in.png"
@@ -244,4 +244,10 @@ def test_image_sized_tasks_declare_shapes_from_their_input(photo: Path, inpaint_
     ShapeRecordingBackend.seen = []
     api.run("style", image, model=str(folder), prompt="ink", steps=2, strength=0.5, backend="shapes", seed=1,
             registry=registry, dtype="fp32")  # fmt: skip
-    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 9, 128))]
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128))]
+    # A larger image in the same folder job: the same declaration, so the same engine.
+    Image.new("RGB", (320, 200), (120, 90, 60)).save(image)
+    ShapeRecordingBackend.seen = []
+    api.run("style", image, model=str(folder), prompt="ink", steps=1, strength=1.0, backend="shapes", seed=1,
+            registry=registry, dtype="fp32")  # fmt: skip
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128))]

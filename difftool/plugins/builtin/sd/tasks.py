@@ -49,11 +49,19 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-def latent_shapes(size: tuple[int, int], guidance_scale: float) -> ExportShapes:
-    """What sampling ``size`` (pixels) asks of the U-Net: latents of side / 8, doubled for CFG."""
+def latent_shapes(size: tuple[int, int], guidance_scale: float, exact: bool = True) -> ExportShapes:
+    """What sampling ``size`` (pixels) asks of the U-Net: latents of side / 8, doubled for CFG.
+
+    ``exact``: one size for the whole job (generate's --width/--height), so optimise for it. Otherwise
+    the size comes from each input image and varies across a folder: declare a range that does not
+    move with the image (up to 1024 px: one engine serves the whole folder instead of one per size).
+    """
     side = max(1, max(size) // 8)
     cfg = 2 if guidance_scale != 1.0 else 1
-    return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
+    if exact:
+        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
+    high = max(128, -(-side // 32) * 32)
+    return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), 64, high))
 
 
 def run_sd(
@@ -79,7 +87,7 @@ def run_sd(
         model, prompt, negative, clip_skip=int(params.get("clip_skip") or 1), size=size, context=context
     )
     if context.export_shapes is None:  # tasks whose size comes from the input image (style, inpaint)
-        context.export_shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)))
+        context.export_shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False)
     denoiser = pipeline.make_denoiser(model, context)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)

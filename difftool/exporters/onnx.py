@@ -176,12 +176,10 @@ def graph_inputs(
     Shared by the runtimes that take tensors by pointer (ONNX Runtime IO binding, TensorRT).
     """
 
+    added = cond.get("added_cond_kwargs") or {}  # SDXL's text_embeds and time_ids
+
     def needed(name: str) -> torch.Tensor:
-        value = (
-            cond.get(name)
-            if name != "text_embeds" and name != "time_ids"
-            else (cond.get("added_cond_kwargs") or {}).get(name)
-        )
+        value = added.get(name) if name in ("text_embeds", "time_ids") else cond.get(name)
         if value is None:
             raise ValueError(f"this model needs {name} conditioning")
         return value

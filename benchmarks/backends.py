@@ -56,6 +56,15 @@ def flops_of(module: torch.nn.Module, inputs: dict) -> int:
     return counter.get_total_flops()
 
 
+def add_fractions(row: dict, flops: int, results: dict) -> None:
+    """Each timing as a fraction of its precision's measured peak, and the bf16 floor."""
+    for key in ("torch_fp32_s", "torch_bf16_s", "onnxruntime_fp32_s"):
+        peak = results["peak_bf16_gflops" if "bf16" in key else "peak_fp32_gflops"] * 1e9
+        row[key.replace("_s", "_of_peak")] = round(flops / row[key] / peak, 3)
+        row[key] = round(row[key], 3)
+    row["floor_bf16_s"] = round(flops / (results["peak_bf16_gflops"] * 1e9), 3)
+
+
 def measure(name: str, module: torch.nn.Module, inputs: dict, repeats: int, results: dict) -> None:
     from difftool.exporters.onnx import UNetSignature, cached_export
     from difftool.exporters.onnxruntime_denoiser import make_session
@@ -82,11 +91,7 @@ def measure(name: str, module: torch.nn.Module, inputs: dict, repeats: int, resu
     feeds["timestep"] = np.full((inputs["sample"].shape[0],), float(inputs["timestep"]), np.float32)
     feeds = {k: v for k, v in feeds.items() if v is not None}
     row["onnxruntime_fp32_s"] = best_of(lambda: session.run(None, feeds), repeats)
-    for key in ("torch_fp32_s", "torch_bf16_s", "onnxruntime_fp32_s"):
-        peak = results["peak_bf16_gflops" if "bf16" in key else "peak_fp32_gflops"] * 1e9
-        row[key.replace("_s", "_of_peak")] = round(flops / row[key] / peak, 3)
-        row[key] = round(row[key], 3)
-    row["floor_bf16_s"] = round(flops / (results["peak_bf16_gflops"] * 1e9), 3)
+    add_fractions(row, flops, results)
     results[name] = row
     print(name, row, flush=True)
 
@@ -122,11 +127,7 @@ def measure_vae_decode(repeats: int, results: dict) -> None:
     row["onnx_export_s"] = round(time.perf_counter() - started, 1)
     session = make_session(entry.file("model.onnx"), "cpu")
     row["onnxruntime_fp32_s"] = best_of(lambda: session.run(None, {"latent": latent.numpy()}), repeats)
-    for key in ("torch_fp32_s", "torch_bf16_s", "onnxruntime_fp32_s"):
-        peak = results["peak_bf16_gflops" if "bf16" in key else "peak_fp32_gflops"] * 1e9
-        row[key.replace("_s", "_of_peak")] = round(flops / row[key] / peak, 3)
-        row[key] = round(row[key], 3)
-    row["floor_bf16_s"] = round(flops / (results["peak_bf16_gflops"] * 1e9), 3)
+    add_fractions(row, flops, results)
     results["sd15_vae_decode_512"] = row
     print("sd15_vae_decode_512", row, flush=True)
 

@@ -19,6 +19,8 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +53,39 @@ class Entry:
         return self.path / name
 
 
-def _verified(folder: Path) -> Entry | None:
-    """The entry in ``folder`` if its manifest is readable and every file matches its recorded hash."""
+#: Entries this process has hashed, with the files' stat at the time: a run reuses an export many times
+#: (every image of a folder job), and hashing gigabytes each time would cost seconds per image.
+_HASHED: dict[Path, tuple[tuple[Any, ...], Entry]] = {}
+
+
+def _stat_signature(folder: Path) -> tuple[Any, ...]:
+    # ctime changes on any write or utime, so a same-size replacement with a forged mtime still shows.
+    try:
+        stats = [(p.name, p.stat()) for p in folder.iterdir()]
+    except OSError:
+        return ()
+    return tuple(sorted((n, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino) for n, s in stats))
+
+
+def _verified(folder: Path, rehash: bool = False) -> Entry | None:
+    """The entry in ``folder`` if its manifest is readable and every file matches its recorded hash.
+
+    Files hashed earlier in this process and unchanged since (same size, times and inode) are not
+    hashed again unless ``rehash``.
+    """
+    signature = _stat_signature(folder)
+    known = _HASHED.get(folder)
+    if not rehash and known is not None and signature and known[0] == signature:
+        return known[1]
+    entry = _hash_check(folder)
+    if entry is None:
+        _HASHED.pop(folder, None)
+    else:
+        _HASHED[folder] = (signature, entry)
+    return entry
+
+
+def _hash_check(folder: Path) -> Entry | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
@@ -74,6 +107,29 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Recent:
+    """The last ``size`` objects made, by key: ONNX Runtime sessions and TensorRT engines are slow to
+    create and hold a model's weights, so a run reuses the previous run's instead of loading again."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.items: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        value = make()  # outside the lock: loading can take long and may fail
+        with self.lock:
+            self.items[key] = value
+            self.items.move_to_end(key)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return value
 
 
 class ArtifactCache:
@@ -142,7 +198,7 @@ class ArtifactCache:
         if not self.root.is_dir():
             return []
         return [
-            (folder, _verified(folder) is not None)
+            (folder, _verified(folder, rehash=True) is not None)  # `cache verify` hashes every byte
             for kind in sorted(self.root.iterdir())
             if kind.is_dir()
             for folder in sorted(kind.iterdir())

@@ -15,6 +15,7 @@ import torch
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.exporters.cache import Recent
 from difftool.exporters.onnx import UNetSignature, graph_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -54,7 +55,21 @@ def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path
     return chain
 
 
+#: Sessions of recent runs: an SD pipeline has up to five (U-Net, two text encoders, VAE encoder and decoder).
+_SESSIONS = Recent(6)
+
+
 def make_session(path: Path, device: str, fp16: bool = False) -> Any:
+    """An ONNX Runtime session for ``path`` on ``device``; the same one again while the file is unchanged."""
+    stat = path.stat() if path.is_file() else None
+    settings = tuple(os.environ.get(v, "") for v in (PROVIDER_VARIABLE, "DIFFTOOL_ORT_THREADS"))
+    if stat is None:
+        return _new_session(path, device, fp16)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, settings)
+    return _SESSIONS.get(key, lambda: _new_session(path, device, fp16))
+
+
+def _new_session(path: Path, device: str, fp16: bool) -> Any:
     import onnxruntime as ort
 
     from difftool.exporters.cache import cache_root

@@ -1,3 +1,4 @@
+import os
 import threading
 import time
 from pathlib import Path
@@ -80,3 +81,42 @@ def test_failed_build_leaves_nothing(tmp_path: Path) -> None:
         ArtifactCache(tmp_path).get_or_build("onnx", "unet", BASE, broken)
     assert ArtifactCache(tmp_path).entries() == []
     assert not [p for p in (tmp_path / "onnx").iterdir() if p.is_dir()]
+
+
+def test_unchanged_entries_are_not_hashed_again_in_one_process(tmp_path: Path, monkeypatch) -> None:
+    from difftool.exporters import cache as cache_module
+
+    cache, calls = ArtifactCache(tmp_path), []
+    entry = cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    hashed: list = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    assert hashed == [] and len(calls) == 1  # a folder job's next image: no re-hashing of gigabytes
+    # A same-size replacement (a new file renamed over it) is noticed and rebuilt, not loaded.
+    swap = tmp_path / "swap.bin"
+    swap.write_bytes(b"ARTIFACT")
+    os.replace(swap, entry.file("model.bin"))
+    rebuilt = cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    assert len(calls) == 2 and rebuilt.file("model.bin").read_bytes() == b"artifact"
+    hashed.clear()
+    assert [ok for _, ok in cache.entries()] == [True] and hashed  # `cache verify` always hashes
+
+
+def test_recent_keeps_the_last_few_by_key() -> None:
+    from difftool.exporters.cache import Recent
+
+    made: list = []
+    recent = Recent(2)
+
+    def make(key: str):
+        return lambda: made.append(key) or object()
+
+    a = recent.get("a", make("a"))
+    assert recent.get("a", make("a")) is a
+    recent.get("b", make("b"))
+    recent.get("a", make("a"))  # a is now the most recent
+    recent.get("c", make("c"))  # evicts b
+    assert recent.get("a", make("a")) is a and made == ["a", "b", "c"]
+    recent.get("b", make("b"))
+    assert made == ["a", "b", "c", "b"]

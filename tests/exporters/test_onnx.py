@@ -269,3 +269,19 @@ def test_io_binding_gives_what_session_run_gives(superres_model: Path) -> None:
         from difftool.exporters.onnx import graph_inputs
 
         graph_inputs(UNetSignature(4, 8, False, 4, context_dim=32), sample, torch.tensor(1.0), {}, "cpu")
+
+
+def test_sessions_are_reused_while_the_file_is_unchanged(superres_model: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from difftool.exporters.onnxruntime_denoiser import make_session
+
+    model = load_pixel_model(superres_model, "superres")
+    entry = cached_export(model.unet, name="test-superres", model_id=model.sha256)
+    path = tmp_path / "model.onnx"
+    shutil.copy(entry.file("model.onnx"), path)
+    first = make_session(path, "cpu")
+    assert make_session(path, "cpu") is first  # the next image of a folder job: no reload
+    shutil.copy(entry.file("model.onnx"), tmp_path / "new.onnx")
+    (tmp_path / "new.onnx").replace(path)  # a rebuilt file at the same path
+    assert make_session(path, "cpu") is not first

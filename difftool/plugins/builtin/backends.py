@@ -78,6 +78,8 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     accepts_shapes = True
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
+    #: Recent runners: deserialising (and refitting) an engine costs seconds, so a folder job does it once.
+    _engines: Any = None
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         from difftool.exporters.tensorrt import unavailable_reason
@@ -91,8 +93,15 @@ class TensorRTBackend(Backend):
 
         import torch
 
+        from difftool.exporters.cache import Recent
         from difftool.exporters.onnx import UNetSignature, cached_export
-        from difftool.exporters.tensorrt import BuildOptions, TensorRTDenoiser, cached_engine, engine_profile
+        from difftool.exporters.tensorrt import (
+            GRAPH_VARIABLE,
+            BuildOptions,
+            TensorRTDenoiser,
+            cached_engine,
+            engine_profile,
+        )
 
         signature = UNetSignature.of(module)
         profile = engine_profile(signature, shapes, int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024")))
@@ -101,15 +110,21 @@ class TensorRTBackend(Backend):
         refit = os.environ.get("DIFFTOOL_TRT_REFIT", "1" if signature.context_dim else "0") == "1"
         onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
         engine = cached_engine(onnx, [profile], BuildOptions(precision, refittable=refit))
-        return TensorRTDenoiser(
-            engine,
-            [profile],
-            signature=signature,
-            sample_channels=int(module.config.out_channels),
-            prediction_type=prediction_type,
-            device=device,
-            onnx=onnx,
-            dtype=dtype,
+        if TensorRTBackend._engines is None:
+            TensorRTBackend._engines = Recent(2)
+        key = (engine.manifest["key"], onnx.manifest["key"], device, prediction_type, os.environ.get(GRAPH_VARIABLE))
+        return TensorRTBackend._engines.get(
+            key,
+            lambda: TensorRTDenoiser(
+                engine,
+                [profile],
+                signature=signature,
+                sample_channels=int(module.config.out_channels),
+                prediction_type=prediction_type,
+                device=device,
+                onnx=onnx,
+                dtype=dtype,
+            ),
         )
 
 

@@ -16,7 +16,6 @@ from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd.loader import SDModel
 
 EXPORT_VARIABLE = "DIFFTOOL_ONNX_EXPORT"
-_SESSIONS: dict[str, Any] = {}
 
 
 def whole_pipeline(context: RunContext | None) -> bool:
@@ -69,25 +68,13 @@ class VaeEncoderGraph(torch.nn.Module):
         return dist.mean, dist.std
 
 
-def _session(model: SDModel, entry: Any, device: str) -> Any:
-    from difftool.exporters.onnx_modules import OnnxModule
-
-    if _SESSIONS.get("model") != model.unet_id:
-        _SESSIONS.clear()  # one model's parts at a time: they hold its weights
-        _SESSIONS["model"] = model.unet_id
-    key = f"{entry.manifest['key']}-{device}"
-    if key not in _SESSIONS:
-        _SESSIONS[key] = OnnxModule(entry, device)
-    return _SESSIONS[key]
-
-
 def _dtype_tag(module: Any) -> str:
     return str(next(module.parameters()).dtype).replace("torch.", "")
 
 
 def text_encoder(model: SDModel, index: int, device: str) -> Any:
     """The ``index``-th text encoder as an :class:`~difftool.exporters.onnx_modules.OnnxModule`."""
-    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
 
     encoder = model.text_encoders[index]
     tokens = model.tokenizers[index].model_max_length
@@ -108,7 +95,7 @@ def text_encoder(model: SDModel, index: int, device: str) -> Any:
     entry = cached_module_export(
         lambda: TextEncoderGraph(encoder).eval(), f"text-encoder-{index}-{model.unet_id[:12]}", spec, model_id
     )
-    return _session(model, entry, device)
+    return OnnxModule(entry, device)  # its session is reused across runs while the file is unchanged
 
 
 def vae_decoder(model: SDModel, device: str) -> Any:
@@ -126,7 +113,7 @@ def _vae_part(
     model: SDModel, device: str, part: str, graph: type, name: str, channels: int, scale: int, outputs: tuple
 ) -> Any:
     from difftool.exporters.onnx import weights_hash
-    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
 
     vae = model.vae
     g = torch.Generator().manual_seed(0)
@@ -143,4 +130,4 @@ def _vae_part(
     weights = weights_hash(vae) if model.vae_name else model.sha256  # --vae: a file of its own
     model_id = f"{weights}-vae-{part}-{_dtype_tag(vae)}"
     entry = cached_module_export(lambda: graph(vae).eval(), f"vae-{part}-{weights[:12]}", spec, model_id)
-    return _session(model, entry, device)
+    return OnnxModule(entry, device)  # its session is reused across runs while the file is unchanged

@@ -145,6 +145,12 @@ def run(
         context.cancel.raise_if_cancelled()  # a cancel during the last step or the decode: nothing is returned to save
     except DifftoolError:
         raise
+    except OSError as exc:  # a file, folder, permission or disk problem: the user's to fix, not a plugin bug
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise DifftoolError(
+            f"task {task!r} failed: {exc.strerror or type(exc).__name__}{where}",
+            "check that path, its permissions and the free disk space (--debug shows the traceback)",
+        ) from exc
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise PluginError(

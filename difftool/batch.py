@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import glob
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from difftool.core.errors import ImageError, ParameterError
-from difftool.core.images import SAVE_FORMATS
+from difftool.core.images import SAVE_FORMATS, check_regular_file
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"})
 
@@ -33,6 +34,7 @@ def expand_inputs(specs: list[str]) -> list[BatchItem]:
                 )
             items += [BatchItem(p, p.relative_to(path).as_posix()) for p in files]
         elif path.exists():
+            check_regular_file(path)  # a FIFO or device would block the read forever
             items.append(BatchItem(path, path.name))
         elif glob.has_magic(spec):
             matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
@@ -48,6 +50,29 @@ def expand_inputs(specs: list[str]) -> list[BatchItem]:
     return items
 
 
+def output_is_file(output: str) -> bool:
+    """The ``-o`` rule: an existing folder, or a path ending in ``/``, is a folder; a path whose suffix is
+    an image format's (``.png``, ``.jpg``, ...; see :data:`IMAGE_SUFFIXES`), or any other existing
+    path, is a file; anything else is a folder (created if needed)."""
+    out = Path(output).expanduser()
+    if output.endswith(("/", "\\")) or out.is_dir():
+        return False
+    return out.suffix.lower() in IMAGE_SUFFIXES or out.exists()
+
+
+def check_output_file(output: str) -> None:
+    """Refuse, before any work, an ``-o`` file difftool cannot write: a format it does not write, or
+    an existing path that is not a regular file (``/dev/null``, a FIFO)."""
+    out = Path(output).expanduser()
+    if out.exists() and not out.is_file():
+        raise ParameterError(f"-o {output} exists and is not a regular file", "pass a file path or a folder")
+    if out.suffix.lower() not in SAVE_FORMATS:
+        raise ParameterError(
+            f"-o {output}: difftool does not write {out.suffix} files",
+            f"use one of {', '.join(sorted(SAVE_FORMATS))}",
+        )
+
+
 def output_paths(
     items: list[BatchItem], output: str | None, task: str, count: int = 1, generated: bool = False
 ) -> list[list[Path]]:
@@ -56,6 +81,8 @@ def output_paths(
     ``-o FILE.png`` with one input writes that file; ``-o DIR`` writes ``DIR/<key>.png``; no ``-o``
     writes ``<input stem>.<task>.png`` beside each input. Several outputs get ``-1``, ``-2``, ... suffixes.
     ``generated`` items (tasks without inputs) are named by their key: ``generate-SEED.png``.
+    Inputs that differ only in their extension (``a.jpg``, ``a.png``) would share a name: those keep
+    their extension in it (``a.jpg.png``, ``a.jpg.superres.png``).
     """
 
     def numbered(base: Path) -> list[Path]:
@@ -63,13 +90,25 @@ def output_paths(
             return [base]
         return [base.with_name(f"{base.stem}-{i + 1}{base.suffix}") for i in range(count)]
 
-    if output is not None:
-        out = Path(output).expanduser()
-        if out.suffix.lower() in SAVE_FORMATS and not out.is_dir():
-            if len(items) > 1:
-                raise ParameterError(f"-o {output} is one file but there are {len(items)} inputs", "pass -o FOLDER")
-            return [numbered(out)]
-        return [numbered((out / item.key).with_suffix(".png")) for item in items]
+    if output is not None and output_is_file(output):
+        check_output_file(output)
+        if len(items) > 1:
+            raise ParameterError(f"-o {output} is one file but there are {len(items)} inputs", "pass -o FOLDER")
+        return [numbered(Path(output).expanduser())]
     if generated:
         return [numbered(item.path) for item in items]
-    return [numbered(item.path.with_name(f"{item.path.stem}.{task}.png")) for item in items]
+
+    def name(item: BatchItem, keep_suffix: bool) -> Path:
+        if output is not None:
+            key = Path(item.key)
+            return Path(output).expanduser() / (f"{item.key}.png" if keep_suffix else key.with_suffix(".png"))
+        stem = item.path.name if keep_suffix else item.path.stem
+        return item.path.with_name(f"{stem}.{task}.png")
+
+    plain = [name(item, False) for item in items]
+    shared = {p for p, n in Counter(plain).items() if n > 1}
+    bases = [name(item, True) if p in shared else p for item, p in zip(items, plain, strict=True)]
+    if len(set(bases)) != len(bases):
+        dup = next(p for p, n in Counter(bases).items() if n > 1)
+        raise ParameterError(f"two inputs would write the same output {dup}", "run them separately")
+    return [numbered(base) for base in bases]

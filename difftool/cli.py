@@ -13,7 +13,7 @@ import click
 
 from difftool import __version__
 from difftool.core.devices import DTYPES
-from difftool.core.errors import DifftoolError, ParameterError
+from difftool.core.errors import DifftoolError, exit_code
 from difftool.core.task import Param, Task
 
 
@@ -30,7 +30,7 @@ def fail(error: DifftoolError, debug: bool) -> None:
 
         traceback.print_exception(error)
     click.echo(f"Error: {error}", err=True)
-    sys.exit(2 if isinstance(error, ParameterError) else 1)
+    sys.exit(exit_code(error))
 
 
 # --- task parameters -> click options ---------------------------------------------------------------
@@ -155,6 +155,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             common=common,
             overwrite=overwrite,
             count=count,
+            seed_given=seed is not None,
         )
     except DifftoolError as error:
         fail(error, debug)
@@ -173,7 +174,13 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             fail(error, debug)
         except OSError as error:
             fail(DifftoolError(str(error), "check the path and free disk space"), debug)
-    jobs.write_report(job, records)
+    try:
+        jobs.write_report(job, records)
+    except OSError as error:
+        from difftool.core.errors import OutputError
+
+        reason = error.strerror or str(error)
+        fail(OutputError(f"cannot write {jobs.REPORT_NAME}: {reason}", "check the output folder"), debug)
     result = jobs.summary(job, records, executor, time.perf_counter() - started)
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -182,6 +189,8 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             source = f"{r['input']} -> " if r["input"] else ""
             if r["status"] == "ok":
                 click.echo(f"{source}{', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
+            elif r.get("reason"):
+                click.echo(f"{source}{', '.join(r['outputs'])} (skipped: {r['reason']})")
             elif r["status"] == "skipped":
                 click.echo(f"{source}{', '.join(r['outputs'])} (up to date, skipped; --overwrite redoes it)")
         if len(records) > 1:

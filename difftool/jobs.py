@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftool.core.atomic import atomic_write_bytes, clean_stale_temps
-from difftool.core.errors import DifftoolError, OutputExistsError, ParameterError
+from difftool.core.atomic import atomic_write_bytes, claim, clean_stale_temps
+from difftool.core.errors import DifftoolError, OutputError, OutputExistsError, ParameterError
 
 REPORT_NAME = "report.jsonl"
 log = logging.getLogger("difftool")
@@ -54,11 +54,17 @@ class FolderJob:
     #: PyTorch intra-op threads for workers; results depend on it (reduction order), so a distributed
     #: run uses the driver's count to write the same bytes as a local run on the same kind of machine.
     torch_threads: int | None = None
+    #: The ``--seed`` the user gave (``None``: random). Part of the fingerprint, so a rerun with another
+    #: seed redoes the outputs; a rerun without ``--seed`` keeps the outputs and their recorded seeds.
+    explicit_seed: int | None = None
     fingerprint: str = field(default="", init=False)
 
     def __post_init__(self) -> None:
         plain = {k: str(v) if isinstance(v, Path) else v for k, v in sorted(self.params.items())}
-        payload = json.dumps({"task": self.task, "params": plain, "model": self.common.get("model")}, default=str)
+        identity = {"task": self.task, "params": plain, "model": self.common.get("model")}
+        if self.explicit_seed is not None:
+            identity["seed"] = self.explicit_seed
+        payload = json.dumps(identity, default=str)
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -73,10 +79,15 @@ def plan(
     common: dict[str, Any],
     overwrite: bool = False,
     count: int = 1,
+    seed_given: bool = False,
 ) -> FolderJob:
-    """Expand inputs, name outputs and derive seeds; raises a :class:`DifftoolError` for bad arguments."""
+    """Expand inputs, name outputs and derive seeds; raises a :class:`DifftoolError` for bad arguments.
+
+    Everything that can be checked before the work is: inputs are regular files, no two inputs share
+    an output, no output replaces an input, and every output folder can be written.
+    """
     from difftool.api import derive_seed
-    from difftool.batch import BatchItem, expand_inputs, output_paths
+    from difftool.batch import BatchItem, expand_inputs, output_is_file, output_paths
 
     task = registry.task(task_name)
     if task.inputs:
@@ -110,12 +121,15 @@ def plan(
         clash = next((p for p in paths if p.resolve() in sources_set), None)
         if clash is not None:
             raise ParameterError(f"the output {clash} would overwrite an input", "pass -o to another file or folder")
-    stale = [p for folder in {p.parent for paths in targets for p in paths} for p in clean_stale_temps(folder)]
+    report_dir = None
+    if output is not None and not output_is_file(output):
+        report_dir = str(Path(output).expanduser())
+    folders = sorted({p.parent for paths in targets for p in paths} | ({Path(report_dir)} if report_dir else set()))
+    for folder in folders:
+        check_writable(folder)
+    stale = [p for folder in folders for p in clean_stale_temps(folder)]
     if stale:
         log.info("removed %d temp file(s) left by an interrupted run, e.g. %s", len(stale), stale[0])
-    report_dir = None
-    if output is not None and (Path(output).is_dir() or not Path(output).suffix):
-        report_dir = str(Path(output))
     return FolderJob(
         task_name,
         items,
@@ -125,7 +139,24 @@ def plan(
         report_dir=report_dir,
         plugin_modules=tuple(getattr(registry, "plugin_modules", ())),
         entry_points=bool(getattr(registry, "entry_points", True)),
+        explicit_seed=base_seed if seed_given else None,
     )
+
+
+def check_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and prove a file can be made in it (an :class:`OutputError` if not).
+
+    The probe is a file this call creates (``O_EXCL``) and removes at once; nothing else is touched.
+    """
+    import tempfile
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".difftool-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(f"cannot write to {folder}: {reason}", "pass -o to a folder you can write to") from None
 
 
 def expand_uris(uris: list[str]) -> list[tuple[str, str]]:
@@ -167,6 +198,9 @@ def expand_uris(uris: list[str]) -> list[tuple[str, str]]:
 def read_source(source: str) -> bytes:
     """The bytes of a local path or of any URI pyarrow's filesystems read (``s3://``, ``gs://``, ...)."""
     if "://" not in source:
+        from difftool.core.images import check_regular_file
+
+        check_regular_file(Path(source))  # never block on a FIFO; bounded size
         return Path(source).read_bytes()
     from pyarrow import fs
 
@@ -192,6 +226,16 @@ def up_to_date(job: FolderJob, item: JobItem, input_sha256: str | None) -> bool 
     return len(existing) == len(item.outputs)
 
 
+def recorded_seed(item: JobItem, default: int) -> int:
+    """The seed an existing output was made with (its metadata), so a resumed run reports the truth."""
+    from difftool.core.images import read_metadata
+
+    try:
+        return int(read_metadata(item.outputs[0]).get("difftool", {}).get("seed", default))
+    except (DifftoolError, TypeError, ValueError):
+        return default
+
+
 def process_item(
     job: FolderJob, item: JobItem, registry: Any, progress: Any = None, *, raise_errors: bool = False
 ) -> dict[str, Any]:
@@ -210,24 +254,37 @@ def process_item(
     try:
         data = read_source(item.source) if item.source is not None else None
         digest = hashlib.sha256(data).hexdigest() if data is not None else None
-        state = up_to_date(job, item, digest)
-        if state and not job.overwrite:
-            return {**record, "status": "skipped", "seconds": round(time.perf_counter() - started, 3)}
-        if state is False and not job.overwrite:
-            first = next(p for p in item.outputs if Path(p).exists())
-            raise OutputExistsError(
-                f"{first} exists and was not made from this input with these parameters",
-                "pass --overwrite to replace it or -o another folder",
+        with claim(item.outputs[0]) as mine:
+            if not mine:  # another process (a concurrent run on the same folder) is making it right now
+                return {
+                    **record,
+                    "status": "skipped",
+                    "reason": "being made by another difftool process",
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            state = up_to_date(job, item, digest)  # checked under the claim: a finished claimant's file counts
+            if state and not job.overwrite:
+                return {
+                    **record,
+                    "status": "skipped",
+                    "seed": recorded_seed(item, item.seed),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            if state is False and not job.overwrite:
+                first = next(p for p in item.outputs if Path(p).exists())
+                raise OutputExistsError(
+                    f"{first} exists and was not made from this input with these parameters",
+                    "pass --overwrite to replace it or -o another folder",
+                )
+            args = (data,) if data is not None else ()
+            result = api.run(
+                job.task, *args, seed=item.seed, progress=progress, registry=registry, **job.common, **job.params
             )
-        args = (data,) if data is not None else ()
-        result = api.run(
-            job.task, *args, seed=item.seed, progress=progress, registry=registry, **job.common, **job.params
-        )
-        meta = {**result.record, "input": item.source, "job": job.fingerprint}
-        if digest is not None:
-            meta["input_sha256"] = digest
-        for image, path in zip(result.images, item.outputs, strict=True):
-            save_image(image, path, meta)
+            meta = {**result.record, "input": item.source, "job": job.fingerprint}
+            if digest is not None:
+                meta["input_sha256"] = digest
+            for image, path in zip(result.images, item.outputs, strict=True):
+                save_image(image, path, meta)
         record["status"] = "ok"
     except (DifftoolError, OSError) as error:
         if raise_errors:

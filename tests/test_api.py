@@ -78,8 +78,8 @@ def test_cancel_during_model_load_stops_before_work_and_the_next_run_works(
     real_load = pixel_model.load_pixel_model
     steps = []
 
-    def load_then_cancel(path, task):
-        model = real_load(path, task)
+    def load_then_cancel(path, task, variant=None):
+        model = real_load(path, task, variant)
         token.cancel()  # the user pressed cancel while the model was loading
         return model
 

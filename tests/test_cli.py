@@ -235,8 +235,14 @@ def test_a_folder_run_removes_temp_files_of_a_killed_run(runner, photo: Path, tm
 
     out = tmp_path / "out"
     out.mkdir()
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out / f".{photo.stem}.png.{int(dead.stdout)}.x1y2.tmp"
+    from difftool.core.atomic import _temp_tag
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    name = f"{photo.stem}.png"
+    stale = out / f".difftool-{dead}-00c0ffee-{_temp_tag(dead, '00c0ffee', name)}.{name}.tmp"
     stale.write_bytes(b"half an image")
+    lookalike = out / f".{photo.stem}.png.{dead}.x1y2.tmp"  # an old-style name: not provably ours
+    lookalike.write_bytes(b"a user's file")
     assert runner("run", "everything", photo, "-o", out).exit_code == 0
     assert not stale.exists() and (out / f"{photo.name}").with_suffix(".png").exists()
+    assert lookalike.read_bytes() == b"a user's file"

@@ -6,14 +6,40 @@ Readers see the old file or the new one, never half of one; a failure leaves no 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
+
+#: Temp files are named ``.difftool-<pid>-<nonce>-<tag>.<target>.tmp``: ``tag`` is a keyed hash of the
+#: rest of the name, so :func:`clean_stale_temps` can prove a file is one of ours. A user's file that
+#: merely looks like a temp name (``.thesis.2023.final.tmp``) never matches.
+_TEMP_NAME = re.compile(r"^\.difftool-(\d+)-([0-9a-f]{8})-([0-9a-f]{16})\.(.+)\.tmp$")
+
+
+def _temp_tag(pid: int, nonce: str, target_name: str) -> str:
+    return hashlib.sha256(f"difftool-temp:{pid}:{nonce}:{target_name}".encode()).hexdigest()[:16]
+
+
+def temp_name(target_name: str) -> str:
+    """A fresh temp file name for ``target_name``, provably difftool's (see :func:`is_own_temp`)."""
+    pid, nonce = os.getpid(), secrets.token_hex(4)
+    return f".difftool-{pid}-{nonce}-{_temp_tag(pid, nonce, target_name)}.{target_name}.tmp"
+
+
+def is_own_temp(name: str) -> int | None:
+    """The writer's pid if ``name`` is a temp name :func:`temp_name` made, else ``None``."""
+    match = _TEMP_NAME.match(name)
+    if not match or match.group(3) != _temp_tag(int(match.group(1)), match.group(2), match.group(4)):
+        return None
+    return int(match.group(1))
 
 
 @contextlib.contextmanager
@@ -21,9 +47,10 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
     """Open a temp file beside ``path``; on a clean exit it replaces ``path`` in one step."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # The pid in the name lets a later run tell a dead writer's leftovers from a live one's (clean_stale_temps).
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp")
-    # mkstemp makes 0600 files; give the result the mode a plain open() would (or the replaced file's).
+    # O_EXCL: the name is new, so this process created the file it may later delete.
+    tmp = target.parent / temp_name(target.name)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # The file starts 0600; give the result the mode a plain open() would (or the replaced file's).
     umask = os.umask(0)
     os.umask(umask)
     permissions = target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~umask
@@ -40,9 +67,6 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO]
         raise
 
 
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -56,32 +80,90 @@ def _alive(pid: int) -> bool:
 def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete temp files that :func:`atomic_write` left in ``folder`` when its process was killed.
 
-    Only files whose writer (the pid in the name) no longer runs on this machine are removed.
+    Only regular files whose name carries difftool's keyed tag (:func:`is_own_temp`) and whose writer
+    (the pid in the name) no longer runs on this machine are removed; everything else is left alone.
     """
     removed = []
     root = Path(folder)
     if not root.is_dir():
         return removed
     for path in root.iterdir():
-        match = _TEMP_NAME.match(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                removed.append(path)
+        pid = is_own_temp(path.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        if not stat.S_ISREG(path.lstat().st_mode):  # never follow a link or touch a special file
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
     return removed
 
 
 def replace_dir(tmp: Path, target: Path) -> Path:
-    """Move the finished folder ``tmp`` to ``target``, replacing an existing one with two renames."""
+    """Move the finished folder ``tmp`` to ``target``, replacing an existing one with two renames.
+
+    The old folder is first renamed onto a fresh empty folder this call made, so the only tree it
+    deletes is the one it moved out of the way (never a user's ``.name.old``).
+    """
     if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".difftool-old-{target.name}."))
+        os.replace(target, old)  # POSIX rename onto an empty directory replaces it
         os.replace(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, target)
     return target
+
+
+#: The first bytes of a claim file: a claim file holding anything else is not ours and never deleted.
+CLAIM_MAGIC = b"difftool-claim\n"
+
+
+def claim_path(target: Path) -> Path:
+    return target.with_name(f".difftool-claim.{target.name}")
+
+
+@contextlib.contextmanager
+def claim(target: str | os.PathLike[str]) -> Iterator[bool]:
+    """Claim the making of ``target`` among processes: yields ``True`` if this process holds the claim,
+    ``False`` if another live process does (nothing waits).
+
+    The claim is an exclusive ``flock`` on ``.difftool-claim.<name>`` beside the target; the kernel
+    drops it when its holder dies, so a killed run never blocks the next one. The claim file is
+    removed afterwards only if it carries :data:`CLAIM_MAGIC` (made by difftool).
+    """
+    path = claim_path(Path(target))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    while True:
+        try:
+            fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            os.write(fd, CLAIM_MAGIC)
+        except FileExistsError:
+            try:
+                fd = os.open(path, flags)
+            except FileNotFoundError:
+                continue  # its holder removed it between our two opens
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            yield False
+            return
+        try:  # the holder before us may have unlinked the file we locked: then claim the new one
+            current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        os.close(fd)
+    try:
+        yield True
+    finally:
+        with contextlib.suppress(OSError):
+            if os.pread(fd, len(CLAIM_MAGIC) + 1, 0) == CLAIM_MAGIC:
+                os.unlink(path)
+        os.close(fd)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

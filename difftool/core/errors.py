@@ -1,7 +1,9 @@
 """The error types difftool raises on purpose.
 
 Every message is one line that names the problem and the fix. The CLI prints ``str(error)`` and
-exits 1; anything that is not a :class:`DifftoolError` is a bug and prints a traceback with --debug.
+exits with :func:`exit_code`: 2 for usage errors (:class:`ParameterError`: an option, argument or
+path on the command line is wrong), 1 for everything else (models, images, outputs, backends,
+plugins). Anything that is not a :class:`DifftoolError` is a bug and prints a traceback with --debug.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ class BackendUnavailableError(DifftoolError):
     """The requested backend or device cannot run on this machine."""
 
 
-class OutputExistsError(DifftoolError):
+class OutputError(DifftoolError):
+    """An output location cannot be written (permissions, a file where a folder should be, read-only)."""
+
+
+class OutputExistsError(OutputError):
     """An output file exists and --overwrite was not given."""
 
 
@@ -49,3 +55,8 @@ class Cancelled(DifftoolError):
 
     def __init__(self, problem: str = "cancelled") -> None:
         super().__init__(problem)
+
+
+def exit_code(error: DifftoolError) -> int:
+    """The command line's exit status for ``error``: 2 for usage errors, 1 for the rest."""
+    return 2 if isinstance(error, ParameterError) else 1

@@ -23,6 +23,8 @@ import io
 import json
 import os
 import re
+import stat
+import struct
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,7 +39,15 @@ from difftool.core.errors import ImageError, ImageTooLargeError
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS, held here so theirs stays untouched
-SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF"}
+SAVE_FORMATS = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
 _GRAY = {"1", "L", "LA", "I", "F"} | _SIXTEEN_BIT
 
@@ -99,6 +109,43 @@ def _describe(source: object) -> str:
     return str(source) if isinstance(source, (str, os.PathLike)) else "image data"
 
 
+#: What Pillow raises for damaged or hostile files besides OSError: ValueError for PNG text chunks that
+#: decompress past its MAX_TEXT_CHUNK / MAX_TEXT_MEMORY limits, SyntaxError and struct.error for
+#: broken chunk structure, EOFError for truncation in some plugins.
+_CORRUPT = (OSError, ValueError, SyntaxError, struct.error, EOFError)
+#: Largest input file read into memory (bytes); ``DIFFTOOL_MAX_INPUT_BYTES`` overrides.
+DEFAULT_MAX_INPUT_BYTES = 1 << 30
+
+
+def _unreadable(name: str, exc: BaseException, truncated: bool = False) -> ImageError:
+    if isinstance(exc, ValueError):  # Pillow's text-chunk limits: a metadata bomb, not a broken picture
+        return ImageError(f"{name} cannot be read: oversized metadata ({_first_line(exc)})", "re-save it without it")
+    if truncated:
+        return ImageError(f"{name} is truncated or corrupt ({_first_line(exc)})", "re-export the image")
+    return ImageError(f"{name} cannot be read: {_first_line(exc)}", "check the file")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse FIFOs, devices and sockets (a read would block or never end) and oversized files."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ImageError(f"{path} cannot be read: {exc.strerror}", "check the path and its permissions") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{path} is not a regular file (a pipe, device or socket)", "pass an image file")
+    limit = int(os.environ.get("DIFFTOOL_MAX_INPUT_BYTES") or DEFAULT_MAX_INPUT_BYTES)
+    if info.st_size > limit:
+        raise ImageTooLargeError(
+            f"{path} is {info.st_size:,} bytes, over the input limit of {limit:,}",
+            "set DIFFTOOL_MAX_INPUT_BYTES to a larger value if you trust this file",
+        )
+
+
 def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedImage:
     """Load ``source`` (a path, encoded bytes or a PIL image) as a :class:`LoadedImage`."""
     path: Path | None = None
@@ -113,6 +160,7 @@ def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedIm
             raise ImageError(f"{path}: no such file", "check the path")
         if path.is_dir():
             raise ImageError(f"{path} is a folder, not an image", "pass an image file")
+        check_regular_file(path)
         stream = path
     name = _describe(source)
     try:
@@ -128,14 +176,14 @@ def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedIm
             f"{name} is not an image difftool reads",
             f"use one of {', '.join(f.lower() for f in ALLOWED_FORMATS)}",
         ) from None
-    except OSError as exc:
-        raise ImageError(f"{name} cannot be read: {exc}", "check the file") from None
+    except _CORRUPT as exc:
+        raise _unreadable(name, exc) from None
     with image:
         check_pixels(*image.size, what=name)
         try:
             image.load()
-        except OSError as exc:
-            raise ImageError(f"{name} is truncated or corrupt ({exc})", "re-export the image") from None
+        except _CORRUPT as exc:
+            raise _unreadable(name, exc, truncated=True) from None
         fmt = image.format
         try:
             image = ImageOps.exif_transpose(image)
@@ -286,10 +334,11 @@ def read_metadata(source: str | os.PathLike[str] | Image.Image) -> dict[str, Any
         text = dict(getattr(source, "text", {}) or source.info)
     else:
         try:
+            check_regular_file(Path(source))
             with Image.open(source, formats=ALLOWED_FORMATS) as image:
                 text = dict(getattr(image, "text", {}) or image.info)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ImageError(f"{source} cannot be read: {exc}", "check the file") from None
+        except (*_CORRUPT, UnidentifiedImageError) as exc:
+            raise _unreadable(str(source), exc) from None
     found: dict[str, Any] = {}
     if isinstance(text.get("difftool"), str):
         try:
@@ -299,6 +348,22 @@ def read_metadata(source: str | os.PathLike[str] | Image.Image) -> dict[str, Any
     if isinstance(text.get("parameters"), str):
         found["parameters"] = parse_parameters(text["parameters"])
     return found
+
+
+#: Formats that hold only 8 bits per channel: 16-bit grayscale is rescaled, not clipped, for them.
+EIGHT_BIT_FORMATS = frozenset({"JPEG", "WEBP", "BMP"})
+
+
+def to_eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit (or 32-bit integer / float) grayscale image as 8-bit ``L``: 0..65535 maps to 0..255.
+
+    Pillow's own ``convert("L")``/``convert("RGB")`` clips such values at 255, turning a 16-bit
+    picture almost entirely white.
+    """
+    data = np.asarray(image).astype(np.float64)
+    if image.mode == "F":
+        data = data * 65535.0  # difftool's float grayscale is in [0, 1]
+    return Image.fromarray((np.clip(data, 0, 65535) / 257.0 + 0.5).astype(np.uint8), "L")
 
 
 def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping[str, Any] | None = None) -> Path:
@@ -312,6 +377,8 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping
         )
     check_pixels(*image.size, what=f"output {target.name}")
     kwargs: dict[str, Any] = {}
+    if fmt in EIGHT_BIT_FORMATS and image.mode in _SIXTEEN_BIT | {"I", "F"}:
+        image = to_eight_bit(image)
     if fmt == "PNG" and record is not None:
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", format_parameters(record))
@@ -327,6 +394,8 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping
         kwargs["quality"] = 95
     if fmt == "WEBP":
         kwargs["quality"] = 95
+    if fmt == "BMP" and image.mode == "LA":
+        image = image.convert("RGBA")
     with atomic_write(target, "wb") as handle:
         image.save(handle, format=fmt, **kwargs)
     return target

@@ -33,7 +33,16 @@ MANIFEST = "manifest.json"
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("DIFFTOOL_CACHE") or Path.home() / ".cache" / "difftool")
+    """``$DIFFTOOL_CACHE`` or ``~/.cache/difftool``; a :class:`ModelError` naming the fix if it is not a folder."""
+    from difftool.core.errors import ModelError
+
+    root = Path(os.environ.get("DIFFTOOL_CACHE") or Path.home() / ".cache" / "difftool").expanduser()
+    if root.exists() and not root.is_dir():
+        raise ModelError(
+            f"the artifact cache {root} is a file, not a folder",
+            "point DIFFTOOL_CACHE at a folder (or unset it for ~/.cache/difftool)",
+        )
+    return root
 
 
 def cache_key(components: Mapping[str, Any]) -> str:
@@ -189,7 +198,7 @@ class ArtifactCache:
 
     def _remove_superseded(self, kind: str, name: str, keep: Path) -> None:
         for other in (self.root / kind).glob(f"{name}-*"):
-            if other != keep and other.is_dir():
+            if other != keep and other.is_dir() and (other / MANIFEST).is_file():  # only folders we made
                 log.warning("removing superseded %s %s", kind, other.name)
                 shutil.rmtree(other, ignore_errors=True)
 
@@ -206,7 +215,8 @@ class ArtifactCache:
         ]
 
     def clear(self) -> int:
-        entries = self.entries()
-        for folder, _ in entries:
+        """Delete every entry: folders holding a manifest this cache wrote, nothing else."""
+        entries = [folder for folder, _ in self.entries() if (folder / MANIFEST).is_file()]
+        for folder in entries:
             shutil.rmtree(folder, ignore_errors=True)
         return len(entries)

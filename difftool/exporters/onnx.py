@@ -61,13 +61,15 @@ class UNetSignature:
     @classmethod
     def of(cls, module: torch.nn.Module) -> UNetSignature:
         config = getattr(module, "config", None)
-        if config is None or not hasattr(config, "down_block_types"):
+        # A U-Net's multiple is its total downsampling; other pixel networks (SRNet) declare theirs.
+        declared = getattr(module, "multiple", None)
+        if config is None or not (hasattr(config, "down_block_types") or declared):
             raise ModelError(
                 f"ONNX export supports diffusers U-Nets, not {type(module).__name__}", "use --backend torch for it"
             )
         base = dict(
             in_channels=int(config.in_channels),
-            multiple=2 ** (len(config.down_block_types) - 1),
+            multiple=int(declared) if declared else 2 ** (len(config.down_block_types) - 1),
             class_labels=bool(getattr(config, "num_class_embeds", None)),
             out_channels=int(config.out_channels),
         )

@@ -1,10 +1,13 @@
 """The training loop for the pixel-space superres and inpaint models: reproducible and resumable.
 
-Formulation: a diffusers ``UNet2DModel`` conditioned by channel concatenation predicts the clean
-sample (``prediction_type="sample"``) from a noised one. For superres the sample is the residual
-between the high-resolution image and the bicubic upsample of its low-resolution version, and the
-scale (2x or 4x) is a class label. Few-step sampling works because the network is trained mostly at
-the timesteps a 1-, 2- or 4-step "trailing" DDIM schedule visits.
+Formulation: a denoiser conditioned by channel concatenation predicts the clean sample
+(``prediction_type="sample"``) from a noised one. For superres the sample is the residual between the
+high-resolution image and the bicubic upsample of its low-resolution version; the network is an
+:class:`~difftool.plugins.builtin.srnet.SRNet` (``arch="srnet"``, one scale per run) or, for inpaint
+and the first superres model, a diffusers ``UNet2DModel`` (the scale a class label). Few-step sampling
+works because the network is trained mostly at the timesteps a 1-, 2- or 4-step "trailing" DDIM
+schedule visits; ``one_step_fraction`` of the batch at t=999, where the input residual is pure noise,
+trains the 1-step sample to be the best mean estimate (what PSNR rewards).
 
 Checkpoints (``OUT/checkpoint/``) are safetensors plus JSON (never pickle): weights, EMA weights,
 optimizer moments, step and random states. A rerun with the same output folder resumes.
@@ -56,6 +59,12 @@ class TrainConfig:
     clean_fraction: float = 0.5
     #: Share of the batch trained at the timesteps few-step sampling visits (the rest: uniform).
     few_step_fraction: float = 0.5
+    #: Share of the batch trained at t=999 (the 1-step sample), on top of ``few_step_fraction``.
+    one_step_fraction: float = 0.0
+    #: ``unet`` (diffusers UNet2DModel) or ``srnet`` (superres only, one scale).
+    arch: str = "unet"
+    channels: int = 64
+    blocks: int = 16
     init: str | None = None
     folders: list[str] = field(default_factory=list)
     builtin_data: bool = True
@@ -75,6 +84,12 @@ class TrainConfig:
 
 
 def build_unet(config: TrainConfig) -> torch.nn.Module:
+    if config.arch == "srnet":
+        from difftool.plugins.builtin.srnet import SRNet
+
+        if config.task != "superres" or len(config.scales) != 1:
+            raise ValueError("arch srnet trains a superres model for one scale: set scales to [2] or [4]")
+        return SRNet(scale=config.scales[0], channels=config.channels, blocks=config.blocks)
     from diffusers import UNet2DModel
 
     levels = len(config.block_out_channels)
@@ -124,6 +139,9 @@ class Trainer:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
         self.model = build_unet(config)
+        if config.arch == "srnet":  # start from the bicubic upsample: a zero residual
+            torch.nn.init.zeros_(self.model.tail.weight)
+            torch.nn.init.zeros_(self.model.tail.bias)
         if config.init:
             from difftool.plugins.builtin.pixel_model import load_pixel_model
 
@@ -217,8 +235,10 @@ class Trainer:
     def sample_timesteps(self, batch: int) -> torch.Tensor:
         uniform = torch.randint(0, 1000, (batch,), generator=self.generator)
         few = torch.tensor(FEW_STEP_TIMESTEPS)[torch.randint(0, 4, (batch,), generator=self.generator)]
-        pick = torch.rand(batch, generator=self.generator) < self.config.few_step_fraction
-        return torch.where(pick, few, uniform)
+        draw = torch.rand(batch, generator=self.generator)
+        picked = torch.where(draw < self.config.few_step_fraction, few, uniform)
+        last = draw >= 1 - self.config.one_step_fraction
+        return torch.where(last, torch.full_like(picked, 999), picked)
 
     def train_step(self, pool: Any) -> float:
         batch = make_batch(self.config, pool, self.rng)

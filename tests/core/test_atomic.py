@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from difftool.core.atomic import atomic_write, atomic_write_bytes
+from difftool.core.atomic import atomic_write, atomic_write_bytes, clean_stale_temps, replace_dir, temp_name
 from difftool.core.images import save_image
 
 
@@ -41,7 +41,6 @@ def test_new_file_appears_whole(tmp_path: Path) -> None:
 
 
 def test_written_files_get_normal_permissions(tmp_path: Path) -> None:
-    import os
     import stat
 
     old = os.umask(0o022)
@@ -84,11 +83,90 @@ def test_a_killed_writer_leaves_the_old_file_and_a_temp_the_next_run_removes(tmp
     writer.wait()
     leftovers = [p for p in tmp_path.iterdir() if p != target]
     assert target.read_bytes() == b"previous output" and len(leftovers) == 1
-    assert f".{writer.pid}." in leftovers[0].name
-    mine = tmp_path / f".other.png.{os.getpid()}.abc.tmp"  # a live writer's temp file is left alone
-    mine.write_bytes(b"in progress")
+    assert leftovers[0].name.startswith(f".difftool-{writer.pid}-")
+    live = tmp_path / temp_name("other.png")  # a live writer's temp file is left alone
+    live.write_bytes(b"in progress")
     assert clean_stale_temps(tmp_path) == leftovers
-    assert sorted(tmp_path.iterdir()) == sorted([target, mine])
+    assert sorted(tmp_path.iterdir()) == sorted([target, live])
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+
+
+def test_cleanup_never_deletes_files_it_cannot_prove_it_wrote(tmp_path: Path) -> None:
+    """Regression (hardening #1): any `.X.<digits>.Y.tmp` used to be deleted, a user's thesis included."""
+    dead = _dead_pid()
+
+    # A dead writer's name with a tag that does not match (forged, or edited by hand) is not ours.
+    users = {
+        ".thesis.2023.final.tmp": b"data",
+        f".out.png.{dead}.abc.tmp": b"old-style name",
+        f".difftool-{dead}-0123abcd-0000000000000000.out.png.tmp": b"wrong tag",
+        "notes.tmp": b"keep",
+    }
+    for name, data in users.items():
+        (tmp_path / name).write_bytes(data)
+    from difftool.core.atomic import _temp_tag
+
+    nonce = "89abcdef"
+    ours = tmp_path / f".difftool-{dead}-{nonce}-{_temp_tag(dead, nonce, 'out.png')}.out.png.tmp"
+    ours.write_bytes(b"half")
+    (tmp_path / "link").symlink_to(ours)
+    assert clean_stale_temps(tmp_path) == [ours]
+    for name, data in users.items():
+        assert (tmp_path / name).read_bytes() == data
+
+
+def test_replacing_a_folder_never_touches_a_users_old_folder(tmp_path: Path) -> None:
+    target, new = tmp_path / "model", tmp_path / "new"
+    target.mkdir()
+    (target / "a").write_text("old")
+    new.mkdir()
+    (new / "a").write_text("new")
+    users_old = tmp_path / ".model.old"
+    users_old.mkdir()
+    (users_old / "precious").write_text("keep")
+    replace_dir(new, target)
+    assert (target / "a").read_text() == "new"
+    assert (users_old / "precious").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.old", "model"]
+
+
+CLAIMER = """
+import sys, time
+from difftool.core.atomic import claim
+with claim(sys.argv[1]) as mine:
+    print(mine, flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_claims_are_exclusive_released_on_death_and_leave_no_file(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from difftool.core.atomic import claim, claim_path
+
+    target = tmp_path / "out.png"
+    holder = subprocess.Popen([sys.executable, "-c", CLAIMER, str(target), "60"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "True"
+    with claim(target) as mine:
+        assert mine is False  # a live process holds it
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with claim(target) as mine:
+        assert mine is True  # the kernel dropped the dead holder's lock
+    assert not claim_path(target).exists()
+    user_file = claim_path(target)
+    user_file.write_bytes(b"a user's file that happens to have this name")
+    with claim(target) as mine:
+        assert mine is True
+    assert user_file.read_bytes().startswith(b"a user's file")  # not ours: never deleted
 
 
 DISK_FULL_WRITER = """

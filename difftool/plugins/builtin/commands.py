@@ -256,7 +256,9 @@ def cache_list() -> None:
     """List cached artifacts and whether each verifies."""
     from difftool.exporters.cache import ArtifactCache
 
-    for folder, ok in ArtifactCache().entries():
+    with click_errors():
+        entries = ArtifactCache().entries()
+    for folder, ok in entries:
         click.echo(f"{'ok     ' if ok else 'BROKEN '} {folder}")
 
 
@@ -265,7 +267,8 @@ def cache_verify() -> None:
     """Check every artifact against its manifest's hashes; exit 1 if any is broken."""
     from difftool.exporters.cache import ArtifactCache
 
-    broken = [folder for folder, ok in ArtifactCache().entries() if not ok]
+    with click_errors():
+        broken = [folder for folder, ok in ArtifactCache().entries() if not ok]
     for folder in broken:
         click.echo(f"BROKEN {folder} (it will be rebuilt on next use)")
     if broken:
@@ -278,7 +281,9 @@ def cache_clear() -> None:
     """Delete every cached artifact."""
     from difftool.exporters.cache import ArtifactCache
 
-    click.echo(f"removed {ArtifactCache().clear()} artifact(s)")
+    with click_errors():
+        removed = ArtifactCache().clear()
+    click.echo(f"removed {removed} artifact(s)")
 
 
 @hookimpl

@@ -8,8 +8,15 @@ A model folder is a diffusers ``UNet2DModel`` folder plus two small files::
     difftool.json                          {"task": "superres", "target": "residual", "steps": 4, ...}
 
 ``target`` is ``image`` (the sample is the clean image) or ``residual`` (the sample is the clean image
-minus the conditioning image, superres' bicubic upsample). The embedded defaults live in
-``difftool/models/<task>/`` inside the package.
+minus the conditioning image, superres' bicubic upsample). ``config.json`` names the network class
+(``_class_name``): a diffusers ``UNet2DModel`` or difftool's :class:`~difftool.plugins.builtin.srnet.SRNet`.
+
+A folder may instead hold one model folder per variant (superres: one network per scale)::
+
+    difftool.json    {"task": "superres", "variants": {"2": "x2", "4": "x4"}, "default_variant": "4"}
+    x2/  x4/         model folders as above
+
+The embedded defaults live in ``difftool/models/<task>/`` inside the package.
 """
 
 from __future__ import annotations
@@ -50,8 +57,19 @@ class PixelModel:
 
     @property
     def multiple(self) -> int:
-        """Height and width must be multiples of this (the U-Net's total downsampling)."""
-        return 2 ** (len(self.unet.config.down_block_types) - 1)
+        """Height and width must be multiples of this (the U-Net's total downsampling, SRNet's scale)."""
+        return network_multiple(self.unet)
+
+
+def network_multiple(module: Any) -> int:
+    """What a pixel model's input height and width must be multiples of."""
+    if hasattr(module, "multiple"):
+        return int(module.multiple)
+    return 2 ** (len(module.config.down_block_types) - 1)
+
+
+#: config.json ``_class_name`` -> the class that loads it (imported lazily: diffusers is slow to import).
+NETWORK_CLASSES = {"UNet2DModel": "diffusers:UNet2DModel", "SRNet": "difftool.plugins.builtin.srnet:SRNet"}
 
 
 def embedded_model_path(task: str) -> Path | None:
@@ -86,10 +104,10 @@ def availability(task: Any, model: str | None) -> str | None:
     return None
 
 
-def model_for(task: str, context: Any) -> PixelModel:
+def model_for(task: str, context: Any, variant: str | None = None) -> PixelModel:
     """The model a run asked for (``context.model``) or the embedded one, loaded and checked."""
     find = context.registry.find_models if context.registry is not None else None
-    model = load_pixel_model(resolve_model(task, context.model, find), task)
+    model = load_pixel_model(resolve_model(task, context.model, find), task, variant)
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return model
 
@@ -97,19 +115,37 @@ def model_for(task: str, context: Any) -> PixelModel:
 _CACHE: dict[tuple[str, int], PixelModel] = {}
 
 
-def load_pixel_model(path: Path, task: str) -> PixelModel:
-    """Load and check a model folder for ``task``; one model stays cached for batch runs."""
+def load_pixel_model(path: Path, task: str, variant: str | None = None) -> PixelModel:
+    """Load and check a model folder for ``task``; one model stays cached for batch runs.
+
+    For a folder of variants, ``variant`` picks one (``None``: the folder's default); a plain model
+    folder ignores it (the task checks that the model fits the request).
+    """
     path = Path(path)
     if not path.is_dir():
         raise ModelError(f"{path} is not a model folder", f"pass the folder that holds {META_FILE} and config.json")
     meta_path, weights = path / META_FILE, path / WEIGHTS_FILE
     if not meta_path.is_file():
         raise ModelError(f"{path} has no {META_FILE}", f"pass a difftool {task} model folder")
-    meta = json.loads(meta_path.read_text())
+    meta = _read_json(meta_path)
+    if not isinstance(meta, dict):
+        raise ModelError(f"{meta_path} is not a JSON object", f"restore the model folder's {META_FILE}")
     if meta.get("task") != task:
         raise ModelError(
             f"{path} is a model for {meta.get('task')!r}, not {task!r}", f"pass a {task} model to this task"
         )
+    variants = meta.get("variants")
+    if variants:
+        choice = str(variant) if variant is not None else str(meta.get("default_variant", next(iter(variants))))
+        if choice not in variants:
+            raise ModelError(
+                f"model {meta.get('name') or path.name} has no variant {choice} (it has {', '.join(variants)})",
+                "pick one of those",
+            )
+        sub = (path / variants[choice]).resolve()
+        if path.resolve() not in sub.parents:
+            raise ModelError(f"{path}: variant {choice} points outside the model folder", "fix its difftool.json")
+        return load_pixel_model(sub, task)
     if not weights.is_file():
         hint = " (only pickle .bin weights, which difftool does not load)" if any(path.glob("*.bin")) else ""
         raise ModelError(f"{path} has no {WEIGHTS_FILE}{hint}", "save the weights as safetensors")
@@ -117,10 +153,9 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
     if key in _CACHE:
         return _CACHE[key]
     check_safetensors(weights)
-    from diffusers import UNet2DModel
-
+    network = _network_class(path)
     try:
-        unet = UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
+        unet = network.from_pretrained(path, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises several types for a bad folder; we name the folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
@@ -131,11 +166,34 @@ def load_pixel_model(path: Path, task: str) -> PixelModel:
     for name, tensor in unet.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ModelError(f"{path}: weight {name} contains NaN or Inf", "re-export or re-download the model")
-    scheduler_config = json.loads((path / "scheduler_config.json").read_text())
+    scheduler_config = _read_json(path / "scheduler_config.json")
     loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), file_sha256(weights))
     _CACHE.clear()
     _CACHE[key] = loaded
     return loaded
+
+
+def _read_json(path: Path) -> Any:
+    """A model folder's JSON file; a :class:`ModelError` naming the file when it is missing or invalid."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelError(f"{path.parent} has no {path.name}", f"restore the model folder's {path.name}") from None
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} is not valid JSON ({exc})", f"restore the model folder's {path.name}") from None
+
+
+def _network_class(path: Path) -> Any:
+    import importlib
+
+    config = _read_json(path / "config.json")
+    name = config.get("_class_name", "UNet2DModel") if isinstance(config, dict) else None
+    if name not in NETWORK_CLASSES:
+        raise ModelError(
+            f"{path}: network class {name!r} is not a difftool pixel model", f"use one of {', '.join(NETWORK_CLASSES)}"
+        )
+    module, _, attr = NETWORK_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def save_pixel_model(

@@ -51,7 +51,7 @@ class SuperResolution(Task):
             raise ParameterError(
                 f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
             )
-        model = pixel_model.model_for(self.name, context)
+        model = pixel_model.model_for(self.name, context, variant=str(scale))
         scales = model.meta.get("scales", [scale])
         if scale not in scales:
             raise ModelError(
@@ -142,7 +142,7 @@ def upscale_rgb(
     denoiser = pixel_model.make_denoiser(model, context)
     noise = make_noise((1, 3, out_h, out_w), context, torch.device("cpu"), torch.float32)
     extra = {}
-    if model.unet.config.num_class_embeds:
+    if getattr(model.unet.config, "num_class_embeds", None):
         extra["class_labels"] = torch.tensor([model.meta.get("scales", [scale]).index(scale)])
     tile_context = copy.copy(context)
     tile_context.progress = _TileProgress(context, len(spans_y) * len(spans_x), steps)

@@ -128,7 +128,16 @@ def load_sd_model(
 def _load_folder(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | None = None) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    unet_config = json.loads((path / "unet" / "config.json").read_text())
+    config_path = path / "unet" / "config.json"
+    if not config_path.is_file():
+        raise ModelError(
+            f"{path} is not a Stable Diffusion model folder (no unet/config.json)",
+            "pass a diffusers model folder or a .safetensors checkpoint",
+        )
+    try:
+        unet_config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{config_path} cannot be read: {_first_line(exc)}", "restore the model's config") from None
     family = family_from_unet_config(unet_config)
     kwargs = _folder_weight_kwargs(path, allow_pickle)
     try:

@@ -50,6 +50,40 @@ def make_pixel_model(path: Path, task: str, prediction_type: str = "sample", tar
     return save_pixel_model(unet, path, meta, schedule, fp16=False)
 
 
+def make_srnet_model(path: Path, scales: tuple[int, ...] = (2, 4)) -> Path:
+    """A tiny SRNet superres model folder with one variant per scale (the embedded model's layout)."""
+    import json
+
+    import torch
+
+    from difftool.plugins.builtin.pixel_model import META_FILE, save_pixel_model
+    from difftool.plugins.builtin.srnet import SRNet
+
+    path.mkdir(parents=True)
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample"}
+    for scale in scales:
+        torch.manual_seed(scale)
+        net = SRNet(scale=scale, channels=8, blocks=2, embed_dim=16)
+        for param in net.parameters():  # FiLM starts at zero; random everywhere so every input matters
+            torch.nn.init.normal_(param, std=0.1)
+        meta = {"task": "superres", "target": "residual", "steps": 2, "scheduler": "ddim", "scales": [scale]}
+        save_pixel_model(net, path / f"x{scale}", meta, schedule, fp16=False)
+    top = {
+        "task": "superres",
+        "name": "tiny-srnet",
+        "scales": list(scales),
+        "variants": {str(s): f"x{s}" for s in scales},
+        "default_variant": str(scales[-1]),
+    }
+    (path / META_FILE).write_text(json.dumps(top))
+    return path
+
+
+@pytest.fixture(scope="session")
+def srnet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_srnet_model(tmp_path_factory.mktemp("models") / "tiny-srnet")
+
+
 @pytest.fixture(scope="session")
 def superres_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pixel_model(tmp_path_factory.mktemp("models") / "tiny-superres", "superres")

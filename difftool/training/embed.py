@@ -1,16 +1,17 @@
 """Install a trained model as the package's embedded default, with its model card.
 
-    python -m difftool.training.embed superres runs/superres
+    python -m difftool.training.embed inpaint runs/inpaint
+    python -m difftool.training.embed superres runs/sr-x2 runs/sr-x4     # one SRNet run per scale
 
-copies ``runs/superres/model`` to ``difftool/models/superres`` and writes ``README.md`` there: data,
-held-out images, degradations, sampling, the evaluation table and the training images' licences.
+copies ``RUN/model`` to ``difftool/models/TASK`` (several runs: one variant folder each, ``x2/``,
+``x4/``, picked by scale) and writes ``README.md`` there: data, held-out images, degradations,
+sampling, the evaluation table and the training images' licences.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,11 @@ def _table(rows: list[dict], task: str) -> str:
                     f"{r['lanczos_psnr']:.2f} | {r['model_ssim']:.4f} | {r['bicubic_ssim']:.4f} |"
                 )
             gain = np.mean([r["model_psnr"] - r["bicubic_psnr"] for r in chosen])
-            out.append(f"| **mean gain** | {scale}x | {gain:+.2f} dB over bicubic | | | | |")
+            over_lanczos = np.mean([r["model_psnr"] - r["lanczos_psnr"] for r in chosen])
+            out.append(
+                f"| **mean gain** | {scale}x | {gain:+.2f} dB over bicubic | {over_lanczos:+.2f} dB over Lanczos "
+                "| | | |"
+            )
         return "\n".join(out)
     out = [
         "| image | mask % | PSNR default (`--fill blur`) | PSNR `--fill noise` | PSNR Telea | PSNR Navier-Stokes |"
@@ -68,22 +73,42 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict]) -> str:
         "at `--strength 0.3`; `--fill noise` samples the hole from pure noise (the model alone)"
     )
     degradations = (degrade.__doc__ or "").strip().split("\n\n", 1)[-1]
+    if config.get("arch") == "srnet":
+        formulation = (
+            "residual: the sample is the high-resolution image minus the bicubic upsample of the input, which "
+            "is concatenated as conditioning; both are pixel-unshuffled to the low resolution, where the "
+            "network works"
+        )
+        network = (
+            f"A pixel-space diffusion model built like a super-resolution network (difftool's `SRNet`: "
+            f"{config['blocks']} residual blocks of {config['channels']} channels without normalisation at the "
+            "low resolution, FiLM timestep conditioning, a pixel-shuffle tail), one network per scale "
+            f"(`x2/`, `x4/`), trained by difftool on CPU, shipped as fp16 safetensors."
+        )
+    else:
+        network = (
+            f"A pixel-space diffusion model (diffusers `UNet2DModel`, {len(config['block_out_channels'])} levels, "
+            f"channels {config['block_out_channels']}, no attention) trained by difftool on CPU, shipped as fp16 "
+            "safetensors."
+        )
+    config_name = f"{task}-x{config['scales'][0]}" if config.get("arch") == "srnet" else task
     return f"""# difftool {task} model (embedded)
 
-A pixel-space diffusion model (diffusers `UNet2DModel`, {sum(1 for _ in config["block_out_channels"])} levels,
-channels {config["block_out_channels"]}, no attention) trained by difftool on CPU, shipped as fp16 safetensors.
+{network}
 
 * **Formulation**: {formulation}. Predicts the clean sample (`prediction_type="sample"`), cosine noise
   schedule, sampled with DDIM "trailing" in **{meta["steps"]} steps** by default (`--steps` up to 8 works).
 * **Training**: {meta.get("trained_steps")} steps of batch {config["batch"]} random {config["crop"]} px crops
   (flips, rotations, 0.6-1.0 scale jitter), AdamW lr {config["lr"]} with warm-up and cosine decay, L1 loss,
   EMA {config["ema_decay"]}, bf16 autocast, seed {config["seed"]}. Config:
-  `difftool/training/configs/{task}.json`; reproduce with
-  `difftool train {task} --config difftool/training/configs/{task}.json -o runs/{task}`.
+  `difftool/training/configs/{config_name}.json`{" (and the other scale's)" if config.get("arch") == "srnet" else ""};
+  reproduce with
+  `difftool train {task} --config difftool/training/configs/{config_name}.json -o runs/{config_name}`.
+  Shipped weights: {meta.get("weights", "the EMA")}.
 * **Training images** ({len(train_names)}, from PyPI wheels): {", ".join(train_names)}.
 * **Held out, never trained on**: {", ".join(HOLDOUT)}.
 * **Degradations**: {degradations} This model: `clean_fraction` {config.get("clean_fraction", 0.5)},
-  `few_step_fraction` {config.get("few_step_fraction", 0.5)}.
+  `few_step_fraction` {config.get("few_step_fraction", 0.5)}, `one_step_fraction` {config.get("one_step_fraction", 0)}.
 
 ## Evaluation on the held-out images
 
@@ -100,23 +125,65 @@ The weights are released with difftool under its Apache-2.0 licence.
 """
 
 
-def embed(task: str, run: Path) -> Path:
+def embed(task: str, runs: list[Path], weights: str = "ema") -> Path:
+    """Copy the runs' models into the package (one run; or one per scale as variants) and write the card.
+
+    ``weights``: ``ema`` (the exported EMA) or ``model`` (the final raw weights from the checkpoint).
+    """
     from difftool.training.evaluate import evaluate
 
-    source = run / "model"
-    meta = json.loads((source / META_FILE).read_text())
-    config = json.loads((run / "checkpoint" / "state.json").read_text())["config"]
     target = EMBEDDED_ROOT / task
     tmp = EMBEDDED_ROOT / f".{task}.new"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
+    configs = [json.loads((run / "checkpoint" / "state.json").read_text())["config"] for run in runs]
+    if len(runs) == 1:
+        _copy_model(runs[0], tmp, weights)
+        meta = json.loads((tmp / META_FILE).read_text())
+    else:
+        tmp.mkdir(parents=True)
+        variants = {}
+        for run, config in zip(runs, configs, strict=True):
+            (scale,) = config["scales"]
+            variants[str(scale)] = f"x{scale}"
+            _copy_model(run, tmp / f"x{scale}", weights)
+        meta = json.loads((tmp / f"x{configs[0]['scales'][0]}" / META_FILE).read_text())
+        meta.update(
+            scales=sorted(int(k) for k in variants),
+            variants=variants,
+            default_variant=max(variants, key=int),
+            trained_steps=" / ".join(
+                f"{k}x: {json.loads((tmp / v / META_FILE).read_text())['trained_steps']}" for k, v in variants.items()
+            ),
+        )
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    meta["weights"] = "the EMA of the weights" if weights == "ema" else "the final weights (not the EMA)"
     rows = evaluate(tmp, task, dtype="fp32")
-    (tmp / "README.md").write_text(model_card(task, meta, config, rows))
+    (tmp / "README.md").write_text(model_card(task, meta, configs[0], rows))
     (tmp / "eval.json").write_text(json.dumps(rows, indent=1, default=float))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return target
+    from difftool.core.atomic import replace_dir
+
+    return replace_dir(tmp, target)
+
+
+def _copy_model(run: Path, folder: Path, weights: str) -> None:
+    shutil.copytree(run / "model", folder)
+    if weights == "model":  # the raw weights in place of the EMA, same network and config
+        from safetensors.torch import load_file
+
+        from difftool.plugins.builtin.pixel_model import WEIGHTS_FILE, network_class
+
+        network = network_class(folder).from_pretrained(folder, use_safetensors=True, local_files_only=True)
+        network.load_state_dict(load_file(run / "checkpoint" / "model.safetensors"))
+        network.half().save_pretrained(folder, safe_serialization=True)
+        assert (folder / WEIGHTS_FILE).is_file()
 
 
 if __name__ == "__main__":
-    print(embed(sys.argv[1], Path(sys.argv[2])))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("task")
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    args = parser.parse_args()
+    print(embed(args.task, args.runs, args.weights))

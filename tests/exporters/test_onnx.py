@@ -25,10 +25,12 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     return root
 
 
-@pytest.mark.parametrize("task", ["superres", "inpaint"])
-def test_export_matches_pytorch_at_odd_sizes(task: str, request: pytest.FixtureRequest) -> None:
-    model = load_pixel_model(request.getfixturevalue(f"{task}_model"), task)
-    entry = cached_export(model.unet, name=f"test-{task}", model_id=model.sha256)
+@pytest.mark.parametrize(
+    ("task", "fixture"), [("superres", "superres_model"), ("inpaint", "inpaint_model"), ("superres", "srnet_model")]
+)
+def test_export_matches_pytorch_at_odd_sizes(task: str, fixture: str, request: pytest.FixtureRequest) -> None:
+    model = load_pixel_model(request.getfixturevalue(fixture), task)
+    entry = cached_export(model.unet, name=f"test-{fixture}", model_id=model.sha256)
     assert entry.manifest["validation"]["max_relative_error"] <= 1e-4
     assert entry.manifest["components"]["opset"] >= 17
     signature = UNetSignature.of(model.unet)
@@ -48,6 +50,15 @@ def test_export_matches_pytorch_at_odd_sizes(task: str, request: pytest.FixtureR
     actual = denoiser(sample, torch.tensor(400.0), cond)
     relative = float((actual - expected).abs().max() / expected.abs().max())
     assert relative <= 1e-4
+
+
+def test_srnet_runs_on_the_onnx_backend_at_both_scales(srnet_model: Path, photo: Path, registry) -> None:
+    for scale in ("2", "4"):
+        kwargs = {"model": str(srnet_model), "scale": scale, "seed": 3, "registry": registry, "dtype": "fp32"}
+        torch_out = api.run("superres", photo, **kwargs)
+        onnx_out = api.run("superres", photo, backend="onnx", **kwargs)
+        assert onnx_out.record["backend"] == "onnx" and onnx_out.image.size == torch_out.image.size
+        assert psnr(np.asarray(torch_out.image), np.asarray(onnx_out.image)) > 40.0
 
 
 def test_tasks_run_unchanged_on_the_onnx_backend(superres_model: Path, inpaint_model: Path, photo: Path, registry):

@@ -68,6 +68,41 @@ def test_exported_model_runs_in_its_task(pool: ImagePool, tmp_path: Path, regist
     assert result.image.size == (48, 40)
 
 
+def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, tmp_path: Path, registry) -> None:
+    from difftool import api
+
+    def config() -> TrainConfig:
+        return tiny("superres", arch="srnet", scales=[2], channels=8, blocks=2, one_step_fraction=0.5)
+
+    straight = Trainer(config(), tmp_path / "a")
+    straight.fit(pool, progress=False)
+    first = Trainer(config(), tmp_path / "b")
+    first.fit(pool, progress=False, stop_after=3)
+    resumed = Trainer(config(), tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit(pool, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses)
+    result = api.run(
+        "superres",
+        Image.new("RGB", (12, 10), (9, 99, 199)),
+        model=str(tmp_path / "b" / "model"),
+        scale="2",
+        registry=registry,
+    )
+    assert result.image.size == (24, 20)
+    with pytest.raises(ValueError, match="one scale"):
+        Trainer(tiny("superres", arch="srnet", scales=[2, 4]), tmp_path / "c")
+
+
+def test_one_step_fraction_trains_at_the_last_timestep(tmp_path: Path) -> None:
+    trainer = Trainer(
+        tiny("superres", arch="srnet", scales=[4], channels=8, blocks=1, one_step_fraction=0.6, few_step_fraction=0.2),
+        tmp_path / "t",
+    )
+    t = trainer.sample_timesteps(4000)
+    assert 0.62 < float((t == 999).float().mean()) < 0.7  # 0.6 plus the uniform and few-step draws of 999
+
+
 def test_holdout_is_never_in_the_training_corpus() -> None:
     assert len(HOLDOUT) >= 4 and set(HOLDOUT) <= set(CORPUS)
     names = {image.name for image in builtin_corpus("train")}

@@ -153,7 +153,7 @@ def load_pixel_model(path: Path, task: str, variant: str | None = None) -> Pixel
     if key in _CACHE:
         return _CACHE[key]
     check_safetensors(weights)
-    network = _network_class(path)
+    network = network_class(path)
     try:
         unet = network.from_pretrained(path, use_safetensors=True, local_files_only=True)
     except Exception as exc:  # diffusers raises several types for a bad folder; we name the folder
@@ -183,7 +183,7 @@ def _read_json(path: Path) -> Any:
         raise ModelError(f"{path} is not valid JSON ({exc})", f"restore the model folder's {path.name}") from None
 
 
-def _network_class(path: Path) -> Any:
+def network_class(path: Path) -> Any:
     import importlib
 
     config = _read_json(path / "config.json")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from difftool.core.models import ModelEntry, ModelSource
-from difftool.plugins.builtin import pixel_model
+from difftool.plugins.builtin import pixel_model, upscalers
 from difftool.plugins.hookspecs import hookimpl
 
 #: Sub-folders where A1111 and ComfyUI keep checkpoints, LoRAs and VAEs.
@@ -95,6 +95,14 @@ class FolderModelSource(ModelSource):
                             found.append(ModelEntry(child.name, child, family, str(root)))
                     elif child.suffix.lower() in WEIGHT_SUFFIXES:
                         found.append(ModelEntry(child.stem, child, detect_file(child), str(root)))
+            for sub in upscalers.UPSCALER_FOLDERS:  # community upscalers: superres --model NAME
+                folder = root / sub
+                if folder.is_dir():
+                    found += [
+                        ModelEntry(child.stem, child, upscalers.FAMILY, str(root))
+                        for child in sorted(folder.iterdir())
+                        if child.is_file() and child.suffix.lower() in upscalers.UPSCALER_SUFFIXES
+                    ]
         return found
 
 

@@ -9,25 +9,32 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
 from difftool.core.devices import is_out_of_memory
-from difftool.core.errors import DifftoolError, ModelError, ParameterError
+from difftool.core.errors import BackendUnavailableError, DifftoolError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin import pixel_model
+from difftool.plugins.builtin import pixel_model, upscalers
 from difftool.plugins.hookspecs import hookimpl
 
 
 class SuperResolution(Task):
     name = "superres"
-    summary = "Upscale an image 2x or 4x with a diffusion model"
+    summary = "Upscale an image 2x or 4x with a diffusion model, or by a community upscaler (--model X.pth)"
     uses_model = True
     params = (
-        Param("scale", "choice", default="4", choices=("2", "4"), help="upscaling factor"),
+        Param(
+            "scale",
+            "choice",
+            default=None,
+            choices=("1", "2", "3", "4", "8"),
+            help="upscaling factor (default: 4, or a community model's own scale)",
+        ),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
         Param("tile", "int", default=1024, min=32, max=8192, help="largest tile, in output pixels (bounds memory)"),
@@ -45,12 +52,16 @@ class SuperResolution(Task):
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        scale = int(params["scale"])
-        check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
         if params["overlap"] >= params["tile"]:
             raise ParameterError(
                 f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
             )
+        find = context.registry.find_models if context.registry is not None else None
+        community = upscalers.upscaler_path(context.model, find)
+        if community is not None:
+            return self.run_upscaler(community, image, params, context)
+        scale = int(params.get("scale") or DEFAULT_SCALE)
+        check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
         model = pixel_model.model_for(self.name, context, variant=str(scale))
         scales = model.meta.get("scales", [scale])
         if scale not in scales:
@@ -58,14 +69,10 @@ class SuperResolution(Task):
                 f"model {model.name} upscales by {', '.join(map(str, scales))}, not {scale}",
                 f"pass --scale {scales[0]} or another model",
             )
-        rgb, tile = upscale_with_retry(model, image.rgb, scale, params, context)
-        alpha = upscale_alpha(image.alpha, scale)
-        keep = bool(params.get("keep_mode")) and image.grayscale
-        if keep and image.bits == 16 and alpha is None:
-            gray = np.clip(rgb.mean(axis=2) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
-            result = Image.fromarray(gray)
-        else:
-            result = to_pil(rgb, alpha, grayscale=keep)
+        rgb, tile = with_tile_retry(
+            lambda t: upscale_rgb(model, image.rgb, scale, {**params, "tile": t}, context), int(params["tile"]), context
+        )
+        result = finish(image, rgb, scale, params)
         record = {
             "task": self.name,
             "scale": scale,
@@ -78,22 +85,69 @@ class SuperResolution(Task):
             record["tile_used"] = tile
         return TaskResult([result], record)
 
+    def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:
+        """A community upscaler (spandrel): one forward pass per tile, at the model's own scale."""
+        if context.backend != "torch":
+            raise BackendUnavailableError(
+                f"community upscalers run on the torch backend, not {context.backend!r} (yet)", "pass --backend torch"
+            )
+        upscaler = upscalers.load_upscaler(path)
+        context.cancel.raise_if_cancelled()
+        scale = upscaler.scale
+        if params.get("scale") and int(params["scale"]) != scale:
+            raise ParameterError(
+                f"{upscaler.name} is a {scale}x {upscaler.architecture} model; --scale {params['scale']} differs",
+                f"drop --scale or pass --scale {scale}",
+            )
+        check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
+        precision = []
+
+        def attempt(tile: int) -> np.ndarray:
+            rgb, used = upscalers.upscale(upscaler, image.rgb, {**params, "tile": tile}, context)
+            precision.append(used)
+            return rgb
+
+        rgb, tile = with_tile_retry(attempt, int(params["tile"]), context)
+        result = finish(image, rgb, scale, params)
+        record = {
+            "task": self.name,
+            "scale": scale,
+            "size": f"{result.width}x{result.height}",
+            "precision": precision[-1],
+            **upscalers.model_record(upscaler),
+        }
+        if tile != params["tile"]:
+            record["tile_used"] = tile
+        return TaskResult([result], record)
+
+
+#: The embedded model's scale when --scale is not given.
+DEFAULT_SCALE = 4
+
+
+def finish(image: LoadedImage, rgb: np.ndarray, scale: int, params: dict[str, Any]) -> Image.Image:
+    """The upscaled RGB with the source's alpha (upscaled on its own) and, with --keep-mode, its mode."""
+    alpha = upscale_alpha(image.alpha, scale)
+    keep = bool(params.get("keep_mode")) and image.grayscale
+    if keep and image.bits == 16 and alpha is None:
+        gray = np.clip(rgb.mean(axis=2) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
+        return Image.fromarray(gray)
+    return to_pil(rgb, alpha, grayscale=keep)
+
 
 MIN_TILE = 64
+T = TypeVar("T")
 
 
-def upscale_with_retry(
-    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: dict[str, Any], context: RunContext
-) -> tuple[np.ndarray, int]:
-    """:func:`upscale_rgb`, halving the tile after an out-of-memory error until it fits or is too small."""
+def with_tile_retry(attempt: Callable[[int], T], tile: int, context: RunContext) -> tuple[T, int]:
+    """``attempt(tile)``, halving the tile after an out-of-memory error until it fits or is too small."""
     import gc
 
     import torch
 
-    tile = int(params["tile"])
     while True:
         try:
-            return upscale_rgb(model, rgb, scale, {**params, "tile": tile}, context), tile
+            return attempt(tile), tile
         except Exception as error:
             if not is_out_of_memory(error):
                 raise

@@ -1,0 +1,252 @@
+"""Community upscaler models (ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, OmniSR, ...) through spandrel.
+
+People arriving from chaiNNer, ComfyUI, A1111 or Upscayl keep folders of ``.pth``/``.safetensors``
+upscalers; spandrel (MIT, what A1111 and ComfyUI use) detects the architecture and scale from the
+weights. difftool reads the weights itself and hands spandrel a state dict, so nothing is ever
+unpickled beyond tensors: safetensors through :func:`~difftool.core.safetensors_check.check_safetensors`,
+pickles only with ``torch.load(weights_only=True)``; TorchScript is refused. Only spandrel's own
+registry is used (its MIT architectures); ``spandrel-extra-arches`` (non-commercial) is never loaded.
+
+spandrel imports ``torchvision`` for two architectures it ships (LaMa, RestoreFormer). Where
+torchvision is missing, or is a CUDA build that fails beside a CPU torch, :func:`import_spandrel`
+lends spandrel a stand-in for the three names it imports, only while spandrel imports, so nothing
+else (transformers) ever sees it; those two architectures then say they need torchvision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from difftool.core.atomic import file_sha256
+from difftool.core.errors import DifftoolError, ModelError
+
+#: Files ``--model`` may name for superres as a community upscaler.
+UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
+#: Folders (under each model root) where chaiNNer, ComfyUI and A1111 users keep upscalers.
+UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "upscale_models", "models/ESRGAN", "models/RealESRGAN")
+#: ``ModelEntry.family`` of the upscalers ``difftool models`` lists.
+FAMILY = "upscaler"
+
+
+def _needs_torchvision(*args: Any, **kwargs: Any) -> Any:
+    raise ModelError("this architecture needs torchvision", "install the torchvision build that matches your torch")
+
+
+@contextlib.contextmanager
+def _torchvision_standin() -> Iterator[None]:
+    try:
+        import torchvision.transforms.functional  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or a mismatched build raising RuntimeError on import
+        pass
+    else:
+        yield
+        return
+    saved = {k: v for k, v in sys.modules.items() if k == "torchvision" or k.startswith("torchvision.")}
+    for name in saved:
+        del sys.modules[name]
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.InterpolationMode = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")  # type: ignore[attr-defined]
+    functional.rotate = functional.normalize = _needs_torchvision  # type: ignore[attr-defined]
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.functional = functional  # type: ignore[attr-defined]
+    root = types.ModuleType("torchvision")
+    root.transforms = transforms  # type: ignore[attr-defined]
+    standins = {
+        "torchvision": root,
+        "torchvision.transforms": transforms,
+        "torchvision.transforms.functional": functional,
+    }
+    sys.modules.update(standins)
+    try:
+        yield
+    finally:
+        for name in standins:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+def import_spandrel() -> Any:
+    """spandrel, imported once (with the torchvision stand-in where needed), or a :class:`ModelError`."""
+    if "spandrel" in sys.modules:
+        return sys.modules["spandrel"]
+    with _torchvision_standin():
+        try:
+            import spandrel
+        except ImportError as exc:
+            raise ModelError(
+                f"community upscaler models need spandrel ({exc})", 'pip install "difftool[upscalers]"'
+            ) from None
+    return spandrel
+
+
+@dataclass
+class Upscaler:
+    """A loaded community upscaler: spandrel's descriptor plus what the task records."""
+
+    path: Path
+    sha256: str
+    descriptor: Any
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def architecture(self) -> str:
+        return str(self.descriptor.architecture.name)
+
+    @property
+    def scale(self) -> int:
+        return int(self.descriptor.scale)
+
+    def dtype_for(self, requested: Any) -> Any:
+        """``requested`` if the architecture supports it (spandrel says which), else fp32."""
+        import torch
+
+        supported = {
+            torch.float32: True,
+            torch.float16: self.descriptor.supports_half,
+            torch.bfloat16: self.descriptor.supports_bfloat16,
+        }
+        return requested if supported.get(requested) else torch.float32
+
+
+def upscaler_path(model: str | None, find_models: Any = None) -> Path | None:
+    """The upscaler file ``--model`` names (a path, or a name ``difftool models`` lists), else ``None``."""
+    if not model:
+        return None
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() in UPSCALER_SUFFIXES:
+        return path
+    if not path.exists() and find_models is not None:
+        for entry in find_models():
+            if entry.name == model and entry.family == FAMILY:
+                return entry.path
+    return None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors of an upscaler file; pickles only through ``weights_only=True`` (no code runs)."""
+    import torch
+
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        from difftool.core.safetensors_check import check_safetensors
+
+        check_safetensors(path)
+        return load_file(str(path), device="cpu")
+    try:
+        # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip an explicit True.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the restricted unpickler raises many types; we name the file
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{path.name} cannot be loaded safely (it holds more than tensors, or is TorchScript): {detail[:200]}",
+            "convert it to .safetensors with a tool you trust",
+        ) from None
+    if not isinstance(state, dict):
+        raise ModelError(f"{path.name} does not hold a state dict", "pass an upscaler's weights file")
+    return state
+
+
+_CACHE: dict[tuple[str, int], Upscaler] = {}
+
+
+def load_upscaler(path: Path) -> Upscaler:
+    """Load and check a community upscaler file (one stays cached for folder jobs)."""
+    import torch
+
+    path = Path(path)
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key in _CACHE:
+        return _CACHE[key]
+    state = read_state_dict(path)
+    spandrel = import_spandrel()
+    state = spandrel.canonicalize_state_dict(state)
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    try:
+        descriptor = spandrel.ModelLoader().load_from_state_dict(tensors)
+    except spandrel.UnsupportedModelError:
+        sample = ", ".join(list(tensors)[:3]) or "no tensors"
+        raise ModelError(
+            f"{path.name}: no supported upscaler architecture matches its weights "
+            f"({len(tensors)} tensors: {sample}, ...)",
+            "use an ESRGAN, Real-ESRGAN, SwinIR, HAT, DAT, SPAN, OmniSR, ... model (spandrel's MIT architectures)",
+        ) from None
+    except DifftoolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an architecture's loader rejecting odd weights
+        raise ModelError(f"{path.name} cannot be loaded: {type(exc).__name__}: {exc}", "check the file") from None
+    if not isinstance(descriptor, spandrel.ImageModelDescriptor):
+        raise ModelError(f"{path.name} is a {descriptor.architecture.name} inpainting model", "pass an upscaler")
+    if descriptor.input_channels != 3 or descriptor.output_channels != 3:
+        raise ModelError(
+            f"{path.name} works on {descriptor.input_channels}-channel images; difftool runs RGB upscalers",
+            "pass an RGB model",
+        )
+    for name, tensor in descriptor.model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path.name}: weight {name} contains NaN or Inf", "re-download the model")
+    descriptor.model.eval().requires_grad_(False)
+    loaded = Upscaler(path, file_sha256(path), descriptor)
+    _CACHE.clear()
+    _CACHE[key] = loaded
+    return loaded
+
+
+def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context: Any) -> tuple[np.ndarray, str]:
+    """Float RGB (H x W x 3, [0, 1]) upscaled by the model, tile by tile; and the precision used.
+
+    These are plain feed-forward networks, so tiles are not blended: each tile carries ``--overlap``
+    pixels (output scale) of context on every side and only its core is kept. Wherever the context
+    covers the network's receptive field the result equals one pass over the whole image, with no
+    seams. Memory is bounded by ``--tile``; cancel is checked and progress reported after every tile.
+    """
+    import copy
+
+    import torch
+
+    scale = upscaler.scale
+    dtype = upscaler.dtype_for(context.torch_dtype)
+    device = torch.device(context.device)
+    model = upscaler.descriptor
+    if dtype != torch.float32 or device.type != "cpu":  # never round or move the cached fp32 weights in place
+        model = copy.deepcopy(model)
+    model.to(device=device, dtype=dtype)
+    height, width = rgb.shape[:2]
+    margin = max(0, int(params.get("overlap", 64)) // scale)
+    core = max(8, int(params.get("tile", 1024)) // scale - 2 * margin)
+    cores = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
+    low = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
+    result = torch.zeros(3, height * scale, width * scale)
+    for index, (y0, x0) in enumerate(cores):
+        context.cancel.raise_if_cancelled()
+        y1, x1 = min(y0 + core, height), min(x0 + core, width)
+        ty0, tx0 = max(0, y0 - margin), max(0, x0 - margin)
+        ty1, tx1 = min(height, y1 + margin), min(width, x1 + margin)
+        with torch.inference_mode():
+            out = model(low[..., ty0:ty1, tx0:tx1].to(device, dtype)).float().cpu()[0]
+        result[:, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = out[
+            :, (y0 - ty0) * scale : (y1 - ty0) * scale, (x0 - tx0) * scale : (x1 - tx0) * scale
+        ]
+        context.report(index + 1, len(cores))
+    return result.clamp(0, 1).permute(1, 2, 0).numpy(), str(dtype).replace("torch.", "")
+
+
+def model_record(upscaler: Upscaler) -> dict[str, Any]:
+    return {
+        "model": upscaler.name,
+        "model_hash": upscaler.sha256[:10],
+        "architecture": upscaler.architecture,
+        "model_scale": upscaler.scale,
+    }

@@ -87,9 +87,10 @@ class SuperResolution(Task):
 
     def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:
         """A community upscaler (spandrel): one forward pass per tile, at the model's own scale."""
-        if context.backend != "torch":
+        if context.backend not in ("torch", "onnx"):
             raise BackendUnavailableError(
-                f"community upscalers run on the torch backend, not {context.backend!r} (yet)", "pass --backend torch"
+                f"community upscalers run on the torch and onnx backends, not {context.backend!r} (yet)",
+                "pass --backend torch or --backend onnx",
             )
         upscaler = upscalers.load_upscaler(path)
         context.cancel.raise_if_cancelled()

@@ -35,6 +35,10 @@ UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "upscale_models", "models/ESRGAN", "models/RealESRGAN")
 #: ``ModelEntry.family`` of the upscalers ``difftool models`` lists.
 FAMILY = "upscaler"
+#: spandrel architecture ids whose ONNX export is tested (ESRGAN covers Real-ESRGAN x4plus, BSRGAN and
+#: most community "4x-*" models; Compact is Real-ESRGAN's SRVGG). torch 2.13's exporter crashes the
+#: process on SPAN's decomposition, so architectures are admitted one by one, each with a test.
+ONNX_ARCHITECTURES = frozenset({"ESRGAN", "Compact"})
 
 
 def _needs_torchvision(*args: Any, **kwargs: Any) -> Any:
@@ -217,12 +221,15 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
     import torch
 
     scale = upscaler.scale
-    dtype = upscaler.dtype_for(context.torch_dtype)
     device = torch.device(context.device)
-    model = upscaler.descriptor
-    if dtype != torch.float32 or device.type != "cpu":  # never round or move the cached fp32 weights in place
-        model = copy.deepcopy(model)
-    model.to(device=device, dtype=dtype)
+    if context.backend == "onnx":
+        model, dtype = onnx_runner(upscaler, context.device), torch.float32
+    else:
+        dtype = upscaler.dtype_for(context.torch_dtype)
+        model = upscaler.descriptor
+        if dtype != torch.float32 or device.type != "cpu":  # never round or move the cached fp32 weights in place
+            model = copy.deepcopy(model)
+        model.to(device=device, dtype=dtype)
     height, width = rgb.shape[:2]
     margin = max(0, int(params.get("overlap", 64)) // scale)
     core = max(8, int(params.get("tile", 1024)) // scale - 2 * margin)
@@ -241,6 +248,85 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
         ]
         context.report(index + 1, len(cores))
     return result.clamp(0, 1).permute(1, 2, 0).numpy(), str(dtype).replace("torch.", "")
+
+
+class _PaddedOnnx:
+    """An exported upscaler on ONNX Runtime, padding each tile to the architecture's size requirements
+    (as spandrel's own call does) and cropping the result."""
+
+    def __init__(self, module: Any, requirements: Any, scale: int) -> None:
+        self.module, self.requirements, self.scale = module, requirements, scale
+        self.fingerprint = module.fingerprint
+
+    def __call__(self, image: Any) -> Any:
+        import torch.nn.functional as F
+
+        height, width = image.shape[-2:]
+        need = _padded_size(height, width, self.requirements)
+        padded = F.pad(image, (0, need[1] - width, 0, need[0] - height), mode="replicate")
+        (out,) = self.module(padded.contiguous())
+        return out[..., : height * self.scale, : width * self.scale]
+
+
+def _padded_size(height: int, width: int, requirements: Any) -> tuple[int, int]:
+    multiple, minimum = max(1, int(requirements.multiple_of)), int(requirements.minimum)
+    height, width = max(height, minimum), max(width, minimum)
+    if requirements.square:
+        height = width = max(height, width)
+    return -(-height // multiple) * multiple, -(-width // multiple) * multiple
+
+
+def onnx_runner(upscaler: Upscaler, device: str) -> Any:
+    """The upscaler exported to ONNX (validated against PyTorch, cached by the weights' hash) on ONNX Runtime.
+
+    Height and width are dynamic in multiples of the architecture's ``multiple_of``; a network that
+    cannot be exported that way (window attention with fixed shapes) fails with a one-line error.
+    """
+    import torch
+
+    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
+
+    if upscaler.descriptor.architecture.id not in ONNX_ARCHITECTURES:
+        raise ModelError(
+            f"{upscaler.name} ({upscaler.architecture}) is not exported to ONNX by difftool yet "
+            f"(tested: {', '.join(sorted(ONNX_ARCHITECTURES))})",
+            "use --backend torch for this model",
+        )
+    requirements = upscaler.descriptor.size_requirements
+    g = torch.Generator().manual_seed(0)
+
+    def example(batch: int, height: int, width: int) -> torch.Tensor:
+        return torch.rand(batch, 3, *_padded_size(height, width, requirements), generator=g)
+
+    inputs = example(2, 20, 28)  # distinct sizes and batch 2: no 0/1 specialisation
+    multiple = max(1, int(requirements.multiple_of))
+    spec = ModuleSpec(
+        inputs={"image": inputs},
+        dynamic={} if multiple > 1 else {"image": {0: ("batch", 1, 16), 2: ("h", 2, 4096), 3: ("w", 2, 4096)}},
+        outputs=("out",),
+        checks=({"image": example(1, 17, 23)}, {"image": example(1, 32, 12)})
+        if multiple == 1
+        else ({"image": inputs},),
+    )
+    if multiple > 1:
+        raise ModelError(
+            f"{upscaler.name} ({upscaler.architecture}) needs sizes in multiples of {multiple}; difftool exports "
+            "only upscalers that take any size to ONNX so far",
+            "use --backend torch for this model",
+        )
+    try:
+        entry = cached_module_export(
+            lambda: upscaler.descriptor.model.float().eval(), f"upscaler-{upscaler.sha256[:12]}", spec, upscaler.sha256
+        )
+    except DifftoolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.export rejects some architectures in many ways
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"{upscaler.name} ({upscaler.architecture}) cannot be exported to ONNX: {detail[:200]}",
+            "use --backend torch for this model",
+        ) from None
+    return _PaddedOnnx(OnnxModule(entry, device), requirements, upscaler.scale)
 
 
 def model_record(upscaler: Upscaler) -> dict[str, Any]:

@@ -213,3 +213,27 @@ def test_spandrel_imports_without_torchvision_and_leaves_no_stand_in() -> None:
     # The stand-in was only lent during spandrel's import: nothing else can mistake it for torchvision.
     module = sys.modules.get("torchvision")
     assert module is None or getattr(module, "__file__", None) is not None
+
+
+def test_an_architecture_not_yet_exported_says_so(photo_rgb, tmp_path: Path, registry) -> None:
+    path = tmp_path / "2x-span.safetensors"
+    save_file(build("span")[0], path)
+    with pytest.raises(ModelError, match=r"\(SPAN\) is not exported to ONNX by difftool yet"):
+        api.run("superres", photo_rgb, model=str(path), backend="onnx", registry=registry)
+
+
+@pytest.mark.parametrize("kind", ["compact", "esrgan-new"])
+def test_onnx_backend_exports_validates_and_matches_torch(kind: str, photo_rgb, tmp_path, monkeypatch, registry):
+    pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    state, scale = build(kind)
+    path = tmp_path / f"{scale}x-{kind}.safetensors"
+    save_file(state, path)
+    kwargs = {"model": str(path), "dtype": "fp32", "registry": registry, "tile": 24 * scale, "overlap": 8 * scale}
+    torch_out = api.run("superres", photo_rgb, **kwargs)
+    onnx_out = api.run("superres", photo_rgb, backend="onnx", **kwargs)
+    assert onnx_out.record["backend"] == "onnx" and onnx_out.record["precision"] == "float32"
+    diff = np.abs(np.asarray(torch_out.image, dtype=int) - np.asarray(onnx_out.image, dtype=int))
+    assert diff.max() <= 1
+    manifests = list((tmp_path / "cache").rglob("manifest.json"))
+    assert len(manifests) == 1 and "max_relative_error" in manifests[0].read_text()

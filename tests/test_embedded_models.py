@@ -17,13 +17,20 @@ def astronaut_crop() -> Image.Image:
     return image.crop((180, 60, 308, 188))  # 128 px: the face and the helmet's edge
 
 
-def test_superres_beats_bicubic_on_a_held_out_crop(astronaut_crop: Image.Image, embedded_superres: Path) -> None:
-    low = astronaut_crop.resize((64, 64), Image.Resampling.BICUBIC)
-    restored = api.run("superres", low, scale="2", seed=0).image  # no --model: the embedded one
-    bicubic = low.resize((128, 128), Image.Resampling.BICUBIC)
-    truth = np.asarray(astronaut_crop)[2:-2, 2:-2]
-    gain = psnr(truth, np.asarray(restored)[2:-2, 2:-2]) - psnr(truth, np.asarray(bicubic)[2:-2, 2:-2])
-    assert gain > 0.1, f"superres is only {gain:+.2f} dB over bicubic"  # measured +0.25 dB (docs/benchmarks.md)
+@pytest.mark.parametrize(("scale", "margin"), [(2, 1.0), (4, 0.5)])
+def test_superres_beats_lanczos_on_a_held_out_crop(
+    astronaut_crop: Image.Image, embedded_superres: Path, scale: int, margin: float
+) -> None:
+    size = astronaut_crop.width // scale
+    low = astronaut_crop.resize((size, size), Image.Resampling.BICUBIC)
+    restored = api.run("superres", low, scale=str(scale), seed=0).image  # no --model: the embedded one
+    lanczos = low.resize(astronaut_crop.size, Image.Resampling.LANCZOS)
+    truth = np.asarray(astronaut_crop)[scale:-scale, scale:-scale]
+    gain = psnr(truth, np.asarray(restored)[scale:-scale, scale:-scale]) - psnr(
+        truth, np.asarray(lanczos)[scale:-scale, scale:-scale]
+    )
+    # docs/benchmarks.md has the full held-out figures; the bar here is a margin over Lanczos, not bicubic
+    assert gain > margin, f"superres {scale}x is only {gain:+.2f} dB over Lanczos"
 
 
 def test_inpaint_beats_a_flat_fill_on_a_held_out_crop(astronaut_crop: Image.Image, embedded_inpaint: Path) -> None:
@@ -44,9 +51,10 @@ def test_embedded_models_are_small_fp16_safetensors(embedded_superres: Path, emb
     from safetensors import safe_open
 
     for folder in (embedded_superres, embedded_inpaint):
-        weights = folder / "diffusion_pytorch_model.safetensors"
-        assert weights.stat().st_size <= 25 * 2**20
-        with safe_open(weights, "pt") as handle:
-            assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys()} == {"F16"}
+        files = sorted(folder.rglob("diffusion_pytorch_model.safetensors"))  # superres: one per scale
+        assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
+        for weights in files:
+            with safe_open(weights, "pt") as handle:
+                assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys()} == {"F16"}
         card = (folder / "README.md").read_text()
         assert "Held out" in card and "astronaut" in card and "Licence" in card

@@ -136,3 +136,28 @@ def test_inputs_given_as_uris_run_locally_and_on_ray(folder: Path, tmp_path: Pat
         assert np.array_equal(np.asarray(Image.open(tmp_path / "local" / row["key"])), expected)
     missing = cli_run(monkeypatch, "copy-batched", uri, plugins=("ray_crash_plugin",))
     assert missing.exit_code == 2 and "need an output folder" in missing.stderr
+
+
+def test_a_community_upscaler_runs_on_ray_like_locally(folder: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from difftool.plugins.builtin.upscalers import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    model = tmp_path / "2x-tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in Compact(num_feat=8, num_conv=2, upscale=2).state_dict().items()}, model)
+    common = ("superres", folder, "--model", model, "--dtype", "fp32")
+    local = cli_run(monkeypatch, *common, "-o", tmp_path / "local")
+    distributed = cli_run(monkeypatch, *common, "-o", tmp_path / "ray", "--executor", "ray", "--workers", 2, "--json")
+    assert local.exit_code == 0 and distributed.exit_code == 0, distributed.output
+    assert json.loads(distributed.stdout)["ok"] == 6
+    for path in (tmp_path / "local").rglob("*.png"):
+        other = tmp_path / "ray" / path.relative_to(tmp_path / "local")
+        assert np.array_equal(np.asarray(Image.open(path)), np.asarray(Image.open(other)))
+        assert Image.open(path).size == tuple(
+            2 * s for s in Image.open(folder / path.relative_to(tmp_path / "local")).size
+        )

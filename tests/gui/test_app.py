@@ -372,3 +372,36 @@ def test_generate_runs_from_the_window_with_a_single_file_checkpoint(qapp, tmp_p
     assert job.state == "done", job.error
     assert job.result.image.size == (16, 16) and job.result.record["model"] == "tiny"
     win.close()
+
+
+def test_a_community_upscaler_from_the_model_picker(qapp, tmp_path: Path, photo: Path, monkeypatch) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from difftool.plugins.builtin.upscalers import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(0)
+    (tmp_path / "models" / "upscale_models").mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in Compact(num_feat=8, num_conv=2, upscale=4).state_dict().items()}
+    save_file(state, tmp_path / "models" / "upscale_models" / "4x-Tiny.safetensors")
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(tmp_path / "models"))
+    registry = build_registry([], entry_points=False)
+    win = MainWindow(registry=registry, settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    try:
+        index = win.model_box.findText("4x-Tiny")
+        assert index > 0  # listed by the picker like any model
+        win.task_box.setCurrentText("superres")
+        win.open_path(photo)
+        win.model_box.setCurrentIndex(index)
+        job_id = win.run_current()
+        wait_for(win.queue, qapp)
+        job = win.queue.jobs[job_id]
+        assert job.state == "done", job.error
+        assert job.result.image.size == (28 * 4, 20 * 4)  # the model's own 4x, --scale left at its default
+        assert job.result.record["architecture"] and job.result.record["model"] == "4x-Tiny"
+    finally:
+        win.queue.wait()
+        win.close()

@@ -11,7 +11,12 @@ from typing import TYPE_CHECKING, Any
 # Nothing in difftool may reach a model hub; respect a user's explicit setting, default to offline.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-__version__ = "0.1.0"
+try:  # the installed distribution's version (a wheel, an editable checkout), so bug reports say what ran
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("difftool")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from difftool.api import RunResult

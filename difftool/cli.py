@@ -362,6 +362,16 @@ def models() -> None:
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable")
+def info(as_json: bool) -> None:
+    """What this install can do: versions, devices, backends, models, cache, plugins (paste it into bug reports)."""
+    from difftool.info import as_text, collect
+
+    report = collect(_registry())
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else as_text(report))
+
+
+@cli.command()
 @click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
 def gui(image: str | None) -> None:
     """Open the desktop app (needs difftool[gui])."""

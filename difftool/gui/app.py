@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QApplication,
     QCheckBox,
     QComboBox,
+    QDialog,
     QDockWidget,
     QFileDialog,
     QFormLayout,
@@ -24,6 +25,7 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMainWindow,
     QMessageBox,
+    QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -239,6 +241,7 @@ class MainWindow(QMainWindow):
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")
         help_menu = self.menuBar().addMenu("&Help")
         action(help_menu, "&Plugins…", self.show_plugins)
+        action(help_menu, "&About difftool…", self.show_about)
 
     # --- registry-driven parts -----------------------------------------------------------------
     @staticmethod
@@ -538,6 +541,25 @@ class MainWindow(QMainWindow):
         lines = [f"{info.name}: {', '.join(info.registered) or 'nothing'}" for info in self.registry.plugins.values()]
         lines += [f"FAILED {failure}" for failure in self.registry.failures]
         QMessageBox.information(self, "Plugins", "\n".join(lines))
+
+    def show_about(self) -> QDialog:
+        """Help > About: the same report as `difftool info`, with a button to copy it for a bug report."""
+        from difftool.info import as_text, collect
+
+        dialog = QDialog(self)
+        dialog.setWindowTitle("About difftool")
+        text = QPlainTextEdit(as_text(collect(self.registry)))
+        text.setReadOnly(True)
+        copy = QPushButton("Copy to clipboard")
+        copy.clicked.connect(lambda: QApplication.clipboard().setText(text.toPlainText()))
+        layout = QVBoxLayout(dialog)
+        layout.addWidget(QLabel("What this install can do. Paste it into bug reports (docs/bug-report.md)."))
+        layout.addWidget(text)
+        layout.addWidget(copy)
+        dialog.resize(780, 540)
+        dialog.show()
+        self.about_dialog = dialog
+        return dialog
 
     def _show_plugin_failures_once(self) -> None:
         if self.registry.failures:

@@ -12,7 +12,14 @@ pytest.importorskip("PySide6", reason="the test extra installs PySide6")
 
 from PIL import Image  # noqa: E402
 from PySide6.QtCore import QPointF, QSettings  # noqa: E402
-from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QDoubleSpinBox, QSpinBox  # noqa: E402
+from PySide6.QtWidgets import (  # noqa: E402
+    QApplication,
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QPlainTextEdit,
+    QSpinBox,
+)
 
 from difftool.core.images import read_metadata  # noqa: E402
 from difftool.core.task import Param, Task, TaskResult  # noqa: E402
@@ -405,3 +412,12 @@ def test_a_community_upscaler_from_the_model_picker(qapp, tmp_path: Path, photo:
     finally:
         win.queue.wait()
         win.close()
+
+
+def test_help_about_shows_the_info_report(window, qapp) -> None:
+    import difftool
+
+    dialog = window.show_about()
+    text = dialog.findChild(QPlainTextEdit).toPlainText()
+    assert text.startswith(f"difftool {difftool.__version__}") and "backends:" in text and "tensorrt" in text
+    dialog.close()

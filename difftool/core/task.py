@@ -205,7 +205,7 @@ class RunContext:
 
     def make_denoiser(self, module: Any, *, prediction_type: str, model_id: str = "") -> Denoiser:
         """Wrap a torch module for :attr:`backend` on :attr:`device` in :attr:`dtype`."""
-        backend = self.registry.backend(self.backend)
+        backend = self.registry.backend(self.backend, self.device)  # checked for the run's device, not "cpu"
         extra = {"shapes": self.export_shapes} if getattr(backend, "accepts_shapes", False) else {}
         denoiser = backend.make_denoiser(
             module,

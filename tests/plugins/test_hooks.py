@@ -251,3 +251,35 @@ def test_image_sized_tasks_declare_shapes_from_their_input(photo: Path, inpaint_
     api.run("style", image, model=str(folder), prompt="ink", steps=1, strength=1.0, backend="shapes", seed=1,
             registry=registry, dtype="fp32")  # fmt: skip
     assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128))]
+
+
+class GpuOnlyBackend(Backend):
+    """Like TensorRT: refuses the CPU. A test double at the hardware boundary (it runs torch on the CPU)."""
+
+    name = "gpuonly"
+    devices: list = []
+
+    def unavailable_reason(self, device: str = "cpu") -> str | None:
+        return None if device.startswith("cuda") else "needs an NVIDIA GPU; pass --device cuda"
+
+    def make_denoiser(self, module, **kwargs):
+        from difftool.core.denoiser import TorchDenoiser
+
+        GpuOnlyBackend.devices.append(kwargs["device"])
+        return TorchDenoiser(module, prediction_type=kwargs["prediction_type"], dtype=kwargs["dtype"])
+
+
+class GpuOnlyPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(GpuOnlyBackend())
+
+
+def test_a_gpu_only_backend_is_not_looked_up_again_without_the_device(photo: Path, superres_model: Path) -> None:
+    """Regression: RunContext.make_denoiser looked the backend up by name alone (device "cpu"), so a backend
+    that refuses the CPU (TensorRT) was refused inside every task even with --device cuda."""
+    registry = build_registry([GpuOnlyPlugin()], entry_points=False)
+    GpuOnlyBackend.devices = []
+    result = api.run("superres", photo, model=str(superres_model), scale="2", backend="gpuonly", device="cuda",
+                     dtype="fp32", seed=1, registry=registry)  # fmt: skip
+    assert GpuOnlyBackend.devices == ["cuda"] and result.record["backend"] == "gpuonly"

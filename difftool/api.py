@@ -147,8 +147,9 @@ def run(
         raise
     except OSError as exc:  # a file, folder, permission or disk problem: the user's to fix, not a plugin bug
         where = f" ({exc.filename})" if exc.filename else ""
+        detail = exc.strerror or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DifftoolError(
-            f"task {task!r} failed: {exc.strerror or type(exc).__name__}{where}",
+            f"task {task!r} failed: {detail}{where}",
             "check that path, its permissions and the free disk space (--debug shows the traceback)",
         ) from exc
     except Exception as exc:

@@ -82,7 +82,8 @@ def output_paths(
     writes ``<input stem>.<task>.png`` beside each input. Several outputs get ``-1``, ``-2``, ... suffixes.
     ``generated`` items (tasks without inputs) are named by their key: ``generate-SEED.png``.
     Inputs that differ only in their extension (``a.jpg``, ``a.png``) would share a name: those keep
-    their extension in it (``a.jpg.png``, ``a.jpg.superres.png``).
+    their extension in it (``a.jpg.png``, ``a.jpg.superres.png``). The names therefore depend on the
+    run's inputs: adding ``a.png`` beside an already processed ``a.jpg`` renames the latter's output.
     """
 
     def numbered(base: Path) -> list[Path]:
@@ -95,8 +96,9 @@ def output_paths(
         if len(items) > 1:
             raise ParameterError(f"-o {output} is one file but there are {len(items)} inputs", "pass -o FOLDER")
         return [numbered(Path(output).expanduser())]
-    if generated:
-        return [numbered(item.path) for item in items]
+    if generated:  # named by their key: generate-SEED.png, in -o FOLDER or the current folder
+        folder = Path(output).expanduser() if output is not None else None
+        return [numbered(folder / item.path.name if folder else item.path) for item in items]
 
     def name(item: BatchItem, keep_suffix: bool) -> Path:
         if output is not None:

@@ -159,6 +159,10 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
         )
     except DifftoolError as error:
         fail(error, debug)
+    except OSError as error:  # the filesystem changed under the planning (a concurrent run, a removed folder)
+        from difftool.core.errors import OutputError
+
+        fail(OutputError(f"cannot prepare the job: {error}", "check the input and output paths"), debug)
     started = time.perf_counter()
     if executor == "ray":
         from difftool.executors.ray_data import run_on_ray

@@ -424,3 +424,12 @@ def test_hostile_input_sweep_changes_nothing_it_did_not_create(runner, superres_
         assert result.exit_code != 0, args
         one_line_error(result)
         assert snapshot(work) == before, args  # nothing created, modified or deleted
+
+
+def test_a_bad_input_size_limit_is_one_line(runner, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DIFFTOOL_MAX_INPUT_BYTES", "1G")
+    result = runner("run", "everything", small_png(tmp_path / "p.png"), "-o", tmp_path / "o.png")
+    assert result.exit_code == 1 and "DIFFTOOL_MAX_INPUT_BYTES='1G' is not an integer" in one_line_error(result)
+    monkeypatch.setenv("DIFFTOOL_MAX_INPUT_BYTES", "10")
+    big = runner("run", "everything", small_png(tmp_path / "q.png"), "-o", tmp_path / "o.png")
+    assert big.exit_code == 1 and "over the input limit of 10" in one_line_error(big)

@@ -13,14 +13,13 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-#: Temp files are named ``.difftool-<pid>-<nonce>-<tag>.<target>.tmp``: ``tag`` is a keyed hash of the
-#: rest of the name, so :func:`clean_stale_temps` can prove a file is one of ours. A user's file that
-#: merely looks like a temp name (``.thesis.2023.final.tmp``) never matches.
+#: Temp files are named ``.difftool-<pid>-<nonce>-<tag>.<target>.tmp``: ``tag`` is a hash of the rest of
+#: the name under a difftool-specific prefix, so :func:`clean_stale_temps` can tell a file is one of ours.
+#: A user's file that merely looks like a temp name (``.thesis.2023.final.tmp``) never matches.
 _TEMP_NAME = re.compile(r"^\.difftool-(\d+)-([0-9a-f]{8})-([0-9a-f]{16})\.(.+)\.tmp$")
 
 
@@ -91,9 +90,9 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         pid = is_own_temp(path.name)
         if pid is None or pid == os.getpid() or _alive(pid):
             continue
-        if not stat.S_ISREG(path.lstat().st_mode):  # never follow a link or touch a special file
-            continue
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):  # another run may be cleaning the same folder
+            if not stat.S_ISREG(path.lstat().st_mode):  # never follow a link or touch a special file
+                continue
             path.unlink()
             removed.append(path)
     return removed
@@ -102,16 +101,24 @@ def clean_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
 def replace_dir(tmp: Path, target: Path) -> Path:
     """Move the finished folder ``tmp`` to ``target``, replacing an existing one with two renames.
 
-    The old folder is first renamed onto a fresh empty folder this call made, so the only tree it
-    deletes is the one it moved out of the way (never a user's ``.name.old``).
+    The old target (a folder, or a link to one) is first renamed to a fresh random name, so the only
+    tree this deletes is the one it moved out of the way (never a user's ``.name.old``); if the second
+    rename fails, the old target is put back.
     """
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".difftool-old-{target.name}."))
-        os.replace(target, old)  # POSIX rename onto an empty directory replaces it
+    if not (target.exists() or target.is_symlink()):
         os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        return target
+    old = target.with_name(f".difftool-old-{secrets.token_hex(8)}-{target.name}")
+    os.replace(target, old)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        os.replace(old, target)
+        raise
+    if old.is_symlink() or not old.is_dir():
+        old.unlink()
     else:
-        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -138,18 +145,30 @@ def claim(target: str | os.PathLike[str]) -> Iterator[bool]:
     while True:
         try:
             fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-            os.write(fd, CLAIM_MAGIC)
         except FileExistsError:
             try:
                 fd = os.open(path, flags)
             except FileNotFoundError:
                 continue  # its holder removed it between our two opens
+        else:
+            try:
+                os.write(fd, CLAIM_MAGIC)
+            except BaseException:  # disk full: remove the file this call made, leave nothing behind
+                os.close(fd)
+                os.unlink(path)
+                raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            yield False
-            return
+            held = True
+        except BaseException:  # ENOLCK on some network filesystems
+            os.close(fd)
+            raise
+        else:
+            held = False
+        if held:
+            break
         try:  # the holder before us may have unlinked the file we locked: then claim the new one
             current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:
@@ -157,6 +176,9 @@ def claim(target: str | os.PathLike[str]) -> Iterator[bool]:
         if current:
             break
         os.close(fd)
+    if held:
+        yield False
+        return
     try:
         yield True
     finally:

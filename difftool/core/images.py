@@ -118,7 +118,8 @@ DEFAULT_MAX_INPUT_BYTES = 1 << 30
 
 
 def _unreadable(name: str, exc: BaseException, truncated: bool = False) -> ImageError:
-    if isinstance(exc, ValueError):  # Pillow's text-chunk limits: a metadata bomb, not a broken picture
+    if isinstance(exc, ValueError) and any(k in str(exc) for k in ("Too Large", "too large", "Too much memory")):
+        # Pillow's text-chunk limits (MAX_TEXT_CHUNK, MAX_TEXT_MEMORY): a metadata bomb, not a broken picture
         return ImageError(f"{name} cannot be read: oversized metadata ({_first_line(exc)})", "re-save it without it")
     if truncated:
         return ImageError(f"{name} is truncated or corrupt ({_first_line(exc)})", "re-export the image")
@@ -138,7 +139,13 @@ def check_regular_file(path: Path) -> None:
         raise ImageError(f"{path} cannot be read: {exc.strerror}", "check the path and its permissions") from None
     if not stat.S_ISREG(info.st_mode):
         raise ImageError(f"{path} is not a regular file (a pipe, device or socket)", "pass an image file")
-    limit = int(os.environ.get("DIFFTOOL_MAX_INPUT_BYTES") or DEFAULT_MAX_INPUT_BYTES)
+    raw = os.environ.get("DIFFTOOL_MAX_INPUT_BYTES")
+    try:
+        limit = int(raw) if raw else DEFAULT_MAX_INPUT_BYTES
+    except ValueError:
+        raise ImageError(
+            f"DIFFTOOL_MAX_INPUT_BYTES={raw!r} is not an integer", "set it to a byte count such as 2000000000"
+        ) from None
     if info.st_size > limit:
         raise ImageTooLargeError(
             f"{path} is {info.st_size:,} bytes, over the input limit of {limit:,}",

@@ -194,3 +194,16 @@ def test_disk_full_during_a_save_keeps_the_previous_output_and_no_temp(tmp_path:
     assert result.stdout.startswith("OSError"), result.stderr
     assert target.read_bytes() == b"previous output"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_replacing_a_linked_folder_replaces_the_link_and_keeps_its_target(tmp_path: Path) -> None:
+    real, new = tmp_path / "real", tmp_path / "new"
+    real.mkdir()
+    (real / "a").write_text("linked")
+    new.mkdir()
+    (new / "a").write_text("new")
+    (tmp_path / "model").symlink_to(real)
+    replace_dir(new, tmp_path / "model")
+    assert (tmp_path / "model" / "a").read_text() == "new" and not (tmp_path / "model").is_symlink()
+    assert (real / "a").read_text() == "linked"  # only the link was replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "real"]

@@ -135,6 +135,10 @@ def load_pixel_model(path: Path, task: str, variant: str | None = None) -> Pixel
             f"{path} is a model for {meta.get('task')!r}, not {task!r}", f"pass a {task} model to this task"
         )
     variants = meta.get("variants")
+    if variants is not None and not (
+        isinstance(variants, dict) and all(isinstance(v, str) for v in [*variants, *variants.values()])
+    ):
+        raise ModelError(f"{meta_path}: 'variants' must map names to sub-folders", f"fix the model's {META_FILE}")
     if variants:
         choice = str(variant) if variant is not None else str(meta.get("default_variant", next(iter(variants))))
         if choice not in variants:

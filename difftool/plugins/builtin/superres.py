@@ -60,9 +60,14 @@ class SuperResolution(Task):
         community = upscalers.upscaler_path(context.model, find)
         if community is not None:
             return self.run_upscaler(community, image, params, context)
-        scale = int(params.get("scale") or DEFAULT_SCALE)
+        requested = params.get("scale")
+        model = pixel_model.model_for(self.name, context, variant=requested)  # no --scale: the default variant
+        if requested:
+            scale = int(requested)
+        else:
+            offered = model.meta.get("scales") or [DEFAULT_SCALE]
+            scale = DEFAULT_SCALE if DEFAULT_SCALE in offered else int(offered[0])
         check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
-        model = pixel_model.model_for(self.name, context, variant=str(scale))
         scales = model.meta.get("scales", [scale])
         if scale not in scales:
             raise ModelError(

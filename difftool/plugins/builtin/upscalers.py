@@ -87,7 +87,8 @@ def import_spandrel() -> Any:
             import spandrel
         except ImportError as exc:
             raise ModelError(
-                f"community upscaler models need spandrel ({exc})", 'pip install "difftool[upscalers]"'
+                f"community upscaler models need spandrel ({exc})",
+                "pip install spandrel (with the torchvision build that matches your torch, or with --no-deps)",
             ) from None
     return spandrel
 
@@ -231,8 +232,9 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
             model = copy.deepcopy(model)
         model.to(device=device, dtype=dtype)
     height, width = rgb.shape[:2]
-    margin = max(0, int(params.get("overlap", 64)) // scale)
-    core = max(8, int(params.get("tile", 1024)) // scale - 2 * margin)
+    tile = max(8, int(params.get("tile", 1024)) // scale)
+    margin = min(max(0, int(params.get("overlap", 64)) // scale), tile // 4)  # context never dwarfs the core
+    core = tile - 2 * margin
     cores = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
     low = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     result = torch.zeros(3, height * scale, width * scale)

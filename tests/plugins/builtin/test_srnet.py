@@ -70,3 +70,20 @@ def test_an_unknown_network_class_is_named(srnet_model: Path, tmp_path: Path) ->
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="network class 'Evil' is not a difftool pixel model"):
         load_pixel_model(folder, "superres")
+
+
+def test_malformed_variants_and_the_default_variant(srnet_model: Path, tmp_path: Path, registry) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(srnet_model, broken)
+    meta = json.loads((broken / "difftool.json").read_text())
+    (broken / "difftool.json").write_text(json.dumps({**meta, "variants": {"2": 2}}))
+    with pytest.raises(ModelError, match="'variants' must map names to sub-folders"):
+        load_pixel_model(broken, "superres", "2")
+    only_two = tmp_path / "only-two"
+    shutil.copytree(srnet_model, only_two)
+    (only_two / "difftool.json").write_text(
+        json.dumps({**meta, "scales": [2], "variants": {"2": "x2"}, "default_variant": "2"})
+    )
+    image = Image.new("RGB", (10, 8), (40, 90, 200))
+    result = api.run("superres", image, model=str(only_two), registry=registry, dtype="fp32")  # no --scale
+    assert result.record["scale"] == 2 and result.image.size == (20, 16)

@@ -13,13 +13,22 @@ the same ``config.json`` + safetensors folder format and ``from_pretrained`` as 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.models.unets.unet_2d import UNet2DOutput
+from diffusers.utils import BaseOutput
 from torch import nn
+
+
+@dataclass
+class SRNetOutput(BaseOutput):
+    """``.sample``: the predicted clean residual (the U-Nets' output convention; its module imports slowly)."""
+
+    sample: torch.Tensor
 
 
 class FiLMBlock(nn.Module):
@@ -70,7 +79,7 @@ class SRNet(ModelMixin, ConfigMixin):
 
     def forward(
         self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels: torch.Tensor | None = None
-    ) -> UNet2DOutput:
+    ) -> SRNetOutput:
         batch, scale = sample.shape[0], int(self.config.scale)
         t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(batch)
         emb = self.time_embedding(self.time_proj(t).to(sample.dtype))
@@ -80,4 +89,4 @@ class SRNet(ModelMixin, ConfigMixin):
         for index, block in enumerate(self.body):
             h = block(h, film[:, index, 0], film[:, index, 1])
         h = self.body_out(h) + x
-        return UNet2DOutput(sample=F.pixel_shuffle(self.tail(h), scale))
+        return SRNetOutput(sample=F.pixel_shuffle(self.tail(h), scale))

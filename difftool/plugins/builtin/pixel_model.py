@@ -218,11 +218,21 @@ def save_pixel_model(
             unet.float()
         (tmp / "scheduler_config.json").write_text(json.dumps(scheduler_config, indent=2, sort_keys=True))
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _normal_permissions(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _normal_permissions(folder: Path) -> None:
+    """mkdtemp makes 0700 folders (and some writers 0600 files): give a model folder what mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 # --- running ---------------------------------------------------------------------------------------

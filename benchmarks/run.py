@@ -86,7 +86,7 @@ def main() -> None:
     started = time.perf_counter()
 
     # Super-resolution (quality, speed, community models) is benchmarked side by side by superres.py.
-    lines += ["Super-resolution: see the next section (`python benchmarks/superres.py`).", ""]
+    lines += ["Super-resolution has its own section below (`python benchmarks/superres.py`).", ""]
 
     # --- inpaint quality --------------------------------------------------------------------------
     lines += [
@@ -140,7 +140,6 @@ def main() -> None:
                 lines.append(f"| {name} | {shown} | {seconds:.1f} | {rss:.2f} |")
     lines += [
         "",
-        "Target: inpaint faster than the superres job of the same size.",
         "",
         f"Benchmark wall time: {time.perf_counter() - started:.0f} s.",
         "",

@@ -185,6 +185,9 @@ def main() -> None:
         "",
         "![4x crop of docs/sample.png: Lanczos and difftool side by side](images/superres-vs-lanczos.png)",
         "",
+        "(`docs/sample.png` is a downscaled training photo, the Middlebury motorcycle: the figure is a demo, "
+        "the tables above are the evaluation.)",
+        "",
         "### Speed and memory (fresh process each; seconds include loading; s/MP per output megapixel)",
         "",
         "| model | job | backend | dtype | seconds | s/MP | peak RSS GiB |",

@@ -19,7 +19,8 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("build", reason="the test extra installs build")
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--wheel", "--outdir", str(out), str(ROOT)],
+        # No --sdist/--wheel: the wheel is built from the sdist, so neither can pick up stale build/ files.
+        [sys.executable, "-m", "build", "--outdir", str(out), str(ROOT)],
         check=True,
         capture_output=True,
         timeout=600,
@@ -43,8 +44,11 @@ def test_the_wheel_holds_licence_notice_models_and_every_data_file(dist: Path) -
     names = set(zipfile.ZipFile(wheel).namelist())
     info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
     assert {f"{info}/licenses/LICENSE", f"{info}/licenses/NOTICE"} <= names
-    missing = [n for n in package_files() if n not in names]
+    declared = package_files()
+    missing = [n for n in declared if n not in names]
     assert not missing, f"the wheel lacks {missing[:5]}"
+    stale = [n for n in names if n.startswith("difftool/") and not n.endswith(".py") and n not in declared]
+    assert not stale, f"the wheel holds files the checkout does not: {stale[:5]}"
     weights = [n for n in names if n.startswith("difftool/models/") and n.endswith(".safetensors")]
     assert any("/superres/" in n for n in weights) and any("/inpaint/" in n for n in weights)
     print(f"wheel {wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB")

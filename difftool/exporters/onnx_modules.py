@@ -37,6 +37,9 @@ class ModuleSpec:
     outputs: tuple[str, ...]
     checks: tuple[Mapping[str, torch.Tensor], ...]
     tolerance: float = 1e-4
+    #: ``dynamo`` (torch.export) or ``torchscript``, the tracing exporter, for networks torch.export
+    #: cannot take (torch 2.13 crashes the process on SPAN's decomposition; see upscalers.py).
+    exporter: str = "dynamo"
 
     def dynamic_shapes(self) -> tuple[dict[int, Any], ...]:
         dims: dict[str, Any] = {}
@@ -53,6 +56,20 @@ class ModuleSpec:
 def export_module(graph: torch.nn.Module, path: Path, spec: ModuleSpec) -> None:
     """Write ``graph`` (positional inputs in ``spec.inputs`` order) as ONNX at ``path``."""
     external = sum(p.numel() * p.element_size() for p in graph.parameters()) > EXTERNAL_DATA_BYTES
+    if spec.exporter == "torchscript":
+        axes = {name: {axis: dim for axis, (dim, _, _) in dims.items()} for name, dims in spec.dynamic.items()}
+        with torch.no_grad():
+            torch.onnx.export(
+                graph,
+                tuple(spec.inputs.values()),
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(spec.inputs),
+                output_names=list(spec.outputs),
+                dynamic_axes=axes,
+            )
+        return
     with torch.no_grad():
         program = torch.onnx.export(
             graph,
@@ -114,6 +131,7 @@ def cached_module_export(
         "inputs": {k: [str(v.dtype), v.ndim] for k, v in spec.inputs.items()},
         "dynamic": {k: {str(a): list(d) for a, d in v.items()} for k, v in spec.dynamic.items()},
         "outputs": list(spec.outputs),
+        "exporter": spec.exporter,
         "opset": OPSET,
         "torch": torch.__version__,
         "onnx": onnx.__version__,

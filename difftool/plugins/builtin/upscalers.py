@@ -19,7 +19,7 @@ import contextlib
 import enum
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,12 @@ UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "upscale_models", "models/ESRGAN", "models/RealESRGAN")
 #: ``ModelEntry.family`` of the upscalers ``difftool models`` lists.
 FAMILY = "upscaler"
-#: spandrel architecture ids whose ONNX export is tested (ESRGAN covers Real-ESRGAN x4plus, BSRGAN and
-#: most community "4x-*" models; Compact is Real-ESRGAN's SRVGG). torch 2.13's exporter crashes the
-#: process on SPAN's decomposition, so architectures are admitted one by one, each with a test.
-ONNX_ARCHITECTURES = frozenset({"ESRGAN", "Compact"})
+#: spandrel architecture id -> the ONNX exporter tested for it (ESRGAN covers Real-ESRGAN x4plus, BSRGAN
+#: and most community "4x-*" models; Compact is Real-ESRGAN's SRVGG). torch 2.13's torch.export-based
+#: exporter crashes the process on SPAN's decomposition, so SPAN exports with the tracing exporter. SwinIR
+#: is left out: a traced graph keeps the attention mask of the traced size (4e-4 off at other sizes). An
+#: untested architecture could crash the process too, so each is admitted with a test.
+ONNX_ARCHITECTURES = {"ESRGAN": "dynamo", "Compact": "dynamo", "SPAN": "torchscript"}
 
 
 def _needs_torchvision(*args: Any, **kwargs: Any) -> Any:
@@ -253,18 +255,18 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
 
 
 class _PaddedOnnx:
-    """An exported upscaler on ONNX Runtime, padding each tile to the architecture's size requirements
-    (as spandrel's own call does) and cropping the result."""
+    """An exported upscaler on ONNX Runtime, padding each tile to the sizes its graph takes (as spandrel's
+    own call pads to the architecture's size requirements) and cropping the result."""
 
-    def __init__(self, module: Any, requirements: Any, scale: int) -> None:
-        self.module, self.requirements, self.scale = module, requirements, scale
+    def __init__(self, module: Any, sizes: Callable[[int, int], tuple[int, int]], scale: int) -> None:
+        self.module, self.sizes, self.scale = module, sizes, scale
         self.fingerprint = module.fingerprint
 
     def __call__(self, image: Any) -> Any:
         import torch.nn.functional as F
 
         height, width = image.shape[-2:]
-        need = _padded_size(height, width, self.requirements)
+        need = self.sizes(height, width)
         padded = F.pad(image, (0, need[1] - width, 0, need[0] - height), mode="replicate")
         (out,) = self.module(padded.contiguous())
         return out[..., : height * self.scale, : width * self.scale]
@@ -281,54 +283,58 @@ def _padded_size(height: int, width: int, requirements: Any) -> tuple[int, int]:
 def onnx_runner(upscaler: Upscaler, device: str) -> Any:
     """The upscaler exported to ONNX (validated against PyTorch, cached by the weights' hash) on ONNX Runtime.
 
-    Height and width are dynamic in multiples of the architecture's ``multiple_of``; a network that
-    cannot be exported that way (window attention with fixed shapes) fails with a one-line error.
+    Batch, height and width are dynamic; tiles are padded to the architecture's size requirements.
     """
     import torch
 
     from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
 
-    if upscaler.descriptor.architecture.id not in ONNX_ARCHITECTURES:
+    architecture = upscaler.descriptor.architecture.id
+    if architecture not in ONNX_ARCHITECTURES:
         raise ModelError(
             f"{upscaler.name} ({upscaler.architecture}) is not exported to ONNX by difftool yet "
             f"(tested: {', '.join(sorted(ONNX_ARCHITECTURES))})",
             "use --backend torch for this model",
         )
     requirements = upscaler.descriptor.size_requirements
+
+    def sizes(height: int, width: int) -> tuple[int, int]:
+        return _padded_size(height, width, requirements)
+
     g = torch.Generator().manual_seed(0)
 
     def example(batch: int, height: int, width: int) -> torch.Tensor:
-        return torch.rand(batch, 3, *_padded_size(height, width, requirements), generator=g)
+        return torch.rand(batch, 3, *sizes(height, width), generator=g)
 
+    exporter = ONNX_ARCHITECTURES[architecture]
     inputs = example(2, 20, 28)  # distinct sizes and batch 2: no 0/1 specialisation
     multiple = max(1, int(requirements.multiple_of))
-    spec = ModuleSpec(
-        inputs={"image": inputs},
-        dynamic={} if multiple > 1 else {"image": {0: ("batch", 1, 16), 2: ("h", 2, 4096), 3: ("w", 2, 4096)}},
-        outputs=("out",),
-        checks=({"image": example(1, 17, 23)}, {"image": example(1, 32, 12)})
-        if multiple == 1
-        else ({"image": inputs},),
-    )
     if multiple > 1:
         raise ModelError(
-            f"{upscaler.name} ({upscaler.architecture}) needs sizes in multiples of {multiple}; difftool exports "
-            "only upscalers that take any size to ONNX so far",
+            f"{upscaler.name} ({upscaler.architecture}) needs sizes in multiples of {multiple}; its ONNX export "
+            "is not built yet",
             "use --backend torch for this model",
         )
+    spec = ModuleSpec(
+        inputs={"image": inputs},
+        dynamic={"image": {0: ("batch", 1, 16), 2: ("h", 2, 4096), 3: ("w", 2, 4096)}},
+        outputs=("out",),
+        checks=({"image": example(1, 17, 23)}, {"image": example(1, 32, 12)}),
+        exporter=exporter,
+    )
     try:
         entry = cached_module_export(
             lambda: upscaler.descriptor.model.float().eval(), f"upscaler-{upscaler.sha256[:12]}", spec, upscaler.sha256
         )
     except DifftoolError:
         raise
-    except Exception as exc:  # noqa: BLE001 - torch.export rejects some architectures in many ways
+    except Exception as exc:  # noqa: BLE001 - the exporters reject some architectures in many ways
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(
             f"{upscaler.name} ({upscaler.architecture}) cannot be exported to ONNX: {detail[:200]}",
             "use --backend torch for this model",
         ) from None
-    return _PaddedOnnx(OnnxModule(entry, device), requirements, upscaler.scale)
+    return _PaddedOnnx(OnnxModule(entry, device), sizes, upscaler.scale)
 
 
 def model_record(upscaler: Upscaler) -> dict[str, Any]:

@@ -216,13 +216,13 @@ def test_spandrel_imports_without_torchvision_and_leaves_no_stand_in() -> None:
 
 
 def test_an_architecture_not_yet_exported_says_so(photo_rgb, tmp_path: Path, registry) -> None:
-    path = tmp_path / "2x-span.safetensors"
-    save_file(build("span")[0], path)
-    with pytest.raises(ModelError, match=r"\(SPAN\) is not exported to ONNX by difftool yet"):
+    path = tmp_path / "2x-swinir.safetensors"
+    save_file(build("swinir")[0], path)
+    with pytest.raises(ModelError, match=r"\(SwinIR\) is not exported to ONNX by difftool yet"):
         api.run("superres", photo_rgb, model=str(path), backend="onnx", registry=registry)
 
 
-@pytest.mark.parametrize("kind", ["compact", "esrgan-new"])
+@pytest.mark.parametrize("kind", ["compact", "esrgan-new", "span"])
 def test_onnx_backend_exports_validates_and_matches_torch(kind: str, photo_rgb, tmp_path, monkeypatch, registry):
     pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))

@@ -61,7 +61,8 @@ def _table(rows: list[dict], task: str) -> str:
     return "\n".join(out)
 
 
-def model_card(task: str, meta: dict, config: dict, rows: list[dict]) -> str:
+def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: list[dict] | None = None) -> str:
+    """The model card; ``configs``: one training config per variant (SRNet: per scale), ``config`` the first."""
     train_names = [c.name for c in builtin_corpus("train")]
     licences = sorted({CORPUS[n][2] for n in train_names})
     formulation = (
@@ -92,15 +93,20 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict]) -> str:
             "safetensors."
         )
     config_name = f"{task}-x{config['scales'][0]}" if config.get("arch") == "srnet" else task
+    runs = "; ".join(
+        (f"{c['scales'][0]}x: " if len(configs or []) > 1 else "")
+        + f"{c['steps']} steps on {c['crop']} px crops, seed {c['seed']}"
+        for c in (configs or [config])
+    )
     return f"""# difftool {task} model (embedded)
 
 {network}
 
 * **Formulation**: {formulation}. Predicts the clean sample (`prediction_type="sample"`), cosine noise
-  schedule, sampled with DDIM "trailing" in **{meta["steps"]} steps** by default (`--steps` up to 8 works).
-* **Training**: {meta.get("trained_steps")} steps of batch {config["batch"]} random {config["crop"]} px crops
+  schedule, sampled with DDIM "trailing" in **{meta["steps"]} step(s)** by default (`--steps` up to 8 works).
+* **Training**: {runs}; batches of {config["batch"]} random crops
   (flips, rotations, 0.6-1.0 scale jitter), AdamW lr {config["lr"]} with warm-up and cosine decay, L1 loss,
-  EMA {config["ema_decay"]}, bf16 autocast, seed {config["seed"]}. Config:
+  EMA {config["ema_decay"]}, bf16 autocast. Config:
   `difftool/training/configs/{config_name}.json`{" (and the other scale's)" if config.get("arch") == "srnet" else ""};
   reproduce with
   `difftool train {task} --config difftool/training/configs/{config_name}.json -o runs/{config_name}`.
@@ -158,7 +164,7 @@ def embed(task: str, runs: list[Path], weights: str = "ema") -> Path:
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     meta["weights"] = "the EMA of the weights" if weights == "ema" else "the final weights (not the EMA)"
     rows = evaluate(tmp, task, dtype="fp32")
-    (tmp / "README.md").write_text(model_card(task, meta, configs[0], rows))
+    (tmp / "README.md").write_text(model_card(task, meta, configs[0], rows, configs))
     (tmp / "eval.json").write_text(json.dumps(rows, indent=1, default=float))
     from difftool.core.atomic import replace_dir
 

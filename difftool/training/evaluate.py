@@ -53,13 +53,21 @@ def superres_scores(hr: Image.Image, restored: Image.Image, scale: int) -> dict[
 
 def evaluate_superres(
     model: str | Path,
-    scales: tuple[int, ...] = (2, 4),
+    scales: tuple[int, ...] | None = None,
     dtype: str = "auto",
     crop: int | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per held-out image and scale: the model's scores and bicubic's and Lanczos'."""
+    """One row per held-out image and scale (default: the scales the model offers): the model's scores
+    and bicubic's and Lanczos'."""
+    import json
+
     from difftool import api
+    from difftool.plugins.builtin.pixel_model import META_FILE
+
+    if scales is None:  # a one-scale model (an SRNet run) cannot be asked for the other scale
+        meta = json.loads((Path(model) / META_FILE).read_text())
+        scales = tuple(int(s) for s in meta.get("scales", (2, 4)))
 
     rows = []
     for name, image in holdout_images(limit):

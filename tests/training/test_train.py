@@ -90,6 +90,11 @@ def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, 
         registry=registry,
     )
     assert result.image.size == (24, 20)
+    pytest.importorskip("skimage", reason="the test extra installs scikit-image")
+    from difftool.training.evaluate import evaluate
+
+    rows = evaluate(tmp_path / "b" / "model", "superres", limit=1)  # what `difftool train` prints at the end
+    assert [row["scale"] for row in rows] == [2]  # only the scale this one-scale model offers
     with pytest.raises(ValueError, match="one scale"):
         Trainer(tiny("superres", arch="srnet", scales=[2, 4]), tmp_path / "c")
 

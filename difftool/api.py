@@ -15,11 +15,13 @@ from typing import Any
 from PIL import Image
 
 from difftool import __version__
-from difftool.core.devices import resolve_dtype
-from difftool.core.errors import DifftoolError, ModelError, ParameterError, PluginError
+from difftool.core.errors import DifftoolError, ParameterError, PluginError
 from difftool.core.images import LoadedImage, open_image
-from difftool.core.task import CancelToken, Param, ProgressCallback, RunContext, Task, TaskRequest
-from difftool.plugins.registry import Registry, get_registry
+from difftool.core.task import CancelToken, ProgressCallback, RunContext, Task, TaskRequest
+from difftool.plan import Plan, param_choices, preflight, validate_params
+from difftool.plugins.registry import Registry
+
+__all__ = ["RunResult", "execute", "param_choices", "prepare", "run", "validate_params"]
 
 
 @dataclass
@@ -52,38 +54,18 @@ def _load(value: Any, what: str) -> LoadedImage:
     raise ParameterError(f"{what}: expected an image path, bytes or PIL image, got {type(value).__name__}")
 
 
-def param_choices(param: Param, registry: Registry) -> tuple[str, ...]:
-    if param.choices_from == "schedulers":
-        return tuple(registry.schedulers)
-    return param.choices
-
-
-def validate_params(task: Task, params: Mapping[str, Any], registry: Registry) -> dict[str, Any]:
-    """Apply defaults, convert and range-check ``params`` against the task's declaration."""
-    declared = {p.name: p for p in task.params}
-    unknown = sorted(set(params) - set(declared))
-    if unknown:
-        raise ParameterError(
-            f"task {task.name!r} has no parameter {unknown[0]!r}",
-            f"its parameters are: {', '.join(declared) or 'none'}",
-        )
-    values: dict[str, Any] = {}
-    for name, param in declared.items():
-        value = params.get(name, param.default)
-        choices = param_choices(param, registry) if param.type == "choice" else None
-        value = param.validate(value, choices)
-        if param.type in ("image", "mask") and value is not None:
-            value = _load(value, param.flag)
-        values[name] = value
-    return values
-
-
-def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any], registry: Registry) -> TaskRequest:
-    """Validate parameters and load the inputs of one run."""
+def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any]) -> TaskRequest:
+    """Load the inputs and image parameters of one run (``params`` already validated by the preflight)."""
     if len(inputs) != len(task.inputs):
         names = ", ".join(p.name for p in task.inputs)
         raise ParameterError(f"task {task.name!r} takes {len(task.inputs)} input(s) ({names}), got {len(inputs)}")
-    values = validate_params(task, params, registry)
+    kinds = {p.name: p.type for p in task.params}
+    values = {
+        name: _load(value, f"--{name.replace('_', '-')}")
+        if kinds[name] in ("image", "mask") and value is not None
+        else value
+        for name, value in params.items()
+    }
     loaded = {
         port.name: _load(value, port.name) if port.kind in ("image", "mask") else value
         for port, value in zip(task.inputs, inputs, strict=True)
@@ -106,6 +88,7 @@ def run(
     backend: str = "torch",
     device: str = "cpu",
     dtype: str = "auto",
+    backend_options: Mapping[str, Any] | None = None,
     seed: int | None = None,
     progress: ProgressCallback | None = None,
     preview_every: int = 0,
@@ -117,22 +100,37 @@ def run(
 
     Raises a :class:`~difftool.core.errors.DifftoolError` subclass with a one-line message for anything
     the caller can fix; a task's unexpected exception comes back as a ``PluginError`` naming its plugin.
+    To run many inputs with one check, :func:`difftool.plan.preflight` once and :func:`execute` each.
     """
-    registry = registry or get_registry()
-    instance = registry.task(task)
-    dtype = resolve_dtype(dtype, device)
-    reason = instance.availability(model)
-    if reason:
-        raise ModelError(f"task {task!r} cannot run: {reason}")
-    registry.backend(backend, device)
-    request = prepare(instance, inputs, params, registry)
+    plan = preflight(
+        task,
+        model=model,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        backend_options=backend_options,
+        params=params,
+        registry=registry,
+    )
+    return execute(plan, *inputs, seed=seed, progress=progress, preview_every=preview_every, cancel=cancel)
+
+
+def execute(
+    plan: Plan,
+    *inputs: Any,
+    seed: int | None = None,
+    progress: ProgressCallback | None = None,
+    preview_every: int = 0,
+    cancel: CancelToken | None = None,
+) -> RunResult:
+    """Run a preflighted :class:`~difftool.plan.Plan` on ``inputs``."""
+    task, instance, registry = plan.task_name, plan.task, plan.registry
+    request = prepare(instance, inputs, plan.params)
     seed = new_seed() if seed is None else int(seed)
     context = RunContext(
         seed=seed,
-        device=device,
-        dtype=dtype,
-        backend=backend,
-        model=model,
+        backend=plan.backend,
+        model=plan.model,
         progress=progress,
         preview_every=preview_every,
         cancel=cancel or CancelToken(),
@@ -140,7 +138,7 @@ def run(
     )
     try:
         context.cancel.raise_if_cancelled()
-        context.export_shapes = instance.export_shapes(request.params)
+        context.export_shapes = instance.export_shapes(request)
         result = instance.run(request, context)
         context.cancel.raise_if_cancelled()  # a cancel during the last step or the decode: nothing is returned to save
     except DifftoolError:
@@ -155,22 +153,23 @@ def run(
     except Exception as exc:
         detail = str(exc).splitlines()[0] if str(exc) else ""
         raise PluginError(
-            f"task {task!r} (plugin {registry.task_plugin(task)}) failed: {type(exc).__name__}: {detail}",
+            f"task {task!r} (plugin {plan.plugin}) failed: {type(exc).__name__}: {detail}",
             "run with --debug for the traceback and report it to the plugin's author",
         ) from exc
     if len(result.images) != len(instance.outputs):
         raise PluginError(
-            f"task {task!r} (plugin {registry.task_plugin(task)}) returned {len(result.images)} image(s) "
+            f"task {task!r} (plugin {plan.plugin}) returned {len(result.images)} image(s) "
             f"but declares {len(instance.outputs)} output(s)",
             "report it to the plugin's author",
         )
     record = {
         "task": task,
-        **{k: _plain(v) for k, v in request.params.items() if v is not None},
+        **{k: _plain(v) for k, v in plan.params.items() if v is not None},
         "seed": seed,
-        "backend": backend,
-        "device": device,
-        "dtype": dtype,
+        "backend": plan.backend.name,
+        "device": plan.backend.device,
+        "dtype": plan.backend.dtype,
+        **({"backend_options": plan.backend.record()} if plan.backend.record() else {}),
         "difftool_version": __version__,
         **result.record,
     }
@@ -179,7 +178,7 @@ def run(
         record["precision"] = str(denoiser.dtype).replace("torch.", "")
         if getattr(denoiser, "fingerprint", None):
             record["artifact"] = denoiser.fingerprint
-    scheduler = registry.schedulers.get(str(record.get("scheduler")))
+    scheduler = registry.schedulers.get(str(record.get("scheduler"))) if registry is not None else None
     if scheduler is not None:
         record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field
     return RunResult(result.images, record)

@@ -47,9 +47,11 @@ def click_option(param: Param, registry: Any) -> click.Option:
     elif param.type == "float":
         kwargs["type"] = click.FloatRange(param.min, param.max)
     elif param.type == "choice":
-        from difftool.api import param_choices
+        from difftool.plan import param_choices
 
-        kwargs["type"] = click.Choice(param_choices(param, registry))
+        kwargs["type"] = click.Choice([str(c) for c in param_choices(param, registry)])  # typed by the preflight
+        default = None if param.default is None else str(param.default)
+        return click.Option([param.flag, param.name], default=default, **kwargs)
     elif param.type in ("image", "mask"):
         kwargs["type"] = click.Path(exists=True, dir_okay=False)
     elif param.type == "path":
@@ -59,10 +61,14 @@ def click_option(param: Param, registry: Any) -> click.Option:
     return click.Option([param.flag, param.name], default=param.default, **kwargs)
 
 
-def common_options(task: Task, registry: Any) -> list[click.Option]:
-    options = [
-        click.Option(["-o", "--output"], help="output file (one input) or folder; default: beside each input"),
-        click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
+def backend_options(registry: Any) -> list[click.Option]:
+    """``--backend``, ``--device``, ``--dtype`` and ``--backend-opt``: only for tasks that load a model."""
+    declared = "; ".join(
+        f"{name}: {', '.join(p.name for p in backend.options)}"
+        for name, (backend, _) in sorted(registry.backends.items())
+        if backend.options
+    )
+    return [
         click.Option(["--backend"], type=click.Choice(sorted(registry.backends)), default="torch", show_default=True),
         click.Option(["--device"], default="cpu", show_default=True, help="cpu or cuda[:N]"),
         click.Option(
@@ -72,6 +78,30 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
             show_default=True,
             help="auto: bf16 on CPUs with AMX/AVX-512 BF16, fp16 on CUDA, else fp32",
         ),
+        click.Option(
+            ["--backend-opt", "backend_opt"],
+            multiple=True,
+            metavar="NAME=VALUE",
+            help=f"a backend option ({declared}; `difftool backends` lists them with defaults)",
+        ),
+    ]
+
+
+def parse_backend_options(items: tuple[str, ...]) -> dict[str, str]:
+    """``("threads=4", "provider=cpu")`` -> ``{"threads": "4", "provider": "cpu"}``; values are checked later."""
+    options = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--backend-opt")
+        options[name.strip().replace("-", "_")] = value
+    return options
+
+
+def common_options(task: Task, registry: Any) -> list[click.Option]:
+    options = [
+        click.Option(["-o", "--output"], help="output file (one input) or folder; default: beside each input"),
+        click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
         click.Option(["--seed"], type=click.IntRange(0, 2**63 - 1), help="random seed (default: random, recorded)"),
         click.Option(["--json", "as_json"], is_flag=True, help="print a machine-readable result on stdout"),
         click.Option(
@@ -87,6 +117,7 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
         click.Option(["--debug"], is_flag=True, help="show tracebacks and debug logs"),
     ]
     if task.uses_model:
+        options[2:2] = backend_options(registry)
         options.insert(0, click.Option(["--model"], help="model folder, file or name from `difftool models`"))
     return options
 
@@ -125,6 +156,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     from tqdm import tqdm
 
     from difftool import api, jobs
+    from difftool.plan import preflight
 
     debug = values.pop("debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
@@ -133,26 +165,18 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     output, overwrite, as_json = values.pop("output"), values.pop("overwrite"), values.pop("as_json")
     executor = values.pop("executor", "local")
     ray_options = {k: values.pop(k, None) for k in ("address", "workers", "gpus_per_worker")}
-    common = {k: values.pop(k) for k in ("backend", "device", "dtype") if k in values}
-    common["model"] = values.pop("model", None)
+    request = {k: values.pop(k) for k in ("model", "backend", "device", "dtype") if k in values}
     seed = values.pop("seed", None)
-    params = {k: v for k, v in values.items() if v is not None}
-    task = registry.task(task_name)
     try:
-        reason = task.availability(common["model"])
-        if reason:
-            from difftool.core.errors import ModelError
-
-            raise ModelError(f"task {task_name!r} cannot run: {reason}")
-        registry.backend(common["backend"], common["device"])
-        job = jobs.plan(
-            task_name,
-            registry,
+        if "backend_opt" in values:
+            request["backend_options"] = parse_backend_options(values.pop("backend_opt"))
+        params = {k: v for k, v in values.items() if v is not None}
+        run_plan = preflight(task_name, registry=registry, params=params, **request)
+        job = jobs.plan_job(
+            run_plan,
             specs=specs,
             output=output,
             base_seed=api.new_seed() if seed is None else seed,
-            params=params,
-            common=common,
             overwrite=overwrite,
             count=count,
             seed_given=seed is not None,
@@ -173,7 +197,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             fail(error, debug)
     else:
         try:
-            records = _run_local(job, registry, tqdm)
+            records = _run_local(job, run_plan, tqdm)
         except DifftoolError as error:  # one input: its error is the command's error
             fail(error, debug)
         except OSError as error:
@@ -203,7 +227,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
         sys.exit(1)
 
 
-def _run_local(job: Any, registry: Any, tqdm: Any) -> list[dict[str, Any]]:
+def _run_local(job: Any, run_plan: Any, tqdm: Any) -> list[dict[str, Any]]:
     """The one-process executor: items in order, a step bar per item and an overall bar."""
     from difftool import jobs
 
@@ -217,7 +241,7 @@ def _run_local(job: Any, registry: Any, tqdm: Any) -> list[dict[str, Any]]:
             bar.update(step - bar.n)
 
         try:
-            record = jobs.process_item(job, item, registry, progress, raise_errors=len(job.items) == 1)
+            record = jobs.process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
         finally:
             bar.close()
         if record["status"] == "failed" and len(job.items) > 1:
@@ -323,18 +347,38 @@ def tasks(name: str | None) -> None:
         click.echo(f"  not ready: {reason}")
     click.echo("inputs: " + ", ".join(f"{p.name} ({p.kind})" for p in task.inputs))
     click.echo("parameters:")
-    from difftool.api import param_choices
+    from difftool.plan import param_choices
 
     rows = []
     for p in task.params:
         kind = p.type
         if p.type == "choice":
-            kind = "|".join(param_choices(p, registry))
+            kind = "|".join(map(str, param_choices(p, registry)))
         elif p.min is not None or p.max is not None:
             kind += f" {p.range_text()}"
         default = "required" if p.required else f"default {p.default}"
         rows.append((f"  {p.flag}", kind, default, p.help))
     _table(rows)
+
+
+@cli.command()
+def backends() -> None:
+    """List backends, whether each runs here (CPU and cuda), and their --backend-opt options."""
+    from difftool.core.cuda import runtime
+
+    registry = _registry()
+    devices = ["cpu"] + ([f"cuda:{i}" for i in range(runtime().device_count())] or ["cuda"])
+    for name, (backend, plugin) in sorted(registry.backends.items()):
+        click.echo(f"{name} ({plugin}): {backend.summary}")
+        for device in devices:
+            reason = backend.unavailable_reason(device)
+            click.echo(f"  {device}: {'ready' if reason is None else 'unavailable: ' + reason}")
+        rows = []
+        for p in backend.options:
+            kind = "|".join(map(str, p.choices)) if p.type == "choice" else f"{p.type} {p.range_text()}".rstrip()
+            default = f"default {p.default}" + (f" (${p.env})" if p.env else "")
+            rows.append((f"  --backend-opt {p.name}=", kind, default, p.help))
+        _table(rows)
 
 
 @cli.command()

@@ -17,10 +17,13 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import atomic_write_bytes, claim, clean_stale_temps
 from difftool.core.errors import DifftoolError, OutputError, OutputExistsError, ParameterError
+
+if TYPE_CHECKING:
+    from difftool.plan import Plan
 
 REPORT_NAME = "report.jsonl"
 log = logging.getLogger("difftool")
@@ -43,7 +46,8 @@ class FolderJob:
     task: str
     items: list[JobItem]
     params: dict[str, Any]
-    #: ``model``, ``backend``, ``device``, ``dtype`` for :func:`difftool.api.run`.
+    #: The plan's request fields (``model``, ``backend``, ``device``, ``dtype``, ``backend_options``):
+    #: a worker in another process preflights the same plan from them.
     common: dict[str, Any]
     overwrite: bool = False
     #: Where ``report.jsonl`` goes (the output folder), or ``None``.
@@ -68,20 +72,17 @@ class FolderJob:
         self.fingerprint = hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def plan(
-    task_name: str,
-    registry: Any,
+def plan_job(
+    run_plan: Plan,
     *,
     specs: list[str],
     output: str | None,
     base_seed: int,
-    params: dict[str, Any],
-    common: dict[str, Any],
     overwrite: bool = False,
     count: int = 1,
     seed_given: bool = False,
 ) -> FolderJob:
-    """Expand inputs, name outputs and derive seeds; raises a :class:`DifftoolError` for bad arguments.
+    """Expand inputs, name outputs and derive seeds for a preflighted plan; raises a :class:`DifftoolError`.
 
     Everything that can be checked before the work is: inputs are regular files, no two inputs share
     an output, no output replaces an input, and every output folder can be written.
@@ -89,7 +90,7 @@ def plan(
     from difftool.api import derive_seed
     from difftool.batch import BatchItem, expand_inputs, output_is_file, output_paths
 
-    task = registry.task(task_name)
+    task, task_name, registry = run_plan.task, run_plan.task_name, run_plan.registry
     if task.inputs:
         remote = [spec for spec in specs if "://" in spec]
         batch = expand_inputs([spec for spec in specs if "://" not in spec]) if len(remote) < len(specs) else []
@@ -133,14 +134,19 @@ def plan(
     return FolderJob(
         task_name,
         items,
-        params,
-        common,
+        job_params(run_plan),
+        run_plan.request_fields(),
         overwrite=overwrite,
         report_dir=report_dir,
         plugin_modules=tuple(getattr(registry, "plugin_modules", ())),
         entry_points=bool(getattr(registry, "entry_points", True)),
         explicit_seed=base_seed if seed_given else None,
     )
+
+
+def job_params(run_plan: Plan) -> dict[str, Any]:
+    """The plan's parameters (``None`` left out), for workers and the job fingerprint."""
+    return {k: v for k, v in run_plan.params.items() if v is not None}
 
 
 def check_writable(folder: Path) -> None:
@@ -237,9 +243,12 @@ def recorded_seed(item: JobItem, default: int) -> int:
 
 
 def process_item(
-    job: FolderJob, item: JobItem, registry: Any, progress: Any = None, *, raise_errors: bool = False
+    job: FolderJob, item: JobItem, run_plan: Plan, progress: Any = None, *, raise_errors: bool = False
 ) -> dict[str, Any]:
-    """Run one input and write its outputs. The user's errors go in the record (``raise_errors``: raised)."""
+    """Run one input of ``job`` with its preflighted plan and write its outputs.
+
+    The user's errors go in the record (``raise_errors``: raised).
+    """
     from difftool import api
     from difftool.core.images import save_image
 
@@ -277,9 +286,7 @@ def process_item(
                     "pass --overwrite to replace it or -o another folder",
                 )
             args = (data,) if data is not None else ()
-            result = api.run(
-                job.task, *args, seed=item.seed, progress=progress, registry=registry, **job.common, **job.params
-            )
+            result = api.execute(run_plan, *args, seed=item.seed, progress=progress)
             meta = {**result.record, "input": item.source, "job": job.fingerprint}
             if digest is not None:
                 meta["input_sha256"] = digest

@@ -71,10 +71,11 @@ def test_declared_parameters_become_typed_options() -> None:
     assert "dpmpp-2m-karras" in options["scheduler"].type.choices
     assert isinstance(options["mask"].type, click.Path) and options["mask"].type.exists
     assert options["count"].help == "how many" and options["count"].default == 2
-    assert {"model", "backend", "seed", "dtype", "device", "as_json", "debug", "output", "overwrite"} - {
-        "model"
-    } <= set(options)
-    assert "model" not in options  # the task loads no model
+    assert {"seed", "as_json", "debug", "output", "overwrite"} <= set(options)
+    # the task loads no model: no --model, and no backend, device or precision to choose
+    assert not {"model", "backend", "device", "dtype", "backend_opt"} & set(options)
+    superres = {p.name for p in cli.task_command("superres", registry).params}
+    assert {"model", "backend", "device", "dtype", "backend_opt"} <= superres
 
 
 def test_tasks_and_schedulers_and_plugins_listing(runner, monkeypatch) -> None:
@@ -109,16 +110,20 @@ def test_run_writes_output_with_metadata(runner, photo: Path, tmp_path: Path) ->
         (["run", "everything", "{photo}", "--count", "0"], 2, "0 is not in the range 1<=x<=9"),
         (["run", "everything", "{photo}", "--scheduler", "nope"], 2, "'nope' is not one of"),
         (["run", "everything", "{text}"], 1, "is not an image"),
-        (["run", "everything", "{photo}", "--backend", "nope"], 2, "'nope' is not one of"),
-        (["run", "everything", "{photo}", "--backend", "tensorrt"], 1, "TensorRT needs an NVIDIA GPU"),
-        (["run", "everything", "{photo}", "--device", "cuda:3"], 1, "backend 'torch' cannot run on cuda:3"),
+        (["run", "superres", "{photo}", "--backend", "nope"], 2, "'nope' is not one of"),
+        (["run", "superres", "{photo}", "--backend", "tensorrt"], 1, "TensorRT needs an NVIDIA GPU"),
+        (["run", "superres", "{photo}", "--device", "cuda:3"], 1, "backend 'torch' cannot run on cuda:3"),
+        (["run", "superres", "{photo}", "--backend-opt", "threads=2"], 2, "backend 'torch' has no option 'threads'"),
+        (["run", "superres", "{photo}", "--backend", "onnx", "--backend-opt", "threads=x"], 2, "threads"),
+        (["run", "superres", "{photo}", "--backend-opt", "threads"], 2, "'threads' is not NAME=VALUE"),
+        (["run", "everything", "{photo}", "--backend", "onnx"], 2, "No such option '--backend'"),
     ],
 )
 def test_bad_input_exits_non_zero_with_one_line(runner, photo: Path, tmp_path: Path, args, code, fragment) -> None:
     text = tmp_path / "notes.png"
     text.write_text("not an image")
     argv = [a.format(photo=photo, text=text) for a in args]
-    result = runner(*argv, "-o", tmp_path / "out.png") if argv[1] == "everything" else runner(*argv)
+    result = runner(*argv, "-o", tmp_path / "out.png") if argv[1] != "nosuchtask" else runner(*argv)
     assert result.exit_code == code, result.output
     assert fragment in one_line_error(result)
 

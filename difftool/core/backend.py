@@ -2,27 +2,38 @@
 
 A backend that cannot run here says why through :meth:`Backend.unavailable_reason` (like a driver
 check) instead of failing half-way through a job. Backends load their engines lazily.
+
+A backend declares its options as :class:`~difftool.core.task.Param` s, like a task's parameters:
+the CLI offers them as ``--backend-opt NAME=VALUE``, ``difftool backends`` and the GUI list them.
+:meth:`Backend.resolve` checks a backend once for a device, dtype and options and returns the
+:class:`ResolvedBackend` that a run carries down to the task; nothing looks a backend up again.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from difftool.core.errors import BackendUnavailableError, ParameterError
 
 if TYPE_CHECKING:
     import torch
 
     from difftool.core.denoiser import Denoiser
+    from difftool.core.task import ExportShapes, Param
 
 
 class Backend(ABC):
-    """A named way to run denoisers (``torch``, ``onnxruntime``, ``tensorrt``, ...)."""
+    """A named way to run denoisers (``torch``, ``onnx``, ``tensorrt``, ...)."""
 
     name: str
     summary: str = ""
-    #: Set by backends that build shape-specific engines: ``make_denoiser`` then also receives
-    #: ``shapes``, the task's :class:`~difftool.core.task.ExportShapes` (or ``None``).
-    accepts_shapes: bool = False
+    #: Declared options; a value enters the PNG metadata when the option's name is in :attr:`recorded`.
+    options: ClassVar[tuple[Param, ...]] = ()
+    #: Options that change the output (precision, provider): recorded with each image.
+    recorded: ClassVar[tuple[str, ...]] = ()
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         """``None`` if this backend can run on ``device`` here, else a one-line reason and fix."""
@@ -37,5 +48,78 @@ class Backend(ABC):
         device: str,
         dtype: torch.dtype,
         model_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        shapes: ExportShapes | None = None,
     ) -> Denoiser:
-        """A denoiser computing what ``module`` (a torch ``nn.Module``) computes, on this backend."""
+        """A denoiser computing what ``module`` (a torch ``nn.Module``) computes, on this backend.
+
+        ``options`` are this backend's validated options; ``shapes`` what the task will ask of it
+        (backends that build shape-specific engines use them).
+        """
+
+    def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
+        """Every declared option's value: ``values`` converted and checked, else its (environment) default."""
+        values = dict(values or {})
+        declared = {p.name: p for p in self.options}
+        unknown = sorted(set(values) - set(declared))
+        if unknown:
+            names = ", ".join(declared) or "none"
+            raise ParameterError(
+                f"backend {self.name!r} has no option {unknown[0]!r}", f"its options are: {names} (difftool backends)"
+            )
+        resolved = {}
+        for name, param in declared.items():
+            raw = values[name] if name in values else param.effective_default()
+            try:
+                resolved[name] = param.validate(raw)
+            except ParameterError as error:
+                source = f" (from {param.env})" if name not in values and param.env else ""
+                raise ParameterError(
+                    f"backend option {self.name}.{name}{source}: {error.problem.split(': ', 1)[-1]}",
+                    f"pass --backend-opt {name}=VALUE {param.range_text()}".rstrip(),
+                ) from None
+        return resolved
+
+    def resolve(self, device: str, dtype: str = "fp32", options: Mapping[str, Any] | None = None) -> ResolvedBackend:
+        """This backend checked for ``device`` with validated ``options``, or a one-line error."""
+        reason = self.unavailable_reason(device)
+        if reason:
+            raise BackendUnavailableError(f"backend {self.name!r} cannot run on {device}: {reason}")
+        return ResolvedBackend(self, device, dtype, self.validate_options(options))
+
+
+@dataclass(frozen=True)
+class ResolvedBackend:
+    """A backend checked once for a device, with its dtype and options: what a run carries down."""
+
+    backend: Backend
+    device: str
+    dtype: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        import torch
+
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
+    def record(self) -> dict[str, Any]:
+        """The options that change the output, for the image's metadata."""
+        return {k: self.options[k] for k in self.backend.recorded if k in self.options}
+
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, model_id: str = "", shapes: ExportShapes | None = None
+    ) -> Denoiser:
+        return self.backend.make_denoiser(
+            module,
+            prediction_type=prediction_type,
+            device=self.device,
+            dtype=self.torch_dtype,
+            model_id=model_id,
+            options=self.options,
+            shapes=shapes,
+        )

@@ -45,6 +45,21 @@ class Denoiser(ABC):
         """Model output for ``sample`` at ``timestep`` (scalar or per-batch), in the sample's dtype."""
 
 
+def copied_to(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``module`` with its parameters and buffers on ``device`` in ``dtype`` (floats only).
+
+    Each tensor is converted straight into the copy (through deepcopy's memo), so copying a large
+    model to a GPU never holds a second full copy in host memory; ``module`` itself is untouched.
+    """
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        data = tensor.detach().to(device, dtype if tensor.is_floating_point() else None)
+        memo[id(tensor)] = (
+            torch.nn.Parameter(data, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else data
+        )
+    return copy.deepcopy(module, memo)
+
+
 class TorchDenoiser(Denoiser):
     """A :class:`Denoiser` over a PyTorch ``nn.Module`` with the diffusers U-Net call convention."""
 
@@ -59,17 +74,19 @@ class TorchDenoiser(Denoiser):
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        self.device = torch.device(device)
+        from difftool.core.cuda import runtime
+
+        self.device = runtime().placement(str(device))
         self.dtype = dtype
-        current = next(iter(module.parameters()), torch.empty(0)).dtype
-        if current != dtype:
-            # Never round a caller's (often cached) weights in place: an fp32 model cast to bf16 and back
-            # would stay bf16-rounded, and a later fp32 run would silently differ. Large models avoid the
-            # copy by being loaded in the run's dtype (see the Stable Diffusion loader).
-            module = copy.deepcopy(module)
+        first = next(iter(module.parameters()), torch.empty(0))
+        if first.dtype != dtype or first.device != self.device:
+            # Never cast or move a caller's (often cached) weights in place: an fp32 model cast to bf16
+            # would stay bf16-rounded for later runs, and one moved to a GPU would break the next CPU run.
+            # Large models avoid the cast by being loaded in the run's dtype (see the SD loader).
+            module = copied_to(module, self.device, dtype)
         # channels_last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels. nn.Module.to is
         # called directly: diffusers' override warns on every dtype cast about fp32 modules it keeps.
-        self.module = torch.nn.Module.to(module, device=self.device, dtype=dtype, memory_format=torch.channels_last)
+        self.module = torch.nn.Module.to(module, memory_format=torch.channels_last)
         self.module.eval().requires_grad_(False)
         config = getattr(module, "config", None)
         self.in_channels = int(getattr(config, "in_channels", sample_channels or 0))

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
+    from difftool.core.backend import ResolvedBackend
     from difftool.core.denoiser import Denoiser
     from difftool.core.scheduler import Scheduler
 
@@ -41,10 +42,13 @@ class Param:
     help: str = ""
     min: float | None = None
     max: float | None = None
-    choices: tuple[str, ...] = ()
+    #: Allowed values, typed (``(2, 4)`` for an int choice); a string spelling (``"4"``) is accepted too.
+    choices: tuple[Any, ...] = ()
     choices_from: Literal["schedulers"] | None = None
     required: bool = False
     multiline: bool = False
+    #: Environment variable whose value, when set, replaces :attr:`default` (documented backend options).
+    env: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -53,6 +57,30 @@ class Param:
             raise TypeError(f"parameter {self.name!r}: a choice needs choices or choices_from")
         if not self.name.isidentifier():
             raise TypeError(f"parameter name {self.name!r} must be a Python identifier")
+        kinds = {type(c) for c in self.choices}
+        if len(kinds) > 1:
+            raise TypeError(f"parameter {self.name!r}: choices mix types {sorted(k.__name__ for k in kinds)}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise TypeError(f"parameter {self.name!r}: min {self.min} > max {self.max}")
+
+    def effective_default(self) -> Any:
+        """:attr:`default`, or the value of :attr:`env` when that variable is set."""
+        import os
+
+        if self.env and os.environ.get(self.env, "") != "":
+            return os.environ[self.env]
+        return self.default
+
+    def check_declaration(self, choices: Sequence[Any] | None = None) -> None:
+        """Raise ``TypeError`` if the declared default is not a valid value of this parameter."""
+        if self.default is None:
+            return
+        try:
+            value = self.validate(self.default, choices)
+        except ParameterError as error:
+            raise TypeError(f"parameter {self.name!r}: default {self.default!r} is invalid ({error.problem})") from None
+        if self.type != "path" and value != self.default:
+            raise TypeError(f"parameter {self.name!r}: default {self.default!r} is not of type {self.type}")
 
     @property
     def flag(self) -> str:
@@ -92,8 +120,14 @@ class Param:
                 raise ParameterError(f"{self.flag} {value} is out of range {self.range_text()}", fix)
         if self.type == "choice":
             allowed = tuple(choices if choices is not None else self.choices)
-            if value not in allowed:
-                raise ParameterError(f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(allowed)}")
+            match = next((c for c in allowed if c == value and type(c) is type(value)), None)
+            if match is None:  # "4" from a CLI, a form or JSON names the int choice 4
+                match = next((c for c in allowed if str(c) == str(value)), None)
+            if match is None:
+                raise ParameterError(
+                    f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(map(str, allowed))}"
+                )
+            value = match
         return value
 
     def range_text(self) -> str:
@@ -160,25 +194,46 @@ ProgressCallback = Callable[[int, int, "Image.Image | None"], None]
 
 @dataclass
 class RunContext:
-    """Everything a task run needs besides its inputs: where and how to run, and how to report."""
+    """Everything a task run needs besides its inputs: where and how to run, and how to report.
+
+    ``backend`` is the request's :class:`~difftool.core.backend.ResolvedBackend`: the backend already
+    checked for the run's device, with its options. Tasks never look a backend up by name.
+    """
 
     seed: int = 0
-    device: str = "cpu"
-    dtype: str = "fp32"
-    backend: str = "torch"
+    backend: ResolvedBackend | None = None
     model: str | None = None
     progress: ProgressCallback | None = None
     #: Decode a preview every this many steps (0: never); previews cost a decode, so opt in.
     preview_every: int = 0
     cancel: CancelToken = field(default_factory=CancelToken)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("difftool"))
-    #: Schedulers and backends are looked up here (a :class:`difftool.plugins.registry.Registry`).
+    #: Schedulers and models are looked up here (a :class:`difftool.plugins.registry.Registry`).
     registry: Any = None
     #: Denoisers this run made (the API records their precision and artifact fingerprint).
     denoisers: list[Any] = field(default_factory=list)
     #: The task's declared export shapes for this request (backends that build engines use them).
     export_shapes: ExportShapes | None = None
     _generator: Any = field(default=None, init=False, repr=False)
+
+    @property
+    def device(self) -> str:
+        return self.backend.device if self.backend is not None else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        return self.backend.dtype if self.backend is not None else "fp32"
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name if self.backend is not None else "torch"
+
+    @property
+    def torch_device(self) -> torch.device:
+        """Where this run's tensors live (ask this, not ``torch.device(context.device)``)."""
+        from difftool.core.cuda import runtime
+
+        return runtime().placement(self.device)
 
     @property
     def generator(self) -> torch.Generator:
@@ -203,17 +258,17 @@ class RunContext:
         """A fresh scheduler ``name`` for a model trained with noise schedule ``config``."""
         return self.registry.make_scheduler(name, config)
 
-    def make_denoiser(self, module: Any, *, prediction_type: str, model_id: str = "") -> Denoiser:
-        """Wrap a torch module for :attr:`backend` on :attr:`device` in :attr:`dtype`."""
-        backend = self.registry.backend(self.backend, self.device)  # checked for the run's device, not "cpu"
-        extra = {"shapes": self.export_shapes} if getattr(backend, "accepts_shapes", False) else {}
-        denoiser = backend.make_denoiser(
-            module,
-            prediction_type=prediction_type,
-            device=self.device,
-            dtype=self.torch_dtype,
-            model_id=model_id,
-            **extra,
+    def make_denoiser(
+        self, module: Any, *, prediction_type: str, model_id: str = "", shapes: ExportShapes | None = None
+    ) -> Denoiser:
+        """Wrap a torch module for the resolved backend (its device, dtype and options).
+
+        ``shapes`` overrides the task's declared :attr:`export_shapes` for this denoiser.
+        """
+        if self.backend is None:
+            raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
+        denoiser = self.backend.make_denoiser(
+            module, prediction_type=prediction_type, model_id=model_id, shapes=shapes or self.export_shapes
         )
         self.denoisers.append(denoiser)
         return denoiser
@@ -256,8 +311,8 @@ class Task(ABC):
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
         return None
 
-    def export_shapes(self, params: Mapping[str, Any]) -> ExportShapes | None:
-        """The shapes this request will send the denoiser (``None``: the backend's defaults)."""
+    def export_shapes(self, request: TaskRequest) -> ExportShapes | None:
+        """The shapes this loaded request will send the denoiser (``None``: the backend's defaults)."""
         return None
 
     @abstractmethod

@@ -27,14 +27,16 @@ FORWARDED_ENV_PREFIXES = ("DIFFTOOL_", "HF_", "TORCH_")
 
 
 class TaskActor:
-    """One Ray actor: a registry, the job, and whatever model the task loads (kept between inputs)."""
+    """One Ray actor: a registry, the job's plan (preflighted once, here), and whatever model the task loads."""
 
     def __init__(self, job: FolderJob) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from difftool.plan import preflight
         from difftool.plugins.registry import build_registry
 
         self.job = job
         self.registry = build_registry(list(job.plugin_modules), entry_points=job.entry_points)
+        self.plan = preflight(job.task, registry=self.registry, params=job.params, **job.common)
         if job.torch_threads:
             import torch
 
@@ -47,7 +49,7 @@ class TaskActor:
         for raw in batch["item"]:
             fields = json.loads(raw)
             item = JobItem(fields["source"], fields["key"], tuple(fields["outputs"]), fields["seed"])
-            records.append(json.dumps(process_item(self.job, item, self.registry)))
+            records.append(json.dumps(process_item(self.job, item, self.plan)))
         return {"record": np.array(records, dtype=object)}
 
 

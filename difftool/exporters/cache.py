@@ -140,6 +140,10 @@ class Recent:
                 self.items.popitem(last=False)
         return value
 
+    def clear(self) -> None:
+        with self.lock:
+            self.items.clear()
+
 
 class ArtifactCache:
     def __init__(self, root: Path | None = None) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from difftool.core.denoiser import copied_to
 from difftool.core.errors import ModelError
 from difftool.exporters.cache import ArtifactCache, Entry
 
@@ -140,7 +141,15 @@ def _graph(module: torch.nn.Module, signature: UNetSignature) -> _Graph:
         cls = _TextGraph
     else:
         cls = _ClassGraph if signature.class_labels else _Graph
-    return cls(module.float().eval()).eval()
+    return cls(cpu_fp32(module)).eval()
+
+
+def cpu_fp32(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` itself if it is fp32 on the CPU, else an fp32 CPU copy: a cached model is never changed."""
+    first = next(iter(module.parameters()), None)
+    if first is None or (first.dtype == torch.float32 and first.device.type == "cpu"):
+        return module
+    return copied_to(module, torch.device("cpu"), torch.float32)
 
 
 def weights_hash(module: torch.nn.Module) -> str:

@@ -6,7 +6,6 @@ through host memory and on the CPU no step converts to numpy.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +18,6 @@ from difftool.exporters.cache import Recent
 from difftool.exporters.onnx import UNetSignature, graph_inputs
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
-#: Which execution provider ``--backend onnx`` asks for: ``auto`` (CUDA on cuda devices, else CPU),
-#: or one of PROVIDERS' keys.
-PROVIDER_VARIABLE = "DIFFTOOL_ORT_PROVIDER"
 _NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
@@ -32,7 +28,7 @@ def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path
     """
     if choice not in ("auto", *PROVIDERS):
         raise ParameterError(
-            f"unknown ONNX Runtime provider {choice!r}", f"set {PROVIDER_VARIABLE} to auto, cpu, cuda or tensorrt"
+            f"unknown ONNX Runtime provider {choice!r}", "pass --backend-opt provider=auto|cpu|cuda|tensorrt"
         )
     if choice == "auto":
         choice = "cuda" if device.startswith("cuda") else "cpu"
@@ -59,23 +55,36 @@ def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path
 _SESSIONS = Recent(6)
 
 
-def make_session(path: Path, device: str, fp16: bool = False) -> Any:
+def make_session(path: Path, device: str, fp16: bool = False, provider: str = "auto", threads: int = 0) -> Any:
     """An ONNX Runtime session for ``path`` on ``device``; the same one again while the file is unchanged."""
     stat = path.stat() if path.is_file() else None
-    settings = tuple(os.environ.get(v, "") for v in (PROVIDER_VARIABLE, "DIFFTOOL_ORT_THREADS"))
     if stat is None:
-        return _new_session(path, device, fp16)
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, settings)
-    return _SESSIONS.get(key, lambda: _new_session(path, device, fp16))
+        return _new_session(path, device, fp16, provider, threads)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, provider, threads)
+    return _SESSIONS.get(key, lambda: _new_session(path, device, fp16, provider, threads))
 
 
-def _new_session(path: Path, device: str, fp16: bool) -> Any:
+def check_providers(chain: list[Any], active: list[str]) -> None:
+    """Refuse a session whose first requested provider did not load (ONNX Runtime falls back silently).
+
+    A CUDA or TensorRT provider that is compiled in but fails to load (a missing cuDNN, a driver
+    mismatch) leaves a CPU session behind; binding CUDA pointers to it would crash or lie.
+    """
+    wanted = chain[0] if isinstance(chain[0], str) else chain[0][0]
+    if wanted not in active:
+        raise BackendUnavailableError(
+            f"ONNX Runtime could not load {wanted} (the session runs on {', '.join(active) or 'nothing'})",
+            "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or pass --backend-opt provider=cpu",
+        )
+
+
+def _new_session(path: Path, device: str, fp16: bool, provider: str = "auto", threads: int = 0) -> Any:
     import onnxruntime as ort
 
     from difftool.exporters.cache import cache_root
 
     engines = cache_root() / "ort-tensorrt"
-    chain = provider_chain(device, os.environ.get(PROVIDER_VARIABLE, "auto"), fp16, engines)
+    chain = provider_chain(device, provider, fp16, engines)
     if isinstance(chain[0], tuple) and chain[0][0] == PROVIDERS["tensorrt"]:
         engines.mkdir(parents=True, exist_ok=True)
     wanted = chain[0] if isinstance(chain[0], str) else chain[0][0]
@@ -90,10 +99,11 @@ def _new_session(path: Path, device: str, fp16: bool) -> Any:
         )
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = int(os.environ.get("DIFFTOOL_ORT_THREADS", "0"))
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=chain)
+    session = ort.InferenceSession(str(path), options, providers=chain)
+    check_providers(chain, session.get_providers())
+    return session
 
 
 class OnnxRuntimeDenoiser(Denoiser):
@@ -108,13 +118,18 @@ class OnnxRuntimeDenoiser(Denoiser):
         sample_channels: int,
         device: str = "cpu",
         fp16: bool = False,
+        provider: str = "auto",
+        threads: int = 0,
     ) -> None:
-        self.session = make_session(path, device, fp16)
+        from difftool.core.cuda import runtime
+
+        self.session = make_session(path, device, fp16, provider, threads)
+        self.providers = list(self.session.get_providers())
         self.signature = signature
         self.in_channels = signature.in_channels
         self.sample_channels = sample_channels
         self.prediction_type = prediction_type
-        self.device = torch.device(device)
+        self.device = runtime().placement(device)
         self.dtype = torch.float16 if fp16 else torch.float32  # the graph's precision; its I/O is fp32
         self.path = path
 

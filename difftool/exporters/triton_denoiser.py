@@ -1,6 +1,6 @@
 """A :class:`~difftool.core.denoiser.Denoiser` that calls a Triton Inference Server over gRPC.
 
-``--backend triton`` with ``DIFFTOOL_TRITON_URL`` (``host:8001`` or ``unix:/path``) pointing at a
+``--backend triton`` with the backend option ``url`` (``host:8001`` or ``unix:/path``) pointing at a
 server that serves a repository written by ``difftool export triton``. The server model is chosen by
 its ``difftool_weights`` config parameter, so only a model exported from the same weights is used;
 its inputs must match the U-Net's signature. Each denoiser call is one ``ModelInfer`` request.
@@ -8,7 +8,6 @@ its inputs must match the U-Net's signature. Each denoiser call is one ``ModelIn
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,6 @@ from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import BackendUnavailableError, ModelError
 from difftool.exporters.onnx import UNetSignature
 
-URL_VARIABLE = "DIFFTOOL_TRITON_URL"
 WEIGHTS_PARAMETER = "difftool_weights"
 
 
@@ -50,7 +48,7 @@ class TritonDenoiser(Denoiser):
         except Exception as exc:  # noqa: BLE001 - tritonclient raises its own error types for a dead server
             raise BackendUnavailableError(
                 f"cannot reach the Triton server at {url}: {str(exc).splitlines()[0] if str(exc) else exc}",
-                f"start it, or fix {URL_VARIABLE}",
+                "start it, or fix --backend-opt url=HOST:PORT",
             ) from exc
         self.signature = signature
         self.in_channels, self.sample_channels = signature.in_channels, signature.out_channels
@@ -89,6 +87,4 @@ def unavailable_reason() -> str | None:
 
     if importlib.util.find_spec("tritonclient") is None or importlib.util.find_spec("grpc") is None:
         return "tritonclient[grpc] is not installed; pip install 'difftool[triton]'"
-    if not os.environ.get(URL_VARIABLE):
-        return f"set {URL_VARIABLE}=HOST:8001 to a Triton server serving a `difftool export triton` repository"
     return None

@@ -54,6 +54,8 @@ COMMON_OPTIONS = frozenset(
         "address",
         "workers",
         "gpus_per_worker",
+        "backend_opt",
+        "backend_options",
     }
 )
 
@@ -114,6 +116,12 @@ class Registry:
         entry = self.tasks.get(name)
         if entry is None:
             known = ", ".join(sorted(self.tasks)) or "none"
+            if self.failures:  # the task may be the broken plugin's: say which failed and why
+                failed = "; ".join(str(f) for f in self.failures[:3])
+                raise PluginError(
+                    f"unknown task {name!r} (available: {known}); {failed}",
+                    "fix or reinstall that plugin (`difftool plugins` lists failures)",
+                )
             raise ParameterError(f"unknown task {name!r} (available: {known})", "run `difftool tasks` to list them")
         return entry.cls()
 
@@ -124,15 +132,12 @@ class Registry:
             raise ParameterError(f"unknown scheduler {name!r}", f"use one of {known}")
         return entry.factory(config)
 
-    def backend(self, name: str, device: str = "cpu") -> Backend:
-        """Backend ``name``, checked to run on ``device`` here."""
+    def backend(self, name: str) -> Backend:
+        """Backend ``name`` (unchecked: :meth:`Backend.resolve` checks it for a device, once, in the preflight)."""
         found = self.backends.get(name)
         if found is None:
             known = ", ".join(sorted(self.backends))
             raise BackendUnavailableError(f"unknown backend {name!r}", f"use one of {known}")
-        reason = found[0].unavailable_reason(device)
-        if reason:
-            raise BackendUnavailableError(f"backend {name!r} cannot run on {device}: {reason}")
         return found[0]
 
     def find_models(self) -> list[ModelEntry]:
@@ -164,6 +169,12 @@ class Registry:
         clash = COMMON_OPTIONS.intersection(names)
         if clash:
             raise PluginError(f"task {cls.name!r} parameter {sorted(clash)[0]!r} clashes with a common option")
+        for param in cls.params:
+            choices = tuple(self.schedulers) if param.choices_from == "schedulers" else None
+            try:
+                param.check_declaration(choices)
+            except TypeError as error:
+                raise PluginError(f"task {cls.name!r} (plugin {plugin!r}) is declared wrongly: {error}") from None
         if cls.name in self.tasks:
             raise PluginError(f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}")
         self.tasks[cls.name] = TaskEntry(cls, plugin)
@@ -182,6 +193,13 @@ class Registry:
     def _register_backend(self, plugin: str, backend: Backend) -> None:
         if not isinstance(backend, Backend):
             raise PluginError(f"register_backends got {backend!r}, not a Backend instance")
+        for param in backend.options:
+            try:
+                param.check_declaration()
+            except TypeError as error:
+                raise PluginError(
+                    f"backend {backend.name!r} (plugin {plugin!r}) is declared wrongly: {error}"
+                ) from None
         if backend.name in self.backends:
             raise PluginError(
                 f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name][1]!r}"

@@ -14,7 +14,8 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
-from difftool import api  # noqa: E402
+from difftool import api
+from difftool.core.errors import ParameterError  # noqa: E402
 from difftool.exporters.onnx import UNetSignature, cached_export  # noqa: E402
 from difftool.training.evaluate import psnr  # noqa: E402
 
@@ -114,8 +115,9 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     style = dict(model=str(folder), prompt="ink", steps=3, strength=0.6, seed=2, dtype="fp32")
     references = {skip: api.run("generate", clip_skip=skip, **common) for skip in (1, 2)}
     references["style"] = api.run("style", photo, **style)
-    monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "all")
-    first = api.run("generate", backend="onnx", clip_skip=1, **common)  # exports the parts
+    whole = {"backend": "onnx", "backend_options": {"export": "all"}}
+    first = api.run("generate", clip_skip=1, **whole, **common)  # exports the parts
+    monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "all")  # the option's documented default
     api.run("style", photo, backend="onnx", **style)  # and the VAE encoder
     [model] = models._CACHE.values()
     ids = torch.randint(0, 99, (1, 77), generator=torch.Generator().manual_seed(0))
@@ -135,12 +137,13 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
         a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (references[key], result))
         assert psnr(a, b) > 40, key
     # What clip skip reads (any layer, normalised or not) matches PyTorch, not only the final images.
-    onnx_runs = _runners(model, SimpleNamespace(backend="onnx", device="cpu"))
+    onnx_runs = _runners(model, SimpleNamespace(backend=SimpleNamespace(name="onnx", options={"export": "all"}),
+                                                device="cpu"))  # fmt: skip
     for (first_t, layer_t, normed_t), run in zip(expected, onnx_runs, strict=True):
         first_o, hidden_o, normed_o = run(ids)
         for want, got in ((first_t, first_o), (layer_t, hidden_o[-3]), (normed_t, normed_o(-2))):
             assert float((want - got).abs().max() / want.abs().max()) < 1e-4
-    with pytest.raises(Exception, match="DIFFTOOL_ONNX_EXPORT='some' is not a choice"):
+    with pytest.raises(ParameterError, match=r"onnx.export \(from DIFFTOOL_ONNX_EXPORT\): unknown value 'some'"):
         monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "some")
         api.run("generate", backend="onnx", **common)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from difftool.core.errors import BackendUnavailableError, ParameterError
-from difftool.exporters.tensorrt import Profile, select_profile, unavailable_reason, unet_profile
+from difftool.exporters.tensorrt_engine import unavailable_reason
+from difftool.exporters.tensorrt_profiles import Profile, select_profile, unet_profile
 
 
 def test_unet_profile_rounds_to_the_unet_multiple() -> None:
@@ -40,7 +41,7 @@ def test_backend_reports_why_it_cannot_run_here() -> None:
     registry = build_registry(entry_points=False)
     assert "tensorrt" in registry.backends
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
-        registry.backend("tensorrt", "cpu")
+        registry.backend("tensorrt").resolve("cpu")
 
 
 def _gpu_reason() -> str | None:
@@ -74,7 +75,7 @@ def test_sd_profiles_and_graph_inputs_cover_every_input_of_the_export() -> None:
     import torch
 
     from difftool.exporters.onnx import UNetSignature, graph_inputs
-    from difftool.exporters.tensorrt import signature_profile
+    from difftool.exporters.tensorrt_profiles import signature_profile
 
     signature = UNetSignature(4, 4, False, 4, context_dim=2048, text_embeds_dim=1280, time_ids=6)
     profile = signature_profile(signature, (1, 2, 4), (8, 128, 160))
@@ -112,7 +113,7 @@ def test_export_tensorrt_without_a_gpu_says_why(tmp_path: Path, monkeypatch) -> 
 
 
 def test_precision_flags_follow_the_gpu() -> None:
-    from difftool.exporters.tensorrt import precision_flags
+    from difftool.exporters.tensorrt_engine import precision_flags
 
     assert precision_flags("fp32", (7, 5)) == [] and precision_flags("fp16", (7, 5)) == ["FP16"]
     assert precision_flags("bf16", (8, 6)) == ["BF16"]
@@ -123,18 +124,18 @@ def test_precision_flags_follow_the_gpu() -> None:
 
 
 def test_workspace_limit_leaves_room_and_refuses_more_than_is_free() -> None:
-    from difftool.exporters.tensorrt import GIB, workspace_limit
+    from difftool.exporters.tensorrt_engine import GIB, workspace_limit
 
     assert workspace_limit(12 * GIB) == int(12 * GIB * 0.6)  # a 12 GB card: 7.2 GiB for tactics
     assert workspace_limit(100 << 20) == 256 << 20  # a floor, so tiny budgets still build something
     assert workspace_limit(12 * GIB, 2) == 2 * GIB
-    with pytest.raises(ParameterError, match="DIFFTOOL_TRT_WORKSPACE_GB=20 asks for more than the 12.0 GiB free"):
+    with pytest.raises(ParameterError, match="workspace_gb=20 asks for more than the 12.0 GiB free"):
         workspace_limit(12 * GIB, 20)
 
 
 def test_engine_key_refittable_ignores_weights_but_not_the_rest(tmp_path: Path) -> None:
     from difftool.exporters.cache import Entry, cache_key
-    from difftool.exporters.tensorrt import BuildOptions, engine_components, needs_refit, timing_cache_path
+    from difftool.exporters.tensorrt_engine import BuildOptions, engine_components, needs_refit, timing_cache_path
 
     profile = unet_profile(6, 4, (1, 1, 1), (64, 256, 256), class_labels=False)
     a, b = Entry(tmp_path, {"key": "weights-a", "name": "x"}), Entry(tmp_path, {"key": "weights-b", "name": "x"})
@@ -155,12 +156,17 @@ def test_engine_key_refittable_ignores_weights_but_not_the_rest(tmp_path: Path) 
     assert not needs_refit(engine, a) and needs_refit(engine, b)
     assert not needs_refit(Entry(tmp_path, {"components": {"refittable": False}, "weights": "weights-a"}), b)
     assert timing_cache_path(tmp_path, "10.3", (8, 9)) == tmp_path / "tensorrt" / "timing-10.3-sm89.cache"
+    # TensorRT rejects a timing cache from another GPU model of the same architecture: keyed by it too
+    assert timing_cache_path(tmp_path, "10.3", (8, 6), "RTX A2000 12288 MiB") != timing_cache_path(
+        tmp_path, "10.3", (8, 6), "RTX 3090 24576 MiB"
+    )
+    assert key(a, refit, gpu="RTX A2000 12288 MiB") != key(a, refit, gpu="RTX 3090 24576 MiB")
 
 
 def test_build_progress_bars_and_cancel() -> None:
     import io
 
-    from difftool.exporters.tensorrt import BuildProgress
+    from difftool.exporters.tensorrt_engine import BuildProgress
 
     out, stop = io.StringIO(), {"now": False}
     progress = BuildProgress(file=out, cancelled=lambda: stop["now"])
@@ -177,128 +183,11 @@ def test_build_progress_bars_and_cancel() -> None:
 
 
 def test_static_profiles_use_cuda_graphs() -> None:
-    from difftool.exporters.tensorrt import is_static
+    from difftool.exporters.tensorrt_profiles import is_static
 
     static = unet_profile(6, 4, (2, 2, 2), (512, 512, 512), class_labels=False)
     dynamic = unet_profile(6, 4, (1, 1, 2), (64, 512, 1024), class_labels=False)
     assert is_static([static]) and not is_static([static, dynamic])
-
-
-class _FakeTensorRT:
-    """A recording stand-in with the names of TensorRT 10's Python API that build_engine uses.
-
-    It checks difftool's orchestration (flags, memory pool, timing cache in and out, profiles,
-    progress monitor); it is not TensorRT and says nothing about what TensorRT builds.
-    """
-
-    def __init__(self, serialized: bytes | None = b"engine-bytes") -> None:
-        import types
-
-        self.calls: list[tuple] = []
-        self.serialized = serialized
-        fake = self
-
-        class Config:
-            def set_flag(self, flag: str) -> None:
-                fake.calls.append(("flag", flag))
-
-            def set_memory_pool_limit(self, pool: str, size: int) -> None:
-                fake.calls.append(("pool", pool, size))
-
-            def create_timing_cache(self, data: bytes) -> bytes:
-                fake.calls.append(("timing_in", data))
-                return data
-
-            def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> None:
-                fake.calls.append(("timing_set", ignore_mismatch))
-
-            def get_timing_cache(self) -> types.SimpleNamespace:
-                return types.SimpleNamespace(serialize=lambda: b"timing-after")
-
-            def add_optimization_profile(self, profile: dict) -> None:
-                fake.calls.append(("profile", profile))
-
-            @property
-            def progress_monitor(self) -> None:
-                return None
-
-            @progress_monitor.setter
-            def progress_monitor(self, monitor: object) -> None:
-                monitor.phase_start("Building", None, 1)
-                monitor.step_complete("Building", 0)
-                monitor.phase_finish("Building")
-                fake.calls.append(("monitor",))
-
-        class Builder:
-            def __init__(self, logger: object) -> None:
-                pass
-
-            def create_network(self, flags: int) -> str:
-                return "network"
-
-            def create_builder_config(self) -> Config:
-                return Config()
-
-            def create_optimization_profile(self) -> types.SimpleNamespace:
-                shapes: dict = {}
-                return types.SimpleNamespace(set_shape=lambda n, lo, op, hi: shapes.update({n: (lo, op, hi)}), s=shapes)
-
-            def build_serialized_network(self, network: str, config: Config) -> bytes | None:
-                return fake.serialized
-
-        class Parser:
-            num_errors = 0
-
-            def __init__(self, network: str, logger: object) -> None:
-                pass
-
-            def parse_from_file(self, path: str) -> bool:
-                fake.calls.append(("parse", Path(path).name))
-                return True
-
-        class Monitor:
-            def __init__(self) -> None:
-                pass
-
-        self.module = types.SimpleNamespace(
-            Logger=type("Logger", (), {"WARNING": 2, "__init__": lambda self, level: None}),
-            Builder=Builder,
-            OnnxParser=Parser,
-            IProgressMonitor=Monitor,
-            BuilderFlag=types.SimpleNamespace(FP16="FP16", BF16="BF16", REFIT="REFIT"),
-            MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
-        )
-
-
-def test_build_engine_sets_precision_refit_memory_timing_cache_and_profiles(tmp_path: Path, monkeypatch) -> None:
-    import sys
-
-    import torch
-
-    from difftool.exporters.tensorrt import GIB, BuildOptions, BuildProgress, build_engine
-
-    fake = _FakeTensorRT()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake.module)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 6))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (10 * GIB, 12 * GIB))
-    monkeypatch.delenv("DIFFTOOL_TRT_WORKSPACE_GB", raising=False)
-    timing = tmp_path / "timing.cache"
-    timing.write_bytes(b"timing-before")
-    profile = unet_profile(6, 4, (1, 1, 2), (64, 256, 512), class_labels=False)
-    engine = tmp_path / "model.engine"
-    build_engine(tmp_path / "model.onnx", engine, [profile], BuildOptions("bf16", True), timing, BuildProgress())
-    assert engine.read_bytes() == b"engine-bytes" and timing.read_bytes() == b"timing-after"
-    assert ("flag", "BF16") in fake.calls and ("flag", "REFIT") in fake.calls
-    assert ("pool", "WORKSPACE", int(10 * GIB * 0.6)) in fake.calls
-    assert ("timing_in", b"timing-before") in fake.calls and ("timing_set", False) in fake.calls
-    assert ("monitor",) in fake.calls and sum(c[0] == "profile" for c in fake.calls) == 1
-
-    fake.serialized = None  # the build fails (out of memory, say): no engine, the timing cache is left alone
-    monkeypatch.setenv("DIFFTOOL_TRT_WORKSPACE_GB", "4")
-    with pytest.raises(BackendUnavailableError, match="failed to build.*DIFFTOOL_TRT_WORKSPACE_GB"):
-        build_engine(tmp_path / "model.onnx", tmp_path / "other.engine", [profile], BuildOptions("fp16"), timing)
-    assert ("pool", "WORKSPACE", 4 * GIB) in fake.calls and not (tmp_path / "other.engine").exists()
-    assert timing.read_bytes() == b"timing-after"
 
 
 def test_export_tensorrt_refuses_fp8_before_any_work(tmp_path: Path, monkeypatch) -> None:
@@ -341,12 +230,12 @@ def test_refittable_engine_takes_new_weights_without_a_rebuild(tmp_path: Path, m
     from difftool.plugins.builtin.backends import TensorRTBackend
 
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
-    monkeypatch.setenv("DIFFTOOL_TRT_CUDA_GRAPH", "0")
     first, second = _tiny_sd_unet(1), _tiny_sd_unet(2)  # same architecture, other weights (a LoRA, say)
     backend = TensorRTBackend()
-    a = backend.make_denoiser(first, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="a" * 64)
+    kwargs = {"prediction_type": "epsilon", "device": "cuda", "dtype": torch.float32, "options": {"cuda_graphs": "off"}}
+    a = backend.make_denoiser(first, model_id="a" * 64, **kwargs)
     assert _sd_call(a, first) < 1e-2
-    b = backend.make_denoiser(second, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="b" * 64)
+    b = backend.make_denoiser(second, model_id="b" * 64, **kwargs)
     assert "+" in b.fingerprint  # refitted
     assert len([p for p in (tmp_path / "tensorrt").iterdir() if p.is_dir()]) == 1  # one engine, built once
     assert _sd_call(b, second) < 1e-2
@@ -362,14 +251,14 @@ def test_cuda_graph_replay_matches_direct_execution(tmp_path: Path, monkeypatch)
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
     unet = _tiny_sd_unet(3)
     runs = {}
-    for flag in ("0", "1"):
-        monkeypatch.setenv("DIFFTOOL_TRT_CUDA_GRAPH", flag)
+    for flag in ("off", "on"):
         denoiser = TensorRTBackend().make_denoiser(
-            unet, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="c" * 64
-        )
-        assert denoiser.use_graphs == (flag == "1")
+            unet, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="c" * 64,
+            options={"cuda_graphs": flag},
+        )  # fmt: skip
+        assert denoiser.use_graphs == (flag == "on")
         runs[flag] = [_sd_call(denoiser, unet, seed) for seed in (0, 1, 0)]  # replays with new inputs
-    assert runs["0"] == pytest.approx(runs["1"], abs=1e-6)
+    assert runs["off"] == pytest.approx(runs["on"], abs=1e-6)
 
 
 def _ort_cuda_reason() -> str | None:

@@ -11,6 +11,7 @@ from difftool.core.denoiser import TorchDenoiser
 from difftool.core.errors import BackendUnavailableError
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.scheduler import Scheduler, SchedulerStep
+from difftool.core.task import TaskRequest
 from difftool.plugins import hookimpl
 from difftool.plugins.registry import build_registry
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
@@ -74,7 +75,7 @@ class CountingBackend(Backend):
     summary = "torch, counting calls"
     calls = 0
 
-    def make_denoiser(self, module, *, prediction_type, device, dtype, model_id=""):
+    def make_denoiser(self, module, *, prediction_type, device, dtype, model_id="", options=None, shapes=None):
         inner = TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
 
         class Counting(TorchDenoiser):
@@ -209,9 +210,11 @@ def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Pat
     api.run("superres", photo, model=str(superres_model), scale="2", tile=256, overlap=32, backend="shapes",
             seed=1, registry=registry, dtype="fp32")  # fmt: skip
     assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(64, 256, 256))]
-    generate = registry.task("generate").export_shapes({"width": 640, "height": 512, "guidance_scale": 7.0})
+    generate = registry.task("generate").export_shapes(
+        TaskRequest({}, {"width": 640, "height": 512, "guidance_scale": 7.0})
+    )
     assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128))
-    tiny = registry.task("generate").export_shapes({"width": 16, "height": 16, "guidance_scale": 1.0})
+    tiny = registry.task("generate").export_shapes(TaskRequest({}, {"width": 16, "height": 16, "guidance_scale": 1.0}))
     assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128))
     with pytest.raises(ValueError, match="min <= opt <= max"):
         ExportShapes(size=(64, 32, 128))

@@ -6,10 +6,24 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from difftool.core.backend import Backend
+from difftool.core.task import Param
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from difftool.core.denoiser import Denoiser
+
+#: ONNX Runtime's options, shared by ``onnx`` and the ONNX parts of ``tensorrt`` runs.
+ORT_OPTIONS = (
+    Param(
+        "provider",
+        "choice",
+        default="auto",
+        choices=("auto", "cpu", "cuda", "tensorrt"),
+        env="DIFFTOOL_ORT_PROVIDER",
+        help="ONNX Runtime execution provider (auto: CUDA on cuda devices, else CPU)",
+    ),
+    Param("threads", "int", default=0, min=0, max=1024, env="DIFFTOOL_ORT_THREADS", help="intra-op threads (0: all)"),
+)
 
 
 class TorchBackend(Backend):
@@ -20,18 +34,26 @@ class TorchBackend(Backend):
         if device == "cpu":
             return None
         if device.startswith("cuda"):
-            import torch
+            from difftool.core.cuda import device_index, runtime
 
-            if not torch.cuda.is_available():
+            cuda = runtime()
+            if not cuda.is_available():
                 return "this PyTorch build sees no CUDA GPU; use --device cpu"
-            index = int(device.partition(":")[2] or 0)
-            if index >= torch.cuda.device_count():
-                return f"there is no GPU {index} (found {torch.cuda.device_count()}); use --device cuda:0"
+            if device_index(device) >= cuda.device_count():
+                return f"there is no GPU {device_index(device)} (found {cuda.device_count()}); use --device cuda:0"
             return None
         return f"unknown device {device!r}; use cpu or cuda[:N]"
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        device: str,
+        dtype: Any,
+        model_id: str = "",
+        options: Any = None,
+        shapes: Any = None,
     ) -> Denoiser:
         from difftool.core.denoiser import TorchDenoiser
 
@@ -41,6 +63,18 @@ class TorchBackend(Backend):
 class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX Runtime; the model is exported, validated and cached on first use"
+    options = (
+        *ORT_OPTIONS,
+        Param(
+            "export",
+            "choice",
+            default="unet",
+            choices=("unet", "all"),
+            env="DIFFTOOL_ONNX_EXPORT",
+            help="Stable Diffusion: all also runs the text encoders and VAE in ONNX Runtime",
+        ),
+    )
+    recorded = ("provider", "export")
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         import importlib.util
@@ -51,7 +85,15 @@ class OnnxBackend(Backend):
         return None
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        device: str,
+        dtype: Any,
+        model_id: str = "",
+        options: Any = None,
+        shapes: Any = None,
     ) -> Denoiser:
         import torch
 
@@ -69,6 +111,8 @@ class OnnxBackend(Backend):
             sample_channels=int(module.config.out_channels),
             device=device,
             fp16=precision == "fp16",
+            provider=(options or {}).get("provider", "auto"),
+            threads=int((options or {}).get("threads", 0)),
         )
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser
@@ -76,61 +120,85 @@ class OnnxBackend(Backend):
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    accepts_shapes = True
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
-    #: Recent runners: deserialising (and refitting) an engine costs seconds, so a folder job does it once.
-    _engines: Any = None
+    options = (
+        Param(
+            "max_size",
+            "int",
+            default=1024,
+            min=64,
+            max=16384,
+            env="DIFFTOOL_TRT_MAX_SIZE",
+            help="largest image side (px) an engine accepts when the task declares no shapes",
+        ),
+        Param(
+            "workspace_gb",
+            "float",
+            default=0.0,
+            min=0.0,
+            max=1024.0,
+            env="DIFFTOOL_TRT_WORKSPACE_GB",
+            help="builder workspace in GiB (0: 60%% of the GPU's free memory)",
+        ),
+        Param(
+            "refit",
+            "choice",
+            default="auto",
+            choices=("auto", "on", "off"),
+            env="DIFFTOOL_TRT_REFIT",
+            help="refittable engines (auto: for Stable Diffusion, so a LoRA refits instead of rebuilding)",
+        ),
+        Param(
+            "cuda_graphs",
+            "choice",
+            default="auto",
+            choices=("auto", "on", "off"),
+            env="DIFFTOOL_TRT_CUDA_GRAPH",
+            help="replay CUDA graphs (auto: when the engine's shapes are static)",
+        ),
+    )
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
-        from difftool.exporters.tensorrt import unavailable_reason
+        from difftool.exporters.tensorrt_engine import unavailable_reason
 
         return OnnxBackend().unavailable_reason(device) or unavailable_reason(device)
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = "", shapes: Any = None
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        device: str,
+        dtype: Any,
+        model_id: str = "",
+        options: Any = None,
+        shapes: Any = None,
     ) -> Denoiser:
-        import os
+        from difftool.exporters.tensorrt_denoiser import engine_denoiser
 
-        import torch
-
-        from difftool.exporters.cache import Recent
-        from difftool.exporters.onnx import UNetSignature, cached_export
-        from difftool.exporters.tensorrt import (
-            GRAPH_VARIABLE,
-            BuildOptions,
-            TensorRTDenoiser,
-            cached_engine,
-            engine_profile,
-        )
-
-        signature = UNetSignature.of(module)
-        profile = engine_profile(signature, shapes, int(os.environ.get("DIFFTOOL_TRT_MAX_SIZE", "1024")))
-        precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
-        # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild.
-        refit = os.environ.get("DIFFTOOL_TRT_REFIT", "1" if signature.context_dim else "0") == "1"
-        onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", model_id=model_id)
-        engine = cached_engine(onnx, [profile], BuildOptions(precision, refittable=refit))
-        if TensorRTBackend._engines is None:
-            TensorRTBackend._engines = Recent(2)
-        key = (engine.manifest["key"], onnx.manifest["key"], device, prediction_type, os.environ.get(GRAPH_VARIABLE))
-        return TensorRTBackend._engines.get(
-            key,
-            lambda: TensorRTDenoiser(
-                engine,
-                [profile],
-                signature=signature,
-                sample_channels=int(module.config.out_channels),
-                prediction_type=prediction_type,
-                device=device,
-                onnx=onnx,
-                dtype=dtype,
-            ),
+        return engine_denoiser(
+            module,
+            prediction_type=prediction_type,
+            device=device,
+            dtype=dtype,
+            model_id=model_id,
+            options=self.validate_options(options),
+            shapes=shapes,
         )
 
 
 class TritonBackend(Backend):
     name = "triton"
-    summary = "a Triton Inference Server (gRPC, DIFFTOOL_TRITON_URL) serving `difftool export triton` models"
+    summary = "a Triton Inference Server (gRPC) serving `difftool export triton` models"
+    options = (
+        Param(
+            "url",
+            "string",
+            default="localhost:8001",
+            env="DIFFTOOL_TRITON_URL",
+            help="the server's gRPC address (host:port or unix:/path)",
+        ),
+    )
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         from difftool.exporters.triton_denoiser import unavailable_reason
@@ -138,17 +206,22 @@ class TritonBackend(Backend):
         return unavailable_reason()
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, device: str, dtype: Any, model_id: str = ""
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        device: str,
+        dtype: Any,
+        model_id: str = "",
+        options: Any = None,
+        shapes: Any = None,
     ) -> Denoiser:
-        import os
-
         from difftool.exporters.onnx import UNetSignature, weights_hash
-        from difftool.exporters.triton_denoiser import URL_VARIABLE, TritonDenoiser
+        from difftool.exporters.triton_denoiser import TritonDenoiser
 
+        url = str(self.validate_options(options)["url"])
         signature = UNetSignature.of(module)
-        return TritonDenoiser(
-            os.environ[URL_VARIABLE], model_id or weights_hash(module), signature, prediction_type=prediction_type
-        )
+        return TritonDenoiser(url, model_id or weights_hash(module), signature, prediction_type=prediction_type)
 
 
 @hookimpl

@@ -134,9 +134,7 @@ def export_onnx(task_name: str, model: str | None, precision: str) -> None:
 )
 def export_tensorrt(task_name: str, model: str | None, device: str, precision: str) -> None:
     """Build (or reuse) the TensorRT engine for TASK's U-Net from its validated ONNX export."""
-    import torch
-
-    from difftool.exporters.tensorrt import precision_flags, unavailable_reason
+    from difftool.exporters.tensorrt_engine import precision_flags, unavailable_reason
     from difftool.plugins.builtin.backends import TensorRTBackend
 
     if precision == "fp8":
@@ -146,12 +144,11 @@ def export_tensorrt(task_name: str, model: str | None, device: str, precision: s
     if reason:
         raise click.ClickException(f"cannot build a TensorRT engine here: {reason}")
     with click_errors():
+        backend = TensorRTBackend().resolve(device, precision)
         loaded = load_task_model(task_name, model)
-        denoiser = TensorRTBackend().make_denoiser(
+        denoiser = backend.make_denoiser(
             loaded.unet,
             prediction_type=loaded.scheduler_config.get("prediction_type", "epsilon"),
-            device=device,
-            dtype={"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision, torch.float16),
             model_id=loaded.sha256,
         )
     click.echo(f"engine {denoiser.fingerprint} (profiles: {[p.as_json() for p in denoiser.profiles]})")

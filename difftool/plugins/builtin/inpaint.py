@@ -152,13 +152,13 @@ def paint(
     if (params.get("fill") or "blur") == "blur":
         init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
-    if context.export_shapes is None:  # the U-Net sees the whole image: a range that holds it, and stays
-        side = max(rgb.shape[:2])  # the same for every image up to 1024 px (one engine for a folder)
-        high = max(1024, -(-side // 256) * 256)
-        context.export_shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, side), 512, high))
+    # The U-Net sees the whole crop: a range that holds it and stays the same for every crop up to
+    # 1024 px (one engine for a folder).
+    side = max(rgb.shape[:2])
+    shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, side), 512, max(1024, -(-side // 256) * 256)))
     out = pixel_model.denoise(
         model,
-        pixel_model.make_denoiser(model, context),
+        pixel_model.make_denoiser(model, context, shapes),
         cond=cond,
         steps=steps,
         scheduler=params.get("scheduler"),

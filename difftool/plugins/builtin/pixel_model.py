@@ -258,9 +258,12 @@ def upsample(low: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def make_denoiser(model: PixelModel, context: Any) -> Any:
+def make_denoiser(model: PixelModel, context: Any, shapes: Any = None) -> Any:
     return context.make_denoiser(
-        model.unet, prediction_type=model.scheduler_config.get("prediction_type", "epsilon"), model_id=model.sha256
+        model.unet,
+        prediction_type=model.scheduler_config.get("prediction_type", "epsilon"),
+        model_id=model.sha256,
+        shapes=shapes,
     )
 
 

@@ -32,7 +32,7 @@ class SuperResolution(Task):
             "scale",
             "choice",
             default=None,
-            choices=("1", "2", "3", "4", "8"),
+            choices=(1, 2, 3, 4, 8),
             help="upscaling factor (default: 4, or a community model's own scale)",
         ),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
@@ -44,9 +44,9 @@ class SuperResolution(Task):
 
     availability = pixel_model.availability
 
-    def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
+    def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time."""
-        tile = int(params.get("tile") or 1024)
+        tile = int(request.params.get("tile") or 1024)
         return ExportShapes(batch=(1, 1, 1), size=(min(64, tile), tile, tile))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
@@ -92,9 +92,9 @@ class SuperResolution(Task):
 
     def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:
         """A community upscaler (spandrel): one forward pass per tile, at the model's own scale."""
-        if context.backend not in ("torch", "onnx"):
+        if context.backend_name not in ("torch", "onnx"):
             raise BackendUnavailableError(
-                f"community upscalers run on the torch and onnx backends, not {context.backend!r} (yet)",
+                f"community upscalers run on the torch and onnx backends, not {context.backend_name!r} (yet)",
                 "pass --backend torch or --backend onnx",
             )
         upscaler = upscalers.load_upscaler(path)

@@ -224,8 +224,8 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
     import torch
 
     scale = upscaler.scale
-    device = torch.device(context.device)
-    if context.backend == "onnx":
+    device = context.torch_device
+    if context.backend_name == "onnx":
         model, dtype = onnx_runner(upscaler, context.device), torch.float32
     else:
         dtype = upscaler.dtype_for(context.torch_dtype)

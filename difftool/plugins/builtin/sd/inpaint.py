@@ -17,7 +17,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.models import sd_model_for
-from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, run_sd
+from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, latent_shapes, run_sd
 
 
 def parse_extend(spec: str | None) -> tuple[int, int, int, int]:
@@ -112,13 +112,13 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
     image_latents = None
     if not nine_channel or strength < 1.0:
         image_latents = pipeline.encode_image(model, image, context)
-    noise = make_noise(latent_shape, context, torch.device(context.device), torch.float32)
+    noise = make_noise(latent_shape, context, context.torch_device, torch.float32)
     masked_latents = pipeline.encode_image(model, image * (mask < 0.5), context)
-    latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(context.device)
+    latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(context.torch_device)
     scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
     extra, step_hook = {}, None
     if nine_channel:
-        extra["concat"] = torch.cat([latent_mask, masked_latents.to(context.device)], dim=1)
+        extra["concat"] = torch.cat([latent_mask, masked_latents.to(context.torch_device)], dim=1)
     else:
 
         def step_hook(i: int, next_t: Any, x: Any) -> Any:
@@ -134,6 +134,7 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
         prompt=params.get("prompt") or "",
         negative=params.get("negative_prompt") or "",
         size=(width, height),
+        shapes=latent_shapes((width, height), float(params.get("guidance_scale", 7.0)), exact=False),
         init=image_latents if strength < 1.0 else None,
         strength=strength,
         extra=extra,

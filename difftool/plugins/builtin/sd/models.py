@@ -87,7 +87,8 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
         str(vae),
         tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras),
         context.dtype,  # the U-Net loads in the run's precision; the VAE and text encoders are cast in place
-        context.backend,
+        context.backend_name,
+        context.device,  # ... and moved in place: a model on one device is never handed to a run on another
     )
     if key not in _CACHE:
         _CACHE.clear()  # one model at a time: they are gigabytes
@@ -98,7 +99,7 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
             vae=vae,
             loras=loras,
             # Exporting backends take fp32 weights: an export keyed by the checkpoint must not see rounded ones.
-            unet_dtype=context.torch_dtype if context.backend == "torch" else None,
+            unet_dtype=context.torch_dtype if context.backend_name == "torch" else None,
         )
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return _CACHE[key]

@@ -1,13 +1,12 @@
 """Stable Diffusion's text encoders and VAE decoder on ONNX Runtime, for a whole pipeline without torch.
 
-``--backend onnx`` runs the U-Net in ONNX Runtime; with ``DIFFTOOL_ONNX_EXPORT=all`` the text
+``--backend onnx`` runs the U-Net in ONNX Runtime; with ``--backend-opt export=all`` the text
 encoders and the VAE are exported (validated, cached) and run there too, so a run calls no torch
 module (tiled decodes of very large images still use PyTorch).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -15,19 +14,12 @@ import torch
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd.loader import SDModel
 
-EXPORT_VARIABLE = "DIFFTOOL_ONNX_EXPORT"
-
 
 def whole_pipeline(context: RunContext | None) -> bool:
     """Whether this run exports the text encoders and VAE decoder too."""
-    if context is None or context.backend != "onnx":
+    if context is None or context.backend is None or context.backend.name != "onnx":
         return False
-    value = os.environ.get(EXPORT_VARIABLE, "unet")
-    if value not in ("unet", "all"):
-        from difftool.core.errors import ParameterError
-
-        raise ParameterError(f"{EXPORT_VARIABLE}={value!r} is not a choice", f"set {EXPORT_VARIABLE} to unet or all")
-    return value == "all"
+    return context.backend.options.get("export") == "all"
 
 
 class TextEncoderGraph(torch.nn.Module):

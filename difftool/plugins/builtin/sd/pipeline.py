@@ -171,7 +171,7 @@ def encode_image(model: SDModel, image: torch.Tensor, context: RunContext) -> to
         if onnx_parts.whole_pipeline(context):
             mean, std = onnx_parts.vae_encoder(model, context.device)(image.float())
         else:
-            dist = vae.encode(image.to(context.device, next(vae.parameters()).dtype)).latent_dist
+            dist = vae.encode(image.to(context.torch_device, next(vae.parameters()).dtype)).latent_dist
             mean, std = dist.mean, dist.std
         noise = torch.randn(mean.shape, generator=context.generator, dtype=torch.float32)
         latents = mean.float() + std.float() * noise.to(mean.device)
@@ -196,7 +196,7 @@ def decode_latents(model: SDModel, latents: torch.Tensor, context: RunContext) -
         vae.enable_tiling() if tiled else vae.disable_tiling()
         try:
             with torch.inference_mode():
-                z = latents.to(context.device, next(vae.parameters()).dtype) / vae.config.scaling_factor
+                z = latents.to(context.torch_device, next(vae.parameters()).dtype) / vae.config.scaling_factor
                 image = vae.decode(z).sample.float().cpu()
             break
         except (RuntimeError, MemoryError) as error:
@@ -232,7 +232,7 @@ def _vae_on(model: SDModel, context: RunContext) -> Any:
 
     # An exported VAE decoder is made from these weights: keep them fp32, never rounded in place.
     dtype = torch.float32 if onnx_parts.whole_pipeline(context) else vae_dtype(model, context.torch_dtype)
-    return torch.nn.Module.to(model.vae, device=context.device, dtype=dtype).eval()
+    return torch.nn.Module.to(model.vae, device=context.torch_device, dtype=dtype).eval()
 
 
 def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
@@ -244,11 +244,13 @@ def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
         return  # they are exported from their fp32 weights and run in ONNX Runtime
     dtype = torch.float32 if context.torch_dtype == torch.float16 and context.device == "cpu" else context.torch_dtype
     for encoder in model.text_encoders:
-        torch.nn.Module.to(encoder, device=context.device, dtype=dtype).eval()
+        torch.nn.Module.to(encoder, device=context.torch_device, dtype=dtype).eval()
 
 
-def make_denoiser(model: SDModel, context: RunContext) -> Any:
-    return context.make_denoiser(model.unet, prediction_type=model.prediction_type, model_id=model.unet_id)
+def make_denoiser(model: SDModel, context: RunContext, shapes: Any = None) -> Any:
+    return context.make_denoiser(
+        model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes
+    )
 
 
 def preview_decoder(model: SDModel, context: RunContext) -> Any:

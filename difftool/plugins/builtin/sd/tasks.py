@@ -78,17 +78,21 @@ def run_sd(
     noise: Any = None,
     step_hook: Any = None,
     scheduler: Any = None,
+    shapes: ExportShapes | None = None,
 ) -> Any:
-    """Sample latents for ``size`` (width, height) through the core sampler; returns latents."""
+    """Sample latents for ``size`` (width, height) through the core sampler; returns latents.
+
+    ``shapes``: what the denoiser is built for (default: the task's declared export shapes).
+    """
     from difftool.core.sampler import sample
 
     pipeline.prepare_text_encoders(model, context)
     text = pipeline.encode_prompt(
         model, prompt, negative, clip_skip=int(params.get("clip_skip") or 1), size=size, context=context
     )
-    if context.export_shapes is None:  # tasks whose size comes from the input image (style, inpaint)
-        context.export_shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False)
-    denoiser = pipeline.make_denoiser(model, context)
+    if shapes is None and context.export_shapes is None:
+        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False)
+    denoiser = pipeline.make_denoiser(model, context, shapes)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
     width, height = size
@@ -160,8 +164,9 @@ class Generate(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
-    def export_shapes(self, params: dict[str, Any]) -> ExportShapes:
+    def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
+        params = request.params
         size = (params.get("width") or 512, params.get("height") or 512)
         return latent_shapes(size, float(params.get("guidance_scale", 7.0)))
 
@@ -203,6 +208,11 @@ class Style(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def export_shapes(self, request: TaskRequest) -> ExportShapes:
+        """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
+        size = request.inputs["image"].size
+        return latent_shapes(size, float(request.params.get("guidance_scale", 7.0)), exact=False)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

@@ -1,0 +1,191 @@
+"""A Denoiser that runs a TensorRT engine on CUDA tensors, and the ``tensorrt`` backend's denoiser factory.
+
+Inputs and the output stay on the GPU (bound by pointer, no host copies). With static shapes (or the
+backend option ``cuda_graphs=on``) each input shape's launch is captured once in a CUDA graph and
+replayed; a capture TensorRT cannot do falls back to direct execution, once and for good, as trtexec does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from difftool.core.cuda import runtime
+from difftool.core.denoiser import Denoiser
+from difftool.core.errors import BackendUnavailableError
+from difftool.exporters.cache import Entry, Recent
+from difftool.exporters.onnx import graph_inputs
+from difftool.exporters.tensorrt_engine import ENGINE_FILE, needs_refit, refit
+from difftool.exporters.tensorrt_profiles import Profile, is_static, select_profile
+
+log = logging.getLogger("difftool")
+#: Recent runners: deserialising (and refitting) an engine costs seconds, so a folder job does it once.
+_ENGINES = Recent(2)
+
+
+def engine_denoiser(
+    module: Any,
+    *,
+    prediction_type: str,
+    device: str,
+    dtype: Any,
+    model_id: str,
+    options: Mapping[str, Any],
+    shapes: Any,
+) -> TensorRTDenoiser:
+    """The ``tensorrt`` backend's denoiser for ``module``: export, build (or reuse) and load its engine."""
+    import tensorrt as trt
+    import torch
+
+    from difftool.exporters.onnx import UNetSignature, cached_export
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine, major_version, onnx_precision
+    from difftool.exporters.tensorrt_profiles import engine_profile
+
+    signature = UNetSignature.of(module)
+    profile = engine_profile(signature, shapes, int(options["max_size"]))
+    precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
+    # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild.
+    refittable = {"on": True, "off": False}.get(str(options["refit"]), bool(signature.context_dim))
+    graph_precision = onnx_precision(precision, major_version(trt))
+    onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=graph_precision, model_id=model_id)
+    build = BuildOptions(precision, refittable=refittable, workspace_gb=float(options["workspace_gb"]) or None)
+    engine = cached_engine(onnx, [profile], build, device)
+    graphs = str(options["cuda_graphs"])
+    key = (engine.manifest["key"], onnx.manifest["key"], device, prediction_type, graphs)
+    return _ENGINES.get(
+        key,
+        lambda: TensorRTDenoiser(
+            engine,
+            [profile],
+            signature=signature,
+            sample_channels=int(module.config.out_channels),
+            prediction_type=prediction_type,
+            device=device,
+            onnx=onnx,
+            dtype=dtype,
+            cuda_graphs=graphs,
+        ),
+    )
+
+
+class TensorRTDenoiser(Denoiser):
+    """Runs an engine on CUDA tensors in place: inputs and output stay on the GPU, no host copies."""
+
+    backend = "tensorrt"
+
+    def __init__(
+        self,
+        entry: Entry,
+        profiles: Sequence[Profile],
+        *,
+        signature: Any,
+        sample_channels: int,
+        prediction_type: str,
+        device: str,
+        onnx: Entry | None = None,
+        dtype: Any = None,
+        cuda_graphs: str = "auto",
+    ) -> None:
+        import tensorrt as trt
+        import torch
+
+        cuda = runtime()
+        self.cuda_device = device
+        self.device = cuda.placement(device)
+        self.dtype = dtype or torch.float32  # the engine's precision; its inputs and output are fp32
+        self.signature = signature
+        self.in_channels, self.sample_channels = signature.in_channels, sample_channels
+        self.prediction_type = prediction_type
+        self.profiles = list(profiles)
+        self.fingerprint = entry.manifest["key"]
+        with cuda.current(device):  # the engine, its context and stream belong to this GPU, not GPU 0
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self.runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
+            if self.engine is None:
+                raise BackendUnavailableError(
+                    f"TensorRT could not load the engine {entry.path.name} on {device} (out of GPU memory, "
+                    "or built by another TensorRT or GPU)",
+                    "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
+                )
+            if onnx is not None and needs_refit(entry, onnx):
+                log.warning("refitting TensorRT engine %s with new weights", entry.path.name)
+                refit(self.engine, onnx.file("model.onnx"))
+                self.fingerprint = f"{entry.manifest['key']}+{onnx.manifest['key']}"
+            self.context = self.engine.create_execution_context()
+            if self.context is None:
+                raise BackendUnavailableError(
+                    f"TensorRT could not create an execution context on {device} (out of GPU memory)",
+                    "free GPU memory or lower --backend-opt max_size",
+                )
+            self.stream = cuda.new_stream(device)
+        self._profile: int | None = None
+        self.use_graphs = is_static(self.profiles) if cuda_graphs == "auto" else cuda_graphs == "on"
+        self._graphs: dict[tuple[Any, ...], tuple[Any, dict[str, Any], Any]] = {}
+
+    def _bind(self, inputs: Mapping[str, Any], out: Any) -> None:
+        index = select_profile(self.profiles, {k: tuple(v.shape) for k, v in inputs.items()})
+        if index != self._profile:
+            self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+            self._profile = index
+        for name, tensor in inputs.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        self.context.set_tensor_address("out", out.data_ptr())
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise BackendUnavailableError("TensorRT failed to run the engine")
+
+    def _replay(self, inputs: Mapping[str, Any], out_shape: tuple[int, ...]) -> Any:
+        import torch
+
+        cuda = runtime()
+        key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
+        if key not in self._graphs:
+            static = {name: t.clone() for name, t in inputs.items()}
+            out = torch.empty(out_shape, device=self.device)
+            self._bind(static, out)
+            self._execute()  # TensorRT allocates shape-dependent resources on the first run, not capturable
+            self.stream.synchronize()
+            graph = cuda.new_graph()
+            failed: BaseException | None = None
+            try:
+                with cuda.capture(graph, self.stream):
+                    try:
+                        self._execute()
+                    except BaseException as error:  # noqa: BLE001 - the capture's exit would mask it
+                        failed = error
+            except Exception as error:  # noqa: BLE001 - the capture itself failed (e.g. an uncapturable kernel)
+                failed = failed or error
+            if failed is not None:
+                log.warning("CUDA graph capture failed (%s); running TensorRT directly from now on", failed)
+                self.use_graphs = False
+                self._bind(inputs, out)
+                self._execute()
+                return out.clone()
+            self._graphs[key] = (graph, static, out)
+        graph, static, out = self._graphs[key]
+        for name, tensor in inputs.items():
+            static[name].copy_(tensor)
+        graph.replay()
+        return out.clone()
+
+    def __call__(self, sample: Any, timestep: Any, cond: Mapping[str, Any]) -> Any:
+        import torch
+
+        cuda = runtime()
+        inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
+        x = inputs["sample"]
+        out_shape = (x.shape[0], self.sample_channels, *x.shape[2:])
+        current = cuda.current_stream(self.cuda_device)
+        self.stream.wait_stream(current)
+        with cuda.current(self.cuda_device), cuda.use_stream(self.stream):
+            if self.use_graphs:
+                out = self._replay(inputs, out_shape)
+            else:
+                out = torch.empty(out_shape, device=self.device)
+                self._bind(inputs, out)
+                self._execute()
+        current.wait_stream(self.stream)
+        return out.to(sample.dtype)

@@ -1,0 +1,334 @@
+"""TensorRT engines from the ONNX exports: build options, the build itself, refit, and the engine cache.
+
+Written against TensorRT 10's and 11's Python APIs. TensorRT 11 builds only strongly typed networks
+(its ``BuilderFlag.FP16``/``BF16`` are gone): the engine's precision is the ONNX export's, so an fp16
+engine is built from the fp16 export; TensorRT 10 builds from the fp32 export with precision flags.
+Every GPU question goes through :func:`difftool.core.cuda.runtime` and every build and load happens
+with the requested device current, so ``--device cuda:1`` builds for, keys by and runs on GPU 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from difftool.core.cuda import runtime
+from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.exporters.cache import ArtifactCache, Entry
+from difftool.exporters.tensorrt_profiles import Profile
+
+ENGINE_FILE = "model.engine"
+log = logging.getLogger("difftool")
+
+
+def unavailable_reason(device: str) -> str | None:
+    """Why TensorRT cannot run on ``device`` here, or ``None``."""
+    import importlib.util
+
+    from difftool.core.cuda import device_index
+
+    if not device.startswith("cuda"):
+        return "TensorRT needs an NVIDIA GPU; pass --device cuda"
+    cuda = runtime()
+    if not cuda.is_available():
+        return "TensorRT requires an NVIDIA GPU with CUDA support, and this PyTorch sees none"
+    if device_index(device) >= cuda.device_count():
+        return f"there is no GPU {device_index(device)} (found {cuda.device_count()}); use --device cuda:0"
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt package is not installed; pip install 'difftool[gpu]'"
+    return None
+
+
+def major_version(trt: Any) -> int:
+    return int(str(trt.__version__).split(".")[0])
+
+
+#: Engine precisions and the compute capability each needs (bf16: Ampere; fp8 needs a Q/DQ-quantized
+#: ONNX export, which difftool does not make, so it is refused up front).
+PRECISIONS = {"fp32": (0, 0), "fp16": (5, 3), "bf16": (8, 0)}
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How an engine is built: precision, refittable weights, and the builder's memory budget."""
+
+    precision: str = "fp16"
+    #: Refittable engines are keyed by the graph's structure, not its weights: a LoRA set or another
+    #: fine-tune of the same architecture refits the engine in seconds instead of a rebuild.
+    refittable: bool = False
+    #: Builder workspace in GiB (``None`` or 0: :func:`workspace_limit` decides).
+    workspace_gb: float | None = None
+
+
+def precision_flags(precision: str, capability: tuple[int, int], major: int = 10) -> list[str]:
+    """The ``trt.BuilderFlag`` names for ``precision`` on a GPU of ``capability``, or a clear error.
+
+    TensorRT 11 (``major``) has no precision flags: its networks are strongly typed, so the result is
+    empty and the precision comes from the ONNX export (:func:`onnx_precision`).
+    """
+    if precision == "fp8":
+        raise ParameterError(
+            "TensorRT fp8 needs a quantized (Q/DQ) ONNX export, which difftool does not make",
+            "build in fp16 or bf16",
+        )
+    if precision not in PRECISIONS:
+        raise ParameterError(f"unknown TensorRT precision {precision!r}", f"use one of {', '.join(PRECISIONS)}")
+    if capability < PRECISIONS[precision]:
+        needed = ".".join(map(str, PRECISIONS[precision]))
+        raise ParameterError(
+            f"this GPU (compute capability {capability[0]}.{capability[1]}) has no {precision} TensorRT kernels "
+            f"(needs {needed} or newer)",
+            "build in fp16" if precision == "bf16" else "build in fp32",
+        )
+    if major >= 11:
+        onnx_precision(precision, major)  # refuses what no export of difftool's can give
+        return []
+    return [] if precision == "fp32" else [precision.upper()]
+
+
+def onnx_precision(precision: str, major: int) -> str:
+    """The ONNX export an engine of ``precision`` is built from under TensorRT ``major``."""
+    if major < 11:
+        return "fp32"  # TensorRT 10 lowers an fp32 network with precision flags
+    if precision == "bf16":
+        raise ParameterError(
+            "TensorRT 11 builds the precision of the ONNX graph, and difftool exports fp32 and fp16 only",
+            "run with --dtype fp16 (or fp32)",
+        )
+    return precision
+
+
+def workspace_limit(free: int, requested_gb: float | None = None) -> int:
+    """The builder's workspace budget in bytes, given ``free`` GPU memory.
+
+    By default 60% of the memory free when the build starts, so the weights TensorRT holds while
+    timing tactics and the rest of the process still fit (an SDXL build on a 12 GB card stays inside
+    it instead of failing with an out-of-memory error half-way); a request above what is free is an error.
+    """
+    if requested_gb:
+        requested = int(requested_gb * GIB)
+        if requested > free:
+            raise ParameterError(
+                f"workspace_gb={requested_gb:g} asks for more than the {free / GIB:.1f} GiB free on this GPU",
+                "lower --backend-opt workspace_gb or free GPU memory",
+            )
+        return requested
+    return max(256 << 20, int(free * 0.6))
+
+
+def gpu_identity(device: str) -> str:
+    """The GPU model and memory size: TensorRT rejects timing caches and engines from other GPUs."""
+    cuda = runtime()
+    return f"{cuda.name(device)} {cuda.total_memory(device) >> 20} MiB"
+
+
+def timing_cache_path(root: Path, tensorrt_version: str, capability: tuple[int, int], gpu: str = "") -> Path:
+    """One timing cache per TensorRT version and GPU (architecture, model and memory)."""
+    tag = f"-{hashlib.sha256(gpu.encode()).hexdigest()[:8]}" if gpu else ""
+    return root / "tensorrt" / f"timing-{tensorrt_version}-sm{capability[0]}{capability[1]}{tag}.cache"
+
+
+class BuildProgress:
+    """Turns TensorRT's builder phases into a progress bar (driven by :class:`IProgressMonitor`).
+
+    Top-level phases get a bar each; nested phases only update the bar's description. Returning
+    ``False`` from :meth:`step_complete` asks TensorRT to cancel the build.
+    """
+
+    def __init__(self, file: Any = None, cancelled: Any = None) -> None:
+        self.file = file
+        self.cancelled = cancelled or (lambda: False)
+        self.bars: dict[str, Any] = {}
+        self.parents: dict[str, str | None] = {}
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        from tqdm import tqdm
+
+        self.parents[phase_name] = parent_phase
+        if parent_phase is None:
+            self.bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT {phase_name}", file=self.file, leave=False)
+        else:
+            top = self._top(phase_name)
+            if top in self.bars:
+                self.bars[top].set_postfix_str(phase_name)
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        if phase_name in self.bars:
+            bar = self.bars[phase_name]
+            bar.update(step + 1 - bar.n)
+        return not self.cancelled()
+
+    def phase_finish(self, phase_name: str) -> None:
+        bar = self.bars.pop(phase_name, None)
+        if bar is not None:
+            bar.close()
+        self.parents.pop(phase_name, None)
+
+    def _top(self, phase: str) -> str:
+        while self.parents.get(phase) is not None:
+            phase = self.parents[phase]  # type: ignore[assignment]
+        return phase
+
+
+def _monitor(trt: Any, progress: BuildProgress) -> Any:
+    """A ``trt.IProgressMonitor`` delegating to ``progress`` (TensorRT calls it from its own threads)."""
+
+    class Monitor(trt.IProgressMonitor):  # type: ignore[misc, name-defined]
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            progress.phase_start(phase_name, parent_phase, num_steps)
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            return progress.step_complete(phase_name, step)
+
+        def phase_finish(self, phase_name: str) -> None:
+            progress.phase_finish(phase_name)
+
+    return Monitor()
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    profiles: Sequence[Profile],
+    options: BuildOptions = BuildOptions(),
+    timing_cache: Path | None = None,
+    progress: BuildProgress | None = None,
+    device: str = "cuda",
+) -> None:
+    """Parse ``onnx_path`` and build a serialized engine with ``profiles`` into ``engine_path`` on ``device``.
+
+    ``timing_cache`` is read before and written (atomically) after the build: later builds of any
+    model on this GPU skip the tactic timings it holds. A cache TensorRT rejects is replaced.
+    """
+    import tensorrt as trt
+
+    from difftool.core.atomic import atomic_write_bytes
+
+    cuda = runtime()
+    major = major_version(trt)
+    with cuda.current(device):
+        logger = trt.Logger(trt.Logger.WARNING)
+        builder = trt.Builder(logger)
+        # TensorRT 10: explicit batch is the only mode; 11: strongly typed is the only mode
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major >= 11 else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BackendUnavailableError(f"TensorRT cannot parse the ONNX export: {errors}")
+        config = builder.create_builder_config()
+        for flag in precision_flags(options.precision, cuda.capability(device), major):
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+        if options.refittable:
+            config.set_flag(trt.BuilderFlag.REFIT)
+        free, _ = cuda.mem_get_info(device)
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_limit(free, options.workspace_gb))
+        cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
+        if not config.set_timing_cache(config.create_timing_cache(cache_bytes), False):  # False: reject a foreign one
+            log.warning(
+                "TensorRT rejected the timing cache %s (another GPU or version); starting a new one", timing_cache
+            )
+            if not config.set_timing_cache(config.create_timing_cache(b""), False):
+                raise BackendUnavailableError(
+                    "TensorRT refused an empty timing cache", "report this with `difftool info`"
+                )
+        monitor = _monitor(trt, progress or BuildProgress())
+        config.progress_monitor = monitor  # kept referenced until the build returns
+        for profile in profiles:
+            optimization = builder.create_optimization_profile()
+            for name, (low, opt, high) in profile.shapes.items():
+                optimization.set_shape(name, low, opt, high)
+            config.add_optimization_profile(optimization)
+        serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendUnavailableError(
+            "TensorRT failed to build the engine (see its log above)",
+            "if it ran out of memory, lower --backend-opt workspace_gb or max_size",
+        )
+    engine_path.write_bytes(bytes(serialized))
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+
+
+def engine_components(
+    onnx: Entry,
+    structure: str,
+    profiles: Sequence[Profile],
+    options: BuildOptions,
+    tensorrt_version: str,
+    capability: tuple[int, int],
+    gpu: str = "",
+) -> dict[str, Any]:
+    """The engine's cache-key components. Refittable engines depend on the graph's structure, others
+    on the exact export (weights included)."""
+    return {
+        **({"structure": structure} if options.refittable else {"onnx": onnx.manifest["key"]}),
+        "refittable": options.refittable,
+        "profiles": [p.as_json() for p in profiles],
+        "precision": options.precision,
+        "tensorrt": tensorrt_version,
+        "compute_capability": f"{capability[0]}.{capability[1]}",
+        "gpu": gpu,
+        "format": 3,  # 2: precision names, refit, workspace and timing cache; 3: the GPU model
+    }
+
+
+def cached_engine(
+    onnx: Entry,
+    profiles: Sequence[Profile],
+    options: BuildOptions,
+    device: str = "cuda",
+    cache: ArtifactCache | None = None,
+) -> Entry:
+    """The engine for an ONNX cache entry on ``device``: keyed by the export (or, refittable, its structure),
+    profiles, precision, TensorRT version and the GPU (compute capability, model and memory)."""
+    import tensorrt as trt
+
+    from difftool.exporters.onnx import structure_hash
+
+    cache = cache or ArtifactCache()
+    capability = runtime().capability(device)
+    gpu = gpu_identity(device)
+    structure = structure_hash(onnx.file("model.onnx"))
+    components = engine_components(onnx, structure, profiles, options, trt.__version__, capability, gpu)
+
+    def build(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        timing = timing_cache_path(cache.root, trt.__version__, capability, gpu)
+        build_engine(onnx.file("model.onnx"), folder / ENGINE_FILE, profiles, options, timing, device=device)
+        return {"seconds": round(time.perf_counter() - started, 2), "weights": onnx.manifest["key"]}
+
+    name = f"unet-{structure[:12]}" if options.refittable else onnx.manifest["name"]
+    return cache.get_or_build("tensorrt", name, components, build)
+
+
+def needs_refit(engine: Entry, onnx: Entry) -> bool:
+    """Whether a refittable engine holds other weights than the ONNX export it is asked to run."""
+    return (
+        bool(engine.manifest["components"].get("refittable")) and engine.manifest.get("weights") != onnx.manifest["key"]
+    )
+
+
+def refit(engine: Any, onnx_path: Path) -> None:
+    """Load the weights of ``onnx_path`` (same structure) into the deserialized ``engine``, in memory."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    refitter = trt.Refitter(engine, logger)
+    parser = trt.OnnxParserRefitter(refitter, logger)
+    if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise BackendUnavailableError(
+            f"TensorRT could not refit the engine with {onnx_path.parent.name}: {errors or 'see its log above'}",
+            "clear the engine (difftool cache clear) to rebuild it",
+        )

@@ -1,0 +1,108 @@
+"""TensorRT optimization profiles: which input shapes an engine accepts, and choosing one per call.
+
+Pure Python (no TensorRT import), tested everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from difftool.core.errors import ParameterError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """An optimization profile: per input name, the (min, opt, max) shapes the engine accepts."""
+
+    shapes: Mapping[str, tuple[Shape, Shape, Shape]]
+
+    def covers(self, request: Mapping[str, Shape]) -> bool:
+        for name, shape in request.items():
+            if name not in self.shapes:
+                return False
+            low, _, high = self.shapes[name]
+            if len(shape) != len(low) or any(s < lo or s > hi for s, lo, hi in zip(shape, low, high, strict=True)):
+                return False
+        return True
+
+    def as_json(self) -> dict[str, list[list[int]]]:
+        return {name: [list(s) for s in triple] for name, triple in sorted(self.shapes.items())}
+
+
+def unet_profile(
+    in_channels: int, multiple: int, batch: tuple[int, int, int], size: tuple[int, int, int], class_labels: bool
+) -> Profile:
+    """A profile for a pixel U-Net: ``batch`` and square ``size`` as (min, opt, max), sizes in pixels."""
+
+    def sample(b: int, s: int) -> Shape:
+        s = max(multiple, s // multiple * multiple)
+        return (b, in_channels, s, s)
+
+    shapes: dict[str, tuple[Shape, Shape, Shape]] = {
+        "sample": (sample(batch[0], size[0]), sample(batch[1], size[1]), sample(batch[2], size[2])),
+        "timestep": ((batch[0],), (batch[1],), (batch[2],)),
+    }
+    if class_labels:
+        shapes["class_labels"] = ((batch[0],), (batch[1],), (batch[2],))
+    return Profile(shapes)
+
+
+def signature_profile(
+    signature: Any,
+    batch: tuple[int, int, int],
+    size: tuple[int, int, int],
+    tokens: tuple[int, int, int] = (77, 77, 77),
+) -> Profile:
+    """A profile for every input of an exported U-Net (:class:`~difftool.exporters.onnx.UNetSignature`).
+
+    ``size`` is the square sample size in the U-Net's own units (pixels for pixel models, latent
+    cells for Stable Diffusion: 512 px is 64), as (min, opt, max); ``tokens`` the text length.
+    """
+    profile = unet_profile(signature.in_channels, signature.multiple, batch, size, signature.class_labels)
+    shapes = dict(profile.shapes)
+    if signature.context_dim:
+        shapes["encoder_hidden_states"] = tuple(
+            (b, t, signature.context_dim) for b, t in zip(batch, tokens, strict=True)
+        )  # type: ignore[assignment]
+    if signature.text_embeds_dim:
+        shapes["text_embeds"] = tuple((b, signature.text_embeds_dim) for b in batch)  # type: ignore[assignment]
+        shapes["time_ids"] = tuple((b, signature.time_ids) for b in batch)  # type: ignore[assignment]
+    return Profile(shapes)
+
+
+def engine_profile(signature: Any, shapes: Any, largest: int = 1024) -> Profile:
+    """The profile to build for a request: the task's declared shapes, else a default range.
+
+    ``shapes`` is the task's :class:`~difftool.core.task.ExportShapes` (or ``None``); ``largest`` the
+    default maximum image side in pixels (the backend's ``max_size`` option).
+    """
+    if shapes is not None:
+        return signature_profile(signature, shapes.batch, shapes.size, shapes.tokens)
+    if signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
+        return signature_profile(signature, (1, 2, 4), (8, 64, largest // 8 * 2))
+    return signature_profile(signature, (1, 1, 2), (64, 512, largest))
+
+
+def select_profile(profiles: Sequence[Profile], request: Mapping[str, Shape]) -> int:
+    """Index of the first profile covering every requested input shape, or a clear error."""
+    for index, profile in enumerate(profiles):
+        if profile.covers(request):
+            return index
+    wanted = ", ".join(f"{name} {list(shape)}" for name, shape in request.items())
+    built = "; ".join(
+        f"#{i}: " + ", ".join(f"{n} {list(lo)}..{list(hi)}" for n, (lo, _, hi) in p.shapes.items())
+        for i, p in enumerate(profiles)
+    )
+    raise ParameterError(
+        f"no TensorRT profile covers {wanted} (engine built for {built})",
+        "use a smaller --tile, or rebuild the engine with a larger profile (--backend-opt max_size=N)",
+    )
+
+
+def is_static(profiles: Sequence[Profile]) -> bool:
+    """Whether every profile fixes each input's shape (min == max): CUDA graphs then pay off at once."""
+    return all(low == high for p in profiles for low, _, high in p.shapes.values())

@@ -159,7 +159,8 @@ class FakeTensorRTState:
     executions: int = 0
     created_on: list[tuple[str, int]] = field(default_factory=list)
     build_flags: list[list[str]] = field(default_factory=list)
-    #: Inject failures: ``deserialize``/``context`` return None, ``timing_cache`` rejects the cache.
+    #: Inject failures: ``deserialize``/``context`` return None, ``timing_cache`` rejects the cache,
+    #: ``capture`` fails an enqueue inside a CUDA graph capture.
     fail: set[str] = field(default_factory=set)
 
 
@@ -363,6 +364,8 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
 
         def execute_async_v3(self, stream: int) -> bool:
             if cuda.capturing is not None:
+                if "capture" in state.fail:
+                    return False  # an enqueue TensorRT cannot capture
                 snapshot = (dict(self.shapes), dict(self.addresses))
                 cuda.capturing.launches.append(lambda: self._run(*snapshot))
                 return True

@@ -155,7 +155,7 @@ def paint(
     # The U-Net sees the whole crop: a range that holds it and stays the same for every crop up to
     # 1024 px (one engine for a folder).
     side = max(rgb.shape[:2])
-    shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, side), 512, max(1024, -(-side // 256) * 256)))
+    shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, *rgb.shape[:2]), 512, max(1024, -(-side // 256) * 256)))
     out = pixel_model.denoise(
         model,
         pixel_model.make_denoiser(model, context, shapes),

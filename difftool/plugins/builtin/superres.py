@@ -45,9 +45,13 @@ class SuperResolution(Task):
     availability = pixel_model.availability
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
-        """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time."""
+        """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time.
+
+        The smallest tile is the output's short side (at least the input's) when that is under 64 px.
+        """
         tile = int(request.params.get("tile") or 1024)
-        return ExportShapes(batch=(1, 1, 1), size=(min(64, tile), tile, tile))
+        image = request.inputs["image"]
+        return ExportShapes(batch=(1, 1, 1), size=(min(64, tile, min(image.size)), tile, tile))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]

@@ -15,6 +15,7 @@ from difftool import __version__
 from difftool.core.devices import DTYPES
 from difftool.core.errors import DifftoolError, exit_code
 from difftool.core.task import Param, Task
+from difftool.plugins.click_options import param_option
 
 
 def _registry() -> Any:
@@ -37,28 +38,10 @@ def fail(error: DifftoolError, debug: bool) -> None:
 
 
 def click_option(param: Param, registry: Any) -> click.Option:
-    """The click option for one declared task parameter."""
-    kwargs: dict[str, Any] = {"help": param.help, "required": param.required, "show_default": param.default is not None}
-    if param.type == "bool":
-        name = param.name.replace("_", "-")
-        return click.Option([f"--{name}/--no-{name}", param.name], default=bool(param.default), **kwargs)
-    if param.type == "int":
-        kwargs["type"] = click.IntRange(param.min, param.max)
-    elif param.type == "float":
-        kwargs["type"] = click.FloatRange(param.min, param.max)
-    elif param.type == "choice":
-        from difftool.plan import param_choices
+    """The click option for one declared task parameter (choices from the registry where declared so)."""
+    from difftool.plan import param_choices
 
-        kwargs["type"] = click.Choice([str(c) for c in param_choices(param, registry)])  # typed by the preflight
-        default = None if param.default is None else str(param.default)
-        return click.Option([param.flag, param.name], default=default, **kwargs)
-    elif param.type in ("image", "mask"):
-        kwargs["type"] = click.Path(exists=True, dir_okay=False)
-    elif param.type == "path":
-        kwargs["type"] = click.Path()
-    else:
-        kwargs["type"] = str
-    return click.Option([param.flag, param.name], default=param.default, **kwargs)
+    return param_option(param, param_choices(param, registry) if param.type == "choice" else None)
 
 
 def backend_options(registry: Any) -> list[click.Option]:
@@ -153,9 +136,8 @@ def task_command(name: str, registry: Any) -> click.Command:
 
 
 def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
-    from tqdm import tqdm
-
     from difftool import api, jobs
+    from difftool.executors.local import run_local
     from difftool.plan import preflight
 
     debug = values.pop("debug")
@@ -197,7 +179,7 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             fail(error, debug)
     else:
         try:
-            records = _run_local(job, run_plan, tqdm)
+            records = run_local(job, run_plan)
         except DifftoolError as error:  # one input: its error is the command's error
             fail(error, debug)
         except OSError as error:
@@ -225,31 +207,6 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
             click.echo(f"{result['ok']} done, {result['skipped']} skipped, {result['failed']} failed", err=True)
     if result["failed"]:
         sys.exit(1)
-
-
-def _run_local(job: Any, run_plan: Any, tqdm: Any) -> list[dict[str, Any]]:
-    """The one-process executor: items in order, a step bar per item and an overall bar."""
-    from difftool import jobs
-
-    records: list[dict[str, Any]] = []
-    overall = tqdm(total=len(job.items), unit="img", disable=None if len(job.items) > 1 else True, file=sys.stderr)
-    for item in job.items:
-        bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
-
-        def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
-            bar.total = total
-            bar.update(step - bar.n)
-
-        try:
-            record = jobs.process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
-        finally:
-            bar.close()
-        if record["status"] == "failed" and len(job.items) > 1:
-            tqdm.write(f"Error: {item.key}: {record['error']}", file=sys.stderr)
-        records.append(record)
-        overall.update(1)
-    overall.close()
-    return records
 
 
 # --- command groups ---------------------------------------------------------------------------------

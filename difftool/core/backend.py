@@ -59,26 +59,7 @@ class Backend(ABC):
 
     def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every declared option's value: ``values`` converted and checked, else its (environment) default."""
-        values = dict(values or {})
-        declared = {p.name: p for p in self.options}
-        unknown = sorted(set(values) - set(declared))
-        if unknown:
-            names = ", ".join(declared) or "none"
-            raise ParameterError(
-                f"backend {self.name!r} has no option {unknown[0]!r}", f"its options are: {names} (difftool backends)"
-            )
-        resolved = {}
-        for name, param in declared.items():
-            raw = values[name] if name in values else param.effective_default()
-            try:
-                resolved[name] = param.validate(raw)
-            except ParameterError as error:
-                source = f" (from {param.env})" if name not in values and param.env else ""
-                raise ParameterError(
-                    f"backend option {self.name}.{name}{source}: {error.problem.split(': ', 1)[-1]}",
-                    f"pass --backend-opt {name}=VALUE {param.range_text()}".rstrip(),
-                ) from None
-        return resolved
+        return validate_options(f"backend {self.name!r}", self.options, values, "--backend-opt")
 
     def resolve(self, device: str, dtype: str = "fp32", options: Mapping[str, Any] | None = None) -> ResolvedBackend:
         """This backend checked for ``device`` with validated ``options``, or a one-line error."""
@@ -123,3 +104,30 @@ class ResolvedBackend:
             options=self.options,
             shapes=shapes,
         )
+
+
+def validate_options(
+    owner: str, declared: tuple[Param, ...], values: Mapping[str, Any] | None, flag: str
+) -> dict[str, Any]:
+    """``values`` checked against ``declared`` options, defaults (or their environment variables) filled in.
+
+    ``owner`` names whose options they are in errors (``backend 'onnx'``); ``flag`` is how users pass one.
+    """
+    values = dict(values or {})
+    params = {p.name: p for p in declared}
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        names = ", ".join(params) or "none"
+        raise ParameterError(f"{owner} has no option {unknown[0]!r}", f"its options are: {names}")
+    resolved = {}
+    for name, param in params.items():
+        raw = values[name] if name in values else param.effective_default()
+        try:
+            resolved[name] = param.validate(raw)
+        except ParameterError as error:
+            source = f" (from {param.env})" if name not in values and param.env else ""
+            raise ParameterError(
+                f"{owner} option {name}{source}: {error.problem.split(': ', 1)[-1]}",
+                f"pass {flag} {name}=VALUE {param.range_text()}".rstrip(),
+            ) from None
+    return resolved

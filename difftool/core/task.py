@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from difftool.core.backend import ResolvedBackend
     from difftool.core.denoiser import Denoiser
+    from difftool.core.exporter import ExportTarget
     from difftool.core.scheduler import Scheduler
 
 ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
@@ -309,6 +310,10 @@ class Task(ABC):
 
     def availability(self, model: str | None) -> str | None:
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
+        return None
+
+    def export_target(self, model: str | None) -> ExportTarget | None:
+        """The network ``difftool export FORMAT TASK`` exports for ``model`` (``None``: nothing to export)."""
         return None
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes | None:

@@ -99,6 +99,7 @@ class TensorRTDenoiser(Denoiser):
         self.prediction_type = prediction_type
         self.profiles = list(profiles)
         self.fingerprint = entry.manifest["key"]
+        self.engine_path = entry.file(ENGINE_FILE)
         with cuda.current(device):  # the engine, its context and stream belong to this GPU, not GPU 0
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             self.engine = self.runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())

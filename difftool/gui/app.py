@@ -1,4 +1,4 @@
-"""The main window: task picker and generated form, canvas, queue, progress, history."""
+"""The main window: the task and mask panels around the canvas, progress, history, menus."""
 
 from __future__ import annotations
 
@@ -13,13 +13,9 @@ from PySide6.QtCore import QSettings, Qt
 from PySide6.QtGui import QAction, QGuiApplication, QIcon, QImage, QKeySequence, QPixmap
 from PySide6.QtWidgets import (
     QApplication,
-    QCheckBox,
-    QComboBox,
     QDialog,
     QDockWidget,
     QFileDialog,
-    QFormLayout,
-    QHBoxLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
@@ -28,18 +24,17 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QSlider,
-    QSpinBox,
     QVBoxLayout,
-    QWidget,
 )
 
 from difftool.core.images import read_metadata, save_image
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
-from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+from difftool.gui.form import ParamForm
 from difftool.gui.jobs import Job, JobQueue
+from difftool.gui.mask_panel import MaskPanel
+from difftool.gui.task_panel import TaskPanel
 
 SAVE_FILTER = "PNG with metadata (*.png);;JPEG (*.jpg);;WebP (*.webp)"
 
@@ -76,114 +71,23 @@ class MainWindow(QMainWindow):
 
     # --- building ------------------------------------------------------------------------------
     def _build_controls(self) -> None:
-        panel = QWidget()
-        layout = QVBoxLayout(panel)
-        self.task_box = QComboBox()
-        for name, entry in sorted(self.registry.tasks.items()):
-            self.task_box.addItem(name)
-            self.task_box.setItemData(self.task_box.count() - 1, entry.cls.summary, Qt.ItemDataRole.ToolTipRole)
-        self.task_box.currentTextChanged.connect(self._on_task_changed)
-        layout.addWidget(QLabel("Task"))
-        layout.addWidget(self.task_box)
-        self.task_status = QLabel()
-        self.task_status.setWordWrap(True)
-        layout.addWidget(self.task_status)
-        self.form_area = QScrollArea()
-        self.form_area.setWidgetResizable(True)
-        layout.addWidget(self.form_area, 1)
-
-        common = QFormLayout()
-        self.model_box = QComboBox()
-        self.model_box.addItem(DEFAULT_CHOICE)
-        for entry in self.registry.find_models():
-            self.model_box.addItem(entry.name, str(entry.path))
-        self.model_box.addItem("Browse…")
-        self.model_box.addItem("Browse file…")
-        self.model_box.activated.connect(self._on_model_picked)
-        self.backend_box = QComboBox()
-        self.device_box = QComboBox()
-        self.device_box.addItems(["cpu"] + self._cuda_devices())
-        self.device_box.currentTextChanged.connect(self._refresh_backends)
-        self.dtype_box = QComboBox()
-        self.dtype_box.addItems(["auto", "fp32", "fp16", "bf16"])
-        self.seed_box = QSpinBox()
-        self.seed_box.setRange(-1, 2**31 - 1)
-        self.seed_box.setSpecialValueText("random")
-        self.seed_box.setValue(-1)
-        common.addRow("model", self.model_box)
-        common.addRow("backend", self.backend_box)
-        common.addRow("device", self.device_box)
-        common.addRow("precision", self.dtype_box)
-        common.addRow("seed", self.seed_box)
-        layout.addLayout(common)
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.run_button.setDefault(True)
-        self.run_button.clicked.connect(self.run_current)
-        reset = QPushButton("Defaults")
-        reset.clicked.connect(lambda: self.form.reset())
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(reset)
-        layout.addLayout(buttons)
-        layout.addWidget(QLabel("Queue"))
-        self.queue_list = QListWidget()
-        self.queue_list.setMaximumHeight(90)
-        layout.addWidget(self.queue_list)
-        cancel_selected = QPushButton("Cancel selected job")
-        cancel_selected.clicked.connect(self._cancel_selected)
-        layout.addWidget(cancel_selected)
+        self.task_panel = TaskPanel(self.registry, self.settings, self.run_current, self._cancel_selected)
+        panel = self.task_panel
+        # The window's own names for the panel's widgets (scripts and tests drive the window).
+        self.task_box, self.model_box, self.backend_box = panel.task_box, panel.model_box, panel.backend_box
+        self.device_box, self.dtype_box, self.seed_box = panel.device_box, panel.dtype_box, panel.seed_box
+        self.queue_list, self.run_button = panel.queue_list, panel.run_button
         dock = QDockWidget("Task", self)
         dock.setObjectName("task-dock")
         dock.setWidget(panel)
         self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
-        self.backend_box.setCurrentText(str(self.settings.value("backend", "torch")))
-        self._refresh_backends()
 
-        mask_panel = QWidget()
-        mask_layout = QFormLayout(mask_panel)
-        self.paint_check = QCheckBox("paint mask")
-        self.paint_check.toggled.connect(self._on_paint_toggled)
-        self.brush_size = QSpinBox()
-        self.brush_size.setRange(1, 512)
-        self.brush_size.setValue(32)
-        self.hardness = QSlider(Qt.Orientation.Horizontal)
-        self.hardness.setRange(0, 100)
-        self.hardness.setValue(80)
-        self.eraser = QCheckBox("eraser")
-        self.opacity = QSlider(Qt.Orientation.Horizontal)
-        self.opacity.setRange(0, 100)
-        self.opacity.setValue(50)
-        self.opacity.valueChanged.connect(self._on_opacity)
-        for widget in (self.brush_size, self.hardness, self.eraser):
-            (widget.valueChanged if hasattr(widget, "valueChanged") else widget.toggled).connect(self._sync_brush)
-        mask_layout.addRow(self.paint_check)
-        mask_layout.addRow("brush size", self.brush_size)
-        mask_layout.addRow("hardness", self.hardness)
-        mask_layout.addRow(self.eraser)
-        mask_layout.addRow("overlay", self.opacity)
-        row = QHBoxLayout()
-        for text, slot in (
-            ("Undo", "undo"),
-            ("Redo", "redo"),
-            ("Invert", "invert"),
-            ("Clear", "clear"),
-            ("Fill", "fill"),
-        ):
-            button = QPushButton(text)
-            button.clicked.connect(lambda _=False, s=slot: self._mask_op(s))
-            row.addWidget(button)
-        mask_layout.addRow(row)
-        io = QHBoxLayout()
-        load, save = QPushButton("Load mask…"), QPushButton("Save mask…")
-        load.clicked.connect(self.load_mask)
-        save.clicked.connect(self.save_mask)
-        io.addWidget(load)
-        io.addWidget(save)
-        mask_layout.addRow(io)
+        self.mask_panel = MaskPanel(self.canvas, self.show_error)
+        self.paint_check, self.brush_size = self.mask_panel.paint_check, self.mask_panel.brush_size
+        self.hardness, self.eraser = self.mask_panel.hardness, self.mask_panel.eraser
         mask_dock = QDockWidget("Mask", self)
         mask_dock.setObjectName("mask-dock")
-        mask_panel.setMaximumWidth(280)
-        mask_dock.setWidget(mask_panel)
+        mask_dock.setWidget(self.mask_panel)
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, mask_dock)
 
         self.history_list = QListWidget()
@@ -195,6 +99,10 @@ class MainWindow(QMainWindow):
         history_dock.setObjectName("history-dock")
         history_dock.setWidget(self.history_list)
         self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, history_dock)
+
+    @property
+    def form(self) -> ParamForm:
+        return self.task_panel.form
 
     def _build_bottom(self) -> None:
         bar = self.statusBar()
@@ -243,66 +151,8 @@ class MainWindow(QMainWindow):
         action(help_menu, "&Plugins…", self.show_plugins)
         action(help_menu, "&About difftool…", self.show_about)
 
-    # --- registry-driven parts -----------------------------------------------------------------
-    @staticmethod
-    def _cuda_devices() -> list[str]:
-        try:
-            import torch
-
-            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-        except ImportError:
-            return []
-
-    def _refresh_backends(self) -> None:
-        current = self.backend_box.currentText() or "torch"
-        self.backend_box.clear()
-        for name, (backend, _plugin) in sorted(self.registry.backends.items()):
-            reason = backend.unavailable_reason(self.device_box.currentText())
-            self.backend_box.addItem(name)
-            index = self.backend_box.count() - 1
-            self.backend_box.setItemData(index, reason or backend.summary, Qt.ItemDataRole.ToolTipRole)
-            if reason:
-                self.backend_box.model().item(index).setEnabled(False)
-        self.backend_box.setCurrentText(current if current in self.registry.backends else "torch")
-
     def _on_task_changed(self) -> None:
-        name = self.task_box.currentText()
-        if not name:
-            return
-        task = self.registry.task(name)
-        from difftool.api import param_choices
-
-        choices = {p.name: param_choices(p, self.registry) for p in task.params if p.type == "choice"}
-        self.form = ParamForm(task, choices)
-        self.form_area.setWidget(self.form)
-        reason = task.availability(self._model_choice())
-        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
-        self.model_box.setEnabled(task.uses_model)
-        self.settings.setValue("task", name)
-
-    def _model_choice(self) -> str | None:
-        text = self.model_box.currentText()
-        if text in (DEFAULT_CHOICE, "Browse…", "Browse file…", ""):
-            return None
-        return self.model_box.currentData() or text
-
-    def _on_model_picked(self, index: int) -> None:
-        label = self.model_box.itemText(index)
-        if label in ("Browse…", "Browse file…"):
-            start = str(self.settings.value("model_dir", ""))
-            if label == "Browse…":
-                folder = QFileDialog.getExistingDirectory(self, "Model folder", start)
-            else:  # single-file checkpoints (Stable Diffusion .safetensors)
-                folder, _ = QFileDialog.getOpenFileName(
-                    self, "Model file", start, "Checkpoints (*.safetensors *.ckpt);;All files (*)"
-                )
-            if folder:
-                self.model_box.insertItem(index, Path(folder).name, folder)
-                self.model_box.setCurrentIndex(index)
-                self.settings.setValue("model_dir", str(Path(folder).parent if Path(folder).is_file() else folder))
-            else:
-                self.model_box.setCurrentIndex(0)
-        self._on_task_changed()
+        self.task_panel.on_task_changed()
 
     # --- images -------------------------------------------------------------------------------
     def open_path(self, path: str | Path) -> None:
@@ -323,7 +173,7 @@ class MainWindow(QMainWindow):
     def set_source(self, image: Image.Image, path: Path | None = None) -> None:
         self.source, self.source_path = image, path
         self.canvas.set_image(pil_to_qimage(image))
-        self._sync_brush()
+        self.mask_panel.sync_brush()
         self.info.setText(f"{path.name if path else 'pasted image'} — {image.width}×{image.height} {image.mode}")
 
     def open_dialog(self) -> None:
@@ -355,49 +205,9 @@ class MainWindow(QMainWindow):
             self.set_source(qimage_to_pil(QImage(event.mimeData().imageData())))
 
     # --- mask ---------------------------------------------------------------------------------
-    def _on_paint_toggled(self, on: bool) -> None:
-        self.canvas.painting = on
-        if on and self.canvas.after is not None:
-            self.canvas.after = None  # paint on the source
-            self.canvas.update()
-
-    def _sync_brush(self) -> None:
-        if self.canvas.mask is not None:
-            self.canvas.mask.brush_size = self.brush_size.value()
-            self.canvas.mask.hardness = self.hardness.value() / 100
-            self.canvas.mask.erase = self.eraser.isChecked()
-
-    def _on_opacity(self, value: int) -> None:
-        self.canvas.mask_opacity = value / 100
-        self.canvas.update()
-
-    def _mask_op(self, name: str) -> None:
-        if self.canvas.mask is not None:
-            getattr(self.canvas.mask, name)()
-            self.canvas.update()
-
     def painted_mask(self) -> Image.Image | None:
         """The painted mask as an ``L`` image the size of the source (``None`` if nothing is painted)."""
-        mask = self.canvas.mask
-        if mask is None:
-            return None
-        image = qimage_to_pil(mask.image)
-        return image if image.getbbox() is not None else None
-
-    def load_mask(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load mask", "", "Images (*.png *.jpg *.bmp *.tif)")
-        if path and self.canvas.mask is not None:
-            self.canvas.mask.load(QImage(path))
-            self.canvas.update()
-
-    def save_mask(self) -> None:
-        mask = self.painted_mask()
-        if mask is None:
-            self.show_error("there is no painted mask to save")
-            return
-        path, _ = QFileDialog.getSaveFileName(self, "Save mask", "mask.png", "PNG (*.png)")
-        if path:
-            save_image(mask, path)
+        return self.mask_panel.painted_mask()
 
     # --- running ------------------------------------------------------------------------------
     def build_job(self) -> Job:
@@ -408,14 +218,7 @@ class MainWindow(QMainWindow):
         for name in mask_params:
             if name not in params and painted is not None:
                 params[name] = painted  # exactly what was painted, pixel for pixel
-        options = {
-            "model": self._model_choice(),
-            "backend": self.backend_box.currentText() or "torch",
-            "device": self.device_box.currentText(),
-            "dtype": self.dtype_box.currentText(),
-            "seed": None if self.seed_box.value() < 0 else self.seed_box.value(),
-            "registry": self.registry,
-        }
+        options = {**self.task_panel.run_options(task.uses_model), "registry": self.registry}
         inputs: list[Any] = [self.source] if task.inputs else []
         return Job(task.name, inputs, params, options)
 

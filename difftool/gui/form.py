@@ -49,7 +49,10 @@ class PathField(QWidget):
 
 
 class ParamForm(QWidget):
-    """One widget per declared parameter; :meth:`values` gives what :func:`difftool.api.run` takes."""
+    """One widget per declared parameter of ``task`` (or anything with ``params``: a backend's options).
+
+    :meth:`values` gives what :func:`difftool.api.run` takes.
+    """
 
     def __init__(self, task: Task, choices: dict[str, tuple[str, ...]]) -> None:
         super().__init__()

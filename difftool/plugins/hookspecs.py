@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     import click
 
     from difftool.core.backend import Backend
+    from difftool.core.exporter import Exporter
     from difftool.core.models import ModelSource
     from difftool.core.task import Task
 
@@ -55,10 +56,25 @@ def register_schedulers(register: Callable[..., None]) -> None:
 
 @hookspec
 def register_backends(register: Callable[[Backend], None]) -> None:
-    """Register :class:`~difftool.core.backend.Backend` instances (``torch``, ``onnxruntime``, ...).
+    """Register :class:`~difftool.core.backend.Backend` instances (``torch``, ``onnx``, ``tensorrt``, ...).
 
     A backend that cannot run on this machine still registers, and says why through
-    ``unavailable_reason()``; ``--backend NAME`` then fails at once with that reason.
+    ``unavailable_reason(device)``; ``--backend NAME`` then fails at once with that reason. A backend
+    declares its options as :class:`~difftool.core.task.Param` s in ``options`` (checked when it
+    registers); users pass them as ``--backend-opt NAME=VALUE`` (``backend_options=`` in the API), the
+    GUI shows them, ``difftool backends`` lists them, and ``make_denoiser`` receives their validated
+    values. A ``Param`` with ``env="VAR"`` takes its default from that environment variable when set.
+    The names listed in ``recorded`` enter each image's metadata (options that change the output).
+    """
+
+
+@hookspec
+def register_exporters(register: Callable[[Exporter], None]) -> None:
+    """Register :class:`~difftool.core.exporter.Exporter` instances: ``difftool export NAME [TASK]``.
+
+    An exporter turns a task's network (``Task.export_target``: any task whose model can be exported,
+    built-in or a plugin's) into an artifact for another runtime (ONNX, a TensorRT engine, a Triton
+    model repository). Its declared ``options`` become the command's flags.
     """
 
 

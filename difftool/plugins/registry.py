@@ -20,6 +20,7 @@ import pluggy
 
 from difftool.core.backend import Backend
 from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
+from difftool.core.exporter import Exporter
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.task import Task
 from difftool.plugins import hookspecs
@@ -29,6 +30,7 @@ ENTRY_POINT_GROUP = "difftool"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.schedulers",
     "difftool.plugins.builtin.backends",
+    "difftool.plugins.builtin.exporters",
     "difftool.plugins.builtin.models",
     "difftool.plugins.builtin.superres",
     "difftool.plugins.builtin.inpaint",
@@ -102,6 +104,7 @@ class Registry:
         self.tasks: dict[str, TaskEntry] = {}
         self.schedulers: dict[str, SchedulerEntry] = {}
         self.backends: dict[str, tuple[Backend, str]] = {}
+        self.exporters: dict[str, tuple[Exporter, str]] = {}
         self.model_sources: dict[str, tuple[ModelSource, str]] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
@@ -169,12 +172,7 @@ class Registry:
         clash = COMMON_OPTIONS.intersection(names)
         if clash:
             raise PluginError(f"task {cls.name!r} parameter {sorted(clash)[0]!r} clashes with a common option")
-        for param in cls.params:
-            choices = tuple(self.schedulers) if param.choices_from == "schedulers" else None
-            try:
-                param.check_declaration(choices)
-            except TypeError as error:
-                raise PluginError(f"task {cls.name!r} (plugin {plugin!r}) is declared wrongly: {error}") from None
+        _check_declarations(f"task {cls.name!r}", plugin, cls.params, tuple(self.schedulers))
         if cls.name in self.tasks:
             raise PluginError(f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}")
         self.tasks[cls.name] = TaskEntry(cls, plugin)
@@ -207,6 +205,17 @@ class Registry:
         self.backends[backend.name] = (backend, plugin)
         self._record(plugin, f"backend {backend.name}")
 
+    def _register_exporter(self, plugin: str, exporter: Exporter) -> None:
+        if not isinstance(exporter, Exporter):
+            raise PluginError(f"register_exporters got {exporter!r}, not an Exporter instance")
+        _check_declarations(f"exporter {exporter.name!r}", plugin, exporter.options)
+        if exporter.name in self.exporters:
+            raise PluginError(
+                f"exporter {exporter.name!r} is already registered by plugin {self.exporters[exporter.name][1]!r}"
+            )
+        self.exporters[exporter.name] = (exporter, plugin)
+        self._record(plugin, f"exporter {exporter.name}")
+
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
         if not isinstance(source, ModelSource):
             raise PluginError(f"register_models got {source!r}, not a ModelSource instance")
@@ -214,6 +223,15 @@ class Registry:
             raise PluginError(f"model source {source.name!r} is already registered")
         self.model_sources[source.name] = (source, plugin)
         self._record(plugin, f"models {source.name}")
+
+
+def _check_declarations(what: str, plugin: str, params: Iterable[Any], schedulers: tuple[str, ...] = ()) -> None:
+    """Refuse (``PluginError``, naming the plugin) a declared default that is not a valid value."""
+    for param in params:
+        try:
+            param.check_declaration(schedulers if param.choices_from == "schedulers" else None)
+        except TypeError as error:
+            raise PluginError(f"{what} (plugin {plugin!r}) is declared wrongly: {error}") from None
 
 
 def _guarded_globals() -> dict[str, tuple[object, str, object]]:
@@ -305,6 +323,7 @@ def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, ent
     call_each(registry, "register_schedulers", guarded(registry._register_scheduler))
     call_each(registry, "register_backends", guarded(registry._register_backend))
     call_each(registry, "register_models", guarded(registry._register_model_source))
+    call_each(registry, "register_exporters", guarded(registry._register_exporter))
     call_each(registry, "register_tasks", guarded(registry._register_task))
     return registry
 

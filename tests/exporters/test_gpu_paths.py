@@ -203,3 +203,14 @@ def test_onnx_runtime_falling_back_silently_is_refused() -> None:
     check_providers(chain, ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match="could not load CUDAExecutionProvider.*runs on CPUExecution"):
         check_providers(chain, ["CPUExecutionProvider"])  # what ORT leaves when the CUDA provider fails to load
+
+
+def test_export_tensorrt_command_builds_the_engine_a_run_then_uses(photo: Path, inpaint_model: Path, cache) -> None:
+    """`difftool export tensorrt --task inpaint` ahead of time; a run with the same shapes builds nothing."""
+    with gpu_harness() as harness:
+        result = CliRunner().invoke(
+            cli.cli, ["export", "tensorrt", "inpaint", "--model", str(inpaint_model), "--precision", "fp32"]
+        )
+        assert result.exit_code == 0, result.output
+        assert "model.engine" in result.output and harness.trt.builds == 1
+        assert "--max-size" in CliRunner().invoke(cli.cli, ["export", "tensorrt", "--help"]).output

@@ -143,7 +143,7 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
         first_o, hidden_o, normed_o = run(ids)
         for want, got in ((first_t, first_o), (layer_t, hidden_o[-3]), (normed_t, normed_o(-2))):
             assert float((want - got).abs().max() / want.abs().max()) < 1e-4
-    with pytest.raises(ParameterError, match=r"onnx.export \(from DIFFTOOL_ONNX_EXPORT\): unknown value 'some'"):
+    with pytest.raises(ParameterError, match=r"option export \(from DIFFTOOL_ONNX_EXPORT\): unknown value 'some'"):
         monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "some")
         api.run("generate", backend="onnx", **common)
 

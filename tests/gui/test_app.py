@@ -422,3 +422,47 @@ def test_help_about_shows_the_info_report(window, qapp) -> None:
     text = dialog.findChild(QPlainTextEdit).toPlainText()
     assert text.startswith(f"difftool {difftool.__version__}") and "backends:" in text and "tensorrt" in text
     dialog.close()
+
+
+def test_the_backend_panel_shows_the_chosen_backends_declared_options(window, qapp) -> None:
+    window.task_box.setCurrentText("superres")
+    window.backend_box.setCurrentText("onnx")
+    form = window.task_panel.options_form
+    assert form is not None and set(form.widgets) == {"provider", "threads", "export"}
+    form.widgets["threads"].setValue(2)
+    assert window.build_job().options["backend_options"]["threads"] == 2
+    window.backend_box.setCurrentText("torch")  # declares none: no panel
+    assert window.task_panel.options_form is None and not window.task_panel.options_box.isVisibleTo(window)
+    window.task_box.setCurrentText("dial")  # loads no model: no backend to choose, none passed
+    assert not window.backend_box.isEnabled() and "backend" not in window.build_job().options
+
+
+def test_run_button_with_tensorrt_on_cuda_reaches_the_engine(qapp, tmp_path: Path, photo: Path, superres_model: Path,
+                                                             monkeypatch) -> None:  # fmt: skip
+    """The GPU path from the window, with stand-ins for CUDA and tensorrt only (difftool.testing_gpu)."""
+    from difftool import api
+    from difftool.testing_gpu import gpu_harness
+    from difftool.training.evaluate import psnr
+
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
+    with gpu_harness() as harness:
+        win = MainWindow(registry=build_registry(entry_points=False), settings=settings)
+        win.model_box.insertItem(1, "tiny", str(superres_model))
+        win.task_box.setCurrentText("superres")
+        win.open_path(photo)
+        win.model_box.setCurrentIndex(1)
+        win.form.widgets["scale"].setCurrentText("2")
+        win.seed_box.setValue(3)
+        win.device_box.setCurrentText("cuda:0")
+        win.backend_box.setCurrentText("tensorrt")
+        assert win.backend_box.currentText() == "tensorrt"
+        job_id = win.run_current()
+        wait_for(win.queue, qapp)
+        job = win.queue.jobs[job_id]
+        win.close()
+    assert job.state == "done", job.error
+    assert job.result.record["backend"] == "tensorrt" and harness.trt.builds == 1 and harness.trt.executions > 0
+    onnx = api.run("superres", photo, model=str(superres_model), scale=2, seed=3, backend="onnx", dtype="fp16")
+    a, b = (np.asarray(r.image, np.float32) / 255 for r in (onnx, job.result))
+    assert psnr(a, b) > 40

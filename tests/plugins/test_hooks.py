@@ -8,7 +8,7 @@ import torch
 from difftool import api
 from difftool.core.backend import Backend
 from difftool.core.denoiser import TorchDenoiser
-from difftool.core.errors import BackendUnavailableError
+from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.scheduler import Scheduler, SchedulerStep
 from difftool.core.task import TaskRequest
@@ -286,3 +286,77 @@ def test_a_gpu_only_backend_is_not_looked_up_again_without_the_device(photo: Pat
     result = api.run("superres", photo, model=str(superres_model), scale="2", backend="gpuonly", device="cuda",
                      dtype="fp32", seed=1, registry=registry)  # fmt: skip
     assert GpuOnlyBackend.devices == ["cuda"] and result.record["backend"] == "gpuonly"
+
+
+class TextExporter:
+    """A third-party exporter: writes the network's parameter count; registered by a plugin's hook."""
+
+    @hookimpl
+    def register_exporters(self, register):
+        from difftool.core.exporter import Exporter, ExportResult
+        from difftool.core.task import Param
+
+        class Count(Exporter):
+            name = "count"
+            summary = "the parameter count as text"
+            options = (Param("output", "path", required=True, help="file to write"),)
+
+            def export(self, target, task, options):
+                count = sum(p.numel() for p in target.module.parameters())
+                Path(options["output"]).write_text(f"{task} {count} {target.model_id[:8]}")
+                return ExportResult(Path(options["output"]), [f"{count} parameters"])
+
+        register(Count())
+
+
+def test_a_plugin_exporter_exports_any_exportable_task(tmp_path: Path, superres_model: Path) -> None:
+    from click.testing import CliRunner
+
+    from difftool.plugins.builtin.exporters import exportable_tasks, exporter_command
+
+    registry = build_registry([TextExporter()], entry_points=False)
+    assert {"superres", "inpaint", "generate", "style"} <= set(exportable_tasks(registry))
+    command = exporter_command(registry.exporters["count"][0], registry)
+    out = tmp_path / "count.txt"
+    result = CliRunner().invoke(command, ["superres", "--model", str(superres_model), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    task, count, _ = out.read_text().split()
+    assert task == "superres" and int(count) > 0 and "parameters" in result.output
+    refused = CliRunner().invoke(command, ["nosuchtask", "-o", str(out)])
+    assert refused.exit_code == 1 and "unknown task 'nosuchtask'" in refused.output
+
+
+class BadlyDeclared:
+    @hookimpl
+    def register_tasks(self, register):
+        from difftool.core.task import Param, Task
+
+        class Wrong(Task):
+            name = "wrong"
+            summary = "declares a default outside its range"
+            params = (Param("steps", "int", default=0, min=1, max=10),)
+
+            def run(self, request, context):
+                raise AssertionError("never runs")
+
+        register(Wrong)
+
+
+def test_a_wrongly_declared_task_is_refused_at_registration_naming_its_plugin() -> None:
+    registry = build_registry([BadlyDeclared()], entry_points=False)
+    assert "wrong" not in registry.tasks
+    [failure] = [f for f in registry.failures if "wrong" in f.error]
+    assert "BadlyDeclared" in failure.plugin and "default 0 is invalid" in failure.error
+    from difftool.core.errors import PluginError
+
+    with pytest.raises(PluginError, match="unknown task 'wrong'.*BadlyDeclared.*default 0 is invalid"):
+        api.run("wrong", registry=registry)  # says which plugin failed, not only "unknown task"
+
+
+def test_typed_choices_take_the_value_or_its_spelling(photo: Path, superres_model: Path) -> None:
+    registry = build_registry(entry_points=False)
+    for scale in (2, "2"):  # the API docs' int, and the CLI's/forms' text
+        result = api.run("superres", photo, model=str(superres_model), scale=scale, seed=1, registry=registry)
+        assert result.record["scale"] == 2 and result.image.size == (56, 40)
+    with pytest.raises(ParameterError, match="--scale: unknown value 5"):
+        api.run("superres", photo, model=str(superres_model), scale=5, registry=registry)

@@ -7,23 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.backend import Backend
 from difftool.core.task import Param
+from difftool.exporters.options import ORT_OPTIONS, TENSORRT_OPTIONS
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from difftool.core.denoiser import Denoiser
-
-#: ONNX Runtime's options, shared by ``onnx`` and the ONNX parts of ``tensorrt`` runs.
-ORT_OPTIONS = (
-    Param(
-        "provider",
-        "choice",
-        default="auto",
-        choices=("auto", "cpu", "cuda", "tensorrt"),
-        env="DIFFTOOL_ORT_PROVIDER",
-        help="ONNX Runtime execution provider (auto: CUDA on cuda devices, else CPU)",
-    ),
-    Param("threads", "int", default=0, min=0, max=1024, env="DIFFTOOL_ORT_THREADS", help="intra-op threads (0: all)"),
-)
 
 
 class TorchBackend(Backend):
@@ -121,42 +109,7 @@ class OnnxBackend(Backend):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
-    options = (
-        Param(
-            "max_size",
-            "int",
-            default=1024,
-            min=64,
-            max=16384,
-            env="DIFFTOOL_TRT_MAX_SIZE",
-            help="largest image side (px) an engine accepts when the task declares no shapes",
-        ),
-        Param(
-            "workspace_gb",
-            "float",
-            default=0.0,
-            min=0.0,
-            max=1024.0,
-            env="DIFFTOOL_TRT_WORKSPACE_GB",
-            help="builder workspace in GiB (0: 60%% of the GPU's free memory)",
-        ),
-        Param(
-            "refit",
-            "choice",
-            default="auto",
-            choices=("auto", "on", "off"),
-            env="DIFFTOOL_TRT_REFIT",
-            help="refittable engines (auto: for Stable Diffusion, so a LoRA refits instead of rebuilding)",
-        ),
-        Param(
-            "cuda_graphs",
-            "choice",
-            default="auto",
-            choices=("auto", "on", "off"),
-            env="DIFFTOOL_TRT_CUDA_GRAPH",
-            help="replay CUDA graphs (auto: when the engine's shapes are static)",
-        ),
-    )
+    options = TENSORRT_OPTIONS
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         from difftool.exporters.tensorrt_engine import unavailable_reason

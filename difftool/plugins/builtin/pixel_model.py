@@ -258,6 +258,19 @@ def upsample(low: torch.Tensor, scale: int) -> torch.Tensor:
     return F.interpolate(low, scale_factor=scale, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+def export_target(task_name: str, model: str | None) -> Any:
+    """What ``difftool export FORMAT TASK`` exports: the pixel model's U-Net (embedded by default), or a
+    Stable Diffusion checkpoint's U-Net when ``model`` is one (loaded in fp32: exports are keyed by it)."""
+    from difftool.core.exporter import ExportTarget
+    from difftool.plugins.builtin.sd.loader import is_sd_model, load_sd_model
+
+    if model and is_sd_model(Path(model).expanduser()):
+        sd = load_sd_model(model)
+        return ExportTarget(sd.unet, sd.unet_id, sd.prediction_type)
+    loaded = load_pixel_model(resolve_model(task_name, model), task_name)
+    return ExportTarget(loaded.unet, loaded.sha256, loaded.scheduler_config.get("prediction_type", "epsilon"))
+
+
 def make_denoiser(model: PixelModel, context: Any, shapes: Any = None) -> Any:
     return context.make_denoiser(
         model.unet,

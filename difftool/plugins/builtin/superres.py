@@ -44,6 +44,9 @@ class SuperResolution(Task):
 
     availability = pixel_model.availability
 
+    def export_target(self, model: str | None) -> Any:
+        return pixel_model.export_target(self.name, model)
+
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time.
 

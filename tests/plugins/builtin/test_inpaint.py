@@ -6,7 +6,7 @@ from PIL import Image
 
 from difftool import api
 from difftool.core.errors import ParameterError
-from difftool.plugins.builtin.inpaint import crop_box, dilate, feather
+from difftool.plugins.builtin.masks import crop_box, dilate, feather
 
 
 def photo_and_mask(width: int = 64, height: int = 48) -> tuple[Image.Image, Image.Image, np.ndarray]:
@@ -104,7 +104,7 @@ def test_noise_fill_also_keeps_the_outside(inpaint_model: Path, registry) -> Non
 def test_push_pull_fill_is_smooth_and_keeps_known_pixels() -> None:
     import torch
 
-    from difftool.plugins.builtin.inpaint import push_pull_fill
+    from difftool.plugins.builtin.masks import push_pull_fill
 
     x = torch.zeros(1, 3, 20, 20)
     x[..., :10] = 1.0  # left half white, right half black

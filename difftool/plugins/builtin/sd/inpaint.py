@@ -39,7 +39,7 @@ def extend_canvas(
     rgb: np.ndarray, alpha: np.ndarray | None, mask: np.ndarray, sides: tuple[int, int, int, int]
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Grow the canvas by ``sides``; the new area is filled smoothly from the edges and added to the mask."""
-    from difftool.plugins.builtin.inpaint import push_pull_fill
+    from difftool.plugins.builtin.masks import push_pull_fill
 
     left, right, top, bottom = sides
     if not any(sides):
@@ -78,7 +78,7 @@ def sd_inpaint(
 
 def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any], context: RunContext) -> Any:
     """Repaint a padded crop around the mask at the model's native resolution, then scale it back."""
-    from difftool.plugins.builtin.inpaint import crop_box
+    from difftool.plugins.builtin.masks import crop_box
 
     y0, y1, x0, x1 = crop_box(hole > 0, int(params.get("context") or 32), (hole.shape[1], hole.shape[0]))
     crop_h, crop_w = y1 - y0, x1 - x0
@@ -104,7 +104,7 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
     image = pipeline.to_tensor(rgb)
     mask = _t(hole)
     if strength < 1.0 and params.get("fill") == "blur":
-        from difftool.plugins.builtin.inpaint import push_pull_fill
+        from difftool.plugins.builtin.masks import push_pull_fill
 
         image = push_pull_fill(image, 1 - mask)  # A1111's "masked content: fill"
     nine_channel = model.unet.config.in_channels == 9

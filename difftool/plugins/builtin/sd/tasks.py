@@ -64,6 +64,17 @@ def latent_shapes(size: tuple[int, int], guidance_scale: float, exact: bool = Tr
     return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), 64, high))
 
 
+def sd_export_target(model: str | None) -> Any:
+    """A Stable Diffusion checkpoint's U-Net in fp32, for ``difftool export FORMAT generate|style``."""
+    from difftool.core.exporter import ExportTarget
+    from difftool.plugins.builtin.sd.loader import load_sd_model
+
+    if not model:
+        raise ParameterError("exporting a Stable Diffusion task needs its model", "pass --model PATH")
+    sd = load_sd_model(model)
+    return ExportTarget(sd.unet, sd.unet_id, sd.prediction_type)
+
+
 def run_sd(
     model: Any,
     context: RunContext,
@@ -164,6 +175,9 @@ class Generate(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
+    def export_target(self, model: str | None) -> Any:
+        return sd_export_target(model)
+
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
         params = request.params
@@ -208,6 +222,9 @@ class Style(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def export_target(self, model: str | None) -> Any:
+        return sd_export_target(model)
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""

@@ -1,0 +1,34 @@
+"""The one-process executor: a folder job's items in order, in this process, with progress bars."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from difftool.jobs import FolderJob, process_item
+from difftool.plan import Plan
+
+
+def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
+    """The one-process executor: items in order, a step bar per item and an overall bar."""
+    from tqdm import tqdm
+
+    records: list[dict[str, Any]] = []
+    overall = tqdm(total=len(job.items), unit="img", disable=None if len(job.items) > 1 else True, file=sys.stderr)
+    for item in job.items:
+        bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
+
+        def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
+            bar.total = total
+            bar.update(step - bar.n)
+
+        try:
+            record = process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
+        finally:
+            bar.close()
+        if record["status"] == "failed" and len(job.items) > 1:
+            tqdm.write(f"Error: {item.key}: {record['error']}", file=sys.stderr)
+        records.append(record)
+        overall.update(1)
+    overall.close()
+    return records

@@ -1,0 +1,190 @@
+"""The task panel: task picker, the form generated from its parameters, model, backend (with its declared
+options), device, precision, seed, Run, and the queue."""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QSettings, Qt
+from PySide6.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+
+
+def cuda_devices() -> list[str]:
+    """``cuda:N`` for each GPU the CUDA runtime reports."""
+    try:
+        from difftool.core.cuda import runtime
+
+        return [f"cuda:{i}" for i in range(runtime().device_count())]
+    except ImportError:
+        return []
+
+
+class TaskPanel(QWidget):
+    """What to run and how; :meth:`request` gives the task name, its parameters and the run options."""
+
+    def __init__(
+        self, registry: Any, settings: QSettings, on_run: Callable[[], Any], on_cancel: Callable[[], None]
+    ) -> None:
+        super().__init__()
+        self.registry, self.settings = registry, settings
+        layout = QVBoxLayout(self)
+        self.task_box = QComboBox()
+        for name, entry in sorted(registry.tasks.items()):
+            self.task_box.addItem(name)
+            self.task_box.setItemData(self.task_box.count() - 1, entry.cls.summary, Qt.ItemDataRole.ToolTipRole)
+        self.task_box.currentTextChanged.connect(self.on_task_changed)
+        layout.addWidget(QLabel("Task"))
+        layout.addWidget(self.task_box)
+        self.task_status = QLabel()
+        self.task_status.setWordWrap(True)
+        layout.addWidget(self.task_status)
+        self.form_area = QScrollArea()
+        self.form_area.setWidgetResizable(True)
+        layout.addWidget(self.form_area, 1)
+
+        common = QFormLayout()
+        self.model_box = QComboBox()
+        self.model_box.addItem(DEFAULT_CHOICE)
+        for entry in registry.find_models():
+            self.model_box.addItem(entry.name, str(entry.path))
+        self.model_box.addItem("Browse…")
+        self.model_box.addItem("Browse file…")
+        self.model_box.activated.connect(self._on_model_picked)
+        self.backend_box = QComboBox()
+        self.backend_box.currentTextChanged.connect(self._on_backend_changed)
+        self.device_box = QComboBox()
+        self.device_box.addItems(["cpu", *cuda_devices()])
+        self.device_box.currentTextChanged.connect(self.refresh_backends)
+        self.dtype_box = QComboBox()
+        self.dtype_box.addItems(["auto", "fp32", "fp16", "bf16"])
+        self.seed_box = QSpinBox()
+        self.seed_box.setRange(-1, 2**31 - 1)
+        self.seed_box.setSpecialValueText("random")
+        self.seed_box.setValue(-1)
+        common.addRow("model", self.model_box)
+        common.addRow("backend", self.backend_box)
+        common.addRow("device", self.device_box)
+        common.addRow("precision", self.dtype_box)
+        common.addRow("seed", self.seed_box)
+        layout.addLayout(common)
+        self.options_box = QGroupBox("backend options")
+        self.options_layout = QVBoxLayout(self.options_box)
+        self.options_form: ParamForm | None = None
+        layout.addWidget(self.options_box)
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run")
+        self.run_button.setDefault(True)
+        self.run_button.clicked.connect(on_run)
+        reset = QPushButton("Defaults")
+        reset.clicked.connect(lambda: self.form.reset())
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(reset)
+        layout.addLayout(buttons)
+        layout.addWidget(QLabel("Queue"))
+        self.queue_list = QListWidget()
+        self.queue_list.setMaximumHeight(90)
+        layout.addWidget(self.queue_list)
+        cancel_selected = QPushButton("Cancel selected job")
+        cancel_selected.clicked.connect(on_cancel)
+        layout.addWidget(cancel_selected)
+        self.backend_box.setCurrentText(str(settings.value("backend", "torch")))
+        self.refresh_backends()
+
+    def refresh_backends(self) -> None:
+        """List every backend; those that cannot run on the chosen device are disabled, with the reason."""
+        current = self.backend_box.currentText() or "torch"
+        self.backend_box.blockSignals(True)
+        self.backend_box.clear()
+        for name, (backend, _plugin) in sorted(self.registry.backends.items()):
+            reason = backend.unavailable_reason(self.device_box.currentText())
+            self.backend_box.addItem(name)
+            index = self.backend_box.count() - 1
+            self.backend_box.setItemData(index, reason or backend.summary, Qt.ItemDataRole.ToolTipRole)
+            if reason:
+                self.backend_box.model().item(index).setEnabled(False)
+        self.backend_box.setCurrentText(current if current in self.registry.backends else "torch")
+        self.backend_box.blockSignals(False)
+        self._on_backend_changed()
+
+    def _on_backend_changed(self) -> None:
+        """Show the chosen backend's declared options as a form (nothing when it declares none)."""
+        if self.options_form is not None:
+            self.options_form.setParent(None)
+            self.options_form = None
+        found = self.registry.backends.get(self.backend_box.currentText())
+        options = found[0].options if found else ()
+        if options:
+            self.options_form = ParamForm(types.SimpleNamespace(params=options), {})
+            self.options_layout.addWidget(self.options_form)
+        self.options_box.setVisible(bool(options))
+
+    def on_task_changed(self) -> None:
+        name = self.task_box.currentText()
+        if not name:
+            return
+        task = self.registry.task(name)
+        from difftool.plan import param_choices
+
+        choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
+        self.form = ParamForm(task, choices)
+        self.form_area.setWidget(self.form)
+        reason = task.availability(self.model_choice())
+        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
+        for widget in (self.model_box, self.backend_box, self.device_box, self.dtype_box, self.options_box):
+            widget.setEnabled(task.uses_model)  # a task that loads no model has no backend to choose
+        self.settings.setValue("task", name)
+
+    def model_choice(self) -> str | None:
+        text = self.model_box.currentText()
+        if text in (DEFAULT_CHOICE, "Browse…", "Browse file…", ""):
+            return None
+        return self.model_box.currentData() or text
+
+    def _on_model_picked(self, index: int) -> None:
+        label = self.model_box.itemText(index)
+        if label in ("Browse…", "Browse file…"):
+            start = str(self.settings.value("model_dir", ""))
+            if label == "Browse…":
+                folder = QFileDialog.getExistingDirectory(self, "Model folder", start)
+            else:  # single-file checkpoints (Stable Diffusion .safetensors)
+                folder, _ = QFileDialog.getOpenFileName(
+                    self, "Model file", start, "Checkpoints (*.safetensors *.ckpt);;All files (*)"
+                )
+            if folder:
+                self.model_box.insertItem(index, Path(folder).name, folder)
+                self.model_box.setCurrentIndex(index)
+                self.settings.setValue("model_dir", str(Path(folder).parent if Path(folder).is_file() else folder))
+            else:
+                self.model_box.setCurrentIndex(0)
+        self.on_task_changed()
+
+    def run_options(self, uses_model: bool) -> dict[str, Any]:
+        """Model, backend, device, precision and backend options for :func:`difftool.api.run`."""
+        options: dict[str, Any] = {"seed": None if self.seed_box.value() < 0 else self.seed_box.value()}
+        if uses_model:
+            options |= {
+                "model": self.model_choice(),
+                "backend": self.backend_box.currentText() or "torch",
+                "device": self.device_box.currentText(),
+                "dtype": self.dtype_box.currentText(),
+                "backend_options": self.options_form.values() if self.options_form is not None else {},
+            }
+        return options

@@ -1,0 +1,47 @@
+"""Declared parameters as click options: task parameters, and plugin commands' declared options."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import click
+
+from difftool.core.task import Param
+
+
+def param_option(param: Param, choices: Sequence[Any] | None = None) -> click.Option:
+    """The click option for ``param``; ``choices`` overrides its declared ones (a registry's schedulers)."""
+    kwargs: dict[str, Any] = {"help": param.help, "required": param.required, "show_default": param.default is not None}
+    flags = ["-o", param.flag] if param.name == "output" else [param.flag]  # -o, as every difftool command
+    if param.type == "bool":
+        name = param.name.replace("_", "-")
+        return click.Option([f"--{name}/--no-{name}", param.name], default=bool(param.default), **kwargs)
+    default = param.default
+    if param.type == "int":
+        kwargs["type"] = click.IntRange(param.min, param.max)
+    elif param.type == "float":
+        kwargs["type"] = click.FloatRange(param.min, param.max)
+    elif param.type == "choice":
+        allowed = param.choices if choices is None else choices
+        kwargs["type"] = click.Choice([str(c) for c in allowed])  # typed back when validated
+        default = None if default is None else str(default)
+    elif param.type in ("image", "mask"):
+        kwargs["type"] = click.Path(exists=True, dir_okay=False)
+    elif param.type == "path":
+        kwargs["type"] = click.Path()
+    else:
+        kwargs["type"] = str
+    return click.Option([*flags, param.name], default=default, **kwargs)
+
+
+@contextlib.contextmanager
+def click_errors() -> Iterator[None]:
+    """Turn difftool's one-line errors into click's (message, exit 1)."""
+    from difftool.core.errors import DifftoolError
+
+    try:
+        yield
+    except DifftoolError as error:
+        raise click.ClickException(str(error)) from None

@@ -1,7 +1,7 @@
 """The CUDA hardware boundary: every question difftool asks of the GPU goes through :func:`runtime`.
 
 :class:`CudaRuntime` is a thin layer over ``torch.cuda`` with no logic of its own. It exists so that
-one object stands for "the GPU": the test harness (:mod:`difftool.testing_gpu`) installs a stand-in
+one object stands for "the GPU": the test harness (:mod:`difftool.testing.gpu`) installs a stand-in
 that answers for a GPU and keeps "cuda" tensors on the CPU, and every line of difftool above it runs
 unchanged. Code that places tensors asks :meth:`CudaRuntime.placement` rather than ``torch.device``.
 """

@@ -1,6 +1,6 @@
 """The GPU paths end to end on the CPU: only the CUDA runtime and the ``tensorrt`` module are stand-ins.
 
-:func:`difftool.testing_gpu.gpu_harness` answers for a GPU and runs TensorRT "engines" (the real ONNX
+:func:`difftool.testing.gpu.gpu_harness` answers for a GPU and runs TensorRT "engines" (the real ONNX
 export) in ONNX Runtime, reading and writing the bound memory by pointer. Everything of difftool runs:
 the preflight, the task, the export, the engine build and cache, refit, the denoiser's bindings.
 """
@@ -18,7 +18,7 @@ from PIL import Image
 
 from difftool import api, cli
 from difftool.core.errors import BackendUnavailableError, ParameterError
-from difftool.testing_gpu import gpu_harness
+from difftool.testing.gpu import gpu_harness
 from difftool.training.evaluate import psnr
 
 pytest.importorskip("onnxruntime")

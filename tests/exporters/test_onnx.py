@@ -187,7 +187,7 @@ def test_timestep_embedding_nodes_stay_fp32() -> None:
     import onnx
     from onnx import helper
 
-    from difftool.exporters.onnx import timestep_nodes
+    from difftool.exporters.onnx_fp16 import timestep_nodes
 
     f = onnx.TensorProto.FLOAT
     graph = helper.make_graph(

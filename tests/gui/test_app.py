@@ -439,9 +439,9 @@ def test_the_backend_panel_shows_the_chosen_backends_declared_options(window, qa
 
 def test_run_button_with_tensorrt_on_cuda_reaches_the_engine(qapp, tmp_path: Path, photo: Path, superres_model: Path,
                                                              monkeypatch) -> None:  # fmt: skip
-    """The GPU path from the window, with stand-ins for CUDA and tensorrt only (difftool.testing_gpu)."""
+    """The GPU path from the window, with stand-ins for CUDA and tensorrt only (difftool.testing.gpu)."""
     from difftool import api
-    from difftool.testing_gpu import gpu_harness
+    from difftool.testing.gpu import gpu_harness
     from difftool.training.evaluate import psnr
 
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))

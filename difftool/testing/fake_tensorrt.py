@@ -1,147 +1,21 @@
-"""Stand-ins for exactly two pieces of hardware, so the GPU paths run end to end on a CPU-only machine.
+"""A ``tensorrt`` module for CPU-only machines: TensorRT 10's or 11's Python API over ONNX Runtime.
 
-:class:`FakeCuda` answers for CUDA (devices, capability, memory, current device, streams, graphs) and
-keeps "cuda" tensors on the CPU; :func:`fake_tensorrt` builds a ``tensorrt`` module with the names of
-TensorRT 10's or 11's Python API whose engines run the real ONNX export through ONNX Runtime on the
-CPU. The engine checks what TensorRT checks: the network flags and precision flags the version has,
-every input bound with a shape inside the selected optimization profile, pointers for every tensor,
-and a refit with the same graph structure. It reads and writes the bound memory by pointer, as
-TensorRT does. Nothing of difftool is replaced::
-
-    with gpu_harness() as harness:          # tensorrt in sys.modules, the CUDA runtime swapped
-        difftool.run("superres", "in.png", backend="tensorrt", device="cuda")
-        assert harness.trt.builds == 1
-
-A Ray worker gets the same harness by importing this module as a plugin (``plugin_modules``).
+Its engines run the real ONNX export on the CPU and check what TensorRT checks: the network and
+precision flags the version has, every input bound with a shape inside the selected optimization
+profile, a pointer for every tensor, and a refit with the same graph structure. Bound memory is read
+and written by pointer, as TensorRT does. Used through :func:`difftool.testing.gpu.gpu_harness`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import json
-import sys
 import types
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from difftool.core.cuda import CudaRuntime, device_index
-
-GIB = 1 << 30
-
-
-@dataclass
-class FakeDevice:
-    name: str = "Fake RTX 4090"
-    capability: tuple[int, int] = (8, 9)
-    total: int = 24 * GIB
-    free: int = 20 * GIB
-
-
-class FakeStream:
-    """A stream handle: work on it runs at once (the CPU is synchronous)."""
-
-    def __init__(self, device: int) -> None:
-        self.device = device
-        self.cuda_stream = 0x1000 + device
-
-    def wait_stream(self, other: Any) -> None:
-        pass
-
-    def synchronize(self) -> None:
-        pass
-
-
-class FakeGraph:
-    """A captured CUDA graph: the launches recorded during capture, replayed in order."""
-
-    def __init__(self) -> None:
-        self.launches: list[Any] = []
-
-    def replay(self) -> None:
-        for launch in self.launches:
-            launch()
-
-
-class FakeCuda(CudaRuntime):
-    """CUDA as a GPU machine would answer it; "cuda" tensors live on the CPU."""
-
-    fake = True
-
-    def __init__(self, devices: list[FakeDevice] | None = None) -> None:
-        self.devices = devices or [FakeDevice(), FakeDevice("Fake RTX A2000", (8, 6), 12 * GIB, 10 * GIB)]
-        self.current_index = 0
-        self.capturing: FakeGraph | None = None
-        self.captures = 0
-
-    def is_available(self) -> bool:
-        return True
-
-    def device_count(self) -> int:
-        return len(self.devices)
-
-    def _device(self, device: str) -> FakeDevice:
-        index = device_index(device)
-        if index >= len(self.devices):
-            raise RuntimeError(f"CUDA error: invalid device ordinal {index}")
-        return self.devices[index]
-
-    def capability(self, device: str) -> tuple[int, int]:
-        return self._device(device).capability
-
-    def name(self, device: str) -> str:
-        return self._device(device).name
-
-    def total_memory(self, device: str) -> int:
-        return self._device(device).total
-
-    def mem_get_info(self, device: str) -> tuple[int, int]:
-        found = self._device(device)
-        return found.free, found.total
-
-    @contextlib.contextmanager
-    def current(self, device: str) -> Iterator[None]:
-        self._device(device)
-        previous, self.current_index = self.current_index, device_index(device)
-        try:
-            yield
-        finally:
-            self.current_index = previous
-
-    def placement(self, device: str) -> Any:
-        import torch
-
-        if device.startswith("cuda"):
-            self._device(device)
-            return torch.device("cpu")
-        return torch.device(device)
-
-    def new_stream(self, device: str) -> FakeStream:
-        return FakeStream(device_index(device))
-
-    def current_stream(self, device: str) -> FakeStream:
-        return FakeStream(device_index(device))
-
-    def use_stream(self, stream: Any) -> Any:
-        return contextlib.nullcontext()
-
-    def new_graph(self) -> FakeGraph:
-        return FakeGraph()
-
-    @contextlib.contextmanager
-    def capture(self, graph: FakeGraph, stream: Any) -> Iterator[None]:
-        self.capturing, self.captures = graph, self.captures + 1
-        try:
-            yield
-        finally:
-            self.capturing = None
-
-    def empty_cache(self) -> None:
-        pass
-
-
-# --- the tensorrt module -------------------------------------------------------------------------------
+if TYPE_CHECKING:
+    from difftool.testing.gpu import FakeCuda
 
 _MAGIC = b"FAKETRT1"
 _NUMPY = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int64)": "int64"}
@@ -450,42 +324,3 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
     }.items():
         setattr(trt, name, value)
     return trt
-
-
-@dataclass
-class GpuHarness:
-    cuda: FakeCuda
-    trt: FakeTensorRTState
-
-
-@contextlib.contextmanager
-def gpu_harness(version: str = "10.16.0", cuda: FakeCuda | None = None) -> Iterator[GpuHarness]:
-    """Install the stand-ins (the CUDA runtime and ``tensorrt``) for the block; restore them after."""
-    from difftool.core import cuda as cuda_module
-
-    harness = GpuHarness(cuda or FakeCuda(), FakeTensorRTState(version, cuda or FakeCuda()))
-    harness.trt.cuda = harness.cuda
-    previous = sys.modules.get("tensorrt")
-    sys.modules["tensorrt"] = fake_tensorrt(harness.trt)
-    try:
-        with cuda_module.installed(harness.cuda):
-            yield harness
-    finally:
-        if previous is None:
-            sys.modules.pop("tensorrt", None)
-        else:
-            sys.modules["tensorrt"] = previous
-        from difftool.exporters import tensorrt_denoiser
-
-        tensorrt_denoiser._ENGINES.clear()
-
-
-def install_for_process(version: str = "10.16.0") -> GpuHarness:
-    """Install the stand-ins for the rest of this process (a Ray worker's plugin import)."""
-    from difftool.core import cuda as cuda_module
-
-    fake = FakeCuda()
-    harness = GpuHarness(fake, FakeTensorRTState(version, fake))
-    sys.modules["tensorrt"] = fake_tensorrt(harness.trt)
-    cuda_module.install(fake)
-    return harness

@@ -99,6 +99,13 @@ class TorchDenoiser(Denoiser):
         extra = cond.get("concat")
         if extra is not None:
             x = torch.cat([x, extra.to(self.device, self.dtype)], dim=1)
+        if self.in_channels and x.shape[1] != self.in_channels:
+            from difftool.core.errors import ParameterError
+
+            raise ParameterError(
+                f"the model takes {self.in_channels} input channels (sample + concat), got {list(x.shape)}",
+                "pass the conditioning this model expects",
+            )
         x = x.contiguous(memory_format=torch.channels_last)
         kwargs: dict[str, Any] = {}
         if cond.get("class_labels") is not None:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from difftool.core.denoiser import copied_to
-from difftool.core.errors import ModelError
+from difftool.core.errors import ModelError, ParameterError
 from difftool.exporters.cache import ArtifactCache, Entry
 from difftool.exporters.onnx_fp16 import EXTERNAL_DATA_BYTES, activation_peaks, check_fp16_range, to_fp16
 
@@ -174,6 +174,18 @@ def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: i
     return inputs
 
 
+def check_channels(signature: UNetSignature, x: torch.Tensor) -> None:
+    """Refuse a network input (sample + concat) of the wrong shape with a clear error.
+
+    Otherwise it would surface as a runtime's own message, or TensorRT reading past a buffer.
+    """
+    if x.dim() != 4 or x.shape[1] != signature.in_channels:
+        raise ParameterError(
+            f"the exported model takes {signature.in_channels} input channels (sample + concat), got {list(x.shape)}",
+            "pass the conditioning this model was exported with",
+        )
+
+
 def graph_inputs(
     signature: UNetSignature, sample: torch.Tensor, timestep: Any, cond: Mapping[str, Any], device: Any
 ) -> dict[str, torch.Tensor]:
@@ -193,6 +205,7 @@ def graph_inputs(
     x = sample.to(device, torch.float32)
     if cond.get("concat") is not None:
         x = torch.cat([x, cond["concat"].to(device, torch.float32)], dim=1)
+    check_channels(signature, x)
     batch = x.shape[0]
     inputs = {
         "sample": x.contiguous(),

@@ -15,7 +15,7 @@ import torch
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import BackendUnavailableError, ModelError
-from difftool.exporters.onnx import UNetSignature
+from difftool.exporters.onnx import UNetSignature, check_channels
 
 WEIGHTS_PARAMETER = "difftool_weights"
 
@@ -62,6 +62,7 @@ class TritonDenoiser(Denoiser):
         x = sample.float().cpu()
         if cond.get("concat") is not None:
             x = torch.cat([x, cond["concat"].float().cpu()], dim=1)
+        check_channels(self.signature, x)
         batch = x.shape[0]
         arrays: dict[str, np.ndarray] = {
             "sample": np.ascontiguousarray(x.numpy()),

@@ -149,10 +149,12 @@ class TaskConformance:
     def run_task(self, cancel: Any = None) -> Any:
         from difftool.api import prepare
         from difftool.core.task import CancelToken, RunContext
+        from difftool.plan import validate_params
 
         task, registry = self.make_task(), self.registry()
-        request = prepare(task, self.make_inputs(), self.make_params(), registry)
-        context = RunContext(seed=1, registry=registry, cancel=cancel or CancelToken())
+        request = prepare(task, self.make_inputs(), validate_params(task, self.make_params(), registry))
+        backend = registry.backend("torch").resolve("cpu", "fp32")
+        context = RunContext(seed=1, backend=backend, registry=registry, cancel=cancel or CancelToken())
         return task.run(request, context)
 
     def test_run_produces_declared_outputs(self) -> None:
@@ -170,3 +172,141 @@ class TaskConformance:
         token.cancel()
         with pytest.raises(Cancelled):
             self.run_task(cancel=token)
+
+
+def tiny_unet(seed: int = 0) -> Any:
+    """A small random diffusers ``UNet2DModel`` (6 channels in: 3 noisy + 3 conditioning; 3 out)."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=6,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()
+
+
+class _Counted:
+    """A denoiser that forwards to ``denoiser`` through ``call`` (which counts) with the same attributes."""
+
+    def __init__(self, denoiser: Any, call: Any) -> None:
+        self._denoiser, self._call = denoiser, call
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._denoiser, name)
+
+    def __call__(self, x: Any, t: Any, cond: Any) -> Any:
+        return self._call(x, t, cond)
+
+
+class BackendConformance:
+    """Checks a :class:`~difftool.core.backend.Backend` end to end on :func:`tiny_unet`: parity with PyTorch,
+    a clear error for a wrong shape, a sampling loop that stops within a step of a cancel, and the cached
+    artifact reused by the next denoiser instead of rebuilt.
+
+    Subclasses give :meth:`make_backend` and may set ``device``, ``dtype`` and ``tolerance``, and
+    override :meth:`environment` (a context manager the checks run in: :func:`difftool.testing.gpu.gpu_harness`
+    for GPU backends on a CPU-only machine). The checks take pytest's ``tmp_path`` and ``monkeypatch``
+    and point ``DIFFTOOL_CACHE`` at a fresh folder.
+    """
+
+    device = "cpu"
+    dtype = "fp32"
+    tolerance = 1e-3
+    options: dict[str, Any] = {}
+
+    def make_backend(self) -> Any:
+        raise NotImplementedError
+
+    def environment(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _denoiser(self, module: Any, model_id: str = "conformance") -> Any:
+        from difftool.core.task import ExportShapes
+
+        resolved = self.make_backend().resolve(self.device, self.dtype, self.options)
+        shapes = ExportShapes(batch=(1, 1, 1), size=(16, 16, 32))  # what a task would declare for 16 px
+        return resolved.make_denoiser(module, prediction_type="epsilon", model_id=model_id, shapes=shapes)
+
+    @staticmethod
+    def _inputs(seed: int = 0, size: int = 16) -> tuple[Any, Any, dict[str, Any]]:
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        return (
+            torch.randn(1, 3, size, size, generator=g),
+            torch.tensor(400.0),
+            {"concat": torch.randn(1, 3, size, size, generator=g)},
+        )
+
+    def test_matches_pytorch(self, tmp_path: Any, monkeypatch: Any) -> None:
+        from difftool.core.denoiser import TorchDenoiser
+
+        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        module = tiny_unet()
+        x, t, cond = self._inputs()
+        with self.environment():
+            out = self._denoiser(module)(x, t, cond)
+        expected = TorchDenoiser(module, prediction_type="epsilon")(x, t, cond)
+        assert out.shape == expected.shape and out.dtype == x.dtype
+        error = float((out.float().cpu() - expected).abs().max() / expected.abs().max())
+        assert error < self.tolerance, error
+
+    def test_a_wrong_shape_is_a_clear_error(self, tmp_path: Any, monkeypatch: Any) -> None:
+        import pytest
+        import torch
+
+        from difftool.core.errors import DifftoolError
+
+        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        x, t, _ = self._inputs()
+        with self.environment():
+            denoiser = self._denoiser(tiny_unet())
+            with pytest.raises(DifftoolError, match="channels"):
+                denoiser(x, t, {"concat": torch.zeros(1, 1, 16, 16)})  # 4 channels, not 6
+
+    def test_sampling_stops_within_a_step_of_cancel(self, tmp_path: Any, monkeypatch: Any) -> None:
+        import pytest
+
+        from difftool.core.errors import Cancelled
+        from difftool.core.sampler import sample
+        from difftool.core.scheduler import DiffusersSchedulerFactory
+        from difftool.core.task import CancelToken, RunContext
+
+        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        token, calls = CancelToken(), []
+        _, _, cond = self._inputs()
+        with self.environment():
+            denoiser = self._denoiser(tiny_unet())
+            original = denoiser.__call__
+
+            def counted(x: Any, t: Any, c: Any) -> Any:
+                calls.append(t)
+                token.cancel()  # the user presses cancel during the first step
+                return original(x, t, c)
+
+            scheduler = DiffusersSchedulerFactory("DDIMScheduler")(SD_SCHEDULE)
+            with pytest.raises(Cancelled):
+                sample(
+                    _Counted(denoiser, counted), scheduler, steps=5, context=RunContext(cancel=token),
+                    shape=(1, 3, 16, 16), cond=cond,
+                )  # fmt: skip
+        assert len(calls) == 1
+
+    def test_the_cached_artifact_is_reused(self, tmp_path: Any, monkeypatch: Any) -> None:
+        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        module = tiny_unet()
+        with self.environment():
+            first = self._denoiser(module, "reuse")
+            built = sorted(p for p in tmp_path.rglob("manifest.json"))
+            second = self._denoiser(module, "reuse")
+        assert sorted(p for p in tmp_path.rglob("manifest.json")) == built  # nothing rebuilt
+        assert getattr(first, "fingerprint", None) == getattr(second, "fingerprint", None)

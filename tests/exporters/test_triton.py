@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from google.protobuf import text_format  # noqa: E402
 
 from difftool import cli  # noqa: E402
 from difftool.plugins.builtin.pixel_model import load_pixel_model  # noqa: E402
+from difftool.testing import BackendConformance  # noqa: E402
 
 
 def test_export_triton_writes_a_valid_repository(superres_model: Path, tmp_path: Path, monkeypatch) -> None:
@@ -173,4 +175,37 @@ def test_the_triton_backend_refuses_a_model_from_other_weights(
     from difftool.plugins.registry import build_registry
 
     backend = build_registry(entry_points=False).backends["triton"][0]
-    assert "DIFFTOOL_TRITON_URL" in backend.unavailable_reason()
+    assert backend.validate_options({})["url"] == "localhost:8001"  # the declared default, unless the variable is set
+    monkeypatch.setenv("DIFFTOOL_TRITON_URL", "triton-host:8001")
+    assert backend.validate_options({})["url"] == "triton-host:8001"
+
+
+class TestTritonConformance(BackendConformance):
+    """The backend conformance suite against the stub server (the repository exported from tiny_unet)."""
+
+    def make_backend(self):
+        from difftool.plugins.builtin.backends import TritonBackend
+
+        return TritonBackend()
+
+    @contextlib.contextmanager
+    def environment(self):
+        import tempfile
+
+        from difftool.exporters.onnx import UNetSignature, export
+        from difftool.exporters.triton import write_repository
+        from difftool.testing import tiny_unet
+
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            module = tiny_unet()
+            export(module, root / "model.onnx")
+            for weights_id in ("conformance", "reuse"):  # the suite's model ids
+                write_repository(root / "repo", f"m_{weights_id}", root / "model.onnx", UNetSignature.of(module),
+                                 weights_id=weights_id)  # fmt: skip
+            server = serve(root / "repo", root / "triton.sock")
+            self.options = {"url": f"unix:{root / 'triton.sock'}"}
+            try:
+                yield
+            finally:
+                server.stop(0)

@@ -75,8 +75,11 @@ def start_ray(address: str | None = None) -> Any:
     else:
         # Local workers import what the driver imports: same interpreter, same path (plugins by module name).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+        from difftool.core.cuda import runtime
+
         ray.init(
             num_cpus=os.cpu_count(),
+            num_gpus=runtime().device_count(),  # what this process sees through the CUDA runtime
             include_dashboard=False,
             log_to_driver=False,
             runtime_env={"env_vars": env},

@@ -237,14 +237,14 @@ class RunGroup(click.Group):
 class MainGroup(click.Group):
     """The top-level group; plugins add commands through ``register_commands``."""
 
-    _plugins_added = False
-
     def _add_plugin_commands(self) -> None:
-        if MainGroup._plugins_added:
-            return
-        MainGroup._plugins_added = True
+        from difftool.core.runtime import current
         from difftool.plugins.registry import call_each
 
+        added = current().cache("cli-plugin-commands", set)  # groups the plugins' commands were added to
+        if id(self) in added:
+            return
+        added.add(id(self))
         registry = _registry()
         call_each(registry, "register_commands", lambda plugin: {"cli": self})
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from difftool.core.atomic import file_sha256
+from difftool.core.runtime import current
 
 log = logging.getLogger("difftool")
 MANIFEST = "manifest.json"
@@ -64,7 +65,6 @@ class Entry:
 
 #: Entries this process has hashed, with the files' stat at the time: a run reuses an export many times
 #: (every image of a folder job), and hashing gigabytes each time would cost seconds per image.
-_HASHED: dict[Path, tuple[tuple[Any, ...], Entry]] = {}
 
 
 def _stat_signature(folder: Path) -> tuple[Any, ...]:
@@ -83,14 +83,15 @@ def _verified(folder: Path, rehash: bool = False) -> Entry | None:
     hashed again unless ``rehash``.
     """
     signature = _stat_signature(folder)
-    known = _HASHED.get(folder)
+    hashed: dict[Path, tuple[tuple[Any, ...], Entry]] = current().cache("artifact-hashes", dict)
+    known = hashed.get(folder)
     if not rehash and known is not None and signature and known[0] == signature:
         return known[1]
     entry = _hash_check(folder)
     if entry is None:
-        _HASHED.pop(folder, None)
+        hashed.pop(folder, None)
     else:
-        _HASHED[folder] = (signature, entry)
+        hashed[folder] = (signature, entry)
     return entry
 
 

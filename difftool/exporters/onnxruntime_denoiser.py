@@ -14,6 +14,7 @@ import torch
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.core.runtime import current
 from difftool.exporters.cache import Recent
 from difftool.exporters.onnx import UNetSignature, graph_inputs
 
@@ -51,17 +52,14 @@ def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path
     return chain
 
 
-#: Sessions of recent runs: an SD pipeline has up to five (U-Net, two text encoders, VAE encoder and decoder).
-_SESSIONS = Recent(6)
-
-
 def make_session(path: Path, device: str, fp16: bool = False, provider: str = "auto", threads: int = 0) -> Any:
     """An ONNX Runtime session for ``path`` on ``device``; the same one again while the file is unchanged."""
     stat = path.stat() if path.is_file() else None
     if stat is None:
         return _new_session(path, device, fp16, provider, threads)
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, provider, threads)
-    return _SESSIONS.get(key, lambda: _new_session(path, device, fp16, provider, threads))
+    sessions = current().cache("ort-sessions", lambda: Recent(6))
+    return sessions.get(key, lambda: _new_session(path, device, fp16, provider, threads))
 
 
 def check_providers(chain: list[Any], active: list[str]) -> None:

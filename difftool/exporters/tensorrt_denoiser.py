@@ -14,14 +14,18 @@ from typing import Any
 from difftool.core.cuda import runtime
 from difftool.core.denoiser import Denoiser
 from difftool.core.errors import BackendUnavailableError
+from difftool.core.runtime import current
 from difftool.exporters.cache import Entry, Recent
 from difftool.exporters.onnx import graph_inputs
 from difftool.exporters.tensorrt_engine import ENGINE_FILE, needs_refit, refit
 from difftool.exporters.tensorrt_profiles import Profile, is_static, select_profile
 
 log = logging.getLogger("difftool")
-#: Recent runners: deserialising (and refitting) an engine costs seconds, so a folder job does it once.
-_ENGINES = Recent(2)
+
+
+def recent_engines() -> Recent:
+    """Recent runners: deserialising (and refitting) an engine costs seconds, so a folder job does it once."""
+    return current().cache("tensorrt-engines", lambda: Recent(2))
 
 
 def engine_denoiser(
@@ -53,7 +57,7 @@ def engine_denoiser(
     engine = cached_engine(onnx, [profile], build, device)
     graphs = str(options["cuda_graphs"])
     key = (engine.manifest["key"], onnx.manifest["key"], device, prediction_type, graphs)
-    return _ENGINES.get(
+    return recent_engines().get(
         key,
         lambda: TensorRTDenoiser(
             engine,

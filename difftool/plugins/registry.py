@@ -333,7 +333,6 @@ def plugins_disabled() -> bool:
     return os.environ.get("DIFFTOOL_NO_PLUGINS", "").strip().lower() not in ("", "0", "false", "no")
 
 
-@functools.lru_cache(maxsize=1)
 def _default_registry(entry_points: bool) -> Registry:
     registry = build_registry(entry_points=entry_points)
     for failure in registry.failures:
@@ -342,5 +341,8 @@ def _default_registry(entry_points: bool) -> Registry:
 
 
 def get_registry() -> Registry:
-    """The shared registry: built-ins plus entry-point plugins unless :func:`plugins_disabled`."""
-    return _default_registry(not plugins_disabled())
+    """The runtime's registry: built-ins plus entry-point plugins unless :func:`plugins_disabled`."""
+    from difftool.core.runtime import current
+
+    entry_points = not plugins_disabled()
+    return current().cache(("registry", entry_points), lambda: _default_registry(entry_points))

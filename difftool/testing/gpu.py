@@ -159,9 +159,9 @@ def gpu_harness(version: str = "10.16.0", cuda: FakeCuda | None = None) -> Itera
             sys.modules.pop("tensorrt", None)
         else:
             sys.modules["tensorrt"] = previous
-        from difftool.exporters import tensorrt_denoiser
+        from difftool.exporters.tensorrt_denoiser import recent_engines
 
-        tensorrt_denoiser._ENGINES.clear()
+        recent_engines().clear()
 
 
 def install_for_process(version: str = "10.16.0") -> GpuHarness:

@@ -134,9 +134,9 @@ def test_cuda_graphs_replay_like_direct_execution_and_fall_back(photo: Path, sup
             runs[graphs] = api.run("superres", photo, backend_options={"cuda_graphs": graphs}, **common)
         assert harness.cuda.captures >= 1
         harness.trt.fail.add("capture")  # a launch TensorRT cannot capture: direct execution from then on
-        from difftool.exporters import tensorrt_denoiser
+        from difftool.exporters.tensorrt_denoiser import recent_engines
 
-        tensorrt_denoiser._ENGINES.clear()
+        recent_engines().clear()
         runs["fallback"] = api.run("superres", photo, backend_options={"cuda_graphs": "on"}, **common)
     assert np.array_equal(np.asarray(runs["off"].image), np.asarray(runs["on"].image))
     assert np.array_equal(np.asarray(runs["off"].image), np.asarray(runs["fallback"].image))

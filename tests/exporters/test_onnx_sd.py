@@ -119,7 +119,7 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     first = api.run("generate", clip_skip=1, **whole, **common)  # exports the parts
     monkeypatch.setenv("DIFFTOOL_ONNX_EXPORT", "all")  # the option's documented default
     api.run("style", photo, backend="onnx", **style)  # and the VAE encoder
-    [model] = models._CACHE.values()
+    [model] = models._loaded().values()
     ids = torch.randint(0, 99, (1, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = [(first, hidden[-3], normed(-2)) for first, hidden, normed in (r(ids) for r in _runners(model))]

@@ -189,11 +189,13 @@ def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> No
             def hello():
                 click.echo("hello from a plugin")
 
+    from difftool.core.runtime import Runtime, using
+
     registry = build_registry([CommandPlugin()], entry_points=False)
     monkeypatch.setattr(cli, "_registry", lambda: registry)
-    monkeypatch.setattr(cli.MainGroup, "_plugins_added", False)
     try:
-        result = CliRunner().invoke(cli.cli, ["hello"])
+        with using(Runtime()):  # a fresh process's state: the plugins' commands not added yet
+            result = CliRunner().invoke(cli.cli, ["hello"])
         assert result.exit_code == 0 and "hello from a plugin" in result.output
     finally:
         cli.cli.commands.pop("hello", None)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import file_sha256, replace_dir
 from difftool.core.errors import ModelError
+from difftool.core.runtime import current
 from difftool.core.safetensors_check import check_safetensors
 
 if TYPE_CHECKING:
@@ -112,7 +113,9 @@ def model_for(task: str, context: Any, variant: str | None = None) -> PixelModel
     return model
 
 
-_CACHE: dict[tuple[str, int], PixelModel] = {}
+def _loaded() -> dict[tuple[str, int], PixelModel]:
+    """Loaded models, kept in the process's runtime (one at a time)."""
+    return current().cache("pixel-models", dict)
 
 
 def load_pixel_model(path: Path, task: str, variant: str | None = None) -> PixelModel:
@@ -154,8 +157,9 @@ def load_pixel_model(path: Path, task: str, variant: str | None = None) -> Pixel
         hint = " (only pickle .bin weights, which difftool does not load)" if any(path.glob("*.bin")) else ""
         raise ModelError(f"{path} has no {WEIGHTS_FILE}{hint}", "save the weights as safetensors")
     key = (str(weights.resolve()), weights.stat().st_mtime_ns)
-    if key in _CACHE:
-        return _CACHE[key]
+    cache = _loaded()
+    if key in cache:
+        return cache[key]
     check_safetensors(weights)
     network = network_class(path)
     try:
@@ -172,8 +176,8 @@ def load_pixel_model(path: Path, task: str, variant: str | None = None) -> Pixel
             raise ModelError(f"{path}: weight {name} contains NaN or Inf", "re-export or re-download the model")
     scheduler_config = _read_json(path / "scheduler_config.json")
     loaded = PixelModel(path, meta, scheduler_config, unet.float().eval(), file_sha256(weights))
-    _CACHE.clear()
-    _CACHE[key] = loaded
+    cache.clear()
+    cache[key] = loaded
     return loaded
 
 

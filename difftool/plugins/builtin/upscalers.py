@@ -28,6 +28,7 @@ import numpy as np
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import DifftoolError, ModelError
+from difftool.core.runtime import current
 
 #: Files ``--model`` may name for superres as a community upscaler.
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -166,7 +167,9 @@ def read_state_dict(path: Path) -> dict[str, Any]:
     return state
 
 
-_CACHE: dict[tuple[str, int], Upscaler] = {}
+def _loaded() -> dict[tuple[str, int], Upscaler]:
+    """Loaded models, kept in the process's runtime (one at a time)."""
+    return current().cache("upscalers", dict)
 
 
 def load_upscaler(path: Path) -> Upscaler:
@@ -175,8 +178,9 @@ def load_upscaler(path: Path) -> Upscaler:
 
     path = Path(path)
     key = (str(path.resolve()), path.stat().st_mtime_ns)
-    if key in _CACHE:
-        return _CACHE[key]
+    cache = _loaded()
+    if key in cache:
+        return cache[key]
     state = read_state_dict(path)
     spandrel = import_spandrel()
     state = spandrel.canonicalize_state_dict(state)
@@ -206,8 +210,8 @@ def load_upscaler(path: Path) -> Upscaler:
             raise ModelError(f"{path.name}: weight {name} contains NaN or Inf", "re-download the model")
     descriptor.model.eval().requires_grad_(False)
     loaded = Upscaler(path, file_sha256(path), descriptor)
-    _CACHE.clear()
-    _CACHE[key] = loaded
+    cache.clear()
+    cache[key] = loaded
     return loaded
 
 

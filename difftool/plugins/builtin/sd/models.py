@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.runtime import current
 from difftool.core.task import Param, RunContext
 from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model
 
@@ -23,7 +24,10 @@ LOAD_PARAMS = (
     Param("allow_pickle", "bool", default=False, help="load .ckpt/.bin pickle files (only from trusted sources)"),
 )
 
-_CACHE: dict[tuple[Any, ...], SDModel] = {}
+
+def _loaded() -> dict[tuple[Any, ...], SDModel]:
+    """Loaded models, kept in the process's runtime (one at a time)."""
+    return current().cache("sd-models", dict)
 
 
 def resolve_path(model: str | None, context: RunContext) -> Path:
@@ -90,9 +94,10 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
         context.backend_name,
         context.device,  # ... and moved in place: a model on one device is never handed to a run on another
     )
-    if key not in _CACHE:
-        _CACHE.clear()  # one model at a time: they are gigabytes
-        _CACHE[key] = load_sd_model(
+    cache = _loaded()
+    if key not in cache:
+        cache.clear()  # one model at a time: they are gigabytes
+        cache[key] = load_sd_model(
             path,
             allow_pickle=bool(params.get("allow_pickle")),
             prediction=params.get("prediction") or "auto",
@@ -102,4 +107,4 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
             unet_dtype=context.torch_dtype if context.backend_name == "torch" else None,
         )
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
-    return _CACHE[key]
+    return cache[key]

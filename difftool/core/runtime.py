@@ -1,0 +1,55 @@
+"""What stays loaded between runs in one process: the plugin registry, models, ONNX Runtime sessions,
+TensorRT engines, verified artifact hashes.
+
+One :class:`Runtime` holds them all, so whoever drives difftool owns its state: the CLI's process, the
+GUI's window, a server, and a test that wants a clean slate (``with using(Runtime()): ...``) instead of
+patching module globals. Modules ask :func:`current` for their cache by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class Runtime:
+    """Named caches, created on first use."""
+
+    def __init__(self) -> None:
+        self._caches: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def cache(self, name: Any, factory: Callable[[], T]) -> T:
+        """The cache called ``name``, made by ``factory()`` the first time it is asked for."""
+        with self._lock:
+            if name not in self._caches:
+                self._caches[name] = factory()
+            return self._caches[name]
+
+    def clear(self) -> None:
+        """Drop everything loaded (the next run loads again)."""
+        with self._lock:
+            self._caches.clear()
+
+
+_CURRENT: list[Runtime] = [Runtime()]
+
+
+def current() -> Runtime:
+    """The runtime in use in this process."""
+    return _CURRENT[0]
+
+
+@contextlib.contextmanager
+def using(runtime: Runtime) -> Iterator[Runtime]:
+    """Use ``runtime`` inside the block (a window's own, or a test's fresh one)."""
+    previous = _CURRENT[0]
+    _CURRENT[0] = runtime
+    try:
+        yield runtime
+    finally:
+        _CURRENT[0] = previous

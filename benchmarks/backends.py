@@ -5,7 +5,7 @@
 
 For the embedded superres U-Net at 512x512 (batch 1), an SD 1.5-size U-Net with random weights
 (64x64 latent, batch 2 = one CFG step, 77 tokens) and the SD 1.5 VAE decoder at 512x512 (what
-``DIFFTOOL_ONNX_EXPORT=all`` also runs in ONNX Runtime): one call in torch fp32, torch bf16
+``--backend-opt export=all`` also runs in ONNX Runtime): one call in torch fp32, torch bf16
 (channels_last, as TorchDenoiser runs it) and ONNX Runtime fp32 (the cached, validated export).
 FLOPs come from ``torch.utils.flop_counter``; the peak is a 4096^3 matmul in fp32 and bf16 measured
 here, so each result is also given as a fraction of the peak of its precision.

@@ -79,19 +79,18 @@ def measure(name: str, module: torch.nn.Module, sample: torch.Tensor, cond: dict
     shapes = ExportShapes(batch=(sample.shape[0],) * 3, size=(side, side, side))
     row: dict[str, Any] = {}
     backends = {
-        "torch_fp16": (TorchBackend(), {}),
-        "onnxruntime_cuda_fp16": (OnnxBackend(), {}),
-        "tensorrt_fp16": (TensorRTBackend(), {"shapes": shapes}),
+        "torch_fp16": TorchBackend(),
+        "onnxruntime_cuda_fp16": OnnxBackend(),
+        "tensorrt_fp16": TensorRTBackend(),
     }
-    for key, (backend, extra) in backends.items():
+    for key, backend in backends.items():
         reason = backend.unavailable_reason("cuda")
         if reason:
             row[key] = f"unavailable: {reason}"
             continue
         try:
-            denoiser = backend.make_denoiser(
-                module, prediction_type="epsilon", device="cuda", dtype=torch.float16, model_id=model_id, **extra
-            )
+            resolved = backend.resolve("cuda", "fp16")
+            denoiser = resolved.make_denoiser(module, prediction_type="epsilon", model_id=model_id, shapes=shapes)
             with torch.no_grad():
                 row[f"{key}_ms"] = round(milliseconds(lambda d=denoiser: d(sample, timestep, cond)), 2)
         except Exception as error:  # a benchmark reports every backend, including one that fails

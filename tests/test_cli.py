@@ -253,3 +253,24 @@ def test_a_folder_run_removes_temp_files_of_a_killed_run(runner, photo: Path, tm
     assert runner("run", "everything", photo, "-o", out).exit_code == 0
     assert not stale.exists() and (out / f"{photo.name}").with_suffix(".png").exists()
     assert lookalike.read_bytes() == b"a user's file"
+
+
+def test_backends_lists_each_backends_options_and_why_it_cannot_run(runner) -> None:
+    result = runner("backends")
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert "--backend-opt provider=" in text and "auto|cpu|cuda|tensorrt" in text and "DIFFTOOL_ORT_PROVIDER" in text
+    assert "--backend-opt max_size=" in text and "default 1024" in text and "--backend-opt url=" in text
+    tensorrt = text[text.index("tensorrt ("):]
+    assert "cpu: unavailable: TensorRT needs an NVIDIA GPU" in tensorrt
+
+
+def test_backend_options_reach_the_record(runner, photo: Path, superres_model: Path, tmp_path: Path,
+                                          monkeypatch) -> None:  # fmt: skip
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "o.png"
+    result = runner("run", "superres", photo, "--model", superres_model, "--scale", "2", "--backend", "onnx",
+                    "--backend-opt", "threads=1", "--backend-opt", "provider=cpu", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    meta = read_metadata(out)["difftool"]
+    assert meta["backend"] == "onnx" and meta["backend_options"] == {"provider": "cpu", "export": "unet"}

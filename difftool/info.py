@@ -126,7 +126,12 @@ def backends(registry: Any, device_names: list[str]) -> list[dict[str, Any]]:
             except Exception as exc:  # noqa: BLE001 - a plugin's check that raises is reported, not fatal
                 reason = f"the availability check raised {_first_line(exc)}"
             availability[device] = "available" if reason is None else reason
-        rows.append({"name": name, "plugin": plugin, "summary": getattr(backend, "summary", ""), **availability})
+        try:  # the values this install would use (environment defaults included): what a bug report needs
+            options = backend.validate_options({})
+        except Exception as exc:  # noqa: BLE001 - a bad environment default is reported, not fatal
+            options = {"error": _first_line(exc)}
+        row = {"name": name, "plugin": plugin, "summary": getattr(backend, "summary", ""), **availability}
+        rows.append({**row, "options": options})
     return rows
 
 

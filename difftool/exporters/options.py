@@ -39,7 +39,7 @@ TENSORRT_OPTIONS = (
         min=0.0,
         max=1024.0,
         env="DIFFTOOL_TRT_WORKSPACE_GB",
-        help="builder workspace in GiB (0: 60%% of the GPU's free memory)",
+        help="builder workspace in GiB (0: 60% of the GPU's free memory)",
     ),
     Param(
         "refit",

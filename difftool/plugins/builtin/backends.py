@@ -14,6 +14,14 @@ if TYPE_CHECKING:
     from difftool.core.denoiser import Denoiser
 
 
+def onnx_packages_missing() -> str | None:
+    """Why the ONNX export cannot run here (a missing package), or ``None``."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed; pip install 'difftool[onnx]'" if missing else None
+
+
 class TorchBackend(Backend):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
@@ -65,11 +73,17 @@ class OnnxBackend(Backend):
     recorded = ("provider", "export")
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
-        import importlib.util
+        reason = onnx_packages_missing()
+        if reason or not device.startswith("cuda"):
+            return reason
+        from difftool.core.cuda import runtime
 
-        missing = [m for m in ("onnx", "onnxruntime", "onnxscript") if importlib.util.find_spec(m) is None]
-        if missing:
-            return f"{', '.join(missing)} not installed; pip install 'difftool[onnx]'"
+        if not runtime().is_available():
+            return "this PyTorch sees no CUDA GPU; use --device cpu"
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            return "this onnxruntime has no CUDA provider; pip install 'difftool[onnx-gpu]' (onnxruntime-gpu)"
         return None
 
     def make_denoiser(
@@ -114,7 +128,7 @@ class TensorRTBackend(Backend):
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         from difftool.exporters.tensorrt_engine import unavailable_reason
 
-        return OnnxBackend().unavailable_reason(device) or unavailable_reason(device)
+        return onnx_packages_missing() or unavailable_reason(device)  # TensorRT parses the ONNX itself
 
     def make_denoiser(
         self,

@@ -261,7 +261,7 @@ def test_backends_lists_each_backends_options_and_why_it_cannot_run(runner) -> N
     text = result.output
     assert "--backend-opt provider=" in text and "auto|cpu|cuda|tensorrt" in text and "DIFFTOOL_ORT_PROVIDER" in text
     assert "--backend-opt max_size=" in text and "default 1024" in text and "--backend-opt url=" in text
-    tensorrt = text[text.index("tensorrt ("):]
+    tensorrt = text[text.index("tensorrt (") :]
     assert "cpu: unavailable: TensorRT needs an NVIDIA GPU" in tensorrt
 
 

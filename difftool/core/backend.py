@@ -40,22 +40,8 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def make_denoiser(
-        self,
-        module: Any,
-        *,
-        prediction_type: str,
-        device: str,
-        dtype: torch.dtype,
-        model_id: str = "",
-        options: Mapping[str, Any] | None = None,
-        shapes: ExportShapes | None = None,
-    ) -> Denoiser:
-        """A denoiser computing what ``module`` (a torch ``nn.Module``) computes, on this backend.
-
-        ``options`` are this backend's validated options; ``shapes`` what the task will ask of it
-        (backends that build shape-specific engines use them).
-        """
+    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
+        """A denoiser computing what ``module`` (a torch ``nn.Module``) computes, on this backend, as ``spec`` says."""
 
     def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every declared option's value: ``values`` converted and checked, else its (environment) default."""
@@ -67,6 +53,22 @@ class Backend(ABC):
         if reason:
             raise BackendUnavailableError(f"backend {self.name!r} cannot run on {device}: {reason}")
         return ResolvedBackend(self, device, dtype, self.validate_options(options))
+
+
+@dataclass(frozen=True)
+class DenoiserSpec:
+    """What a backend is asked for: the module's output kind, where and how to run it, and for what shapes."""
+
+    prediction_type: str
+    device: str = "cpu"
+    #: A ``torch.dtype`` (``None``: float32).
+    dtype: Any = None
+    #: A hash of the weights: exporting backends key their artifacts by it.
+    model_id: str = ""
+    #: This backend's validated options.
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: What the task will ask of the denoiser (backends that build shape-specific engines use it).
+    shapes: ExportShapes | None = None
 
 
 @dataclass(frozen=True)
@@ -95,15 +97,8 @@ class ResolvedBackend:
     def make_denoiser(
         self, module: Any, *, prediction_type: str, model_id: str = "", shapes: ExportShapes | None = None
     ) -> Denoiser:
-        return self.backend.make_denoiser(
-            module,
-            prediction_type=prediction_type,
-            device=self.device,
-            dtype=self.torch_dtype,
-            model_id=model_id,
-            options=self.options,
-            shapes=shapes,
-        )
+        spec = DenoiserSpec(prediction_type, self.device, self.torch_dtype, model_id, self.options, shapes)
+        return self.backend.make_denoiser(module, spec)
 
 
 def validate_options(

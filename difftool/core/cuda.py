@@ -12,6 +12,8 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from difftool.core.runtime import Current
+
 
 def device_index(device: str) -> int:
     """``cuda:1`` -> 1, ``cuda`` -> 0."""
@@ -101,25 +103,19 @@ class CudaRuntime:
             torch.cuda.empty_cache()
 
 
-_RUNTIME: list[CudaRuntime] = [CudaRuntime()]
+_RUNTIME = Current(CudaRuntime())
 
 
 def runtime() -> CudaRuntime:
     """The CUDA runtime in use (the real one unless a test harness installed a stand-in)."""
-    return _RUNTIME[0]
+    return _RUNTIME.get()
 
 
-@contextlib.contextmanager
-def installed(replacement: CudaRuntime) -> Iterator[CudaRuntime]:
-    """Use ``replacement`` as the CUDA runtime inside the block (the test harness's seam)."""
-    previous = _RUNTIME[0]
-    _RUNTIME[0] = replacement
-    try:
-        yield replacement
-    finally:
-        _RUNTIME[0] = previous
+def installed(replacement: CudaRuntime) -> contextlib.AbstractContextManager[CudaRuntime]:
+    """Use ``replacement`` as the CUDA runtime inside a ``with`` block (the test harness's seam)."""
+    return _RUNTIME.using(replacement)
 
 
 def install(replacement: CudaRuntime) -> None:
     """Use ``replacement`` for the rest of the process (a Ray worker's harness plugin)."""
-    _RUNTIME[0] = replacement
+    _RUNTIME.set(replacement)

@@ -11,9 +11,31 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+
+class Current(Generic[T]):
+    """A process-wide current value with scoped overrides (the runtime below, the CUDA runtime)."""
+
+    def __init__(self, value: T) -> None:
+        self._value = value
+
+    def get(self) -> T:
+        return self._value
+
+    def set(self, value: T) -> None:
+        self._value = value
+
+    @contextlib.contextmanager
+    def using(self, value: T) -> Iterator[T]:
+        """``value`` inside the block, the previous one after."""
+        previous, self._value = self._value, value
+        try:
+            yield value
+        finally:
+            self._value = previous
 
 
 class Runtime:
@@ -36,20 +58,14 @@ class Runtime:
             self._caches.clear()
 
 
-_CURRENT: list[Runtime] = [Runtime()]
+_CURRENT = Current(Runtime())
 
 
 def current() -> Runtime:
     """The runtime in use in this process."""
-    return _CURRENT[0]
+    return _CURRENT.get()
 
 
-@contextlib.contextmanager
-def using(runtime: Runtime) -> Iterator[Runtime]:
-    """Use ``runtime`` inside the block (a window's own, or a test's fresh one)."""
-    previous = _CURRENT[0]
-    _CURRENT[0] = runtime
-    try:
-        yield runtime
-    finally:
-        _CURRENT[0] = previous
+def using(runtime: Runtime) -> contextlib.AbstractContextManager[Runtime]:
+    """Use ``runtime`` inside a ``with`` block (a window's own, or a test's fresh one)."""
+    return _CURRENT.using(runtime)

@@ -10,6 +10,8 @@ from difftool.core.exporter import Exporter, ExportResult, ExportTarget
 from difftool.core.task import Param
 from difftool.exporters.options import TENSORRT_OPTIONS
 
+PRECISION_HELP = "engine precision (bf16 needs compute capability 8.0+; fp8 is refused: it needs a quantized export)"
+
 
 def _name(target: ExportTarget) -> str:
     return f"unet-{target.model_id[:12] or 'model'}"
@@ -51,13 +53,7 @@ class TensorRTExporter(Exporter):
     summary = "a TensorRT engine built from the validated ONNX export, cached per GPU"
     options = (
         Param("device", "string", default="cuda", help="the GPU the engine is for"),
-        Param(
-            "precision",
-            "choice",
-            default="fp16",
-            choices=("fp16", "bf16", "fp32", "fp8"),
-            help="engine precision (bf16 needs compute capability 8.0+; fp8 is refused: it needs a quantized export)",
-        ),
+        Param("precision", "choice", default="fp16", choices=("fp16", "bf16", "fp32", "fp8"), help=PRECISION_HELP),
         *TENSORRT_OPTIONS,
     )
 

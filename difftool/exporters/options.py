@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from difftool.core.task import Param
 
+
+def _auto_on_off(name: str, env: str, help: str) -> Param:
+    return Param(name, "choice", default="auto", choices=("auto", "on", "off"), env=env, help=help)
+
+
 #: ONNX Runtime's options, shared by ``onnx`` and the ONNX parts of ``tensorrt`` runs.
 ORT_OPTIONS = (
     Param(
@@ -41,20 +46,6 @@ TENSORRT_OPTIONS = (
         env="DIFFTOOL_TRT_WORKSPACE_GB",
         help="builder workspace in GiB (0: 60% of the GPU's free memory)",
     ),
-    Param(
-        "refit",
-        "choice",
-        default="auto",
-        choices=("auto", "on", "off"),
-        env="DIFFTOOL_TRT_REFIT",
-        help="refittable engines (auto: for Stable Diffusion, so a LoRA refits instead of rebuilding)",
-    ),
-    Param(
-        "cuda_graphs",
-        "choice",
-        default="auto",
-        choices=("auto", "on", "off"),
-        env="DIFFTOOL_TRT_CUDA_GRAPH",
-        help="replay CUDA graphs (auto: when the engine's shapes are static)",
-    ),
+    _auto_on_off("refit", "DIFFTOOL_TRT_REFIT", "refittable engines (auto: for Stable Diffusion: a LoRA refits)"),
+    _auto_on_off("cuda_graphs", "DIFFTOOL_TRT_CUDA_GRAPH", "replay CUDA graphs (auto: when the shapes are static)"),
 )

@@ -38,6 +38,19 @@ class FakeTensorRTState:
     fail: set[str] = field(default_factory=set)
 
 
+class _Errors:
+    """TensorRT parsers' error list: ``num_errors`` and ``get_error(i)``."""
+
+    errors: list[str]
+
+    @property
+    def num_errors(self) -> int:
+        return len(self.errors)
+
+    def get_error(self, index: int) -> str:
+        return self.errors[index]
+
+
 def _structure(model: Any) -> str:
     """The graph without initializer values (what a refit must keep)."""
     import hashlib
@@ -165,17 +178,10 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
             raw = json.dumps(header).encode()
             return _MAGIC + len(raw).to_bytes(8, "little") + raw + network.onnx
 
-    class OnnxParser:
+    class OnnxParser(_Errors):
         def __init__(self, network: Network, logger: Logger) -> None:
             self.network = network
             self.errors: list[str] = []
-
-        @property
-        def num_errors(self) -> int:
-            return len(self.errors)
-
-        def get_error(self, index: int) -> str:
-            return self.errors[index]
 
         def parse_from_file(self, path: str) -> bool:
             import onnx
@@ -293,17 +299,10 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
             state.refits += 1
             return True
 
-    class OnnxParserRefitter:
+    class OnnxParserRefitter(_Errors):
         def __init__(self, refitter: Refitter, logger: Logger) -> None:
             self.refitter = refitter
             self.errors: list[str] = []
-
-        @property
-        def num_errors(self) -> int:
-            return len(self.errors)
-
-        def get_error(self, index: int) -> str:
-            return self.errors[index]
 
         def refit_from_file(self, path: str) -> bool:
             import onnx

@@ -225,17 +225,15 @@ def _sd_call(denoiser, unet, seed: int = 0):
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
 def test_refittable_engine_takes_new_weights_without_a_rebuild(tmp_path: Path, monkeypatch) -> None:
-    import torch
 
     from difftool.plugins.builtin.backends import TensorRTBackend
 
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
     first, second = _tiny_sd_unet(1), _tiny_sd_unet(2)  # same architecture, other weights (a LoRA, say)
-    backend = TensorRTBackend()
-    kwargs = {"prediction_type": "epsilon", "device": "cuda", "dtype": torch.float32, "options": {"cuda_graphs": "off"}}
-    a = backend.make_denoiser(first, model_id="a" * 64, **kwargs)
+    backend = TensorRTBackend().resolve("cuda", "fp32", {"cuda_graphs": "off"})
+    a = backend.make_denoiser(first, prediction_type="epsilon", model_id="a" * 64)
     assert _sd_call(a, first) < 1e-2
-    b = backend.make_denoiser(second, model_id="b" * 64, **kwargs)
+    b = backend.make_denoiser(second, prediction_type="epsilon", model_id="b" * 64)
     assert "+" in b.fingerprint  # refitted
     assert len([p for p in (tmp_path / "tensorrt").iterdir() if p.is_dir()]) == 1  # one engine, built once
     assert _sd_call(b, second) < 1e-2
@@ -244,7 +242,6 @@ def test_refittable_engine_takes_new_weights_without_a_rebuild(tmp_path: Path, m
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_reason() is not None, reason=_gpu_reason() or "")
 def test_cuda_graph_replay_matches_direct_execution(tmp_path: Path, monkeypatch) -> None:
-    import torch
 
     from difftool.plugins.builtin.backends import TensorRTBackend
 
@@ -252,10 +249,8 @@ def test_cuda_graph_replay_matches_direct_execution(tmp_path: Path, monkeypatch)
     unet = _tiny_sd_unet(3)
     runs = {}
     for flag in ("off", "on"):
-        denoiser = TensorRTBackend().make_denoiser(
-            unet, prediction_type="epsilon", device="cuda", dtype=torch.float32, model_id="c" * 64,
-            options={"cuda_graphs": flag},
-        )  # fmt: skip
+        backend = TensorRTBackend().resolve("cuda", "fp32", {"cuda_graphs": flag})
+        denoiser = backend.make_denoiser(unet, prediction_type="epsilon", model_id="c" * 64)
         assert denoiser.use_graphs == (flag == "on")
         runs[flag] = [_sd_call(denoiser, unet, seed) for seed in (0, 1, 0)]  # replays with new inputs
     assert runs["off"] == pytest.approx(runs["on"], abs=1e-6)
@@ -284,8 +279,7 @@ def test_onnx_runtime_cuda_binds_gpu_tensors(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
     unet = _tiny_sd_unet(4)
     for dtype, tolerance in ((torch.float32, 1e-3), (torch.float16, 2e-2)):
-        denoiser = OnnxBackend().make_denoiser(
-            unet, prediction_type="epsilon", device="cuda", dtype=dtype, model_id="d" * 64
-        )
+        backend = OnnxBackend().resolve("cuda", {torch.float32: "fp32", torch.float16: "fp16"}[dtype])
+        denoiser = backend.make_denoiser(unet, prediction_type="epsilon", model_id="d" * 64)
         assert denoiser.device.type == "cuda"
         assert _sd_call(denoiser, unet) < tolerance

@@ -9,9 +9,10 @@ from difftool import api
 from difftool.core.backend import Backend
 from difftool.core.denoiser import TorchDenoiser
 from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.core.exporter import Exporter, ExportResult
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.scheduler import Scheduler, SchedulerStep
-from difftool.core.task import TaskRequest
+from difftool.core.task import Param, Task, TaskRequest
 from difftool.plugins import hookimpl
 from difftool.plugins.registry import build_registry
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
@@ -75,8 +76,8 @@ class CountingBackend(Backend):
     summary = "torch, counting calls"
     calls = 0
 
-    def make_denoiser(self, module, *, prediction_type, device, dtype, model_id="", options=None, shapes=None):
-        inner = TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
+    def make_denoiser(self, module, spec):
+        inner = TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device, dtype=spec.dtype)
 
         class Counting(TorchDenoiser):
             backend = "counting"
@@ -96,7 +97,7 @@ class MissingDriverBackend(Backend):
     def unavailable_reason(self, device="cpu"):
         return "libfancy.so not found; install fancy-runtime"
 
-    def make_denoiser(self, module, **kwargs):
+    def make_denoiser(self, module, spec):
         raise AssertionError("never called")
 
 
@@ -186,14 +187,13 @@ class ShapeRecordingBackend(Backend):
     """A backend that builds shape-specific engines: it receives the task's declared export shapes."""
 
     name = "shapes"
-    accepts_shapes = True
     seen: list = []
 
-    def make_denoiser(self, module, *, shapes=None, **kwargs):
+    def make_denoiser(self, module, spec):
         from difftool.core.denoiser import TorchDenoiser
 
-        ShapeRecordingBackend.seen.append(shapes)
-        return TorchDenoiser(module, prediction_type=kwargs["prediction_type"], device=kwargs["device"])
+        ShapeRecordingBackend.seen.append(spec.shapes)
+        return TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device)
 
 
 class ShapesPlugin:
@@ -265,11 +265,11 @@ class GpuOnlyBackend(Backend):
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         return None if device.startswith("cuda") else "needs an NVIDIA GPU; pass --device cuda"
 
-    def make_denoiser(self, module, **kwargs):
+    def make_denoiser(self, module, spec):
         from difftool.core.denoiser import TorchDenoiser
 
-        GpuOnlyBackend.devices.append(kwargs["device"])
-        return TorchDenoiser(module, prediction_type=kwargs["prediction_type"], dtype=kwargs["dtype"])
+        GpuOnlyBackend.devices.append(spec.device)
+        return TorchDenoiser(module, prediction_type=spec.prediction_type, dtype=spec.dtype)
 
 
 class GpuOnlyPlugin:
@@ -288,25 +288,23 @@ def test_a_gpu_only_backend_is_not_looked_up_again_without_the_device(photo: Pat
     assert GpuOnlyBackend.devices == ["cuda"] and result.record["backend"] == "gpuonly"
 
 
-class TextExporter:
-    """A third-party exporter: writes the network's parameter count; registered by a plugin's hook."""
+class CountExporter(Exporter):
+    """A third-party exporter: writes the network's parameter count."""
 
+    name = "count"
+    summary = "the parameter count as text"
+    options = (Param("output", "path", required=True, help="file to write"),)
+
+    def export(self, target, task, options):
+        count = sum(p.numel() for p in target.module.parameters())
+        Path(options["output"]).write_text(f"{task} {count} {target.model_id[:8]}")
+        return ExportResult(Path(options["output"]), [f"{count} parameters"])
+
+
+class TextExporter:
     @hookimpl
     def register_exporters(self, register):
-        from difftool.core.exporter import Exporter, ExportResult
-        from difftool.core.task import Param
-
-        class Count(Exporter):
-            name = "count"
-            summary = "the parameter count as text"
-            options = (Param("output", "path", required=True, help="file to write"),)
-
-            def export(self, target, task, options):
-                count = sum(p.numel() for p in target.module.parameters())
-                Path(options["output"]).write_text(f"{task} {count} {target.model_id[:8]}")
-                return ExportResult(Path(options["output"]), [f"{count} parameters"])
-
-        register(Count())
+        register(CountExporter())
 
 
 def test_a_plugin_exporter_exports_any_exportable_task(tmp_path: Path, superres_model: Path) -> None:
@@ -326,19 +324,18 @@ def test_a_plugin_exporter_exports_any_exportable_task(tmp_path: Path, superres_
     assert refused.exit_code == 1 and "unknown task 'nosuchtask'" in refused.output
 
 
+class Wrong(Task):
+    name = "wrong"
+    summary = "declares a default outside its range"
+    params = (Param("steps", "int", default=0, min=1, max=10),)
+
+    def run(self, request, context):
+        raise AssertionError("never runs")
+
+
 class BadlyDeclared:
     @hookimpl
     def register_tasks(self, register):
-        from difftool.core.task import Param, Task
-
-        class Wrong(Task):
-            name = "wrong"
-            summary = "declares a default outside its range"
-            params = (Param("steps", "int", default=0, min=1, max=10),)
-
-            def run(self, request, context):
-                raise AssertionError("never runs")
-
         register(Wrong)
 
 

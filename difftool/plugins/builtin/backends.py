@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from difftool.core.backend import Backend
+from difftool.core.backend import Backend, DenoiserSpec
 from difftool.core.task import Param
 from difftool.exporters.options import ORT_OPTIONS, TENSORRT_OPTIONS
 from difftool.plugins.hookspecs import hookimpl
@@ -40,20 +40,10 @@ class TorchBackend(Backend):
             return None
         return f"unknown device {device!r}; use cpu or cuda[:N]"
 
-    def make_denoiser(
-        self,
-        module: Any,
-        *,
-        prediction_type: str,
-        device: str,
-        dtype: Any,
-        model_id: str = "",
-        options: Any = None,
-        shapes: Any = None,
-    ) -> Denoiser:
+    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         from difftool.core.denoiser import TorchDenoiser
 
-        return TorchDenoiser(module, prediction_type=prediction_type, device=device, dtype=dtype)
+        return TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device, dtype=spec.dtype)
 
 
 class OnnxBackend(Backend):
@@ -86,35 +76,27 @@ class OnnxBackend(Backend):
             return "this onnxruntime has no CUDA provider; pip install 'difftool[onnx-gpu]' (onnxruntime-gpu)"
         return None
 
-    def make_denoiser(
-        self,
-        module: Any,
-        *,
-        prediction_type: str,
-        device: str,
-        dtype: Any,
-        model_id: str = "",
-        options: Any = None,
-        shapes: Any = None,
-    ) -> Denoiser:
+    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         import torch
 
         from difftool.exporters.onnx import UNetSignature, cached_export
         from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
 
         # fp16 runs get an fp16 graph (fp32 I/O); bf16 has no ONNX Runtime kernels to speak of: fp32.
-        precision = "fp16" if dtype == torch.float16 else "fp32"
-        entry = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=precision, model_id=model_id)
+        options = self.validate_options(spec.options)
+        precision = "fp16" if spec.dtype == torch.float16 else "fp32"
+        name = f"unet-{spec.model_id[:12] or 'model'}"
+        entry = cached_export(module, name=name, precision=precision, model_id=spec.model_id)
         optimized = entry.file("model.opt.onnx")
         denoiser = OnnxRuntimeDenoiser(
-            optimized if optimized.is_file() and not device.startswith("cuda") else entry.file("model.onnx"),
+            optimized if optimized.is_file() and not spec.device.startswith("cuda") else entry.file("model.onnx"),
             UNetSignature.of(module),
-            prediction_type=prediction_type,
+            prediction_type=spec.prediction_type,
             sample_channels=int(module.config.out_channels),
-            device=device,
+            device=spec.device,
             fp16=precision == "fp16",
-            provider=(options or {}).get("provider", "auto"),
-            threads=int((options or {}).get("threads", 0)),
+            provider=options["provider"],
+            threads=int(options["threads"]),
         )
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser
@@ -130,27 +112,17 @@ class TensorRTBackend(Backend):
 
         return onnx_packages_missing() or unavailable_reason(device)  # TensorRT parses the ONNX itself
 
-    def make_denoiser(
-        self,
-        module: Any,
-        *,
-        prediction_type: str,
-        device: str,
-        dtype: Any,
-        model_id: str = "",
-        options: Any = None,
-        shapes: Any = None,
-    ) -> Denoiser:
+    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         from difftool.exporters.tensorrt_denoiser import engine_denoiser
 
         return engine_denoiser(
             module,
-            prediction_type=prediction_type,
-            device=device,
-            dtype=dtype,
-            model_id=model_id,
-            options=self.validate_options(options),
-            shapes=shapes,
+            prediction_type=spec.prediction_type,
+            device=spec.device,
+            dtype=spec.dtype,
+            model_id=spec.model_id,
+            options=self.validate_options(spec.options),
+            shapes=spec.shapes,
         )
 
 
@@ -172,23 +144,13 @@ class TritonBackend(Backend):
 
         return unavailable_reason()
 
-    def make_denoiser(
-        self,
-        module: Any,
-        *,
-        prediction_type: str,
-        device: str,
-        dtype: Any,
-        model_id: str = "",
-        options: Any = None,
-        shapes: Any = None,
-    ) -> Denoiser:
+    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         from difftool.exporters.onnx import UNetSignature, weights_hash
         from difftool.exporters.triton_denoiser import TritonDenoiser
 
-        url = str(self.validate_options(options)["url"])
-        signature = UNetSignature.of(module)
-        return TritonDenoiser(url, model_id or weights_hash(module), signature, prediction_type=prediction_type)
+        url = str(self.validate_options(spec.options)["url"])
+        weights = spec.model_id or weights_hash(module)
+        return TritonDenoiser(url, weights, UNetSignature.of(module), prediction_type=spec.prediction_type)
 
 
 @hookimpl

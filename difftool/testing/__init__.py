@@ -213,7 +213,7 @@ class BackendConformance:
     Subclasses give :meth:`make_backend` and may set ``device``, ``dtype`` and ``tolerance``, and
     override :meth:`environment` (a context manager the checks run in: :func:`difftool.testing.gpu.gpu_harness`
     for GPU backends on a CPU-only machine). The checks take pytest's ``tmp_path`` and ``monkeypatch``
-    and point ``DIFFTOOL_CACHE`` at a fresh folder.
+    and point ``DIFFTOOL_CACHE`` at the first check's ``tmp_path``, shared by the class's checks.
     """
 
     device = "cpu"
@@ -228,6 +228,15 @@ class BackendConformance:
         import contextlib
 
         return contextlib.nullcontext()
+
+    #: One artifact cache per suite class: every check exports the same tiny module, once.
+    _artifacts: Any = None
+
+    def _use_cache(self, tmp_path: Any, monkeypatch: Any) -> Any:
+        if type(self)._artifacts is None:
+            type(self)._artifacts = tmp_path
+        monkeypatch.setenv("DIFFTOOL_CACHE", str(type(self)._artifacts))
+        return type(self)._artifacts
 
     def _denoiser(self, module: Any, model_id: str = "conformance") -> Any:
         from difftool.core.task import ExportShapes
@@ -250,7 +259,7 @@ class BackendConformance:
     def test_matches_pytorch(self, tmp_path: Any, monkeypatch: Any) -> None:
         from difftool.core.denoiser import TorchDenoiser
 
-        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        self._use_cache(tmp_path, monkeypatch)
         module = tiny_unet()
         x, t, cond = self._inputs()
         with self.environment():
@@ -266,7 +275,7 @@ class BackendConformance:
 
         from difftool.core.errors import DifftoolError
 
-        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        self._use_cache(tmp_path, monkeypatch)
         x, t, _ = self._inputs()
         with self.environment():
             denoiser = self._denoiser(tiny_unet())
@@ -281,7 +290,7 @@ class BackendConformance:
         from difftool.core.scheduler import DiffusersSchedulerFactory
         from difftool.core.task import CancelToken, RunContext
 
-        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        self._use_cache(tmp_path, monkeypatch)
         token, calls = CancelToken(), []
         _, _, cond = self._inputs()
         with self.environment():
@@ -302,11 +311,11 @@ class BackendConformance:
         assert len(calls) == 1
 
     def test_the_cached_artifact_is_reused(self, tmp_path: Any, monkeypatch: Any) -> None:
-        monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path))
+        cache = self._use_cache(tmp_path, monkeypatch)
         module = tiny_unet()
         with self.environment():
-            first = self._denoiser(module, "reuse")
-            built = sorted(p for p in tmp_path.rglob("manifest.json"))
-            second = self._denoiser(module, "reuse")
-        assert sorted(p for p in tmp_path.rglob("manifest.json")) == built  # nothing rebuilt
+            first = self._denoiser(module)
+            built = sorted(p for p in cache.rglob("manifest.json"))
+            second = self._denoiser(module)
+        assert sorted(p for p in cache.rglob("manifest.json")) == built  # nothing rebuilt
         assert getattr(first, "fingerprint", None) == getattr(second, "fingerprint", None)

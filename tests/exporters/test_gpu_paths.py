@@ -24,10 +24,19 @@ from difftool.training.evaluate import psnr
 pytest.importorskip("onnxruntime")
 
 
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the module: an ONNX export costs seconds, and the tests share models.
+
+    Each test that counts engine builds asks for shapes (a tile) no other test uses, so its engine is new.
+    """
+    return tmp_path_factory.mktemp("artifacts")
+
+
 @pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+def cache(shared_cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(shared_cache))
+    return shared_cache
 
 
 def _score(a: api.RunResult, b: api.RunResult) -> float:
@@ -39,14 +48,15 @@ def _engines(cache: Path) -> list[Path]:
 
 
 def test_superres_on_tensorrt_cuda_matches_onnx_and_reuses_its_engine(photo: Path, superres_model: Path, cache) -> None:
-    common = {"model": str(superres_model), "scale": 2, "seed": 3, "dtype": "fp32"}
+    common = {"model": str(superres_model), "scale": 2, "seed": 3, "dtype": "fp32", "tile": 512}
     reference = api.run("superres", photo, backend="onnx", **common)
+    engines = len(_engines(cache))
     with gpu_harness() as harness:
         first = api.run("superres", photo, backend="tensorrt", device="cuda", **common)
         second = api.run("superres", photo, backend="tensorrt", device="cuda", **common)
     assert first.record["backend"] == "tensorrt" and first.record["device"] == "cuda"
     assert _score(reference, first) > 40 and np.array_equal(np.asarray(first.image), np.asarray(second.image))
-    assert harness.trt.builds == 1 and len(_engines(cache)) == 1  # built once, reused by the second run
+    assert harness.trt.builds == 1 and len(_engines(cache)) == engines + 1  # built once, reused by the second run
     assert harness.trt.executions >= 2 and first.record["artifact"] == second.record["artifact"]
 
 
@@ -75,14 +85,14 @@ def test_inpaint_on_tensorrt_cuda_matches_onnx(photo: Path, inpaint_model: Path,
 
 def test_tensorrt_11_builds_strongly_typed_from_the_fp16_export(photo: Path, superres_model: Path, cache) -> None:
     """TensorRT 11 has no BuilderFlag.FP16: the fp16 engine is the fp16 ONNX graph, strongly typed."""
-    common = {"model": str(superres_model), "scale": 2, "seed": 3, "backend": "tensorrt", "device": "cuda"}
+    common = {"model": str(superres_model), "scale": 2, "seed": 3, "backend": "tensorrt", "device": "cuda", "tile": 88}
     with gpu_harness("11.0.0") as harness:
         result = api.run("superres", photo, dtype="fp16", **common)
         assert harness.trt.build_flags == [[]]  # no precision flag exists to set
         assert any("-fp16-" in p.name for p in (cache / "onnx").iterdir())
         with pytest.raises(ParameterError, match="TensorRT 11 builds the precision of the ONNX graph"):
             api.run("superres", photo, dtype="bf16", **common)
-    reference = api.run("superres", photo, model=str(superres_model), scale=2, seed=3, dtype="fp32")
+    reference = api.run("superres", photo, model=str(superres_model), scale=2, seed=3, dtype="fp32", tile=88)
     assert _score(reference, result) > 35
     with gpu_harness("10.16.0") as harness:
         api.run("superres", photo, dtype="fp16", **common)
@@ -98,8 +108,8 @@ def test_second_gpu_builds_keys_and_runs_on_that_gpu(photo: Path, superres_model
         with pytest.raises(BackendUnavailableError, match="there is no GPU 2"):
             api.run("superres", photo, model=str(superres_model), backend="tensorrt", device="cuda:2")
     assert {index for _, index in harness.trt.created_on} == {1}
-    [engine] = _engines(cache)
-    components = json.loads((engine / "manifest.json").read_text())["components"]
+    manifests = [json.loads((engine / "manifest.json").read_text())["components"] for engine in _engines(cache)]
+    [components] = [c for c in manifests if "A2000" in c["gpu"]]  # GPU 0's engines are keyed by GPU 0
     assert components["compute_capability"] == "8.6" and components["gpu"].startswith("Fake RTX A2000")
 
 
@@ -115,19 +125,22 @@ def test_tensorrt_returning_none_is_a_clear_error(photo: Path, superres_model: P
 
 
 def test_a_rejected_timing_cache_is_replaced_not_ignored(photo: Path, superres_model: Path, cache, caplog) -> None:
+    from difftool.exporters.tensorrt_engine import gpu_identity, timing_cache_path
+
     common = {"model": str(superres_model), "scale": 2, "backend": "tensorrt", "device": "cuda", "seed": 1}
     with gpu_harness() as harness:
-        api.run("superres", photo, **common)
-        [timing] = list((cache / "tensorrt").glob("timing-*.cache"))
+        api.run("superres", photo, tile=80, overlap=8, **common)
+        timing = timing_cache_path(cache, harness.trt.version, (8, 9), gpu_identity("cuda:0"))
+        assert timing.is_file()
         timing.write_bytes(b"a cache from another GPU")
         harness.trt.fail.add("timing_cache")
-        api.run("superres", photo, tile=64, overlap=8, **common)  # another profile: a second build
+        api.run("superres", photo, tile=72, overlap=8, **common)  # another profile: a second build
     assert harness.trt.builds == 2 and "rejected the timing cache" in caplog.text
     assert timing.read_bytes() == b"fake-timing-cache"
 
 
 def test_cuda_graphs_replay_like_direct_execution_and_fall_back(photo: Path, superres_model: Path) -> None:
-    common = {"model": str(superres_model), "scale": 2, "seed": 4, "backend": "tensorrt", "device": "cuda"}
+    common = {"model": str(superres_model), "scale": 2, "seed": 4, "backend": "tensorrt", "device": "cuda", "tile": 96}
     runs = {}
     with gpu_harness() as harness:
         for graphs in ("off", "on"):
@@ -175,7 +188,7 @@ def test_generate_on_tensorrt_matches_onnx_and_a_lora_refits(tmp_path: Path, cac
         plain = api.run("generate", backend="tensorrt", device="cuda", dtype="fp32", **common)
         styled = api.run("generate", backend="tensorrt", device="cuda", dtype="fp32", lora=str(lora), **common)
     assert _score(reference, plain) > 40
-    assert harness.trt.builds == 1 and harness.trt.refits == 1 and len(_engines(cache)) == 1
+    assert harness.trt.builds == 1 and harness.trt.refits == 1  # one engine, refitted for the LoRA
     lora_reference = api.run("generate", backend="onnx", dtype="fp32", lora=str(lora), **common)
     assert _score(lora_reference, styled) > 40 and "+" in styled.record["artifact"]
 

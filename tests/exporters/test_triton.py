@@ -188,23 +188,34 @@ class TestTritonConformance(BackendConformance):
 
         return TritonBackend()
 
+    _repo: Path | None = None
+
+    @classmethod
+    def repository(cls) -> Path:
+        """The tiny module's repository, written once for the class (each export costs seconds)."""
+        if cls._repo is None:
+            import tempfile
+
+            from difftool.exporters.onnx import UNetSignature, export
+            from difftool.exporters.triton import write_repository
+            from difftool.testing import tiny_unet
+
+            root = Path(tempfile.mkdtemp(prefix="difftool-triton-conformance-"))
+            module = tiny_unet()
+            export(module, root / "model.onnx")
+            write_repository(
+                root / "repo", "m", root / "model.onnx", UNetSignature.of(module), weights_id="conformance"
+            )
+            cls._repo = root / "repo"
+        return cls._repo
+
     @contextlib.contextmanager
     def environment(self):
         import tempfile
 
-        from difftool.exporters.onnx import UNetSignature, export
-        from difftool.exporters.triton import write_repository
-        from difftool.testing import tiny_unet
-
         with tempfile.TemporaryDirectory() as folder:
-            root = Path(folder)
-            module = tiny_unet()
-            export(module, root / "model.onnx")
-            for weights_id in ("conformance", "reuse"):  # the suite's model ids
-                write_repository(root / "repo", f"m_{weights_id}", root / "model.onnx", UNetSignature.of(module),
-                                 weights_id=weights_id)  # fmt: skip
-            server = serve(root / "repo", root / "triton.sock")
-            self.options = {"url": f"unix:{root / 'triton.sock'}"}
+            server = serve(self.repository(), Path(folder) / "triton.sock")
+            self.options = {"url": f"unix:{Path(folder) / 'triton.sock'}"}
             try:
                 yield
             finally:

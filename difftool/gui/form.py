@@ -97,7 +97,7 @@ class ParamForm(QWidget):
             combo = QComboBox()
             if param.default is None:
                 combo.addItem(DEFAULT_CHOICE)
-            combo.addItems(list(choices))
+            combo.addItems([str(c) for c in choices])
             return combo
         if param.type in ("image", "mask", "path"):
             return PathField(param)

@@ -297,7 +297,7 @@ def test_the_form_of_every_registered_task_matches_its_declaration(qapp) -> None
                 assert isinstance(widget, kinds[param.type]), (name, param.name)
             if param.type == "choice":
                 offered = [widget.itemText(i) for i in range(widget.count())]
-                assert set(choices[param.name]) <= set(offered), (name, param.name)
+                assert {str(c) for c in choices[param.name]} <= set(offered), (name, param.name)
             if param.type in ("int", "float") and param.max is not None:
                 assert widget.maximum() == param.max, (name, param.name)
         values = form.values()
@@ -359,15 +359,15 @@ def test_generate_runs_from_the_window_with_a_single_file_checkpoint(qapp, tmp_p
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
     from sd import tiny
 
-    from difftool.gui import app as app_module
+    from difftool.gui import task_panel
 
     checkpoint = tiny.save_single_file(tiny.components(seed=1), tmp_path / "tiny.safetensors")
-    monkeypatch.setattr(app_module.QFileDialog, "getOpenFileName", lambda *a, **k: (str(checkpoint), ""))
+    monkeypatch.setattr(task_panel.QFileDialog, "getOpenFileName", lambda *a, **k: (str(checkpoint), ""))
     settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
     win = MainWindow(registry=build_registry(entry_points=False), settings=settings)
     win.task_box.setCurrentText("generate")
     win.model_box.setCurrentIndex(win.model_box.findText("Browse file…"))
-    win._on_model_picked(win.model_box.currentIndex())
+    win.task_panel._on_model_picked(win.model_box.currentIndex())
     assert win.model_box.currentData() == str(checkpoint)
     win.form.widgets["prompt"].setPlainText("a boat")
     win.form.widgets["width"].setValue(16)

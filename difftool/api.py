@@ -124,7 +124,8 @@ def execute(
     cancel: CancelToken | None = None,
 ) -> RunResult:
     """Run a preflighted :class:`~difftool.plan.Plan` on ``inputs``."""
-    task, instance, registry = plan.task_name, plan.task, plan.registry
+    # A fresh instance per run, as before plans: a plugin task may keep state on ``self``.
+    task, instance, registry = plan.task_name, type(plan.task)(), plan.registry
     request = prepare(instance, inputs, plan.params)
     seed = new_seed() if seed is None else int(seed)
     context = RunContext(
@@ -164,7 +165,7 @@ def execute(
         )
     record = {
         "task": task,
-        **{k: _plain(v) for k, v in plan.params.items() if v is not None},
+        **{k: _plain(v) for k, v in request.params.items() if v is not None},  # loaded images: path or "<image>"
         "seed": seed,
         "backend": plan.backend.name,
         "device": plan.backend.device,

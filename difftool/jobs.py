@@ -145,8 +145,13 @@ def plan_job(
 
 
 def job_params(run_plan: Plan) -> dict[str, Any]:
-    """The plan's parameters (``None`` left out), for workers and the job fingerprint."""
-    return {k: v for k, v in run_plan.params.items() if v is not None}
+    """The plan's parameters (``None`` left out), for workers and the job fingerprint.
+
+    Choices are kept as text (``"4"``, as the command line gives them), so a typed choice does not
+    change the fingerprint of outputs an earlier version made: a rerun still finds them up to date.
+    """
+    kinds = {p.name: p.type for p in run_plan.task.params}
+    return {k: str(v) if kinds[k] == "choice" else v for k, v in run_plan.params.items() if v is not None}
 
 
 def check_writable(folder: Path) -> None:

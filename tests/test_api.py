@@ -97,10 +97,10 @@ def test_a_low_precision_run_never_rounds_the_cached_model(superres_model: Path,
     """bf16 then fp32 in one process (the GUI, a batch): the fp32 result equals a fresh fp32 run."""
     from difftool.plugins.builtin import pixel_model
 
-    pixel_model._CACHE.clear()
+    pixel_model._loaded().clear()
     common = dict(model=str(superres_model), scale="2", seed=4)
     fresh = api.run("superres", photo, dtype="fp32", **common).image.tobytes()
     api.run("superres", photo, dtype="bf16", **common)
-    assert next(iter(pixel_model._CACHE.values())).unet.dtype.is_floating_point
-    assert str(next(iter(pixel_model._CACHE.values())).unet.dtype) == "torch.float32"
+    assert next(iter(pixel_model._loaded().values())).unet.dtype.is_floating_point
+    assert str(next(iter(pixel_model._loaded().values())).unet.dtype) == "torch.float32"
     assert api.run("superres", photo, dtype="fp32", **common).image.tobytes() == fresh

@@ -121,8 +121,9 @@ def validate_options(
             resolved[name] = param.validate(raw)
         except ParameterError as error:
             source = f" (from {param.env})" if name not in values and param.env else ""
+            detail = error.problem.removeprefix(f"{param.flag}: ").replace(f"{param.flag} ", f"{name}=", 1)
             raise ParameterError(
-                f"{owner} option {name}{source}: {error.problem.split(': ', 1)[-1]}",
-                f"pass {flag} {name}=VALUE {param.range_text()}".rstrip(),
+                f"{owner} option {name}{source}: {detail}",
+                f"pass {flag} {name}=VALUE {param.range_text() or (f'({error.fix})' if error.fix else '')}".rstrip(),
             ) from None
     return resolved

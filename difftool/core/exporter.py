@@ -25,6 +25,8 @@ class ExportTarget:
     #: A hash of the weights (the artifact cache keys exports by it).
     model_id: str
     prediction_type: str = "epsilon"
+    #: What runs will ask of the network (an ``ExportShapes``): engines built ahead of time match them.
+    shapes: Any = None
 
 
 @dataclass

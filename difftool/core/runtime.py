@@ -1,9 +1,9 @@
 """What stays loaded between runs in one process: the plugin registry, models, ONNX Runtime sessions,
 TensorRT engines, verified artifact hashes.
 
-One :class:`Runtime` holds them all, so whoever drives difftool owns its state: the CLI's process, the
-GUI's window, a server, and a test that wants a clean slate (``with using(Runtime()): ...``) instead of
-patching module globals. Modules ask :func:`current` for their cache by name.
+One :class:`Runtime` holds them all, so the state has one owner: the process (the CLI, the GUI, a
+server), or a test that wants a clean slate (``with using(Runtime()): ...``) instead of patching
+module globals. Modules ask :func:`current` for their cache by name.
 """
 
 from __future__ import annotations
@@ -46,11 +46,17 @@ class Runtime:
         self._lock = threading.Lock()
 
     def cache(self, name: Any, factory: Callable[[], T]) -> T:
-        """The cache called ``name``, made by ``factory()`` the first time it is asked for."""
+        """The cache called ``name``, made by ``factory()`` the first time it is asked for.
+
+        ``factory`` runs outside the lock: building the registry runs plugins' hooks, which may ask for
+        a cache themselves. If two threads race, the first one stored wins.
+        """
         with self._lock:
-            if name not in self._caches:
-                self._caches[name] = factory()
-            return self._caches[name]
+            if name in self._caches:
+                return self._caches[name]
+        made = factory()
+        with self._lock:
+            return self._caches.setdefault(name, made)
 
     def clear(self) -> None:
         """Drop everything loaded (the next run loads again)."""

@@ -36,7 +36,12 @@ class TaskActor:
 
         self.job = job
         self.registry = build_registry(list(job.plugin_modules), entry_points=job.entry_points)
-        self.plan = preflight(job.task, registry=self.registry, params=job.params, **job.common)
+        request = dict(job.common)
+        if str(request.get("device", "")).startswith("cuda"):
+            # Ray gives each actor its own GPU(s) and makes them the only visible ones: the driver's cuda:N
+            # is this actor's cuda:0.
+            request["device"] = "cuda"
+        self.plan = preflight(job.task, registry=self.registry, params=job.params, **request)
         if job.torch_threads:
             import torch
 

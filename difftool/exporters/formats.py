@@ -81,7 +81,7 @@ class TensorRTExporter(Exporter):
             dtype={"fp32": torch.float32, "bf16": torch.bfloat16}.get(options["precision"], torch.float16),
             model_id=target.model_id,
             options=engine_options,
-            shapes=None,
+            shapes=target.shapes,
         )
         profiles = [p.as_json() for p in denoiser.profiles]
         return ExportResult(denoiser.engine_path, [f"engine {denoiser.fingerprint}", f"profiles: {profiles}"])

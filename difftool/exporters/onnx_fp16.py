@@ -61,16 +61,18 @@ def sort_nodes(graph: Any) -> None:
     ONNX Runtime's fp16 converter appends the casts of kept-fp32 inputs after the nodes that read
     them; ONNX Runtime tolerates that, ``onnx.checker`` and strict parsers do not. onnx has no sort.
     """
-    produced_by = {name: i for i, node in enumerate(graph.node) for name in node.output}
-    waiting_on = [{produced_by[n] for n in node.input if n in produced_by} for node in graph.node]
+    import collections
+
+    produced_by = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    waiting_on = [{produced_by[n] for n in _reads(node) if n in produced_by} - {i} for i, node in enumerate(graph.node)]
     readers: dict[int, list[int]] = {}
     for i, needs in enumerate(waiting_on):
         for j in needs:
             readers.setdefault(j, []).append(i)
-    ready = [i for i, needs in enumerate(waiting_on) if not needs]
+    ready = collections.deque(i for i, needs in enumerate(waiting_on) if not needs)
     order: list[int] = []
     while ready:  # Kahn's algorithm, keeping the original order among ready nodes where it can
-        i = ready.pop(0)
+        i = ready.popleft()
         order.append(i)
         for k in readers.get(i, ()):
             waiting_on[k].discard(i)
@@ -84,6 +86,19 @@ def sort_nodes(graph: Any) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
+
+
+def _reads(node: Any) -> set[str]:
+    """The values ``node`` reads: its inputs (``""`` is an omitted optional one) and, for control flow
+    (``If``, ``Loop``, ``Scan``), the outer-scope values its subgraphs read."""
+    names = {n for n in node.input if n}
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            local = {i.name for i in subgraph.input} | {i.name for i in subgraph.initializer}
+            for inner in subgraph.node:
+                local |= set(inner.output)
+            names |= {n for inner in subgraph.node for n in _reads(inner)} - local
+    return names
 
 
 #: Largest finite fp16 value.

@@ -72,7 +72,7 @@ def check_providers(chain: list[Any], active: list[str]) -> None:
     if wanted not in active:
         raise BackendUnavailableError(
             f"ONNX Runtime could not load {wanted} (the session runs on {', '.join(active) or 'nothing'})",
-            "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or pass --backend-opt provider=cpu",
+            "check the CUDA/cuDNN/TensorRT libraries onnxruntime-gpu needs, or run with --device cpu",
         )
 
 

@@ -73,6 +73,12 @@ def engine_denoiser(
     )
 
 
+def _check(accepted: bool, what: str) -> None:
+    """TensorRT's setters return ``False`` (and log why) instead of raising."""
+    if not accepted:
+        raise BackendUnavailableError(f"TensorRT refused {what} (see its log above)", "report it with `difftool info`")
+
+
 class TensorRTDenoiser(Denoiser):
     """Runs an engine on CUDA tensors in place: inputs and output stay on the GPU, no host copies."""
 
@@ -131,12 +137,12 @@ class TensorRTDenoiser(Denoiser):
     def _bind(self, inputs: Mapping[str, Any], out: Any) -> None:
         index = select_profile(self.profiles, {k: tuple(v.shape) for k, v in inputs.items()})
         if index != self._profile:
-            self.context.set_optimization_profile_async(index, self.stream.cuda_stream)
+            _check(self.context.set_optimization_profile_async(index, self.stream.cuda_stream), f"profile {index}")
             self._profile = index
         for name, tensor in inputs.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        self.context.set_tensor_address("out", out.data_ptr())
+            _check(self.context.set_input_shape(name, tuple(tensor.shape)), f"{name} of shape {list(tensor.shape)}")
+            _check(self.context.set_tensor_address(name, tensor.data_ptr()), f"the address of {name}")
+        _check(self.context.set_tensor_address("out", out.data_ptr()), "the address of out")
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -148,18 +154,21 @@ class TensorRTDenoiser(Denoiser):
         cuda = runtime()
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
         if key not in self._graphs:
+            # One graph at a time: a graph fixes the context's shapes and addresses, so a new shape
+            # (an edge tile) is captured afresh rather than replayed over another shape's bindings.
+            self._graphs.clear()
             static = {name: t.clone() for name, t in inputs.items()}
             out = torch.empty(out_shape, device=self.device)
             self._bind(static, out)
             self._execute()  # TensorRT allocates shape-dependent resources on the first run, not capturable
             self.stream.synchronize()
             graph = cuda.new_graph()
-            failed: BaseException | None = None
+            failed: Exception | None = None
             try:
                 with cuda.capture(graph, self.stream):
                     try:
                         self._execute()
-                    except BaseException as error:  # noqa: BLE001 - the capture's exit would mask it
+                    except Exception as error:  # noqa: BLE001 - the capture's exit would mask it
                         failed = error
             except Exception as error:  # noqa: BLE001 - the capture itself failed (e.g. an uncapturable kernel)
                 failed = failed or error

@@ -233,7 +233,8 @@ def build_engine(
         free, _ = cuda.mem_get_info(device)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_limit(free, options.workspace_gb))
         cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
-        if not config.set_timing_cache(config.create_timing_cache(cache_bytes), False):  # False: reject a foreign one
+        timing = config.create_timing_cache(cache_bytes)  # None when the bytes are not a timing cache at all
+        if timing is None or not config.set_timing_cache(timing, False):  # False: reject a foreign one
             log.warning(
                 "TensorRT rejected the timing cache %s (another GPU or version); starting a new one", timing_cache
             )

@@ -106,7 +106,7 @@ class ParamForm(QWidget):
     def reset(self) -> None:
         """Restore every declared default."""
         for param in self.task.params:
-            widget, default = self.widgets[param.name], param.default
+            widget, default = self.widgets[param.name], _default(param)
             if isinstance(widget, QSpinBox):
                 widget.setValue(widget.minimum() if default is None else int(default))
             elif isinstance(widget, QDoubleSpinBox):
@@ -162,3 +162,15 @@ class ParamForm(QWidget):
             if value is not None:
                 out[param.name] = value
         return out
+
+
+def _default(param: Param) -> Any:
+    """The value a fresh form shows: the declared default, or a backend option's environment default."""
+    from difftool.core.errors import ParameterError
+
+    if not param.env:
+        return param.default
+    try:
+        return param.validate(param.effective_default())
+    except ParameterError:  # a bad variable is reported when the run is checked; show the declared default
+        return param.default

@@ -18,7 +18,7 @@ def param_option(param: Param, choices: Sequence[Any] | None = None) -> click.Op
     if param.type == "bool":
         name = param.name.replace("_", "-")
         return click.Option([f"--{name}/--no-{name}", param.name], default=bool(param.default), **kwargs)
-    default = param.default
+    default = param.effective_default()  # a declared option's environment variable, when set
     if param.type == "int":
         kwargs["type"] = click.IntRange(param.min, param.max)
     elif param.type == "float":

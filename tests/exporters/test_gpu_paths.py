@@ -218,12 +218,17 @@ def test_onnx_runtime_falling_back_silently_is_refused() -> None:
         check_providers(chain, ["CPUExecutionProvider"])  # what ORT leaves when the CUDA provider fails to load
 
 
-def test_export_tensorrt_command_builds_the_engine_a_run_then_uses(photo: Path, inpaint_model: Path, cache) -> None:
-    """`difftool export tensorrt --task inpaint` ahead of time; a run with the same shapes builds nothing."""
+def test_export_tensorrt_command_builds_the_engine_a_run_then_uses(photo: Path, inpaint_model: Path, tmp_path) -> None:
+    """`difftool export tensorrt inpaint` ahead of time builds the engine a run with default parameters uses."""
+    mask = tmp_path / "mask.png"
+    Image.new("L", Image.open(photo).size, 255).save(mask)
     with gpu_harness() as harness:
         result = CliRunner().invoke(
-            cli.cli, ["export", "tensorrt", "inpaint", "--model", str(inpaint_model), "--precision", "fp32"]
+            cli.cli, ["export", "tensorrt", "inpaint", "--model", str(inpaint_model), "--precision", "fp16"]
         )
         assert result.exit_code == 0, result.output
         assert "model.engine" in result.output and harness.trt.builds == 1
+        api.run("inpaint", photo, model=str(inpaint_model), mask=str(mask), backend="tensorrt", device="cuda",
+                dtype="fp16", seed=1)  # fmt: skip
+        assert harness.trt.builds == 1  # the run found the engine the export built
         assert "--max-size" in CliRunner().invoke(cli.cli, ["export", "tensorrt", "--help"]).output

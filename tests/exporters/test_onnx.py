@@ -296,3 +296,28 @@ def test_sessions_are_reused_while_the_file_is_unchanged(superres_model: Path, t
     shutil.copy(entry.file("model.onnx"), tmp_path / "new.onnx")
     (tmp_path / "new.onnx").replace(path)  # a rebuilt file at the same path
     assert make_session(path, "cpu") is not first
+
+
+def test_fp16_graphs_are_put_in_topological_order() -> None:
+    """ONNX Runtime's fp16 converter appends input casts after their readers; strict parsers refuse that."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from difftool.exporters.onnx_fp16 import sort_nodes
+
+    vector = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "z")]
+    then = helper.make_graph([helper.make_node("Identity", ["c"], ["t"])], "then", [], [vector[1]])  # reads c outside
+    then.output[0].name = "t"
+    nodes = [
+        helper.make_node("Clip", ["y", "", "m"], ["z0"]),  # "" is an omitted optional input
+        helper.make_node("If", ["flag"], ["z"], then_branch=then, else_branch=then),
+        helper.make_node("Relu", ["c"], ["y"]),
+        helper.make_node("Greater", ["x", "x"], ["flag"]),
+        helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT),
+        helper.make_node("Identity", ["x"], ["m"]),
+    ]
+    model = helper.make_model(helper.make_graph(nodes, "g", [vector[0]], [vector[1]]))
+    sort_nodes(model.graph)
+    order = [n.op_type for n in model.graph.node]
+    assert order.index("Cast") < order.index("If") and order.index("Cast") < order.index("Relu") < order.index("Clip")
+    onnx.checker.check_model(model)

@@ -7,6 +7,7 @@ export (``Task.export_target``), a plugin's included.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,25 @@ def exportable_tasks(registry: Any) -> list[str]:
     from difftool.core.task import Task
 
     return sorted(n for n, e in registry.tasks.items() if e.cls.export_target is not Task.export_target)
+
+
+def declared_shapes(task: Any) -> Any:
+    """The shapes a run with default parameters on a 512x512 input declares (what runs will ask for).
+
+    ``None`` when the task declares none for such a request: the exporter then uses its defaults.
+    """
+    import numpy as np
+
+    from difftool.core.errors import DifftoolError
+    from difftool.core.images import LoadedImage
+    from difftool.core.task import TaskRequest
+
+    blank = LoadedImage(np.zeros((512, 512, 3), np.float32))
+    inputs = {port.name: blank for port in task.inputs if port.kind in ("image", "mask")}
+    try:
+        return task.export_shapes(TaskRequest(inputs, {p.name: p.default for p in task.params}))
+    except (DifftoolError, KeyError, TypeError, ValueError):  # a declaration that needs real inputs
+        return None
 
 
 def exporter_command(exporter: Exporter, registry: Any) -> click.Command:
@@ -50,6 +70,8 @@ def exporter_command(exporter: Exporter, registry: Any) -> click.Command:
             if reason:
                 raise click.ClickException(f"cannot export {exporter.name} here: {reason}")
             target = instance.export_target(model)
+            if target.shapes is None:
+                target = dataclasses.replace(target, shapes=declared_shapes(instance))
             result = exporter.export(target, name, options)
         click.echo(str(result.path))
         for line in result.details:

@@ -76,6 +76,15 @@ class Inpaint(Task):
     def export_target(self, model: str | None) -> Any:
         return pixel_model.export_target(self.name, model)
 
+    def export_shapes(self, request: TaskRequest) -> ExportShapes:
+        """The U-Net sees a crop of the image: any size up to 1024 px, or the next power of two above.
+
+        The range depends on the image only beyond 1024 px, in few steps: one engine for a folder.
+        (Stable Diffusion inpainting declares its own latent shapes when it builds its denoiser.)
+        """
+        side = max(request.inputs["image"].size)
+        return ExportShapes(batch=(1, 1, 1), size=(1, 512, max(1024, 1 << (side - 1).bit_length())))
+
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
@@ -155,13 +164,9 @@ def paint(
     if (params.get("fill") or "blur") == "blur":
         init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
-    # The U-Net sees the whole crop: a range that holds it and stays the same for every crop up to
-    # 1024 px (one engine for a folder).
-    side = max(rgb.shape[:2])
-    shapes = ExportShapes(batch=(1, 1, 1), size=(min(64, *rgb.shape[:2]), 512, max(1024, -(-side // 256) * 256)))
     out = pixel_model.denoise(
         model,
-        pixel_model.make_denoiser(model, context, shapes),
+        pixel_model.make_denoiser(model, context),
         cond=cond,
         steps=steps,
         scheduler=params.get("scheduler"),

@@ -50,11 +50,11 @@ class SuperResolution(Task):
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """The U-Net runs on output-resolution tiles of at most ``--tile`` pixels, one at a time.
 
-        The smallest tile is the output's short side (at least the input's) when that is under 64 px.
+        The smallest is 1 (the engine's floor is the U-Net's multiple): edge tiles and small images fit, and
+        the declaration does not depend on the image, so one engine serves a whole folder.
         """
         tile = int(request.params.get("tile") or 1024)
-        image = request.inputs["image"]
-        return ExportShapes(batch=(1, 1, 1), size=(min(64, tile, min(image.size)), tile, tile))
+        return ExportShapes(batch=(1, 1, 1), size=(1, tile, tile))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]

@@ -106,5 +106,11 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
             # Exporting backends take fp32 weights: an export keyed by the checkpoint must not see rounded ones.
             unet_dtype=context.torch_dtype if context.backend_name == "torch" else None,
         )
+        if context.backend_name == "torch" and context.device != "cpu":
+            # Once, at load (this cache is keyed by the device): TorchDenoiser would otherwise copy gigabytes
+            # to the GPU for every image of a folder job.
+            import torch
+
+            torch.nn.Module.to(cache[key].unet, device=context.torch_device)
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return cache[key]

@@ -94,7 +94,7 @@ def test_out_of_memory_falls_back_to_tiles_and_sliced_attention(folder: Path, mo
     model = loader.load_sd_model(folder)
     from difftool.plugins.builtin.sd import models
 
-    unet = next(iter(models._CACHE.values())).unet
+    unet = next(iter(models._loaded().values())).unet
     real_forward = type(unet).forward
     calls = {"n": 0}
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from difftool.core.errors import ParameterError
+
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
 
 from difftool import api  # noqa: E402
@@ -277,6 +279,12 @@ def test_io_binding_gives_what_session_run_gives(superres_model: Path) -> None:
     plain = denoiser.session.run(None, feeds)[0]
     assert bound.shape == (2, 3, 40, 56) and np.array_equal(bound.numpy(), plain)
     with pytest.raises(ValueError, match="needs encoder_hidden_states"):
+        from difftool.exporters.onnx import graph_inputs
+
+        graph_inputs(
+            UNetSignature(4, 8, False, 4, context_dim=32), torch.zeros(2, 4, 40, 56), torch.tensor(1.0), {}, "cpu"
+        )
+    with pytest.raises(ParameterError, match="takes 4 input channels"):
         from difftool.exporters.onnx import graph_inputs
 
         graph_inputs(UNetSignature(4, 8, False, 4, context_dim=32), sample, torch.tensor(1.0), {}, "cpu")

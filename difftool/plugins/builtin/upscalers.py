@@ -38,10 +38,13 @@ UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "upscale_models", "models/ESRGAN", "
 FAMILY = "upscaler"
 #: spandrel architecture id -> the ONNX exporter tested for it (ESRGAN covers Real-ESRGAN x4plus, BSRGAN
 #: and most community "4x-*" models; Compact is Real-ESRGAN's SRVGG). torch 2.13's torch.export-based
-#: exporter crashes the process on SPAN's decomposition, so SPAN exports with the tracing exporter. SwinIR
-#: is left out: a traced graph keeps the attention mask of the traced size (4e-4 off at other sizes). An
+#: exporter crashes the process on SPAN's decomposition, so SPAN exports with the tracing exporter. An
 #: untested architecture could crash the process too, so each is admitted with a test.
 ONNX_ARCHITECTURES = {"ESRGAN": "dynamo", "Compact": "dynamo", "SPAN": "torchscript"}
+#: Window-attention architectures export at one fixed tile (input pixels): an exported graph keeps the
+#: shifted-window attention mask of the size it was exported at (4e-4 off at any other size), so every
+#: tile is that size (the tiler takes full-size tiles; only an image smaller than the tile is padded).
+FIXED_TILE_ARCHITECTURES = {"SwinIR": ("dynamo", 64), "DAT": ("dynamo", 64)}
 
 
 def _needs_torchvision(*args: Any, **kwargs: Any) -> Any:
@@ -239,6 +242,7 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
         model.to(device=device, dtype=dtype)
     height, width = rgb.shape[:2]
     tile = max(8, int(params.get("tile", 1024)) // scale)
+    tile = getattr(model, "fixed_tile", None) or tile  # an export of one size takes tiles of that size
     margin = min(max(0, int(params.get("overlap", 64)) // scale), tile // 4)  # context never dwarfs the core
     core = tile - 2 * margin
     cores = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
@@ -247,8 +251,10 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
     for index, (y0, x0) in enumerate(cores):
         context.cancel.raise_if_cancelled()
         y1, x1 = min(y0 + core, height), min(x0 + core, width)
-        ty0, tx0 = max(0, y0 - margin), max(0, x0 - margin)
-        ty1, tx1 = min(height, y1 + margin), min(width, x1 + margin)
+        # Full-size tiles where the image allows (edge tiles reach inward): extra context changes nothing
+        # for a CNN, and a fixed-size export or window attention sees the same tile size everywhere.
+        ty0, tx0 = max(0, min(y0 - margin, height - tile)), max(0, min(x0 - margin, width - tile))
+        ty1, tx1 = min(height, max(y1 + margin, ty0 + tile)), min(width, max(x1 + margin, tx0 + tile))
         with torch.inference_mode():
             out = model(low[..., ty0:ty1, tx0:tx1].to(device, dtype)).float().cpu()[0]
         result[:, y0 * scale : y1 * scale, x0 * scale : x1 * scale] = out[
@@ -265,6 +271,8 @@ class _PaddedOnnx:
     def __init__(self, module: Any, sizes: Callable[[int, int], tuple[int, int]], scale: int) -> None:
         self.module, self.sizes, self.scale = module, sizes, scale
         self.fingerprint = module.fingerprint
+        #: The one input size the export takes (window attention), or ``None`` (any size).
+        self.fixed_tile: int | None = None
 
     def __call__(self, image: Any) -> Any:
         import torch.nn.functional as F
@@ -294,42 +302,54 @@ def onnx_runner(upscaler: Upscaler, device: str) -> Any:
     from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
 
     architecture = upscaler.descriptor.architecture.id
-    if architecture not in ONNX_ARCHITECTURES:
+    tested = sorted([*ONNX_ARCHITECTURES, *FIXED_TILE_ARCHITECTURES])
+    if architecture not in tested:
         raise ModelError(
             f"{upscaler.name} ({upscaler.architecture}) is not exported to ONNX by difftool yet "
-            f"(tested: {', '.join(sorted(ONNX_ARCHITECTURES))})",
+            f"(tested: {', '.join(tested)})",
             "use --backend torch for this model",
         )
     requirements = upscaler.descriptor.size_requirements
-
-    def sizes(height: int, width: int) -> tuple[int, int]:
-        return _padded_size(height, width, requirements)
-
     g = torch.Generator().manual_seed(0)
+    fixed = FIXED_TILE_ARCHITECTURES.get(architecture)
+    if fixed is not None:
+        exporter, side = fixed[0], _padded_size(fixed[1], fixed[1], requirements)[0]
 
-    def example(batch: int, height: int, width: int) -> torch.Tensor:
-        return torch.rand(batch, 3, *sizes(height, width), generator=g)
+        def sizes(height: int, width: int) -> tuple[int, int]:
+            return side, side
 
-    exporter = ONNX_ARCHITECTURES[architecture]
-    inputs = example(2, 20, 28)  # distinct sizes and batch 2: no 0/1 specialisation
-    multiple = max(1, int(requirements.multiple_of))
-    if multiple > 1:
-        raise ModelError(
-            f"{upscaler.name} ({upscaler.architecture}) needs sizes in multiples of {multiple}; its ONNX export "
-            "is not built yet",
-            "use --backend torch for this model",
+        spec = ModuleSpec(
+            inputs={"image": torch.rand(1, 3, side, side, generator=g)},
+            dynamic={},
+            outputs=("out",),
+            checks=({"image": torch.rand(1, 3, side, side, generator=g)},),
+            exporter=exporter,
         )
-    spec = ModuleSpec(
-        inputs={"image": inputs},
-        dynamic={"image": {0: ("batch", 1, 16), 2: ("h", 2, 4096), 3: ("w", 2, 4096)}},
-        outputs=("out",),
-        checks=({"image": example(1, 17, 23)}, {"image": example(1, 32, 12)}),
-        exporter=exporter,
-    )
+    else:
+
+        def sizes(height: int, width: int) -> tuple[int, int]:
+            return _padded_size(height, width, requirements)
+
+        def example(batch: int, height: int, width: int) -> torch.Tensor:
+            return torch.rand(batch, 3, *sizes(height, width), generator=g)
+
+        multiple = max(1, int(requirements.multiple_of))
+        if multiple > 1:
+            raise ModelError(
+                f"{upscaler.name} ({upscaler.architecture}) needs sizes in multiples of {multiple}; its ONNX "
+                "export is not built yet",
+                "use --backend torch for this model",
+            )
+        spec = ModuleSpec(
+            inputs={"image": example(2, 20, 28)},  # distinct sizes and batch 2: no 0/1 specialisation
+            dynamic={"image": {0: ("batch", 1, 16), 2: ("h", 2, 4096), 3: ("w", 2, 4096)}},
+            outputs=("out",),
+            checks=({"image": example(1, 17, 23)}, {"image": example(1, 32, 12)}),
+            exporter=ONNX_ARCHITECTURES[architecture],
+        )
+    name = f"upscaler-{upscaler.sha256[:12]}" + (f"-{side}px" if fixed is not None else "")
     try:
-        entry = cached_module_export(
-            lambda: upscaler.descriptor.model.float().eval(), f"upscaler-{upscaler.sha256[:12]}", spec, upscaler.sha256
-        )
+        entry = cached_module_export(lambda: upscaler.descriptor.model.float().eval(), name, spec, upscaler.sha256)
     except DifftoolError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporters reject some architectures in many ways
@@ -338,7 +358,9 @@ def onnx_runner(upscaler: Upscaler, device: str) -> Any:
             f"{upscaler.name} ({upscaler.architecture}) cannot be exported to ONNX: {detail[:200]}",
             "use --backend torch for this model",
         ) from None
-    return _PaddedOnnx(OnnxModule(entry, device), sizes, upscaler.scale)
+    runner = _PaddedOnnx(OnnxModule(entry, device), sizes, upscaler.scale)
+    runner.fixed_tile = side if fixed is not None else None
+    return runner
 
 
 def model_record(upscaler: Upscaler) -> dict[str, Any]:

@@ -44,12 +44,16 @@ def esrgan_new_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def build(kind: str) -> tuple[dict[str, torch.Tensor], int]:
     """A random-weight network of spandrel's class for ``kind``: its state dict and scale."""
     from spandrel.architectures.Compact import Compact as SRVGGNetCompact
+    from spandrel.architectures.DAT import DAT
     from spandrel.architectures.ESRGAN import ESRGAN
+    from spandrel.architectures.HAT import HAT
     from spandrel.architectures.SPAN import SPAN
     from spandrel.architectures.SwinIR import SwinIR
 
     torch.manual_seed(len(kind))
-    if kind.startswith("esrgan"):
+    if kind == "esrgan-1x":  # a restoration model (denoise, dejpeg): same size out
+        net, scale = ESRGAN(num_filters=8, num_blocks=1, scale=1), 1
+    elif kind.startswith("esrgan"):
         net, scale = ESRGAN(num_filters=8, num_blocks=1, scale=4), 4
     elif kind == "compact":
         net, scale = SRVGGNetCompact(num_feat=8, num_conv=2, upscale=4), 4
@@ -66,13 +70,23 @@ def build(kind: str) -> tuple[dict[str, torch.Tensor], int]:
             resi_connection="1conv",
         )
         scale = 2
+    elif kind == "dat":
+        net = DAT(upscale=2, img_size=16, embed_dim=32, depth=[2], num_heads=[2], split_size=[2, 4], expansion_factor=2)
+        scale = 2
+    elif kind == "hat":
+        # squeeze_factor is not in the weights: spandrel assumes HAT's default, 30 (so embed_dim >= 30)
+        net = HAT(upscale=2, img_size=16, embed_dim=30, depths=[2], num_heads=[2], window_size=4, compress_ratio=3,
+                  squeeze_factor=30, mlp_ratio=2, upsampler="pixelshuffle", resi_connection="1conv")  # fmt: skip
+        scale = 2
     else:
         net, scale = SPAN(num_in_ch=3, num_out_ch=3, feature_channels=8, upscale=2), 2
     state = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
     return (esrgan_new_layout(state) if kind == "esrgan-new" else state), scale
 
 
-KINDS = ["esrgan-old", "esrgan-new", "compact", "swinir", "span"]
+KINDS = ["esrgan-old", "esrgan-new", "esrgan-1x", "compact", "swinir", "span", "dat", "hat"]
+#: Window attention depends on where windows fall: these run as one tile when compared with spandrel.
+WINDOWED = ("swinir", "dat", "hat")
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +114,8 @@ def test_difftool_matches_spandrels_forward(kind: str, suffix: str, photo_rgb, t
     else:
         save_file(state, path)
     expected = direct_forward(state, photo_rgb)
-    # Window attention (SwinIR) depends on where windows fall: one tile. The CNNs run in 3 x 4 tiles.
-    tile = {"tile": 512} if kind == "swinir" else {"tile": 24 * scale, "overlap": 8 * scale}
+    # Window attention depends on where windows fall: one tile. The CNNs run in 3 x 4 tiles.
+    tile = {"tile": 512} if kind in WINDOWED else {"tile": max(32, 24 * scale), "overlap": 8 * scale}
     result = api.run("superres", photo_rgb, model=str(path), seed=0, dtype="fp32", registry=registry, **tile)
     got = np.asarray(result.image)
     assert got.shape == expected.shape == (40 * scale, 52 * scale, 3)
@@ -216,10 +230,32 @@ def test_spandrel_imports_without_torchvision_and_leaves_no_stand_in() -> None:
 
 
 def test_an_architecture_not_yet_exported_says_so(photo_rgb, tmp_path: Path, registry) -> None:
-    path = tmp_path / "2x-swinir.safetensors"
-    save_file(build("swinir")[0], path)
-    with pytest.raises(ModelError, match=r"\(SwinIR\) is not exported to ONNX by difftool yet"):
+    path = tmp_path / "2x-hat.safetensors"
+    save_file(build("hat")[0], path)
+    with pytest.raises(ModelError, match=r"\(HAT\) is not exported to ONNX by difftool yet"):
         api.run("superres", photo_rgb, model=str(path), backend="onnx", registry=registry)
+
+
+@pytest.mark.parametrize("kind", ["swinir", "dat"])
+def test_window_attention_exports_at_a_fixed_tile_and_matches_torch(kind, tmp_path, monkeypatch, registry) -> None:
+    """A window-attention graph keeps the attention mask of the size it was exported at: one export at 64 px,
+    and full-size tiles."""
+    pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    state, scale = build(kind)
+    path = tmp_path / f"{scale}x-{kind}.safetensors"
+    save_file(state, path)
+    rng = np.random.default_rng(3)
+    large = Image.fromarray(rng.integers(0, 255, (90, 100, 3), dtype=np.uint8))
+    kwargs = {"model": str(path), "dtype": "fp32", "registry": registry, "tile": 64 * scale, "overlap": 16 * scale}
+    torch_out = api.run("superres", large, **kwargs)  # the same 64 px tiles as the export takes
+    onnx_out = api.run("superres", large, backend="onnx", **kwargs)
+    diff = np.abs(np.asarray(torch_out.image, dtype=int) - np.asarray(onnx_out.image, dtype=int))
+    assert diff.max() <= 1 and onnx_out.image.size == (200, 180)
+    [manifest] = list((tmp_path / "cache").rglob("manifest.json"))
+    assert "-64px-" in manifest.parent.name
+    small = Image.fromarray(rng.integers(0, 255, (40, 52, 3), dtype=np.uint8))  # under one tile: padded to it
+    assert api.run("superres", small, backend="onnx", **kwargs).image.size == (104, 80)
 
 
 @pytest.mark.parametrize("kind", ["compact", "esrgan-new", "span"])

@@ -12,6 +12,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DIFFTOOL_NO_PLUGINS", "1")  # tests pass plugins explicitly
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the README's ``-n 2``) each worker computes on one thread: two workers on two
+    cores instead of four threads fighting over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any attempt to open a network connection fails the test."""

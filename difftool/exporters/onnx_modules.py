@@ -157,10 +157,11 @@ class OnnxModule:
     """
 
     def __init__(self, entry: Entry, device: str = "cpu") -> None:
+        from difftool.core.cuda import runtime
         from difftool.exporters.onnxruntime_denoiser import make_session
 
         self.session = make_session(entry.file(MODEL_FILE), device)
-        self.device = torch.device(device)
+        self.device = runtime().placement(device)
         self.fingerprint = entry.manifest["key"]
         self.input_names = [i.name for i in self.session.get_inputs()]
 

@@ -232,3 +232,24 @@ def test_export_tensorrt_command_builds_the_engine_a_run_then_uses(photo: Path, 
                 dtype="fp16", seed=1)  # fmt: skip
         assert harness.trt.builds == 1  # the run found the engine the export built
         assert "--max-size" in CliRunner().invoke(cli.cli, ["export", "tensorrt", "--help"]).output
+
+
+@pytest.mark.parametrize("kind", ["compact", "swinir"])
+def test_community_upscalers_on_tensorrt_match_onnx(kind: str, tmp_path: Path) -> None:
+    """A CNN (dynamic tiles) and a window-attention model (one fixed tile) as TensorRT engines."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
+    from safetensors.torch import save_file
+    from test_upscalers import build
+
+    state, scale = build(kind)
+    path = tmp_path / f"{scale}x-{kind}.safetensors"
+    save_file(state, path)
+    rng = np.random.default_rng(4)
+    image = Image.fromarray(rng.integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    common = {"model": str(path), "dtype": "fp32", "seed": 0, "tile": 32 * scale, "overlap": 8 * scale}
+    reference = api.run("superres", image, backend="onnx", **common)
+    with gpu_harness() as harness:
+        result = api.run("superres", image, backend="tensorrt", device="cuda", **common)
+    assert harness.trt.builds == 1 and harness.trt.executions > 1 and result.record["backend"] == "tensorrt"
+    diff = np.abs(np.asarray(reference.image, dtype=int) - np.asarray(result.image, dtype=int))
+    assert diff.max() <= 1 and result.image.size == (90 * scale, 70 * scale)

@@ -99,10 +99,10 @@ class SuperResolution(Task):
 
     def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:
         """A community upscaler (spandrel): one forward pass per tile, at the model's own scale."""
-        if context.backend_name not in ("torch", "onnx"):
+        if context.backend_name not in ("torch", "onnx", "tensorrt"):
             raise BackendUnavailableError(
-                f"community upscalers run on the torch and onnx backends, not {context.backend_name!r} (yet)",
-                "pass --backend torch or --backend onnx",
+                f"community upscalers run on the torch, onnx and tensorrt backends, not {context.backend_name!r}",
+                "pass --backend torch, onnx or tensorrt",
             )
         upscaler = upscalers.load_upscaler(path)
         context.cancel.raise_if_cancelled()

@@ -232,8 +232,13 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
 
     scale = upscaler.scale
     device = context.torch_device
-    if context.backend_name == "onnx":
-        model, dtype = onnx_runner(upscaler, context.device), torch.float32
+    if context.backend_name in ("onnx", "tensorrt"):
+        engine = None
+        if context.backend_name == "tensorrt":
+            wanted = upscaler.dtype_for(context.torch_dtype)
+            engine = ("fp16" if wanted == torch.float16 else "fp32", max(8, int(params.get("tile", 1024)) // scale))
+        model = onnx_runner(upscaler, context.device, engine)
+        dtype = torch.float16 if engine and engine[0] == "fp16" else torch.float32
     else:
         dtype = upscaler.dtype_for(context.torch_dtype)
         model = upscaler.descriptor
@@ -292,8 +297,10 @@ def _padded_size(height: int, width: int, requirements: Any) -> tuple[int, int]:
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 
-def onnx_runner(upscaler: Upscaler, device: str) -> Any:
-    """The upscaler exported to ONNX (validated against PyTorch, cached by the weights' hash) on ONNX Runtime.
+def onnx_runner(upscaler: Upscaler, device: str, engine: tuple[str, int] | None = None) -> Any:
+    """The upscaler exported to ONNX (validated against PyTorch, cached by the weights' hash) on ONNX Runtime,
+    or, with ``engine=(precision, tile)``, as a TensorRT engine built from that export for tiles up to
+    ``tile`` input pixels.
 
     Batch, height and width are dynamic; tiles are padded to the architecture's size requirements.
     """
@@ -358,7 +365,16 @@ def onnx_runner(upscaler: Upscaler, device: str) -> Any:
             f"{upscaler.name} ({upscaler.architecture}) cannot be exported to ONNX: {detail[:200]}",
             "use --backend torch for this model",
         ) from None
-    runner = _PaddedOnnx(OnnxModule(entry, device), sizes, upscaler.scale)
+    if engine is None:
+        module: Any = OnnxModule(entry, device)
+    else:
+        from difftool.exporters.tensorrt_module import image_profile, module_engine
+
+        precision, tile = engine
+        low, high = (side, side) if fixed is not None else (sizes(1, 1)[0], max(sizes(tile, tile)))
+        profile = image_profile(low, high)
+        module = module_engine(entry, profile, device=device, precision=precision, scale=upscaler.scale)
+    runner = _PaddedOnnx(module, sizes, upscaler.scale)
     runner.fixed_tile = side if fixed is not None else None
     return runner
 

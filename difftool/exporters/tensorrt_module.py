@@ -1,0 +1,81 @@
+"""A one-image-in, one-image-out network (a community upscaler) as a TensorRT engine.
+
+Built from the network's validated ONNX export (:mod:`difftool.exporters.onnx_modules`) with the same
+engine cache, build options and device handling as the U-Net's; the profile covers the tiles the
+tiler sends (one fixed size for window-attention exports).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from difftool.core.cuda import runtime
+from difftool.core.errors import BackendUnavailableError
+from difftool.exporters.cache import Entry
+from difftool.exporters.tensorrt_engine import ENGINE_FILE
+from difftool.exporters.tensorrt_profiles import Profile, select_profile
+
+
+def image_profile(low: int, high: int, channels: int = 3) -> Profile:
+    """Square-or-not tiles of ``low``..``high`` pixels a side, batch 1, on the input named ``image``."""
+    return Profile({"image": ((1, channels, low, low), (1, channels, high, high), (1, channels, high, high))})
+
+
+class TensorRTModule:
+    """``module(image) -> (out,)`` on an engine; ``out`` is ``scale`` times the input's height and width."""
+
+    def __init__(self, entry: Entry, profile: Profile, *, device: str, scale: int, out_channels: int = 3) -> None:
+        import tensorrt as trt
+
+        cuda = runtime()
+        self.cuda_device, self.device = device, cuda.placement(device)
+        self.profile, self.scale, self.out_channels = profile, scale, out_channels
+        self.fingerprint = entry.manifest["key"]
+        with cuda.current(device):
+            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            self.engine = self.runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
+            self.context = self.engine.create_execution_context() if self.engine is not None else None
+            if self.context is None:
+                raise BackendUnavailableError(
+                    f"TensorRT could not load the engine {entry.path.name} on {device} (out of GPU memory, or "
+                    "built by another TensorRT or GPU)",
+                    "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
+                )
+            self.stream = cuda.new_stream(device)
+        self._profile_set = False
+
+    def __call__(self, image: Any) -> tuple[Any]:
+        import torch
+
+        from difftool.exporters.tensorrt_denoiser import _check
+
+        cuda = runtime()
+        x = image.to(self.device, torch.float32).contiguous()
+        select_profile([self.profile], {"image": tuple(x.shape)})  # a clear error for a tile outside it
+        out = torch.empty((x.shape[0], self.out_channels, x.shape[2] * self.scale, x.shape[3] * self.scale),
+                          device=self.device)  # fmt: skip
+        current = cuda.current_stream(self.cuda_device)
+        self.stream.wait_stream(current)
+        with cuda.current(self.cuda_device), cuda.use_stream(self.stream):
+            if not self._profile_set:
+                _check(self.context.set_optimization_profile_async(0, self.stream.cuda_stream), "profile 0")
+                self._profile_set = True
+            _check(self.context.set_input_shape("image", tuple(x.shape)), f"image of shape {list(x.shape)}")
+            _check(self.context.set_tensor_address("image", x.data_ptr()), "the address of image")
+            _check(self.context.set_tensor_address("out", out.data_ptr()), "the address of out")
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise BackendUnavailableError("TensorRT failed to run the engine")
+        current.wait_stream(self.stream)
+        return (out,)
+
+
+def module_engine(onnx: Entry, profile: Profile, *, device: str, precision: str, scale: int) -> TensorRTModule:
+    """The engine for a module export on ``device`` (built on first use, cached like the U-Net's)."""
+    import tensorrt as trt
+
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine, major_version
+
+    if major_version(trt) >= 11:
+        precision = "fp32"  # strongly typed: the precision of the (fp32) module export
+    engine = cached_engine(onnx, [profile], BuildOptions(precision), device)
+    return TensorRTModule(engine, profile, device=device, scale=scale)

@@ -21,16 +21,15 @@ from PySide6.QtWidgets import (
     QListWidgetItem,
     QMainWindow,
     QMessageBox,
-    QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QSlider,
-    QVBoxLayout,
 )
 
 from difftool.core.images import read_metadata, save_image
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
+from difftool.gui.dialogs import about_dialog
 from difftool.gui.form import ParamForm
 from difftool.gui.jobs import Job, JobQueue
 from difftool.gui.mask_panel import MaskPanel
@@ -312,9 +311,21 @@ class MainWindow(QMainWindow):
             QGuiApplication.clipboard().setImage(pil_to_qimage(result.image))
 
     def reuse_selected(self) -> None:
-        result = self.selected_result()
-        if result is not None:
-            self.reuse_record(result.record, {})
+        """Edit > Reuse parameters: the form, seed and the job's own images (a painted mask comes back painted)."""
+        item = self.history_list.currentItem()
+        if item is None:
+            return
+        job = self.history[int(item.data(Qt.ItemDataRole.UserRole))]
+        self.reuse_record(job.result.record, {})
+        kinds = {p.name: p.type for p in self.registry.task(job.task).params}
+        painted = [v for k, v in job.params.items() if kinds.get(k) in ("image", "mask") and isinstance(v, Image.Image)]
+        if painted:  # the mask was painted, not a file: paint it back on the job's source
+            if job.inputs and isinstance(job.inputs[0], Image.Image):
+                self.set_source(job.inputs[0])
+            if self.canvas.mask is not None:
+                self.canvas.mask.load(pil_to_qimage(painted[0].convert("L")))
+                self.canvas.update()
+            self.statusBar().showMessage("the painted mask is back on the canvas", 10_000)
 
     def reuse_record(self, record: dict[str, Any], a1111: dict[str, Any]) -> None:
         """Fill the task, form and seed from a difftool record or A1111 ``parameters``."""
@@ -327,9 +338,24 @@ class MainWindow(QMainWindow):
             values.setdefault("seed", a1111.get("Seed"))
             values.setdefault("prompt", a1111.get("prompt"))
             values.setdefault("negative_prompt", a1111.get("negative_prompt"))
+        missing = []
+        for param in self.form.task.params:  # images come back as images, never as their record's text
+            value = values.get(param.name)
+            if param.type in ("image", "mask") and value is not None:
+                if value == "<image>" or not Path(str(value)).is_file():
+                    values.pop(param.name)
+                    missing.append(param.name)
         self.form.set_values({k: v for k, v in values.items() if k in self.form.widgets})
         if values.get("seed") not in (None, ""):
             self.seed_box.setValue(int(values["seed"]))
+        for name in missing:
+            self.form.widgets[name].edit.clear()  # a PathField: empty, not the previous run's file
+        if missing:
+            self.statusBar().showMessage(
+                f"{', '.join(missing)}: the image it used is not a file here (it was painted or moved); "
+                "paint it or choose it again",
+                10_000,
+            )
 
     # --- messages -----------------------------------------------------------------------------
     def show_error(self, message: str, details: str = "") -> None:
@@ -347,22 +373,8 @@ class MainWindow(QMainWindow):
 
     def show_about(self) -> QDialog:
         """Help > About: the same report as `difftool info`, with a button to copy it for a bug report."""
-        from difftool.info import as_text, collect
-
-        dialog = QDialog(self)
-        dialog.setWindowTitle("About difftool")
-        text = QPlainTextEdit(as_text(collect(self.registry)))
-        text.setReadOnly(True)
-        copy = QPushButton("Copy to clipboard")
-        copy.clicked.connect(lambda: QApplication.clipboard().setText(text.toPlainText()))
-        layout = QVBoxLayout(dialog)
-        layout.addWidget(QLabel("What this install can do. Paste it into bug reports (docs/bug-report.md)."))
-        layout.addWidget(text)
-        layout.addWidget(copy)
-        dialog.resize(780, 540)
-        dialog.show()
-        self.about_dialog = dialog
-        return dialog
+        self.about_dialog = about_dialog(self, self.registry)
+        return self.about_dialog
 
     def _show_plugin_failures_once(self) -> None:
         if self.registry.failures:

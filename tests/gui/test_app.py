@@ -466,3 +466,38 @@ def test_run_button_with_tensorrt_on_cuda_reaches_the_engine(qapp, tmp_path: Pat
     onnx = api.run("superres", photo, model=str(superres_model), scale=2, seed=3, backend="onnx", dtype="fp16")
     a, b = (np.asarray(r.image, np.float32) / 255 for r in (onnx, job.result))
     assert psnr(a, b) > 40
+
+
+def test_reusing_an_inpaint_brings_the_painted_mask_back_not_its_placeholder(window, qapp, inpaint_model: Path,
+                                                                              tmp_path: Path) -> None:  # fmt: skip
+    """Issue 20, defect 1: reuse put the record's text "<image>" in the mask field and the rerun failed."""
+    window.model_box.insertItem(1, "tiny-inpaint", str(inpaint_model))
+    window.task_box.setCurrentText("inpaint")
+    window.model_box.setCurrentIndex(1)
+    source = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    window.set_source(source)
+    window.hardness.setValue(100)
+    window.brush_size.setValue(6)
+    window.canvas.mask.checkpoint()
+    window.canvas.mask.stroke(QPointF(10, 10), QPointF(20, 10))
+    painted = window.painted_mask()
+    window.seed_box.setValue(4)
+    first = window.run_current()
+    wait_for(window.queue, qapp)
+    assert window.queue.jobs[first].state == "done", window.queue.jobs[first].error
+    assert window.queue.jobs[first].result.record["mask"] == "<image>"
+
+    window.canvas.mask.clear()  # the user goes on painting something else, then reuses the first run
+    window.reuse_selected()
+    assert window.form.widgets["mask"].text() == ""  # never the literal "<image>"
+    assert np.array_equal(np.asarray(window.painted_mask()), np.asarray(painted))
+    again = window.run_current()
+    wait_for(window.queue, qapp)
+    rerun = window.queue.jobs[again]
+    assert rerun.state == "done", rerun.error
+    assert np.array_equal(np.asarray(rerun.result.image), np.asarray(window.queue.jobs[first].result.image))
+
+    saved = window.save_result(tmp_path / "inpainted.png")  # from the saved PNG: left empty, with a note
+    window.form.widgets["mask"].edit.setText("stale.png")
+    window.open_path(saved)
+    assert window.form.widgets["mask"].text() == "" and "mask" in window.statusBar().currentMessage()

@@ -107,10 +107,28 @@ class Canvas(QWidget):
         self.fit()
 
     def set_result(self, image: QImage) -> None:
+        previous = self.shown()
         self.after = image
         if self.fitted:
             self.fit()  # a 4x result keeps filling the view instead of zooming in 4x
+        else:
+            self._keep_view(previous, image)
         self.update()
+
+    def show_source(self) -> None:
+        """Show the source instead of the result (to paint on it), where the result was on screen."""
+        if self.after is not None:
+            self._keep_view(self.after, self.before)
+            self.after = None
+            self.update()
+
+    def _keep_view(self, old: QImage | None, new: QImage | None) -> None:
+        """The new image takes the old one's place on screen: same rectangle, so the same centre and
+        apparent size (a 160x120 source replacing its 320x240 result is shown at twice the zoom)."""
+        if old is None or new is None or old.width() == 0 or new.width() == 0 or old.width() == new.width():
+            return
+        self.scale *= old.width() / new.width()
+        self.zoomed.emit(self.scale)
 
     def shown(self) -> QImage | None:
         return self.after or self.before

@@ -65,9 +65,8 @@ class MaskPanel(QWidget):
 
     def _on_paint_toggled(self, on: bool) -> None:
         self.canvas.painting = on
-        if on and self.canvas.after is not None:
-            self.canvas.after = None  # paint on the source
-            self.canvas.update()
+        if on:
+            self.canvas.show_source()  # paint on the source, where the result was on screen
 
     def sync_brush(self) -> None:
         if self.canvas.mask is not None:

@@ -501,3 +501,23 @@ def test_reusing_an_inpaint_brings_the_painted_mask_back_not_its_placeholder(win
     window.form.widgets["mask"].edit.setText("stale.png")
     window.open_path(saved)
     assert window.form.widgets["mask"].text() == "" and "mask" in window.statusBar().currentMessage()
+
+
+def test_ticking_paint_mask_keeps_the_view_so_strokes_land_where_aimed(window, qapp) -> None:
+    """Issue 20, defect 2: the 160x120 source replaced its 320x240 result at the result's zoom, pinned
+    top-left, so a stroke landed elsewhere. Now the source takes the result's place on screen."""
+    from PySide6.QtGui import QImage
+
+    window.resize(1000, 700)
+    window.show()
+    window.set_source(Image.new("RGB", (160, 120), (10, 20, 30)))
+    window.canvas.set_result(QImage(320, 240, QImage.Format.Format_RGB32))
+    window.canvas.fitted = False
+    window.canvas.scale, window.canvas.offset = 2.23, QPointF(-40, -25)  # the user zoomed into the result
+    screen = QPointF(300, 200)
+    aimed = window.canvas.to_image(screen)  # the result pixel under the pointer
+    window.paint_check.setChecked(True)
+    assert window.canvas.after is None and window.canvas.scale == pytest.approx(4.46)
+    source_point = window.canvas.to_image(screen)
+    assert source_point.x() == pytest.approx(aimed.x() / 2) and source_point.y() == pytest.approx(aimed.y() / 2)
+    window.close()

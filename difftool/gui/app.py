@@ -57,6 +57,9 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
         self.canvas = Canvas()
         self.setCentralWidget(self.canvas)
+        # The side panels run the window's full height; history sits under the canvas only.
+        self.setCorner(Qt.Corner.BottomLeftCorner, Qt.DockWidgetArea.LeftDockWidgetArea)
+        self.setCorner(Qt.Corner.BottomRightCorner, Qt.DockWidgetArea.RightDockWidgetArea)
         self._build_controls()
         self._build_bottom()
         self._build_menus()

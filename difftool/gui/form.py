@@ -14,6 +14,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
+    QSizePolicy,
     QSpinBox,
     QWidget,
 )
@@ -30,7 +31,9 @@ class PathField(QWidget):
         super().__init__()
         self.edit = QLineEdit()
         self.edit.setPlaceholderText("required" if param.required else "optional")
+        self.edit.setMinimumWidth(40)
         button = QPushButton("Browse…")
+        button.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)  # never truncated
         button.clicked.connect(self._browse)
         layout = QHBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -59,6 +62,7 @@ class ParamForm(QWidget):
         self.task = task
         self.widgets: dict[str, QWidget] = {}
         layout = QFormLayout(self)
+        layout.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)  # narrow panel: field under its label
         for param in task.params:
             widget = self._widget(param, choices.get(param.name, param.choices))
             tip = param.help + (

@@ -58,6 +58,8 @@ class TaskPanel(QWidget):
         layout.addWidget(self.task_status)
         self.form_area = QScrollArea()
         self.form_area.setWidgetResizable(True)
+        # The form fits the panel's width (long rows wrap their field under the label): never sideways.
+        self.form_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         layout.addWidget(self.form_area, 1)
 
         common = QFormLayout()
@@ -86,6 +88,9 @@ class TaskPanel(QWidget):
         common.addRow("seed", self.seed_box)
         layout.addLayout(common)
         self.options_box = QGroupBox("backend options")
+        self.options_box.setCheckable(True)  # folded by default: the task's form gets the room
+        self.options_box.setChecked(False)
+        self.options_box.toggled.connect(lambda on: self.options_form is not None and self.options_form.setVisible(on))
         self.options_layout = QVBoxLayout(self.options_box)
         self.options_form: ParamForm | None = None
         layout.addWidget(self.options_box)
@@ -100,7 +105,7 @@ class TaskPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(QLabel("Queue"))
         self.queue_list = QListWidget()
-        self.queue_list.setMaximumHeight(90)
+        self.queue_list.setMaximumHeight(64)
         layout.addWidget(self.queue_list)
         cancel_selected = QPushButton("Cancel selected job")
         cancel_selected.clicked.connect(on_cancel)
@@ -133,6 +138,7 @@ class TaskPanel(QWidget):
         options = found[0].options if found else ()
         if options:
             self.options_form = ParamForm(types.SimpleNamespace(params=options), {})
+            self.options_form.setVisible(self.options_box.isChecked())
             self.options_layout.addWidget(self.options_form)
         self.options_box.setVisible(bool(options))
 

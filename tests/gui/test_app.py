@@ -521,3 +521,20 @@ def test_ticking_paint_mask_keeps_the_view_so_strokes_land_where_aimed(window, q
     source_point = window.canvas.to_image(screen)
     assert source_point.x() == pytest.approx(aimed.x() / 2) and source_point.y() == pytest.approx(aimed.y() / 2)
     window.close()
+
+
+def test_the_form_gets_the_room_and_never_scrolls_sideways(window, qapp) -> None:
+    """Issue 20, defect 6: at 1024x700 the form shrank to two rows; at 1280x800 inpaint scrolled sideways."""
+    from PySide6.QtWidgets import QPushButton
+
+    area = window.task_panel.form_area
+    for size, task in (((1024, 700), "superres"), ((1280, 800), "inpaint"), ((1024, 700), "inpaint")):
+        window.resize(*size)
+        window.show()
+        window.task_box.setCurrentText(task)
+        for _ in range(20):
+            qapp.processEvents()
+        assert area.horizontalScrollBar().maximum() == 0, (size, task)
+        assert area.viewport().height() >= 150, (size, task, area.viewport().height())  # five rows or more
+        for button in window.form.findChildren(QPushButton):  # "Browse…" keeps its whole text
+            assert button.width() >= button.sizeHint().width(), (size, task)

@@ -250,12 +250,17 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
     tile = getattr(model, "fixed_tile", None) or tile  # an export of one size takes tiles of that size
     margin = min(max(0, int(params.get("overlap", 64)) // scale), tile // 4)  # context never dwarfs the core
     core = tile - 2 * margin
-    cores = [(y, x) for y in range(0, height, core) for x in range(0, width, core)]
+
+    def starts(length: int) -> range:  # a side that fits in one tile is one tile, not a tile and a sliver
+        return range(0, length, core) if length > tile else range(0, 1)
+
+    cores = [(y, x) for y in starts(height) for x in starts(width)]
     low = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float()
     result = torch.zeros(3, height * scale, width * scale)
     for index, (y0, x0) in enumerate(cores):
         context.cancel.raise_if_cancelled()
-        y1, x1 = min(y0 + core, height), min(x0 + core, width)
+        y1 = min(y0 + core, height) if height > tile else height
+        x1 = min(x0 + core, width) if width > tile else width
         # Full-size tiles where the image allows (edge tiles reach inward): extra context changes nothing
         # for a CNN, and a fixed-size export or window attention sees the same tile size everywhere.
         ty0, tx0 = max(0, min(y0 - margin, height - tile)), max(0, min(x0 - margin, width - tile))

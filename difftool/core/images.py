@@ -13,16 +13,14 @@ Policy, in one place:
 * **Alpha** (``LA``, ``RGBA``, ``PA`` and ``P`` with a ``transparency`` entry) is split off and kept in
   :attr:`LoadedImage.alpha`; tasks that can re-attach it do (superres upscales it separately).
 * **Frames**: animated GIF/WebP/PNG and multi-page TIFF use their first frame.
-* **Output** is written atomically; PNG carries the parameters in an A1111-compatible ``parameters``
-  text chunk and the full record as JSON under ``difftool``.
+* **Output** is written atomically with its parameters (:mod:`difftool.core.metadata`): PNG in text
+  chunks, JPEG and WebP in EXIF, as A1111 does.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import re
 import stat
 import struct
 import warnings
@@ -32,8 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+from difftool.core import metadata
 from difftool.core.atomic import atomic_write
 from difftool.core.errors import ImageError, ImageTooLargeError
 
@@ -267,94 +266,19 @@ def to_pil(rgb: np.ndarray, alpha: np.ndarray | None = None, grayscale: bool = F
     return Image.fromarray(np.dstack([to_uint8(rgb), to_uint8(alpha)]), "RGBA")
 
 
-# --- metadata ----------------------------------------------------------------------------------------
-
-_A1111_KEYS = (
-    ("steps", "Steps"),
-    ("scheduler", "Sampler"),
-    ("guidance_scale", "CFG scale"),
-    ("seed", "Seed"),
-    ("size", "Size"),
-    ("model_hash", "Model hash"),
-    ("model", "Model"),
-    ("vae", "VAE"),
-    ("clip_skip", "Clip skip"),
-    ("lora_hashes", "Lora hashes"),
-    ("strength", "Denoising strength"),
-    ("scale", "Upscale"),
-    ("task", "difftool task"),
-)
-
-
-def format_parameters(record: Mapping[str, Any]) -> str:
-    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
-    record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler")}
-    lines = [str(record.get("prompt", "") or "")]
-    if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    fields = [f"{label}: {_quote(record[key])}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
-    lines.append(", ".join(fields))
-    return "\n".join(lines)
-
-
-def _quote(value: Any) -> str:
-    """A1111 quotes values that hold a comma (``Lora hashes: "a: 1, b: 2"``)."""
-    text = str(value)
-    return json.dumps(text) if "," in text or '"' in text else text
-
-
-#: One ``Key: value`` of the settings line; a value is either quoted (JSON string) or runs to the next comma.
-_SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict[str, Any]:
-    """Parse an A1111 ``parameters`` text into ``prompt``, ``negative_prompt`` and its ``Key: value`` pairs."""
-    lines = text.split("\n")
-    result: dict[str, Any] = {}
-    settings = lines[-1] if len(lines) > 1 or ": " in lines[-1] else ""
-    body = lines[:-1] if settings else lines
-    prompt_lines, negative = [], None
-    for line in body:
-        if line.startswith("Negative prompt:"):
-            negative = line[len("Negative prompt:") :].strip()
-        elif negative is not None:
-            negative += "\n" + line
-        else:
-            prompt_lines.append(line)
-    result["prompt"] = "\n".join(prompt_lines)
-    if negative is not None:
-        result["negative_prompt"] = negative
-    for key, value in _SETTING.findall(settings):
-        value = value.strip()
-        if value.startswith('"'):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError:
-                pass
-        result[key.strip()] = value
-    return result
-
-
 def read_metadata(source: str | os.PathLike[str] | Image.Image) -> dict[str, Any]:
-    """Generation parameters stored in an image: ``{"difftool": {...}, "parameters": {...}}`` (either may be absent)."""
+    """Generation parameters stored in an image: ``{"difftool": {...}, "parameters": {...}}`` (either may be absent).
+
+    PNG text chunks, and the EXIF ``UserComment`` of JPEG and WebP (where A1111 writes them).
+    """
     if isinstance(source, Image.Image):
-        text = dict(getattr(source, "text", {}) or source.info)
-    else:
-        try:
-            check_regular_file(Path(source))
-            with Image.open(source, formats=ALLOWED_FORMATS) as image:
-                text = dict(getattr(image, "text", {}) or image.info)
-        except (*_CORRUPT, UnidentifiedImageError) as exc:
-            raise _unreadable(str(source), exc) from None
-    found: dict[str, Any] = {}
-    if isinstance(text.get("difftool"), str):
-        try:
-            found["difftool"] = json.loads(text["difftool"])
-        except json.JSONDecodeError:
-            pass
-    if isinstance(text.get("parameters"), str):
-        found["parameters"] = parse_parameters(text["parameters"])
-    return found
+        return metadata.decode(source)
+    try:
+        check_regular_file(Path(source))
+        with Image.open(source, formats=ALLOWED_FORMATS) as image:
+            return metadata.decode(image)
+    except (*_CORRUPT, UnidentifiedImageError) as exc:
+        raise _unreadable(str(source), exc) from None
 
 
 #: Formats that hold only 8 bits per channel: 16-bit grayscale is rescaled, not clipped, for them.
@@ -386,11 +310,8 @@ def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping
     kwargs: dict[str, Any] = {}
     if fmt in EIGHT_BIT_FORMATS and image.mode in _SIXTEEN_BIT | {"I", "F"}:
         image = to_eight_bit(image)
-    if fmt == "PNG" and record is not None:
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", format_parameters(record))
-        info.add_text("difftool", json.dumps(record, sort_keys=True, default=str))
-        kwargs["pnginfo"] = info
+    if record is not None:
+        kwargs |= metadata.encode(fmt, record)
     if fmt == "JPEG":
         if image.mode in ("RGBA", "LA"):
             background = Image.new("RGB", image.size, (255, 255, 255))

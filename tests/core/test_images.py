@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool.core import images
+from difftool.core import images, metadata
 from difftool.core.errors import ImageError, ImageTooLargeError
 
 
@@ -172,9 +172,26 @@ def test_png_metadata_round_trip(tmp_path: Path) -> None:
     assert params["CFG scale"] == "7.5"
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_jpeg_and_webp_carry_the_parameters_in_exif_as_a1111_does(tmp_path: Path, suffix: str) -> None:
+    record = {"task": "generate", "prompt": "a café, at dusk", "negative_prompt": "blurry", "seed": 42, "steps": 20}
+    path = images.save_image(Image.new("RGB", (8, 8)), tmp_path / f"out{suffix}", record)
+    meta = images.read_metadata(path)
+    assert meta["difftool"] == record
+    assert meta["parameters"]["prompt"] == "a café, at dusk" and meta["parameters"]["Seed"] == "42"
+    with Image.open(path) as image:  # A1111's reader: piexif's UserComment, UNICODE prefix, UTF-16 big-endian
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\0") and comment[8:].decode("utf-16-be").startswith("a café, at dusk\n")
+
+
+def test_user_comment_in_ascii_or_little_endian_unicode_is_read() -> None:
+    assert metadata._user_comment(b"ASCII\0\0\0Steps: 5\0") == "Steps: 5"
+    assert metadata._user_comment(b"UNICODE\0" + "é".encode("utf-16")) == "é"  # with a byte-order mark
+
+
 def test_parse_a1111_text_from_another_tool() -> None:
     text = "masterpiece\nmore prompt\nNegative prompt: ugly\nSteps: 30, Sampler: Euler a, CFG scale: 6, Seed: 7"
-    parsed = images.parse_parameters(text)
+    parsed = metadata.parse_parameters(text)
     assert parsed["prompt"] == "masterpiece\nmore prompt"
     assert parsed["negative_prompt"] == "ugly"
     assert parsed["Sampler"] == "Euler a" and parsed["Seed"] == "7"

@@ -1,0 +1,141 @@
+"""Generation parameters inside image files, written and read the way A1111 does.
+
+* **PNG**: a ``parameters`` text chunk (A1111's text: prompt, ``Negative prompt:`` line, ``Key: value, ...``)
+  and the full record as JSON in a ``difftool`` chunk.
+* **JPEG and WebP**: the same text in the EXIF ``UserComment`` (``UNICODE`` prefix, UTF-16 big-endian, as
+  A1111 writes it with piexif) and the JSON record in EXIF ``ImageDescription`` (ASCII-escaped).
+
+Pillow writes and reads the EXIF itself; only the A1111 text format is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from PIL import ExifTags, Image, PngImagePlugin
+
+#: EXIF UserComment's character-code prefixes (EXIF 2.3, section 4.6.5).
+_UNICODE, _ASCII = b"UNICODE\0", b"ASCII\0\0\0"
+#: Formats whose metadata lives in EXIF.
+EXIF_FORMATS = frozenset({"JPEG", "WEBP"})
+
+
+def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for Pillow's ``save(format=fmt)`` that store ``record`` (nothing for other formats)."""
+    as_json = json.dumps(record, sort_keys=True, default=str)  # ASCII: non-ASCII is escaped
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", format_parameters(record))
+        info.add_text("difftool", as_json)
+        return {"pnginfo": info}
+    if fmt in EXIF_FORMATS:
+        exif = Image.Exif()
+        exif[ExifTags.Base.ImageDescription] = as_json
+        comment = _UNICODE + format_parameters(record).encode("utf-16-be")
+        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
+        return {"exif": exif.tobytes()}
+    return {}
+
+
+def decode(image: Image.Image) -> dict[str, Any]:
+    """``{"difftool": {...}, "parameters": {...}}`` from an open image (either key may be absent)."""
+    text = dict(getattr(image, "text", {}) or image.info)
+    if image.format in EXIF_FORMATS or "exif" in image.info:
+        try:
+            exif = image.getexif()
+            comment = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
+            description = exif.get(ExifTags.Base.ImageDescription)
+        except (OSError, ValueError, SyntaxError):  # corrupt EXIF: no metadata, the image itself is fine
+            comment = description = None
+        if isinstance(comment, bytes) and "parameters" not in text:
+            text["parameters"] = _user_comment(comment)
+        if isinstance(description, str) and description.startswith("{") and "difftool" not in text:
+            text["difftool"] = description
+    found: dict[str, Any] = {}
+    if isinstance(text.get("difftool"), str):
+        try:
+            found["difftool"] = json.loads(text["difftool"])
+        except json.JSONDecodeError:
+            pass
+    if isinstance(text.get("parameters"), str) and text["parameters"]:
+        found["parameters"] = parse_parameters(text["parameters"])
+    return found
+
+
+def _user_comment(raw: bytes) -> str:
+    """Decode an EXIF UserComment; UNICODE is UTF-16 (big-endian unless a byte-order mark says otherwise)."""
+    prefix, body = raw[:8], raw[8:]
+    if prefix == _UNICODE:
+        if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            return body.decode("utf-16")
+        return body.decode("utf-16-be", errors="replace")
+    return body.decode("utf-8" if prefix == _ASCII else "latin-1", errors="replace").rstrip("\0")
+
+
+_A1111_KEYS = (
+    ("steps", "Steps"),
+    ("scheduler", "Sampler"),
+    ("guidance_scale", "CFG scale"),
+    ("seed", "Seed"),
+    ("size", "Size"),
+    ("model_hash", "Model hash"),
+    ("model", "Model"),
+    ("vae", "VAE"),
+    ("clip_skip", "Clip skip"),
+    ("lora_hashes", "Lora hashes"),
+    ("strength", "Denoising strength"),
+    ("scale", "Upscale"),
+    ("task", "difftool task"),
+)
+
+
+def format_parameters(record: Mapping[str, Any]) -> str:
+    """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
+    record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler")}
+    lines = [str(record.get("prompt", "") or "")]
+    if record.get("negative_prompt"):
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    fields = [f"{label}: {_quote(record[key])}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
+    lines.append(", ".join(fields))
+    return "\n".join(lines)
+
+
+def _quote(value: Any) -> str:
+    """A1111 quotes values that hold a comma (``Lora hashes: "a: 1, b: 2"``)."""
+    text = str(value)
+    return json.dumps(text) if "," in text or '"' in text else text
+
+
+#: One ``Key: value`` of the settings line; a value is either quoted (JSON string) or runs to the next comma.
+_SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Parse an A1111 ``parameters`` text into ``prompt``, ``negative_prompt`` and its ``Key: value`` pairs."""
+    lines = text.split("\n")
+    result: dict[str, Any] = {}
+    settings = lines[-1] if len(lines) > 1 or ": " in lines[-1] else ""
+    body = lines[:-1] if settings else lines
+    prompt_lines, negative = [], None
+    for line in body:
+        if line.startswith("Negative prompt:"):
+            negative = line[len("Negative prompt:") :].strip()
+        elif negative is not None:
+            negative += "\n" + line
+        else:
+            prompt_lines.append(line)
+    result["prompt"] = "\n".join(prompt_lines)
+    if negative is not None:
+        result["negative_prompt"] = negative
+    for key, value in _SETTING.findall(settings):
+        value = value.strip()
+        if value.startswith('"'):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                pass
+        result[key.strip()] = value
+    return result

@@ -15,8 +15,10 @@ from typing import Any
 from PIL import Image
 
 from difftool import __version__
+from difftool.core import phases
 from difftool.core.errors import DifftoolError, ParameterError, PluginError
 from difftool.core.images import LoadedImage, open_image
+from difftool.core.phases import PhaseCallback
 from difftool.core.task import CancelToken, ProgressCallback, RunContext, Task, TaskRequest
 from difftool.plan import Plan, param_choices, preflight, validate_params
 from difftool.plugins.registry import Registry
@@ -94,6 +96,7 @@ def run(
     preview_every: int = 0,
     cancel: CancelToken | None = None,
     registry: Registry | None = None,
+    phase: PhaseCallback | None = None,
     **params: Any,
 ) -> RunResult:
     """Run ``task`` on ``inputs`` (paths, bytes or PIL images) with task ``params``.
@@ -101,6 +104,7 @@ def run(
     Raises a :class:`~difftool.core.errors.DifftoolError` subclass with a one-line message for anything
     the caller can fix; a task's unexpected exception comes back as a ``PluginError`` naming its plugin.
     To run many inputs with one check, :func:`difftool.plan.preflight` once and :func:`execute` each.
+    ``phase(what, done, total)`` hears what the run does between steps (loading a model, exporting).
     """
     plan = preflight(
         task,
@@ -112,7 +116,7 @@ def run(
         params=params,
         registry=registry,
     )
-    return execute(plan, *inputs, seed=seed, progress=progress, preview_every=preview_every, cancel=cancel)
+    return execute(plan, *inputs, seed=seed, progress=progress, preview_every=preview_every, cancel=cancel, phase=phase)
 
 
 def execute(
@@ -122,8 +126,9 @@ def execute(
     progress: ProgressCallback | None = None,
     preview_every: int = 0,
     cancel: CancelToken | None = None,
+    phase: PhaseCallback | None = None,
 ) -> RunResult:
-    """Run a preflighted :class:`~difftool.plan.Plan` on ``inputs``."""
+    """Run a preflighted :class:`~difftool.plan.Plan` on ``inputs`` (``phase``: as for :func:`run`)."""
     # A fresh instance per run, as before plans: a plugin task may keep state on ``self``.
     task, instance, registry = plan.task_name, type(plan.task)(), plan.registry
     request = prepare(instance, inputs, plan.params)
@@ -140,7 +145,8 @@ def execute(
     try:
         context.cancel.raise_if_cancelled()
         context.export_shapes = instance.export_shapes(request)
-        result = instance.run(request, context)
+        with phases.listening(phase):
+            result = instance.run(request, context)
         context.cancel.raise_if_cancelled()  # a cancel during the last step or the decode: nothing is returned to save
     except DifftoolError:
         raise

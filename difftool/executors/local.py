@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from difftool.core import phases
 from difftool.jobs import FolderJob, process_item
 from difftool.plan import Plan
 
@@ -22,8 +23,13 @@ def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
             bar.total = total
             bar.update(step - bar.n)
 
+        def phase(what: str, done: Any, total: Any, bar: Any = bar, key: str = item.key) -> None:
+            bar.set_description_str(f"{key}: {what}")  # loading a model or exporting: named on the bar
+
         try:
-            record = process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
+            with phases.listening(phase):
+                record = process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
+            bar.set_description_str(item.key)
         finally:
             bar.close()
         if record["status"] == "failed" and len(job.items) > 1:

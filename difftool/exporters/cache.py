@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difftool.core import phases
 from difftool.core.atomic import file_sha256
 from difftool.core.runtime import current
 
@@ -180,6 +181,7 @@ class ArtifactCache:
             else:
                 log.warning("building %s for %s (first use; cached in %s)", kind, name, target.parent)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+            phases.announce(f"building {kind} for {name} (first use; cached after)")
             try:
                 extra = build(tmp)
                 files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}

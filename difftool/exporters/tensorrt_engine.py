@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from difftool.core import phases
 from difftool.core.cuda import runtime
 from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.exporters.cache import ArtifactCache, Entry
@@ -146,12 +147,18 @@ class BuildProgress:
         self.cancelled = cancelled or (lambda: False)
         self.bars: dict[str, Any] = {}
         self.parents: dict[str, str | None] = {}
+        self.totals: dict[str, int] = {}
+        # Captured here, on the run's thread: TensorRT calls the monitor from its own threads.
+        self.listener = phases.listener()
 
     def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
         from tqdm import tqdm
 
         self.parents[phase_name] = parent_phase
         if parent_phase is None:
+            self.totals[phase_name] = num_steps
+            if self.listener is not None:
+                self.listener(f"building TensorRT engine: {phase_name}", 0, num_steps)
             self.bars[phase_name] = tqdm(total=num_steps, desc=f"TensorRT {phase_name}", file=self.file, leave=False)
         else:
             top = self._top(phase_name)
@@ -162,6 +169,8 @@ class BuildProgress:
         if phase_name in self.bars:
             bar = self.bars[phase_name]
             bar.update(step + 1 - bar.n)
+            if self.listener is not None:
+                self.listener(f"building TensorRT engine: {phase_name}", step + 1, self.totals[phase_name])
         return not self.cancelled()
 
     def phase_finish(self, phase_name: str) -> None:

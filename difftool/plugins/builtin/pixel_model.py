@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from difftool.core import phases
 from difftool.core.atomic import file_sha256, replace_dir
 from difftool.core.errors import ModelError
 from difftool.core.runtime import current
@@ -161,6 +162,7 @@ def load_pixel_model(path: Path, task: str, variant: str | None = None) -> Pixel
     if key in cache:
         return cache[key]
     check_safetensors(weights)
+    phases.announce(f"loading model {meta.get('name') or path.name}")
     network = network_class(path)
     try:
         unet = network.from_pretrained(path, use_safetensors=True, local_files_only=True)

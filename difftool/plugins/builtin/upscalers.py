@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from difftool.core import phases
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import DifftoolError, ModelError
 from difftool.core.runtime import current
@@ -184,6 +185,7 @@ def load_upscaler(path: Path) -> Upscaler:
     cache = _loaded()
     if key in cache:
         return cache[key]
+    phases.announce(f"loading model {path.name}")
     state = read_state_dict(path)
     spandrel = import_spandrel()
     state = spandrel.canonicalize_state_dict(state)

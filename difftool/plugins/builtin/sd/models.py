@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from difftool.core import phases
 from difftool.core.errors import ModelError, ParameterError
 from difftool.core.runtime import current
 from difftool.core.task import Param, RunContext
@@ -97,6 +98,7 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
     cache = _loaded()
     if key not in cache:
         cache.clear()  # one model at a time: they are gigabytes
+        phases.announce(f"loading model {path.name}")
         cache[key] = load_sd_model(
             path,
             allow_pickle=bool(params.get("allow_pickle")),

@@ -379,12 +379,9 @@ def info(as_json: bool) -> None:
 @cli.command()
 @click.argument("image", required=False, type=click.Path(exists=True, dir_okay=False))
 def gui(image: str | None) -> None:
-    """Open the desktop app (needs difftool[gui])."""
-    try:
-        from difftool.gui import main as gui_main
-    except ImportError as error:
-        click.echo(f"Error: the desktop app needs PySide6 ({error}); pip install 'difftool[gui]'", err=True)
-        sys.exit(1)
+    """Open the desktop app (needs difftool[gui] and a display)."""
+    from difftool.gui import main as gui_main
+
     sys.exit(gui_main([image] if image else []))
 
 

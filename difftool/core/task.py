@@ -301,12 +301,20 @@ class Task(ABC):
     outputs: ClassVar[tuple[Port, ...]] = (Port("image", "image", "the result"),)
     #: Whether the task loads a model (the CLI then offers ``--model``).
     uses_model: ClassVar[bool] = False
+    #: The families of listed models (:attr:`ModelEntry.family`) this task runs; ``None``: any. Model
+    #: pickers offer only these (a path given by hand is still checked by the task itself).
+    model_families: ClassVar[tuple[str, ...] | None] = None
     #: What one worker running this task needs (distributed executors reserve it): ``cpus``, ``gpus``
     #: (with ``--device cuda``), ``memory_gb``.
     resources: ClassVar[dict[str, float]] = {"cpus": 1}
     #: Whether a distributed executor may hand one worker several inputs per call (Ray Data batches of 4
     #: instead of 1: fewer calls for fast tasks). Each input is still one :meth:`run`.
     batchable: ClassVar[bool] = False
+
+    @classmethod
+    def accepts_family(cls, family: str) -> bool:
+        """Whether a listed model of ``family`` is one this task runs (see :attr:`model_families`)."""
+        return cls.uses_model and (cls.model_families is None or family in cls.model_families)
 
     def availability(self, model: str | None) -> str | None:
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""

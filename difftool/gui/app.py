@@ -1,44 +1,41 @@
-"""The main window: the task and mask panels around the canvas, progress, history, menus."""
+"""The main window: the task and mask panels around the canvas, status, history, menus."""
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from PySide6.QtCore import QSettings, Qt
-from PySide6.QtGui import QAction, QGuiApplication, QIcon, QImage, QKeySequence, QPixmap
+from PySide6.QtGui import QAction, QGuiApplication, QImage, QKeySequence
 from PySide6.QtWidgets import (
     QApplication,
+    QCheckBox,
     QDialog,
     QDockWidget,
     QFileDialog,
-    QLabel,
-    QListWidget,
     QListWidgetItem,
     QMainWindow,
     QMessageBox,
-    QProgressBar,
-    QPushButton,
-    QSlider,
+    QWidget,
 )
 
-from difftool.core.images import read_metadata, save_image
+from difftool.core.images import read_metadata
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
 from difftool.gui.dialogs import about_dialog
 from difftool.gui.form import ParamForm
+from difftool.gui.history import HistoryStrip
 from difftool.gui.jobs import Job, JobQueue
 from difftool.gui.mask_panel import MaskPanel
+from difftool.gui.messages import for_the_window
+from difftool.gui.results import ResultActions
+from difftool.gui.status import RunStatus
 from difftool.gui.task_panel import TaskPanel
 
-SAVE_FILTER = "PNG with metadata (*.png);;JPEG (*.jpg);;WebP (*.webp)"
 
-
-class MainWindow(QMainWindow):
+class MainWindow(ResultActions, QMainWindow):
     def __init__(self, registry: Any = None, settings: QSettings | None = None) -> None:
         super().__init__()
         from difftool.plugins.registry import get_registry
@@ -47,12 +44,14 @@ class MainWindow(QMainWindow):
         self.settings = settings or QSettings("difftool", "difftool")
         self.source: Image.Image | None = None
         self.source_path: Path | None = None
+        self.source_name = ""
         self.history: list[Any] = []
         self.queue = JobQueue(preview_every=2)
+        self.queue.signals.started.connect(lambda job_id: self.status.started(self.queue.jobs[job_id]))
+        self.queue.signals.phase.connect(self._on_phase)
         self.queue.signals.progress.connect(self._on_progress)
         self.queue.signals.finished.connect(self._on_finished)
         self.queue.signals.changed.connect(self._refresh_queue)
-        self._started_at: dict[int, float] = {}
         self.setWindowTitle("difftool")
         self.setAcceptDrops(True)
         self.canvas = Canvas()
@@ -87,15 +86,12 @@ class MainWindow(QMainWindow):
         self.mask_panel = MaskPanel(self.canvas, self.show_error)
         self.paint_check, self.brush_size = self.mask_panel.paint_check, self.mask_panel.brush_size
         self.hardness, self.eraser = self.mask_panel.hardness, self.mask_panel.eraser
-        mask_dock = QDockWidget("Mask", self)
-        mask_dock.setObjectName("mask-dock")
-        mask_dock.setWidget(self.mask_panel)
-        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, mask_dock)
+        self.mask_dock = QDockWidget("Mask", self)
+        self.mask_dock.setObjectName("mask-dock")
+        self.mask_dock.setWidget(self.mask_panel)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.mask_dock)
 
-        self.history_list = QListWidget()
-        self.history_list.setViewMode(QListWidget.ViewMode.IconMode)
-        self.history_list.setIconSize(QPixmap(96, 96).size())
-        self.history_list.setMaximumHeight(130)
+        self.history_list = HistoryStrip()
         self.history_list.itemClicked.connect(self._on_history_clicked)
         history_dock = QDockWidget("History", self)
         history_dock.setObjectName("history-dock")
@@ -107,27 +103,11 @@ class MainWindow(QMainWindow):
         return self.task_panel.form
 
     def _build_bottom(self) -> None:
-        bar = self.statusBar()
-        self.info = QLabel("no image")
-        self.progress = QProgressBar()
-        self.progress.setMaximumWidth(240)
-        self.progress.setFormat("%v / %m")
-        self.eta = QLabel()
-        self.split = QSlider(Qt.Orientation.Horizontal)
-        self.split.setRange(0, 100)
-        self.split.setValue(100)
-        self.split.setMaximumWidth(160)
-        self.split.setToolTip("before / after")
-        self.split.valueChanged.connect(lambda v: (setattr(self.canvas, "split", v / 100), self.canvas.update()))
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel_running)
-        bar.addWidget(self.info, 1)
-        bar.addPermanentWidget(QLabel("before/after"))
-        bar.addPermanentWidget(self.split)
-        bar.addPermanentWidget(self.progress)
-        bar.addPermanentWidget(self.eta)
-        bar.addPermanentWidget(self.cancel_button)
+        self.compare_check = QCheckBox("compare")
+        self.compare_check.setToolTip("before | after with a divider on the canvas: drag it with the left button")
+        self.compare_check.toggled.connect(self.set_compare)
+        self.status = RunStatus(self.statusBar(), self.cancel_running, first=self.compare_check)
+        self.progress, self.cancel_button = self.status.progress, self.status.cancel_button
 
     def _build_menus(self) -> None:
         def action(menu: Any, text: str, slot: Any, shortcut: Any = None) -> QAction:
@@ -146,15 +126,23 @@ class MainWindow(QMainWindow):
         action(edit_menu, "&Paste image", self.paste, QKeySequence.StandardKey.Paste)
         action(edit_menu, "&Copy result", self.copy_result, QKeySequence.StandardKey.Copy)
         action(edit_menu, "&Reuse parameters of the selected result", self.reuse_selected)
+        action(edit_menu, "&Use result as input", lambda: self.send_to(None), "Ctrl+I")
+        send_menu = edit_menu.addMenu("&Send result to")
+        for name in sorted(self.registry.tasks):
+            if self.registry.tasks[name].cls.inputs:
+                action(send_menu, name, lambda _=False, n=name: self.send_to(n))
         view_menu = self.menuBar().addMenu("&View")
         action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")
+        action(view_menu, "&Compare before | after", self.compare_check.toggle, "C")
         help_menu = self.menuBar().addMenu("&Help")
         action(help_menu, "&Plugins…", self.show_plugins)
         action(help_menu, "&About difftool…", self.show_about)
 
     def _on_task_changed(self) -> None:
         self.task_panel.on_task_changed()
+        task = self.registry.task(self.task_box.currentText())
+        self.mask_dock.setVisible(any(p.type == "mask" for p in task.params))  # only tasks that take a mask
 
     # --- images -------------------------------------------------------------------------------
     def open_path(self, path: str | Path) -> None:
@@ -168,15 +156,16 @@ class MainWindow(QMainWindow):
             return
         self.set_source(loaded.to_pil(keep_mode=False), Path(path))
         self.settings.setValue("open_dir", str(Path(path).parent))
-        meta = read_metadata(path) if str(path).lower().endswith(".png") else {}
+        meta = read_metadata(path)  # PNG text, or JPEG/WebP EXIF
         if meta:
             self.reuse_record(meta.get("difftool") or {}, meta.get("parameters") or {})
 
-    def set_source(self, image: Image.Image, path: Path | None = None) -> None:
+    def set_source(self, image: Image.Image, path: Path | None = None, name: str = "pasted image") -> None:
         self.source, self.source_path = image, path
         self.canvas.set_image(pil_to_qimage(image))
         self.mask_panel.sync_brush()
-        self.info.setText(f"{path.name if path else 'pasted image'} — {image.width}×{image.height} {image.mode}")
+        self.source_name, self.source_stem = (path.name if path else name), None
+        self.status.showing(f"{self.source_name} — {image.width}×{image.height} {image.mode}")
 
     def open_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -200,11 +189,29 @@ class MainWindow(QMainWindow):
             event.acceptProposedAction()
 
     def dropEvent(self, event: Any) -> None:  # noqa: N802
-        urls = event.mimeData().urls()
-        if urls:
-            self.open_path(urls[0].toLocalFile())
+        """One image opens; a folder or several images become a batch: one queued job each."""
+        paths = [Path(url.toLocalFile()) for url in event.mimeData().urls() if url.isLocalFile()]
+        if len(paths) == 1 and paths[0].is_file():
+            self.open_path(paths[0])
+        elif paths:
+            self.run_batch(paths)
         elif event.mimeData().hasImage():
             self.set_source(qimage_to_pil(QImage(event.mimeData().imageData())))
+
+    def run_batch(self, paths: list[Path]) -> list[int]:
+        """Queue the current task with the current form for every image in ``paths`` (folders expanded)."""
+        from difftool.batch import IMAGE_SUFFIXES
+
+        files = [p for p in paths if p.is_file()] + [
+            f for p in paths if p.is_dir() for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        task = self.registry.task(self.task_box.currentText())
+        if not task.inputs:
+            self.show_error(f"{task.name} takes no input image; pick a task that does, then drop the images again")
+            return []
+        ids = [self.queue.submit(self.build_job([str(f)])) for f in files]
+        self.statusBar().showMessage(f"queued {len(ids)} image(s) for {task.name}", 10_000)
+        return ids
 
     # --- mask ---------------------------------------------------------------------------------
     def painted_mask(self) -> Image.Image | None:
@@ -212,16 +219,19 @@ class MainWindow(QMainWindow):
         return self.mask_panel.painted_mask()
 
     # --- running ------------------------------------------------------------------------------
-    def build_job(self) -> Job:
+    def build_job(self, inputs: list[Any] | None = None) -> Job:
+        """The current task, form and options as a job on ``inputs`` (default: the image on the canvas)."""
         task = self.registry.task(self.task_box.currentText())
         params = self.form.values()
         mask_params = [p.name for p in task.params if p.type == "mask"]
-        painted = self.painted_mask()
+        painted = self.painted_mask() if inputs is None else None
         for name in mask_params:
             if name not in params and painted is not None:
                 params[name] = painted  # exactly what was painted, pixel for pixel
         options = {**self.task_panel.run_options(task.uses_model), "registry": self.registry}
-        inputs: list[Any] = [self.source] if task.inputs else []
+        if inputs is None:
+            inputs = [self.source] if task.inputs else []
+        self.task_panel.remember()
         return Job(task.name, inputs, params, options)
 
     def run_current(self) -> int | None:
@@ -247,127 +257,69 @@ class MainWindow(QMainWindow):
                 item = QListWidgetItem(job.label())
                 item.setData(Qt.ItemDataRole.UserRole, job.id)
                 self.queue_list.addItem(item)
-        self.cancel_button.setEnabled(self.queue.running is not None)
+        self.status.running(self.queue.running is not None)
+
+    def _on_phase(self, job_id: int, what: str, done: Any, total: Any) -> None:
+        self.status.phase(self.queue.jobs[job_id], what, done, total)
+        self._refresh_queue()  # the job's row names its phase too
 
     def _on_progress(self, job_id: int, step: int, total: int, preview: Any) -> None:
-        started = self._started_at.setdefault(job_id, time.perf_counter())
-        self.progress.setRange(0, total)
-        self.progress.setValue(step)
-        if step:
-            remaining = (time.perf_counter() - started) / step * (total - step)
-            self.eta.setText(f"ETA {remaining:.0f} s")
+        job = self.queue.jobs[job_id]
+        first = not job.phase.startswith("running")
+        self.status.step(job, step, total)
+        if first:
+            self._refresh_queue()
         if preview is not None:
             self.canvas.set_result(pil_to_qimage(preview))
+            self.status.showing(f"preview of #{job.id} {job.task}, step {step} / {total}")
 
     def _on_finished(self, job_id: int) -> None:
         job = self.queue.jobs[job_id]
-        self.eta.setText(job.state)
+        self.status.finished(job)
         if job.state == "done":
             self.history.append(job)
-            image = job.result.image
-            self.canvas.set_result(pil_to_qimage(image))
-            item = QListWidgetItem(
-                QIcon(
-                    QPixmap.fromImage(pil_to_qimage(image.copy()).scaled(96, 96, Qt.AspectRatioMode.KeepAspectRatio))
-                ),
-                f"{job.task} #{job.id}",
-            )
-            item.setData(Qt.ItemDataRole.UserRole, len(self.history) - 1)
-            item.setToolTip(json.dumps(job.result.record, indent=1, default=str))
-            self.history_list.addItem(item)
-            self.history_list.setCurrentItem(item)
+            self.history_list.add(job)
+            self._show_result(job)
         elif job.state == "failed":
             self.show_error(job.error, getattr(job, "details", ""))
 
+    def _show_result(self, job: Job) -> None:
+        image = job.result.image
+        self.canvas.set_result(pil_to_qimage(image))
+        origin = f" (from {self.source_name})" if job.inputs else ""
+        self.status.showing(f"result of #{job.id} {job.task} — {image.width}×{image.height}{origin}")
+
     # --- results ------------------------------------------------------------------------------
-    def selected_result(self) -> Any:
-        item = self.history_list.currentItem()
-        return self.history[int(item.data(Qt.ItemDataRole.UserRole))].result if item else None
-
-    def _on_history_clicked(self, item: QListWidgetItem) -> None:
-        self.canvas.set_result(pil_to_qimage(self.history[int(item.data(Qt.ItemDataRole.UserRole))].result.image))
-
-    def save_result(self, path: str | Path) -> Path:
-        result = self.selected_result()
-        if result is None:
-            raise ValueError("no result to save")
-        return save_image(result.image, path, result.record)
-
-    def save_dialog(self) -> None:
-        if self.selected_result() is None:
-            self.show_error("run a task first: there is no result to save")
-            return
-        default = str(Path(str(self.settings.value("save_dir", ""))) / "result.png")
-        path, _ = QFileDialog.getSaveFileName(self, "Save result", default, SAVE_FILTER)
-        if path:
-            from difftool.core.errors import DifftoolError
-
-            try:
-                self.save_result(path)
-                self.settings.setValue("save_dir", str(Path(path).parent))
-            except DifftoolError as error:
-                self.show_error(str(error))
-
-    def copy_result(self) -> None:
-        result = self.selected_result()
-        if result is not None:
-            QGuiApplication.clipboard().setImage(pil_to_qimage(result.image))
-
-    def reuse_selected(self) -> None:
-        """Edit > Reuse parameters: the form, seed and the job's own images (a painted mask comes back painted)."""
-        item = self.history_list.currentItem()
-        if item is None:
-            return
-        job = self.history[int(item.data(Qt.ItemDataRole.UserRole))]
-        self.reuse_record(job.result.record, {})
-        kinds = {p.name: p.type for p in self.registry.task(job.task).params}
-        painted = [v for k, v in job.params.items() if kinds.get(k) in ("image", "mask") and isinstance(v, Image.Image)]
-        if painted:  # the mask was painted, not a file: paint it back on the job's source
-            if job.inputs and isinstance(job.inputs[0], Image.Image):
-                self.set_source(job.inputs[0])
-            if self.canvas.mask is not None:
-                self.canvas.mask.load(pil_to_qimage(painted[0].convert("L")))
-                self.canvas.update()
-            self.statusBar().showMessage("the painted mask is back on the canvas", 10_000)
-
-    def reuse_record(self, record: dict[str, Any], a1111: dict[str, Any]) -> None:
-        """Fill the task, form and seed from a difftool record or A1111 ``parameters``."""
-        task = record.get("task") or a1111.get("difftool task")
-        if task in self.registry.tasks:
-            self.task_box.setCurrentText(task)
-        values = dict(record)
-        if a1111:
-            values.setdefault("steps", a1111.get("Steps"))
-            values.setdefault("seed", a1111.get("Seed"))
-            values.setdefault("prompt", a1111.get("prompt"))
-            values.setdefault("negative_prompt", a1111.get("negative_prompt"))
-        missing = []
-        for param in self.form.task.params:  # images come back as images, never as their record's text
-            value = values.get(param.name)
-            if param.type in ("image", "mask") and value is not None:
-                if value == "<image>" or not Path(str(value)).is_file():
-                    values.pop(param.name)
-                    missing.append(param.name)
-        self.form.set_values({k: v for k, v in values.items() if k in self.form.widgets})
-        if values.get("seed") not in (None, ""):
-            self.seed_box.setValue(int(values["seed"]))
-        for name in missing:
-            self.form.widgets[name].edit.clear()  # a PathField: empty, not the previous run's file
-        if missing:
-            self.statusBar().showMessage(
-                f"{', '.join(missing)}: the image it used is not a file here (it was painted or moved); "
-                "paint it or choose it again",
-                10_000,
-            )
-
     # --- messages -----------------------------------------------------------------------------
     def show_error(self, message: str, details: str = "") -> None:
-        box = QMessageBox(QMessageBox.Icon.Warning, "difftool", message, parent=self)
+        """The error in the window's words (fields, not CLI flags), with the fields it names highlighted."""
+        task = self.form.task
+        masks = [p.name for p in task.params if p.type == "mask"]
+        text, fields = for_the_window(message, [p.name for p in task.params], masks)
+        box = QMessageBox(QMessageBox.Icon.Warning, "difftool", text, parent=self)
         if details:
             box.setDetailedText(details)
         box.setModal(False)
         box.show()
-        self.last_error = message
+        self.last_error = text
+        self.highlight(fields)
+
+    def highlight(self, fields: list[str]) -> None:
+        """Mark the named fields (until the next error) and put the focus in the first."""
+        panel = {"model": self.model_box, "backend": self.backend_box, "device": self.device_box}
+        panel |= {"dtype": self.dtype_box, "seed": self.seed_box, "backend-opt": self.task_panel.options_box}
+        for widget in getattr(self, "_highlighted", []):
+            widget.setStyleSheet("")
+        self._highlighted: list[QWidget] = [
+            w for w in (self.form.widgets.get(f) or panel.get(f) for f in fields) if w is not None
+        ]
+        for widget in self._highlighted:
+            widget.setStyleSheet("border: 2px solid #d9480f;")
+        if self._highlighted:
+            self._highlighted[0].setFocus()
+        if any(f in self.form.widgets and self.form.task.param(f).type == "mask" for f in fields):
+            self.mask_dock.show()
+            self.mask_dock.raise_()
 
     def show_plugins(self) -> None:
         lines = [f"{info.name}: {', '.join(info.registered) or 'nothing'}" for info in self.registry.plugins.values()]
@@ -390,6 +342,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802
         self.settings.setValue("geometry", self.saveGeometry())
+        self.task_panel.remember()
         for job_id, job in list(self.queue.jobs.items()):
             if job.state in ("queued", "running"):
                 self.queue.cancel(job_id)

@@ -1,9 +1,9 @@
-"""The image canvas: zoom and pan, a before/after split, and mask painting with undo."""
+"""The image canvas: zoom and pan, a before/after compare view with a draggable divider, mask painting."""
 
 from __future__ import annotations
 
 from PySide6.QtCore import QPointF, QRectF, Qt, Signal
-from PySide6.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QRadialGradient, QWheelEvent
+from PySide6.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QPen, QRadialGradient, QWheelEvent
 from PySide6.QtWidgets import QWidget
 
 
@@ -78,10 +78,15 @@ class MaskLayer:
 
 
 class Canvas(QWidget):
-    """Shows ``after`` (or ``before``) with zoom/pan; ``split`` in [0, 1] reveals ``before`` on the left."""
+    """Shows ``after`` (or ``before``) with zoom/pan.
+
+    In compare mode a divider splits the view: ``before`` left of it, ``after`` right of it; ``split`` is
+    the divider's place across the image, 0 (all after) to 1 (all before). The left button drags it.
+    """
 
     hovered = Signal(int, int)  # image pixel under the cursor
     zoomed = Signal(float)
+    split_moved = Signal(float)
 
     def __init__(self) -> None:
         super().__init__()
@@ -89,8 +94,13 @@ class Canvas(QWidget):
         self.after: QImage | None = None
         self.mask: MaskLayer | None = None
         self.mask_opacity = 0.5
+        self.mask_color = QColor(255, 40, 40)
         self.painting = False
-        self.split = 1.0
+        self.brush_screen = 32  # the brush's diameter in screen pixels, whatever the zoom
+        self.compare = False
+        self.split = 0.5
+        self._dragging_split = False
+        self._pointer: QPointF | None = None
         self.scale = 1.0
         self.offset = QPointF(0, 0)
         self._drag: QPointF | None = None
@@ -171,8 +181,31 @@ class Canvas(QWidget):
         self.update()
 
     # --- mouse: pan with the right/middle button (or left when not painting), paint with the left --
+    def brush_in_image(self) -> float:
+        """The brush's diameter in image pixels: what :attr:`brush_screen` covers at this zoom."""
+        return max(1.0, self.brush_screen / self.scale)
+
+    def comparing(self) -> bool:
+        return self.compare and self.before is not None and self.after is not None and not self.painting
+
+    def set_split(self, value: float) -> None:
+        self.split = min(1.0, max(0.0, value))
+        self.split_moved.emit(self.split)
+        self.update()
+
+    def _image_rect(self, image: QImage) -> QRectF:
+        return QRectF(self.offset.x(), self.offset.y(), image.width() * self.scale, image.height() * self.scale)
+
+    def _split_at(self, x: float) -> None:
+        target = self._image_rect(self.after)  # type: ignore[arg-type]
+        self.set_split((x - target.left()) / max(1.0, target.width()))
+
     def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802
-        if event.button() == Qt.MouseButton.LeftButton and self.painting and self.mask is not None:
+        if event.button() == Qt.MouseButton.LeftButton and self.comparing():
+            self._dragging_split = True
+            self._split_at(event.position().x())
+        elif event.button() == Qt.MouseButton.LeftButton and self.painting and self.mask is not None:
+            self.mask.brush_size = self.brush_in_image()
             self.mask.checkpoint()
             self._last_paint = self.to_image(event.position())
             self.mask.stroke(self._last_paint, self._last_paint)
@@ -183,7 +216,12 @@ class Canvas(QWidget):
     def mouseMoveEvent(self, event: QMouseEvent) -> None:  # noqa: N802
         point = self.to_image(event.position())
         self.hovered.emit(int(point.x()), int(point.y()))
-        if self._last_paint is not None and self.mask is not None:
+        self._pointer = event.position()
+        if self.painting:
+            self.update()  # the brush outline follows the pointer
+        if self._dragging_split:
+            self._split_at(event.position().x())
+        elif self._last_paint is not None and self.mask is not None:
             self.mask.stroke(self._last_paint, point)
             self._last_paint = point
             self.update()
@@ -194,6 +232,11 @@ class Canvas(QWidget):
 
     def mouseReleaseEvent(self, event: QMouseEvent) -> None:  # noqa: N802
         self._drag = self._last_paint = None
+        self._dragging_split = False
+
+    def leaveEvent(self, event: object) -> None:  # noqa: N802
+        self._pointer = None
+        self.update()
 
     # --- drawing ------------------------------------------------------------------------------
     def paintEvent(self, event: QPaintEvent) -> None:  # noqa: N802
@@ -203,21 +246,44 @@ class Canvas(QWidget):
         if image is None:
             painter.drawText(self.rect(), Qt.AlignmentFlag.AlignCenter, "Open, drop or paste an image")
             return
-        target = QRectF(self.offset.x(), self.offset.y(), image.width() * self.scale, image.height() * self.scale)
+        target = self._image_rect(image)
         painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, self.scale < 1.0)
         painter.drawImage(target, image)
-        if self.after is not None and self.before is not None and self.split < 1.0:
-            x = target.left() + target.width() * self.split
-            painter.save()
-            painter.setClipRect(QRectF(target.left(), target.top(), x - target.left(), target.height()))
-            painter.drawImage(target, self.before)  # scaled to the result's size
-            painter.restore()
-            painter.setPen(QColor(255, 255, 255))
-            painter.drawLine(QPointF(x, target.top()), QPointF(x, target.bottom()))
+        if self.comparing():
+            self._paint_compare(painter, target)
         if self.mask is not None and self.after is None:
             overlay = QImage(self.mask.image.size(), QImage.Format.Format_ARGB32)
-            overlay.fill(QColor(255, 40, 40))
+            overlay.fill(self.mask_color)
             overlay.setAlphaChannel(self.mask.image)
             painter.setOpacity(self.mask_opacity)
             painter.drawImage(target, overlay)
+            painter.setOpacity(1.0)
+        if self.painting and self._pointer is not None:  # the brush as it will paint, at this zoom
+            radius = self.brush_screen / 2
+            for color, width in ((QColor(0, 0, 0), 3), (QColor(255, 255, 255), 1)):
+                painter.setPen(QPen(color, width))
+                painter.setBrush(Qt.BrushStyle.NoBrush)
+                painter.drawEllipse(self._pointer, radius, radius)
         painter.end()
+
+    def _paint_compare(self, painter: QPainter, target: QRectF) -> None:
+        """``before`` (scaled to the result's size) left of the divider, labels on each side."""
+        x = target.left() + target.width() * self.split
+        painter.save()
+        painter.setClipRect(QRectF(target.left(), target.top(), x - target.left(), target.height()))
+        painter.drawImage(target, self.before)  # type: ignore[arg-type]
+        painter.restore()
+        painter.setPen(QPen(QColor(255, 255, 255), 2))
+        painter.drawLine(QPointF(x, target.top()), QPointF(x, target.bottom()))
+        painter.setBrush(QColor(255, 255, 255))
+        painter.drawEllipse(QPointF(x, target.center().y()), 6, 6)  # the handle
+        top = max(target.top(), 0) + 6
+        for text, right, show in (("before", False, self.split > 0.02), ("after", True, self.split < 0.98)):
+            if not show:
+                continue
+            width = painter.fontMetrics().horizontalAdvance(text) + 12
+            left = min(x, self.width()) - width - 6 if not right else max(x, 0) + 6
+            box = QRectF(left, top, width, painter.fontMetrics().height() + 6)
+            painter.fillRect(box, QColor(0, 0, 0, 150))
+            painter.setPen(QColor(255, 255, 255))
+            painter.drawText(box, Qt.AlignmentFlag.AlignCenter, text)

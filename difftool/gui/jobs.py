@@ -24,14 +24,16 @@ class Job:
     token: CancelToken = field(default_factory=CancelToken)
     result: Any = None
     error: str = ""
+    phase: str = ""  # what a running job is doing: "loading model x", "running, step 3 / 20"
 
     def label(self) -> str:
-        return f"#{self.id} {self.task} — {self.state}"
+        return f"#{self.id} {self.task} — {self.phase if self.state == 'running' and self.phase else self.state}"
 
 
 class JobSignals(QObject):
     started = Signal(int)
     progress = Signal(int, int, int, object)  # job id, step, total, preview image or None
+    phase = Signal(int, str, object, object)  # job id, what (loading a model, exporting), done, total (or None)
     finished = Signal(int)  # job id; the job holds its result or error
     changed = Signal()  # the queue's contents or states changed
 
@@ -52,6 +54,7 @@ class _Runner(QRunnable):
                 progress=lambda step, total, preview: self.signals.progress.emit(job.id, step, total, preview),
                 preview_every=self.preview_every,
                 cancel=job.token,
+                phase=lambda what, done, total: self.signals.phase.emit(job.id, what, done, total),
                 **job.options,
                 **job.params,
             )

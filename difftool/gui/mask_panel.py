@@ -1,4 +1,5 @@
-"""The mask tools: paint toggle, brush, hardness, eraser, overlay, undo/redo/invert/clear/fill, load/save."""
+"""The mask tools: paint toggle, brush (screen pixels), hardness, eraser, overlay opacity and colour,
+undo/redo/invert/clear/fill, load/save."""
 
 from __future__ import annotations
 
@@ -6,8 +7,18 @@ from collections.abc import Callable
 
 from PIL import Image
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QImage
-from PySide6.QtWidgets import QCheckBox, QFileDialog, QFormLayout, QHBoxLayout, QPushButton, QSlider, QSpinBox, QWidget
+from PySide6.QtGui import QColor, QImage
+from PySide6.QtWidgets import (
+    QCheckBox,
+    QColorDialog,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QWidget,
+)
 
 from difftool.core.images import save_image
 from difftool.gui.canvas import Canvas
@@ -26,6 +37,10 @@ class MaskPanel(QWidget):
         self.brush_size = QSpinBox()
         self.brush_size.setRange(1, 512)
         self.brush_size.setValue(32)
+        self.brush_size.setSuffix(" px on screen")
+        self.brush_size.setToolTip(
+            "the brush's diameter as you see it, whatever the zoom (its outline follows the pointer)"
+        )
         self.hardness = QSlider(Qt.Orientation.Horizontal)
         self.hardness.setRange(0, 100)
         self.hardness.setValue(80)
@@ -34,6 +49,9 @@ class MaskPanel(QWidget):
         self.opacity.setRange(0, 100)
         self.opacity.setValue(50)
         self.opacity.valueChanged.connect(self._on_opacity)
+        self.color_button = QPushButton("Overlay colour…")
+        self.color_button.clicked.connect(self.pick_color)
+        self._show_color()
         self.brush_size.valueChanged.connect(self.sync_brush)
         self.hardness.valueChanged.connect(self.sync_brush)
         self.eraser.toggled.connect(self.sync_brush)
@@ -42,6 +60,7 @@ class MaskPanel(QWidget):
         layout.addRow("hardness", self.hardness)
         layout.addRow(self.eraser)
         layout.addRow("overlay", self.opacity)
+        layout.addRow(self.color_button)
         row = QHBoxLayout()
         for text, slot in (
             ("Undo", "undo"),
@@ -69,10 +88,24 @@ class MaskPanel(QWidget):
             self.canvas.show_source()  # paint on the source, where the result was on screen
 
     def sync_brush(self) -> None:
+        self.canvas.brush_screen = self.brush_size.value()
+        self.canvas.update()
         if self.canvas.mask is not None:
-            self.canvas.mask.brush_size = self.brush_size.value()
+            self.canvas.mask.brush_size = self.canvas.brush_in_image()
             self.canvas.mask.hardness = self.hardness.value() / 100
             self.canvas.mask.erase = self.eraser.isChecked()
+
+    def pick_color(self, color: QColor | None = None) -> None:
+        """The overlay's colour (red is invisible on a red bike); asks with a dialog when not given."""
+        if color is None:
+            color = QColorDialog.getColor(self.canvas.mask_color, self, "Mask overlay colour")
+        if color.isValid():
+            self.canvas.mask_color = QColor(color)
+            self._show_color()
+            self.canvas.update()
+
+    def _show_color(self) -> None:
+        self.color_button.setStyleSheet(f"border-left: 14px solid {self.canvas.mask_color.name()};")
 
     def _on_opacity(self, value: int) -> None:
         self.canvas.mask_opacity = value / 100

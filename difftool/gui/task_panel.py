@@ -1,8 +1,13 @@
 """The task panel: task picker, the form generated from its parameters, model, backend (with its declared
-options), device, precision, seed, Run, and the queue."""
+options), device, precision, seed, Run, and the queue.
+
+It offers only what the chosen task declares (its model families; no backend rows for a task without a
+model) and keeps each task's last values, in the window and across restarts.
+"""
 
 from __future__ import annotations
 
+import json
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +30,8 @@ from PySide6.QtWidgets import (
 )
 
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+
+FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
 
 
 def cuda_devices() -> list[str]:
@@ -62,11 +69,13 @@ class TaskPanel(QWidget):
         self.form_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         layout.addWidget(self.form_area, 1)
 
-        common = QFormLayout()
+        common = self.common = QFormLayout()
+        self.form: ParamForm | None = None
         self.model_box = QComboBox()
         self.model_box.addItem(DEFAULT_CHOICE)
         for entry in registry.find_models():
             self.model_box.addItem(entry.name, str(entry.path))
+            self.model_box.setItemData(self.model_box.count() - 1, entry.family, FAMILY_ROLE)
         self.model_box.addItem("Browse…")
         self.model_box.addItem("Browse file…")
         self.model_box.activated.connect(self._on_model_picked)
@@ -99,7 +108,7 @@ class TaskPanel(QWidget):
         self.run_button.setDefault(True)
         self.run_button.clicked.connect(on_run)
         reset = QPushButton("Defaults")
-        reset.clicked.connect(lambda: self.form.reset())
+        reset.clicked.connect(lambda: self.form is not None and self.form.reset())
         buttons.addWidget(self.run_button)
         buttons.addWidget(reset)
         layout.addLayout(buttons)
@@ -140,23 +149,55 @@ class TaskPanel(QWidget):
             self.options_form = ParamForm(types.SimpleNamespace(params=options), {})
             self.options_form.setVisible(self.options_box.isChecked())
             self.options_layout.addWidget(self.options_form)
-        self.options_box.setVisible(bool(options))
+        task = self.registry.tasks.get(self.task_box.currentText())
+        self.options_box.setVisible(bool(options) and (task is None or task.cls.uses_model))
 
     def on_task_changed(self) -> None:
         name = self.task_box.currentText()
         if not name:
             return
+        self.remember()
         task = self.registry.task(name)
         from difftool.plan import param_choices
 
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         self.form = ParamForm(task, choices)
+        self.form.set_values(self._remembered(name))
         self.form_area.setWidget(self.form)
+        self._offer_models(task)
         reason = task.availability(self.model_choice())
         self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
-        for widget in (self.model_box, self.backend_box, self.device_box, self.dtype_box, self.options_box):
-            widget.setEnabled(task.uses_model)  # a task that loads no model has no backend to choose
+        for widget in (self.model_box, self.backend_box, self.device_box, self.dtype_box):
+            self.common.setRowVisible(widget, task.uses_model)  # a task that loads no model has no backend
+        self.options_box.setVisible(task.uses_model and self.options_form is not None)
         self.settings.setValue("task", name)
+
+    def remember(self) -> None:
+        """Keep the current form's values for its task (restored when the task is picked again)."""
+        if self.form is not None:
+            values = {k: v for k, v in self.form.values().items() if isinstance(v, (str, int, float, bool))}
+            self.settings.setValue(f"params/{self.form.task.name}", json.dumps(values))
+
+    def _remembered(self, task: str) -> dict[str, Any]:
+        try:
+            values = json.loads(str(self.settings.value(f"params/{task}", "{}")))
+        except ValueError:  # a settings file edited by hand: start from the defaults
+            return {}
+        return values if isinstance(values, dict) else {}
+
+    def _offer_models(self, task: Any) -> None:
+        """Show only the listed models of the families the task runs (models added by Browse always show)."""
+        view = self.model_box.view()
+        for index in range(self.model_box.count()):
+            family = self.model_box.itemData(index, FAMILY_ROLE)
+            view.setRowHidden(index, family is not None and not task.accepts_family(family))
+        if view.isRowHidden(self.model_box.currentIndex()):
+            self.model_box.setCurrentIndex(0)
+
+    def offered_models(self) -> list[str]:
+        """The model picker's entries the current task can run."""
+        view = self.model_box.view()
+        return [self.model_box.itemText(i) for i in range(self.model_box.count()) if not view.isRowHidden(i)]
 
     def model_choice(self) -> str | None:
         text = self.model_box.currentText()

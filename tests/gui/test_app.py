@@ -141,8 +141,8 @@ def test_painted_mask_is_exactly_what_the_task_receives(window, qapp) -> None:
     window.set_source(Image.new("RGB", (40, 30), (20, 40, 60)))
     window.paint_check.setChecked(True)
     window.hardness.setValue(100)
-    window.brush_size.setValue(6)
     mask = window.canvas.mask
+    mask.brush_size = 6  # in image pixels: the strokes below are in image coordinates
     mask.checkpoint()
     mask.stroke(QPointF(10, 10), QPointF(20, 10))
     painted = window.painted_mask()
@@ -434,7 +434,7 @@ def test_the_backend_panel_shows_the_chosen_backends_declared_options(window, qa
     window.backend_box.setCurrentText("torch")  # declares none: no panel
     assert window.task_panel.options_form is None and not window.task_panel.options_box.isVisibleTo(window)
     window.task_box.setCurrentText("dial")  # loads no model: no backend to choose, none passed
-    assert not window.backend_box.isEnabled() and "backend" not in window.build_job().options
+    assert not window.backend_box.isVisibleTo(window) and "backend" not in window.build_job().options
 
 
 def test_run_button_with_tensorrt_on_cuda_reaches_the_engine(qapp, tmp_path: Path, photo: Path, superres_model: Path,
@@ -477,7 +477,7 @@ def test_reusing_an_inpaint_brings_the_painted_mask_back_not_its_placeholder(win
     source = Image.fromarray(np.random.default_rng(2).integers(0, 255, (30, 40, 3), dtype=np.uint8))
     window.set_source(source)
     window.hardness.setValue(100)
-    window.brush_size.setValue(6)
+    window.canvas.mask.brush_size = 6  # in image pixels: the stroke below is in image coordinates
     window.canvas.mask.checkpoint()
     window.canvas.mask.stroke(QPointF(10, 10), QPointF(20, 10))
     painted = window.painted_mask()

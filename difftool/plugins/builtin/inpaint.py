@@ -28,6 +28,7 @@ from difftool.core.images import LoadedImage, to_pil, to_uint8
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
+from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
@@ -38,6 +39,7 @@ class Inpaint(Task):
     name = "inpaint"
     summary = "Repaint the white area of a mask"
     uses_model = True
+    model_families = ("difftool-inpaint", *FAMILIES)  # SD checkpoints inpaint too (an inpainting one best)
     params = (
         Param("mask", "mask", help="mask image: white (non-zero) = repaint, black = keep (or use --extend)"),
         Param("resize_mask", "bool", default=False, help="resize a mask of another size to the image"),

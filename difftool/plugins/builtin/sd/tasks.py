@@ -14,6 +14,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import pipeline
+from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.hookspecs import hookimpl
 
@@ -163,6 +164,7 @@ class Generate(Task):
     name = "generate"
     summary = "Make an image from a text prompt with a Stable Diffusion model"
     uses_model = True
+    model_families = tuple(FAMILIES)
     inputs = ()
     params = (
         Param("prompt", "string", required=True, help="what to draw", multiline=True),
@@ -211,6 +213,7 @@ class Style(Task):
     name = "style"
     summary = "Restyle an image (oil painting, watercolor, ...) with a Stable Diffusion model"
     uses_model = True
+    model_families = tuple(FAMILIES)
     inputs = (Port("image", "image", "the image to restyle"),)
     params = (
         Param("style", "choice", default=None, choices=tuple(STYLE_PRESETS), help="a preset style prompt"),

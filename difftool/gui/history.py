@@ -1,0 +1,70 @@
+"""Finished jobs as a strip of thumbnails: the selected one is the result the window shows, saves, reuses."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import QSize, Qt
+from PySide6.QtGui import QIcon, QPixmap
+from PySide6.QtWidgets import QListWidget, QListWidgetItem
+
+from difftool.gui.convert import pil_to_qimage
+
+THUMBNAIL = 96
+#: Record keys the tooltip shows in its own lines (or not at all).
+_OWN_LINES = ("task", "model", "seed", "backend", "device", "dtype", "precision", "difftool_version", "artifact")
+_SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def describe(record: dict[str, Any], title: str) -> str:
+    """A result's parameters for its tooltip; what was asked and what ran are told apart, never contradict."""
+    lines = [title]
+    if record.get("model"):
+        lines.append(f"model: {record['model']}")
+    lines.append(f"seed: {record.get('seed')}")
+    lines += [f"{k.replace('_', ' ')}: {v}" for k, v in record.items() if k not in _OWN_LINES]
+    lines.append(f"backend: {record.get('backend', 'torch')} on {record.get('device', 'cpu')}")
+    asked, ran = record.get("dtype"), _SHORT.get(str(record.get("precision")), record.get("precision"))
+    if ran and asked and ran != asked:  # an ONNX graph runs fp32 when bf16 was asked (no bf16 kernels)
+        lines.append(f"precision: {ran} (asked {asked}; the {record.get('backend')} backend ran the model in {ran})")
+    elif ran or asked:
+        lines.append(f"precision: {ran or asked}")
+    return "\n".join(lines)
+
+
+class HistoryStrip(QListWidget):
+    """Thumbnails of finished jobs, newest last; :meth:`selected_job` is the one the window acts on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jobs: list[Any] = []
+        self.setViewMode(QListWidget.ViewMode.IconMode)
+        self.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
+        self.setMaximumHeight(THUMBNAIL + 34)
+        # Selection is a frame around the thumbnail, not a tint over it (a tint looks like a colour shift).
+        self.setStyleSheet(
+            "QListWidget::item:selected { background: transparent; border: 2px solid palette(highlight); }"
+        )
+
+    def add(self, job: Any) -> QListWidgetItem:
+        image = job.result.image
+        pixmap = QPixmap.fromImage(
+            pil_to_qimage(image).scaled(THUMBNAIL, THUMBNAIL, Qt.AspectRatioMode.KeepAspectRatio)
+        )
+        icon = QIcon()
+        for mode in (QIcon.Mode.Normal, QIcon.Mode.Selected, QIcon.Mode.Active):
+            icon.addPixmap(pixmap, mode)  # the same pixels selected or not
+        item = QListWidgetItem(icon, f"{job.task} #{job.id}")
+        self.jobs.append(job)
+        item.setData(Qt.ItemDataRole.UserRole, len(self.jobs) - 1)
+        item.setToolTip(describe(job.result.record, f"{job.task} #{job.id}, {image.width}×{image.height}"))
+        self.addItem(item)
+        self.setCurrentItem(item)
+        return item
+
+    def job_of(self, item: QListWidgetItem) -> Any:
+        return self.jobs[int(item.data(Qt.ItemDataRole.UserRole))]
+
+    def selected_job(self) -> Any:
+        item = self.currentItem()
+        return self.job_of(item) if item is not None else None

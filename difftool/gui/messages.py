@@ -1,0 +1,83 @@
+"""Errors in the window's words: the same message the CLI prints, rendered for the form an artist sees.
+
+Errors are written once, in CLI terms (``pass --mask FILE``); tasks and plugins never write GUI
+variants. :func:`for_the_window` turns each option the message names into the field that sets it and
+returns those fields, so the window can highlight them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection
+
+#: Options that are not task parameters: the task panel's own boxes (option -> field label).
+PANEL_FIELDS = {
+    "model": "model",
+    "backend": "backend",
+    "device": "device",
+    "dtype": "precision",
+    "seed": "seed",
+    "backend-opt": "backend options",
+}
+#: ``pass --name VALUE`` (VALUE in capitals, or a literal like ``1`` or ``cuda``), or a bare ``--name``.
+_PASS = re.compile(r"\bpass (--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_,.:\[\]|]*|[\w.|=,]+(?=[ ;,)]|$)))?")
+_OPTION = re.compile(r"--([a-z][a-z0-9-]*)")
+_CLI_ONLY = re.compile(r" or (?:a name from )?`difftool [^`]*`")
+
+
+def for_the_window(message: str, params: Collection[str], masks: Collection[str] = ()) -> tuple[str, list[str]]:
+    """``message`` with each ``--option`` replaced by the field that sets it, and those fields' names.
+
+    ``params`` are the form's parameter names (``clip_skip``), ``masks`` those that can be painted.
+    Options the window has no field for (``--overwrite``) are left as they are.
+    """
+    fields: list[str] = []
+
+    def field(option: str) -> tuple[str, str] | None:
+        name = option[2:]
+        if name in PANEL_FIELDS:
+            return name, PANEL_FIELDS[name]
+        param = name.replace("-", "_")
+        if param in params:
+            return param, param.replace("_", " ")
+        return None
+
+    def note(name: str) -> None:
+        if name not in fields:
+            fields.append(name)
+
+    def rewrite_pass(match: re.Match[str]) -> str:
+        found = field(match.group(1))
+        if found is None:
+            return match.group(0)
+        name, label = found
+        note(name)
+        value = match.group(2)
+        if name == "model":
+            return f'choose a model in "{label}" (a listed one, or Browse…)'
+        if name in masks:
+            return f'paint the mask on the image (Mask panel, "paint mask") or choose a file in "{label}"'
+        if value in (None, "FILE", "PATH", "DIR"):
+            return f'set "{label}"'
+        return f'set "{label}" to {value}'
+
+    def rewrite_bare(match: re.Match[str]) -> str:
+        found = field(match.group(0))
+        if found is None:
+            return match.group(0)
+        note(found[0])
+        return f'"{found[1]}"'
+
+    text = _PASS.sub(rewrite_pass, _CLI_ONLY.sub("", message))
+    text = re.sub(r" or (--[a-z][a-z0-9-]*) ([A-Z][A-Z0-9_,.:]*)", lambda m: _or_option(m, field, note), text)
+    text = _OPTION.sub(rewrite_bare, text)
+    return text, fields
+
+
+def _or_option(match: re.Match[str], field, note) -> str:  # noqa: ANN001 - the closures above
+    """``... or --extend L,R,T,B`` -> ``... or set "extend" to L,R,T,B``."""
+    found = field(match.group(1))
+    if found is None:
+        return match.group(0)
+    note(found[0])
+    return f' or set "{found[1]}" to {match.group(2)}'

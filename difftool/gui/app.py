@@ -66,7 +66,9 @@ class MainWindow(ResultActions, QMainWindow):
         geometry = self.settings.value("geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
+        self.task_box.currentTextChanged.connect(self._on_task_changed)
         self.task_box.setCurrentText(str(self.settings.value("task", self.task_box.itemText(0))))
+        self.task_panel.on_task_changed()
         self._on_task_changed()
         self._show_plugin_failures_once()
 
@@ -140,7 +142,6 @@ class MainWindow(ResultActions, QMainWindow):
         action(help_menu, "&About difftool…", self.show_about)
 
     def _on_task_changed(self) -> None:
-        self.task_panel.on_task_changed()
         task = self.registry.task(self.task_box.currentText())
         self.mask_dock.setVisible(any(p.type == "mask" for p in task.params))  # only tasks that take a mask
 

@@ -10,10 +10,10 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PySide6", reason="the test extra installs PySide6")
 
+from gui_helpers import Dial, DialPlugin, wait_for  # noqa: E402
 from PIL import Image  # noqa: E402
 from PySide6.QtCore import QPointF, QSettings  # noqa: E402
 from PySide6.QtWidgets import (  # noqa: E402
-    QApplication,
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
@@ -22,60 +22,12 @@ from PySide6.QtWidgets import (  # noqa: E402
 )
 
 from difftool.core.images import read_metadata  # noqa: E402
-from difftool.core.task import Param, Task, TaskResult  # noqa: E402
+from difftool.core.task import Task, TaskResult  # noqa: E402
 from difftool.gui.app import MainWindow  # noqa: E402
 from difftool.gui.form import ParamForm  # noqa: E402
 from difftool.gui.jobs import Job, JobQueue  # noqa: E402
 from difftool.plugins import hookimpl  # noqa: E402
 from difftool.plugins.registry import build_registry  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def qapp():
-    return QApplication.instance() or QApplication([])
-
-
-class Dial(Task):
-    name = "dial"
-    summary = "A third-party task with no GUI code"
-    params = (
-        Param("strength", "float", default=0.4, min=0, max=1, help="how strong"),
-        Param("count", "int", default=3, min=1, max=9),
-        Param("flip", "bool", default=True),
-        Param("style", "choice", default="b", choices=("a", "b")),
-    )
-
-    def run(self, request, context):
-        for step in range(request.params["count"]):
-            context.cancel.raise_if_cancelled()
-            time.sleep(0.05)
-            context.report(step + 1, request.params["count"])
-        return TaskResult([request.inputs["image"].to_pil()], {"size": "x"})
-
-
-class DialPlugin:
-    @hookimpl
-    def register_tasks(self, register):
-        register(Dial)
-
-
-@pytest.fixture
-def window(qapp, tmp_path: Path, superres_model: Path):
-    registry = build_registry([DialPlugin()], entry_points=False)
-    settings = QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat)
-    win = MainWindow(registry=registry, settings=settings)
-    win.model_box.insertItem(1, "tiny", str(superres_model))
-    yield win
-    win.queue.wait()
-    win.close()
-
-
-def wait_for(queue: JobQueue, qapp) -> None:
-    """Process events (as the app's event loop would) until the worker is idle, then flush."""
-    while not queue.wait(10):
-        qapp.processEvents()
-    for _ in range(20):
-        qapp.processEvents()
 
 
 def test_third_party_task_gets_a_working_form(qapp) -> None:

@@ -1,24 +1,31 @@
-"""Screenshots of the real desktop app for the README, taken under Xvfb.
+"""Screenshots of the real desktop app for the README and docs/gui.md, taken under Xvfb.
 
     xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots.py
 
-Starts the app on an X server (not the offscreen platform), opens docs/sample.png, runs superres and
-inpaint (with a painted mask) on the embedded models, and saves docs/images/gui-*.png.
+Starts the app on an X server (not the offscreen platform) with its own settings file, opens
+docs/sample.png and saves docs/images/gui-*.png:
+
+* gui-loading.png: the first superres job while it loads its model (the phase in the status bar and queue);
+* gui-superres.png: its result in the compare view, the divider halfway;
+* gui-inpaint-mask.png: a mask painted with a screen-sized brush (its outline at the pointer);
+* gui-inpaint.png: the inpaint result in the compare view.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
-from PySide6.QtCore import QPointF
+from PySide6.QtCore import QPoint, QPointF, QSettings
+from PySide6.QtGui import QCursor
 from PySide6.QtWidgets import QApplication
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def settle(app: QApplication, window, rounds: int = 30) -> None:
-    while not window.queue.wait(20):
+    while window.queue.running is not None or window.queue.pending or not window.queue.wait(20):
         app.processEvents()
     for _ in range(rounds):
         app.processEvents()
@@ -28,31 +35,49 @@ def main() -> None:
     from difftool.gui.app import MainWindow
 
     app = QApplication(sys.argv)
-    window = MainWindow()
+    settings = QSettings(str(Path(tempfile.mkdtemp()) / "settings.ini"), QSettings.Format.IniFormat)
+    window = MainWindow(settings=settings)
     window.resize(1360, 860)
     window.show()
+    out = ROOT / "docs" / "images"
+    out.mkdir(exist_ok=True)
     window.open_path(ROOT / "docs" / "sample.png")
     window.task_box.setCurrentText("superres")
     window.seed_box.setValue(1)
+
+    def on_phase(job_id: int, what: str, *_: object) -> None:
+        if what.startswith("loading model") and not (out / ".loading-taken").exists():
+            app.processEvents()
+            window.grab().save(str(out / "gui-loading.png"))
+            (out / ".loading-taken").touch()
+
+    window.queue.signals.phase.connect(on_phase)
     window.run_current()
     settle(app, window)
-    window.split.setValue(50)
+    (out / ".loading-taken").unlink(missing_ok=True)
+    window.compare_check.setChecked(True)
+    window.canvas.set_split(0.5)
     settle(app, window)
-    out = ROOT / "docs" / "images"
-    out.mkdir(exist_ok=True)
     window.grab().save(str(out / "gui-superres.png"))
 
-    window.split.setValue(100)
     window.task_box.setCurrentText("inpaint")
     window.open_path(ROOT / "docs" / "sample.png")
     window.paint_check.setChecked(True)
-    window.brush_size.setValue(14)
-    mask = window.canvas.mask
+    window.brush_size.setValue(40)
+    canvas = window.canvas
+    mask = canvas.mask
+    mask.brush_size = canvas.brush_in_image()
     mask.checkpoint()
     mask.stroke(QPointF(60, 40), QPointF(100, 70))
+    pointer = canvas.offset + QPointF(100, 70) * canvas.scale
+    canvas._pointer = QPointF(pointer)  # the brush outline where the stroke ended
+    QCursor.setPos(canvas.mapToGlobal(QPoint(int(pointer.x()), int(pointer.y()))))
     settle(app, window)
     window.grab().save(str(out / "gui-inpaint-mask.png"))
     window.run_current()
+    settle(app, window)
+    window.paint_check.setChecked(False)
+    window.canvas.set_split(0.5)
     settle(app, window)
     window.grab().save(str(out / "gui-inpaint.png"))
     window.close()

@@ -63,6 +63,7 @@ class MainWindow(ResultActions, QMainWindow):
         self._build_bottom()
         self._build_menus()
         self.canvas.hovered.connect(self._on_hover)
+        self.canvas.source_shown.connect(self._describe_source)
         geometry = self.settings.value("geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
@@ -166,7 +167,12 @@ class MainWindow(ResultActions, QMainWindow):
         self.canvas.set_image(pil_to_qimage(image))
         self.mask_panel.sync_brush()
         self.source_name, self.source_stem = (path.name if path else name), None
-        self.status.showing(f"{self.source_name} — {image.width}×{image.height} {image.mode}")
+        self._describe_source()
+
+    def _describe_source(self) -> None:
+        if self.source is not None:
+            image = self.source
+            self.status.showing(f"{self.source_name} — {image.width}×{image.height} {image.mode}")
 
     def open_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(
@@ -260,8 +266,8 @@ class MainWindow(ResultActions, QMainWindow):
                 self.queue_list.addItem(item)
         self.status.running(self.queue.running is not None)
 
-    def _on_phase(self, job_id: int, what: str, done: Any, total: Any) -> None:
-        self.status.phase(self.queue.jobs[job_id], what, done, total)
+    def _on_phase(self, job_id: int, what: str, done: int, total: int) -> None:
+        self.status.phase(self.queue.jobs[job_id], what, None if done < 0 else done, None if total < 0 else total)
         self._refresh_queue()  # the job's row names its phase too
 
     def _on_progress(self, job_id: int, step: int, total: int, preview: Any) -> None:

@@ -87,6 +87,7 @@ class Canvas(QWidget):
     hovered = Signal(int, int)  # image pixel under the cursor
     zoomed = Signal(float)
     split_moved = Signal(float)
+    source_shown = Signal()  # the source replaced the result on screen (to paint on it)
 
     def __init__(self) -> None:
         super().__init__()
@@ -130,6 +131,7 @@ class Canvas(QWidget):
         if self.after is not None:
             self._keep_view(self.after, self.before)
             self.after = None
+            self.source_shown.emit()
             self.update()
 
     def _keep_view(self, old: QImage | None, new: QImage | None) -> None:

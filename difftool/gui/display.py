@@ -7,7 +7,8 @@ No Qt import here: it must run where Qt would abort.
 
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
+import importlib.util
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ CLI_HINT = "or use the command line (difftool run ...)"
 def display_problem(
     env: Mapping[str, str] | None = None,
     platform: str = sys.platform,
-    find_library: Callable[[str], str | None] = ctypes.util.find_library,
+    missing_x11_library: Callable[[], str | None] | None = None,
     x11_sockets: Path = Path("/tmp/.X11-unix"),
 ) -> str | None:
     """``None`` if Qt can open a window, else one line naming the cause and the fix."""
@@ -45,9 +46,39 @@ def display_problem(
     local = re.fullmatch(r"(?:unix)?:(\d+)(?:\.\d+)?", x11)
     if local and x11_sockets.is_dir() and not (x11_sockets / f"X{local.group(1)}").exists():
         return f"cannot reach the X display {x11} (no X server is listening); set DISPLAY to a running one {CLI_HINT}"
-    if find_library("xcb-cursor") is None:
+    missing = (missing_x11_library or xcb_plugin_missing_library)()
+    if missing is not None:
         return (
-            "Qt 6 needs libxcb-cursor0 to open a window on X11 and it is not installed; "
-            f"install it (apt install libxcb-cursor0, dnf install xcb-util-cursor) {CLI_HINT}"
+            f"Qt's X11 plugin cannot load: {missing} is not installed; install it "
+            f"(apt install {debian_package(missing)}; Qt 6 also needs libxcb-cursor0) {CLI_HINT}"
         )
     return None
+
+
+def xcb_plugin_missing_library() -> str | None:
+    """The shared library Qt's X11 plugin cannot find (``libxcb-icccm.so.4``), or ``None`` if it loads.
+
+    Loading the plugin's file is the one exact test: Qt itself only says that "xcb-cursor0 or
+    libxcb-cursor0 is needed" whichever of its dozen xcb libraries is missing.
+    """
+    spec = importlib.util.find_spec("PySide6")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    plugin = Path(list(spec.submodule_search_locations)[0]) / "Qt" / "plugins" / "platforms" / "libqxcb.so"
+    if not plugin.is_file():
+        return None  # a PySide6 built differently: let Qt decide
+    try:
+        ctypes.CDLL(str(plugin))
+    except OSError as error:
+        found = re.match(r"([\w.+-]+\.so[\w.]*): cannot open shared object file", str(error))
+        return found.group(1) if found else str(error).split(":")[0]
+    return None
+
+
+def debian_package(library: str) -> str:
+    """Debian's package for a shared library: ``libxcb-icccm.so.4`` -> ``libxcb-icccm4``."""
+    found = re.fullmatch(r"(lib[\w+-]+)\.so\.(\d+).*", library)
+    if not found:
+        return library
+    name, major = found.groups()
+    return f"{name}-{major}" if name[-1].isdigit() else f"{name}{major}"

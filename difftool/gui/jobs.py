@@ -33,7 +33,9 @@ class Job:
 class JobSignals(QObject):
     started = Signal(int)
     progress = Signal(int, int, int, object)  # job id, step, total, preview image or None
-    phase = Signal(int, str, object, object)  # job id, what (loading a model, exporting), done, total (or None)
+    # job id, what (loading a model, exporting), done, total; -1 for a count the phase cannot give. Plain ints:
+    # PySide6 mis-counts references to None sent through queued ``object`` arguments, and 3.11's None is mortal.
+    phase = Signal(int, str, int, int)
     finished = Signal(int)  # job id; the job holds its result or error
     changed = Signal()  # the queue's contents or states changed
 
@@ -54,7 +56,9 @@ class _Runner(QRunnable):
                 progress=lambda step, total, preview: self.signals.progress.emit(job.id, step, total, preview),
                 preview_every=self.preview_every,
                 cancel=job.token,
-                phase=lambda what, done, total: self.signals.phase.emit(job.id, what, done, total),
+                phase=lambda what, done, total: self.signals.phase.emit(
+                    job.id, what, -1 if done is None else done, -1 if total is None else total
+                ),
                 **job.options,
                 **job.params,
             )

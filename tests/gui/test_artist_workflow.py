@@ -80,6 +80,9 @@ def test_each_phase_of_a_job_is_shown_and_a_previous_failure_is_not(window, qapp
     assert any("loading model" in row for row in rows)  # the job's row names the phase too
     assert window.status.job.text().startswith(f"#{job_id} superres: done in")
     assert window.status.image.text().startswith(f"result of #{job_id} superres")
+    window.task_box.setCurrentText("inpaint")
+    window.paint_check.setChecked(True)  # the source replaces the result on screen: the status says so
+    assert window.status.image.text().startswith("photo.png — 28×20")
 
 
 def test_errors_name_the_field_highlight_it_and_the_cli_keeps_its_words(window, qapp, photo: Path) -> None:

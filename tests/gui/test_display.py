@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from difftool.gui.display import display_problem
+from difftool.gui.display import debian_package, display_problem, xcb_plugin_missing_library
 
-FOUND = lambda name: f"lib{name}.so.0"  # noqa: E731
-MISSING = lambda name: None  # noqa: E731
+FOUND = lambda: None  # noqa: E731 - every library the X11 plugin needs is there
+MISSING = lambda: "libxcb-icccm.so.4"  # noqa: E731
 
 
 def test_no_display_at_all_is_named_with_the_fixes(tmp_path: Path) -> None:
@@ -18,11 +18,21 @@ def test_no_display_at_all_is_named_with_the_fixes(tmp_path: Path) -> None:
     assert problem is not None and "DISPLAY" in problem and "difftool run" in problem
 
 
-def test_a_missing_libxcb_cursor_is_named_with_the_package_to_install(tmp_path: Path) -> None:
+def test_a_missing_xcb_library_is_named_with_the_package_to_install(tmp_path: Path) -> None:
     (tmp_path / "X0").touch()
     problem = display_problem({"DISPLAY": ":0"}, "linux", MISSING, tmp_path)
-    assert problem is not None and "libxcb-cursor0" in problem
+    assert problem is not None and "libxcb-icccm.so.4" in problem and "apt install libxcb-icccm4" in problem
     assert display_problem({"DISPLAY": ":0"}, "linux", FOUND, tmp_path) is None
+
+
+def test_debian_package_names() -> None:
+    assert debian_package("libxcb-cursor.so.0") == "libxcb-cursor0"
+    assert debian_package("libxkbcommon-x11.so.0") == "libxkbcommon-x11-0"
+
+
+def test_the_real_plugin_check_names_a_library_or_nothing() -> None:
+    missing = xcb_plugin_missing_library()  # this machine's answer: a .so name, or None when the plugin loads
+    assert missing is None or ".so" in missing
 
 
 def test_a_display_nobody_listens_on_is_named(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@
 Starts the app on an X server (not the offscreen platform) with its own settings file, opens
 docs/sample.png and saves docs/images/gui-*.png:
 
-* gui-loading.png: the first superres job while it loads its model (the phase in the status bar and queue);
+* gui-loading.png: the inpaint job while it loads its model (the phase in the status bar and its queue row);
 * gui-superres.png: its result in the compare view, the divider halfway;
 * gui-inpaint-mask.png: a mask painted with a screen-sized brush (its outline at the pointer);
 * gui-inpaint.png: the inpaint result in the compare view.
@@ -46,15 +46,13 @@ def main() -> None:
     window.seed_box.setValue(1)
 
     def on_phase(job_id: int, what: str, *_: object) -> None:
-        if what.startswith("loading model") and not (out / ".loading-taken").exists():
+        if what.startswith("loading model") and window.task_box.currentText() == "inpaint":
             app.processEvents()
-            window.grab().save(str(out / "gui-loading.png"))
-            (out / ".loading-taken").touch()
+            window.grab().save(str(out / "gui-loading.png"))  # the mask painted, the model loading
 
     window.queue.signals.phase.connect(on_phase)
     window.run_current()
     settle(app, window)
-    (out / ".loading-taken").unlink(missing_ok=True)
     window.compare_check.setChecked(True)
     window.canvas.set_split(0.5)
     settle(app, window)

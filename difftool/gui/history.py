@@ -43,7 +43,8 @@ class HistoryStrip(QListWidget):
         self.setMaximumHeight(THUMBNAIL + 34)
         # Selection is a frame around the thumbnail, not a tint over it (a tint looks like a colour shift).
         self.setStyleSheet(
-            "QListWidget::item:selected { background: transparent; border: 2px solid palette(highlight); }"
+            "QListWidget::item:selected { background: transparent; color: palette(text);"
+            " border: 2px solid palette(highlight); }"
         )
 
     def add(self, job: Any) -> QListWidgetItem:

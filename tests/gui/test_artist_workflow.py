@@ -230,3 +230,21 @@ def test_the_brush_is_sized_in_screen_pixels_and_the_overlay_colour_can_change(w
     window.mask_panel.pick_color(QColor(0, 255, 0))
     inside = pixel(canvas, 50 * zoom, 50 * zoom)
     assert inside.green() > inside.red() + 40  # a green overlay now, not red
+
+
+def test_signals_emitted_from_python_do_not_eat_references_to_true(qapp) -> None:
+    """PySide6 6.12.0's Signal.emit() returned True without a reference: after a few hundred emits (one per
+    progress step, one per mouse move) CPython 3.11 freed True and the app aborted. pyproject excludes it."""
+    import sys
+
+    from PySide6.QtCore import QObject, Signal
+
+    class Source(QObject):
+        ping = Signal(int)
+
+    source = Source()
+    source.ping.connect(lambda _: None)
+    before = sys.getrefcount(True)
+    for i in range(200):
+        source.ping.emit(i)
+    assert sys.getrefcount(True) >= before - 20  # a leak of one per emit would be 200 short

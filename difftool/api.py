@@ -179,6 +179,7 @@ def execute(
         **({"backend_options": plan.backend.record()} if plan.backend.record() else {}),
         "difftool_version": __version__,
         **result.record,
+        **context.notes,
     }
     if context.denoisers:
         denoiser = context.denoisers[-1]

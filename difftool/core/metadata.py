@@ -86,6 +86,7 @@ _A1111_KEYS = (
     ("vae", "VAE"),
     ("clip_skip", "Clip skip"),
     ("lora_hashes", "Lora hashes"),
+    ("ti_hashes", "TI hashes"),
     ("strength", "Denoising strength"),
     ("scale", "Upscale"),
     ("task", "difftool task"),

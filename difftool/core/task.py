@@ -215,6 +215,8 @@ class RunContext:
     denoisers: list[Any] = field(default_factory=list)
     #: The task's declared export shapes for this request (backends that build engines use them).
     export_shapes: ExportShapes | None = None
+    #: Metadata found while running (the embeddings a prompt named): merged into the run's record.
+    notes: dict[str, Any] = field(default_factory=dict)
     _generator: Any = field(default=None, init=False, repr=False)
 
     @property

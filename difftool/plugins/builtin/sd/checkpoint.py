@@ -33,22 +33,28 @@ def read_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return check_safetensors(path)
 
 
+def load_pickle(path: Path, *, allow_pickle: bool = False) -> object:
+    """A pickle file's contents, only with ``allow_pickle``, and only what ``weights_only`` lets through."""
+    path = Path(path)
+    if not allow_pickle:
+        raise refuse_pickle(path)
+    import torch
+
+    try:
+        # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip an explicit True.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises many types; we name the file
+        raise ModelError(
+            f"{path.name} cannot be loaded safely: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            "convert it to .safetensors with a tool you trust",
+        ) from exc
+
+
 def load_state_dict(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """All tensors of a weights file, on the CPU. Pickles need ``allow_pickle`` and load with weights_only."""
     path = Path(path)
     if is_pickle(path):
-        if not allow_pickle:
-            raise refuse_pickle(path)
-        import torch
-
-        try:
-            # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip an explicit True.
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - the unpickler raises many types; we name the file
-            raise ModelError(
-                f"{path.name} cannot be loaded safely: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-                "convert it to .safetensors with a tool you trust",
-            ) from exc
+        state = load_pickle(path, allow_pickle=allow_pickle)
         while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

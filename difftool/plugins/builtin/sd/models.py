@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,39 @@ def parse_loras(spec: str | None) -> list[tuple[Path, float]]:
     return loras
 
 
+#: A1111's extra-network tag for LoRAs: ``<lora:NAME>`` or ``<lora:NAME:WEIGHT>`` (a third field, A1111's
+#: separate U-Net weight, is accepted and ignored: difftool fuses one weight into both).
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>")
+
+
+def split_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """``"a cat <lora:ink:0.8>"`` -> ``("a cat ", [("ink", 0.8)])``: the prompt without its LoRA tags."""
+    found = []
+    for name, weight in _LORA_TAG.findall(prompt):
+        if weight and not _is_number(weight):
+            raise ParameterError(f"<lora:{name}:{weight}> has no numeric weight", f"write <lora:{name}:0.8>")
+        found.append((name.strip(), float(weight) if weight else 1.0))
+    return _LORA_TAG.sub("", prompt), found
+
+
+def prompt_loras(prompt: str, context: RunContext) -> list[tuple[Path, float]]:
+    """The LoRAs a prompt's ``<lora:NAME:WEIGHT>`` tags name, found by name in the model roots (as ``--lora``)."""
+    named = split_loras(prompt)[1]
+    if not named:
+        return []
+    listed = {e.name: e.path for e in context.registry.find_models() if e.family == "lora"} if context.registry else {}
+    loras = []
+    for name, weight in named:
+        if name not in listed:
+            raise ParameterError(
+                f"the prompt names LoRA {name!r}, which is not in the model roots' Lora folders",
+                f"put {name}.safetensors in models/Lora under a model root (`difftool models` lists them) "
+                "or pass --lora PATH",
+            )
+        loras.append((listed[name], weight))
+    return loras
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -82,7 +116,7 @@ def _is_number(text: str) -> bool:
 def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
     """Load (or reuse) the model a run asked for with its VAE and LoRA options."""
     path = resolve_path(context.model, context)
-    loras = parse_loras(params.get("lora"))
+    loras = parse_loras(params.get("lora")) + prompt_loras(params.get("prompt") or "", context)
     vae = params.get("vae")
     key = (
         str(path.resolve()),

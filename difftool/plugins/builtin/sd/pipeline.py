@@ -8,6 +8,7 @@ numbers are drawn from the run's generator in the same order (VAE posterior samp
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,21 +38,25 @@ def encode_prompt(
     clip_skip: int = 1,
     size: tuple[int, int] | None = None,
     context: RunContext | None = None,
+    embeddings: Sequence[Any] = (),
 ) -> TextConditioning:
     """Prompt and negative prompt -> the U-Net's cross-attention inputs (and SDXL's added conditions).
 
-    ``clip_skip`` follows A1111: 1 uses the last layer, 2 the one before it. Prompts over 77 tokens
-    are truncated with a warning that says what was dropped (as diffusers does).
+    ``clip_skip`` follows A1111: 1 uses the last layer, 2 the one before it. Prompts of any length are
+    read in 75-token chunks (:mod:`prompt_chunks`), ``embeddings`` are placed where their names appear,
+    and the shorter of prompt and negative is padded with the empty prompt's chunks, as A1111 does.
     """
     import torch
 
     if clip_skip < 1:
         raise ParameterError(f"clip skip {clip_skip} is below 1", "pass --clip-skip 1 (last layer) or 2")
-    logger = context.logger if context is not None else log
     runners = _encoder_runners(model, context)
     with torch.inference_mode():
-        pos, pos_pooled = _encode(model, runners, prompt, clip_skip, logger)
-        neg, neg_pooled = _encode(model, runners, negative, clip_skip, None)
+        pos, pos_pooled = _encode(model, runners, prompt, clip_skip, embeddings)
+        neg, neg_pooled = _encode(model, runners, negative, clip_skip, embeddings)
+        if pos.shape[1] != neg.shape[1]:
+            empty, _ = _encode(model, runners, "", clip_skip, ())
+            pos, neg = (_pad_with(t, empty, max(pos.shape[1], neg.shape[1])) for t in (pos, neg))
     cond: dict[str, Any] = {"encoder_hidden_states": pos}
     uncond: dict[str, Any] = {"encoder_hidden_states": neg}
     if model.family.xl:
@@ -65,12 +70,19 @@ def encode_prompt(
     return TextConditioning(cond, uncond)
 
 
+def _pad_with(states: Any, empty: Any, length: int) -> Any:
+    import torch
+
+    repeats = (length - states.shape[1]) // empty.shape[1]
+    return torch.cat([states, *[empty] * repeats], dim=1) if repeats else states
+
+
 def _encoder_runners(model: SDModel, context: RunContext | None) -> list[Any]:
-    """Per text encoder: ids -> (first output, hidden states by layer, layer index -> normalised states).
+    """Per text encoder: (ids, chunks) -> (first output, hidden states by layer, layer -> normalised states).
 
     PyTorch modules, or their ONNX exports when the run asks for the whole pipeline in ONNX Runtime.
     """
-    from difftool.plugins.builtin.sd import onnx_parts
+    from difftool.plugins.builtin.sd import embeddings, onnx_parts
 
     if onnx_parts.whole_pipeline(context):
         assert context is not None
@@ -78,7 +90,12 @@ def _encoder_runners(model: SDModel, context: RunContext | None) -> list[Any]:
         for index in range(len(model.text_encoders)):
             module = onnx_parts.text_encoder(model, index, context.device)
 
-            def run(ids: Any, module: Any = module) -> tuple[Any, Any, Any]:
+            def run(ids: Any, chunks: Any, module: Any = module) -> tuple[Any, Any, Any]:
+                if any(chunk.embeddings for chunk in chunks):
+                    raise ParameterError(
+                        "textual-inversion embeddings need the PyTorch text encoders",
+                        "drop --backend-opt export=all (the U-Net still runs in ONNX Runtime)",
+                    )
                 first, hidden, normed = module(ids)
                 return first, hidden, lambda layer: normed[layer]
 
@@ -86,8 +103,9 @@ def _encoder_runners(model: SDModel, context: RunContext | None) -> list[Any]:
         return runners
 
     def torch_runner(encoder: Any) -> Any:
-        def run(ids: Any) -> tuple[Any, Any, Any]:
-            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+        def run(ids: Any, chunks: Any) -> tuple[Any, Any, Any]:
+            with embeddings.injected(encoder, chunks):
+                out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
             return out[0], out.hidden_states, lambda layer: _final_norm(encoder)(out.hidden_states[layer])
 
         return run
@@ -95,54 +113,44 @@ def _encoder_runners(model: SDModel, context: RunContext | None) -> list[Any]:
     return [torch_runner(encoder) for encoder in model.text_encoders]
 
 
-def _encode(
-    model: SDModel, runners: list[Any], text: str, clip_skip: int, logger: logging.Logger | None
-) -> tuple[Any, Any]:
+def _encode(model: SDModel, runners: list[Any], text: str, clip_skip: int, found: Sequence[Any]) -> tuple[Any, Any]:
+    """One text through every encoder, chunk by chunk: (1, 77 x chunks, widths summed), and SDXL's pooled
+    output of the first chunk (A1111's choice)."""
     import torch
 
-    from difftool.plugins.builtin.sd import prompt_weights
+    from difftool.plugins.builtin.sd.embeddings import EmbeddingFinder
+    from difftool.plugins.builtin.sd.prompt_chunks import chunk_prompt, no_embeddings
 
-    emphasis = prompt_weights.has_emphasis(text)
     hidden, pooled = [], None
     for tokenizer, run in zip(model.tokenizers, runners, strict=True):
-        weights = None
-        if emphasis:
-            id_list, weights = prompt_weights.weighted_ids(tokenizer, text)
-        else:
-            id_list = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-            id_list = id_list.input_ids
-        if logger is not None and tokenizer is model.tokenizers[0]:
-            _warn_truncated(tokenizer, text, logger)
-        first, layers, normed = run(torch.tensor([id_list]))
+        finder = EmbeddingFinder(tokenizer, found) if found else no_embeddings
+        chunks = chunk_prompt(tokenizer, text, finder)
+        first, layers, normed = run(torch.tensor([c.ids for c in chunks]), chunks)
         if model.family.xl:
             # SDXL: penultimate layer (+ clip skip), no final norm; pooled output of the last encoder.
             states = layers[-(clip_skip + 1)]
             if first.ndim == 2:
-                pooled = first
+                pooled = first[:1]
         elif clip_skip == 1:
             states = first
         else:
             states = normed(-clip_skip)
-        if weights is not None and any(w != 1.0 for w in weights):
-            # A1111: scale each token's features by its weight, then restore the original mean.
-            mean = states.float().mean()
-            states = states * torch.tensor(weights, dtype=states.dtype, device=states.device)[None, :, None]
-            states = states * (mean / states.float().mean()).to(states.dtype)
-        hidden.append(states)
+        rows = []
+        for row, chunk in enumerate(chunks):
+            part = states[row : row + 1]
+            if any(w != 1.0 for w in chunk.weights):
+                # A1111: scale each token's features by its weight, then restore the chunk's mean.
+                mean = part.float().mean()
+                part = part * torch.tensor(chunk.weights, dtype=part.dtype, device=part.device)[None, :, None]
+                part = part * (mean / part.float().mean()).to(part.dtype)
+            rows.append(part)
+        hidden.append(torch.cat(rows, dim=1))
     return torch.cat(hidden, dim=-1).float(), None if pooled is None else pooled.float()
 
 
 def _final_norm(encoder: Any) -> Any:
     text_model = getattr(encoder, "text_model", encoder)
     return text_model.final_layer_norm
-
-
-def _warn_truncated(tokenizer: Any, text: str, logger: logging.Logger) -> None:
-    ids = tokenizer(text, truncation=False).input_ids
-    limit = tokenizer.model_max_length
-    if len(ids) > limit:
-        dropped = tokenizer.decode(ids[limit - 1 : -1])
-        logger.warning("the prompt has %d tokens; CLIP reads %d, so this was truncated: %r", len(ids), limit, dropped)
 
 
 def check_size(width: int, height: int, what: str = "the image") -> None:

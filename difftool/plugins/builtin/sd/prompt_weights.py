@@ -1,4 +1,5 @@
-"""A1111's prompt emphasis: ``(word)`` x1.1, ``((word))`` x1.21, ``[word]`` /1.1, ``(word:1.5)``, ``\\(`` literal.
+"""A1111's prompt emphasis: ``(word)`` x1.1, ``((word))`` x1.21, ``[word]`` /1.1, ``(word:1.5)``, ``\\(`` literal,
+and ``BREAK``, which starts a new 75-token chunk (see :mod:`prompt_chunks`).
 
 Each token's text-encoder output is scaled by its weight, then the whole is rescaled to keep its
 mean (A1111's method). Written here because compel, the library for this, re-implements text
@@ -12,6 +13,9 @@ import re
 #: A1111's grammar, tokenised: escapes, brackets, ``:weight)`` and plain text.
 _TOKEN = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 UP, DOWN = 1.1, 1 / 1.1
+#: ``BREAK`` between words (A1111: capitals, a word of its own) and the weight that marks it in :func:`parse`.
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+BREAK_WEIGHT = -1.0
 
 
 def has_emphasis(prompt: str) -> bool:
@@ -19,7 +23,10 @@ def has_emphasis(prompt: str) -> bool:
 
 
 def parse(prompt: str) -> list[tuple[str, float]]:
-    """``"a (red:1.5) [car]"`` -> ``[("a ", 1.0), ("red", 1.5), ("car", 0.909...)]`` (adjacent equal weights merged)."""
+    """``"a (red:1.5) [car]"`` -> ``[("a ", 1.0), ("red", 1.5), ("car", 0.909...)]`` (adjacent equal weights merged).
+
+    Each ``BREAK`` is an item of its own, ``("BREAK", BREAK_WEIGHT)``.
+    """
     out: list[tuple[str, float]] = []
     stack: list[tuple[int, str]] = []  # (index in out where the group starts, opening bracket)
 
@@ -40,29 +47,16 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         elif text == "]" and stack and stack[-1][1] == "[":
             scale(stack.pop()[0], DOWN)
         else:
-            out.append((text, 1.0))
+            for index, part in enumerate(_BREAK.split(text)):
+                if index:
+                    out.append(("BREAK", BREAK_WEIGHT))
+                out.append((part, 1.0))
     for start, bracket in reversed(stack):  # unclosed brackets still apply, as in A1111
         scale(start, UP if bracket == "(" else DOWN)
     merged: list[tuple[str, float]] = []
     for text, weight in out:
-        if merged and merged[-1][1] == weight:
+        if merged and merged[-1][1] == weight and weight != BREAK_WEIGHT:
             merged[-1] = (merged[-1][0] + text, weight)
         elif text:
             merged.append((text, weight))
     return merged or [("", 1.0)]
-
-
-def weighted_ids(tokenizer: object, prompt: str) -> tuple[list[int], list[float]]:
-    """Token ids (BOS ... EOS, padded to the tokenizer's length) and one weight per id."""
-    limit = tokenizer.model_max_length  # type: ignore[attr-defined]
-    ids, weights = [], []
-    for text, weight in parse(prompt):
-        piece = tokenizer(text, add_special_tokens=False).input_ids  # type: ignore[operator]
-        ids += piece
-        weights += [weight] * len(piece)
-    ids, weights = ids[: limit - 2], weights[: limit - 2]
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id  # type: ignore[attr-defined]
-    ids = [bos, *ids, eos]
-    weights = [1.0, *weights, 1.0]
-    padding = limit - len(ids)
-    return ids + [pad] * padding, weights + [1.0] * padding

@@ -15,7 +15,7 @@ from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.families import FAMILIES
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
 
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
@@ -27,6 +27,13 @@ PROMPT_PARAMS = (
     Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="classifier-free guidance (CFG) scale"),
     Param("scheduler", "choice", default=DEFAULT_SCHEDULER, choices_from="schedulers", help="sampler"),
     Param("clip_skip", "int", default=1, min=1, max=12, help="text encoder layer from the end (A1111: 1 = last)"),
+    Param(
+        "embedding",
+        "string",
+        default=None,
+        help="textual-inversion embedding file(s), comma-separated, used where their name is in a prompt "
+        "(files in embeddings/ under the model roots are found by name)",
+    ),
 )
 
 #: ``--style`` presets: (prompt template, negative prompt). ``{}`` is the user's ``--prompt``.
@@ -97,10 +104,21 @@ def run_sd(
     ``shapes``: what the denoiser is built for (default: the task's declared export shapes).
     """
     from difftool.core.sampler import sample
+    from difftool.plugins.builtin.sd import embeddings
 
     pipeline.prepare_text_encoders(model, context)
+    prompt, _ = split_loras(prompt)  # applied to the model already (sd_model_for); A1111 drops the tags
+    widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]
+    found = embeddings.named_in([prompt, negative], params.get("embedding"), widths, bool(params.get("allow_pickle")))
+    context.notes.update(embeddings.record(found))
     text = pipeline.encode_prompt(
-        model, prompt, negative, clip_skip=int(params.get("clip_skip") or 1), size=size, context=context
+        model,
+        prompt,
+        negative,
+        clip_skip=int(params.get("clip_skip") or 1),
+        size=size,
+        context=context,
+        embeddings=found,
     )
     if shapes is None and context.export_shapes is None:
         shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 from pathlib import Path
@@ -142,14 +141,6 @@ def test_bin_only_folder_is_refused_unless_opted_in(parts: dict, tmp_path: Path)
     with pytest.raises(ModelError, match=r"only pickle \(.bin\) weights"):
         loader.load_sd_model(folder)
     assert loader.load_sd_model(folder, allow_pickle=True).family.name == "sd1"
-
-
-def test_long_prompts_are_truncated_with_a_warning(parts: dict, tmp_path: Path, caplog) -> None:
-    folder = tiny.save_folder(parts, tmp_path / "folder")
-    prompt = " ".join(["cat"] * 80) + " zebra"
-    with caplog.at_level(logging.WARNING, logger="difftool"):
-        api.run("generate", model=str(folder), prompt=prompt, width=16, height=16, steps=1, seed=0, dtype="fp32")
-    assert "truncated" in caplog.text and "zebra" in caplog.text
 
 
 def test_mismatched_weights_name_the_key_and_both_shapes(parts: dict, tmp_path: Path) -> None:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from difftool.plugins.builtin.sd import loader, pipeline
-from difftool.plugins.builtin.sd.prompt_weights import parse, weighted_ids
+from difftool.plugins.builtin.sd.prompt_chunks import chunk_prompt
+from difftool.plugins.builtin.sd.prompt_weights import parse
 from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
 
 from . import tiny
@@ -23,7 +24,8 @@ def test_parse_follows_a1111() -> None:
 
 def test_weighted_ids_match_plain_tokenization_and_pad() -> None:
     tokenizer = clip_tokenizer("clip")
-    ids, weights = weighted_ids(tokenizer, "a photo of a (cat:1.3)")
+    [chunk] = chunk_prompt(tokenizer, "a photo of a (cat:1.3)")
+    ids, weights = chunk.ids, chunk.weights
     plain = tokenizer("a photo of a cat", padding="max_length", max_length=77).input_ids
     assert ids == plain and len(weights) == 77
     assert weights[5] == pytest.approx(1.3) and weights[:5] == [1.0] * 5 and weights[6:] == [1.0] * 71

@@ -1,0 +1,102 @@
+"""Prompts of any length, as A1111 reads them: 75-token chunks, each encoded on its own and concatenated.
+
+A1111's documented behaviour, reimplemented here (diffusers truncates at 77 tokens instead):
+
+* the prompt is parsed for emphasis and ``BREAK`` (:mod:`prompt_weights`), tokenized without special
+  tokens, and cut into chunks of 75 tokens; each chunk becomes ``BOS + 75 + EOS`` (77 ids), padded
+  with end-of-text, and everything after its first end-of-text becomes the tokenizer's padding token;
+* a chunk that fills up while a comma sits among its last 20 tokens ends after that comma, and the
+  words after it open the next chunk (A1111's "comma padding backtrack", default 20);
+* ``BREAK`` ends the current chunk (padded) and starts a new one;
+* a textual-inversion embedding named in the prompt takes as many places as it has vectors, and never
+  straddles two chunks;
+* each chunk's weights scale its own encoder output, and its mean is restored per chunk.
+
+Every text encoder of a model gets the same chunk boundaries: they share one vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from difftool.plugins.builtin.sd.prompt_weights import BREAK_WEIGHT, parse
+
+CHUNK_TOKENS = 75
+COMMA_BACKTRACK = 20
+
+
+@dataclass
+class Chunk:
+    """77 token ids (``BOS``, 75 prompt places, ``EOS``), one weight per id, and the embeddings placed in it."""
+
+    ids: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    #: ``(offset in ids, embedding)``: the embedding's vectors replace the token embeddings from there.
+    embeddings: list[tuple[int, Any]] = field(default_factory=list)
+
+
+#: ``(token ids, position) -> (embedding, ids it spans)`` or ``(None, 0)``.
+EmbeddingFinder = Callable[[Sequence[int], int], tuple[Any, int]]
+
+
+def no_embeddings(ids: Sequence[int], position: int) -> tuple[Any, int]:
+    return None, 0
+
+
+def chunk_prompt(tokenizer: Any, prompt: str, find_embedding: EmbeddingFinder = no_embeddings) -> list[Chunk]:
+    """The prompt's chunks (at least one) for ``tokenizer`` (a CLIP tokenizer)."""
+    parsed = parse(prompt)
+    tokenized = tokenizer([text for text, _ in parsed], truncation=False, add_special_tokens=False).input_ids
+    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
+    comma = tokenizer.get_vocab().get(",</w>")
+    chunks: list[Chunk] = []
+    current = Chunk()
+    last_comma = -1
+
+    def close() -> None:
+        nonlocal current, last_comma
+        missing = CHUNK_TOKENS - len(current.ids)
+        ids = [bos, *current.ids, *[eos] * missing, eos]
+        first_end = ids.index(eos)
+        ids[first_end + 1 :] = [pad] * (len(ids) - first_end - 1)
+        weights = [1.0, *current.weights, *[1.0] * missing, 1.0]
+        embeddings = [(offset + 1, embedding) for offset, embedding in current.embeddings]
+        chunks.append(Chunk(ids, weights, embeddings))
+        current, last_comma = Chunk(), -1
+
+    for ids, (_text, weight) in zip(tokenized, parsed, strict=True):
+        if weight == BREAK_WEIGHT:
+            close()
+            continue
+        position = 0
+        while position < len(ids):
+            token = ids[position]
+            if token == comma:
+                last_comma = len(current.ids)
+            elif len(current.ids) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
+                # Full, with a comma close behind: the words after the comma move to the next chunk.
+                cut = last_comma + 1
+                moved = Chunk(current.ids[cut:], current.weights[cut:])
+                current.ids, current.weights = current.ids[:cut], current.weights[:cut]
+                close()
+                current = moved
+            if len(current.ids) == CHUNK_TOKENS:
+                close()
+            embedding, spans = find_embedding(ids, position)
+            if embedding is None:
+                current.ids.append(token)
+                current.weights.append(weight)
+                position += 1
+                continue
+            count = int(embedding.vectors)
+            if len(current.ids) + count > CHUNK_TOKENS:
+                close()
+            current.embeddings.append((len(current.ids), embedding))
+            current.ids += [0] * count  # placeholders: their token embeddings are replaced by the vectors
+            current.weights += [weight] * count
+            position += spans
+    if current.ids or not chunks:
+        close()
+    return chunks

@@ -298,7 +298,7 @@ def to_eight_bit(image: Image.Image) -> Image.Image:
 
 
 def save_image(image: Image.Image, path: str | os.PathLike[str], record: Mapping[str, Any] | None = None) -> Path:
-    """Write ``image`` to ``path`` atomically; PNG gets ``record`` as ``parameters`` and ``difftool`` text."""
+    """Write ``image`` to ``path`` atomically, with ``record`` where the format holds it (PNG text, JPEG/WebP EXIF)."""
     target = Path(path)
     fmt = SAVE_FORMATS.get(target.suffix.lower())
     if fmt is None:

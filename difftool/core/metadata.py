@@ -21,6 +21,8 @@ from PIL import ExifTags, Image, PngImagePlugin
 _UNICODE, _ASCII = b"UNICODE\0", b"ASCII\0\0\0"
 #: Formats whose metadata lives in EXIF.
 EXIF_FORMATS = frozenset({"JPEG", "WEBP"})
+#: A JPEG APP1 segment's payload limit (less its header).
+EXIF_LIMIT = 65_000
 
 
 def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -32,11 +34,17 @@ def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
         info.add_text("difftool", as_json)
         return {"pnginfo": info}
     if fmt in EXIF_FORMATS:
-        exif = Image.Exif()
-        exif[ExifTags.Base.ImageDescription] = as_json
         comment = _UNICODE + format_parameters(record).encode("utf-16-be")
-        exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = comment
-        return {"exif": exif.tobytes()}
+        # EXIF lives in one 64 KiB segment: a long prompt keeps its A1111 text and drops the JSON copy first.
+        for description, user_comment in ((as_json, comment), (None, comment), (None, None)):
+            exif = Image.Exif()
+            if description is not None:
+                exif[ExifTags.Base.ImageDescription] = description
+            if user_comment is not None:
+                exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = user_comment
+            data = exif.tobytes()
+            if len(data) <= EXIF_LIMIT:
+                return {"exif": data} if description or user_comment else {}
     return {}
 
 
@@ -48,10 +56,12 @@ def decode(image: Image.Image) -> dict[str, Any]:
             exif = image.getexif()
             comment = exif.get_ifd(ExifTags.IFD.Exif).get(ExifTags.Base.UserComment)
             description = exif.get(ExifTags.Base.ImageDescription)
-        except (OSError, ValueError, SyntaxError):  # corrupt EXIF: no metadata, the image itself is fine
+            comment = _user_comment(comment) if isinstance(comment, bytes) else None
+        except (OSError, ValueError, SyntaxError, UnicodeError):  # corrupt EXIF: no metadata; the image is fine
             comment = description = None
-        if isinstance(comment, bytes) and "parameters" not in text:
-            text["parameters"] = _user_comment(comment)
+        # A camera's comment ("Happy birthday") is not a prompt: only text with A1111's settings line is.
+        if comment and _SETTINGS_LINE.search(comment) and "parameters" not in text:
+            text["parameters"] = comment
         if isinstance(description, str) and description.startswith("{") and "difftool" not in text:
             text["difftool"] = description
     found: dict[str, Any] = {}
@@ -70,7 +80,7 @@ def _user_comment(raw: bytes) -> str:
     prefix, body = raw[:8], raw[8:]
     if prefix == _UNICODE:
         if body[:2] in (b"\xff\xfe", b"\xfe\xff"):
-            return body.decode("utf-16")
+            return body.decode("utf-16", errors="replace")
         return body.decode("utf-16-be", errors="replace")
     return body.decode("utf-8" if prefix == _ASCII else "latin-1", errors="replace").rstrip("\0")
 
@@ -110,6 +120,8 @@ def _quote(value: Any) -> str:
     return json.dumps(text) if "," in text or '"' in text else text
 
 
+#: A1111's settings line, which every generation's parameters text ends with.
+_SETTINGS_LINE = re.compile(r"(^|\n)(Steps|difftool task|Seed|Size|Upscale): ")
 #: One ``Key: value`` of the settings line; a value is either quoted (JSON string) or runs to the next comma.
 _SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 

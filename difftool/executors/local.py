@@ -19,7 +19,9 @@ def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
     for item in job.items:
         bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
 
-        def progress(step: int, total: int, preview: Any, bar: Any = bar) -> None:
+        def progress(step: int, total: int, preview: Any, bar: Any = bar, key: str = item.key) -> None:
+            if getattr(bar, "desc", key) != key:
+                bar.set_description_str(key)  # sampling now: the load or export phase is over
             bar.total = total
             bar.update(step - bar.n)
 
@@ -29,7 +31,6 @@ def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
         try:
             with phases.listening(phase):
                 record = process_item(job, item, run_plan, progress, raise_errors=len(job.items) == 1)
-            bar.set_description_str(item.key)
         finally:
             bar.close()
         if record["status"] == "failed" and len(job.items) > 1:

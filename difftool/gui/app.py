@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (
     QMessageBox,
     QWidget,
 )
+from shiboken6 import isValid
 
 from difftool.core.images import read_metadata
 from difftool.gui.canvas import Canvas
@@ -44,14 +45,14 @@ class MainWindow(ResultActions, QMainWindow):
         self.settings = settings or QSettings("difftool", "difftool")
         self.source: Image.Image | None = None
         self.source_path: Path | None = None
-        self.source_name = ""
-        self.history: list[Any] = []
+        self.source_name, self.source_stem, self.source_dir = "", "image", ""
         self.queue = JobQueue(preview_every=2)
         self.queue.signals.started.connect(lambda job_id: self.status.started(self.queue.jobs[job_id]))
         self.queue.signals.phase.connect(self._on_phase)
         self.queue.signals.progress.connect(self._on_progress)
         self.queue.signals.finished.connect(self._on_finished)
         self.queue.signals.changed.connect(self._refresh_queue)
+        self.queue.signals.abandoned.connect(lambda job_id: self.status.finished(self.queue.jobs[job_id]))
         self.setWindowTitle("difftool")
         self.setAcceptDrops(True)
         self.canvas = Canvas()
@@ -95,7 +96,7 @@ class MainWindow(ResultActions, QMainWindow):
         self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.mask_dock)
 
         self.history_list = HistoryStrip()
-        self.history_list.itemClicked.connect(self._on_history_clicked)
+        self.history_list.currentItemChanged.connect(self._on_history_selected)
         history_dock = QDockWidget("History", self)
         history_dock.setObjectName("history-dock")
         history_dock.setWidget(self.history_list)
@@ -144,7 +145,10 @@ class MainWindow(ResultActions, QMainWindow):
 
     def _on_task_changed(self) -> None:
         task = self.registry.task(self.task_box.currentText())
-        self.mask_dock.setVisible(any(p.type == "mask" for p in task.params))  # only tasks that take a mask
+        takes_mask = any(p.type == "mask" for p in task.params)
+        self.mask_dock.setVisible(takes_mask)  # only tasks that take a mask
+        if not takes_mask:
+            self.paint_check.setChecked(False)  # no invisible painting with the panel gone
 
     # --- images -------------------------------------------------------------------------------
     def open_path(self, path: str | Path) -> None:
@@ -158,15 +162,24 @@ class MainWindow(ResultActions, QMainWindow):
             return
         self.set_source(loaded.to_pil(keep_mode=False), Path(path))
         self.settings.setValue("open_dir", str(Path(path).parent))
-        meta = read_metadata(path)  # PNG text, or JPEG/WebP EXIF
+        try:
+            meta = read_metadata(path)  # PNG text, or JPEG/WebP EXIF
+        except DifftoolError:
+            meta = {}  # unreadable metadata: the image itself opened fine
         if meta:
             self.reuse_record(meta.get("difftool") or {}, meta.get("parameters") or {})
 
-    def set_source(self, image: Image.Image, path: Path | None = None, name: str = "pasted image") -> None:
+    def set_source(
+        self, image: Image.Image, path: Path | None = None, name: str = "", stem: str = "", folder: str = ""
+    ) -> None:
+        """A new image to work on; ``name``, ``stem`` and ``folder`` default to the file's (a chained result
+        passes its input's: its result is saved as ``photo.superres.inpaint.png`` beside ``photo.png``)."""
         self.source, self.source_path = image, path
         self.canvas.set_image(pil_to_qimage(image))
         self.mask_panel.sync_brush()
-        self.source_name, self.source_stem = (path.name if path else name), None
+        self.source_name = name or (path.name if path else "pasted image")
+        self.source_stem = stem or (path.stem if path else "image")
+        self.source_dir = folder or (str(path.parent) if path else "")
         self._describe_source()
 
     def _describe_source(self) -> None:
@@ -209,12 +222,14 @@ class MainWindow(ResultActions, QMainWindow):
         """Queue the current task with the current form for every image in ``paths`` (folders expanded)."""
         from difftool.batch import IMAGE_SUFFIXES
 
-        files = [p for p in paths if p.is_file()] + [
-            f for p in paths if p.is_dir() for f in sorted(p.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
+        listed = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
+        files = [f for f in listed if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
         task = self.registry.task(self.task_box.currentText())
         if not task.inputs:
             self.show_error(f"{task.name} takes no input image; pick a task that does, then drop the images again")
+            return []
+        if not files:
+            self.show_error(f"no images among what was dropped ({', '.join(sorted(IMAGE_SUFFIXES))})")
             return []
         ids = [self.queue.submit(self.build_job([str(f)])) for f in files]
         self.statusBar().showMessage(f"queued {len(ids)} image(s) for {task.name}", 10_000)
@@ -232,14 +247,22 @@ class MainWindow(ResultActions, QMainWindow):
         params = self.form.values()
         mask_params = [p.name for p in task.params if p.type == "mask"]
         painted = self.painted_mask() if inputs is None else None
-        for name in mask_params:
-            if name not in params and painted is not None:
-                params[name] = painted  # exactly what was painted, pixel for pixel
+        for name in mask_params[:1]:
+            if painted is not None:
+                params[name] = painted  # exactly what was painted, pixel for pixel (what is on screen wins)
         options = {**self.task_panel.run_options(task.uses_model), "registry": self.registry}
-        if inputs is None:
-            inputs = [self.source] if task.inputs else []
         self.task_panel.remember()
-        return Job(task.name, inputs, params, options)
+        if inputs is not None:  # a batch: each job knows its own file
+            path = Path(str(inputs[0]))
+            origin = {"source_name": path.name, "source_stem": path.stem, "source_dir": str(path.parent)}
+        else:
+            inputs = [self.source] if task.inputs else []
+            origin = {"source_name": self.source_name, "source_stem": self.source_stem, "source_dir": self.source_dir}
+            if task.inputs and self.source is not None:
+                origin["before"] = self.canvas.before
+        if not task.inputs:
+            origin = {"source_name": "", "source_stem": task.name, "source_dir": self.source_dir}
+        return Job(task.name, inputs, params, options, **origin)
 
     def run_current(self) -> int | None:
         if self.source is None and self.registry.task(self.task_box.currentText()).inputs:
@@ -257,6 +280,10 @@ class MainWindow(ResultActions, QMainWindow):
         if item is not None:
             self.queue.cancel(int(item.data(Qt.ItemDataRole.UserRole)))
 
+    def _live(self, job_id: int) -> bool:
+        """Whether the job's signals still speak for the screen (an abandoned job's late ones do not)."""
+        return job_id not in self.queue.abandoned
+
     def _refresh_queue(self) -> None:
         self.queue_list.clear()
         for job in self.queue.jobs.values():
@@ -266,57 +293,88 @@ class MainWindow(ResultActions, QMainWindow):
                 self.queue_list.addItem(item)
         self.status.running(self.queue.running is not None)
 
+    def _update_row(self, job: Job) -> None:
+        """The job's queue row names what it is doing now (its phase, its step)."""
+        for index in range(self.queue_list.count()):
+            item = self.queue_list.item(index)
+            if item.data(Qt.ItemDataRole.UserRole) == job.id:
+                item.setText(job.label())
+
     def _on_phase(self, job_id: int, what: str, done: int, total: int) -> None:
-        self.status.phase(self.queue.jobs[job_id], what, None if done < 0 else done, None if total < 0 else total)
-        self._refresh_queue()  # the job's row names its phase too
+        if self._live(job_id):
+            job = self.queue.jobs[job_id]
+            self.status.phase(job, what, None if done < 0 else done, None if total < 0 else total)
+            self._update_row(job)
 
     def _on_progress(self, job_id: int, step: int, total: int, preview: Any) -> None:
+        if not self._live(job_id):
+            return
         job = self.queue.jobs[job_id]
-        first = not job.phase.startswith("running")
         self.status.step(job, step, total)
-        if first:
-            self._refresh_queue()
+        self._update_row(job)
         if preview is not None:
-            self.canvas.set_result(pil_to_qimage(preview))
+            self.paint_check.setChecked(False)  # the preview takes the screen: paint again on the source after
+            self.canvas.set_result(pil_to_qimage(preview), self._before(job))
             self.status.showing(f"preview of #{job.id} {job.task}, step {step} / {total}")
 
     def _on_finished(self, job_id: int) -> None:
+        if not self._live(job_id):
+            return
         job = self.queue.jobs[job_id]
-        self.status.finished(job)
+        message = self.rendered(job.error, job.task) if job.state == "failed" else ""
+        self.status.finished(job, message)
         if job.state == "done":
-            self.history.append(job)
-            self.history_list.add(job)
-            self._show_result(job)
+            self.history_list.add(job)  # selecting it shows it (_on_history_selected)
         elif job.state == "failed":
-            self.show_error(job.error, getattr(job, "details", ""))
+            self.show_error(job.error, job.details, job.task)
+
+    def _before(self, job: Job) -> Any:
+        """The job's input as a QImage for the compare view (loaded once; ``None`` for a job without one)."""
+        if job.before is None and job.inputs and isinstance(job.inputs[0], (str, Path)):
+            from difftool.core.errors import DifftoolError
+            from difftool.core.images import open_image
+
+            try:
+                job.before = pil_to_qimage(open_image(job.inputs[0]).to_pil(keep_mode=False))
+            except DifftoolError:
+                return None
+        return job.before
 
     def _show_result(self, job: Job) -> None:
         image = job.result.image
-        self.canvas.set_result(pil_to_qimage(image))
-        origin = f" (from {self.source_name})" if job.inputs else ""
+        self.paint_check.setChecked(False)  # the result takes the screen
+        self.canvas.set_result(pil_to_qimage(image), self._before(job))
+        origin = f" (from {job.source_name})" if job.source_name else ""
         self.status.showing(f"result of #{job.id} {job.task} — {image.width}×{image.height}{origin}")
 
-    # --- results ------------------------------------------------------------------------------
     # --- messages -----------------------------------------------------------------------------
-    def show_error(self, message: str, details: str = "") -> None:
-        """The error in the window's words (fields, not CLI flags), with the fields it names highlighted."""
-        task = self.form.task
-        masks = [p.name for p in task.params if p.type == "mask"]
-        text, fields = for_the_window(message, [p.name for p in task.params], masks)
+    def rendered(self, message: str, task: str | None = None) -> str:
+        return self._render(message, task)[0]
+
+    def _render(self, message: str, task: str | None) -> tuple[str, list[str]]:
+        params = self.registry.task(task).params if task in self.registry.tasks else self.form.task.params
+        masks = [p.name for p in params if p.type == "mask"]
+        return for_the_window(message, [p.name for p in params], masks)
+
+    def show_error(self, message: str, details: str = "", task: str | None = None) -> None:
+        """The error in the window's words (fields, not CLI flags), with the fields it names highlighted
+        when ``task`` (default: the one on screen) is the task on screen."""
+        text, fields = self._render(message, task)
         box = QMessageBox(QMessageBox.Icon.Warning, "difftool", text, parent=self)
         if details:
             box.setDetailedText(details)
         box.setModal(False)
         box.show()
         self.last_error = text
-        self.highlight(fields)
+        self.highlight(fields if task in (None, self.form.task.name) else [])
 
     def highlight(self, fields: list[str]) -> None:
         """Mark the named fields (until the next error) and put the focus in the first."""
         panel = {"model": self.model_box, "backend": self.backend_box, "device": self.device_box}
         panel |= {"dtype": self.dtype_box, "seed": self.seed_box, "backend-opt": self.task_panel.options_box}
         for widget in getattr(self, "_highlighted", []):
-            widget.setStyleSheet("")
+            if isValid(widget):  # a previous task's form may be gone
+                widget.setStyleSheet("")
         self._highlighted: list[QWidget] = [
             w for w in (self.form.widgets.get(f) or panel.get(f) for f in fields) if w is not None
         ]
@@ -344,8 +402,8 @@ class MainWindow(ResultActions, QMainWindow):
 
     def _on_hover(self, x: int, y: int) -> None:
         image = self.canvas.shown()
-        if image is not None and 0 <= x < image.width() and 0 <= y < image.height():
-            self.statusBar().showMessage(f"{x}, {y}   zoom {self.canvas.scale * 100:.0f}%", 2000)
+        inside = image is not None and 0 <= x < image.width() and 0 <= y < image.height()
+        self.status.pointer.setText(f"{x}, {y}  {self.canvas.scale * 100:.0f}%" if inside else "")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802
         self.settings.setValue("geometry", self.saveGeometry())

@@ -6,6 +6,8 @@ from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import QColor, QImage, QMouseEvent, QPainter, QPaintEvent, QPen, QRadialGradient, QWheelEvent
 from PySide6.QtWidgets import QWidget
 
+SOURCE = object()  # set_result's default "before": the source on the canvas
+
 
 class MaskLayer:
     """A grayscale mask the size of the image (255 = repaint), with brush strokes and undo/redo."""
@@ -86,7 +88,6 @@ class Canvas(QWidget):
 
     hovered = Signal(int, int)  # image pixel under the cursor
     zoomed = Signal(float)
-    split_moved = Signal(float)
     source_shown = Signal()  # the source replaced the result on screen (to paint on it)
 
     def __init__(self) -> None:
@@ -99,6 +100,7 @@ class Canvas(QWidget):
         self.painting = False
         self.brush_screen = 32  # the brush's diameter in screen pixels, whatever the zoom
         self.compare = False
+        self.compare_with: QImage | None = None  # the "before" of the result on screen
         self.split = 0.5
         self._dragging_split = False
         self._pointer: QPointF | None = None
@@ -113,13 +115,16 @@ class Canvas(QWidget):
     # --- content ------------------------------------------------------------------------------
     def set_image(self, image: QImage) -> None:
         """A new source image: resets the result, the mask and the view."""
-        self.before, self.after = image, None
+        self.before, self.after, self.compare_with = image, None, None
         self.mask = MaskLayer(image.width(), image.height())
         self.fit()
 
-    def set_result(self, image: QImage) -> None:
+    def set_result(self, image: QImage, before: QImage | None | object = SOURCE) -> None:
+        """Show a result (or preview); the compare view sets it against ``before`` (default: the source;
+        ``None``: nothing to compare, e.g. a generated image)."""
         previous = self.shown()
         self.after = image
+        self.compare_with = self.before if before is SOURCE else before  # type: ignore[assignment]
         if self.fitted:
             self.fit()  # a 4x result keeps filling the view instead of zooming in 4x
         else:
@@ -188,11 +193,10 @@ class Canvas(QWidget):
         return max(1.0, self.brush_screen / self.scale)
 
     def comparing(self) -> bool:
-        return self.compare and self.before is not None and self.after is not None and not self.painting
+        return self.compare and self.compare_with is not None and self.after is not None and not self.painting
 
     def set_split(self, value: float) -> None:
         self.split = min(1.0, max(0.0, value))
-        self.split_moved.emit(self.split)
         self.update()
 
     def _image_rect(self, image: QImage) -> QRectF:
@@ -273,7 +277,7 @@ class Canvas(QWidget):
         x = target.left() + target.width() * self.split
         painter.save()
         painter.setClipRect(QRectF(target.left(), target.top(), x - target.left(), target.height()))
-        painter.drawImage(target, self.before)  # type: ignore[arg-type]
+        painter.drawImage(target, self.compare_with)  # type: ignore[arg-type]
         painter.restore()
         painter.setPen(QPen(QColor(255, 255, 255), 2))
         painter.drawLine(QPointF(x, target.top()), QPointF(x, target.bottom()))

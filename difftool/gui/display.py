@@ -30,18 +30,19 @@ def display_problem(
     env = os.environ if env is None else env
     if not platform.startswith("linux"):
         return None  # Windows and macOS always have their own platform plugin
-    requested = env.get("QT_QPA_PLATFORM", "").split(":")[0].split(";")[0]
-    if requested in HEADLESS_PLATFORMS:
+    # "wayland;xcb": Qt tries each in turn; "xcb:arg=value" carries plugin arguments.
+    requested = [p.split(":")[0] for p in env.get("QT_QPA_PLATFORM", "").split(";") if p]
+    if any(p in HEADLESS_PLATFORMS for p in requested):
         return None
     x11, wayland = env.get("DISPLAY", ""), env.get("WAYLAND_DISPLAY", "")
-    if requested.startswith("wayland") and not wayland:
-        return f"QT_QPA_PLATFORM={requested} but WAYLAND_DISPLAY is not set; run it in a Wayland session {CLI_HINT}"
+    if requested and all(p.startswith("wayland") for p in requested) and not wayland:
+        return f"QT_QPA_PLATFORM={requested[0]} but WAYLAND_DISPLAY is not set; run it in a Wayland session {CLI_HINT}"
     if not x11 and not wayland:
         return (
             "no display to open a window on (neither DISPLAY nor WAYLAND_DISPLAY is set); "
             f"run it in a desktop session, set DISPLAY (e.g. ssh -X, or xvfb-run for a virtual one), {CLI_HINT}"
         )
-    if wayland and requested != "xcb":
+    if wayland and requested != ["xcb"]:
         return None  # Qt's Wayland plugin needs no xcb libraries
     local = re.fullmatch(r"(?:unix)?:(\d+)(?:\.\d+)?", x11)
     if local and x11_sockets.is_dir() and not (x11_sockets / f"X{local.group(1)}").exists():
@@ -81,4 +82,5 @@ def debian_package(library: str) -> str:
     if not found:
         return library
     name, major = found.groups()
+    name = name.lower()  # libEGL.so.1 -> libegl1
     return f"{name}-{major}" if name[-1].isdigit() else f"{name}{major}"

@@ -25,6 +25,13 @@ class Job:
     result: Any = None
     error: str = ""
     phase: str = ""  # what a running job is doing: "loading model x", "running, step 3 / 20"
+    details: str = ""  # a failure's traceback
+    #: Where the input came from, for the result's name, folder and status line (a chain: photo.superres).
+    source_name: str = ""
+    source_stem: str = "image"
+    source_dir: str = ""
+    #: The input as shown in the compare view (a QImage, made on first display).
+    before: Any = None
 
     def label(self) -> str:
         return f"#{self.id} {self.task} — {self.phase if self.state == 'running' and self.phase else self.state}"
@@ -33,9 +40,8 @@ class Job:
 class JobSignals(QObject):
     started = Signal(int)
     progress = Signal(int, int, int, object)  # job id, step, total, preview image or None
-    # job id, what (loading a model, exporting), done, total; -1 for a count the phase cannot give. Plain ints:
-    # PySide6 mis-counts references to None sent through queued ``object`` arguments, and 3.11's None is mortal.
-    phase = Signal(int, str, int, int)
+    phase = Signal(int, str, int, int)  # job id, what (loading a model, exporting), done, total (-1: unknown)
+    abandoned = Signal(int)  # a cancelled job that never reached a step boundary was given up
     finished = Signal(int)  # job id; the job holds its result or error
     changed = Signal()  # the queue's contents or states changed
 
@@ -119,6 +125,7 @@ class JobQueue(QObject):
         job.state, job.error = "cancelled", "abandoned: the task did not stop within the grace period"
         self.abandoned.add(job_id)
         self.running = None
+        self.signals.abandoned.emit(job_id)
         self.signals.changed.emit()
         self._start_next()
 

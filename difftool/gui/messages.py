@@ -8,7 +8,7 @@ returns those fields, so the window can highlight them.
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 #: Options that are not task parameters: the task panel's own boxes (option -> field label).
 PANEL_FIELDS = {
@@ -21,7 +21,7 @@ PANEL_FIELDS = {
 }
 #: ``pass --name VALUE`` (VALUE in capitals, or a literal like ``1`` or ``cuda``), or a bare ``--name``.
 _PASS = re.compile(r"\bpass (--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_,.:\[\]|]*|[\w.|=,]+(?=[ ;,)]|$)))?")
-_OPTION = re.compile(r"--([a-z][a-z0-9-]*)")
+_OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 _CLI_ONLY = re.compile(r" or (?:a name from )?`difftool [^`]*`")
 
 
@@ -74,7 +74,11 @@ def for_the_window(message: str, params: Collection[str], masks: Collection[str]
     return text, fields
 
 
-def _or_option(match: re.Match[str], field, note) -> str:  # noqa: ANN001 - the closures above
+def _or_option(
+    match: re.Match[str],
+    field: Callable[[str], tuple[str, str] | None],
+    note: Callable[[str], None],
+) -> str:
     """``... or --extend L,R,T,B`` -> ``... or set "extend" to L,R,T,B``."""
     found = field(match.group(1))
     if found is None:

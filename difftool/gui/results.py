@@ -21,17 +21,14 @@ SAVE_FILTER = "PNG with metadata (*.png);;JPEG with metadata (*.jpg);;WebP with 
 class ResultActions:
     """Result handling for the main window (which provides the widgets, ``history_list`` and ``settings``)."""
 
-    source_stem: str | None = None
-
     def send_to(self, task: str | None) -> None:
         """The selected result becomes the input (of ``task``, or the current one): chain without saving."""
         job = self.history_list.selected_job()
         if job is None:
             self.show_error("run a task first: there is no result to use as input")
             return
-        stem = self.source_stem or (self.source_path.stem if self.source_path else "image")
-        self.set_source(job.result.image.copy(), None, f"result of #{job.id} {job.task}")
-        self.source_stem = f"{stem}.{job.task}"  # saved later as photo.superres.inpaint.png
+        name, stem = f"result of #{job.id} {job.task}", f"{job.source_stem}.{job.task}"  # photo.superres
+        self.set_source(job.result.image.copy(), None, name, stem, job.source_dir)
         if task is not None:
             self.task_box.setCurrentText(task)
 
@@ -39,8 +36,9 @@ class ResultActions:
         job = self.history_list.selected_job()
         return job.result if job is not None else None
 
-    def _on_history_clicked(self, item: QListWidgetItem) -> None:
-        self._show_result(self.history_list.job_of(item))
+    def _on_history_selected(self, item: QListWidgetItem | None) -> None:
+        if item is not None:  # clicked, or reached with the arrow keys: what is on screen is what Save saves
+            self._show_result(self.history_list.job_of(item))
 
     def set_compare(self, on: bool) -> None:
         """The before | after view: a divider on the canvas (drag it); previews stay visible right of it."""
@@ -50,11 +48,12 @@ class ResultActions:
         self.canvas.update()
 
     def default_save_path(self) -> Path:
-        """``<input stem>.<task>.png`` in the last folder saved to (else the input's folder)."""
+        """The selected result's ``<input stem>.<task>.png``, in the last folder saved to (else its input's)."""
         job = self.history_list.selected_job()
-        stem = getattr(self, "source_stem", None) or (self.source_path.stem if self.source_path else "image")
-        folder = self.settings.value("save_dir") or (self.source_path.parent if self.source_path else Path.cwd())
-        return Path(str(folder)) / f"{stem}.{job.task if job else 'result'}.png"
+        if job is None:
+            return Path.cwd() / "result.png"
+        folder = self.settings.value("save_dir") or job.source_dir or Path.cwd()
+        return Path(str(folder)) / f"{job.source_stem}.{job.task}.png"
 
     def save_result(self, path: str | Path) -> Path:
         """Write the selected result with its parameters (PNG text, JPEG/WebP EXIF) and say so."""
@@ -78,6 +77,8 @@ class ResultActions:
                 self.save_result(path)
             except DifftoolError as error:
                 self.show_error(str(error))
+            except OSError as error:  # a read-only folder, a full disk: nothing was written
+                self.show_error(f"cannot save {path}: {error.strerror or error}; choose another folder")
 
     def copy_result(self) -> None:
         result = self.selected_result()
@@ -94,7 +95,7 @@ class ResultActions:
         painted = [v for k, v in job.params.items() if kinds.get(k) in ("image", "mask") and isinstance(v, Image.Image)]
         if painted:  # the mask was painted, not a file: paint it back on the job's source
             if job.inputs and isinstance(job.inputs[0], Image.Image):
-                self.set_source(job.inputs[0])
+                self.set_source(job.inputs[0], None, job.source_name, job.source_stem, job.source_dir)
             if self.canvas.mask is not None:
                 self.canvas.mask.load(pil_to_qimage(painted[0].convert("L")))
                 self.canvas.update()

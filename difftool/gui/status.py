@@ -21,10 +21,12 @@ class RunStatus:
         self.progress.setFormat("%v / %m")
         self.progress.setValue(0)
         self.eta = QLabel()
+        self.pointer = QLabel()  # the pixel under the pointer and the zoom (never hides the image line)
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(on_cancel)
         bar.addWidget(self.image, 1)
+        bar.addPermanentWidget(self.pointer)
         if first is not None:
             bar.addPermanentWidget(first)
         bar.addPermanentWidget(self.job)
@@ -62,7 +64,8 @@ class RunStatus:
             remaining = (time.perf_counter() - started) / step * (total - step)
             self.eta.setText(f"ETA {remaining:.0f} s")
 
-    def finished(self, job: Any) -> None:
+    def finished(self, job: Any, message: str = "") -> None:
+        """The job's end; ``message``: its error as the window words it (default: the raw error)."""
         seconds = time.perf_counter() - self._started.pop(job.id, time.perf_counter())
         self.eta.clear()
         if self.progress.maximum() == 0:  # never stepped: no busy bar left spinning
@@ -72,7 +75,7 @@ class RunStatus:
             self.job.setText(f"#{job.id} {job.task}: done in {seconds:.1f} s")
         else:
             self.progress.setValue(0)
-            why = f": {job.error}" if job.state == "failed" and job.error else ""
+            why = f": {message or job.error}" if job.state == "failed" and job.error else ""
             self.job.setText(f"#{job.id} {job.task}: {job.state}{why}"[:160])
 
     def running(self, running: bool) -> None:

@@ -162,21 +162,37 @@ class TaskPanel(QWidget):
 
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         self.form = ParamForm(task, choices)
-        self.form.set_values(self._remembered(name))
+        for key, value in self._remembered(name).items():
+            try:
+                self.form.set_values({key: value})
+            except (TypeError, ValueError):  # a value of an older version of the task: keep the default
+                continue
         self.form_area.setWidget(self.form)
         self._offer_models(task)
-        reason = task.availability(self.model_choice())
-        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
+        self._show_availability()
         for widget in (self.model_box, self.backend_box, self.device_box, self.dtype_box):
             self.common.setRowVisible(widget, task.uses_model)  # a task that loads no model has no backend
         self.options_box.setVisible(task.uses_model and self.options_form is not None)
         self.settings.setValue("task", name)
 
+    def _show_availability(self) -> None:
+        task = self.registry.task(self.task_box.currentText())
+        reason = task.availability(self.model_choice())
+        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
+
     def remember(self) -> None:
-        """Keep the current form's values for its task (restored when the task is picked again)."""
+        """Keep the current form's values and model for its task (restored when the task is picked again).
+
+        Files (image, mask, path parameters) are not kept: a stale file must never stand in for a mask
+        painted later, or name a file that has gone.
+        """
         if self.form is not None:
-            values = {k: v for k, v in self.form.values().items() if isinstance(v, (str, int, float, bool))}
+            files = {p.name for p in self.form.task.params if p.type in ("image", "mask", "path")}
+            values = {
+                k: v for k, v in self.form.values().items() if isinstance(v, (str, int, float, bool)) and k not in files
+            }
             self.settings.setValue(f"params/{self.form.task.name}", json.dumps(values))
+            self.settings.setValue(f"model/{self.form.task.name}", self.model_box.currentText())
 
     def _remembered(self, task: str) -> dict[str, Any]:
         try:
@@ -186,12 +202,18 @@ class TaskPanel(QWidget):
         return values if isinstance(values, dict) else {}
 
     def _offer_models(self, task: Any) -> None:
-        """Show only the listed models of the families the task runs (models added by Browse always show)."""
-        view = self.model_box.view()
+        """Show only the listed models of the families the task runs (models added by Browse always show);
+        the task's last model comes back when it is still offered."""
+        view, items = self.model_box.view(), self.model_box.model()
         for index in range(self.model_box.count()):
             family = self.model_box.itemData(index, FAMILY_ROLE)
-            view.setRowHidden(index, family is not None and not task.accepts_family(family))
-        if view.isRowHidden(self.model_box.currentIndex()):
+            hidden = family is not None and not task.accepts_family(family)
+            view.setRowHidden(index, hidden)
+            items.item(index).setEnabled(not hidden)  # the wheel and arrow keys skip it too
+        last = self.model_box.findText(str(self.settings.value(f"model/{task.name}", "")))
+        if last >= 0 and not view.isRowHidden(last):
+            self.model_box.setCurrentIndex(last)
+        elif view.isRowHidden(self.model_box.currentIndex()):
             self.model_box.setCurrentIndex(0)
 
     def offered_models(self) -> list[str]:
@@ -221,7 +243,7 @@ class TaskPanel(QWidget):
                 self.settings.setValue("model_dir", str(Path(folder).parent if Path(folder).is_file() else folder))
             else:
                 self.model_box.setCurrentIndex(0)
-        self.on_task_changed()
+        self._show_availability()
 
     def run_options(self, uses_model: bool) -> dict[str, Any]:
         """Model, backend, device, precision and backend options for :func:`difftool.api.run`."""

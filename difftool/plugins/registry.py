@@ -58,6 +58,12 @@ COMMON_OPTIONS = frozenset(
         "gpus_per_worker",
         "backend_opt",
         "backend_options",
+        # difftool.run()'s own keywords
+        "progress",
+        "preview_every",
+        "cancel",
+        "registry",
+        "phase",
     }
 )
 

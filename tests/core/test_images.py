@@ -268,3 +268,26 @@ def test_random_images_load_or_fail_with_our_error(mode, width, height, fmt, see
         return
     assert loaded.rgb.shape == (loaded.height, loaded.width, 3)
     assert np.isfinite(loaded.rgb).all() and loaded.rgb.min() >= 0 and loaded.rgb.max() <= 1
+
+
+def test_a_cameras_user_comment_is_not_taken_for_a_prompt(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9286] = b"ASCII\0\0\0Happy birthday Anna"
+    path = tmp_path / "camera.jpg"
+    Image.new("RGB", (8, 8)).save(path, exif=exif.tobytes())
+    assert images.read_metadata(path) == {}
+    broken = Image.Exif()
+    broken.get_ifd(0x8769)[0x9286] = b"UNICODE\0\xff\xfe\x00\xd8"  # a lone surrogate: undecodable
+    Image.new("RGB", (8, 8)).save(tmp_path / "broken.jpg", exif=broken.tobytes())
+    assert images.read_metadata(tmp_path / "broken.jpg") == {}  # no metadata, no error: the image is fine
+
+
+def test_a_prompt_too_long_for_exif_keeps_its_a1111_text_and_drops_the_json_copy(tmp_path: Path) -> None:
+    record = {"task": "generate", "prompt": "a very long prompt, " * 1600, "seed": 3, "steps": 20}
+    path = images.save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", record)
+    meta = images.read_metadata(path)
+    assert "difftool" not in meta and meta["parameters"]["Seed"] == "3"
+    huge = {**record, "prompt": "x" * 40_000}
+    assert "parameters" not in images.read_metadata(
+        images.save_image(Image.new("RGB", (8, 8)), tmp_path / "h.jpg", huge)
+    )

@@ -170,7 +170,7 @@ def test_saving_names_the_file_after_input_and_task_confirms_and_keeps_metadata_
     window.send_to("inpaint")  # chained: the name tells both steps
     result = window.selected_result().image
     assert window.task_box.currentText() == "inpaint" and window.source.tobytes() == result.tobytes()
-    assert window.default_save_path().name == "photo.superres.superres.png"  # the selected job is superres
+    assert window.default_save_path().name == "photo.superres.png"  # the selected result is still superres #1
 
 
 def test_the_tooltip_tells_asked_and_ran_precision_apart_and_the_selected_thumbnail_is_not_tinted(
@@ -248,3 +248,83 @@ def test_signals_emitted_from_python_do_not_eat_references_to_true(qapp) -> None
     for i in range(200):
         source.ping.emit(i)
     assert sys.getrefcount(True) >= before - 20  # a leak of one per emit would be 200 short
+
+
+def test_a_painted_mask_wins_and_no_file_is_remembered_for_it(window, qapp, tmp_path: Path, photo: Path) -> None:
+    window.task_box.setCurrentText("inpaint")
+    window.form.widgets["mask"].edit.setText(str(tmp_path / "old-mask.png"))
+    window.task_box.setCurrentText("superres")
+    window.task_box.setCurrentText("inpaint")
+    assert window.form.widgets["mask"].text() == ""  # a file is never brought back for a mask
+    window.form.widgets["mask"].edit.setText(str(photo))
+    window.set_source(Image.new("RGB", (40, 30)))
+    window.canvas.mask.brush_size = 6
+    window.canvas.mask.checkpoint()
+    window.canvas.mask.stroke(QPointF(10, 10), QPointF(20, 10))
+    assert isinstance(window.build_job().params["mask"], Image.Image)  # what is painted on screen wins
+
+
+def test_a_failed_job_speaks_for_its_own_task_after_a_switch_and_later_errors_still_work(window, qapp, photo) -> None:
+    window.task_box.setCurrentText("inpaint")
+    window.open_path(photo)
+    window.run_current()
+    window.task_box.setCurrentText("superres")  # the inpaint form (and its highlighted field) is gone
+    wait_for(window.queue, qapp)
+    assert "--mask" not in window.last_error and '"mask"' in window.last_error
+    assert "--mask" not in window.status.job.text() and "failed" in window.status.job.text()
+    window.show_error("clip skip 0 is below 1; pass --clip-skip 1")  # no stale widget to trip on
+    assert window.last_error.startswith("clip skip 0")
+
+
+def test_the_queue_row_follows_the_steps_and_the_status_line_survives_the_pointer(window, qapp, photo) -> None:
+    window.task_box.setCurrentText("dial")
+    window.form.widgets["count"].setValue(4)
+    window.open_path(photo)
+    rows: list[str] = []
+    window.queue.signals.progress.connect(lambda *a: rows.append(window.queue_list.item(0).text()))
+    window.run_current()
+    wait_for(window.queue, qapp)
+    stepping = [r for r in rows if "running, step" in r]  # (the last may already read "done")
+    assert stepping[0].endswith("step 1 / 4") and len(set(stepping)) >= 2  # updated in place, not frozen
+    window._on_hover(3, 3)
+    assert window.status.image.isVisibleTo(window) and window.status.pointer.text().startswith("3, 3")
+
+
+def test_painting_stops_when_a_result_takes_the_screen_or_the_task_takes_no_mask(window, qapp, photo) -> None:
+    window.task_box.setCurrentText("inpaint")
+    window.open_path(photo)
+    window.paint_check.setChecked(True)
+    window.task_box.setCurrentText("dial")
+    assert not window.paint_check.isChecked() and not window.canvas.painting
+    window.task_box.setCurrentText("inpaint")
+    window.paint_check.setChecked(True)
+    window.task_box.setCurrentText("dial")
+    window.task_box.setCurrentText("inpaint")
+    window.paint_check.setChecked(True)
+    window.form.widgets["mask"].edit.clear()
+    window.task_box.setCurrentText("dial")
+    window.run_current()
+    wait_for(window.queue, qapp)
+    window.task_box.setCurrentText("inpaint")
+    window.paint_check.setChecked(True)
+    window.history_list.setCurrentRow(0)
+    window._show_result(window.history_list.selected_job())
+    assert not window.canvas.painting and window.canvas.after is not None
+
+
+def test_history_results_compare_against_their_own_input_and_save_under_their_own_name(
+    window, qapp, photo: Path, tmp_path: Path
+) -> None:
+    window.task_box.setCurrentText("dial")
+    window.open_path(photo)
+    window.run_current()
+    wait_for(window.queue, qapp)
+    other = tmp_path / "other.png"
+    Image.new("RGB", (9, 9), (0, 255, 0)).save(other)
+    window.open_path(other)
+    window.run_current()
+    wait_for(window.queue, qapp)
+    window.history_list.setCurrentRow(0)  # the arrow keys reach it too: no click needed
+    assert window.default_save_path().name == "photo.dial.png"
+    assert window.canvas.compare_with.size().width() == 28  # photo.png, not other.png
+    assert window.status.image.text().endswith("(from photo.png)")

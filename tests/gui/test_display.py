@@ -57,3 +57,11 @@ def test_difftool_gui_without_a_display_exits_1_with_one_line() -> None:
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1, done.stderr
     assert len(lines) == 1 and lines[0].startswith("Error: no display") and "DISPLAY" in lines[0], lines
+
+
+def test_a_platform_list_falls_back_to_x11_as_qt_does(tmp_path: Path) -> None:
+    (tmp_path / "X0").touch()
+    env = {"QT_QPA_PLATFORM": "wayland;xcb", "DISPLAY": ":0"}  # a session default, here over ssh -X
+    assert display_problem(env, "linux", FOUND, tmp_path) is None
+    assert "libxcb-icccm4" in display_problem(env, "linux", MISSING, tmp_path)
+    assert debian_package("libEGL.so.1") == "libegl1"

@@ -122,7 +122,7 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     [model] = models._loaded().values()
     ids = torch.randint(0, 99, (1, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = [(first, hidden[-3], normed(-2)) for first, hidden, normed in (r(ids) for r in _runners(model))]
+        expected = [(first, hidden[-3], normed(-2)) for first, hidden, normed in (r(ids, ()) for r in _runners(model))]
 
     def torch_ran(*args, **kwargs):
         raise AssertionError("a torch text encoder or VAE decoder ran")
@@ -140,7 +140,7 @@ def test_whole_pipeline_in_onnx_runtime_calls_no_torch_text_encoder_or_vae(
     onnx_runs = _runners(model, SimpleNamespace(backend=SimpleNamespace(name="onnx", options={"export": "all"}),
                                                 device="cpu"))  # fmt: skip
     for (first_t, layer_t, normed_t), run in zip(expected, onnx_runs, strict=True):
-        first_o, hidden_o, normed_o = run(ids)
+        first_o, hidden_o, normed_o = run(ids, ())
         for want, got in ((first_t, first_o), (layer_t, hidden_o[-3]), (normed_t, normed_o(-2))):
             assert float((want - got).abs().max() / want.abs().max()) < 1e-4
     with pytest.raises(ParameterError, match=r"option export \(from DIFFTOOL_ONNX_EXPORT\): unknown value 'some'"):
@@ -162,3 +162,28 @@ def test_check_backends_takes_any_task_and_its_parameters(tmp_path: Path) -> Non
     assert re.search(r"torch bf16 +PSNR", result.output) and "tensorrt  " in result.output
     bad = CliRunner().invoke(cli.cli, [*args, "-p", "steps"])
     assert bad.exit_code == 2 and "'steps' is not NAME=VALUE" in bad.output
+
+
+def test_long_prompts_run_on_onnx_whole_pipeline_and_tensorrt_within_the_declared_token_range(tmp_path: Path) -> None:
+    """Issue 17: a 2-chunk prompt (154 tokens) on ONNX (U-Net, and text encoders with export=all) and on
+    TensorRT (stand-ins), whose engine declares the text length as a multiple of 77."""
+    from difftool.plugins.builtin.sd.tasks import prompt_tokens
+    from difftool.testing.gpu import gpu_harness
+
+    assert prompt_tokens({"prompt": "a kite"}) == (77, 77, 231)
+    assert prompt_tokens({"prompt": " ".join(["kite"] * 300)}) == (77, 77, 77 * 5)  # 4 chunks, one spare
+    folder = tiny.save_folder(tiny.components(seed=5), tmp_path / "sd")
+    long = "a red kite, " + " ".join(["sky"] * 90) + ", zebra"
+    common = {"model": str(folder), "prompt": long, "width": 32, "height": 32, "steps": 2, "seed": 6, "dtype": "fp32"}
+    reference = api.run("generate", **common)
+    shorter = api.run("generate", **{**common, "prompt": long.replace("zebra", "horse")})
+    assert not np.array_equal(np.asarray(reference.images[0]), np.asarray(shorter.images[0]))  # word 92 counts
+    runs = {
+        "onnx": api.run("generate", backend="onnx", **common),
+        "onnx-all": api.run("generate", backend="onnx", backend_options={"export": "all"}, **common),
+    }
+    with gpu_harness():
+        runs["tensorrt"] = api.run("generate", backend="tensorrt", device="cuda", **common)
+    for name, result in runs.items():
+        a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (reference, result))
+        assert psnr(a, b) > 40, name

@@ -17,7 +17,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.models import sd_model_for
-from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, latent_shapes, run_sd
+from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, latent_shapes, prompt_tokens, run_sd
 
 
 def parse_extend(spec: str | None) -> tuple[int, int, int, int]:
@@ -134,7 +134,9 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
         prompt=params.get("prompt") or "",
         negative=params.get("negative_prompt") or "",
         size=(width, height),
-        shapes=latent_shapes((width, height), float(params.get("guidance_scale", 7.0)), exact=False),
+        shapes=latent_shapes(
+            (width, height), float(params.get("guidance_scale", 7.0)), exact=False, tokens=prompt_tokens(params)
+        ),
         init=image_latents if strength < 1.0 else None,
         strength=strength,
         extra=extra,

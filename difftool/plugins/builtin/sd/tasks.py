@@ -5,6 +5,7 @@ Both need ``--model``: a checkpoint or diffusers folder the user owns (nothing i
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +58,29 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-def latent_shapes(size: tuple[int, int], guidance_scale: float, exact: bool = True) -> ExportShapes:
+def prompt_tokens(params: dict[str, Any]) -> tuple[int, int, int]:
+    """The text lengths a request sends the U-Net, as (min, opt, max) in multiples of 77 (one per chunk).
+
+    Up to three chunks share one range (one TensorRT engine for most prompts); a longer prompt widens it.
+    A chunk is spare for embeddings, whose vectors may outnumber their name's tokens.
+    """
+    from difftool.plugins.builtin.sd.prompt_chunks import chunk_prompt
+
+    texts = [split_loras(str(params.get(k) or ""))[0] for k in ("prompt", "negative_prompt")]
+    chunks = max(len(chunk_prompt(_tokenizer(), text)) for text in texts)
+    return (77, 77, 77 * max(3, chunks + 1))
+
+
+@functools.cache
+def _tokenizer() -> Any:
+    from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
+
+    return clip_tokenizer("clip")  # chunk counts are the same for every SD tokenizer: one vocabulary
+
+
+def latent_shapes(
+    size: tuple[int, int], guidance_scale: float, exact: bool = True, tokens: tuple[int, int, int] = (77, 77, 77)
+) -> ExportShapes:
     """What sampling ``size`` (pixels) asks of the U-Net: latents of side / 8, doubled for CFG.
 
     ``exact``: one size for the whole job (generate's --width/--height), so optimise for it. Otherwise
@@ -67,9 +90,9 @@ def latent_shapes(size: tuple[int, int], guidance_scale: float, exact: bool = Tr
     side = max(1, max(size) // 8)
     cfg = 2 if guidance_scale != 1.0 else 1
     if exact:
-        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)))
+        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), side, max(side, 128)), tokens=tokens)
     high = max(128, -(-side // 32) * 32)
-    return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), 64, high))
+    return ExportShapes(batch=(1, cfg, cfg), size=(min(8, side), 64, high), tokens=tokens)
 
 
 def sd_export_target(model: str | None) -> Any:
@@ -121,7 +144,8 @@ def run_sd(
         embeddings=found,
     )
     if shapes is None and context.export_shapes is None:
-        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False)
+        guidance = float(params.get("guidance_scale", 7.0))
+        shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(params))
     denoiser = pipeline.make_denoiser(model, context, shapes)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
@@ -202,7 +226,7 @@ class Generate(Task):
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
         params = request.params
         size = (params.get("width") or 512, params.get("height") or 512)
-        return latent_shapes(size, float(params.get("guidance_scale", 7.0)))
+        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=prompt_tokens(params))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
@@ -250,7 +274,8 @@ class Style(Task):
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
         size = request.inputs["image"].size
-        return latent_shapes(size, float(request.params.get("guidance_scale", 7.0)), exact=False)
+        params = request.params
+        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=prompt_tokens(params))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

@@ -98,6 +98,10 @@ _A1111_KEYS = (
     ("lora_hashes", "Lora hashes"),
     ("ti_hashes", "TI hashes"),
     ("strength", "Denoising strength"),
+    ("hires_strength", "Denoising strength"),
+    ("hires", "Hires upscale"),
+    ("hires_steps", "Hires steps"),
+    ("hires_upscaler", "Hires upscaler"),
     ("scale", "Upscale"),
     ("task", "difftool task"),
 )

@@ -5,6 +5,7 @@ Both need ``--model``: a checkpoint or diffusers folder the user owns (nothing i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ from PIL import Image
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import pipeline
+from difftool.plugins.builtin.sd import hires, pipeline
 from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
@@ -213,6 +214,7 @@ class Generate(Task):
         *PROMPT_PARAMS,
         Param("width", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
+        *hires.HIRES_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -226,7 +228,11 @@ class Generate(Task):
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
         params = request.params
         size = (params.get("width") or 512, params.get("height") or 512)
-        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=prompt_tokens(params))
+        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=prompt_tokens(params))
+        if (params.get("hires") or 1.0) > 1.0:  # one engine for both passes: up to the second pass's size
+            side = max(hires.target_size(size, float(params["hires"]))) // 8
+            shapes = dataclasses.replace(shapes, size=(shapes.size[0], shapes.size[1], max(shapes.size[2], side)))
+        return shapes
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
@@ -238,16 +244,18 @@ class Generate(Task):
         width = params.get("width") or model.native_size
         height = params.get("height") or model.native_size
         pipeline.check_size(width, height, "the output")
-        latents = run_sd(
-            model,
-            context,
-            params,
-            prompt=params["prompt"],
-            negative=params.get("negative_prompt") or "",
-            size=(width, height),
-        )
-        image = pipeline.decode_latents(model, latents, context)
+        texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
+        latents = run_sd(model, context, params, size=(width, height), **texts)
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
+        if (params.get("hires") or 1.0) > 1.0:
+            target = hires.target_size((width, height), float(params["hires"]))
+            pipeline.check_size(*target, "the hires output")
+            init = hires.upscale_latents(model, latents, target, params, context)
+            second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
+            strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
+            latents = run_sd(model, context, second, size=target, init=init, strength=strength, **texts)
+            record |= hires.record(params, target)
+        image = pipeline.decode_latents(model, latents, context)
         return TaskResult([to_pil(pipeline.to_numpy(image))], record)
 
 

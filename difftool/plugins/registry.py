@@ -35,6 +35,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.superres",
     "difftool.plugins.builtin.inpaint",
     "difftool.plugins.builtin.sd.tasks",
+    "difftool.plugins.builtin.sd.upscale_sd",
     "difftool.plugins.builtin.commands",
 )
 #: Option names every ``difftool run`` command has; a task parameter may not take one.

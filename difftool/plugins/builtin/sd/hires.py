@@ -50,11 +50,11 @@ def upscale_latents(
         size = (height // model.vae_scale, width // model.vae_scale)
         return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=False)
     image = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
-    upscaled = _superres(image, target, None if upscaler == "embedded" else upscaler, context)
+    upscaled = superres(image, target, None if upscaler == "embedded" else upscaler, context)
     return pipeline.encode_image(model, pipeline.to_tensor(upscaled), context)
 
 
-def _superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunContext) -> Any:
+def superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunContext) -> Any:
     """``rgb`` (float HxWx3) upscaled by the superres task with ``model``, then resized to ``target``."""
     import numpy as np
     from PIL import Image

@@ -1,0 +1,151 @@
+"""``upscale-sd``: upscale with a superres model, then refine tile by tile with Stable Diffusion img2img.
+
+A1111's "SD upscale" script and the Ultimate SD Upscale extension do this: a large output is repainted
+in model-sized tiles, each guided by the prompt, so a 4096 px result runs in the memory of one tile
+(its VAE encode, U-Net and VAE decode), plus the output itself. Tiles overlap and are blended with
+linear ramps across the overlap, so no seam shows where two tiles meet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from difftool.core.errors import ParameterError
+from difftool.core.images import LoadedImage, check_pixels, to_pil
+from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
+from difftool.plugins.builtin.sd import hires, pipeline
+from difftool.plugins.builtin.sd.families import FAMILIES
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
+from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, latent_shapes, prompt_tokens, run_sd
+from difftool.plugins.hookspecs import hookimpl
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Where tiles of ``tile`` start along ``length``, overlapping by at least ``overlap``; the last one
+    ends at ``length`` (a side that fits in one tile is one tile)."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride)) + [length - tile]
+    return sorted(set(starts))
+
+
+def ramp(length: int, overlap: int, before: bool, after: bool) -> np.ndarray:
+    """A tile's blend weight along one axis: rising across ``overlap`` after a neighbour, falling before one."""
+    weight = np.ones(length, np.float32)
+    edge = np.linspace(0, 1, overlap + 2, dtype=np.float32)[1:-1]  # never exactly 0: every pixel is covered
+    if before:
+        weight[:overlap] = np.minimum(weight[:overlap], edge)
+    if after:
+        weight[-overlap:] = np.minimum(weight[-overlap:], edge[::-1])
+    return weight
+
+
+class UpscaleSD(Task):
+    name = "upscale-sd"
+    summary = "Upscale, then repaint detail tile by tile with Stable Diffusion (A1111's SD upscale)"
+    uses_model = True
+    model_families = tuple(FAMILIES)
+    inputs = (Task.inputs[0],)
+    params = (
+        Param("prompt", "string", default="", help="what the image shows (guides the detail)", multiline=True),
+        Param("scale", "float", default=2.0, min=1.0, max=8.0, help="upscaling factor"),
+        Param(
+            "upscaler",
+            "string",
+            default="embedded",
+            help="embedded (difftool's superres model), lanczos, or a superres model: a listed name or a file",
+        ),
+        Param("strength", "float", default=0.3, min=0.01, max=1.0, help="how much each tile is repainted"),
+        Param("tile", "int", default=512, min=16, max=2048, help="tile side in output pixels (multiple of 8)"),
+        Param("overlap", "int", default=64, min=8, max=512, help="overlap between tiles, in output pixels"),
+        *PROMPT_PARAMS,
+        *LOAD_PARAMS,
+    )
+
+    def availability(self, model: str | None) -> str | None:
+        return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def export_shapes(self, request: TaskRequest) -> ExportShapes:
+        """Every tile has the same size (a small image: one smaller tile)."""
+        tile = int(request.params.get("tile") or 512)
+        guidance = float(request.params.get("guidance_scale", 7.0))
+        return latent_shapes((tile, tile), guidance, exact=False, tokens=prompt_tokens(request.params))
+
+    def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        params = request.params
+        image: LoadedImage = request.inputs["image"]
+        tile, overlap = int(params["tile"]), int(params["overlap"])
+        if tile % 8 or overlap >= tile:
+            raise ParameterError(
+                f"--tile {tile} must be a multiple of 8 and larger than --overlap {overlap}",
+                "pass e.g. --tile 512 --overlap 64",
+            )
+        width, height = (max(8, round(v * float(params["scale"]) / 8) * 8) for v in image.size)
+        check_pixels(width, height, what=f"the {params['scale']}x output")
+        model = sd_model_for(context, params)
+        if model.family.inpainting:
+            raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to upscale-sd")
+        upscaled = self._upscale(image.rgb, (width, height), str(params.get("upscaler") or "embedded"), context)
+        total = np.zeros((height, width, 3), np.float32)
+        weights = np.zeros((height, width, 1), np.float32)
+        xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+        for row, top in enumerate(ys):
+            for col, left in enumerate(xs):
+                context.cancel.raise_if_cancelled()
+                th, tw = min(tile, height), min(tile, width)
+                crop = upscaled[top : top + th, left : left + tw]
+                refined = self._refine(model, crop, params, context)
+                wy = ramp(th, overlap, row > 0, row < len(ys) - 1)
+                wx = ramp(tw, overlap, col > 0, col < len(xs) - 1)
+                window = (wy[:, None] * wx[None, :])[..., None]
+                total[top : top + th, left : left + tw] += refined * window
+                weights[top : top + th, left : left + tw] += window
+        result = total / weights
+        record = {
+            "task": self.name,
+            "size": f"{width}x{height}",
+            "tiles": len(xs) * len(ys),
+            **model.record(),
+        }
+        return TaskResult([to_pil(result, _scaled_alpha(image, (width, height)))], record)
+
+    @staticmethod
+    def _upscale(rgb: np.ndarray, size: tuple[int, int], upscaler: str, context: RunContext) -> np.ndarray:
+        if upscaler.lower() == "lanczos":
+            channels = [Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS) for c in range(3)]
+            return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0).astype(np.float32)
+        return hires.superres(rgb, size, None if upscaler == "embedded" else upscaler, context)
+
+    @staticmethod
+    def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext) -> np.ndarray:
+        """One tile through img2img at its own size (its VAE encode and decode are tile-sized too)."""
+        size = (crop.shape[1], crop.shape[0])
+        init = pipeline.encode_image(model, pipeline.to_tensor(crop), context)
+        latents = run_sd(
+            model,
+            context,
+            params,
+            prompt=params.get("prompt") or "",
+            negative=params.get("negative_prompt") or "",
+            size=size,
+            init=init,
+            strength=float(params["strength"]),
+        )
+        return pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
+
+
+def _scaled_alpha(image: LoadedImage, size: tuple[int, int]) -> np.ndarray | None:
+    if image.alpha is None:
+        return None
+    alpha = Image.fromarray(image.alpha.astype(np.float32), "F").resize(size, Image.Resampling.LANCZOS)
+    return np.clip(np.asarray(alpha), 0.0, 1.0)
+
+
+@hookimpl
+def register_tasks(register: Callable[[type[Task]], None]) -> None:
+    register(UpscaleSD)

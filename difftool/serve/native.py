@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from difftool.core.errors import ParameterError
@@ -226,8 +226,17 @@ async def _read_job_request(request: Request) -> JobRequest:
         ports = {p.name for p in task.inputs}
         inputs = {k: v for k, v in files.items() if k in ports}
         params.update({k: v for k, v in files.items() if k not in ports})
-        return JobRequest.model_validate({**fields, "inputs": inputs, "params": params})
-    return JobRequest.model_validate(await request.json())
+        return _validated({**fields, "inputs": inputs, "params": params})
+    return _validated(await request.json())
+
+
+def _validated(body: Any) -> JobRequest:
+    try:
+        return JobRequest.model_validate(body)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "request"
+        raise ParameterError(f"{where}: {first.get('msg', 'invalid')}", "see JobRequest in /openapi.json") from None
 
 
 @router.get("/jobs/{job_id}")

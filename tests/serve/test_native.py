@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import b64, png_bytes, wait_for
 from PIL import Image
+from serve_helpers import b64, png_bytes, wait_for
 
 import difftool
 from difftool.core.images import read_metadata

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import b64, png_bytes, wait_for
+from serve_helpers import b64, png_bytes, wait_for
 
 from difftool.core.errors import ParameterError
 from difftool.serve.settings import ServeSettings

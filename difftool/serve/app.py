@@ -110,7 +110,7 @@ def create_app(settings: ServeSettings, registry: Any = None, start_workers: boo
         try:
             yield
         finally:
-            server.queue.stop()
+            server.queue.stop(settings.shutdown_timeout)
 
     app = FastAPI(
         title="difftool",

@@ -25,6 +25,13 @@ import click
 @click.option("--device", "devices", multiple=True, default=("cpu",), show_default=True, help="one worker each")
 @click.option("--model", "default_model", help="A1111 sd_model_checkpoint at start (a name from `difftool models`)")
 @click.option("--max-body-mb", type=click.IntRange(1, 4096), default=64, show_default=True, help="request size limit")
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(0, 3600),
+    default=30.0,
+    show_default=True,
+    help="seconds running jobs get on SIGTERM before they are cancelled",
+)
 def serve(
     host: str,
     port: int,
@@ -36,6 +43,7 @@ def serve(
     devices: tuple[str, ...],
     default_model: str | None,
     max_body_mb: int,
+    shutdown_timeout: float,
 ) -> None:
     """Serve the HTTP API: native /v1 and the AUTOMATIC1111 /sdapi/v1 subset (needs difftool[serve])."""
     from difftool.core.errors import DifftoolError
@@ -52,6 +60,7 @@ def serve(
         devices=devices,
         default_model=default_model,
         max_body_bytes=max_body_mb * 1024 * 1024,
+        shutdown_timeout=shutdown_timeout,
     )
     try:
         settings.check()
@@ -67,4 +76,10 @@ def serve(
         sys.exit(1)
     if insecure and not api_token:
         click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=30)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, round(shutdown_timeout)),
+    )

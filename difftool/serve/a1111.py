@@ -64,12 +64,12 @@ def _server(request: Request) -> Server:
 async def _wait(request: Request, server: Server, job: Job) -> Job:
     """Wait for ``job``; a client that goes away cancels it."""
     server.submit(job)
-    while not job.done.is_set():
-        if await request.is_disconnected():
+    cancelled = False
+    while not job.done.is_set():  # polled, never blocking the event loop (a step can take seconds)
+        if not cancelled and await request.is_disconnected():
             server.queue.cancel(job)
-            break
+            cancelled = True
         await asyncio.sleep(0.05)
-    job.done.wait()
     if job.state == "cancelled":
         raise JobFailed("the job was interrupted before it finished; difftool returns no partial image", 409)
     if job.state != "done":
@@ -102,7 +102,10 @@ def _info(job: Job, req: Txt2ImgRequest, model: str, extra: dict[str, Any]) -> s
 
     records = job.records
     first = records[0] if records else {}
-    width, height = (Image.open(job.files[0]).size) if job.files else (req.width, req.height)
+    width, height = req.width, req.height
+    if job.files:
+        with Image.open(job.files[0]) as first_image:
+            width, height = first_image.size
     return json.dumps(
         {
             "prompt": req.prompt,

@@ -156,7 +156,14 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
     params = {**prompt_params(req, server.registry, server.options.get("CLIP_stop_at_last_layers")),
               "width": req.width, "height": req.height}  # fmt: skip
     job = await run_in_threadpool(
-        server.make_job, "generate", (), params, model=model, seed=req.seed, count=_count(req)
+        server.make_job,
+        "generate",
+        (),
+        params,
+        model=model,
+        seed=req.seed,
+        count=_count(req),
+        preview_every=_preview_every(server, req),
     )
     job = await _wait(request, server, job)
     return {"images": _images(job, req), "parameters": req.model_dump(), "info": _info(job, req, model, {})}
@@ -203,7 +210,16 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
         if req.denoising_strength < 0.01:
             raise refuse("denoising_strength", f"{req.denoising_strength:g} is below difftool's minimum 0.01")
         params["strength"] = min(1.0, req.denoising_strength)
-    job = await run_in_threadpool(server.make_job, task, [image], params, model=model, seed=req.seed, count=_count(req))
+    job = await run_in_threadpool(
+        server.make_job,
+        task,
+        [image],
+        params,
+        model=model,
+        seed=req.seed,
+        count=_count(req),
+        preview_every=_preview_every(server, req),
+    )
     job = await _wait(request, server, job)
     info = _info(job, req, model, {"denoising_strength": req.denoising_strength})
     parameters = req.model_dump(exclude={"init_images", "mask"})
@@ -248,7 +264,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     }
     eta = job.eta() if job else None
     fraction = job.progress() if job else 0.0
-    return {"progress": fraction, "eta_relative": eta or 0.0, "state": state, "current_image": None, "textinfo": None}
+    image = _b64(job.preview) if job and job.preview and not skip_current_image else None
+    return {"progress": fraction, "eta_relative": eta or 0.0, "state": state, "current_image": image, "textinfo": None}
 
 
 @router.post("/interrupt")
@@ -308,7 +325,8 @@ def scripts() -> dict[str, list[str]]:
 @router.get("/options")
 def get_options(request: Request) -> dict[str, Any]:
     server = _server(request)
-    return {"CLIP_stop_at_last_layers": 1, **server.options, "samples_format": "png"}
+    defaults = {"CLIP_stop_at_last_layers": 1, "show_progress_every_n_steps": 0}
+    return {**defaults, **server.options, "samples_format": "png"}
 
 
 @router.post("/options")
@@ -320,9 +338,20 @@ def set_options(request: Request, options: dict[str, Any]) -> dict[str, Any]:
         raise refuse(unknown[0], f"option not supported (supported: {', '.join(SUPPORTED_OPTIONS)})")
     if "sd_model_checkpoint" in options:
         server.options["sd_model_checkpoint"] = _model_name(server, options["sd_model_checkpoint"])
-    if "CLIP_stop_at_last_layers" in options:
-        value = options["CLIP_stop_at_last_layers"]
-        if not isinstance(value, int) or not 1 <= value <= 12:
-            raise refuse("CLIP_stop_at_last_layers", f"{value!r} is not an integer in [1, 12]")
-        server.options["CLIP_stop_at_last_layers"] = value
+    for name, low, high in (("CLIP_stop_at_last_layers", 1, 12), ("show_progress_every_n_steps", 0, 10_000)):
+        if name in options:
+            server.options[name] = _int_option(options, name, low, high)
     return {}
+
+
+def _int_option(options: dict[str, Any], name: str, low: int, high: int) -> int:
+    value = options[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise refuse(name, f"{value!r} is not an integer in [{low}, {high}]")
+    return value
+
+
+def _preview_every(server: Server, req: Txt2ImgRequest) -> int:
+    """A1111's live preview period (``show_progress_every_n_steps``) for this request; 0: no previews."""
+    merged = {"show_progress_every_n_steps": 0, **server.options, **(req.override_settings or {})}
+    return _int_option(merged, "show_progress_every_n_steps", 0, 10_000)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from difftool.core.errors import ParameterError
 
 #: ``override_settings`` / ``POST /options`` keys difftool honours.
-SUPPORTED_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers")
+SUPPORTED_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "show_progress_every_n_steps")
 
 
 class Txt2ImgRequest(BaseModel):

@@ -60,6 +60,10 @@ class Job:
     device: str = ""
     records: list[dict[str, Any]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    #: Decode a preview every this many steps (0: never); the latest is kept as PNG bytes.
+    preview_every: int = 0
+    preview: bytes | None = None
+    preview_step: int = 0
     token: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
     #: Bumped on every change, so an events stream sends only what changed.
@@ -211,6 +215,8 @@ class JobQueue:
         from difftool.core.images import save_image
 
         def progress(step: int, total: int, preview: Any) -> None:
+            if preview is not None:
+                job.preview, job.preview_step = _png(preview), step
             job.step, job.total = step, total
             job._changed()
 
@@ -218,7 +224,9 @@ class JobQueue:
             plan = job.plan if job.plan.backend.device == device else _replan(job.plan, device)
             for index, seed in enumerate(job.seeds):
                 job.index, job.step = index, 0
-                result = execute(plan, *job.inputs, seed=seed, progress=progress, cancel=job.token)
+                result = execute(
+                    plan, *job.inputs, seed=seed, progress=progress, preview_every=job.preview_every, cancel=job.token
+                )
                 for number, image in enumerate(result.images):
                     path = self.output_dir / f"{job.id}-{index}-{number}.png"
                     save_image(image, path, result.record)
@@ -259,6 +267,14 @@ def _replan(plan: Plan, device: str) -> Plan:
 
     fields = {**plan.request_fields(), "device": device}
     return preflight(plan.task_name, params=plan.params, registry=plan.registry, **fields)
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _release_memory() -> None:

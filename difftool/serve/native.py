@@ -8,6 +8,7 @@ task appears here without any server code.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
 
@@ -117,6 +118,7 @@ class JobRequest(BaseModel):
     dtype: str | None = Field(default=None, description="auto, fp32, fp16 or bf16")
     seed: int | None = Field(default=None, ge=-1, le=2**63 - 1, description="-1 or absent: random")
     count: int = Field(default=1, ge=1, le=MAX_COUNT, description="outputs, with seeds SEED, SEED+1, ...")
+    preview_every: int = Field(default=0, ge=0, le=10_000, description="a preview event every N steps (0: none)")
 
 
 def _server(request: Request) -> Server:
@@ -203,6 +205,7 @@ async def create_job(request: Request) -> JSONResponse:
         dtype=body.dtype,
         seed=body.seed,
         count=body.count,
+        preview_every=body.preview_every,
     )
     server.submit(job)
     return JSONResponse(job.status(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
@@ -256,13 +259,18 @@ def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
 
 @router.get("/jobs/{job_id}/events")
 async def job_events(request: Request, job_id: str) -> StreamingResponse:
-    """Server-Sent Events: a ``progress`` event on every change, then one ``done``/``failed``/``cancelled``."""
+    """Server-Sent Events: ``progress`` on every change, ``preview`` (base64 PNG) when the job asked for previews,
+    then one ``done``, ``failed`` or ``cancelled``."""
     job = _job(request, job_id)
 
     async def stream() -> Any:
-        version = -1
+        version, preview = -1, None
         while True:
             state, current = job.state, job.version
+            if job.preview is not None and job.preview is not preview:
+                preview = job.preview
+                data = {"step": job.preview_step, "image": base64.b64encode(preview).decode("ascii")}
+                yield f"event: preview\ndata: {json.dumps(data)}\n\n"
             if current != version:
                 version = current
                 event = state if state in FINAL_STATES else "progress"

@@ -24,6 +24,10 @@ class Server:
 
         self.settings = settings
         self.registry = registry or get_registry()
+        for device in settings.devices:  # a worker on a device that cannot run would fail every job it takes
+            reason = self.registry.backend("torch").unavailable_reason(device)
+            if reason:
+                raise ParameterError(f"--device {device}: {reason}")
         self.policy = PathPolicy(settings.allow_paths)
         self.queue = JobQueue(settings.devices, settings.queue_size, settings.keep_jobs)
         self.options: dict[str, Any] = {"sd_model_checkpoint": settings.default_model or self._first_sd_model()}
@@ -47,6 +51,7 @@ class Server:
         dtype: str | None = None,
         seed: int | None = None,
         count: int = 1,
+        preview_every: int = 0,
         model_families: Sequence[str] = (),
     ) -> Job:
         """Check a request once (names, paths, images, parameters) and turn it into a queued-ready job.
@@ -89,7 +94,7 @@ class Server:
             request["dtype"] = dtype
         plan = preflight(task, params=values, registry=self.registry, **request)
         first = new_seed() if seed is None or int(seed) < 0 else int(seed)
-        return Job(plan, loaded, [first + i for i in range(int(count))])
+        return Job(plan, loaded, [first + i for i in range(int(count))], preview_every=max(0, int(preview_every)))
 
     def submit(self, job: Job) -> Job:
         return self.queue.submit(job)

@@ -5,6 +5,8 @@ Every image is compared with ``difftool.run`` in-process: same seed and paramete
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
 import time
@@ -109,12 +111,18 @@ def test_interrupt_stops_the_running_job_within_one_step(api: Any, live_server: 
         except RuntimeError as error:
             failure.append(error)
 
+    api.set_options({"show_progress_every_n_steps": 2})  # live previews in /progress, as A1111's option
     thread = threading.Thread(target=generate)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while (progress := api.get_progress())["state"]["sampling_step"] < 2:
-        assert time.monotonic() < deadline and thread.is_alive(), "the job never started stepping"
-        time.sleep(0.01)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while (progress := api.get_progress())["current_image"] is None:
+            assert time.monotonic() < deadline and thread.is_alive(), "the job never sent a preview"
+            time.sleep(0.01)
+    finally:
+        api.set_options({"show_progress_every_n_steps": 0})
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size == (16, 16) and progress["state"]["sampling_step"] >= 2
     job_id = progress["state"]["job"]
     assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 500
     api.interrupt()

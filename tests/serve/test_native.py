@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import subprocess
@@ -209,3 +210,24 @@ def test_import_difftool_and_help_stay_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_previews_stream_as_events(client: Any, model_root: Any) -> None:
+    body = {"task": "generate", "model": "tiny-sd", "seed": 4, "preview_every": 1,
+            "params": {"prompt": "x", "steps": 3, "width": 24, "height": 16}}  # fmt: skip
+    job = client.post("/v1/jobs", json=body).json()
+    with client.stream("GET", f"/v1/jobs/{job['id']}/events") as stream:
+        lines = list(stream.iter_lines())
+    previews = [json.loads(lines[i + 1][6:]) for i, line in enumerate(lines) if line == "event: preview"]
+    assert previews and all(1 <= p["step"] <= 3 for p in previews)
+    assert Image.open(io.BytesIO(base64.b64decode(previews[-1]["image"]))).size == (24, 16)
+    assert lines[-2] == "event: done" or "event: done" in lines
+
+
+def test_a_worker_device_that_cannot_run_is_refused_at_start(serve_registry: Any) -> None:
+    from difftool.core.errors import ParameterError
+    from difftool.serve.app import create_app
+    from difftool.serve.settings import ServeSettings
+
+    with pytest.raises(ParameterError, match="--device cuda:7"):
+        create_app(ServeSettings(devices=("cpu", "cuda:7")), serve_registry)

@@ -8,7 +8,6 @@ and docs/serve.md.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -65,11 +64,12 @@ async def _wait(request: Request, server: Server, job: Job) -> Job:
     """Wait for ``job``; a client that goes away cancels it."""
     server.submit(job)
     cancelled = False
-    while not job.done.is_set():  # polled, never blocking the event loop (a step can take seconds)
+    # Waited for in a worker thread (the event loop never blocks), a quarter second at a time between
+    # checks that the client is still there; the answer goes out as soon as the job ends.
+    while not await run_in_threadpool(job.done.wait, 0.25):
         if not cancelled and await request.is_disconnected():
             server.queue.cancel(job)
             cancelled = True
-        await asyncio.sleep(0.05)
     if job.state == "cancelled":
         raise JobFailed("the job was interrupted before it finished; difftool returns no partial image", 409)
     if job.state != "done":

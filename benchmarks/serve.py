@@ -1,0 +1,153 @@
+"""Serving overhead: superres through `difftool serve` (HTTP, base64 in and out) vs the same work in-process.
+
+python benchmarks/serve.py      # about a minute on 2 CPU cores; updates docs/benchmarks.md
+
+The baseline is what the CLI does per image once its process is up: ``difftool.run`` then ``save_image``
+(PNG with metadata). The server runs in its own process (``difftool serve`` on a free loopback port), so
+the client's threads do not share its interpreter. Latency: one request at a time through
+``/sdapi/v1/extra-single-image`` (one HTTP round trip carrying the image both ways); throughput: the same
+requests from 4 client threads.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from sections import update_section  # noqa: E402
+
+REQUESTS, WARM_UP, CLIENTS, SIZE = 30, 3, 4, (128, 96)
+
+
+def _image(i: int) -> Image.Image:
+    rng = np.random.default_rng(i)
+    return Image.fromarray(rng.integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def in_process() -> list[float]:
+    from difftool import api
+    from difftool.core.images import save_image
+
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(WARM_UP + REQUESTS):
+            data = _png(_image(i))
+            started = time.perf_counter()
+            result = api.run("superres", data, scale=2, seed=i)
+            save_image(result.image, Path(tmp) / "out.png", result.record)
+            times.append(time.perf_counter() - started)
+    return times[WARM_UP:]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def served() -> tuple[list[float], float]:
+    import requests
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "difftool", "serve", "--port", str(port), "--queue-size", "64"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}/sdapi/v1/extra-single-image"
+    try:
+        for _ in range(600):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/v1/tasks", timeout=5)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+
+        def one(i: int) -> float:
+            body = {
+                "image": base64.b64encode(_png(_image(i))).decode(),
+                "upscaler_1": "difftool",
+                "upscaling_resize": 2,
+            }
+            started = time.perf_counter()
+            response = requests.post(url, json=body, timeout=300)
+            response.raise_for_status()
+            Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).load()
+            return time.perf_counter() - started
+
+        latencies = [one(i) for i in range(WARM_UP + REQUESTS)][WARM_UP:]
+        started = time.perf_counter()
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(one, range(REQUESTS)))
+        throughput = REQUESTS / (time.perf_counter() - started)
+    finally:
+        server.terminate()
+        server.wait(60)
+    return latencies, throughput
+
+
+def _p(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> None:
+    local = in_process()
+    latencies, throughput = served()
+    results = {
+        "requests": REQUESTS,
+        "image": f"{SIZE[0]}x{SIZE[1]} -> 2x, embedded superres model, CPU",
+        "in_process_p50_s": round(statistics.median(local), 4),
+        "served_p50_s": round(statistics.median(latencies), 4),
+        "served_p95_s": round(_p(latencies, 95), 4),
+        "served_throughput_per_s": round(throughput, 2),
+        "in_process_throughput_per_s": round(1 / statistics.mean(local), 2),
+        "overhead_pct": round(100 * (statistics.median(latencies) / statistics.median(local) - 1), 1),
+    }
+    print(json.dumps(results, indent=2))
+    (ROOT / "docs" / "benchmarks-serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = f"""## Serving: `difftool serve` vs in-process (`python benchmarks/serve.py`)
+
+{REQUESTS} superres requests, {results["image"]}; the server in its own process on loopback, requests
+through `/sdapi/v1/extra-single-image` (base64 PNG both ways). In-process: `difftool.run` + `save_image`,
+what the CLI does per image once started.
+
+| | p50 latency | p95 latency | images/s |
+| --- | --- | --- | --- |
+| in-process (CLI's per-image work) | {results["in_process_p50_s"]} s | | {results["in_process_throughput_per_s"]} |
+| served, 1 client | {results["served_p50_s"]} s | {results["served_p95_s"]} s | |
+| served, {CLIENTS} clients | | | {results["served_throughput_per_s"]} |
+
+Server overhead at p50: {results["overhead_pct"]}% (target < 5%). One worker on one device runs one job
+at a time, so more clients queue rather than add throughput.
+"""
+    update_section(ROOT / "docs" / "benchmarks.md", "serve-benchmark", table)
+
+
+if __name__ == "__main__":
+    main()

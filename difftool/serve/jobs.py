@@ -9,7 +9,6 @@ A job that raises fails alone; the worker goes on with the next one.
 from __future__ import annotations
 
 import collections
-import itertools
 import logging
 import math
 import shutil
@@ -47,7 +46,6 @@ class Job:
     inputs: list[Any]
     seeds: list[int]
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    number: int = 0
     state: str = "queued"  # queued, running, done, failed, cancelled
     step: int = 0
     total: int = 0
@@ -128,7 +126,6 @@ class JobQueue:
         self._lock = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._stopping = False
-        self._numbers = itertools.count(1)
         self._mean_seconds = 5.0  # a moving average of job durations, for Retry-After
         self.output_dir = Path(tempfile.mkdtemp(prefix="difftool-serve-"))
 
@@ -168,7 +165,6 @@ class JobQueue:
                     "retry after the Retry-After seconds",
                     retry_after=self.retry_after(),
                 )
-            job.number = next(self._numbers)
             self.jobs[job.id] = job
             self._waiting.append(job)
             self._forget_old()

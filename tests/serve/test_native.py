@@ -231,3 +231,24 @@ def test_a_worker_device_that_cannot_run_is_refused_at_start(serve_registry: Any
 
     with pytest.raises(ParameterError, match="--device cuda:7"):
         create_app(ServeSettings(devices=("cpu", "cuda:7")), serve_registry)
+
+
+def test_an_unexpected_error_is_json_without_a_traceback(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list:
+        raise RuntimeError("secret detail\nTraceback (most recent call last)")
+
+    monkeypatch.setattr(client.app.state.server.registry, "find_models", broken)
+    response = client.get("/v1/models")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+
+
+def test_without_the_serve_extra_the_command_says_what_to_install() -> None:
+    code = (
+        "import sys; sys.modules['fastapi'] = None; sys.modules['uvicorn'] = None\n"
+        "from difftool.cli import main\n"
+        "main(['serve', '--port', '1'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert 'pip install "difftool[serve]"' in out.stderr and "Traceback" not in out.stderr

@@ -34,12 +34,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from sections import update_section  # noqa: E402
 
-REQUESTS, WARM_UP, CLIENTS, SIZE = 30, 3, 4, (128, 96)
+REQUESTS, WARM_UP, CLIENTS = 30, 3, 4
+SIZES = ((128, 96), (256, 192))
 
 
-def _image(i: int) -> Image.Image:
+def _image(i: int, size: tuple[int, int]) -> Image.Image:
     rng = np.random.default_rng(i)
-    return Image.fromarray(rng.integers(0, 255, (SIZE[1], SIZE[0], 3), dtype=np.uint8))
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
 
 
 def _png(image: Image.Image) -> bytes:
@@ -48,14 +49,14 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def in_process() -> list[float]:
+def in_process(size: tuple[int, int]) -> list[float]:
     from difftool import api
     from difftool.core.images import save_image
 
     times = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(WARM_UP + REQUESTS):
-            data = _png(_image(i))
+            data = _png(_image(i, size))
             started = time.perf_counter()
             result = api.run("superres", data, scale=2, seed=i)
             save_image(result.image, Path(tmp) / "out.png", result.record)
@@ -69,7 +70,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def served() -> tuple[list[float], float]:
+def served() -> dict[tuple[int, int], tuple[list[float], float]]:
     import requests
 
     port = _free_port()
@@ -89,62 +90,69 @@ def served() -> tuple[list[float], float]:
             except requests.ConnectionError:
                 time.sleep(0.1)
 
-        def one(i: int) -> float:
-            body = {
-                "image": base64.b64encode(_png(_image(i))).decode(),
-                "upscaler_1": "difftool",
-                "upscaling_resize": 2,
-            }
+        def one(i: int, size: tuple[int, int]) -> float:
+            image = base64.b64encode(_png(_image(i, size))).decode()
+            body = {"image": image, "upscaler_1": "difftool", "upscaling_resize": 2}
             started = time.perf_counter()
             response = requests.post(url, json=body, timeout=300)
             response.raise_for_status()
             Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).load()
             return time.perf_counter() - started
 
-        latencies = [one(i) for i in range(WARM_UP + REQUESTS)][WARM_UP:]
-        started = time.perf_counter()
-        with ThreadPoolExecutor(CLIENTS) as pool:
-            list(pool.map(one, range(REQUESTS)))
-        throughput = REQUESTS / (time.perf_counter() - started)
+        results = {}
+        for size in SIZES:
+            latencies = [one(i, size) for i in range(WARM_UP + REQUESTS)][WARM_UP:]
+            started = time.perf_counter()
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                list(pool.map(one, range(REQUESTS), [size] * REQUESTS))
+            results[size] = latencies, REQUESTS / (time.perf_counter() - started)
     finally:
         server.terminate()
         server.wait(60)
-    return latencies, throughput
+    return results
 
 
-def _p(values: list[float], q: float) -> float:
+def _p(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def main() -> None:
-    local = in_process()
-    latencies, throughput = served()
-    results = {
-        "requests": REQUESTS,
-        "image": f"{SIZE[0]}x{SIZE[1]} -> 2x, embedded superres model, CPU",
-        "in_process_p50_s": round(statistics.median(local), 4),
-        "served_p50_s": round(statistics.median(latencies), 4),
-        "served_p95_s": round(_p(latencies, 95), 4),
-        "served_throughput_per_s": round(throughput, 2),
-        "in_process_throughput_per_s": round(1 / statistics.mean(local), 2),
-        "overhead_pct": round(100 * (statistics.median(latencies) / statistics.median(local) - 1), 1),
-    }
+    local = {size: in_process(size) for size in SIZES}
+    remote = served()
+    rows = []
+    for size in SIZES:
+        latencies, throughput = remote[size]
+        rows.append(
+            {
+                "size": f"{size[0]}x{size[1]}",
+                "in_process_p50_s": round(statistics.median(local[size]), 4),
+                "in_process_per_s": round(1 / statistics.mean(local[size]), 2),
+                "served_p50_s": round(statistics.median(latencies), 4),
+                "served_p95_s": round(_p(latencies, 95), 4),
+                "served_per_s_4_clients": round(throughput, 2),
+                "overhead_pct": round(100 * (statistics.median(latencies) / statistics.median(local[size]) - 1), 1),
+            }
+        )
+    results = {"requests": REQUESTS, "clients": CLIENTS, "task": "superres 2x, embedded model, CPU", "rows": rows}
     print(json.dumps(results, indent=2))
     (ROOT / "docs" / "benchmarks-serve.json").write_text(json.dumps(results, indent=2) + "\n")
+    lines = [
+        f"| {r['size']} | {r['in_process_p50_s']} s | {r['served_p50_s']} s | {r['served_p95_s']} s | "
+        f"{r['overhead_pct']}% | {r['in_process_per_s']} | {r['served_per_s_4_clients']} |"
+        for r in rows
+    ]
     table = f"""## Serving: `difftool serve` vs in-process (`python benchmarks/serve.py`)
 
-{REQUESTS} superres requests, {results["image"]}; the server in its own process on loopback, requests
-through `/sdapi/v1/extra-single-image` (base64 PNG both ways). In-process: `difftool.run` + `save_image`,
-what the CLI does per image once started.
+{REQUESTS} superres 2x requests per size (embedded model, CPU) after {WARM_UP} warm-up ones. The server runs in
+its own process on loopback; requests go through `/sdapi/v1/extra-single-image` (base64 PNG both ways,
+decoded by the client). In-process: `difftool.run` + `save_image`, the CLI's per-image work once started.
+Overhead: served p50 over in-process p50 (target < 5%).
 
-| | p50 latency | p95 latency | images/s |
-| --- | --- | --- | --- |
-| in-process (CLI's per-image work) | {results["in_process_p50_s"]} s | | {results["in_process_throughput_per_s"]} |
-| served, 1 client | {results["served_p50_s"]} s | {results["served_p95_s"]} s | |
-| served, {CLIENTS} clients | | | {results["served_throughput_per_s"]} |
+| input | in-process p50 | served p50 | served p95 | overhead | in-process img/s | served img/s, {CLIENTS} clients |
+| --- | --- | --- | --- | --- | --- | --- |
+{chr(10).join(lines)}
 
-Server overhead at p50: {results["overhead_pct"]}% (target < 5%). One worker on one device runs one job
-at a time, so more clients queue rather than add throughput.
+One worker per device runs one job at a time, so more clients queue rather than add throughput.
 """
     update_section(ROOT / "docs" / "benchmarks.md", "serve-benchmark", table)
 

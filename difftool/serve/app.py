@@ -67,9 +67,13 @@ class GuardMiddleware:
         self.app, self.token, self.max_body = app, token, max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        if scope["type"] == "websocket":  # none is served today; a future one is guarded all the same
+            if self.token is not None and not token_matches(headers.get("authorization"), self.token):
+                return await send({"type": "websocket.close", "code": 1008})
+            return await self.app(scope, receive, send)
         if self.token is not None and scope.get("method") != "OPTIONS":
             if not token_matches(headers.get("authorization"), self.token):
                 response = error_response(

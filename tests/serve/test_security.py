@@ -50,6 +50,12 @@ def test_every_route_needs_the_token(make_client: Any) -> None:
         wrong = client.request(method, path, headers={"Authorization": "Bearer nope-nope-nope"})
         assert wrong.status_code == 401
     assert client.get("/v1/tasks", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+    from starlette.websockets import WebSocketDisconnect
+
+    with pytest.raises(WebSocketDisconnect) as closed:  # WebSockets too (policy violation)
+        with client.websocket_connect("/v1/jobs/x/events"):
+            pass
+    assert closed.value.code == 1008
     basic = base64.b64encode(f"user:{TOKEN}".encode()).decode()  # webuiapi's set_auth(username, password)
     assert client.get("/sdapi/v1/options", headers={"Authorization": f"Basic {basic}"}).status_code == 200
 

@@ -64,6 +64,7 @@ class Job:
     preview_step: int = 0
     token: CancelToken = field(default_factory=CancelToken)
     done: threading.Event = field(default_factory=threading.Event)
+    worker: threading.Thread | None = field(default=None, repr=False)
     #: Bumped on every change, so an events stream sends only what changed.
     version: int = 0
 
@@ -117,10 +118,15 @@ class Job:
 class JobQueue:
     """Bounded FIFO of jobs; one worker thread per device takes the oldest waiting job."""
 
-    def __init__(self, devices: tuple[str, ...] = ("cpu",), queue_size: int = 16, keep: int = 256) -> None:
+    def __init__(
+        self, devices: tuple[str, ...] = ("cpu",), queue_size: int = 16, keep: int = 256, abandon_after: float = 10.0
+    ) -> None:
         self.devices = devices
         self.queue_size = queue_size
         self.keep = keep
+        #: Seconds a cancelled job may take to reach a step boundary before it is abandoned (see :meth:`cancel`).
+        self.abandon_after = abandon_after
+        self._retired: set[threading.Thread] = set()
         self.jobs: dict[str, Job] = {}
         self._waiting: collections.deque[Job] = collections.deque()
         self._lock = threading.Condition()
@@ -132,9 +138,12 @@ class JobQueue:
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
         for device in self.devices:
-            thread = threading.Thread(target=self._work, args=(device,), name=f"difftool-worker-{device}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._start_worker(device)
+
+    def _start_worker(self, device: str) -> None:
+        thread = threading.Thread(target=self._work, args=(device,), name=f"difftool-worker-{device}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking jobs: waiting ones fail, running ones may finish for ``timeout`` seconds, then are
@@ -175,13 +184,31 @@ class JobQueue:
         return self.jobs.get(job_id)
 
     def cancel(self, job: Job) -> None:
-        """Cancel ``job``: a waiting one never starts, a running one stops within one step."""
+        """Cancel ``job``: a waiting one never starts, a running one stops within one step.
+
+        A task that never reaches a step boundary (hung in a plugin's code) cannot be stopped from another
+        thread: after :attr:`abandon_after` seconds it is reported cancelled, its worker thread is retired
+        (its eventual result discarded) and a fresh worker takes over the device's queue.
+        """
         with self._lock:
             if job.state == "queued":
                 self._waiting.remove(job)
                 self._finish(job, "cancelled", "cancelled before it started")
                 return
-        job.token.cancel()
+        if job.state == "running" and not job.token.cancelled:
+            job.token.cancel()
+            timer = threading.Timer(self.abandon_after, self._abandon, args=(job, job.worker))
+            timer.daemon = True
+            timer.start()
+
+    def _abandon(self, job: Job, worker: threading.Thread | None) -> None:
+        with self._lock:
+            if job.state != "running" or worker is None or self._stopping:
+                return
+            self._retired.add(worker)
+            self._finish(job, "cancelled", f"abandoned: the task did not stop within {self.abandon_after:g} s")
+            log.warning("job %s (%s) did not stop after its cancel; its worker is replaced", job.id, job.task)
+            self._start_worker(job.device)
 
     def running(self) -> list[Job]:
         return [job for job in list(self.jobs.values()) if job.state == "running"]
@@ -195,6 +222,7 @@ class JobQueue:
 
     # --- workers ------------------------------------------------------------------------------------
     def _work(self, device: str) -> None:
+        me = threading.current_thread()
         while True:
             with self._lock:
                 while not self._waiting and not self._stopping:
@@ -202,15 +230,21 @@ class JobQueue:
                 if self._stopping and not self._waiting:
                     return
                 job = self._waiting.popleft()
-                job.state, job.started, job.device = "running", time.time(), device
+                job.state, job.started, job.device, job.worker = "running", time.time(), device, me
                 job._changed()
             self._run(job, device)
+            with self._lock:
+                if me in self._retired:  # abandoned while its job hung: a fresh worker has taken over
+                    self._retired.discard(me)
+                    return
 
     def _run(self, job: Job, device: str) -> None:
         from difftool.api import execute
         from difftool.core.images import save_image
 
         def progress(step: int, total: int, preview: Any) -> None:
+            if job.done.is_set():  # abandoned: its state is final
+                return
             if preview is not None:
                 job.preview, job.preview_step = _png(preview), step
             job.step, job.total = step, total
@@ -240,6 +274,8 @@ class JobQueue:
             _release_memory()
 
     def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
+        if job.done.is_set():  # abandoned already: what its task did after that is discarded
+            return
         job.state, job.error, job.error_type, job.finished = state, error, error_type or job.error_type, time.time()
         if state == "cancelled":
             job.error_type = "Cancelled"

@@ -29,7 +29,7 @@ class Server:
             if reason:
                 raise ParameterError(f"--device {device}: {reason}")
         self.policy = PathPolicy(settings.allow_paths)
-        self.queue = JobQueue(settings.devices, settings.queue_size, settings.keep_jobs)
+        self.queue = JobQueue(settings.devices, settings.queue_size, settings.keep_jobs, settings.abandon_after)
         self.options: dict[str, Any] = {"sd_model_checkpoint": settings.default_model or self._first_sd_model()}
 
     def sd_models(self) -> list[Any]:

@@ -27,6 +27,8 @@ class ServeSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     #: Finished jobs kept for ``GET /v1/jobs/{id}`` and their results; the oldest are forgotten first.
     keep_jobs: int = 256
+    #: Seconds a cancelled job may take to stop before it is abandoned and its worker replaced.
+    abandon_after: float = 10.0
     #: Seconds open requests and running jobs get at shutdown (SIGTERM) before they are cancelled.
     shutdown_timeout: float = 30.0
     #: The A1111 ``sd_model_checkpoint`` option at start (``None``: the first Stable Diffusion model found).

@@ -45,18 +45,34 @@ class SlowSteps(Task):
         return TaskResult([Image.new("RGB", (8, 8), (context.seed % 256, 0, 0))], {})
 
 
+class Stuck(Task):
+    """A test task that ignores cancel for ``seconds`` (a plugin hung outside the sampler)."""
+
+    name = "stuck"
+    summary = "Sleep without checking cancel (tests)"
+    inputs = ()
+    params = (Param("seconds", "float", default=3.0, min=0.0, max=60.0),)
+
+    def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        context.report(1, 2)
+        time.sleep(request.params["seconds"])
+        return TaskResult([Image.new("RGB", (8, 8))], {})
+
+
 class SlowPlugin:
     @staticmethod
     @hookimpl
     def register_tasks(register: Callable[[type[Task]], None]) -> None:
         register(SlowSteps)
+        register(Stuck)
 
 
 @pytest.fixture
 def client(make_client: Any) -> Any:
     from difftool.plugins.registry import build_registry
 
-    return make_client(build_registry(["difftool_plugin_example", SlowPlugin()], entry_points=False))
+    registry = build_registry(["difftool_plugin_example", SlowPlugin()], entry_points=False)
+    return make_client(registry, abandon_after=0.3, shutdown_timeout=0.5)
 
 
 def _json_type(param: Param) -> str | None:
@@ -71,7 +87,11 @@ def test_task_schemas_match_the_declarations(client: Any, serve_registry: Any) -
     assert {"generate", "style", "inpaint", "superres", "posterize", "slow-steps"} <= set(tasks)
     assert tasks["posterize"]["plugin"] == "difftool_plugin_example"
     for name, described in tasks.items():
-        task = serve_registry.task(name) if name in serve_registry.tasks else SlowSteps()
+        task = (
+            serve_registry.task(name)
+            if name in serve_registry.tasks
+            else {"slow-steps": SlowSteps, "stuck": Stuck}[name]()
+        )
         schema = described["params"]
         assert openapi[f"{name}Params"] == schema  # the OpenAPI document publishes the same schema
         assert list(schema["properties"]) == [p.name for p in task.params]
@@ -252,3 +272,18 @@ def test_without_the_serve_extra_the_command_says_what_to_install() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stderr.count("\n") == 1
     assert 'pip install "difftool[serve]"' in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_job_that_ignores_cancel_is_abandoned_and_the_queue_goes_on(client: Any) -> None:
+    stuck = client.post("/v1/jobs", json={"task": "stuck", "params": {"seconds": 2.5}}).json()
+    deadline = time.monotonic() + 30
+    while client.get(f"/v1/jobs/{stuck['id']}").json()["state"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    cancelled_at = time.monotonic()
+    client.delete(f"/v1/jobs/{stuck['id']}")
+    status = wait_for(client, stuck["id"], timeout=10)
+    assert status["state"] == "cancelled" and "abandoned" in status["error"]
+    after = client.post("/v1/jobs", json={"task": "slow-steps", "params": {"steps": 1}}).json()
+    assert wait_for(client, after["id"])["state"] == "done"
+    assert time.monotonic() - cancelled_at < 2  # served by a fresh worker, not after the stuck task returned

@@ -133,7 +133,10 @@ def main() -> None:
                 "overhead_pct": round(100 * (statistics.median(latencies) / statistics.median(local[size]) - 1), 1),
             }
         )
-    results = {"requests": REQUESTS, "clients": CLIENTS, "task": "superres 2x, embedded model, CPU", "rows": rows}
+    import torch
+
+    threads = torch.get_num_threads()
+    results = {"requests": REQUESTS, "clients": CLIENTS, "torch_threads": threads, "rows": rows}
     print(json.dumps(results, indent=2))
     (ROOT / "docs" / "benchmarks-serve.json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [
@@ -143,16 +146,17 @@ def main() -> None:
     ]
     table = f"""## Serving: `difftool serve` vs in-process (`python benchmarks/serve.py`)
 
-{REQUESTS} superres 2x requests per size (embedded model, CPU) after {WARM_UP} warm-up ones. The server runs in
-its own process on loopback; requests go through `/sdapi/v1/extra-single-image` (base64 PNG both ways,
-decoded by the client). In-process: `difftool.run` + `save_image`, the CLI's per-image work once started.
-Overhead: served p50 over in-process p50 (target < 5%).
+{REQUESTS} superres 2x requests per size (embedded model, CPU, {threads} torch thread(s): `OMP_NUM_THREADS`)
+after {WARM_UP} warm-up ones. The server runs in its own process on loopback; requests go through
+`/sdapi/v1/extra-single-image` (base64 PNG both ways, decoded by the client). In-process: `difftool.run`
++ `save_image`, the CLI's per-image work once started. Overhead: served p50 over in-process p50 (target < 5%).
 
 | input | in-process p50 | served p50 | served p95 | overhead | in-process img/s | served img/s, {CLIENTS} clients |
 | --- | --- | --- | --- | --- | --- | --- |
 {chr(10).join(lines)}
 
-One worker per device runs one job at a time, so more clients queue rather than add throughput.
+One worker per device runs one job at a time, so more clients queue rather than add throughput. Medians vary
+by about 5% from run to run on a shared 2-core machine; a negative overhead is that noise.
 """
     update_section(ROOT / "docs" / "benchmarks.md", "serve-benchmark", table)
 

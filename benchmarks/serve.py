@@ -148,8 +148,9 @@ def main() -> None:
 
 {REQUESTS} superres 2x requests per size (embedded model, CPU, {threads} torch thread(s): `OMP_NUM_THREADS`)
 after {WARM_UP} warm-up ones. The server runs in its own process on loopback; requests go through
-`/sdapi/v1/extra-single-image` (base64 PNG both ways, decoded by the client). In-process: `difftool.run`
-+ `save_image`, the CLI's per-image work once started. Overhead: served p50 over in-process p50 (target < 5%).
+`/sdapi/v1/extra-single-image` (base64 PNG both ways, decoded by the client). In-process:
+`difftool.run` and `save_image`, the CLI's per-image work once started. Overhead: served p50 over in-process
+p50 (target < 5%).
 
 | input | in-process p50 | served p50 | served p95 | overhead | in-process img/s | served img/s, {CLIENTS} clients |
 | --- | --- | --- | --- | --- | --- | --- |

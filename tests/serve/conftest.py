@@ -88,12 +88,19 @@ def make_client(serve_registry: Any) -> Iterator[Any]:
 
 @pytest.fixture(scope="module")
 def live_server(model_root: Path, serve_registry: Any) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 (a free port), in a thread; yields ``host:port``."""
+    """A real uvicorn server on 127.0.0.1 (a free port), in a thread; yields ``host:port``.
+
+    torch computes on one thread meanwhile: with the clients' threads in the same process (and whatever else
+    runs on a small CI machine), two intra-op threads on two cores stall each other at every step.
+    """
+    import torch
     import uvicorn
 
     from difftool.serve.app import create_app
     from difftool.serve.settings import ServeSettings
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     app = create_app(ServeSettings(default_model="tiny-sd"), serve_registry)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
@@ -109,3 +116,4 @@ def live_server(model_root: Path, serve_registry: Any) -> Iterator[str]:
     server.should_exit = True
     thread.join(30)
     sock.close()
+    torch.set_num_threads(threads)

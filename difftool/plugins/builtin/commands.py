@@ -124,3 +124,6 @@ def check_backends(
 def register_commands(cli: click.Group) -> None:
     cli.add_command(train)
     cli.add_command(check_backends)
+    from difftool.serve.command import serve  # click only: FastAPI loads when the server starts
+
+    cli.add_command(serve)

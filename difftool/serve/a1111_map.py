@@ -1,0 +1,206 @@
+"""AUTOMATIC1111 ``/sdapi/v1`` requests (the fields of ``modules/api/models.py``) mapped onto difftool tasks.
+
+Fields difftool honours are mapped; fields it cannot honour are refused with a 422 naming the field
+(never silently ignored), except sampler fine-tuning knobs (``eta``, ``s_churn``, ...) that only some
+A1111 samplers read and that have no effect on difftool's schedulers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from difftool.core.errors import ParameterError
+
+#: ``override_settings`` / ``POST /options`` keys difftool honours.
+SUPPORTED_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "show_progress_every_n_steps")
+
+
+class Txt2ImgRequest(BaseModel):
+    """A1111's StableDiffusionProcessingTxt2Img API model, the fields difftool reads (others are checked)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] | None = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = "Euler"
+    scheduler: str | None = None
+    batch_size: int = Field(default=1, ge=1)
+    n_iter: int = Field(default=1, ge=1)
+    steps: int = Field(default=50, ge=1)
+    cfg_scale: float = 7.0
+    width: int = Field(default=512, ge=8)
+    height: int = Field(default=512, ge=8)
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    enable_hr: bool = False
+    override_settings: dict[str, Any] | None = None
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    send_images: bool = True
+    save_images: bool = False
+
+
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's StableDiffusionProcessingImg2Img API model (img2img and inpaint)."""
+
+    init_images: list[str] | None = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: int = Field(default=4, ge=0)
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(default=0, ge=0)
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float | None = None
+    include_init_images: bool = False
+
+
+class ExtrasSingleImageRequest(BaseModel):
+    """A1111's ExtrasSingleImageRequest."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image: str = ""
+    resize_mode: int = 0
+    show_extras_results: bool = True
+    gfpgan_visibility: float = 0.0
+    codeformer_visibility: float = 0.0
+    codeformer_weight: float = 0.0
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = 0.0
+    upscale_first: bool = False
+
+
+def refuse(field: str, why: str) -> ParameterError:
+    return ParameterError(f"{field}: {why}", "drop that field (docs/serve.md lists what difftool supports)")
+
+
+def check_supported(req: Txt2ImgRequest) -> None:
+    """Refuse (422) every field set to something difftool cannot do."""
+    if req.enable_hr:
+        raise refuse("enable_hr", "hires fix is not supported; call txt2img, then extra-single-image")
+    if req.restore_faces:
+        raise refuse("restore_faces", "face restoration is not supported")
+    if req.tiling:
+        raise refuse("tiling", "seamless tiling is not supported")
+    if req.styles:
+        raise refuse("styles", "saved prompt styles are not supported; put the text in the prompt")
+    if req.subseed_strength:
+        raise refuse("subseed_strength", "variation seeds are not supported")
+    if req.seed_resize_from_h > 0 or req.seed_resize_from_w > 0:
+        raise refuse("seed_resize_from_w/h", "resizing seeds is not supported")
+    if req.script_name:
+        raise refuse("script_name", f"scripts are not supported ({req.script_name!r})")
+    for name, script in req.alwayson_scripts.items():
+        args = script.get("args", []) if isinstance(script, dict) else script
+        if args and args != [False]:  # an extension's "disabled" marker is fine
+            raise refuse("alwayson_scripts", f"extension {name!r} is not available in difftool")
+    if req.save_images:
+        raise refuse("save_images", "the server keeps no image files; the response carries the images")
+    unknown = sorted(set(req.override_settings or {}) - set(SUPPORTED_OPTIONS))
+    if unknown:
+        raise refuse("override_settings", f"option {unknown[0]!r} is not supported (supported: {SUPPORTED_OPTIONS})")
+
+
+def scheduler_for(sampler: str | None, schedule: str | None, registry: Any) -> str | None:
+    """The difftool scheduler for an A1111 sampler name (and, since A1111 1.9, its schedule type).
+
+    Labels are the schedulers' A1111 names (``DPM++ 2M Karras``); ``DPM++ 2M`` with schedule ``Karras``
+    is the same scheduler. The difftool name (``dpmpp-2m-karras``) is accepted too.
+    """
+    if not sampler:
+        return None
+    names = {e.label.lower(): e.name for e in registry.schedulers.values()}
+    names.update({name.lower(): name for name in registry.schedulers})
+    key, kind = sampler.strip().lower(), (schedule or "automatic").strip().lower()
+    if kind not in ("automatic", "") and not key.endswith(" " + kind):
+        combined = f"{key} {kind}"
+        if combined in names:
+            return names[combined]
+        raise ParameterError(
+            f"sampler {sampler!r} with schedule type {schedule!r} is not available",
+            "use schedule type 'Automatic' or a sampler from GET /sdapi/v1/samplers",
+        )
+    if key in names:
+        return names[key]
+    raise ParameterError(f"unknown sampler {sampler!r}", "GET /sdapi/v1/samplers lists the samplers")
+
+
+def prompt_params(req: Txt2ImgRequest, registry: Any, clip_skip: int | None) -> dict[str, Any]:
+    """The prompt parameters every Stable Diffusion task shares."""
+    params: dict[str, Any] = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "scheduler": scheduler_for(req.sampler_name or req.sampler_index, req.scheduler, registry),
+    }
+    override = (req.override_settings or {}).get("CLIP_stop_at_last_layers", clip_skip)
+    if override is not None:
+        params["clip_skip"] = int(override)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def inpaint_params(req: Img2ImgRequest) -> dict[str, Any]:
+    """A1111's inpaint fields as the inpaint task's parameters."""
+    strength = req.denoising_strength
+    if req.initial_noise_multiplier not in (None, 1, 1.0):
+        raise refuse("initial_noise_multiplier", "only 1.0 is supported")
+    fill: str | None
+    if req.inpainting_fill == 0:
+        fill = "blur"  # "fill": start from a smooth fill of the hole
+    elif req.inpainting_fill == 1:
+        fill = None  # "original": start from the image itself
+    elif req.inpainting_fill in (2, 3) and strength >= 1.0:
+        fill = "noise"  # latent noise / nothing: at strength 1 the start is pure noise either way
+    else:
+        raise refuse(
+            "inpainting_fill",
+            f"{req.inpainting_fill} ('latent noise'/'latent nothing') needs denoising_strength 1.0 in difftool; "
+            "use 0 (fill) or 1 (original)",
+        )
+    if strength < 0.05:
+        raise refuse("denoising_strength", f"{strength:g} is below difftool's inpaint minimum 0.05")
+    params: dict[str, Any] = {
+        "strength": min(1.0, strength),
+        "feather": req.mask_blur,
+        "only_masked": req.inpaint_full_res,
+        "resize_mask": True,
+    }
+    if fill is not None:
+        params["fill"] = fill
+    if req.inpaint_full_res:
+        params["context"] = req.inpaint_full_res_padding
+    return params
+
+
+def upscale_scale(req: ExtrasSingleImageRequest, choices: tuple[Any, ...]) -> int:
+    """``upscaling_resize`` as one of the superres task's scales, or a 422."""
+    if req.resize_mode != 0:
+        raise refuse("resize_mode", "only 0 (scale by upscaling_resize) is supported")
+    if req.gfpgan_visibility or req.codeformer_visibility:
+        raise refuse("gfpgan_visibility/codeformer_visibility", "face restoration is not supported")
+    if req.upscaler_2 not in ("None", "") and req.extras_upscaler_2_visibility > 0:
+        raise refuse("upscaler_2", "a second upscaler is not supported")
+    scale = req.upscaling_resize
+    if not float(scale).is_integer() or int(scale) not in choices:
+        raise refuse(
+            "upscaling_resize", f"{scale:g} is not a scale difftool upscales by ({', '.join(map(str, choices))})"
+        )
+    return int(scale)

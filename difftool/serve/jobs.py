@@ -1,0 +1,318 @@
+"""The job queue: bounded, one worker thread per device, progress and cancel through the GUI's hooks.
+
+A job is a preflighted :class:`~difftool.plan.Plan` plus its loaded inputs and seeds. Workers run it
+with :func:`difftool.api.execute` (models stay loaded in the process's runtime between jobs) and write
+each output with :func:`~difftool.core.images.save_image` (atomically, with the CLI's PNG metadata).
+A job that raises fails alone; the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftool.core.errors import Cancelled, DifftoolError
+from difftool.core.task import CancelToken
+from difftool.plan import Plan
+
+log = logging.getLogger("difftool.serve")
+
+#: States a job ends in.
+FINAL_STATES = frozenset({"done", "failed", "cancelled"})
+
+
+class QueueFull(DifftoolError):
+    """The queue holds ``--queue-size`` waiting jobs (HTTP 429 with ``Retry-After``)."""
+
+    def __init__(self, problem: str, fix: str, retry_after: int) -> None:
+        super().__init__(problem, fix)
+        self.retry_after = retry_after
+
+
+@dataclass
+class Job:
+    """One request: ``len(seeds)`` runs of ``plan`` on ``inputs`` (seeds SEED, SEED+1, ... for batches)."""
+
+    plan: Plan
+    inputs: list[Any]
+    seeds: list[int]
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    state: str = "queued"  # queued, running, done, failed, cancelled
+    step: int = 0
+    total: int = 0
+    index: int = 0  # which of the seeds is running
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    error_type: str = ""
+    device: str = ""
+    records: list[dict[str, Any]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    #: Decode a preview every this many steps (0: never); the latest is kept as PNG bytes.
+    preview_every: int = 0
+    preview: bytes | None = None
+    preview_step: int = 0
+    token: CancelToken = field(default_factory=CancelToken)
+    done: threading.Event = field(default_factory=threading.Event)
+    worker: threading.Thread | None = field(default=None, repr=False)
+    #: Bumped on every change, so an events stream sends only what changed.
+    version: int = 0
+
+    @property
+    def task(self) -> str:
+        return self.plan.task_name
+
+    def progress(self) -> float:
+        """Fraction done in [0, 1], over all seeds."""
+        if self.state == "done":
+            return 1.0
+        per_run = self.step / self.total if self.total else 0.0
+        return min(1.0, (self.index + per_run) / max(1, len(self.seeds)))
+
+    def eta(self) -> float | None:
+        """Seconds left, from the time the steps so far took (``None`` before the first step)."""
+        fraction = self.progress()
+        if self.state != "running" or self.started is None or fraction <= 0:
+            return None
+        elapsed = time.time() - self.started
+        return max(0.0, elapsed / fraction - elapsed)
+
+    def status(self) -> dict[str, Any]:
+        """The job as JSON: state, progress, ETA, error, and the record of each finished output."""
+        eta = self.eta()
+        return {
+            "id": self.id,
+            "task": self.task,
+            "state": self.state,
+            "step": self.step,
+            "total": self.total,
+            "index": self.index,
+            "count": len(self.seeds),
+            "progress": round(self.progress(), 4),
+            "eta_seconds": None if eta is None else round(eta, 2),
+            "device": self.device or None,
+            "seeds": self.seeds,
+            "error": self.error or None,
+            "error_type": self.error_type or None,
+            "outputs": len(self.files),
+            "records": self.records,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+        }
+
+    def _changed(self) -> None:
+        self.version += 1
+
+
+class JobQueue:
+    """Bounded FIFO of jobs; one worker thread per device takes the oldest waiting job."""
+
+    def __init__(
+        self, devices: tuple[str, ...] = ("cpu",), queue_size: int = 16, keep: int = 256, abandon_after: float = 10.0
+    ) -> None:
+        self.devices = devices
+        self.queue_size = queue_size
+        self.keep = keep
+        #: Seconds a cancelled job may take to reach a step boundary before it is abandoned (see :meth:`cancel`).
+        self.abandon_after = abandon_after
+        self._retired: set[threading.Thread] = set()
+        self.jobs: dict[str, Job] = {}
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._lock = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._stopping = False
+        self._mean_seconds = 5.0  # a moving average of job durations, for Retry-After
+        self.output_dir = Path(tempfile.mkdtemp(prefix="difftool-serve-"))
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+    def start(self) -> None:
+        for device in self.devices:
+            self._start_worker(device)
+
+    def _start_worker(self, device: str) -> None:
+        thread = threading.Thread(target=self._work, args=(device,), name=f"difftool-worker-{device}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs: waiting ones fail, running ones may finish for ``timeout`` seconds, then are
+        cancelled (they stop within one step). Outputs are only ever written whole."""
+        with self._lock:
+            self._stopping = True
+            while self._waiting:
+                self._finish(self._waiting.popleft(), "failed", "the server shut down before the job started")
+            self._lock.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for job in self.running():
+            job.token.cancel()
+        for thread in self._threads:
+            thread.join(5.0)
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+
+    # --- requests -----------------------------------------------------------------------------------
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``, or raise :class:`QueueFull` (HTTP 429) when ``queue_size`` jobs wait already."""
+        with self._lock:
+            if self._stopping:
+                raise QueueFull("the server is shutting down", "retry on another server", retry_after=30)
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(
+                    f"the queue is full ({self.queue_size} jobs waiting)",
+                    "retry after the Retry-After seconds",
+                    retry_after=self.retry_after(),
+                )
+            self.jobs[job.id] = job
+            self._waiting.append(job)
+            self._forget_old()
+            self._lock.notify()
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job``: a waiting one never starts, a running one stops within one step.
+
+        A task that never reaches a step boundary (hung in a plugin's code) cannot be stopped from another
+        thread: after :attr:`abandon_after` seconds it is reported cancelled, its worker thread is retired
+        (its eventual result discarded) and a fresh worker takes over the device's queue.
+        """
+        with self._lock:
+            if job.state == "queued":
+                self._waiting.remove(job)
+                self._finish(job, "cancelled", "cancelled before it started")
+                return
+        if job.state == "running" and not job.token.cancelled:
+            job.token.cancel()
+            timer = threading.Timer(self.abandon_after, self._abandon, args=(job, job.worker))
+            timer.daemon = True
+            timer.start()
+
+    def _abandon(self, job: Job, worker: threading.Thread | None) -> None:
+        with self._lock:
+            if job.state != "running" or worker is None or self._stopping:
+                return
+            self._retired.add(worker)
+            self._finish(job, "cancelled", f"abandoned: the task did not stop within {self.abandon_after:g} s")
+            log.warning("job %s (%s) did not stop after its cancel; its worker is replaced", job.id, job.task)
+            self._start_worker(job.device)
+
+    def running(self) -> list[Job]:
+        return [job for job in list(self.jobs.values()) if job.state == "running"]
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def retry_after(self) -> int:
+        """Seconds until a place in the queue is likely free."""
+        return max(1, math.ceil(self._mean_seconds / max(1, len(self.devices))))
+
+    # --- workers ------------------------------------------------------------------------------------
+    def _work(self, device: str) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._lock:
+                while not self._waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._waiting:
+                    return
+                job = self._waiting.popleft()
+                job.state, job.started, job.device, job.worker = "running", time.time(), device, me
+                job._changed()
+            self._run(job, device)
+            with self._lock:
+                if me in self._retired:  # abandoned while its job hung: a fresh worker has taken over
+                    self._retired.discard(me)
+                    return
+
+    def _run(self, job: Job, device: str) -> None:
+        from difftool.api import execute
+        from difftool.core.images import save_image
+
+        def progress(step: int, total: int, preview: Any) -> None:
+            if job.done.is_set():  # abandoned: its state is final
+                return
+            if preview is not None:
+                job.preview, job.preview_step = _png(preview), step
+            job.step, job.total = step, total
+            job._changed()
+
+        try:
+            plan = job.plan if job.plan.backend.device == device else _replan(job.plan, device)
+            for index, seed in enumerate(job.seeds):
+                job.index, job.step = index, 0
+                result = execute(
+                    plan, *job.inputs, seed=seed, progress=progress, preview_every=job.preview_every, cancel=job.token
+                )
+                for number, image in enumerate(result.images):
+                    path = self.output_dir / f"{job.id}-{index}-{number}.png"
+                    save_image(image, path, result.record)
+                    job.files.append(path)
+                job.records.append(result.record)
+                job._changed()
+            self._finish(job, "done")
+        except Cancelled:
+            self._finish(job, "cancelled", "cancelled")
+        except DifftoolError as error:
+            self._finish(job, "failed", str(error), type(error).__name__)
+        except Exception as error:  # noqa: BLE001 - a task's bug (or out of memory) fails its job, not the server
+            log.exception("job %s (%s) failed", job.id, job.task)
+            self._finish(job, "failed", f"unexpected error: {type(error).__name__}: {error}", type(error).__name__)
+            _release_memory()
+
+    def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
+        if job.done.is_set():  # abandoned already: what its task did after that is discarded
+            return
+        job.state, job.error, job.error_type, job.finished = state, error, error_type or job.error_type, time.time()
+        if state == "cancelled":
+            job.error_type = "Cancelled"
+        if job.started is not None and state == "done":
+            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (job.finished - job.started)
+        job._changed()
+        job.done.set()
+
+    def _forget_old(self) -> None:
+        """Drop the oldest finished jobs (and their files) beyond ``keep``; called under the lock."""
+        finished = [job for job in self.jobs.values() if job.state in FINAL_STATES]
+        for job in finished[: max(0, len(finished) - self.keep)]:
+            del self.jobs[job.id]
+            for path in job.files:
+                path.unlink(missing_ok=True)
+
+
+def _replan(plan: Plan, device: str) -> Plan:
+    """The same request preflighted for this worker's device."""
+    from difftool.plan import preflight
+
+    fields = {**plan.request_fields(), "device": device}
+    return preflight(plan.task_name, params=plan.params, registry=plan.registry, **fields)
+
+
+def _png(image: Any) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _release_memory() -> None:
+    try:
+        from difftool.core.devices import release_memory
+
+        release_memory()
+    except Exception:  # noqa: BLE001 - best effort after a failure
+        pass

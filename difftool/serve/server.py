@@ -1,0 +1,100 @@
+"""The server's state (settings, registry, queue, path policy, A1111 options) and how a request becomes a job."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from difftool.core.errors import ParameterError
+from difftool.serve.jobs import Job, JobQueue
+from difftool.serve.security import PathPolicy, check_params, load_image, resolve_model
+from difftool.serve.settings import ServeSettings
+
+#: Most outputs one request may ask for (A1111's batch_size x n_iter, the native ``count``).
+MAX_COUNT = 16
+#: Families of Stable Diffusion checkpoints (what ``/sdapi/v1/sd-models`` lists).
+SD_FAMILY_PREFIXES = ("sd1", "sd2", "sdxl")
+
+
+class Server:
+    """Everything the routes share; one per application."""
+
+    def __init__(self, settings: ServeSettings, registry: Any = None) -> None:
+        from difftool.plugins.registry import get_registry
+
+        self.settings = settings
+        self.registry = registry or get_registry()
+        for device in settings.devices:  # a worker on a device that cannot run would fail every job it takes
+            reason = self.registry.backend("torch").unavailable_reason(device)
+            if reason:
+                raise ParameterError(f"--device {device}: {reason}")
+        self.policy = PathPolicy(settings.allow_paths)
+        self.queue = JobQueue(settings.devices, settings.queue_size, settings.keep_jobs, settings.abandon_after)
+        self.options: dict[str, Any] = {"sd_model_checkpoint": settings.default_model or self._first_sd_model()}
+
+    def sd_models(self) -> list[Any]:
+        """Stable Diffusion checkpoints the model sources list (txt2img and inpainting ones)."""
+        return [m for m in self.registry.find_models() if m.family.startswith(SD_FAMILY_PREFIXES)]
+
+    def _first_sd_model(self) -> str | None:
+        models = [m for m in self.sd_models() if "inpaint" not in m.family]
+        return models[0].name if models else None
+
+    def make_job(
+        self,
+        task: str,
+        inputs: Sequence[Any] | Mapping[str, Any] = (),
+        params: Mapping[str, Any] | None = None,
+        *,
+        model: str | None = None,
+        backend: str | None = None,
+        dtype: str | None = None,
+        seed: int | None = None,
+        count: int = 1,
+        preview_every: int = 0,
+        model_families: Sequence[str] = (),
+    ) -> Job:
+        """Check a request once (names, paths, images, parameters) and turn it into a queued-ready job.
+
+        ``inputs`` are the task's declared inputs, in order or by name; images as base64 text, bytes, or
+        ``{"path": ...}`` inside an ``--allow-path`` folder. Raises a one-line ``DifftoolError``.
+        """
+        from difftool.api import new_seed
+        from difftool.plan import preflight
+
+        instance = self.registry.task(task)
+        limit = self.settings.max_body_bytes
+        if isinstance(inputs, Mapping):
+            missing = [p.name for p in instance.inputs if p.name not in inputs]
+            extra = sorted(set(inputs) - {p.name for p in instance.inputs})
+            if missing or extra:
+                names = ", ".join(p.name for p in instance.inputs) or "none"
+                raise ParameterError(f"task {task!r} takes the inputs: {names}", f"send exactly {names}")
+            inputs = [inputs[p.name] for p in instance.inputs]
+        if len(inputs) != len(instance.inputs):
+            names = ", ".join(p.name for p in instance.inputs) or "none"
+            raise ParameterError(f"task {task!r} takes {len(instance.inputs)} input(s) ({names}), got {len(inputs)}")
+        if not 1 <= int(count) <= MAX_COUNT:
+            raise ParameterError(f"count {count} is out of range", f"ask for 1 to {MAX_COUNT} outputs per request")
+        loaded = [
+            load_image(value, port.name, self.policy, limit) if port.kind in ("image", "mask") else value
+            for port, value in zip(instance.inputs, inputs, strict=True)
+        ]
+        values = check_params(instance, dict(params or {}), self.registry, self.policy)
+        kinds = {p.name: p.type for p in instance.params}
+        for name, value in values.items():
+            if kinds.get(name) in ("image", "mask") and value is not None:
+                values[name] = load_image(value, name, self.policy, limit)
+        request: dict[str, Any] = {"device": self.settings.devices[0]}
+        if model:
+            request["model"] = resolve_model(model, self.registry, self.policy, model_families)
+        if backend:
+            request["backend"] = backend
+        if dtype:
+            request["dtype"] = dtype
+        plan = preflight(task, params=values, registry=self.registry, **request)
+        first = new_seed() if seed is None or int(seed) < 0 else int(seed)
+        return Job(plan, loaded, [first + i for i in range(int(count))], preview_every=max(0, int(preview_every)))
+
+    def submit(self, job: Job) -> Job:
+        return self.queue.submit(job)

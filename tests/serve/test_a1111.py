@@ -1,0 +1,163 @@
+"""The A1111 ``/sdapi/v1`` subset, driven by the real ``webuiapi`` client against a live server on loopback.
+
+Every image is compared with ``difftool.run`` in-process: same seed and parameters, same pixels.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import difftool
+
+webuiapi = pytest.importorskip("webuiapi")
+
+
+@pytest.fixture(scope="module")
+def api(live_server: str) -> Any:
+    host, port = live_server.split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler a", steps=3)
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_txt2img_matches_difftool_run(api: Any, serve_registry: Any) -> None:
+    result = api.txt2img(
+        prompt="a red cube", negative_prompt="fog", seed=11, steps=3, cfg_scale=6.5, width=32, height=24,
+        sampler_name="Euler a", batch_size=2,
+    )  # fmt: skip
+    assert len(result.images) == 2 and result.info["all_seeds"] == [11, 12]
+    for image, seed in zip(result.images, (11, 12), strict=True):
+        expected = difftool.run(
+            "generate", model="tiny-sd", prompt="a red cube", negative_prompt="fog", seed=seed, steps=3,
+            guidance_scale=6.5, width=32, height=24, scheduler="euler-a", registry=serve_registry,
+        )  # fmt: skip
+        assert np.array_equal(pixels(image), pixels(expected.image))
+    assert not np.array_equal(pixels(result.images[0]), pixels(result.images[1]))
+    # The PNG carries the CLI's metadata: A1111 infotext (Sampler: Euler a) and the difftool record.
+    assert "Sampler: Euler a" in result.images[0].info["parameters"] and "Seed: 11" in result.info["infotexts"][0]
+    assert json.loads(result.images[0].info["difftool"])["scheduler"] == "euler-a"
+
+
+def test_img2img_is_style_with_the_same_pixels(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+    result = api.img2img(
+        images=[picture], prompt="a watercolor", denoising_strength=0.6, seed=5, steps=4, width=32, height=24,
+        sampler_name="DDIM", cfg_scale=5.0,
+    )  # fmt: skip
+    expected = difftool.run(
+        "style", picture, model="tiny-sd", prompt="a watercolor", strength=0.6, seed=5, steps=4, scheduler="ddim",
+        guidance_scale=5.0, registry=serve_registry,
+    )  # fmt: skip
+    assert result.image.size == (32, 24)
+    assert np.array_equal(pixels(result.image), pixels(expected.image))
+
+
+def test_inpaint_with_mask_matches_and_keeps_the_rest(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+    hole = np.zeros((24, 32), np.uint8)
+    hole[6:16, 8:24] = 255
+    mask = Image.fromarray(hole)
+    result = api.img2img(
+        images=[picture], mask_image=mask, prompt="a window", denoising_strength=1.0, inpainting_fill=1,
+        inpaint_full_res=False, mask_blur=0, seed=9, steps=3, width=32, height=24, sampler_name="DDIM",
+        override_settings={"sd_model_checkpoint": "tiny-sd-inpaint"},
+    )  # fmt: skip
+    expected = difftool.run(
+        "inpaint", picture, model="tiny-sd-inpaint", mask=mask, prompt="a window", strength=1.0, feather=0,
+        seed=9, steps=3, scheduler="ddim", registry=serve_registry,
+    )  # fmt: skip
+    got = pixels(result.image)
+    assert np.array_equal(got, pixels(expected.image))
+    assert np.array_equal(got[hole == 0], pixels(picture)[hole == 0])
+    assert not np.array_equal(got[hole > 0], pixels(picture)[hole > 0])
+
+
+def test_extra_single_image_upscales_like_superres(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+    names = [u["name"] for u in api.get_upscalers()]
+    assert names[:2] == ["None", "difftool"]
+    small = picture.crop((0, 0, 16, 12))
+    result = api.extra_single_image(image=small, upscaler_1="difftool", upscaling_resize=2)
+    record = json.loads(result.image.info["difftool"])
+    assert result.image.size == (32, 24) and record["scale"] == 2
+    expected = difftool.run("superres", small, scale=2, seed=record["seed"], registry=serve_registry)
+    assert np.array_equal(pixels(result.image), pixels(expected.image))
+    with pytest.raises(RuntimeError, match="upscaling_resize"):
+        api.extra_single_image(image=small, upscaler_1="difftool", upscaling_resize=2.5)
+
+
+def test_interrupt_stops_the_running_job_within_one_step(api: Any, live_server: str) -> None:
+    import requests
+
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            api.txt2img(prompt="x", seed=1, steps=500, width=16, height=16, sampler_name="Euler")
+        except RuntimeError as error:
+            failure.append(error)
+
+    api.set_options({"show_progress_every_n_steps": 2})  # live previews in /progress, as A1111's option
+    thread = threading.Thread(target=generate)
+    try:
+        thread.start()
+        deadline = time.monotonic() + 60
+        while (progress := api.get_progress())["current_image"] is None:
+            assert time.monotonic() < deadline and thread.is_alive(), "the job never sent a preview"
+            time.sleep(0.01)
+    finally:
+        api.set_options({"show_progress_every_n_steps": 0})
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size == (16, 16) and progress["state"]["sampling_step"] >= 2
+    job_id = progress["state"]["job"]
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 500
+    api.interrupt()
+    step_at_interrupt = requests.get(f"http://{live_server}/v1/jobs/{job_id}").json()["step"]
+    thread.join(60)
+    status = requests.get(f"http://{live_server}/v1/jobs/{job_id}").json()
+    assert status["state"] == "cancelled" and status["step"] <= step_at_interrupt + 1 < 500
+    assert failure and "interrupted" in str(failure[0]) and "409" in str(failure[0])
+    assert api.get_progress()["progress"] == 0  # idle again, and the server keeps serving:
+    assert len(api.txt2img(prompt="y", seed=2, steps=1, width=16, height=16).images) == 1
+
+
+def test_models_samplers_and_options(api: Any) -> None:
+    assert {"tiny-sd", "tiny-sd-inpaint"} <= set(api.util_get_model_names())
+    samplers = {s["name"]: s["aliases"] for s in api.get_samplers()}
+    assert samplers["Euler a"] == ["euler-a"] and samplers["DPM++ 2M Karras"] == ["dpmpp-2m-karras"]
+    assert api.util_get_current_model() == "tiny-sd"
+    api.util_set_model("tiny-sd-inpaint", find_closest=False)
+    try:
+        assert api.get_options()["sd_model_checkpoint"] == "tiny-sd-inpaint"
+    finally:
+        api.set_options({"sd_model_checkpoint": "tiny-sd"})
+    response = api.session.post(f"{api.baseurl}/options", json={"sd_model_checkpoint": "../../etc/passwd"})
+    assert response.status_code == 422 and "unknown checkpoint" in response.json()["error"]
+    response = api.session.post(f"{api.baseurl}/options", json={"sd_vae": "x.safetensors"})
+    assert response.status_code == 422 and "sd_vae" in response.json()["error"]
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-sd"
+
+
+def test_what_cannot_be_honoured_is_refused(api: Any) -> None:
+    with pytest.raises(RuntimeError, match=r"422.*enable_hr"):
+        api.txt2img(prompt="x", enable_hr=True, width=16, height=16)
+    with pytest.raises(RuntimeError, match=r"422.*restore_faces"):
+        api.txt2img(prompt="x", restore_faces=True, width=16, height=16)
+    with pytest.raises(RuntimeError, match=r"422.*unknown sampler"):
+        api.txt2img(prompt="x", sampler_name="Restart", width=16, height=16)
+    with pytest.raises(RuntimeError, match=r"422.*multiple of 8"):
+        api.txt2img(prompt="x", steps=1, width=20, height=16)

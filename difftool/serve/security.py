@@ -123,6 +123,12 @@ def load_image(value: Any, what: str, policy: PathPolicy, limit: int) -> LoadedI
     return open_image(data)
 
 
+#: Built-in string parameters that name a superres model unless they hold one of :data:`KEYWORDS`.
+UPSCALER_PARAMS = ("hires_upscaler", "upscaler")
+KEYWORDS = ("latent", "embedded", "lanczos")
+UPSCALER_FAMILIES = ("difftool-superres", "upscaler")
+
+
 def check_params(task: Task, params: Mapping[str, Any], registry: Any, policy: PathPolicy) -> dict[str, Any]:
     """``params`` with every server-side file reference checked (path params, ``lora``); pickles refused."""
     checked = dict(params)
@@ -134,6 +140,12 @@ def check_params(task: Task, params: Mapping[str, Any], registry: Any, policy: P
             checked[param.name] = str(policy.resolve(str(value), param.name))
         elif param.name == "lora" and param.type == "string":
             checked[param.name] = _checked_loras(str(value), registry, policy)
+        elif param.name == "embedding" and param.type == "string":  # files; named ones are found by the task
+            checked[param.name] = ",".join(
+                str(policy.resolve(item.strip(), "embedding")) for item in str(value).split(",") if item.strip()
+            )
+        elif param.name in UPSCALER_PARAMS and param.type == "string" and str(value).lower() not in KEYWORDS:
+            checked[param.name] = resolve_model(str(value), registry, policy, families=UPSCALER_FAMILIES)
         elif param.name == "allow_pickle" and value not in (False, 0, "false", "0", "no", "off", ""):
             raise AccessDenied(
                 "allow_pickle: the server never unpickles files named in a request", "use .safetensors models"

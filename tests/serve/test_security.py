@@ -117,6 +117,8 @@ def test_model_names_resolve_only_among_known_models(make_client: Any, folders: 
         ({"vae": "/etc"}, "accepts no server-side paths"),
         ({"lora": "/etc/passwd:0.5"}, "not one of this server's models"),
         ({"allow_pickle": True}, "never unpickles"),
+        ({"embedding": "/etc/passwd"}, "accepts no server-side paths"),
+        ({"hires": 2.0, "hires_upscaler": "/etc/passwd"}, "not one of this server's models"),
     ],
 )
 def test_file_parameters_are_checked(make_client: Any, model_root: Path, params: dict, message: str) -> None:
@@ -151,3 +153,17 @@ def test_cors_is_off_unless_asked(make_client: Any) -> None:
     assert client.get("/v1/tasks", headers=origin).headers["access-control-allow-origin"] == "https://paint.example"
     other = client.get("/v1/tasks", headers={"Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_upscale_sd_upscaler_names_a_listed_model_or_a_keyword(make_client: Any, model_root: Path) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    inputs = {"image": base64.b64encode(png.getvalue()).decode()}
+    body = {"task": "upscale-sd", "model": "tiny-sd", "inputs": inputs, "params": {"upscaler": "/etc/passwd"}}
+    response = make_client().post("/v1/jobs", json=body)
+    assert response.status_code in (403, 422) and "not one of this server's models" in response.json()["error"]

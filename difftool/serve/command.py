@@ -32,6 +32,20 @@ import click
     show_default=True,
     help="seconds running jobs get on SIGTERM before they are cancelled",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[ADDRESS]",
+    help="run on Ray Serve replicas: a local Ray, or the cluster at ADDRESS (auto, ray://HOST:10001)",
+)
+@click.option(
+    "--replicas", type=click.IntRange(1, 10_000), help="with --ray: replicas (default: one per GPU or C CPUs)"
+)
+@click.option("--cpus-per-replica", type=click.FloatRange(0.01), default=1.0, show_default=True, help="with --ray")
+@click.option("--gpus-per-replica", type=click.FloatRange(0), help="with --ray (default: 1 with --device cuda)")
 def serve(
     host: str,
     port: int,
@@ -44,6 +58,10 @@ def serve(
     default_model: str | None,
     max_body_mb: int,
     shutdown_timeout: float,
+    ray_address: str | None,
+    replicas: int | None,
+    cpus_per_replica: float,
+    gpus_per_replica: float | None,
 ) -> None:
     """Serve the HTTP API: native /v1 and the AUTOMATIC1111 /sdapi/v1 subset (needs difftool[serve])."""
     from difftool.core.errors import DifftoolError
@@ -76,6 +94,19 @@ def serve(
         sys.exit(1)
     if insecure and not api_token:
         click.echo(f"warning: serving on {host} without authentication (--insecure)", err=True)
+    if ray_address is not None:
+        from difftool.serve.ray_serve import RayOptions, serve_on_ray
+
+        options = RayOptions(ray_address or None, replicas, cpus_per_replica, gpus_per_replica)
+        try:
+            serve_on_ray(settings, options)
+        except DifftoolError as error:
+            click.echo(f"Error: {error}", err=True)
+            sys.exit(2)
+        return
+    if replicas is not None or gpus_per_replica is not None:
+        click.echo("Error: --replicas and --gpus-per-replica need --ray", err=True)
+        sys.exit(2)
     uvicorn.run(
         create_app(settings),
         host=host,

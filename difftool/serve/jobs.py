@@ -156,7 +156,7 @@ class JobQueue:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for job in self.running():
+        for job in JobQueue.running(self):  # this process's jobs (a subclass's running() may see more)
             job.token.cancel()
         for thread in self._threads:
             thread.join(5.0)

@@ -1,0 +1,180 @@
+"""``difftool serve --ray``: the same application on a local Ray Serve with 2 replicas, on loopback.
+
+Same pixels as ``difftool.run`` through the real ``webuiapi`` client; ``/v1/jobs`` created on one replica
+and read, cancelled and fetched on the other; a replica killed in the middle of a request.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+from serve_helpers import b64, png_bytes
+
+import difftool
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+webuiapi = pytest.importorskip("webuiapi")
+pytestmark = pytest.mark.slow
+
+HEADER = "X-Difftool-Replica"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_server() -> Iterator[str]:
+    """Two replicas (half a CPU each) of the built-in tasks; module-scoped, so Ray starts before the
+    per-test loopback guard (Ray looks up this machine's address once, at start)."""
+    from difftool.executors.ray_data import start_ray
+    from difftool.serve.ray_serve import RayOptions, deploy, undeploy
+    from difftool.serve.settings import ServeSettings
+
+    start_ray()
+    options = RayOptions(replicas=2, cpus_per_replica=0.5, plugins=(), stale_after=3.0)
+    base = deploy(ServeSettings(port=_free_port()), options)
+    deadline = time.monotonic() + 120
+    seen: set[str] = set()
+    while len(seen) < 2:  # both replicas up and answering
+        assert time.monotonic() < deadline, f"the replicas did not come up (answered: {seen})"
+        try:
+            seen.add(requests.get(f"{base}/v1/backends", timeout=5).headers[HEADER])
+        except (requests.RequestException, KeyError):
+            time.sleep(0.2)
+    yield base
+    undeploy(options)
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _on_another_replica(url: str, replica: str, method: str = "get", tries: int = 40) -> requests.Response:
+    """Send the request until a replica other than ``replica`` answers it."""
+    for _ in range(tries):
+        response = requests.request(method, url, timeout=30)
+        if response.headers.get(HEADER) != replica:
+            return response
+    raise AssertionError(f"{tries} requests all went to {replica}")
+
+
+def _wait(base: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
+        if status["state"] in ("done", "failed", "cancelled"):
+            return status
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_webuiapi_upscale_gives_the_same_pixels_as_difftool_run(ray_server: str) -> None:
+    host, port = ray_server.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    small = Image.open(io.BytesIO(png_bytes(16, 12, seed=3)))
+    for _ in range(2):  # twice: whichever replicas answer, the same pixels
+        result = api.extra_single_image(image=small, upscaler_1="difftool", upscaling_resize=2)
+        record = json.loads(result.image.info["difftool"])
+        assert result.image.size == (32, 24) and record["scale"] == 2
+        expected = difftool.run("superres", small, scale=2, seed=record["seed"])
+        assert np.array_equal(pixels(result.image), pixels(expected.image))
+    # The A1111 options live on the board: set through one replica, read through the other.
+    response = requests.post(f"{ray_server}/sdapi/v1/options", json={"show_progress_every_n_steps": 3}, timeout=10)
+    assert response.status_code == 200
+    other = _on_another_replica(f"{ray_server}/sdapi/v1/options", response.headers[HEADER])
+    assert other.json()["show_progress_every_n_steps"] == 3
+    requests.post(f"{ray_server}/sdapi/v1/options", json={"show_progress_every_n_steps": 0}, timeout=10)
+
+
+def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ray_server: str) -> None:
+    body = {"task": "superres", "inputs": [b64(png_bytes(12, 8, seed=1))], "params": {"scale": 2}, "seed": 7}
+    posted = requests.post(f"{ray_server}/v1/jobs", json=body, timeout=30)
+    assert posted.status_code == 202
+    job, creator = posted.json(), posted.headers[HEADER]
+    status = _on_another_replica(f"{ray_server}/v1/jobs/{job['id']}", creator)
+    assert status.status_code == 200 and status.json()["id"] == job["id"]
+    assert _wait(ray_server, job["id"])["state"] == "done"
+    result = _on_another_replica(f"{ray_server}/v1/jobs/{job['id']}/result", creator)
+    assert result.status_code == 200 and result.headers["content-type"] == "image/png"
+    expected = difftool.run("superres", Image.open(io.BytesIO(png_bytes(12, 8, seed=1))), scale=2, seed=7)
+    assert np.array_equal(pixels(Image.open(io.BytesIO(result.content))), pixels(expected.image))
+    events = _on_another_replica(f"{ray_server}/v1/jobs/{job['id']}/events", creator)
+    assert "event: done" in events.text
+
+    # A long job, cancelled through the other replica: it stops within a step or so.
+    long = {**body, "inputs": [b64(png_bytes(64, 48))], "params": {"scale": 2, "steps": 1000}}
+    posted = requests.post(f"{ray_server}/v1/jobs", json=long, timeout=30)
+    job_id, creator = posted.json()["id"], posted.headers[HEADER]
+    deadline = time.monotonic() + 30
+    while requests.get(f"{ray_server}/v1/jobs/{job_id}", timeout=10).json()["step"] < 1:
+        assert time.monotonic() < deadline, "the long job did not start"
+        time.sleep(0.05)
+    assert _on_another_replica(f"{ray_server}/v1/jobs/{job_id}", creator, method="delete").status_code == 200
+    final = _wait(ray_server, job_id, timeout=20)
+    assert final["state"] == "cancelled" and final["step"] < 1000
+    missing = requests.get(f"{ray_server}/v1/jobs/nope", timeout=10)
+    assert missing.status_code == 404 and "error" in missing.json()
+
+
+def test_a_killed_replica_fails_its_requests_clearly_and_the_service_keeps_answering(ray_server: str) -> None:
+    from difftool.serve.ray_serve import NAMESPACE  # noqa: F401 - the module imports without Ray started
+
+    # A long native job and an A1111 request in flight; the replica running the job is killed.
+    long = {"task": "superres", "inputs": [b64(png_bytes(64, 48))], "params": {"scale": 2, "steps": 1000}, "seed": 1}
+    job = requests.post(f"{ray_server}/v1/jobs", json=long, timeout=30).json()
+    deadline = time.monotonic() + 30
+    while (status := requests.get(f"{ray_server}/v1/jobs/{job['id']}", timeout=10).json())["step"] < 1:
+        assert time.monotonic() < deadline, "the long job did not start"
+        time.sleep(0.05)
+    victim = status["replica"]
+    answers: list[requests.Response] = []
+    image = b64(png_bytes(64, 48, seed=2))
+
+    def upscale() -> None:
+        body = {"image": image, "upscaler_1": "difftool", "upscaling_resize": 2}
+        answers.append(requests.post(f"{ray_server}/sdapi/v1/extra-single-image", json=body, timeout=120))
+
+    clients = [threading.Thread(target=upscale) for _ in range(2)]
+    for client in clients:
+        client.start()
+    time.sleep(0.5)  # the requests reach their replicas (the victim runs the long job: they wait there or run)
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for client in clients:
+        client.join(120)
+    assert len(answers) == 2
+    for answer in answers:  # answered by the other replica, or failed with an error status: never hung
+        assert answer.status_code == 200 or answer.status_code >= 500, answer.text
+        if answer.status_code == 200:
+            assert Image.open(io.BytesIO(__import__("base64").b64decode(answer.json()["image"]))).size == (128, 96)
+
+    # The job the dead replica ran ends failed, with a clear error, on whichever replica is asked.
+    lost = _wait(ray_server, job["id"], timeout=30)
+    assert lost["state"] == "failed" and lost["error_type"] == "ReplicaLost" and "submit the job again" in lost["error"]
+    # The service keeps answering, and Ray Serve brings the replica count back to 2.
+    for seed in range(4):
+        body = {"task": "superres", "inputs": [b64(png_bytes(12, 8))], "params": {"scale": 2}, "seed": seed}
+        posted = requests.post(f"{ray_server}/v1/jobs", json=body, timeout=60)
+        assert posted.status_code == 202 and _wait(ray_server, posted.json()["id"])["state"] == "done"
+    deadline = time.monotonic() + 60
+    while True:
+        replicas = serve.status().applications["difftool"].deployments["DifftoolReplica"].replica_states
+        if replicas.get("RUNNING") == 2:
+            break
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.5)

@@ -98,7 +98,7 @@ def _model_name(server: Server, title: str | None) -> str:
 
 def _info(job: Job, req: Txt2ImgRequest, model: str, extra: dict[str, Any]) -> str:
     """A1111's ``info``: a JSON text with the seeds, sizes and infotexts of the images."""
-    from difftool.core.images import format_parameters
+    from difftool.core.metadata import format_parameters
 
     records = job.records
     first = records[0] if records else {}

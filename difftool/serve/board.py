@@ -244,6 +244,10 @@ class SharedJobQueue(JobQueue):
         return sum(e["status"]["state"] == "queued" for e in self.call("active"))
 
     # --- publishing ---------------------------------------------------------------------------------
+    def extra_status(self, job: Job) -> dict[str, Any]:
+        """Fields a subclass adds to the status it publishes."""
+        return {}
+
     def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
         super()._finish(job, state, error, error_type)
         self._publish([job])
@@ -251,7 +255,7 @@ class SharedJobQueue(JobQueue):
     def _publish(self, jobs: list[Job]) -> None:
         updates = []
         for job in jobs:
-            status = {**job.status(), "replica": self.replica}
+            status = {**job.status(), "replica": self.replica, **self.extra_status(job)}
             update: dict[str, Any] = {"id": job.id, "version": job.version, "status": status,
                                       "preview_step": job.preview_step}  # fmt: skip
             if job.preview is not None and self._published.get(job.id) != job.preview_step:

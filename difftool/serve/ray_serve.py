@@ -1,11 +1,15 @@
-"""``difftool serve --ray``: the same FastAPI application on Ray Serve replicas.
+"""``difftool serve --ray``: the same FastAPI application on Ray Serve, in two deployments.
 
-Each replica is a Ray Serve deployment replica (``serve.deployment`` + ``serve.ingress``) that builds the
-application with :func:`~difftool.serve.app.create_app` (same routes, token, path policy, limits, CORS),
-its own job queue and one worker on its device; Ray Serve's proxy spreads the requests and restarts a
-replica that dies. What must be the same on every replica lives in one named actor, the
-:class:`~difftool.serve.board.JobBoard`: the ``/v1/jobs`` states, results and cancel flags, and the A1111
-options. Ray is imported only when :func:`deploy` runs.
+- ``DifftoolReplica`` (the HTTP replicas, light: no model): ``serve.deployment`` + ``serve.ingress`` of the
+  application :func:`~difftool.serve.app.create_app` builds (same routes, token, path policy, limits, CORS)
+  with its bounded job queue; its worker threads run each job on
+- ``DifftoolWorker`` (the model replicas, ``--replicas N``: one per GPU or per ``--cpus-per-replica`` CPUs),
+  through a Ray Serve handle (:mod:`difftool.serve.ray_worker`): Ray Serve picks the replica, and a run whose
+  replica died is sent again.
+
+Ray Serve's proxy spreads the HTTP requests and restarts replicas that die. What must be the same on every
+HTTP replica lives in one named actor, the :class:`~difftool.serve.board.JobBoard`: the ``/v1/jobs`` states,
+results and cancel flags, and the A1111 options. Ray is imported only when :func:`deploy` runs.
 """
 
 from __future__ import annotations
@@ -37,7 +41,8 @@ class RayOptions:
     """Where and how many replicas (``--ray ADDRESS --replicas N --cpus-per-replica C --gpus-per-replica G``)."""
 
     address: str | None = None  # None: start a local Ray; else "auto", "ray://host:10001", ...
-    replicas: int | None = None  # None: one per GPU (--device cuda) or per ``cpus_per_replica`` CPUs
+    replicas: int | None = None  # model replicas; None: one per GPU (--device cuda) or per ``cpus_per_replica`` CPUs
+    http_replicas: int | None = None  # None: 2 (1 with one model replica)
     cpus_per_replica: float = 1.0
     gpus_per_replica: float | None = None  # None: 1 with --device cuda, else 0
     app_name: str = "difftool"
@@ -89,31 +94,36 @@ class BoardOptions(MutableMapping[str, Any]):
 
 
 class DifftoolReplica:
-    """One replica: the registry, then (``__serve_build_asgi_app__``) the application wired to the board."""
+    """One HTTP replica: the registry, then (``__serve_build_asgi_app__``) the application wired to the board
+    and to the model replicas (``worker``, a handle; ``workers`` of them on ``device``)."""
 
-    def __init__(self, settings: ServeSettings, plugins: tuple[str, ...] | None, app_name: str, threads: int) -> None:
+    def __init__(
+        self, settings: ServeSettings, plugins: tuple[str, ...] | None, app_name: str, worker: Any, device: str
+    ) -> None:
+        import torch
+
         from difftool.plugins.registry import build_registry, get_registry
 
-        self.settings, self.app_name = settings, app_name
+        self.settings, self.app_name, self.worker, self.device = settings, app_name, worker, device
         self.registry = get_registry() if plugins is None else build_registry(list(plugins), entry_points=False)
-        if threads:
-            import torch
-
-            torch.set_num_threads(threads)
+        torch.set_num_threads(1)  # requests are checked and decoded here; models run on the model replicas
 
     def __serve_build_asgi_app__(self) -> Any:
         import ray
 
         from difftool.serve.app import create_app
+        from difftool.serve.ray_worker import RemoteJobQueue
 
         app = create_app(self.settings, self.registry)
         server = app.state.server
         name = ray.get_runtime_context().get_actor_name() or ""
         settings = self.settings
         single = server.queue
-        server.queue = SharedJobQueue(
+        server.queue = RemoteJobQueue(
             ray.get_actor(board_name(self.app_name), namespace=NAMESPACE),
             name,
+            self.worker,
+            self.device,
             devices=settings.devices,
             queue_size=settings.queue_size,
             keep=settings.keep_jobs,
@@ -131,11 +141,15 @@ class DifftoolReplica:
         return app
 
 
-def replica_resources(settings: ServeSettings, options: RayOptions) -> tuple[ServeSettings, dict[str, float]]:
-    """The settings a replica runs with (its one device) and its Ray resources."""
+#: CPUs reserved for each HTTP replica (it checks and decodes requests; the models run elsewhere).
+HTTP_REPLICA_CPUS = 0.25
+
+
+def replica_resources(settings: ServeSettings, options: RayOptions) -> tuple[str, dict[str, float]]:
+    """The model replicas' device and Ray resources."""
     if len(settings.devices) != 1:
         raise ParameterError(
-            "--ray runs one device per replica", "pass one --device (cpu or cuda) and --replicas N instead"
+            "--ray runs one device per model replica", "pass one --device (cpu or cuda) and --replicas N instead"
         )
     device = settings.devices[0]
     gpus = options.gpus_per_replica
@@ -146,8 +160,7 @@ def replica_resources(settings: ServeSettings, options: RayOptions) -> tuple[Ser
         device = "cuda"  # Ray makes the replica's GPU its only visible one: cuda:0
     elif device != "cpu":
         raise ParameterError(f"--device {device} is not supported with --ray", "pass --device cpu or --device cuda")
-    resources = {"num_cpus": options.cpus_per_replica, "num_gpus": gpus or 0.0}
-    return dataclasses.replace(settings, devices=(device,)), resources
+    return device, {"num_cpus": options.cpus_per_replica, "num_gpus": gpus or 0.0}
 
 
 def deploy(settings: ServeSettings, options: RayOptions) -> str:
@@ -155,8 +168,9 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
     settings = settings.check()
     ray, serve = import_serve()
     from difftool.executors.ray_data import start_ray
+    from difftool.serve.ray_worker import DifftoolWorker
 
-    replica_settings, resources = replica_resources(settings, options)
+    device, resources = replica_resources(settings, options)
     start_ray(options.address)
     replicas = options.replicas
     if replicas is None:
@@ -164,7 +178,7 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
         if resources["num_gpus"]:
             replicas = int(available.get("GPU", 0) // resources["num_gpus"])
         else:
-            replicas = int(available.get("CPU", 1) // max(resources["num_cpus"], 1e-3))
+            replicas = int((available.get("CPU", 1) - HTTP_REPLICA_CPUS) // max(resources["num_cpus"], 1e-3))
     if replicas < 1:
         raise ParameterError(
             "the Ray cluster has no room for one replica", "lower --cpus-per-replica/--gpus-per-replica"
@@ -173,16 +187,26 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
         name=board_name(options.app_name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
     ).remote(settings.keep_jobs, options.stale_after)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    deployment = serve.deployment(
-        serve.ingress()(DifftoolReplica),
-        name="DifftoolReplica",
+    workers = serve.deployment(
+        DifftoolWorker,
+        name="DifftoolWorker",
         num_replicas=replicas,
         ray_actor_options=resources,
+        max_ongoing_requests=1,  # one run at a time per model replica; Ray Serve holds the others
+    )
+    threads = 0 if resources["num_gpus"] else max(1, int(resources["num_cpus"]))
+    worker = workers.bind(options.plugins, device, threads, board_name(options.app_name), NAMESPACE)
+    front = serve.deployment(
+        serve.ingress()(DifftoolReplica),
+        name="DifftoolReplica",
+        num_replicas=options.http_replicas or min(2, replicas),
+        ray_actor_options={"num_cpus": HTTP_REPLICA_CPUS},
         max_ongoing_requests=settings.queue_size + 16,  # A1111 requests and event streams wait in the handler
         graceful_shutdown_timeout_s=settings.shutdown_timeout,
     )
-    threads = 0 if resources["num_gpus"] else max(1, int(resources["num_cpus"]))
-    app = deployment.bind(replica_settings, options.plugins, options.app_name, threads)
+    # One queue thread per model replica, so that one HTTP replica can keep them all busy.
+    http_settings = dataclasses.replace(settings, devices=("cpu",) * replicas)
+    app = front.bind(http_settings, options.plugins, options.app_name, worker, device)
     serve.run(app, name=options.app_name, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
 

@@ -38,16 +38,17 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ray_server() -> Iterator[str]:
-    """Two replicas (half a CPU each) of the built-in tasks; module-scoped, so Ray starts before the
-    per-test loopback guard (Ray looks up this machine's address once, at start)."""
+def ray_server(model_root: Any) -> Iterator[str]:
+    """Two HTTP replicas and two model replicas (half a CPU each) of the built-in tasks, the tiny SD models
+    in the model root; module-scoped, so Ray starts before the per-test loopback guard (Ray looks up this
+    machine's address once, at start)."""
     from difftool.executors.ray_data import start_ray
     from difftool.serve.ray_serve import RayOptions, deploy, undeploy
     from difftool.serve.settings import ServeSettings
 
     start_ray()
     options = RayOptions(replicas=2, cpus_per_replica=0.5, plugins=(), stale_after=5.0)
-    base = deploy(ServeSettings(port=_free_port()), options)
+    base = deploy(ServeSettings(port=_free_port(), default_model="tiny-sd"), options)
     deadline = time.monotonic() + 120
     seen: set[str] = set()
     while len(seen) < 2:  # both replicas up and answering
@@ -133,18 +134,53 @@ def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ra
     assert missing.status_code == 404 and "error" in missing.json()
 
 
-def test_a_killed_replica_fails_its_requests_clearly_and_the_service_keeps_answering(ray_server: str) -> None:
+def _board_jobs(victim: str | None = None) -> list[dict[str, Any]]:
+    """The queued and running jobs, straight from the board (of the HTTP replica ``victim`` only, if given)."""
     from difftool.serve.ray_serve import NAMESPACE, board_name
 
     board = ray.get_actor(board_name("difftool"), namespace=NAMESPACE)
-    # A long native job on one replica (the victim), and A1111 requests in flight, some of them waiting there.
-    long = {"task": "superres", "inputs": [b64(png_bytes(64, 48))], "params": {"scale": 2, "steps": 1000}, "seed": 1}
-    job = requests.post(f"{ray_server}/v1/jobs", json=long, timeout=30).json()
-    deadline = time.monotonic() + 30
-    while (status := requests.get(f"{ray_server}/v1/jobs/{job['id']}", timeout=10).json())["step"] < 1:
-        assert time.monotonic() < deadline, "the long job did not start"
+    active = [e["status"] for e in ray.get(board.active.remote())]
+    return [s for s in active if victim is None or s["replica"] == victim]
+
+
+def _wait_for_replicas(deployment: str, count: int = 2) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        replicas = serve.status().applications["difftool"].deployments[deployment].replica_states
+        if replicas.get("RUNNING") == count and len(replicas) == 1:
+            return
+        assert time.monotonic() < deadline, replicas
+        time.sleep(0.5)
+
+
+def test_a_killed_model_replica_is_retried_and_the_request_answered_with_the_same_pixels(ray_server: str) -> None:
+    host, port = ray_server.removeprefix("http://").split(":")
+    api = webuiapi.WebUIApi(host=host, port=int(port))
+    answers: list[Any] = []
+    thread = threading.Thread(target=lambda: answers.append(
+        api.txt2img(prompt="a red cube", seed=3, steps=150, width=32, height=32, sampler_name="Euler")))  # fmt: skip
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (running := [s for s in _board_jobs() if s["task"] == "generate" and s["step"] >= 5]):
+        assert time.monotonic() < deadline, "the txt2img request did not start"
         time.sleep(0.05)
-    victim = status["replica"]
+    victim = running[0]["model_replica"]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    thread.join(120)
+    assert len(answers) == 1  # answered, not failed: the run was sent again to the other model replica
+    expected = difftool.run(
+        "generate", model="tiny-sd", prompt="a red cube", seed=3, steps=150, width=32, height=32, scheduler="euler"
+    )
+    assert np.array_equal(pixels(answers[0].image), pixels(expected.image))
+    status = requests.get(f"{ray_server}/v1/jobs/{running[0]['id']}", timeout=10).json()
+    assert status["state"] == "done" and status["model_replica"] != victim
+    _wait_for_replicas("DifftoolWorker")  # Ray Serve replaced the dead replica
+
+
+def test_a_killed_http_replica_fails_its_requests_clearly_and_the_service_keeps_answering(ray_server: str) -> None:
+    # Both model replicas busy with long jobs; A1111 requests wait on the HTTP replicas meanwhile.
+    long = {"task": "superres", "inputs": [b64(png_bytes(64, 48))], "params": {"scale": 2, "steps": 1000}, "seed": 1}
+    jobs = [requests.post(f"{ray_server}/v1/jobs", json=long, timeout=30).json()["id"] for _ in range(2)]
     answers: list[requests.Response] = []
     image = b64(png_bytes(32, 24, seed=2))
 
@@ -156,39 +192,33 @@ def test_a_killed_replica_fails_its_requests_clearly_and_the_service_keeps_answe
     for client in clients:
         client.start()
     deadline = time.monotonic() + 30
-    while True:  # until one of them waits on the victim (behind its long job)
-        waiting = [e["status"]["id"] for e in ray.get(board.active.remote()) if e["status"]["replica"] == victim]
-        if len(waiting) > 1:
-            break
-        assert time.monotonic() < deadline, "no A1111 request reached the victim replica"
+    while len(held := [s for s in _board_jobs() if s["id"] not in jobs]) < 4:
+        assert time.monotonic() < deadline, f"the A1111 requests did not reach the HTTP replicas: {held}"
         time.sleep(0.05)
+    victim = held[0]["replica"]
+    lost = [s["id"] for s in _board_jobs(victim)]
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    for job_id in jobs:  # let the model replicas go (a long job the victim held is stopped by the board)
+        requests.delete(f"{ray_server}/v1/jobs/{job_id}", timeout=10)
     for client in clients:
         client.join(120)
     assert len(answers) == 4
     failed = [a for a in answers if a.status_code != 200]
     # The requests the victim held fail at once with Ray Serve's own error (the proxy answers: difftool's process
-    # is gone); the others are answered in full by the surviving replica.
+    # is gone); the others are answered in full by the surviving HTTP replica.
     assert failed and all(a.status_code == 500 for a in failed), [(a.status_code, a.text[:200]) for a in answers]
     for answer in answers:
         if answer.status_code == 200:
             assert answer.headers[HEADER] != victim
             assert Image.open(io.BytesIO(base64.b64decode(answer.json()["image"]))).size == (64, 48)
     # The jobs the dead replica held end failed with a clear error, on whichever replica is asked.
-    for job_id in waiting:
-        lost = _wait(ray_server, job_id, timeout=30)
-        assert lost["state"] == "failed" and lost["error_type"] == "ReplicaLost", lost
-        assert "submit the job again" in lost["error"]
-
-    # The service keeps answering, and Ray Serve brings the replica count back to 2.
+    for job_id in lost:
+        status = _wait(ray_server, job_id, timeout=30)
+        assert status["state"] == "failed" and status["error_type"] == "ReplicaLost", status
+        assert "submit the job again" in status["error"]
+    # The service keeps answering, and Ray Serve brings the HTTP replicas back to 2.
     for seed in range(4):
         body = {"task": "superres", "inputs": [b64(png_bytes(12, 8))], "params": {"scale": 2}, "seed": seed}
         posted = requests.post(f"{ray_server}/v1/jobs", json=body, timeout=60)
         assert posted.status_code == 202 and _wait(ray_server, posted.json()["id"])["state"] == "done"
-    deadline = time.monotonic() + 60
-    while True:
-        replicas = serve.status().applications["difftool"].deployments["DifftoolReplica"].replica_states
-        if replicas.get("RUNNING") == 2:
-            break
-        assert time.monotonic() < deadline, replicas
-        time.sleep(0.5)
+    _wait_for_replicas("DifftoolReplica")

@@ -97,7 +97,12 @@ def serve(
     if ray_address is not None:
         from difftool.serve.ray_serve import RayOptions, serve_on_ray
 
-        options = RayOptions(ray_address or None, replicas, cpus_per_replica, gpus_per_replica)
+        options = RayOptions(
+            address=ray_address or None,
+            replicas=replicas,
+            cpus_per_replica=cpus_per_replica,
+            gpus_per_replica=gpus_per_replica,
+        )
         try:
             serve_on_ray(settings, options)
         except DifftoolError as error:

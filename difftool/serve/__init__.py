@@ -8,5 +8,7 @@ Needs ``pip install "difftool[serve]"`` (FastAPI, uvicorn). Nothing here is impo
 - :mod:`~difftool.serve.jobs`: the bounded queue and one worker thread per device;
 - :mod:`~difftool.serve.native`: the ``/v1`` routes, generated from task declarations;
 - :mod:`~difftool.serve.a1111`: the AUTOMATIC1111 ``/sdapi/v1`` subset;
-- :mod:`~difftool.serve.app`: the FastAPI application that puts them together.
+- :mod:`~difftool.serve.app`: the FastAPI application that puts them together;
+- :mod:`~difftool.serve.ray_serve`, :mod:`~difftool.serve.ray_worker`, :mod:`~difftool.serve.board`: the same
+  application on Ray Serve (``--ray``, needs ``difftool[serve,ray]``), its model replicas and shared job board.
 """

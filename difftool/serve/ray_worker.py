@@ -172,12 +172,16 @@ class RemoteJobQueue(SharedJobQueue):
         plan = job.plan
         spec = {"task": plan.task_name, "fields": plan.request_fields(), "params": plan.params, "inputs": job.inputs,
                 "seed": seed, "preview_every": job.preview_every, "job": job.id}  # fmt: skip
+        flagged = False
         for attempt in range(WORKER_RETRIES + 1):
             try:
                 for event in self.worker.options(stream=True).run.remote(spec):
                     if event[0] == "started":
                         self.model_replicas[job.id] = event[1]
                     elif event[0] == "step":
+                        if job.token.cancelled and not flagged:  # cancelled here only (shutdown): tell the run
+                            self.call("cancel", job.id)
+                            flagged = True
                         job.step, job.total = event[1], event[2]
                         if event[3] is not None:
                             job.preview, job.preview_step = event[3], event[1]

@@ -223,18 +223,18 @@ def undeploy(options: RayOptions) -> None:
 
 def serve_on_ray(settings: ServeSettings, options: RayOptions) -> None:
     """``difftool serve --ray``: deploy, wait for Ctrl-C or SIGTERM, then remove the application."""
+    ray, serve = import_serve()
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    url = deploy(settings, options)
-    print(f"difftool serve: {url} on Ray Serve (Ctrl-C stops)", flush=True)
     try:
-        stop.wait()
+        url = deploy(settings, options)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"difftool serve: {url} on Ray Serve (Ctrl-C stops)", flush=True)
+        while not stop.wait(1.0):
+            pass
     finally:
-        undeploy(options)
-        if not options.address:
-            import ray
-            from ray import serve
-
-            serve.shutdown()
-            ray.shutdown()
+        if ray.is_initialized():
+            undeploy(options)
+            if not options.address:  # the local Ray this command started
+                serve.shutdown()
+                ray.shutdown()

@@ -11,6 +11,7 @@ jobs failed on the board with a clear error. Nothing here imports Ray: the actor
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -181,6 +182,7 @@ class BoardJob:
                     partial = path.with_suffix(".part")
                     partial.write_bytes(data)
                     partial.replace(path)
+                    self._queue.cached(path)
                 self._files.append(path)
         return self._files
 
@@ -200,7 +202,14 @@ class SharedJobQueue(JobQueue):
         self.replica = replica or uuid.uuid4().hex
         self._stop_sync = threading.Event()
         self._published: dict[str, int] = {}  # job id -> preview step last sent
+        self._copies: collections.deque[Path] = collections.deque()
         self._sync = threading.Thread(target=self._sync_loop, name="difftool-board-sync", daemon=True)
+
+    def cached(self, path: Path) -> None:
+        """Remember a result copied from the board; the oldest copies beyond ``keep`` are deleted."""
+        self._copies.append(path)
+        while len(self._copies) > self.keep:
+            self._copies.popleft().unlink(missing_ok=True)
 
     def call(self, method: str, *args: Any) -> Any:
         """``board.method(*args)``, waited for."""

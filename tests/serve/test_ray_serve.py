@@ -127,6 +127,9 @@ def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ra
     while requests.get(f"{ray_server}/v1/jobs/{job_id}", timeout=10).json()["step"] < 1:
         assert time.monotonic() < deadline, "the long job did not start"
         time.sleep(0.05)
+    # A1111's /progress sees the job from the other replica too.
+    progress = _on_another_replica(f"{ray_server}/sdapi/v1/progress", creator).json()
+    assert progress["state"]["job"] == job_id and progress["state"]["sampling_step"] >= 1 and progress["progress"] > 0
     assert _on_another_replica(f"{ray_server}/v1/jobs/{job_id}", creator, method="delete").status_code == 200
     final = _wait(ray_server, job_id, timeout=20)
     assert final["state"] == "cancelled" and final["step"] < 1000
@@ -181,6 +184,10 @@ def test_a_killed_http_replica_fails_its_requests_clearly_and_the_service_keeps_
     # Both model replicas busy with long jobs; A1111 requests wait on the HTTP replicas meanwhile.
     long = {"task": "superres", "inputs": [b64(png_bytes(64, 48))], "params": {"scale": 2, "steps": 1000}, "seed": 1}
     jobs = [requests.post(f"{ray_server}/v1/jobs", json=long, timeout=30).json()["id"] for _ in range(2)]
+    deadline = time.monotonic() + 30
+    while len([s for s in _board_jobs() if s["id"] in jobs and s["model_replica"] and s["step"] >= 1]) < 2:
+        assert time.monotonic() < deadline, "the long jobs did not start"
+        time.sleep(0.05)
     answers: list[requests.Response] = []
     image = b64(png_bytes(32, 24, seed=2))
 

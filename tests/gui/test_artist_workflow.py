@@ -328,3 +328,24 @@ def test_history_results_compare_against_their_own_input_and_save_under_their_ow
     assert window.default_save_path().name == "photo.dial.png"
     assert window.canvas.compare_with.size().width() == 28  # photo.png, not other.png
     assert window.status.image.text().endswith("(from photo.png)")
+
+
+def test_an_a1111_png_fills_the_generate_form_including_hires(window, qapp, tmp_path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a castle\nNegative prompt: fog\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 7, "
+        "Size: 512x768, Clip skip: 2, Denoising strength: 0.45, Hires upscale: 2, Hires upscaler: Latent",
+    )
+    path = tmp_path / "webui.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    window.task_box.setCurrentText("generate")
+    window.open_path(path)
+    values = window.form.values()
+    assert values["prompt"] == "a castle" and values["negative_prompt"] == "fog" and values["steps"] == 30
+    assert values["scheduler"] == "dpmpp-2m-karras" and values["guidance_scale"] == pytest.approx(6.5)
+    assert (values["width"], values["height"], values["clip_skip"]) == (512, 768, 2)
+    assert values["hires"] == pytest.approx(2.0) and values["hires_strength"] == pytest.approx(0.45)
+    assert values["hires_upscaler"] == "latent" and window.seed_box.value() == 7

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,26 +33,13 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    import uvicorn
-
     from difftool.plugins.registry import build_registry
     from difftool.serve.app import create_app
     from difftool.serve.settings import ServeSettings
+    from difftool.testing.serve import live_server
 
-    app = create_app(ServeSettings(), build_registry(entry_points=False))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    runner = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=runner.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not runner.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    runner.should_exit = True
-    thread.join(30)
-    sock.close()
+    with live_server(create_app(ServeSettings(), build_registry(entry_points=False))) as address:
+        yield f"http://{address}"
 
 
 def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server: str, photo: Path) -> None:

@@ -97,6 +97,7 @@ _A1111_KEYS = (
     ("clip_skip", "Clip skip"),
     ("lora_hashes", "Lora hashes"),
     ("ti_hashes", "TI hashes"),
+    ("pad_conds", "Pad conds"),
     ("strength", "Denoising strength"),
     ("hires_strength", "Denoising strength"),
     ("hires", "Hires upscale"),

@@ -145,7 +145,7 @@ class RemoteRegistry:
             body |= {"backend": options["backend"], "dtype": options.get("dtype")}
         job = self._json("POST", "/v1/jobs", body)["id"]
         total = 0
-        try:
+        try:  # whatever ends this early (cancel, a lost connection), the server's job is deleted
             for event, data in self._events(f"/v1/jobs/{job}/events"):
                 if cancel.cancelled:
                     raise Cancelled()
@@ -161,8 +161,11 @@ class RemoteRegistry:
                     if data.get("total"):  # a job faster than the stream still fills the bar
                         progress(int(data["total"]), int(data["total"]), None)
                     break
-        except Cancelled:
-            self._json("DELETE", f"/v1/jobs/{job}")
+        except BaseException:
+            try:
+                self._json("DELETE", f"/v1/jobs/{job}")
+            except DifftoolError:
+                pass  # the server is gone: nothing left to cancel
             raise
         png = self._request("GET", f"/v1/jobs/{job}/result").read()
         image = Image.open(io.BytesIO(png))
@@ -170,7 +173,8 @@ class RemoteRegistry:
         return RunResult([image], read_metadata(image).get("difftool", {}))
 
     # --- HTTP --------------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
+    def _request(self, method: str, path: str, body: Any = None, timeout: float | None = 0) -> Any:
+        """``timeout`` 0: the registry's; ``None``: none (an event stream stays open as long as its job)."""
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
@@ -178,7 +182,8 @@ class RemoteRegistry:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)  # noqa: S310 - the URL the user typed
+            wait = self.timeout if timeout == 0 else timeout
+            return urllib.request.urlopen(request, timeout=wait)  # noqa: S310 - the URL the user typed
         except urllib.error.HTTPError as error:
             try:
                 message = json.loads(error.read()).get("error") or error.reason
@@ -196,12 +201,15 @@ class RemoteRegistry:
             return json.loads(response.read() or b"{}")
 
     def _events(self, path: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Server-Sent Events as (event, data) pairs."""
-        with self._request("GET", path) as response:
+        """Server-Sent Events as (event, data) pairs; the server's keep-alive comments as ("keep-alive", {}),
+        so the caller looks at its cancel token at least once a second."""
+        with self._request("GET", path, timeout=None) as response:
             event, lines = "message", []
-            for raw in response:
+            for raw in _lines(response, self.url):
                 line = raw.decode("utf-8").rstrip("\r\n")
-                if line.startswith("event:"):
+                if line.startswith(":"):
+                    yield "keep-alive", {}
+                elif line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
                     lines.append(line[5:].strip())
@@ -217,3 +225,13 @@ def _encoded(value: Any) -> str:
         value.save(buffer, format="PNG")
         return base64.b64encode(buffer.getvalue()).decode("ascii")
     return base64.b64encode(Path(value).read_bytes()).decode("ascii")
+
+
+def _lines(response: Any, url: str) -> Iterator[bytes]:
+    """The stream's lines; a connection lost midway is one clear error, not a socket traceback."""
+    import http.client
+
+    try:
+        yield from response
+    except (OSError, http.client.HTTPException) as error:
+        raise DifftoolError(f"lost the connection to the server at {url}: {error}", "check the server") from None

@@ -14,12 +14,13 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from difftool.core.errors import DifftoolError, ParameterError
-from difftool.core.images import LoadedImage, open_image
+from difftool.core.images import LoadedImage, check_pixels, open_image
 from difftool.serve.a1111_map import (
     SUPPORTED_OPTIONS,
     ExtrasSingleImageRequest,
@@ -98,7 +99,7 @@ def _model_name(server: Server, title: str | None) -> str:
 
 def _info(job: Job, req: Txt2ImgRequest, model: str, extra: dict[str, Any]) -> str:
     """A1111's ``info``: a JSON text with the seeds, sizes and infotexts of the images."""
-    from difftool.core.images import format_parameters
+    from difftool.core.metadata import format_parameters
 
     records = job.records
     first = records[0] if records else {}
@@ -179,14 +180,16 @@ def _init_image(server: Server, req: Img2ImgRequest) -> LoadedImage:
         return image
     if req.resize_mode != 0:
         raise refuse("resize_mode", "only 0 (just resize) is supported when width/height differ from the image")
+    check_pixels(req.width, req.height, what="img2img width x height")  # before Pillow allocates it
     return open_image(image.to_pil().convert("RGBA" if image.alpha is not None else "RGB").resize(
         (req.width, req.height), Image.Resampling.LANCZOS))  # fmt: skip
 
 
 def _mask(server: Server, req: Img2ImgRequest) -> LoadedImage:
     mask = load_image(req.mask, "mask", server.policy, server.settings.max_body_bytes)
-    if req.inpainting_mask_invert:
-        mask = open_image(Image.fromarray(255 - (mask.rgb.max(axis=2) > 0).astype("uint8") * 255, "L"))
+    if req.inpainting_mask_invert:  # A1111: the grey (or alpha) mask inverted, its soft edges kept
+        grey = mask.alpha if mask.alpha is not None else mask.rgb.mean(axis=2)
+        mask = open_image(Image.fromarray(np.round(255 - grey * 255).astype("uint8"), "L"))
     return mask
 
 

@@ -37,8 +37,8 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(default=1, ge=1)
     steps: int = Field(default=50, ge=1)
     cfg_scale: float = 7.0
-    width: int = Field(default=512, ge=8)
-    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8, le=4096)  # generate's own range
+    height: int = Field(default=512, ge=8, le=4096)
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
@@ -153,7 +153,12 @@ def prompt_params(req: Txt2ImgRequest, registry: Any, clip_skip: int | None) -> 
     }
     override = (req.override_settings or {}).get("CLIP_stop_at_last_layers", clip_skip)
     if override is not None:
-        params["clip_skip"] = int(override)
+        try:
+            params["clip_skip"] = int(override)
+        except (TypeError, ValueError):
+            raise ParameterError(
+                f"override_settings.CLIP_stop_at_last_layers: {override!r} is not a whole number", "send 1 to 12"
+            ) from None
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -214,9 +214,9 @@ async def create_job(request: Request) -> JSONResponse:
 async def _read_job_request(request: Request) -> JobRequest:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await request.form()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        files = {k: await v.read() for k, v in form.items() if not isinstance(v, str)}
+        async with request.form() as form:  # closes Starlette's spooled temporary files at once
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            files = {k: await v.read() for k, v in form.items() if not isinstance(v, str)}
         try:
             params = json.loads(fields.pop("params", "{}") or "{}")
         except json.JSONDecodeError as error:

@@ -30,6 +30,7 @@ from difftool.gui.history import HistoryStrip
 from difftool.gui.jobs import JobQueue
 from difftool.gui.mask_panel import MaskPanel
 from difftool.gui.messages import for_the_window
+from difftool.gui.prompt_tools import fill_insert_menu
 from difftool.gui.results import ResultActions
 from difftool.gui.running import JobActions
 from difftool.gui.status import RunStatus
@@ -140,6 +141,8 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         for name in sorted(self.registry.tasks):
             if self.registry.tasks[name].cls.inputs:
                 action(send_menu, name, lambda _=False, n=name: self.send_to(n))
+        self.insert_menu = edit_menu.addMenu("&Insert into prompt")
+        self.insert_menu.aboutToShow.connect(lambda: fill_insert_menu(self.insert_menu, self))
         view_menu = self.menuBar().addMenu("&View")
         action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")

@@ -27,6 +27,7 @@ from difftool.serve.a1111_map import (
     Img2ImgRequest,
     Txt2ImgRequest,
     check_supported,
+    hires_params,
     inpaint_params,
     prompt_params,
     refuse,
@@ -155,7 +156,7 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
         server, (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
     )
     params = {**prompt_params(req, server.registry, server.options.get("CLIP_stop_at_last_layers")),
-              "width": req.width, "height": req.height}  # fmt: skip
+              "width": req.width, "height": req.height, **hires_params(req)}  # fmt: skip
     job = await run_in_threadpool(
         server.make_job,
         "generate",

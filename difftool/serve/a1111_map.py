@@ -42,6 +42,15 @@ class Txt2ImgRequest(BaseModel):
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
+    hr_scale: float = Field(default=2.0, ge=1.0, le=4.0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(default=0, ge=0)
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    denoising_strength: float | None = None  # txt2img: the hires pass's
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
@@ -93,8 +102,6 @@ def refuse(field: str, why: str) -> ParameterError:
 
 def check_supported(req: Txt2ImgRequest) -> None:
     """Refuse (422) every field set to something difftool cannot do."""
-    if req.enable_hr:
-        raise refuse("enable_hr", "hires fix is not supported; call txt2img, then extra-single-image")
     if req.restore_faces:
         raise refuse("restore_faces", "face restoration is not supported")
     if req.tiling:
@@ -116,6 +123,32 @@ def check_supported(req: Txt2ImgRequest) -> None:
     unknown = sorted(set(req.override_settings or {}) - set(SUPPORTED_OPTIONS))
     if unknown:
         raise refuse("override_settings", f"option {unknown[0]!r} is not supported (supported: {SUPPORTED_OPTIONS})")
+
+
+def hires_params(req: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's hires fix as ``generate``'s ``--hires`` parameters (nothing when ``enable_hr`` is off)."""
+    if not req.enable_hr:
+        return {}
+    if req.hr_resize_x or req.hr_resize_y:
+        raise refuse("hr_resize_x/hr_resize_y", "give hr_scale instead (difftool scales both sides alike)")
+    if req.hr_sampler_name and req.hr_sampler_name not in (req.sampler_name, "Use same sampler"):
+        raise refuse("hr_sampler_name", "the hires pass uses the first pass's sampler")
+    if (req.hr_prompt and req.hr_prompt != req.prompt) or (
+        req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt
+    ):
+        raise refuse("hr_prompt/hr_negative_prompt", "the hires pass uses the first pass's prompts")
+    upscaler = req.hr_upscaler or "Latent"
+    if upscaler.lower().startswith("latent") and upscaler != "Latent":
+        raise refuse("hr_upscaler", f"{upscaler!r}: difftool's latent upscaler is A1111's 'Latent' (bilinear)")
+    names = {"Latent": "latent", "difftool": "embedded"}  # /upscalers calls the embedded model "difftool"
+    params: dict[str, Any] = {
+        "hires": req.hr_scale,
+        "hires_upscaler": names.get(upscaler, upscaler),
+        "hires_strength": 0.7 if req.denoising_strength is None else req.denoising_strength,
+    }
+    if req.hr_second_pass_steps:
+        params["hires_steps"] = req.hr_second_pass_steps
+    return params
 
 
 def scheduler_for(sampler: str | None, schedule: str | None, registry: Any) -> str | None:

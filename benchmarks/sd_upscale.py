@@ -55,6 +55,7 @@ def build_model(path: Path) -> Path:
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=1,
+        norm_num_groups=16,
     )
     text = CLIPTextConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2)
     pipe = StableDiffusionPipeline(

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "difftool"
 #: Variables users expect to set themselves (docs/configuration); every other DIFFTOOL_* variable
 #: must be the documented default of a declared option (``Param(env=...)``).
 USER_VARIABLES = {"DIFFTOOL_CACHE", "DIFFTOOL_MODELS", "DIFFTOOL_NO_PLUGINS", "DIFFTOOL_MAX_PIXELS",
-                  "DIFFTOOL_MAX_INPUT_BYTES"}  # fmt: skip
+                  "DIFFTOOL_MAX_INPUT_BYTES", "DIFFTOOL_API_TOKEN"}  # fmt: skip
 
 
 def _modules() -> dict[str, Path]:

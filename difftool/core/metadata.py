@@ -97,6 +97,7 @@ _A1111_KEYS = (
     ("clip_skip", "Clip skip"),
     ("lora_hashes", "Lora hashes"),
     ("ti_hashes", "TI hashes"),
+    ("pad_conds", "Pad conds"),
     ("strength", "Denoising strength"),
     ("hires_strength", "Denoising strength"),
     ("hires", "Hires upscale"),
@@ -156,3 +157,37 @@ def parse_parameters(text: str) -> dict[str, Any]:
                 pass
         result[key.strip()] = value
     return result
+
+
+def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Task parameters from parsed A1111 ``parameters`` (:func:`parse_parameters`), typed, for a form to reuse.
+
+    ``sampler_names`` maps A1111 sampler labels (``DPM++ 2M Karras``) to scheduler names. ``Denoising
+    strength`` is the hires pass's when the text has ``Hires upscale``, else img2img's.
+    """
+    out: dict[str, Any] = {}
+    for key in ("prompt", "negative_prompt"):
+        if parsed.get(key):
+            out[key] = parsed[key]
+    typed = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int)}
+    typed |= {"Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float), "Hires steps": ("hires_steps", int)}
+    for label, (name, kind) in typed.items():
+        try:
+            out[name] = kind(parsed[label])
+        except (KeyError, TypeError, ValueError):
+            continue
+    size = re.fullmatch(r"(\d+)x(\d+)", str(parsed.get("Size", "")))
+    if size:
+        out["width"], out["height"] = int(size.group(1)), int(size.group(2))
+    if parsed.get("Denoising strength"):
+        try:
+            out["hires_strength" if "hires" in out else "strength"] = float(parsed["Denoising strength"])
+        except ValueError:
+            pass
+    if parsed.get("Hires upscaler"):
+        upscaler = str(parsed["Hires upscaler"])
+        out["hires_upscaler"] = "latent" if upscaler.lower().startswith("latent") else upscaler
+    sampler = parsed.get("Sampler")
+    if sampler and sampler_names and sampler in sampler_names:
+        out["scheduler"] = sampler_names[sampler]
+    return out

@@ -15,7 +15,6 @@ from PySide6.QtWidgets import (
     QDialog,
     QDockWidget,
     QFileDialog,
-    QListWidgetItem,
     QMainWindow,
     QMessageBox,
     QWidget,
@@ -25,18 +24,20 @@ from shiboken6 import isValid
 from difftool.core.images import read_metadata
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
-from difftool.gui.dialogs import about_dialog
+from difftool.gui.dialogs import about_dialog, ask_server
 from difftool.gui.form import ParamForm
 from difftool.gui.history import HistoryStrip
-from difftool.gui.jobs import Job, JobQueue
+from difftool.gui.jobs import JobQueue
 from difftool.gui.mask_panel import MaskPanel
 from difftool.gui.messages import for_the_window
+from difftool.gui.prompt_tools import fill_insert_menu
 from difftool.gui.results import ResultActions
+from difftool.gui.running import JobActions
 from difftool.gui.status import RunStatus
 from difftool.gui.task_panel import TaskPanel
 
 
-class MainWindow(ResultActions, QMainWindow):
+class MainWindow(JobActions, ResultActions, QMainWindow):
     def __init__(self, registry: Any = None, settings: QSettings | None = None) -> None:
         super().__init__()
         from difftool.plugins.registry import get_registry
@@ -75,17 +76,20 @@ class MainWindow(ResultActions, QMainWindow):
         self._show_plugin_failures_once()
 
     # --- building ------------------------------------------------------------------------------
-    def _build_controls(self) -> None:
+    def _build_task_panel(self) -> None:
         self.task_panel = TaskPanel(self.registry, self.settings, self.run_current, self._cancel_selected)
         panel = self.task_panel
         # The window's own names for the panel's widgets (scripts and tests drive the window).
         self.task_box, self.model_box, self.backend_box = panel.task_box, panel.model_box, panel.backend_box
         self.device_box, self.dtype_box, self.seed_box = panel.device_box, panel.dtype_box, panel.seed_box
         self.queue_list, self.run_button = panel.queue_list, panel.run_button
-        dock = QDockWidget("Task", self)
-        dock.setObjectName("task-dock")
-        dock.setWidget(panel)
-        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, dock)
+        self.task_dock.setWidget(panel)
+
+    def _build_controls(self) -> None:
+        self.task_dock = QDockWidget("Task", self)
+        self.task_dock.setObjectName("task-dock")
+        self._build_task_panel()
+        self.addDockWidget(Qt.DockWidgetArea.LeftDockWidgetArea, self.task_dock)
 
         self.mask_panel = MaskPanel(self.canvas, self.show_error)
         self.paint_check, self.brush_size = self.mask_panel.paint_check, self.mask_panel.brush_size
@@ -125,6 +129,8 @@ class MainWindow(ResultActions, QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         action(file_menu, "&Open…", self.open_dialog, QKeySequence.StandardKey.Open)
         action(file_menu, "&Save result…", self.save_dialog, QKeySequence.StandardKey.Save)
+        action(file_menu, "C&onnect to server…", self.connect_dialog)
+        action(file_menu, "&Disconnect (run here)", lambda: self.use_registry(None))
         action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
         edit_menu = self.menuBar().addMenu("&Edit")
         action(edit_menu, "&Paste image", self.paste, QKeySequence.StandardKey.Paste)
@@ -135,6 +141,8 @@ class MainWindow(ResultActions, QMainWindow):
         for name in sorted(self.registry.tasks):
             if self.registry.tasks[name].cls.inputs:
                 action(send_menu, name, lambda _=False, n=name: self.send_to(n))
+        self.insert_menu = edit_menu.addMenu("&Insert into prompt")
+        self.insert_menu.aboutToShow.connect(lambda: fill_insert_menu(self.insert_menu, self))
         view_menu = self.menuBar().addMenu("&View")
         action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")
@@ -142,6 +150,40 @@ class MainWindow(ResultActions, QMainWindow):
         help_menu = self.menuBar().addMenu("&Help")
         action(help_menu, "&Plugins…", self.show_plugins)
         action(help_menu, "&About difftool…", self.show_about)
+
+    def connect_dialog(self) -> None:
+        """File > Connect to server: the window's tasks, models and jobs come from a `difftool serve`."""
+        found = ask_server(self, str(self.settings.value("server_url", "http://127.0.0.1:7860")))
+        if found is not None:
+            self.connect_to(*found)
+
+    def connect_to(self, url: str, token: str | None = None) -> bool:
+        from difftool.core.errors import DifftoolError
+        from difftool.gui.remote import RemoteRegistry
+
+        try:
+            registry = RemoteRegistry(url, token)
+        except DifftoolError as error:
+            self.show_error(str(error))
+            return False
+        self.settings.setValue("server_url", url)
+        self.use_registry(registry, url)
+        return True
+
+    def use_registry(self, registry: Any, server: str = "") -> None:
+        """Run on ``registry`` (a server's, or ``None``: this machine's plugins) from now on."""
+        from difftool.plugins.registry import get_registry
+
+        self.task_panel.remember()
+        self.registry = registry or get_registry()
+        old = self.task_panel
+        self._build_task_panel()
+        old.deleteLater()
+        self.task_box.currentTextChanged.connect(self._on_task_changed)
+        self.task_panel.on_task_changed()
+        self._on_task_changed()
+        self.setWindowTitle(f"difftool — {server}" if server else "difftool")
+        self.status.job.setText(f"connected to {server}" if server else "running on this machine")
 
     def _on_task_changed(self) -> None:
         task = self.registry.task(self.task_box.currentText())
@@ -239,113 +281,6 @@ class MainWindow(ResultActions, QMainWindow):
     def painted_mask(self) -> Image.Image | None:
         """The painted mask as an ``L`` image the size of the source (``None`` if nothing is painted)."""
         return self.mask_panel.painted_mask()
-
-    # --- running ------------------------------------------------------------------------------
-    def build_job(self, inputs: list[Any] | None = None) -> Job:
-        """The current task, form and options as a job on ``inputs`` (default: the image on the canvas)."""
-        task = self.registry.task(self.task_box.currentText())
-        params = self.form.values()
-        mask_params = [p.name for p in task.params if p.type == "mask"]
-        painted = self.painted_mask() if inputs is None else None
-        for name in mask_params[:1]:
-            if painted is not None:
-                params[name] = painted  # exactly what was painted, pixel for pixel (what is on screen wins)
-        options = {**self.task_panel.run_options(task.uses_model), "registry": self.registry}
-        self.task_panel.remember()
-        if inputs is not None:  # a batch: each job knows its own file
-            path = Path(str(inputs[0]))
-            origin = {"source_name": path.name, "source_stem": path.stem, "source_dir": str(path.parent)}
-        else:
-            inputs = [self.source] if task.inputs else []
-            origin = {"source_name": self.source_name, "source_stem": self.source_stem, "source_dir": self.source_dir}
-            if task.inputs and self.source is not None:
-                origin["before"] = self.canvas.before
-        if not task.inputs:
-            origin = {"source_name": "", "source_stem": task.name, "source_dir": self.source_dir}
-        return Job(task.name, inputs, params, options, **origin)
-
-    def run_current(self) -> int | None:
-        if self.source is None and self.registry.task(self.task_box.currentText()).inputs:
-            self.show_error("open an image first (File > Open, drag and drop, or paste)")
-            return None
-        self.settings.setValue("backend", self.backend_box.currentText())
-        return self.queue.submit(self.build_job())
-
-    def cancel_running(self) -> None:
-        if self.queue.running is not None:
-            self.queue.cancel(self.queue.running)
-
-    def _cancel_selected(self) -> None:
-        item = self.queue_list.currentItem()
-        if item is not None:
-            self.queue.cancel(int(item.data(Qt.ItemDataRole.UserRole)))
-
-    def _live(self, job_id: int) -> bool:
-        """Whether the job's signals still speak for the screen (an abandoned job's late ones do not)."""
-        return job_id not in self.queue.abandoned
-
-    def _refresh_queue(self) -> None:
-        self.queue_list.clear()
-        for job in self.queue.jobs.values():
-            if job.state in ("queued", "running"):
-                item = QListWidgetItem(job.label())
-                item.setData(Qt.ItemDataRole.UserRole, job.id)
-                self.queue_list.addItem(item)
-        self.status.running(self.queue.running is not None)
-
-    def _update_row(self, job: Job) -> None:
-        """The job's queue row names what it is doing now (its phase, its step)."""
-        for index in range(self.queue_list.count()):
-            item = self.queue_list.item(index)
-            if item.data(Qt.ItemDataRole.UserRole) == job.id:
-                item.setText(job.label())
-
-    def _on_phase(self, job_id: int, what: str, done: int, total: int) -> None:
-        if self._live(job_id):
-            job = self.queue.jobs[job_id]
-            self.status.phase(job, what, None if done < 0 else done, None if total < 0 else total)
-            self._update_row(job)
-
-    def _on_progress(self, job_id: int, step: int, total: int, preview: Any) -> None:
-        if not self._live(job_id):
-            return
-        job = self.queue.jobs[job_id]
-        self.status.step(job, step, total)
-        self._update_row(job)
-        if preview is not None:
-            self.paint_check.setChecked(False)  # the preview takes the screen: paint again on the source after
-            self.canvas.set_result(pil_to_qimage(preview), self._before(job))
-            self.status.showing(f"preview of #{job.id} {job.task}, step {step} / {total}")
-
-    def _on_finished(self, job_id: int) -> None:
-        if not self._live(job_id):
-            return
-        job = self.queue.jobs[job_id]
-        message = self.rendered(job.error, job.task) if job.state == "failed" else ""
-        self.status.finished(job, message)
-        if job.state == "done":
-            self.history_list.add(job)  # selecting it shows it (_on_history_selected)
-        elif job.state == "failed":
-            self.show_error(job.error, job.details, job.task)
-
-    def _before(self, job: Job) -> Any:
-        """The job's input as a QImage for the compare view (loaded once; ``None`` for a job without one)."""
-        if job.before is None and job.inputs and isinstance(job.inputs[0], (str, Path)):
-            from difftool.core.errors import DifftoolError
-            from difftool.core.images import open_image
-
-            try:
-                job.before = pil_to_qimage(open_image(job.inputs[0]).to_pil(keep_mode=False))
-            except DifftoolError:
-                return None
-        return job.before
-
-    def _show_result(self, job: Job) -> None:
-        image = job.result.image
-        self.paint_check.setChecked(False)  # the result takes the screen
-        self.canvas.set_result(pil_to_qimage(image), self._before(job))
-        origin = f" (from {job.source_name})" if job.source_name else ""
-        self.status.showing(f"result of #{job.id} {job.task} — {image.width}×{image.height}{origin}")
 
     # --- messages -----------------------------------------------------------------------------
     def rendered(self, message: str, task: str | None = None) -> str:

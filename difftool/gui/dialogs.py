@@ -1,10 +1,21 @@
-"""The app's dialogs: Help > About."""
+"""The app's dialogs: Help > About, File > Connect to server."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtWidgets import QApplication, QDialog, QLabel, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import (
+    QApplication,
+    QDialog,
+    QDialogButtonBox,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
 
 
 def about_dialog(parent: QWidget, registry: Any) -> QDialog:
@@ -24,3 +35,23 @@ def about_dialog(parent: QWidget, registry: Any) -> QDialog:
     dialog.resize(780, 540)
     dialog.show()
     return dialog
+
+
+def ask_server(parent: QWidget, url: str) -> tuple[str, str | None] | None:
+    """The server's address and API token (empty: none), or ``None`` if the user cancels."""
+    dialog = QDialog(parent)
+    dialog.setWindowTitle("Connect to a difftool server")
+    address, token = QLineEdit(url), QLineEdit()
+    token.setEchoMode(QLineEdit.EchoMode.Password)
+    token.setPlaceholderText("only if the server was started with --api-token")
+    form = QFormLayout(dialog)
+    form.addRow(QLabel("Runs every job on a `difftool serve` machine (e.g. the team's GPU box)."))
+    form.addRow("address", address)
+    form.addRow("API token", token)
+    buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
+    buttons.accepted.connect(dialog.accept)
+    buttons.rejected.connect(dialog.reject)
+    form.addRow(buttons)
+    if dialog.exec() != QDialog.DialogCode.Accepted or not address.text().strip():
+        return None
+    return address.text().strip(), token.text() or None

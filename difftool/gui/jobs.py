@@ -53,21 +53,33 @@ class _Runner(QRunnable):
 
     def run(self) -> None:
         from difftool import api
+        from difftool.gui.remote import RemoteRegistry
 
         job = self.job
+
+        def progress(step: int, total: int, preview: Any) -> None:
+            self.signals.progress.emit(job.id, step, total, preview)
+
         try:
-            job.result = api.run(
-                job.task,
-                *job.inputs,
-                progress=lambda step, total, preview: self.signals.progress.emit(job.id, step, total, preview),
-                preview_every=self.preview_every,
-                cancel=job.token,
-                phase=lambda what, done, total: self.signals.phase.emit(
-                    job.id, what, -1 if done is None else done, -1 if total is None else total
-                ),
-                **job.options,
-                **job.params,
-            )
+            registry = job.options.get("registry")
+            if isinstance(registry, RemoteRegistry):  # connected to a server: the job runs there
+                options = {k: v for k, v in job.options.items() if k != "registry"}
+                job.result = registry.run(
+                    job.task, job.inputs, job.params, options, progress, job.token, self.preview_every
+                )
+            else:
+                job.result = api.run(
+                    job.task,
+                    *job.inputs,
+                    progress=progress,
+                    preview_every=self.preview_every,
+                    cancel=job.token,
+                    phase=lambda what, done, total: self.signals.phase.emit(
+                        job.id, what, -1 if done is None else done, -1 if total is None else total
+                    ),
+                    **job.options,
+                    **job.params,
+                )
             job.state = "done"
         except Cancelled:
             job.state = "cancelled"

@@ -107,11 +107,12 @@ class ResultActions:
         if task in self.registry.tasks:
             self.task_box.setCurrentText(task)
         values = dict(record)
-        if a1111:
-            values.setdefault("steps", a1111.get("Steps"))
-            values.setdefault("seed", a1111.get("Seed"))
-            values.setdefault("prompt", a1111.get("prompt"))
-            values.setdefault("negative_prompt", a1111.get("negative_prompt"))
+        if a1111:  # A1111's text, with its labels and sampler names turned into this task's parameters
+            from difftool.core.metadata import params_from_a1111
+
+            labels = {entry.label: name for name, entry in getattr(self.registry, "schedulers", {}).items()}
+            for key, value in params_from_a1111(a1111, labels).items():
+                values.setdefault(key, value)
         missing = []
         for param in self.form.task.params:  # images come back as images, never as their record's text
             value = values.get(param.name)

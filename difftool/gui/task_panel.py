@@ -82,7 +82,7 @@ class TaskPanel(QWidget):
         self.backend_box = QComboBox()
         self.backend_box.currentTextChanged.connect(self._on_backend_changed)
         self.device_box = QComboBox()
-        self.device_box.addItems(["cpu", *cuda_devices()])
+        self.device_box.addItems(getattr(registry, "devices", None) or ["cpu", *cuda_devices()])
         self.device_box.currentTextChanged.connect(self.refresh_backends)
         self.dtype_box = QComboBox()
         self.dtype_box.addItems(["auto", "fp32", "fp16", "bf16"])

@@ -14,18 +14,20 @@ import json
 import time
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from difftool.core.errors import DifftoolError, ParameterError
-from difftool.core.images import LoadedImage, open_image
+from difftool.core.images import LoadedImage, check_pixels, open_image
 from difftool.serve.a1111_map import (
     SUPPORTED_OPTIONS,
     ExtrasSingleImageRequest,
     Img2ImgRequest,
     Txt2ImgRequest,
     check_supported,
+    hires_params,
     inpaint_params,
     prompt_params,
     refuse,
@@ -154,7 +156,7 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
         server, (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
     )
     params = {**prompt_params(req, server.registry, server.options.get("CLIP_stop_at_last_layers")),
-              "width": req.width, "height": req.height}  # fmt: skip
+              "width": req.width, "height": req.height, **hires_params(req)}  # fmt: skip
     job = await run_in_threadpool(
         server.make_job,
         "generate",
@@ -179,14 +181,16 @@ def _init_image(server: Server, req: Img2ImgRequest) -> LoadedImage:
         return image
     if req.resize_mode != 0:
         raise refuse("resize_mode", "only 0 (just resize) is supported when width/height differ from the image")
+    check_pixels(req.width, req.height, what="img2img width x height")  # before Pillow allocates it
     return open_image(image.to_pil().convert("RGBA" if image.alpha is not None else "RGB").resize(
         (req.width, req.height), Image.Resampling.LANCZOS))  # fmt: skip
 
 
 def _mask(server: Server, req: Img2ImgRequest) -> LoadedImage:
     mask = load_image(req.mask, "mask", server.policy, server.settings.max_body_bytes)
-    if req.inpainting_mask_invert:
-        mask = open_image(Image.fromarray(255 - (mask.rgb.max(axis=2) > 0).astype("uint8") * 255, "L"))
+    if req.inpainting_mask_invert:  # A1111: the grey (or alpha) mask inverted, its soft edges kept
+        grey = mask.alpha if mask.alpha is not None else mask.rgb.mean(axis=2)
+        mask = open_image(Image.fromarray(np.round(255 - grey * 255).astype("uint8"), "L"))
     return mask
 
 

@@ -37,11 +37,20 @@ class Txt2ImgRequest(BaseModel):
     n_iter: int = Field(default=1, ge=1)
     steps: int = Field(default=50, ge=1)
     cfg_scale: float = 7.0
-    width: int = Field(default=512, ge=8)
-    height: int = Field(default=512, ge=8)
+    width: int = Field(default=512, ge=8, le=4096)  # generate's own range
+    height: int = Field(default=512, ge=8, le=4096)
     restore_faces: bool | None = None
     tiling: bool | None = None
     enable_hr: bool = False
+    hr_scale: float = Field(default=2.0, ge=1.0, le=4.0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(default=0, ge=0)
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
+    denoising_strength: float | None = None  # txt2img: the hires pass's
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
@@ -93,8 +102,6 @@ def refuse(field: str, why: str) -> ParameterError:
 
 def check_supported(req: Txt2ImgRequest) -> None:
     """Refuse (422) every field set to something difftool cannot do."""
-    if req.enable_hr:
-        raise refuse("enable_hr", "hires fix is not supported; call txt2img, then extra-single-image")
     if req.restore_faces:
         raise refuse("restore_faces", "face restoration is not supported")
     if req.tiling:
@@ -116,6 +123,32 @@ def check_supported(req: Txt2ImgRequest) -> None:
     unknown = sorted(set(req.override_settings or {}) - set(SUPPORTED_OPTIONS))
     if unknown:
         raise refuse("override_settings", f"option {unknown[0]!r} is not supported (supported: {SUPPORTED_OPTIONS})")
+
+
+def hires_params(req: Txt2ImgRequest) -> dict[str, Any]:
+    """A1111's hires fix as ``generate``'s ``--hires`` parameters (nothing when ``enable_hr`` is off)."""
+    if not req.enable_hr:
+        return {}
+    if req.hr_resize_x or req.hr_resize_y:
+        raise refuse("hr_resize_x/hr_resize_y", "give hr_scale instead (difftool scales both sides alike)")
+    if req.hr_sampler_name and req.hr_sampler_name not in (req.sampler_name, "Use same sampler"):
+        raise refuse("hr_sampler_name", "the hires pass uses the first pass's sampler")
+    if (req.hr_prompt and req.hr_prompt != req.prompt) or (
+        req.hr_negative_prompt and req.hr_negative_prompt != req.negative_prompt
+    ):
+        raise refuse("hr_prompt/hr_negative_prompt", "the hires pass uses the first pass's prompts")
+    upscaler = req.hr_upscaler or "Latent"
+    if upscaler.lower().startswith("latent") and upscaler != "Latent":
+        raise refuse("hr_upscaler", f"{upscaler!r}: difftool's latent upscaler is A1111's 'Latent' (bilinear)")
+    names = {"Latent": "latent", "difftool": "embedded"}  # /upscalers calls the embedded model "difftool"
+    params: dict[str, Any] = {
+        "hires": req.hr_scale,
+        "hires_upscaler": names.get(upscaler, upscaler),
+        "hires_strength": 0.7 if req.denoising_strength is None else req.denoising_strength,
+    }
+    if req.hr_second_pass_steps:
+        params["hires_steps"] = req.hr_second_pass_steps
+    return params
 
 
 def scheduler_for(sampler: str | None, schedule: str | None, registry: Any) -> str | None:
@@ -153,7 +186,12 @@ def prompt_params(req: Txt2ImgRequest, registry: Any, clip_skip: int | None) -> 
     }
     override = (req.override_settings or {}).get("CLIP_stop_at_last_layers", clip_skip)
     if override is not None:
-        params["clip_skip"] = int(override)
+        try:
+            params["clip_skip"] = int(override)
+        except (TypeError, ValueError):
+            raise ParameterError(
+                f"override_settings.CLIP_stop_at_last_layers: {override!r} is not a whole number", "send 1 to 12"
+            ) from None
     return {k: v for k, v in params.items() if v is not None}
 
 

@@ -11,7 +11,11 @@ import click
 @click.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
 @click.option("--port", type=click.IntRange(0, 65535), default=7860, show_default=True)
-@click.option("--api-token", envvar=None, help="require 'Authorization: Bearer TOKEN' on every route")
+@click.option(
+    "--api-token",
+    envvar="DIFFTOOL_API_TOKEN",
+    help="require 'Authorization: Bearer TOKEN' on every route (or set DIFFTOOL_API_TOKEN: not shown by ps)",
+)
 @click.option("--insecure", is_flag=True, help="allow a non-loopback --host without --api-token")
 @click.option(
     "--allow-path",

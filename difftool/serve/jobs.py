@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import re
 import shutil
 import tempfile
 import threading
@@ -257,11 +258,12 @@ class JobQueue:
                 result = execute(
                     plan, *job.inputs, seed=seed, progress=progress, preview_every=job.preview_every, cancel=job.token
                 )
+                record = public(result.record)
                 for number, image in enumerate(result.images):
                     path = self.output_dir / f"{job.id}-{index}-{number}.png"
-                    save_image(image, path, result.record)
+                    save_image(image, path, record)
                     job.files.append(path)
-                job.records.append(result.record)
+                job.records.append(record)
                 job._changed()
             self._finish(job, "done")
         except Cancelled:
@@ -274,15 +276,18 @@ class JobQueue:
             _release_memory()
 
     def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
-        if job.done.is_set():  # abandoned already: what its task did after that is discarded
-            return
-        job.state, job.error, job.error_type, job.finished = state, error, error_type or job.error_type, time.time()
-        if state == "cancelled":
-            job.error_type = "Cancelled"
-        if job.started is not None and state == "done":
-            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (job.finished - job.started)
-        job._changed()
-        job.done.set()
+        with self._lock:  # the worker and the abandon timer may both get here
+            if job.done.is_set():  # abandoned already: what its task did after that is discarded
+                return
+            job.state, job.error, job.finished = state, error, time.time()
+            job.error_type = "Cancelled" if state == "cancelled" else error_type or job.error_type
+            if job.started is not None and state == "done":
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (job.finished - job.started)
+            # A kept job holds its status and result files, not its decoded inputs (megabytes each).
+            job.inputs, job.preview = [], None
+            job.plan.params = {k: v for k, v in job.plan.params.items() if isinstance(v, (str, int, float, bool))}
+            job._changed()
+            job.done.set()
 
     def _forget_old(self) -> None:
         """Drop the oldest finished jobs (and their files) beyond ``keep``; called under the lock."""
@@ -291,6 +296,24 @@ class JobQueue:
             del self.jobs[job.id]
             for path in job.files:
                 path.unlink(missing_ok=True)
+
+
+#: An absolute path inside a string (``/models/Lora/ink.safetensors`` in ``"/models/Lora/ink.safetensors:0.5"``).
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;\"']+")
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without the server's paths: a resolved model, LoRA, VAE or file keeps only its name.
+
+    Requests name models by name (or inside --allow-path); the task recorded the resolved path, which
+    would tell every client the server's folder layout. Prompts are left as written.
+    """
+    return {
+        key: _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, value)
+        if isinstance(value, str) and "prompt" not in key
+        else value
+        for key, value in record.items()
+    }
 
 
 def _replan(plan: Plan, device: str) -> Plan:

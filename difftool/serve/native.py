@@ -214,9 +214,9 @@ async def create_job(request: Request) -> JSONResponse:
 async def _read_job_request(request: Request) -> JobRequest:
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "multipart/form-data":
-        form = await request.form()
-        fields = {k: v for k, v in form.items() if isinstance(v, str)}
-        files = {k: await v.read() for k, v in form.items() if not isinstance(v, str)}
+        async with request.form() as form:  # closes Starlette's spooled temporary files at once
+            fields = {k: v for k, v in form.items() if isinstance(v, str)}
+            files = {k: await v.read() for k, v in form.items() if not isinstance(v, str)}
         try:
             params = json.loads(fields.pop("params", "{}") or "{}")
         except json.JSONDecodeError as error:
@@ -264,7 +264,7 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
     job = _job(request, job_id)
 
     async def stream() -> Any:
-        version, preview = -1, None
+        version, preview, quiet = -1, None, 0.0
         while True:
             state, current = job.state, job.version
             if job.preview is not None and job.preview is not preview:
@@ -278,6 +278,10 @@ async def job_events(request: Request, job_id: str) -> StreamingResponse:
             if state in FINAL_STATES or await request.is_disconnected():
                 return
             await asyncio.sleep(0.05)
+            quiet = 0.0 if current != job.version else quiet + 0.05
+            if quiet >= 1.0:  # a comment line while the job loads or waits: clients see the stream is alive
+                quiet = 0.0
+                yield ": keep-alive\n\n"
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

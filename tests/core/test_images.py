@@ -291,3 +291,19 @@ def test_a_prompt_too_long_for_exif_keeps_its_a1111_text_and_drops_the_json_copy
     assert "parameters" not in images.read_metadata(
         images.save_image(Image.new("RGB", (8, 8)), tmp_path / "h.jpg", huge)
     )
+
+
+def test_a1111_text_becomes_typed_task_parameters() -> None:
+    text = (
+        "a castle\nNegative prompt: fog\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 7, "
+        "Size: 512x768, Clip skip: 2, Denoising strength: 0.45, Hires upscale: 2, Hires steps: 10, "
+        "Hires upscaler: Latent (antialiased)"
+    )
+    params = metadata.params_from_a1111(metadata.parse_parameters(text), {"DPM++ 2M Karras": "dpmpp-2m-karras"})
+    assert params == {
+        "prompt": "a castle", "negative_prompt": "fog", "steps": 30, "guidance_scale": 6.5, "seed": 7,
+        "clip_skip": 2, "hires": 2.0, "hires_steps": 10, "width": 512, "height": 768, "hires_strength": 0.45,
+        "hires_upscaler": "latent", "scheduler": "dpmpp-2m-karras",
+    }  # fmt: skip
+    img2img = metadata.params_from_a1111(metadata.parse_parameters("x\nSteps: 5, Denoising strength: 0.3"))
+    assert img2img == {"prompt": "x", "steps": 5, "strength": 0.3}

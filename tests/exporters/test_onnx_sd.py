@@ -170,8 +170,8 @@ def test_long_prompts_run_on_onnx_whole_pipeline_and_tensorrt_within_the_declare
     from difftool.plugins.builtin.sd.tasks import prompt_tokens
     from difftool.testing.gpu import gpu_harness
 
-    assert prompt_tokens({"prompt": "a kite"}) == (77, 77, 231)
-    assert prompt_tokens({"prompt": " ".join(["kite"] * 300)}) == (77, 77, 77 * 5)  # 4 chunks, one spare
+    assert prompt_tokens("a kite", None) == (77, 77, 231)
+    assert prompt_tokens(" ".join(["kite"] * 300), "") == (77, 77, 77 * 5)  # 4 chunks, one spare
     folder = tiny.save_folder(tiny.components(seed=5), tmp_path / "sd")
     long = "a red kite, " + " ".join(["sky"] * 90) + ", zebra"
     common = {"model": str(folder), "prompt": long, "width": 32, "height": 32, "steps": 2, "seed": 6, "dtype": "fp32"}

@@ -328,3 +328,50 @@ def test_history_results_compare_against_their_own_input_and_save_under_their_ow
     assert window.default_save_path().name == "photo.dial.png"
     assert window.canvas.compare_with.size().width() == 28  # photo.png, not other.png
     assert window.status.image.text().endswith("(from photo.png)")
+
+
+def test_an_a1111_png_fills_the_generate_form_including_hires(window, qapp, tmp_path: Path) -> None:
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text(
+        "parameters",
+        "a castle\nNegative prompt: fog\nSteps: 30, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 7, "
+        "Size: 512x768, Clip skip: 2, Denoising strength: 0.45, Hires upscale: 2, Hires upscaler: Latent",
+    )
+    path = tmp_path / "webui.png"
+    Image.new("RGB", (8, 8)).save(path, pnginfo=info)
+    window.task_box.setCurrentText("generate")
+    window.open_path(path)
+    values = window.form.values()
+    assert values["prompt"] == "a castle" and values["negative_prompt"] == "fog" and values["steps"] == 30
+    assert values["scheduler"] == "dpmpp-2m-karras" and values["guidance_scale"] == pytest.approx(6.5)
+    assert (values["width"], values["height"], values["clip_skip"]) == (512, 768, 2)
+    assert values["hires"] == pytest.approx(2.0) and values["hires_strength"] == pytest.approx(0.45)
+    assert values["hires_upscaler"] == "latent" and window.seed_box.value() == 7
+
+
+def test_loras_and_embeddings_are_offered_by_name_and_inserted_at_the_cursor(
+    window, qapp, tmp_path: Path, monkeypatch
+) -> None:
+    from difftool.gui.prompt_tools import fill_insert_menu, prompt_names
+
+    root = tmp_path / "root"
+    (root / "models" / "Lora").mkdir(parents=True)
+    (root / "embeddings").mkdir()
+    import torch
+    from safetensors.torch import save_file
+
+    lora = {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 8)}
+    save_file(lora, str(root / "models" / "Lora" / "ink.safetensors"))  # a LoRA by its key names
+    (root / "embeddings" / "EasyNegative.safetensors").write_bytes(b"")
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(root))
+    assert prompt_names(window.registry) == (["ink"], ["EasyNegative"])
+    window.task_box.setCurrentText("generate")
+    window.form.widgets["prompt"].setPlainText("a harbour")
+    window.form.widgets["prompt"].moveCursor(window.form.widgets["prompt"].textCursor().MoveOperation.End)
+    fill_insert_menu(window.insert_menu, window)
+    loras, embeddings = (action.menu() for action in window.insert_menu.actions()[:2])
+    loras.actions()[0].trigger()
+    embeddings.actions()[0].trigger()
+    assert window.form.values()["prompt"] == "a harbour <lora:ink:1> EasyNegative"

@@ -17,6 +17,9 @@ from difftool.plugins import hookimpl
 from difftool.plugins.registry import build_registry
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
 
+#: The text lengths Stable Diffusion tasks declare for a short prompt (one TensorRT engine up to 3 chunks).
+TEXT = (77, 77, 231)
+
 
 class OneStepScheduler(Scheduler):
     """A scheduler written from scratch: jump straight to the predicted clean sample."""
@@ -214,9 +217,9 @@ def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Pat
     generate = registry.task("generate").export_shapes(
         TaskRequest({}, {"width": 640, "height": 512, "guidance_scale": 7.0})
     )
-    assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128))
+    assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128), tokens=TEXT)
     tiny = registry.task("generate").export_shapes(TaskRequest({}, {"width": 16, "height": 16, "guidance_scale": 1.0}))
-    assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128))
+    assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128), tokens=TEXT)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         ExportShapes(size=(64, 32, 128))
 
@@ -247,13 +250,13 @@ def test_image_sized_tasks_declare_shapes_from_their_input(photo: Path, inpaint_
     ShapeRecordingBackend.seen = []
     api.run("style", image, model=str(folder), prompt="ink", steps=2, strength=0.5, backend="shapes", seed=1,
             registry=registry, dtype="fp32")  # fmt: skip
-    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128))]
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128), tokens=TEXT)]
     # A larger image in the same folder job: the same declaration, so the same engine.
     Image.new("RGB", (320, 200), (120, 90, 60)).save(image)
     ShapeRecordingBackend.seen = []
     api.run("style", image, model=str(folder), prompt="ink", steps=1, strength=1.0, backend="shapes", seed=1,
             registry=registry, dtype="fp32")  # fmt: skip
-    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128))]
+    assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 2, 2), size=(8, 64, 128), tokens=TEXT)]
 
 
 class GpuOnlyBackend(Backend):

@@ -153,11 +153,26 @@ def test_models_samplers_and_options(api: Any) -> None:
 
 
 def test_what_cannot_be_honoured_is_refused(api: Any) -> None:
-    with pytest.raises(RuntimeError, match=r"422.*enable_hr"):
-        api.txt2img(prompt="x", enable_hr=True, width=16, height=16)
+    with pytest.raises(RuntimeError, match=r"422.*hr_upscaler"):  # hires fix runs, but only A1111's "Latent"
+        api.txt2img(prompt="x", enable_hr=True, hr_upscaler="Latent (antialiased)", width=16, height=16)
     with pytest.raises(RuntimeError, match=r"422.*restore_faces"):
         api.txt2img(prompt="x", restore_faces=True, width=16, height=16)
     with pytest.raises(RuntimeError, match=r"422.*unknown sampler"):
         api.txt2img(prompt="x", sampler_name="Restart", width=16, height=16)
     with pytest.raises(RuntimeError, match=r"422.*multiple of 8"):
         api.txt2img(prompt="x", steps=1, width=20, height=16)
+
+
+def test_txt2img_hires_fix_is_generate_with_hires(api: Any, serve_registry: Any) -> None:
+    result = api.txt2img(
+        prompt="a red cube", seed=3, steps=2, width=32, height=24, sampler_name="DDIM", enable_hr=True,
+        hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.6,
+    )  # fmt: skip
+    expected = difftool.run(
+        "generate", model="tiny-sd", prompt="a red cube", seed=3, steps=2, width=32, height=24, scheduler="ddim",
+        hires=1.5, hires_upscaler="latent", hires_steps=3, hires_strength=0.6, registry=serve_registry,
+    )  # fmt: skip
+    assert result.image.size == (48, 32) and np.array_equal(pixels(result.image), pixels(expected.image))
+    assert "Hires upscale: 1.5" in result.info["infotexts"][0]
+    with pytest.raises(RuntimeError, match="hr_resize"):
+        api.txt2img(prompt="x", steps=1, width=32, height=24, enable_hr=True, hr_resize_x=64, hr_resize_y=48)

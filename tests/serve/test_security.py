@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -167,3 +168,27 @@ def test_upscale_sd_upscaler_names_a_listed_model_or_a_keyword(make_client: Any,
     body = {"task": "upscale-sd", "model": "tiny-sd", "inputs": inputs, "params": {"upscaler": "/etc/passwd"}}
     response = make_client().post("/v1/jobs", json=body)
     assert response.status_code in (403, 422) and "not one of this server's models" in response.json()["error"]
+
+
+def test_records_name_models_without_the_servers_paths(make_client: Any, model_root: Path) -> None:
+    from serve_helpers import b64, png_bytes, wait_for
+
+    client = make_client()
+    body = {"task": "style", "model": "tiny-sd", "inputs": [b64(png_bytes(16, 16))], "seed": 1}
+    body["params"] = {"prompt": "ink /not/a/path", "steps": 2}
+    status = wait_for(client, client.post("/v1/jobs", json=body).json()["id"])
+    assert status["state"] == "done", status
+    record = status["records"][0]
+    assert record["model"] == "tiny-sd" and record["prompt"] == "ink /not/a/path"  # prompts are left as written
+    text = client.get(f"/v1/jobs/{status['id']}/result").content
+    assert str(model_root).encode() not in text and str(model_root) not in json.dumps(status)
+    job = client.app.state.server.queue.get(status["id"])
+    assert job.inputs == [] and job.preview is None  # a kept job holds its status and files, not its inputs
+
+
+def test_a1111_sizes_are_bounded_before_anything_is_allocated(make_client: Any, model_root: Path) -> None:
+    from serve_helpers import b64, png_bytes
+
+    body = {"init_images": [b64(png_bytes(1, 1))], "width": 100_000, "height": 100_000, "prompt": "x"}
+    response = make_client().post("/sdapi/v1/img2img", json=body)
+    assert response.status_code == 422 and "width" in response.json()["error"]

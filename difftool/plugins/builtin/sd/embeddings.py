@@ -126,7 +126,7 @@ class EmbeddingFinder:
 
 def named_in(texts: Sequence[str], extra: str | None, widths: Sequence[int], allow_pickle: bool) -> list[Embedding]:
     """The embeddings whose name appears in ``texts`` and that fit text encoders of ``widths``."""
-    words = {w.lower() for text in texts for w in re.findall(r"[\w\-.]+", text)}
+    words = {w.lower().strip(".-") for text in texts for w in re.findall(r"[\w\-.]+", text)}  # "... EasyNegative."
     chosen = []
     for name, path in candidates(extra).items():
         if name.lower() not in words:

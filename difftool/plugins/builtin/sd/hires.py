@@ -50,7 +50,7 @@ def upscale_latents(
         size = (height // model.vae_scale, width // model.vae_scale)
         return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=False)
     image = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
-    upscaled = superres(image, target, None if upscaler == "embedded" else upscaler, context)
+    upscaled = superres(image, target, None if upscaler.lower() == "embedded" else upscaler, context)
     return pipeline.encode_image(model, pipeline.to_tensor(upscaled), context)
 
 

@@ -135,7 +135,10 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
         negative=params.get("negative_prompt") or "",
         size=(width, height),
         shapes=latent_shapes(
-            (width, height), float(params.get("guidance_scale", 7.0)), exact=False, tokens=prompt_tokens(params)
+            (width, height),
+            float(params.get("guidance_scale", 7.0)),
+            exact=False,
+            tokens=prompt_tokens(params.get("prompt"), params.get("negative_prompt")),
         ),
         init=image_latents if strength < 1.0 else None,
         strength=strength,

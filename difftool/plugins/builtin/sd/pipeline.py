@@ -44,7 +44,8 @@ def encode_prompt(
 
     ``clip_skip`` follows A1111: 1 uses the last layer, 2 the one before it. Prompts of any length are
     read in 75-token chunks (:mod:`prompt_chunks`), ``embeddings`` are placed where their names appear,
-    and the shorter of prompt and negative is padded with the empty prompt's chunks, as A1111 does.
+    and the shorter of prompt and negative is padded with the empty prompt's chunks (A1111's "Pad
+    prompt/negative prompt" option, recorded as ``Pad conds``: both go through the U-Net in one batch).
     """
     import torch
 
@@ -57,6 +58,8 @@ def encode_prompt(
         if pos.shape[1] != neg.shape[1]:
             empty, _ = _encode(model, runners, "", clip_skip, ())
             pos, neg = (_pad_with(t, empty, max(pos.shape[1], neg.shape[1])) for t in (pos, neg))
+            if context is not None:
+                context.notes["pad_conds"] = True
     cond: dict[str, Any] = {"encoder_hidden_states": pos}
     uncond: dict[str, Any] = {"encoder_hidden_states": neg}
     if model.family.xl:

@@ -78,8 +78,10 @@ def chunk_prompt(tokenizer: Any, prompt: str, find_embedding: EmbeddingFinder = 
             elif len(current.ids) == CHUNK_TOKENS and last_comma != -1 and CHUNK_TOKENS - last_comma <= COMMA_BACKTRACK:
                 # Full, with a comma close behind: the words after the comma move to the next chunk.
                 cut = last_comma + 1
-                moved = Chunk(current.ids[cut:], current.weights[cut:])
+                later = [(offset - cut, e) for offset, e in current.embeddings if offset >= cut]
+                moved = Chunk(current.ids[cut:], current.weights[cut:], later)  # an embedding moves with its words
                 current.ids, current.weights = current.ids[:cut], current.weights[:cut]
+                current.embeddings = [(offset, e) for offset, e in current.embeddings if offset < cut]
                 close()
                 current = moved
             if len(current.ids) == CHUNK_TOKENS:

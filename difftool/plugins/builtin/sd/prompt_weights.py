@@ -28,7 +28,9 @@ def parse(prompt: str) -> list[tuple[str, float]]:
     Each ``BREAK`` is an item of its own, ``("BREAK", BREAK_WEIGHT)``.
     """
     out: list[tuple[str, float]] = []
-    stack: list[tuple[int, str]] = []  # (index in out where the group starts, opening bracket)
+    # Where each open group starts in ``out``; round and square groups nest independently, as in A1111.
+    round_open: list[int] = []
+    square_open: list[int] = []
 
     def scale(start: int, factor: float) -> None:
         for i in range(start, len(out)):
@@ -38,21 +40,25 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         text, weight = match.group(0), match.group(1)
         if text.startswith("\\"):
             out.append((text[1:], 1.0))
-        elif text in ("(", "["):
-            stack.append((len(out), text))
-        elif weight is not None and stack and stack[-1][1] == "(":
-            scale(stack.pop()[0], float(weight))
-        elif text == ")" and stack and stack[-1][1] == "(":
-            scale(stack.pop()[0], UP)
-        elif text == "]" and stack and stack[-1][1] == "[":
-            scale(stack.pop()[0], DOWN)
+        elif text == "(":
+            round_open.append(len(out))
+        elif text == "[":
+            square_open.append(len(out))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif text == ")" and round_open:
+            scale(round_open.pop(), UP)
+        elif text == "]" and square_open:
+            scale(square_open.pop(), DOWN)
         else:
             for index, part in enumerate(_BREAK.split(text)):
                 if index:
                     out.append(("BREAK", BREAK_WEIGHT))
                 out.append((part, 1.0))
-    for start, bracket in reversed(stack):  # unclosed brackets still apply, as in A1111
-        scale(start, UP if bracket == "(" else DOWN)
+    for start in round_open:  # unclosed brackets still apply, as in A1111
+        scale(start, UP)
+    for start in square_open:
+        scale(start, DOWN)
     merged: list[tuple[str, float]] = []
     for text, weight in out:
         if merged and merged[-1][1] == weight and weight != BREAK_WEIGHT:

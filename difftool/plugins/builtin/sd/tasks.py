@@ -59,7 +59,7 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
 }
 
 
-def prompt_tokens(params: dict[str, Any]) -> tuple[int, int, int]:
+def prompt_tokens(*texts: str | None) -> tuple[int, int, int]:
     """The text lengths a request sends the U-Net, as (min, opt, max) in multiples of 77 (one per chunk).
 
     Up to three chunks share one range (one TensorRT engine for most prompts); a longer prompt widens it.
@@ -67,8 +67,7 @@ def prompt_tokens(params: dict[str, Any]) -> tuple[int, int, int]:
     """
     from difftool.plugins.builtin.sd.prompt_chunks import chunk_prompt
 
-    texts = [split_loras(str(params.get(k) or ""))[0] for k in ("prompt", "negative_prompt")]
-    chunks = max(len(chunk_prompt(_tokenizer(), text)) for text in texts)
+    chunks = max(len(chunk_prompt(_tokenizer(), split_loras(text or "")[0])) for text in (*texts, ""))
     return (77, 77, 77 * max(3, chunks + 1))
 
 
@@ -146,7 +145,7 @@ def run_sd(
     )
     if shapes is None and context.export_shapes is None:
         guidance = float(params.get("guidance_scale", 7.0))
-        shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(params))
+        shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))
     denoiser = pipeline.make_denoiser(model, context, shapes)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
@@ -228,7 +227,8 @@ class Generate(Task):
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
         params = request.params
         size = (params.get("width") or 512, params.get("height") or 512)
-        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=prompt_tokens(params))
+        tokens = prompt_tokens(params.get("prompt"), params.get("negative_prompt"))
+        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=tokens)
         if (params.get("hires") or 1.0) > 1.0:  # one engine for both passes: up to the second pass's size
             side = max(hires.target_size(size, float(params["hires"]))) // 8
             shapes = dataclasses.replace(shapes, size=(shapes.size[0], shapes.size[1], max(shapes.size[2], side)))
@@ -283,7 +283,9 @@ class Style(Task):
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
         size = request.inputs["image"].size
         params = request.params
-        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=prompt_tokens(params))
+        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")  # what run() encodes
+        tokens = prompt_tokens(prompt, negative, params.get("negative_prompt"))
+        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params

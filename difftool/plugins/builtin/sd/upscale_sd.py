@@ -74,7 +74,12 @@ class UpscaleSD(Task):
         """Every tile has the same size (a small image: one smaller tile)."""
         tile = int(request.params.get("tile") or 512)
         guidance = float(request.params.get("guidance_scale", 7.0))
-        return latent_shapes((tile, tile), guidance, exact=False, tokens=prompt_tokens(request.params))
+        return latent_shapes(
+            (tile, tile),
+            guidance,
+            exact=False,
+            tokens=prompt_tokens(request.params.get("prompt"), request.params.get("negative_prompt")),
+        )
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
@@ -119,7 +124,7 @@ class UpscaleSD(Task):
         if upscaler.lower() == "lanczos":
             channels = [Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS) for c in range(3)]
             return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0).astype(np.float32)
-        return hires.superres(rgb, size, None if upscaler == "embedded" else upscaler, context)
+        return hires.superres(rgb, size, None if upscaler.lower() == "embedded" else upscaler, context)
 
     @staticmethod
     def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext) -> np.ndarray:

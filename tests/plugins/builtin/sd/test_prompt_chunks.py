@@ -148,3 +148,34 @@ def test_lora_tags_in_the_prompt_apply_the_named_lora_and_leave_the_text(tmp_pat
     assert tagged.record["lora_hashes"].startswith("ink: ") and tagged.record["prompt"] == "a cat <lora:ink:0.5>"
     with pytest.raises(ParameterError, match="LoRA 'nope'"):
         api.run("generate", prompt="a cat <lora:nope:1>", **common)
+
+
+def test_an_embedding_moved_by_the_comma_backtrack_goes_with_its_words() -> None:
+    class Vectors:
+        vectors = 2
+
+    name = CLIP("mystyle", add_special_tokens=False).input_ids
+
+    def find(ids, position):
+        return (Vectors, len(name)) if list(ids[position : position + len(name)]) == name else (None, 0)
+
+    chunks = chunk_prompt(CLIP, " ".join(["cat"] * 60) + ", " + " ".join(["cat"] * 12) + " mystyle dog", find)
+    assert chunks[0].embeddings == [] and chunks[0].ids[62:] == [EOS] * 15  # ends after the comma
+    [(offset, embedding)] = chunks[1].embeddings
+    assert embedding is Vectors and chunks[1].ids[offset : offset + 2] == [0, 0] and chunks[1].ids[offset + 2] == DOG
+
+
+def test_round_and_square_brackets_nest_independently_as_in_a1111() -> None:
+    from difftool.plugins.builtin.sd.prompt_weights import parse
+
+    parsed = parse("(a [b) c]")
+    assert [t for t, _ in parsed] == ["a ", "b", " c"]
+    assert [w for _, w in parsed] == [pytest.approx(1.1), pytest.approx(1.0), pytest.approx(1 / 1.1)]
+
+
+def test_a_padded_negative_is_recorded_as_a1111s_pad_conds(tmp_path: Path) -> None:
+    folder = tiny.save_folder(tiny.components(seed=3), tmp_path / "m")
+    common = {"model": str(folder), "width": 16, "height": 16, "steps": 1, "seed": 4, "dtype": "fp32"}
+    long = api.run("generate", prompt=" ".join(["cat"] * 80), **common)
+    short = api.run("generate", prompt="a cat", **common)
+    assert long.record["pad_conds"] is True and "pad_conds" not in short.record

@@ -21,7 +21,7 @@ from typing import Any
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.serve.board import SharedJobQueue
-from difftool.serve.jobs import FINAL_STATES, Job
+from difftool.serve.jobs import FINAL_STATES, Job, public
 
 log = logging.getLogger("difftool.serve")
 
@@ -84,7 +84,8 @@ class DifftoolWorker:
                 plan = preflight(spec["task"], params=spec["params"], registry=self.registry, **fields)
                 result = execute(plan, *spec["inputs"], seed=spec["seed"], progress=progress,
                                  preview_every=spec["preview_every"], cancel=token)  # fmt: skip
-                events.put(("done", [_png(image, result.record) for image in result.images], result.record))
+                record = public(result.record)  # no server paths in what clients get
+                events.put(("done", [_png(image, record) for image in result.images], record))
             except Cancelled:
                 events.put(("cancelled",))
             except DifftoolError as error:

@@ -130,6 +130,14 @@ class DifftoolReplica:
             abandon_after=settings.abandon_after,
         )
         shutil.rmtree(single.output_dir, ignore_errors=True)
+        queue, make_job = server.queue, server.make_job
+
+        def make_job_for_workers(*args: Any, dtype: str | None = None, **kwargs: Any) -> Any:
+            job = make_job(*args, dtype=dtype, **kwargs)
+            queue.dtypes[job.id] = dtype or "auto"
+            return job
+
+        server.make_job = make_job_for_workers  # type: ignore[method-assign]
         server.options = BoardOptions(server.queue, dict(server.options))
 
         @app.middleware("http")

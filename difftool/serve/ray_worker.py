@@ -131,6 +131,23 @@ class RemoteJobQueue(SharedJobQueue):
         super().__init__(board, replica, **kwargs)
         self.worker, self.worker_device = worker, worker_device
         self.model_replicas: dict[str, str] = {}  # job id -> the model replica running it
+        #: job id -> the dtype the request asked for: this replica resolved ``auto`` for its CPU, not the model
+        #: replica's device (see :meth:`spec`).
+        self.dtypes: dict[str, str] = {}
+
+    def submit(self, job: Job) -> Job:
+        try:
+            return super().submit(job)
+        except DifftoolError:
+            self.dtypes.pop(job.id, None)
+            raise
+
+    def spec(self, job: Job, seed: int) -> dict[str, Any]:
+        """What a model replica needs for one run of ``job``: the request, preflighted again there for its device."""
+        plan = job.plan
+        fields = {**plan.request_fields(), "dtype": self.dtypes.get(job.id, "auto")}
+        return {"task": plan.task_name, "fields": fields, "params": plan.params, "inputs": job.inputs,
+                "seed": seed, "preview_every": job.preview_every, "job": job.id}  # fmt: skip
 
     def extra_status(self, job: Job) -> dict[str, Any]:
         return {"model_replica": self.model_replicas.get(job.id)}
@@ -143,6 +160,7 @@ class RemoteJobQueue(SharedJobQueue):
     def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
         super()._finish(job, state, error, error_type)  # published with its model replica, then forgotten here
         self.model_replicas.pop(job.id, None)
+        self.dtypes.pop(job.id, None)
 
     def _run(self, job: Job, device: str) -> None:
         try:
@@ -170,9 +188,7 @@ class RemoteJobQueue(SharedJobQueue):
     def _run_once(self, job: Job, seed: int) -> tuple[list[bytes], dict[str, Any]]:
         from ray.exceptions import RayActorError
 
-        plan = job.plan
-        spec = {"task": plan.task_name, "fields": plan.request_fields(), "params": plan.params, "inputs": job.inputs,
-                "seed": seed, "preview_every": job.preview_every, "job": job.id}  # fmt: skip
+        spec = self.spec(job, seed)
         flagged = False
         for attempt in range(WORKER_RETRIES + 1):
             try:

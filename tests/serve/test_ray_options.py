@@ -124,3 +124,22 @@ def test_the_board_forgets_the_oldest_ended_jobs_beyond_keep() -> None:
     assert board.get_options({"sd_model_checkpoint": "m"}) == {"sd_model_checkpoint": "m"}
     board.set_option("sd_model_checkpoint", "n")
     assert board.get_options({"sd_model_checkpoint": "m"}) == {"sd_model_checkpoint": "n"}  # first one wins
+
+
+def test_a_run_carries_the_requested_dtype_not_the_one_resolved_for_the_http_replicas_cpu() -> None:
+    from difftool.plan import preflight
+    from difftool.serve.jobs import Job
+    from difftool.serve.ray_worker import RemoteJobQueue
+
+    queue = RemoteJobQueue(None, "http-1", None, "cuda", devices=("cpu",))
+    try:
+        plan = preflight("superres", params={"scale": 2}, device="cpu")  # auto: bf16 on this CPU
+        asked, unset = Job(plan, ["image"], [5]), Job(plan, ["image"], [5])
+        queue.dtypes[asked.id] = "fp16"
+        spec = queue.spec(asked, 5)
+        assert plan.backend.dtype != "auto" and spec["fields"]["dtype"] == "fp16"
+        assert spec["task"] == "superres" and spec["inputs"] == ["image"] and spec["seed"] == 5
+        assert spec["params"]["scale"] == 2 and spec["job"] == asked.id
+        assert queue.spec(unset, 5)["fields"]["dtype"] == "auto"  # the model replica resolves it for its device
+    finally:
+        queue.stop(0)

@@ -95,7 +95,7 @@ class BoardOptions(MutableMapping[str, Any]):
 
 class DifftoolReplica:
     """One HTTP replica: the registry, then (``__serve_build_asgi_app__``) the application wired to the board
-    and to the model replicas (``worker``, a handle; ``workers`` of them on ``device``)."""
+    and to the model replicas (``worker``: the ``DifftoolWorker`` handle; ``device``: theirs)."""
 
     def __init__(
         self, settings: ServeSettings, plugins: tuple[str, ...] | None, app_name: str, worker: Any, device: str
@@ -140,13 +140,23 @@ class DifftoolReplica:
         server.make_job = make_job_for_workers  # type: ignore[method-assign]
         server.options = BoardOptions(server.queue, dict(server.options))
 
-        @app.middleware("http")
-        async def name_the_replica(request: Any, call_next: Any) -> Any:
-            response = await call_next(request)
-            response.headers[REPLICA_HEADER] = name
-            return response
-
+        app.add_middleware(ReplicaHeader, name=name)
         return app
+
+
+class ReplicaHeader:
+    """Every answer names the HTTP replica that gave it (plain ASGI: streams and disconnects pass untouched)."""
+
+    def __init__(self, app: Any, name: str) -> None:
+        self.app, self.header = app, (REPLICA_HEADER.lower().encode("latin-1"), name.encode("latin-1"))
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def named(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, named if scope["type"] == "http" else send)
 
 
 #: CPUs reserved for each HTTP replica (it checks and decodes requests; the models run elsewhere).

@@ -29,6 +29,7 @@ webuiapi = pytest.importorskip("webuiapi")
 pytestmark = pytest.mark.slow
 
 HEADER = "X-Difftool-Replica"
+ORIGIN = "http://studio.example"
 
 
 def _free_port() -> int:
@@ -48,7 +49,10 @@ def ray_server(model_root: Any) -> Iterator[str]:
 
     start_ray()
     options = RayOptions(replicas=2, cpus_per_replica=0.5, plugins=(), stale_after=8.0)
-    base = deploy(ServeSettings(port=_free_port(), default_model="tiny-sd"), options)
+    settings = ServeSettings(
+        port=_free_port(), default_model="tiny-sd", cors_origins=(ORIGIN,), max_body_bytes=1024 * 1024
+    )
+    base = deploy(settings, options)
     deadline = time.monotonic() + 120
     seen: set[str] = set()
     while len(seen) < 2:  # both replicas up and answering
@@ -102,6 +106,16 @@ def test_webuiapi_upscale_gives_the_same_pixels_as_difftool_run(ray_server: str)
     other = _on_another_replica(f"{ray_server}/sdapi/v1/options", response.headers[HEADER])
     assert other.json()["show_progress_every_n_steps"] == 3
     requests.post(f"{ray_server}/sdapi/v1/options", json={"show_progress_every_n_steps": 0}, timeout=10)
+
+
+def test_the_replicas_keep_the_servers_limits_and_cors(ray_server: str) -> None:
+    big = requests.post(f"{ray_server}/v1/jobs", data=b"x" * (2 * 1024 * 1024), timeout=30)
+    assert big.status_code == 413 and "larger than 1048576 bytes" in big.json()["error"] and big.headers[HEADER]
+    headers = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+    allowed = requests.options(f"{ray_server}/v1/jobs", headers=headers, timeout=10)
+    assert allowed.headers.get("access-control-allow-origin") == ORIGIN
+    other = requests.options(f"{ray_server}/v1/jobs", headers={**headers, "Origin": "http://elsewhere"}, timeout=10)
+    assert "access-control-allow-origin" not in other.headers
 
 
 def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ray_server: str) -> None:

@@ -147,16 +147,20 @@ def _count(req: Txt2ImgRequest) -> int:
     return count
 
 
+def _checked(server: Server, req: Txt2ImgRequest) -> tuple[str, dict[str, Any]]:
+    """A txt2img/img2img request refused if it asks for what difftool cannot do; its model and prompt params."""
+    check_supported(req)
+    checkpoint = (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
+    clip_skip = server.options.get("CLIP_stop_at_last_layers")
+    return _model_name(server, checkpoint), prompt_params(req, server.registry, clip_skip)
+
+
 @router.post("/txt2img")
 async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
     """Text to image: the ``generate`` task."""
     server = _server(request)
-    check_supported(req)
-    model = _model_name(
-        server, (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
-    )
-    params = {**prompt_params(req, server.registry, server.options.get("CLIP_stop_at_last_layers")),
-              "width": req.width, "height": req.height, **hires_params(req)}  # fmt: skip
+    model, params = _checked(server, req)
+    params |= {"width": req.width, "height": req.height, **hires_params(req)}
     job = await run_in_threadpool(
         server.make_job,
         "generate",
@@ -198,11 +202,7 @@ def _mask(server: Server, req: Img2ImgRequest) -> LoadedImage:
 async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
     """Image to image: ``style`` (no mask) or ``inpaint`` (with ``mask``)."""
     server = _server(request)
-    check_supported(req)
-    model = _model_name(
-        server, (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
-    )
-    params = prompt_params(req, server.registry, server.options.get("CLIP_stop_at_last_layers"))
+    model, params = _checked(server, req)
     image = await run_in_threadpool(_init_image, server, req)
     if req.mask:
         task = "inpaint"

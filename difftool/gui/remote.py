@@ -104,6 +104,7 @@ class RemoteRegistry:
         self.backends = {row["name"]: (RemoteBackend(row["name"], row), "server") for row in rows}
         #: The server's workers' devices (the device box offers these, not this machine's GPUs).
         self.devices = list(rows[0]["devices"]) if rows else ["cpu"]
+        self.last_job = ""  # the server's id of the last job submitted (for logs and bug reports)
         self.failures: list[Any] = []
         self.plugins: dict[str, Any] = {}
         self.schedulers: dict[str, Any] = {}
@@ -143,7 +144,7 @@ class RemoteRegistry:
         }
         if options.get("backend"):
             body |= {"backend": options["backend"], "dtype": options.get("dtype")}
-        job = self._json("POST", "/v1/jobs", body)["id"]
+        job = self.last_job = self._json("POST", "/v1/jobs", body)["id"]
         total = 0
         try:  # whatever ends this early (cancel, a lost connection), the server's job is deleted
             for event, data in self._events(f"/v1/jobs/{job}/events"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +34,15 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
+    from gui_helpers import DialPlugin
+
     from difftool.plugins.registry import build_registry
     from difftool.serve.app import create_app
     from difftool.serve.settings import ServeSettings
     from difftool.testing.serve import live_server
 
-    with live_server(create_app(ServeSettings(), build_registry(entry_points=False))) as address:
+    registry = build_registry([DialPlugin()], entry_points=False)  # dial: a slow task, steps of 50 ms
+    with live_server(create_app(ServeSettings(), registry)) as address:
         yield f"http://{address}"
 
 
@@ -74,3 +78,27 @@ def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server
 def test_an_unreachable_server_is_one_clear_error(window, qapp) -> None:
     assert not window.connect_to("http://127.0.0.1:9")  # nothing listens on the discard port
     assert "cannot reach the server" in window.last_error
+
+
+def test_cancelling_a_remote_job_stops_it_on_the_server(window, qapp, server: str, photo: Path) -> None:
+    import json
+    import urllib.request
+
+    assert window.connect_to(server)
+    window.task_box.setCurrentText("dial")
+    window.form.widgets["count"].setValue(9)
+    window.open_path(photo)
+    window.queue.signals.progress.connect(lambda job_id, step, total, preview: window.cancel_running())
+    job_id = window.run_current()
+    wait_for(window.queue, qapp)
+    assert window.queue.jobs[job_id].state == "cancelled"
+    remote = window.registry.last_job
+    deadline = time.monotonic() + 10
+    while True:  # the server's job was cancelled too, not left running
+        with urllib.request.urlopen(f"{server}/v1/jobs/{remote}", timeout=5) as response:  # noqa: S310 - loopback
+            state = json.loads(response.read())["state"]
+        if state == "cancelled" or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert state == "cancelled"
+    window.use_registry(None)

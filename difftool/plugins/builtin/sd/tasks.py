@@ -106,6 +106,24 @@ def sd_export_target(model: str | None) -> Any:
     return ExportTarget(sd.unet, sd.unet_id, sd.prediction_type)
 
 
+def encode_text(
+    model: Any, context: RunContext, params: dict[str, Any], prompt: str, negative: str, size: tuple[int, int]
+) -> pipeline.TextConditioning:
+    """The prompts as the U-Net's conditioning: LoRA tags dropped (applied by :func:`sd_model_for`),
+    embeddings the texts name placed, A1111's chunking; SDXL's size conditioning for ``size``."""
+    from difftool.plugins.builtin.sd import embeddings
+
+    pipeline.prepare_text_encoders(model, context)
+    prompt, _ = split_loras(prompt)
+    widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]
+    found = embeddings.named_in([prompt, negative], params.get("embedding"), widths, bool(params.get("allow_pickle")))
+    context.notes.update(embeddings.record(found))
+    clip_skip = int(params.get("clip_skip") or 1)
+    return pipeline.encode_prompt(
+        model, prompt, negative, clip_skip=clip_skip, size=size, context=context, embeddings=found
+    )
+
+
 def run_sd(
     model: Any,
     context: RunContext,
@@ -121,28 +139,17 @@ def run_sd(
     step_hook: Any = None,
     scheduler: Any = None,
     shapes: ExportShapes | None = None,
+    text: pipeline.TextConditioning | None = None,
 ) -> Any:
     """Sample latents for ``size`` (width, height) through the core sampler; returns latents.
 
-    ``shapes``: what the denoiser is built for (default: the task's declared export shapes).
+    ``shapes``: what the denoiser is built for (default: the task's declared export shapes). ``text``:
+    the prompts already encoded (:func:`encode_text`; a tiled task encodes once for all its tiles).
     """
     from difftool.core.sampler import sample
-    from difftool.plugins.builtin.sd import embeddings
 
-    pipeline.prepare_text_encoders(model, context)
-    prompt, _ = split_loras(prompt)  # applied to the model already (sd_model_for); A1111 drops the tags
-    widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]
-    found = embeddings.named_in([prompt, negative], params.get("embedding"), widths, bool(params.get("allow_pickle")))
-    context.notes.update(embeddings.record(found))
-    text = pipeline.encode_prompt(
-        model,
-        prompt,
-        negative,
-        clip_skip=int(params.get("clip_skip") or 1),
-        size=size,
-        context=context,
-        embeddings=found,
-    )
+    if text is None:
+        text = encode_text(model, context, params, prompt, negative, size)
     if shapes is None and context.export_shapes is None:
         guidance = float(params.get("guidance_scale", 7.0))
         shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))

@@ -20,7 +20,7 @@ from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskReques
 from difftool.plugins.builtin.sd import hires, pipeline
 from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
-from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, latent_shapes, prompt_tokens, run_sd
+from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -99,18 +99,21 @@ class UpscaleSD(Task):
         total = np.zeros((height, width, 3), np.float32)
         weights = np.zeros((height, width, 1), np.float32)
         xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+        th, tw = min(tile, height), min(tile, width)  # every tile has this size
+        texts = (params.get("prompt") or "", params.get("negative_prompt") or "")
+        text = encode_text(model, context, params, *texts, (tw, th))  # once for all the tiles
         for row, top in enumerate(ys):
             for col, left in enumerate(xs):
                 context.cancel.raise_if_cancelled()
-                th, tw = min(tile, height), min(tile, width)
                 crop = upscaled[top : top + th, left : left + tw]
-                refined = self._refine(model, crop, params, context)
+                refined = self._refine(model, crop, params, context, text)
                 wy = ramp(th, overlap, row > 0, row < len(ys) - 1)
                 wx = ramp(tw, overlap, col > 0, col < len(xs) - 1)
                 window = (wy[:, None] * wx[None, :])[..., None]
                 total[top : top + th, left : left + tw] += refined * window
                 weights[top : top + th, left : left + tw] += window
-        result = total / weights
+        total /= weights  # in place: no second full-size float array
+        result = total
         record = {
             "task": self.name,
             "size": f"{width}x{height}",
@@ -127,7 +130,7 @@ class UpscaleSD(Task):
         return hires.superres(rgb, size, None if upscaler.lower() == "embedded" else upscaler, context)
 
     @staticmethod
-    def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext) -> np.ndarray:
+    def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext, text: Any) -> np.ndarray:
         """One tile through img2img at its own size (its VAE encode and decode are tile-sized too)."""
         size = (crop.shape[1], crop.shape[0])
         init = pipeline.encode_image(model, pipeline.to_tensor(crop), context)
@@ -140,6 +143,7 @@ class UpscaleSD(Task):
             size=size,
             init=init,
             strength=float(params["strength"]),
+            text=text,
         )
         return pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
 

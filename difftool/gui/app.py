@@ -137,10 +137,15 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         action(edit_menu, "&Copy result", self.copy_result, QKeySequence.StandardKey.Copy)
         action(edit_menu, "&Reuse parameters of the selected result", self.reuse_selected)
         action(edit_menu, "&Use result as input", lambda: self.send_to(None), "Ctrl+I")
-        send_menu = edit_menu.addMenu("&Send result to")
-        for name in sorted(self.registry.tasks):
-            if self.registry.tasks[name].cls.inputs:
-                action(send_menu, name, lambda _=False, n=name: self.send_to(n))
+        self.send_menu = edit_menu.addMenu("&Send result to")
+
+        def fill_send_menu() -> None:  # the tasks of the registry in use (this machine's, or a server's)
+            self.send_menu.clear()
+            for name in sorted(self.registry.tasks):
+                if self.registry.tasks[name].cls.inputs:
+                    action(self.send_menu, name, lambda _=False, n=name: self.send_to(n))
+
+        self.send_menu.aboutToShow.connect(fill_send_menu)
         self.insert_menu = edit_menu.addMenu("&Insert into prompt")
         self.insert_menu.aboutToShow.connect(lambda: fill_insert_menu(self.insert_menu, self))
         view_menu = self.menuBar().addMenu("&View")

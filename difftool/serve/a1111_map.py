@@ -100,8 +100,29 @@ def refuse(field: str, why: str) -> ParameterError:
     return ParameterError(f"{field}: {why}", "drop that field (docs/serve.md lists what difftool supports)")
 
 
+#: A1111 fields difftool has no model field for, with the values that mean "not used" (clients such as
+#: webuiapi send them all): any other value is refused by name instead of being ignored.
+UNUSED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "refiner_checkpoint": (None, ""),
+    "refiner_switch_at": (None, 0, 0.0, 1, 1.0),
+    "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "hr_scheduler": (None, "", "Use same scheduler"),
+    "firstphase_width": (None, 0),
+    "firstphase_height": (None, 0),
+    "s_churn": (None, 0, 0.0),
+    "s_tmin": (None, 0, 0.0),
+    "s_tmax": (None, 0, 0.0, float("inf")),
+    "s_noise": (None, 1, 1.0),
+    "controlnet_units": (None, []),
+}
+
+
 def check_supported(req: Txt2ImgRequest) -> None:
     """Refuse (422) every field set to something difftool cannot do."""
+    for name, unused in UNUSED_FIELDS.items():
+        value = (req.model_extra or {}).get(name)
+        if value not in unused:
+            raise refuse(name, f"{value!r} cannot be honoured here (difftool has no such setting)")
     if req.restore_faces:
         raise refuse("restore_faces", "face restoration is not supported")
     if req.tiling:

@@ -176,3 +176,11 @@ def test_txt2img_hires_fix_is_generate_with_hires(api: Any, serve_registry: Any)
     assert "Hires upscale: 1.5" in result.info["infotexts"][0]
     with pytest.raises(RuntimeError, match="hr_resize"):
         api.txt2img(prompt="x", steps=1, width=32, height=24, enable_hr=True, hr_resize_x=64, hr_resize_y=48)
+
+
+def test_a1111_fields_difftool_lacks_are_refused_when_set_not_ignored(api: Any) -> None:
+    for field, value in (("refiner_checkpoint", "sdxl-refiner"), ("s_churn", 0.5), ("firstphase_width", 256)):
+        response = api.session.post(
+            f"{api.baseurl}/txt2img", json={"prompt": "x", "width": 16, "height": 16, field: value}
+        )
+        assert response.status_code == 422 and field in response.json()["error"], (field, response.text)

@@ -55,6 +55,7 @@ class JobBoard:
             if update.get("files") is not None:
                 entry["files"] = update["files"]
         self._forget_old()
+        # Ended ones included: a queued job cancelled here is dropped from its owner's queue when it hears this.
         return [job_id for job_id, e in self.jobs.items() if e["replica"] == replica and e["cancel"]]
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -113,7 +114,10 @@ class JobBoard:
         entry["version"] += 1
 
     def _forget_old(self) -> None:
-        ended = [i for i, e in self.jobs.items() if e["status"]["state"] in FINAL_STATES]
+        ended = sorted(
+            (i for i, e in self.jobs.items() if e["status"]["state"] in FINAL_STATES),
+            key=lambda i: self.jobs[i]["status"].get("finished") or 0.0,  # forget what ended first
+        )
         for job_id in ended[: max(0, len(ended) - self.keep)]:
             del self.jobs[job_id]
 
@@ -179,7 +183,8 @@ class BoardJob:
             for index, data in enumerate(self._queue.call("result", self.id)):
                 path = self._queue.output_dir / f"board-{self.id}-{index}.png"
                 if not path.exists():
-                    partial = path.with_suffix(".part")
+                    # A name of its own: two requests for the same result may copy it at once.
+                    partial = path.with_name(f".{path.name}.{threading.get_ident()}.part")
                     partial.write_bytes(data)
                     partial.replace(path)
                     self._queue.cached(path)
@@ -207,6 +212,8 @@ class SharedJobQueue(JobQueue):
 
     def cached(self, path: Path) -> None:
         """Remember a result copied from the board; the oldest copies beyond ``keep`` are deleted."""
+        if path in self._copies:  # copied twice at once: one entry
+            return
         self._copies.append(path)
         while len(self._copies) > self.keep:
             self._copies.popleft().unlink(missing_ok=True)

@@ -15,7 +15,6 @@ results and cancel flags, and the A1111 options. Ray is imported only when :func
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
 import signal
 import threading
@@ -23,11 +22,9 @@ from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-from difftool.core.errors import BackendUnavailableError, ParameterError
+from difftool.core.errors import BackendUnavailableError, DifftoolError, ParameterError
 from difftool.serve.board import STALE_AFTER, JobBoard, SharedJobQueue
 from difftool.serve.settings import ServeSettings
-
-log = logging.getLogger("difftool.serve")
 
 #: The Ray namespace of the job board; the board is named after the Serve application.
 NAMESPACE = "difftool"
@@ -201,10 +198,15 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
         raise ParameterError(
             "the Ray cluster has no room for one replica", "lower --cpus-per-replica/--gpus-per-replica"
         )
+    try:  # a board left by a run that crashed would carry its options and jobs into this one
+        ray.kill(ray.get_actor(board_name(options.app_name), namespace=NAMESPACE))
+    except ValueError:
+        pass
     ray.remote(JobBoard).options(
-        name=board_name(options.app_name), namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0
+        name=board_name(options.app_name), namespace=NAMESPACE, lifetime="detached", num_cpus=0
     ).remote(settings.keep_jobs, options.stale_after)
     serve.start(http_options={"host": settings.host, "port": settings.port})
+    _check_proxy(serve, settings)
     workers = serve.deployment(
         DifftoolWorker,
         name="DifftoolWorker",
@@ -219,14 +221,33 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
         name="DifftoolReplica",
         num_replicas=options.http_replicas or min(2, replicas),
         ray_actor_options={"num_cpus": HTTP_REPLICA_CPUS},
-        max_ongoing_requests=settings.queue_size + 16,  # A1111 requests and event streams wait in the handler
-        graceful_shutdown_timeout_s=settings.shutdown_timeout,
+        # The app bounds its own queue (429); event streams and waiting A1111 requests hold a slot each, so the
+        # replica takes many, and what Ray Serve cannot take is refused at once instead of waiting unbounded.
+        max_ongoing_requests=max(256, settings.queue_size * 8),
+        max_queued_requests=settings.queue_size,
+        # Longer than the app's own drain, which then cancels its runs itself before Ray stops the replica.
+        graceful_shutdown_timeout_s=settings.shutdown_timeout + 10,
     )
     # One queue thread per model replica, so that one HTTP replica can keep them all busy.
     http_settings = dataclasses.replace(settings, devices=("cpu",) * replicas)
     app = front.bind(http_settings, options.plugins, options.app_name, worker, device)
     serve.run(app, name=options.app_name, route_prefix="/", blocking=False)
     return f"http://{settings.host}:{settings.port}"
+
+
+def _check_proxy(serve: Any, settings: ServeSettings) -> None:
+    """Refuse when Ray Serve was already running on another address: it keeps its own and ignores ours."""
+    try:
+        from ray.serve.context import _get_global_client
+
+        http = _get_global_client().http_config
+    except Exception:  # noqa: BLE001 - a Ray that does not expose it: nothing to compare
+        return
+    if (http.host, int(http.port)) != (settings.host, int(settings.port)):
+        raise ParameterError(
+            f"Ray Serve already listens on {http.host}:{http.port}, not {settings.host}:{settings.port}",
+            "pass that --host/--port, or stop the running Ray Serve (serve shutdown) first",
+        )
 
 
 def undeploy(options: RayOptions) -> None:
@@ -244,7 +265,16 @@ def serve_on_ray(settings: ServeSettings, options: RayOptions) -> None:
     ray, serve = import_serve()
     stop = threading.Event()
     try:
-        url = deploy(settings, options)
+        try:
+            url = deploy(settings, options)
+        except DifftoolError:
+            raise
+        except Exception as error:  # noqa: BLE001 - Ray's own errors (no cluster, a replica that cannot start)
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+            raise DifftoolError(
+                f"Ray Serve could not start the application: {type(error).__name__}: {first}",
+                "check --ray ADDRESS, the port, and that every --allow-path exists on the cluster's nodes",
+            ) from error
         for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
             signal.signal(sig, lambda *_: stop.set())
         print(f"difftool serve: {url} on Ray Serve (Ctrl-C stops)", flush=True)

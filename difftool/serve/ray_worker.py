@@ -29,6 +29,8 @@ log = logging.getLogger("difftool.serve")
 WORKER_RETRIES = 2
 #: Seconds between a model replica's looks at the job's cancel flag on the board.
 CANCEL_POLL = 0.1
+#: How long a model replica waits for a stopped run's thread before taking the next request.
+RUN_JOIN_SECONDS = 30.0
 
 
 class RunFailed(DifftoolError):
@@ -80,6 +82,9 @@ class DifftoolWorker:
 
         def target() -> None:
             try:
+                entry = ray.get(self.board.get.remote(spec["job"]))
+                if entry is None or entry["cancel"] or entry["status"]["state"] in FINAL_STATES:
+                    raise Cancelled()  # cancelled while it waited for this replica: load nothing
                 fields = {**spec["fields"], "device": self.device}
                 plan = preflight(spec["task"], params=spec["params"], registry=self.registry, **fields)
                 result = execute(plan, *spec["inputs"], seed=spec["seed"], progress=progress,
@@ -94,7 +99,8 @@ class DifftoolWorker:
                 log.exception("job %s failed", spec["job"])
                 events.put(("error", f"unexpected error: {type(error).__name__}: {error}", type(error).__name__))
 
-        threading.Thread(target=target, name="difftool-run", daemon=True).start()
+        thread = threading.Thread(target=target, name="difftool-run", daemon=True)
+        thread.start()
         yield ("started", ray.get_runtime_context().get_actor_name())
         try:
             while True:
@@ -104,6 +110,7 @@ class DifftoolWorker:
                     return
         finally:
             token.cancel()  # the caller stopped listening: stop within a step
+            thread.join(RUN_JOIN_SECONDS)  # one run at a time on this device, as max_ongoing_requests says
 
 
 def _png(image: Any, record: dict[str, Any] | None) -> bytes:
@@ -211,8 +218,11 @@ class RemoteJobQueue(SharedJobQueue):
                         raise RunFailed(event[1], event[2])
             except RayActorError as error:
                 log.warning("job %s: its model replica died (attempt %d): %s", job.id, attempt + 1, error)
+                if job.token.cancelled:
+                    raise Cancelled() from None  # nobody wants it any more: do not send it again
                 job.step = 0
                 job._changed()
+                time.sleep(1.0 + attempt)  # let Ray Serve notice the dead replica before routing again
         raise RunFailed(
             f"the model replicas running this job died {WORKER_RETRIES + 1} times; submit it again", "ReplicaLost"
         )

@@ -147,6 +147,23 @@ def _count(req: Txt2ImgRequest) -> int:
     return count
 
 
+async def _run(
+    request: Request,
+    server: Server,
+    req: Txt2ImgRequest,
+    task: str,
+    inputs: list[Any],
+    params: dict[str, Any],
+    model: str,
+) -> Job:
+    """Queue ``task`` for the request's images (batch x iterations, seeds from its seed) and wait for it."""
+    job = await run_in_threadpool(
+        server.make_job, task, inputs, params, model=model, seed=req.seed, count=_count(req),
+        preview_every=_preview_every(server, req),
+    )  # fmt: skip
+    return await _wait(request, server, job)
+
+
 def _checked(server: Server, req: Txt2ImgRequest) -> tuple[str, dict[str, Any]]:
     """A txt2img/img2img request refused if it asks for what difftool cannot do; its model and prompt params."""
     check_supported(req)
@@ -161,17 +178,7 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
     server = _server(request)
     model, params = _checked(server, req)
     params |= {"width": req.width, "height": req.height, **hires_params(req)}
-    job = await run_in_threadpool(
-        server.make_job,
-        "generate",
-        (),
-        params,
-        model=model,
-        seed=req.seed,
-        count=_count(req),
-        preview_every=_preview_every(server, req),
-    )
-    job = await _wait(request, server, job)
+    job = await _run(request, server, req, "generate", [], params, model)
     return {"images": _images(job, req), "parameters": req.model_dump(), "info": _info(job, req, model, {})}
 
 
@@ -214,17 +221,7 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
         if req.denoising_strength < 0.01:
             raise refuse("denoising_strength", f"{req.denoising_strength:g} is below difftool's minimum 0.01")
         params["strength"] = min(1.0, req.denoising_strength)
-    job = await run_in_threadpool(
-        server.make_job,
-        task,
-        [image],
-        params,
-        model=model,
-        seed=req.seed,
-        count=_count(req),
-        preview_every=_preview_every(server, req),
-    )
-    job = await _wait(request, server, job)
+    job = await _run(request, server, req, task, [image], params, model)
     info = _info(job, req, model, {"denoising_strength": req.denoising_strength})
     parameters = req.model_dump(exclude={"init_images", "mask"})
     return {"images": _images(job, req), "parameters": parameters, "info": info}

@@ -19,6 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from difftool.core.atomic import atomic_write_bytes
 from difftool.serve.jobs import FINAL_STATES, Job, JobQueue
 
 log = logging.getLogger("difftool.serve")
@@ -182,11 +183,8 @@ class BoardJob:
             self._files = []
             for index, data in enumerate(self._queue.call("result", self.id)):
                 path = self._queue.output_dir / f"board-{self.id}-{index}.png"
-                if not path.exists():
-                    # A name of its own: two requests for the same result may copy it at once.
-                    partial = path.with_name(f".{path.name}.{threading.get_ident()}.part")
-                    partial.write_bytes(data)
-                    partial.replace(path)
+                if not path.exists():  # two requests may copy it at once: each temp file has its own name
+                    atomic_write_bytes(path, data)
                     self._queue.cached(path)
                 self._files.append(path)
         return self._files

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from difftool.core.atomic import atomic_write_bytes
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.serve.board import SharedJobQueue
@@ -177,9 +178,7 @@ class RemoteJobQueue(SharedJobQueue):
                 pngs, record = self._run_once(job, seed)
                 for number, data in enumerate(pngs):
                     path = self.output_dir / f"{job.id}-{index}-{number}.png"
-                    partial = path.with_suffix(".part")
-                    partial.write_bytes(data)
-                    partial.replace(path)
+                    atomic_write_bytes(path, data)
                     job.files.append(path)
                 job.records.append(record)
                 job._changed()

@@ -22,12 +22,19 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def wait_for(client: Any, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
-    """Poll ``GET /v1/jobs/{id}`` until the job ends."""
+def wait_for(client: Any, job_id: str, timeout: float = 60.0, base: str = "") -> dict[str, Any]:
+    """Poll ``GET {base}/v1/jobs/{id}`` with ``client`` (a TestClient, or ``requests``) until the job ends."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = client.get(f"/v1/jobs/{job_id}").json()
+        status = client.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
         if status["state"] in ("done", "failed", "cancelled"):
             return status
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} did not finish in {timeout} s")
+
+
+def wait_http(base: str, job_id: str, timeout: float = 60.0) -> dict[str, Any]:
+    """:func:`wait_for` over real HTTP, on a live server at ``base``."""
+    import requests
+
+    return wait_for(requests, job_id, timeout, base)

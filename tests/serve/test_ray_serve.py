@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from serve_helpers import b64, png_bytes
+from serve_helpers import b64, png_bytes, wait_http
 
 import difftool
 
@@ -76,16 +76,6 @@ def _on_another_replica(url: str, replica: str, method: str = "get", tries: int 
     raise AssertionError(f"{tries} requests all went to {replica}")
 
 
-def _wait(base: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
-
-
 def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
@@ -125,7 +115,7 @@ def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ra
     job, creator = posted.json(), posted.headers[HEADER]
     status = _on_another_replica(f"{ray_server}/v1/jobs/{job['id']}", creator)
     assert status.status_code == 200 and status.json()["id"] == job["id"]
-    assert _wait(ray_server, job["id"])["state"] == "done"
+    assert wait_http(ray_server, job["id"])["state"] == "done"
     result = _on_another_replica(f"{ray_server}/v1/jobs/{job['id']}/result", creator)
     assert result.status_code == 200 and result.headers["content-type"] == "image/png"
     expected = difftool.run("superres", Image.open(io.BytesIO(png_bytes(12, 8, seed=1))), scale=2, seed=7)
@@ -146,7 +136,7 @@ def test_a_job_posted_on_one_replica_is_read_cancelled_and_fetched_on_another(ra
     assert progress["state"]["job"] == job_id and progress["state"]["sampling_step"] >= 1 and progress["progress"] > 0
     cancelled_at = time.monotonic()
     assert _on_another_replica(f"{ray_server}/v1/jobs/{job_id}", creator, method="delete").status_code == 200
-    final = _wait(ray_server, job_id, timeout=20)
+    final = wait_http(ray_server, job_id, timeout=20)
     # Stopped by the cancel flag on the model replica, not by the 10 s abandon path.
     assert final["state"] == "cancelled" and final["error"] == "cancelled" and final["step"] < 1000
     assert time.monotonic() - cancelled_at < 5
@@ -241,12 +231,12 @@ def test_a_killed_http_replica_fails_its_requests_clearly_and_the_service_keeps_
             assert Image.open(io.BytesIO(base64.b64decode(answer.json()["image"]))).size == (64, 48)
     # The jobs the dead replica held end failed with a clear error, on whichever replica is asked.
     for job_id in lost:
-        status = _wait(ray_server, job_id, timeout=30)
+        status = wait_http(ray_server, job_id, timeout=30)
         assert status["state"] == "failed" and status["error_type"] == "ReplicaLost", status
         assert "submit the job again" in status["error"]
     # The service keeps answering, and Ray Serve brings the HTTP replicas back to 2.
     for seed in range(4):
         body = {"task": "superres", "inputs": [b64(png_bytes(12, 8))], "params": {"scale": 2}, "seed": seed}
         posted = requests.post(f"{ray_server}/v1/jobs", json=body, timeout=60)
-        assert posted.status_code == 202 and _wait(ray_server, posted.json()["id"])["state"] == "done"
+        assert posted.status_code == 202 and wait_http(ray_server, posted.json()["id"])["state"] == "done"
     _wait_for_replicas("DifftoolReplica")

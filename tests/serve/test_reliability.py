@@ -14,22 +14,11 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 from PIL import Image
-from serve_helpers import b64, png_bytes
-
-
-def _wait(base: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = requests.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
-        if status["state"] in ("done", "failed", "cancelled"):
-            return status
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish")
+from serve_helpers import b64, png_bytes, wait_http
 
 
 def test_concurrent_clients_are_all_answered_once(live_server: str) -> None:
@@ -96,7 +85,7 @@ def test_a_client_that_disconnects_cancels_its_job(live_server: str) -> None:
         time.sleep(0.02)
     thread.join(30)
     assert outcome, "the request should still have been running when the client gave up"
-    status = _wait(base, job_id, timeout=30)
+    status = wait_http(base, job_id, timeout=30)
     assert status["state"] == "cancelled" and status["step"] < 500
 
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from run import cpu_name, timed_run  # noqa: E402
+from measure import cpu_name, timed_run  # noqa: E402
 from sections import update_section  # noqa: E402
 
 

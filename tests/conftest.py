@@ -88,6 +88,28 @@ def make_srnet_model(path: Path, scales: tuple[int, ...] = (2, 4)) -> Path:
     return path
 
 
+def make_inpaintnet_model(path: Path) -> Path:
+    """A tiny InpaintNet inpaint model folder (the embedded model's network and layout)."""
+    import torch
+
+    from difftool.plugins.builtin.inpaintnet import InpaintNet
+    from difftool.plugins.builtin.pixel_model import save_pixel_model
+
+    torch.manual_seed(7)
+    net = InpaintNet(channels=8, fine_channels=8, dilations=(1, 2), embed_dim=16)
+    for param in net.parameters():  # FiLM and the tail start at zero; random everywhere so every input matters
+        torch.nn.init.normal_(param, std=0.1)
+    meta = {"task": "inpaint", "name": "tiny-inpaintnet", "target": "image", "steps": 2, "scheduler": "ddim"}
+    meta["fill"] = "noise"
+    schedule = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample"}
+    return save_pixel_model(net, path, meta, schedule, fp16=False)
+
+
+@pytest.fixture(scope="session")
+def inpaintnet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_inpaintnet_model(tmp_path_factory.mktemp("models") / "tiny-inpaintnet")
+
+
 @pytest.fixture(scope="session")
 def srnet_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_srnet_model(tmp_path_factory.mktemp("models") / "tiny-srnet")

@@ -3,7 +3,7 @@
 Superres: with probability ``clean_fraction`` (training config) a clean bicubic downscale (what the
 benchmark measures); otherwise a Gaussian blur of radius 0.2-1.2 px before the downscale, Gaussian noise
 of sigma 0-3/255 and, half of the time, JPEG at quality 60-95. Inpaint: a union of random strokes,
-boxes and blobs covering 5-50% of the crop.
+thin scratches, boxes, blobs and object-shaped polygons covering 5-50% of the crop.
 """
 
 from __future__ import annotations
@@ -52,8 +52,17 @@ def random_mask(size: int, rng: np.random.Generator, min_area: float = 0.05, max
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     for _ in range(40):
-        kind = rng.integers(0, 3)
-        if kind == 0:  # stroke
+        kind = rng.integers(0, 5)
+        if kind == 3:  # thin scratch
+            points = [tuple(rng.integers(0, size, 2).tolist()) for _ in range(int(rng.integers(2, 4)))]
+            draw.line(points, fill=255, width=int(rng.integers(1, 4)))
+        elif kind == 4:  # object-shaped: a polygon around a centre
+            r, (x, y) = rng.uniform(size / 10, size / 3), rng.integers(0, size, 2)
+            angles = np.sort(rng.uniform(0, 2 * np.pi, int(rng.integers(5, 10))))
+            radii = r * rng.uniform(0.5, 1.0, len(angles))
+            corners = zip(x + radii * np.cos(angles), y + radii * np.sin(angles), strict=True)
+            draw.polygon([(float(px), float(py)) for px, py in corners], fill=255)
+        elif kind == 0:  # stroke
             points = [tuple(rng.integers(0, size, 2).tolist()) for _ in range(int(rng.integers(2, 6)))]
             draw.line(points, fill=255, width=int(rng.integers(max(2, size // 32), max(3, size // 6))))
         elif kind == 1:  # box

@@ -28,7 +28,13 @@ def private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
 
 
 @pytest.mark.parametrize(
-    ("task", "fixture"), [("superres", "superres_model"), ("inpaint", "inpaint_model"), ("superres", "srnet_model")]
+    ("task", "fixture"),
+    [
+        ("superres", "superres_model"),
+        ("inpaint", "inpaint_model"),
+        ("superres", "srnet_model"),
+        ("inpaint", "inpaintnet_model"),
+    ],
 )
 def test_export_matches_pytorch_at_odd_sizes(task: str, fixture: str, request: pytest.FixtureRequest) -> None:
     model = load_pixel_model(request.getfixturevalue(fixture), task)

@@ -51,7 +51,7 @@ class Inpaint(Task):
             "choice",
             default=None,
             choices=("blur", "noise"),
-            help="blur: start from a smooth fill of the hole; noise: from pure noise (default: blur; SD: the image)",
+            help="blur: refine a smooth fill; noise: paint from noise (default: the model's; SD models: the image)",
         ),
         Param(
             "strength",
@@ -106,7 +106,7 @@ class Inpaint(Task):
         model = pixel_model.model_for(self.name, context)
         record = {
             "task": self.name,
-            "fill": params.get("fill") or "blur",
+            "fill": params.get("fill") or model.meta.get("fill", "blur"),
             "steps": params.get("steps") or model.meta.get("steps"),
             "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
             "size": f"{image.width}x{image.height}",
@@ -163,7 +163,7 @@ def paint(
     cond = torch.cat([x * (1 - hole), hole], dim=1)
     steps = params.get("steps") or int(model.meta.get("steps", 2))
     init, strength = None, 1.0
-    if (params.get("fill") or "blur") == "blur":
+    if (params.get("fill") or model.meta.get("fill", "blur")) == "blur":
         init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
     out = pixel_model.denoise(

@@ -71,7 +71,11 @@ def network_multiple(module: Any) -> int:
 
 
 #: config.json ``_class_name`` -> the class that loads it (imported lazily: diffusers is slow to import).
-NETWORK_CLASSES = {"UNet2DModel": "diffusers:UNet2DModel", "SRNet": "difftool.plugins.builtin.srnet:SRNet"}
+NETWORK_CLASSES = {
+    "UNet2DModel": "diffusers:UNet2DModel",
+    "SRNet": "difftool.plugins.builtin.srnet:SRNet",
+    "InpaintNet": "difftool.plugins.builtin.inpaintnet:InpaintNet",
+}
 
 
 def embedded_model_path(task: str) -> Path | None:

@@ -42,22 +42,19 @@ def _table(rows: list[dict], task: str) -> str:
             )
         return "\n".join(out)
     out = [
-        "| image | mask % | PSNR default (`--fill blur`) | PSNR `--fill noise` | PSNR Telea | PSNR Navier-Stokes |"
-        " SSIM default | SSIM Telea |",
-        "|---|---|---|---|---|---|---|---|",
+        "| image | masks | mask % | PSNR model | Telea | Navier-Stokes | PatchMatch | SSIM model | Telea |"
+        " texture model | Telea | PatchMatch |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        out.append(
-            f"| {r['image']} | {100 * r['mask_fraction']:.1f} | {r['model_psnr']:.2f} | "
-            f"{r['model_noise_psnr']:.2f} | {r.get('telea_psnr', float('nan')):.2f} | "
-            f"{r.get('ns_psnr', float('nan')):.2f} | {r['model_ssim']:.4f} | {r.get('telea_ssim', float('nan')):.4f} |"
-        )
-    keys = ("model_psnr", "model_noise_psnr", "telea_psnr", "ns_psnr")
-    means = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
-    out.append(
-        f"| **mean** | | {means['model_psnr']:.2f} | {means['model_noise_psnr']:.2f} | "
-        f"{means['telea_psnr']:.2f} | {means['ns_psnr']:.2f} | | |"
-    )
+    keys = ("model_psnr", "telea_psnr", "ns_psnr", "patchmatch_psnr", "model_ssim", "telea_ssim")
+    keys += ("model_texture", "telea_texture", "patchmatch_texture")
+    for r in [
+        *rows,
+        {"image": "**mean**", "masks": "", **{k: np.mean([r.get(k, np.nan) for r in rows]) for k in keys}},
+    ]:
+        fraction = f"{100 * r['mask_fraction']:.1f}" if "mask_fraction" in r else ""
+        cells = " | ".join(f"{r.get(k, float('nan')):.{4 if k.endswith('ssim') else 2}f}" for k in keys)
+        out.append(f"| {r['image']} | {r['masks']} | {fraction} | {cells} |")
     return "\n".join(out)
 
 
@@ -73,6 +70,15 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
         "At run time the default `--fill blur` starts from a push-pull fill of the hole refined by the model "
         "at `--strength 0.3`; `--fill noise` samples the hole from pure noise (the model alone)"
     )
+    if config.get("arch") == "inpaintnet":
+        formulation = (
+            "the sample is the clean image; the masked image (holes set to 0) and the mask are concatenated. "
+            "The network fills the hole with a push-pull pyramid first and predicts what that smooth fill "
+            "misses; the default `--fill noise` samples from pure noise. Loss: L1 plus "
+            f"{config.get('texture_weight', 0)} x a texture term (the local gradient energy of the fill against "
+            "the photo's inside the mask, at 1, 1/2 and 1/4 resolution), so the samples carry detail "
+            "instead of the average of every plausible fill"
+        )
     degradations = (degrade.__doc__ or "").strip().split("\n\n", 1)[-1]
     if config.get("arch") == "srnet":
         formulation = (
@@ -85,6 +91,14 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
             f"{config['blocks']} residual blocks of {config['channels']} channels without normalisation at the "
             "low resolution, FiLM timestep conditioning, a pixel-shuffle tail), one network per scale "
             f"(`x2/`, `x4/`), trained by difftool on CPU, shipped as fp16 safetensors."
+        )
+    elif config.get("arch") == "inpaintnet":
+        network = (
+            f"A pixel-space diffusion model built for holes (difftool's `InpaintNet`: a push-pull pyramid fill, "
+            f"then {config['blocks']} dilated residual blocks of {config['channels']} channels at 1/4 resolution "
+            "(dilations 1-8, reaching across a few hundred pixels), the mask at every level, a masked global "
+            "average, FiLM timestep conditioning, a pixel-shuffle tail; the known pixels pass through "
+            "unchanged), trained by difftool on CPU, shipped as fp16 safetensors."
         )
     else:
         network = (
@@ -140,7 +154,8 @@ def embed(task: str, runs: list[Path], weights: str = "ema") -> Path:
 
     target = EMBEDDED_ROOT / task
     tmp = EMBEDDED_ROOT / f".{task}.new"
-    shutil.rmtree(tmp, ignore_errors=True)
+    if tmp.exists():  # never delete what this run did not make: a previous run's leftover is the user's call
+        raise FileExistsError(f"{tmp} exists (a previous embed stopped part-way); remove it and rerun")
     configs = [json.loads((run / "checkpoint" / "state.json").read_text())["config"] for run in runs]
     if len(runs) == 1:
         _copy_model(runs[0], tmp, weights)

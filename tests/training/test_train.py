@@ -122,3 +122,55 @@ def test_degradations() -> None:
         assert low.shape == (8, 8, 3) and 0 <= low.min() and low.max() <= 1
     areas = [random_mask(64, rng).mean() for _ in range(40)]
     assert min(areas) >= 0.04 and max(areas) <= 0.5
+
+
+def test_inpaintnet_run_resumes_exactly_and_exports_a_noise_fill_model(
+    pool: ImagePool, tmp_path: Path, registry
+) -> None:
+    from difftool import api
+
+    def config() -> TrainConfig:
+        return tiny("inpaint", arch="inpaintnet", channels=8, blocks=4, texture_weight=1.0)
+
+    straight = Trainer(config(), tmp_path / "a")
+    straight.fit(pool, progress=False)
+    first = Trainer(config(), tmp_path / "b")
+    first.fit(pool, progress=False, stop_after=3)
+    resumed = Trainer(config(), tmp_path / "b")
+    assert resumed.resume() and resumed.step == 3
+    resumed.fit(pool, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses)
+    mask = Image.new("L", (20, 12), 0)
+    mask.paste(255, (4, 4, 12, 9))
+    image = Image.new("RGB", (20, 12), (9, 99, 199))
+    result = api.run("inpaint", image, mask=mask, model=str(tmp_path / "b" / "model"), registry=registry)
+    assert result.record["fill"] == "noise"  # the model's own default: it fills the hole itself
+    assert result.image.size == (20, 12)
+    with pytest.raises(ValueError, match="inpaint"):
+        Trainer(tiny("superres", arch="inpaintnet"), tmp_path / "c")
+
+
+def test_texture_loss_asks_for_detail_and_not_for_a_dither() -> None:
+    from difftool.training.train import texture_loss
+
+    g = torch.Generator().manual_seed(0)
+    photo = torch.nn.functional.interpolate(torch.randn(2, 3, 24, 24, generator=g), size=96, mode="bilinear")
+    mask = torch.zeros(2, 1, 96, 96)
+    mask[..., 32:64, 32:64] = 1
+    flat = torch.zeros_like(photo)
+    checkerboard = (torch.arange(96)[:, None] + torch.arange(96)[None]) % 2 * 0.5 - 0.25
+    dither = checkerboard.expand_as(photo)
+    shifted = torch.roll(photo, shifts=(5, 7), dims=(2, 3))  # as much detail, other places
+    assert float(texture_loss(photo, photo, mask)) == 0.0
+    assert float(texture_loss(shifted, photo, mask)) < 0.5 * float(texture_loss(flat, photo, mask))
+    assert float(texture_loss(dither, photo, mask)) > float(texture_loss(shifted, photo, mask))
+    outside = photo.clone()
+    outside[..., :4, :] = 5.0  # only the mask and its neighbourhood count
+    assert float(texture_loss(outside, photo, mask)) == 0.0
+
+
+def test_masks_include_scratches_and_objects_like_users_paint() -> None:
+    rng = np.random.default_rng(3)
+    masks = [random_mask(128, rng) for _ in range(60)]
+    assert all(0.04 <= m.mean() <= 0.5 for m in masks)
+    assert len({round(float(m.mean()), 3) for m in masks}) > 40  # varied, not one shape repeated

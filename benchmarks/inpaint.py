@@ -37,7 +37,8 @@ from sections import update_section  # noqa: E402
 PREVIOUS_COMMIT = "18bbb1c"
 METRICS = ("psnr", "ssim", "texture", "hist")
 LABELS = {
-    "model": "**difftool** (embedded)",
+    "model": "**difftool** (embedded, default)",
+    "model_smooth": "difftool `--texture 0` (no detail copied)",
     "previous": "previous U-Net (push-pull + refine)",
     "telea": "OpenCV Telea",
     "ns": "OpenCV Navier-Stokes",
@@ -152,12 +153,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         previous = previous_model(tmp_path)
-        models = {"model": (model, {})}
+        models = {"model": (model, {}), "model_smooth": (model, {"texture": 0.0})}
         if previous is not None:
             models["previous"] = (previous, {})
         rows = evaluate_inpaint(models, dtype="fp32", limit=limit)
         report["inpaint_fp32"] = rows
-        methods = [m for m in ("model", "previous", "telea", "ns", "patchmatch") if f"{m}_psnr" in rows[0]]
+        methods = ("model", "model_smooth", "previous", "telea", "ns", "patchmatch")
+        methods = [m for m in methods if f"{m}_psnr" in rows[0]]
         bf16_rows = [] if args.quick else evaluate_inpaint({"model": (model, {})}, dtype="bf16", classical=False)
         report["inpaint_bf16"] = bf16_rows
 
@@ -203,6 +205,8 @@ def main() -> None:
         stripes = (np.indices((512, 512)).sum(axis=0) // 64) % 5 == 0
         Image.fromarray(stripes.astype(np.uint8) * 255).save(tmp_path / "mask.png")
         for label, (path, _) in models.items():
+            if label == "model_smooth":
+                continue
             for dtype in ("auto", "fp32"):
                 command = ["run", "inpaint", str(tmp_path / "512.png"), "--mask", str(tmp_path / "mask.png")]
                 command += ["--model", str(path), "--dtype", dtype, "-o", str(tmp_path / "out.png"), "--overwrite"]

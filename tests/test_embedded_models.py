@@ -55,6 +55,21 @@ def test_inpaint_beats_telea_on_a_held_out_crop(astronaut_crop: Image.Image, emb
     assert np.array_equal(filled[~mask], truth[~mask])
 
 
+@pytest.mark.slow
+def test_embedded_inpaint_on_onnx_matches_torch(
+    astronaut_crop: Image.Image, embedded_inpaint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    mask = Image.new("L", astronaut_crop.size, 0)
+    ImageDraw.Draw(mask).ellipse((30, 40, 90, 100), fill=255)
+    common = {"mask": mask, "seed": 0, "dtype": "fp32"}
+    reference = np.asarray(api.run("inpaint", astronaut_crop, **common).image)
+    exported = api.run("inpaint", astronaut_crop, backend="onnx", **common)
+    assert exported.record["backend"] == "onnx"
+    assert psnr(reference, np.asarray(exported.image)) > 40.0
+
+
 def mask_image_u8(mask: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8) * 255
 

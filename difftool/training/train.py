@@ -51,6 +51,8 @@ class TrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     layers_per_block: int = 1
     inference_steps: int = 2
+    #: Inpaint: the model's default ``--texture`` (detail copied into the fill; 0 = smooth).
+    inference_texture: float = 0.0
     threads: int = 0
     save_every: int = 200
     ema_decay: float = 0.999
@@ -65,6 +67,8 @@ class TrainConfig:
     arch: str = "unet"
     #: Inpaint: weight of the texture loss (local gradient energy of the fill against the photo's).
     texture_weight: float = 0.0
+    #: ``l1`` or ``l2`` (what PSNR measures: the mean of the plausible fills rather than their median).
+    loss: str = "l1"
     channels: int = 64
     blocks: int = 16
     init: str | None = None
@@ -231,6 +235,8 @@ class Trainer:
             meta["scales"] = list(config.scales)
         if config.arch == "inpaintnet":  # it fills the hole itself: sample from noise, no pre-fill
             meta["fill"] = "noise"
+        if config.inference_texture:
+            meta["texture"] = config.inference_texture
         model = build_unet(config)
         model.load_state_dict(self.ema.state_dict())
         return save_pixel_model(model, path or self.out / "model", meta, NOISE_SCHEDULE, fp16=True)
@@ -262,7 +268,8 @@ class Trainer:
             group["lr"] = self.lr_at(self.step)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
             pred = self.model(torch.cat([noisy, batch["cond"]], dim=1), t, class_labels=batch["labels"]).sample
-        loss = ((pred.float() - target).abs() * batch["weight"]).mean()
+        error = pred.float() - target
+        loss = ((error.square() if self.config.loss == "l2" else error.abs()) * batch["weight"]).mean()
         if self.config.texture_weight:
             loss = loss + self.config.texture_weight * texture_loss(pred.float(), target, batch["cond"][:, 3:4])
         self.optimizer.zero_grad(set_to_none=True)

@@ -4,11 +4,12 @@ With ``--model`` naming a Stable Diffusion checkpoint (inpainting or ordinary), 
 :mod:`difftool.plugins.builtin.sd.inpaint` runs with ``--prompt``; ``--extend`` outpaints and
 ``--only-masked`` repaints a crop around the mask at the model's resolution. Otherwise:
 
-``--fill blur`` (default) first fills the hole from its surroundings (a push-pull pyramid fill: the
-colours flow in smoothly from the border) and lets the diffusion model refine it from ``--strength``
-(img2img, like A1111's "masked content: fill"); ``--fill noise`` paints the hole from pure noise.
-The embedded model is small and trained briefly on CPU: on the held-out benchmark the refined fill
-beats OpenCV's Telea, the model alone does not (see its model card).
+``--fill noise`` paints the hole from pure noise: the default of the embedded model, an
+:class:`~difftool.plugins.builtin.inpaintnet.InpaintNet` that fills the hole with a pyramid fill
+itself and adds what that smooth fill misses, texture included. ``--fill blur`` first fills the hole
+from its surroundings (a push-pull pyramid fill: the colours flow in smoothly from the border) and
+lets the model refine it from ``--strength`` (img2img, like A1111's "masked content: fill"): the
+default of models whose ``difftool.json`` does not name a ``fill``, such as U-Net ones.
 
 Mask semantics: non-zero (white) pixels are repainted, zero (black) pixels are kept. ``--dilate``
 grows the mask; ``--feather`` blends the repainted area into the original over that many pixels
@@ -61,6 +62,14 @@ class Inpaint(Task):
             max=1.0,
             help="how much the model repaints (default: 0.3 for the blur fill, 1.0 with SD models)",
         ),
+        Param(
+            "texture",
+            "float",
+            default=None,
+            min=0.0,
+            max=2.0,
+            help="difftool's models: detail copied in from around the hole (0: smooth; default: the model's)",
+        ),
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's; SD: 25)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
         # Stable Diffusion models only:
@@ -107,6 +116,7 @@ class Inpaint(Task):
         record = {
             "task": self.name,
             "fill": params.get("fill") or model.meta.get("fill", "blur"),
+            "texture": texture_amount(model, params),
             "steps": params.get("steps") or model.meta.get("steps"),
             "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
             "size": f"{image.width}x{image.height}",
@@ -176,7 +186,18 @@ def paint(
         init=init,
         strength=strength,
     )
+    amount = texture_amount(model, params)
+    if amount > 0:
+        from difftool.plugins.builtin.texture import transfer_texture
+
+        out = transfer_texture(out, 1 - hole, amount=amount).clamp(-1, 1)
     return pixel_model.to_numpy(out)
+
+
+def texture_amount(model: pixel_model.PixelModel, params: dict) -> float:
+    """``--texture``, or the model's own default (``texture`` in its difftool.json; none: 0)."""
+    value = params.get("texture")
+    return float(model.meta.get("texture", 0.0) if value is None else value)
 
 
 @hookimpl

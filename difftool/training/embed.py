@@ -71,13 +71,19 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
         "at `--strength 0.3`; `--fill noise` samples the hole from pure noise (the model alone)"
     )
     if config.get("arch") == "inpaintnet":
+        texture_term = (
+            f" plus {config['texture_weight']} x a texture term (local gradient energy against the photo's)"
+            if config.get("texture_weight")
+            else ""
+        )
         formulation = (
             "the sample is the clean image; the masked image (holes set to 0) and the mask are concatenated. "
             "The network fills the hole with a push-pull pyramid first and predicts what that smooth fill "
-            "misses; the default `--fill noise` samples from pure noise. Loss: L1 plus "
-            f"{config.get('texture_weight', 0)} x a texture term (the local gradient energy of the fill against "
-            "the photo's inside the mask, at 1, 1/2 and 1/4 resolution), so the samples carry detail "
-            "instead of the average of every plausible fill"
+            f"misses, trained with {config.get('loss', 'l1').upper()} loss{texture_term}: the mean of the "
+            "plausible fills, what PSNR rewards. Its `difftool.json` sets the run-time defaults: `--fill noise`, "
+            f"`--context {meta.get('context', 64)}` and `--texture {meta.get('texture', 0)}`, which pastes the "
+            "fine detail of the best-matching nearby known tiles onto the smooth fill "
+            "(`difftool/plugins/builtin/texture.py`; `--texture 0` keeps the smooth fill)"
         )
     degradations = (degrade.__doc__ or "").strip().split("\n\n", 1)[-1]
     if config.get("arch") == "srnet":
@@ -119,7 +125,8 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
 * **Formulation**: {formulation}. Predicts the clean sample (`prediction_type="sample"`), cosine noise
   schedule, sampled with DDIM "trailing" in **{meta["steps"]} step(s)** by default (`--steps` up to 8 works).
 * **Training**: {runs}; batches of {config["batch"]} random crops
-  (flips, rotations, 0.6-1.0 scale jitter), AdamW lr {config["lr"]} with warm-up and cosine decay, L1 loss,
+  (flips, rotations, 0.6-1.0 scale jitter), AdamW lr {config["lr"]} with warm-up and cosine decay,
+  {config.get("loss", "l1").upper()} loss,
   EMA {config["ema_decay"]}, bf16 autocast. Config:
   `difftool/training/configs/{config_name}.json`{" (and the other scale's)" if config.get("arch") == "srnet" else ""};
   reproduce with

@@ -235,6 +235,7 @@ class Trainer:
             meta["scales"] = list(config.scales)
         if config.arch == "inpaintnet":  # it fills the hole itself: sample from noise, no pre-fill
             meta["fill"] = "noise"
+            meta["context"] = 256  # its pyramid fill and global average gain from a wide view
         if config.inference_texture:
             meta["texture"] = config.inference_texture
         model = build_unet(config)

@@ -46,7 +46,14 @@ class Inpaint(Task):
         Param("resize_mask", "bool", default=False, help="resize a mask of another size to the image"),
         Param("dilate", "int", default=0, min=0, max=256, help="grow the mask by this many pixels"),
         Param("feather", "int", default=0, min=0, max=256, help="blend over this many pixels outside the mask"),
-        Param("context", "int", default=64, min=0, max=4096, help="pixels of context around the mask"),
+        Param(
+            "context",
+            "int",
+            default=None,
+            min=0,
+            max=4096,
+            help="pixels of context around the mask (default: the model's; SD models: 64)",
+        ),
         Param(
             "fill",
             "choice",
@@ -126,7 +133,10 @@ class Inpaint(Task):
         if not weight.any():
             context.logger.warning("the mask is empty: the image is returned unchanged")
             return TaskResult([to_pil(image.rgb, image.alpha)], record)
-        y0, y1, x0, x1 = crop_box(weight > 0, params.get("context", 64), image.size)
+        context_px = params.get("context")
+        context_px = int(model.meta.get("context", 64) if context_px is None else context_px)
+        record["context"] = context_px
+        y0, y1, x0, x1 = crop_box(weight > 0, context_px, image.size)
         painted = paint(model, image.rgb[y0:y1, x0:x1], weight[y0:y1, x0:x1] > 0, params, context)
         w = weight[y0:y1, x0:x1, None]
         blended = to_uint8(image.rgb[y0:y1, x0:x1] * (1 - w) + painted * w)

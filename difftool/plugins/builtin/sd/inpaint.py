@@ -80,8 +80,8 @@ def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str
     """Repaint a padded crop around the mask at the model's native resolution, then scale it back."""
     from difftool.plugins.builtin.masks import crop_box
 
-    context = 64 if params.get("context") is None else int(params["context"])
-    y0, y1, x0, x1 = crop_box(hole > 0, context, (hole.shape[1], hole.shape[0]))
+    margin = 64 if params.get("context") is None else int(params["context"])
+    y0, y1, x0, x1 = crop_box(hole > 0, margin, (hole.shape[1], hole.shape[0]))
     crop_h, crop_w = y1 - y0, x1 - x0
     scale = model.native_size / max(crop_h, crop_w)
     work = (max(8, round(crop_w * scale / 8) * 8), max(8, round(crop_h * scale / 8) * 8))

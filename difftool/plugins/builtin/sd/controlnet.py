@@ -20,13 +20,11 @@ from difftool.core.runtime import current
 from difftool.core.safetensors_check import check_safetensors
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import checkpoint
-from difftool.plugins.builtin.sd.families import FAMILIES, Family
+from difftool.plugins.builtin.sd.families import FAMILIES, Family, is_controlnet
 
 #: Where A1111 and ComfyUI keep ControlNets under a model root.
 CONTROLNET_FOLDERS = ("models/ControlNet", "models/controlnet", "ControlNet", "controlnet")
 SUFFIX = "-controlnet"
-_ORIGINAL_HINT = "input_hint_block.0.weight"  # the original layout's conditioning-image encoder
-_DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"
 _CONTEXT_DIMS = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
@@ -42,10 +40,6 @@ class ControlNet:
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name
-
-
-def is_controlnet(shapes: Mapping[str, Sequence[int]]) -> bool:
-    return any(k.endswith(_ORIGINAL_HINT) or k == _DIFFUSERS_HINT for k in shapes)
 
 
 def base_from_shapes(shapes: Mapping[str, Sequence[int]], what: str) -> str:

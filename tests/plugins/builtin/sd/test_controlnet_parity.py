@@ -109,8 +109,8 @@ def test_style_with_controlnet_matches_img2img_controlnet_pipeline(sd: dict[str,
     source = photo(SIZE)
     result = api.run(
         "style", source, model=str(sd["folder"]), prompt="ink", strength=0.6, steps=5, guidance_scale=5.0,
-        scheduler="ddim", seed=SEED, dtype="fp32", control=[f"{sd['files'][0]},weight=0.9"],
-    )  # fmt: skip  (no image: the unit sees the input)
+        scheduler="ddim", seed=SEED, dtype="fp32", control=[f"{sd['files'][0]},weight=0.9"],  # no image: the input
+    )  # fmt: skip
     pipe = StableDiffusionControlNetImg2ImgPipeline(
         **{**sd["parts"], "scheduler": reference_scheduler("ddim")}, controlnet=sd["nets"][0],
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.task import RunContext
-from difftool.plugins.builtin.sd import controlled, pipeline
+from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.models import sd_model_for
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, latent_shapes, prompt_tokens, run_sd
 
@@ -131,6 +131,8 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
             if next_t is not None:
                 known = scheduler.add_noise(known, noise.to(x.device), next_t)
             return (1 - latent_mask) * known + latent_mask * x
+
+    from difftool.plugins.builtin.sd import controlled
 
     controls = controlled.controls_for(params, model, context, (width, height), controlled.ControlSource(rgb, hole))
     latents = run_sd(

@@ -8,18 +8,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import controlled, hires, pipeline
+from difftool.plugins.builtin.sd import hires, pipeline
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
+    from difftool.plugins.builtin.sd.controlled import PreparedControl
 
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
 
@@ -141,13 +144,13 @@ def run_sd(
     scheduler: Any = None,
     shapes: ExportShapes | None = None,
     text: pipeline.TextConditioning | None = None,
-    controls: Sequence[controlled.PreparedControl] = (),
+    controls: Sequence[PreparedControl] = (),
 ) -> Any:
     """Sample latents for ``size`` (width, height) through the core sampler; returns latents.
 
     ``shapes``: what the denoiser is built for (default: the task's declared export shapes). ``text``:
     the prompts already encoded (:func:`encode_text`; a tiled task encodes once for all its tiles).
-    ``controls``: ControlNet units prepared for ``size`` (:func:`controlled.controls_for`).
+    ``controls``: ControlNet units prepared for ``size`` (:func:`sd.controlled.controls_for`).
     """
     from difftool.core.sampler import sample
 
@@ -166,7 +169,9 @@ def run_sd(
     guidance = float(params.get("guidance_scale", 7.0))
 
     def run() -> Any:
-        active = controlled.ControlledDenoiser(denoiser, controls, scheduler, guidance != 1.0) if controls else denoiser
+        from difftool.plugins.builtin.sd.controlled import ControlledDenoiser
+
+        active = ControlledDenoiser(denoiser, controls, scheduler, guidance != 1.0) if controls else denoiser
         return sample(
             active,
             scheduler,
@@ -258,6 +263,8 @@ class Generate(Task):
         width = params.get("width") or model.native_size
         height = params.get("height") or model.native_size
         pipeline.check_size(width, height, "the output")
+        from difftool.plugins.builtin.sd import controlled
+
         texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
         controls = controlled.controls_for(params, model, context, (width, height))
         latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
@@ -307,6 +314,8 @@ class Style(Task):
         return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        from difftool.plugins.builtin.sd import controlled
+
         params = request.params
         image: LoadedImage = request.inputs["image"]
         prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")

@@ -111,6 +111,7 @@ def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
     from difftool.core.metadata import controlnet_text
 
     options = dict(unit.options)
-    thresholds = (options.get("low"), options.get("high")) if unit.pre == "canny" else (None, None)
+    canny = unit.pre == "canny"  # A1111 records its thresholds, given or not
+    thresholds = (options.get("low", "100"), options.get("high", "200")) if canny else (None, None)
     model = f"{name} [{digest[:8]}]"
     return controlnet_text(unit.pre, model, unit.weight, unit.start, unit.end, unit.guess, thresholds)

@@ -234,11 +234,11 @@ def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_pa
     assert result.exit_code == 0, result.output
     parameters = Image.open(tmp_path / "out.png").text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: cn-edges [' in parameters
-    assert "Weight: 0.7, Threshold A: 80, Guidance Start: 0, Guidance End: 0.5, Control Mode: Balanced" in parameters
+    assert "Weight: 0.7, Threshold A: 80, Threshold B: 200, Guidance Start: 0, Guidance End: 0.5, " in parameters
     assert "Control Mode: ControlNet is more important" in parameters
     restored = metadata.params_from_a1111(read_metadata(tmp_path / "out.png")["parameters"])
     assert restored["control"] == [
-        "cn-edges,pre=canny,weight=0.7,start=0,end=0.5,low=80",
+        "cn-edges,pre=canny,weight=0.7,start=0,end=0.5,low=80,high=200",
         "cn-edges,pre=scribble,weight=1,start=0,end=1,guess=1",
     ]
     help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"]).output

@@ -142,6 +142,7 @@ def test_sdxl_controlnet_matches_sdxl_controlnet_pipeline(tmp_path: Path, contro
     ).images[0]  # fmt: skip
     assert result.record["model_family"] == "sdxl"
     assert max_diff(result.images[0], ref) <= 1
+    assert result.record["controlnet"][0].startswith("Module: none, Model: cn-xl [")
 
 
 def test_inpaint_with_the_inpaint_preprocessor_changes_only_the_hole(sd: dict[str, Any]) -> None:

@@ -71,8 +71,8 @@ def _unit(fields: dict[str, Any], given: Any) -> ControlUnit:
     image = fields.pop("image", None)
     if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
         raise ParameterError(f"control image {image} does not exist", "pass an existing image file after MODEL=")
-    extra = {k: v for k, v in fields.items() if k not in _FIELDS}
-    extra |= {k: v for k, v in (fields.pop("options", None) or {}).items()}
+    given_options = dict(fields.pop("options", None) or {})  # the mapping form may nest them
+    extra = {k: v for k, v in fields.items() if k not in _FIELDS} | given_options
     weight = _number(fields, "weight", 1.0, 0.0, 2.0)
     start, end = _number(fields, "start", 0.0, 0.0, 1.0), _number(fields, "end", 1.0, 0.0, 1.0)
     if start >= end:

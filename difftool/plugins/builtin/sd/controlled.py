@@ -91,7 +91,10 @@ def control_image(unit: ControlUnit, size: tuple[int, int], context: RunContext,
 
     source = source or ControlSource()
     if unit.image is not None:
-        rgb = unit.image if isinstance(unit.image, np.ndarray) else open_image(unit.image).rgb
+        image = unit.image
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            image = Image.fromarray(image)
+        rgb = image if isinstance(image, np.ndarray) else open_image(image).rgb  # a float array is [0, 1]
         mask = source.mask if source.mask is not None and source.mask.shape == rgb.shape[:2] else None
     elif source.rgb is not None:
         rgb, mask = source.rgb, source.mask

@@ -62,6 +62,8 @@ def test_a_unit_string_names_model_image_and_fields(tmp_path: Path) -> None:
     assert unit == ControlUnit("canny-v11", str(image), "canny", 0.8, 0.1, 0.6, True, (("low", "50"),))
     assert parse_unit(str(unit)) == unit  # its string form reads back
     assert parse_unit({"model": "m", "weight": 2}) == ControlUnit("m", weight=2.0)
+    nested = parse_unit({"model": "m", "pre": "canny", "options": {"low": 20}, "high": 90})
+    assert nested.options == (("high", "90"), ("low", "20"))
 
 
 @pytest.mark.parametrize(

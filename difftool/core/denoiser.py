@@ -11,6 +11,9 @@ Conditioning is a dict with these keys (a backend passes through what it does no
     A dict of extra tensors (SDXL's ``text_embeds`` and ``time_ids``).
 ``class_labels``
     Integer class per batch item (difftool's superres model: the scale).
+``down_block_additional_residuals``, ``mid_block_additional_residual``
+    A tuple of tensors and a tensor added to the U-Net's skip connections and middle block (ControlNet
+    residuals, computed per call by a wrapping denoiser; diffusers' U-Net keyword names).
 
 The sampler batches classifier-free guidance into one call, so every tensor's batch is the sample's.
 """
@@ -116,6 +119,12 @@ class TorchDenoiser(Denoiser):
             kwargs["added_cond_kwargs"] = {
                 k: v.to(self.device, self.dtype) for k, v in cond["added_cond_kwargs"].items()
             }
+        if cond.get("down_block_additional_residuals") is not None:
+            kwargs["down_block_additional_residuals"] = tuple(
+                r.to(self.device, self.dtype) for r in cond["down_block_additional_residuals"]
+            )
+        if cond.get("mid_block_additional_residual") is not None:
+            kwargs["mid_block_additional_residual"] = cond["mid_block_additional_residual"].to(self.device, self.dtype)
         t = timestep.to(self.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
         out = self.module(x, t, **kwargs)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out

@@ -115,6 +115,7 @@ def format_parameters(record: Mapping[str, Any]) -> str:
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
     fields = [f"{label}: {_quote(record[key])}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
+    fields += [f"ControlNet {i}: {_quote(text)}" for i, text in enumerate(record.get("controlnet") or ())]
     lines.append(", ".join(fields))
     return "\n".join(lines)
 
@@ -190,4 +191,56 @@ def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str
     sampler = parsed.get("Sampler")
     if sampler and sampler_names and sampler in sampler_names:
         out["scheduler"] = sampler_names[sampler]
+    units = [controlnet_spec(str(parsed[key])) for key in sorted(parsed) if re.fullmatch(r"ControlNet \d+", key)]
+    if any(units):
+        out["control"] = [unit for unit in units if unit]
     return out
+
+
+# --- A1111's ControlNet extension: ``ControlNet 0: "Module: canny, Model: name [hash], Weight: 1, ..."`` ----
+
+#: How the sd-webui-controlnet extension names guess mode, and its names of difftool's preprocessors.
+_CONTROL_MODES = {False: "Balanced", True: "ControlNet is more important"}
+_A1111_MODULES = {
+    "tile_resample": "tile",
+    "blur_gaussian": "blur",
+    "inpaint_only": "inpaint",
+    "lineart_standard (from white bg & black line)": "lineart",
+    "invert (from white bg & black line)": "invert",
+    "scribble_xdog": "scribble",
+}
+_CONTROL_PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
+
+
+def controlnet_text(
+    module: str,
+    model: str,
+    weight: float,
+    start: float,
+    end: float,
+    guess: bool,
+    thresholds: tuple[Any, Any] = (None, None),
+) -> str:
+    """One ControlNet unit's value in the ``parameters`` text, as A1111's ControlNet extension writes it."""
+    fields = [f"Module: {module}", f"Model: {model}", f"Weight: {weight:g}"]
+    fields += [f"Threshold {ab}: {value}" for ab, value in zip("AB", thresholds, strict=True) if value is not None]
+    fields += [f"Guidance Start: {start:g}", f"Guidance End: {end:g}", f"Control Mode: {_CONTROL_MODES[guess]}"]
+    return ", ".join(fields)
+
+
+def controlnet_spec(text: str) -> str | None:
+    """A ``--control`` value from a ``ControlNet N`` value; A1111 records no image, so it has none (add
+    ``=IMAGE`` after the model). ``None`` when the unit names no model."""
+    pairs = {k.strip(): v.strip() for k, v in _CONTROL_PAIR.findall(text)}
+    model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", pairs.get("Model", "")).strip()
+    if not model or model.lower() == "none":
+        return None
+    module = _A1111_MODULES.get(pairs.get("Module", ""), pairs.get("Module") or "none")
+    parts = [model, f"pre={module}", f"weight={pairs.get('Weight', '1')}"]
+    parts += [f"start={pairs.get('Guidance Start', '0')}", f"end={pairs.get('Guidance End', '1')}"]
+    if pairs.get("Control Mode") == _CONTROL_MODES[True]:
+        parts.append("guess=1")
+    if module == "canny":
+        thresholds = (("A", "low"), ("B", "high"))
+        parts += [f"{key}={pairs[f'Threshold {ab}']}" for ab, key in thresholds if f"Threshold {ab}" in pairs]
+    return ",".join(parts)

@@ -35,6 +35,10 @@ class Param:
 
     ``choices_from="schedulers"`` takes the choices from the registry at run time, so a plugin's
     scheduler is a valid choice for every task that declares a scheduler parameter.
+
+    ``multiple``: the parameter takes several values (a repeatable CLI option, one value per line in a
+    form, a list in the API); its validated value is a tuple. ``parse`` turns each (already typed) value
+    into the task's own type, raising :class:`ParameterError` for a bad one (ControlNet units).
     """
 
     name: str
@@ -50,6 +54,8 @@ class Param:
     multiline: bool = False
     #: Environment variable whose value, when set, replaces :attr:`default` (documented backend options).
     env: str | None = None
+    multiple: bool = False
+    parse: Callable[[Any], Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -90,6 +96,21 @@ class Param:
 
     def validate(self, value: Any, choices: Sequence[str] | None = None) -> Any:
         """Convert ``value`` to this parameter's type and check its range, or raise :class:`ParameterError`."""
+        if self.multiple:
+            if value is None or value == "":
+                values: list[Any] = []
+            elif isinstance(value, str):  # a form's text: one value per line
+                values = [line.strip() for line in value.splitlines() if line.strip()]
+            elif isinstance(value, (list, tuple)):
+                values = list(value)
+            else:
+                values = [value]
+            if self.required and not values:
+                raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
+            return tuple(self._validate_one(v, choices) for v in values)
+        return self._validate_one(value, choices)
+
+    def _validate_one(self, value: Any, choices: Sequence[str] | None = None) -> Any:
         if value is None:
             if self.required:
                 raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
@@ -111,7 +132,7 @@ class Param:
                     value = value.lower() in ("1", "true", "yes", "on")
                 value = bool(value)
             elif self.type == "string":
-                value = str(value)
+                value = value if self.parse is not None else str(value)  # parse reads its own forms
             elif self.type == "path":
                 value = Path(value)
         except (TypeError, ValueError):
@@ -129,7 +150,7 @@ class Param:
                     f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(map(str, allowed))}"
                 )
             value = match
-        return value
+        return self.parse(value) if self.parse is not None else value
 
     def range_text(self) -> str:
         """The declared range as text (``in [1, 50]``, ``>= 0``), for help and error messages."""

@@ -74,6 +74,29 @@ def signature_profile(
     return Profile(shapes)
 
 
+def controlnet_profiles(
+    signature: Any, batch: tuple[int, int, int], size: tuple[int, int, int], tokens: tuple[int, int, int] = (77, 77, 77)
+) -> tuple[Profile, Profile]:
+    """Profiles for a ControlNet export and its residual-input U-Net
+    (:mod:`difftool.exporters.onnx_controlnet`) over the same requests: ``size`` in latent cells.
+
+    ``signature`` is a :class:`~difftool.exporters.onnx_controlnet.ControlNetSignature`; the control
+    image is ``cond_scale`` times the sample's side, each residual the sample's side over its downscale.
+    """
+    shared = signature_profile(signature.unet, batch, size, tokens)
+    sides = [shape[2] for shape in shared.shapes["sample"]]  # rounded to the U-Net's multiple
+    scale = signature.cond_scale
+    image = tuple((b, signature.cond_channels, s * scale, s * scale) for b, s in zip(batch, sides, strict=True))
+    controlnet = Profile({**shared.shapes, "controlnet_cond": image})  # type: ignore[dict-item]
+    residuals = {
+        name: tuple((b, channels, s // down, s // down) for b, s in zip(batch, sides, strict=True))
+        for name, (channels, down) in zip(
+            signature.residuals.names, (*signature.residuals.down, signature.residuals.mid), strict=True
+        )
+    }
+    return controlnet, Profile({**shared.shapes, **residuals})  # type: ignore[dict-item]
+
+
 def engine_profile(signature: Any, shapes: Any, largest: int = 1024) -> Profile:
     """The profile to build for a request: the task's declared shapes, else a default range.
 

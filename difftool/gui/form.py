@@ -140,8 +140,8 @@ class ParamForm(QWidget):
                 widget.setChecked(str(value).lower() in ("1", "true", "yes"))
             elif isinstance(widget, QComboBox):
                 widget.setCurrentText(str(value))
-            elif isinstance(widget, QPlainTextEdit):
-                widget.setPlainText(str(value))
+            elif isinstance(widget, QPlainTextEdit):  # a multiple parameter's values: one per line
+                widget.setPlainText("\n".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
             elif isinstance(widget, (QLineEdit, PathField)):
                 (widget.edit if isinstance(widget, PathField) else widget).setText(str(value))
 

@@ -33,6 +33,8 @@ def param_option(param: Param, choices: Sequence[Any] | None = None) -> click.Op
         kwargs["type"] = click.Path()
     else:
         kwargs["type"] = str
+    if param.multiple:  # repeatable: --control A --control B
+        return click.Option([*flags, param.name], default=default, multiple=True, **kwargs)
     return click.Option([*flags, param.name], default=default, **kwargs)
 
 

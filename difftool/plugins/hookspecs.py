@@ -86,6 +86,22 @@ def register_models(register: Callable[[ModelSource], None]) -> None:
     """
 
 
+@hookspec
+def register_preprocessors(register: Callable[..., None]) -> None:
+    """Register ControlNet preprocessors: ``register(name, function, summary="", options=())``.
+
+    A preprocessor turns an image into a ControlNet's control image (``--control MODEL=IMAGE,pre=NAME``).
+    ``function(image, mask, **options) -> numpy.ndarray`` gets the image as an H x W x 3 float32 array in
+    [0, 1], the task's mask (H x W float32, 1 = repaint) or ``None`` outside ``inpaint``, and the unit's
+    options; it returns an H x W x 3 float32 array (any size: it is resized to the output's), in [0, 1]
+    except where a ControlNet is trained to read -1 (A1111's inpaint ControlNet: masked pixels). A
+    preprocessor that needs weights (depth, pose) loads them itself, from disk, when first called.
+    ``options`` are :class:`~difftool.core.task.Param` s: a unit's extra ``key=value`` fields are
+    checked against them (``--control m=i.png,pre=canny,low=50``), and the validated values passed
+    as keyword arguments. Raise :class:`~difftool.core.errors.ParameterError` for unusable input.
+    """
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.inpaint",
     "difftool.plugins.builtin.sd.tasks",
     "difftool.plugins.builtin.sd.upscale_sd",
+    "difftool.plugins.builtin.sd.preprocessors",
     "difftool.plugins.builtin.commands",
 )
 #: Option names every ``difftool run`` command has; a task parameter may not take one.
@@ -99,6 +100,15 @@ class SchedulerEntry:
 
 
 @dataclass(frozen=True)
+class PreprocessorEntry:
+    name: str
+    function: Callable[..., Any]
+    plugin: str
+    summary: str = ""
+    options: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
 class TaskEntry:
     cls: type[Task]
     plugin: str
@@ -113,6 +123,7 @@ class Registry:
         self.backends: dict[str, tuple[Backend, str]] = {}
         self.exporters: dict[str, tuple[Exporter, str]] = {}
         self.model_sources: dict[str, tuple[ModelSource, str]] = {}
+        self.preprocessors: dict[str, PreprocessorEntry] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
@@ -159,6 +170,13 @@ class Registry:
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
                 self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
         return models
+
+    def preprocessor(self, name: str) -> PreprocessorEntry:
+        entry = self.preprocessors.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.preprocessors)) or "none"
+            raise ParameterError(f"unknown ControlNet preprocessor {name!r}", f"use one of {known}")
+        return entry
 
     def task_plugin(self, name: str) -> str:
         return self.tasks[name].plugin
@@ -222,6 +240,19 @@ class Registry:
             )
         self.exporters[exporter.name] = (exporter, plugin)
         self._record(plugin, f"exporter {exporter.name}")
+
+    def _register_preprocessor(
+        self, plugin: str, name: str, function: Callable[..., Any], summary: str = "", options: Iterable[Any] = ()
+    ) -> None:
+        if name in self.preprocessors:
+            owner = self.preprocessors[name].plugin
+            raise PluginError(f"preprocessor {name!r} is already registered by plugin {owner!r}")
+        if not callable(function):
+            raise PluginError(f"preprocessor {name!r}: function {function!r} is not callable")
+        options = tuple(options)
+        _check_declarations(f"preprocessor {name!r}", plugin, options)
+        self.preprocessors[name] = PreprocessorEntry(name, function, plugin, summary, options)
+        self._record(plugin, f"preprocessor {name}")
 
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
         if not isinstance(source, ModelSource):
@@ -331,6 +362,7 @@ def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, ent
     call_each(registry, "register_backends", guarded(registry._register_backend))
     call_each(registry, "register_models", guarded(registry._register_model_source))
     call_each(registry, "register_exporters", guarded(registry._register_exporter))
+    call_each(registry, "register_preprocessors", guarded(registry._register_preprocessor))
     call_each(registry, "register_tasks", guarded(registry._register_task))
     return registry
 

@@ -56,6 +56,9 @@ def param_schema(param: Param, registry: Any) -> dict[str, Any]:
         schema["minimum"] = param.min
     if param.max is not None:
         schema["maximum"] = param.max
+    if param.multiple:  # a list of values (or one per line); a parsed parameter also takes objects
+        items = {"anyOf": [schema, {"type": "object"}]} if param.parse is not None else schema
+        schema = {"type": "array", "items": items}
     if param.default is not None:
         schema["default"] = param.default
     if param.help:

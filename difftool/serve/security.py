@@ -129,8 +129,11 @@ KEYWORDS = ("latent", "embedded", "lanczos")
 UPSCALER_FAMILIES = ("difftool-superres", "upscaler")
 
 
-def check_params(task: Task, params: Mapping[str, Any], registry: Any, policy: PathPolicy) -> dict[str, Any]:
-    """``params`` with every server-side file reference checked (path params, ``lora``); pickles refused."""
+def check_params(
+    task: Task, params: Mapping[str, Any], registry: Any, policy: PathPolicy, limit: int = 50 << 20
+) -> dict[str, Any]:
+    """``params`` with every server-side file reference checked (path params, ``lora``, ControlNet units);
+    pickles refused. ``limit``: the largest image (bytes) a ControlNet unit may send inline."""
     checked = dict(params)
     for param in task.params:
         value = checked.get(param.name)
@@ -144,6 +147,9 @@ def check_params(task: Task, params: Mapping[str, Any], registry: Any, policy: P
             checked[param.name] = ",".join(
                 str(policy.resolve(item.strip(), "embedding")) for item in str(value).split(",") if item.strip()
             )
+        elif param.name == "control" and param.multiple:
+            items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
+            checked[param.name] = [_checked_control(item, registry, policy, limit) for item in items if item]
         elif param.name in UPSCALER_PARAMS and param.type == "string" and str(value).lower() not in KEYWORDS:
             checked[param.name] = resolve_model(str(value), registry, policy, families=UPSCALER_FAMILIES)
         elif param.name == "allow_pickle" and value not in (False, 0, "false", "0", "no", "off", ""):
@@ -151,6 +157,27 @@ def check_params(task: Task, params: Mapping[str, Any], registry: Any, policy: P
                 "allow_pickle: the server never unpickles files named in a request", "use .safetensors models"
             )
     return checked
+
+
+#: The families ``difftool models`` gives ControlNets.
+CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
+
+
+def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int) -> Any:
+    """A ControlNet unit whose model is a listed ControlNet (or inside an allowed folder) and whose image is a
+    path inside an allowed folder (string form ``MODEL=PATH,...``) or, in the mapping form, base64 data or
+    ``{"path": ...}``."""
+    if isinstance(item, Mapping):
+        unit = dict(item)
+        unit["model"] = resolve_model(str(unit.get("model") or ""), registry, policy, CONTROLNET_FAMILIES)
+        if unit.get("image") is not None:
+            unit["image"] = load_image(unit["image"], "control image", policy, limit).rgb
+        return unit
+    head, comma, rest = str(item).partition(",")
+    name, _, image = head.partition("=")
+    model = resolve_model(name.strip(), registry, policy, CONTROLNET_FAMILIES)
+    image = f"={policy.resolve(image.strip(), 'control image')}" if image.strip() else ""
+    return f"{model}{image}{comma}{rest}"
 
 
 def _checked_loras(spec: str, registry: Any, policy: PathPolicy) -> str:

@@ -80,7 +80,7 @@ class Server:
             load_image(value, port.name, self.policy, limit) if port.kind in ("image", "mask") else value
             for port, value in zip(instance.inputs, inputs, strict=True)
         ]
-        values = check_params(instance, dict(params or {}), self.registry, self.policy)
+        values = check_params(instance, dict(params or {}), self.registry, self.policy, limit)
         kinds = {p.name: p.type for p in instance.params}
         for name, value in values.items():
             if kinds.get(name) in ("image", "mask") and value is not None:

@@ -99,6 +99,9 @@ def test_task_schemas_match_the_declarations(client: Any, serve_registry: Any) -
         assert [i["name"] for i in described["inputs"]] == [p.name for p in task.inputs]
         for param in task.params:
             prop = schema["properties"][param.name]
+            if param.multiple:  # an array of the declared type (--control: or objects)
+                assert prop["type"] == "array"
+                prop = {**prop["items"].get("anyOf", [prop["items"]])[0], "default": prop.get("default")}
             assert prop.get("type") == _json_type(param) or param.type in ("choice", "image", "mask")
             assert prop.get("minimum") == param.min and prop.get("maximum") == param.max
             assert prop.get("default") == param.default

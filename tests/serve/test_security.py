@@ -120,6 +120,8 @@ def test_model_names_resolve_only_among_known_models(make_client: Any, folders: 
         ({"allow_pickle": True}, "never unpickles"),
         ({"embedding": "/etc/passwd"}, "accepts no server-side paths"),
         ({"hires": 2.0, "hires_upscaler": "/etc/passwd"}, "not one of this server's models"),
+        ({"control": ["/etc/passwd=x.png"]}, "not one of this server's models"),
+        ({"control": [{"model": "/etc/cn.safetensors"}]}, "not one of this server's models"),
     ],
 )
 def test_file_parameters_are_checked(make_client: Any, model_root: Path, params: dict, message: str) -> None:
@@ -192,3 +194,29 @@ def test_a1111_sizes_are_bounded_before_anything_is_allocated(make_client: Any, 
     body = {"init_images": [b64(png_bytes(1, 1))], "width": 100_000, "height": 100_000, "prompt": "x"}
     response = make_client().post("/sdapi/v1/img2img", json=body)
     assert response.status_code == 422 and "width" in response.json()["error"]
+
+
+def test_control_units_name_listed_controlnets_and_images_inside_allowed_folders(tmp_path: Path) -> None:
+    from difftool.core.models import ModelEntry
+    from difftool.plugins.builtin.sd.tasks import Generate
+    from difftool.serve.security import AccessDenied, PathPolicy, check_params
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir(), outside.mkdir()
+    (allowed / "edges.png").write_bytes(png_bytes(8, 8))
+    (outside / "secret.png").write_bytes(png_bytes(8, 8))
+    cn = tmp_path / "cn.safetensors"
+
+    class Registry:
+        def find_models(self) -> list[ModelEntry]:
+            return [ModelEntry("cn", cn, "sd1-controlnet", "test"), ModelEntry("sd", cn, "sd1", "test")]
+
+    policy = PathPolicy((allowed,))
+    checked = check_params(Generate(), {"control": ["cn=edges.png,weight=0.5"]}, Registry(), policy)
+    assert checked["control"] == [f"{cn}={(allowed / 'edges.png').resolve()},weight=0.5"]
+    inline = check_params(Generate(), {"control": [{"model": "cn", "image": b64(png_bytes(8, 8))}]}, Registry(), policy)
+    assert inline["control"][0]["model"] == str(cn) and inline["control"][0]["image"].shape == (8, 8, 3)
+    with pytest.raises(AccessDenied, match="outside the folders"):
+        check_params(Generate(), {"control": [f"cn={outside / 'secret.png'}"]}, Registry(), policy)
+    with pytest.raises(ParameterError, match="not one of this server's models"):  # a checkpoint is no ControlNet
+        check_params(Generate(), {"control": ["sd=edges.png"]}, Registry(), PathPolicy(()))

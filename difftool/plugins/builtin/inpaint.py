@@ -29,6 +29,7 @@ from difftool.core.images import LoadedImage, to_pil, to_uint8
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
+from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
@@ -86,6 +87,7 @@ class Inpaint(Task):
         Param("clip_skip", "int", default=1, min=1, max=12, help="SD models: text encoder layer from the end"),
         Param("only_masked", "bool", default=False, help="SD models: repaint a crop around the mask (+ --context)"),
         Param("extend", "string", default=None, help="outpaint: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels"),
+        CONTROL_PARAM,
         *LOAD_PARAMS,
     )
 
@@ -115,8 +117,9 @@ class Inpaint(Task):
             mask = np.zeros((image.height, image.width), np.float32)
         if is_sd_request(context.model, context):
             return self._run_sd(image, mask, extend, params, context)
-        if any(extend):
-            raise ParameterError("--extend needs a Stable Diffusion model", "pass --model with an SD checkpoint")
+        if any(extend) or params.get("control"):
+            flag = "--extend" if any(extend) else "--control"
+            raise ParameterError(f"{flag} needs a Stable Diffusion model", "pass --model with an SD checkpoint")
         mask = dilate(mask, params.get("dilate") or 0)
         weight = feather(mask, params.get("feather") or 0)
         model = pixel_model.model_for(self.name, context)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.plugins.builtin import pixel_model, upscalers
+from difftool.plugins.builtin.sd import controlnet
 from difftool.plugins.hookspecs import hookimpl
 
 #: Sub-folders where A1111 and ComfyUI keep checkpoints, LoRAs and VAEs.
@@ -23,6 +24,7 @@ KNOWN_SUBFOLDERS = (
     "checkpoints",
     "Lora",
     "VAE",
+    *controlnet.CONTROLNET_FOLDERS,
 )
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -53,7 +55,7 @@ def detect_folder(path: Path) -> str | None:
             return "diffusers (unsupported U-Net)"
     if (path / "model_index.json").is_file():
         return "diffusers-pipeline"
-    return None
+    return controlnet.detect(path)
 
 
 def detect_file(path: Path) -> str:
@@ -64,7 +66,7 @@ def detect_file(path: Path) -> str:
 
     sidecar = path.with_name(path.name + ".diffusers")
     if sidecar.is_dir():  # configs beside a checkpoint of a non-standard size (see sd/loader.py)
-        return detect_folder(sidecar) or "unsupported checkpoint"
+        return detect_folder(sidecar) or controlnet.detect(path) or "unsupported checkpoint"
     if path.suffix.lower() != ".safetensors":
         return "pickle (needs --allow-pickle)"
     try:
@@ -73,6 +75,8 @@ def detect_file(path: Path) -> str:
         return f"unreadable ({error.problem})"
     try:
         kind = component_kind(shapes)
+        if kind == "controlnet":
+            return controlnet.base_from_shapes(shapes, path.name) + controlnet.SUFFIX
         return detect_family(shapes).name if kind == "checkpoint" else kind
     except ModelError:
         return "unsupported checkpoint"

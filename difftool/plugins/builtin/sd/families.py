@@ -103,11 +103,19 @@ def family_from_unet_config(config: Mapping[str, Any]) -> Family:
     return family_for(base, int(config.get("in_channels", 4)))
 
 
+def is_controlnet(shapes: Mapping[str, Sequence[int]]) -> bool:
+    """A ControlNet's conditioning-image encoder: original layout (maybe ``control_model.``-prefixed) or diffusers'."""
+    hints = ("input_hint_block.0.weight", "controlnet_cond_embedding.conv_in.weight")
+    return any(k.endswith(hints[0]) or k == hints[1] for k in shapes)
+
+
 def component_kind(shapes: Mapping[str, Sequence[int]]) -> str:
-    """What a weights file holds: ``checkpoint``, ``vae``, ``lora`` or ``unknown`` (for ``difftool models``)."""
+    """What a weights file holds: ``checkpoint``, ``vae``, ``lora``, ``controlnet`` or ``unknown``."""
     keys = list(shapes)
     if any(k.startswith(UNET_PREFIX) for k in keys):
         return "checkpoint"
+    if is_controlnet(shapes):
+        return "controlnet"
     if any("lora_" in k or ".lora." in k or "lora_A" in k for k in keys):
         return "lora"
     vae_prefixes = ("encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.", "first_stage_model.")
@@ -129,4 +137,6 @@ def fix_for(shapes: Mapping[str, Sequence[int]]) -> str:
         return "this is a LoRA: pass it with --lora PATH beside a --model checkpoint"
     if kind == "vae":
         return "this is a VAE: pass it with --vae PATH beside a --model checkpoint"
+    if kind == "controlnet":
+        return "this is a ControlNet: pass it with --control PATH=IMAGE beside a --model checkpoint"
     return "pass an SD 1.x, SD 2.x or SDXL checkpoint (.safetensors) or a diffusers model folder"

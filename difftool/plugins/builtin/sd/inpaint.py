@@ -66,6 +66,11 @@ def sd_inpaint(
     """Repaint ``hole`` (H x W {0, 1}) of ``rgb`` (H x W x 3 in [0, 1]); returns the painted image and model."""
     model = sd_model_for(context, params)
     height, width = hole.shape
+    if params.get("only_masked") and any(unit.image is not None for unit in params.get("control") or ()):
+        raise ParameterError(
+            "--only-masked repaints a crop, which a ControlNet unit's own image does not follow",
+            "drop --only-masked, or leave out =IMAGE so the unit sees the (cropped) input",
+        )
     if params.get("only_masked"):
         return _only_masked(model, rgb, hole, params, context), model
     pad_h, pad_w = (-height) % 8, (-width) % 8  # the VAE needs multiples of 8: pad, then crop back
@@ -128,10 +133,14 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
                 known = scheduler.add_noise(known, noise.to(x.device), next_t)
             return (1 - latent_mask) * known + latent_mask * x
 
+    from difftool.plugins.builtin.sd import controlled
+
+    controls = controlled.controls_for(params, model, context, (width, height), controlled.ControlSource(rgb, hole))
     latents = run_sd(
         model,
         context,
         params,
+        controls=controls,
         prompt=params.get("prompt") or "",
         negative=params.get("negative_prompt") or "",
         size=(width, height),

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -16,9 +16,13 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import hires, pipeline
+from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
+
+if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
+    from difftool.plugins.builtin.sd.controlled import PreparedControl
 
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
 
@@ -140,11 +144,13 @@ def run_sd(
     scheduler: Any = None,
     shapes: ExportShapes | None = None,
     text: pipeline.TextConditioning | None = None,
+    controls: Sequence[PreparedControl] = (),
 ) -> Any:
     """Sample latents for ``size`` (width, height) through the core sampler; returns latents.
 
     ``shapes``: what the denoiser is built for (default: the task's declared export shapes). ``text``:
     the prompts already encoded (:func:`encode_text`; a tiled task encodes once for all its tiles).
+    ``controls``: ControlNet units prepared for ``size`` (:func:`sd.controlled.controls_for`).
     """
     from difftool.core.sampler import sample
 
@@ -160,9 +166,14 @@ def run_sd(
     channels = model.unet.config.out_channels
     shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
 
+    guidance = float(params.get("guidance_scale", 7.0))
+
     def run() -> Any:
+        from difftool.plugins.builtin.sd.controlled import ControlledDenoiser
+
+        active = ControlledDenoiser(denoiser, controls, scheduler, guidance != 1.0) if controls else denoiser
         return sample(
-            denoiser,
+            active,
             scheduler,
             steps=int(params.get("steps") or 25),
             context=context,
@@ -171,7 +182,7 @@ def run_sd(
             strength=strength,
             cond={**text.cond, **(extra or {})},
             uncond=text.uncond,
-            guidance_scale=float(params.get("guidance_scale", 7.0)),
+            guidance_scale=guidance,
             noise=noise,
             step_hook=step_hook,
             decode_preview=pipeline.preview_decoder(model, context) if context.preview_every else None,
@@ -221,6 +232,7 @@ class Generate(Task):
         Param("width", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         *hires.HIRES_PARAMS,
+        CONTROL_PARAM,
         *LOAD_PARAMS,
     )
 
@@ -251,8 +263,11 @@ class Generate(Task):
         width = params.get("width") or model.native_size
         height = params.get("height") or model.native_size
         pipeline.check_size(width, height, "the output")
+        from difftool.plugins.builtin.sd import controlled
+
         texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
-        latents = run_sd(model, context, params, size=(width, height), **texts)
+        controls = controlled.controls_for(params, model, context, (width, height))
+        latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         if (params.get("hires") or 1.0) > 1.0:
             target = hires.target_size((width, height), float(params["hires"]))
@@ -260,7 +275,10 @@ class Generate(Task):
             init = hires.upscale_latents(model, latents, target, params, context)
             second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
             strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
-            latents = run_sd(model, context, second, size=target, init=init, strength=strength, **texts)
+            controls = controlled.controls_for(params, model, context, target)
+            latents = run_sd(
+                model, context, second, size=target, init=init, strength=strength, controls=controls, **texts
+            )
             record |= hires.record(params, target)
         image = pipeline.decode_latents(model, latents, context)
         return TaskResult([to_pil(pipeline.to_numpy(image))], record)
@@ -277,6 +295,7 @@ class Style(Task):
         Param("prompt", "string", default="", help="what the image shows, or a full style prompt", multiline=True),
         Param("strength", "float", default=0.6, min=0.01, max=1.0, help="how far from the input (1: ignore it)"),
         *PROMPT_PARAMS,
+        CONTROL_PARAM,
         *LOAD_PARAMS,
     )
 
@@ -295,6 +314,8 @@ class Style(Task):
         return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        from difftool.plugins.builtin.sd import controlled
+
         params = request.params
         image: LoadedImage = request.inputs["image"]
         prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")
@@ -317,6 +338,7 @@ class Style(Task):
             size=(width, height),
             init=init,
             strength=float(params.get("strength", 0.6)),
+            controls=controlled.controls_for(params, model, context, (width, height), controlled.ControlSource(rgb)),
         )
         out = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
         if (width, height) != image.size:

@@ -6,6 +6,7 @@ tests check the renaming by loading the file back through diffusers' own convert
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,17 @@ VAE_CONFIG = dict(
 )
 
 
+def vae_config(levels: int = 2) -> dict[str, Any]:
+    if levels == 2:
+        return VAE_CONFIG
+    return {
+        **VAE_CONFIG,
+        "block_out_channels": (32,) * levels,
+        "down_block_types": ("DownEncoderBlock2D",) * levels,
+        "up_block_types": ("UpDecoderBlock2D",) * levels,
+    }
+
+
 def text_config(projection: bool = False, hidden_size: int = 32) -> dict[str, Any]:
     return dict(
         vocab_size=49408,
@@ -87,15 +99,20 @@ def text_config(projection: bool = False, hidden_size: int = 32) -> dict[str, An
     )
 
 
-def components(in_channels: int = 4, xl: bool = False, seed: int = 0, sd2: bool = False) -> dict[str, Any]:
-    """Random-weight components of a tiny SD 1.x-style (or SD 2.x-, SDXL-style) pipeline."""
+def components(
+    in_channels: int = 4, xl: bool = False, seed: int = 0, sd2: bool = False, vae_levels: int = 2
+) -> dict[str, Any]:
+    """Random-weight components of a tiny SD 1.x-style (or SD 2.x-, SDXL-style) pipeline.
+
+    ``vae_levels=4`` gives SD's 8x latent scale, which a ControlNet's conditioning encoder assumes.
+    """
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     parts: dict[str, Any] = {
         "unet": UNet2DConditionModel(**unet_config(in_channels, xl, sd2)).eval(),
-        "vae": AutoencoderKL(**VAE_CONFIG).eval(),
+        "vae": AutoencoderKL(**vae_config(vae_levels)).eval(),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**text_config(projection=sd2))).eval(),
         "tokenizer": clip_tokenizer("openclip" if sd2 else "clip"),
         "scheduler": PNDMScheduler.from_config(SCHEDULER_CONFIG),
@@ -281,4 +298,60 @@ def save_single_file(parts: dict[str, Any], path: Path, with_sidecar: bool = Tru
             )
         (sidecar / "scheduler").mkdir(exist_ok=True)
         (sidecar / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG))
+    return path
+
+
+# --- ControlNets ----------------------------------------------------------------------------------
+
+
+def controlnet(unet: Any, seed: int = 0) -> Any:
+    """A random ControlNet for ``unet``'s architecture, with SD's 8x conditioning encoder. diffusers
+    zero-initialises its output convolutions (no effect until trained): they get random weights too."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    config = dict(unet.config)
+    keep = set(inspect.signature(ControlNetModel.__init__).parameters) - {"self", "in_channels"}
+    net = ControlNetModel(in_channels=4, **{k: v for k, v in config.items() if k in keep}).eval()
+    with torch.no_grad():
+        for param in net.parameters():
+            if not param.any():
+                param.normal_(0, 0.2)
+    return net
+
+
+def ldm_controlnet_keys(state: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet state dict in the original (A1111 ``control_v11*``) key layout."""
+    encoder, out = {}, {}
+    for key, value in state.items():
+        if key.startswith("controlnet_down_blocks."):
+            index, rest = key.split(".")[1], key.split(".", 2)[2]
+            out[f"zero_convs.{index}.0.{rest}"] = value
+        elif key.startswith("controlnet_mid_block."):
+            out["middle_block_out.0." + key.split(".", 1)[1]] = value
+        elif key.startswith("controlnet_cond_embedding."):
+            rest = key.removeprefix("controlnet_cond_embedding.")
+            if rest.startswith("conv_in."):
+                out["input_hint_block.0." + rest.split(".", 1)[1]] = value
+            elif rest.startswith("conv_out."):
+                out["input_hint_block.14." + rest.split(".", 1)[1]] = value
+            else:  # blocks.J.weight
+                j, kind = rest.split(".")[1:]
+                out[f"input_hint_block.{2 * (int(j) + 1)}.{kind}"] = value
+        else:
+            encoder[key] = value
+    unet_like = ldm_unet_keys(encoder, {**config, "up_block_types": ()})
+    out.update({k.removeprefix("model.diffusion_model."): v for k, v in unet_like.items()})
+    return out
+
+
+def save_controlnet_file(net: Any, path: Path, original: bool = True) -> Path:
+    """A single ``.safetensors`` ControlNet (original or diffusers key layout) with its sidecar config."""
+    from safetensors.torch import save_file
+
+    state = net.state_dict()
+    if original:
+        state = ldm_controlnet_keys(state, dict(net.config))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    net.save_config(path.with_name(path.name + ".diffusers"))
     return path

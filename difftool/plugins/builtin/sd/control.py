@@ -1,0 +1,117 @@
+"""ControlNet units as users write them: ``--control MODEL[=IMAGE][,key=value...]``, repeatable.
+
+Fields: ``pre`` (preprocessor, default ``none``), ``weight`` (default 1), ``start`` / ``end`` (the
+fraction of the steps the unit acts on, diffusers' ``control_guidance_start/end``), ``guess`` (guess
+mode: the ControlNet sees only the conditional half of the batch). Any other field is an option of the
+preprocessor (``low=50`` for canny). The Python API takes the same strings, or mappings with these
+keys (``image`` may then be a PIL image or an array), or :class:`ControlUnit` s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftool.core.errors import ParameterError
+from difftool.core.task import Param
+
+_FIELDS = ("model", "image", "pre", "weight", "start", "end", "guess")
+_FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,guess=1]"
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet and what it sees. ``image`` ``None``: the task's input image (style, inpaint)."""
+
+    model: str
+    image: Any = None
+    pre: str = "none"
+    weight: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    guess: bool = False
+    #: The preprocessor's options, as given (validated against its declaration when the unit runs).
+    options: tuple[tuple[str, str], ...] = field(default=())
+
+    def __str__(self) -> str:
+        image = "" if self.image is None else "=<image>"
+        if isinstance(self.image, (str, Path)):
+            image = f"={self.image}"
+        parts = [f"{self.model}{image}", f"pre={self.pre}", f"weight={self.weight:g}"]
+        parts += [f"start={self.start:g}", f"end={self.end:g}"] + (["guess=1"] if self.guess else [])
+        return ",".join(parts + [f"{k}={v}" for k, v in self.options])
+
+
+def parse_unit(value: Any) -> ControlUnit:
+    """A unit from its string form, a mapping of its fields, or a unit; one-line errors for bad fields."""
+    if isinstance(value, ControlUnit):
+        return value
+    if isinstance(value, str):
+        head, *rest = [part.strip() for part in value.split(",")]
+        model, _, image = head.partition("=")
+        fields: dict[str, Any] = {"model": model.strip(), "image": image.strip() or None}
+        for part in rest:
+            key, sep, text = part.partition("=")
+            if not sep or not key.strip():
+                raise ParameterError(f"--control {value!r}: {part!r} is not key=value", _FIX)
+            fields[key.strip()] = text.strip()
+    elif isinstance(value, Mapping):
+        fields = dict(value)
+    else:
+        raise ParameterError(f"--control {value!r} is not a ControlNet unit", _FIX)
+    return _unit(fields, value)
+
+
+def _unit(fields: dict[str, Any], given: Any) -> ControlUnit:
+    model = str(fields.pop("model", "") or "").strip()
+    if not model:
+        raise ParameterError(f"--control {given!r} names no ControlNet model", _FIX)
+    image = fields.pop("image", None)
+    if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
+        raise ParameterError(f"control image {image} does not exist", "pass an existing image file after MODEL=")
+    given_options = dict(fields.pop("options", None) or {})  # the mapping form may nest them
+    extra = {k: v for k, v in fields.items() if k not in _FIELDS} | given_options
+    weight = _number(fields, "weight", 1.0, 0.0, 2.0)
+    start, end = _number(fields, "start", 0.0, 0.0, 1.0), _number(fields, "end", 1.0, 0.0, 1.0)
+    if start >= end:
+        raise ParameterError(f"ControlNet {model}: start {start:g} is not before end {end:g}", "pass start < end")
+    guess = Param("guess", "bool").validate(fields.get("guess", False))
+    pre = str(fields.get("pre") or "none")
+    options = tuple((str(k), str(v)) for k, v in extra.items() if k != "pre")
+    return ControlUnit(model, image, pre, weight, start, end, bool(guess), options)
+
+
+def _number(fields: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
+    value = fields.get(key, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ParameterError(f"ControlNet {key} {value!r} is not a number", _FIX) from None
+    if not low <= number <= high:
+        raise ParameterError(f"ControlNet {key} {number:g} is outside [{low:g}, {high:g}]", _FIX)
+    return number
+
+
+CONTROL_PARAM = Param(
+    "control",
+    "string",
+    help="ControlNet unit, repeatable: MODEL[=IMAGE][,pre=canny][,weight=1][,start=0][,end=1][,guess=1]; MODEL is "
+    "a file, folder or listed name; IMAGE defaults to the input image (style, inpaint); other key=value pairs "
+    "are preprocessor options (canny: low, high)",
+    multiple=True,
+    multiline=True,
+    parse=parse_unit,
+)
+
+
+def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
+    """One ``ControlNet N`` value as A1111's ControlNet extension writes it (see :mod:`difftool.core.metadata`)."""
+    from difftool.core.metadata import controlnet_text
+
+    options = dict(unit.options)
+    canny = unit.pre == "canny"  # A1111 records its thresholds, given or not
+    thresholds = (options.get("low", "100"), options.get("high", "200")) if canny else (None, None)
+    model = f"{name} [{digest[:8]}]"
+    return controlnet_text(unit.pre, model, unit.weight, unit.start, unit.end, unit.guess, thresholds)

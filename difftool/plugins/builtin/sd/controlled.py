@@ -1,0 +1,209 @@
+"""ControlNet at sampling time: control images made ready, and a Denoiser that adds the ControlNets'
+residuals to the U-Net's conditioning.
+
+:class:`ControlledDenoiser` wraps the U-Net's denoiser: for each call it runs every unit's ControlNet
+on the same sample, timestep and text, sums their residuals and passes them on in the conditioning
+dict (``down_block_additional_residuals``, ``mid_block_additional_residual``), so the core sampler is
+unchanged. It follows diffusers' ``StableDiffusion(XL)ControlNetPipeline`` step for step: the same
+per-step weight schedule (``control_guidance_start/end``), guess mode, and control-image resizing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from difftool.core.denoiser import Conditioning, Denoiser
+from difftool.core.errors import ParameterError
+from difftool.core.task import RunContext
+from difftool.plugins.builtin.sd import controlnet
+from difftool.plugins.builtin.sd.control import ControlUnit, a1111_text
+
+
+@dataclass
+class PreparedControl:
+    """A unit ready to run: its ControlNet and its control image as a 1 x 3 x H x W tensor."""
+
+    unit: ControlUnit
+    net: controlnet.ControlNet
+    image: Any
+
+
+@dataclass
+class ControlSource:
+    """What a unit without its own image sees: the task's input (float H x W x 3) and mask (H x W)."""
+
+    rgb: np.ndarray | None = None
+    mask: np.ndarray | None = None
+
+
+def controls_for(
+    params: dict[str, Any], model: Any, context: RunContext, size: tuple[int, int], source: ControlSource | None = None
+) -> list[PreparedControl]:
+    """The request's ``control`` units ready for sampling at ``size``; recorded in the run's notes."""
+    units = params.get("control") or ()
+    if not units:
+        return []
+    loaded = load_units(units, model, context, bool(params.get("allow_pickle")))
+    controls = prepare(loaded, size, context, source)
+    context.notes.update(record(controls))
+    return controls
+
+
+def load_units(
+    units: Sequence[ControlUnit], model: Any, context: RunContext, allow_pickle: bool = False
+) -> list[tuple[ControlUnit, controlnet.ControlNet]]:
+    """Each unit's ControlNet, loaded and checked against the model's family (before any sampling)."""
+    if units and context.backend_name != "torch":
+        raise ParameterError(
+            f"ControlNet runs with --backend torch only, not {context.backend_name}",
+            "drop --backend (exported U-Nets have no ControlNet residual inputs yet)",
+        )
+    if units and context.registry is not None:
+        for unit in units:
+            context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load
+    paths = [controlnet.resolve(unit.model, context) for unit in units]
+    nets = [controlnet.loaded(path, context, allow_pickle) for path in paths]
+    for net in nets:
+        controlnet.check_family(net, model.family, model.unet)
+    return list(zip(units, nets, strict=True))
+
+
+def prepare(
+    loaded: Sequence[tuple[ControlUnit, controlnet.ControlNet]],
+    size: tuple[int, int],
+    context: RunContext,
+    source: ControlSource | None = None,
+) -> list[PreparedControl]:
+    """Preprocess each unit's image and resize it to ``size`` (width, height), as diffusers does."""
+    return [PreparedControl(unit, net, control_image(unit, size, context, source)) for unit, net in loaded]
+
+
+def control_image(unit: ControlUnit, size: tuple[int, int], context: RunContext, source: ControlSource | None) -> Any:
+    import torch
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from difftool.core.images import open_image
+
+    source = source or ControlSource()
+    if unit.image is not None:
+        image = unit.image
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            image = Image.fromarray(image)
+        rgb = image if isinstance(image, np.ndarray) else open_image(image).rgb  # a float array is [0, 1]
+        mask = source.mask if source.mask is not None and source.mask.shape == rgb.shape[:2] else None
+    elif source.rgb is not None:
+        rgb, mask = source.rgb, source.mask
+    else:
+        raise ParameterError(f"ControlNet {unit.model} has no control image", f"write --control {unit.model}=IMAGE")
+    out = _preprocess(unit, rgb.astype(np.float32), mask, context)
+    width, height = size
+    if out.min() >= 0.0:  # diffusers' own resizing (Lanczos on the 8-bit image) for parity
+        pil = Image.fromarray((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
+        processor = VaeImageProcessor(do_convert_rgb=True, do_normalize=False)
+        return processor.preprocess(pil, height=height, width=width).to(torch.float32)
+    # Negative values (the inpaint preprocessor's -1) survive only a resize without 8-bit rounding.
+    channels = [np.asarray(Image.fromarray(out[..., c], "F").resize(size, Image.Resampling.NEAREST)) for c in range(3)]
+    return torch.from_numpy(np.stack(channels)).float()[None]
+
+
+def _preprocess(unit: ControlUnit, rgb: np.ndarray, mask: np.ndarray | None, context: RunContext) -> np.ndarray:
+    if context.registry is None:
+        from difftool.plugins.builtin.sd import preprocessors
+
+        if unit.pre != "none":
+            raise ParameterError(f"preprocessor {unit.pre!r} needs a registry", "run through difftool.run")
+        return preprocessors.none(rgb, mask)
+    entry = context.registry.preprocessor(unit.pre)
+    declared = {p.name: p for p in entry.options}
+    kwargs = {}
+    for key, value in unit.options:
+        if key not in declared:
+            takes = ", ".join(declared) or "no options"
+            raise ParameterError(f"preprocessor {unit.pre} has no option {key!r}", f"it takes: {takes}")
+        kwargs[key] = declared[key].validate(value)
+    out = np.asarray(entry.function(rgb, mask, **kwargs), dtype=np.float32)
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise ParameterError(
+            f"preprocessor {unit.pre} returned shape {out.shape}, not H x W x 3", "fix the preprocessor plugin"
+        )
+    return out
+
+
+def record(controls: Sequence[PreparedControl]) -> dict[str, Any]:
+    """The units for the image metadata: difftool's strings and A1111's ``ControlNet N`` texts."""
+    if not controls:
+        return {}
+    return {
+        "control": [str(c.unit) for c in controls],
+        "controlnet": [a1111_text(c.unit, c.net.name, c.net.sha256) for c in controls],
+    }
+
+
+class ControlledDenoiser(Denoiser):
+    """``inner`` (the U-Net) with ControlNet residuals added to its conditioning at every call.
+
+    ``scheduler`` gives the planned timesteps (the weight schedule's fractions); ``guided``: the sampler
+    batches unconditional and conditional halves (guess mode then feeds the ControlNets the second only).
+    Create one per sampling run: it counts its calls as the step index, as diffusers' loop does.
+    """
+
+    def __init__(self, inner: Denoiser, controls: Sequence[PreparedControl], scheduler: Any, guided: bool) -> None:
+        self.inner, self.controls, self.scheduler, self.guided = inner, list(controls), scheduler, guided
+        for name in ("sample_channels", "in_channels", "prediction_type", "dtype", "device", "backend"):
+            setattr(self, name, getattr(inner, name))
+        self.calls = 0
+
+    def __call__(self, sample: Any, timestep: Any, cond: Conditioning) -> Any:
+        import torch
+
+        step, total = self.calls, len(self.scheduler.timesteps)
+        self.calls += 1
+        down, mid = None, None
+        with torch.inference_mode():
+            for control in self.controls:
+                unit = control.unit
+                # diffusers: keep = 1 - (i / n < start or (i + 1) / n > end)
+                if step / total < unit.start or (step + 1) / total > unit.end or unit.weight == 0:
+                    continue  # a zero weight adds zero residuals: skipping it changes nothing
+                d, m = self._run(control, sample, timestep, cond)
+                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+                mid = m if mid is None else mid + m
+        if down is not None:
+            cond = {**cond, "down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
+        return self.inner(sample, timestep, cond)
+
+    def _run(self, control: PreparedControl, sample: Any, timestep: Any, cond: Conditioning) -> tuple[Any, Any]:
+        import torch
+
+        module = control.net.module
+        first = next(module.parameters())
+        guess = control.unit.guess or bool(getattr(module.config, "global_pool_conditions", False))
+        text, added = cond.get("encoder_hidden_states"), cond.get("added_cond_kwargs")
+        halve = guess and self.guided  # guess mode: the ControlNet sees the conditional half only
+        if halve:
+            sample, text = sample.chunk(2)[1], text.chunk(2)[1]
+            added = {k: v.chunk(2)[1] for k, v in added.items()} if added else None
+        image = control.image.to(first.device, first.dtype)
+        if image.shape[0] != sample.shape[0]:
+            image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
+        kwargs = {"added_cond_kwargs": {k: v.to(first.device, first.dtype) for k, v in added.items()}} if added else {}
+        t = timestep.to(first.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+        down, mid = module(
+            sample.to(first.device, first.dtype),
+            t,
+            encoder_hidden_states=text.to(first.device, first.dtype),
+            controlnet_cond=image,
+            conditioning_scale=control.unit.weight,
+            guess_mode=guess,
+            return_dict=False,
+            **kwargs,
+        )
+        if halve:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return list(down), mid

@@ -29,6 +29,11 @@ _TYPES = {"integer": "int", "number": "float", "boolean": "bool", "string": "str
 
 def param_from_schema(name: str, schema: dict[str, Any], required: bool) -> Param:
     """A declared parameter back from the server's JSON Schema (``GET /v1/tasks``)."""
+    multiple = schema.get("type") == "array"
+    if multiple:  # a repeatable parameter (ControlNet units): its items say the type
+        items = schema.get("items", {})
+        item = next((s for s in items.get("anyOf", [items]) if s.get("type") != "object"), {"type": "string"})
+        schema = {**item, **{k: v for k, v in schema.items() if k in ("default", "description")}}
     kind = schema.get("x-difftool-type") or (
         "choice" if "enum" in schema else "path" if schema.get("format") == "path" else _TYPES[schema["type"]]
     )
@@ -41,7 +46,8 @@ def param_from_schema(name: str, schema: dict[str, Any], required: bool) -> Para
         choices=tuple(schema.get("enum", ())),
         help=schema.get("description", ""),
         required=required,
-        multiline="prompt" in name,
+        multiline="prompt" in name or multiple,
+        multiple=multiple,
     )
 
 

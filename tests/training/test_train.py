@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,8 @@ def test_exported_model_runs_in_its_task(pool: ImagePool, tmp_path: Path, regist
     assert result.image.size == (48, 40)
 
 
-def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, tmp_path: Path, registry) -> None:
-    from difftool import api
-
-    def config() -> TrainConfig:
-        return tiny("superres", arch="srnet", scales=[2], channels=8, blocks=2, one_step_fraction=0.5)
-
+def assert_resumes_exactly(config: Callable[[], TrainConfig], pool: ImagePool, tmp_path: Path) -> None:
+    """A run stopped at step 3 and resumed in ``tmp_path / "b"`` ends with the losses of a straight run."""
     straight = Trainer(config(), tmp_path / "a")
     straight.fit(pool, progress=False)
     first = Trainer(config(), tmp_path / "b")
@@ -82,6 +79,15 @@ def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, 
     assert resumed.resume() and resumed.step == 3
     resumed.fit(pool, progress=False)
     assert resumed.losses == pytest.approx(straight.losses)
+
+
+def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, tmp_path: Path, registry) -> None:
+    from difftool import api
+
+    def config() -> TrainConfig:
+        return tiny("superres", arch="srnet", scales=[2], channels=8, blocks=2, one_step_fraction=0.5)
+
+    assert_resumes_exactly(config, pool, tmp_path)
     result = api.run(
         "superres",
         Image.new("RGB", (12, 10), (9, 99, 199)),
@@ -132,14 +138,7 @@ def test_inpaintnet_run_resumes_exactly_and_exports_a_noise_fill_model(
     def config() -> TrainConfig:
         return tiny("inpaint", arch="inpaintnet", channels=8, blocks=4, texture_weight=1.0)
 
-    straight = Trainer(config(), tmp_path / "a")
-    straight.fit(pool, progress=False)
-    first = Trainer(config(), tmp_path / "b")
-    first.fit(pool, progress=False, stop_after=3)
-    resumed = Trainer(config(), tmp_path / "b")
-    assert resumed.resume() and resumed.step == 3
-    resumed.fit(pool, progress=False)
-    assert resumed.losses == pytest.approx(straight.losses)
+    assert_resumes_exactly(config, pool, tmp_path)
     mask = Image.new("L", (20, 12), 0)
     mask.paste(255, (4, 4, 12, 9))
     image = Image.new("RGB", (20, 12), (9, 99, 199))

@@ -77,7 +77,9 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
 
     # --- building ------------------------------------------------------------------------------
     def _build_task_panel(self) -> None:
-        self.task_panel = TaskPanel(self.registry, self.settings, self.run_current, self._cancel_selected)
+        self.task_panel = TaskPanel(
+            self.registry, self.settings, self.run_current, self._cancel_selected, source=lambda: self.source
+        )
         panel = self.task_panel
         # The window's own names for the panel's widgets (scripts and tests drive the window).
         self.task_box, self.model_box, self.backend_box = panel.task_box, panel.model_box, panel.backend_box

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtWidgets import (
@@ -54,17 +55,25 @@ class PathField(QWidget):
 class ParamForm(QWidget):
     """One widget per declared parameter of ``task`` (or anything with ``params``: a backend's options).
 
-    :meth:`values` gives what :func:`difftool.api.run` takes.
+    :meth:`values` gives what :func:`difftool.api.run` takes. ``editors`` build a parameter's own widget
+    (ControlNet units) by name; such a widget has ``value()``, ``set_value(value)`` and ``reset()``.
     """
 
-    def __init__(self, task: Task, choices: dict[str, tuple[str, ...]]) -> None:
+    def __init__(
+        self,
+        task: Task,
+        choices: dict[str, tuple[str, ...]],
+        editors: dict[str, Callable[[Param], QWidget]] | None = None,
+    ) -> None:
         super().__init__()
         self.task = task
         self.widgets: dict[str, QWidget] = {}
+        editors = editors or {}
         layout = QFormLayout(self)
         layout.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)  # narrow panel: field under its label
         for param in task.params:
-            widget = self._widget(param, choices.get(param.name, param.choices))
+            make = editors.get(param.name)
+            widget = make(param) if make else self._widget(param, choices.get(param.name, param.choices))
             tip = param.help + (
                 f" (range {param.range_text()})" if param.min is not None or param.max is not None else ""
             )
@@ -111,7 +120,9 @@ class ParamForm(QWidget):
         """Restore every declared default."""
         for param in self.task.params:
             widget, default = self.widgets[param.name], _default(param)
-            if isinstance(widget, QSpinBox):
+            if _is_editor(widget):
+                widget.reset()  # type: ignore[attr-defined]
+            elif isinstance(widget, QSpinBox):
                 widget.setValue(widget.minimum() if default is None else int(default))
             elif isinstance(widget, QDoubleSpinBox):
                 widget.setValue(widget.minimum() if default is None else float(default))
@@ -132,7 +143,9 @@ class ParamForm(QWidget):
             widget = self.widgets.get(name)
             if widget is None or value is None:
                 continue
-            if isinstance(widget, QSpinBox):
+            if _is_editor(widget):
+                widget.set_value(value)  # type: ignore[attr-defined]
+            elif isinstance(widget, QSpinBox):
                 widget.setValue(int(value))
             elif isinstance(widget, QDoubleSpinBox):
                 widget.setValue(float(value))
@@ -149,8 +162,10 @@ class ParamForm(QWidget):
         out: dict[str, Any] = {}
         for param in self.task.params:
             widget = self.widgets[param.name]
-            if isinstance(widget, QSpinBox):
-                value: Any = None if widget.value() == widget.minimum() and param.default is None else widget.value()
+            if _is_editor(widget):
+                value: Any = widget.value()  # type: ignore[attr-defined]
+            elif isinstance(widget, QSpinBox):
+                value = None if widget.value() == widget.minimum() and param.default is None else widget.value()
             elif isinstance(widget, QDoubleSpinBox):
                 value = None if widget.value() == widget.minimum() and param.default is None else widget.value()
             elif isinstance(widget, QCheckBox):
@@ -166,6 +181,10 @@ class ParamForm(QWidget):
             if value is not None:
                 out[param.name] = value
         return out
+
+
+def _is_editor(widget: QWidget) -> bool:
+    return hasattr(widget, "set_value")  # Qt's own widgets spell it setValue
 
 
 def _default(param: Param) -> Any:

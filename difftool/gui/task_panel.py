@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
@@ -48,10 +49,16 @@ class TaskPanel(QWidget):
     """What to run and how; :meth:`request` gives the task name, its parameters and the run options."""
 
     def __init__(
-        self, registry: Any, settings: QSettings, on_run: Callable[[], Any], on_cancel: Callable[[], None]
+        self,
+        registry: Any,
+        settings: QSettings,
+        on_run: Callable[[], Any],
+        on_cancel: Callable[[], None],
+        source: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.registry, self.settings = registry, settings
+        self.source = source or (lambda: None)  # the image open in the window (ControlNet previews)
         layout = QVBoxLayout(self)
         self.task_box = QComboBox()
         for name, entry in sorted(registry.tasks.items()):
@@ -73,7 +80,9 @@ class TaskPanel(QWidget):
         self.form: ParamForm | None = None
         self.model_box = QComboBox()
         self.model_box.addItem(DEFAULT_CHOICE)
-        for entry in registry.find_models():
+        found = registry.find_models()
+        self.controlnets = [entry.name for entry in found if entry.family.endswith("controlnet")]
+        for entry in found:
             self.model_box.addItem(entry.name, str(entry.path))
             self.model_box.setItemData(self.model_box.count() - 1, entry.family, FAMILY_ROLE)
         self.model_box.addItem("Browse…")
@@ -161,7 +170,8 @@ class TaskPanel(QWidget):
         from difftool.plan import param_choices
 
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
-        self.form = ParamForm(task, choices)
+        editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
+        self.form = ParamForm(task, choices, editors)
         for key, value in self._remembered(name).items():
             try:
                 self.form.set_values({key: value})
@@ -174,6 +184,9 @@ class TaskPanel(QWidget):
             self.common.setRowVisible(widget, task.uses_model)  # a task that loads no model has no backend
         self.options_box.setVisible(task.uses_model and self.options_form is not None)
         self.settings.setValue("task", name)
+
+    def _control_editor(self, param: Any) -> QWidget:
+        return ControlUnitsField(self.controlnets, self.registry, self.source)
 
     def _show_availability(self) -> None:
         task = self.registry.task(self.task_box.currentText())

@@ -49,19 +49,47 @@ def parse_unit(value: Any) -> ControlUnit:
     if isinstance(value, ControlUnit):
         return value
     if isinstance(value, str):
-        head, *rest = [part.strip() for part in value.split(",")]
-        model, _, image = head.partition("=")
-        fields: dict[str, Any] = {"model": model.strip(), "image": image.strip() or None}
-        for part in rest:
-            key, sep, text = part.partition("=")
-            if not sep or not key.strip():
-                raise ParameterError(f"--control {value!r}: {part!r} is not key=value", _FIX)
-            fields[key.strip()] = text.strip()
+        fields: dict[str, Any] = split_unit(value)
     elif isinstance(value, Mapping):
         fields = dict(value)
     else:
         raise ParameterError(f"--control {value!r} is not a ControlNet unit", _FIX)
     return _unit(fields, value)
+
+
+def split_unit(text: str) -> dict[str, Any]:
+    """The fields of a unit's string form as written (``model``, ``image`` or ``None``, then key=value
+    pairs), not yet checked: what :func:`parse_unit` validates, and what the GUI's unit editor shows."""
+    head, *rest = [part.strip() for part in text.split(",")]
+    model, _, image = head.partition("=")
+    fields: dict[str, Any] = {"model": model.strip(), "image": image.strip() or None}
+    for part in rest:
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise ParameterError(f"--control {text!r}: {part!r} is not key=value", _FIX)
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def preprocess(registry: Any, unit: ControlUnit, rgb: Any, mask: Any = None) -> Any:
+    """``unit``'s preprocessor (looked up in ``registry``) on ``rgb`` (float H x W x 3 in [0, 1]), its
+    options checked against the preprocessor's declaration: the control image before resizing."""
+    import numpy as np
+
+    entry = registry.preprocessor(unit.pre)
+    declared = {p.name: p for p in entry.options}
+    kwargs = {}
+    for key, value in unit.options:
+        if key not in declared:
+            takes = ", ".join(declared) or "no options"
+            raise ParameterError(f"preprocessor {unit.pre} has no option {key!r}", f"it takes: {takes}")
+        kwargs[key] = declared[key].validate(value)
+    out = np.asarray(entry.function(rgb, mask, **kwargs), dtype=np.float32)
+    if out.ndim != 3 or out.shape[2] != 3:
+        raise ParameterError(
+            f"preprocessor {unit.pre} returned shape {out.shape}, not H x W x 3", "fix the preprocessor plugin"
+        )
+    return out
 
 
 def _unit(fields: dict[str, Any], given: Any) -> ControlUnit:

@@ -20,7 +20,7 @@ from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ParameterError
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import controlnet
-from difftool.plugins.builtin.sd.control import ControlUnit, a1111_text
+from difftool.plugins.builtin.sd.control import ControlUnit, a1111_text, preprocess
 
 
 @dataclass
@@ -118,20 +118,7 @@ def _preprocess(unit: ControlUnit, rgb: np.ndarray, mask: np.ndarray | None, con
         if unit.pre != "none":
             raise ParameterError(f"preprocessor {unit.pre!r} needs a registry", "run through difftool.run")
         return preprocessors.none(rgb, mask)
-    entry = context.registry.preprocessor(unit.pre)
-    declared = {p.name: p for p in entry.options}
-    kwargs = {}
-    for key, value in unit.options:
-        if key not in declared:
-            takes = ", ".join(declared) or "no options"
-            raise ParameterError(f"preprocessor {unit.pre} has no option {key!r}", f"it takes: {takes}")
-        kwargs[key] = declared[key].validate(value)
-    out = np.asarray(entry.function(rgb, mask, **kwargs), dtype=np.float32)
-    if out.ndim != 3 or out.shape[2] != 3:
-        raise ParameterError(
-            f"preprocessor {unit.pre} returned shape {out.shape}, not H x W x 3", "fix the preprocessor plugin"
-        )
-    return out
+    return preprocess(context.registry, unit, rgb, mask)
 
 
 def record(controls: Sequence[PreparedControl]) -> dict[str, Any]:

@@ -8,7 +8,8 @@ docs/sample.png and saves docs/images/gui-*.png:
 * gui-loading.png: the inpaint job while it loads its model (the phase in the status bar and its queue row);
 * gui-superres.png: its result in the compare view, the divider halfway;
 * gui-inpaint-mask.png: a mask painted with a screen-sized brush (its outline at the pointer);
-* gui-inpaint.png: the inpaint result in the compare view.
+* gui-inpaint.png: the inpaint result in the compare view;
+* gui-controlnet.png: a ControlNet unit in the generate form, with its canny preview of the sample.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def main() -> None:
     window.canvas.set_split(0.5)
     settle(app, window)
     window.grab().save(str(out / "gui-inpaint.png"))
+
+    window.compare_check.setChecked(False)
+    window.task_box.setCurrentText("generate")
+    window.form.widgets["prompt"].setPlainText("a red motorcycle in a studio, film photo")
+    box = window.form.widgets["control"].add()  # no ControlNet is needed to preview its preprocessor
+    box.model.setCurrentText("sd15-canny")
+    box.pre.setCurrentText("canny")
+    box.options.setText("low=80,high=160")
+    box.end.setValue(0.8)
+    box.show_preview()
+    settle(app, window)
+    bar = window.task_panel.form_area.verticalScrollBar()
+    bar.setValue(box.mapTo(window.form, QPoint(0, 0)).y() - 8)  # the unit and its preview
+    settle(app, window)
+    window.grab().save(str(out / "gui-controlnet.png"))
     window.close()
     print("\n".join(str(p) for p in sorted(out.glob("gui-*.png"))))
 

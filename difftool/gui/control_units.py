@@ -52,6 +52,9 @@ class ControlUnitBox(QGroupBox):
         self.owner = owner
         self.model = QComboBox()
         self.model.setEditable(True)  # a listed name, or a file or folder typed in
+        # Long file names must not widen the narrow task panel (it never scrolls sideways).
+        self.model.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model.setMinimumContentsLength(8)
         self.model.addItems(owner.models)
         self.model.setCurrentText("")
         self.model.lineEdit().setPlaceholderText("ControlNet: a listed name, file or folder")
@@ -78,8 +81,6 @@ class ControlUnitBox(QGroupBox):
             span.addWidget(QLabel(label))
             span.addWidget(box)
         buttons = QHBoxLayout()
-        buttons.addWidget(self.guess)
-        buttons.addStretch(1)
         buttons.addWidget(preview)
         buttons.addWidget(remove)
         layout = QFormLayout(self)
@@ -93,6 +94,7 @@ class ControlUnitBox(QGroupBox):
         ):
             layout.addRow(label, field)
         layout.addRow("steps", span)
+        layout.addRow(self.guess)
         layout.addRow(buttons)
         layout.addRow(self.preview_label)
         self._show_options(self.pre.currentText())

@@ -130,13 +130,37 @@ def load(path: Path, allow_pickle: bool = False, dtype: Any = None) -> ControlNe
         base = base_from_shapes(shapes, path.name)
         kwargs = {"config": str(FAMILIES[base].config_dir), "subfolder": "controlnet"}
     try:
-        module = ControlNetModel.from_single_file(state, torch_dtype=dtype, local_files_only=True, **kwargs)
+        if any(key.endswith(_LABEL_EMB) for key in state):  # SDXL in the original layout
+            module = _original_sdxl(state, kwargs, dtype)
+        else:
+            module = ControlNetModel.from_single_file(state, torch_dtype=dtype, local_files_only=True, **kwargs)
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise ModelError(
             f"{path.name} does not match the {base} ControlNet architecture: {_first_line(exc)}",
             "use a diffusers ControlNet folder (config.json + weights) for other sizes",
         ) from exc
     return ControlNet(path, base, module.eval(), file_sha256(path))
+
+
+_LABEL_EMB = "label_emb.0.0.weight"
+
+
+def _original_sdxl(state: dict[str, Any], where: dict[str, str], dtype: Any) -> Any:
+    """An SDXL ControlNet from the original key layout. diffusers' single-file converter leaves out
+    SDXL's added (text and size) embedding, ``label_emb``, and the model then keeps meta tensors: so
+    convert with diffusers' own function, add those four tensors, and load strictly."""
+    from diffusers import ControlNetModel
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    config = ControlNetModel.load_config(where["config"], subfolder=where.get("subfolder"), local_files_only=True)
+    prefix = next(key for key in state if key.endswith(_LABEL_EMB)).removesuffix(_LABEL_EMB)
+    converted = convert_controlnet_checkpoint(state, config)
+    for ours, theirs in (("linear_1", "0.0"), ("linear_2", "0.2")):
+        for kind in ("weight", "bias"):
+            converted[f"add_embedding.{ours}.{kind}"] = state[f"{prefix}label_emb.{theirs}.{kind}"]
+    module = ControlNetModel.from_config(config)
+    module.load_state_dict(converted, strict=True)
+    return module.to(dtype) if dtype is not None else module
 
 
 def check_family(net: ControlNet, family: Family, unet: Any) -> None:

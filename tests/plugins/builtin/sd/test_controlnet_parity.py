@@ -122,13 +122,17 @@ def test_style_with_controlnet_matches_img2img_controlnet_pipeline(sd: dict[str,
     assert max_diff(result.images[0], ref) <= 1
 
 
-def test_sdxl_controlnet_matches_sdxl_controlnet_pipeline(tmp_path: Path, control_image: Path) -> None:
+@pytest.mark.parametrize("layout", ["diffusers", "original", "control_model."])
+def test_sdxl_controlnet_matches_sdxl_controlnet_pipeline(tmp_path: Path, control_image: Path, layout: str) -> None:
+    """SDXL ControlNet files in diffusers' keys and in the original layout (its ``label_emb``, which
+    diffusers' converter drops, mapped by difftool), with and without A1111's ``control_model.`` prefix."""
     from diffusers import StableDiffusionXLControlNetPipeline
 
     parts = tiny.components(xl=True, vae_levels=4, seed=9)
     folder = tiny.save_folder(parts, tmp_path / "tiny-sdxl")
     net = tiny.controlnet(parts["unet"], seed=10)
-    file = tiny.save_controlnet_file(net, tmp_path / "cn-xl.safetensors", original=False)  # SDXL files: diffusers keys
+    original, prefix = layout != "diffusers", layout if layout.endswith(".") else ""
+    file = tiny.save_controlnet_file(net, tmp_path / "cn-xl.safetensors", original=original, prefix=prefix)
     result = api.run(
         "generate", model=str(folder), prompt="a teapot", negative_prompt="dust", width=SIZE[0], height=SIZE[1],
         steps=STEPS, guidance_scale=5.0, scheduler="euler-a", seed=SEED, dtype="fp32",

@@ -345,13 +345,14 @@ def ldm_controlnet_keys(state: dict[str, torch.Tensor], config: dict[str, Any]) 
     return out
 
 
-def save_controlnet_file(net: Any, path: Path, original: bool = True) -> Path:
-    """A single ``.safetensors`` ControlNet (original or diffusers key layout) with its sidecar config."""
+def save_controlnet_file(net: Any, path: Path, original: bool = True, prefix: str = "") -> Path:
+    """A single ``.safetensors`` ControlNet (original or diffusers key layout) with its sidecar config;
+    ``prefix`` (``control_model.``) as some A1111 files carry it."""
     from safetensors.torch import save_file
 
     state = net.state_dict()
     if original:
-        state = ldm_controlnet_keys(state, dict(net.config))
+        state = {prefix + k: v for k, v in ldm_controlnet_keys(state, dict(net.config)).items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     net.save_config(path.with_name(path.name + ".diffusers"))
     return path

@@ -209,6 +209,15 @@ _A1111_MODULES = {
     "invert (from white bg & black line)": "invert",
     "scribble_xdog": "scribble",
 }
+#: A1111's resize modes (its enum's names and values) by difftool's ``resize=`` name.
+_RESIZE_MODES = {
+    "Just Resize": "just",
+    "Crop and Resize": "crop",
+    "Resize and Fill": "fill",
+    "ResizeMode.RESIZE": "just",
+    "ResizeMode.INNER_FIT": "crop",
+    "ResizeMode.OUTER_FIT": "fill",
+}
 _CONTROL_PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
 
 
@@ -220,9 +229,10 @@ def controlnet_text(
     end: float,
     guess: bool,
     thresholds: tuple[Any, Any] = (None, None),
+    resize: str = "Crop and Resize",
 ) -> str:
     """One ControlNet unit's value in the ``parameters`` text, as A1111's ControlNet extension writes it."""
-    fields = [f"Module: {module}", f"Model: {model}", f"Weight: {weight:g}"]
+    fields = [f"Module: {module}", f"Model: {model}", f"Weight: {weight:g}", f"Resize Mode: {resize}"]
     fields += [f"Threshold {ab}: {value}" for ab, value in zip("AB", thresholds, strict=True) if value is not None]
     fields += [f"Guidance Start: {start:g}", f"Guidance End: {end:g}", f"Control Mode: {_CONTROL_MODES[guess]}"]
     return ", ".join(fields)
@@ -240,6 +250,8 @@ def controlnet_spec(text: str) -> str | None:
     parts += [f"start={pairs.get('Guidance Start', '0')}", f"end={pairs.get('Guidance End', '1')}"]
     if pairs.get("Control Mode") == _CONTROL_MODES[True]:
         parts.append("guess=1")
+    resize = _RESIZE_MODES.get(pairs.get("Resize Mode", ""), "crop")
+    parts += [f"resize={resize}"] if resize != "crop" else []
     if module == "canny":
         thresholds = (("A", "low"), ("B", "high"))
         parts += [f"{key}={pairs[f'Threshold {ab}']}" for ab, key in thresholds if f"Threshold {ab}" in pairs]

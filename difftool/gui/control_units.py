@@ -32,11 +32,11 @@ from PySide6.QtWidgets import (
 from difftool.core.errors import DifftoolError
 from difftool.core.task import Param
 from difftool.gui.form import PathField
-from difftool.plugins.builtin.sd.control import parse_unit, preprocess, split_unit
+from difftool.plugins.builtin.sd.control import RESIZE_MODES, parse_unit, preprocess, split_unit
 
 #: The preview's longest side: preprocessors run on a reduced copy, so a large photo previews at once.
 PREVIEW_SIDE = 384
-_KNOWN = ("model", "image", "pre", "weight", "start", "end", "guess")
+_KNOWN = ("model", "image", "pre", "weight", "start", "end", "guess", "resize")
 
 
 def is_control_param(param: Param) -> bool:
@@ -69,6 +69,9 @@ class ControlUnitBox(QGroupBox):
         self.pre.currentTextChanged.connect(self._show_options)
         self.weight, self.start, self.end = _spin(1.0, 2.0), _spin(0.0, 1.0), _spin(1.0, 1.0)
         self.guess = QCheckBox("guess mode")
+        self.resize = QComboBox()
+        for mode, label in RESIZE_MODES.items():
+            self.resize.addItem(label, mode)
         self.preview_label = QLabel()
         self.preview_label.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.preview_label.setWordWrap(True)
@@ -91,6 +94,7 @@ class ControlUnitBox(QGroupBox):
             ("preprocessor", self.pre),
             ("options", self.options),
             ("weight", self.weight),
+            ("fit", self.resize),
         ):
             layout.addRow(label, field)
         layout.addRow("steps", span)
@@ -115,6 +119,7 @@ class ControlUnitBox(QGroupBox):
         parts = [head, f"pre={self.pre.currentText()}", f"weight={self.weight.value():g}"]
         parts += [f"start={self.start.value():g}", f"end={self.end.value():g}"]
         parts += ["guess=1"] if self.guess.isChecked() else []
+        parts += [f"resize={self.resize.currentData()}"] if self.resize.currentData() != "crop" else []
         options = [part.strip() for part in self.options.text().replace(";", ",").split(",") if part.strip()]
         return ",".join(parts + options)
 
@@ -128,6 +133,7 @@ class ControlUnitBox(QGroupBox):
             if key in fields:
                 box.setValue(float(fields[key]))
         self.guess.setChecked(str(fields.get("guess", "")).lower() in ("1", "true", "yes"))
+        self.resize.setCurrentIndex(max(0, self.resize.findData(fields.get("resize") or "crop")))
         self.options.setText(",".join(f"{k}={v}" for k, v in fields.items() if k not in _KNOWN))
         self._show_options(self.pre.currentText())
 

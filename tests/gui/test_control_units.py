@@ -55,10 +55,11 @@ def test_a_unit_edited_in_the_form_is_the_cli_text(form: ParamForm, edges_photo:
     box.weight.setValue(0.8)
     box.end.setValue(0.6)
     box.guess.setChecked(True)
-    text = f"cn-canny={edges_photo},pre=canny,weight=0.8,start=0,end=0.6,guess=1,low=50"
+    box.resize.setCurrentText("Resize and Fill")
+    text = f"cn-canny={edges_photo},pre=canny,weight=0.8,start=0,end=0.6,guess=1,resize=fill,low=50"
     assert form.values()["control"] == [text]
     unit = parse_unit(text)
-    assert unit == ControlUnit("cn-canny", str(edges_photo), "canny", 0.8, 0.0, 0.6, True, (("low", "50"),))
+    assert unit == ControlUnit("cn-canny", str(edges_photo), "canny", 0.8, 0.0, 0.6, True, (("low", "50"),), "fill")
 
     form.reset()
     assert field.boxes == [] and "control" not in form.values()
@@ -81,6 +82,7 @@ def test_units_come_back_from_a1111_text(form: ParamForm) -> None:
     assert (box.model.currentText(), box.pre.currentText(), box.weight.value()) == ("cn-canny", "canny", 0.7)
     assert (box.start.value(), box.end.value(), box.guess.isChecked()) == (0.1, 0.9, False)
     assert box.image.text() == "" and box.options.text() == "low=64,high=180"  # A1111 records no image
+    assert box.resize.currentText() == "Crop and Resize"
 
 
 def test_preview_runs_the_preprocessor_on_a_reduced_copy(form: ParamForm, edges_photo: Path) -> None:

@@ -17,8 +17,12 @@ from typing import Any
 from difftool.core.errors import ParameterError
 from difftool.core.task import Param
 
-_FIELDS = ("model", "image", "pre", "weight", "start", "end", "guess")
-_FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,guess=1]"
+_FIELDS = ("model", "image", "pre", "weight", "start", "end", "guess", "resize")
+_FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,guess=1][,resize=crop]"
+#: How a control image of another shape than the output is fitted, by A1111's names: ``crop`` scales it
+#: to cover the output and crops the middle (A1111's default), ``just`` stretches it, ``fill`` fits it
+#: inside and pads the rest (black: no edges, no lines; -1 for the inpaint preprocessor: to be made).
+RESIZE_MODES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resize and Fill"}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ControlUnit:
     guess: bool = False
     #: The preprocessor's options, as given (validated against its declaration when the unit runs).
     options: tuple[tuple[str, str], ...] = field(default=())
+    resize: str = "crop"
 
     def __str__(self) -> str:
         image = "" if self.image is None else "=<image>"
@@ -41,6 +46,7 @@ class ControlUnit:
             image = f"={self.image}"
         parts = [f"{self.model}{image}", f"pre={self.pre}", f"weight={self.weight:g}"]
         parts += [f"start={self.start:g}", f"end={self.end:g}"] + (["guess=1"] if self.guess else [])
+        parts += [f"resize={self.resize}"] if self.resize != "crop" else []
         return ",".join(parts + [f"{k}={v}" for k, v in self.options])
 
 
@@ -108,7 +114,10 @@ def _unit(fields: dict[str, Any], given: Any) -> ControlUnit:
     guess = Param("guess", "bool").validate(fields.get("guess", False))
     pre = str(fields.get("pre") or "none")
     options = tuple((str(k), str(v)) for k, v in extra.items() if k != "pre")
-    return ControlUnit(model, image, pre, weight, start, end, bool(guess), options)
+    resize = str(fields.get("resize") or "crop")
+    if resize not in RESIZE_MODES:
+        raise ParameterError(f"ControlNet resize {resize!r} is not one of {', '.join(RESIZE_MODES)}", _FIX)
+    return ControlUnit(model, image, pre, weight, start, end, bool(guess), options, resize)
 
 
 def _number(fields: Mapping[str, Any], key: str, default: float, low: float, high: float) -> float:
@@ -125,7 +134,8 @@ def _number(fields: Mapping[str, Any], key: str, default: float, low: float, hig
 CONTROL_PARAM = Param(
     "control",
     "string",
-    help="ControlNet unit, repeatable: MODEL[=IMAGE][,pre=canny][,weight=1][,start=0][,end=1][,guess=1]; MODEL is "
+    help="ControlNet unit, repeatable: MODEL[=IMAGE][,pre=canny][,weight=1][,start=0][,end=1][,guess=1]"
+    "[,resize=crop|just|fill]; MODEL is "
     "a file, folder or listed name; IMAGE defaults to the input image (style, inpaint); other key=value pairs "
     "are preprocessor options (canny: low, high)",
     multiple=True,
@@ -142,4 +152,5 @@ def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
     canny = unit.pre == "canny"  # A1111 records its thresholds, given or not
     thresholds = (options.get("low", "100"), options.get("high", "200")) if canny else (None, None)
     model = f"{name} [{digest[:8]}]"
-    return controlnet_text(unit.pre, model, unit.weight, unit.start, unit.end, unit.guess, thresholds)
+    resize = RESIZE_MODES[unit.resize]
+    return controlnet_text(unit.pre, model, unit.weight, unit.start, unit.end, unit.guess, thresholds, resize)

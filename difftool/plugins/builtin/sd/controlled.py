@@ -100,7 +100,7 @@ def control_image(unit: ControlUnit, size: tuple[int, int], context: RunContext,
         rgb, mask = source.rgb, source.mask
     else:
         raise ParameterError(f"ControlNet {unit.model} has no control image", f"write --control {unit.model}=IMAGE")
-    out = _preprocess(unit, rgb.astype(np.float32), mask, context)
+    out = fit(_preprocess(unit, rgb.astype(np.float32), mask, context), size, unit.resize)
     width, height = size
     if out.min() >= 0.0:  # diffusers' own resizing (Lanczos on the 8-bit image) for parity
         pil = Image.fromarray((np.clip(out, 0, 1) * 255).round().astype(np.uint8))
@@ -109,6 +109,30 @@ def control_image(unit: ControlUnit, size: tuple[int, int], context: RunContext,
     # Negative values (the inpaint preprocessor's -1) survive only a resize without 8-bit rounding.
     channels = [np.asarray(Image.fromarray(out[..., c], "F").resize(size, Image.Resampling.NEAREST)) for c in range(3)]
     return torch.from_numpy(np.stack(channels)).float()[None]
+
+
+def fit(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``image`` (H x W x 3) cut (``crop``) or padded (``fill``) to the aspect of ``size`` (width, height),
+    centred, before it is resized; ``just`` leaves it to be stretched. Padding is 0 (no edges, no lines),
+    or -1 in an inpaint control image (to be made)."""
+    height, width = image.shape[:2]
+    target_w, target_h = size
+    if mode == "just" or width * target_h == height * target_w:
+        return image
+    wider = width * target_h > height * target_w
+    if mode == "crop":
+        if wider:
+            keep = max(1, round(height * target_w / target_h))
+            return image[:, (width - keep) // 2 : (width - keep) // 2 + keep]
+        keep = max(1, round(width * target_h / target_w))
+        return image[(height - keep) // 2 : (height - keep) // 2 + keep]
+    new_h, new_w = (
+        (round(width * target_h / target_w), width) if wider else (height, round(height * target_w / target_h))
+    )
+    out = np.full((new_h, new_w, image.shape[2]), -1.0 if image.min() < 0 else 0.0, np.float32)
+    top, left = (new_h - height) // 2, (new_w - width) // 2
+    out[top : top + height, left : left + width] = image
+    return out
 
 
 def _preprocess(unit: ControlUnit, rgb: np.ndarray, mask: np.ndarray | None, context: RunContext) -> np.ndarray:

@@ -231,20 +231,66 @@ def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_pa
     args = ["run", "generate", "--model", model, "--prompt", "a tower", "--steps", "2", "--width", "64",
             "--height", "48", "--dtype", "fp32", "-o", tmp_path / "out.png",
             "--control", f"cn-edges={edges},pre=canny,low=80,weight=0.7,end=0.5",
-            "--control", f"cn-edges={edges},pre=scribble,guess=1"]  # fmt: skip
+            "--control", f"cn-edges={edges},pre=scribble,guess=1,resize=fill"]  # fmt: skip
     result = CliRunner().invoke(cli.cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     parameters = Image.open(tmp_path / "out.png").text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: cn-edges [' in parameters
-    assert "Weight: 0.7, Threshold A: 80, Threshold B: 200, Guidance Start: 0, Guidance End: 0.5, " in parameters
-    assert "Control Mode: ControlNet is more important" in parameters
+    assert "Weight: 0.7, Resize Mode: Crop and Resize, Threshold A: 80, Threshold B: 200, Guidance Start: 0, " in (
+        parameters
+    )
+    assert (
+        "Weight: 1, Resize Mode: Resize and Fill, Guidance Start: 0, Guidance End: 1, "
+        "Control Mode: ControlNet is more important" in parameters
+    )
     restored = metadata.params_from_a1111(read_metadata(tmp_path / "out.png")["parameters"])
     assert restored["control"] == [
         "cn-edges,pre=canny,weight=0.7,start=0,end=0.5,low=80,high=200",
-        "cn-edges,pre=scribble,weight=1,start=0,end=1,guess=1",
+        "cn-edges,pre=scribble,weight=1,start=0,end=1,guess=1,resize=fill",
     ]
     help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"]).output
     assert "--control" in help_text and "MODEL[=IMAGE]" in help_text
+
+
+def test_resize_modes_crop_stretch_or_pad_to_the_output_aspect() -> None:
+    from difftool.plugins.builtin.sd.controlled import fit
+
+    image = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4, 8, 3)  # 8 wide, 4 high
+    np.testing.assert_array_equal(fit(image, (4, 4), "crop"), image[:, 2:6])  # the middle square
+    np.testing.assert_array_equal(fit(image, (16, 8), "crop"), image)  # same aspect: untouched
+    assert fit(image, (4, 4), "just") is image  # stretched later, by the resize
+    filled = fit(image, (4, 4), "fill")
+    assert filled.shape == (8, 8, 3)
+    np.testing.assert_array_equal(filled[2:6], image)
+    assert not filled[:2].any() and not filled[6:].any()  # black bands: no edges there
+    tall = fit(-np.ones((8, 4, 3), np.float32), (4, 4), "crop")
+    assert tall.shape == (4, 4, 3)
+    assert fit(np.full((8, 4, 3), -1.0, np.float32), (8, 4), "fill")[0, 0, 0] == -1.0  # inpaint: to be made
+    assert parse_unit("cn,resize=fill").resize == "fill" and parse_unit("cn").resize == "crop"
+    with pytest.raises(ParameterError, match="ControlNet resize 'stretch' is not one of crop, just, fill"):
+        parse_unit("cn,resize=stretch")
+
+
+def test_a_control_image_of_another_aspect_is_cropped_by_default(tmp_path: Path) -> None:
+    """The control image the ControlNet sees (1 x 3 x H x W in [0, 1]) for a 2:1 image and a 4:3 output."""
+    from types import SimpleNamespace
+
+    from difftool.plugins.builtin.sd.controlled import control_image
+
+    wide = tmp_path / "wide.png"
+    pixels = np.zeros((48, 96, 3), np.uint8)
+    pixels[:, :16] = 255  # a white band at the left, cut off by crop
+    Image.fromarray(pixels).save(wide)
+    context = SimpleNamespace(registry=None)
+    seen = {
+        mode: control_image(parse_unit(f"cn={wide},resize={mode}"), (64, 48), context, None)[0, 0].numpy()
+        for mode in ("crop", "just", "fill")
+    }
+    assert seen["crop"].shape == seen["just"].shape == seen["fill"].shape == (48, 64)
+    assert seen["crop"].max() < 0.01  # the middle 64 x 48: all black
+    assert seen["just"][:, :8].min() > 0.9 and seen["just"][:, 12:].max() < 0.1  # squeezed to 64 wide: 10.7 px
+    assert seen["fill"][:6].max() < 0.01 and seen["fill"][10:38, :8].min() > 0.9  # 64 x 32 between black bands
+    assert seen["fill"][10:38, 12:].max() < 0.1
 
 
 def test_a1111_module_names_map_to_difftools() -> None:

@@ -221,6 +221,11 @@ _RESIZE_MODES = {
 _CONTROL_PAIR = re.compile(r"\s*([\w ]+):\s*([^,]*)")
 
 
+def a1111_module(name: str) -> str:
+    """difftool's preprocessor for an A1111 ControlNet module name (unknown names pass through)."""
+    return _A1111_MODULES.get(name, name)
+
+
 def controlnet_text(
     module: str,
     model: str,
@@ -245,7 +250,7 @@ def controlnet_spec(text: str) -> str | None:
     model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", pairs.get("Model", "")).strip()
     if not model or model.lower() == "none":
         return None
-    module = _A1111_MODULES.get(pairs.get("Module", ""), pairs.get("Module") or "none")
+    module = a1111_module(pairs.get("Module") or "none")
     parts = [model, f"pre={module}", f"weight={pairs.get('Weight', '1')}"]
     parts += [f"start={pairs.get('Guidance Start', '0')}", f"end={pairs.get('Guidance End', '1')}"]
     if pairs.get("Control Mode") == _CONTROL_MODES[True]:

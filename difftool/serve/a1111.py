@@ -21,6 +21,7 @@ from PIL import Image
 
 from difftool.core.errors import DifftoolError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, open_image
+from difftool.serve.a1111_controlnet import controlnet_units
 from difftool.serve.a1111_map import (
     SUPPORTED_OPTIONS,
     ExtrasSingleImageRequest,
@@ -169,7 +170,12 @@ def _checked(server: Server, req: Txt2ImgRequest) -> tuple[str, dict[str, Any]]:
     check_supported(req)
     checkpoint = (req.override_settings or {}).get("sd_model_checkpoint") or server.options["sd_model_checkpoint"]
     clip_skip = server.options.get("CLIP_stop_at_last_layers")
-    return _model_name(server, checkpoint), prompt_params(req, server.registry, clip_skip)
+    params = prompt_params(req, server.registry, clip_skip)
+    deprecated = (req.model_extra or {}).get("controlnet_units")  # webuiapi's use_deprecated_controlnet
+    units = controlnet_units({**req.alwayson_scripts, **({"controlnet": {"args": deprecated}} if deprecated else {})})
+    if units:
+        params["control"] = units
+    return _model_name(server, checkpoint), params
 
 
 @router.post("/txt2img")

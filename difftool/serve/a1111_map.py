@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from difftool.core.errors import ParameterError
+from difftool.serve.a1111_controlnet import is_controlnet_script
 
 #: ``override_settings`` / ``POST /options`` keys difftool honours.
 SUPPORTED_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "show_progress_every_n_steps")
@@ -113,7 +114,6 @@ UNUSED_FIELDS: dict[str, tuple[Any, ...]] = {
     "s_tmin": (None, 0, 0.0),
     "s_tmax": (None, 0, 0.0, float("inf")),
     "s_noise": (None, 1, 1.0),
-    "controlnet_units": (None, []),
 }
 
 
@@ -136,6 +136,8 @@ def check_supported(req: Txt2ImgRequest) -> None:
     if req.script_name:
         raise refuse("script_name", f"scripts are not supported ({req.script_name!r})")
     for name, script in req.alwayson_scripts.items():
+        if is_controlnet_script(name):
+            continue  # units become difftool's (a1111_controlnet.controlnet_units)
         args = script.get("args", []) if isinstance(script, dict) else script
         if args and args != [False]:  # an extension's "disabled" marker is fine
             raise refuse("alwayson_scripts", f"extension {name!r} is not available in difftool")

@@ -46,11 +46,17 @@ def _tiny() -> Any:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A DIFFTOOL_MODELS folder with a tiny SD checkpoint (``tiny-sd``) and a tiny SD inpainting one."""
+    """A DIFFTOOL_MODELS folder with a tiny SD checkpoint (``tiny-sd``), a tiny SD inpainting one, and
+    ``tiny-sd8`` with its ControlNet ``cn-tiny``."""
     tiny = _tiny()
     root = tmp_path_factory.mktemp("serve-models")
     tiny.save_folder(tiny.components(seed=2), root / "tiny-sd")
     tiny.save_folder(tiny.components(in_channels=9, seed=4), root / "tiny-sd-inpaint")
+    # With SD's 8x latent scale (a ControlNet's conditioning encoder assumes it) and a ControlNet for it.
+    parts = tiny.components(vae_levels=4, seed=6)
+    tiny.save_folder(parts, root / "tiny-sd8")
+    (root / "ControlNet").mkdir()
+    tiny.save_controlnet_file(tiny.controlnet(parts["unet"], seed=7), root / "ControlNet" / "cn-tiny.safetensors")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DIFFTOOL_MODELS", str(root))
         yield root

@@ -184,3 +184,55 @@ def test_a1111_fields_difftool_lacks_are_refused_when_set_not_ignored(api: Any) 
             f"{api.baseurl}/txt2img", json={"prompt": "x", "width": 16, "height": 16, field: value}
         )
         assert response.status_code == 422 and field in response.json()["error"], (field, response.text)
+
+
+def test_controlnet_units_from_webuiapi_match_difftool_run(api: Any, serve_registry: Any, model_root: Any) -> None:
+    """webuiapi's ControlNetUnit (sent as ``alwayson_scripts.ControlNet``) is difftool's ``--control``."""
+    edges = Image.new("RGB", (64, 48))
+    edges.paste((255, 255, 255), (16, 8, 40, 30))
+    unit = webuiapi.ControlNetUnit(
+        image=edges, module="canny", model="cn-tiny [0123abcd]", weight=0.8, resize_mode="Crop and Resize",
+        threshold_a=80, threshold_b=200, guidance_end=0.6,
+    )  # fmt: skip
+    common = dict(prompt="a house", seed=4, steps=3, width=64, height=48)
+    # A fresh alwayson_scripts: webuiapi adds the units to its mutable default dict, which every later
+    # call (any client) would then send.
+    result = api.txt2img(
+        **common, sampler_name="Euler a", controlnet_units=[unit], alwayson_scripts={},
+        override_settings={"sd_model_checkpoint": "tiny-sd8"},
+    )  # fmt: skip
+    path = model_root / "edges-for-a1111.png"
+    edges.save(path)
+    expected = difftool.run(
+        "generate", model="tiny-sd8", scheduler="euler-a", registry=serve_registry, **common,
+        control=[f"cn-tiny={path},pre=canny,weight=0.8,end=0.6,low=80,high=200"],
+    )  # fmt: skip
+    plain = difftool.run("generate", model="tiny-sd8", scheduler="euler-a", registry=serve_registry, **common)
+    assert np.array_equal(pixels(result.image), pixels(expected.image))
+    assert not np.array_equal(pixels(result.image), pixels(plain.image))  # the unit acted
+    assert 'ControlNet 0: "Module: canny, Model: cn-tiny [' in result.info["infotexts"][0]
+
+
+def test_controlnet_units_difftool_cannot_honour_are_refused_by_field(live_server: str) -> None:
+    import urllib.error
+    import urllib.request
+
+    def post(unit: dict[str, Any]) -> tuple[int, str]:
+        body = {"prompt": "x", "steps": 1, "width": 64, "height": 48,
+                "override_settings": {"sd_model_checkpoint": "tiny-sd8"},
+                "alwayson_scripts": {"ControlNet": {"args": [unit]}}}  # fmt: skip
+        request = urllib.request.Request(
+            f"http://{live_server}/sdapi/v1/txt2img", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    status, text = post({"model": "cn-tiny", "control_mode": "My prompt is more important"})
+    assert status == 422 and "alwayson_scripts.ControlNet.args[0].control_mode" in text
+    status, text = post({"model": "/etc/cn.safetensors"})
+    assert status in (403, 422) and "not one of this server's models" in text
+    status, text = post({"model": "cn-tiny", "module": "depth_midas"})  # txt2img: no image either
+    assert status == 422 and ("preprocessor" in text or "control image" in text)

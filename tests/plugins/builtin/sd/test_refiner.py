@@ -152,3 +152,90 @@ def test_refiner_errors(models: dict) -> None:
         api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
     with pytest.raises(ParameterError, match="--refiner with --hires is not supported"):
         api.run("generate", model=base, refiner=refiner, hires=1.5, **common)
+
+
+def test_a1111_metadata_round_trip(models: dict, tmp_path: Path) -> None:
+    from difftool.core.images import read_metadata, save_image
+    from difftool.core.metadata import format_parameters, params_from_a1111
+
+    common = {**PROMPT, **SIZE, "steps": 4, "scheduler": "euler", "seed": SEED}
+    result = api.run(
+        "generate", model=str(models["base"]), refiner=str(models["refiner"]), refiner_switch=0.75, **common
+    )
+    saved = read_metadata(save_image(result.images[0], tmp_path / "r.png", result.record))
+    a1111 = saved["parameters"]
+    assert a1111["Refiner"] == f"tiny-refiner [{result.record['refiner_hash']}]"
+    assert a1111["Refiner switch at"] == "0.75" and a1111["Model"] == "tiny-sdxl"
+    params = params_from_a1111(a1111)
+    assert params["refiner"] == "tiny-refiner" and params["refiner_switch"] == 0.75
+    assert saved["difftool"]["refiner"] == "tiny-refiner"
+    # Without a refiner, the switch's default is not written.
+    assert "Refiner" not in format_parameters({"prompt": "x", "steps": 4, "refiner_switch": 0.8})
+    # A1111's own text reads back the same way.
+    text = "a cat\nSteps: 20, Sampler: Euler, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8"
+    from difftool.core.metadata import parse_parameters
+
+    read = params_from_a1111(parse_parameters(text))
+    assert read["refiner"] == "sd_xl_refiner_1.0" and read["refiner_switch"] == 0.8
+
+
+def test_cli_run_with_a_listed_refiner(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from difftool import cli
+    from difftool.core.images import read_metadata
+    from difftool.plugins.registry import build_registry
+
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(models["refiner"].parent))
+    registry = build_registry(entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    out = tmp_path / "out"
+    args = ["run", "generate", "--model", "tiny-sdxl", "--refiner", "tiny-refiner-file", "--refiner-switch", "0.6"]
+    args += ["--prompt", "a castle", "--width", "32", "--height", "24", "--steps", "3", "--seed", "7", "-o", str(out)]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    [png] = sorted(out.glob("*.png"))
+    assert Image.open(png).size == (32, 24)
+    text = read_metadata(png)["parameters"]
+    assert text["Refiner"].startswith("tiny-refiner-file [") and text["Refiner switch at"] == "0.6"
+    bad = CliRunner().invoke(cli.cli, [*args[:4], "--refiner", "tiny-sdxl", *args[6:], "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output
+
+
+def test_server_accepts_listed_refiners_only(models: dict) -> None:
+    from difftool.core.models import ModelEntry
+    from difftool.plugins.builtin.sd.tasks import Generate
+    from difftool.serve.a1111_map import Txt2ImgRequest, refiner_params
+    from difftool.serve.security import PathPolicy, check_params
+
+    class Registry:
+        def find_models(self) -> list[ModelEntry]:
+            return [
+                ModelEntry("tiny-refiner", models["refiner"], "sdxl-refiner", "test"),
+                ModelEntry("tiny-sdxl", models["base"], "sdxl", "test"),
+            ]
+
+    def request(**fields: Any) -> Txt2ImgRequest:
+        return Txt2ImgRequest(prompt="x", **fields)
+
+    refiners = ["tiny-refiner"]
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner [0123abcd]", refiner_switch_at=0.7), refiners) == {
+        "refiner": "tiny-refiner",
+        "refiner_switch": 0.7,
+    }
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner.safetensors"), refiners) == {
+        "refiner": "tiny-refiner"
+    }
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner", refiner_switch_at=1.0), refiners) == {}
+    assert refiner_params(request(refiner_switch_at=0), refiners) == {}
+    with pytest.raises(ParameterError, match="refiner_checkpoint: 'tiny-sdxl' is not one of this server's SDXL"):
+        refiner_params(request(refiner_checkpoint="tiny-sdxl"), refiners)
+    with pytest.raises(ParameterError, match="refiner_switch_at: 0.5 needs a refiner_checkpoint"):
+        refiner_params(request(refiner_switch_at=0.5), refiners)
+    # The native API: a refiner is a listed refiner's name, never a path or another family's model.
+    checked = check_params(Generate(), {"refiner": "tiny-refiner"}, Registry(), PathPolicy(()))
+    assert checked["refiner"] == str(models["refiner"])
+    for name in ("tiny-sdxl", str(models["refiner"])):
+        with pytest.raises(ParameterError, match="not one of this server's models"):
+            check_params(Generate(), {"refiner": name}, Registry(), PathPolicy(()))

@@ -152,6 +152,9 @@ def test_refiner_errors(models: dict) -> None:
         api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
     with pytest.raises(ParameterError, match="--refiner with --hires is not supported"):
         api.run("generate", model=base, refiner=refiner, hires=1.5, **common)
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ParameterError, match="--refiner runs with --backend torch only, not onnx"):
+        api.run("generate", model=base, refiner=refiner, backend="onnx", **common)
 
 
 def test_a1111_metadata_round_trip(models: dict, tmp_path: Path) -> None:

@@ -103,6 +103,8 @@ _A1111_KEYS = (
     ("hires", "Hires upscale"),
     ("hires_steps", "Hires steps"),
     ("hires_upscaler", "Hires upscaler"),
+    ("refiner_title", "Refiner"),
+    ("refiner_switch", "Refiner switch at"),
     ("scale", "Upscale"),
     ("task", "difftool task"),
 )
@@ -110,7 +112,7 @@ _A1111_KEYS = (
 
 def format_parameters(record: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
-    record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler")}
+    record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler"), **_refiner(record)}
     lines = [str(record.get("prompt", "") or "")]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {record['negative_prompt']}")
@@ -118,6 +120,14 @@ def format_parameters(record: Mapping[str, Any]) -> str:
     fields += [f"ControlNet {i}: {_quote(text)}" for i, text in enumerate(record.get("controlnet") or ())]
     lines.append(", ".join(fields))
     return "\n".join(lines)
+
+
+def _refiner(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A1111's ``Refiner: name [hash]`` (its checkpoint title); the switch only with a refiner."""
+    if not record.get("refiner"):
+        return {"refiner_switch": None}
+    digest = record.get("refiner_hash")
+    return {"refiner_title": f"{record['refiner']} [{digest}]" if digest else record["refiner"]}
 
 
 def _quote(value: Any) -> str:
@@ -172,6 +182,7 @@ def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str
             out[key] = parsed[key]
     typed = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int)}
     typed |= {"Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float), "Hires steps": ("hires_steps", int)}
+    typed |= {"Refiner switch at": ("refiner_switch", float)}
     for label, (name, kind) in typed.items():
         try:
             out[name] = kind(parsed[label])
@@ -188,6 +199,8 @@ def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str
     if parsed.get("Hires upscaler"):
         upscaler = str(parsed["Hires upscaler"])
         out["hires_upscaler"] = "latent" if upscaler.lower().startswith("latent") else upscaler
+    if parsed.get("Refiner"):  # A1111 writes the checkpoint's title, ``name [hash]``
+        out["refiner"] = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(parsed["Refiner"])).strip()
     sampler = parsed.get("Sampler")
     if sampler and sampler_names and sampler in sampler_names:
         out["scheduler"] = sampler_names[sampler]

@@ -46,6 +46,7 @@ def sample(
     shape: tuple[int, ...] | None = None,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    init_noised: bool = False,
     cond: Conditioning | None = None,
     uncond: Conditioning | None = None,
     guidance_scale: float = 1.0,
@@ -57,18 +58,24 @@ def sample(
 
     Classifier-free guidance (``uncond`` given and ``guidance_scale`` != 1) runs both branches as one
     batched denoiser call. ``context.cancel`` is checked before every step, progress reported after it.
-    No step reads a value back to the host unless a preview is due.
+    No step reads a value back to the host unless a preview is due. ``init_noised``: ``init`` is already
+    at the first timestep's noise level (another run's unfinished sample, e.g. an SDXL base's latents
+    handed to its refiner): it is denoised as it is, and no noise is drawn for it.
     """
     if init is None and shape is None:
         raise ValueError("sample() needs a shape or an init sample")
     scheduler.set_timesteps(steps, strength=strength if init is not None else 1.0)
     timesteps = scheduler.timesteps
     device, dtype = denoiser.device, torch.float32
-    if noise is None:
-        noise = make_noise(tuple(init.shape if init is not None else shape), context, device, dtype)
-    if init is not None:  # img2img: start from init noised to the first planned timestep
+    if init is not None and init_noised:
+        x = init.to(device, dtype)
+    elif init is not None:  # img2img: start from init noised to the first planned timestep
+        if noise is None:
+            noise = make_noise(tuple(init.shape), context, device, dtype)
         x = scheduler.add_noise(init.to(device, dtype), noise, timesteps[:1])
     else:
+        if noise is None:
+            noise = make_noise(tuple(shape), context, device, dtype)
         x = noise * scheduler.init_noise_sigma
 
     cond = dict(cond or {})

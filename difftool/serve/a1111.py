@@ -31,11 +31,12 @@ from difftool.serve.a1111_map import (
     hires_params,
     inpaint_params,
     prompt_params,
+    refiner_params,
     refuse,
     upscale_scale,
 )
 from difftool.serve.jobs import Job
-from difftool.serve.security import load_image
+from difftool.serve.security import REFINER_FAMILIES, load_image
 from difftool.serve.server import MAX_COUNT, Server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -183,7 +184,8 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
     """Text to image: the ``generate`` task."""
     server = _server(request)
     model, params = _checked(server, req)
-    params |= {"width": req.width, "height": req.height, **hires_params(req)}
+    refiners = [m.name for m in server.registry.find_models() if m.family in REFINER_FAMILIES]
+    params |= {"width": req.width, "height": req.height, **hires_params(req), **refiner_params(req, refiners)}
     job = await _run(request, server, req, "generate", [], params, model)
     return {"images": _images(job, req), "parameters": req.model_dump(), "info": _info(job, req, model, {})}
 
@@ -216,6 +218,10 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
     """Image to image: ``style`` (no mask) or ``inpaint`` (with ``mask``)."""
     server = _server(request)
     model, params = _checked(server, req)
+    extra = req.model_extra or {}
+    if extra.get("refiner_checkpoint") not in (None, "", "None") and extra.get("refiner_switch_at") not in (1, 1.0):
+        raise refuse("refiner_checkpoint", "difftool's SDXL refiner runs with txt2img only")
+    refiner_params(req, ())  # a switch point without a refiner is refused, as for txt2img
     image = await run_in_threadpool(_init_image, server, req)
     if req.mask:
         task = "inpaint"

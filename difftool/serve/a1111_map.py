@@ -7,6 +7,7 @@ A1111 samplers read and that have no effect on difftool's schedulers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,8 +105,6 @@ def refuse(field: str, why: str) -> ParameterError:
 #: A1111 fields difftool has no model field for, with the values that mean "not used" (clients such as
 #: webuiapi send them all): any other value is refused by name instead of being ignored.
 UNUSED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": (None, 0, 0.0, 1, 1.0),
     "hr_checkpoint_name": (None, "", "Use same checkpoint"),
     "hr_scheduler": (None, "", "Use same scheduler"),
     "firstphase_width": (None, 0),
@@ -171,6 +170,33 @@ def hires_params(req: Txt2ImgRequest) -> dict[str, Any]:
     }
     if req.hr_second_pass_steps:
         params["hires_steps"] = req.hr_second_pass_steps
+    return params
+
+
+def refiner_params(req: Txt2ImgRequest, refiners: Sequence[str]) -> dict[str, Any]:
+    """A1111's ``refiner_checkpoint``/``refiner_switch_at`` as ``generate``'s ``--refiner`` parameters.
+
+    ``refiners``: the names of the listed SDXL refiners; any other checkpoint is refused (422), as is a
+    switch point without a checkpoint. A1111 runs no refiner for ``refiner_switch_at`` 1.
+    """
+    extra = req.model_extra or {}
+    checkpoint, switch = extra.get("refiner_checkpoint"), extra.get("refiner_switch_at")
+    if checkpoint in (None, "", "None") or switch in (1, 1.0):
+        if switch not in (None, 0, 0.0, 1, 1.0):
+            raise refuse("refiner_switch_at", f"{switch!r} needs a refiner_checkpoint")
+        return {}
+    title = str(checkpoint)
+    name = title.split(" [")[0].strip()
+    found = next((n for n in (name, name.rsplit(".", 1)[0]) if n in refiners), None)
+    if found is None:
+        listed = ", ".join(refiners) or "none"
+        raise refuse("refiner_checkpoint", f"{title!r} is not one of this server's SDXL refiners ({listed})")
+    params: dict[str, Any] = {"refiner": found}
+    if switch not in (None, 0, 0.0):
+        try:
+            params["refiner_switch"] = float(switch)
+        except (TypeError, ValueError):
+            raise refuse("refiner_switch_at", f"{switch!r} is not a number between 0 and 1") from None
     return params
 
 

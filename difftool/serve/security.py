@@ -127,6 +127,8 @@ def load_image(value: Any, what: str, policy: PathPolicy, limit: int) -> LoadedI
 UPSCALER_PARAMS = ("hires_upscaler", "upscaler")
 KEYWORDS = ("latent", "embedded", "lanczos")
 UPSCALER_FAMILIES = ("difftool-superres", "upscaler")
+#: The family ``difftool models`` gives SDXL refiners (generate's ``refiner``).
+REFINER_FAMILIES = ("sdxl-refiner",)
 
 
 def check_params(
@@ -150,6 +152,8 @@ def check_params(
         elif param.name == "control" and param.multiple:
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
             checked[param.name] = [_checked_control(item, registry, policy, limit) for item in items if item]
+        elif param.name == "refiner" and param.type == "string":
+            checked[param.name] = resolve_model(str(value), registry, policy, families=REFINER_FAMILIES)
         elif param.name in UPSCALER_PARAMS and param.type == "string" and str(value).lower() not in KEYWORDS:
             checked[param.name] = resolve_model(str(value), registry, policy, families=UPSCALER_FAMILIES)
         elif param.name == "allow_pickle" and value not in (False, 0, "false", "0", "no", "off", ""):

@@ -30,7 +30,7 @@ from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskReques
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
-from difftool.plugins.builtin.sd.families import FAMILIES
+from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
@@ -41,7 +41,7 @@ class Inpaint(Task):
     name = "inpaint"
     summary = "Repaint the white area of a mask"
     uses_model = True
-    model_families = ("difftool-inpaint", *FAMILIES)  # SD checkpoints inpaint too (an inpainting one best)
+    model_families = ("difftool-inpaint", *BASE_FAMILIES)  # SD checkpoints inpaint too (an inpainting one best)
     params = (
         Param("mask", "mask", help="mask image: white (non-zero) = repaint, black = keep (or use --extend)"),
         Param("resize_mask", "bool", default=False, help="resize a mask of another size to the image"),

@@ -50,7 +50,7 @@ def detect_folder(path: Path) -> str | None:
         from difftool.plugins.builtin.sd.families import family_from_unet_config
 
         try:
-            return family_from_unet_config(json.loads(unet_config.read_text())).name
+            return family_from_unet_config(json.loads(unet_config.read_text()), path).name
         except (OSError, json.JSONDecodeError, ModelError):
             return "diffusers (unsupported U-Net)"
     if (path / "model_index.json").is_file():

@@ -33,6 +33,8 @@ class Family:
     tokenizers: tuple[str, ...]
     inpainting: bool = False
     xl: bool = False
+    #: An SDXL refiner: finishes another model's latents (``--refiner``); text_encoder_2 only, aesthetic score.
+    refiner: bool = False
 
     @property
     def config_dir(self) -> Path:
@@ -44,6 +46,9 @@ class Family:
 
     @property
     def text_encoders(self) -> tuple[str, ...]:
+        """The diffusers folder names of the text encoders (a refiner has only SDXL's second one)."""
+        if self.refiner:
+            return ("text_encoder_2",)
         return ("text_encoder", "text_encoder_2")[: len(self.tokenizers)]
 
 
@@ -56,8 +61,13 @@ FAMILIES: dict[str, Family] = {
         Family("sd2-inpaint", "Stable Diffusion 2.x inpainting", 512, ("openclip",), inpainting=True),
         Family("sdxl", "Stable Diffusion XL base", 1024, ("clip", "openclip"), xl=True),
         Family("sdxl-inpaint", "Stable Diffusion XL inpainting", 1024, ("clip", "openclip"), inpainting=True, xl=True),
+        Family("sdxl-refiner", "Stable Diffusion XL refiner", 1024, ("openclip",), xl=True, refiner=True),
     )
 }
+#: The families a task runs as its ``--model`` (a refiner only finishes another model's image).
+BASE_FAMILIES: tuple[str, ...] = tuple(name for name, family in FAMILIES.items() if not family.refiner)
+#: The refiner's OpenCLIP-G text encoder, first (and only) in its single-file layout; diffusers' marker.
+REFINER_TEXT_KEY = "conditioner.embedders.0.model.text_projection"
 #: Cross-attention width -> family base name (the text encoder's hidden size).
 _BY_CONTEXT_DIM = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
@@ -86,21 +96,46 @@ def detect_family(shapes: Mapping[str, Sequence[int]], what: str = "the checkpoi
     if len(context_dims) != 1:
         raise ModelError(f"{what} has a U-Net without one cross-attention width ({sorted(context_dims)})", fix_for({}))
     dim = context_dims.pop()
+    if UNET_ADD_EMBED in shapes and (dim == 1280 or REFINER_TEXT_KEY in shapes):
+        if in_channels != 4:
+            raise ModelError(f"{what} is an SDXL refiner with {in_channels} input channels", fix_for({}))
+        return FAMILIES["sdxl-refiner"]
     base = _BY_CONTEXT_DIM.get(dim)
     if base is None or (base == "sdxl") != (UNET_ADD_EMBED in shapes):
-        kind = "an SDXL refiner" if dim == 1280 else f"a U-Net with {dim}-wide cross-attention"
-        raise ModelError(f"{what} is {kind}, not a supported family", fix_for({}))
+        raise ModelError(f"{what} is a U-Net with {dim}-wide cross-attention, not a supported family", fix_for({}))
     return family_for(base, in_channels)
 
 
-def family_from_unet_config(config: Mapping[str, Any]) -> Family:
-    """The family of a diffusers-format U-Net config (a model folder or a sidecar config)."""
+def family_from_unet_config(config: Mapping[str, Any], folder: Path | None = None) -> Family:
+    """The family of a diffusers-format U-Net config (a model folder or a sidecar config).
+
+    An SDXL-style U-Net is a refiner when its width says so (SDXL refiner 1.0: 1280-wide cross-attention,
+    2560 added-embedding inputs) or, for other sizes, when ``folder`` (the model or sidecar folder) has
+    ``text_encoder_2`` but no ``text_encoder``, or a ``model_index.json`` asking for the aesthetic score.
+    """
     if config.get("addition_embed_type") == "text_time":
+        if int(config.get("in_channels", 4)) == 4 and _is_refiner(config, folder):
+            return FAMILIES["sdxl-refiner"]
         base = "sdxl"
     else:
         # SD 2.x U-Nets use linear projections in their transformer blocks; SD 1.x use 1x1 convolutions.
         base = "sd2" if config.get("use_linear_projection") else "sd1"
     return family_for(base, int(config.get("in_channels", 4)))
+
+
+def _is_refiner(config: Mapping[str, Any], folder: Path | None) -> bool:
+    if config.get("cross_attention_dim") == 1280 or config.get("projection_class_embeddings_input_dim") == 2560:
+        return True
+    if folder is None:
+        return False
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            if json.loads(index.read_text()).get("requires_aesthetics_score"):
+                return True
+        except (OSError, ValueError):
+            pass
+    return (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir()
 
 
 def is_controlnet(shapes: Mapping[str, Sequence[int]]) -> bool:
@@ -139,4 +174,4 @@ def fix_for(shapes: Mapping[str, Sequence[int]]) -> str:
         return "this is a VAE: pass it with --vae PATH beside a --model checkpoint"
     if kind == "controlnet":
         return "this is a ControlNet: pass it with --control PATH=IMAGE beside a --model checkpoint"
-    return "pass an SD 1.x, SD 2.x or SDXL checkpoint (.safetensors) or a diffusers model folder"
+    return "pass an SD 1.x, SD 2.x, SDXL or SDXL refiner checkpoint (.safetensors) or a diffusers model folder"

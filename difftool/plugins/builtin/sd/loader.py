@@ -138,7 +138,7 @@ def _load_folder(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | None 
         unet_config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{config_path} cannot be read: {_first_line(exc)}", "restore the model's config") from None
-    family = family_from_unet_config(unet_config)
+    family = family_from_unet_config(unet_config, path)
     kwargs = _folder_weight_kwargs(path, allow_pickle)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=unet_dtype, **kwargs)
@@ -146,7 +146,10 @@ def _load_folder(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | None 
         encoders = [_load_text_encoder(path / name, name, kwargs) for name in family.text_encoders]
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"cannot load the model folder {path}: {_first_line(exc)}", "check its weights") from exc
-    tokenizers = [_folder_tokenizer(path, i, kind) for i, kind in enumerate(family.tokenizers)]
+    tokenizers = [
+        _folder_tokenizer(path, name.replace("text_encoder", "tokenizer"), kind)
+        for name, kind in zip(family.text_encoders, family.tokenizers, strict=True)
+    ]
     scheduler_config = _read_json(path / "scheduler" / "scheduler_config.json") or family.config("scheduler")
     weights = next(iter(sorted((path / "unet").glob("diffusion_pytorch_model*"))), None)
     digest = file_sha256(weights) if weights is not None else ""
@@ -173,8 +176,8 @@ def _load_text_encoder(folder: Path, name: str, kwargs: dict[str, Any]) -> Any:
     return cls.from_pretrained(folder, local_files_only=True, use_safetensors=kwargs["use_safetensors"])
 
 
-def _folder_tokenizer(path: Path, index: int, kind: str) -> Any:
-    folder = path / ("tokenizer" if index == 0 else f"tokenizer_{index + 1}")
+def _folder_tokenizer(path: Path, name: str, kind: str) -> Any:
+    folder = path / name
     if (folder / "tokenizer_config.json").is_file():
         from transformers import CLIPTokenizer
 
@@ -189,7 +192,7 @@ def _load_single_file(path: Path, allow_pickle: bool, unet_dtype: torch.dtype | 
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
     if sidecar.is_dir():
-        family = family_from_unet_config(json.loads((sidecar / "unet" / "config.json").read_text()))
+        family = family_from_unet_config(json.loads((sidecar / "unet" / "config.json").read_text()), sidecar)
         config_dir = sidecar
     else:
         family = detect_family(shapes, path.name)

@@ -27,9 +27,9 @@ LOAD_PARAMS = (
 )
 
 
-def _loaded() -> dict[tuple[Any, ...], SDModel]:
-    """Loaded models, kept in the process's runtime (one at a time)."""
-    return current().cache("sd-models", dict)
+def _loaded(cache_name: str = "") -> dict[tuple[Any, ...], SDModel]:
+    """Loaded models, kept in the process's runtime (one at a time per ``cache_name``)."""
+    return current().cache("sd-models" + cache_name, dict)
 
 
 def resolve_path(model: str | None, context: RunContext) -> Path:
@@ -117,6 +117,19 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
     """Load (or reuse) the model a run asked for with its VAE and LoRA options."""
     path = resolve_path(context.model, context)
     loras = parse_loras(params.get("lora")) + prompt_loras(params.get("prompt") or "", context)
+    model = cached_model(path, loras, params, context)
+    if model.family.refiner:
+        raise ModelError(
+            f"{model.name} is an SDXL refiner, which only finishes another model's image",
+            "pass an SDXL base as --model and this one as --refiner",
+        )
+    return model
+
+
+def cached_model(
+    path: Path, loras: list[tuple[Path, float]], params: dict[str, Any], context: RunContext, cache_name: str = ""
+) -> SDModel:
+    """Load (or reuse) the model at ``path``; ``cache_name`` keeps it beside the run's model (a refiner)."""
     vae = params.get("vae")
     key = (
         str(path.resolve()),
@@ -129,7 +142,7 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
         context.backend_name,
         context.device,  # ... and moved in place: a model on one device is never handed to a run on another
     )
-    cache = _loaded()
+    cache = _loaded(cache_name)
     if key not in cache:
         cache.clear()  # one model at a time: they are gigabytes
         phases.announce(f"loading model {path.name}")

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("difftool")
 #: Decode in tiles above this many output pixels, so a large image's VAE decode fits memory.
 TILED_DECODE_PIXELS = 1536 * 1536
+#: The aesthetic scores an SDXL refiner is conditioned on (diffusers' and A1111's defaults).
+AESTHETIC_SCORE, NEGATIVE_AESTHETIC_SCORE = 6.0, 2.5
 
 
 @dataclass
@@ -66,10 +68,15 @@ def encode_prompt(
         if size is None:
             raise ValueError("SDXL conditioning needs the image size")
         width, height = size
-        # original size, crop top-left, target size (diffusers' defaults: no crop, original = target)
-        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pos.dtype)
-        cond["added_cond_kwargs"] = {"text_embeds": pos_pooled, "time_ids": time_ids}
-        uncond["added_cond_kwargs"] = {"text_embeds": neg_pooled, "time_ids": time_ids}
+        # original size, crop top-left, target size (diffusers' defaults: no crop, original = target);
+        # a refiner takes an aesthetic score instead of the target size (diffusers' defaults 6 and 2.5).
+        if model.family.refiner:
+            pos_ids = [height, width, 0, 0, AESTHETIC_SCORE]
+            neg_ids = [height, width, 0, 0, NEGATIVE_AESTHETIC_SCORE]
+        else:
+            pos_ids = neg_ids = [height, width, 0, 0, height, width]
+        cond["added_cond_kwargs"] = {"text_embeds": pos_pooled, "time_ids": torch.tensor([pos_ids], dtype=pos.dtype)}
+        uncond["added_cond_kwargs"] = {"text_embeds": neg_pooled, "time_ids": torch.tensor([neg_ids], dtype=pos.dtype)}
     return TextConditioning(cond, uncond)
 
 

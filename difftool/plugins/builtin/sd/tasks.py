@@ -15,9 +15,9 @@ from PIL import Image
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import hires, pipeline
+from difftool.plugins.builtin.sd import hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
-from difftool.plugins.builtin.sd.families import FAMILIES
+from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
 
@@ -138,6 +138,7 @@ def run_sd(
     size: tuple[int, int],
     init: Any = None,
     strength: float = 1.0,
+    init_noised: bool = False,
     extra: dict[str, Any] | None = None,
     noise: Any = None,
     step_hook: Any = None,
@@ -180,6 +181,7 @@ def run_sd(
             shape=shape,
             init=init,
             strength=strength,
+            init_noised=init_noised,
             cond={**text.cond, **(extra or {})},
             uncond=text.uncond,
             guidance_scale=guidance,
@@ -224,7 +226,7 @@ class Generate(Task):
     name = "generate"
     summary = "Make an image from a text prompt with a Stable Diffusion model"
     uses_model = True
-    model_families = tuple(FAMILIES)
+    model_families = BASE_FAMILIES
     inputs = ()
     params = (
         Param("prompt", "string", required=True, help="what to draw", multiline=True),
@@ -232,6 +234,7 @@ class Generate(Task):
         Param("width", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         *hires.HIRES_PARAMS,
+        *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
         *LOAD_PARAMS,
     )
@@ -266,9 +269,15 @@ class Generate(Task):
         from difftool.plugins.builtin.sd import controlled
 
         texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
+        record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
+        refine = refiner.refiner_for(params, model, context)
+        if refine is not None:  # the base to the switch point, the refiner from there; its VAE decodes
+            both = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
+            latents = refiner.sample_refined(run_sd, model, refine, context, both, size=(width, height), **texts)
+            image = pipeline.decode_latents(refine.model, latents, context)
+            return TaskResult([to_pil(pipeline.to_numpy(image))], record | refine.record())
         controls = controlled.controls_for(params, model, context, (width, height))
         latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
-        record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         if (params.get("hires") or 1.0) > 1.0:
             target = hires.target_size((width, height), float(params["hires"]))
             pipeline.check_size(*target, "the hires output")
@@ -288,7 +297,7 @@ class Style(Task):
     name = "style"
     summary = "Restyle an image (oil painting, watercolor, ...) with a Stable Diffusion model"
     uses_model = True
-    model_families = tuple(FAMILIES)
+    model_families = BASE_FAMILIES
     inputs = (Port("image", "image", "the image to restyle"),)
     params = (
         Param("style", "choice", default=None, choices=tuple(STYLE_PRESETS), help="a preset style prompt"),

@@ -18,7 +18,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import hires, pipeline
-from difftool.plugins.builtin.sd.families import FAMILIES
+from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
 from difftool.plugins.hookspecs import hookimpl
@@ -49,7 +49,7 @@ class UpscaleSD(Task):
     name = "upscale-sd"
     summary = "Upscale, then repaint detail tile by tile with Stable Diffusion (A1111's SD upscale)"
     uses_model = True
-    model_families = tuple(FAMILIES)
+    model_families = BASE_FAMILIES
     inputs = (Task.inputs[0],)
     params = (
         Param("prompt", "string", default="", help="what the image shows (guides the detail)", multiline=True),

@@ -30,7 +30,7 @@ SCHEDULER_CONFIG = {
 }
 
 
-def unet_config(in_channels: int = 4, xl: bool = False, sd2: bool = False) -> dict[str, Any]:
+def unet_config(in_channels: int = 4, xl: bool = False, sd2: bool = False, refiner: bool = False) -> dict[str, Any]:
     config: dict[str, Any] = dict(
         sample_size=16,
         in_channels=in_channels,
@@ -56,6 +56,8 @@ def unet_config(in_channels: int = 4, xl: bool = False, sd2: bool = False) -> di
             use_linear_projection=True,
             cross_attention_dim=32 + 48,  # the two text encoders' hidden states, concatenated
         )
+    if refiner:  # text_encoder_2 only; 5 time ids (the aesthetic score replaces the target size)
+        config.update(projection_class_embeddings_input_dim=8 * 5 + 32, cross_attention_dim=48)
     return config
 
 
@@ -106,6 +108,23 @@ def components(
 
     ``vae_levels=4`` gives SD's 8x latent scale, which a ControlNet's conditioning encoder assumes.
     """
+    return _components(in_channels, xl, seed, sd2, vae_levels)
+
+
+def refiner_components(seed: int = 0) -> dict[str, Any]:
+    """A tiny SDXL refiner: SDXL-style U-Net on text_encoder_2 alone (48 wide), aesthetic-score time ids."""
+    from diffusers import UNet2DConditionModel
+
+    parts = _components(xl=True, seed=seed)
+    del parts["text_encoder"], parts["tokenizer"]
+    torch.manual_seed(seed + 1)
+    parts["unet"] = UNet2DConditionModel(**unet_config(xl=True, refiner=True)).eval()
+    return parts
+
+
+def _components(
+    in_channels: int = 4, xl: bool = False, seed: int = 0, sd2: bool = False, vae_levels: int = 2
+) -> dict[str, Any]:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -125,9 +144,13 @@ def components(
 
 def save_folder(parts: dict[str, Any], path: Path) -> Path:
     """A diffusers pipeline folder (safetensors), as ``save_pretrained`` writes it."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
-    if "text_encoder_2" in parts:
+    if "text_encoder" not in parts:  # a refiner
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            **parts, text_encoder=None, tokenizer=None, requires_aesthetics_score=True
+        )
+    elif "text_encoder_2" in parts:
         pipe = StableDiffusionXLPipeline(**parts)
     else:
         pipe = StableDiffusionPipeline(
@@ -275,22 +298,20 @@ def save_single_file(parts: dict[str, Any], path: Path, with_sidecar: bool = Tru
         **ldm_unet_keys(parts["unet"].state_dict(), dict(parts["unet"].config)),
         **ldm_vae_keys(parts["vae"].state_dict(), dict(parts["vae"].config)),
     }
-    text = parts["text_encoder"].state_dict()
-    if "text_encoder_2" in parts:
+    if "text_encoder" not in parts:  # an SDXL refiner: OpenCLIP-G alone, as the first embedder
+        state.update(ldm_openclip_keys(parts["text_encoder_2"].state_dict(), "conditioner.embedders.0.model."))
+    elif "text_encoder_2" in parts:
+        text = parts["text_encoder"].state_dict()
         state.update(ldm_clip_keys(text, "conditioner.embedders.0.transformer."))
         state.update(ldm_openclip_keys(parts["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
     elif parts["unet"].config.use_linear_projection:
-        state.update(ldm_openclip_keys(text, "cond_stage_model.model."))
+        state.update(ldm_openclip_keys(parts["text_encoder"].state_dict(), "cond_stage_model.model."))
     else:
-        state.update(ldm_clip_keys(text, "cond_stage_model.transformer."))
+        state.update(ldm_clip_keys(parts["text_encoder"].state_dict(), "cond_stage_model.transformer."))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     if with_sidecar:
         sidecar = path.with_name(path.name + ".diffusers")
-        names = (
-            ("unet", "vae", "text_encoder", "text_encoder_2")
-            if "text_encoder_2" in parts
-            else ("unet", "vae", "text_encoder")
-        )
+        names = [name for name in ("unet", "vae", "text_encoder", "text_encoder_2") if name in parts]
         for name in names:
             (sidecar / name).mkdir(parents=True, exist_ok=True)
             parts[name].config.to_json_file(sidecar / name / "config.json") if name.startswith("text") else (

@@ -1,0 +1,244 @@
+"""generate --refiner: SDXL base to the switch point, the refiner after it, as diffusers' base + refiner pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from difftool import api
+from difftool.core.errors import ModelError, ParameterError
+from difftool.plugins.builtin.sd import loader
+from difftool.plugins.builtin.sd.families import FAMILIES, detect_family, family_from_unet_config
+
+from . import tiny
+from .test_parity import SEED, max_diff, reference_scheduler
+
+PROMPT = {"prompt": "a glass teapot", "negative_prompt": "dust"}
+SIZE = {"width": 48, "height": 32}
+
+
+@pytest.fixture(scope="module")
+def base_parts() -> dict[str, Any]:
+    return tiny.components(xl=True, seed=2)
+
+
+@pytest.fixture(scope="module")
+def refiner_parts() -> dict[str, Any]:
+    return tiny.refiner_components(seed=5)
+
+
+@pytest.fixture(scope="module")
+def models(base_parts: dict, refiner_parts: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sd")
+    return {
+        "base": tiny.save_folder(base_parts, root / "tiny-sdxl"),
+        "refiner": tiny.save_folder(refiner_parts, root / "tiny-refiner"),
+        "refiner_file": tiny.save_single_file(refiner_parts, root / "tiny-refiner-file.safetensors"),
+        "sd1": tiny.save_folder(tiny.components(seed=1), root / "tiny-sd1"),
+    }
+
+
+def reference(base_parts: dict, refiner_parts: dict, scheduler: str, switch: float, steps: int) -> Any:
+    """diffusers: the base with ``denoising_end`` (latents out), the refiner with ``denoising_start``."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    base = StableDiffusionXLPipeline(**{**base_parts, "scheduler": reference_scheduler(scheduler)})
+    common = {"num_inference_steps": steps, "guidance_scale": 5.0, "generator": generator, **PROMPT}
+    latents = base(**common, **SIZE, denoising_end=switch, output_type="latent").images
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **{**refiner_parts, "scheduler": reference_scheduler(scheduler)},
+        text_encoder=None,
+        tokenizer=None,
+        requires_aesthetics_score=True,
+    )
+    return refiner(**common, image=latents, denoising_start=switch).images[0]
+
+
+@pytest.mark.parametrize(("scheduler", "switch"), [("euler", 0.8), ("dpmpp-2m", 0.7), ("euler-a", 0.6)])
+def test_base_and_refiner_match_diffusers(
+    scheduler: str, switch: float, base_parts: dict, refiner_parts: dict, models: dict
+) -> None:
+    steps = 7
+    reported: list[tuple[int, int]] = []
+    common = {**PROMPT, **SIZE, "steps": steps, "guidance_scale": 5.0, "scheduler": scheduler, "seed": SEED}
+    ours = api.run(
+        "generate",
+        model=str(models["base"]),
+        refiner=str(models["refiner"]),
+        refiner_switch=switch,
+        dtype="fp32",
+        progress=lambda step, total, _preview=None: reported.append((step, total)),
+        **common,
+    )
+    ref = reference(base_parts, refiner_parts, scheduler, switch, steps)
+    assert max_diff(ours.images[0], ref) <= 1
+    # Progress covers both halves, one plan of `steps` steps.
+    assert reported == [(i, steps) for i in range(1, steps + 1)]
+    record = ours.record
+    assert record["refiner"] == "tiny-refiner" and record["refiner_switch"] == switch
+    assert len(record["refiner_hash"]) == 10 and record["model_family"] == "sdxl"
+    # The refiner does change the picture: the base alone, same seed, differs by a lot.
+    alone = api.run("generate", model=str(models["base"]), dtype="fp32", **common)
+    assert max_diff(alone.images[0], ours.images[0]) > 40
+
+
+def test_refiner_loads_from_an_original_layout_single_file(models: dict) -> None:
+    from safetensors import safe_open
+
+    path = models["refiner_file"]
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert "conditioner.embedders.0.model.text_projection" in keys
+    assert not any(k.startswith(("conditioner.embedders.1.", "cond_stage_model.")) for k in keys)
+    model = loader.load_sd_model(path)
+    folder = loader.load_sd_model(models["refiner"])
+    assert model.family.name == folder.family.name == "sdxl-refiner"
+    assert [type(e).__name__ for e in model.text_encoders] == ["CLIPTextModelWithProjection"]
+    for part in ("unet", "vae"):
+        ours, theirs = getattr(model, part).state_dict(), getattr(folder, part).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    ours, theirs = model.text_encoders[0].state_dict(), folder.text_encoders[0].state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # A single file (no sidecar) gives the same image as the folder.
+    common = {**PROMPT, **SIZE, "steps": 5, "scheduler": "euler", "seed": SEED, "dtype": "fp32"}
+    a = api.run("generate", model=str(models["base"]), refiner=str(path), **common)
+    b = api.run("generate", model=str(models["base"]), refiner=str(models["refiner"]), **common)
+    assert max_diff(a.images[0], b.images[0]) <= 1  # the same weights: equal up to float rounding
+
+
+def test_refiner_family_detection() -> None:
+    shapes = {  # SDXL refiner 1.0's U-Net entry, width and text encoder (original layout, full size)
+        "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (768, 1280),
+        "model.diffusion_model.label_emb.0.0.weight": (1536, 2560),
+        "conditioner.embedders.0.model.text_projection": (1280, 1280),
+    }
+    assert detect_family(shapes) is FAMILIES["sdxl-refiner"]
+    assert family_from_unet_config(FAMILIES["sdxl-refiner"].config("unet")) is FAMILIES["sdxl-refiner"]
+    assert family_from_unet_config(FAMILIES["sdxl"].config("unet")) is FAMILIES["sdxl"]
+    assert FAMILIES["sdxl-refiner"].text_encoders == ("text_encoder_2",)
+
+
+def test_refiner_folder_is_told_apart_by_its_text_encoders(models: dict) -> None:
+    config = tiny.unet_config(xl=True, refiner=True)  # tiny widths: only the folder tells
+    assert family_from_unet_config(config).name == "sdxl"
+    assert family_from_unet_config(config, models["refiner"]).name == "sdxl-refiner"
+    assert family_from_unet_config(config, models["base"]).name == "sdxl"
+
+
+def test_listed_with_its_family(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftool.plugins.builtin.models import FolderModelSource
+
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(models["refiner"].parent))
+    found = {e.name: e.family for e in FolderModelSource().find()}
+    assert found["tiny-refiner"] == found["tiny-refiner-file"] == "sdxl-refiner"
+    assert found["tiny-sdxl"] == "sdxl"
+
+
+def test_refiner_errors(models: dict) -> None:
+    common = {**PROMPT, **SIZE, "steps": 4, "seed": SEED}
+    base, refiner = str(models["base"]), str(models["refiner"])
+    with pytest.raises(ModelError, match="SDXL refiner, which only finishes.*--refiner"):
+        api.run("generate", model=refiner, **common)
+    with pytest.raises(ModelError, match="finishes SDXL base models; tiny-sd1 is Stable Diffusion 1.x"):
+        api.run("generate", model=str(models["sd1"]), refiner=refiner, **common)
+    with pytest.raises(ModelError, match="is Stable Diffusion XL base, not an SDXL refiner"):
+        api.run("generate", model=base, refiner=base, **common)
+    with pytest.raises(ParameterError, match="--refiner-switch 0.01 with 4 steps leaves the base no step"):
+        api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
+    with pytest.raises(ParameterError, match="--refiner with --hires is not supported"):
+        api.run("generate", model=base, refiner=refiner, hires=1.5, **common)
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(ParameterError, match="--refiner runs with --backend torch only, not onnx"):
+        api.run("generate", model=base, refiner=refiner, backend="onnx", **common)
+
+
+def test_a1111_metadata_round_trip(models: dict, tmp_path: Path) -> None:
+    from difftool.core.images import read_metadata, save_image
+    from difftool.core.metadata import format_parameters, params_from_a1111
+
+    common = {**PROMPT, **SIZE, "steps": 4, "scheduler": "euler", "seed": SEED}
+    result = api.run(
+        "generate", model=str(models["base"]), refiner=str(models["refiner"]), refiner_switch=0.75, **common
+    )
+    saved = read_metadata(save_image(result.images[0], tmp_path / "r.png", result.record))
+    a1111 = saved["parameters"]
+    assert a1111["Refiner"] == f"tiny-refiner [{result.record['refiner_hash']}]"
+    assert a1111["Refiner switch at"] == "0.75" and a1111["Model"] == "tiny-sdxl"
+    params = params_from_a1111(a1111)
+    assert params["refiner"] == "tiny-refiner" and params["refiner_switch"] == 0.75
+    assert saved["difftool"]["refiner"] == "tiny-refiner"
+    # Without a refiner, the switch's default is not written.
+    assert "Refiner" not in format_parameters({"prompt": "x", "steps": 4, "refiner_switch": 0.8})
+    # A1111's own text reads back the same way.
+    text = "a cat\nSteps: 20, Sampler: Euler, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8"
+    from difftool.core.metadata import parse_parameters
+
+    read = params_from_a1111(parse_parameters(text))
+    assert read["refiner"] == "sd_xl_refiner_1.0" and read["refiner_switch"] == 0.8
+
+
+def test_cli_run_with_a_listed_refiner(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from difftool import cli
+    from difftool.core.images import read_metadata
+    from difftool.plugins.registry import build_registry
+
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(models["refiner"].parent))
+    registry = build_registry(entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    out = tmp_path / "out"
+    args = ["run", "generate", "--model", "tiny-sdxl", "--refiner", "tiny-refiner-file", "--refiner-switch", "0.6"]
+    args += ["--prompt", "a castle", "--width", "32", "--height", "24", "--steps", "3", "--seed", "7", "-o", str(out)]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    [png] = sorted(out.glob("*.png"))
+    assert Image.open(png).size == (32, 24)
+    text = read_metadata(png)["parameters"]
+    assert text["Refiner"].startswith("tiny-refiner-file [") and text["Refiner switch at"] == "0.6"
+    bad = CliRunner().invoke(cli.cli, [*args[:4], "--refiner", "tiny-sdxl", *args[6:], "-o", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output
+
+
+def test_server_accepts_listed_refiners_only(models: dict) -> None:
+    from difftool.core.models import ModelEntry
+    from difftool.plugins.builtin.sd.tasks import Generate
+    from difftool.serve.a1111_map import Txt2ImgRequest, refiner_params
+    from difftool.serve.security import PathPolicy, check_params
+
+    class Registry:
+        def find_models(self) -> list[ModelEntry]:
+            return [
+                ModelEntry("tiny-refiner", models["refiner"], "sdxl-refiner", "test"),
+                ModelEntry("tiny-sdxl", models["base"], "sdxl", "test"),
+            ]
+
+    def request(**fields: Any) -> Txt2ImgRequest:
+        return Txt2ImgRequest(prompt="x", **fields)
+
+    refiners = ["tiny-refiner"]
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner [0123abcd]", refiner_switch_at=0.7), refiners) == {
+        "refiner": "tiny-refiner",
+        "refiner_switch": 0.7,
+    }
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner.safetensors"), refiners) == {
+        "refiner": "tiny-refiner"
+    }
+    assert refiner_params(request(refiner_checkpoint="tiny-refiner", refiner_switch_at=1.0), refiners) == {}
+    assert refiner_params(request(refiner_switch_at=0), refiners) == {}
+    with pytest.raises(ParameterError, match="refiner_checkpoint: 'tiny-sdxl' is not one of this server's SDXL"):
+        refiner_params(request(refiner_checkpoint="tiny-sdxl"), refiners)
+    with pytest.raises(ParameterError, match="refiner_switch_at: 0.5 needs a refiner_checkpoint"):
+        refiner_params(request(refiner_switch_at=0.5), refiners)
+    # The native API: a refiner is a listed refiner's name, never a path or another family's model.
+    checked = check_params(Generate(), {"refiner": "tiny-refiner"}, Registry(), PathPolicy(()))
+    assert checked["refiner"] == str(models["refiner"])
+    for name in ("tiny-sdxl", str(models["refiner"])):
+        with pytest.raises(ParameterError, match="not one of this server's models"):
+            check_params(Generate(), {"refiner": name}, Registry(), PathPolicy(()))

@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 
 from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+from difftool.gui.model_field import ModelNameField, offers_models
 
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
 
@@ -80,7 +81,7 @@ class TaskPanel(QWidget):
         self.form: ParamForm | None = None
         self.model_box = QComboBox()
         self.model_box.addItem(DEFAULT_CHOICE)
-        found = registry.find_models()
+        found = self.models = registry.find_models()
         self.controlnets = [entry.name for entry in found if entry.family.endswith("controlnet")]
         for entry in found:
             self.model_box.addItem(entry.name, str(entry.path))
@@ -171,6 +172,7 @@ class TaskPanel(QWidget):
 
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
+        editors |= {p.name: self._model_editor for p in task.params if offers_models(p)}
         self.form = ParamForm(task, choices, editors)
         for key, value in self._remembered(name).items():
             try:
@@ -187,6 +189,9 @@ class TaskPanel(QWidget):
 
     def _control_editor(self, param: Any) -> QWidget:
         return ControlUnitsField(self.controlnets, self.registry, self.source)
+
+    def _model_editor(self, param: Any) -> QWidget:
+        return ModelNameField(param, self.models)
 
     def _show_availability(self) -> None:
         task = self.registry.task(self.task_box.currentText())

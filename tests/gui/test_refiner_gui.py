@@ -30,6 +30,14 @@ def test_generate_form_has_refiner_fields_and_the_picker_offers_no_refiner_as_mo
     offered = win.task_panel.offered_models()
     assert "tiny-sdxl" in offered and "tiny-refiner" not in offered  # a refiner only finishes: never --model
     assert win.form.values()["refiner_switch"] == pytest.approx(0.8) and "refiner" not in win.form.values()
+    field = win.form.widgets["refiner"]  # the listed refiners, and only those, are offered
+    assert [field.itemText(i) for i in range(field.count())] == ["", "tiny-refiner"]
+    field.setCurrentText("tiny-refiner")
+    assert win.form.values()["refiner"] == "tiny-refiner"
+    win.form.reset()
+    assert "refiner" not in win.form.values()
+    upscaler = win.form.widgets["hires_upscaler"]
+    assert [upscaler.itemText(i) for i in range(3)] == ["", "latent", "embedded"]
     win.reuse_record({}, {"prompt": "a cat", "Refiner": "tiny-refiner [0123456789]", "Refiner switch at": "0.7"})
     values = win.form.values()
     assert values["refiner"] == "tiny-refiner" and values["refiner_switch"] == pytest.approx(0.7)

@@ -48,9 +48,7 @@ class Backend(ABC):
 
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
         """A runner for ``module`` (a diffusers ``ControlNetModel``): its raw residuals on this backend."""
-        raise ParameterError(
-            f"ControlNet does not run on --backend {self.name}", "use --backend torch, onnx or tensorrt"
-        )
+        raise controlnet_refused(self.name)
 
     def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every declared option's value: ``values`` converted and checked, else its (environment) default."""
@@ -62,6 +60,11 @@ class Backend(ABC):
         if reason:
             raise BackendUnavailableError(f"backend {self.name!r} cannot run on {device}: {reason}")
         return ResolvedBackend(self, device, dtype, self.validate_options(options))
+
+
+def controlnet_refused(name: str) -> ParameterError:
+    """The one-line error for ``--control`` on backend ``name``, which runs no ControlNets."""
+    return ParameterError(f"ControlNet does not run on --backend {name}", "use --backend torch, onnx or tensorrt")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ class ResolvedBackend:
         residuals: bool = False,
     ) -> Denoiser:
         if residuals and not self.backend.runs_controlnets:
-            self.backend.make_controlnet(module, DenoiserSpec(prediction_type))  # its one-line refusal
+            raise controlnet_refused(self.name)
         spec = DenoiserSpec(prediction_type, self.device, self.torch_dtype, model_id, self.options, shapes, residuals)
         return self.backend.make_denoiser(module, spec)
 

@@ -25,6 +25,7 @@ def onnx_packages_missing() -> str | None:
 class TorchBackend(Backend):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
+    runs_controlnets = True
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         if device == "cpu":
@@ -45,8 +46,6 @@ class TorchBackend(Backend):
 
         return TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device, dtype=spec.dtype)
 
-    runs_controlnets = True
-
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
         from difftool.core.denoiser import TorchControlNet
 
@@ -56,6 +55,7 @@ class TorchBackend(Backend):
 class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX Runtime; the model is exported, validated and cached on first use"
+    runs_controlnets = True
     options = (
         *ORT_OPTIONS,
         Param(
@@ -110,8 +110,6 @@ class OnnxBackend(Backend):
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser
 
-    runs_controlnets = True
-
     def _residual_denoiser(self, module: Any, spec: DenoiserSpec, options: dict[str, Any]) -> Denoiser:
         """The U-Net taking ControlNet residuals: an fp32 graph (whatever the run's dtype)."""
         from difftool.exporters.onnx_controlnet import cached_residual_unet
@@ -137,6 +135,7 @@ class OnnxBackend(Backend):
 class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
+    runs_controlnets = True
     options = TENSORRT_OPTIONS
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
@@ -157,8 +156,6 @@ class TensorRTBackend(Backend):
             shapes=spec.shapes,
             residuals=spec.residuals,
         )
-
-    runs_controlnets = True
 
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
         from difftool.exporters.tensorrt_controlnet import tensorrt_controlnet

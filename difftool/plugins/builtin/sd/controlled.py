@@ -58,9 +58,9 @@ def load_units(
 ) -> list[tuple[ControlUnit, controlnet.ControlNet]]:
     """Each unit's ControlNet, loaded and checked against the model's family (before any sampling)."""
     if units and context.backend is not None and not context.backend.backend.runs_controlnets:
-        raise ParameterError(
-            f"ControlNet does not run on --backend {context.backend_name}", "use --backend torch, onnx or tensorrt"
-        )
+        from difftool.core.backend import controlnet_refused
+
+        raise controlnet_refused(context.backend_name)  # before any ControlNet loads
     if units and context.registry is not None:
         for unit in units:
             context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load

@@ -53,9 +53,9 @@ def units(sd: dict[str, Any]) -> list[str]:
 
 
 def generate(sd: dict[str, Any], control: list[str], **options: Any) -> Any:
-    params = dict(prompt="a lighthouse", negative_prompt="fog", steps=4, guidance_scale=6.0, seed=3)
-    return api.run("generate", model=str(sd["folder"]), width=SIZE[0], height=SIZE[1], dtype="fp32",
-                   scheduler="ddim", control=control, **params, **options)  # fmt: skip
+    params = dict(prompt="a lighthouse", negative_prompt="fog", steps=4, guidance_scale=6.0, seed=3, dtype="fp32")
+    return api.run("generate", model=str(sd["folder"]), width=SIZE[0], height=SIZE[1], scheduler="ddim",
+                   control=control, **{**params, **options})  # fmt: skip
 
 
 def psnr(a: Image.Image, b: Image.Image) -> float:
@@ -140,6 +140,16 @@ def test_tensorrt_control_builds_engines_with_the_declared_profiles_and_binds_th
     assert len(unet_runs) == len(controlnet_runs) == 4  # one call per DDIM step, CFG batched
     assert all(names <= set(i) for i, _ in unet_runs)
     assert all(set(o) == names for _, o in controlnet_runs)
+
+
+def test_tensorrt_11_control_asks_for_fp32(sd: dict[str, Any], cache: Path) -> None:
+    """TensorRT 11 builds the graph's own precision, and the ControlNet exports are fp32: refused, not rounded."""
+    from difftool.testing.gpu import gpu_harness
+
+    control = [f"{sd['files'][0]}={sd['image']}"]
+    with gpu_harness("11.1.0") as harness, pytest.raises(ParameterError, match="with --dtype fp32"):
+        generate(sd, control, backend="tensorrt", device="cuda", dtype="fp16")
+    assert harness.trt.builds == 0
 
 
 def test_controlnet_is_refused_on_a_backend_that_cannot_run_it() -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from difftool.core.errors import BackendUnavailableError, ParameterError
 
@@ -34,6 +34,9 @@ class Backend(ABC):
     options: ClassVar[tuple[Param, ...]] = ()
     #: Options that change the output (precision, provider): recorded with each image.
     recorded: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`make_controlnet` runs ControlNets and :meth:`make_denoiser` honours
+    #: :attr:`DenoiserSpec.residuals` (ControlNet residual inputs).
+    runs_controlnets: ClassVar[bool] = False
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         """``None`` if this backend can run on ``device`` here, else a one-line reason and fix."""
@@ -42,6 +45,10 @@ class Backend(ABC):
     @abstractmethod
     def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         """A denoiser computing what ``module`` (a torch ``nn.Module``) computes, on this backend, as ``spec`` says."""
+
+    def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
+        """A runner for ``module`` (a diffusers ``ControlNetModel``): its raw residuals on this backend."""
+        raise controlnet_refused(self.name)
 
     def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
         """Every declared option's value: ``values`` converted and checked, else its (environment) default."""
@@ -53,6 +60,11 @@ class Backend(ABC):
         if reason:
             raise BackendUnavailableError(f"backend {self.name!r} cannot run on {device}: {reason}")
         return ResolvedBackend(self, device, dtype, self.validate_options(options))
+
+
+def controlnet_refused(name: str) -> ParameterError:
+    """The one-line error for ``--control`` on backend ``name``, which runs no ControlNets."""
+    return ParameterError(f"ControlNet does not run on --backend {name}", "use --backend torch, onnx or tensorrt")
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,16 @@ class DenoiserSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
     #: What the task will ask of the denoiser (backends that build shape-specific engines use it).
     shapes: ExportShapes | None = None
+    #: A U-Net that takes ControlNet residuals from the conditioning (``down_block_additional_residuals``,
+    #: ``mid_block_additional_residual``); only backends with :attr:`Backend.runs_controlnets` honour it.
+    residuals: bool = False
+
+
+class ControlNetRunner(Protocol):
+    """``runner(sample, timestep, encoder_hidden_states, controlnet_cond, added_cond_kwargs) -> (down, mid)``:
+    a ControlNet's raw residuals (conditioning scale 1, no guess mode); the caller scales them."""
+
+    def __call__(self, sample: Any, timestep: Any, text: Any, image: Any, added: Any) -> tuple[list[Any], Any]: ...
 
 
 @dataclass(frozen=True)
@@ -95,10 +117,25 @@ class ResolvedBackend:
         return {k: self.options[k] for k in self.backend.recorded if k in self.options}
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, model_id: str = "", shapes: ExportShapes | None = None
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        model_id: str = "",
+        shapes: ExportShapes | None = None,
+        residuals: bool = False,
     ) -> Denoiser:
-        spec = DenoiserSpec(prediction_type, self.device, self.torch_dtype, model_id, self.options, shapes)
+        if residuals and not self.backend.runs_controlnets:
+            raise controlnet_refused(self.name)
+        spec = DenoiserSpec(prediction_type, self.device, self.torch_dtype, model_id, self.options, shapes, residuals)
         return self.backend.make_denoiser(module, spec)
+
+    def make_controlnet(
+        self, module: Any, *, model_id: str = "", shapes: ExportShapes | None = None
+    ) -> ControlNetRunner:
+        """A ControlNet runner on this backend (``model_id``: its weights' hash, keying exports)."""
+        spec = DenoiserSpec("epsilon", self.device, self.torch_dtype, model_id, self.options, shapes)
+        return self.backend.make_controlnet(module, spec)
 
 
 def validate_options(

@@ -129,3 +129,23 @@ class TorchDenoiser(Denoiser):
         out = self.module(x, t, **kwargs)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         return out.to(sample.dtype)
+
+
+class TorchControlNet:
+    """A diffusers ``ControlNetModel`` as a :class:`~difftool.core.backend.ControlNetRunner`: raw residuals
+    (conditioning scale 1, no guess mode) on the module's own device and dtype, as it was loaded."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    @torch.inference_mode()
+    def __call__(self, sample: Any, timestep: Any, text: Any, image: Any, added: Any) -> tuple[list[Any], Any]:
+        first = next(self.module.parameters())
+        place = {"device": first.device, "dtype": first.dtype}
+        kwargs = {"added_cond_kwargs": {k: v.to(**place) for k, v in added.items()}} if added else {}
+        t = timestep.to(first.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
+        down, mid = self.module(
+            sample.to(**place), t, encoder_hidden_states=text.to(**place), controlnet_cond=image.to(**place),
+            conditioning_scale=1.0, guess_mode=False, return_dict=False, **kwargs,
+        )  # fmt: skip
+        return list(down), mid

@@ -283,19 +283,36 @@ class RunContext:
         return self.registry.make_scheduler(name, config)
 
     def make_denoiser(
-        self, module: Any, *, prediction_type: str, model_id: str = "", shapes: ExportShapes | None = None
+        self,
+        module: Any,
+        *,
+        prediction_type: str,
+        model_id: str = "",
+        shapes: ExportShapes | None = None,
+        residuals: bool = False,
     ) -> Denoiser:
         """Wrap a torch module for the resolved backend (its device, dtype and options).
 
-        ``shapes`` overrides the task's declared :attr:`export_shapes` for this denoiser.
+        ``shapes`` overrides the task's declared :attr:`export_shapes` for this denoiser; ``residuals``
+        asks for a U-Net taking ControlNet residuals (see :class:`~difftool.core.backend.DenoiserSpec`).
         """
         if self.backend is None:
             raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
         denoiser = self.backend.make_denoiser(
-            module, prediction_type=prediction_type, model_id=model_id, shapes=shapes or self.export_shapes
+            module,
+            prediction_type=prediction_type,
+            model_id=model_id,
+            shapes=shapes or self.export_shapes,
+            residuals=residuals,
         )
         self.denoisers.append(denoiser)
         return denoiser
+
+    def make_controlnet(self, module: Any, *, model_id: str = "", shapes: ExportShapes | None = None) -> Any:
+        """A :class:`~difftool.core.backend.ControlNetRunner` for ``module`` on the resolved backend."""
+        if self.backend is None:
+            raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
+        return self.backend.make_controlnet(module, model_id=model_id, shapes=shapes or self.export_shapes)
 
 
 @dataclass

@@ -7,11 +7,16 @@ scale the residuals, so a runtime applies a unit's weight (and guess mode's per-
 outputs. The U-Net graph takes the same inputs as :mod:`difftool.exporters.onnx`'s plus those residuals.
 Both are validated against PyTorch on random inputs at two shapes, as the U-Net export is. Batch,
 height, width and token count are dynamic; each residual's size follows the sample's.
+
+The ``onnx`` and ``tensorrt`` backends take them from the artifact cache (:func:`cached_controlnet`,
+:func:`cached_residual_unet`): fp32 graphs keyed by the weights, graph signature, opset and versions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from difftool.core.errors import ModelError
-from difftool.exporters.onnx import OPSET, TOLERANCE, VALIDATION_SHAPES, UNetSignature, cpu_fp32, example_inputs
+from difftool.core.errors import ModelError, ParameterError
+from difftool.exporters.cache import ArtifactCache, Entry
+from difftool.exporters.onnx import (
+    MODEL_FILE,
+    OPSET,
+    TOLERANCE,
+    VALIDATION_SHAPES,
+    UNetSignature,
+    cpu_fp32,
+    example_inputs,
+    weights_hash,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -234,3 +249,84 @@ def export_and_validate(controlnet: torch.nn.Module, unet: torch.nn.Module, fold
             [*unet_signature.input_names(), *residuals.names],
         ),
     }  # fmt: skip
+
+
+def residual_inputs(
+    residuals: Residuals, cond: Mapping[str, Any], sample: torch.Tensor, device: Any
+) -> dict[str, torch.Tensor]:
+    """The residual U-Net's ``down_*`` and ``mid`` inputs from a denoiser call's conditioning, as contiguous
+    fp32 tensors on ``device``: zeros on steps where no ControlNet acts (adding zeros changes nothing)."""
+    down, mid = cond.get("down_block_additional_residuals"), cond.get("mid_block_additional_residual")
+    batch, _, height, width = sample.shape
+    shapes = residuals.shapes(batch, height, width)
+    given = [*down, mid] if down is not None else [None] * len(shapes)
+    if len(given) != len(shapes):
+        raise ParameterError(
+            f"the U-Net takes {len(shapes)} ControlNet residuals, got {len(given)}", "use a ControlNet of its family"
+        )
+    inputs = {}
+    for name, shape, tensor in zip(residuals.names, shapes, given, strict=True):
+        if tensor is None:
+            tensor = torch.zeros(shape, device=device)
+        elif tuple(tensor.shape) != shape:
+            raise ParameterError(f"ControlNet residual {name} is {list(tensor.shape)}, the U-Net takes {list(shape)}",
+                                 "use a ControlNet of the model's family")  # fmt: skip
+        inputs[name] = tensor.to(device, torch.float32).contiguous()
+    return inputs
+
+
+def _components(module: torch.nn.Module, model_id: str, graph: str, signature: Any) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    dtype = str(next(module.parameters()).dtype).replace("torch.", "")  # the weights as loaded (fp16 rounds)
+    return {
+        "weights": model_id or weights_hash(module),
+        "dtype": dtype,
+        "graph": graph,
+        "precision": "fp32",
+        "opset": OPSET,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "signature": dataclasses.asdict(signature),
+        "format": 1,
+    }
+
+
+def cached_controlnet(
+    module: torch.nn.Module, model_id: str = "", cache: ArtifactCache | None = None
+) -> tuple[Entry, ControlNetSignature]:
+    """The validated ONNX export of a ControlNet (``model.onnx``) from the cache, exported on first use."""
+    signature = ControlNetSignature.of(module)
+    components = _components(module, model_id, "controlnet", signature)
+
+    def build(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        export_controlnet(module, folder / MODEL_FILE)
+        graph = _ControlNetGraph(cpu_fp32(module)).eval()
+        report = validate(graph, folder / MODEL_FILE, lambda *a: controlnet_inputs(signature, *a),
+                          signature.input_names())  # fmt: skip
+        return {"validation": report, "seconds": round(time.perf_counter() - started, 2)}
+
+    name = f"controlnet-{components['weights'][:12]}-fp32"
+    return (cache or ArtifactCache()).get_or_build("onnx", name, components, build), signature
+
+
+def cached_residual_unet(
+    module: torch.nn.Module, model_id: str = "", cache: ArtifactCache | None = None
+) -> tuple[Entry, UNetSignature, Residuals]:
+    """The validated ONNX export of a U-Net taking ControlNet residuals (``model.onnx``), cached like the U-Net's."""
+    signature, residuals = UNetSignature.of(module), Residuals.of(module.config)
+    components = _components(module, model_id, "unet-residuals", signature) | {"residuals": residuals.names}
+
+    def build(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        export_residual_unet(module, folder / MODEL_FILE)
+        graph = _ResidualUNetGraph(cpu_fp32(module), bool(signature.text_embeds_dim)).eval()
+        report = validate(graph, folder / MODEL_FILE, lambda *a: residual_unet_inputs(signature, residuals, *a),
+                          [*signature.input_names(), *residuals.names])  # fmt: skip
+        return {"validation": report, "seconds": round(time.perf_counter() - started, 2)}
+
+    name = f"unet-residuals-{components['weights'][:12]}-fp32"
+    return (cache or ArtifactCache()).get_or_build("onnx", name, components, build), signature, residuals

@@ -118,7 +118,9 @@ class OnnxRuntimeDenoiser(Denoiser):
         fp16: bool = False,
         provider: str = "auto",
         threads: int = 0,
+        residuals: Any = None,
     ) -> None:
+        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` a residual-input U-Net takes."""
         from difftool.core.cuda import runtime
 
         self.session = make_session(path, device, fp16, provider, threads)
@@ -130,17 +132,28 @@ class OnnxRuntimeDenoiser(Denoiser):
         self.device = runtime().placement(device)
         self.dtype = torch.float16 if fp16 else torch.float32  # the graph's precision; its I/O is fp32
         self.path = path
+        self.residuals = residuals
 
     def __call__(self, sample: torch.Tensor, timestep: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
         x = inputs["sample"]
+        if self.residuals is not None:  # the U-Net taking ControlNet residuals
+            from difftool.exporters.onnx_controlnet import residual_inputs
+
+            inputs |= residual_inputs(self.residuals, cond, x, self.device)
         out = torch.empty((x.shape[0], self.signature.out_channels, *x.shape[2:]), device=self.device)
-        kind, index = self.device.type, self.device.index or 0
-        binding = self.session.io_binding()
-        for name, tensor in inputs.items():
-            binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
-        binding.bind_output("out", kind, index, np.float32, tuple(out.shape), out.data_ptr())
-        if kind == "cuda":  # ONNX Runtime runs on its own stream: the inputs must be written first
-            torch.cuda.current_stream(self.device).synchronize()
-        self.session.run_with_iobinding(binding)
+        run_bound(self.session, inputs, {"out": out}, self.device)
         return out.to(sample.dtype)
+
+
+def run_bound(session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device: Any) -> None:
+    """Run ``session`` reading ``inputs`` and writing ``outputs`` in place (torch tensors bound by pointer)."""
+    kind, index = device.type, device.index or 0
+    binding = session.io_binding()
+    for name, tensor in inputs.items():
+        binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+    for name, tensor in outputs.items():
+        binding.bind_output(name, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+    if kind == "cuda":  # ONNX Runtime runs on its own stream: the inputs must be written first
+        torch.cuda.current_stream(device).synchronize()
+    session.run_with_iobinding(binding)

@@ -13,12 +13,12 @@ from typing import Any
 
 from difftool.core.cuda import runtime
 from difftool.core.denoiser import Denoiser
-from difftool.core.errors import BackendUnavailableError
+from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.core.runtime import current
 from difftool.exporters.cache import Entry, Recent
 from difftool.exporters.onnx import graph_inputs
 from difftool.exporters.tensorrt_engine import ENGINE_FILE, needs_refit, refit
-from difftool.exporters.tensorrt_profiles import Profile, is_static, select_profile
+from difftool.exporters.tensorrt_profiles import Profile, control_ranges, is_static, select_profile
 
 log = logging.getLogger("difftool")
 
@@ -37,8 +37,13 @@ def engine_denoiser(
     model_id: str,
     options: Mapping[str, Any],
     shapes: Any,
+    residuals: bool = False,
 ) -> TensorRTDenoiser:
-    """The ``tensorrt`` backend's denoiser for ``module``: export, build (or reuse) and load its engine."""
+    """The ``tensorrt`` backend's denoiser for ``module``: export, build (or reuse) and load its engine.
+
+    ``residuals``: the U-Net taking ControlNet residuals, built from its fp32 export with the profile of
+    :func:`~difftool.exporters.tensorrt_profiles.controlnet_profiles`.
+    """
     import tensorrt as trt
     import torch
 
@@ -52,7 +57,12 @@ def engine_denoiser(
     # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild.
     refittable = {"on": True, "off": False}.get(str(options["refit"]), bool(signature.context_dim))
     graph_precision = onnx_precision(precision, major_version(trt))
-    onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=graph_precision, model_id=model_id)
+    taken = None
+    if residuals:
+        onnx, taken, profile = residual_unet_export(module, model_id, graph_precision, shapes, int(options["max_size"]))
+    else:
+        onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=graph_precision,
+                             model_id=model_id)  # fmt: skip
     build = BuildOptions(precision, refittable=refittable, workspace_gb=float(options["workspace_gb"]) or None)
     engine = cached_engine(onnx, [profile], build, device)
     graphs = str(options["cuda_graphs"])
@@ -69,8 +79,30 @@ def engine_denoiser(
             onnx=onnx,
             dtype=dtype,
             cuda_graphs=graphs,
+            residuals=taken,
         ),
     )
+
+
+def fp32_control_graph(graph_precision: str) -> None:
+    """Refuse a ControlNet run whose engines would need a non-fp32 graph (TensorRT 11, strongly typed)."""
+    if graph_precision != "fp32":
+        raise ParameterError(
+            f"ControlNet on this TensorRT needs an {graph_precision} ONNX graph, and its exports are fp32",
+            "run --control on TensorRT with --dtype fp32",
+        )
+
+
+def residual_unet_export(
+    module: Any, model_id: str, graph_precision: str, shapes: Any, largest: int
+) -> tuple[Entry, Any, Profile]:
+    """The residual-input U-Net's ONNX entry, its :class:`Residuals` and the engine profile for ``shapes``."""
+    from difftool.exporters.onnx_controlnet import cached_residual_unet
+    from difftool.exporters.tensorrt_profiles import residual_profile
+
+    fp32_control_graph(graph_precision)
+    entry, signature, residuals = cached_residual_unet(module, model_id)
+    return entry, residuals, residual_profile(signature, residuals, *control_ranges(shapes, largest))
 
 
 def _check(accepted: bool, what: str) -> None:
@@ -96,7 +128,9 @@ class TensorRTDenoiser(Denoiser):
         onnx: Entry | None = None,
         dtype: Any = None,
         cuda_graphs: str = "auto",
+        residuals: Any = None,
     ) -> None:
+        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` the engine takes as inputs."""
         import tensorrt as trt
         import torch
 
@@ -108,6 +142,7 @@ class TensorRTDenoiser(Denoiser):
         self.in_channels, self.sample_channels = signature.in_channels, sample_channels
         self.prediction_type = prediction_type
         self.profiles = list(profiles)
+        self.residuals = residuals
         self.fingerprint = entry.manifest["key"]
         self.engine_path = entry.file(ENGINE_FILE)
         with cuda.current(device):  # the engine, its context and stream belong to this GPU, not GPU 0
@@ -191,6 +226,10 @@ class TensorRTDenoiser(Denoiser):
         cuda = runtime()
         inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
         x = inputs["sample"]
+        if self.residuals is not None:
+            from difftool.exporters.onnx_controlnet import residual_inputs
+
+            inputs |= residual_inputs(self.residuals, cond, x, self.device)
         out_shape = (x.shape[0], self.sample_channels, *x.shape[2:])
         current = cuda.current_stream(self.cuda_device)
         self.stream.wait_stream(current)

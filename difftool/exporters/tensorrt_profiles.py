@@ -88,13 +88,33 @@ def controlnet_profiles(
     scale = signature.cond_scale
     image = tuple((b, signature.cond_channels, s * scale, s * scale) for b, s in zip(batch, sides, strict=True))
     controlnet = Profile({**shared.shapes, "controlnet_cond": image})  # type: ignore[dict-item]
-    residuals = {
+    return controlnet, residual_profile(signature.unet, signature.residuals, batch, size, tokens)
+
+
+def residual_profile(
+    signature: Any,
+    residuals: Any,
+    batch: tuple[int, int, int],
+    size: tuple[int, int, int],
+    tokens: tuple[int, int, int] = (77, 77, 77),
+) -> Profile:
+    """The residual-input U-Net's profile (:func:`controlnet_profiles`' second) from the U-Net's own
+    :class:`~difftool.exporters.onnx.UNetSignature` and :class:`~difftool.exporters.onnx_controlnet.Residuals`."""
+    shared = signature_profile(signature, batch, size, tokens)
+    sides = [shape[2] for shape in shared.shapes["sample"]]
+    extra = {
         name: tuple((b, channels, s // down, s // down) for b, s in zip(batch, sides, strict=True))
-        for name, (channels, down) in zip(
-            signature.residuals.names, (*signature.residuals.down, signature.residuals.mid), strict=True
-        )
+        for name, (channels, down) in zip(residuals.names, (*residuals.down, residuals.mid), strict=True)
     }
-    return controlnet, Profile({**shared.shapes, **residuals})  # type: ignore[dict-item]
+    return Profile({**shared.shapes, **extra})  # type: ignore[dict-item]
+
+
+def control_ranges(shapes: Any, largest: int = 1024) -> tuple[tuple[int, int, int], ...]:
+    """(batch, size, tokens) for :func:`controlnet_profiles`: the task's declared shapes, else Stable
+    Diffusion's defaults (as :func:`engine_profile`'s); batch from 1 (guess mode halves CFG's batch)."""
+    if shapes is None:
+        return (1, 2, 4), (8, 64, largest // 8 * 2), (77, 77, 77)
+    return (1, *shapes.batch[1:]), tuple(shapes.size), tuple(shapes.tokens)
 
 
 def engine_profile(signature: Any, shapes: Any, largest: int = 1024) -> Profile:

@@ -33,6 +33,10 @@ class FakeTensorRTState:
     executions: int = 0
     created_on: list[tuple[str, int]] = field(default_factory=list)
     build_flags: list[list[str]] = field(default_factory=list)
+    #: Each build's optimization profiles (input name -> [min, opt, max]), in build order.
+    build_profiles: list[list[dict[str, list[list[int]]]]] = field(default_factory=list)
+    #: Each execution's bound input names and output names.
+    executed: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
     #: Inject failures: ``deserialize``/``context`` return None, ``timing_cache`` rejects the cache,
     #: ``capture`` fails an enqueue inside a CUDA graph capture.
     fail: set[str] = field(default_factory=set)
@@ -165,6 +169,7 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
                 return None
             state.builds += 1
             state.build_flags.append(list(config.flags))
+            state.build_profiles.append([dict(p) for p in config.profiles])
             header = {
                 "profiles": config.profiles,
                 "refittable": "REFIT" in config.flags,
@@ -263,13 +268,15 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
                 count = int(np.prod(shapes[spec.name]))
                 buffer = (_CTYPES[dtype] * count).from_address(addresses[spec.name])
                 feeds[spec.name] = np.frombuffer(buffer, dtype=dtype).reshape(shapes[spec.name]).copy()
-            (output,) = session.get_outputs()
-            if output.name not in addresses:
-                return False
-            result = session.run(None, feeds)[0].astype(_NUMPY[output.type])
-            target = (_CTYPES[result.dtype.name] * result.size).from_address(addresses[output.name])
-            np.frombuffer(target, dtype=result.dtype)[:] = result.reshape(-1)
+            outputs = session.get_outputs()
+            if any(output.name not in addresses for output in outputs):
+                return False  # an unbound output: TensorRT refuses to enqueue
+            for output, value in zip(outputs, session.run(None, feeds), strict=True):
+                result = np.ascontiguousarray(value.astype(_NUMPY[output.type]))
+                target = (_CTYPES[result.dtype.name] * result.size).from_address(addresses[output.name])
+                np.frombuffer(target, dtype=result.dtype)[:] = result.reshape(-1)
             state.executions += 1
+            state.executed.append((tuple(feeds), tuple(output.name for output in outputs)))
             return True
 
     class Runtime:

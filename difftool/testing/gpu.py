@@ -159,9 +159,11 @@ def gpu_harness(version: str = "10.16.0", cuda: FakeCuda | None = None) -> Itera
             sys.modules.pop("tensorrt", None)
         else:
             sys.modules["tensorrt"] = previous
+        from difftool.exporters.tensorrt_controlnet import recent_controlnets
         from difftool.exporters.tensorrt_denoiser import recent_engines
 
         recent_engines().clear()
+        recent_controlnets().clear()
 
 
 def install_for_process(version: str = "10.16.0") -> GpuHarness:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from difftool.core.backend import Backend, DenoiserSpec
+from difftool.core.backend import Backend, ControlNetRunner, DenoiserSpec
 from difftool.core.task import Param
 from difftool.exporters.options import ORT_OPTIONS, TENSORRT_OPTIONS
 from difftool.plugins.hookspecs import hookimpl
@@ -25,6 +25,7 @@ def onnx_packages_missing() -> str | None:
 class TorchBackend(Backend):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
+    runs_controlnets = True
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         if device == "cpu":
@@ -45,10 +46,16 @@ class TorchBackend(Backend):
 
         return TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device, dtype=spec.dtype)
 
+    def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
+        from difftool.core.denoiser import TorchControlNet
+
+        return TorchControlNet(module)  # loaded on the run's device in its dtype (sd.controlnet.loaded)
+
 
 class OnnxBackend(Backend):
     name = "onnx"
     summary = "ONNX Runtime; the model is exported, validated and cached on first use"
+    runs_controlnets = True
     options = (
         *ORT_OPTIONS,
         Param(
@@ -84,6 +91,8 @@ class OnnxBackend(Backend):
 
         # fp16 runs get an fp16 graph (fp32 I/O); bf16 has no ONNX Runtime kernels to speak of: fp32.
         options = self.validate_options(spec.options)
+        if spec.residuals:
+            return self._residual_denoiser(module, spec, options)
         precision = "fp16" if spec.dtype == torch.float16 else "fp32"
         name = f"unet-{spec.model_id[:12] or 'model'}"
         entry = cached_export(module, name=name, precision=precision, model_id=spec.model_id)
@@ -101,10 +110,32 @@ class OnnxBackend(Backend):
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser
 
+    def _residual_denoiser(self, module: Any, spec: DenoiserSpec, options: dict[str, Any]) -> Denoiser:
+        """The U-Net taking ControlNet residuals: an fp32 graph (whatever the run's dtype)."""
+        from difftool.exporters.onnx_controlnet import cached_residual_unet
+        from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
+
+        entry, signature, residuals = cached_residual_unet(module, spec.model_id)
+        denoiser = OnnxRuntimeDenoiser(
+            entry.file("model.onnx"), signature, prediction_type=spec.prediction_type,
+            sample_channels=int(module.config.out_channels), device=spec.device, provider=options["provider"],
+            threads=int(options["threads"]), residuals=residuals,
+        )  # fmt: skip
+        denoiser.fingerprint = entry.manifest["key"]
+        return denoiser
+
+    def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
+        from difftool.exporters.onnxruntime_controlnet import onnx_controlnet
+
+        return onnx_controlnet(
+            module, model_id=spec.model_id, device=spec.device, options=self.validate_options(spec.options)
+        )
+
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
+    runs_controlnets = True
     options = TENSORRT_OPTIONS
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
@@ -123,7 +154,16 @@ class TensorRTBackend(Backend):
             model_id=spec.model_id,
             options=self.validate_options(spec.options),
             shapes=spec.shapes,
+            residuals=spec.residuals,
         )
+
+    def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
+        from difftool.exporters.tensorrt_controlnet import tensorrt_controlnet
+
+        return tensorrt_controlnet(
+            module, model_id=spec.model_id, device=spec.device, dtype=spec.dtype,
+            options=self.validate_options(spec.options), shapes=spec.shapes,
+        )  # fmt: skip
 
 
 class TritonBackend(Backend):

@@ -57,11 +57,10 @@ def load_units(
     units: Sequence[ControlUnit], model: Any, context: RunContext, allow_pickle: bool = False
 ) -> list[tuple[ControlUnit, controlnet.ControlNet]]:
     """Each unit's ControlNet, loaded and checked against the model's family (before any sampling)."""
-    if units and context.backend_name != "torch":
-        raise ParameterError(
-            f"ControlNet runs with --backend torch only, not {context.backend_name}",
-            "drop --backend (exported U-Nets have no ControlNet residual inputs yet)",
-        )
+    if units and context.backend is not None and not context.backend.backend.runs_controlnets:
+        from difftool.core.backend import controlnet_refused
+
+        raise controlnet_refused(context.backend_name)  # before any ControlNet loads
     if units and context.registry is not None:
         for unit in units:
             context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load
@@ -155,16 +154,37 @@ def record(controls: Sequence[PreparedControl]) -> dict[str, Any]:
     }
 
 
+def runners_for(controls: Sequence[PreparedControl], context: RunContext, shapes: Any = None) -> list[Any]:
+    """Each unit's ControlNet as a :class:`~difftool.core.backend.ControlNetRunner` on the run's backend
+    (exported and built before sampling on ``onnx`` and ``tensorrt``); ``shapes`` as the U-Net's."""
+    return [context.make_controlnet(c.net.module, model_id=c.net.sha256, shapes=shapes) for c in controls]
+
+
+def residual_scales(count: int, weight: float, guess: bool) -> list[Any]:
+    """What each of ``count`` residuals (the mid block's last) is multiplied by, as diffusers' ControlNet does:
+    the unit's weight, or in guess mode 0.1 ... 1 (log-spaced from the first block to the middle) times it."""
+    import torch
+
+    if not guess:
+        return [weight] * count
+    return list(torch.logspace(-1, 0, count) * weight)
+
+
 class ControlledDenoiser(Denoiser):
     """``inner`` (the U-Net) with ControlNet residuals added to its conditioning at every call.
 
-    ``scheduler`` gives the planned timesteps (the weight schedule's fractions); ``guided``: the sampler
-    batches unconditional and conditional halves (guess mode then feeds the ControlNets the second only).
+    ``runners`` run each unit's ControlNet (:func:`runners_for`: PyTorch, ONNX Runtime or TensorRT, raw
+    residuals); the weight schedule, guess mode and scaling are applied here, the same for every backend.
+    ``scheduler`` gives the planned timesteps (the schedule's fractions); ``guided``: the sampler batches
+    unconditional and conditional halves (guess mode then feeds the ControlNets the second only).
     Create one per sampling run: it counts its calls as the step index, as diffusers' loop does.
     """
 
-    def __init__(self, inner: Denoiser, controls: Sequence[PreparedControl], scheduler: Any, guided: bool) -> None:
-        self.inner, self.controls, self.scheduler, self.guided = inner, list(controls), scheduler, guided
+    def __init__(
+        self, inner: Denoiser, controls: Sequence[PreparedControl], runners: Sequence[Any], scheduler: Any, guided: bool
+    ) -> None:
+        self.inner, self.controls, self.runners = inner, list(controls), list(runners)
+        self.scheduler, self.guided = scheduler, guided
         for name in ("sample_channels", "in_channels", "prediction_type", "dtype", "device", "backend"):
             setattr(self, name, getattr(inner, name))
         self.calls = 0
@@ -176,44 +196,37 @@ class ControlledDenoiser(Denoiser):
         self.calls += 1
         down, mid = None, None
         with torch.inference_mode():
-            for control in self.controls:
+            for control, runner in zip(self.controls, self.runners, strict=True):
                 unit = control.unit
                 # diffusers: keep = 1 - (i / n < start or (i + 1) / n > end)
                 if step / total < unit.start or (step + 1) / total > unit.end or unit.weight == 0:
                     continue  # a zero weight adds zero residuals: skipping it changes nothing
-                d, m = self._run(control, sample, timestep, cond)
+                d, m = self._run(control, runner, sample, timestep, cond)
                 down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
                 mid = m if mid is None else mid + m
         if down is not None:
             cond = {**cond, "down_block_additional_residuals": tuple(down), "mid_block_additional_residual": mid}
         return self.inner(sample, timestep, cond)
 
-    def _run(self, control: PreparedControl, sample: Any, timestep: Any, cond: Conditioning) -> tuple[Any, Any]:
+    def _run(
+        self, control: PreparedControl, runner: Any, sample: Any, timestep: Any, cond: Conditioning
+    ) -> tuple[Any, Any]:
         import torch
 
-        module = control.net.module
-        first = next(module.parameters())
-        guess = control.unit.guess or bool(getattr(module.config, "global_pool_conditions", False))
+        pooled = bool(getattr(control.net.module.config, "global_pool_conditions", False))
+        guess = control.unit.guess or pooled
         text, added = cond.get("encoder_hidden_states"), cond.get("added_cond_kwargs")
         halve = guess and self.guided  # guess mode: the ControlNet sees the conditional half only
         if halve:
             sample, text = sample.chunk(2)[1], text.chunk(2)[1]
             added = {k: v.chunk(2)[1] for k, v in added.items()} if added else None
-        image = control.image.to(first.device, first.dtype)
+        image = control.image
         if image.shape[0] != sample.shape[0]:
             image = image.repeat(sample.shape[0] // image.shape[0], 1, 1, 1)
-        kwargs = {"added_cond_kwargs": {k: v.to(first.device, first.dtype) for k, v in added.items()}} if added else {}
-        t = timestep.to(first.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
-        down, mid = module(
-            sample.to(first.device, first.dtype),
-            t,
-            encoder_hidden_states=text.to(first.device, first.dtype),
-            controlnet_cond=image,
-            conditioning_scale=control.unit.weight,
-            guess_mode=guess,
-            return_dict=False,
-            **kwargs,
-        )
+        down, mid = runner(sample, timestep, text, image, added)
+        # A pooled ControlNet (shuffle) pools inside the module; guess mode's per-block scales skip it.
+        *scales, last = residual_scales(len(down) + 1, control.unit.weight, guess and not pooled)
+        down, mid = [d * s for d, s in zip(down, scales, strict=True)], mid * last
         if halve:
             down = [torch.cat([torch.zeros_like(d), d]) for d in down]
             mid = torch.cat([torch.zeros_like(mid), mid])

@@ -265,9 +265,10 @@ def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
         torch.nn.Module.to(encoder, device=context.torch_device, dtype=dtype).eval()
 
 
-def make_denoiser(model: SDModel, context: RunContext, shapes: Any = None) -> Any:
+def make_denoiser(model: SDModel, context: RunContext, shapes: Any = None, residuals: bool = False) -> Any:
+    """The U-Net on the run's backend; ``residuals``: the variant taking ControlNet residuals."""
     return context.make_denoiser(
-        model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes
+        model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes, residuals=residuals
     )
 
 

@@ -160,7 +160,12 @@ def run_sd(
     if shapes is None and context.export_shapes is None:
         guidance = float(params.get("guidance_scale", 7.0))
         shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))
-    denoiser = pipeline.make_denoiser(model, context, shapes)
+    denoiser = pipeline.make_denoiser(model, context, shapes, residuals=bool(controls))
+    runners: list[Any] = []
+    if controls:  # exported (and built) before sampling, like the U-Net
+        from difftool.plugins.builtin.sd.controlled import runners_for
+
+        runners = runners_for(controls, context, shapes)
     if scheduler is None:
         scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
     width, height = size
@@ -172,7 +177,8 @@ def run_sd(
     def run() -> Any:
         from difftool.plugins.builtin.sd.controlled import ControlledDenoiser
 
-        active = ControlledDenoiser(denoiser, controls, scheduler, guidance != 1.0) if controls else denoiser
+        guided = guidance != 1.0
+        active = ControlledDenoiser(denoiser, controls, runners, scheduler, guided) if controls else denoiser
         return sample(
             active,
             scheduler,

@@ -215,11 +215,6 @@ def test_a_pickle_controlnet_needs_allow_pickle(models: Path, tmp_path: Path) ->
         run(models, [f"{folder}={models / 'edges.png'}"])
 
 
-def test_controlnet_needs_the_torch_backend(models: Path) -> None:
-    with pytest.raises(ParameterError, match="ControlNet runs with --backend torch only"):
-        run(models, [f"cn-edges={models / 'edges.png'}"], backend="onnx")
-
-
 # --- CLI and metadata ------------------------------------------------------------------------------
 
 

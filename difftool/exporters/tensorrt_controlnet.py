@@ -18,7 +18,7 @@ from difftool.core.runtime import current
 from difftool.exporters.cache import Entry, Recent
 from difftool.exporters.onnx_controlnet import ControlNetSignature
 from difftool.exporters.tensorrt_denoiser import _check, fp32_control_graph
-from difftool.exporters.tensorrt_engine import ENGINE_FILE
+from difftool.exporters.tensorrt_engine import load_engine
 from difftool.exporters.tensorrt_profiles import Profile, control_ranges, select_profile
 
 
@@ -54,23 +54,10 @@ class TensorRTControlNet:
     backend = "tensorrt"
 
     def __init__(self, entry: Entry, profile: Profile, signature: ControlNetSignature, *, device: str) -> None:
-        import tensorrt as trt
-
-        cuda = runtime()
-        self.cuda_device, self.device = device, cuda.placement(device)
+        self.cuda_device, self.device = device, runtime().placement(device)
         self.profile, self.signature = profile, signature
         self.fingerprint = entry.manifest["key"]
-        with cuda.current(device):
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self.runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
-            self.context = self.engine.create_execution_context() if self.engine is not None else None
-            if self.context is None:
-                raise BackendUnavailableError(
-                    f"TensorRT could not load the engine {entry.path.name} on {device} (out of GPU memory, or "
-                    "built by another TensorRT or GPU)",
-                    "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
-                )
-            self.stream = cuda.new_stream(device)
+        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device)
         self._profile_set = False
 
     def __call__(self, sample: Any, timestep: Any, text: Any, image: Any, added: Any) -> tuple[list[Any], Any]:

@@ -342,3 +342,21 @@ def refit(engine: Any, onnx_path: Path) -> None:
             f"TensorRT could not refit the engine with {onnx_path.parent.name}: {errors or 'see its log above'}",
             "clear the engine (difftool cache clear) to rebuild it",
         )
+
+
+def load_engine(entry: Entry, device: str) -> tuple[Any, Any, Any, Any]:
+    """``entry``'s engine on ``device``: its runtime, engine, execution context and stream (all of that GPU)."""
+    import tensorrt as trt
+
+    cuda = runtime()
+    with cuda.current(device):
+        trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = trt_runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
+        context = engine.create_execution_context() if engine is not None else None
+        if context is None:
+            raise BackendUnavailableError(
+                f"TensorRT could not load the engine {entry.path.name} on {device} (out of GPU memory, or "
+                "built by another TensorRT or GPU)",
+                "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
+            )
+        return trt_runtime, engine, context, cuda.new_stream(device)

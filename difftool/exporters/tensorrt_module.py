@@ -12,7 +12,7 @@ from typing import Any
 from difftool.core.cuda import runtime
 from difftool.core.errors import BackendUnavailableError
 from difftool.exporters.cache import Entry
-from difftool.exporters.tensorrt_engine import ENGINE_FILE
+from difftool.exporters.tensorrt_engine import load_engine
 from difftool.exporters.tensorrt_profiles import Profile, select_profile
 
 
@@ -25,23 +25,10 @@ class TensorRTModule:
     """``module(image) -> (out,)`` on an engine; ``out`` is ``scale`` times the input's height and width."""
 
     def __init__(self, entry: Entry, profile: Profile, *, device: str, scale: int, out_channels: int = 3) -> None:
-        import tensorrt as trt
-
-        cuda = runtime()
-        self.cuda_device, self.device = device, cuda.placement(device)
+        self.cuda_device, self.device = device, runtime().placement(device)
         self.profile, self.scale, self.out_channels = profile, scale, out_channels
         self.fingerprint = entry.manifest["key"]
-        with cuda.current(device):
-            self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self.runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
-            self.context = self.engine.create_execution_context() if self.engine is not None else None
-            if self.context is None:
-                raise BackendUnavailableError(
-                    f"TensorRT could not load the engine {entry.path.name} on {device} (out of GPU memory, or "
-                    "built by another TensorRT or GPU)",
-                    "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
-                )
-            self.stream = cuda.new_stream(device)
+        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device)
         self._profile_set = False
 
     def __call__(self, image: Any) -> tuple[Any]:

@@ -187,3 +187,23 @@ def test_long_prompts_run_on_onnx_whole_pipeline_and_tensorrt_within_the_declare
     for name, result in runs.items():
         a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (reference, result))
         assert psnr(a, b) > 40, name
+
+
+def test_tensorrt_engine_covers_a_short_side_under_eight_latent_cells(tmp_path: Path) -> None:
+    """A 96 x 40 px image is 12 x 5 latents: the engine's declared minimum comes from the short side,
+    so TensorRT (stand-ins, which refuse shapes outside the profile as TensorRT does) runs it."""
+    from difftool.plugins.builtin.sd.tasks import latent_shapes
+    from difftool.testing.gpu import gpu_harness
+
+    assert latent_shapes((96, 40), 7.0).size == (5, 12, 128)
+    assert latent_shapes((40, 96), 7.0, exact=False).size == (5, 64, 128)
+    assert latent_shapes((512, 768), 7.0).size == (8, 96, 128)
+    folder = tiny.save_folder(tiny.components(seed=5), tmp_path / "sd")
+    common = {"model": str(folder), "prompt": "a kite", "width": 96, "height": 40, "steps": 2, "seed": 6}
+    common["dtype"] = "fp32"
+    reference = api.run("generate", **common)
+    with gpu_harness() as harness:
+        result = api.run("generate", backend="tensorrt", device="cuda", **common)
+    assert harness.trt.builds == 1 and result.images[0].size == (96, 40)
+    a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (reference, result))
+    assert psnr(a, b) > 40

@@ -78,7 +78,8 @@ class UNetSignature:
                 "use --backend torch for this model",
             )
         if added == "text_time":
-            time_ids = 6
+            # SDXL: 6 size/crop values; a refiner's loader declares its 5 (size, crop, aesthetic score).
+            time_ids = int(getattr(module, "added_time_ids", 6))
             pooled = int(config.projection_class_embeddings_input_dim) - time_ids * int(config.addition_time_embed_dim)
             return cls(**base, context_dim=int(config.cross_attention_dim), text_embeds_dim=pooled, time_ids=time_ids)
         return cls(**base, context_dim=int(config.cross_attention_dim))
@@ -170,7 +171,9 @@ def example_inputs(signature: UNetSignature, batch: int, h: int, w: int, seed: i
     if signature.text_embeds_dim:
         inputs.append(torch.randn(batch, signature.text_embeds_dim, generator=g))
         size = [h * m * 8, w * m * 8]
-        inputs.append(torch.tensor([size + [0, 0] + size] * batch, dtype=torch.float32))
+        # Original size, crop, target size; a refiner's 5 end with an aesthetic score instead.
+        ids = size + [0, 0] + (size if signature.time_ids == 6 else [6.0])
+        inputs.append(torch.tensor([ids] * batch, dtype=torch.float32))
     return inputs
 
 

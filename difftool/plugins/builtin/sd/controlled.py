@@ -192,7 +192,8 @@ class ControlledDenoiser(Denoiser):
     def __call__(self, sample: Any, timestep: Any, cond: Conditioning) -> Any:
         import torch
 
-        step, total = self.calls, len(self.scheduler.timesteps)
+        # A refiner's base runs a share of a longer plan: the fractions are of the whole (diffusers too).
+        step, total = self.calls, getattr(self.scheduler, "whole_plan", None) or len(self.scheduler.timesteps)
         self.calls += 1
         down, mid = None, None
         with torch.inference_mode():

@@ -46,6 +46,12 @@ class SDModel:
     loras: list[tuple[str, float, str]] = field(default_factory=list)
     vae_name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.family.xl:
+            # The exporters size SDXL's ``time_ids`` input from this: the U-Net's config cannot tell a
+            # refiner (aesthetic score: 5 values) from a base (target size: 6) of unusual widths.
+            self.unet.added_time_ids = 5 if self.family.refiner else 6
+
     @property
     def name(self) -> str:
         return self.path.stem if self.path.is_file() else self.path.name

@@ -12,7 +12,7 @@ scores 6 and 2.5 (see :func:`pipeline.encode_prompt`). Both halves run through t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,19 +61,13 @@ def refiner_for(params: dict[str, Any], base: SDModel, context: RunContext) -> R
     name = params.get("refiner")
     if not name:
         return None
-    if context.backend_name != "torch":
-        raise ParameterError(
-            f"--refiner runs with --backend torch only, not {context.backend_name}",
-            "drop --backend (exported U-Nets cannot hand their latents to a refiner yet)",
-        )
     if base.family.name != "sdxl":
         raise ModelError(
             f"--refiner finishes SDXL base models; {base.name} is {base.family.label}",
             "pass an SDXL base as --model, or drop --refiner",
         )
-    for flag, value in (("--hires", (params.get("hires") or 1.0) > 1.0), ("--control", bool(params.get("control")))):
-        if value:
-            raise ParameterError(f"--refiner with {flag} is not supported yet", f"drop {flag} or --refiner")
+    if (params.get("hires") or 1.0) > 1.0:
+        raise ParameterError("--refiner with --hires is not supported yet", "drop --hires or --refiner")
     model = cached_model(resolve_path(str(name), context), [], params, context, "-refiner")
     if not model.family.refiner:
         raise ModelError(
@@ -89,11 +83,14 @@ def sample_refined(
     refiner: Refiner,
     context: RunContext,
     params: dict[str, Any],
+    controls: Sequence[Any] = (),
     **texts: Any,
 ) -> torch.Tensor:
     """The base to the switch point, then the refiner from its latents: final latents (decode with the
     refiner's VAE). ``run_sd``: :func:`tasks.run_sd`, the core sampler's caller; ``texts``: its ``prompt``,
-    ``negative`` and ``size``; ``params["scheduler"]``: the scheduler of both halves."""
+    ``negative`` and ``size``; ``params["scheduler"]``: the scheduler of both halves. ``controls``
+    (ControlNet units, made for the base) guide the base's share only, their start and end fractions of
+    the whole plan, as in diffusers' ``StableDiffusionXLControlNetPipeline(denoising_end=s)``."""
     name = str(params["scheduler"])
     steps = int(params.get("steps") or 25)
     first = SwitchScheduler(context.make_scheduler(name, base.scheduler_config), end=refiner.switch)
@@ -101,7 +98,7 @@ def sample_refined(
     counts = [part.planned(steps) for part in (first, second)]
     total = sum(counts)
     with _progress_from(context, 0, total):
-        latents = run_sd(base, context, params, scheduler=first, **texts)
+        latents = run_sd(base, context, params, scheduler=first, controls=controls, **texts)
     with _progress_from(context, counts[0], total):
         return run_sd(refiner.model, context, params, scheduler=second, init=latents, init_noised=True, **texts)
 
@@ -123,7 +120,8 @@ class SwitchScheduler(Scheduler):
 
     ``end``: the timesteps down to the switch (the base's share, diffusers' ``denoising_end``); ``start``:
     those after it (the refiner's, ``denoising_start``, one more for a second-order scheduler that would
-    stop between its two evaluations). Stepping is the wrapped scheduler's.
+    stop between its two evaluations). Stepping is the wrapped scheduler's. ``whole_plan``: the length
+    of the plan the share is cut from (ControlNet's start and end are fractions of it).
     """
 
     def __init__(self, inner: Scheduler, *, start: float | None = None, end: float | None = None) -> None:
@@ -160,6 +158,7 @@ class SwitchScheduler(Scheduler):
             if hasattr(impl, "set_begin_index"):
                 impl.set_begin_index(begin)
         self.timesteps = timesteps
+        self.whole_plan = len(self.inner.timesteps)
 
     def planned(self, num_steps: int) -> int:
         """How many of ``num_steps`` this share runs; a one-line error when it would run none."""

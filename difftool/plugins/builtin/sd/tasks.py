@@ -278,12 +278,14 @@ class Generate(Task):
         texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         refine = refiner.refiner_for(params, model, context)
+        controls = controlled.controls_for(params, model, context, (width, height))
         if refine is not None:  # the base to the switch point, the refiner from there; its VAE decodes
             both = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
-            latents = refiner.sample_refined(run_sd, model, refine, context, both, size=(width, height), **texts)
+            latents = refiner.sample_refined(
+                run_sd, model, refine, context, both, controls=controls, size=(width, height), **texts
+            )
             image = pipeline.decode_latents(refine.model, latents, context)
             return TaskResult([to_pil(pipeline.to_numpy(image))], record | refine.record())
-        controls = controlled.controls_for(params, model, context, (width, height))
         latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
         if (params.get("hires") or 1.0) > 1.0:
             target = hires.target_size((width, height), float(params["hires"]))

@@ -41,14 +41,23 @@ def models(base_parts: dict, refiner_parts: dict, tmp_path_factory: pytest.TempP
     }
 
 
-def reference(base_parts: dict, refiner_parts: dict, scheduler: str, switch: float, steps: int) -> Any:
-    """diffusers: the base with ``denoising_end`` (latents out), the refiner with ``denoising_start``."""
-    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+def reference(base_parts: dict, refiner_parts: dict, scheduler: str, switch: float, steps: int, **control: Any) -> Any:
+    """diffusers: the base with ``denoising_end`` (latents out), the refiner with ``denoising_start``;
+    ``control``: the ControlNet pipeline's arguments (``controlnet``, ``image``, ...) for the base."""
+    from diffusers import (
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     generator = torch.Generator("cpu").manual_seed(SEED)
-    base = StableDiffusionXLPipeline(**{**base_parts, "scheduler": reference_scheduler(scheduler)})
+    parts = {**base_parts, "scheduler": reference_scheduler(scheduler)}
+    if control:
+        base = StableDiffusionXLControlNetPipeline(**parts, controlnet=control.pop("controlnet"))
+    else:
+        base = StableDiffusionXLPipeline(**parts)
     common = {"num_inference_steps": steps, "guidance_scale": 5.0, "generator": generator, **PROMPT}
-    latents = base(**common, **SIZE, denoising_end=switch, output_type="latent").images
+    latents = base(**common, **SIZE, **control, denoising_end=switch, output_type="latent").images
     refiner = StableDiffusionXLImg2ImgPipeline(
         **{**refiner_parts, "scheduler": reference_scheduler(scheduler)},
         text_encoder=None,
@@ -84,6 +93,38 @@ def test_base_and_refiner_match_diffusers(
     # The refiner does change the picture: the base alone, same seed, differs by a lot.
     alone = api.run("generate", model=str(models["base"]), dtype="fp32", **common)
     assert max_diff(alone.images[0], ours.images[0]) > 40
+
+
+def test_controlnet_guides_the_base_share_as_diffusers_controlnet_pipeline_does(tmp_path: Path) -> None:
+    """ControlNet (made for the base) on the base's share, its start/end fractions of the whole plan
+    (diffusers' ``StableDiffusionXLControlNetPipeline(denoising_end=s)``), then the refiner unguided."""
+    from PIL import Image
+
+    from .test_parity import photo
+
+    # 8x VAEs, as ControlNet's conditioning embedding assumes.
+    base_parts, refiner_parts = tiny.components(xl=True, seed=2, vae_levels=4), tiny.refiner_components(5, 4)
+    models = {"base": tiny.save_folder(base_parts, tmp_path / "tiny-sdxl")}
+    models["refiner"] = tiny.save_folder(refiner_parts, tmp_path / "tiny-refiner")
+    net = tiny.controlnet(base_parts["unet"], seed=6)
+    file = tiny.save_controlnet_file(net, tmp_path / "cn-xl.safetensors")
+    photo((80, 60)).save(tmp_path / "control.png")
+    steps, switch = 8, 0.7
+    common = {**PROMPT, **SIZE, "steps": steps, "guidance_scale": 5.0, "scheduler": "euler", "seed": SEED}
+    common |= {"model": str(models["base"]), "refiner": str(models["refiner"]), "refiner_switch": switch}
+    ours = api.run(
+        "generate", dtype="fp32", control=[f"{file}={tmp_path / 'control.png'},weight=0.9,end=0.5"], **common
+    )
+    image = Image.open(tmp_path / "control.png")
+    ref = reference(base_parts, refiner_parts, "euler", switch, steps, controlnet=net, image=image,
+                    controlnet_conditioning_scale=0.9, control_guidance_end=0.5)  # fmt: skip
+    assert max_diff(ours.images[0], ref) <= 1
+    assert ours.record["controlnet"][0].startswith("Module: none, Model: cn-xl [") and ours.record["refiner"]
+    # Fractions of the whole plan: ending at 0.5 is not ending with the base's share (0.7) of it.
+    later = api.run(
+        "generate", dtype="fp32", control=[f"{file}={tmp_path / 'control.png'},weight=0.9,end=0.7"], **common
+    )
+    assert max_diff(later.images[0], ours.images[0]) > 0
 
 
 def test_refiner_loads_from_an_original_layout_single_file(models: dict) -> None:
@@ -152,9 +193,36 @@ def test_refiner_errors(models: dict) -> None:
         api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
     with pytest.raises(ParameterError, match="--refiner with --hires is not supported"):
         api.run("generate", model=base, refiner=refiner, hires=1.5, **common)
+
+
+def test_refiner_runs_on_onnx_and_tensorrt(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both U-Nets exported (the refiner's graph takes its 5 time ids: size, crop, aesthetic score), on
+    ONNX Runtime (U-Nets alone, and with the text encoders and VAE) and TensorRT (stand-ins)."""
+    import numpy as np
+
+    from difftool.exporters.onnx import UNetSignature
+    from difftool.testing.gpu import gpu_harness
+
     pytest.importorskip("onnxruntime")
-    with pytest.raises(ParameterError, match="--refiner runs with --backend torch only, not onnx"):
-        api.run("generate", model=base, refiner=refiner, backend="onnx", **common)
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    base = loader.load_sd_model(str(models["base"]))
+    refiner = loader.load_sd_model(str(models["refiner"]))
+    assert (UNetSignature.of(base.unet).time_ids, UNetSignature.of(refiner.unet).time_ids) == (6, 5)
+    common = {**PROMPT, **SIZE, "steps": 5, "seed": SEED, "scheduler": "euler", "dtype": "fp32"}
+    common |= {"model": str(models["base"]), "refiner": str(models["refiner"]), "refiner_switch": 0.6}
+    reference = api.run("generate", **common)
+    runs = {
+        "onnx": api.run("generate", backend="onnx", **common),
+        "onnx-all": api.run("generate", backend="onnx", backend_options={"export": "all"}, **common),
+    }
+    with gpu_harness() as harness:
+        runs["tensorrt"] = api.run("generate", backend="tensorrt", device="cuda", **common)
+    assert harness.trt.builds == 2  # one engine per U-Net
+    assert {profiles[0]["time_ids"][0][1] for profiles in harness.trt.build_profiles} == {5, 6}
+    for name, result in runs.items():
+        a, b = (np.asarray(r.images[0], np.int16) for r in (reference, result))
+        assert np.abs(a - b).max() <= 1, name  # measured: 0-1/255
+        assert result.record["refiner"] == "tiny-refiner", name
 
 
 def test_a1111_metadata_round_trip(models: dict, tmp_path: Path) -> None:

@@ -111,11 +111,11 @@ def components(
     return _components(in_channels, xl, seed, sd2, vae_levels)
 
 
-def refiner_components(seed: int = 0) -> dict[str, Any]:
+def refiner_components(seed: int = 0, vae_levels: int = 2) -> dict[str, Any]:
     """A tiny SDXL refiner: SDXL-style U-Net on text_encoder_2 alone (48 wide), aesthetic-score time ids."""
     from diffusers import UNet2DConditionModel
 
-    parts = _components(xl=True, seed=seed)
+    parts = _components(xl=True, seed=seed, vae_levels=vae_levels)
     del parts["text_encoder"], parts["tokenizer"]
     torch.manual_seed(seed + 1)
     parts["unet"] = UNet2DConditionModel(**unet_config(xl=True, refiner=True)).eval()

@@ -66,8 +66,6 @@ def refiner_for(params: dict[str, Any], base: SDModel, context: RunContext) -> R
             f"--refiner finishes SDXL base models; {base.name} is {base.family.label}",
             "pass an SDXL base as --model, or drop --refiner",
         )
-    if (params.get("hires") or 1.0) > 1.0:
-        raise ParameterError("--refiner with --hires is not supported yet", "drop --hires or --refiner")
     model = cached_model(resolve_path(str(name), context), [], params, context, "-refiner")
     if not model.family.refiner:
         raise ModelError(
@@ -84,21 +82,27 @@ def sample_refined(
     context: RunContext,
     params: dict[str, Any],
     controls: Sequence[Any] = (),
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
     **texts: Any,
 ) -> torch.Tensor:
     """The base to the switch point, then the refiner from its latents: final latents (decode with the
     refiner's VAE). ``run_sd``: :func:`tasks.run_sd`, the core sampler's caller; ``texts``: its ``prompt``,
     ``negative`` and ``size``; ``params["scheduler"]``: the scheduler of both halves. ``controls``
     (ControlNet units, made for the base) guide the base's share only, their start and end fractions of
-    the whole plan, as in diffusers' ``StableDiffusionXLControlNetPipeline(denoising_end=s)``."""
+    the whole plan, as in diffusers' ``StableDiffusionXLControlNetPipeline(denoising_end=s)``. ``init``
+    and ``strength``: img2img for the base (hires fix's second pass), as diffusers'
+    ``StableDiffusionXLImg2ImgPipeline(strength=..., denoising_end=s)``; the refiner's share is the same."""
     name = str(params["scheduler"])
     steps = int(params.get("steps") or 25)
     first = SwitchScheduler(context.make_scheduler(name, base.scheduler_config), end=refiner.switch)
     second = SwitchScheduler(context.make_scheduler(name, refiner.model.scheduler_config), start=refiner.switch)
-    counts = [part.planned(steps) for part in (first, second)]
+    counts = [first.planned(steps, strength), second.planned(steps)]
     total = sum(counts)
     with _progress_from(context, 0, total):
-        latents = run_sd(base, context, params, scheduler=first, controls=controls, **texts)
+        latents = run_sd(
+            base, context, params, scheduler=first, controls=controls, init=init, strength=strength, **texts
+        )
     with _progress_from(context, counts[0], total):
         return run_sd(refiner.model, context, params, scheduler=second, init=latents, init_noised=True, **texts)
 
@@ -160,11 +164,16 @@ class SwitchScheduler(Scheduler):
         self.timesteps = timesteps
         self.whole_plan = len(self.inner.timesteps)
 
-    def planned(self, num_steps: int) -> int:
+    def planned(self, num_steps: int, strength: float = 1.0) -> int:
         """How many of ``num_steps`` this share runs; a one-line error when it would run none."""
-        self.set_timesteps(num_steps)
+        self.set_timesteps(num_steps, strength)
         if not len(self.timesteps):
             who, switch = ("base", self.end) if self.end is not None else ("refiner", self.start)
+            if strength < 1.0 and self.end is not None:
+                raise ParameterError(
+                    f"--refiner-switch {switch:g} comes before --hires-strength {strength:g} starts the hires pass",
+                    f"raise --refiner-switch above {1 - strength:g} or --hires-strength above {1 - switch:g}",
+                )
             raise ParameterError(
                 f"--refiner-switch {switch:g} with {num_steps} steps leaves the {who} no step",
                 "raise --steps or move --refiner-switch towards 0.5",

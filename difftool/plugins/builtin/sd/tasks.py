@@ -279,26 +279,31 @@ class Generate(Task):
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         refine = refiner.refiner_for(params, model, context)
         controls = controlled.controls_for(params, model, context, (width, height))
-        if refine is not None:  # the base to the switch point, the refiner from there; its VAE decodes
-            both = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
+        scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
+        upscale = (params.get("hires") or 1.0) > 1.0
+        # The refiner finishes the last pass (A1111's default "Hires refiner: second pass"); its VAE decodes.
+        decoder = refine.model if refine is not None else model
+        if refine is not None and not upscale:
             latents = refiner.sample_refined(
-                run_sd, model, refine, context, both, controls=controls, size=(width, height), **texts
+                run_sd, model, refine, context, scheduled, controls=controls, size=(width, height), **texts
             )
-            image = pipeline.decode_latents(refine.model, latents, context)
-            return TaskResult([to_pil(pipeline.to_numpy(image))], record | refine.record())
-        latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
-        if (params.get("hires") or 1.0) > 1.0:
+        else:
+            latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
+        if upscale:
             target = hires.target_size((width, height), float(params["hires"]))
             pipeline.check_size(*target, "the hires output")
             init = hires.upscale_latents(model, latents, target, params, context)
-            second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
-            strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
-            controls = controlled.controls_for(params, model, context, target)
-            latents = run_sd(
-                model, context, second, size=target, init=init, strength=strength, controls=controls, **texts
-            )
+            second = {**scheduled, "steps": params.get("hires_steps") or params.get("steps")}
+            again = {"init": init, "strength": float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)}
+            again |= {"controls": controlled.controls_for(params, model, context, target), "size": target}
+            if refine is not None:
+                latents = refiner.sample_refined(run_sd, model, refine, context, second, **again, **texts)
+            else:
+                latents = run_sd(model, context, second, **again, **texts)
             record |= hires.record(params, target)
-        image = pipeline.decode_latents(model, latents, context)
+        if refine is not None:
+            record |= refine.record()
+        image = pipeline.decode_latents(decoder, latents, context)
         return TaskResult([to_pil(pipeline.to_numpy(image))], record)
 
 

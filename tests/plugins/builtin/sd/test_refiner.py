@@ -127,6 +127,39 @@ def test_controlnet_guides_the_base_share_as_diffusers_controlnet_pipeline_does(
     assert max_diff(later.images[0], ours.images[0]) > 0
 
 
+def test_with_hires_the_refiner_finishes_the_second_pass_as_diffusers_composition(
+    base_parts: dict, refiner_parts: dict, models: dict
+) -> None:
+    """A1111's default ("Hires refiner: second pass"): the base's txt2img, latents upscaled, then the
+    base's img2img to the switch and the refiner after it, as diffusers' pipelines composed."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    steps, hires_steps, strength, switch = 4, 6, 0.7, 0.8
+    ours = api.run(
+        "generate", model=str(models["base"]), refiner=str(models["refiner"]), refiner_switch=switch, hires=2.0,
+        hires_steps=hires_steps, hires_strength=strength, steps=steps, guidance_scale=5.0, scheduler="euler",
+        seed=SEED, dtype="fp32", **PROMPT, **SIZE,
+    )  # fmt: skip
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    common = {"guidance_scale": 5.0, "generator": generator, **PROMPT}
+    base = {**base_parts, "scheduler": reference_scheduler("euler")}
+    latents = StableDiffusionXLPipeline(**base)(**common, **SIZE, num_inference_steps=steps, output_type="latent")
+    small = latents.images
+    upscaled = torch.nn.functional.interpolate(small, size=(small.shape[2] * 2, small.shape[3] * 2), mode="bilinear")
+    second = StableDiffusionXLImg2ImgPipeline(**base)(
+        **common, image=upscaled, strength=strength, num_inference_steps=hires_steps, denoising_end=switch,
+        output_type="latent",
+    ).images  # fmt: skip
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **{**refiner_parts, "scheduler": reference_scheduler("euler")}, text_encoder=None, tokenizer=None,
+        requires_aesthetics_score=True,
+    )  # fmt: skip
+    ref = refiner(**common, image=second, num_inference_steps=hires_steps, denoising_start=switch).images[0]
+    assert ours.images[0].size == (SIZE["width"] * 2, SIZE["height"] * 2) == ref.size
+    assert max_diff(ours.images[0], ref) <= 1
+    assert ours.record["refiner_switch"] == switch and ours.record["hires_upscaler"] == "latent"
+
+
 def test_refiner_loads_from_an_original_layout_single_file(models: dict) -> None:
     from safetensors import safe_open
 
@@ -191,8 +224,8 @@ def test_refiner_errors(models: dict) -> None:
         api.run("generate", model=base, refiner=base, **common)
     with pytest.raises(ParameterError, match="--refiner-switch 0.01 with 4 steps leaves the base no step"):
         api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
-    with pytest.raises(ParameterError, match="--refiner with --hires is not supported"):
-        api.run("generate", model=base, refiner=refiner, hires=1.5, **common)
+    with pytest.raises(ParameterError, match="0.2 comes before --hires-strength 0.5 starts the hires pass"):
+        api.run("generate", model=base, refiner=refiner, refiner_switch=0.2, hires=1.5, hires_strength=0.5, **common)
 
 
 def test_refiner_runs_on_onnx_and_tensorrt(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -218,12 +218,12 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
     """Image to image: ``style`` (no mask) or ``inpaint`` (with ``mask``)."""
     server = _server(request)
     model, params = _checked(server, req)
-    extra = req.model_extra or {}
-    if extra.get("refiner_checkpoint") not in (None, "", "None") and extra.get("refiner_switch_at") not in (1, 1.0):
-        raise refuse("refiner_checkpoint", "difftool's SDXL refiner runs with txt2img only")
-    refiner_params(req, ())  # a switch point without a refiner is refused, as for txt2img
+    refiners = [m.name for m in server.registry.find_models() if m.family in REFINER_FAMILIES]
+    refine = refiner_params(req, refiners)
     image = await run_in_threadpool(_init_image, server, req)
     if req.mask:
+        if refine:
+            raise refuse("refiner_checkpoint", "difftool's SDXL refiner runs with txt2img and img2img, not inpainting")
         task = "inpaint"
         params.update(inpaint_params(req), mask=await run_in_threadpool(_mask, server, req))
     else:
@@ -232,7 +232,7 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
             raise ParameterError("img2img without a mask needs a prompt", "send the prompt to restyle towards")
         if req.denoising_strength < 0.01:
             raise refuse("denoising_strength", f"{req.denoising_strength:g} is below difftool's minimum 0.01")
-        params["strength"] = min(1.0, req.denoising_strength)
+        params |= {"strength": min(1.0, req.denoising_strength), **refine}
     job = await _run(request, server, req, task, [image], params, model)
     info = _info(job, req, model, {"denoising_strength": req.denoising_strength})
     parameters = req.model_dump(exclude={"init_images", "mask"})

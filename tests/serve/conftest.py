@@ -46,12 +46,14 @@ def _tiny() -> Any:
 
 @pytest.fixture(scope="session")
 def model_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A DIFFTOOL_MODELS folder with a tiny SD checkpoint (``tiny-sd``), a tiny SD inpainting one, and
-    ``tiny-sd8`` with its ControlNet ``cn-tiny``."""
+    """A DIFFTOOL_MODELS folder with a tiny SD checkpoint (``tiny-sd``), a tiny SD inpainting one,
+    ``tiny-sd8`` with its ControlNet ``cn-tiny``, and ``tiny-sdxl`` with its refiner ``tiny-refiner``."""
     tiny = _tiny()
     root = tmp_path_factory.mktemp("serve-models")
     tiny.save_folder(tiny.components(seed=2), root / "tiny-sd")
     tiny.save_folder(tiny.components(in_channels=9, seed=4), root / "tiny-sd-inpaint")
+    tiny.save_folder(tiny.components(xl=True, seed=8), root / "tiny-sdxl")
+    tiny.save_folder(tiny.refiner_components(seed=9), root / "tiny-refiner")
     # With SD's 8x latent scale (a ControlNet's conditioning encoder assumes it) and a ControlNet for it.
     parts = tiny.components(vae_levels=4, seed=6)
     tiny.save_folder(parts, root / "tiny-sd8")

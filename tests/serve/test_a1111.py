@@ -68,6 +68,36 @@ def test_img2img_is_style_with_the_same_pixels(api: Any, picture: Image.Image, s
     assert np.array_equal(pixels(result.image), pixels(expected.image))
 
 
+def test_img2img_with_a_refiner_is_style_finished_by_the_refiner(
+    api: Any, picture: Image.Image, serve_registry: Any
+) -> None:
+    """A1111's ``refiner_checkpoint``/``refiner_switch_at`` on img2img (webuiapi has no such fields: raw JSON)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    body = {
+        "init_images": [base64.b64encode(buffer.getvalue()).decode()], "prompt": "a watercolor", "seed": 5,
+        "denoising_strength": 0.7, "steps": 6, "cfg_scale": 5.0, "width": 32, "height": 24, "sampler_name": "Euler",
+        "override_settings": {"sd_model_checkpoint": "tiny-sdxl"}, "refiner_checkpoint": "tiny-refiner [0123]",
+        "refiner_switch_at": 0.6,
+    }  # fmt: skip
+    response = api.session.post(f"{api.baseurl}/img2img", json=body)
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    expected = difftool.run(
+        "style", picture, model="tiny-sdxl", refiner="tiny-refiner", refiner_switch=0.6, prompt="a watercolor",
+        strength=0.7, seed=5, steps=6, scheduler="euler", guidance_scale=5.0, registry=serve_registry,
+    )  # fmt: skip
+    assert np.array_equal(pixels(image), pixels(expected.image))
+    assert "Refiner: tiny-refiner [" in json.loads(response.json()["info"])["infotexts"][0]
+    mask = Image.new("L", picture.size, 255)
+    masked = io.BytesIO()
+    mask.save(masked, format="PNG")
+    refused = api.session.post(
+        f"{api.baseurl}/img2img", json={**body, "mask": base64.b64encode(masked.getvalue()).decode()}
+    )
+    assert refused.status_code == 422 and "not inpainting" in refused.text
+
+
 def test_inpaint_with_mask_matches_and_keeps_the_rest(api: Any, picture: Image.Image, serve_registry: Any) -> None:
     hole = np.zeros((24, 32), np.uint8)
     hole[6:16, 8:24] = 255

@@ -318,6 +318,7 @@ class Style(Task):
         Param("prompt", "string", default="", help="what the image shows, or a full style prompt", multiline=True),
         Param("strength", "float", default=0.6, min=0.01, max=1.0, help="how far from the input (1: ignore it)"),
         *PROMPT_PARAMS,
+        *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
         *LOAD_PARAMS,
     )
@@ -351,22 +352,24 @@ class Style(Task):
         rgb = image.rgb
         if (width, height) != image.size:
             rgb = _resize(rgb, (width, height))
+        refine = refiner.refiner_for(params, model, context)
         init = pipeline.encode_image(model, pipeline.to_tensor(rgb), context)
-        latents = run_sd(
-            model,
-            context,
-            params,
-            prompt=prompt,
-            negative=negative,
-            size=(width, height),
-            init=init,
-            strength=float(params.get("strength", 0.6)),
-            controls=controlled.controls_for(params, model, context, (width, height), controlled.ControlSource(rgb)),
-        )
-        out = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
+        source = controlled.ControlSource(rgb)
+        run = {"prompt": prompt, "negative": negative, "size": (width, height), "init": init}
+        run |= {"strength": float(params.get("strength", 0.6))}
+        run |= {"controls": controlled.controls_for(params, model, context, (width, height), source)}
+        if refine is not None:  # the base's img2img to the switch point, the refiner after it
+            scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
+            latents = refiner.sample_refined(run_sd, model, refine, context, scheduled, **run)
+        else:
+            latents = run_sd(model, context, params, **run)
+        decoder = refine.model if refine is not None else model
+        out = pipeline.to_numpy(pipeline.decode_latents(decoder, latents, context))
         if (width, height) != image.size:
             out = _resize(out, image.size)
         record = {"task": self.name, "prompt": prompt, "size": f"{image.width}x{image.height}", **model.record()}
+        if refine is not None:
+            record |= refine.record()
         if negative:
             record["negative_prompt"] = negative
         return TaskResult([to_pil(out, image.alpha)], record)

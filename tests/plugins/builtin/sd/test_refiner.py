@@ -160,6 +160,33 @@ def test_with_hires_the_refiner_finishes_the_second_pass_as_diffusers_compositio
     assert ours.record["refiner_switch"] == switch and ours.record["hires_upscaler"] == "latent"
 
 
+def test_style_with_a_refiner_matches_diffusers_img2img_then_refiner(
+    base_parts: dict, refiner_parts: dict, models: dict
+) -> None:
+    """``style --refiner``: the base's img2img to the switch, the refiner after it (A1111's img2img)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from .test_parity import photo
+
+    picture, strength, switch, steps = photo((48, 32)), 0.75, 0.6, 6
+    ours = api.run(
+        "style", picture, model=str(models["base"]), refiner=str(models["refiner"]), refiner_switch=switch,
+        prompt=PROMPT["prompt"], negative_prompt=PROMPT["negative_prompt"], strength=strength, steps=steps,
+        guidance_scale=5.0, scheduler="euler", seed=SEED, dtype="fp32",
+    )  # fmt: skip
+    generator = torch.Generator("cpu").manual_seed(SEED)
+    common = {"guidance_scale": 5.0, "generator": generator, "num_inference_steps": steps, **PROMPT}
+    base = StableDiffusionXLImg2ImgPipeline(**{**base_parts, "scheduler": reference_scheduler("euler")})
+    latents = base(**common, image=picture, strength=strength, denoising_end=switch, output_type="latent").images
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        **{**refiner_parts, "scheduler": reference_scheduler("euler")}, text_encoder=None, tokenizer=None,
+        requires_aesthetics_score=True,
+    )  # fmt: skip
+    ref = refiner(**common, image=latents, denoising_start=switch).images[0]
+    assert max_diff(ours.images[0], ref) <= 1
+    assert ours.record["refiner"] == "tiny-refiner" and ours.record["task"] == "style"
+
+
 def test_refiner_loads_from_an_original_layout_single_file(models: dict) -> None:
     from safetensors import safe_open
 

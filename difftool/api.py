@@ -184,8 +184,10 @@ def execute(
     if context.denoisers:
         denoiser = context.denoisers[-1]
         record["precision"] = str(denoiser.dtype).replace("torch.", "")
-        if getattr(denoiser, "fingerprint", None):
-            record["artifact"] = denoiser.fingerprint
+        # Every exported network the run used (a base and its refiner: two), first used first.
+        prints = [f for f in dict.fromkeys(getattr(d, "fingerprint", None) for d in context.denoisers) if f]
+        if prints:
+            record["artifact"] = ", ".join(prints)
     scheduler = registry.schedulers.get(str(record.get("scheduler"))) if registry is not None else None
     if scheduler is not None:
         record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field

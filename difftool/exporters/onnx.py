@@ -189,6 +189,18 @@ def check_channels(signature: UNetSignature, x: torch.Tensor) -> None:
         )
 
 
+def check_sides(signature: UNetSignature, x: torch.Tensor) -> None:
+    """Refuse a sample whose sides are not multiples of the U-Net's downsampling with a clear error:
+    the exported graph's skip connections would not line up (PyTorch's U-Net resizes around that)."""
+    m, (height, width) = signature.multiple, x.shape[-2:]
+    if height % m or width % m:
+        raise ParameterError(
+            f"the exported U-Net takes samples whose sides are multiples of {m}, got {width}x{height}",
+            f"pick a size whose sides are multiples of {m} in the model's units (latent cells for Stable "
+            f"Diffusion: {8 * m} px), or use --backend torch",
+        )
+
+
 def graph_inputs(
     signature: UNetSignature, sample: torch.Tensor, timestep: Any, cond: Mapping[str, Any], device: Any
 ) -> dict[str, torch.Tensor]:
@@ -209,6 +221,7 @@ def graph_inputs(
     if cond.get("concat") is not None:
         x = torch.cat([x, cond["concat"].to(device, torch.float32)], dim=1)
     check_channels(signature, x)
+    check_sides(signature, x)
     batch = x.shape[0]
     inputs = {
         "sample": x.contiguous(),

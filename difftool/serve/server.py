@@ -7,7 +7,7 @@ from typing import Any
 
 from difftool.core.errors import ParameterError
 from difftool.serve.jobs import Job, JobQueue
-from difftool.serve.security import PathPolicy, check_params, load_image, resolve_model
+from difftool.serve.security import REFINER_FAMILIES, PathPolicy, check_params, load_image, resolve_model
 from difftool.serve.settings import ServeSettings
 
 #: Most outputs one request may ask for (A1111's batch_size x n_iter, the native ``count``).
@@ -37,7 +37,8 @@ class Server:
         return [m for m in self.registry.find_models() if m.family.startswith(SD_FAMILY_PREFIXES)]
 
     def _first_sd_model(self) -> str | None:
-        models = [m for m in self.sd_models() if "inpaint" not in m.family]
+        # A refiner only finishes another model's image: never the default checkpoint.
+        models = [m for m in self.sd_models() if "inpaint" not in m.family and m.family not in REFINER_FAMILIES]
         return models[0].name if models else None
 
     def make_job(

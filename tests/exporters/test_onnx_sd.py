@@ -190,20 +190,42 @@ def test_long_prompts_run_on_onnx_whole_pipeline_and_tensorrt_within_the_declare
 
 
 def test_tensorrt_engine_covers_a_short_side_under_eight_latent_cells(tmp_path: Path) -> None:
-    """A 96 x 40 px image is 12 x 5 latents: the engine's declared minimum comes from the short side,
-    so TensorRT (stand-ins, which refuse shapes outside the profile as TensorRT does) runs it."""
+    """With an 8x VAE, 96 x 32 px is 12 x 4 latents (multiples of this U-Net's 2): the engine's declared
+    minimum comes from the short side, so TensorRT (stand-ins, which refuse shapes outside the profile
+    as TensorRT does) runs it. 96 x 40 px (5 rows) cannot run on an exported U-Net: refused in one line."""
+    from difftool.core.errors import ParameterError
     from difftool.plugins.builtin.sd.tasks import latent_shapes
     from difftool.testing.gpu import gpu_harness
 
-    assert latent_shapes((96, 40), 7.0).size == (5, 12, 128)
-    assert latent_shapes((40, 96), 7.0, exact=False).size == (5, 64, 128)
+    assert latent_shapes((96, 32), 7.0).size == (4, 12, 128)
+    assert latent_shapes((32, 96), 7.0, exact=False).size == (4, 64, 128)
     assert latent_shapes((512, 768), 7.0).size == (8, 96, 128)
-    folder = tiny.save_folder(tiny.components(seed=5), tmp_path / "sd")
-    common = {"model": str(folder), "prompt": "a kite", "width": 96, "height": 40, "steps": 2, "seed": 6}
+    folder = tiny.save_folder(tiny.components(vae_levels=4, seed=5), tmp_path / "sd")
+    common = {"model": str(folder), "prompt": "a kite", "width": 96, "height": 32, "steps": 2, "seed": 6}
     common["dtype"] = "fp32"
     reference = api.run("generate", **common)
     with gpu_harness() as harness:
         result = api.run("generate", backend="tensorrt", device="cuda", **common)
-    assert harness.trt.builds == 1 and result.images[0].size == (96, 40)
+        with pytest.raises(ParameterError, match="multiples of 16 px; the height is 40") as refused:
+            api.run("generate", backend="tensorrt", device="cuda", **{**common, "height": 40})
+    assert "pass a height such as 32, or use --backend torch" in refused.value.fix
+    assert harness.trt.builds == 1 and result.images[0].size == (96, 32)
     a, b = (np.asarray(r.images[0], np.float32) / 255 for r in (reference, result))
     assert psnr(a, b) > 40
+    with pytest.raises(ParameterError, match="multiples of 16 px; the width is 88"):
+        api.run("generate", backend="onnx", **{**common, "width": 88})
+
+
+def test_exported_graph_refuses_sides_off_its_multiple_in_one_line() -> None:
+    """The check under every exported runtime (ONNX Runtime, TensorRT): the graph's skip connections
+    would not line up, and the runtime's own error would say so in its terms."""
+    import torch
+
+    from difftool.core.errors import ParameterError
+    from difftool.exporters.onnx import UNetSignature, graph_inputs
+
+    signature = UNetSignature(in_channels=4, multiple=8, class_labels=False, out_channels=4)
+    ok = graph_inputs(signature, torch.zeros(1, 4, 64, 16), 10, {}, "cpu")
+    assert ok["sample"].shape == (1, 4, 64, 16)
+    with pytest.raises(ParameterError, match="multiples of 8, got 16x60"):
+        graph_inputs(signature, torch.zeros(1, 4, 60, 16), 10, {}, "cpu")

@@ -266,3 +266,12 @@ def test_controlnet_units_difftool_cannot_honour_are_refused_by_field(live_serve
     assert status in (403, 422) and "not one of this server's models" in text
     status, text = post({"model": "cn-tiny", "module": "depth_midas"})  # txt2img: no image either
     assert status == 422 and ("preprocessor" in text or "control image" in text)
+
+
+def test_default_checkpoint_is_never_a_refiner_or_an_inpainting_model(make_client: Any, model_root: Any) -> None:
+    """Without ``default_model`` the first listed txt2img checkpoint: ``tiny-refiner`` sorts before
+    ``tiny-sd`` but only finishes another model's image."""
+    client = make_client(start_workers=False)
+    names = [m["model_name"] for m in client.get("/sdapi/v1/sd-models").json()]
+    assert names.index("tiny-refiner") < names.index("tiny-sd")
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "tiny-sd"

@@ -171,6 +171,22 @@ def check_size(width: int, height: int, what: str = "the image") -> None:
             )
 
 
+def check_exported_size(model: SDModel, size: tuple[int, int], context: RunContext) -> None:
+    """On an exported U-Net (any backend but torch), latent sides must be multiples of its downsampling
+    (SD 1.x: 8 cells, 64 px): refused here, before any engine is built for them."""
+    if context.backend_name == "torch":
+        return
+    multiple = 2 ** (len(model.unet.config.down_block_types) - 1)
+    step = multiple * model.vae_scale
+    for name, value in zip(("width", "height"), size, strict=True):
+        if value % step:
+            raise ParameterError(
+                f"--backend {context.backend_name} runs this model at sizes in multiples of {step} px; "
+                f"the {name} is {value}",
+                f"pass a {name} such as {max(step, value // step * step)}, or use --backend torch",
+            )
+
+
 def vae_dtype(model: SDModel, dtype: torch.dtype) -> torch.dtype:
     """fp16 VAEs overflow to NaN (SD's VAE notoriously); run them in fp32 unless the run is bf16."""
     import torch

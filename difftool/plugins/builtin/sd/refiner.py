@@ -12,6 +12,7 @@ scores 6 and 2.5 (see :func:`pipeline.encode_prompt`). Both halves run through t
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -75,6 +76,23 @@ def refiner_for(params: dict[str, Any], base: SDModel, context: RunContext) -> R
     return Refiner(model, float(params.get("refiner_switch") or DEFAULT_SWITCH))
 
 
+def plan_shares(
+    base: SDModel,
+    refiner: Refiner,
+    context: RunContext,
+    params: dict[str, Any],
+    strength: float = 1.0,
+    strength_flag: str = "--strength",
+) -> tuple[SwitchScheduler, SwitchScheduler, list[int]]:
+    """The base's and the refiner's schedulers for ``params`` and their step counts; a one-line error
+    (naming ``strength_flag``) when either would run no step. Cheap: check it before any sampling."""
+    name = str(params["scheduler"])
+    steps = int(params.get("steps") or 25)
+    first = SwitchScheduler(context.make_scheduler(name, base.scheduler_config), end=refiner.switch)
+    second = SwitchScheduler(context.make_scheduler(name, refiner.model.scheduler_config), start=refiner.switch)
+    return first, second, [first.planned(steps, strength, strength_flag), second.planned(steps)]
+
+
 def sample_refined(
     run_sd: Callable[..., Any],
     base: SDModel,
@@ -84,6 +102,7 @@ def sample_refined(
     controls: Sequence[Any] = (),
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    strength_flag: str = "--strength",
     **texts: Any,
 ) -> torch.Tensor:
     """The base to the switch point, then the refiner from its latents: final latents (decode with the
@@ -91,13 +110,9 @@ def sample_refined(
     ``negative`` and ``size``; ``params["scheduler"]``: the scheduler of both halves. ``controls``
     (ControlNet units, made for the base) guide the base's share only, their start and end fractions of
     the whole plan, as in diffusers' ``StableDiffusionXLControlNetPipeline(denoising_end=s)``. ``init``
-    and ``strength``: img2img for the base (hires fix's second pass), as diffusers'
+    and ``strength`` (the option ``strength_flag``): img2img for the base, as diffusers'
     ``StableDiffusionXLImg2ImgPipeline(strength=..., denoising_end=s)``; the refiner's share is the same."""
-    name = str(params["scheduler"])
-    steps = int(params.get("steps") or 25)
-    first = SwitchScheduler(context.make_scheduler(name, base.scheduler_config), end=refiner.switch)
-    second = SwitchScheduler(context.make_scheduler(name, refiner.model.scheduler_config), start=refiner.switch)
-    counts = [first.planned(steps, strength), second.planned(steps)]
+    first, second, counts = plan_shares(base, refiner, context, params, strength, strength_flag)
     total = sum(counts)
     with _progress_from(context, 0, total):
         latents = run_sd(
@@ -164,15 +179,19 @@ class SwitchScheduler(Scheduler):
         self.timesteps = timesteps
         self.whole_plan = len(self.inner.timesteps)
 
-    def planned(self, num_steps: int, strength: float = 1.0) -> int:
+    def planned(self, num_steps: int, strength: float = 1.0, strength_flag: str = "--strength") -> int:
         """How many of ``num_steps`` this share runs; a one-line error when it would run none."""
         self.set_timesteps(num_steps, strength)
         if not len(self.timesteps):
             who, switch = ("base", self.end) if self.end is not None else ("refiner", self.start)
-            if strength < 1.0 and self.end is not None:
+            if strength < 1.0 and self.end is not None and len(self.inner.timesteps):
+                # img2img starts at the plan's first timestep; the base needs one at or above the cutoff.
+                train, start = int(self.inner.impl.config.num_train_timesteps), int(self.inner.timesteps[0])
+                need = math.ceil(round((train - start) / train * 100, 6)) / 100
                 raise ParameterError(
-                    f"--refiner-switch {switch:g} comes before --hires-strength {strength:g} starts the hires pass",
-                    f"raise --refiner-switch above {1 - strength:g} or --hires-strength above {1 - switch:g}",
+                    f"--refiner-switch {switch:g} comes before {strength_flag} {strength:g} starts the pass "
+                    f"(at {1 - start / train:.2f} of the denoising): the base would run no step",
+                    f"raise --refiner-switch to {need:g} or more, or raise {strength_flag}",
                 )
             raise ParameterError(
                 f"--refiner-switch {switch:g} with {num_steps} steps leaves the {who} no step",

@@ -156,6 +156,7 @@ def run_sd(
     """
     from difftool.core.sampler import sample
 
+    pipeline.check_exported_size(model, size, context)
     if text is None:
         text = encode_text(model, context, params, prompt, negative, size)
     if shapes is None and context.export_shapes is None:
@@ -283,6 +284,14 @@ class Generate(Task):
         upscale = (params.get("hires") or 1.0) > 1.0
         # The refiner finishes the last pass (A1111's default "Hires refiner: second pass"); its VAE decodes.
         decoder = refine.model if refine is not None else model
+        if upscale:  # the second pass's settings, checked (with the refiner's switch) before the first pass
+            target = hires.target_size((width, height), float(params["hires"]))
+            pipeline.check_size(*target, "the hires output")
+            pipeline.check_exported_size(model, target, context)
+            second = {**scheduled, "steps": params.get("hires_steps") or params.get("steps")}
+            strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
+            if refine is not None:
+                refiner.plan_shares(model, refine, context, second, strength, "--hires-strength")
         if refine is not None and not upscale:
             latents = refiner.sample_refined(
                 run_sd, model, refine, context, scheduled, controls=controls, size=(width, height), **texts
@@ -290,14 +299,13 @@ class Generate(Task):
         else:
             latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
         if upscale:
-            target = hires.target_size((width, height), float(params["hires"]))
-            pipeline.check_size(*target, "the hires output")
             init = hires.upscale_latents(model, latents, target, params, context)
-            second = {**scheduled, "steps": params.get("hires_steps") or params.get("steps")}
-            again = {"init": init, "strength": float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)}
+            again = {"init": init, "strength": strength}
             again |= {"controls": controlled.controls_for(params, model, context, target), "size": target}
             if refine is not None:
-                latents = refiner.sample_refined(run_sd, model, refine, context, second, **again, **texts)
+                latents = refiner.sample_refined(
+                    run_sd, model, refine, context, second, **again, strength_flag="--hires-strength", **texts
+                )
             else:
                 latents = run_sd(model, context, second, **again, **texts)
             record |= hires.record(params, target)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +252,28 @@ def test_refiner_errors(models: dict) -> None:
         api.run("generate", model=base, refiner=base, **common)
     with pytest.raises(ParameterError, match="--refiner-switch 0.01 with 4 steps leaves the base no step"):
         api.run("generate", model=base, refiner=refiner, refiner_switch=0.01, scheduler="euler", **common)
-    with pytest.raises(ParameterError, match="0.2 comes before --hires-strength 0.5 starts the hires pass"):
-        api.run("generate", model=base, refiner=refiner, refiner_switch=0.2, hires=1.5, hires_strength=0.5, **common)
+    steps: list[int] = []  # refused before the first pass: no step runs
+    with pytest.raises(ParameterError, match="0.2 comes before --hires-strength 0.5 starts the pass") as early:
+        api.run("generate", model=base, refiner=refiner, refiner_switch=0.2, hires=1.5, hires_strength=0.5,
+                progress=lambda step, *_: steps.append(step), **common)  # fmt: skip
+    assert not steps and re.search(
+        r"raise --refiner-switch to 0\.\d+ or more, or raise --hires-strength", str(early.value)
+    )
+
+
+def test_style_switch_before_the_img2img_start_is_refused_with_the_switch_that_works(models: dict) -> None:
+    """Timestep spacing puts 6 Euler steps at strength 0.5 at t=333, not 500: the hint says 0.67, which runs."""
+    from .test_parity import photo
+
+    common = {"model": str(models["base"]), "refiner": str(models["refiner"]), "prompt": "a teapot", "steps": 6}
+    common |= {"strength": 0.5, "scheduler": "euler", "seed": SEED}
+    with pytest.raises(
+        ParameterError, match=r"--refiner-switch 0.6 comes before --strength 0.5 starts the pass \(at 0.67"
+    ):
+        api.run("style", photo((48, 32)), refiner_switch=0.6, **common)
+    with pytest.raises(ParameterError, match="raise --refiner-switch to 0.67 or more, or raise --strength"):
+        api.run("style", photo((48, 32)), refiner_switch=0.66, **common)
+    assert api.run("style", photo((48, 32)), refiner_switch=0.67, **common).record["refiner_switch"] == 0.67
 
 
 def test_refiner_runs_on_onnx_and_tensorrt(models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -283,6 +304,7 @@ def test_refiner_runs_on_onnx_and_tensorrt(models: dict, tmp_path: Path, monkeyp
         a, b = (np.asarray(r.images[0], np.int16) for r in (reference, result))
         assert np.abs(a - b).max() <= 1, name  # measured: 0-1/255
         assert result.record["refiner"] == "tiny-refiner", name
+        assert len(result.record["artifact"].split(", ")) == 2, name  # the base's export and the refiner's
 
 
 def test_a1111_metadata_round_trip(models: dict, tmp_path: Path) -> None:

@@ -198,7 +198,8 @@ def test_tensorrt_engine_covers_a_short_side_under_eight_latent_cells(tmp_path: 
     from difftool.testing.gpu import gpu_harness
 
     assert latent_shapes((96, 32), 7.0).size == (4, 12, 128)
-    assert latent_shapes((32, 96), 7.0, exact=False).size == (4, 64, 128)
+    assert latent_shapes((32, 96), 7.0, exact=False).size == latent_shapes((640, 480), 7.0, exact=False).size
+    assert latent_shapes((32, 96), 7.0, exact=False).size == (1, 64, 128)  # one engine for a whole folder
     assert latent_shapes((512, 768), 7.0).size == (8, 96, 128)
     folder = tiny.save_folder(tiny.components(vae_levels=4, seed=5), tmp_path / "sd")
     common = {"model": str(folder), "prompt": "a kite", "width": 96, "height": 32, "steps": 2, "seed": 6}

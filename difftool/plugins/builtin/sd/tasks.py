@@ -92,12 +92,12 @@ def latent_shapes(
     move with the image (up to 1024 px: one engine serves the whole folder instead of one per size).
     """
     side, short = max(1, max(size) // 8), max(1, min(size) // 8)
-    low = min(8, short)  # the short side bounds the profile from below: 512 x 32 px is 64 x 4 latents
     cfg = 2 if guidance_scale != 1.0 else 1
-    if exact:
-        return ExportShapes(batch=(1, cfg, cfg), size=(low, side, max(side, 128)), tokens=tokens)
+    if exact:  # the short side bounds the profile from below: 1024 x 32 px is 128 x 4 latents
+        return ExportShapes(batch=(1, cfg, cfg), size=(min(8, short), side, max(side, 128)), tokens=tokens)
     high = max(128, -(-side // 32) * 32)
-    return ExportShapes(batch=(1, cfg, cfg), size=(low, 64, high), tokens=tokens)
+    # From the smallest sample the U-Net takes (its multiple), whatever this image's short side.
+    return ExportShapes(batch=(1, cfg, cfg), size=(1, 64, high), tokens=tokens)
 
 
 def sd_export_target(model: str | None) -> Any:

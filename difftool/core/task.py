@@ -360,6 +360,11 @@ class Task(ABC):
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
         return None
 
+    def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
+        """Raise a one-line error if ``backend`` cannot run these (validated) ``params``; the preflight
+        calls it once, before any model loads (e.g. ControlNet units on a backend that runs none)."""
+        return None
+
     def export_target(self, model: str | None) -> ExportTarget | None:
         """The network ``difftool export FORMAT TASK`` exports for ``model`` (``None``: nothing to export)."""
         return None

@@ -360,3 +360,24 @@ def test_typed_choices_take_the_value_or_its_spelling(photo: Path, superres_mode
         assert result.record["scale"] == 2 and result.image.size == (56, 40)
     with pytest.raises(ParameterError, match="--scale: unknown value 5"):
         api.run("superres", photo, model=str(superres_model), scale=5, registry=registry)
+
+
+def test_preflight_refuses_controlnet_units_on_a_backend_without_controlnets(tmp_path: Path, photo: Path) -> None:
+    """``Task.check_backend`` runs once at preflight: the model named here does not exist, so a refusal
+    that came after loading it would be a model error, not this one."""
+    from difftool.core.errors import ParameterError
+    from difftool.plan import preflight
+
+    registry = build_registry([ShapesPlugin()], entry_points=False)
+    missing = str(tmp_path / "no-such-model.safetensors")
+    from PIL import Image
+
+    mask = {"mask": Image.new("L", (8, 8))}
+    for task, inputs, extra in (("generate", [], {}), ("style", [photo], {}), ("inpaint", [photo], mask)):
+        with pytest.raises(ParameterError, match="ControlNet does not run on --backend shapes") as caught:
+            api.run(task, *inputs, model=missing, backend="shapes", prompt="x", control=[f"cn={photo}"],
+                    registry=registry, **extra)  # fmt: skip
+        assert "use --backend torch, onnx or tensorrt" in str(caught.value), task
+    # Without units, or on a backend that runs ControlNets, the preflight passes.
+    assert preflight("generate", model=missing, backend="shapes", params={"prompt": "x"}, registry=registry)
+    assert preflight("generate", model=missing, params={"prompt": "x", "control": ["cn"]}, registry=registry)

@@ -19,7 +19,7 @@ around the mask (plus ``--context`` pixels) goes through the model, so large ima
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,7 @@ from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskReques
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
+from difftool.plugins.builtin.sd.control import check_backend as check_control_backend
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
@@ -92,6 +93,9 @@ class Inpaint(Task):
     )
 
     availability = pixel_model.availability
+
+    def check_backend(self, params: Mapping[str, Any], backend: Any) -> None:
+        check_control_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return pixel_model.export_target(self.name, model)

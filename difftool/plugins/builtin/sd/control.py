@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ParameterError
 from difftool.core.task import Param
+
+if TYPE_CHECKING:
+    from difftool.core.backend import ResolvedBackend
 
 _FIELDS = ("model", "image", "pre", "weight", "start", "end", "guess", "resize")
 _FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,guess=1][,resize=crop]"
@@ -154,3 +157,12 @@ def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
     model = f"{name} [{digest[:8]}]"
     resize = RESIZE_MODES[unit.resize]
     return controlnet_text(unit.pre, model, unit.weight, unit.start, unit.end, unit.guess, thresholds, resize)
+
+
+def check_backend(params: Mapping[str, Any], backend: ResolvedBackend) -> None:
+    """``Task.check_backend`` for the tasks taking ``--control``: refused on a backend that runs no
+    ControlNets, at preflight (before the Stable Diffusion model loads)."""
+    if params.get("control") and not backend.backend.runs_controlnets:
+        from difftool.core.backend import controlnet_refused
+
+        raise controlnet_refused(backend.backend.name)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image
@@ -15,13 +15,14 @@ from PIL import Image
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import hires, pipeline, refiner
+from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
+    from difftool.core.backend import ResolvedBackend
     from difftool.plugins.builtin.sd.controlled import PreparedControl
 
 DEFAULT_SCHEDULER = "dpmpp-2m-karras"
@@ -250,6 +251,9 @@ class Generate(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
+    def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
+        control.check_backend(params, backend)
+
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)
 
@@ -333,6 +337,9 @@ class Style(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
+        control.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)

@@ -36,7 +36,7 @@ from difftool.serve.a1111_map import (
     upscale_scale,
 )
 from difftool.serve.jobs import Job
-from difftool.serve.security import REFINER_FAMILIES, load_image
+from difftool.serve.security import load_image
 from difftool.serve.server import MAX_COUNT, Server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -184,8 +184,7 @@ async def txt2img(request: Request, req: Txt2ImgRequest) -> dict[str, Any]:
     """Text to image: the ``generate`` task."""
     server = _server(request)
     model, params = _checked(server, req)
-    refiners = [m.name for m in server.registry.find_models() if m.family in REFINER_FAMILIES]
-    params |= {"width": req.width, "height": req.height, **hires_params(req), **refiner_params(req, refiners)}
+    params |= {"width": req.width, "height": req.height, **hires_params(req), **refiner_params(req, server.refiners())}
     job = await _run(request, server, req, "generate", [], params, model)
     return {"images": _images(job, req), "parameters": req.model_dump(), "info": _info(job, req, model, {})}
 
@@ -218,8 +217,7 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
     """Image to image: ``style`` (no mask) or ``inpaint`` (with ``mask``)."""
     server = _server(request)
     model, params = _checked(server, req)
-    refiners = [m.name for m in server.registry.find_models() if m.family in REFINER_FAMILIES]
-    refine = refiner_params(req, refiners)
+    refine = refiner_params(req, server.refiners())
     image = await run_in_threadpool(_init_image, server, req)
     if req.mask:
         if refine:

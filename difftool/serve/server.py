@@ -36,6 +36,10 @@ class Server:
         """Stable Diffusion checkpoints the model sources list (txt2img and inpainting ones)."""
         return [m for m in self.registry.find_models() if m.family.startswith(SD_FAMILY_PREFIXES)]
 
+    def refiners(self) -> list[str]:
+        """The names of the listed SDXL refiners (A1111's ``refiner_checkpoint`` may name only these)."""
+        return [m.name for m in self.registry.find_models() if m.family in REFINER_FAMILIES]
+
     def _first_sd_model(self) -> str | None:
         # A refiner only finishes another model's image: never the default checkpoint.
         models = [m for m in self.sd_models() if "inpaint" not in m.family and m.family not in REFINER_FAMILIES]

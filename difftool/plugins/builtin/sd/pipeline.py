@@ -176,8 +176,9 @@ def check_exported_size(model: SDModel, size: tuple[int, int], context: RunConte
     (SD 1.x: 8 cells, 64 px): refused here, before any engine is built for them."""
     if context.backend_name == "torch":
         return
-    multiple = 2 ** (len(model.unet.config.down_block_types) - 1)
-    step = multiple * model.vae_scale
+    from difftool.exporters.onnx import UNetSignature
+
+    step = UNetSignature.of(model.unet).multiple * model.vae_scale
     for name, value in zip(("width", "height"), size, strict=True):
         if value % step:
             raise ParameterError(

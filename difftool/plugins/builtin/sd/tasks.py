@@ -101,6 +101,18 @@ def latent_shapes(
     return ExportShapes(batch=(1, cfg, cfg), size=(1, 64, high), tokens=tokens)
 
 
+def sample_maybe_refined(
+    model: Any, refine: refiner.Refiner | None, context: RunContext, params: dict[str, Any], **run: Any
+) -> Any:
+    """:func:`run_sd` with ``model``, or (with ``refine``) the base to the switch and the refiner after
+    it (:func:`refiner.sample_refined`, which takes ``strength_flag`` too); latents either way."""
+    if refine is None:
+        run.pop("strength_flag", None)
+        return run_sd(model, context, params, **run)
+    scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
+    return refiner.sample_refined(run_sd, model, refine, context, scheduled, **run)
+
+
 def sd_export_target(model: str | None) -> Any:
     """A Stable Diffusion checkpoint's U-Net in fp32, for ``difftool export FORMAT generate|style``."""
     from difftool.core.exporter import ExportTarget
@@ -284,7 +296,6 @@ class Generate(Task):
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         refine = refiner.refiner_for(params, model, context)
         controls = controlled.controls_for(params, model, context, (width, height))
-        scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
         upscale = (params.get("hires") or 1.0) > 1.0
         # The refiner finishes the last pass (A1111's default "Hires refiner: second pass"); its VAE decodes.
         decoder = refine.model if refine is not None else model
@@ -292,26 +303,18 @@ class Generate(Task):
             target = hires.target_size((width, height), float(params["hires"]))
             pipeline.check_size(*target, "the hires output")
             pipeline.check_exported_size(model, target, context)
-            second = {**scheduled, "steps": params.get("hires_steps") or params.get("steps")}
+            second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
+            second["scheduler"] = params.get("scheduler") or DEFAULT_SCHEDULER
             strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
             if refine is not None:
                 refiner.plan_shares(model, refine, context, second, strength, "--hires-strength")
-        if refine is not None and not upscale:
-            latents = refiner.sample_refined(
-                run_sd, model, refine, context, scheduled, controls=controls, size=(width, height), **texts
-            )
-        else:
-            latents = run_sd(model, context, params, size=(width, height), controls=controls, **texts)
+        first = refine if not upscale else None
+        latents = sample_maybe_refined(model, first, context, params, size=(width, height), controls=controls, **texts)
         if upscale:
             init = hires.upscale_latents(model, latents, target, params, context)
-            again = {"init": init, "strength": strength}
-            again |= {"controls": controlled.controls_for(params, model, context, target), "size": target}
-            if refine is not None:
-                latents = refiner.sample_refined(
-                    run_sd, model, refine, context, second, **again, strength_flag="--hires-strength", **texts
-                )
-            else:
-                latents = run_sd(model, context, second, **again, **texts)
+            again = {"init": init, "strength": strength, "strength_flag": "--hires-strength", "size": target}
+            again["controls"] = controlled.controls_for(params, model, context, target)
+            latents = sample_maybe_refined(model, refine, context, second, **again, **texts)
             record |= hires.record(params, target)
         if refine is not None:
             record |= refine.record()
@@ -373,11 +376,7 @@ class Style(Task):
         run = {"prompt": prompt, "negative": negative, "size": (width, height), "init": init}
         run |= {"strength": float(params.get("strength", 0.6))}
         run |= {"controls": controlled.controls_for(params, model, context, (width, height), source)}
-        if refine is not None:  # the base's img2img to the switch point, the refiner after it
-            scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
-            latents = refiner.sample_refined(run_sd, model, refine, context, scheduled, **run)
-        else:
-            latents = run_sd(model, context, params, **run)
+        latents = sample_maybe_refined(model, refine, context, params, **run)  # refined: base to the switch
         decoder = refine.model if refine is not None else model
         out = pipeline.to_numpy(pipeline.decode_latents(decoder, latents, context))
         if (width, height) != image.size:

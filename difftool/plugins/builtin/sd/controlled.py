@@ -111,9 +111,12 @@ def control_image(unit: ControlUnit, size: tuple[int, int], context: RunContext,
 
 
 def fit(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
-    """``image`` (H x W x 3) cut (``crop``) or padded (``fill``) to the aspect of ``size`` (width, height),
-    centred, before it is resized; ``just`` leaves it to be stretched. Padding is 0 (no edges, no lines),
-    or -1 in an inpaint control image (to be made)."""
+    """``image`` (H x W x 3) cut (``crop``) or fitted and padded (``fill``) to the aspect of ``size``
+    (width, height), centred, before it is resized; ``just`` leaves it to be stretched. ``fill`` is done
+    at the output's size, as A1111's "Resize and Fill": the image is resized to fit inside ``size``,
+    then padded to it (0: no edges, no lines; -1 in an inpaint control image: to be made). Padding at
+    the image's own resolution would make a canvas of its long side squared (a 1 x 20000 image: 4.8 GB),
+    so no intermediate here is larger than the image or the output."""
     height, width = image.shape[:2]
     target_w, target_h = size
     if mode == "just" or width * target_h == height * target_w:
@@ -125,13 +128,30 @@ def fit(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
             return image[:, (width - keep) // 2 : (width - keep) // 2 + keep]
         keep = max(1, round(width * target_h / target_w))
         return image[(height - keep) // 2 : (height - keep) // 2 + keep]
-    new_h, new_w = (
-        (round(width * target_h / target_w), width) if wider else (height, round(height * target_w / target_h))
+    inner_w, inner_h = (
+        (target_w, min(target_h, max(1, round(height * target_w / width))))
+        if wider
+        else (min(target_w, max(1, round(width * target_h / height))), target_h)
     )
-    out = np.full((new_h, new_w, image.shape[2]), -1.0 if image.min() < 0 else 0.0, np.float32)
-    top, left = (new_h - height) // 2, (new_w - width) // 2
-    out[top : top + height, left : left + width] = image
+    negative = image.min() < 0
+    out = np.full((target_h, target_w, image.shape[2]), -1.0 if negative else 0.0, np.float32)
+    top, left = (target_h - inner_h) // 2, (target_w - inner_w) // 2
+    out[top : top + inner_h, left : left + inner_w] = _resize_float(image, (inner_w, inner_h), negative)
     return out
+
+
+def _resize_float(image: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
+    """``image`` (H x W x C float) resized to ``size`` (width, height) channel by channel in float (no
+    8-bit rounding, so -1 survives); Lanczos as diffusers' resize, nearest where -1 must stay exact."""
+    from PIL import Image
+
+    resample = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+    channels = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c], np.float32), "F").resize(size, resample))
+        for c in range(image.shape[2])
+    ]
+    out = np.stack(channels, axis=-1)
+    return out if nearest else np.maximum(out, 0.0)  # Lanczos' undershoot would read as "to be made" (-1)
 
 
 def _preprocess(unit: ControlUnit, rgb: np.ndarray, mask: np.ndarray | None, context: RunContext) -> np.ndarray:

@@ -254,16 +254,46 @@ def test_resize_modes_crop_stretch_or_pad_to_the_output_aspect() -> None:
     np.testing.assert_array_equal(fit(image, (4, 4), "crop"), image[:, 2:6])  # the middle square
     np.testing.assert_array_equal(fit(image, (16, 8), "crop"), image)  # same aspect: untouched
     assert fit(image, (4, 4), "just") is image  # stretched later, by the resize
-    filled = fit(image, (4, 4), "fill")
-    assert filled.shape == (8, 8, 3)
-    np.testing.assert_array_equal(filled[2:6], image)
-    assert not filled[:2].any() and not filled[6:].any()  # black bands: no edges there
+    filled = fit(image, (16, 16), "fill")  # fitted inside the output (16 x 8), then padded to it
+    assert filled.shape == (16, 16, 3)
+    assert filled[4:12].min() >= 0 and filled[4:12].max() > 80  # the image, resized
+    assert not filled[:4].any() and not filled[12:].any()  # black bands: no edges there
     tall = fit(-np.ones((8, 4, 3), np.float32), (4, 4), "crop")
     assert tall.shape == (4, 4, 3)
     assert fit(np.full((8, 4, 3), -1.0, np.float32), (8, 4), "fill")[0, 0, 0] == -1.0  # inpaint: to be made
     assert parse_unit("cn,resize=fill").resize == "fill" and parse_unit("cn").resize == "crop"
     with pytest.raises(ParameterError, match="ControlNet resize 'stretch' is not one of crop, just, fill"):
         parse_unit("cn,resize=stretch")
+
+
+@pytest.mark.parametrize("mode", ["crop", "just", "fill"])
+def test_a_thin_control_image_makes_no_intermediate_larger_than_image_or_output(tmp_path: Path, mode: str) -> None:
+    """Issue 29 item 13: a 1 x 20000 control image with resize=fill padded at its own resolution
+    (20000 x 20000 floats, 14.6 GB) for a 64 x 64 output. Here 1 x 2000 (48 MB before the fix): every
+    array made while fitting and resizing it stays under 1 MB (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+    from types import SimpleNamespace
+
+    from difftool.plugins.builtin.sd.controlled import control_image, fit
+
+    thin = tmp_path / "thin.png"
+    Image.fromarray(np.full((1, 2000, 3), 255, np.uint8)).save(thin)
+    negative = np.full((2000, 1, 3), -1.0, np.float32)  # the inpaint preprocessor's "to be made"
+    unit, context = parse_unit(f"cn={thin},resize={mode}"), SimpleNamespace(registry=None)
+    control_image(parse_unit(f"cn={thin},resize=just"), (64, 64), context, None)  # imports, outside the count
+    tracemalloc.start()
+    try:
+        seen = control_image(unit, (64, 64), context, None)
+        padded = fit(negative, (64, 64), mode)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"{peak / 1e6:.1f} MB traced"
+    assert tuple(seen.shape) == (1, 3, 64, 64)
+    if mode == "fill":
+        assert padded.shape == (64, 64, 3) and (padded == -1.0).all()
+        row = seen[0, 0, :, 32].numpy()
+        assert row.max() > 0.9 and (row < 0.01).sum() >= 62  # one white line across the middle, black elsewhere
 
 
 def test_a_control_image_of_another_aspect_is_cropped_by_default(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ The CLI and the GUI call these same functions.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,23 @@ def derive_seed(base: int, key: str) -> int:
     """A per-input seed from the run's base seed and the input's relative path (not its position)."""
     digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+#: The seeds a run takes: what ``torch.Generator.manual_seed`` takes, and the CLI's ``--seed`` range.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: Any) -> int:
+    """``seed`` as an int in 0..:data:`MAX_SEED` (an int, or a string of one), or a one-line ParameterError."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, str)):
+        raise ParameterError(f"seed {seed!r} is not an integer", f"pass an integer from 0 to {MAX_SEED}")
+    try:
+        value = int(seed)
+    except ValueError:
+        raise ParameterError(f"seed {seed!r} is not an integer", f"pass an integer from 0 to {MAX_SEED}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise ParameterError(f"seed {value} is outside 0..{MAX_SEED}", f"pass an integer from 0 to {MAX_SEED}")
+    return value
 
 
 def _load(value: Any, what: str) -> LoadedImage:
@@ -106,6 +124,11 @@ def run(
     To run many inputs with one check, :func:`difftool.plan.preflight` once and :func:`execute` each.
     ``phase(what, done, total)`` hears what the run does between steps (loading a model, exporting).
     """
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        raise ParameterError(
+            f"model {model!r} ({type(model).__name__}) is not a model name or path", "pass model='NAME' or a path"
+        )
+    seed = None if seed is None else check_seed(seed)  # before any model loads
     plan = preflight(
         task,
         model=model,
@@ -131,8 +154,8 @@ def execute(
     """Run a preflighted :class:`~difftool.plan.Plan` on ``inputs`` (``phase``: as for :func:`run`)."""
     # A fresh instance per run, as before plans: a plugin task may keep state on ``self``.
     task, instance, registry = plan.task_name, type(plan.task)(), plan.registry
+    seed = new_seed() if seed is None else check_seed(seed)
     request = prepare(instance, inputs, plan.params)
-    seed = new_seed() if seed is None else int(seed)
     context = RunContext(
         seed=seed,
         backend=plan.backend,

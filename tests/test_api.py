@@ -104,3 +104,19 @@ def test_a_low_precision_run_never_rounds_the_cached_model(superres_model: Path,
     assert next(iter(pixel_model._loaded().values())).unet.dtype.is_floating_point
     assert str(next(iter(pixel_model._loaded().values())).unet.dtype) == "torch.float32"
     assert api.run("superres", photo, dtype="fp32", **common).image.tobytes() == fresh
+
+
+@pytest.mark.parametrize(
+    ("given", "problem"),
+    [
+        ({"seed": "abc"}, r"seed 'abc' is not an integer; pass an integer from 0 to"),
+        ({"seed": 1.5}, r"seed 1.5 is not an integer"),
+        ({"seed": -1}, r"seed -1 is outside 0\.\."),
+        ({"model": 5}, r"model 5 \(int\) is not a model name or path; pass model="),
+    ],
+)
+def test_a_wrong_seed_or_model_type_is_a_parameter_error(photo: Path, registry, given: dict, problem: str) -> None:
+    """Issue 29 item 17: ``seed="abc"`` raised a bare ValueError, ``model=5`` a TypeError blamed on the plugin."""
+    with pytest.raises(ParameterError, match=problem):
+        api.run("superres", photo, registry=registry, **given)
+    assert api.run("superres", photo, registry=registry, scale=2, seed="7").record["seed"] == 7  # a CLI-style string

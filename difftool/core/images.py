@@ -48,7 +48,7 @@ SAVE_FORMATS = {
     ".bmp": "BMP",
 }
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
-_GRAY = {"1", "L", "LA", "I", "F"} | _SIXTEEN_BIT
+_GRAY = {"1", "L", "LA", "La", "I", "F"} | _SIXTEEN_BIT
 
 
 def max_pixels() -> int:
@@ -216,6 +216,12 @@ def _normalise(image: Image.Image, path: Path | None) -> LoadedImage:
     mode = image.mode
     alpha: np.ndarray | None = None
     bits = 8
+    if image.width < 1 or image.height < 1:  # a PIL image made in code; no file decodes to this
+        raise ImageError(
+            f"the image is {image.width}x{image.height}: it has no pixels", "pass an image of at least 1x1"
+        )
+    if mode == "La":  # premultiplied alpha: Pillow converts it only to LA (which un-premultiplies it)
+        image = image.convert("LA")
     if mode in _SIXTEEN_BIT or mode in ("I", "F"):
         gray, bits = _scaled_gray(np.asarray(image), sixteen_bit=mode in _SIXTEEN_BIT)
         rgb = np.repeat(gray[..., None], 3, axis=2)
@@ -224,8 +230,13 @@ def _normalise(image: Image.Image, path: Path | None) -> LoadedImage:
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif mode == "1":
             image = image.convert("L")
-        elif mode not in ("L", "LA", "RGB", "RGBA"):
-            image = image.convert("RGBA" if "A" in mode else "RGB")
+        elif image.mode not in ("L", "LA", "RGB", "RGBA"):
+            try:
+                image = image.convert("RGBA" if "A" in mode.upper() else "RGB")
+            except ValueError as exc:  # a mode Pillow cannot convert to RGB (LAB)
+                raise ImageError(
+                    f"image mode {mode} cannot be read: {_first_line(exc)}", "convert the image to RGB or RGBA first"
+                ) from None
         array = np.asarray(image, dtype=np.float32) / 255.0
         if image.mode in ("L", "LA"):
             gray = array if image.mode == "L" else array[..., 0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 from pathlib import Path
 
 from difftool.core.errors import ModelError
@@ -31,7 +32,10 @@ def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
     short (an interrupted download or copy).
     """
     path = Path(path)
-    size = path.stat().st_size
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):  # opening a FIFO blocks until a writer comes: maybe never
+        raise ModelError(f"{path.name} is not a regular file (a pipe, device or socket)", "pass a model file")
+    size = info.st_size
     with path.open("rb") as handle:
         head = handle.read(8)
         if (head + handle.read(24)).startswith(b"version https://git-lfs"):
@@ -53,16 +57,22 @@ def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
             )
         handle.seek(8)
         raw = handle.read(length)
+    if raw.startswith(b"\xef\xbb\xbf"):  # json.loads(bytes) would skip it; the safetensors library does not
+        raise ModelError(f"{path.name} is invalid: its header starts with a byte-order mark", _FIX)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ModelError(f"{path.name} is invalid: its header is not JSON", _FIX) from None
+    except RecursionError:  # "[[[[..." 200,000 deep: Python's parser gives up; no real header nests past 3
+        raise ModelError(f"{path.name} is invalid: its header is nested too deep", _FIX) from None
     if not isinstance(header, dict):
         raise ModelError(f"{path.name} is invalid: its header is a {type(header).__name__}, not a mapping", _FIX)
     data_size = size - 8 - length
     spans, shapes = [], {}
     for name, info in header.items():
         if name == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ModelError(f"{path.name} is invalid: its __metadata__ is not a mapping of strings", _FIX)
             continue
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
             raise ModelError(f"{path.name} is invalid: tensor {name!r} lacks dtype/shape/data_offsets", _FIX)
@@ -87,6 +97,14 @@ def check_safetensors(path: str | Path) -> dict[str, tuple[int, ...]]:
     needed = spans[-1][1] if spans else 0
     if needed > data_size:
         raise ModelError(f"{path.name} is incomplete: its tensors need {needed} bytes, it holds {data_size}", _RETRY)
+    # The tensors tile the data exactly, from its first byte to its last, as the safetensors library demands.
+    previous = 0
+    for begin, end, name in spans:
+        if begin != previous:
+            raise ModelError(f"{path.name} is invalid: {begin - previous} unused bytes before tensor {name!r}", _FIX)
+        previous = end
+    if needed < data_size:
+        raise ModelError(f"{path.name} is invalid: {data_size - needed} bytes after its last tensor", _FIX)
     return shapes
 
 

@@ -307,3 +307,17 @@ def test_a1111_text_becomes_typed_task_parameters() -> None:
     }  # fmt: skip
     img2img = metadata.params_from_a1111(metadata.parse_parameters("x\nSteps: 5, Denoising strength: 0.3"))
     assert img2img == {"prompt": "x", "steps": 5, "strength": 0.3}
+
+
+def test_premultiplied_and_empty_pil_images_load_or_fail_in_one_line() -> None:
+    """Issue 29 item 17: a PIL image in mode ``La`` (premultiplied) raised Pillow's ValueError; a 0x0 image
+    reached the task and failed there, blamed on the plugin."""
+    gray = Image.new("La", (4, 3), (120, 255))
+    loaded = images.open_image(gray)
+    assert loaded.rgb.shape == (3, 4, 3) and loaded.grayscale and abs(float(loaded.rgb[0, 0, 0]) - 120 / 255) < 1e-6
+    half = images.open_image(Image.new("La", (2, 2), (60, 128)))
+    assert half.alpha is not None and abs(float(half.alpha[0, 0]) - 128 / 255) < 1e-6
+    assert images.open_image(Image.new("RGBa", (2, 2), (10, 20, 30, 128))).alpha is not None  # alpha kept
+    for size in ((0, 0), (0, 5), (5, 0)):
+        with pytest.raises(ImageError, match=rf"the image is {size[0]}x{size[1]}: it has no pixels; pass an image"):
+            images.open_image(Image.new("RGB", size))

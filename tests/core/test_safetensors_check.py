@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from difftool.core.errors import ModelError
 from difftool.core.safetensors_check import check_safetensors
 from difftool.plugins.builtin.sd.checkpoint import load_state_dict
+from difftool.plugins.builtin.upscalers import read_state_dict
 
 
 def write(path: Path, header: object, data: bytes = b"", length: int | None = None) -> Path:
@@ -82,3 +83,45 @@ def test_each_damage_has_its_own_error(case: str, tmp_path: Path) -> None:
         check_safetensors(path)
     with pytest.raises(ModelError, match=message):  # every loader goes through the check first
         load_state_dict(path)
+
+
+def _raw(path: Path, header: bytes, data: bytes = b"") -> Path:
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+_A = json.dumps({"a": entry("F32", [2], 0, 8)}).encode()
+ROUND_THREE = {
+    "byte-order mark": (lambda p: _raw(p, b"\xef\xbb\xbf" + _A, b"\0" * 8), r"header starts with a byte-order mark"),
+    "gap between tensors": (
+        lambda p: write(p, {"a": entry("F32", [2], 0, 8), "b": entry("F32", [2], 12, 20)}, b"\0" * 20),
+        r"is invalid: 4 unused bytes before tensor 'b'",
+    ),
+    "gap before the first": (lambda p: write(p, {"a": entry("F32", [2], 4, 12)}, b"\0" * 12), r"before tensor 'a'"),
+    "trailing bytes": (lambda p: _raw(p, _A, b"\0" * 16), r"is invalid: 8 bytes after its last tensor"),
+    "__metadata__ a list": (
+        lambda p: write(p, {"__metadata__": [1], "a": entry("F32", [2], 0, 8)}, b"\0" * 8),
+        r"its __metadata__ is not a mapping of strings",
+    ),
+    "__metadata__ value an int": (
+        lambda p: write(p, {"__metadata__": {"k": 1}, "a": entry("F32", [2], 0, 8)}, b"\0" * 8),
+        r"its __metadata__ is not a mapping of strings",
+    ),
+    "header 200,000 deep": (
+        lambda p: _raw(p, b'{"__metadata__":' + b"[" * 200_000 + b"]" * 200_000 + b"}"),
+        r"its header is nested too deep",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_THREE))
+def test_what_the_safetensors_library_refuses_is_refused_first_in_one_line(case: str, tmp_path: Path) -> None:
+    """Issue 29 item 17: these passed the check, then the upscaler path failed inside the safetensors library
+    (or Python's JSON parser: RecursionError), blamed on the plugin."""
+    make, message = ROUND_THREE[case]
+    path = make(tmp_path / "bad.safetensors")
+    for load in (check_safetensors, load_state_dict, read_state_dict):
+        with pytest.raises(ModelError, match=message):
+            load(path)
+    write(path, {"__metadata__": {"k": "v"}, "b": entry("F32", [1], 8, 12), "a": entry("F32", [2], 0, 8)}, b"\0" * 12)
+    assert check_safetensors(path) == {"a": (2,), "b": (1,)}  # tensors listed out of order still tile the data

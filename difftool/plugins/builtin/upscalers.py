@@ -156,7 +156,13 @@ def read_state_dict(path: Path) -> dict[str, Any]:
         from difftool.core.safetensors_check import check_safetensors
 
         check_safetensors(path)
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:  # noqa: BLE001 - what the check above does not catch is still the file's fault
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(
+                f"{path.name} is not a valid safetensors file ({detail[:200]})", "re-download or re-export it"
+            ) from None
     try:
         # weights_only passed explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip an explicit True.
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -75,7 +75,11 @@ def load_embedding(path: Path, *, allow_pickle: bool = False) -> Embedding:
         )
     by_width = {}
     for tensor in chosen:
+        if tensor.ndim == 0 or tensor.numel() == 0:
+            raise ModelError(f"embedding {path.name} holds no vectors", "pass a trained embedding file")
         vectors = tensor.detach().float().reshape(-1, tensor.shape[-1])
+        if not bool(vectors.isfinite().all()):  # else every image it touches comes out NaN, blamed on the VAE
+            raise ModelError(f"embedding {path.name} holds NaN or Inf values", "re-download or retrain it")
         by_width[int(vectors.shape[1])] = vectors
     embedding = Embedding(path.stem, path, by_width, file_sha256(path))
     cache[key] = embedding

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def parse_loras(spec: str | None) -> list[tuple[Path, float]]:
         path, sep, weight = item.rpartition(":")
         if not sep or not _is_number(weight):
             path, weight = item, "1"
+        elif not math.isfinite(float(weight)):
+            raise ParameterError(f"--lora {item}: weight {weight} is not a finite number", f"write --lora {path}:0.8")
         lora = Path(path).expanduser()
         if not lora.is_file():
             raise ParameterError(f"LoRA file {path} does not exist", "pass --lora PATH[:WEIGHT] with an existing file")
@@ -83,6 +86,10 @@ def split_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
     for name, weight in _LORA_TAG.findall(prompt):
         if weight and not _is_number(weight):
             raise ParameterError(f"<lora:{name}:{weight}> has no numeric weight", f"write <lora:{name}:0.8>")
+        if weight and not math.isfinite(float(weight)):
+            raise ParameterError(
+                f"<lora:{name}:{weight}>: the weight is not a finite number", f"write <lora:{name}:0.8>"
+            )
         found.append((name.strip(), float(weight) if weight else 1.0))
     return _LORA_TAG.sub("", prompt), found
 

@@ -8,7 +8,10 @@ encoding around diffusers pipelines rather than offering the parser alone.
 
 from __future__ import annotations
 
+import math
 import re
+
+from difftool.core.errors import ParameterError
 
 #: A1111's grammar, tokenised: escapes, brackets, ``:weight)`` and plain text.
 _TOKEN = re.compile(r"\\[\\()\[\]]|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
@@ -27,6 +30,7 @@ def parse(prompt: str) -> list[tuple[str, float]]:
 
     Each ``BREAK`` is an item of its own, ``("BREAK", BREAK_WEIGHT)``.
     """
+    _check_text(prompt)
     out: list[tuple[str, float]] = []
     # Where each open group starts in ``out``; round and square groups nest independently, as in A1111.
     round_open: list[int] = []
@@ -45,7 +49,7 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         elif text == "[":
             square_open.append(len(out))
         elif weight is not None and round_open:
-            scale(round_open.pop(), float(weight))
+            scale(round_open.pop(), _weight(weight, prompt))
         elif text == ")" and round_open:
             scale(round_open.pop(), UP)
         elif text == "]" and square_open:
@@ -66,3 +70,30 @@ def parse(prompt: str) -> list[tuple[str, float]]:
         elif text:
             merged.append((text, weight))
     return merged or [("", 1.0)]
+
+
+def _weight(text: str, prompt: str) -> float:
+    """The number in ``(word:WEIGHT)``; ``(word:.)`` or ``(word:1.2.3)`` is the user's typo, said in one line."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        raise ParameterError(
+            f"prompt weight {text!r} in {shown!r} is not a number",
+            r"write (word:1.2) with one number, or \( and \) for literal brackets",
+        )
+    return value
+
+
+def _check_text(prompt: str) -> None:
+    """A prompt read from bytes that are not UTF-8 (a command line in another encoding) holds lone
+    surrogates (Python's ``surrogateescape``), which no tokenizer takes: refused here, in one line."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ParameterError(
+            f"a prompt holds bytes that are not UTF-8 text (at character {exc.start})",
+            "pass the prompt as UTF-8 (check the terminal's or the file's encoding)",
+        ) from None

@@ -164,3 +164,15 @@ def test_models_lists_families_and_names_resolve(models: dict, run, tmp_path: Pa
     result = run("generate", "--model", "tiny-folder", "--prompt", "x", "--steps", 1, "--width", 16, "--height", 16,
                  "-o", out)  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(models: dict, run, tmp_path: Path) -> None:
+    """Issue 29 item 17: ``--prompt $'a \\xff'`` (a terminal in Latin-1) ended in a TypeError traceback."""
+    prompt = b"a \xff tower".decode("utf-8", "surrogateescape")  # what Python makes of such an argv
+    result = run("generate", "--model", models["folder"], "--prompt", prompt, "--steps", 1, "-o", tmp_path / "o.png")
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "Error: a prompt holds bytes that are not UTF-8 text (at character 2); pass the prompt as UTF-8 "
+        "(check the terminal's or the file's encoding)"
+    ]
+    assert not (tmp_path / "o.png").exists()

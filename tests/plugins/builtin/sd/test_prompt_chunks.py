@@ -179,3 +179,30 @@ def test_a_padded_negative_is_recorded_as_a1111s_pad_conds(tmp_path: Path) -> No
     long = api.run("generate", prompt=" ".join(["cat"] * 80), **common)
     short = api.run("generate", prompt="a cat", **common)
     assert long.record["pad_conds"] is True and "pad_conds" not in short.record
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e999"])
+def test_a_lora_weight_that_is_not_finite_is_refused_before_any_model_loads(weight: str, tmp_path: Path) -> None:
+    """Issue 29 item 17: ``<lora:x:nan>`` (or ``--lora x:nan``) fused NaN into every weight, then the run
+    blamed the checkpoint ("NaN in the U-Net")."""
+    from difftool.plugins.builtin.sd.models import parse_loras
+
+    with pytest.raises(ParameterError, match=rf"<lora:ink:{weight}>: the weight is not a finite number"):
+        split_loras(f"a cat <lora:ink:{weight}>")
+    lora = tmp_path / "ink.safetensors"
+    lora.write_bytes(b"")
+    with pytest.raises(ParameterError, match=rf"--lora .*ink.safetensors:{weight}: weight {weight} is not a finite"):
+        parse_loras(f"{lora}:{weight}")
+    assert parse_loras(f"{lora}:0.5") == [(lora, 0.5)]
+
+
+def test_an_embedding_with_nan_vectors_is_named_not_blamed_on_the_vae(tmp_path: Path) -> None:
+    """Issue 29 item 17: NaN vectors made every image NaN, reported as "the VAE produced NaN"."""
+    bad = torch.randn(2, 32)
+    bad[1, 3] = float("nan")
+    path = write_embedding(tmp_path / "broken.safetensors", bad)
+    with pytest.raises(ModelError, match=r"embedding broken.safetensors holds NaN or Inf values; re-download"):
+        load_embedding(path)
+    inf = write_embedding(tmp_path / "inf.pt", torch.full((1, 32), float("inf")), a1111_pt=True)
+    with pytest.raises(ModelError, match=r"embedding inf.pt holds NaN or Inf"):
+        load_embedding(inf, allow_pickle=True)

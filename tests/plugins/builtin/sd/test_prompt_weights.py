@@ -41,3 +41,22 @@ def test_emphasis_scales_only_its_tokens_and_weight_one_changes_nothing(tmp_path
     assert strong.mean().item() == pytest.approx(plain.mean().item(), rel=1e-4)  # the mean is restored
     ratio = (strong / plain)[0, :, 0]  # every token is rescaled by the same mean factor, cat by 1.5 more
     assert ratio[5].item() == pytest.approx(1.5 * ratio[4].item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("prompt", ["(word:.)", "a (word:1.2.3) b", "((x:..):2)"])
+def test_a_weight_that_is_not_a_number_is_the_users_typo_in_one_line(prompt: str) -> None:
+    """Issue 29 item 17: ``float('.')`` raised ValueError inside the task, blamed on the plugin's author."""
+    from difftool.core.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"prompt weight '[.\d]+' in .* is not a number; write \(word:1\.2\)"):
+        parse(prompt)
+
+
+def test_a_prompt_of_bytes_that_are_not_utf8_is_refused_in_one_line() -> None:
+    """Issue 29 item 17: a ``--prompt`` in another encoding arrives with lone surrogates (surrogateescape),
+    which the tokenizer took for a TypeError."""
+    from difftool.core.errors import ParameterError
+
+    with pytest.raises(ParameterError, match=r"a prompt holds bytes that are not UTF-8 text \(at character 2\)"):
+        chunk_prompt(clip_tokenizer("clip"), b"a \xff tower".decode("utf-8", "surrogateescape"))
+    assert parse("caf\u00e9 \u732b") == [("caf\u00e9 \u732b", 1.0)]  # real non-ASCII text is fine

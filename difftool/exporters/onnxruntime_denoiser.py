@@ -17,14 +17,19 @@ from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.core.runtime import current
 from difftool.exporters.cache import Recent
 from difftool.exporters.onnx import UNetSignature, graph_inputs
+from difftool.exporters.tensorrt_profiles import Profile
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 _NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
-def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path | None = None) -> list[Any]:
+def provider_chain(
+    device: str, choice: str, fp16: bool = False, cache_dir: Path | None = None, profile: Profile | None = None
+) -> list[Any]:
     """The provider list for an ``InferenceSession``: the chosen provider first, then its fallbacks.
 
+    ``profile``: the shapes the task declared; the TensorRT provider builds its engine for exactly that
+    range instead of the first shape it sees (and rebuilding mid-run when a later shape leaves it).
     Pure logic (no ONNX Runtime import), tested everywhere.
     """
     if choice not in ("auto", *PROVIDERS):
@@ -41,25 +46,89 @@ def provider_chain(device: str, choice: str, fp16: bool = False, cache_dir: Path
     chain: list[Any] = [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
     if choice == "tensorrt":
         options: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
-        if cache_dir is not None:  # ORT keeps its own engines; keyed by model and GPU inside that folder
+        if cache_dir is not None:
+            # ONNX Runtime names its engines by a hash of the file name, the graph's names and versions,
+            # never the weights: two fine-tunes of one architecture (both "model.onnx") would load each
+            # other's engine. So each export gets its own engine folder; the timing cache (tactic timings,
+            # not weights) is shared by every export on the GPU.
             options |= {
                 "trt_engine_cache_enable": True,
                 "trt_engine_cache_path": str(cache_dir),
                 "trt_timing_cache_enable": True,
-                "trt_timing_cache_path": str(cache_dir),
+                "trt_timing_cache_path": str(cache_dir.parent / "timing"),
             }
+        if profile is not None:
+            options |= profile_options(profile)
         chain.insert(0, (PROVIDERS["tensorrt"], options))
     return chain
 
 
-def make_session(path: Path, device: str, fp16: bool = False, provider: str = "auto", threads: int = 0) -> Any:
+def profile_options(profile: Profile) -> dict[str, str]:
+    """``trt_profile_min/opt/max_shapes`` for ``profile``: ``"sample:2x4x8x8,timestep:2"``, every input."""
+
+    def shapes(index: int) -> str:
+        return ",".join(f"{name}:{'x'.join(map(str, s[index]))}" for name, s in sorted(profile.shapes.items()))
+
+    return {f"trt_profile_{which}_shapes": shapes(i) for i, which in enumerate(("min", "opt", "max"))}
+
+
+#: The first ONNX Runtime whose TensorRT provider is built against TensorRT 11 (its API dropped the
+#: implicitly typed builder and precision flags that older providers call).
+ORT_FOR_TENSORRT_11 = (1, 27)
+
+
+def check_tensorrt_provider(ort_version: str, tensorrt_version: str | None) -> None:
+    """Refuse the TensorRT provider of an ONNX Runtime older than 1.27 beside TensorRT 11, in one line."""
+    if tensorrt_version is None or int(tensorrt_version.split(".")[0]) < 11:
+        return
+    if tuple(int(part) for part in ort_version.split(".")[:2]) < ORT_FOR_TENSORRT_11:
+        raise BackendUnavailableError(
+            f"onnxruntime {ort_version}'s TensorRT provider cannot use TensorRT {tensorrt_version}",
+            "pip install 'onnxruntime-gpu>=1.27', or use --backend-opt provider=cuda or --backend tensorrt",
+        )
+
+
+def _installed_tensorrt() -> str | None:
+    import importlib.metadata
+
+    for name in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_libs"):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def engine_cache_dir(path: Path) -> Path:
+    """The TensorRT EP's engine folder for the ONNX file ``path``: one per cache entry (its name and key),
+    else one per file (its resolved path, size and modification time)."""
+    import hashlib
+
+    from difftool.exporters.cache import MANIFEST, cache_root
+
+    if (path.parent / MANIFEST).is_file():  # an entry of the artifact cache: <name>-<key> is unique
+        return cache_root() / "ort-tensorrt" / path.parent.name
+    stat = path.stat()
+    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return cache_root() / "ort-tensorrt" / f"file-{hashlib.sha256(identity.encode()).hexdigest()[:16]}"
+
+
+def make_session(
+    path: Path,
+    device: str,
+    fp16: bool = False,
+    provider: str = "auto",
+    threads: int = 0,
+    profile: Profile | None = None,
+) -> Any:
     """An ONNX Runtime session for ``path`` on ``device``; the same one again while the file is unchanged."""
     stat = path.stat() if path.is_file() else None
     if stat is None:
-        return _new_session(path, device, fp16, provider, threads)
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, provider, threads)
+        return _new_session(path, device, fp16, provider, threads, profile)
+    shapes = None if profile is None else repr(profile.as_json())
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, device, fp16, provider, threads, shapes)
     sessions = current().cache("ort-sessions", lambda: Recent(6))
-    return sessions.get(key, lambda: _new_session(path, device, fp16, provider, threads))
+    return sessions.get(key, lambda: _new_session(path, device, fp16, provider, threads, profile))
 
 
 def check_providers(chain: list[Any], active: list[str]) -> None:
@@ -76,15 +145,17 @@ def check_providers(chain: list[Any], active: list[str]) -> None:
         )
 
 
-def _new_session(path: Path, device: str, fp16: bool, provider: str = "auto", threads: int = 0) -> Any:
+def _new_session(
+    path: Path, device: str, fp16: bool, provider: str = "auto", threads: int = 0, profile: Profile | None = None
+) -> Any:
     import onnxruntime as ort
 
-    from difftool.exporters.cache import cache_root
-
-    engines = cache_root() / "ort-tensorrt"
-    chain = provider_chain(device, provider, fp16, engines)
-    if isinstance(chain[0], tuple) and chain[0][0] == PROVIDERS["tensorrt"]:
+    engines = engine_cache_dir(path) if provider == "tensorrt" else None
+    chain = provider_chain(device, provider, fp16, engines, profile)
+    if engines is not None and chain[0][0] == PROVIDERS["tensorrt"]:
+        check_tensorrt_provider(ort.__version__, _installed_tensorrt())
         engines.mkdir(parents=True, exist_ok=True)
+        (engines.parent / "timing").mkdir(parents=True, exist_ok=True)
     wanted = chain[0] if isinstance(chain[0], str) else chain[0][0]
     available = ort.get_available_providers()
     missing = [p if isinstance(p, str) else p[0] for p in chain]
@@ -119,11 +190,17 @@ class OnnxRuntimeDenoiser(Denoiser):
         provider: str = "auto",
         threads: int = 0,
         residuals: Any = None,
+        shapes: Any = None,
     ) -> None:
-        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` a residual-input U-Net takes."""
+        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` a residual-input U-Net takes;
+        ``shapes``: the task's declared :class:`~difftool.core.task.ExportShapes` (the TensorRT provider's profile)."""
         from difftool.core.cuda import runtime
+        from difftool.exporters.tensorrt_profiles import signature_profile
 
-        self.session = make_session(path, device, fp16, provider, threads)
+        profile = None
+        if shapes is not None and residuals is None and provider == "tensorrt":  # only that provider builds engines
+            profile = signature_profile(signature, shapes.batch, shapes.size, shapes.tokens)
+        self.session = make_session(path, device, fp16, provider, threads, profile)
         self.providers = list(self.session.get_providers())
         self.signature = signature
         self.in_channels = signature.in_channels

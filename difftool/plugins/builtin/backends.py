@@ -106,6 +106,7 @@ class OnnxBackend(Backend):
             fp16=precision == "fp16",
             provider=options["provider"],
             threads=int(options["threads"]),
+            shapes=spec.shapes,
         )
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser

@@ -3,10 +3,14 @@
 ``$DIFFTOOL_CACHE`` or ``~/.cache/difftool``. An entry is ``<kind>/<name>-<key>/`` holding the
 artifact files and ``manifest.json`` (key components, file hashes, validation report). The key is a
 hash of the components (weights hash, export options, versions, ...), so any change builds a new
-entry, and the superseded entries of the same name are removed with a notice. An entry whose files do
-not match the hashes in its manifest (truncated, edited, or never recorded by difftool) is rebuilt.
-Builds happen in a temp folder renamed into place under an exclusive file lock, so two processes
-building the same artifact neither corrupt it nor build it twice.
+entry. A new entry supersedes (removes, with a notice) only the entries it truly replaces: the same
+name with every component equal except the versions it names (tool versions, format; for engines the
+export they were built from), so the engines of other GPUs, precisions and profiles stay. An entry
+another process uses or builds is never removed: each process holds a shared lock on every entry it
+has used (``.<name>-<key>.use``) for its life, and removal needs both that and the build lock free.
+An entry whose files do not match the hashes in its manifest (truncated, edited, or never recorded
+by difftool) is rebuilt. Builds happen in a temp folder renamed into place under an exclusive file
+lock, so two processes building the same artifact neither corrupt it nor build it twice.
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from difftool.core import phases
 from difftool.core.atomic import file_sha256
@@ -32,6 +36,9 @@ from difftool.core.runtime import current
 
 log = logging.getLogger("difftool")
 MANIFEST = "manifest.json"
+#: Components naming a tool's version or an entry's format: a new entry differing from an old one of the
+#: same name only in these replaces it (the same model, exported or built again by newer tools).
+VERSIONS = frozenset({"torch", "onnx", "onnxruntime", "tensorrt", "opset", "format"})
 
 
 def cache_root() -> Path:
@@ -120,6 +127,52 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: The use locks this process holds (shared, one handle per entry, kept for the process's life).
+_IN_USE: dict[Path, IO[str]] = {}
+_IN_USE_LOCK = threading.Lock()
+
+
+def _hold(path: Path) -> None:
+    """Hold a shared lock on ``path`` for the rest of the process: the entry is in use here.
+
+    Taken before the entry is verified, so an entry another process is removing (it holds the lock
+    exclusively) is waited for, then found missing and rebuilt, never loaded half-deleted.
+    """
+    with _IN_USE_LOCK:
+        if path in _IN_USE:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the handle
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        _IN_USE[path] = handle
+
+
+def _release(path: Path) -> None:
+    with _IN_USE_LOCK:
+        handle = _IN_USE.pop(path, None)
+    if handle is not None:
+        handle.close()  # closing the last handle releases the flock
+
+
+@contextlib.contextmanager
+def _free(*paths: Path) -> Iterator[bool]:
+    """Lock every ``path`` exclusively without waiting; yields whether all were free (no other holder)."""
+    handles = []
+    try:
+        for path in paths:
+            handle = open(path, "a+")  # noqa: SIM115 - closed below
+            handles.append(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+    finally:
+        for handle in handles:
+            handle.close()
+
+
 class Recent:
     """The last ``size`` objects made, by key: ONNX Runtime sessions and TensorRT engines are slow to
     create and hold a model's weights, so a run reuses the previous run's instead of loading again."""
@@ -160,14 +213,17 @@ class ArtifactCache:
         name: str,
         components: Mapping[str, Any],
         build: Callable[[Path], dict[str, Any]],
+        replaces: Collection[str] = VERSIONS,
     ) -> Entry:
         """The verified entry for ``components``, building it with ``build(folder)`` if needed.
 
         ``build`` writes its files into the (temporary) folder and returns extra manifest fields
-        (the validation report). Every file it writes is hashed into the manifest.
+        (the validation report). Every file it writes is hashed into the manifest. A new entry removes
+        the entries of ``name`` that differ from it only in the components ``replaces`` names.
         """
         key = cache_key(components)
         target = self.folder(kind, name, key)
+        _hold(self._use_lock(target))
         entry = _verified(target)
         if entry is not None:
             return entry
@@ -198,14 +254,45 @@ class ArtifactCache:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-            self._remove_superseded(kind, name, keep=target)
         entry = _verified(target)
         assert entry is not None
+        self._remove_superseded(kind, name, entry, replaces)
         return entry
 
-    def _remove_superseded(self, kind: str, name: str, keep: Path) -> None:
+    @staticmethod
+    def _use_lock(folder: Path) -> Path:
+        return folder.parent / f".{folder.name}.use"
+
+    @staticmethod
+    def _build_lock(folder: Path) -> Path:
+        return folder.parent / f".{folder.name}.lock"
+
+    def _remove_superseded(self, kind: str, name: str, keep: Entry, replaces: Collection[str]) -> None:
+        """Remove the entries ``keep`` replaces: ``name``'s, equal in every component outside ``replaces``.
+
+        Never by name alone (the engines of another GPU, precision or profile share the name), never
+        one missing a component ``keep`` has (an older format: it cannot be told apart), and never one
+        another process uses or builds (its use or build lock is taken).
+        """
+        ours = keep.manifest.get("components", {})
+        identity = {k: v for k, v in json.loads(json.dumps(ours, default=str)).items() if k not in replaces}
         for other in (self.root / kind).glob(f"{name}-*"):
-            if other != keep and other.is_dir() and (other / MANIFEST).is_file():  # only folders we made
+            if other == keep.path or not other.is_dir():
+                continue
+            try:
+                manifest = json.loads((other / MANIFEST).read_text())  # only folders we made
+            except (OSError, ValueError):
+                continue
+            theirs = manifest.get("components")
+            if manifest.get("name") != name or not isinstance(theirs, dict):
+                continue
+            if any(k not in theirs or theirs[k] != v for k, v in identity.items()):
+                continue  # another GPU, precision, profile, model...: not replaced
+            _release(self._use_lock(other))  # this process moves on to the new entry
+            with _free(self._use_lock(other), self._build_lock(other)) as free:
+                if not free:
+                    log.info("keeping superseded %s %s: another process is using it", kind, other.name)
+                    continue
                 log.warning("removing superseded %s %s", kind, other.name)
                 shutil.rmtree(other, ignore_errors=True)
 

@@ -280,16 +280,23 @@ def engine_components(
     gpu: str = "",
 ) -> dict[str, Any]:
     """The engine's cache-key components. Refittable engines depend on the graph's structure, others
-    on the exact export (weights included)."""
+    on the exact export (weights included).
+
+    ``model`` (the export's weights id) tells models apart, so a new export of the same model (new
+    versions: another ``onnx`` key) supersedes its engine and another model's engine never does; the
+    GPU, precision and profiles are never superseded (see :meth:`ArtifactCache.get_or_build`).
+    """
+    model = onnx.manifest.get("components", {}).get("weights", onnx.manifest.get("name"))
     return {
-        **({"structure": structure} if options.refittable else {"onnx": onnx.manifest["key"]}),
+        **({"structure": structure} if options.refittable else {"onnx": onnx.manifest["key"], "model": model}),
         "refittable": options.refittable,
         "profiles": [p.as_json() for p in profiles],
         "precision": options.precision,
         "tensorrt": tensorrt_version,
         "compute_capability": f"{capability[0]}.{capability[1]}",
         "gpu": gpu,
-        "format": 3,  # 2: precision names, refit, workspace and timing cache; 3: the GPU model
+        # 2: precision names, refit, workspace and timing cache; 3: the GPU model; 4: the model's identity
+        "format": 4,
     }
 
 

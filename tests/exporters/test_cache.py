@@ -120,3 +120,63 @@ def test_recent_keeps_the_last_few_by_key() -> None:
     assert recent.get("a", make("a")) is a and made == ["a", "b", "c"]
     recent.get("b", make("b"))
     assert made == ["a", "b", "c", "b"]
+
+
+# --- issue 30, item 2: superseding never by name alone, never what another process holds ------------
+
+ENGINE = {"onnx": "export-1", "model": "weights-a", "gpu": "RTX 4090 24564 MiB", "compute_capability": "8.9",
+          "precision": "fp16", "profiles": [[1, 64, 128]], "refittable": False,
+          "tensorrt": "10.16", "format": 4}  # fmt: skip
+
+
+def test_engines_of_other_gpus_precisions_and_profiles_survive_a_build(tmp_path: Path) -> None:
+    """Engine names carry none of these key parts: removing every `{name}-*` killed cuda:0's engine
+    when cuda:1's was built, fp16's when bf16's was, one image-size range's when another's was."""
+    cache, calls = ArtifactCache(tmp_path), []
+    variants = [
+        ENGINE,
+        {**ENGINE, "gpu": "RTX A2000 12282 MiB", "compute_capability": "8.6"},  # --device cuda:1
+        {**ENGINE, "precision": "bf16"},
+        {**ENGINE, "profiles": [[1, 128, 256]]},
+        {**ENGINE, "model": "weights-b", "onnx": "export-9"},  # another model sharing the name (unnamed)
+    ]
+    entries = [cache.get_or_build("tensorrt", "unet-abc-fp32", v, builder(calls)) for v in variants]
+    assert len(calls) == 5 and all(e.path.is_dir() for e in entries)
+    # the same model on the same GPU, exported again by newer tools: that one (and only it) is replaced
+    upgraded = cache.get_or_build("tensorrt", "unet-abc-fp32", {**ENGINE, "onnx": "export-2", "tensorrt": "10.17"},
+                                  builder(calls))  # fmt: skip
+    assert not entries[0].path.exists() and upgraded.path.is_dir()
+    assert all(e.path.is_dir() for e in entries[1:])
+
+
+def test_an_older_format_missing_a_component_is_not_guessed_at(tmp_path: Path) -> None:
+    cache, calls = ArtifactCache(tmp_path), []
+    old = cache.get_or_build("tensorrt", "unet-abc-fp32", {k: v for k, v in ENGINE.items() if k != "gpu"},
+                             builder(calls))  # fmt: skip
+    cache.get_or_build("tensorrt", "unet-abc-fp32", {**ENGINE, "format": 5}, builder(calls))
+    assert old.path.is_dir()  # it cannot be told which GPU it was for: kept, not deleted
+
+
+def test_an_entry_another_process_uses_is_never_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cache, calls = ArtifactCache(tmp_path), []
+    first = cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    script = (
+        "import sys; from pathlib import Path; from difftool.exporters.cache import ArtifactCache\n"
+        f"BASE = {BASE!r}\n"
+        "entry = ArtifactCache(Path(sys.argv[1])).get_or_build('onnx', 'unet', BASE, lambda f: {})\n"
+        "print(entry.path, flush=True); sys.stdin.read()\n"  # holds the entry until its stdin closes
+    )
+    user = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert user.stdout.readline().strip() == str(first.path)  # the other process loaded it (no rebuild)
+        cache.get_or_build("onnx", "unet", {**BASE, "onnxruntime": "1.33"}, builder(calls))
+        assert first.path.is_dir() and first.file("model.bin").read_bytes() == b"artifact"
+    finally:
+        user.stdin.close()
+        user.wait(timeout=60)
+    cache.get_or_build("onnx", "unet", {**BASE, "onnxruntime": "1.34"}, builder(calls))
+    assert not first.path.exists()  # released: now it is superseded like any other

@@ -44,8 +44,11 @@ def new_seed() -> int:
 
 
 def derive_seed(base: int, key: str) -> int:
-    """A per-input seed from the run's base seed and the input's relative path (not its position)."""
-    digest = hashlib.sha256(f"{base}:{key}".encode()).digest()
+    """A per-input seed from the run's base seed and the input's relative path (not its position).
+
+    A name that is not UTF-8 (``b"\\xff.png"`` on Linux: Python holds it with lone surrogates) is hashed as
+    its bytes on disk (``surrogateescape``), so it gets a seed like any other name."""
+    digest = hashlib.sha256(f"{base}:{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 

@@ -21,6 +21,12 @@ class BatchItem:
     key: str
 
 
+def shown(text: str) -> str:
+    """``text`` printable on any stream: a file name in bytes that are not UTF-8 (held by Python with lone
+    surrogates) is shown with those bytes escaped (``\\xff.png``) instead of failing the print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def expand_inputs(specs: list[str]) -> list[BatchItem]:
     """Files, folders (their images, recursively) and glob patterns, in a stable sorted order."""
     items: list[BatchItem] = []

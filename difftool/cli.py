@@ -30,7 +30,9 @@ def fail(error: DifftoolError, debug: bool) -> None:
         import traceback
 
         traceback.print_exception(error)
-    click.echo(f"Error: {error}", err=True)
+    from difftool.batch import shown
+
+    click.echo(shown(f"Error: {error}"), err=True)
     sys.exit(exit_code(error))
 
 
@@ -195,14 +197,17 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
+        from difftool.batch import shown
+
         for r in records:
             source = f"{r['input']} -> " if r["input"] else ""
+            made = shown(source + ", ".join(r["outputs"]))
             if r["status"] == "ok":
-                click.echo(f"{source}{', '.join(r['outputs'])} (seed {r['seed']}, {r['seconds']:.1f} s)")
+                click.echo(f"{made} (seed {r['seed']}, {r['seconds']:.1f} s)")
             elif r.get("reason"):
-                click.echo(f"{source}{', '.join(r['outputs'])} (skipped: {r['reason']})")
+                click.echo(f"{made} (skipped: {r['reason']})")
             elif r["status"] == "skipped":
-                click.echo(f"{source}{', '.join(r['outputs'])} (up to date, skipped; --overwrite redoes it)")
+                click.echo(f"{made} (up to date, skipped; --overwrite redoes it)")
         if len(records) > 1:
             click.echo(f"{result['ok']} done, {result['skipped']} skipped, {result['failed']} failed", err=True)
     if result["failed"]:

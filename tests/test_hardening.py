@@ -433,3 +433,31 @@ def test_a_bad_input_size_limit_is_one_line(runner, tmp_path: Path, monkeypatch)
     monkeypatch.setenv("DIFFTOOL_MAX_INPUT_BYTES", "10")
     big = runner("run", "everything", small_png(tmp_path / "q.png"), "-o", tmp_path / "o.png")
     assert big.exit_code == 1 and "over the input limit of 10" in one_line_error(big)
+
+
+# --- Issue 29, round three: the command line and the Python API ----------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_processed_like_any_other(runner, tmp_path: Path) -> None:
+    """Issue 29 item 14: ``b"\\xff.png"`` aborted the whole folder job with a traceback (the seed hashed the
+    name's text), and alone did all the work, then died at save (the temp name's tag). Decided: such a
+    name is processed like any other; its seed hashes the name's bytes on disk (``surrogateescape``)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    small_png(src / "a.png")
+    odd = Path(os.fsdecode(os.fsencode(src) + b"/\xff.png"))  # what Python makes of the byte name
+    small_png(odd, 60)
+    out = tmp_path / "out"
+    result = runner("run", "everything", src, "-o", out, "--seed", "5", "--json")
+    assert result.exit_code == 0, result.output
+    records = {r["key"]: r for r in json.loads(result.stdout)["results"]}
+    assert {k: r["status"] for k, r in records.items()} == {"a.png": "ok", "\udcff.png": "ok"}
+    expected = int.from_bytes(hashlib.sha256(b"5:\xff.png").digest()[:4], "little") & 0x7FFFFFFF
+    assert records["\udcff.png"]["seed"] == expected
+    assert sorted(os.listdir(os.fsencode(out))) == [b"a.png", b"report.jsonl", b"\xff.png"]
+    made = out / odd.name
+    assert read_metadata(made)["difftool"]["input"] == str(odd) and read_metadata(made)["difftool"]["seed"] == expected
+    assert runner("run", "everything", src, "-o", out, "--seed", "5").output.count("up to date") == 2
+    alone = runner("run", "everything", odd, "-o", tmp_path / "one")
+    assert alone.exit_code == 0, alone.output
+    assert sorted(os.listdir(os.fsencode(tmp_path / "one"))) == [b"report.jsonl", b"\xff.png"]

@@ -24,7 +24,9 @@ _TEMP_NAME = re.compile(r"^\.difftool-(\d+)-([0-9a-f]{8})-([0-9a-f]{16})\.(.+)\.
 
 
 def _temp_tag(pid: int, nonce: str, target_name: str) -> str:
-    return hashlib.sha256(f"difftool-temp:{pid}:{nonce}:{target_name}".encode()).hexdigest()[:16]
+    # surrogateescape: a target named in bytes that are not UTF-8 is hashed as those bytes
+    text = f"difftool-temp:{pid}:{nonce}:{target_name}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(text).hexdigest()[:16]
 
 
 def temp_name(target_name: str) -> str:

@@ -28,13 +28,14 @@ EXIF_LIMIT = 65_000
 def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
     """Keyword arguments for Pillow's ``save(format=fmt)`` that store ``record`` (nothing for other formats)."""
     as_json = json.dumps(record, sort_keys=True, default=str)  # ASCII: non-ASCII is escaped
+    text = _encodable(format_parameters(record))
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", format_parameters(record))
+        info.add_text("parameters", text)
         info.add_text("difftool", as_json)
         return {"pnginfo": info}
     if fmt in EXIF_FORMATS:
-        comment = _UNICODE + format_parameters(record).encode("utf-16-be")
+        comment = _UNICODE + text.encode("utf-16-be")
         # EXIF lives in one 64 KiB segment: a long prompt keeps its A1111 text and drops the JSON copy first.
         for description, user_comment in ((as_json, comment), (None, comment), (None, None)):
             exif = Image.Exif()
@@ -46,6 +47,13 @@ def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
             if len(data) <= EXIF_LIMIT:
                 return {"exif": data} if description or user_comment else {}
     return {}
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udcff``: a file or model named in bytes that are not
+    UTF-8 (Python's ``surrogateescape``) cannot be encoded as UTF-8 or UTF-16 as it is. (The JSON record
+    escapes them the same way, and its ``json.loads`` gives the name back exactly.)"""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def decode(image: Image.Image) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from difftool.batch import shown
 from difftool.core import phases
 from difftool.jobs import FolderJob, process_item
 from difftool.plan import Plan
@@ -17,15 +18,15 @@ def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
     overall = tqdm(total=len(job.items), unit="img", disable=None if len(job.items) > 1 else True, file=sys.stderr)
     for item in job.items:
-        bar = tqdm(desc=item.key, unit="step", leave=False, disable=None, file=sys.stderr)
+        bar = tqdm(desc=shown(item.key), unit="step", leave=False, disable=None, file=sys.stderr)
 
-        def progress(step: int, total: int, preview: Any, bar: Any = bar, key: str = item.key) -> None:
+        def progress(step: int, total: int, preview: Any, bar: Any = bar, key: str = shown(item.key)) -> None:
             if getattr(bar, "desc", key) != key:
                 bar.set_description_str(key)  # sampling now: the load or export phase is over
             bar.total = total
             bar.update(step - bar.n)
 
-        def phase(what: str, done: Any, total: Any, bar: Any = bar, key: str = item.key) -> None:
+        def phase(what: str, done: Any, total: Any, bar: Any = bar, key: str = shown(item.key)) -> None:
             bar.set_description_str(f"{key}: {what}")  # loading a model or exporting: named on the bar
 
         try:
@@ -34,7 +35,7 @@ def run_local(job: FolderJob, run_plan: Plan) -> list[dict[str, Any]]:
         finally:
             bar.close()
         if record["status"] == "failed" and len(job.items) > 1:
-            tqdm.write(f"Error: {item.key}: {record['error']}", file=sys.stderr)
+            tqdm.write(shown(f"Error: {item.key}: {record['error']}"), file=sys.stderr)
         records.append(record)
         overall.update(1)
     overall.close()

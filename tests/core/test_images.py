@@ -321,3 +321,14 @@ def test_premultiplied_and_empty_pil_images_load_or_fail_in_one_line() -> None:
     for size in ((0, 0), (0, 5), (5, 0)):
         with pytest.raises(ImageError, match=rf"the image is {size[0]}x{size[1]}: it has no pixels; pass an image"):
             images.open_image(Image.new("RGB", size))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_metadata_naming_a_file_that_is_not_utf8_is_written(tmp_path: Path, suffix: str) -> None:
+    """Issue 29 item 14: a model or input named in bytes that are not UTF-8 (lone surrogates in Python)
+    made the save fail with UnicodeEncodeError after all the work."""
+    record = {"prompt": "a caf\u00e9", "model": "\udcff.safetensors", "seed": 3}
+    path = images.save_image(Image.new("RGB", (4, 4)), tmp_path / f"m{suffix}", record)
+    found = images.read_metadata(path)
+    assert found["difftool"] == record  # the JSON record gives the name back exactly
+    assert found["parameters"]["Model"] == "\\udcff.safetensors" and found["parameters"]["prompt"] == "a caf\u00e9"

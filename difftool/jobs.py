@@ -105,6 +105,12 @@ def plan_job(
         if len(set(keys)) != len(keys):
             raise ParameterError("two inputs would write the same output name", "run them separately")
         targets = output_paths(batch, output, task_name, count=len(task.outputs))
+        own = own_outputs(sources, targets, task_name)
+        if own:  # a rerun beside the inputs finds the last run's outputs among them: they are not inputs
+            log.info("skipped %d output(s) of an earlier run among the inputs, e.g. %s", len(own), sources[min(own)])
+            batch = [item for i, item in enumerate(batch) if i not in own]
+            sources = [source for i, source in enumerate(sources) if i not in own]
+            targets = output_paths(batch, output, task_name, count=len(task.outputs))
         seeds = [base_seed if len(batch) == 1 else derive_seed(base_seed, item.key) for item in batch]
     else:
         if specs:
@@ -142,6 +148,33 @@ def plan_job(
         entry_points=bool(getattr(registry, "entry_points", True)),
         explicit_seed=base_seed if seed_given else None,
     )
+
+
+def own_outputs(sources: list[str | None], targets: list[list[Path]], task_name: str) -> set[int]:
+    """Indices of inputs that are this job's outputs: each lies where the job writes another input's output
+    and carries difftool's record of this task made from that input (its hash, or its file name when the
+    input changed since). A user's file at such a place carries no such record and stays an input (the
+    job then refuses to overwrite it)."""
+    from difftool.core.atomic import file_sha256
+    from difftool.core.images import read_metadata
+
+    made_by = {path.resolve(): j for j, paths in enumerate(targets) for path in paths}
+    own = set()
+    for i, source in enumerate(sources):
+        j = made_by.get(Path(source).resolve()) if source is not None and "://" not in source else None
+        made_from = sources[j] if j is not None and j != i else None
+        if source is None or made_from is None:
+            continue
+        try:
+            record = read_metadata(source).get("difftool", {})
+        except DifftoolError:
+            continue
+        if not isinstance(record, dict) or record.get("task") != task_name:
+            continue
+        recorded = str(record.get("input") or "")
+        if Path(recorded).name == Path(made_from).name or record.get("input_sha256") == file_sha256(Path(made_from)):
+            own.add(i)
+    return own
 
 
 def job_params(run_plan: Plan) -> dict[str, Any]:

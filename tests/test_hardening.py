@@ -461,3 +461,38 @@ def test_a_file_name_that_is_not_utf8_is_processed_like_any_other(runner, tmp_pa
     alone = runner("run", "everything", odd, "-o", tmp_path / "one")
     assert alone.exit_code == 0, alone.output
     assert sorted(os.listdir(os.fsencode(tmp_path / "one"))) == [b"report.jsonl", b"\xff.png"]
+
+
+def test_a_240_byte_name_is_processed_into_an_output_folder(runner, tmp_path: Path) -> None:
+    """Issue 29 item 19: ``.difftool-claim.<name>`` (and the temp name) of a 240-byte name is over the
+    file system's 255 bytes, so such an input could never be processed into ``-o FOLDER``."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    long_name = "x" * 236 + ".png"
+    small_png(src / long_name)
+    small_png(src / ("\u00e9" * 118 + ".png"))  # 240 bytes of two-byte characters: cut between whole ones
+    result = runner("run", "everything", src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == sorted([long_name, "\u00e9" * 118 + ".png", "report.jsonl"])
+    assert runner("run", "everything", src, "-o", out).output.count("up to date") == 2
+
+
+def test_a_rerun_beside_the_inputs_skips_its_own_outputs(runner, tmp_path: Path) -> None:
+    """Issue 29 item 19: without ``-o``, a rerun took the last run's ``a.everything.png`` for an input, and
+    refused ("would overwrite an input") even with ``--overwrite``."""
+    src = tmp_path / "in"
+    src.mkdir()
+    small_png(src / "a.png", 10)
+    small_png(src / "b.png", 20)
+    assert runner("run", "everything", src).exit_code == 0
+    again = runner("run", "everything", src)
+    assert again.exit_code == 0, again.output
+    assert again.output.count("up to date") == 2 and "everything.everything" not in again.output
+    redo = runner("run", "everything", src, "--overwrite", "--seed", "3", "--json")
+    assert redo.exit_code == 0, redo.output
+    assert sorted(r["key"] for r in json.loads(redo.stdout)["results"]) == ["a.png", "b.png"]
+    assert sorted(p.name for p in src.iterdir()) == ["a.everything.png", "a.png", "b.everything.png", "b.png"]
+    small_png(src / "c.png")
+    small_png(src / "c.everything.png")  # the user's own file at an output's place: not ours, never replaced
+    refused = runner("run", "everything", src, "--overwrite")
+    assert refused.exit_code == 2 and "c.everything.png would overwrite an input" in one_line_error(refused)

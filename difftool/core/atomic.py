@@ -29,10 +29,30 @@ def _temp_tag(pid: int, nonce: str, target_name: str) -> str:
     return hashlib.sha256(text).hexdigest()[:16]
 
 
+#: Longest file name (bytes) most file systems take (``NAME_MAX``): every name difftool derives fits it.
+NAME_MAX = 255
+
+
+def fitted(prefix: str, name: str, suffix: str = "") -> str:
+    """``prefix + name + suffix``, or, if that is over :data:`NAME_MAX` bytes, with ``name`` cut short and a
+    hash of all of it added (``<start of name>~<16 hex>``): still one name per ``name``, and it always fits."""
+    whole = f"{prefix}{name}{suffix}"
+    if len(os.fsencode(whole)) <= NAME_MAX:
+        return whole
+    raw = os.fsencode(name)
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    room = NAME_MAX - len(os.fsencode(f"{prefix}~{digest}{suffix}"))
+    # os.fsdecode maps a UTF-8 sequence cut in half to surrogates, which fsencode turns back into those bytes.
+    return f"{prefix}{os.fsdecode(raw[: max(room, 0)])}~{digest}{suffix}"
+
+
 def temp_name(target_name: str) -> str:
-    """A fresh temp file name for ``target_name``, provably difftool's (see :func:`is_own_temp`)."""
+    """A fresh temp file name for ``target_name``, provably difftool's (see :func:`is_own_temp`); a long
+    ``target_name`` is shortened in it (:func:`fitted`), so the temp file can be made whenever the target can."""
     pid, nonce = os.getpid(), secrets.token_hex(4)
-    return f".difftool-{pid}-{nonce}-{_temp_tag(pid, nonce, target_name)}.{target_name}.tmp"
+    head = f".difftool-{pid}-{nonce}-{'0' * 16}."  # the tag's length, to fit the name around it
+    shown = fitted(head, target_name, ".tmp")[len(head) : -len(".tmp")]
+    return f".difftool-{pid}-{nonce}-{_temp_tag(pid, nonce, shown)}.{shown}.tmp"
 
 
 def is_own_temp(name: str) -> int | None:
@@ -129,7 +149,8 @@ CLAIM_MAGIC = b"difftool-claim\n"
 
 
 def claim_path(target: Path) -> Path:
-    return target.with_name(f".difftool-claim.{target.name}")
+    """``.difftool-claim.<name>`` beside ``target``; for a long name, shortened with a hash (:func:`fitted`)."""
+    return target.with_name(fitted(".difftool-claim.", target.name))
 
 
 @contextlib.contextmanager

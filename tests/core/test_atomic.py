@@ -207,3 +207,25 @@ def test_replacing_a_linked_folder_replaces_the_link_and_keeps_its_target(tmp_pa
     assert (tmp_path / "model" / "a").read_text() == "new" and not (tmp_path / "model").is_symlink()
     assert (real / "a").read_text() == "linked"  # only the link was replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "real"]
+
+
+def test_claim_and_temp_names_of_long_targets_fit_the_file_system(tmp_path: Path) -> None:
+    """Issue 29 item 19: names derived from a 240-byte target were over NAME_MAX (255 bytes)."""
+    import os
+
+    from difftool.core.atomic import claim, claim_path, is_own_temp
+
+    names = ["x" * 236 + ".png", "y" * 255, "\u00e9" * 127, "\u732b" * 85, "a.png"]
+    claims = {claim_path(tmp_path / name).name for name in names}
+    assert len(claims) == len(names) and all(len(os.fsencode(c)) <= 255 for c in claims)
+    assert claim_path(tmp_path / "a.png").name == ".difftool-claim.a.png"  # short names as before
+    assert claim_path(tmp_path / ("x" * 236 + "1.png")) != claim_path(tmp_path / ("x" * 236 + "2.png"))
+    for name in names:
+        temp = temp_name(name)
+        assert len(os.fsencode(temp)) <= 255 and is_own_temp(temp) == os.getpid()
+        target = tmp_path / name
+        with claim(target) as mine:
+            assert mine and claim_path(target).exists()
+        atomic_write_bytes(target, b"data")
+        assert target.read_bytes() == b"data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names)  # no claim or temp left

@@ -3,7 +3,9 @@
 * **PNG**: a ``parameters`` text chunk (A1111's text: prompt, ``Negative prompt:`` line, ``Key: value, ...``)
   and the full record as JSON in a ``difftool`` chunk.
 * **JPEG and WebP**: the same text in the EXIF ``UserComment`` (``UNICODE`` prefix, UTF-16 big-endian, as
-  A1111 writes it with piexif) and the JSON record in EXIF ``ImageDescription`` (ASCII-escaped).
+  A1111 writes it with piexif) and the JSON record in EXIF ``ImageDescription`` (ASCII-escaped). EXIF holds
+  64 KiB: a prompt too long for it is cut there, marked (:data:`CUT_MARKER`) and warned about; the seed and
+  settings always come through (PNG has no such limit).
 
 Pillow writes and reads the EXIF itself; only the A1111 text format is ours.
 """
@@ -11,6 +13,7 @@ Pillow writes and reads the EXIF itself; only the A1111 text format is ours.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +26,7 @@ _UNICODE, _ASCII = b"UNICODE\0", b"ASCII\0\0\0"
 EXIF_FORMATS = frozenset({"JPEG", "WEBP"})
 #: A JPEG APP1 segment's payload limit (less its header).
 EXIF_LIMIT = 65_000
+log = logging.getLogger("difftool")
 
 
 def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -35,18 +39,77 @@ def encode(fmt: str, record: Mapping[str, Any]) -> dict[str, Any]:
         info.add_text("difftool", as_json)
         return {"pnginfo": info}
     if fmt in EXIF_FORMATS:
-        comment = _UNICODE + text.encode("utf-16-be")
-        # EXIF lives in one 64 KiB segment: a long prompt keeps its A1111 text and drops the JSON copy first.
-        for description, user_comment in ((as_json, comment), (None, comment), (None, None)):
-            exif = Image.Exif()
-            if description is not None:
-                exif[ExifTags.Base.ImageDescription] = description
-            if user_comment is not None:
-                exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = user_comment
-            data = exif.tobytes()
-            if len(data) <= EXIF_LIMIT:
-                return {"exif": data} if description or user_comment else {}
+        # EXIF lives in one 64 KiB segment. Everything, if it fits; else the JSON copy's prompts are cut (the
+        # A1111 text holds them whole; the JSON keeps the job's fingerprint and input hash, which a rerun's
+        # "up to date" reads); else the prompts are cut in both, with a marker and a warning, so the seed
+        # and settings always come through.
+        data = _exif(as_json, text)
+        if data is not None:
+            return {"exif": data}
+        whole = max(len(str(record.get(key) or "")) for key in PROMPT_KEYS)
+        data = _longest(lambda keep: _exif(_cut_json(record, keep), text), whole)
+        if data is not None:
+            return {"exif": data[1]}
+        data = _longest(lambda keep: _exif(_cut_json(record, keep), _cut_text(record, keep)), whole)
+        if data is not None:
+            log.warning(
+                "the prompt is too long for %s metadata (EXIF holds 64 KiB): written cut to %d characters, "
+                "with the seed and settings; save as PNG to keep it whole",
+                fmt,
+                data[0],
+            )
+            return {"exif": data[1]}
+        log.warning("the parameters are too long for %s metadata (EXIF holds 64 KiB): none written", fmt)
     return {}
+
+
+PROMPT_KEYS = ("prompt", "negative_prompt")
+#: Ends a prompt cut to fit EXIF's 64 KiB (JPEG, WebP): whoever reads it back sees it is not the whole.
+CUT_MARKER = " [...cut by difftool: EXIF holds 64 KiB; the PNG keeps it whole]"
+
+
+def _exif(description: str, text: str) -> bytes | None:
+    """The EXIF bytes holding the JSON record and the A1111 text, or ``None`` if over :data:`EXIF_LIMIT`."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = description
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = _UNICODE + text.encode("utf-16-be")
+    data = exif.tobytes()
+    return data if len(data) <= EXIF_LIMIT else None
+
+
+def _cut(record: Mapping[str, Any], keep: int) -> dict[str, Any]:
+    """``record`` with each prompt over ``keep`` characters cut to ``keep`` plus :data:`CUT_MARKER`."""
+    cut = dict(record)
+    for key in PROMPT_KEYS:
+        value = str(record.get(key) or "")
+        if len(value) > keep:
+            cut[key] = value[:keep] + CUT_MARKER
+    return cut
+
+
+def _cut_json(record: Mapping[str, Any], keep: int) -> str:
+    return json.dumps(_cut(record, keep), sort_keys=True, default=str)
+
+
+def _cut_text(record: Mapping[str, Any], keep: int) -> str:
+    return _encodable(format_parameters(_cut(record, keep)))
+
+
+def _longest(attempt: Any, whole: int) -> tuple[int, bytes] | None:
+    """The largest ``keep`` below ``whole`` for which ``attempt(keep)`` gives bytes, by bisection (a longer
+    cut never fits where a shorter one did not): ``(keep, bytes)``, or ``None`` if even 0 does not fit."""
+    best = attempt(0)
+    if best is None:
+        return None
+    low, high = 0, whole  # attempt(whole) is the uncut record, which did not fit
+    while high - low > 1:
+        middle = (low + high) // 2
+        data = attempt(middle)
+        if data is None:
+            high = middle
+        else:
+            low, best = middle, data
+    return low, best
 
 
 def _encodable(text: str) -> str:

@@ -282,15 +282,27 @@ def test_a_cameras_user_comment_is_not_taken_for_a_prompt(tmp_path: Path) -> Non
     assert images.read_metadata(tmp_path / "broken.jpg") == {}  # no metadata, no error: the image is fine
 
 
-def test_a_prompt_too_long_for_exif_keeps_its_a1111_text_and_drops_the_json_copy(tmp_path: Path) -> None:
-    record = {"task": "generate", "prompt": "a very long prompt, " * 1600, "seed": 3, "steps": 20}
-    path = images.save_image(Image.new("RGB", (8, 8)), tmp_path / "long.jpg", record)
-    meta = images.read_metadata(path)
-    assert "difftool" not in meta and meta["parameters"]["Seed"] == "3"
-    huge = {**record, "prompt": "x" * 40_000}
-    assert "parameters" not in images.read_metadata(
-        images.save_image(Image.new("RGB", (8, 8)), tmp_path / "h.jpg", huge)
-    )
+@pytest.mark.parametrize("suffix", [".jpg", ".webp"])
+def test_a_prompt_too_long_for_exif_is_cut_with_a_marker_and_the_settings_kept(
+    tmp_path: Path, suffix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 29 item 16: over ~32K characters the EXIF (one 64 KiB segment) was silently left empty: no seed,
+    no settings. A prompt the A1111 text still holds whole only loses the JSON copy's prompt."""
+    record = {"task": "generate", "prompt": "a very long prompt, " * 1600, "seed": 3, "steps": 20, "job": "f1"}
+    meta = images.read_metadata(images.save_image(Image.new("RGB", (8, 8)), tmp_path / f"long{suffix}", record))
+    assert meta["parameters"]["prompt"] == record["prompt"] and meta["parameters"]["Seed"] == "3"
+    assert meta["difftool"]["job"] == "f1" and meta["difftool"]["prompt"].endswith(metadata.CUT_MARKER)
+    assert not caplog.records  # nothing lost: the A1111 text holds the prompt whole
+    huge = {**record, "prompt": "x" * 40_000, "negative_prompt": "\u732b" * 20_000}
+    meta = images.read_metadata(images.save_image(Image.new("RGB", (8, 8)), tmp_path / f"h{suffix}", huge))
+    text, json_record = meta["parameters"], meta["difftool"]
+    assert text["Seed"] == "3" and text["Steps"] == "20" and text["difftool task"] == "generate"
+    assert json_record["seed"] == 3 and json_record["job"] == "f1"  # a rerun still finds it up to date
+    for key in ("prompt", "negative_prompt"):
+        assert text[key].endswith(metadata.CUT_MARKER) and json_record[key].endswith(metadata.CUT_MARKER)
+        kept = text[key][: -len(metadata.CUT_MARKER)]
+        assert kept == huge[key][: len(kept)] and len(kept) > 5_000  # as much as fits, in both
+    assert "too long for" in caplog.text and "save as PNG to keep it whole" in caplog.text
 
 
 def test_a1111_text_becomes_typed_task_parameters() -> None:

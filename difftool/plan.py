@@ -95,5 +95,6 @@ def preflight(
         raise ModelError(f"task {task!r} cannot run: {reason}")
     resolved = registry.backend(backend).resolve(device, resolve_dtype(dtype, device), backend_options)
     values = validate_params(instance, params or {}, registry)
+    instance.check(values)
     instance.check_backend(values, resolved)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)

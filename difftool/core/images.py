@@ -64,13 +64,20 @@ def max_pixels() -> int:
         ) from None
 
 
-def check_pixels(width: int, height: int, what: str = "image") -> None:
-    """Raise :class:`ImageTooLargeError` if a ``width`` x ``height`` ``what`` is over :func:`max_pixels`."""
-    limit = max_pixels()
+#: The fix :func:`check_pixels` names when the limit is the process's own (``DIFFTOOL_MAX_PIXELS``).
+_RAISE_LIMIT = "set DIFFTOOL_MAX_PIXELS to a larger value if you trust this image"
+
+
+def check_pixels(width: int, height: int, what: str = "image", limit: int | None = None, fix: str = "") -> None:
+    """Raise :class:`ImageTooLargeError` if a ``width`` x ``height`` ``what`` is over ``limit`` (default:
+    :func:`max_pixels`; a server passes its per-request budget and the ``fix`` its client can apply)."""
+    own = max_pixels()
+    if limit is None or limit >= own:  # the process's own limit binds: raising it is the fix
+        limit, fix = own, ""
     if width * height > limit:
         raise ImageTooLargeError(
             f"{what} is {width}x{height} = {width * height:,} pixels, over the limit of {limit:,}",
-            "set DIFFTOOL_MAX_PIXELS to a larger value if you trust this image",
+            fix or _RAISE_LIMIT,
         )
 
 
@@ -152,11 +159,17 @@ def check_regular_file(path: Path) -> None:
         )
 
 
-def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedImage:
-    """Load ``source`` (a path, encoded bytes or a PIL image) as a :class:`LoadedImage`."""
+def open_image(
+    source: str | os.PathLike[str] | bytes | Image.Image, limit: int | None = None, fix: str = ""
+) -> LoadedImage:
+    """Load ``source`` (a path, encoded bytes or a PIL image) as a :class:`LoadedImage`.
+
+    ``limit``/``fix``: a pixel budget below :func:`max_pixels` (a server's per request), checked from the
+    header before decoding, and the fix its error names.
+    """
     path: Path | None = None
     if isinstance(source, Image.Image):
-        check_pixels(*source.size)
+        check_pixels(*source.size, limit=limit, fix=fix)
         return _normalise(source, path=None)
     if isinstance(source, (bytes, bytearray)):
         stream: Any = io.BytesIO(source)
@@ -185,7 +198,7 @@ def open_image(source: str | os.PathLike[str] | bytes | Image.Image) -> LoadedIm
     except _CORRUPT as exc:
         raise _unreadable(name, exc) from None
     with image:
-        check_pixels(*image.size, what=name)
+        check_pixels(*image.size, what=name, limit=limit, fix=fix)
         try:
             image.load()
         except _CORRUPT as exc:

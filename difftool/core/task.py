@@ -7,6 +7,7 @@ the API validates keyword arguments with it. No task writes its own CLI.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +28,10 @@ if TYPE_CHECKING:
 
 ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
 PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path")
+
+#: Longest text a string or path parameter takes unless it declares :attr:`Param.max_length`: every request
+#: is bounded before any work (a 10 MB prompt once held a server worker for minutes).
+MAX_STRING_LENGTH = 65_536
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,8 @@ class Param:
     env: str | None = None
     multiple: bool = False
     parse: Callable[[Any], Any] | None = field(default=None, compare=False)
+    #: Longest text (characters) a string or path value may have; checked before anything reads it.
+    max_length: int = MAX_STRING_LENGTH
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -116,6 +123,14 @@ class Param:
                 raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
             return None
         fix = f"pass {self.flag} {self.range_text()}".rstrip()
+        if isinstance(value, str) and self.type in ("string", "path", "choice"):
+            if len(value) > self.max_length:  # before anything reads it (tokenizers, parsers, the file system)
+                raise ParameterError(
+                    f"{self.flag} is {len(value)} characters long, over its limit of {self.max_length}",
+                    f"shorten {self.flag}",
+                )
+            if "\x00" in value:  # no file name, model name or prompt holds one; os.stat would raise ValueError
+                raise ParameterError(f"{self.flag} contains a NUL character", f"remove it from {self.flag}")
         try:
             if self.type == "int":
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -132,11 +147,19 @@ class Param:
                     value = value.lower() in ("1", "true", "yes", "on")
                 value = bool(value)
             elif self.type == "string":
-                value = value if self.parse is not None else str(value)  # parse reads its own forms
+                if self.parse is None:  # parse reads its own forms (mappings for ControlNet units)
+                    if not isinstance(value, (str, int, float, Path)):
+                        raise TypeError
+                    value = str(value)
             elif self.type == "path":
+                if not isinstance(value, (str, Path)):
+                    raise TypeError
                 value = Path(value)
-        except (TypeError, ValueError):
-            raise ParameterError(f"{self.flag}: {value!r} is not a valid {self.type}", fix) from None
+        except (TypeError, ValueError, OverflowError):
+            raise ParameterError(f"{self.flag}: {_shown(value)} is not a valid {self.type}", fix) from None
+        if self.type == "float" and not math.isfinite(value):
+            # NaN compares False with everything, so it would pass every range check below.
+            raise ParameterError(f"{self.flag}: {value} is not a finite number", fix)
         if self.type in ("int", "float"):
             if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
                 raise ParameterError(f"{self.flag} {value} is out of range {self.range_text()}", fix)
@@ -147,7 +170,7 @@ class Param:
                 match = next((c for c in allowed if str(c) == str(value)), None)
             if match is None:
                 raise ParameterError(
-                    f"{self.flag}: unknown value {value!r}", f"use one of {', '.join(map(str, allowed))}"
+                    f"{self.flag}: unknown value {_shown(value)}", f"use one of {', '.join(map(str, allowed))}"
                 )
             value = match
         return self.parse(value) if self.parse is not None else value
@@ -161,6 +184,12 @@ class Param:
         if self.max is not None:
             return f"<= {self.max:g}"
         return ""
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever a request sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -359,6 +388,17 @@ class Task(ABC):
     def availability(self, model: str | None) -> str | None:
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
         return None
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        """Raise a one-line error for what the declaration cannot say: cross-field rules and the work a request
+        may ask for (a prompt's length in tokens). The preflight calls it once, before any model loads."""
+        return None
+
+    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        """The largest (width, height) one output can have for these validated ``params`` and the sizes of the
+        image inputs, before any model loads (a server bounds a request's work with it). Default: the first
+        input's size; ``None``: nothing to bound by."""
+        return inputs[0] if inputs else None
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         """Raise a one-line error if ``backend`` cannot run these (validated) ``params``; the preflight

@@ -36,7 +36,7 @@ from difftool.serve.a1111_map import (
     upscale_scale,
 )
 from difftool.serve.jobs import Job
-from difftool.serve.security import load_image
+from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
@@ -194,18 +194,19 @@ def _init_image(server: Server, req: Img2ImgRequest) -> LoadedImage:
         raise ParameterError("init_images is empty", "send one base64 image in init_images")
     if len(req.init_images) > 1:
         raise refuse("init_images", "difftool takes one init image per request")
-    image = load_image(req.init_images[0], "init_images[0]", server.policy, server.settings.max_body_bytes)
+    image = server.load_image(req.init_images[0], "init_images[0]")
     if image.size == (req.width, req.height):
         return image
     if req.resize_mode != 0:
         raise refuse("resize_mode", "only 0 (just resize) is supported when width/height differ from the image")
-    check_pixels(req.width, req.height, what="img2img width x height")  # before Pillow allocates it
+    # Before Pillow allocates it:
+    check_pixels(req.width, req.height, "img2img width x height", server.settings.max_pixels, PIXELS_FIX)
     return open_image(image.to_pil().convert("RGBA" if image.alpha is not None else "RGB").resize(
         (req.width, req.height), Image.Resampling.LANCZOS))  # fmt: skip
 
 
 def _mask(server: Server, req: Img2ImgRequest) -> LoadedImage:
-    mask = load_image(req.mask, "mask", server.policy, server.settings.max_body_bytes)
+    mask = server.load_image(req.mask, "mask")
     if req.inpainting_mask_invert:  # A1111: the grey (or alpha) mask inverted, its soft edges kept
         grey = mask.alpha if mask.alpha is not None else mask.rgb.mean(axis=2)
         mask = open_image(Image.fromarray(np.round(255 - grey * 255).astype("uint8"), "L"))
@@ -243,7 +244,7 @@ async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) ->
     server = _server(request)
     superres = server.registry.task("superres")
     scale = upscale_scale(req, superres.param("scale").choices)
-    image = await run_in_threadpool(load_image, req.image, "image", server.policy, server.settings.max_body_bytes)
+    image = await run_in_threadpool(server.load_image, req.image, "image")
     if req.upscaler_1 in ("None", ""):  # A1111 skips upscaling when no upscaler is chosen
         buffer = io.BytesIO()
         image.to_pil().save(buffer, format="PNG")

@@ -22,7 +22,8 @@ SUPPORTED_OPTIONS = ("sd_model_checkpoint", "CLIP_stop_at_last_layers", "show_pr
 class Txt2ImgRequest(BaseModel):
     """A1111's StableDiffusionProcessingTxt2Img API model, the fields difftool reads (others are checked)."""
 
-    model_config = ConfigDict(extra="allow")
+    # NaN compares False with every bound, so it would pass each check below: refused at parsing (422).
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -80,7 +81,7 @@ class Img2ImgRequest(Txt2ImgRequest):
 class ExtrasSingleImageRequest(BaseModel):
     """A1111's ExtrasSingleImageRequest."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     image: str = ""
     resize_mode: int = 0

@@ -30,6 +30,13 @@ import click
 @click.option("--model", "default_model", help="A1111 sd_model_checkpoint at start (a name from `difftool models`)")
 @click.option("--max-body-mb", type=click.IntRange(1, 4096), default=64, show_default=True, help="request size limit")
 @click.option(
+    "--max-pixels",
+    type=click.IntRange(1, 1 << 31),
+    default=4096 * 4096,
+    show_default=True,
+    help="largest image a request may send or ask for (checked before decoding); outputs together: 4x this",
+)
+@click.option(
     "--shutdown-timeout",
     type=click.FloatRange(0, 3600),
     default=30.0,
@@ -61,6 +68,7 @@ def serve(
     devices: tuple[str, ...],
     default_model: str | None,
     max_body_mb: int,
+    max_pixels: int,
     shutdown_timeout: float,
     ray_address: str | None,
     replicas: int | None,
@@ -82,6 +90,7 @@ def serve(
         devices=devices,
         default_model=default_model,
         max_body_bytes=max_body_mb * 1024 * 1024,
+        max_pixels=max_pixels,
         shutdown_timeout=shutdown_timeout,
     )
     try:

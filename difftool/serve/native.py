@@ -111,7 +111,7 @@ def add_task_schemas(app: FastAPI, server: Server) -> None:
 class JobRequest(BaseModel):
     """``POST /v1/jobs`` as JSON. Images are base64 (or ``{"path": ...}`` with --allow-path)."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
     task: str = Field(description="a task name from GET /v1/tasks")
     inputs: dict[str, Any] | list[Any] = Field(default_factory=list, description="the task's declared inputs")

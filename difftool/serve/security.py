@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from difftool.core.errors import DifftoolError, ImageError, ParameterError
-from difftool.core.images import LoadedImage, open_image
+from difftool.core.images import LoadedImage, check_pixels, open_image
 from difftool.core.task import Task
 
 
@@ -34,7 +35,7 @@ def token_matches(authorization: str | None, token: str) -> bool:
     if scheme.lower() == "basic":
         try:
             decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError):  # binascii.Error, and non-ASCII text (latin-1 header bytes)
             return False
         return hmac.compare_digest(decoded.partition(":")[2].encode(), token.encode())
     return False
@@ -71,6 +72,11 @@ class PathPolicy:
                 f"{what} {str(value)!r} is outside the folders this server allows",
                 "use a path inside an --allow-path folder",
             )
+        mode = real.stat().st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a FIFO's open() would block a worker forever
+            raise ParameterError(
+                f"{what} {str(value)!r} is not a regular file (a pipe, device or socket)", "name a file or folder"
+            )
         return real
 
 
@@ -103,15 +109,21 @@ def decode_base64(text: str, what: str, limit: int) -> bytes:
         raise ParameterError(f"{what} is not valid base64", "send the file's bytes base64-encoded") from None
 
 
-def load_image(value: Any, what: str, policy: PathPolicy, limit: int) -> LoadedImage:
+#: The fix a client can apply when an image is over the server's pixel budget.
+PIXELS_FIX = "send a smaller image (the server's --max-pixels sets the budget)"
+
+
+def load_image(value: Any, what: str, policy: PathPolicy, limit: int, max_pixels: int | None = None) -> LoadedImage:
     """An image given as base64 text, raw bytes, or ``{"path": ...}`` inside an allowed folder.
 
-    The pixel limit (``DIFFTOOL_MAX_PIXELS``) is checked from the header, before decoding.
+    The pixel budget (``max_pixels``, the server's ``--max-pixels``; never above ``DIFFTOOL_MAX_PIXELS``)
+    is checked from the header, before decoding.
     """
     if isinstance(value, LoadedImage):
+        check_pixels(*value.size, what=what, limit=max_pixels, fix=PIXELS_FIX)
         return value
     if isinstance(value, Mapping) and set(value) == {"path"}:
-        return open_image(policy.resolve(str(value["path"]), what))
+        return open_image(policy.resolve(str(value["path"]), what), max_pixels, PIXELS_FIX)
     if isinstance(value, (bytes, bytearray)):
         data = bytes(value)
     elif isinstance(value, str):
@@ -120,7 +132,7 @@ def load_image(value: Any, what: str, policy: PathPolicy, limit: int) -> LoadedI
         raise ParameterError(f"{what}: expected base64 image data", 'send base64 PNG/JPEG bytes or {"path": ...}')
     if not data:
         raise ImageError(f"{what} is empty", "send the image's bytes")
-    return open_image(data)
+    return open_image(data, max_pixels, PIXELS_FIX)
 
 
 #: Built-in string parameters that name a superres model unless they hold one of :data:`KEYWORDS`.
@@ -132,7 +144,12 @@ REFINER_FAMILIES = ("sdxl-refiner",)
 
 
 def check_params(
-    task: Task, params: Mapping[str, Any], registry: Any, policy: PathPolicy, limit: int = 50 << 20
+    task: Task,
+    params: Mapping[str, Any],
+    registry: Any,
+    policy: PathPolicy,
+    limit: int = 50 << 20,
+    max_pixels: int | None = None,
 ) -> dict[str, Any]:
     """``params`` with every server-side file reference checked (path params, ``lora``, ControlNet units);
     pickles refused. ``limit``: the largest image (bytes) a ControlNet unit may send inline."""
@@ -151,7 +168,9 @@ def check_params(
             )
         elif param.name == "control" and param.multiple:
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
-            checked[param.name] = [_checked_control(item, registry, policy, limit) for item in items if item]
+            checked[param.name] = [
+                _checked_control(item, registry, policy, limit, max_pixels) for item in items if item
+            ]
         elif param.name == "refiner" and param.type == "string":
             checked[param.name] = resolve_model(str(value), registry, policy, families=REFINER_FAMILIES)
         elif param.name in UPSCALER_PARAMS and param.type == "string" and str(value).lower() not in KEYWORDS:
@@ -167,7 +186,7 @@ def check_params(
 CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
 
 
-def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int) -> Any:
+def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
     """A ControlNet unit whose model is a listed ControlNet (or inside an allowed folder) and whose image is a
     path inside an allowed folder (string form ``MODEL=PATH,...``) or, in the mapping form, base64 data or
     ``{"path": ...}``."""
@@ -175,7 +194,7 @@ def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int) -
         unit = dict(item)
         unit["model"] = resolve_model(str(unit.get("model") or ""), registry, policy, CONTROLNET_FAMILIES)
         if unit.get("image") is not None:
-            unit["image"] = load_image(unit["image"], "control image", policy, limit).rgb
+            unit["image"] = load_image(unit["image"], "control image", policy, limit, max_pixels).rgb
         return unit
     head, comma, rest = str(item).partition(",")
     name, _, image = head.partition("=")

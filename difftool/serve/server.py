@@ -5,9 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from difftool.core.errors import ParameterError
+from difftool.core.errors import ImageTooLargeError, ParameterError
+from difftool.core.images import LoadedImage, check_pixels
+from difftool.plan import Plan
 from difftool.serve.jobs import Job, JobQueue
-from difftool.serve.security import REFINER_FAMILIES, PathPolicy, check_params, load_image, resolve_model
+from difftool.serve.security import (
+    PIXELS_FIX,
+    REFINER_FAMILIES,
+    PathPolicy,
+    check_params,
+    load_image,
+    resolve_model,
+)
 from difftool.serve.settings import ServeSettings
 
 #: Most outputs one request may ask for (A1111's batch_size x n_iter, the native ``count``).
@@ -82,14 +91,15 @@ class Server:
         if not 1 <= int(count) <= MAX_COUNT:
             raise ParameterError(f"count {count} is out of range", f"ask for 1 to {MAX_COUNT} outputs per request")
         loaded = [
-            load_image(value, port.name, self.policy, limit) if port.kind in ("image", "mask") else value
+            self.load_image(value, port.name) if port.kind in ("image", "mask") else value
             for port, value in zip(instance.inputs, inputs, strict=True)
         ]
-        values = check_params(instance, dict(params or {}), self.registry, self.policy, limit)
+        pixels = self.settings.max_pixels
+        values = check_params(instance, dict(params or {}), self.registry, self.policy, limit, pixels)
         kinds = {p.name: p.type for p in instance.params}
         for name, value in values.items():
             if kinds.get(name) in ("image", "mask") and value is not None:
-                values[name] = load_image(value, name, self.policy, limit)
+                values[name] = self.load_image(value, name)
         request: dict[str, Any] = {"device": self.settings.devices[0]}
         if model:
             request["model"] = resolve_model(model, self.registry, self.policy, model_families)
@@ -98,8 +108,27 @@ class Server:
         if dtype:
             request["dtype"] = dtype
         plan = preflight(task, params=values, registry=self.registry, **request)
+        self.check_work(plan, [image.size for image in loaded if isinstance(image, LoadedImage)], int(count))
         first = new_seed() if seed is None or int(seed) < 0 else int(seed)
         return Job(plan, loaded, [first + i for i in range(int(count))], preview_every=max(0, int(preview_every)))
+
+    def load_image(self, value: Any, what: str) -> LoadedImage:
+        """An image a request sent, within the body limit and the pixel budget (checked before decoding)."""
+        return load_image(value, what, self.policy, self.settings.max_body_bytes, self.settings.max_pixels)
+
+    def check_work(self, plan: Plan, sizes: Sequence[tuple[int, int]], count: int) -> None:
+        """Refuse (413) a request whose outputs are over the pixel budget, before it is queued."""
+        size = plan.task.output_size(plan.params, sizes)
+        if size is None:
+            return
+        check_pixels(*size, what=f"the {plan.task_name} output", limit=self.settings.max_pixels, fix=PIXELS_FIX)
+        total, budget = size[0] * size[1] * count, self.settings.max_work_pixels
+        if total > budget:
+            raise ImageTooLargeError(
+                f"{count} outputs of {size[0]}x{size[1]} are {total:,} pixels, "
+                f"over this server's {budget:,} per request",
+                "ask for fewer or smaller images",
+            )
 
     def submit(self, job: Job) -> Job:
         return self.queue.submit(job)

@@ -19,7 +19,7 @@ around the mask (plus ``--context`` pixels) goes through the model, so large ima
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from difftool.plugins.builtin.sd.control import check_backend as check_control_b
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
+from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
 from difftool.plugins.hookspecs import hookimpl
 
@@ -82,8 +83,8 @@ class Inpaint(Task):
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's; SD: 25)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
         # Stable Diffusion models only:
-        Param("prompt", "string", default="", help="SD models: what to paint in the mask", multiline=True),
-        Param("negative_prompt", "string", default="", help="SD models: what not to paint", multiline=True),
+        prompt_param("prompt", default="", help="SD models: what to paint in the mask"),
+        prompt_param("negative_prompt", default="", help="SD models: what not to paint"),
         Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="SD models: CFG scale"),
         Param("clip_skip", "int", default=1, min=1, max=12, help="SD models: text encoder layer from the end"),
         Param("only_masked", "bool", default=False, help="SD models: repaint a crop around the mask (+ --context)"),
@@ -93,6 +94,16 @@ class Inpaint(Task):
     )
 
     availability = pixel_model.availability
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        check_prompt_length(params)
+
+    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        """The input grown by ``extend`` (outpainting)."""
+        if not inputs:
+            return None
+        left, right, top, bottom = parse_extend(params.get("extend"))
+        return inputs[0][0] + left + right, inputs[0][1] + top + bottom
 
     def check_backend(self, params: Mapping[str, Any], backend: Any) -> None:
         check_control_backend(params, backend)

@@ -8,7 +8,7 @@ Alpha is upscaled separately (bicubic) and re-attached; 16-bit input is processe
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,11 @@ class SuperResolution(Task):
     )
 
     availability = pixel_model.availability
+
+    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        """The input times ``scale`` (without one: times 8, the largest a model may have)."""
+        scale = int(params.get("scale") or max(self.param("scale").choices))
+        return (inputs[0][0] * scale, inputs[0][1] * scale) if inputs else None
 
     def export_target(self, model: str | None) -> Any:
         return pixel_model.export_target(self.name, model)

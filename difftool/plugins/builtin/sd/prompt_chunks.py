@@ -17,14 +17,58 @@ Every text encoder of a model gets the same chunk boundaries: they share one voc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from difftool.core.errors import ParameterError
+from difftool.core.task import Param
 from difftool.plugins.builtin.sd.prompt_weights import BREAK_WEIGHT, parse
 
 CHUNK_TOKENS = 75
 COMMA_BACKTRACK = 20
+#: Longest prompt text (characters) a task takes: refused before any tokenizer reads it.
+MAX_PROMPT_CHARS = 20_000
+#: Most chunks a prompt may fill (1200 tokens; A1111 clients send a few hundred). Each chunk costs a
+#: text-encoder pass and 77 more keys in every cross-attention of every step: the request's budget.
+MAX_PROMPT_CHUNKS = 16
+
+
+def prompt_param(name: str, **declared: Any) -> Param:
+    """A prompt parameter, bounded by :data:`MAX_PROMPT_CHARS` (tokens: :func:`check_prompt_length`)."""
+    return Param(name, "string", multiline=True, max_length=MAX_PROMPT_CHARS, **declared)
+
+
+#: ASCII text this short fills at most :data:`MAX_PROMPT_CHUNKS` chunks (each closes after at least
+#: ``CHUNK_TOKENS - COMMA_BACKTRACK`` tokens unless a ``BREAK`` closes it).
+_SURELY_SHORT = MAX_PROMPT_CHUNKS * (CHUNK_TOKENS - COMMA_BACKTRACK)
+
+
+@functools.cache
+def counting_tokenizer() -> Any:
+    """The tokenizer chunks are counted with: the same for every SD text encoder (one vocabulary)."""
+    from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
+
+    return clip_tokenizer("clip")
+
+
+def check_prompt_length(params: Mapping[str, Any], names: Sequence[str] = ("prompt", "negative_prompt")) -> None:
+    """Refuse a prompt over :data:`MAX_PROMPT_CHUNKS` chunks, in one line (the preflight calls this)."""
+    from difftool.plugins.builtin.sd.models import split_loras
+
+    for name in names:
+        text = params.get(name)
+        if not text or (len(text) <= _SURELY_SHORT and text.isascii() and "BREAK" not in text):
+            continue  # no need to load a tokenizer: an ASCII character is at most one token
+        chunks = len(chunk_prompt(counting_tokenizer(), split_loras(str(text))[0]))
+        if chunks > MAX_PROMPT_CHUNKS:
+            flag = "--" + name.replace("_", "-")
+            raise ParameterError(
+                f"{flag} fills {chunks} chunks of {CHUNK_TOKENS} tokens, over the limit of {MAX_PROMPT_CHUNKS} "
+                f"({MAX_PROMPT_CHUNKS * CHUNK_TOKENS} tokens)",
+                f"shorten {flag}",
+            )
 
 
 @dataclass

@@ -6,7 +6,6 @@ Both need ``--model``: a checkpoint or diffusers folder the user owns (nothing i
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +18,7 @@ from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
+from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, counting_tokenizer, prompt_param
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
@@ -29,7 +29,7 @@ DEFAULT_SCHEDULER = "dpmpp-2m-karras"
 
 #: Prompt parameters shared by every Stable Diffusion task.
 PROMPT_PARAMS = (
-    Param("negative_prompt", "string", default="", help="what the image should not show", multiline=True),
+    prompt_param("negative_prompt", default="", help="what the image should not show"),
     Param("steps", "int", default=25, min=1, max=500, help="denoising steps"),
     Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="classifier-free guidance (CFG) scale"),
     Param("scheduler", "choice", default=DEFAULT_SCHEDULER, choices_from="schedulers", help="sampler"),
@@ -76,11 +76,8 @@ def prompt_tokens(*texts: str | None) -> tuple[int, int, int]:
     return (77, 77, 77 * max(3, chunks + 1))
 
 
-@functools.cache
 def _tokenizer() -> Any:
-    from difftool.plugins.builtin.sd.tokenizer import clip_tokenizer
-
-    return clip_tokenizer("clip")  # chunk counts are the same for every SD tokenizer: one vocabulary
+    return counting_tokenizer()
 
 
 def latent_shapes(
@@ -250,7 +247,7 @@ class Generate(Task):
     model_families = BASE_FAMILIES
     inputs = ()
     params = (
-        Param("prompt", "string", required=True, help="what to draw", multiline=True),
+        prompt_param("prompt", required=True, help="what to draw"),
         *PROMPT_PARAMS,
         Param("width", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
@@ -262,6 +259,14 @@ class Generate(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        check_prompt_length(params)
+
+    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        """The requested size (a side left to the model: 1024, the largest native size), after hires."""
+        size = (params.get("width") or 1024, params.get("height") or 1024)
+        return hires.target_size(size, float(params["hires"])) if (params.get("hires") or 1.0) > 1.0 else size
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
@@ -330,7 +335,7 @@ class Style(Task):
     inputs = (Port("image", "image", "the image to restyle"),)
     params = (
         Param("style", "choice", default=None, choices=tuple(STYLE_PRESETS), help="a preset style prompt"),
-        Param("prompt", "string", default="", help="what the image shows, or a full style prompt", multiline=True),
+        prompt_param("prompt", default="", help="what the image shows, or a full style prompt"),
         Param("strength", "float", default=0.6, min=0.01, max=1.0, help="how far from the input (1: ignore it)"),
         *PROMPT_PARAMS,
         *refiner.REFINER_PARAMS,
@@ -340,6 +345,9 @@ class Style(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        check_prompt_length(params)
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)

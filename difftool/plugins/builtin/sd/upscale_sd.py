@@ -8,7 +8,7 @@ linear ramps across the overlap, so no seam shows where two tiles meet.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,7 @@ from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskReques
 from difftool.plugins.builtin.sd import hires, pipeline
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
+from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
 from difftool.plugins.hookspecs import hookimpl
 
@@ -52,7 +53,7 @@ class UpscaleSD(Task):
     model_families = BASE_FAMILIES
     inputs = (Task.inputs[0],)
     params = (
-        Param("prompt", "string", default="", help="what the image shows (guides the detail)", multiline=True),
+        prompt_param("prompt", default="", help="what the image shows (guides the detail)"),
         Param("scale", "float", default=2.0, min=1.0, max=8.0, help="upscaling factor"),
         Param(
             "upscaler",
@@ -69,6 +70,13 @@ class UpscaleSD(Task):
 
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        check_prompt_length(params)
+
+    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        scale = float(params["scale"])
+        return tuple(max(8, round(v * scale / 8) * 8) for v in inputs[0]) if inputs else None  # type: ignore[return-value]
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """Every tile has the same size (a small image: one smaller tile)."""

@@ -1,0 +1,164 @@
+"""Hardening, round three (issue 29): what a hostile client sent to ``difftool serve``, each answered with a
+one-line 4xx before any work is queued (docs/reliability.md, "Hardening, round three")."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+from serve_helpers import b64, png_bytes
+
+from difftool.core.errors import ParameterError
+from difftool.serve.settings import ServeSettings
+
+GENERATE = {"task": "generate", "model": "tiny-sd", "params": {"prompt": "x", "steps": 1, "width": 16, "height": 16}}
+
+
+def _error(response: Any, status: int | tuple[int, ...]) -> str:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, (response.status_code, response.text[:500])
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"], body
+    return body["error"]
+
+
+def test_a_huge_prompt_is_refused_before_it_is_queued(make_client: Any, model_root: Path) -> None:
+    client = make_client(start_workers=False)
+    ten_mb = {**GENERATE, "params": {**GENERATE["params"], "prompt": "a cat, " * 1_500_000}}
+    assert "over its limit of 20000" in _error(client.post("/v1/jobs", json=ten_mb), 422)
+    many_tokens = {**GENERATE, "params": {**GENERATE["params"], "negative_prompt": "cat, " * 1500}}
+    assert "chunks of 75 tokens, over the limit of 16" in _error(client.post("/v1/jobs", json=many_tokens), 422)
+    assert client.app.state.server.queue.waiting() == 0  # nothing was queued
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "x" * 30_000, "steps": 1, "width": 16, "height": 16})
+    assert "--prompt is 30000 characters long" in _error(a1111, 422)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("param", ["vae", "embedding", "lora", "control"])
+def test_a_fifo_named_by_a_request_is_refused_at_once(
+    make_client: Any, model_root: Path, tmp_path: Path, param: str
+) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    os.mkfifo(allowed / "pipe.safetensors")
+    client = make_client(allow_paths=(allowed,), start_workers=False)
+    value: Any = str(allowed / "pipe.safetensors")
+    if param == "control":
+        value = [{"model": "cn-tiny", "image": {"path": value}}]
+    body = {**GENERATE, "model": "tiny-sd8", "params": {**GENERATE["params"], param: value}}
+    assert "not a regular file" in _error(client.post("/v1/jobs", json=body), 422)
+    model = client.post("/v1/jobs", json={**GENERATE, "model": str(allowed / "pipe.safetensors")})
+    assert "not a regular file" in _error(model, 422)
+
+
+def test_a_fifo_model_file_is_refused_on_the_command_line_too(tmp_path: Path) -> None:
+    from difftool.core.errors import ModelError
+    from difftool.core.safetensors_check import check_safetensors
+
+    os.mkfifo(tmp_path / "vae.safetensors")
+    with pytest.raises(ModelError, match="not a regular file"):
+        check_safetensors(tmp_path / "vae.safetensors")  # returns at once: nothing opened the pipe
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def test_the_pixel_budget_is_checked_from_the_header_and_the_work_before_queueing(
+    make_client: Any, model_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = make_client(start_workers=False, max_pixels=64 * 64, default_model="tiny-sd")
+    big = _flat_png(65, 64)  # a few hundred bytes
+    assert len(big) < 1000
+    # Decoding is never reached: Pillow's decoder would count the image.
+    import PIL.ImageFile
+
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded a refused image"))
+    for response in (
+        client.post("/v1/jobs", json={"task": "superres", "inputs": [b64(big)]}),
+        client.post("/v1/jobs", files={"image": ("a.png", big)}, data={"task": "superres"}),
+        client.post("/sdapi/v1/img2img", json={"init_images": [b64(big)], "prompt": "x", "width": 16, "height": 16}),
+        client.post("/sdapi/v1/extra-single-image", json={"image": b64(big), "upscaler_1": "difftool"}),
+    ):
+        assert "--max-pixels" in _error(response, 413)
+    monkeypatch.undo()
+    # Small inputs, but the outputs asked for are over the budget: refused before queueing.
+    small = b64(png_bytes(20, 16))
+    superres = client.post("/v1/jobs", json={"task": "superres", "inputs": [small], "params": {"scale": 8}})
+    assert "the superres output is 160x128" in _error(superres, 413)
+    generate = {**GENERATE, "params": {**GENERATE["params"], "width": 64, "height": 64}, "count": 5}
+    assert "5 outputs of 64x64" in _error(client.post("/v1/jobs", json=generate), 413)
+    hires = {**GENERATE, "params": {**GENERATE["params"], "width": 64, "height": 64, "hires": 2.0}}
+    assert "the generate output is 128x128" in _error(client.post("/v1/jobs", json=hires), 413)
+    assert client.app.state.server.queue.waiting() == 0
+    ok = client.post("/v1/jobs", json={**GENERATE, "count": 4, "params": {**GENERATE["params"], "width": 64}})
+    assert ok.status_code == 202, ok.text
+
+
+@pytest.mark.parametrize(
+    ("params", "flag"),
+    [
+        ({"guidance_scale": "NaN"}, "--guidance-scale"),
+        ({"hires": float("nan")}, "--hires"),
+        ({"hires": 2.0, "hires_strength": "nan"}, "--hires-strength"),
+        ({"guidance_scale": "inf"}, "--guidance-scale"),
+        ({"steps": 1e308}, "--steps"),
+    ],
+)
+def test_nan_and_inf_are_refused_by_name(make_client: Any, model_root: Path, params: dict, flag: str) -> None:
+    client = make_client(start_workers=False)
+    body = {**GENERATE, "params": {**GENERATE["params"], **params}}
+    content = json_with_nan(body)
+    response = client.post("/v1/jobs", content=content, headers={"content-type": "application/json"})
+    assert flag in _error(response, 422)
+
+
+def json_with_nan(body: dict) -> bytes:
+    import json
+
+    return json.dumps(body, allow_nan=True).encode()  # NaN/Infinity literals, as JavaScript clients send
+
+
+@pytest.mark.parametrize("field", ["cfg_scale", "denoising_strength"])
+def test_a1111_nan_is_refused_before_any_work(make_client: Any, model_root: Path, field: str) -> None:
+    client = make_client(default_model="tiny-sd")  # A1111 routes wait for their job: workers run
+    body = {"init_images": [b64(png_bytes(16, 16))], "prompt": "x", "steps": 1, "width": 16, "height": 16}
+    content = json_with_nan({**body, field: float("nan")})
+    response = client.post("/sdapi/v1/img2img", content=content, headers={"content-type": "application/json"})
+    assert field in _error(response, 422)
+    assert not client.app.state.server.queue.jobs  # nothing was queued
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Basic " + "é" * 8,  # non-ASCII
+        "Basic " + base64.b64encode("user:ünïcode".encode()).decode(),
+        "Basic %%%",
+        "Bearer " + "ü" * 12,
+    ],
+)
+def test_odd_authorization_headers_are_401_not_500(make_client: Any, header: str) -> None:
+    client = make_client(api_token="s3cret-token-0123", start_workers=False)
+    response = client.get("/v1/tasks", headers={"Authorization": header.encode("latin-1")})
+    _error(response, 401)
+
+
+@pytest.mark.parametrize(
+    "token", ["        ", "   short   ", "with space inside", "tab\tinside-the-token", "ünicode-token-123"]
+)
+def test_blank_or_unsendable_tokens_are_refused(token: str) -> None:
+    with pytest.raises(ParameterError, match="--api-token"):
+        ServeSettings(api_token=token).check()
+
+
+def test_bracketed_ipv6_hosts_are_refused_in_one_line() -> None:
+    with pytest.raises(ParameterError, match="without brackets"):
+        ServeSettings(host="[::1]").check()

@@ -274,3 +274,29 @@ def test_backend_options_reach_the_record(runner, photo: Path, superres_model: P
     assert result.exit_code == 0, result.output
     meta = read_metadata(out)["difftool"]
     assert meta["backend"] == "onnx" and meta["backend_options"] == {"provider": "cpu", "export": "unet"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--prompt", "a", "--hires", "nan"],
+        ["generate", "--prompt", "a", "--hires", "2", "--hires-strength", "nan"],
+        ["style", "IMAGE", "--strength", "nan"],
+        ["upscale-sd", "IMAGE", "--strength", "inf"],
+        ["upscale-sd", "IMAGE", "--scale", "nan"],
+        ["inpaint", "IMAGE", "--mask", "IMAGE", "--strength", "nan"],
+        ["inpaint", "IMAGE", "--mask", "IMAGE", "--texture", "nan"],
+    ],
+)
+def test_nan_on_the_command_line_is_a_usage_error(args: list[str], tmp_path: Path) -> None:
+    """Issue 29 item 15: these ran (or skipped a pass) and recorded nan."""
+    image = tmp_path / "in.png"
+    Image.new("RGB", (16, 16)).save(image)
+    args = [str(image) if a == "IMAGE" else a for a in args]
+    model = tmp_path / "model"
+    model.mkdir()
+    result = CliRunner().invoke(cli.cli, ["run", *args, "--model", str(model), "-o", str(tmp_path / "out.png")])
+    assert result.exit_code == 2, result.output
+    error = one_line_error(result)
+    assert "is not a finite number" in error or ("inf is not in the range" in error)  # click's own range check
+    assert not (tmp_path / "out.png").exists()

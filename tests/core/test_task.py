@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,56 @@ def test_bad_declarations_fail_at_definition() -> None:
         Param("x", "choice")
     with pytest.raises(TypeError, match="identifier"):
         Param("not-an-identifier", "int")
+
+
+def _float_params() -> list[tuple[str, Param]]:
+    from difftool.plugins.registry import build_registry
+
+    registry = build_registry(["difftool_plugin_example"], entry_points=False)
+    return [(name, p) for name in sorted(registry.tasks) for p in registry.task(name).params if p.type == "float"]
+
+
+FLOAT_PARAMS = _float_params()
+
+
+def test_every_task_declares_float_parameters_to_check() -> None:
+    names = {f"{task}.{p.name}" for task, p in FLOAT_PARAMS}
+    assert {"generate.guidance_scale", "generate.hires", "style.strength", "upscale-sd.scale"} <= names
+
+
+@pytest.mark.parametrize(("task", "param"), FLOAT_PARAMS, ids=[f"{t}.{p.name}" for t, p in FLOAT_PARAMS])
+def test_no_float_parameter_takes_nan_or_inf(task: str, param: Param) -> None:
+    """Issue 29 (items 7, 15): NaN compares False with every bound, so it passed every range check."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    non_finite = st.sampled_from([float("nan"), float("inf"), float("-inf"), "nan", "NaN", "inf", "-Infinity"])
+
+    @settings(max_examples=20, deadline=None)
+    @given(value=non_finite | st.floats(allow_nan=False, allow_infinity=False) | st.integers(-(10**400), 10**400))
+    def check(value: object) -> None:
+        try:
+            result = param.validate(value)
+        except ParameterError as error:
+            assert param.flag in str(error) and "\n" not in str(error)
+            return
+        assert isinstance(result, float) and math.isfinite(result)
+        assert (param.min is None or result >= param.min) and (param.max is None or result <= param.max)
+
+    check()
+    for value in (float("nan"), "nan", float("inf"), "-inf"):
+        with pytest.raises(ParameterError, match="not a finite number"):
+            param.validate(value)
+
+
+def test_strings_are_bounded_and_nul_free() -> None:
+    text = Param("text", "string")
+    assert text.validate("x" * 65_536) == "x" * 65_536
+    with pytest.raises(ParameterError, match="over its limit of 65536"):
+        text.validate("x" * 65_537)
+    with pytest.raises(ParameterError, match="NUL character"):
+        Param("vae", "path").validate("model\x00.safetensors")
+    with pytest.raises(ParameterError, match="not a valid string"):
+        text.validate({"nested": [1, 2]})
+    with pytest.raises(ParameterError, match="not a valid int"):
+        Param("steps", "int").validate(float("inf"))

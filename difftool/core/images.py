@@ -185,11 +185,10 @@ def open_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(stream, formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(
-            f"{name}: {exc}", "set DIFFTOOL_MAX_PIXELS to a larger value if you trust this image"
-        ) from None
+            try:
+                image = Image.open(stream, formats=ALLOWED_FORMATS)
+            except Image.DecompressionBombError:  # over twice Pillow's own limit: difftool's decides, below
+                image = _open_past_pillows_limit(stream, name)
     except UnidentifiedImageError:
         raise ImageError(
             f"{name} is not an image difftool reads",
@@ -203,6 +202,8 @@ def open_image(
             image.load()
         except _CORRUPT as exc:
             raise _unreadable(name, exc, truncated=True) from None
+        except Image.DecompressionBombError as exc:  # a TIFF page checked again as it loads
+            raise _pillows_own_limit(name, image.format, exc) from None
         fmt = image.format
         try:
             image = ImageOps.exif_transpose(image)
@@ -211,6 +212,44 @@ def open_image(
         loaded = _normalise(image, path=path)
     loaded.source_format = fmt
     return loaded
+
+
+def _open_past_pillows_limit(stream: Path | io.BytesIO, name: str) -> Image.Image:
+    """``Image.open`` less Pillow's own bomb check, which refuses over twice its ``MAX_IMAGE_PIXELS`` (a
+    global difftool never changes) whatever ``DIFFTOOL_MAX_PIXELS`` allows: the same plugins, tried as
+    Pillow tries them; :func:`check_pixels` then applies difftool's limit, from the header, as for any image.
+    The WebP and TIFF plugins check Pillow's limit again themselves: such an image is refused, saying so."""
+    Image.init()
+    handle = stream.open("rb") if isinstance(stream, Path) else stream
+    handle.seek(0)
+    prefix = handle.read(16)
+    for fmt in ALLOWED_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and (isinstance(accept(prefix), str) or not accept(prefix)):
+            continue
+        handle.seek(0)
+        try:
+            image = factory(handle, str(stream) if isinstance(stream, Path) else "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+        except Image.DecompressionBombError as exc:
+            if isinstance(stream, Path):
+                handle.close()
+            raise _pillows_own_limit(name, fmt, exc) from None
+        image._exclusive_fp = isinstance(stream, Path)  # closing the image closes the file this opened
+        return image
+    if isinstance(stream, Path):
+        handle.close()
+    raise UnidentifiedImageError(f"cannot identify image file {stream}")
+
+
+def _pillows_own_limit(name: str, fmt: str | None, exc: Exception) -> ImageTooLargeError:
+    limit = 2 * int(Image.MAX_IMAGE_PIXELS or 0)
+    return ImageTooLargeError(
+        f"{name}: Pillow refuses {fmt or 'such'} images over {limit:,} pixels itself ({_first_line(exc)}); "
+        "DIFFTOOL_MAX_PIXELS cannot raise that",
+        "convert it to PNG, JPEG or BMP, which difftool reads up to DIFFTOOL_MAX_PIXELS",
+    )
 
 
 def _scaled_gray(array: np.ndarray, sixteen_bit: bool) -> tuple[np.ndarray, int]:

@@ -184,9 +184,9 @@ _A1111_KEYS = (
 def format_parameters(record: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
     record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler"), **_refiner(record)}
-    lines = [str(record.get("prompt", "") or "")]
+    lines = [_escape(str(record.get("prompt", "") or ""))]
     if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
+        lines.append(f"Negative prompt: {_escape(str(record['negative_prompt']))}")
     fields = [f"{label}: {_quote(record[key])}" for key, label in _A1111_KEYS if record.get(key) not in (None, "")]
     fields += [f"ControlNet {i}: {_quote(text)}" for i, text in enumerate(record.get("controlnet") or ())]
     lines.append(", ".join(fields))
@@ -213,6 +213,17 @@ _SETTINGS_LINE = re.compile(r"(^|\n)(Steps|difftool task|Seed|Size|Upscale): ")
 _SETTING = re.compile(r'\s*([\w][\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
+#: A prompt's line that would read as the ``Negative prompt:`` line, escaped with a backslash when written
+#: (and one more backslash on a line that already starts with backslashes before it), unescaped when read.
+_ESCAPED = re.compile(r"^\\+Negative prompt:")
+_NEEDS_ESCAPE = re.compile(r"^(\\*Negative prompt:)", re.MULTILINE)
+
+
+def _escape(text: str) -> str:
+    """``text`` (a prompt) with each line that would start the negative prompt made to read as text."""
+    return _NEEDS_ESCAPE.sub(r"\\\1", text)
+
+
 def parse_parameters(text: str) -> dict[str, Any]:
     """Parse an A1111 ``parameters`` text into ``prompt``, ``negative_prompt`` and its ``Key: value`` pairs."""
     lines = text.split("\n")
@@ -223,7 +234,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
     for line in body:
         if line.startswith("Negative prompt:"):
             negative = line[len("Negative prompt:") :].strip()
-        elif negative is not None:
+            negative = negative[1:] if _ESCAPED.match(negative) else negative
+            continue
+        line = line[1:] if _ESCAPED.match(line) else line
+        if negative is not None:
             negative += "\n" + line
         else:
             prompt_lines.append(line)

@@ -72,15 +72,18 @@ class Scheduler(ABC):
         """Noise a clean ``original`` to level ``t`` (the start of an img2img run, inpaint blending)."""
 
 
-def steps_for_strength(num_steps: int, strength: float) -> int:
-    """How many of ``num_steps`` an img2img run at ``strength`` performs (diffusers' rule)."""
+def steps_for_strength(
+    num_steps: int, strength: float, strength_flag: str = "--strength", steps_flag: str = "--steps"
+) -> int:
+    """How many of ``num_steps`` an img2img run at ``strength`` performs (diffusers' rule); the error names
+    the options that set them (the hires pass: ``--hires-strength``, ``--hires-steps``)."""
     if not 0.0 < strength <= 1.0:
-        raise ParameterError(f"strength {strength} is outside (0, 1]", "pass a strength such as 0.6")
+        raise ParameterError(f"{strength_flag} {strength} is outside (0, 1]", f"pass {strength_flag} such as 0.6")
     kept = min(int(num_steps * strength), num_steps)
     if kept < 1:
         raise ParameterError(
-            f"strength {strength} with {num_steps} steps leaves no step to run",
-            "raise --strength or --steps",
+            f"{strength_flag} {strength} with {steps_flag} {num_steps} leaves no step to run",
+            f"raise {strength_flag} or {steps_flag}",
         )
     return kept
 

@@ -125,6 +125,33 @@ def test_pixel_limit_is_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyP
         images.open_image(photo)
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF"])
+def test_a_pixel_limit_above_pillows_own_takes_effect(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    """Issue 29 item 20: over twice Pillow's MAX_IMAGE_PIXELS, Pillow refused the image whatever
+    DIFFTOOL_MAX_PIXELS said, while the message said to raise DIFFTOOL_MAX_PIXELS. (A 60 x 60 image and
+    Pillow's limit at 1000 pixels stand for a 200-megapixel image and Pillow's 89.5 MP.)"""
+    path = tmp_path / f"big.{fmt.lower()}"
+    Image.new("RGB", (60, 60), (200, 30, 90)).save(path, format=fmt)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setenv("DIFFTOOL_MAX_PIXELS", "5000")
+    for source in (path, path.read_bytes()):
+        if fmt in ("WEBP", "TIFF"):  # their plugins check Pillow's limit again themselves: said, not hidden
+            with pytest.raises(ImageTooLargeError, match=f"Pillow refuses {fmt} images over 2,000 pixels itself"):
+                images.open_image(source)
+            continue
+        loaded = images.open_image(source)
+        assert loaded.size == (60, 60) and abs(float(loaded.rgb[0, 0, 0]) - 200 / 255) < 0.02
+    monkeypatch.setenv("DIFFTOOL_MAX_PIXELS", "3000")
+    if fmt not in ("WEBP", "TIFF"):
+        with pytest.raises(ImageTooLargeError, match="3,600 pixels, over the limit of 3,000; set DIFFTOOL_MAX_PIX"):
+            images.open_image(path)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's own limit untouched
+    with pytest.raises(ImageError, match="not an image"):
+        images.open_image(b"hello, world\n" * 10)
+
+
 @pytest.mark.parametrize(
     ("content", "match"),
     [(b"", "not an image"), (b"hello, world\n", "not an image"), (b"%!PS-Adobe-3.0 EPSF-3.0\n", "not an image")],
@@ -344,3 +371,25 @@ def test_metadata_naming_a_file_that_is_not_utf8_is_written(tmp_path: Path, suff
     found = images.read_metadata(path)
     assert found["difftool"] == record  # the JSON record gives the name back exactly
     assert found["parameters"]["Model"] == "\\udcff.safetensors" and found["parameters"]["prompt"] == "a caf\u00e9"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "negative"),
+    [
+        ("a cat\nNegative prompt: not really\nmore", "fog\nNegative prompt: x"),
+        ("Negative prompt: the first line", ""),
+        (
+            "a\n\\Negative prompt: a backslash the user typed",
+            "Negative prompt: starts the negative\n\\\\Negative prompt:",
+        ),
+    ],
+)
+def test_a_prompt_holding_the_negative_prompt_line_reads_back_whole(tmp_path: Path, prompt: str, negative: str) -> None:
+    """Issue 29 item 20: a prompt line starting "Negative prompt:" was read back as the negative prompt. Such
+    lines are written with a backslash before them (one more on a line that has some) and read back unescaped."""
+    record = {"task": "generate", "prompt": prompt, "negative_prompt": negative, "seed": 5, "steps": 20}
+    for suffix in (".png", ".jpg"):
+        text = images.read_metadata(images.save_image(Image.new("RGB", (4, 4)), tmp_path / f"n{suffix}", record))
+        parsed = text["parameters"]
+        assert parsed["prompt"] == prompt and parsed.get("negative_prompt", "") == negative and parsed["Seed"] == "5"
+    assert metadata.parse_parameters("a cat\nNegative prompt: fog\nSteps: 20")["negative_prompt"] == "fog"  # A1111's

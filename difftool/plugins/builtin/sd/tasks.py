@@ -13,6 +13,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
+from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
@@ -311,6 +312,7 @@ class Generate(Task):
             second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
             second["scheduler"] = params.get("scheduler") or DEFAULT_SCHEDULER
             strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
+            steps_for_strength(second["steps"], strength, "--hires-strength", "--hires-steps")  # no step: say so now
             if refine is not None:
                 refiner.plan_shares(model, refine, context, second, strength, "--hires-strength")
         first = refine if not upscale else None

@@ -66,3 +66,21 @@ def test_hires_with_a_superres_model_upscales_the_decoded_image(folder: Path, su
     assert modelled.images[0].size == (48, 32) == plain.images[0].size
     assert modelled.record["hires_upscaler"] == str(superres_model)
     assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(modelled.images[0]))
+
+
+def test_a_hires_pass_with_no_step_names_the_hires_options_before_the_first_pass(folder: Path) -> None:
+    """Issue 29 item 20: the error said "raise --strength or --steps"; generate has no --strength. It now
+    names --hires-strength and --hires-steps, and comes before the first pass runs."""
+    from difftool.core.errors import ParameterError
+
+    steps: list[int] = []
+    with pytest.raises(
+        ParameterError,
+        match=r"^--hires-strength 0.05 with --hires-steps 10 leaves no step to run; raise --hires-strength or "
+        r"--hires-steps$",
+    ):
+        api.run(
+            "generate", model=str(folder), prompt="a lighthouse", width=32, height=24, steps=3, hires=2.0,
+            hires_steps=10, hires_strength=0.05, seed=3, dtype="fp32", progress=lambda i, n, p: steps.append(i),
+        )  # fmt: skip
+    assert steps == []  # refused before the first pass

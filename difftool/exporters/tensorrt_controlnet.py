@@ -17,8 +17,9 @@ from difftool.core.errors import BackendUnavailableError
 from difftool.core.runtime import current
 from difftool.exporters.cache import Entry, Recent
 from difftool.exporters.onnx_controlnet import ControlNetSignature
-from difftool.exporters.tensorrt_denoiser import _check, fp32_control_graph
+from difftool.exporters.tensorrt_denoiser import fp32_control_graph
 from difftool.exporters.tensorrt_engine import load_engine
+from difftool.exporters.tensorrt_io import EngineIO, _check, aligned_empty, bind_inputs, bind_outputs
 from difftool.exporters.tensorrt_profiles import Profile, control_ranges, select_profile
 
 
@@ -45,7 +46,9 @@ def tensorrt_controlnet(
     build = BuildOptions(precision, workspace_gb=float(options["workspace_gb"]) or None)
     engine = cached_engine(onnx, [profile], build, device)
     key = (engine.manifest["key"], device)
-    return recent_controlnets().get(key, lambda: TensorRTControlNet(engine, profile, signature, device=device))
+    return recent_controlnets().get(
+        key, lambda: TensorRTControlNet(engine, profile, signature, device=device, onnx=onnx)
+    )
 
 
 class TensorRTControlNet:
@@ -53,33 +56,40 @@ class TensorRTControlNet:
 
     backend = "tensorrt"
 
-    def __init__(self, entry: Entry, profile: Profile, signature: ControlNetSignature, *, device: str) -> None:
+    def __init__(
+        self, entry: Entry, profile: Profile, signature: ControlNetSignature, *, device: str, onnx: Entry | None = None
+    ) -> None:
+        """``onnx``: the export the engine was built from (a stripped engine's weights)."""
         self.cuda_device, self.device = device, runtime().placement(device)
         self.profile, self.signature = profile, signature
         self.fingerprint = entry.manifest["key"]
-        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device)
+        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device, onnx)
+        self.io = EngineIO.of(self.engine, entry.path.name)
+        self.io.expect(signature.input_names(), signature.residuals.names)
         self._profile_set = False
 
     def __call__(self, sample: Any, timestep: Any, text: Any, image: Any, added: Any) -> tuple[list[Any], Any]:
-        from difftool.exporters.onnxruntime_controlnet import controlnet_inputs_for, residual_outputs
+        from difftool.exporters.onnxruntime_controlnet import controlnet_inputs_for
 
         cuda = runtime()
         inputs = controlnet_inputs_for(self.signature, sample, timestep, text, image, added, self.device)
         select_profile([self.profile], {k: tuple(v.shape) for k, v in inputs.items()})  # a clear error outside it
-        outputs = residual_outputs(self.signature, inputs["sample"], self.device)
         current_stream = cuda.current_stream(self.cuda_device)
         self.stream.wait_stream(current_stream)
         with cuda.current(self.cuda_device), cuda.use_stream(self.stream):
+            batch, _, height, width = inputs["sample"].shape
+            shapes = self.signature.residuals.shapes(batch, height, width)
+            outputs = {
+                name: aligned_empty(tuple(shape), self.io.dtype(name), self.device)
+                for name, shape in zip(self.signature.residuals.names, shapes, strict=True)
+            }
             if not self._profile_set:
                 _check(self.context.set_optimization_profile_async(0, self.stream.cuda_stream), "profile 0")
                 self._profile_set = True
-            for name, tensor in inputs.items():
-                _check(self.context.set_input_shape(name, tuple(tensor.shape)), f"{name} of shape {list(tensor.shape)}")
-                _check(self.context.set_tensor_address(name, tensor.data_ptr()), f"the address of {name}")
-            for name, tensor in outputs.items():
-                _check(self.context.set_tensor_address(name, tensor.data_ptr()), f"the address of {name}")
+            bound = bind_inputs(self.context, self.io, inputs)  # noqa: F841 - referenced until it ran
+            bind_outputs(self.context, self.io, outputs)
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendUnavailableError("TensorRT failed to run the ControlNet engine")
         current_stream.wait_stream(self.stream)
-        *down, mid = outputs.values()
+        *down, mid = (tensor.float() for tensor in outputs.values())
         return down, mid

@@ -17,7 +17,8 @@ from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.core.runtime import current
 from difftool.exporters.cache import Entry, Recent
 from difftool.exporters.onnx import graph_inputs
-from difftool.exporters.tensorrt_engine import ENGINE_FILE, needs_refit, refit
+from difftool.exporters.tensorrt_engine import ENGINE_FILE, load_weights
+from difftool.exporters.tensorrt_io import EngineIO, _check, aligned, aligned_empty, bind_inputs, bind_outputs
 from difftool.exporters.tensorrt_profiles import Profile, control_ranges, is_static, select_profile
 
 log = logging.getLogger("difftool")
@@ -47,22 +48,30 @@ def engine_denoiser(
     import tensorrt as trt
     import torch
 
-    from difftool.exporters.onnx import UNetSignature, cached_export
-    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine, major_version, onnx_precision
+    from difftool.exporters.onnx import UNetSignature, cached_export, weights_hash
+    from difftool.exporters.tensorrt_engine import (
+        BuildOptions,
+        cached_engine,
+        default_refittable,
+        major_version,
+        onnx_precision,
+        version_tuple,
+    )
     from difftool.exporters.tensorrt_profiles import engine_profile
 
     signature = UNetSignature.of(module)
     profile = engine_profile(signature, shapes, int(options["max_size"]))
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
-    # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild.
-    refittable = {"on": True, "off": False}.get(str(options["refit"]), bool(signature.context_dim))
+    # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild
+    # (except where TensorRT's refittable engines are known to compute wrong output).
+    refittable = default_refittable(str(options["refit"]), bool(signature.context_dim), version_tuple(trt))
     graph_precision = onnx_precision(precision, major_version(trt))
+    model_id = model_id or weights_hash(module)  # names the export: unnamed models must not share one
     taken = None
     if residuals:
         onnx, taken, profile = residual_unet_export(module, model_id, graph_precision, shapes, int(options["max_size"]))
     else:
-        onnx = cached_export(module, name=f"unet-{model_id[:12] or 'model'}", precision=graph_precision,
-                             model_id=model_id)  # fmt: skip
+        onnx = cached_export(module, name=f"unet-{model_id[:12]}", precision=graph_precision, model_id=model_id)
     build = BuildOptions(precision, refittable=refittable, workspace_gb=float(options["workspace_gb"]) or None)
     engine = cached_engine(onnx, [profile], build, device)
     graphs = str(options["cuda_graphs"])
@@ -103,12 +112,6 @@ def residual_unet_export(
     fp32_control_graph(graph_precision)
     entry, signature, residuals = cached_residual_unet(module, model_id)
     return entry, residuals, residual_profile(signature, residuals, *control_ranges(shapes, largest))
-
-
-def _check(accepted: bool, what: str) -> None:
-    """TensorRT's setters return ``False`` (and log why) instead of raising."""
-    if not accepted:
-        raise BackendUnavailableError(f"TensorRT refused {what} (see its log above)", "report it with `difftool info`")
 
 
 class TensorRTDenoiser(Denoiser):
@@ -154,10 +157,11 @@ class TensorRTDenoiser(Denoiser):
                     "or built by another TensorRT or GPU)",
                     "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
                 )
-            if onnx is not None and needs_refit(entry, onnx):
-                log.warning("refitting TensorRT engine %s with new weights", entry.path.name)
-                refit(self.engine, onnx.file("model.onnx"))
-                self.fingerprint = f"{entry.manifest['key']}+{onnx.manifest['key']}"
+            if load_weights(self.engine, entry, onnx):
+                self.fingerprint = f"{entry.manifest['key']}+{onnx.manifest['key']}"  # type: ignore[union-attr]
+            self.io = EngineIO.of(self.engine, entry.path.name)
+            names = signature.input_names() + (list(residuals.names) if residuals is not None else [])
+            self.io.expect(names)
             self.context = self.engine.create_execution_context()
             if self.context is None:
                 raise BackendUnavailableError(
@@ -169,22 +173,24 @@ class TensorRTDenoiser(Denoiser):
         self.use_graphs = is_static(self.profiles) if cuda_graphs == "auto" else cuda_graphs == "on"
         self._graphs: dict[tuple[Any, ...], tuple[Any, dict[str, Any], Any]] = {}
 
-    def _bind(self, inputs: Mapping[str, Any], out: Any) -> None:
+    def _bind(self, inputs: Mapping[str, Any], out: Any) -> dict[str, Any]:
+        """Bind ``inputs`` and ``out``; returns the tensors bound (copies, where misaligned: keep them)."""
         index = select_profile(self.profiles, {k: tuple(v.shape) for k, v in inputs.items()})
         if index != self._profile:
             _check(self.context.set_optimization_profile_async(index, self.stream.cuda_stream), f"profile {index}")
             self._profile = index
-        for name, tensor in inputs.items():
-            _check(self.context.set_input_shape(name, tuple(tensor.shape)), f"{name} of shape {list(tensor.shape)}")
-            _check(self.context.set_tensor_address(name, tensor.data_ptr()), f"the address of {name}")
-        _check(self.context.set_tensor_address("out", out.data_ptr()), "the address of out")
+        bound = bind_inputs(self.context, self.io, inputs)
+        bind_outputs(self.context, self.io, {self.io.output: out})
+        return bound
+
+    def _output(self, shape: tuple[int, ...]) -> Any:
+        return aligned_empty(shape, self.io.dtype(self.io.output), self.device)
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise BackendUnavailableError("TensorRT failed to run the engine")
 
     def _replay(self, inputs: Mapping[str, Any], out_shape: tuple[int, ...]) -> Any:
-        import torch
 
         cuda = runtime()
         key = tuple((name, tuple(t.shape), t.dtype) for name, t in inputs.items())
@@ -192,9 +198,9 @@ class TensorRTDenoiser(Denoiser):
             # One graph at a time: a graph fixes the context's shapes and addresses, so a new shape
             # (an edge tile) is captured afresh rather than replayed over another shape's bindings.
             self._graphs.clear()
-            static = {name: t.clone() for name, t in inputs.items()}
-            out = torch.empty(out_shape, device=self.device)
-            self._bind(static, out)
+            static = {name: aligned(t.clone()) for name, t in inputs.items()}
+            out = self._output(out_shape)
+            static = self._bind(static, out)  # the graph reads what was bound (a cast or aligned copy)
             self._execute()  # TensorRT allocates shape-dependent resources on the first run, not capturable
             self.stream.synchronize()
             graph = cuda.new_graph()
@@ -210,18 +216,17 @@ class TensorRTDenoiser(Denoiser):
             if failed is not None:
                 log.warning("CUDA graph capture failed (%s); running TensorRT directly from now on", failed)
                 self.use_graphs = False
-                self._bind(inputs, out)
+                bound = self._bind(inputs, out)  # noqa: F841 - referenced until the launch has run
                 self._execute()
                 return out.clone()
             self._graphs[key] = (graph, static, out)
         graph, static, out = self._graphs[key]
-        for name, tensor in inputs.items():
-            static[name].copy_(tensor)
+        for name, tensor in static.items():
+            tensor.copy_(inputs[name])
         graph.replay()
         return out.clone()
 
     def __call__(self, sample: Any, timestep: Any, cond: Mapping[str, Any]) -> Any:
-        import torch
 
         cuda = runtime()
         inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
@@ -237,8 +242,8 @@ class TensorRTDenoiser(Denoiser):
             if self.use_graphs:
                 out = self._replay(inputs, out_shape)
             else:
-                out = torch.empty(out_shape, device=self.device)
-                self._bind(inputs, out)
+                out = self._output(out_shape)
+                bound = self._bind(inputs, out)  # noqa: F841 - referenced until the launch has run
                 self._execute()
         current.wait_stream(self.stream)
         return out.to(sample.dtype)

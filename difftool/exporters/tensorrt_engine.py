@@ -62,9 +62,49 @@ class BuildOptions:
     precision: str = "fp16"
     #: Refittable engines are keyed by the graph's structure, not its weights: a LoRA set or another
     #: fine-tune of the same architecture refits the engine in seconds instead of a rebuild.
+    #: The others keep their build weights: built ``REFIT_IDENTICAL`` + ``STRIP_PLAN`` (see
+    #: :func:`weight_flags`).
     refittable: bool = False
     #: Builder workspace in GiB (``None`` or 0: :func:`workspace_limit` decides).
     workspace_gb: float | None = None
+
+
+#: TensorRT 11.3 documents that ``BuilderFlag.REFIT`` may give wrong output even with no refit (a GEMM
+#: bias can be dropped and is not exposed to the refit API); ``REFIT_IDENTICAL`` does not have it.
+REFIT_WRONG_OUTPUT = (11, 3)
+
+
+def version_tuple(trt: Any) -> tuple[int, int]:
+    """TensorRT's (major, minor) version."""
+    parts = str(trt.__version__).split(".")
+    return int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+
+
+def weight_flags(options: BuildOptions) -> list[str]:
+    """The ``trt.BuilderFlag`` names for an engine's weights.
+
+    Refittable: ``REFIT`` (other weights of the same graph later). Otherwise the engine keeps its
+    build weights: ``REFIT_IDENTICAL`` (no ``REFIT`` numerics issue, full speed) with ``STRIP_PLAN``,
+    so the plan holds no copy of the weights the cached ONNX export already has (an SDXL engine is
+    gigabytes less) and :func:`load_weights` refits them from that export at load.
+    """
+    return ["REFIT"] if options.refittable else ["REFIT_IDENTICAL", "STRIP_PLAN"]
+
+
+def default_refittable(option: str, stable_diffusion: bool, version: tuple[int, int]) -> bool:
+    """``--backend-opt refit``: ``on``/``off``, or ``auto``: Stable Diffusion U-Nets (LoRAs and
+    fine-tunes refit), except on TensorRT 11.3+ where refittable engines may compute wrong output."""
+    if option == "on":
+        if version >= REFIT_WRONG_OUTPUT:
+            log.warning(
+                "refit=on: TensorRT %d.%d's refittable engines may drop a GEMM bias (NVIDIA known issue); "
+                "refit=auto builds one engine per weights instead",
+                *version,
+            )
+        return True
+    if option == "off":
+        return False
+    return stable_diffusion and version < REFIT_WRONG_OUTPUT
 
 
 def precision_flags(precision: str, capability: tuple[int, int], major: int = 10) -> list[str]:
@@ -237,8 +277,8 @@ def build_engine(
         config = builder.create_builder_config()
         for flag in precision_flags(options.precision, cuda.capability(device), major):
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        if options.refittable:
-            config.set_flag(trt.BuilderFlag.REFIT)
+        for flag in weight_flags(options):
+            config.set_flag(getattr(trt.BuilderFlag, flag))
         free, _ = cuda.mem_get_info(device)
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_limit(free, options.workspace_gb))
         cache_bytes = timing_cache.read_bytes() if timing_cache is not None and timing_cache.is_file() else b""
@@ -257,7 +297,14 @@ def build_engine(
             optimization = builder.create_optimization_profile()
             for name, (low, opt, high) in profile.shapes.items():
                 optimization.set_shape(name, low, opt, high)
-            config.add_optimization_profile(optimization)
+            if config.add_optimization_profile(optimization) < 0:  # -1: TensorRT found it invalid
+                shapes = ", ".join(
+                    f"{n} {list(lo)}/{list(op)}/{list(hi)}" for n, (lo, op, hi) in profile.shapes.items()
+                )
+                raise BackendUnavailableError(
+                    f"TensorRT refused the optimization profile {shapes} (min/opt/max)",
+                    "each input needs min <= opt <= max of one rank; report it with `difftool info`",
+                )
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendUnavailableError(
@@ -266,8 +313,27 @@ def build_engine(
         )
     engine_path.write_bytes(bytes(serialized))
     if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+        merge_timing_cache(config, timing_cache, atomic_write_bytes)
+
+
+def merge_timing_cache(config: Any, path: Path, write: Any) -> None:
+    """Write the build's timing cache to ``path`` merged with what is there now, under a lock.
+
+    Builds of other engines (other processes) may have written the file since this build read it:
+    rewriting it with this build's cache alone would lose their timings, so the file is read again
+    under an exclusive lock and this build's entries are combined into it (``ITimingCache.combine``).
+    """
+    from difftool.exporters.cache import _locked
+
+    ours = config.get_timing_cache()
+    with _locked(path.with_name(path.name + ".lock")):
+        current = path.read_bytes() if path.is_file() else b""
+        merged = config.create_timing_cache(current) if current else None
+        if merged is not None and merged.combine(ours, False):
+            ours = merged
+        elif current:
+            log.warning("replacing the timing cache %s TensorRT could not merge into", path.name)
+        write(path, bytes(ours.serialize()))
 
 
 def engine_components(
@@ -295,7 +361,8 @@ def engine_components(
         "tensorrt": tensorrt_version,
         "compute_capability": f"{capability[0]}.{capability[1]}",
         "gpu": gpu,
-        # 2: precision names, refit, workspace and timing cache; 3: the GPU model; 4: the model's identity
+        # 2: precision names, refit, workspace and timing cache; 3: the GPU model; 4: the model's identity,
+        # REFIT_IDENTICAL + STRIP_PLAN for engines keeping their build weights
         "format": 4,
     }
 
@@ -323,7 +390,11 @@ def cached_engine(
         started = time.perf_counter()
         timing = timing_cache_path(cache.root, trt.__version__, capability, gpu)
         build_engine(onnx.file("model.onnx"), folder / ENGINE_FILE, profiles, options, timing, device=device)
-        return {"seconds": round(time.perf_counter() - started, 2), "weights": onnx.manifest["key"]}
+        return {
+            "seconds": round(time.perf_counter() - started, 2),
+            "weights": onnx.manifest["key"],
+            "stripped": "STRIP_PLAN" in weight_flags(options),  # its weights come from that export at load
+        }
 
     name = f"unet-{structure[:12]}" if options.refittable else onnx.manifest["name"]
     return cache.get_or_build("tensorrt", name, components, build)
@@ -334,6 +405,25 @@ def needs_refit(engine: Entry, onnx: Entry) -> bool:
     return (
         bool(engine.manifest["components"].get("refittable")) and engine.manifest.get("weights") != onnx.manifest["key"]
     )
+
+
+def load_weights(engine: Any, entry: Entry, onnx: Entry | None) -> bool:
+    """Give the deserialized ``engine`` its weights: a stripped plan's from its own export, a refittable
+    one's from ``onnx`` when it holds others. Returns whether the engine now runs other weights than
+    it was built with (the run's fingerprint then names both)."""
+    if entry.manifest.get("stripped"):
+        if onnx is None or onnx.manifest["key"] != entry.manifest.get("weights"):
+            raise BackendUnavailableError(
+                f"TensorRT engine {entry.path.name} holds no weights and its ONNX export is not at hand",
+                "clear the engine with `difftool cache clear` to rebuild it",
+            )
+        refit(engine, onnx.file("model.onnx"))
+        return False
+    if onnx is not None and needs_refit(entry, onnx):
+        log.warning("refitting TensorRT engine %s with new weights", entry.path.name)
+        refit(engine, onnx.file("model.onnx"))
+        return True
+    return False
 
 
 def refit(engine: Any, onnx_path: Path) -> None:
@@ -351,14 +441,19 @@ def refit(engine: Any, onnx_path: Path) -> None:
         )
 
 
-def load_engine(entry: Entry, device: str) -> tuple[Any, Any, Any, Any]:
-    """``entry``'s engine on ``device``: its runtime, engine, execution context and stream (all of that GPU)."""
+def load_engine(entry: Entry, device: str, onnx: Entry | None = None) -> tuple[Any, Any, Any, Any]:
+    """``entry``'s engine on ``device``: its runtime, engine, execution context and stream (all of that GPU).
+
+    ``onnx``: the export it was built from, whose weights a stripped engine takes at load.
+    """
     import tensorrt as trt
 
     cuda = runtime()
     with cuda.current(device):
         trt_runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = trt_runtime.deserialize_cuda_engine(entry.file(ENGINE_FILE).read_bytes())
+        if engine is not None:
+            load_weights(engine, entry, onnx)
         context = engine.create_execution_context() if engine is not None else None
         if context is None:
             raise BackendUnavailableError(

@@ -13,6 +13,7 @@ from difftool.core.cuda import runtime
 from difftool.core.errors import BackendUnavailableError
 from difftool.exporters.cache import Entry
 from difftool.exporters.tensorrt_engine import load_engine
+from difftool.exporters.tensorrt_io import EngineIO, _check, aligned_empty, bind_inputs, bind_outputs
 from difftool.exporters.tensorrt_profiles import Profile, select_profile
 
 
@@ -24,36 +25,45 @@ def image_profile(low: int, high: int, channels: int = 3) -> Profile:
 class TensorRTModule:
     """``module(image) -> (out,)`` on an engine; ``out`` is ``scale`` times the input's height and width."""
 
-    def __init__(self, entry: Entry, profile: Profile, *, device: str, scale: int, out_channels: int = 3) -> None:
+    def __init__(
+        self,
+        entry: Entry,
+        profile: Profile,
+        *,
+        device: str,
+        scale: int,
+        out_channels: int = 3,
+        onnx: Entry | None = None,
+    ) -> None:
+        """``onnx``: the export the engine was built from (a stripped engine's weights)."""
         self.cuda_device, self.device = device, runtime().placement(device)
         self.profile, self.scale, self.out_channels = profile, scale, out_channels
         self.fingerprint = entry.manifest["key"]
-        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device)
+        self.runtime, self.engine, self.context, self.stream = load_engine(entry, device, onnx)
+        self.io = EngineIO.of(self.engine, entry.path.name)
+        self.io.expect(["image"], ["out"])
         self._profile_set = False
 
     def __call__(self, image: Any) -> tuple[Any]:
         import torch
 
-        from difftool.exporters.tensorrt_denoiser import _check
-
         cuda = runtime()
         x = image.to(self.device, torch.float32).contiguous()
         select_profile([self.profile], {"image": tuple(x.shape)})  # a clear error for a tile outside it
-        out = torch.empty((x.shape[0], self.out_channels, x.shape[2] * self.scale, x.shape[3] * self.scale),
-                          device=self.device)  # fmt: skip
+        shape = (x.shape[0], self.out_channels, x.shape[2] * self.scale, x.shape[3] * self.scale)
         current = cuda.current_stream(self.cuda_device)
         self.stream.wait_stream(current)
         with cuda.current(self.cuda_device), cuda.use_stream(self.stream):
+            out = aligned_empty(shape, self.io.dtype("out"), self.device)
             if not self._profile_set:
                 _check(self.context.set_optimization_profile_async(0, self.stream.cuda_stream), "profile 0")
                 self._profile_set = True
-            _check(self.context.set_input_shape("image", tuple(x.shape)), f"image of shape {list(x.shape)}")
-            _check(self.context.set_tensor_address("image", x.data_ptr()), "the address of image")
-            _check(self.context.set_tensor_address("out", out.data_ptr()), "the address of out")
+            bound = bind_inputs(self.context, self.io, {"image": x})  # noqa: F841 - referenced until it ran
+            bind_outputs(self.context, self.io, {"out": out})
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendUnavailableError("TensorRT failed to run the engine")
         current.wait_stream(self.stream)
-        return (out,)
+        return (out.float(),)
 
 
 def module_engine(onnx: Entry, profile: Profile, *, device: str, precision: str, scale: int) -> TensorRTModule:
@@ -65,4 +75,4 @@ def module_engine(onnx: Entry, profile: Profile, *, device: str, precision: str,
     if major_version(trt) >= 11:
         precision = "fp32"  # strongly typed: the precision of the (fp32) module export
     engine = cached_engine(onnx, [profile], BuildOptions(precision), device)
-    return TensorRTModule(engine, profile, device=device, scale=scale)
+    return TensorRTModule(engine, profile, device=device, scale=scale, onnx=onnx)

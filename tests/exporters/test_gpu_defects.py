@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 from difftool.core.errors import BackendUnavailableError
 from difftool.exporters.cache import ArtifactCache
@@ -157,3 +158,210 @@ def test_ort_session_refuses_old_onnxruntime_with_tensorrt_11(cache: Path, gpu_o
         make_session(entry.file("model.onnx"), "cuda", provider="tensorrt")
     assert gpu_onnxruntime == []  # refused before any session
     make_session(entry.file("model.onnx"), "cuda", provider="cuda")  # the CUDA provider is unaffected
+
+
+# --- a toy U-Net graph and its engine, for the engine contract tests -----------------------------------
+
+
+def _toy_unet(
+    folder: Path, *, out: str = "out", out_channels: int = 3, extra_input: bool = False, weight: float = 0.5
+) -> dict[str, Any]:
+    """``out = conv1x1(sample) (+ extra)``; ``timestep`` is an input no node reads (TensorRT drops it)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    kernel = np.full((out_channels, 3, 1, 1), weight, np.float32)
+    kernel[:, 0, 0, 0] += np.arange(out_channels, dtype=np.float32)  # channels differ: a swapped output shows
+    nodes = [helper.make_node("Conv", ["sample", "conv.weight"], ["conv_out" if extra_input else out])]
+    inputs = [
+        helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 3, "h", "w"]),
+        helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["b"]),
+    ]
+    if extra_input:  # an input difftool does not give (static, so the engine still builds)
+        inputs.append(helper.make_tensor_value_info("extra", TensorProto.FLOAT, [1, out_channels, 4, 4]))
+        nodes.append(helper.make_node("Add", ["conv_out", "extra"], [out]))
+    graph = helper.make_graph(
+        nodes,
+        "toy",
+        inputs,
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["b", out_channels, "h", "w"])],
+        [numpy_helper.from_array(kernel, "conv.weight")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    return {}
+
+
+TOY_PROFILE = {"sample": ((1, 3, 4, 4), (1, 3, 8, 8), (2, 3, 16, 16)), "timestep": ((1,), (1,), (2,))}
+
+
+def _toy_engine(tag: str, **graph: Any) -> tuple[Any, Any, Any]:
+    """The toy graph's ONNX entry, engine entry and profile (call it inside ``gpu_harness``)."""
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine
+    from difftool.exporters.tensorrt_profiles import Profile
+
+    onnx = ArtifactCache().get_or_build("onnx", f"toy-{tag}", {"weights": tag, **graph},
+                                        lambda f: _toy_unet(f, **graph))  # fmt: skip
+    profile = Profile(TOY_PROFILE)
+    return onnx, cached_engine(onnx, [profile], BuildOptions("fp32"), "cuda"), profile
+
+
+def _toy_denoiser(tag: str, **graph: Any) -> Any:
+    """A TensorRTDenoiser on the toy graph's engine (call it inside ``gpu_harness``)."""
+    from difftool.exporters.onnx import UNetSignature
+    from difftool.exporters.tensorrt_denoiser import TensorRTDenoiser
+
+    onnx, engine, profile = _toy_engine(tag, **graph)
+    signature = UNetSignature(in_channels=3, multiple=1, class_labels=False)
+    return TensorRTDenoiser(engine, [profile], signature=signature, sample_channels=3, prediction_type="epsilon",
+                            device="cuda", onnx=onnx, cuda_graphs="off")  # fmt: skip
+
+
+def _toy_expected(sample: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+    kernel = torch.full((3, 3, 1, 1), weight)
+    kernel[:, 0, 0, 0] += torch.arange(3, dtype=torch.float32)
+    return torch.nn.functional.conv2d(sample, kernel)
+
+
+# --- 5. the engine's own I/O tensors, checked at load; the output's shape checked after binding --------
+
+
+def test_an_invalid_profile_is_refused_when_tensorrt_returns_minus_one(tmp_path: Path) -> None:
+    from difftool.exporters.tensorrt_engine import BuildOptions, build_engine
+    from difftool.exporters.tensorrt_profiles import Profile
+    from difftool.testing.gpu import gpu_harness
+
+    _toy_unet(tmp_path)
+    backwards = Profile({**TOY_PROFILE, "sample": ((1, 3, 16, 16), (1, 3, 8, 8), (2, 3, 4, 4))})  # min > max
+    with gpu_harness() as harness:
+        with pytest.raises(
+            BackendUnavailableError, match=r"refused the optimization profile .*sample \[1, 3, 16, 16\]"
+        ):
+            build_engine(tmp_path / "model.onnx", tmp_path / "model.engine", [backwards], BuildOptions("fp32"))
+    assert harness.trt.builds == 0 and not (tmp_path / "model.engine").exists()
+
+
+def test_inputs_tensorrt_dropped_are_not_bound_and_any_output_name_is(cache: Path) -> None:
+    """TensorRT drops inputs no layer reads (here: timestep) and the output need not be called "out"."""
+    from difftool.testing.gpu import gpu_harness
+
+    sample = torch.randn(2, 3, 8, 12)
+    with gpu_harness() as harness:
+        denoiser = _toy_denoiser("renamed", out="noise_pred")
+        assert set(denoiser.io.inputs) == {"sample"} and set(denoiser.io.outputs) == {"noise_pred"}
+        result = denoiser(sample, torch.tensor(500.0), {})
+    assert harness.trt.executed[-1] == (("sample",), ("noise_pred",))
+    torch.testing.assert_close(result, _toy_expected(sample), rtol=1e-5, atol=1e-5)
+
+
+def test_an_engine_wanting_an_input_difftool_does_not_give_is_refused_at_load(cache: Path) -> None:
+    from difftool.testing.gpu import gpu_harness
+
+    with gpu_harness(), pytest.raises(BackendUnavailableError, match="takes extra, which difftool does not give it"):
+        _toy_denoiser("extra", extra_input=True)
+
+
+def test_an_output_shape_other_than_the_buffer_is_refused_before_tensorrt_writes(cache: Path) -> None:
+    from difftool.testing.gpu import gpu_harness
+
+    with gpu_harness() as harness:
+        denoiser = _toy_denoiser("two-channels", out_channels=2)  # the buffer is sized for 3 channels
+        with pytest.raises(BackendUnavailableError, match=r"would write out as \[1, 2, 8, 8\], not \[1, 3, 8, 8\]"):
+            denoiser(torch.randn(1, 3, 8, 8), torch.tensor(1.0), {})
+    assert harness.trt.executions == 0
+
+
+# --- 8. tensor addresses 256-byte aligned --------------------------------------------------------------
+
+
+def test_misaligned_tensors_are_copied_not_refused(cache: Path) -> None:
+    """setTensorAddress refuses (returns False for) addresses off 256 bytes: a view at an offset is one."""
+    from difftool.testing.gpu import gpu_harness
+
+    base = torch.randn(2 * 3 * 8 * 8 + 1)
+    sample = base[1:].view(2, 3, 8, 8)  # contiguous, 4 bytes past an allocation
+    assert sample.is_contiguous() and sample.data_ptr() % 256 != 0
+    with gpu_harness() as harness:
+        denoiser = _toy_denoiser("aligned")
+        assert denoiser.context.set_tensor_address("sample", sample.data_ptr()) is False  # what TensorRT does
+        assert denoiser.context.set_tensor_address("nope", 0x1000) is False
+        assert denoiser.context.set_tensor_address("sample", 0) is False
+        refused = len(harness.trt.refused_addresses)
+        result = denoiser(sample, torch.tensor(3.0), {})
+    assert len(harness.trt.refused_addresses) == refused == 3  # difftool's own bindings all accepted
+    torch.testing.assert_close(result, _toy_expected(sample), rtol=1e-5, atol=1e-5)
+
+
+# --- 7. concurrent builds merge their timing caches ----------------------------------------------------
+
+
+def test_a_build_finishing_meanwhile_keeps_its_timing_cache_entries(cache: Path) -> None:
+    """Each build read the timing cache before and rewrote it after: the one finishing last erased the
+    other's tactic timings. Now each merges into the file under a lock (ITimingCache.combine)."""
+    import json
+
+    from difftool.exporters.tensorrt_engine import gpu_identity, timing_cache_path
+    from difftool.testing.gpu import gpu_harness
+
+    with gpu_harness() as harness:
+        # another process's build (a graph with an Add as well) finishes while this one times its tactics
+        harness.trt.during_build.append(lambda: _toy_engine("meanwhile", extra_input=True))
+        _toy_engine("first")
+        path = timing_cache_path(cache, harness.trt.version, (8, 9), gpu_identity("cuda:0"))
+        entries = json.loads(path.read_bytes()[len(b"FAKETC1:") :])["entries"]
+    assert harness.trt.builds == 2
+    assert sorted(entry.partition("|")[0] for entry in entries) == ["Add", "Conv"]  # neither build's lost
+
+
+# --- 3. engines keeping their build weights: REFIT_IDENTICAL + STRIP_PLAN; refit=auto off on 11.3+ ------
+
+
+def test_engines_keep_their_weights_stripped_and_refit_identically_from_their_export(cache: Path) -> None:
+    from difftool.exporters.tensorrt_engine import ENGINE_FILE, load_engine, refit
+    from difftool.testing.gpu import gpu_harness
+
+    sample = torch.randn(1, 3, 8, 8)
+    with gpu_harness() as harness:
+        denoiser = _toy_denoiser("kept")
+        assert harness.trt.build_flags == [["REFIT_IDENTICAL", "STRIP_PLAN"]]
+        assert harness.trt.refits == 1  # the plan holds no weights: refitted from its own export at load
+        torch.testing.assert_close(denoiser(sample, torch.tensor(1.0), {}), _toy_expected(sample))
+        assert "+" not in denoiser.fingerprint  # its own weights: no other export named
+        onnx, engine, _ = _toy_engine("kept")
+        assert engine.manifest["stripped"] is True
+        with pytest.raises(BackendUnavailableError, match="holds no weights and its ONNX export is not at hand"):
+            load_engine(engine, "cuda")
+        # REFIT_IDENTICAL promises the build's weights: another export's are refused (undefined in TensorRT)
+        other, _, _ = _toy_engine("other", weight=2.0)
+        import tensorrt as trt
+
+        loaded = trt.Runtime(trt.Logger()).deserialize_cuda_engine(engine.file(ENGINE_FILE).read_bytes())
+        with pytest.raises(BackendUnavailableError, match="weights differ from the build's"):
+            refit(loaded, other.file("model.onnx"))
+
+
+def test_refit_auto_is_off_on_tensorrt_11_3_where_refittable_engines_drop_a_bias(caplog) -> None:
+    """TensorRT 11.3 documents that a REFIT engine may drop a GEMM bias, refitted or not; the stand-in
+    does so. refit=auto builds REFIT_IDENTICAL there (right output) and REFIT before 11.3 (LoRAs refit)."""
+    from difftool.plugins.builtin.backends import TensorRTBackend
+    from difftool.testing.gpu import gpu_harness
+
+    unet = _tiny_sd_unet(4)
+    g = torch.Generator().manual_seed(0)
+    sample, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    with torch.no_grad():
+        expected = unet.float()(sample, torch.tensor([500.0, 500.0]), encoder_hidden_states=context).sample
+
+    def error(version: str, refit: str) -> tuple[float, list[str]]:
+        with gpu_harness(version) as harness:
+            backend = TensorRTBackend().resolve("cuda", "fp32", {"refit": refit, "cuda_graphs": "off"})
+            denoiser = backend.make_denoiser(unet, prediction_type="epsilon", model_id="f" * 64)
+            actual = denoiser(sample, torch.tensor(500.0), {"encoder_hidden_states": context})
+        return float((actual - expected).abs().max() / expected.abs().max()), harness.trt.build_flags[-1]
+
+    right, flags = error("11.3.0", "auto")
+    assert flags == ["REFIT_IDENTICAL", "STRIP_PLAN"] and right < 1e-4
+    right, flags = error("10.16.0", "auto")
+    assert flags == ["REFIT"] and right < 1e-4
+    assert "may drop a GEMM bias" not in caplog.text
+    wrong, flags = error("11.3.0", "on")  # asked for explicitly: built, with a warning, and visibly off
+    assert flags == ["REFIT"] and wrong > 1e-3 and "may drop a GEMM bias" in caplog.text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from difftool.core.errors import ParameterError
 from difftool.core.exporter import Exporter, ExportResult, ExportTarget
 from difftool.core.task import Param
 from difftool.exporters.options import TENSORRT_OPTIONS
@@ -87,6 +89,16 @@ class TensorRTExporter(Exporter):
         return ExportResult(denoiser.engine_path, [f"engine {denoiser.fingerprint}", f"profiles: {profiles}"])
 
 
+def _model_name(name: str) -> str:
+    """A Triton model name: one folder inside the repository (``../x``, ``.`` or ``a/b`` would write elsewhere)."""
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
+        raise ParameterError(
+            f"--name {name!r} is not a model name (one folder in the repository)",
+            "use letters, digits, _ . - (not starting with . or -), such as difftool_superres",
+        )
+    return name
+
+
 class TritonExporter(Exporter):
     name = "triton"
     summary = "a Triton Inference Server model repository (ONNX; the TensorRT plan if built)"
@@ -102,13 +114,14 @@ class TritonExporter(Exporter):
         from difftool.exporters.onnx import UNetSignature, cached_export
         from difftool.exporters.triton import TritonOptions, write_repository
 
+        name = _model_name(options["name"] or f"difftool_{task}")  # before any export
         entry = cached_export(target.module, name=_name(target), model_id=target.model_id)
         settings = TritonOptions(
             options["max_batch"], options["instances"], "KIND_GPU" if options["gpu"] else "KIND_CPU"
         )
         folder = write_repository(
             options["output"],
-            options["name"] or f"difftool_{task}",
+            name,
             entry.file("model.onnx"),
             UNetSignature.of(target.module),
             settings,

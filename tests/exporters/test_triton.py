@@ -220,3 +220,21 @@ class TestTritonConformance(BackendConformance):
                 yield
             finally:
                 server.stop(0)
+
+
+@pytest.mark.parametrize("name", ["../x", ".", "..", "a/b", "-x", "x" * 129])
+def test_a_model_name_that_is_not_one_folder_is_refused_before_any_export(
+    name: str, superres_model: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Issue 29 item 18: ``--name ../x`` or ``--name .`` ended in a traceback."""
+    monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "repo"
+    args = ["export", "triton", "superres", "-o", str(repo), "--model", str(superres_model), "--name", name]
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # not a traceback
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines == [
+        f"Error: --name {name!r} is not a model name (one folder in the repository); use letters, digits, _ . - "
+        "(not starting with . or -), such as difftool_superres"
+    ]
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "x").exists()  # refused before any work

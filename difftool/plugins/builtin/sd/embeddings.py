@@ -47,6 +47,10 @@ class Embedding:
     def fits(self, widths: Sequence[int]) -> bool:
         return all(w in self.by_width for w in widths)
 
+    def part(self, start: int, stop: int) -> Embedding:
+        """Vectors ``start:stop`` of this embedding: one chunk's share of an embedding longer than a chunk."""
+        return Embedding(self.name, self.path, {w: v[start:stop] for w, v in self.by_width.items()}, self.sha256)
+
 
 def load_embedding(path: Path, *, allow_pickle: bool = False) -> Embedding:
     """Read one embedding file (cached by path and modification time)."""

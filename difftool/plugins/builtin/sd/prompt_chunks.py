@@ -9,7 +9,7 @@ A1111's documented behaviour, reimplemented here (diffusers truncates at 77 toke
   words after it open the next chunk (A1111's "comma padding backtrack", default 20);
 * ``BREAK`` ends the current chunk (padded) and starts a new one;
 * a textual-inversion embedding named in the prompt takes as many places as it has vectors, and never
-  straddles two chunks;
+  straddles two chunks (one longer than a chunk starts its own and fills whole chunks, in order);
 * each chunk's weights scale its own encoder output, and its mean is restored per chunk.
 
 Every text encoder of a model gets the same chunk boundaries: they share one vocabulary.
@@ -137,11 +137,17 @@ def chunk_prompt(tokenizer: Any, prompt: str, find_embedding: EmbeddingFinder = 
                 position += 1
                 continue
             count = int(embedding.vectors)
-            if len(current.ids) + count > CHUNK_TOKENS:
+            if len(current.ids) + count > CHUNK_TOKENS and current.ids:
                 close()
-            current.embeddings.append((len(current.ids), embedding))
-            current.ids += [0] * count  # placeholders: their token embeddings are replaced by the vectors
-            current.weights += [weight] * count
+            # Longer than a chunk (any length is allowed): whole chunks of its vectors, then the rest.
+            pieces = [(start, min(start + CHUNK_TOKENS, count)) for start in range(0, count, CHUNK_TOKENS)]
+            for index, (start, stop) in enumerate(pieces):
+                if index:
+                    close()
+                part = embedding if len(pieces) == 1 else embedding.part(start, stop)
+                current.embeddings.append((len(current.ids), part))
+                current.ids += [0] * (stop - start)  # placeholders: their token embeddings become the vectors
+                current.weights += [weight] * (stop - start)
             position += spans
     if current.ids or not chunks:
         close()

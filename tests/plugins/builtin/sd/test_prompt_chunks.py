@@ -206,3 +206,23 @@ def test_an_embedding_with_nan_vectors_is_named_not_blamed_on_the_vae(tmp_path: 
     inf = write_embedding(tmp_path / "inf.pt", torch.full((1, 32), float("inf")), a1111_pt=True)
     with pytest.raises(ModelError, match=r"embedding inf.pt holds NaN or Inf"):
         load_embedding(inf, allow_pickle=True)
+
+
+def test_an_embedding_longer_than_a_chunk_fills_chunks_in_order(model, tmp_path: Path) -> None:
+    """Issue 29 item 17: an embedding of more than 75 vectors (the docs promise any length) made an 83-id
+    chunk, and the text encoder failed ("expected sequence of length 77"), blamed on the plugin."""
+    vectors = torch.randn(80, 32)
+    embedding = load_embedding(write_embedding(tmp_path / "longstyle.safetensors", vectors))
+    name = CLIP("longstyle", add_special_tokens=False).input_ids
+
+    def find(ids, position):
+        return (embedding, len(name)) if list(ids[position : position + len(name)]) == name else (None, 0)
+
+    chunks = chunk_prompt(CLIP, "a longstyle cat", find)
+    assert [len(c.ids) for c in chunks] == [77, 77, 77]  # it starts a chunk of its own, as any that does not fit
+    assert chunks[0].embeddings == [] and chunks[0].ids[2] == EOS
+    [(first_at, first)], [(second_at, second)] = chunks[1].embeddings, chunks[2].embeddings
+    assert (first_at, first.vectors, second_at, second.vectors) == (1, 75, 1, 5) and chunks[2].ids[6] == CAT
+    assert torch.equal(torch.cat([first.by_width[32], second.by_width[32]]), vectors)
+    encoded = pipeline.encode_prompt(model, "a longstyle cat", "", embeddings=[embedding])
+    assert encoded.cond["encoder_hidden_states"].shape[1] == 3 * 77

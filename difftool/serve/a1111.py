@@ -35,7 +35,7 @@ from difftool.serve.a1111_map import (
     refuse,
     upscale_scale,
 )
-from difftool.serve.jobs import Job
+from difftool.serve.jobs import SHUTDOWN, Job
 from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
 
@@ -55,9 +55,9 @@ UPSCALER_FAMILIES = ("difftool-superres", "upscaler")
 class JobFailed(DifftoolError):
     """A job the request waited for failed; ``status`` is the HTTP status to answer with."""
 
-    def __init__(self, message: str, status: int) -> None:
+    def __init__(self, message: str, status: int, retry_after: int | None = None) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.retry_after = status, retry_after
 
 
 def _server(request: Request) -> Server:
@@ -74,6 +74,8 @@ async def _wait(request: Request, server: Server, job: Job) -> Job:
         if not cancelled and await request.is_disconnected():
             server.queue.cancel(job)
             cancelled = True
+    if job.error_type == SHUTDOWN:
+        raise JobFailed(f"{job.error}; retry shortly (or on another server)", 503, retry_after=30)
     if job.state == "cancelled":
         raise JobFailed("the job was interrupted before it finished; difftool returns no partial image", 409)
     if job.state != "done":
@@ -234,7 +236,8 @@ async def img2img(request: Request, req: Img2ImgRequest) -> dict[str, Any]:
         params |= {"strength": min(1.0, req.denoising_strength), **refine}
     job = await _run(request, server, req, task, [image], params, model)
     info = _info(job, req, model, {"denoising_strength": req.denoising_strength})
-    parameters = req.model_dump(exclude={"init_images", "mask"})
+    # A1111 echoes the init image and mask only when asked (include_init_images), as clients expect.
+    parameters = req.model_dump(exclude=None if req.include_init_images else {"init_images", "mask"})
     return {"images": _images(job, req), "parameters": parameters, "info": info}
 
 
@@ -245,17 +248,34 @@ async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) ->
     superres = server.registry.task("superres")
     scale = upscale_scale(req, superres.param("scale").choices)
     image = await run_in_threadpool(server.load_image, req.image, "image")
-    if req.upscaler_1 in ("None", ""):  # A1111 skips upscaling when no upscaler is chosen
-        buffer = io.BytesIO()
-        image.to_pil().save(buffer, format="PNG")
-        return {"html_info": "<p>no upscaler chosen; image unchanged</p>", "image": _b64(buffer.getvalue())}
+    if req.upscaler_1 in ("None", "") or scale == 1:  # A1111 leaves the image as it is then
+        unchanged = _b64(_png_bytes(image.to_pil()))
+        return {"html_info": "<p>no upscaling asked for; image unchanged</p>", "image": unchanged}
     model = None if req.upscaler_1 == "difftool" else req.upscaler_1
-    job = await run_in_threadpool(
-        server.make_job, "superres", [image], {"scale": scale}, model=model, model_families=UPSCALER_FAMILIES
-    )
-    job = await _wait(request, server, job)
+    target = (image.width * scale, image.height * scale)
+    check_pixels(*target, "the upscaled image", server.settings.max_pixels, PIXELS_FIX)
+    # As A1111 does: the upscaler runs until the image reaches the target (the embedded model by 2 or 4, a
+    # community model by its own scale), then a Lanczos resize lands on it exactly (3x: 4x, then down).
+    data, passes = _png_bytes(image.to_pil()), 0
+    while image.width < target[0] and passes < 3:
+        left = target[0] / image.width
+        params = {"scale": 2 if left <= 2 else 4} if model is None else {}
+        job = await run_in_threadpool(
+            server.make_job, "superres", [image], params, model=model, model_families=UPSCALER_FAMILIES
+        )
+        job = await _wait(request, server, job)
+        data, passes = job.files[0].read_bytes(), passes + 1
+        image = await run_in_threadpool(server.load_image, data, "the upscaled image")
+    if image.size != target:
+        data = _png_bytes(image.to_pil().resize(target, Image.Resampling.LANCZOS))
     text = f"<p>Upscale: {scale}, upscaler: {req.upscaler_1}</p>"
-    return {"html_info": text, "image": _b64(job.files[0].read_bytes()) if req.show_extras_results else None}
+    return {"html_info": text, "image": _b64(data) if req.show_extras_results else None}
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @router.get("/progress")
@@ -267,7 +287,7 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     state = {
         "skipped": False,
         "interrupted": bool(job and job.token.cancelled),
-        "job": job.id if job else "",
+        "job": job.task if job else "",  # never the id: a /v1 job id is the capability to read and cancel it
         "job_count": queue.waiting() + len(running),
         "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)) if job else "0",
         "job_no": job.index if job else 0,

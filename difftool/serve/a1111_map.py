@@ -28,7 +28,7 @@ class Txt2ImgRequest(BaseModel):
     prompt: str = ""
     negative_prompt: str = ""
     styles: list[str] | None = None
-    seed: int = -1
+    seed: int = Field(default=-1, ge=-1, le=2**63 - 1)  # torch's generator takes 64 bits; batches add to it
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
@@ -117,8 +117,30 @@ UNUSED_FIELDS: dict[str, tuple[Any, ...]] = {
 }
 
 
+#: A1111 fields that change nothing difftool makes (whatever their value): saving and bookkeeping knobs, and
+#: sampler fine-tuning read only by some A1111 samplers (``eta``, ``s_min_uncond``); ``image_cfg_scale`` is read
+#: by instruct-pix2pix models only, which difftool does not run.
+IGNORED_FIELDS = frozenset(
+    {
+        "do_not_save_samples",
+        "do_not_save_grid",
+        "override_settings_restore_afterwards",
+        "eta",
+        "s_min_uncond",
+        "image_cfg_scale",
+        "force_task_id",
+        "comments",
+    }
+)
+#: Extra fields read elsewhere (the refiner, webuiapi's deprecated ControlNet units).
+READ_ELSEWHERE = frozenset({"refiner_checkpoint", "refiner_switch_at", "controlnet_units"})
+
+
 def check_supported(req: Txt2ImgRequest) -> None:
-    """Refuse (422) every field set to something difftool cannot do."""
+    """Refuse (422) every field set to something difftool cannot do, and every field it does not know."""
+    unknown = sorted(set(req.model_extra or {}) - set(UNUSED_FIELDS) - IGNORED_FIELDS - READ_ELSEWHERE)
+    if unknown:
+        raise refuse(unknown[0], "not a field difftool knows (an A1111 extension's or a typo), so it is not ignored")
     for name, unused in UNUSED_FIELDS.items():
         value = (req.model_extra or {}).get(name)
         if value not in unused:
@@ -280,6 +302,9 @@ def inpaint_params(req: Img2ImgRequest) -> dict[str, Any]:
 
 def upscale_scale(req: ExtrasSingleImageRequest, choices: tuple[Any, ...]) -> int:
     """``upscaling_resize`` as one of the superres task's scales, or a 422."""
+    unknown = sorted(set(req.model_extra or {}))
+    if unknown:
+        raise refuse(unknown[0], "not a field difftool knows (an A1111 extension's or a typo), so it is not ignored")
     if req.resize_mode != 0:
         raise refuse("resize_mode", "only 0 (scale by upscaling_resize) is supported")
     if req.gfpgan_visibility or req.codeformer_visibility:

@@ -21,6 +21,7 @@ from difftool.core.errors import (
     OutputError,
     PluginError,
 )
+from difftool.serve.errors import body_error
 from difftool.serve.jobs import QueueFull
 from difftool.serve.security import AccessDenied, token_matches
 from difftool.serve.server import Server
@@ -34,8 +35,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class BodyTooLarge(DifftoolError):
-    """The request body is over the server's limit (HTTP 413)."""
+class BodyTooLarge(StarletteHTTPException):
+    """The request body is over the server's limit (HTTP 413). An HTTP exception, not a difftool error: FastAPI
+    passes those through while it reads a body, and answers anything else raised there with a 400."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
 
 
 def status_for(error: DifftoolError) -> int:
@@ -45,7 +50,6 @@ def status_for(error: DifftoolError) -> int:
     for kind, status in (
         (QueueFull, 429),
         (AccessDenied, 403),
-        (BodyTooLarge, 413),
         (ImageTooLargeError, 413),
         (Cancelled, 409),
         (PluginError, 500),
@@ -69,6 +73,8 @@ class GuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        if scope["type"] == "http" and scope.get("method") == "HEAD":  # every GET route answers HEAD
+            scope, send = {**scope, "method": "GET"}, _without_body(send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         if scope["type"] == "websocket":  # none is served today; a future one is guarded all the same
             if self.token is not None and not token_matches(headers.get("authorization"), self.token):
@@ -101,6 +107,20 @@ class GuardMiddleware:
         return f"the request body is larger than {self.max_body} bytes; send smaller images"
 
 
+def _without_body(send: Send) -> Send:
+    """``send`` for a HEAD request: the GET's status and headers, no body."""
+
+    async def head(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b"", "more_body": False}
+            if getattr(head, "done", False):
+                return
+            head.done = True  # type: ignore[attr-defined]
+        await send(message)
+
+    return head
+
+
 def create_app(settings: ServeSettings, registry: Any = None, start_workers: bool = True) -> FastAPI:
     """The server application for ``settings`` (``registry``: tests pass their own)."""
     from difftool.serve import a1111, native
@@ -127,22 +147,29 @@ def create_app(settings: ServeSettings, registry: Any = None, start_workers: boo
 
     @app.exception_handler(DifftoolError)
     async def difftool_error(request: Request, error: DifftoolError) -> JSONResponse:
-        headers = {"Retry-After": str(error.retry_after)} if isinstance(error, QueueFull) else None
+        retry = getattr(error, "retry_after", None)
+        headers = {"Retry-After": str(retry)} if retry is not None else None
         return error_response(status_for(error), str(error), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 400 and error.__cause__ is not None:  # FastAPI could not parse the body
+            return error_response(422, body_error(error.__cause__))
         return error_response(error.status_code, str(error.detail), getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":  # FastAPI's "JSON decode error" at a byte offset
+            where = first.get("loc", ("body", "?"))[-1]
+            reason = first.get("ctx", {}).get("error", "invalid")
+            return error_response(422, f"the request body is not valid JSON: {reason} at character {where}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(422, f"{where or 'request'}: {first.get('msg', 'invalid request')}")
 
     @app.exception_handler(json.JSONDecodeError)
     async def json_error(request: Request, error: json.JSONDecodeError) -> JSONResponse:
-        return error_response(422, f"the request body is not valid JSON: {error.msg}")
+        return error_response(422, body_error(error))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -152,14 +179,51 @@ def create_app(settings: ServeSettings, registry: Any = None, start_workers: boo
     app.include_router(native.router)
     app.include_router(a1111.router)
     native.add_task_schemas(app, server)
-    if settings.cors_origins:
+    app.add_middleware(GuardMiddleware, token=settings.api_token, max_body=settings.max_body_bytes)
+    if settings.cors_origins:  # added last, so outermost: the guard's own answers (401, 413) carry CORS too
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "DELETE"],
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type"],
         )
-    app.add_middleware(GuardMiddleware, token=settings.api_token, max_body=settings.max_body_bytes)
     return app
+
+
+#: Share of ``--shutdown-timeout`` running jobs get on SIGTERM; the rest lets their cancel land and the
+#: requests waiting for them be answered before the HTTP server stops waiting.
+DRAIN_SHARE = 0.6
+
+
+def run(app: FastAPI, settings: ServeSettings) -> None:
+    """Serve ``app`` with uvicorn until SIGTERM/SIGINT, then drain within ``settings.shutdown_timeout``.
+
+    uvicorn alone would wait for open requests (an A1111 client waiting for its job) for the whole timeout,
+    cancel them with a plain-text 500, and only then tell the application (the queue) to stop: twice the
+    timeout. Here the queue starts draining the moment the shutdown begins (:meth:`JobQueue.drain`).
+    """
+    import uvicorn
+
+    queue = app.state.server.queue
+
+    class DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            queue.drain(settings.shutdown_timeout * DRAIN_SHARE)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+        # A client that opens a connection and never finishes its headers is dropped (h11's keep-alive timer
+        # covers a connection with no request in flight).
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(config)
+    server.run()
+    if not server.started:
+        raise SystemExit(3)

@@ -99,7 +99,7 @@ def serve(
         click.echo(f"Error: {error}", err=True)
         sys.exit(2)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - checked here, so a missing extra is one line
 
         from difftool.serve.app import create_app
     except ImportError as error:
@@ -125,10 +125,6 @@ def serve(
     if replicas is not None or gpus_per_replica is not None:
         click.echo("Error: --replicas and --gpus-per-replica need --ray", err=True)
         sys.exit(2)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_graceful_shutdown=max(1, round(shutdown_timeout)),
-    )
+    from difftool.serve.app import run
+
+    run(create_app(settings), settings)

@@ -39,6 +39,18 @@ class QueueFull(DifftoolError):
         self.retry_after = retry_after
 
 
+class ShuttingDown(QueueFull):
+    """The server is draining after SIGTERM: it takes no more jobs (HTTP 503 with ``Retry-After``)."""
+
+    status = 503
+
+
+#: The ``error_type`` of a job the shutdown failed or cancelled (answered 503, not the job's own failure).
+SHUTDOWN = "ShuttingDown"
+#: Seconds after the drain's deadline that a cancelled job has to reach its next step.
+CANCEL_GRACE = 2.0
+
+
 @dataclass
 class Job:
     """One request: ``len(seeds)`` runs of ``plan`` on ``inputs`` (seeds SEED, SEED+1, ... for batches)."""
@@ -59,6 +71,8 @@ class Job:
     device: str = ""
     records: list[dict[str, Any]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    #: The seed each of :attr:`files` was made with.
+    file_seeds: list[int] = field(default_factory=list)
     #: Decode a preview every this many steps (0: never); the latest is kept as PNG bytes.
     preview_every: int = 0
     preview: bytes | None = None
@@ -134,6 +148,8 @@ class JobQueue:
         self._threads: list[threading.Thread] = []
         self._stopping = False
         self._mean_seconds = 5.0  # a moving average of job durations, for Retry-After
+        #: When draining ends (monotonic seconds): running jobs are cancelled then; ``None`` until SIGTERM.
+        self._deadline: float | None = None
         self.output_dir = Path(tempfile.mkdtemp(prefix="difftool-serve-"))
 
     # --- lifecycle ----------------------------------------------------------------------------------
@@ -146,21 +162,39 @@ class JobQueue:
         self._threads.append(thread)
         thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs: waiting ones fail, running ones may finish for ``timeout`` seconds, then are
-        cancelled (they stop within one step). Outputs are only ever written whole."""
+    def drain(self, timeout: float) -> None:
+        """Begin shutting down, without waiting: new jobs are refused (503), waiting ones fail (503 to their
+        A1111 callers), running ones may finish for ``timeout`` seconds and are then cancelled (they stop within
+        one step). Finished results stay fetchable until :meth:`stop`. Called on SIGTERM, before the HTTP
+        server waits for its open requests, so those are answered (in JSON) within the shutdown timeout."""
         with self._lock:
-            self._stopping = True
+            if self._deadline is not None:
+                return
+            self._stopping, self._deadline = True, time.monotonic() + timeout
             while self._waiting:
-                self._finish(self._waiting.popleft(), "failed", "the server shut down before the job started")
+                self._finish(self._waiting.popleft(), "failed", "the server shut down before the job started", SHUTDOWN)
             self._lock.notify_all()
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        timer = threading.Timer(timeout, self._cancel_running)
+        timer.daemon = True
+        timer.start()
+
+    def _cancel_running(self) -> None:
         for job in JobQueue.running(self):  # this process's jobs (a subclass's running() may see more)
+            job.error_type = SHUTDOWN
             job.token.cancel()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Drain (see :meth:`drain`; a drain already begun keeps its deadline), wait for the workers until the
+        deadline and a short grace for cancelled jobs, then remove the result files. A task hung in its own code
+        keeps its (daemon) thread: it is not waited for beyond that. Outputs are only ever written whole."""
+        self.drain(timeout)
+        assert self._deadline is not None
         for thread in self._threads:
-            thread.join(5.0)
+            thread.join(max(0.0, self._deadline - time.monotonic()))
+        self._cancel_running()
+        grace = time.monotonic() + CANCEL_GRACE
+        for thread in self._threads:
+            thread.join(max(0.0, grace - time.monotonic()))
         shutil.rmtree(self.output_dir, ignore_errors=True)
 
     # --- requests -----------------------------------------------------------------------------------
@@ -168,7 +202,7 @@ class JobQueue:
         """Queue ``job``, or raise :class:`QueueFull` (HTTP 429) when ``queue_size`` jobs wait already."""
         with self._lock:
             if self._stopping:
-                raise QueueFull("the server is shutting down", "retry on another server", retry_after=30)
+                raise ShuttingDown("the server is shutting down", "retry shortly or on another server", retry_after=30)
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(
                     f"the queue is full ({self.queue_size} jobs waiting)",
@@ -263,11 +297,13 @@ class JobQueue:
                     path = self.output_dir / f"{job.id}-{index}-{number}.png"
                     save_image(image, path, record)
                     job.files.append(path)
+                    job.file_seeds.append(seed)
                 job.records.append(record)
                 job._changed()
             self._finish(job, "done")
         except Cancelled:
-            self._finish(job, "cancelled", "cancelled")
+            shutdown = job.error_type == SHUTDOWN
+            self._finish(job, "cancelled", "the server shut down" if shutdown else "cancelled", job.error_type)
         except DifftoolError as error:
             self._finish(job, "failed", str(error), type(error).__name__)
         except Exception as error:  # noqa: BLE001 - a task's bug (or out of memory) fails its job, not the server
@@ -280,7 +316,9 @@ class JobQueue:
             if job.done.is_set():  # abandoned already: what its task did after that is discarded
                 return
             job.state, job.error, job.finished = state, error, time.time()
-            job.error_type = "Cancelled" if state == "cancelled" else error_type or job.error_type
+            if state == "cancelled" and error_type != SHUTDOWN:
+                error_type = "Cancelled"
+            job.error_type = error_type or job.error_type
             if job.started is not None and state == "done":
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (job.finished - job.started)
             # A kept job holds its status and result files, not its decoded inputs (megabytes each).

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from difftool.core.errors import ParameterError
 from difftool.core.task import Param, Task
 from difftool.plan import param_choices
+from difftool.serve.errors import body_error
 from difftool.serve.jobs import FINAL_STATES, Job
 from difftool.serve.server import MAX_COUNT, Server
 
@@ -222,10 +223,8 @@ async def _read_job_request(request: Request) -> JobRequest:
             files = {k: await v.read() for k, v in form.items() if not isinstance(v, str)}
         try:
             params = json.loads(fields.pop("params", "{}") or "{}")
-        except json.JSONDecodeError as error:
-            raise ParameterError(
-                f"the params field is not JSON: {error.msg}", 'send params as {"name": value}'
-            ) from None
+        except (ValueError, RecursionError) as error:
+            raise ParameterError(f"the params field: {body_error(error)}", 'send params as {"name": value}') from None
         if not isinstance(params, dict):
             raise ParameterError("the params field is not a JSON object", 'send params as {"name": value}')
         task = request.app.state.server.registry.task(fields.get("task", ""))
@@ -233,7 +232,11 @@ async def _read_job_request(request: Request) -> JobRequest:
         inputs = {k: v for k, v in files.items() if k in ports}
         params.update({k: v for k, v in files.items() if k not in ports})
         return _validated({**fields, "inputs": inputs, "params": params})
-    return _validated(await request.json())
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested past Python's stack
+        raise ParameterError(body_error(error)) from None
+    return _validated(body)
 
 
 def _validated(body: Any) -> JobRequest:
@@ -297,4 +300,6 @@ def job_result(request: Request, job_id: str, index: int = 0) -> FileResponse:
         raise HTTPException(409, f"job {job_id} is {job.state}{': ' + job.error if job.error else ''}; no result")
     if not 0 <= index < len(job.files):
         raise HTTPException(404, f"job {job_id} has outputs 0 to {len(job.files) - 1}; pass ?index= in that range")
-    return FileResponse(job.files[index], media_type="image/png", filename=f"{job.task}-{job.seeds[0]}-{index}.png")
+    seeds = getattr(job, "file_seeds", [])  # a Ray replica's job may not carry them
+    seed = seeds[index] if index < len(seeds) else job.seeds[0]
+    return FileResponse(job.files[index], media_type="image/png", filename=f"{job.task}-{seed}-{index}.png")

@@ -58,6 +58,8 @@ class PathPolicy:
                 f"{what} {str(value)!r}: this server accepts no server-side paths",
                 "send the file's contents instead (or start the server with --allow-path DIR)",
             )
+        if "\x00" in str(value):  # os.stat raises ValueError on it: no file is named so
+            raise ParameterError(f"{what} contains a NUL character", "send the file's real name")
         path = Path(value).expanduser()
         if not path.is_absolute():
             path = self.roots[0] / path
@@ -87,6 +89,8 @@ def resolve_model(name: str | None, registry: Any, policy: PathPolicy, families:
     """
     if name is None or name == "":
         return None
+    if not isinstance(name, str) or "\x00" in name:
+        raise ParameterError(f"model {str(name)[:80]!r} is not a model name", "GET /v1/models lists the names")
     for entry in registry.find_models():
         if entry.name == name and (not families or entry.family in families):
             return str(entry.path)

@@ -61,6 +61,8 @@ def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
     """Blend weights: 1 inside the mask, falling linearly to 0 over ``pixels`` outside it."""
     if pixels <= 0:
         return mask
+    if not mask.any():  # no pixel to measure from: scipy's transform then answers 1 everywhere, not infinity
+        return np.zeros_like(mask, dtype=np.float32)
     from scipy import ndimage
 
     distance = ndimage.distance_transform_edt(mask == 0)

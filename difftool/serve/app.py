@@ -21,7 +21,7 @@ from difftool.core.errors import (
     OutputError,
     PluginError,
 )
-from difftool.serve.errors import body_error
+from difftool.serve.errors import body_error, without_paths
 from difftool.serve.jobs import QueueFull
 from difftool.serve.security import AccessDenied, token_matches
 from difftool.serve.server import Server
@@ -149,7 +149,7 @@ def create_app(settings: ServeSettings, registry: Any = None, start_workers: boo
     async def difftool_error(request: Request, error: DifftoolError) -> JSONResponse:
         retry = getattr(error, "retry_after", None)
         headers = {"Retry-After": str(retry)} if retry is not None else None
-        return error_response(status_for(error), str(error), headers)
+        return error_response(status_for(error), without_paths(str(error)), headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

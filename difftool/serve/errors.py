@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
+
+#: An absolute path inside a string (``/models/Lora/ink.safetensors`` in ``"/models/Lora/ink.safetensors:0.5"``).
+ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;\"']+")
+
+
+def without_paths(text: str) -> str:
+    """``text`` with every absolute path cut to its last part: what the server tells a client never shows the
+    server's folder layout (model roots, --allow-path folders, the result folder)."""
+    return ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name or "/", text)
 
 
 def body_error(error: BaseException) -> str:

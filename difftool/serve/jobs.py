@@ -9,9 +9,10 @@ A job that raises fails alone; the worker goes on with the next one.
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
 import math
-import re
+import os
 import shutil
 import tempfile
 import threading
@@ -24,6 +25,7 @@ from typing import Any
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.plan import Plan
+from difftool.serve.errors import without_paths
 
 log = logging.getLogger("difftool.serve")
 
@@ -150,7 +152,8 @@ class JobQueue:
         self._mean_seconds = 5.0  # a moving average of job durations, for Retry-After
         #: When draining ends (monotonic seconds): running jobs are cancelled then; ``None`` until SIGTERM.
         self._deadline: float | None = None
-        self.output_dir = Path(tempfile.mkdtemp(prefix="difftool-serve-"))
+        remove_orphaned_results()
+        self.output_dir, self._marker = make_results_dir()
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +198,14 @@ class JobQueue:
         grace = time.monotonic() + CANCEL_GRACE
         for thread in self._threads:
             thread.join(max(0.0, grace - time.monotonic()))
+        self.remove_results()
+
+    def remove_results(self) -> None:
+        """Delete the result folder this queue made (and release its marker)."""
         shutil.rmtree(self.output_dir, ignore_errors=True)
+        if self._marker >= 0:
+            os.close(self._marker)
+            self._marker = -1
 
     # --- requests -----------------------------------------------------------------------------------
     def submit(self, job: Job) -> Job:
@@ -315,7 +325,7 @@ class JobQueue:
         with self._lock:  # the worker and the abandon timer may both get here
             if job.done.is_set():  # abandoned already: what its task did after that is discarded
                 return
-            job.state, job.error, job.finished = state, error, time.time()
+            job.state, job.error, job.finished = state, without_paths(error), time.time()
             if state == "cancelled" and error_type != SHUTDOWN:
                 error_type = "Cancelled"
             job.error_type = error_type or job.error_type
@@ -336,8 +346,50 @@ class JobQueue:
                 path.unlink(missing_ok=True)
 
 
-#: An absolute path inside a string (``/models/Lora/ink.safetensors`` in ``"/models/Lora/ink.safetensors:0.5"``).
-_ABSOLUTE_PATH = re.compile(r"(?<![\w.])/[^\s:,;\"']+")
+#: The file in a result folder that proves ``difftool serve`` made it; the server holds an ``flock`` on it
+#: for its whole life (the kernel drops it when the process dies, even by SIGKILL).
+RESULTS_MARKER = ".difftool-serve-results"
+_MARKER_MAGIC = b"difftool serve results\n"
+_OPEN = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def make_results_dir(root: str | None = None) -> tuple[Path, int]:
+    """A fresh result folder and the open, locked descriptor of its marker (close it after removing the folder)."""
+    folder = Path(tempfile.mkdtemp(prefix="difftool-serve-", dir=root))
+    fd = os.open(folder / RESULTS_MARKER, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, _MARKER_MAGIC)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return folder, fd
+
+
+def remove_orphaned_results(root: str | None = None) -> list[Path]:
+    """Remove the result folders of servers that died without cleaning up (SIGKILL), and return them.
+
+    Only folders this code can prove it made: a real folder named ``difftool-serve-*`` holding a regular marker
+    file that starts with the magic line and whose lock no live process holds. Anything else is left alone.
+    """
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob("difftool-serve-*"):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            fd = os.open(folder / RESULTS_MARKER, _OPEN)
+        except OSError:  # no marker (another tool's folder, or an older difftool's): not provably ours
+            continue
+        try:
+            if os.read(fd, len(_MARKER_MAGIC) + 1) != _MARKER_MAGIC:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # held: its server is alive
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d result folder(s) left by servers that were killed", len(removed))
+    return removed
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -347,7 +399,7 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     would tell every client the server's folder layout. Prompts are left as written.
     """
     return {
-        key: _ABSOLUTE_PATH.sub(lambda m: Path(m.group(0)).name, value)
+        key: without_paths(value)
         if isinstance(value, str) and "prompt" not in key
         else value
         for key, value in record.items()

@@ -15,7 +15,6 @@ results and cancel flags, and the A1111 options. Ray is imported only when :func
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import signal
 import threading
 from collections.abc import Iterator, MutableMapping
@@ -126,7 +125,7 @@ class DifftoolReplica:
             keep=settings.keep_jobs,
             abandon_after=settings.abandon_after,
         )
-        shutil.rmtree(single.output_dir, ignore_errors=True)
+        single.remove_results()
         queue, make_job = server.queue, server.make_job
 
         def make_job_for_workers(*args: Any, dtype: str | None = None, **kwargs: Any) -> Any:

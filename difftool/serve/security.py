@@ -94,7 +94,7 @@ def resolve_model(name: str | None, registry: Any, policy: PathPolicy, families:
     for entry in registry.find_models():
         if entry.name == name and (not families or entry.family in families):
             return str(entry.path)
-    if policy.roots:
+    if policy.roots and ("/" in name or (policy.roots[0] / name).exists()):  # a path, not a mistyped name
         return str(policy.resolve(name, "model"))
     raise ParameterError(
         f"model {name!r} is not one of this server's models", "GET /v1/models lists the names it accepts"

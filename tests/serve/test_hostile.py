@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,3 +163,94 @@ def test_blank_or_unsendable_tokens_are_refused(token: str) -> None:
 def test_bracketed_ipv6_hosts_are_refused_in_one_line() -> None:
     with pytest.raises(ParameterError, match="without brackets"):
         ServeSettings(host="[::1]").check()
+
+
+def test_result_folders_of_killed_servers_are_removed_only_when_provably_ours(tmp_path: Path) -> None:
+    """Issue 29 item 12: a SIGKILLed server's folder is removed by the next start; nothing else is."""
+    import multiprocessing
+    import signal
+
+    from difftool.serve.jobs import RESULTS_MARKER, make_results_dir, remove_orphaned_results
+
+    def serve_then_hang(root: str, ready: Any) -> None:
+        folder, _ = make_results_dir(root)
+        (folder / "job-0-0.png").write_bytes(b"result")
+        ready.put(str(folder))
+        time.sleep(600)
+
+    context = multiprocessing.get_context("fork")
+    ready = context.Queue()
+    killed = context.Process(target=serve_then_hang, args=(str(tmp_path), ready))
+    killed.start()
+    dead_folder = Path(ready.get(timeout=30))
+    alive_folder, marker = make_results_dir(str(tmp_path))  # this process: alive, holds its lock
+    users = tmp_path / "difftool-serve-mine"  # the name, but no marker: a user's folder
+    users.mkdir()
+    (users / "photo.png").write_bytes(b"keep")
+    forged = tmp_path / "difftool-serve-forged"  # a marker without the magic line
+    forged.mkdir()
+    (forged / RESULTS_MARKER).write_bytes(b"something else\n")
+    linked = tmp_path / "difftool-serve-link"
+    linked.symlink_to(users)
+    try:
+        assert remove_orphaned_results(str(tmp_path)) == []  # the killed one is still alive here
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.join(30)
+        assert remove_orphaned_results(str(tmp_path)) == [dead_folder]
+        assert not dead_folder.exists()
+        assert alive_folder.exists() and (users / "photo.png").exists() and forged.exists() and linked.is_symlink()
+    finally:
+        os.close(marker)
+        if killed.is_alive():
+            killed.kill()
+
+
+def test_errors_never_show_the_servers_paths(make_client: Any, model_root: Path, tmp_path: Path) -> None:
+    """Issue 29 item 11: errors named the model roots and the --allow-path folder's absolute path."""
+    from serve_helpers import wait_for
+
+    allowed = tmp_path / "allowed"
+    (allowed / "not-a-model").mkdir(parents=True)
+    (allowed / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    client = make_client(allow_paths=(allowed,))
+    texts = []
+    job = client.post("/v1/jobs", json={**GENERATE, "model": "not-a-model"})
+    texts.append(job.text)
+    if job.status_code == 202:
+        texts.append(json_text(wait_for(client, job.json()["id"])))
+    texts.append(client.post("/v1/jobs", json={"task": "superres", "inputs": [{"path": "broken.png"}]}).text)
+    for text in texts:
+        assert "error" in text and str(tmp_path) not in text and str(model_root) not in text, text
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+def test_an_unknown_model_name_is_422_on_an_allow_path_server_too(
+    make_client: Any, model_root: Path, tmp_path: Path
+) -> None:
+    """Issue 29 item 10: was 403 'does not exist inside an allowed folder'."""
+    client = make_client(allow_paths=(tmp_path,), start_workers=False)
+    for params in ({"control": [{"model": "no-such-cn"}]}, {"hires": 2.0, "hires_upscaler": "no-such-upscaler"}):
+        body = {**GENERATE, "params": {**GENERATE["params"], **params}}
+        assert "not one of this server's models" in _error(client.post("/v1/jobs", json=body), 422)
+    response = client.post("/v1/jobs", json={**GENERATE, "model": "sub/missing.safetensors"})
+    assert "does not exist inside an allowed folder" in _error(response, 403)  # a path stays a path
+
+
+def test_a1111_unknown_fields_are_refused_and_extras_scales_work(make_client: Any, model_root: Path) -> None:
+    """Issue 29 item 10: unknown fields were silently accepted; extras 1, 3 and 8 failed with 'no variant'."""
+    client = make_client(default_model="tiny-sd")
+    body = {"prompt": "x", "steps": 1, "width": 16, "height": 16, "outpath_samples": "/tmp"}
+    assert "outpath_samples" in _error(client.post("/sdapi/v1/txt2img", json=body), 422)
+    extra = {"image": b64(png_bytes(12, 8)), "upscaler_1": "difftool", "upscaling_resize": 2, "anything": 1}
+    assert "anything" in _error(client.post("/sdapi/v1/extra-single-image", json=extra), 422)
+    del extra["anything"]
+    for scale in (1, 3, 8):
+        response = client.post("/sdapi/v1/extra-single-image", json={**extra, "upscaling_resize": scale})
+        assert response.status_code == 200, response.text
+        image = Image.open(io.BytesIO(base64.b64decode(response.json()["image"])))
+        assert image.size == (12 * scale, 8 * scale)

@@ -103,10 +103,49 @@ def add_task_schemas(app: FastAPI, server: Server) -> None:
             schemas["JobRequest"] = JobRequest.model_json_schema(ref_template="#/components/schemas/{model}")
             for name in sorted(server.registry.tasks):
                 schemas[f"{name}Params"] = task_schema(server.registry.task(name), server.registry)
+            document_errors(document)
             app.openapi_schema = document
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+#: What every route may answer besides its success, with the server's one error shape ``{"error": "..."}``.
+ERROR_STATUSES = {
+    "401": "missing or wrong API token (with --api-token)",
+    "403": "a path outside the --allow-path folders, or a pickle",
+    "404": "no such job or task",
+    "409": "the job is not done, or was cancelled",
+    "413": "the body, an image or the requested outputs are over the server's limits",
+    "422": "a parameter, field or image the request got wrong (the message names it)",
+    "429": "the queue is full (see Retry-After)",
+    "500": "a bug: the server log has the traceback",
+    "503": "the server is shutting down (see Retry-After)",
+}
+
+
+def document_errors(document: dict[str, Any]) -> None:
+    """Make the OpenAPI document say what the server sends: errors as ``{"error": "..."}`` (never FastAPI's
+    ``{"detail": [...]}``) on every route, and the events route as ``text/event-stream``."""
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = {
+        "type": "object",
+        "properties": {"error": {"type": "string", "description": "one line: the problem and the fix"}},
+        "required": ["error"],
+    }
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for path, operations in document.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, description in ERROR_STATUSES.items():
+                responses[status] = {"description": description, "content": error}
+            if path.endswith("/events"):
+                responses["200"] = {
+                    "description": "Server-Sent Events: progress, preview, then done, failed or cancelled",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                }
 
 
 class JobRequest(BaseModel):

@@ -46,6 +46,6 @@ TENSORRT_OPTIONS = (
         env="DIFFTOOL_TRT_WORKSPACE_GB",
         help="builder workspace in GiB (0: 60% of the GPU's free memory)",
     ),
-    _auto_on_off("refit", "DIFFTOOL_TRT_REFIT", "refittable engines (auto: Stable Diffusion before TensorRT 11.3: a LoRA refits)"),
+    _auto_on_off("refit", "DIFFTOOL_TRT_REFIT", "refittable engines (auto: Stable Diffusion, TensorRT < 11.3)"),
     _auto_on_off("cuda_graphs", "DIFFTOOL_TRT_CUDA_GRAPH", "replay CUDA graphs (auto: when the shapes are static)"),
 )

@@ -254,3 +254,21 @@ def test_a1111_unknown_fields_are_refused_and_extras_scales_work(make_client: An
         assert response.status_code == 200, response.text
         image = Image.open(io.BytesIO(base64.b64decode(response.json()["image"])))
         assert image.size == (12 * scale, 8 * scale)
+
+
+def test_the_http_surface_says_what_it_does(make_client: Any) -> None:
+    """Issue 29 item 9: HEAD was 405, guard answers had no CORS headers, the OpenAPI document promised FastAPI's
+    {"detail": [...]} errors and JSON events."""
+    client = make_client(start_workers=False, api_token="s3cret-token-0123", cors_origins=("https://app.example",))
+    auth = {"Authorization": "Bearer s3cret-token-0123"}
+    head = client.head("/v1/tasks", headers=auth)
+    assert head.status_code == 200 and head.content == b""
+    refused = client.get("/v1/tasks", headers={"Origin": "https://app.example"})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "https://app.example"
+    document = client.get("/openapi.json", headers=auth).json()
+    assert "HTTPValidationError" not in json_text(document)
+    create = document["paths"]["/v1/jobs"]["post"]["responses"]
+    assert {"401", "403", "413", "422", "429", "503"} <= set(create)
+    assert create["422"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
+    events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    assert set(events) == {"text/event-stream"}

@@ -92,6 +92,18 @@ def test_a_client_that_disconnects_cancels_its_job(live_server: str) -> None:
     assert progress["state"]["job_count"] == 0
 
 
+def _wait_started(base: str, server: subprocess.Popen) -> float:
+    """Wait until the server at ``base`` answers; returns the deadline (60 s from now) for later waits."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            requests.get(f"{base}/v1/tasks", timeout=5)
+            return deadline
+        except requests.ConnectionError:
+            assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
+            time.sleep(0.1)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -107,14 +119,7 @@ def test_sigterm_stops_cleanly(model_root: Path, tmp_path: Path) -> None:
     server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(f"{base}/v1/tasks", timeout=5)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
+        _wait_started(base, server)
         body = {"task": "generate", "model": "tiny-sd", "seed": 1,
                 "params": {"prompt": "x", "steps": 500, "width": 16, "height": 16}}  # fmt: skip
         job = requests.post(f"{base}/v1/jobs", json=body, timeout=30).json()
@@ -150,14 +155,7 @@ def test_sigterm_answers_waiting_clients_in_json_within_the_timeout(model_root: 
         answers[name] = requests.post(f"{base}/sdapi/v1/txt2img", json=body, timeout=120)
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(f"{base}/v1/tasks", timeout=5)
-                break
-            except requests.ConnectionError:
-                assert time.monotonic() < deadline and server.poll() is None, "the server did not start"
-                time.sleep(0.1)
+        deadline = _wait_started(base, server)
         threads = [threading.Thread(target=client, args=(name,)) for name in ("running", "queued")]
         threads[0].start()
         while not requests.get(f"{base}/sdapi/v1/progress", timeout=10).json()["state"]["sampling_step"]:

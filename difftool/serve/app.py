@@ -213,17 +213,49 @@ def run(app: FastAPI, settings: ServeSettings) -> None:
             queue.drain(settings.shutdown_timeout * DRAIN_SHARE)
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(
+    server = DrainingServer(uvicorn_config(app, settings))
+    server.run()
+    if not server.started:
+        raise SystemExit(3)
+
+
+def uvicorn_config(app: FastAPI, settings: ServeSettings) -> Any:
+    """uvicorn's configuration for ``app``: the address, the graceful timeout, and a header timeout."""
+    import h11
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        """uvicorn waits forever for a request's headers (its keep-alive timer runs only after a response, and
+        every byte received cancels it): 500 half-open connections stayed open. Here a connection whose
+        client has not finished a request's headers ``header_timeout`` seconds after connecting, or after
+        the previous response, is closed."""
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._header_timer = self.loop.call_later(settings.header_timeout, self._headers_too_slow)
+
+        def _headers_too_slow(self) -> None:
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # no request under way
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._header_timer.cancel()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level="info",
+        http=HeaderTimeoutProtocol,
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
-        # A client that opens a connection and never finishes its headers is dropped (h11's keep-alive timer
-        # covers a connection with no request in flight).
-        timeout_keep_alive=5,
     )
-    server = DrainingServer(config)
-    server.run()
-    if not server.started:
-        raise SystemExit(3)

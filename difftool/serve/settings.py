@@ -38,6 +38,8 @@ class ServeSettings:
     shutdown_timeout: float = 30.0
     #: The A1111 ``sd_model_checkpoint`` option at start (``None``: the first Stable Diffusion model found).
     default_model: str | None = None
+    #: Seconds a client has to send a request's headers after connecting (or after the previous response).
+    header_timeout: float = 10.0
     #: Largest image a request may send or ask for (pixels); its outputs together: ``WORK_OUTPUTS`` times this.
     max_pixels: int = DEFAULT_MAX_PIXELS
 

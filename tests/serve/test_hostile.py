@@ -272,3 +272,39 @@ def test_the_http_surface_says_what_it_does(make_client: Any) -> None:
     assert create["422"]["content"]["application/json"]["schema"]["$ref"] == "#/components/schemas/Error"
     events = document["paths"]["/v1/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
     assert set(events) == {"text/event-stream"}
+
+
+def test_a_client_that_never_finishes_its_headers_is_disconnected(serve_registry: Any) -> None:
+    """Issue 29 item 8: 500 half-open connections stayed open (uvicorn has no header timeout)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from difftool.serve.app import create_app, uvicorn_config
+
+    settings = ServeSettings(header_timeout=0.5)
+    app = create_app(settings, serve_registry, start_workers=False)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.02)
+        port = listener.getsockname()[1]
+        slow, idle = (socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2))
+        slow.sendall(b"GET /v1/tasks HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        for _ in range(3):  # trickling bytes does not keep it open
+            time.sleep(0.2)
+            slow.sendall(b"X-A: b\r\n")
+        good = socket.create_connection(("127.0.0.1", port), timeout=10)  # a prompt client is served
+        good.sendall(b"GET /v1/schedulers HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert good.recv(100).startswith(b"HTTP/1.1 200")
+        time.sleep(1.0)
+        assert slow.recv(100) == b"" and idle.recv(100) == b""  # closed by the server
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        listener.close()

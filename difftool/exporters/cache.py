@@ -309,8 +309,11 @@ class ArtifactCache:
         ]
 
     def clear(self) -> int:
-        """Delete every entry: folders holding a manifest this cache wrote, nothing else."""
-        entries = [folder for folder, _ in self.entries() if (folder / MANIFEST).is_file()]
+        """Delete every entry: real folders holding a manifest this cache wrote, nothing else (a symlink placed
+        in the cache is neither followed nor counted); returns how many are gone."""
+        entries = [
+            folder for folder, _ in self.entries() if not folder.is_symlink() and (folder / MANIFEST).is_file()
+        ]
         for folder in entries:
             shutil.rmtree(folder, ignore_errors=True)
-        return len(entries)
+        return sum(not folder.exists() for folder in entries)

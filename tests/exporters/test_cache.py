@@ -180,3 +180,16 @@ def test_an_entry_another_process_uses_is_never_removed(tmp_path: Path) -> None:
         user.wait(timeout=60)
     cache.get_or_build("onnx", "unet", {**BASE, "onnxruntime": "1.34"}, builder(calls))
     assert not first.path.exists()  # released: now it is superseded like any other
+
+
+def test_clear_neither_follows_nor_counts_a_symlinked_entry(tmp_path: Path) -> None:
+    """Issue 29 item 20: `cache clear` reported removing a symlinked entry it never removed."""
+    cache = ArtifactCache(tmp_path / "cache")
+    real = cache.get_or_build("onnx", "unet", BASE, builder([]))
+    elsewhere = tmp_path / "elsewhere"  # an entry copied out of the cache, then linked back in
+    import shutil
+
+    shutil.copytree(real.path, elsewhere)
+    (real.path.parent / "linked-entry").symlink_to(elsewhere)
+    assert cache.clear() == 1
+    assert not real.path.exists() and (elsewhere / "model.bin").exists()

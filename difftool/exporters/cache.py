@@ -116,10 +116,23 @@ def _hash_check(folder: Path) -> Entry | None:
     return Entry(folder, manifest)
 
 
+def _lock_file(path: Path) -> IO[str]:
+    """The lock file ``path``, opened (and its folder made); an unwritable cache is the user's to fix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")  # noqa: SIM115 - the caller closes it (or keeps it for the lock's life)
+    except OSError as error:  # read-only, permissions, a file where a folder should be
+        from difftool.core.errors import OutputError
+
+        raise OutputError(
+            f"the artifact cache cannot be written at {path.parent} ({error.strerror or error})",
+            "point DIFFTOOL_CACHE at a writable folder",
+        ) from None
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    with _lock_file(path) as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -141,8 +154,7 @@ def _hold(path: Path) -> None:
     with _IN_USE_LOCK:
         if path in _IN_USE:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - kept open: the lock lives as long as the handle
+        handle = _lock_file(path)  # kept open: the lock lives as long as the handle
         fcntl.flock(handle, fcntl.LOCK_SH)
         _IN_USE[path] = handle
 

@@ -193,3 +193,12 @@ def test_clear_neither_follows_nor_counts_a_symlinked_entry(tmp_path: Path) -> N
     (real.path.parent / "linked-entry").symlink_to(elsewhere)
     assert cache.clear() == 1
     assert not real.path.exists() and (elsewhere / "model.bin").exists()
+
+
+def test_an_unwritable_cache_names_difftool_cache(tmp_path: Path) -> None:
+    """Issue 29 item 20: it was reported as 'cannot be exported, use --backend torch'."""
+    from difftool.core.errors import OutputError
+
+    (tmp_path / "onnx").write_text("a file where the cache's folder should be")
+    with pytest.raises(OutputError, match="artifact cache cannot be written.*DIFFTOOL_CACHE"):
+        ArtifactCache(tmp_path).get_or_build("onnx", "unet", BASE, builder([]))

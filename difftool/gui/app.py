@@ -138,6 +138,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         action(edit_menu, "&Paste image", self.paste, QKeySequence.StandardKey.Paste)
         action(edit_menu, "&Copy result", self.copy_result, QKeySequence.StandardKey.Copy)
         action(edit_menu, "&Reuse parameters of the selected result", self.reuse_selected)
+        action(edit_menu, "Reuse parameters from an &image file…", self.reuse_file_dialog)
         action(edit_menu, "&Use result as input", lambda: self.send_to(None), "Ctrl+I")
         self.send_menu = edit_menu.addMenu("&Send result to")
 
@@ -211,12 +212,18 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
             return
         self.set_source(loaded.to_pil(keep_mode=False), Path(path))
         self.settings.setValue("open_dir", str(Path(path).parent))
+        # Opening sets the input and nothing else: the record an image carries may come from anyone (it can
+        # name files and ask for pickles). Reusing it is its own action, which shows what it would fill.
         try:
             meta = read_metadata(path)  # PNG text, or JPEG/WebP EXIF
         except DifftoolError:
             meta = {}  # unreadable metadata: the image itself opened fine
-        if meta:
-            self.reuse_record(meta.get("difftool") or {}, meta.get("parameters") or {})
+        if meta.get("difftool") or meta.get("parameters"):
+            self.statusBar().showMessage(
+                f"{Path(path).name} carries the parameters it was made with: "
+                "Edit > Reuse parameters from an image file… fills the form with them",
+                15_000,
+            )
 
     def set_source(
         self, image: Image.Image, path: Path | None = None, name: str = "", stem: str = "", folder: str = ""

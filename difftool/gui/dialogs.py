@@ -1,4 +1,4 @@
-"""The app's dialogs: Help > About, File > Connect to server."""
+"""The app's dialogs: Help > About, File > Connect to server, Edit > Reuse parameters from an image file."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PySide6.QtWidgets import (
     QFormLayout,
     QLabel,
     QLineEdit,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QVBoxLayout,
@@ -55,3 +56,28 @@ def ask_server(parent: QWidget, url: str) -> tuple[str, str | None] | None:
     if dialog.exec() != QDialog.DialogCode.Accepted or not address.text().strip():
         return None
     return address.text().strip(), token.text() or None
+
+
+def ask_reuse_files(
+    parent: QWidget, name: str, files: dict[str, list[str]], missing: dict[str, list[str]]
+) -> bool | None:
+    """Whether to fill the files an image's record names (``True``), leave them empty (``False``), or
+    reuse nothing (``None``). Only files that exist here are listed; the record may come from anyone."""
+    lines = [f"• {key.replace('_', ' ')}: {', '.join(paths)}" for key, paths in files.items()]
+    gone = [f"• {key.replace('_', ' ')}: {', '.join(paths)}" for key, paths in missing.items()]
+    box = QMessageBox(QMessageBox.Icon.Question, "Reuse parameters", "", parent=parent)
+    box.setText(
+        f"The parameters in {name} name these files on this machine. A run reads them: fill them only if "
+        "you trust where the image came from."
+    )
+    box.setInformativeText(
+        "\n".join(lines + (["", "Not found here (left empty):", *gone] if gone else []))
+        + '\n\n"allow pickle" is never taken from an image file.'
+    )
+    fill = box.addButton("Fill these files too", QMessageBox.ButtonRole.AcceptRole)
+    leave = box.addButton("Leave them empty", QMessageBox.ButtonRole.DestructiveRole)
+    box.addButton(QMessageBox.StandardButton.Cancel)
+    box.setDefaultButton(leave)
+    box.exec()
+    clicked = box.clickedButton()
+    return True if clicked is fill else False if clicked is leave else None

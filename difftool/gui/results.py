@@ -12,8 +12,9 @@ from PIL import Image
 from PySide6.QtGui import QGuiApplication
 from PySide6.QtWidgets import QFileDialog, QListWidgetItem
 
-from difftool.core.images import save_image
+from difftool.core.images import read_metadata, save_image
 from difftool.gui.convert import pil_to_qimage
+from difftool.gui.reuse import Reuse, plan_reuse
 
 SAVE_FILTER = "PNG with metadata (*.png);;JPEG with metadata (*.jpg);;WebP with metadata (*.webp)"
 
@@ -86,11 +87,15 @@ class ResultActions:
             QGuiApplication.clipboard().setImage(pil_to_qimage(result.image))
 
     def reuse_selected(self) -> None:
-        """Edit > Reuse parameters: the form, seed and the job's own images (a painted mask comes back painted)."""
+        """Edit > Reuse parameters: every field the record holds (the others back to the task's defaults), the
+        model, backend, device, precision and seed, and the job's own images (a painted mask comes back painted).
+        """
         job = self.history_list.selected_job()
         if job is None:
+            self.show_error("run a task first: there is no result to reuse")
             return
-        self.reuse_record(job.result.record, {})
+        reuse = plan_reuse(job.result.record, {}, self.registry.task(job.task).params, trusted=True)
+        notes = self.apply_reuse(reuse, with_files=True)
         kinds = {p.name: p.type for p in self.registry.task(job.task).params}
         painted = [v for k, v in job.params.items() if kinds.get(k) in ("image", "mask") and isinstance(v, Image.Image)]
         if painted:  # the mask was painted, not a file: paint it back on the job's source
@@ -99,35 +104,77 @@ class ResultActions:
             if self.canvas.mask is not None:
                 self.canvas.mask.load(pil_to_qimage(painted[0].convert("L")))
                 self.canvas.update()
-            self.statusBar().showMessage("the painted mask is back on the canvas", 10_000)
+            notes = [n for n in notes if "painted" not in n] + ["the painted mask is back on the canvas"]
+        self.statusBar().showMessage(f"reused the parameters of #{job.id} {job.task}; " + "; ".join(notes), 15_000)
 
-    def reuse_record(self, record: dict[str, Any], a1111: dict[str, Any]) -> None:
-        """Fill the task, form and seed from a difftool record or A1111 ``parameters``."""
+    def reuse_file_dialog(self) -> None:
+        """Edit > Reuse parameters from an image file…: the form from the record an image carries."""
+        start = str(self.source_path) if self.source_path is not None else str(self.settings.value("open_dir", ""))
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Reuse the parameters of an image", start, "Images (*.png *.jpg *.jpeg *.webp)"
+        )
+        if path:
+            self.reuse_file(path)
+
+    def reuse_file(self, path: str | Path) -> bool:
+        """Fill the task, form, panel and seed from the difftool or A1111 record in the image at ``path``.
+
+        The file may come from anyone: its ``allow_pickle`` is never taken, and the files it names are
+        listed for the user to fill or leave out (only those that exist here are offered).
+        """
+        from difftool.core.errors import DifftoolError
+        from difftool.gui import dialogs
+
+        name = Path(path).name
+        try:
+            meta = read_metadata(path)
+        except DifftoolError as error:
+            self.show_error(str(error))
+            return False
+        record, a1111 = meta.get("difftool") or {}, meta.get("parameters") or {}
+        if not record and not a1111:
+            self.show_error(f"{name} holds no parameters to reuse (it was not made by difftool or A1111)")
+            return False
         task = record.get("task") or a1111.get("difftool task")
-        if task in self.registry.tasks:
-            self.task_box.setCurrentText(task)
-        values = dict(record)
-        if a1111:  # A1111's text, with its labels and sampler names turned into this task's parameters
-            from difftool.core.metadata import params_from_a1111
+        params = self.registry.task(task).params if task in self.registry.tasks else self.form.task.params
+        labels = {entry.label: key for key, entry in getattr(self.registry, "schedulers", {}).items()}
+        reuse = plan_reuse(record, a1111, params, trusted=False, sampler_labels=labels)
+        with_files = False
+        if reuse.files:
+            answer = dialogs.ask_reuse_files(self, name, reuse.files, reuse.missing)
+            if answer is None:
+                return False
+            with_files = answer
+        notes = self.apply_reuse(reuse, with_files)
+        if str(record.get("allow_pickle", "")).lower() in ("1", "true", "yes"):
+            notes.append('"allow pickle" is never taken from a file: tick it yourself if you trust its files')
+        self.statusBar().showMessage(f"reused the parameters of {name}; " + "; ".join(notes), 15_000)
+        return True
 
-            labels = {entry.label: name for name, entry in getattr(self.registry, "schedulers", {}).items()}
-            for key, value in params_from_a1111(a1111, labels).items():
-                values.setdefault(key, value)
-        missing = []
-        for param in self.form.task.params:  # images come back as images, never as their record's text
-            value = values.get(param.name)
-            if param.type in ("image", "mask") and value is not None:
-                if value == "<image>" or not Path(str(value)).is_file():
-                    values.pop(param.name)
-                    missing.append(param.name)
-        self.form.set_values({k: v for k, v in values.items() if k in self.form.widgets})
-        if values.get("seed") not in (None, ""):
-            self.seed_box.setValue(int(values["seed"]))
-        for name in missing:
-            self.form.widgets[name].edit.clear()  # a PathField: empty, not the previous run's file
-        if missing:
-            self.statusBar().showMessage(
-                f"{', '.join(missing)}: the image it used is not a file here (it was painted or moved); "
-                "paint it or choose it again",
-                10_000,
-            )
+    def apply_reuse(self, reuse: Reuse, with_files: bool) -> list[str]:
+        """Set the task, then every field ``reuse`` holds and the task's defaults for the others; the
+        panel's model, backend, device, precision and seed. Returns what could not be set, in words."""
+        if reuse.task in self.registry.tasks:
+            self.task_box.setCurrentText(reuse.task)
+        form = self.form
+        form.reset()
+        notes = []
+        values = reuse.values if with_files else reuse.without_files
+        for key, value in values.items():
+            if key not in form.widgets:
+                continue
+            try:
+                form.set_values({key: value})
+            except (TypeError, ValueError):
+                notes.append(f'"{key.replace("_", " ")}" {value!r} does not fit this form: left at its default')
+        left_out = [] if with_files else [k for k in reuse.files if k not in reuse.without_files]
+        for key in left_out:
+            notes.append(f'"{key.replace("_", " ")}" left empty (its file was not filled)')
+        for key, gone in reuse.missing.items():
+            label = key.replace("_", " ")
+            if any("painted" in g for g in gone):
+                notes.append(f'"{label}": the image it used was painted; paint it or choose it again')
+            else:
+                notes.append(f'"{label}" left out: {", ".join(gone)} is not a file here')
+        notes += self.task_panel.apply_options(reuse.options)
+        return notes

@@ -263,6 +263,57 @@ class TaskPanel(QWidget):
                 self.model_box.setCurrentIndex(0)
         self._show_availability()
 
+    def apply_options(self, options: dict[str, Any]) -> list[str]:
+        """Set the model, backend, device, precision, backend options and seed a record names (reuse);
+        returns, in words, what this machine cannot set."""
+        notes: list[str] = []
+        if "seed" in options:
+            self.seed_box.setValue(int(options["seed"]))
+        task = self.registry.task(self.task_box.currentText())
+        if not task.uses_model:
+            return notes
+        model = str(options.get("model") or "")
+        if model:
+            index = self._find_model(model)
+            if index >= 0:
+                self.model_box.setCurrentIndex(index)
+                self._show_availability()
+            else:
+                notes.append(f'the model {model} is not listed here: choose it in "model"')
+        for key, box, label in (
+            ("device", self.device_box, "device"),
+            ("backend", self.backend_box, "backend"),
+            ("dtype", self.dtype_box, "precision"),
+        ):
+            wanted = options.get(key)
+            if not wanted:
+                continue
+            index = box.findText(str(wanted))
+            usable = index >= 0 and box.model().item(index).isEnabled()  # type: ignore[attr-defined]
+            if usable:
+                box.setCurrentIndex(index)
+            else:
+                notes.append(f'{label} {wanted} is not available here: "{label}" is {box.currentText()}')
+        recorded = options.get("backend_options")
+        if isinstance(recorded, dict) and self.options_form is not None:
+            self.options_form.reset()
+            self.options_form.set_values({k: v for k, v in recorded.items() if k in self.options_form.widgets})
+        return notes
+
+    def _find_model(self, name: str) -> int:
+        """The offered entry of the model a record names (its listed name, or a Browsed file's name)."""
+        view = self.model_box.view()
+        for index in range(self.model_box.count()):
+            if view.isRowHidden(index):
+                continue
+            data = self.model_box.itemData(index)
+            names = {self.model_box.itemText(index)}
+            if data:
+                names |= {Path(str(data)).name, Path(str(data)).stem}
+            if name in names:
+                return index
+        return -1
+
     def run_options(self, uses_model: bool) -> dict[str, Any]:
         """Model, backend, device, precision and backend options for :func:`difftool.api.run`."""
         options: dict[str, Any] = {"seed": None if self.seed_box.value() < 0 else self.seed_box.value()}

@@ -132,7 +132,10 @@ def test_reuse_parameters_from_a_png(window, qapp, tmp_path: Path) -> None:
     path = save_image(
         Image.new("RGB", (8, 8)), tmp_path / "made.png", {"task": "dial", "count": 8, "strength": 0.9, "seed": 77}
     )
-    window.open_path(path)
+    window.task_box.setCurrentText("superres")
+    window.open_path(path)  # opening sets the input only (issue 34, item 1); reusing is its own action
+    assert window.task_box.currentText() == "superres" and window.seed_box.value() == -1
+    assert window.reuse_file(path)
     assert window.task_box.currentText() == "dial"
     assert window.form.values()["count"] == 8 and window.seed_box.value() == 77
 
@@ -190,7 +193,7 @@ def test_cancel_mid_run_adds_no_result(window, qapp) -> None:
     assert window.history_list.count() == 0 and window.selected_result() is None
 
 
-def test_dropping_a_png_with_a1111_metadata_restores_parameters(window, qapp, tmp_path: Path) -> None:
+def test_dropping_a_png_with_a1111_metadata_opens_it_and_reuse_restores_parameters(window, qapp, tmp_path) -> None:
     from PIL import PngImagePlugin
     from PySide6.QtCore import QMimeData, QPoint, Qt, QUrl
     from PySide6.QtGui import QDropEvent
@@ -205,6 +208,8 @@ def test_dropping_a_png_with_a1111_metadata_restores_parameters(window, qapp, tm
         QPoint(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier
     )
     window.dropEvent(event)
+    assert window.source is not None and window.seed_box.value() == -1
+    assert window.reuse_file(path)
     assert window.task_box.currentText() == "superres"
     assert window.form.values()["steps"] == 6 and window.seed_box.value() == 4242
     assert window.source is not None and window.source.size == (16, 16)
@@ -451,7 +456,7 @@ def test_reusing_an_inpaint_brings_the_painted_mask_back_not_its_placeholder(win
 
     saved = window.save_result(tmp_path / "inpainted.png")  # from the saved PNG: left empty, with a note
     window.form.widgets["mask"].edit.setText("stale.png")
-    window.open_path(saved)
+    window.reuse_file(saved)
     assert window.form.widgets["mask"].text() == "" and "mask" in window.statusBar().currentMessage()
 
 

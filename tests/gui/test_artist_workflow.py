@@ -342,7 +342,7 @@ def test_an_a1111_png_fills_the_generate_form_including_hires(window, qapp, tmp_
     path = tmp_path / "webui.png"
     Image.new("RGB", (8, 8)).save(path, pnginfo=info)
     window.task_box.setCurrentText("generate")
-    window.open_path(path)
+    window.reuse_file(path)
     values = window.form.values()
     assert values["prompt"] == "a castle" and values["negative_prompt"] == "fog" and values["steps"] == 30
     assert values["scheduler"] == "dpmpp-2m-karras" and values["guidance_scale"] == pytest.approx(6.5)

@@ -38,7 +38,12 @@ def test_generate_form_has_refiner_fields_and_the_picker_offers_no_refiner_as_mo
     assert "refiner" not in win.form.values()
     upscaler = win.form.widgets["hires_upscaler"]
     assert [upscaler.itemText(i) for i in range(3)] == ["", "latent", "embedded"]
-    win.reuse_record({}, {"prompt": "a cat", "Refiner": "tiny-refiner [0123456789]", "Refiner switch at": "0.7"})
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 20, Refiner: tiny-refiner [0123456789], Refiner switch at: 0.7")
+    Image.new("RGB", (8, 8)).save(tmp_path / "webui.png", pnginfo=info)
+    assert win.reuse_file(tmp_path / "webui.png")
     values = win.form.values()
     assert values["refiner"] == "tiny-refiner" and values["refiner_switch"] == pytest.approx(0.7)
     win.close()

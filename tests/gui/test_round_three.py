@@ -1,0 +1,108 @@
+"""Issue 34, the desktop app's third round: numbers an artist can trust, a window that keeps out of the way.
+
+Each test drives the window offscreen and asserts what the artist would see or get (widget values,
+pixels of reruns, focus), one numbered item of the issue at a time.
+"""
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication, QMessageBox
+
+from difftool.core.images import save_image
+from difftool.gui import dialogs
+
+
+def shown(window, qapp, size=(1280, 800)) -> None:
+    window.resize(*size)
+    window.show()
+    for _ in range(10):
+        qapp.processEvents()
+
+
+# --- 1. opening someone else's image never trusts its record ---------------------------------------------
+
+
+@pytest.fixture
+def foreign_png(tmp_path: Path) -> tuple[Path, dict[str, Path]]:
+    """A PNG whose difftool record asks for pickles and names files: two exist here, three do not."""
+    files = {"vae": tmp_path / "vae.safetensors", "lora": tmp_path / "ink.safetensors"}
+    for path in files.values():
+        path.write_bytes(b"")
+    record = {
+        "task": "generate",
+        "prompt": "a castle",
+        "steps": 9,
+        "seed": 4242,
+        "allow_pickle": True,
+        "vae": str(files["vae"]),
+        "lora": f"{files['lora']}:0.6,{tmp_path / 'gone.safetensors'}:1",
+        "embedding": str(tmp_path / "nowhere" / "evil.pt"),
+        "control": [f"{tmp_path / 'cn.safetensors'}={tmp_path / 'edges.png'},pre=none"],
+    }
+    return save_image(Image.new("RGB", (8, 8), (9, 9, 9)), tmp_path / "foreign.png", record), files
+
+
+def test_opening_an_image_sets_the_input_and_nothing_else(window, qapp, foreign_png) -> None:
+    path, _ = foreign_png
+    window.task_box.setCurrentText("superres")
+    window.open_path(path)
+    assert window.source is not None and window.source.size == (8, 8)
+    assert window.task_box.currentText() == "superres" and window.seed_box.value() == -1  # not its task, not its seed
+    assert "Reuse parameters from an image file" in window.statusBar().currentMessage()
+    window.task_box.setCurrentText("generate")
+    values = window.form.values()
+    assert values["allow_pickle"] is False and "vae" not in values and "lora" not in values
+    assert values.get("prompt", "") == "" and values["steps"] == 25
+
+
+def test_reusing_a_file_never_takes_allow_pickle_and_offers_only_the_files_that_exist(
+    window, qapp, foreign_png, monkeypatch
+) -> None:
+    path, files = foreign_png
+    asked: list[tuple[dict, dict]] = []
+    answer = {"value": False}
+
+    def ask(parent, name, found, missing):
+        asked.append((found, missing))
+        return answer["value"]
+
+    monkeypatch.setattr(dialogs, "ask_reuse_files", ask)
+    assert window.reuse_file(path)  # "Leave them empty"
+    found, missing = asked[0]
+    assert found == {"vae": [str(files["vae"])], "lora": [str(files["lora"])]}  # only what exists, shown first
+    assert set(missing) == {"lora", "embedding", "control"}
+    values = window.form.values()
+    assert window.task_box.currentText() == "generate" and values["prompt"] == "a castle" and values["steps"] == 9
+    assert values["allow_pickle"] is False and "vae" not in values and "lora" not in values
+    assert "control" not in values and "embedding" not in values and window.seed_box.value() == 4242
+    assert '"allow pickle" is never taken' in window.statusBar().currentMessage()
+
+    answer["value"] = True  # "Fill these files too": the existing ones, never the missing ones nor the pickles
+    assert window.reuse_file(path)
+    values = window.form.values()
+    assert values["vae"] == str(files["vae"]) and values["lora"] == f"{files['lora']}:0.6"
+    assert values["allow_pickle"] is False and "control" not in values and "embedding" not in values
+
+    window.form.widgets["steps"].setValue(3)
+    answer["value"] = None  # Cancel: nothing changes
+    assert not window.reuse_file(path)
+    assert window.form.values()["steps"] == 3
+
+
+def test_the_reuse_dialog_lists_the_files_and_defaults_to_leaving_them_out(window, qapp, foreign_png) -> None:
+    path, files = foreign_png
+    seen: list[str] = []
+
+    def answer() -> None:
+        box = QApplication.activeModalWidget()
+        assert isinstance(box, QMessageBox)
+        seen.append(box.informativeText())
+        box.defaultButton().click()
+
+    QTimer.singleShot(50, answer)
+    assert window.reuse_file(path)
+    assert str(files["vae"]) in seen[0] and "gone.safetensors" in seen[0] and "allow pickle" in seen[0]
+    assert "vae" not in window.form.values()  # the default button leaves the files out

@@ -80,3 +80,98 @@ def random_mask(size: int, rng: np.random.Generator, min_area: float = 0.05, max
         rows = np.cumsum(array.sum(axis=1)) / array.size
         array[np.searchsorted(rows, max_area) :] = 0
     return array
+
+
+# --- real-world degradations (the ``difftool-real`` superres models) -------------------------------------
+# Written here rather than taken from Real-ESRGAN/BasicSR: those pull in torchvision and OpenCV, which cannot
+# load here, and work on GPU batches; these are the same steps (Wang et al. 2021, "Real-ESRGAN", section 3)
+# on one float crop with NumPy, SciPy and Pillow's own JPEG encoder (chroma subsampling as phones use).
+
+#: How a real-world training input is made: a clean bicubic downscale; a downscale saved as JPEG (what phones
+#: and websites hand users: the commonest input); or the full second-order chain.
+REAL_MIX = {"clean": 0.15, "jpeg": 0.40, "second_order": 0.45}
+_RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
+
+
+def blur_kernel(rng: np.random.Generator, sigma: tuple[float, float]) -> np.ndarray:
+    """A random isotropic or anisotropic (rotated) Gaussian, or a generalized Gaussian (shape beta 0.5-4)."""
+    size = int(rng.choice([7, 9, 11, 13, 15]))
+    sx = rng.uniform(*sigma)
+    sy = sx if rng.random() < 0.5 else rng.uniform(*sigma)
+    theta = rng.uniform(0, np.pi)
+    rotation = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    inverse = np.linalg.inv(rotation @ np.diag([sx**2, sy**2]) @ rotation.T)
+    axis = np.arange(size) - size // 2
+    grid = np.stack(np.meshgrid(axis, axis), axis=-1)
+    distance = np.einsum("...i,ij,...j->...", grid, inverse, grid)
+    beta = 1.0 if rng.random() < 0.6 else rng.uniform(0.5, 4.0)
+    kernel = np.exp(-0.5 * np.power(distance, beta))
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def _blur(rgb: np.ndarray, rng: np.random.Generator, sigma: tuple[float, float]) -> np.ndarray:
+    from scipy import ndimage
+
+    kernel = blur_kernel(rng, sigma)
+    return np.stack([ndimage.convolve(rgb[..., c], kernel, mode="reflect") for c in range(3)], axis=2)
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    resample = _RESAMPLE[int(rng.integers(0, len(_RESAMPLE)))]
+    channels = [np.asarray(Image.fromarray(rgb[..., c], "F").resize(size, resample)) for c in range(3)]
+    return np.stack(channels, axis=2).clip(0, 1).astype(np.float32)
+
+
+def _noise(rgb: np.ndarray, rng: np.random.Generator, gaussian: tuple[float, float], poisson: tuple[float, float]):
+    gray = rng.random() < 0.4
+    if rng.random() < 0.5:
+        shape = rgb.shape[:2] + (1,) if gray else rgb.shape
+        noise = rng.normal(0.0, rng.uniform(*gaussian) / 255, size=shape)
+    else:  # shot noise: brighter pixels get more
+        values = 255.0 / rng.uniform(*poisson)
+        base = rgb.mean(axis=2, keepdims=True) if gray else rgb
+        noise = rng.poisson(np.clip(base, 0, 1) * values) / values - base
+    return np.clip(rgb + noise, 0, 1).astype(np.float32)
+
+
+def jpeg(rgb: np.ndarray, quality: int, subsampling: int = 2) -> np.ndarray:
+    """``rgb`` through Pillow's JPEG encoder (``subsampling`` 0: 4:4:4, 1: 4:2:2, 2: 4:2:0) and back."""
+    buffer = io.BytesIO()
+    _to_u8(rgb).save(buffer, "JPEG", quality=int(quality), subsampling=int(subsampling))
+    return np.asarray(Image.open(buffer).convert("RGB"), dtype=np.float32) / 255.0
+
+
+def _random_jpeg(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return jpeg(rgb, int(rng.integers(30, 96)), int(rng.choice([0, 1, 2], p=[0.25, 0.15, 0.6])))
+
+
+def degrade_real(hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
+    """A real-world low-resolution input for ``hr`` (see :data:`REAL_MIX`): blur (isotropic, anisotropic,
+    generalized Gaussian), a resize with a random kernel, Gaussian or Poisson noise and JPEG at quality 30-95,
+    twice, the second time in random order; the clean and the plain-JPEG cases kept in the mix."""
+    height, width = hr.shape[:2]
+    size = (width // scale, height // scale)
+    kind = rng.choice(list(REAL_MIX), p=list(REAL_MIX.values()))
+    if kind == "clean":
+        return downscale(hr, scale)
+    if kind == "jpeg":
+        return _random_jpeg(downscale(hr, scale), rng)
+    image = hr
+    if rng.random() < 0.8:
+        image = _blur(image, rng, (0.2, 2.0))
+    factor = rng.uniform(0.5, 1.2) / scale ** 0.5  # part of the way down, by a random kernel
+    middle = (max(8, round(width * factor)), max(8, round(height * factor)))
+    image = _resize(image, middle, rng)
+    if rng.random() < 0.7:
+        image = _noise(image, rng, (1, 15), (0.05, 2.0))
+    if rng.random() < 0.8:
+        image = _random_jpeg(image, rng)
+    if rng.random() < 0.5:
+        image = _blur(image, rng, (0.2, 1.2))
+    if rng.random() < 0.5:
+        image = _noise(image, rng, (1, 8), (0.05, 1.0))
+    if rng.random() < 0.5:  # last: a resize to the output's size, then JPEG; or the other way round
+        image = _random_jpeg(_resize(image, size, rng), rng)
+    else:
+        image = _resize(_random_jpeg(image, rng), size, rng)
+    return np.clip(image, 0, 1).astype(np.float32)

@@ -59,6 +59,8 @@ class TrainConfig:
     bf16: bool = True
     #: Share of superres crops degraded by a clean bicubic downscale (the rest: blur, noise, JPEG).
     clean_fraction: float = 0.5
+    #: ``classic`` (:func:`degrade_for_superres`) or ``real`` (:func:`degrade_real`: second-order, JPEG 30-95).
+    degradation: str = "classic"
     #: Share of the batch trained at the timesteps few-step sampling visits (the rest: uniform).
     few_step_fraction: float = 0.5
     #: Share of the batch trained at t=999 (the 1-step sample), on top of ``few_step_fraction``.
@@ -121,7 +123,7 @@ def build_unet(config: TrainConfig) -> torch.nn.Module:
 
 def make_batch(config: TrainConfig, pool: Any, rng: np.random.Generator) -> dict[str, torch.Tensor]:
     """One batch: ``target`` (clean sample), ``cond`` (concatenated channels), ``weight`` and ``labels``."""
-    from difftool.training.degrade import degrade_for_superres, random_mask
+    from difftool.training.degrade import degrade_for_superres, degrade_real, random_mask
 
     crops = [pool.crop(config.crop, rng) for _ in range(config.batch)]
     hr = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2) * 2 - 1
@@ -130,7 +132,10 @@ def make_batch(config: TrainConfig, pool: Any, rng: np.random.Generator) -> dict
         ups, lows = [], []
         for crop, index in zip(crops, scale_index, strict=True):
             scale = config.scales[index]
-            low = degrade_for_superres(crop, scale, rng, clean_fraction=config.clean_fraction)
+            if config.degradation == "real":
+                low = degrade_real(crop, scale, rng)
+            else:
+                low = degrade_for_superres(crop, scale, rng, clean_fraction=config.clean_fraction)
             low = torch.from_numpy(low).permute(2, 0, 1)[None] * 2 - 1
             lows.append(low)
             ups.append(upsample(low, scale))

@@ -22,6 +22,32 @@ from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskReques
 from difftool.plugins.builtin import pixel_model, upscalers
 from difftool.plugins.hookspecs import hookimpl
 
+#: The embedded superres models by the names ``--model`` takes: the clean one and the real-world one (trained on
+#: blur, noise and JPEG, see difftool/models/superres-real/README.md).
+EMBEDDED = {"difftool": "superres", "difftool-real": "superres-real"}
+
+
+def choose_embedded(image: LoadedImage, model: str | None) -> tuple[Path | None, str]:
+    """Which embedded model runs ``image`` and why: ``--model difftool``/``difftool-real`` force one; without
+    ``--model``, an input that went through JPEG (:func:`jpeg_evidence`) gets the real-world model, others the
+    clean one. ``(None, "")`` when ``model`` names some other model."""
+    from difftool.plugins.builtin.jpeg_evidence import jpeg_evidence
+
+    if model is not None and model not in EMBEDDED:
+        return None, ""
+    if model is not None:
+        folder = pixel_model.embedded_model_path(EMBEDDED[model])
+        if folder is None:
+            raise ModelError(f"this install has no {model} model", "pass --model difftool or a model folder")
+        return folder, f"{model} (asked for)"
+    real = pixel_model.embedded_model_path(EMBEDDED["difftool-real"])
+    if real is None:  # an install without it: the embedded model, as before
+        return None, ""
+    evidence = jpeg_evidence(image)
+    if evidence:
+        return real, f"difftool-real ({evidence})"
+    return pixel_model.embedded_model_path(EMBEDDED["difftool"]), "difftool (input shows no JPEG compression)"
+
 
 class SuperResolution(Task):
     name = "superres"
@@ -74,7 +100,12 @@ class SuperResolution(Task):
         if community is not None:
             return self.run_upscaler(community, image, params, context)
         requested = params.get("scale")
-        model = pixel_model.model_for(self.name, context, variant=requested)  # no --scale: the default variant
+        chosen, reason = choose_embedded(image, context.model)
+        if chosen is not None:
+            model = pixel_model.load_pixel_model(chosen, self.name, requested)
+            context.cancel.raise_if_cancelled()
+        else:
+            model = pixel_model.model_for(self.name, context, variant=requested)  # no --scale: the default variant
         if requested:
             scale = int(requested)
         else:
@@ -101,6 +132,9 @@ class SuperResolution(Task):
         }
         if tile != params["tile"]:
             record["tile_used"] = tile
+        if reason:
+            record["model_choice"] = reason
+            context.logger.info("model: %s", reason)
         return TaskResult([result], record)
 
     def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:

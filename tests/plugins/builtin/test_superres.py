@@ -178,3 +178,66 @@ def test_tiny_and_odd_sizes(superres_model: Path, inpaint_model: Path, registry,
     )
     filled = api.run("inpaint", image, mask=Image.new("L", size, 255), model=str(inpaint_model), registry=registry)
     assert filled.image.size == size
+
+
+@pytest.fixture
+def two_embedded(superres_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An install whose embedded models are the clean ``superres`` and the real-world ``superres-real``."""
+    import shutil
+
+    from difftool.plugins.builtin import pixel_model
+
+    root = tmp_path / "embedded"
+    shutil.copytree(superres_model, root / "superres")
+    shutil.copytree(superres_model, root / "superres-real")
+    monkeypatch.setattr(pixel_model, "EMBEDDED_ROOT", root)
+    return root
+
+
+def test_the_default_model_is_chosen_per_input(two_embedded: Path, registry, tmp_path: Path) -> None:
+    """Issue 33: a JPEG, or a PNG made from one, goes to the real-world model; a clean PNG to the clean one;
+    ``--model`` forces either; the choice and its reason are in the record."""
+    photo = textured(64, 48)
+    photo.save(tmp_path / "clean.png")
+    photo.save(tmp_path / "photo.jpg", quality=72)
+    photo.save(tmp_path / "blocky.jpg", quality=40)
+    Image.open(tmp_path / "blocky.jpg").save(tmp_path / "from-jpeg.png")
+    expected = {
+        ("clean.png", None): "difftool (input shows no JPEG compression)",
+        ("photo.jpg", None): "difftool-real (input is JPEG, quality about 72)",
+        ("from-jpeg.png", None): "difftool-real (input shows JPEG's 8x8 blocks",
+        ("photo.jpg", "difftool"): "difftool (asked for)",
+        ("clean.png", "difftool-real"): "difftool-real (asked for)",
+    }
+    for (name, model), reason in expected.items():
+        result = api.run("superres", tmp_path / name, model=model, scale=2, seed=1, dtype="fp32", registry=registry)
+        assert result.record["model_choice"].startswith(reason), (name, model, result.record["model_choice"])
+
+
+def test_without_a_real_world_model_the_embedded_one_runs_as_before(two_embedded: Path, registry, tmp_path) -> None:
+    import shutil
+
+    shutil.rmtree(two_embedded / "superres-real")
+    photo = textured(32, 24)
+    photo.save(tmp_path / "photo.jpg", quality=60)
+    result = api.run("superres", tmp_path / "photo.jpg", scale=2, seed=1, dtype="fp32", registry=registry)
+    assert "model_choice" not in result.record
+    assert result.image.size == (64, 48)
+
+
+def test_jpeg_quality_and_blockiness_are_measured() -> None:
+    import io
+
+    from difftool.core.images import open_image
+    from difftool.plugins.builtin.jpeg_evidence import BLOCKY, blockiness
+
+    photo = textured(96, 96)
+    for quality in (20, 55, 72, 90, 100):
+        buffer = io.BytesIO()
+        photo.save(buffer, "JPEG", quality=quality)
+        assert open_image(buffer.getvalue()).info["jpeg_quality"] == quality
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=30)
+    blocky = np.asarray(Image.open(buffer), dtype=np.float32) / 255
+    clean = np.asarray(photo, dtype=np.float32) / 255
+    assert blockiness(clean) < BLOCKY < blockiness(blocky)

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 from shiboken6 import isValid
 
 from difftool.core.images import read_metadata
+from difftool.gui import wheel
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
 from difftool.gui.dialogs import about_dialog, ask_server
@@ -56,6 +57,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.queue.signals.abandoned.connect(lambda job_id: self.status.finished(self.queue.jobs[job_id]))
         self.setWindowTitle("difftool")
         self.setAcceptDrops(True)
+        wheel.install(QApplication.instance())  # the wheel scrolls the form, never a value it passes over
         self.canvas = Canvas()
         self.setCentralWidget(self.canvas)
         # The side panels run the window's full height; history sits under the canvas only.

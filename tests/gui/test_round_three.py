@@ -106,3 +106,57 @@ def test_the_reuse_dialog_lists_the_files_and_defaults_to_leaving_them_out(windo
     assert window.reuse_file(path)
     assert str(files["vae"]) in seen[0] and "gone.safetensors" in seen[0] and "allow pickle" in seen[0]
     assert "vae" not in window.form.values()  # the default button leaves the files out
+
+
+# --- 2. the scroll wheel scrolls the form; it changes only the focused field ------------------------------
+
+
+def wheel(widget, qapp, notches: int = -1) -> None:
+    from PySide6.QtCore import QPoint, QPointF, Qt
+    from PySide6.QtGui import QWheelEvent
+
+    centre = QPointF(widget.width() / 2, widget.height() / 2)
+    event = QWheelEvent(
+        centre,
+        QPointF(widget.mapToGlobal(centre.toPoint())),
+        QPoint(0, 0),
+        QPoint(0, 120 * notches),
+        Qt.MouseButton.NoButton,
+        Qt.KeyboardModifier.NoModifier,
+        Qt.ScrollPhase.NoScrollPhase,
+        False,
+    )
+    QApplication.sendEvent(widget, event)
+    qapp.processEvents()
+
+
+def test_the_wheel_over_the_form_scrolls_it_and_changes_no_value(window, qapp) -> None:
+    from PySide6.QtCore import Qt
+
+    shown(window, qapp, (1000, 600))
+    window.task_box.setCurrentText("generate")
+    window.form.widgets["control"].add()  # its weight box too
+    for _ in range(10):
+        qapp.processEvents()
+    guidance = window.form.widgets["guidance_scale"]
+    weight = window.form.widgets["control"].boxes[0].weight
+    bar = window.task_panel.form_area.verticalScrollBar()
+    assert bar.maximum() > 0  # a form taller than its area
+    before = (guidance.value(), weight.value(), window.task_box.currentText(), window.form.values())
+    for box in (guidance, weight, window.task_box, window.form.widgets["scheduler"]):
+        assert box.focusPolicy() == Qt.FocusPolicy.StrongFocus  # the wheel never gives them focus
+    window.activateWindow()
+    window.run_button.setFocus()  # the artist's focus is elsewhere (it had been on the task box)
+    qapp.processEvents()
+    scrolled = bar.value()
+    wheel(guidance, qapp)
+    assert bar.value() > scrolled  # the page moved down instead
+    wheel(weight, qapp)
+    wheel(window.task_box, qapp)
+    assert (guidance.value(), weight.value(), window.task_box.currentText(), window.form.values()) == before
+
+    guidance.setFocus()
+    qapp.processEvents()
+    assert guidance.hasFocus()
+    wheel(guidance, qapp, notches=1)  # clicked into: the wheel is the field's
+    assert guidance.value() == pytest.approx(before[0] + guidance.singleStep())

@@ -19,14 +19,15 @@ BLOCKY = 1.10
 _MIN_SIDE = 32
 
 
-def blockiness(rgb: np.ndarray) -> float:
-    """Mean luminance step across the 8x8 grid over the mean step elsewhere (1.0: no grid)."""
+def blockiness(rgb: np.ndarray, period: int = 8) -> float:
+    """Mean luminance step across the 8x8 grid over the mean step elsewhere (1.0: no grid). ``period``: the
+    grid's pitch (16 on a 2x upscale of a JPEG: how much of its blocking an upscaler kept)."""
     y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
     ratios = []
     for steps in (np.abs(np.diff(y, axis=1)), np.abs(np.diff(y, axis=0).T)):
-        if steps.shape[1] < _MIN_SIDE:
+        if steps.shape[1] < max(_MIN_SIDE, 4 * period):
             continue
-        on_grid = (np.arange(steps.shape[1]) % 8) == 7  # between pixel 8k+7 and 8k+8
+        on_grid = (np.arange(steps.shape[1]) % period) == period - 1  # between pixels 8k+7 and 8k+8
         across, beside = float(steps[:, on_grid].mean()), float(steps[:, ~on_grid].mean())
         ratios.append(across / beside if beside > 1e-6 else 1.0)
     return float(np.mean(ratios)) if ratios else 1.0

@@ -86,6 +86,14 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
             "(`difftool/plugins/builtin/texture.py`; `--texture 0` keeps the smooth fill)"
         )
     degradations = (degrade.__doc__ or "").strip().split("\n\n", 1)[-1]
+    real = config.get("degradation") == "real"
+    if real:
+        degradations = (
+            " ".join((degrade.degrade_real.__doc__ or "").split())
+            + " Mix: "
+            + ", ".join(f"{kind} {share:.0%}" for kind, share in degrade.REAL_MIX.items())
+            + "; fine-tuned from the clean model."
+        )
     if config.get("arch") == "srnet":
         formulation = (
             "residual: the sample is the high-resolution image minus the bicubic upsample of the input, which "
@@ -112,13 +120,15 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
             f"channels {config['block_out_channels']}, no attention) trained by difftool on CPU, shipped as fp16 "
             "safetensors."
         )
-    config_name = f"{task}-x{config['scales'][0]}" if config.get("arch") == "srnet" else task
+    config_name = f"{task}-{'real-' if real else ''}x{config['scales'][0]}" if config.get("arch") == "srnet" else task
     runs = "; ".join(
         (f"{c['scales'][0]}x: " if len(configs or []) > 1 else "")
         + f"{c['steps']} steps on {c['crop']} px crops, seed {c['seed']}"
         for c in (configs or [config])
     )
-    return f"""# difftool {task} model (embedded)
+    title = f"{meta.get('name', task)}: the real-world {task} model" if real else f"difftool {task} model"
+    clean_share = "" if real else f"`clean_fraction` {config.get('clean_fraction', 0.5)},"
+    return f"""# {title} (embedded)
 
 {network}
 
@@ -134,7 +144,7 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
   Shipped weights: {meta.get("weights", "the EMA")}.
 * **Training images** ({len(train_names)}, from PyPI wheels): {", ".join(train_names)}.
 * **Held out, never trained on**: {", ".join(HOLDOUT)}.
-* **Degradations**: {degradations} This model: `clean_fraction` {config.get("clean_fraction", 0.5)},
+* **Degradations**: {degradations} This model: {clean_share}
   `few_step_fraction` {config.get("few_step_fraction", 0.5)}, `one_step_fraction` {config.get("one_step_fraction", 0)}.
 
 ## Evaluation on the held-out images
@@ -152,15 +162,18 @@ The weights are released with difftool under its Apache-2.0 licence.
 """
 
 
-def embed(task: str, runs: list[Path], weights: str = "ema") -> Path:
+def embed(
+    task: str, runs: list[Path], weights: str = "ema", folder: str | None = None, name: str | None = None
+) -> Path:
     """Copy the runs' models into the package (one run; or one per scale as variants) and write the card.
 
     ``weights``: ``ema`` (the exported EMA) or ``model`` (the final raw weights from the checkpoint).
+    ``folder``: the package folder (default: the task's); ``name``: the model's name (``difftool-real``).
     """
     from difftool.training.evaluate import evaluate
 
-    target = EMBEDDED_ROOT / task
-    tmp = EMBEDDED_ROOT / f".{task}.new"
+    target = EMBEDDED_ROOT / (folder or task)
+    tmp = EMBEDDED_ROOT / f".{folder or task}.new"
     if tmp.exists():  # never delete what this run did not make: a previous run's leftover is the user's call
         raise FileExistsError(f"{tmp} exists (a previous embed stopped part-way); remove it and rerun")
     configs = [json.loads((run / "checkpoint" / "state.json").read_text())["config"] for run in runs]
@@ -185,12 +198,51 @@ def embed(task: str, runs: list[Path], weights: str = "ema") -> Path:
         )
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     meta["weights"] = "the EMA of the weights" if weights == "ema" else "the final weights (not the EMA)"
+    if name:
+        meta["name"] = name
+        for meta_file in tmp.glob(f"*/{META_FILE}"):  # each variant is a model of that name too
+            variant = json.loads(meta_file.read_text())
+            meta_file.write_text(json.dumps({**variant, "name": name}, indent=2, sort_keys=True))
+        stored = json.loads((tmp / META_FILE).read_text())
+        (tmp / META_FILE).write_text(json.dumps({**stored, "name": name}, indent=2, sort_keys=True))
     rows = evaluate(tmp, task, dtype="fp32")
-    (tmp / "README.md").write_text(model_card(task, meta, configs[0], rows, configs))
+    card = model_card(task, meta, configs[0], rows, configs)
+    if configs[0].get("degradation") == "real":
+        card += "\n" + inputs_card(tmp)
+    (tmp / "README.md").write_text(card)
     (tmp / "eval.json").write_text(json.dumps(rows, indent=1, default=float))
     from difftool.core.atomic import replace_dir
 
     return replace_dir(tmp, target)
+
+
+def inputs_card(model: Path) -> str:
+    """The real-world model's figures per kind of input (clean, JPEG, noise, blur), beside Lanczos."""
+    from difftool.training.evaluate import evaluate_superres_inputs
+
+    rows = evaluate_superres_inputs({"model": str(model)})
+    lines = [
+        "## Per kind of input, on the held-out images",
+        "",
+        "Each photo downscaled with Pillow's bicubic filter, then as named (JPEG: Pillow, 4:2:0). This model",
+        "forced (`--model difftool-real`), fp32, seed 0; PSNR against the clean photo.",
+        "",
+        "| scale | input | PSNR Lanczos | PSNR model | gain | worst photo | SSIM Lanczos | SSIM model |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for scale in sorted({r["scale"] for r in rows}):
+        for kind in dict.fromkeys(r["input"] for r in rows):
+            chosen = [r for r in rows if r["scale"] == scale and r["input"] == kind]
+            lanczos = sum(r["lanczos_psnr"] for r in chosen) / len(chosen)
+            ours = sum(r["model_psnr"] for r in chosen) / len(chosen)
+            worst = min(r["model_psnr"] - r["lanczos_psnr"] for r in chosen)
+            ssim_l = sum(r["lanczos_ssim"] for r in chosen) / len(chosen)
+            ssim_m = sum(r["model_ssim"] for r in chosen) / len(chosen)
+            lines.append(
+                f"| {scale}x | {kind} | {lanczos:.2f} | {ours:.2f} | {ours - lanczos:+.2f} dB | {worst:+.2f} dB | "
+                f"{ssim_l:.4f} | {ssim_m:.4f} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def _copy_model(run: Path, folder: Path, weights: str) -> None:
@@ -213,5 +265,7 @@ if __name__ == "__main__":
     parser.add_argument("task")
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--weights", choices=("ema", "model"), default="ema")
+    parser.add_argument("--folder", help="the package folder (default: the task's; superres-real)")
+    parser.add_argument("--name", help="the model's name (default: the run's; difftool-real)")
     args = parser.parse_args()
-    print(embed(args.task, args.runs, args.weights))
+    print(embed(args.task, args.runs, args.weights, args.folder, args.name))

@@ -308,3 +308,18 @@ def test_a_client_that_never_finishes_its_headers_is_disconnected(serve_registry
         server.should_exit = True
         thread.join(30)
         listener.close()
+
+
+def test_a_chunked_body_over_the_limit_is_413_on_a1111_routes_too(make_client: Any) -> None:
+    """Issue 29 item 9: FastAPI answered the guard's refusal, raised while it read the body, with a 400."""
+    client = make_client(max_body_bytes=4096, start_workers=False)
+
+    def chunks() -> Any:  # no Content-Length: counted as it streams
+        yield b'{"prompt": "'
+        for _ in range(10):
+            yield b"A" * 1000
+        yield b'"}'
+
+    for path in ("/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/sdapi/v1/extra-single-image", "/v1/jobs"):
+        response = client.post(path, content=chunks(), headers={"content-type": "application/json"})
+        assert "larger than 4096 bytes" in _error(response, 413)

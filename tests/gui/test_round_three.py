@@ -6,9 +6,11 @@ pixels of reruns, focus), one numbered item of the issue at a time.
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from gui_helpers import wait_for
 from PIL import Image
-from PySide6.QtCore import QTimer
+from PySide6.QtCore import QPointF, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from difftool.core.images import save_image
@@ -160,3 +162,74 @@ def test_the_wheel_over_the_form_scrolls_it_and_changes_no_value(window, qapp) -
     assert guidance.hasFocus()
     wheel(guidance, qapp, notches=1)  # clicked into: the wheel is the field's
     assert guidance.value() == pytest.approx(before[0] + guidance.singleStep())
+
+
+# --- 3. reuse parameters reproduces the image, for each task ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_checkpoint(tmp_path_factory) -> Path:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
+    from sd import tiny
+
+    return tiny.save_single_file(tiny.components(seed=1), tmp_path_factory.mktemp("sd") / "tiny-sd.safetensors")
+
+
+def _texture(size=(16, 16)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(3).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _setup(window, task: str, first: bool) -> None:
+    """The form of the first run (``first``), or of a later run that changes what the first did not set."""
+    set_ = window.form.set_values
+    if task == "superres":
+        set_({"scale": "2" if first else "4", "steps": 2 if first else 3})
+    elif task == "inpaint":
+        set_({"steps": 2} if first else {"steps": 3, "feather": 9, "dilate": 5})
+    elif task == "generate":
+        set_({"prompt": "a boat", "width": 16, "height": 16, "steps": 2})
+        if not first:  # hires set by a later run, not recorded by the first: the rerun must not keep it
+            set_({"hires": 2.0, "hires_steps": 2, "guidance_scale": 3.0})
+    elif task == "style":
+        set_({"prompt": "a boat", "steps": 2, "strength": 0.5} if first else {"steps": 3, "strength": 0.9})
+    elif task == "upscale-sd":
+        set_({"prompt": "a boat", "steps": 4, "strength": 0.5, "scale": 2.0} if first else {"scale": 1.5})
+
+
+@pytest.mark.parametrize("task", ["superres", "inpaint", "generate", "style", "upscale-sd"])
+def test_reuse_reproduces_the_image_for_each_task(window, qapp, task, inpaint_model, sd_checkpoint) -> None:
+    window.model_box.insertItem(1, "tiny-inpaint", str(inpaint_model))
+    window.model_box.insertItem(1, "tiny-sd", str(sd_checkpoint))
+    window.task_box.setCurrentText(task)
+    model = {"superres": "tiny", "inpaint": "tiny-inpaint"}.get(task, "tiny-sd")
+    window.model_box.setCurrentIndex(window.model_box.findText(model))
+    window.set_source(_texture())
+    if task == "inpaint":
+        window.hardness.setValue(100)
+        window.canvas.mask.brush_size = 6
+        window.canvas.mask.checkpoint()
+        window.canvas.mask.stroke(QPointF(4, 4), QPointF(12, 8))
+    window.dtype_box.setCurrentText("fp32")
+    _setup(window, task, first=True)
+    assert window.seed_box.value() == -1  # a random seed: only the record knows it
+    first = window.queue.jobs[window.run_current()]
+    wait_for(window.queue, qapp)
+    assert first.state == "done", first.error
+    _setup(window, task, first=False)
+    later = window.queue.jobs[window.run_current()]
+    wait_for(window.queue, qapp)
+    assert later.state == "done", later.error
+    window.dtype_box.setCurrentText("bf16")  # then the artist picked other settings, without running them
+    window.backend_box.setCurrentText("onnx")
+
+    window.history_list.setCurrentRow(0)
+    window.reuse_selected()
+    assert window.backend_box.currentText() == "torch" and window.dtype_box.currentText() == "fp32"
+    assert window.seed_box.value() == first.result.record["seed"]
+    again = window.queue.jobs[window.run_current()]
+    wait_for(window.queue, qapp)
+    assert again.state == "done", again.error
+    assert again.result.image.size == first.result.image.size
+    assert np.array_equal(np.asarray(again.result.image), np.asarray(first.result.image))

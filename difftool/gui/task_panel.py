@@ -100,11 +100,23 @@ class TaskPanel(QWidget):
         self.seed_box.setRange(-1, 2**31 - 1)
         self.seed_box.setSpecialValueText("random")
         self.seed_box.setValue(-1)
+        # A fixed seed makes every later job repeat the same noise: the field says so, and one click undoes it.
+        self.seed_random = QPushButton("random")
+        self.seed_random.setToolTip("a new random seed for every job (each result's seed is in its record)")
+        self.seed_random.clicked.connect(lambda: self.seed_box.setValue(-1))
+        self.seed_box.valueChanged.connect(self._show_seed)
+        seed_row = QHBoxLayout()
+        seed_row.setContentsMargins(0, 0, 0, 0)
+        seed_row.addWidget(self.seed_box, 1)
+        seed_row.addWidget(self.seed_random)
+        self.seed_row = QWidget()
+        self.seed_row.setLayout(seed_row)
+        self._show_seed()
         common.addRow("model", self.model_box)
         common.addRow("backend", self.backend_box)
         common.addRow("device", self.device_box)
         common.addRow("precision", self.dtype_box)
-        common.addRow("seed", self.seed_box)
+        common.addRow("seed", self.seed_row)
         layout.addLayout(common)
         self.options_box = QGroupBox("backend options")
         self.options_box.setCheckable(True)  # folded by default: the task's form gets the room
@@ -262,6 +274,16 @@ class TaskPanel(QWidget):
             else:
                 self.model_box.setCurrentIndex(0)
         self._show_availability()
+
+    def _show_seed(self) -> None:
+        fixed = self.seed_box.value() >= 0
+        self.seed_box.setPrefix("fixed: " if fixed else "")
+        self.seed_box.setToolTip(
+            "every job uses this seed (the same noise each time); random: a new seed per job"
+            if fixed
+            else "a new random seed for every job; type a number to fix it (Reuse parameters sets the result's)"
+        )
+        self.seed_random.setEnabled(fixed)
 
     def apply_options(self, options: dict[str, Any]) -> list[str]:
         """Set the model, backend, device, precision, backend options and seed a record names (reuse);

@@ -233,3 +233,29 @@ def test_reuse_reproduces_the_image_for_each_task(window, qapp, task, inpaint_mo
     assert again.state == "done", again.error
     assert again.result.image.size == first.result.image.size
     assert np.array_equal(np.asarray(again.result.image), np.asarray(first.result.image))
+
+
+# --- 4. only Reuse sets the seed, and the seed field shows when it is fixed -------------------------------
+
+
+def test_opening_a_file_leaves_the_seed_random_and_a_fixed_seed_shows(window, qapp, tmp_path: Path) -> None:
+    made = save_image(Image.new("RGB", (8, 8)), tmp_path / "made.png", {"task": "dial", "count": 2, "seed": 77})
+    window.task_box.setCurrentText("dial")
+    window.open_path(made)
+    seeds = []
+    for _ in range(2):
+        seeds.append(window.queue.jobs[window.run_current()])
+        wait_for(window.queue, qapp)
+    window.task_box.setCurrentText("superres")
+    window.task_box.setCurrentText("dial")
+    seeds.append(window.queue.jobs[window.run_current()])
+    wait_for(window.queue, qapp)
+    recorded = [job.result.record["seed"] for job in seeds]
+    assert 77 not in recorded and len(set(recorded)) == 3  # a new seed for each job, whatever was opened
+    assert window.seed_box.text() == "random" and not window.task_panel.seed_random.isEnabled()
+
+    window.reuse_file(made)  # Reuse sets it, and the field says it is fixed
+    assert window.seed_box.value() == 77 and window.seed_box.text() == "fixed: 77"
+    assert window.task_panel.seed_random.isEnabled()
+    window.task_panel.seed_random.click()
+    assert window.seed_box.value() == -1 and window.seed_box.text() == "random"

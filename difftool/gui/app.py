@@ -30,7 +30,7 @@ from difftool.gui.form import ParamForm
 from difftool.gui.history import HistoryStrip
 from difftool.gui.jobs import JobQueue
 from difftool.gui.mask_panel import MaskPanel
-from difftool.gui.messages import for_the_window
+from difftool.gui.messages import for_the_window, outline, outline_targets
 from difftool.gui.prompt_tools import fill_insert_menu
 from difftool.gui.results import ResultActions
 from difftool.gui.running import JobActions
@@ -80,7 +80,12 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
     # --- building ------------------------------------------------------------------------------
     def _build_task_panel(self) -> None:
         self.task_panel = TaskPanel(
-            self.registry, self.settings, self.run_current, self._cancel_selected, source=lambda: self.source
+            self.registry,
+            self.settings,
+            self.run_current,
+            self._cancel_selected,
+            source=lambda: self.source,
+            source_path=lambda: self.source_path,
         )
         panel = self.task_panel
         # The window's own names for the panel's widgets (scripts and tests drive the window).
@@ -307,9 +312,11 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         masks = [p.name for p in params if p.type == "mask"]
         return for_the_window(message, [p.name for p in params], masks)
 
-    def show_error(self, message: str, details: str = "", task: str | None = None) -> None:
-        """The error in the window's words (fields, not CLI flags), with the fields it names highlighted
-        when ``task`` (default: the one on screen) is the task on screen."""
+    def show_error(
+        self, message: str, details: str = "", task: str | None = None, outline: list[QWidget] | None = None
+    ) -> None:
+        """The error in the window's words (fields, not CLI flags), with the fields it names outlined when
+        ``task`` (default: the one on screen) is the task on screen; ``outline``: the exact widgets to fix."""
         text, fields = self._render(message, task)
         box = QMessageBox(QMessageBox.Icon.Warning, "difftool", text, parent=self)
         if details:
@@ -317,20 +324,20 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         box.setModal(False)
         box.show()
         self.last_error = text
-        self.highlight(fields if task in (None, self.form.task.name) else [])
+        self.highlight(fields if task in (None, self.form.task.name) else [], outline or [])
 
-    def highlight(self, fields: list[str]) -> None:
-        """Mark the named fields (until the next error) and put the focus in the first."""
+    def highlight(self, fields: list[str], widgets: list[QWidget] | None = None) -> None:
+        """Outline the named fields (and ``widgets``) and put the focus in the first. Only the field itself is
+        outlined, never the widgets inside it; the outline goes when the field is edited, or the next error."""
         panel = {"model": self.model_box, "backend": self.backend_box, "device": self.device_box}
         panel |= {"dtype": self.dtype_box, "seed": self.seed_box, "backend-opt": self.task_panel.options_box}
         for widget in getattr(self, "_highlighted", []):
             if isValid(widget):  # a previous task's form may be gone
                 widget.setStyleSheet("")
-        self._highlighted: list[QWidget] = [
-            w for w in (self.form.widgets.get(f) or panel.get(f) for f in fields) if w is not None
-        ]
+        named = [w for w in (self.form.widgets.get(f) or panel.get(f) for f in fields) if w is not None]
+        self._highlighted: list[QWidget] = [t for w in [*(widgets or []), *named] for t in outline_targets(w)]
         for widget in self._highlighted:
-            widget.setStyleSheet("border: 2px solid #d9480f;")
+            outline(widget)
         if self._highlighted:
             self._highlighted[0].setFocus()
         if any(f in self.form.widgets and self.form.task.param(f).type == "mask" for f in fields):

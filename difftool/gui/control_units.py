@@ -59,7 +59,9 @@ class ControlUnitBox(QGroupBox):
         self.model.setCurrentText("")
         self.model.lineEdit().setPlaceholderText("ControlNet: a listed name, file or folder")
         self.image = PathField(Param("image", "image"))
-        self.image.edit.setPlaceholderText("the input image")
+        self.image.edit.setPlaceholderText(
+            "empty: the input image" if owner.takes_input else "empty: the image open in the window"
+        )
         self.pre = QComboBox()
         for name, entry in sorted(owner.preprocessors.items()):
             self.pre.addItem(name)
@@ -110,12 +112,14 @@ class ControlUnitBox(QGroupBox):
         self.options.setEnabled(bool(declared) or bool(self.options.text()))
 
     def text(self) -> str | None:
-        """The unit as ``--control`` takes it; ``None`` while no model is named."""
+        """The unit as ``--control`` takes it; ``None`` while no model is named (Run refuses it: see
+        :meth:`ControlUnitsField.problems`)."""
         model = self.model.currentText().strip()
-        return self._text(model) if model else None
+        return self._text(model, self.owner.control_image(self)) if model else None
 
-    def _text(self, model: str) -> str:
-        head = f"{model}={self.image.text().strip()}" if self.image.text().strip() else model
+    def _text(self, model: str, image: str | None = None) -> str:
+        image = self.image.text().strip() if image is None else image
+        head = f"{model}={image}" if image else model
         parts = [head, f"pre={self.pre.currentText()}", f"weight={self.weight.value():g}"]
         parts += [f"start={self.start.value():g}", f"end={self.end.value():g}"]
         parts += ["guess=1"] if self.guess.isChecked() else []
@@ -160,10 +164,21 @@ class ControlUnitsField(QWidget):
     ``source``: the image open in the window (PIL), for units that name no image of their own.
     """
 
-    def __init__(self, models: Sequence[str], registry: Any, source: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        models: Sequence[str],
+        registry: Any,
+        source: Callable[[], Any] | None = None,
+        takes_input: bool = True,
+        source_path: Callable[[], Any] | None = None,
+    ) -> None:
         super().__init__()
         self.models, self.registry, self.preprocessors = list(models), registry, dict(registry.preprocessors)
         self.source = source or (lambda: None)
+        #: Whether the task has an input image (style, inpaint: an empty image field means it); generate has
+        #: none, so an empty field means the image open in the window, which must then be a file.
+        self.takes_input = takes_input
+        self.source_path = source_path or (lambda: None)
         self.boxes: list[ControlUnitBox] = []
         self.units_layout = QVBoxLayout()
         self.units_layout.setContentsMargins(0, 0, 0, 0)
@@ -195,6 +210,39 @@ class ControlUnitsField(QWidget):
         texts = [text for text in (box.text() for box in self.boxes) if text]
         return texts or None
 
+    def control_image(self, box: ControlUnitBox) -> str:
+        """The unit's control image as the run gets it: its own file, else (a task without an input image)
+        the file open in the window; empty for a task that uses its input image."""
+        own = box.image.text().strip()
+        if own or self.takes_input:
+            return own
+        path = self.source_path()
+        return str(path) if path is not None and self.source() is not None else ""
+
+    def problems(self) -> list[tuple[str, QWidget]]:
+        """What Run must refuse, in the window's words, each with the field to fix (never a unit dropped)."""
+        found: list[tuple[str, QWidget]] = []
+        for number, box in enumerate(self.boxes, 1):
+            if not box.model.currentText().strip():
+                found.append(
+                    (
+                        f'ControlNet {number} has no model: choose one in its "model" field (a listed ControlNet, '
+                        "or type a file or folder), or Remove the unit",
+                        box.model,
+                    )
+                )
+            elif not self.control_image(box) and not self.takes_input:
+                found.append((self._no_image(number), box.image.edit))
+        return found
+
+    def _no_image(self, number: int) -> str:
+        where = (
+            "the image open in the window is not a file (pasted, or a result): save it and open the file"
+            if self.source() is not None
+            else "no image is open in the window"
+        )
+        return f'ControlNet {number} has no control image: {where}, or choose one in its "image" field'
+
     def set_value(self, value: Any) -> None:
         """Units from a record or a PNG: a list of strings, or one string with a unit per line."""
         lines = value if isinstance(value, (list, tuple)) else str(value).splitlines()
@@ -207,14 +255,18 @@ class ControlUnitsField(QWidget):
         """``box``'s preprocessor on its image (or the window's), reduced to :data:`PREVIEW_SIDE`."""
         from difftool.core.images import open_image
 
-        # The same checks as a run (a bad option fails here with the same words); no model is needed.
-        unit = parse_unit(box._text(box.model.currentText().strip() or "(preview)"))
+        # The same checks as a run (a bad option fails here with the same words); no model is needed. The
+        # image is the one the run will use: a task without an input image has only files to go on.
+        number = self.boxes.index(box) + 1 if box in self.boxes else 1
+        unit = parse_unit(box._text(box.model.currentText().strip() or "(preview)", self.control_image(box)))
         if unit.image is not None:
             image = open_image(unit.image).to_pil(keep_mode=False)
+        elif not self.takes_input:
+            raise ValueError(self._no_image(number))
         else:
             image = self.source()
             if image is None:
-                raise ValueError("no control image: pick one, or open an image in the window")
+                raise ValueError(f'ControlNet {number} has no control image: open an image, or choose one in "image"')
         image = image.convert("RGB")
         image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
         rgb = np.asarray(image, dtype=np.float32) / 255.0

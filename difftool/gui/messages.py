@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
+from typing import Any
 
 #: Options that are not task parameters: the task panel's own boxes (option -> field label).
 PANEL_FIELDS = {
@@ -21,6 +22,7 @@ PANEL_FIELDS = {
 }
 #: ``pass --name VALUE`` (VALUE in capitals, or a literal like ``1`` or ``cuda``), or a bare ``--name``.
 _PASS = re.compile(r"\bpass (--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_,.:\[\]|]*|[\w.|=,]+(?=[ ;,)]|$)))?")
+_WRITE = re.compile(r"\bwrite (--[a-z][a-z0-9-]*) [^;]*")
 _OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 _CLI_ONLY = re.compile(r" or (?:a name from )?`difftool [^`]*`")
 
@@ -68,7 +70,17 @@ def for_the_window(message: str, params: Collection[str], masks: Collection[str]
         note(found[0])
         return f'"{found[1]}"'
 
-    text = _PASS.sub(rewrite_pass, _CLI_ONLY.sub("", message))
+    def rewrite_write(match: re.Match[str]) -> str:  # ``write --control MODEL=IMAGE[,...]``: CLI syntax
+        found = field(match.group(1))
+        if found is None:
+            return match.group(0)
+        note(found[0])
+        if found[0] == "control":
+            return "fill in the ControlNet unit's fields (model, image, preprocessor)"
+        return f'set "{found[1]}"'
+
+    text = _WRITE.sub(rewrite_write, _CLI_ONLY.sub("", message))
+    text = _PASS.sub(rewrite_pass, text)
     text = re.sub(r" or (--[a-z][a-z0-9-]*) ([A-Z][A-Z0-9_,.:]*)", lambda m: _or_option(m, field, note), text)
     text = _OPTION.sub(rewrite_bare, text)
     return text, fields
@@ -85,3 +97,49 @@ def _or_option(
         return match.group(0)
     note(found[0])
     return f' or set "{found[1]}" to {match.group(2)}'
+
+
+#: How a field to fix is marked: a border on the field itself (an ID selector, so the widgets inside a
+#: composite field, a ControlNet unit's every box, are not all outlined with it).
+OUTLINE = "border: 2px solid #d9480f;"
+
+
+def outline_targets(widget: Any) -> list[Any]:
+    """The widgets that show a field's outline: a file field's text box, a ControlNet editor's unit boxes."""
+    from difftool.gui.control_units import ControlUnitsField
+    from difftool.gui.form import PathField
+
+    if isinstance(widget, PathField):
+        return [widget.edit]
+    if isinstance(widget, ControlUnitsField):
+        return list(widget.boxes) or [widget]
+    return [widget]
+
+
+def outline(widget: Any) -> None:
+    """Outline ``widget`` until the user edits it (the outline marks a problem, not a field once wrong)."""
+    if not widget.objectName():
+        widget.setObjectName("outlined")
+    widget.setStyleSheet(f"#{widget.objectName()} {{ {OUTLINE} }}")
+    if not widget.property("outline-watched"):
+        widget.setProperty("outline-watched", True)
+        for signal in _changed(widget):
+            signal.connect(lambda *_, w=widget: w.setStyleSheet(""))
+
+
+def _changed(widget: Any) -> list[Any]:
+    """The signals that say the user changed ``widget``'s value (a ControlNet unit: any of its fields)."""
+    from PySide6.QtWidgets import QAbstractButton, QAbstractSpinBox, QComboBox, QGroupBox, QLineEdit, QPlainTextEdit
+
+    if isinstance(widget, QAbstractSpinBox):
+        return [getattr(widget, "valueChanged", widget.editingFinished)]
+    if isinstance(widget, QComboBox):
+        return [widget.currentTextChanged]
+    if isinstance(widget, (QLineEdit, QPlainTextEdit)):
+        return [widget.textChanged]
+    if isinstance(widget, QAbstractButton):
+        return [widget.toggled]
+    if isinstance(widget, QGroupBox):
+        fields = widget.findChildren(QAbstractSpinBox) + widget.findChildren(QComboBox)
+        return [signal for child in fields + widget.findChildren(QLineEdit) for signal in _changed(child)]
+    return []

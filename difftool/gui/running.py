@@ -43,6 +43,10 @@ class JobActions:
         if self.source is None and self.registry.task(self.task_box.currentText()).inputs:
             self.show_error("open an image first (File > Open, drag and drop, or paste)")
             return None
+        for widget in self.form.widgets.values():  # a field's own checks (a ControlNet unit without a model)
+            for message, field in getattr(widget, "problems", lambda: [])():
+                self.show_error(message, outline=[field])
+                return None
         self.settings.setValue("backend", self.backend_box.currentText())
         return self.queue.submit(self.build_job())
 

@@ -56,10 +56,12 @@ class TaskPanel(QWidget):
         on_run: Callable[[], Any],
         on_cancel: Callable[[], None],
         source: Callable[[], Any] | None = None,
+        source_path: Callable[[], Any] | None = None,
     ) -> None:
         super().__init__()
         self.registry, self.settings = registry, settings
         self.source = source or (lambda: None)  # the image open in the window (ControlNet previews)
+        self.source_path = source_path or (lambda: None)  # its file, if it is one
         layout = QVBoxLayout(self)
         self.task_box = QComboBox()
         for name, entry in sorted(registry.tasks.items()):
@@ -200,7 +202,8 @@ class TaskPanel(QWidget):
         self.settings.setValue("task", name)
 
     def _control_editor(self, param: Any) -> QWidget:
-        return ControlUnitsField(self.controlnets, self.registry, self.source)
+        task = self.registry.task(self.task_box.currentText())
+        return ControlUnitsField(self.controlnets, self.registry, self.source, bool(task.inputs), self.source_path)
 
     def _model_editor(self, param: Any) -> QWidget:
         return ModelNameField(param, self.models)

@@ -94,7 +94,7 @@ def test_errors_name_the_field_highlight_it_and_the_cli_keeps_its_words(window, 
     wait_for(window.queue, qapp)
     error = window.last_error
     assert "--" not in error and '"mask"' in error and "Mask panel" in error, error
-    assert "border" in window.form.widgets["mask"].styleSheet() and window.mask_dock.isVisible()
+    assert "border" in window.form.widgets["mask"].edit.styleSheet() and window.mask_dock.isVisible()
     from click.testing import CliRunner
 
     from difftool.cli import cli

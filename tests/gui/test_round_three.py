@@ -259,3 +259,56 @@ def test_opening_a_file_leaves_the_seed_random_and_a_fixed_seed_shows(window, qa
     assert window.task_panel.seed_random.isEnabled()
     window.task_panel.seed_random.click()
     assert window.seed_box.value() == -1 and window.seed_box.text() == "random"
+
+
+# --- 5. the ControlNet box: no unit dropped in silence, the empty image is what it says, GUI words ----------
+
+
+def test_a_controlnet_unit_without_a_model_is_refused_naming_its_model_field_only(window, qapp, photo) -> None:
+    shown(window, qapp)
+    window.activateWindow()
+    window.task_box.setCurrentText("generate")
+    window.model_box.insertItem(1, "tiny-sd", str(photo))  # never loaded: Run refuses before queueing
+    window.model_box.setCurrentIndex(1)
+    window.form.widgets["prompt"].setPlainText("a boat")
+    box = window.form.widgets["control"].add()
+    assert window.run_current() is None and not window.queue.jobs  # refused, not run without its unit
+    error = window.last_error
+    assert error.startswith("ControlNet 1 has no model") and '"model"' in error and "--" not in error
+    assert "border" in box.model.styleSheet()
+    others = [box.image.edit, box.pre, box.weight, box.options, box, window.form.widgets["control"]]
+    assert all(w.styleSheet() == "" for w in others)  # only the field to fix is outlined
+    assert box.model.isAncestorOf(QApplication.focusWidget()) or QApplication.focusWidget() is box.model
+    box.model.setCurrentText("cn")  # fixed: the outline goes
+    assert box.model.styleSheet() == ""
+
+
+def test_an_empty_control_image_is_the_open_image_for_generate_in_the_run_and_the_preview(window, qapp, photo) -> None:
+    window.task_box.setCurrentText("generate")
+    window.open_path(photo)
+    window.form.widgets["prompt"].setPlainText("a boat")
+    box = window.form.widgets["control"].add()
+    box.model.setCurrentText("cn")
+    assert "image open in the window" in box.image.edit.placeholderText()
+    assert window.build_job().params["control"] == [f"cn={photo},pre=none,weight=1,start=0,end=1"]
+    box.show_preview()
+    assert box.preview_array is not None and box.preview_array.shape == (20, 28, 3)
+
+    window.set_source(Image.new("RGB", (16, 16)))  # pasted: no file to name; refused, the image field outlined
+    assert window.run_current() is None
+    assert "ControlNet 1 has no control image" in window.last_error and '"image"' in window.last_error
+    assert "border" in box.image.edit.styleSheet() and box.model.styleSheet() == ""
+    box.show_preview()  # the preview says the same, instead of previewing what the run cannot use
+    assert box.preview_array is None and "not a file" in box.preview_label.text()
+    window.task_box.setCurrentText("style")  # a task with an input image: empty means that image
+    assert window.form.widgets["control"].add().image.edit.placeholderText() == "empty: the input image"
+
+
+def test_control_errors_from_a_run_are_in_the_windows_words() -> None:
+    from difftool.gui.messages import for_the_window
+
+    text, fields = for_the_window("ControlNet cn has no control image; write --control cn=IMAGE", ["control", "prompt"])
+    assert "--" not in text and "write" not in text and fields == ["control"]
+    assert (
+        text == "ControlNet cn has no control image; fill in the ControlNet unit's fields (model, image, preprocessor)"
+    )

@@ -23,6 +23,14 @@ PANEL_FIELDS = {
 #: ``pass --name VALUE`` (VALUE in capitals, or a literal like ``1`` or ``cuda``), or a bare ``--name``.
 _PASS = re.compile(r"\bpass (--[a-z][a-z0-9-]*)(?: ([A-Z][A-Z0-9_,.:\[\]|]*|[\w.|=,]+(?=[ ;,)]|$)))?")
 _WRITE = re.compile(r"\bwrite (--[a-z][a-z0-9-]*) [^;]*")
+_FILE_VALUE = re.compile(r"(?<!pass )(--[a-z][a-z0-9-]*) ([\w-]+\.[a-z]\w*)\b")
+#: The CLI's ``--debug`` traceback is the error box's Details in the window.
+_DEBUG = (
+    (re.compile(r"run with --debug for the traceback and report it"), "the traceback is under Details; report it"),
+    (re.compile(r"run with --debug for the traceback"), "the traceback is under Details"),
+    (re.compile(r"\(--debug shows the traceback\)"), "(Details shows the traceback)"),
+    (re.compile(r"--debug shows the traceback"), "Details shows the traceback"),
+)
 _OPTION = re.compile(r"(?<![\w-])--([a-z][a-z0-9-]*)")
 _CLI_ONLY = re.compile(r" or (?:a name from )?`difftool [^`]*`")
 
@@ -79,7 +87,19 @@ def for_the_window(message: str, params: Collection[str], masks: Collection[str]
             return "fill in the ControlNet unit's fields (model, image, preprocessor)"
         return f'set "{found[1]}"'
 
+    def rewrite_file(match: re.Match[str]) -> str:  # ``(--model X.pth)``: a kind of file in a field
+        found = field(match.group(1))
+        if found is None:
+            return match.group(0)
+        note(found[0])
+        value = match.group(2)
+        kind = f"a {value[value.index('.') :]} file" if re.fullmatch(r"[A-Z]+\.\w+", value) else value
+        return f'{kind} in "{found[1]}"'
+
+    for pattern, words in _DEBUG:
+        message = pattern.sub(words, message)
     text = _WRITE.sub(rewrite_write, _CLI_ONLY.sub("", message))
+    text = _FILE_VALUE.sub(rewrite_file, text)
     text = _PASS.sub(rewrite_pass, text)
     text = re.sub(r" or (--[a-z][a-z0-9-]*) ([A-Z][A-Z0-9_,.:]*)", lambda m: _or_option(m, field, note), text)
     text = _OPTION.sub(rewrite_bare, text)

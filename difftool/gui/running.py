@@ -103,6 +103,8 @@ class JobActions:
         message = self.rendered(job.error, job.task) if job.state == "failed" else ""
         self.status.finished(job, message)
         if job.state == "done":
+            if job.task == self.form.task.name:
+                self.highlight([])  # the problem an outline marked is fixed: this task ran
             self.history_list.add(job)  # selecting it shows it (_on_history_selected)
         elif job.state == "failed":
             self.show_error(job.error, job.details, job.task)

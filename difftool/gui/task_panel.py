@@ -31,6 +31,7 @@ from PySide6.QtWidgets import (
 
 from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
+from difftool.gui.messages import for_the_window
 from difftool.gui.model_field import ModelNameField, offers_models
 
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
@@ -66,7 +67,8 @@ class TaskPanel(QWidget):
         self.task_box = QComboBox()
         for name, entry in sorted(registry.tasks.items()):
             self.task_box.addItem(name)
-            self.task_box.setItemData(self.task_box.count() - 1, entry.cls.summary, Qt.ItemDataRole.ToolTipRole)
+            summary = for_the_window(entry.cls.summary, [p.name for p in entry.cls.params])[0]  # GUI words
+            self.task_box.setItemData(self.task_box.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
         self.task_box.currentTextChanged.connect(self.on_task_changed)
         layout.addWidget(QLabel("Task"))
         layout.addWidget(self.task_box)
@@ -155,7 +157,8 @@ class TaskPanel(QWidget):
             reason = backend.unavailable_reason(self.device_box.currentText())
             self.backend_box.addItem(name)
             index = self.backend_box.count() - 1
-            self.backend_box.setItemData(index, reason or backend.summary, Qt.ItemDataRole.ToolTipRole)
+            tip = for_the_window(reason or backend.summary, [])[0]  # "set "device" to cuda", not a flag
+            self.backend_box.setItemData(index, tip, Qt.ItemDataRole.ToolTipRole)
             if reason:
                 self.backend_box.model().item(index).setEnabled(False)
         self.backend_box.setCurrentText(current if current in self.registry.backends else "torch")
@@ -211,7 +214,8 @@ class TaskPanel(QWidget):
     def _show_availability(self) -> None:
         task = self.registry.task(self.task_box.currentText())
         reason = task.availability(self.model_choice())
-        self.task_status.setText(task.summary + ("" if reason is None else f"\n⚠ {reason}"))
+        text = task.summary + ("" if reason is None else f"\n⚠ {reason}")
+        self.task_status.setText(for_the_window(text, [p.name for p in task.params])[0])
 
     def remember(self) -> None:
         """Keep the current form's values and model for its task (restored when the task is picked again).

@@ -312,3 +312,81 @@ def test_control_errors_from_a_run_are_in_the_windows_words() -> None:
     assert (
         text == "ControlNet cn has no control image; fill in the ControlNet unit's fields (model, image, preprocessor)"
     )
+
+
+# --- 6. errors, descriptions and tooltips in the window's words; outlines go once fixed ------------------
+
+
+def test_descriptions_and_tooltips_name_fields_not_flags(window, qapp) -> None:
+    for index in range(window.task_box.count()):
+        window.task_box.setCurrentIndex(index)
+        window.model_box.setCurrentIndex(0)
+        window.task_panel._show_availability()
+        status = window.task_panel.task_status.text()
+        tip = window.task_box.itemData(index, 3)  # the tooltip role
+        assert "--" not in status and "--" not in tip, (window.task_box.currentText(), status, tip)
+    window.task_box.setCurrentText("superres")
+    assert '"model"' in window.task_box.itemData(window.task_box.currentIndex(), 3)  # (a .pth file in "model")
+    window.task_box.setCurrentText("generate")
+    assert 'choose a model in "model"' in window.task_panel.task_status.text()
+    backends = window.backend_box
+    tips = [backends.itemData(i, 3) for i in range(backends.count())]
+    assert not any("--" in tip for tip in tips), tips
+    assert any('"device"' in tip for tip in tips)  # TensorRT: set "device" to cuda
+
+
+def test_a_crash_points_at_details_not_at_a_flag(qapp, tmp_path: Path) -> None:
+    from gui_helpers import DialPlugin
+    from PySide6.QtCore import QSettings
+
+    from difftool.core.task import Task
+    from difftool.gui.app import MainWindow
+    from difftool.plugins import hookimpl
+    from difftool.plugins.registry import build_registry
+
+    class Crash(Task):
+        name = "crash"
+        summary = "A plugin task with a bug"
+
+        def run(self, request, context):
+            raise ZeroDivisionError("division by zero")
+
+    class CrashPlugin:
+        @hookimpl
+        def register_tasks(self, register):
+            register(Crash)
+
+    registry = build_registry([CrashPlugin(), DialPlugin()], entry_points=False)
+    win = MainWindow(registry=registry, settings=QSettings(str(tmp_path / "s.ini"), QSettings.Format.IniFormat))
+    win.task_box.setCurrentText("crash")
+    win.set_source(Image.new("RGB", (4, 4)))
+    job = win.queue.jobs[win.run_current()]
+    wait_for(win.queue, qapp)
+    assert job.state == "failed" and "ZeroDivisionError" in win.last_error
+    assert "--" not in win.last_error and "Details" in win.last_error and "--" not in win.status.job.text()
+    win.close()
+
+
+def test_the_hires_error_comes_before_the_first_pass_and_outlines_the_hires_fields(window, qapp, sd_checkpoint) -> None:
+    window.model_box.insertItem(1, "tiny-sd", str(sd_checkpoint))
+    window.task_box.setCurrentText("generate")
+    window.model_box.setCurrentIndex(1)
+    window.form.set_values({"prompt": "a boat", "width": 16, "height": 16, "steps": 4})
+    window.form.set_values({"hires": 2.0, "hires_strength": 0.1})
+    steps: list[int] = []
+    window.queue.signals.progress.connect(lambda job_id, step, total, preview: steps.append(step))
+    job = window.queue.jobs[window.run_current()]
+    wait_for(window.queue, qapp)
+    assert job.state == "failed" and steps == []  # no base pass ran first
+    error = window.last_error
+    assert "--" not in error and '"hires strength"' in error and '"hires steps"' in error, error
+    strength, hires_steps, base_steps = (window.form.widgets[k] for k in ("hires_strength", "hires_steps", "steps"))
+    assert "border" in strength.styleSheet() and "border" in hires_steps.styleSheet()
+    assert base_steps.styleSheet() == ""
+    strength.setValue(0.5)  # fixed: its outline goes at once
+    assert strength.styleSheet() == ""
+    window.form.set_values({"hires_steps": 2})
+    job = window.queue.jobs[window.run_current()]
+    wait_for(window.queue, qapp)
+    assert job.state == "done", job.error
+    assert hires_steps.styleSheet() == ""  # a successful run of the task clears what is left

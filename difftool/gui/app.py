@@ -158,6 +158,11 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.send_menu.aboutToShow.connect(fill_send_menu)
         self.insert_menu = edit_menu.addMenu("&Insert into prompt")
         self.insert_menu.aboutToShow.connect(lambda: fill_insert_menu(self.insert_menu, self))
+        job_menu = self.menuBar().addMenu("&Job")
+        run = action(job_menu, "&Run", self.run_current)
+        # From anywhere in the window, the prompt box included (a plain Enter there is a new line).
+        run.setShortcuts([QKeySequence("Ctrl+Return"), QKeySequence("Ctrl+Enter")])
+        action(job_menu, "&Cancel the running job", self.cancel_running)
         view_menu = self.menuBar().addMenu("&View")
         action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")

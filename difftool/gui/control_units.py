@@ -179,6 +179,7 @@ class ControlUnitsField(QWidget):
         #: none, so an empty field means the image open in the window, which must then be a file.
         self.takes_input = takes_input
         self.source_path = source_path or (lambda: None)
+        self.on_change: Callable[[], None] = lambda: None  # units added or removed (the panel's Tab order)
         self.boxes: list[ControlUnitBox] = []
         self.units_layout = QVBoxLayout()
         self.units_layout.setContentsMargins(0, 0, 0, 0)
@@ -193,6 +194,7 @@ class ControlUnitsField(QWidget):
         box = ControlUnitBox(self, len(self.boxes) + 1)
         self.boxes.append(box)
         self.units_layout.addWidget(box)
+        self.on_change()
         return box
 
     def remove(self, box: ControlUnitBox) -> None:
@@ -201,6 +203,7 @@ class ControlUnitsField(QWidget):
         box.deleteLater()
         for number, other in enumerate(self.boxes, 1):
             other.setTitle(f"ControlNet {number}")
+        self.on_change()
 
     def reset(self) -> None:
         for box in list(self.boxes):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from PySide6.QtCore import Qt
+from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -23,6 +25,21 @@ from PySide6.QtWidgets import (
 from difftool.core.task import Param, Task
 
 DEFAULT_CHOICE = "(default)"
+
+
+class PromptEdit(QPlainTextEdit):
+    """A multi-line text field in a form: Tab moves to the next field, as in every other field; Ctrl+Tab
+    types a tab."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setTabChangesFocus(True)
+
+    def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt's name
+        if event.key() == Qt.Key.Key_Tab and event.modifiers() & Qt.KeyboardModifier.ControlModifier:
+            self.insertPlainText("\t")
+            return
+        super().keyPressEvent(event)
 
 
 class PathField(QWidget):
@@ -114,7 +131,7 @@ class ParamForm(QWidget):
             return combo
         if param.type in ("image", "mask", "path"):
             return PathField(param)
-        return QPlainTextEdit() if param.multiline else QLineEdit()
+        return PromptEdit() if param.multiline else QLineEdit()
 
     def reset(self) -> None:
         """Restore every declared default."""

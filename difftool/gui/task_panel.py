@@ -15,13 +15,18 @@ from typing import Any
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtWidgets import (
+    QAbstractButton,
+    QAbstractItemView,
+    QAbstractSpinBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QListWidget,
+    QPlainTextEdit,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -70,7 +75,9 @@ class TaskPanel(QWidget):
             summary = for_the_window(entry.cls.summary, [p.name for p in entry.cls.params])[0]  # GUI words
             self.task_box.setItemData(self.task_box.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
         self.task_box.currentTextChanged.connect(self.on_task_changed)
-        layout.addWidget(QLabel("Task"))
+        task_label = QLabel("&Task")  # Alt+T reaches the task box from anywhere
+        task_label.setBuddy(self.task_box)
+        layout.addWidget(task_label)
         layout.addWidget(self.task_box)
         self.task_status = QLabel()
         self.task_status.setWordWrap(True)
@@ -176,6 +183,7 @@ class TaskPanel(QWidget):
             self.options_form = ParamForm(types.SimpleNamespace(params=options), {})
             self.options_form.setVisible(self.options_box.isChecked())
             self.options_layout.addWidget(self.options_form)
+            self.fix_tab_order()
         task = self.registry.tasks.get(self.task_box.currentText())
         self.options_box.setVisible(bool(options) and (task is None or task.cls.uses_model))
 
@@ -203,10 +211,21 @@ class TaskPanel(QWidget):
             self.common.setRowVisible(widget, task.uses_model)  # a task that loads no model has no backend
         self.options_box.setVisible(task.uses_model and self.options_form is not None)
         self.settings.setValue("task", name)
+        self.fix_tab_order()
+
+    def fix_tab_order(self) -> None:
+        """Tab goes down the panel as it is laid out: the task, the form's fields in order (a ControlNet
+        unit's fields in its box), model, backend, device, precision, seed, Run. Qt's default follows
+        creation, and the form is created after the boxes below it."""
+        chain = focus_chain(self)
+        for first, second in zip(chain, chain[1:], strict=False):
+            QWidget.setTabOrder(first, second)
 
     def _control_editor(self, param: Any) -> QWidget:
         task = self.registry.task(self.task_box.currentText())
-        return ControlUnitsField(self.controlnets, self.registry, self.source, bool(task.inputs), self.source_path)
+        field = ControlUnitsField(self.controlnets, self.registry, self.source, bool(task.inputs), self.source_path)
+        field.on_change = self.fix_tab_order  # a unit added or removed: its fields in the Tab order
+        return field
 
     def _model_editor(self, param: Any) -> QWidget:
         return ModelNameField(param, self.models)
@@ -355,3 +374,38 @@ class TaskPanel(QWidget):
                 "backend_options": self.options_form.values() if self.options_form is not None else {},
             }
         return options
+
+
+#: Widgets Tab stops at as a whole (their inner line edits are theirs).
+_LEAVES = (QAbstractSpinBox, QComboBox, QLineEdit, QPlainTextEdit, QAbstractButton, QAbstractItemView)
+
+
+def focus_chain(root: QWidget) -> list[QWidget]:
+    """The widgets Tab can stop at under ``root``, in the order its layouts show them."""
+    found: list[QWidget] = []
+
+    def visit_layout(layout: Any) -> None:
+        for index in range(layout.count()):
+            item = layout.itemAt(index)
+            if item.widget() is not None:
+                visit(item.widget())
+            elif item.layout() is not None:
+                visit_layout(item.layout())
+
+    def visit(widget: QWidget) -> None:
+        if isinstance(widget, QScrollArea):
+            if widget.widget() is not None:
+                visit(widget.widget())
+            return
+        takes_tab = bool(widget.focusPolicy() & Qt.FocusPolicy.TabFocus)
+        if isinstance(widget, _LEAVES):
+            if takes_tab:
+                found.append(widget)
+            return
+        if takes_tab:  # a checkable group box, then its fields
+            found.append(widget)
+        if widget.layout() is not None:
+            visit_layout(widget.layout())
+
+    visit(root)
+    return found

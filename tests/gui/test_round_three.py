@@ -390,3 +390,79 @@ def test_the_hires_error_comes_before_the_first_pass_and_outlines_the_hires_fiel
     wait_for(window.queue, qapp)
     assert job.state == "done", job.error
     assert hires_steps.styleSheet() == ""  # a successful run of the task clears what is left
+
+
+# --- 8. keyboard: Tab leaves the prompt, Ctrl+Tab types one, Ctrl+Enter runs, Tab follows the layout --------
+
+
+def test_the_keyboard_moves_through_the_panel_as_it_is_laid_out(window, qapp) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    shown(window, qapp)
+    window.activateWindow()
+    window.task_box.setCurrentText("generate")
+    window.form.widgets["control"].add()
+    prompt = window.form.widgets["prompt"]
+    prompt.setFocus()
+    qapp.processEvents()
+    QTest.keyClicks(prompt, "a boat")
+    QTest.keyClick(prompt, Qt.Key.Key_Tab)
+    assert prompt.toPlainText() == "a boat" and QApplication.focusWidget() is window.form.widgets["negative_prompt"]
+    QTest.keyClick(prompt, Qt.Key.Key_Tab, Qt.KeyboardModifier.ControlModifier)
+    assert prompt.toPlainText() == "a boat\t"  # Ctrl+Tab types a tab
+
+    window.task_box.setFocus()  # Tab from the task box down the panel, field by field
+    qapp.processEvents()
+    visited = [window.task_box]
+    for _ in range(200):
+        QTest.keyClick(QApplication.focusWidget(), Qt.Key.Key_Tab)
+        widget = QApplication.focusWidget()
+        if widget is window.run_button or widget in visited:
+            break
+        visited.append(widget)
+    assert QApplication.focusWidget() is window.run_button
+    unit = window.form.widgets["control"].boxes[0]
+
+    def place(widget) -> int:
+        return next(i for i, w in enumerate(visited) if w is widget or widget.isAncestorOf(w))
+
+    order = [
+        window.task_box,
+        prompt,
+        window.form.widgets["steps"],
+        unit.model,
+        unit.weight,
+        window.form.widgets["allow_pickle"],
+        window.model_box,
+        window.dtype_box,
+        window.seed_box,
+    ]
+    places = [place(w) for w in order]
+    assert places == sorted(places), places
+
+    QTest.keyClick(window.canvas, Qt.Key.Key_T, Qt.KeyboardModifier.AltModifier)  # Alt+T: the task box
+    assert QApplication.focusWidget() is window.task_box
+
+
+def test_ctrl_enter_runs_from_the_prompt_box(window, qapp) -> None:
+    from PySide6.QtCore import Qt
+    from PySide6.QtTest import QTest
+
+    shown(window, qapp)
+    window.activateWindow()
+    window.task_box.setCurrentText("dial")
+    window.set_source(Image.new("RGB", (8, 8)))
+    field = window.form.widgets["strength"]
+    field.setFocus()
+    qapp.processEvents()
+    QTest.keyClick(field, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+    wait_for(window.queue, qapp)
+    assert [job.state for job in window.queue.jobs.values()] == ["done"]
+    window.task_box.setCurrentText("generate")
+    prompt = window.form.widgets["prompt"]
+    prompt.setFocus()
+    qapp.processEvents()
+    QTest.keyClick(prompt, Qt.Key.Key_Enter, Qt.KeyboardModifier.ControlModifier)  # the keypad's Enter too
+    assert len(window.queue.jobs) == 2 or "model" in window.last_error  # generate without a model: refused
+    assert "\n" not in prompt.toPlainText()

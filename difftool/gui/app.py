@@ -55,6 +55,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.queue.signals.finished.connect(self._on_finished)
         self.queue.signals.changed.connect(self._refresh_queue)
         self.queue.signals.abandoned.connect(lambda job_id: self.status.finished(self.queue.jobs[job_id]))
+        self.queue.signals.cancelling.connect(self._on_cancelling)
         self.setWindowTitle("difftool")
         self.setAcceptDrops(True)
         wheel.install(QApplication.instance())  # the wheel scrolls the form, never a value it passes over

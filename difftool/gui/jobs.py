@@ -34,6 +34,8 @@ class Job:
     before: Any = None
 
     def label(self) -> str:
+        if self.state == "running" and self.token.cancelled:  # a CPU step can take 15 s: say so at once
+            return f"#{self.id} {self.task} — cancelling…"
         return f"#{self.id} {self.task} — {self.phase if self.state == 'running' and self.phase else self.state}"
 
 
@@ -42,6 +44,7 @@ class JobSignals(QObject):
     progress = Signal(int, int, int, object)  # job id, step, total, preview image or None
     phase = Signal(int, str, int, int)  # job id, what (loading a model, exporting), done, total (-1: unknown)
     abandoned = Signal(int)  # a cancelled job that never reached a step boundary was given up
+    cancelling = Signal(int)  # a running job was asked to stop; it stops at its next step
     finished = Signal(int)  # job id; the job holds its result or error
     changed = Signal()  # the queue's contents or states changed
 
@@ -125,6 +128,7 @@ class JobQueue(QObject):
             self.signals.changed.emit()
         elif job.state == "running":
             job.token.cancel()  # the sampler stops before its next step
+            self.signals.cancelling.emit(job_id)
             # A task that never reaches a step boundary (hung in a plugin's code) cannot be stopped from
             # another thread; after the grace period it is abandoned: marked cancelled, its eventual
             # result discarded, and the queue moves on.

@@ -12,6 +12,9 @@ from PySide6.QtWidgets import QListWidgetItem
 from difftool.gui.convert import pil_to_qimage
 from difftool.gui.jobs import Job
 
+#: Ended jobs kept in the queue's list, after the queued and running ones (each says how it ended).
+ENDED_ROWS = 4
+
 
 class JobActions:
     """Running for the main window (which provides the form, the task panel, the queue and the canvas)."""
@@ -64,13 +67,24 @@ class JobActions:
         return job_id not in self.queue.abandoned
 
     def _refresh_queue(self) -> None:
+        """The queue's rows: every queued and running job, and the last few that ended (a cancelled job's row
+        says "cancelled" instead of vanishing)."""
         self.queue_list.clear()
-        for job in self.queue.jobs.values():
-            if job.state in ("queued", "running"):
+        jobs = list(self.queue.jobs.values())
+        ended = [job.id for job in jobs if job.state not in ("queued", "running")][-ENDED_ROWS:]
+        for job in jobs:
+            if job.state in ("queued", "running") or job.id in ended:
                 item = QListWidgetItem(job.label())
+                item.setToolTip(job.label())  # the whole text, however narrow the panel
                 item.setData(Qt.ItemDataRole.UserRole, job.id)
                 self.queue_list.addItem(item)
-        self.status.running(self.queue.running is not None)
+        running = self.queue.jobs.get(self.queue.running) if self.queue.running is not None else None
+        self.status.running(running is not None, running is not None and running.token.cancelled)
+
+    def _on_cancelling(self, job_id: int) -> None:
+        job = self.queue.jobs[job_id]
+        self.status.cancelling(job)
+        self._update_row(job)
 
     def _update_row(self, job: Job) -> None:
         """The job's queue row names what it is doing now (its phase, its step)."""
@@ -78,6 +92,7 @@ class JobActions:
             item = self.queue_list.item(index)
             if item.data(Qt.ItemDataRole.UserRole) == job.id:
                 item.setText(job.label())
+                item.setToolTip(job.label())
 
     def _on_phase(self, job_id: int, what: str, done: int, total: int) -> None:
         if self._live(job_id):

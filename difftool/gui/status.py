@@ -46,6 +46,8 @@ class RunStatus:
     def phase(self, job: Any, what: str, done: int | None, total: int | None) -> None:
         """A phase with no step count shows a busy bar: the app is working, not stuck at 0."""
         job.phase = what
+        if job.token.cancelled:
+            return
         self.job.setText(f"#{job.id} {job.task}: {what}…")
         self.eta.clear()
         if done is None or not total:
@@ -54,7 +56,16 @@ class RunStatus:
             self.progress.setRange(0, total)
             self.progress.setValue(done)
 
+    def cancelling(self, job: Any) -> None:
+        """Cancel was asked: said at once (the job stops at its next step, which may take a while)."""
+        self.job.setText(f"#{job.id} {job.task}: cancelling…")
+        self.eta.clear()
+        self.progress.setRange(0, 0)  # busy until it stops
+        self.cancel_button.setEnabled(False)
+
     def step(self, job: Any, step: int, total: int) -> None:
+        if job.token.cancelled:  # a step that finished after Cancel: still cancelling
+            return
         job.phase = f"running, step {step} / {total}"
         self.job.setText(f"#{job.id} {job.task}: {job.phase}")
         self.progress.setRange(0, total)
@@ -78,5 +89,5 @@ class RunStatus:
             why = f": {message or job.error}" if job.state == "failed" and job.error else ""
             self.job.setText(f"#{job.id} {job.task}: {job.state}{why}"[:160])
 
-    def running(self, running: bool) -> None:
-        self.cancel_button.setEnabled(running)
+    def running(self, running: bool, cancelling: bool = False) -> None:
+        self.cancel_button.setEnabled(running and not cancelling)

@@ -466,3 +466,26 @@ def test_ctrl_enter_runs_from_the_prompt_box(window, qapp) -> None:
     QTest.keyClick(prompt, Qt.Key.Key_Enter, Qt.KeyboardModifier.ControlModifier)  # the keypad's Enter too
     assert len(window.queue.jobs) == 2 or "model" in window.last_error  # generate without a model: refused
     assert "\n" not in prompt.toPlainText()
+
+
+# --- 9. cancel says so at once, and the row says how the job ended ----------------------------------------
+
+
+def test_cancel_shows_cancelling_at_once_then_cancelled_on_the_jobs_row(window, qapp) -> None:
+    import time
+
+    window.task_box.setCurrentText("dial")
+    window.set_source(Image.new("RGB", (8, 8)))
+    window.form.widgets["count"].setValue(9)
+    job = window.queue.jobs[window.run_current()]
+    deadline = time.monotonic() + 10
+    while "step" not in window.queue_list.item(0).text() and time.monotonic() < deadline:
+        qapp.processEvents()  # the job is running its steps
+    window.cancel_button.click()
+    row = window.queue_list.item(0)
+    assert row.text() == f"#{job.id} dial — cancelling…"  # before the job reaches its next step
+    assert window.status.job.text() == f"#{job.id} dial: cancelling…" and not window.cancel_button.isEnabled()
+    wait_for(window.queue, qapp)
+    assert job.state == "cancelled"
+    rows = [window.queue_list.item(i).text() for i in range(window.queue_list.count())]
+    assert rows == [f"#{job.id} dial — cancelled"] and window.status.job.text() == f"#{job.id} dial: cancelled"

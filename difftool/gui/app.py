@@ -196,10 +196,14 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         from difftool.plugins.registry import get_registry
 
         self.task_panel.remember()
+        task, seed = self.task_box.currentText(), self.seed_box.value()  # kept: the artist's, not the server's
         self.registry = registry or get_registry()
         old = self.task_panel
         self._build_task_panel()
         old.deleteLater()
+        if task in self.registry.tasks:
+            self.task_box.setCurrentText(task)
+        self.seed_box.setValue(seed)
         self.task_box.currentTextChanged.connect(self._on_task_changed)
         self.task_panel.on_task_changed()
         self._on_task_changed()

@@ -489,3 +489,23 @@ def test_cancel_shows_cancelling_at_once_then_cancelled_on_the_jobs_row(window, 
     assert job.state == "cancelled"
     rows = [window.queue_list.item(i).text() for i in range(window.queue_list.count())]
     assert rows == [f"#{job.id} dial — cancelled"] and window.status.job.text() == f"#{job.id} dial: cancelled"
+
+
+# --- 10. connecting to a server (or back) keeps the task and the seed ---------------------------------------
+
+
+def test_switching_where_jobs_run_keeps_the_task_its_values_and_the_seed(window, qapp) -> None:
+    from gui_helpers import DialPlugin
+
+    from difftool.plugins.registry import build_registry
+
+    window.task_box.setCurrentText("superres")
+    window.form.widgets["tile"].setValue(512)
+    window.seed_box.setValue(1234)
+    server_side = build_registry([DialPlugin()], entry_points=False)  # what a server's registry offers
+    window.use_registry(server_side, "http://gpu-box:7860")
+    assert window.task_box.currentText() == "superres" and window.seed_box.value() == 1234
+    assert window.form.values()["tile"] == 512
+    window.use_registry(None)  # File > Disconnect
+    assert window.task_box.currentText() == "superres" and window.seed_box.value() == 1234
+    assert window.form.values()["tile"] == 512

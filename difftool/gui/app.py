@@ -68,6 +68,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self._build_bottom()
         self._build_menus()
         self.canvas.hovered.connect(self._on_hover)
+        self.canvas.zoomed.connect(lambda scale: self.status.zoom.setText(f"{scale * 100:.0f}%"))
         self.canvas.source_shown.connect(self._describe_source)
         geometry = self.settings.value("geometry")
         if geometry is not None:
@@ -371,7 +372,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
     def _on_hover(self, x: int, y: int) -> None:
         image = self.canvas.shown()
         inside = image is not None and 0 <= x < image.width() and 0 <= y < image.height()
-        self.status.pointer.setText(f"{x}, {y}  {self.canvas.scale * 100:.0f}%" if inside else "")
+        self.status.pointer.setText(f"{x}, {y}" if inside else "")
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802
         self.settings.setValue("geometry", self.saveGeometry())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,14 @@ from difftool.core.task import Param, Task
 DEFAULT_CHOICE = "(default)"
 
 
+def default_label(param: Param, longest: int = 0) -> str:
+    """What an unset field reads: "(default: 4, or a community model's own scale)" when the help says which
+    (at most ``longest`` characters, if given: a spin box is as wide as its text; the tooltip has it all)."""
+    found = re.search(r"\(?default:? ([^)]*)\)?", param.help or "")
+    label = f"(default: {found.group(1).strip()})" if found else DEFAULT_CHOICE
+    return DEFAULT_CHOICE if longest and len(label) > longest else label
+
+
 class PromptEdit(QPlainTextEdit):
     """A multi-line text field in a form: Tab moves to the next field, as in every other field; Ctrl+Tab
     types a tab."""
@@ -48,7 +57,10 @@ class PathField(QWidget):
     def __init__(self, param: Param) -> None:
         super().__init__()
         self.edit = QLineEdit()
-        self.edit.setPlaceholderText("required" if param.required else "optional")
+        if param.type == "mask":  # painting it is the other way: a mask is not "optional" to inpaint
+            self.edit.setPlaceholderText("paint it on the image (Mask panel), or a mask file")
+        else:
+            self.edit.setPlaceholderText("required" if param.required else "optional")
         self.edit.setMinimumWidth(40)
         button = QPushButton("Browse…")
         button.setSizePolicy(QSizePolicy.Policy.Fixed, QSizePolicy.Policy.Fixed)  # never truncated
@@ -109,7 +121,7 @@ class ParamForm(QWidget):
                 int(param.max if param.max is not None else 2**31 - 1),
             )
             if param.default is None:
-                box.setSpecialValueText(DEFAULT_CHOICE)
+                box.setSpecialValueText(default_label(param, 22))
                 box.setMinimum(box.minimum() - 1)
             return box
         if param.type == "float":
@@ -118,15 +130,18 @@ class ParamForm(QWidget):
             box.setSingleStep(0.05)
             box.setRange(param.min if param.min is not None else -1e9, param.max if param.max is not None else 1e9)
             if param.default is None:  # one step below the range reads "(default)", as for integers
-                box.setSpecialValueText(DEFAULT_CHOICE)
+                box.setSpecialValueText(default_label(param, 22))
                 box.setMinimum(box.minimum() - box.singleStep())
             return box
         if param.type == "bool":
             return QCheckBox()
         if param.type == "choice":
             combo = QComboBox()
+            # A long entry ("(default: 4, or a community model's own scale)") must not widen the panel.
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(10)
             if param.default is None:
-                combo.addItem(DEFAULT_CHOICE)
+                combo.addItem(default_label(param))
             combo.addItems([str(c) for c in choices])
             return combo
         if param.type in ("image", "mask", "path"):
@@ -146,7 +161,10 @@ class ParamForm(QWidget):
             elif isinstance(widget, QCheckBox):
                 widget.setChecked(bool(default))
             elif isinstance(widget, QComboBox):
-                widget.setCurrentText(DEFAULT_CHOICE if default is None else str(default))
+                if default is None:
+                    widget.setCurrentIndex(0)  # "(default: ...)"
+                else:
+                    widget.setCurrentText(str(default))
             elif isinstance(widget, PathField):
                 widget.edit.setText(str(default or ""))
             elif isinstance(widget, QPlainTextEdit):
@@ -188,7 +206,8 @@ class ParamForm(QWidget):
             elif isinstance(widget, QCheckBox):
                 value = widget.isChecked()
             elif isinstance(widget, QComboBox):
-                value = None if widget.currentText() == DEFAULT_CHOICE else widget.currentText()
+                unset = param.default is None and widget.currentIndex() == 0  # the "(default: ...)" entry
+                value = None if unset else widget.currentText()
             elif isinstance(widget, PathField):
                 value = widget.text() or None
             elif isinstance(widget, QPlainTextEdit):

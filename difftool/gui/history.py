@@ -22,7 +22,7 @@ def describe(record: dict[str, Any], title: str) -> str:
     if record.get("model"):
         lines.append(f"model: {record['model']}")
     lines.append(f"seed: {record.get('seed')}")
-    lines += [f"{k.replace('_', ' ')}: {v}" for k, v in record.items() if k not in _OWN_LINES]
+    lines += [f"{k.replace('_', ' ')}: {plain(v)}" for k, v in record.items() if k not in _OWN_LINES and plain(v)]
     lines.append(f"backend: {record.get('backend', 'torch')} on {record.get('device', 'cpu')}")
     asked, ran = record.get("dtype"), _SHORT.get(str(record.get("precision")), record.get("precision"))
     if ran and asked and ran != asked:  # an ONNX graph runs fp32 when bf16 was asked (no bf16 kernels)
@@ -30,6 +30,18 @@ def describe(record: dict[str, Any], title: str) -> str:
     elif ran or asked:
         lines.append(f"precision: {ran or asked}")
     return "\n".join(lines)
+
+
+def plain(value: Any) -> str:
+    """A record's value as an artist reads it: lists one after another, settings as ``name value``, nothing
+    for an empty one (never Python's ``()`` or ``{'provider': 'auto'}``)."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k.replace('_', ' ')} {plain(v)}" for k, v in value.items() if plain(v))
+    if isinstance(value, (list, tuple)):
+        return "; ".join(text for text in (plain(v) for v in value) if text)
+    if value is None:
+        return ""
+    return str(value)
 
 
 class HistoryStrip(QListWidget):
@@ -41,6 +53,14 @@ class HistoryStrip(QListWidget):
         self.setViewMode(QListWidget.ViewMode.IconMode)
         self.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
         self.setMaximumHeight(THUMBNAIL + 34)
+        # One row that scrolls sideways: a wrapped second row was cut off by the height, and its captions
+        # were left drawn under the first row's thumbnails.
+        self.setFlow(QListWidget.Flow.LeftToRight)
+        self.setWrapping(False)
+        self.setMovement(QListWidget.Movement.Static)
+        self.setResizeMode(QListWidget.ResizeMode.Adjust)
+        self.setUniformItemSizes(True)
+        self.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         # Selection is a frame around the thumbnail, not a tint over it (a tint looks like a colour shift).
         self.setStyleSheet(
             "QListWidget::item:selected { background: transparent; color: palette(text);"
@@ -61,6 +81,7 @@ class HistoryStrip(QListWidget):
         item.setToolTip(describe(job.result.record, f"{job.task} #{job.id}, {image.width}×{image.height}"))
         self.addItem(item)
         self.setCurrentItem(item)
+        self.scrollToItem(item)  # the newest result in view
         return item
 
     def job_of(self, item: QListWidgetItem) -> Any:

@@ -23,8 +23,13 @@ def offers_models(param: Param) -> bool:
     return param.type == "string" and not param.multiple and param.name in MODEL_PARAMS
 
 
+#: The entry that stands for "none" (no refiner), where no keyword means the default.
+NONE_LABEL = "(none)"
+
+
 class ModelNameField(QComboBox):
-    """Keywords, then the listed models of the parameter's families; empty means the default."""
+    """Keywords, then the listed models of the parameter's families; never a blank entry: "(none)" where the
+    default is none, else the default keyword (latent, embedded) first. An emptied field is the default."""
 
     def __init__(self, param: Param, models: Sequence[Any]) -> None:
         super().__init__()
@@ -33,16 +38,23 @@ class ModelNameField(QComboBox):
         self.setEditable(True)
         self.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.setMinimumContentsLength(8)
-        self.addItem("")
+        self.none = param.default is None and not keywords  # refiner: none by default
+        if self.none:
+            self.addItem(NONE_LABEL)
         self.addItems(list(keywords) + sorted(m.name for m in models if m.family in families))
-        self.lineEdit().setPlaceholderText(str(param.default) if param.default is not None else "none")
+        default = param.default if param.default is not None else (keywords[0] if keywords else "none")
+        self.lineEdit().setPlaceholderText(f"{default} (default)")
         self.reset()
 
     def value(self) -> str | None:
-        return self.currentText().strip() or None
+        text = self.currentText().strip()
+        return None if text in ("", NONE_LABEL) else text
 
     def set_value(self, value: Any) -> None:
         self.setCurrentText(str(value))
 
     def reset(self) -> None:
-        self.setCurrentText("" if self.param.default is None else str(self.param.default))
+        if self.none:
+            self.setCurrentIndex(0)
+        else:
+            self.setCurrentText("" if self.param.default is None else str(self.param.default))

@@ -21,12 +21,14 @@ class RunStatus:
         self.progress.setFormat("%v / %m")
         self.progress.setValue(0)
         self.eta = QLabel()
-        self.pointer = QLabel()  # the pixel under the pointer and the zoom (never hides the image line)
+        self.pointer = QLabel()  # the pixel under the pointer (never hides the image line)
+        self.zoom = QLabel()  # the canvas's zoom, updated by every zoom, fit and resize
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(on_cancel)
         bar.addWidget(self.image, 1)
         bar.addPermanentWidget(self.pointer)
+        bar.addPermanentWidget(self.zoom)
         if first is not None:
             bar.addPermanentWidget(first)
         bar.addPermanentWidget(self.job)

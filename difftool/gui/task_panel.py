@@ -39,6 +39,7 @@ from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 from difftool.gui.messages import for_the_window
 from difftool.gui.model_field import ModelNameField, offers_models
 
+NO_MODEL = "(choose a model)"  # the model box's first entry for a task with no default model
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
 
 
@@ -259,7 +260,9 @@ class TaskPanel(QWidget):
 
     def _offer_models(self, task: Any) -> None:
         """Show only the listed models of the families the task runs (models added by Browse always show);
-        the task's last model comes back when it is still offered."""
+        the task's last model comes back when it is still offered. The first entry says "(default)" only
+        for a task that has a default model (generate has none: it reads "(choose a model)")."""
+        self.model_box.setItemText(0, DEFAULT_CHOICE if task.availability(None) is None else NO_MODEL)
         view, items = self.model_box.view(), self.model_box.model()
         for index in range(self.model_box.count()):
             family = self.model_box.itemData(index, FAMILY_ROLE)
@@ -279,7 +282,7 @@ class TaskPanel(QWidget):
 
     def model_choice(self) -> str | None:
         text = self.model_box.currentText()
-        if text in (DEFAULT_CHOICE, "Browse…", "Browse file…", ""):
+        if text in (DEFAULT_CHOICE, NO_MODEL, "Browse…", "Browse file…", ""):
             return None
         return self.model_box.currentData() or text
 

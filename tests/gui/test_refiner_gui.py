@@ -31,13 +31,13 @@ def test_generate_form_has_refiner_fields_and_the_picker_offers_no_refiner_as_mo
     assert "tiny-sdxl" in offered and "tiny-refiner" not in offered  # a refiner only finishes: never --model
     assert win.form.values()["refiner_switch"] == pytest.approx(0.8) and "refiner" not in win.form.values()
     field = win.form.widgets["refiner"]  # the listed refiners, and only those, are offered
-    assert [field.itemText(i) for i in range(field.count())] == ["", "tiny-refiner"]
+    assert [field.itemText(i) for i in range(field.count())] == ["(none)", "tiny-refiner"]  # no blank entry
     field.setCurrentText("tiny-refiner")
     assert win.form.values()["refiner"] == "tiny-refiner"
     win.form.reset()
     assert "refiner" not in win.form.values()
     upscaler = win.form.widgets["hires_upscaler"]
-    assert [upscaler.itemText(i) for i in range(3)] == ["", "latent", "embedded"]
+    assert [upscaler.itemText(i) for i in range(2)] == ["latent", "embedded"]
     from PIL import Image, PngImagePlugin
 
     info = PngImagePlugin.PngInfo()

@@ -509,3 +509,68 @@ def test_switching_where_jobs_run_keeps_the_task_its_values_and_the_seed(window,
     window.use_registry(None)  # File > Disconnect
     assert window.task_box.currentText() == "superres" and window.seed_box.value() == 1234
     assert window.form.values()["tile"] == 512
+
+
+# --- 11. what the window shows is current and in plain words -----------------------------------------------
+
+
+def test_the_history_strip_is_one_row_with_its_own_captions_and_the_newest_in_view(window, qapp) -> None:
+    shown(window, qapp, (1000, 700))
+    window.task_box.setCurrentText("dial")
+    window.form.widgets["count"].setValue(1)
+    for shade in range(12):  # more than the strip's width holds
+        window.set_source(Image.new("RGB", (8, 8), (shade * 20, 0, 0)))
+        window.run_current()
+        wait_for(window.queue, qapp)
+    strip = window.history_list
+    for _ in range(10):
+        qapp.processEvents()
+    rects = [strip.visualItemRect(strip.item(i)) for i in range(strip.count())]
+    assert len({rect.top() for rect in rects}) == 1  # one row: nothing wraps under the visible one
+    assert [strip.item(i).text() for i in range(strip.count())] == [f"dial #{i}" for i in range(1, 13)]
+    assert strip.viewport().rect().intersects(rects[-1])  # the newest result is in view
+
+
+def test_the_zoom_in_the_status_bar_follows_every_zoom(window, qapp) -> None:
+    shown(window, qapp)
+    window.set_source(Image.new("RGB", (100, 50)))
+    canvas = window.canvas
+    assert window.status.zoom.text() == f"{canvas.scale * 100:.0f}%"
+    window._on_hover(3, 3)
+    canvas.actual_size()  # Ctrl+1, with the pointer still: not the zoom of the last mouse move
+    assert window.status.zoom.text() == "100%"
+    canvas.fit()
+    assert window.status.zoom.text() == f"{canvas.scale * 100:.0f}%" != "100%"
+    window.resize(900, 640)
+    qapp.processEvents()
+    assert window.status.zoom.text() == f"{canvas.scale * 100:.0f}%"
+
+
+def test_tooltips_never_show_python_and_defaults_say_what_they_are(window, qapp) -> None:
+    from difftool.gui.history import describe
+
+    tip = describe(
+        {"task": "generate", "seed": 1, "control": (), "backend_options": {"provider": "auto", "threads": 2},
+         "lora": ["a.safetensors:0.6", "b.safetensors"]},
+        "generate #1",
+    )  # fmt: skip
+    assert "()" not in tip and "{" not in tip and "'" not in tip and "[" not in tip, tip
+    assert "backend options: provider auto, threads 2" in tip and "lora: a.safetensors:0.6; b.safetensors" in tip
+    assert "control" not in tip  # nothing to say
+
+    window.task_box.setCurrentText("generate")  # no default model exists: none is offered
+    assert window.model_box.itemText(0) == "(choose a model)" and window.model_box.currentIndex() == 0
+    window.task_box.setCurrentText("superres")
+    assert window.model_box.itemText(0) == "(default)"  # the embedded model
+    scale = window.form.widgets["scale"]
+    assert (
+        scale.currentText() == "(default: 4, or a community model's own scale)" and "scale" not in window.form.values()
+    )
+    assert window.form.widgets["steps"].specialValueText() == "(default: the model's)"
+    window.task_box.setCurrentText("generate")
+    upscaler = window.form.widgets["hires_upscaler"]
+    assert "" not in [upscaler.itemText(i) for i in range(upscaler.count())]  # no blank first entry
+    assert upscaler.itemText(0) == "latent" and "hires_upscaler" not in window.form.values()
+    window.task_box.setCurrentText("inpaint")
+    assert "optional" not in window.form.widgets["mask"].edit.placeholderText()  # inpaint needs a mask
+    assert "paint" in window.form.widgets["mask"].edit.placeholderText()

@@ -37,6 +37,10 @@ from difftool.gui.running import JobActions
 from difftool.gui.status import RunStatus
 from difftool.gui.task_panel import TaskPanel
 
+#: The task panel's first width: at 1280x800 the canvas keeps most of the window, and a prompt box, a
+#: ControlNet unit's fields and the queue's rows fit without being cut.
+PANEL_WIDTH = 390
+
 
 class MainWindow(JobActions, ResultActions, QMainWindow):
     def __init__(self, registry: Any = None, settings: QSettings | None = None) -> None:
@@ -73,6 +77,11 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         geometry = self.settings.value("geometry")
         if geometry is not None:
             self.restoreGeometry(geometry)
+        # The panel's width (and the docks' places) as the artist left them; at first a width that fits a
+        # prompt box, a ControlNet unit's fields and the queue's rows at 1280x800.
+        state = self.settings.value("window_state")
+        if state is None or not self.restoreState(state):
+            self.resizeDocks([self.task_dock], [PANEL_WIDTH], Qt.Orientation.Horizontal)
         self.task_box.currentTextChanged.connect(self._on_task_changed)
         self.task_box.setCurrentText(str(self.settings.value("task", self.task_box.itemText(0))))
         self.task_panel.on_task_changed()
@@ -376,6 +385,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
 
     def closeEvent(self, event: Any) -> None:  # noqa: N802
         self.settings.setValue("geometry", self.saveGeometry())
+        self.settings.setValue("window_state", self.saveState())
         self.task_panel.remember()
         for job_id, job in list(self.queue.jobs.items()):
             if job.state in ("queued", "running"):

@@ -57,7 +57,7 @@ class ControlUnitBox(QGroupBox):
         self.model.setMinimumContentsLength(8)
         self.model.addItems(owner.models)
         self.model.setCurrentText("")
-        self.model.lineEdit().setPlaceholderText("ControlNet: a listed name, file or folder")
+        self.model.lineEdit().setPlaceholderText("a listed name, file or folder")  # its label says "model"
         self.image = PathField(Param("image", "image"))
         self.image.edit.setPlaceholderText(
             "empty: the input image" if owner.takes_input else "empty: the image open in the window"

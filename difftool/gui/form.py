@@ -15,6 +15,7 @@ from PySide6.QtWidgets import (
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
+    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QPushButton,
@@ -109,7 +110,14 @@ class ParamForm(QWidget):
             widget.setToolTip(tip)
             widget.setObjectName(param.name)
             self.widgets[param.name] = widget
-            layout.addRow(param.name.replace("_", " "), widget)
+            if isinstance(widget, QPlainTextEdit):  # four lines at least, eight at most: the form scrolls
+                widget.setMinimumHeight(widget.fontMetrics().lineSpacing() * 4 + 12)
+                widget.setMaximumHeight(widget.fontMetrics().lineSpacing() * 8 + 12)
+            if isinstance(widget, QPlainTextEdit) or make:  # prompts, ControlNet units: the whole width
+                layout.addRow(QLabel(param.name.replace("_", " ")))
+                layout.addRow(widget)
+            else:
+                layout.addRow(param.name.replace("_", " "), widget)
         self.reset()
 
     @staticmethod

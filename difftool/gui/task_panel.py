@@ -148,7 +148,8 @@ class TaskPanel(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(QLabel("Queue"))
         self.queue_list = QListWidget()
-        self.queue_list.setMaximumHeight(64)
+        self.queue_list.setMaximumHeight(84)  # four rows
+        self.queue_list.setTextElideMode(Qt.TextElideMode.ElideMiddle)  # "#3 inpaint — … step 4 / 20"
         layout.addWidget(self.queue_list)
         cancel_selected = QPushButton("Cancel selected job")
         cancel_selected.clicked.connect(on_cancel)

@@ -574,3 +574,53 @@ def test_tooltips_never_show_python_and_defaults_say_what_they_are(window, qapp)
     window.task_box.setCurrentText("inpaint")
     assert "optional" not in window.form.widgets["mask"].edit.placeholderText()  # inpaint needs a mask
     assert "paint" in window.form.widgets["mask"].edit.placeholderText()
+
+
+# --- 7. laid out for 1280x800 first; nothing lost at 1000x700 -----------------------------------------------
+
+
+def test_the_window_is_laid_out_for_1280x800_and_loses_nothing_at_1000x700(window, qapp, tmp_path: Path) -> None:
+    from PySide6.QtCore import QSettings, Qt
+
+    from difftool.gui.app import MainWindow
+
+    shown(window, qapp, (1280, 800))
+    window.set_source(Image.new("RGB", (400, 300)))
+    window.task_box.setCurrentText("dial")
+    window.run_current()
+    wait_for(window.queue, qapp)
+    window.task_box.setCurrentText("generate")
+    unit = window.form.widgets["control"].add()
+    for _ in range(20):
+        qapp.processEvents()
+    panel, prompt = window.task_panel, window.form.widgets["prompt"]
+    assert panel.width() >= 360, panel.width()
+    assert prompt.width() >= window.form.width() - 30  # the prompt box spans the panel, under its label
+    assert prompt.height() >= prompt.fontMetrics().lineSpacing() * 4
+    edit = unit.model.lineEdit()
+    assert edit.fontMetrics().horizontalAdvance(edit.placeholderText()) <= edit.width()  # not "ControlNet: ..."
+    row = window.queue_list.item(0)
+    assert window.queue_list.fontMetrics().horizontalAdvance(row.text()) <= window.queue_list.viewport().width()
+
+    for size in ((1000, 700), (1280, 800)):
+        window.resize(*size)
+        for _ in range(20):
+            qapp.processEvents()
+        area = panel.form_area
+        assert area.horizontalScrollBar().maximum() == 0 and area.viewport().height() >= 150, size
+        bottom = window.run_button.mapTo(window, window.run_button.rect().bottomRight())
+        assert window.rect().contains(bottom) and window.run_button.isVisible(), size
+        canvas = window.canvas  # the image refits: all of it on screen
+        assert canvas.fitted and 400 * canvas.scale <= canvas.width() + 1 and 300 * canvas.scale <= canvas.height() + 1
+
+    window.resizeDocks([window.task_dock], [460], Qt.Orientation.Horizontal)  # the artist widens the panel
+    for _ in range(10):
+        qapp.processEvents()
+    width = window.task_dock.width()
+    window.close()
+    again = MainWindow(window.registry, QSettings(str(tmp_path / "settings.ini"), QSettings.Format.IniFormat))
+    again.show()
+    for _ in range(10):
+        qapp.processEvents()
+    assert abs(again.task_dock.width() - width) <= 4 and width > 400  # remembered across restarts
+    again.close()

@@ -149,6 +149,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         file_menu = self.menuBar().addMenu("&File")
         action(file_menu, "&Open…", self.open_dialog, QKeySequence.StandardKey.Open)
         action(file_menu, "&Save result…", self.save_dialog, QKeySequence.StandardKey.Save)
+        action(file_menu, "Save all results of this &batch…", self.save_batch_dialog, "Ctrl+Shift+S")
         action(file_menu, "C&onnect to server…", self.connect_dialog)
         action(file_menu, "&Disconnect (run here)", lambda: self.use_registry(None))
         action(file_menu, "&Quit", self.close, QKeySequence.StandardKey.Quit)
@@ -314,9 +315,17 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         if not files:
             self.show_error(f"no images among what was dropped ({', '.join(sorted(IMAGE_SUFFIXES))})")
             return []
-        ids = [self.queue.submit(self.build_job([str(f)])) for f in files]
+        self._batches = getattr(self, "_batches", 0) + 1
+        jobs = [self.build_job([str(f)]) for f in files]
+        for job in jobs:
+            job.batch = self._batches
+        ids = [self.queue.submit(job) for job in jobs]
         self.statusBar().showMessage(f"queued {len(ids)} image(s) for {task.name}", 10_000)
+        self.status.batch_progress(self.batch_jobs(self._batches))
         return ids
+
+    def batch_jobs(self, batch: int) -> list[Any]:
+        return [job for job in self.queue.jobs.values() if job.batch == batch and batch]
 
     # --- mask ---------------------------------------------------------------------------------
     def painted_mask(self) -> Image.Image | None:

@@ -32,6 +32,8 @@ class Job:
     source_dir: str = ""
     #: The input as shown in the compare view (a QImage, made on first display).
     before: Any = None
+    #: The dropped batch the job belongs to (0: none): saved together, counted together.
+    batch: int = 0
 
     def label(self) -> str:
         if self.state == "running" and self.token.cancelled:  # a CPU step can take 15 s: say so at once

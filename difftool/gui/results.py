@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 from PySide6.QtGui import QGuiApplication
-from PySide6.QtWidgets import QFileDialog, QListWidgetItem
+from PySide6.QtWidgets import QFileDialog, QListWidgetItem, QMessageBox
 
 from difftool.core.images import read_metadata, save_image
 from difftool.gui.convert import pil_to_qimage
@@ -80,6 +80,57 @@ class ResultActions:
                 self.show_error(str(error))
             except OSError as error:  # a read-only folder, a full disk: nothing was written
                 self.show_error(f"cannot save {path}: {error.strerror or error}; choose another folder")
+
+    def selected_batch(self) -> list[Any]:
+        """The finished jobs of the selected result's batch (else of the latest batch dropped)."""
+        job = self.history_list.selected_job()
+        batch = job.batch if job is not None and job.batch else getattr(self, "_batches", 0)
+        return [j for j in self.batch_jobs(batch) if j.state == "done" and j.result is not None]
+
+    def save_batch(self, folder: str | Path, replace: bool = False) -> tuple[list[Path], list[Path]]:
+        """Save every result of the batch into ``folder`` as ``<input stem>.<task>.png`` with its parameters;
+        returns (saved, skipped: files already there, kept unless ``replace``)."""
+        saved, skipped = [], []
+        for job in self.selected_batch():
+            target = Path(folder) / f"{job.source_stem}.{job.task}.png"
+            if target.exists() and not replace:
+                skipped.append(target)
+                continue
+            saved.append(save_image(job.result.image, target, job.result.record))
+        self.settings.setValue("save_dir", str(folder))
+        kept = f"; {len(skipped)} kept (already there)" if skipped else ""
+        self.statusBar().showMessage(f"saved {len(saved)} result(s) in {folder} (with their parameters){kept}", 10_000)
+        return saved, skipped
+
+    def save_batch_dialog(self) -> None:
+        jobs = self.selected_batch()
+        if not jobs:
+            self.show_error("no batch has results yet: drop a folder or several images on the window first")
+            return
+        start = str(self.settings.value("save_dir") or jobs[0].source_dir or Path.cwd())
+        folder = QFileDialog.getExistingDirectory(self, f"Save the {len(jobs)} results of this batch in", start)
+        if not folder:
+            return
+        there = [j for j in jobs if (Path(folder) / f"{j.source_stem}.{j.task}.png").exists()]
+        replace = False
+        if there:
+            answer = QMessageBox.question(
+                self,
+                "Save all results of this batch",
+                f"{len(there)} of the {len(jobs)} files are already in {folder}. Replace them?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No | QMessageBox.StandardButton.Cancel,
+            )
+            if answer == QMessageBox.StandardButton.Cancel:
+                return
+            replace = answer == QMessageBox.StandardButton.Yes
+        from difftool.core.errors import DifftoolError
+
+        try:
+            self.save_batch(folder, replace)
+        except DifftoolError as error:
+            self.show_error(str(error))
+        except OSError as error:
+            self.show_error(f"cannot save in {folder}: {error.strerror or error}; choose another folder")
 
     def copy_result(self) -> None:
         result = self.selected_result()

@@ -117,6 +117,8 @@ class JobActions:
         job = self.queue.jobs[job_id]
         message = self.rendered(job.error, job.task) if job.state == "failed" else ""
         self.status.finished(job, message)
+        if job.batch:
+            self.status.batch_progress(self.batch_jobs(job.batch))
         if job.state == "done":
             if job.task == self.form.task.name:
                 self.highlight([])  # the problem an outline marked is fixed: this task ran

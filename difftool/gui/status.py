@@ -21,6 +21,7 @@ class RunStatus:
         self.progress.setFormat("%v / %m")
         self.progress.setValue(0)
         self.eta = QLabel()
+        self.batch = QLabel()  # a dropped batch's overall count: "batch: 3 / 12 done"
         self.pointer = QLabel()  # the pixel under the pointer (never hides the image line)
         self.zoom = QLabel()  # the canvas's zoom, updated by every zoom, fit and resize
         self.cancel_button = QPushButton("Cancel")
@@ -31,6 +32,7 @@ class RunStatus:
         bar.addPermanentWidget(self.zoom)
         if first is not None:
             bar.addPermanentWidget(first)
+        bar.addPermanentWidget(self.batch)
         bar.addPermanentWidget(self.job)
         bar.addPermanentWidget(self.progress)
         bar.addPermanentWidget(self.eta)
@@ -90,6 +92,15 @@ class RunStatus:
             self.progress.setValue(0)
             why = f": {message or job.error}" if job.state == "failed" and job.error else ""
             self.job.setText(f"#{job.id} {job.task}: {job.state}{why}"[:160])
+
+    def batch_progress(self, jobs: list[Any]) -> None:
+        """How far a dropped batch is: its jobs that ended, of all of them (failed and cancelled named)."""
+        if not jobs:
+            self.batch.clear()
+            return
+        ended = [job for job in jobs if job.state in ("done", "failed", "cancelled")]
+        others = [f"{n} {state}" for state in ("failed", "cancelled") if (n := sum(j.state == state for j in jobs))]
+        self.batch.setText(f"batch: {len(ended)} / {len(jobs)} done" + (f" ({', '.join(others)})" if others else ""))
 
     def running(self, running: bool, cancelling: bool = False) -> None:
         self.cancel_button.setEnabled(running and not cancelling)

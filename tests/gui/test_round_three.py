@@ -624,3 +624,38 @@ def test_the_window_is_laid_out_for_1280x800_and_loses_nothing_at_1000x700(windo
         qapp.processEvents()
     assert abs(again.task_dock.width() - width) <= 4 and width > 400  # remembered across restarts
     again.close()
+
+
+# --- 12. a dropped batch: its overall count, and saved in one go ------------------------------------------
+
+
+def test_a_dropped_batch_counts_as_a_whole_and_saves_in_one_go(window, qapp, tmp_path: Path) -> None:
+    from difftool.core.images import read_metadata
+
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (12, 10), (i * 60, 10, 10)).save(folder / f"shot{i}.png")
+    window.task_box.setCurrentText("dial")
+    counts: list[str] = []
+    window.queue.signals.finished.connect(lambda _: counts.append(window.status.batch.text()))
+    window.run_batch([folder])
+    assert window.status.batch.text() == "batch: 0 / 3 done"
+    wait_for(window.queue, qapp)
+    assert window.status.batch.text() == "batch: 3 / 3 done"
+    assert "batch: 1 / 3 done" in counts and "batch: 2 / 3 done" in counts  # counted as each one ended
+
+    window.set_source(Image.new("RGB", (8, 8)))  # a single run afterwards is not part of the batch
+    window.run_current()
+    wait_for(window.queue, qapp)
+    window.history_list.setCurrentRow(1)  # any result of the batch
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "shot0.dial.png").write_bytes(b"mine")
+    saved, kept = window.save_batch(out)
+    assert sorted(p.name for p in saved) == ["shot1.dial.png", "shot2.dial.png"]  # named as Save names them
+    assert [p.name for p in kept] == ["shot0.dial.png"] and (out / "shot0.dial.png").read_bytes() == b"mine"
+    assert read_metadata(out / "shot2.dial.png")["difftool"]["task"] == "dial"
+    assert np.asarray(Image.open(out / "shot2.dial.png"))[0, 0, 0] == 120
+    saved, kept = window.save_batch(out, replace=True)
+    assert len(saved) == 3 and not kept and "saved 3 result(s)" in window.statusBar().currentMessage()

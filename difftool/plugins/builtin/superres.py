@@ -8,6 +8,7 @@ Alpha is upscaled separately (bicubic) and re-attached; 16-bit input is processe
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,10 +28,11 @@ from difftool.plugins.hookspecs import hookimpl
 EMBEDDED = {"difftool": "superres", "difftool-real": "superres-real"}
 
 
-def choose_embedded(image: LoadedImage, model: str | None) -> tuple[Path | None, str]:
-    """Which embedded model runs ``image`` and why: ``--model difftool``/``difftool-real`` force one; without
-    ``--model``, an input that went through JPEG (:func:`jpeg_evidence`) gets the real-world model, others the
-    clean one. ``(None, "")`` when ``model`` names some other model."""
+def choose_embedded(image: LoadedImage, model: str | None, scale: int) -> tuple[Path | None, str]:
+    """Which embedded model upscales ``image`` by ``scale`` and why: ``--model difftool``/``difftool-real`` force
+    one; without ``--model``, an input that went through JPEG (:func:`jpeg_evidence`) gets the real-world model
+    (when it has that scale), others the clean one. ``(None, "")`` when ``model`` names some other model, or
+    when this install has no real-world model (the embedded one runs, as before)."""
     from difftool.plugins.builtin.jpeg_evidence import jpeg_evidence
 
     if model is not None and model not in EMBEDDED:
@@ -41,12 +43,15 @@ def choose_embedded(image: LoadedImage, model: str | None) -> tuple[Path | None,
             raise ModelError(f"this install has no {model} model", "pass --model difftool or a model folder")
         return folder, f"{model} (asked for)"
     real = pixel_model.embedded_model_path(EMBEDDED["difftool-real"])
-    if real is None:  # an install without it: the embedded model, as before
+    if real is None:
         return None, ""
+    clean = pixel_model.embedded_model_path(EMBEDDED["difftool"])
     evidence = jpeg_evidence(image)
-    if evidence:
-        return real, f"difftool-real ({evidence})"
-    return pixel_model.embedded_model_path(EMBEDDED["difftool"]), "difftool (input shows no JPEG compression)"
+    if not evidence:
+        return clean, "difftool (input shows no JPEG compression)"
+    if scale not in json.loads((real / pixel_model.META_FILE).read_text()).get("scales", ()):
+        return clean, f"difftool ({evidence}, but the real-world model has no {scale}x variant)"
+    return real, f"difftool-real ({evidence})"
 
 
 class SuperResolution(Task):
@@ -100,8 +105,8 @@ class SuperResolution(Task):
         if community is not None:
             return self.run_upscaler(community, image, params, context)
         requested = params.get("scale")
-        chosen, reason = choose_embedded(image, context.model)
-        if chosen is not None:
+        chosen, reason = choose_embedded(image, context.model, int(requested or DEFAULT_SCALE))
+        if chosen is not None:  # without --scale, each model's own default variant (both: 4x)
             model = pixel_model.load_pixel_model(chosen, self.name, requested)
             context.cancel.raise_if_cancelled()
         else:

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,13 @@ def test_the_default_model_is_chosen_per_input(two_embedded: Path, registry, tmp
     for (name, model), reason in expected.items():
         result = api.run("superres", tmp_path / name, model=model, scale=2, seed=1, dtype="fp32", registry=registry)
         assert result.record["model_choice"].startswith(reason), (name, model, result.record["model_choice"])
+    # A real-world model without the scale asked for: the clean one runs, and says why.
+    meta_file = two_embedded / "superres-real" / "difftool.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "scales": [2]}))
+    result = api.run("superres", tmp_path / "photo.jpg", scale=4, seed=1, dtype="fp32", registry=registry)
+    assert result.record["model_choice"].endswith("but the real-world model has no 4x variant)")
+    assert result.image.size == (256, 192)
 
 
 def test_without_a_real_world_model_the_embedded_one_runs_as_before(two_embedded: Path, registry, tmp_path) -> None:

@@ -36,11 +36,11 @@ def tensorrt_controlnet(
     import torch
 
     from difftool.exporters.onnx_controlnet import cached_controlnet
-    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine, major_version, onnx_precision
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine, major_version
     from difftool.exporters.tensorrt_profiles import controlnet_profiles
 
     precision = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "fp16")
-    fp32_control_graph(onnx_precision(precision, major_version(trt)))
+    fp32_control_graph(precision, major_version(trt))
     onnx, signature = cached_controlnet(module, model_id)
     profile, _ = controlnet_profiles(signature, *control_ranges(shapes, int(options["max_size"])))
     build = BuildOptions(precision, workspace_gb=float(options["workspace_gb"]) or None)

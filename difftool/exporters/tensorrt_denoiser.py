@@ -65,13 +65,16 @@ def engine_denoiser(
     # Stable Diffusion U-Nets meet LoRAs and fine-tunes of one architecture: refit, don't rebuild
     # (except where TensorRT's refittable engines are known to compute wrong output).
     refittable = default_refittable(str(options["refit"]), bool(signature.context_dim), version_tuple(trt))
-    graph_precision = onnx_precision(precision, major_version(trt))
+    major = major_version(trt)
     model_id = model_id or weights_hash(module)  # names the export: unnamed models must not share one
     taken = None
-    if residuals:
-        onnx, taken, profile = residual_unet_export(module, model_id, graph_precision, shapes, int(options["max_size"]))
-    else:
+    if residuals:  # fp32 exports only: TensorRT 10 lowers them with a precision flag, 11 refuses
+        fp32_control_graph(precision, major)
+        onnx, taken, profile = residual_unet_export(module, model_id, shapes, int(options["max_size"]))
+    else:  # the export of the engine's precision, built strongly typed (fp16: its fp32 layers stay fp32)
+        graph_precision = onnx_precision(precision, major)
         onnx = cached_export(module, name=f"unet-{model_id[:12]}", precision=graph_precision, model_id=model_id)
+    # strongly typed where the export has the engine's precision (cached_engine reads it from the export)
     build = BuildOptions(precision, refittable=refittable, workspace_gb=float(options["workspace_gb"]) or None)
     engine = cached_engine(onnx, [profile], build, device)
     graphs = str(options["cuda_graphs"])
@@ -93,23 +96,21 @@ def engine_denoiser(
     )
 
 
-def fp32_control_graph(graph_precision: str) -> None:
-    """Refuse a ControlNet run whose engines would need a non-fp32 graph (TensorRT 11, strongly typed)."""
-    if graph_precision != "fp32":
+def fp32_control_graph(precision: str, major: int) -> None:
+    """Refuse a ControlNet run whose engines would need a non-fp32 graph (TensorRT 11 builds strongly typed
+    networks only, and the ControlNet exports are fp32)."""
+    if major >= 11 and precision != "fp32":
         raise ParameterError(
-            f"ControlNet on this TensorRT needs an {graph_precision} ONNX graph, and its exports are fp32",
+            f"ControlNet on this TensorRT needs an {precision} ONNX graph, and its exports are fp32",
             "run --control on TensorRT with --dtype fp32",
         )
 
 
-def residual_unet_export(
-    module: Any, model_id: str, graph_precision: str, shapes: Any, largest: int
-) -> tuple[Entry, Any, Profile]:
+def residual_unet_export(module: Any, model_id: str, shapes: Any, largest: int) -> tuple[Entry, Any, Profile]:
     """The residual-input U-Net's ONNX entry, its :class:`Residuals` and the engine profile for ``shapes``."""
     from difftool.exporters.onnx_controlnet import cached_residual_unet
     from difftool.exporters.tensorrt_profiles import residual_profile
 
-    fp32_control_graph(graph_precision)
     entry, signature, residuals = cached_residual_unet(module, model_id)
     return entry, residuals, residual_profile(signature, residuals, *control_ranges(shapes, largest))
 

@@ -1,8 +1,11 @@
 """TensorRT engines from the ONNX exports: build options, the build itself, refit, and the engine cache.
 
-Written against TensorRT 10's and 11's Python APIs. TensorRT 11 builds only strongly typed networks
-(its ``BuilderFlag.FP16``/``BF16`` are gone): the engine's precision is the ONNX export's, so an fp16
-engine is built from the fp16 export; TensorRT 10 builds from the fp32 export with precision flags.
+Written against TensorRT 10's and 11's Python APIs. An engine is built strongly typed from the ONNX
+export of its own precision (fp16 from the fp16 export, which pins the timestep embedding and the
+normalisations to fp32): TensorRT 11 builds nothing else (its ``BuilderFlag.FP16``/``BF16`` are gone),
+and on TensorRT 10 a weakly typed ``FP16`` build has no precision constraints, so it may run those fp32
+layers in fp16 (weak typing is deprecated from 10.12). Only what has no export of its precision (bf16;
+fp16 from the fp32 ControlNet and upscaler exports) is built weakly typed, on TensorRT 10 only.
 Every GPU question goes through :func:`difftool.core.cuda.runtime` and every build and load happens
 with the requested device current, so ``--device cuda:1`` builds for, keys by and runs on GPU 1.
 """
@@ -13,7 +16,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,18 @@ class BuildOptions:
     refittable: bool = False
     #: Builder workspace in GiB (``None`` or 0: :func:`workspace_limit` decides).
     workspace_gb: float | None = None
+    #: The precision of the ONNX export the engine is built from (see :func:`strongly_typed`).
+    graph: str = "fp32"
+
+
+def strongly_typed(options: BuildOptions, major: int) -> bool:
+    """Whether the engine is built as a strongly typed network: the graph's own types, layer by layer.
+
+    Always on TensorRT 11 (the only kind it builds), and whenever the export has the engine's precision:
+    a weakly typed TensorRT 10 build with ``FP16`` and no precision constraints may run any layer in
+    fp16, the fp32 timestep embedding and normalisations of the fp16 export included.
+    """
+    return major >= 11 or options.graph == options.precision
 
 
 #: TensorRT 11.3 documents that ``BuilderFlag.REFIT`` may give wrong output even with no refit (a GEMM
@@ -107,11 +122,11 @@ def default_refittable(option: str, stable_diffusion: bool, version: tuple[int, 
     return stable_diffusion and version < REFIT_WRONG_OUTPUT
 
 
-def precision_flags(precision: str, capability: tuple[int, int], major: int = 10) -> list[str]:
+def precision_flags(precision: str, capability: tuple[int, int], major: int = 10, typed: bool = False) -> list[str]:
     """The ``trt.BuilderFlag`` names for ``precision`` on a GPU of ``capability``, or a clear error.
 
-    TensorRT 11 (``major``) has no precision flags: its networks are strongly typed, so the result is
-    empty and the precision comes from the ONNX export (:func:`onnx_precision`).
+    A strongly typed network (``typed``, and always on TensorRT 11, ``major``) takes no precision flags:
+    the result is empty and the precision comes from the ONNX export (:func:`onnx_precision`).
     """
     if precision == "fp8":
         raise ParameterError(
@@ -130,19 +145,20 @@ def precision_flags(precision: str, capability: tuple[int, int], major: int = 10
     if major >= 11:
         onnx_precision(precision, major)  # refuses what no export of difftool's can give
         return []
-    return [] if precision == "fp32" else [precision.upper()]
+    return [] if typed or precision == "fp32" else [precision.upper()]
 
 
 def onnx_precision(precision: str, major: int) -> str:
-    """The ONNX export an engine of ``precision`` is built from under TensorRT ``major``."""
+    """The ONNX export an engine of ``precision`` is built from under TensorRT ``major``: its own
+    precision (strongly typed), except bf16 on TensorRT 10 (no bf16 export: the fp32 one, ``BF16`` flag)."""
+    if precision != "bf16":
+        return precision
     if major < 11:
-        return "fp32"  # TensorRT 10 lowers an fp32 network with precision flags
-    if precision == "bf16":
-        raise ParameterError(
-            "TensorRT 11 builds the precision of the ONNX graph, and difftool exports fp32 and fp16 only",
-            "run with --dtype fp16 (or fp32)",
-        )
-    return precision
+        return "fp32"
+    raise ParameterError(
+        "TensorRT 11 builds the precision of the ONNX graph, and difftool exports fp32 and fp16 only",
+        "run with --dtype fp16 (or fp32)",
+    )
 
 
 def workspace_limit(free: int, requested_gb: float | None = None) -> int:
@@ -268,14 +284,15 @@ def build_engine(
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         # TensorRT 10: explicit batch is the only mode; 11: strongly typed is the only mode
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major >= 11 else 0
+        typed = strongly_typed(options, major)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if typed else 0
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendUnavailableError(f"TensorRT cannot parse the ONNX export: {errors}")
         config = builder.create_builder_config()
-        for flag in precision_flags(options.precision, cuda.capability(device), major):
+        for flag in precision_flags(options.precision, cuda.capability(device), major, typed):
             config.set_flag(getattr(trt.BuilderFlag, flag))
         for flag in weight_flags(options):
             config.set_flag(getattr(trt.BuilderFlag, flag))
@@ -381,6 +398,8 @@ def cached_engine(
     from difftool.exporters.onnx import structure_hash
 
     cache = cache or ArtifactCache()
+    # the export's own precision, not the caller's word: it decides the typing (and is in the export's key)
+    options = replace(options, graph=str(onnx.manifest.get("components", {}).get("precision", "fp32")))
     capability = runtime().capability(device)
     gpu = gpu_identity(device)
     structure = structure_hash(onnx.file("model.onnx"))

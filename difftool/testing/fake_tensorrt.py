@@ -3,6 +3,11 @@
 Its engines run the real ONNX export on the CPU and refuse what TensorRT refuses, so difftool's GPU
 code is proven against TensorRT's contract, not its own assumptions:
 
+- typing: a strongly typed network (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``, the only kind on
+  TensorRT 11) takes no precision flags and computes in the graph's own types; a weakly typed build
+  with ``FP16`` and no precision constraints may run any layer in fp16, so the stand-in rounds every
+  float tensor (weights and each layer's output) to fp16: the fp32 layers of an fp16 export are not
+  kept (from 10.12 the build also logs that weak typing is deprecated);
 - builder: the network and precision flags the version has; ``add_optimization_profile`` returns -1
   for an invalid profile (ranks differ, not min <= opt <= max); a build fails (``None``) when a
   profile names no network input or misses a dynamic input; inputs no layer reads are dropped from
@@ -60,6 +65,10 @@ class FakeTensorRTState:
     build_profiles: list[list[dict[str, list[list[int]]]]] = field(default_factory=list)
     #: Each execution's bound input names and output names.
     executed: list[tuple[tuple[str, ...], tuple[str, ...]]] = field(default_factory=list)
+    #: Whether each build's network was strongly typed, in build order.
+    build_typed: list[bool] = field(default_factory=list)
+    #: What TensorRT logged as warnings (deprecated weak typing).
+    warnings: list[str] = field(default_factory=list)
     #: Every ``set_tensor_address`` TensorRT refused: (name, address, why).
     refused_addresses: list[tuple[str, int, str]] = field(default_factory=list)
     #: Inject failures: ``deserialize``/``context`` return None, ``timing_cache`` rejects the cache,
@@ -141,6 +150,33 @@ def _engine_model(model: Any, *, strip: bool, drop_gemm_bias: bool) -> Any:
         if strip or (drop_gemm_bias and init.name in biases):
             zeros = np.zeros_like(numpy_helper.to_array(init))
             model.graph.initializer[index].CopyFrom(numpy_helper.from_array(zeros, init.name))
+    return model
+
+
+def _rounded_to_fp16(model: Any) -> Any:
+    """``model`` computing as a weakly typed ``FP16`` build may: every float weight and every float tensor
+    a layer writes rounded to fp16 (fp32 I/O kept), whatever precision the graph asked for."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.shape_inference.infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
+    graph = model.graph
+    floats = {v.name for v in [*graph.value_info, *graph.output] if v.type.tensor_type.elem_type == TensorProto.FLOAT}
+    for index, init in enumerate(graph.initializer):
+        if init.data_type == TensorProto.FLOAT:
+            value = numpy_helper.to_array(init).astype(np.float16).astype(np.float32)
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for position, name in enumerate(node.output):
+            if name in floats:
+                node.output[position] = f"{name}__raw"
+                nodes.append(helper.make_node("Cast", [f"{name}__raw"], [f"{name}__half"], to=TensorProto.FLOAT16))
+                nodes.append(helper.make_node("Cast", [f"{name}__half"], [name], to=TensorProto.FLOAT))
+    del graph.node[:]
+    graph.node.extend(nodes)
     return model
 
 
@@ -269,8 +305,11 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
         def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
             if network.model is None or not config.profiles:
                 return None
-            if network.flags & (1 << 5) and {"FP16", "BF16"} & set(config.flags):
+            typed = bool(network.flags & (1 << 5))
+            if typed and {"FP16", "BF16"} & set(config.flags):
                 return None  # strongly typed networks take no precision flags
+            if not typed and {"FP16", "BF16"} & set(config.flags) and (major, minor) >= (10, 12):
+                state.warnings.append("weakly typed networks (BuilderFlag.FP16/BF16) are deprecated")
             if "WORKSPACE" not in config.pools:
                 return None
             inputs = {value.name: _dims(value) for value in _graph_inputs(network.model)}
@@ -283,6 +322,7 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
                 state.during_build.pop(0)()
             state.builds += 1
             state.build_flags.append(list(config.flags))
+            state.build_typed.append(typed)
             state.build_profiles.append([dict(p) for p in config.profiles])
             refit = (
                 "REFIT" if "REFIT" in config.flags else "REFIT_IDENTICAL" if "REFIT_IDENTICAL" in config.flags else None
@@ -292,6 +332,8 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
                 "refit": refit,
                 "stripped": refit is not None and "STRIP_PLAN" in config.flags,
                 "drops_gemm_bias": refit == "REFIT" and (major, minor) >= (11, 3),
+                # no precision constraints: TensorRT may pick fp16 for any layer (the stand-in does)
+                "weak_fp16": not typed and "FP16" in config.flags,
                 "weights": _weights(network.model),
                 "device": cuda.current_index,
                 "capability": list(cuda.capability(f"cuda:{cuda.current_index}")),
@@ -357,7 +399,14 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
             if self._session is None:
                 import onnxruntime as ort
 
-                self._session = ort.InferenceSession(self.model.SerializeToString(), providers=["CPUExecutionProvider"])
+                model, options = self.model, ort.SessionOptions()
+                if self.header.get("weak_fp16"):
+                    model = _rounded_to_fp16(model)
+                    # no graph rewrites: ONNX Runtime could fold a Cast pair, and with it the fp16 rounding
+                    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                self._session = ort.InferenceSession(
+                    model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+                )
             return self._session
 
         def create_execution_context(self) -> Context | None:

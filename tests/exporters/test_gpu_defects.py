@@ -365,3 +365,83 @@ def test_refit_auto_is_off_on_tensorrt_11_3_where_refittable_engines_drop_a_bias
     assert "may drop a GEMM bias" not in caplog.text
     wrong, flags = error("11.3.0", "on")  # asked for explicitly: built, with a warning, and visibly off
     assert flags == ["REFIT"] and wrong > 1e-3 and "may drop a GEMM bias" in caplog.text
+
+
+# --- 9. TensorRT 10 builds the fp16 export strongly typed: its fp32 layers stay fp32 ---------------------
+
+
+def _timestep_probe(folder: Path) -> dict[str, Any]:
+    """``out = sample * sin(0.7331 * timestep)``: the sinusoidal embedding the fp16 export keeps in fp32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("Mul", ["timestep", "frequency"], ["phase"]),
+        helper.make_node("Sin", ["phase"], ["embedding"]),
+        helper.make_node("Reshape", ["embedding", "per_sample"], ["scale"]),
+        helper.make_node("Mul", ["sample", "scale"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "probe",
+        [
+            helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 3, "h", "w"]),
+            helper.make_tensor_value_info("timestep", TensorProto.FLOAT, ["b"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [
+            numpy_helper.from_array(np.array(0.7331, np.float32), "frequency"),
+            numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "per_sample"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), folder / "model.onnx")
+    return {}
+
+
+def test_a_weakly_typed_fp16_engine_may_run_the_timestep_embedding_in_fp16(cache: Path) -> None:
+    """TensorRT 10's FP16 flag without precision constraints lets any layer run in fp16; the stand-in rounds
+    every tensor to fp16, so sin(0.7331 t) at t = 999 (fp16 spacing 0.5 there) is visibly off; the same
+    graph strongly typed computes in its own fp32."""
+    from difftool.exporters.onnx import UNetSignature
+    from difftool.exporters.tensorrt_denoiser import TensorRTDenoiser
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine
+    from difftool.exporters.tensorrt_profiles import Profile
+    from difftool.testing.gpu import gpu_harness
+
+    sample, timestep = torch.ones(2, 3, 4, 4), torch.tensor([999.0, 733.0])
+    expected = torch.sin(0.7331 * timestep.double()).float().reshape(-1, 1, 1, 1).expand(2, 3, 4, 4)
+    signature = UNetSignature(in_channels=3, multiple=1, class_labels=False)
+
+    def run(graph: str) -> tuple[float, bool, list[str]]:
+        """An fp16 engine of the probe exported as ``graph`` (the export's precision decides the typing)."""
+        onnx = ArtifactCache().get_or_build("onnx", "probe", {"precision": graph}, _timestep_probe)
+        with gpu_harness("10.16.0") as harness:
+            engine = cached_engine(onnx, [Profile(TOY_PROFILE)], BuildOptions("fp16"), "cuda")
+            denoiser = TensorRTDenoiser(
+                engine, [Profile(TOY_PROFILE)], signature=signature, sample_channels=3,
+                prediction_type="epsilon", device="cuda", onnx=onnx, cuda_graphs="off",
+            )  # fmt: skip
+            error = float((denoiser(sample, timestep, {}) - expected).abs().max())
+        return error, harness.trt.build_typed[-1], harness.trt.warnings
+
+    weak, typed, warnings = run("fp32")  # what every TensorRT 10 fp16 build was: the fp32 export + FP16
+    assert not typed and weak > 0.05
+    assert warnings == ["weakly typed networks (BuilderFlag.FP16/BF16) are deprecated"]  # from 10.12
+    strong, typed, warnings = run("fp16")  # (the probe's fp32 Sin stands for the fp16 export's pinned layers)
+    assert typed and strong < 1e-4 and not warnings  # fp32 spacing at 732 is 6e-5
+
+
+def test_tensorrt_10_builds_the_fp16_export_strongly_typed(photo: Path, superres_model: Path, cache: Path) -> None:
+    """The fp16 engine is the fp16 export (timestep embedding and norms pinned to fp32), strongly typed, on
+    TensorRT 10 as on 11; bf16 (no bf16 export) is the one weakly typed build left, TensorRT 10 only."""
+    from difftool import api
+    from difftool.testing.gpu import gpu_harness
+
+    common = {"model": str(superres_model), "scale": 2, "seed": 3, "backend": "tensorrt", "device": "cuda", "tile": 72}
+    with gpu_harness("10.16.0") as harness:
+        api.run("superres", photo, dtype="fp16", **common)
+        assert harness.trt.build_typed == [True] and harness.trt.build_flags == [["REFIT_IDENTICAL", "STRIP_PLAN"]]
+        assert [p.name for p in (cache / "onnx").iterdir() if "-fp16-" in p.name]
+        assert not harness.trt.warnings
+        api.run("superres", photo, dtype="bf16", **common)
+        assert harness.trt.build_typed[-1] is False and "BF16" in harness.trt.build_flags[-1]

@@ -1,9 +1,10 @@
-"""Screenshots of the real desktop app for the README and docs/gui.md, taken under Xvfb.
+"""Screenshots of the real desktop app for the README and docs/gui.md, at 1280x800 (the size the window
+is laid out for first), taken under Xvfb:
 
-    xvfb-run -a -s "-screen 0 1400x900x24" python docs/screenshots.py
+    xvfb-run -a -s "-screen 0 1280x800x24" python docs/screenshots.py
 
-Starts the app on an X server (not the offscreen platform) with its own settings file, opens
-docs/sample.png and saves docs/images/gui-*.png:
+(``QT_QPA_PLATFORM=offscreen python docs/screenshots.py`` takes the same pictures without an X server.)
+Starts the app with its own settings file, opens docs/sample.png and saves docs/images/gui-*.png:
 
 * gui-loading.png: the inpaint job while it loads its model (the phase in the status bar and its queue row);
 * gui-superres.png: its result in the compare view, the divider halfway;
@@ -38,7 +39,7 @@ def main() -> None:
     app = QApplication(sys.argv)
     settings = QSettings(str(Path(tempfile.mkdtemp()) / "settings.ini"), QSettings.Format.IniFormat)
     window = MainWindow(settings=settings)
-    window.resize(1360, 860)
+    window.resize(1280, 800)  # the size the window is laid out for
     window.show()
     out = ROOT / "docs" / "images"
     out.mkdir(exist_ok=True)
@@ -90,8 +91,7 @@ def main() -> None:
     box.end.setValue(0.8)
     box.show_preview()
     settle(app, window)
-    bar = window.task_panel.form_area.verticalScrollBar()
-    bar.setValue(box.mapTo(window.form, QPoint(0, 0)).y() - 8)  # the unit and its preview
+    window.task_panel.form_area.ensureWidgetVisible(box.preview_label, 0, 8)  # the unit's preview in view
     settle(app, window)
     window.grab().save(str(out / "gui-controlnet.png"))
     window.close()

@@ -59,9 +59,7 @@ class ControlUnitBox(QGroupBox):
         self.model.setCurrentText("")
         self.model.lineEdit().setPlaceholderText("a listed name, file or folder")  # its label says "model"
         self.image = PathField(Param("image", "image"))
-        self.image.edit.setPlaceholderText(
-            "empty: the input image" if owner.takes_input else "empty: the image open in the window"
-        )
+        self.image.edit.setPlaceholderText("empty: the input image" if owner.takes_input else "empty: the open image")
         self.pre = QComboBox()
         for name, entry in sorted(owner.preprocessors.items()):
             self.pre.addItem(name)

@@ -59,7 +59,7 @@ class PathField(QWidget):
         super().__init__()
         self.edit = QLineEdit()
         if param.type == "mask":  # painting it is the other way: a mask is not "optional" to inpaint
-            self.edit.setPlaceholderText("paint it on the image (Mask panel), or a mask file")
+            self.edit.setPlaceholderText("painted, or a mask file")
         else:
             self.edit.setPlaceholderText("required" if param.required else "optional")
         self.edit.setMinimumWidth(40)

@@ -289,7 +289,7 @@ def test_an_empty_control_image_is_the_open_image_for_generate_in_the_run_and_th
     window.form.widgets["prompt"].setPlainText("a boat")
     box = window.form.widgets["control"].add()
     box.model.setCurrentText("cn")
-    assert "image open in the window" in box.image.edit.placeholderText()
+    assert box.image.edit.placeholderText() == "empty: the open image"
     assert window.build_job().params["control"] == [f"cn={photo},pre=none,weight=1,start=0,end=1"]
     box.show_preview()
     assert box.preview_array is not None and box.preview_array.shape == (20, 28, 3)

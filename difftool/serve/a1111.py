@@ -74,6 +74,8 @@ async def _wait(request: Request, server: Server, job: Job) -> Job:
         if not cancelled and await request.is_disconnected():
             server.queue.cancel(job)
             cancelled = True
+        if server.queue.overdue():  # shutting down, and the job has not stopped yet: answer without it
+            raise JobFailed("the server shut down before the job finished; retry shortly", 503, retry_after=30)
     if job.error_type == SHUTDOWN:
         raise JobFailed(f"{job.error}; retry shortly (or on another server)", 503, retry_after=30)
     if job.state == "cancelled":

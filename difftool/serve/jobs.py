@@ -9,12 +9,10 @@ A job that raises fails alone; the worker goes on with the next one.
 from __future__ import annotations
 
 import collections
-import fcntl
 import logging
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -26,6 +24,7 @@ from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.plan import Plan
 from difftool.serve.errors import without_paths
+from difftool.serve.results import make_results_dir, remove_orphaned_results
 
 log = logging.getLogger("difftool.serve")
 
@@ -152,6 +151,7 @@ class JobQueue:
         self._mean_seconds = 5.0  # a moving average of job durations, for Retry-After
         #: When draining ends (monotonic seconds): running jobs are cancelled then; ``None`` until SIGTERM.
         self._deadline: float | None = None
+        self._overdue = float("inf")
         remove_orphaned_results()
         self.output_dir, self._marker = make_results_dir()
 
@@ -174,12 +174,20 @@ class JobQueue:
             if self._deadline is not None:
                 return
             self._stopping, self._deadline = True, time.monotonic() + timeout
+            # Past this, a request still waiting for its job is answered without it (see :meth:`overdue`).
+            self._overdue = self._deadline + min(CANCEL_GRACE / 2, timeout / 3)
             while self._waiting:
                 self._finish(self._waiting.popleft(), "failed", "the server shut down before the job started", SHUTDOWN)
             self._lock.notify_all()
         timer = threading.Timer(timeout, self._cancel_running)
         timer.daemon = True
         timer.start()
+
+    def overdue(self) -> bool:
+        """Whether the drain's deadline and a short grace have passed: a request still waiting for its job
+        then answers 503 at once (the job was cancelled; it may take a step longer to stop), so the HTTP
+        server, which stops waiting at ``--shutdown-timeout``, never has to cut it off with a plain-text 500."""
+        return self._deadline is not None and time.monotonic() > self._overdue
 
     def _cancel_running(self) -> None:
         for job in JobQueue.running(self):  # this process's jobs (a subclass's running() may see more)
@@ -344,52 +352,6 @@ class JobQueue:
             del self.jobs[job.id]
             for path in job.files:
                 path.unlink(missing_ok=True)
-
-
-#: The file in a result folder that proves ``difftool serve`` made it; the server holds an ``flock`` on it
-#: for its whole life (the kernel drops it when the process dies, even by SIGKILL).
-RESULTS_MARKER = ".difftool-serve-results"
-_MARKER_MAGIC = b"difftool serve results\n"
-_OPEN = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-
-
-def make_results_dir(root: str | None = None) -> tuple[Path, int]:
-    """A fresh result folder and the open, locked descriptor of its marker (close it after removing the folder)."""
-    folder = Path(tempfile.mkdtemp(prefix="difftool-serve-", dir=root))
-    fd = os.open(folder / RESULTS_MARKER, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)
-    os.write(fd, _MARKER_MAGIC)
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return folder, fd
-
-
-def remove_orphaned_results(root: str | None = None) -> list[Path]:
-    """Remove the result folders of servers that died without cleaning up (SIGKILL), and return them.
-
-    Only folders this code can prove it made: a real folder named ``difftool-serve-*`` holding a regular marker
-    file that starts with the magic line and whose lock no live process holds. Anything else is left alone.
-    """
-    removed = []
-    for folder in Path(root or tempfile.gettempdir()).glob("difftool-serve-*"):
-        if folder.is_symlink() or not folder.is_dir():
-            continue
-        try:
-            fd = os.open(folder / RESULTS_MARKER, _OPEN)
-        except OSError:  # no marker (another tool's folder, or an older difftool's): not provably ours
-            continue
-        try:
-            if os.read(fd, len(_MARKER_MAGIC) + 1) != _MARKER_MAGIC:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # held: its server is alive
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-        finally:
-            os.close(fd)
-    if removed:
-        log.info("removed %d result folder(s) left by servers that were killed", len(removed))
-    return removed
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

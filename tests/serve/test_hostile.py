@@ -170,7 +170,7 @@ def test_result_folders_of_killed_servers_are_removed_only_when_provably_ours(tm
     import multiprocessing
     import signal
 
-    from difftool.serve.jobs import RESULTS_MARKER, make_results_dir, remove_orphaned_results
+    from difftool.serve.results import RESULTS_MARKER, make_results_dir, remove_orphaned_results
 
     def serve_then_hang(root: str, ready: Any) -> None:
         folder, _ = make_results_dir(root)

@@ -1,0 +1,180 @@
+"""A task's declared parameter (:class:`Param`): its type, range, default and how a value is checked.
+
+The bottom floor of core: the task interface, the plan, the CLI's options, the GUI's forms and the server's
+JSON Schema all read these declarations; this module imports nothing of difftool's but its errors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from difftool.core.errors import ParameterError
+
+ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
+PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path")
+
+#: Longest text a string or path parameter takes unless it declares :attr:`Param.max_length`: every request
+#: is bounded before any work (a 10 MB prompt once held a server worker for minutes).
+MAX_STRING_LENGTH = 65_536
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared task parameter.
+
+    ``choices_from="schedulers"`` takes the choices from the registry at run time, so a plugin's
+    scheduler is a valid choice for every task that declares a scheduler parameter.
+
+    ``multiple``: the parameter takes several values (a repeatable CLI option, one value per line in a
+    form, a list in the API); its validated value is a tuple. ``parse`` turns each (already typed) value
+    into the task's own type, raising :class:`ParameterError` for a bad one (ControlNet units).
+    """
+
+    name: str
+    type: ParamType
+    default: Any = None
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    #: Allowed values, typed (``(2, 4)`` for an int choice); a string spelling (``"4"``) is accepted too.
+    choices: tuple[Any, ...] = ()
+    choices_from: Literal["schedulers"] | None = None
+    required: bool = False
+    multiline: bool = False
+    #: Environment variable whose value, when set, replaces :attr:`default` (documented backend options).
+    env: str | None = None
+    multiple: bool = False
+    parse: Callable[[Any], Any] | None = field(default=None, compare=False)
+    #: Longest text (characters) a string or path value may have; checked before anything reads it.
+    max_length: int = MAX_STRING_LENGTH
+
+    def __post_init__(self) -> None:
+        if self.type not in PARAM_TYPES:
+            raise TypeError(f"parameter {self.name!r}: unknown type {self.type!r}; use one of {PARAM_TYPES}")
+        if self.type == "choice" and not (self.choices or self.choices_from):
+            raise TypeError(f"parameter {self.name!r}: a choice needs choices or choices_from")
+        if not self.name.isidentifier():
+            raise TypeError(f"parameter name {self.name!r} must be a Python identifier")
+        kinds = {type(c) for c in self.choices}
+        if len(kinds) > 1:
+            raise TypeError(f"parameter {self.name!r}: choices mix types {sorted(k.__name__ for k in kinds)}")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise TypeError(f"parameter {self.name!r}: min {self.min} > max {self.max}")
+
+    def effective_default(self) -> Any:
+        """:attr:`default`, or the value of :attr:`env` when that variable is set."""
+        import os
+
+        if self.env and os.environ.get(self.env, "") != "":
+            return os.environ[self.env]
+        return self.default
+
+    def check_declaration(self, choices: Sequence[Any] | None = None) -> None:
+        """Raise ``TypeError`` if the declared default is not a valid value of this parameter."""
+        if self.default is None:
+            return
+        try:
+            value = self.validate(self.default, choices)
+        except ParameterError as error:
+            raise TypeError(f"parameter {self.name!r}: default {self.default!r} is invalid ({error.problem})") from None
+        if self.type != "path" and value != self.default:
+            raise TypeError(f"parameter {self.name!r}: default {self.default!r} is not of type {self.type}")
+
+    @property
+    def flag(self) -> str:
+        """The CLI spelling: ``--guidance-scale`` for ``guidance_scale``."""
+        return "--" + self.name.replace("_", "-")
+
+    def validate(self, value: Any, choices: Sequence[str] | None = None) -> Any:
+        """Convert ``value`` to this parameter's type and check its range, or raise :class:`ParameterError`."""
+        if self.multiple:
+            if value is None or value == "":
+                values: list[Any] = []
+            elif isinstance(value, str):  # a form's text: one value per line
+                values = [line.strip() for line in value.splitlines() if line.strip()]
+            elif isinstance(value, (list, tuple)):
+                values = list(value)
+            else:
+                values = [value]
+            if self.required and not values:
+                raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
+            return tuple(self._validate_one(v, choices) for v in values)
+        return self._validate_one(value, choices)
+
+    def _validate_one(self, value: Any, choices: Sequence[str] | None = None) -> Any:
+        if value is None:
+            if self.required:
+                raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
+            return None
+        fix = f"pass {self.flag} {self.range_text()}".rstrip()
+        if isinstance(value, str) and self.type in ("string", "path", "choice"):
+            if len(value) > self.max_length:  # before anything reads it (tokenizers, parsers, the file system)
+                raise ParameterError(
+                    f"{self.flag} is {len(value)} characters long, over its limit of {self.max_length}",
+                    f"shorten {self.flag}",
+                )
+            if "\x00" in value:  # no file name, model name or prompt holds one; os.stat would raise ValueError
+                raise ParameterError(f"{self.flag} contains a NUL character", f"remove it from {self.flag}")
+        try:
+            if self.type == "int":
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError
+                value = int(value)
+            elif self.type == "float":
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+            elif self.type == "bool":
+                if isinstance(value, str):
+                    if value.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError
+                    value = value.lower() in ("1", "true", "yes", "on")
+                value = bool(value)
+            elif self.type == "string":
+                if self.parse is None:  # parse reads its own forms (mappings for ControlNet units)
+                    if not isinstance(value, (str, int, float, Path)):
+                        raise TypeError
+                    value = str(value)
+            elif self.type == "path":
+                if not isinstance(value, (str, Path)):
+                    raise TypeError
+                value = Path(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ParameterError(f"{self.flag}: {_shown(value)} is not a valid {self.type}", fix) from None
+        if self.type == "float" and not math.isfinite(value):
+            # NaN compares False with everything, so it would pass every range check below.
+            raise ParameterError(f"{self.flag}: {value} is not a finite number", fix)
+        if self.type in ("int", "float"):
+            if (self.min is not None and value < self.min) or (self.max is not None and value > self.max):
+                raise ParameterError(f"{self.flag} {value} is out of range {self.range_text()}", fix)
+        if self.type == "choice":
+            allowed = tuple(choices if choices is not None else self.choices)
+            match = next((c for c in allowed if c == value and type(c) is type(value)), None)
+            if match is None:  # "4" from a CLI, a form or JSON names the int choice 4
+                match = next((c for c in allowed if str(c) == str(value)), None)
+            if match is None:
+                raise ParameterError(
+                    f"{self.flag}: unknown value {_shown(value)}", f"use one of {', '.join(map(str, allowed))}"
+                )
+            value = match
+        return self.parse(value) if self.parse is not None else value
+
+    def range_text(self) -> str:
+        """The declared range as text (``in [1, 50]``, ``>= 0``), for help and error messages."""
+        if self.min is not None and self.max is not None:
+            return f"in [{self.min:g}, {self.max:g}]"
+        if self.min is not None:
+            return f">= {self.min:g}"
+        if self.max is not None:
+            return f"<= {self.max:g}"
+        return ""
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut short: an error message stays one readable line whatever a request sent."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -6,6 +6,7 @@ through host memory and on the CPU no step converts to numpy.
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,19 @@ _NUMPY_TYPES = {torch.float32: np.float32, torch.int64: np.int64}
 
 
 def provider_chain(
-    device: str, choice: str, fp16: bool = False, cache_dir: Path | None = None, profile: Profile | None = None
+    device: str,
+    choice: str,
+    fp16: bool = False,
+    cache_dir: Path | None = None,
+    profile: Profile | None = None,
+    stream: int = 0,
 ) -> list[Any]:
     """The provider list for an ``InferenceSession``: the chosen provider first, then its fallbacks.
 
     ``profile``: the shapes the task declared; the TensorRT provider builds its engine for exactly that
     range instead of the first shape it sees (and rebuilding mid-run when a later shape leaves it).
+    ``stream``: the CUDA stream (handle) the CUDA provider computes on, so a step is ordered against
+    PyTorch's work on the GPU instead of by host synchronisations (:func:`run_bound`).
     Pure logic (no ONNX Runtime import), tested everywhere.
     """
     if choice not in ("auto", *PROVIDERS):
@@ -43,7 +51,12 @@ def provider_chain(
     if not device.startswith("cuda"):
         raise ParameterError(f"the {choice} provider runs on a GPU, not on {device}", "pass --device cuda")
     device_id = int(device.partition(":")[2] or 0)
-    chain: list[Any] = [(PROVIDERS["cuda"], {"device_id": device_id}), PROVIDERS["cpu"]]
+    # HEURISTIC: cuDNN's own pick per convolution shape; ONNX Runtime's default (EXHAUSTIVE) times every
+    # algorithm for each new shape, seconds per shape, and a tiled or multi-size job meets many shapes.
+    cuda: dict[str, Any] = {"device_id": device_id, "cudnn_conv_algo_search": "HEURISTIC"}
+    if stream and choice == "cuda":
+        cuda["user_compute_stream"] = str(stream)  # ONNX Runtime treats 0 as "none": its own stream
+    chain: list[Any] = [(PROVIDERS["cuda"], cuda), PROVIDERS["cpu"]]
     if choice == "tensorrt":
         options: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": fp16}
         if cache_dir is not None:
@@ -145,10 +158,16 @@ def check_providers(chain: list[Any], active: list[str]) -> None:
         )
 
 
+#: Each CUDA session's own stream (see :func:`run_bound`), kept for the session's life.
+_STREAMS: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
 def _new_session(
     path: Path, device: str, fp16: bool, provider: str = "auto", threads: int = 0, profile: Profile | None = None
 ) -> Any:
     import onnxruntime as ort
+
+    from difftool.core.cuda import runtime
 
     engines = engine_cache_dir(path) if provider == "tensorrt" else None
     chain = provider_chain(device, provider, fp16, engines, profile)
@@ -166,12 +185,20 @@ def _new_session(
             f"ONNX Runtime has no {', '.join(missing)} here (available: {', '.join(available)})",
             fix or "reinstall onnxruntime",
         )
+    stream = None
+    if isinstance(chain[0], tuple) and chain[0][0] == PROVIDERS["cuda"]:
+        # The CUDA provider runs on a stream of ours (not PyTorch's default stream, handle 0, which ONNX
+        # Runtime takes for "none"): run_bound orders it against PyTorch's stream on the GPU.
+        stream = runtime().new_stream(device)
+        chain = provider_chain(device, provider, fp16, engines, profile, stream.cuda_stream)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(path), options, providers=chain)
     check_providers(chain, session.get_providers())
+    if stream is not None and "user_compute_stream" in chain[0][1]:
+        _STREAMS[session] = stream
     return session
 
 
@@ -223,14 +250,40 @@ class OnnxRuntimeDenoiser(Denoiser):
         return out.to(sample.dtype)
 
 
+#: ONNX Runtime's run option that skips the host wait for the providers' streams at the end of a run.
+NO_SYNC = "disable_synchronize_execution_providers"
+
+
 def run_bound(session: Any, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], device: Any) -> None:
-    """Run ``session`` reading ``inputs`` and writing ``outputs`` in place (torch tensors bound by pointer)."""
+    """Run ``session`` reading ``inputs`` and writing ``outputs`` in place (torch tensors bound by pointer).
+
+    A CUDA session on a stream of ours (:data:`_STREAMS`) is ordered on the GPU: its stream waits for
+    PyTorch's current stream (the inputs written), PyTorch's waits for it (the outputs), and ONNX
+    Runtime is told not to wait for its stream on the host. Other GPU sessions (the TensorRT provider's
+    own streams) wait for PyTorch on the host first and ONNX Runtime waits for them at the end.
+    """
+    import onnxruntime as ort
+
+    from difftool.core.cuda import runtime
+
     kind, index = device.type, device.index or 0
     binding = session.io_binding()
     for name, tensor in inputs.items():
         binding.bind_input(name, kind, index, _NUMPY_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
     for name, tensor in outputs.items():
         binding.bind_output(name, kind, index, np.float32, tuple(tensor.shape), tensor.data_ptr())
-    if kind == "cuda":  # ONNX Runtime runs on its own stream: the inputs must be written first
-        torch.cuda.current_stream(device).synchronize()
-    session.run_with_iobinding(binding)
+    if kind != "cuda":
+        session.run_with_iobinding(binding)
+        return
+    cuda = runtime()
+    current = cuda.current_stream(f"cuda:{index}")
+    stream = _STREAMS.get(session)
+    if stream is None:  # ONNX Runtime runs on streams we do not know: the inputs must be written first
+        current.synchronize()
+        session.run_with_iobinding(binding)
+        return
+    stream.wait_stream(current)
+    options = ort.RunOptions()
+    options.add_run_config_entry(NO_SYNC, "1")
+    session.run_with_iobinding(binding, options)
+    current.wait_stream(stream)

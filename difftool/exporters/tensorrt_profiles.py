@@ -109,11 +109,23 @@ def residual_profile(
     return Profile({**shared.shapes, **extra})  # type: ignore[dict-item]
 
 
+#: Stable Diffusion's VAE: one latent cell is 8 x 8 pixels.
+LATENT_SCALE = 8
+
+
+def default_sizes(largest: int, latent: bool) -> tuple[int, int, int]:
+    """The default (min, opt, max) square side, in the U-Net's units: ``largest`` pixels at most (the
+    ``max_size`` option means pixels, latent or not), opt 512 px unless that is above the max."""
+    scale = LATENT_SCALE if latent else 1
+    high = max(64 // scale, largest // scale)
+    return 64 // scale, min(512 // scale, high), high
+
+
 def control_ranges(shapes: Any, largest: int = 1024) -> tuple[tuple[int, int, int], ...]:
     """(batch, size, tokens) for :func:`controlnet_profiles`: the task's declared shapes, else Stable
     Diffusion's defaults (as :func:`engine_profile`'s); batch from 1 (guess mode halves CFG's batch)."""
     if shapes is None:
-        return (1, 2, 4), (8, 64, largest // 8 * 2), (77, 77, 77)
+        return (1, 2, 4), default_sizes(largest, latent=True), (77, 77, 77)
     return (1, *shapes.batch[1:]), tuple(shapes.size), tuple(shapes.tokens)
 
 
@@ -126,8 +138,12 @@ def engine_profile(signature: Any, shapes: Any, largest: int = 1024) -> Profile:
     if shapes is not None:
         return signature_profile(signature, shapes.batch, shapes.size, shapes.tokens)
     if signature.context_dim:  # Stable Diffusion: latent cells (pixels / 8), batch 2 for CFG
-        return signature_profile(signature, (1, 2, 4), (8, 64, largest // 8 * 2))
-    return signature_profile(signature, (1, 1, 2), (64, 512, largest))
+        return signature_profile(signature, (1, 2, 4), default_sizes(largest, latent=True))
+    return signature_profile(signature, (1, 1, 2), default_sizes(largest, latent=False))
+
+
+#: The text-encoder input whose second dimension is the prompt's length in tokens (77 per chunk).
+TEXT_INPUT = "encoder_hidden_states"
 
 
 def select_profile(profiles: Sequence[Profile], request: Mapping[str, Shape]) -> int:
@@ -135,11 +151,20 @@ def select_profile(profiles: Sequence[Profile], request: Mapping[str, Shape]) ->
     for index, profile in enumerate(profiles):
         if profile.covers(request):
             return index
-    wanted = ", ".join(f"{name} {list(shape)}" for name, shape in request.items())
     built = "; ".join(
         f"#{i}: " + ", ".join(f"{n} {list(lo)}..{list(hi)}" for n, (lo, _, hi) in p.shapes.items())
         for i, p in enumerate(profiles)
     )
+    text = request.get(TEXT_INPUT)
+    longest = max((p.shapes[TEXT_INPUT][2][1] for p in profiles if TEXT_INPUT in p.shapes), default=0)
+    if text is not None and len(text) == 3 and longest and text[1] > longest:
+        # the prompt, not the image: a smaller tile or max_size would change nothing
+        raise ParameterError(
+            f"the prompt is {text[1]} tokens and this TensorRT engine takes at most {longest} "
+            f"(engine built for {built})",
+            f"shorten the prompt (or its negative) to {longest // 77} chunk(s) of 75 tokens",
+        )
+    wanted = ", ".join(f"{name} {list(shape)}" for name, shape in request.items())
     raise ParameterError(
         f"no TensorRT profile covers {wanted} (engine built for {built})",
         "use a smaller --tile, or rebuild the engine with a larger profile (--backend-opt max_size=N)",

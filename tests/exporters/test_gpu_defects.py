@@ -150,6 +150,7 @@ def test_ort_session_refuses_old_onnxruntime_with_tensorrt_11(cache: Path, gpu_o
 
     from difftool.exporters import onnxruntime_denoiser
     from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.testing.gpu import gpu_harness
 
     entry = ArtifactCache().get_or_build("onnx", "unet-cccc-fp32", {"weights": "c"}, lambda f: _conv_export(f, 1.0))
     monkeypatch.setattr(onnxruntime, "__version__", "1.24.0")
@@ -157,7 +158,8 @@ def test_ort_session_refuses_old_onnxruntime_with_tensorrt_11(cache: Path, gpu_o
     with pytest.raises(BackendUnavailableError, match="cannot use TensorRT 11.2.0"):
         make_session(entry.file("model.onnx"), "cuda", provider="tensorrt")
     assert gpu_onnxruntime == []  # refused before any session
-    make_session(entry.file("model.onnx"), "cuda", provider="cuda")  # the CUDA provider is unaffected
+    with gpu_harness():  # the CUDA provider is unaffected (it gets a stream of ours: a CUDA runtime call)
+        make_session(entry.file("model.onnx"), "cuda", provider="cuda")
 
 
 # --- a toy U-Net graph and its engine, for the engine contract tests -----------------------------------
@@ -445,3 +447,92 @@ def test_tensorrt_10_builds_the_fp16_export_strongly_typed(photo: Path, superres
         assert not harness.trt.warnings
         api.run("superres", photo, dtype="bf16", **common)
         assert harness.trt.build_typed[-1] is False and "BF16" in harness.trt.build_flags[-1]
+
+
+# --- 10. smaller: the default profile's bound, the text-length error, the ORT CUDA provider's options ---
+
+
+def test_the_default_profile_takes_max_size_pixels_not_twice_as_many() -> None:
+    """max_size=1024 means 1024 px: 128 latent cells for Stable Diffusion (it admitted 256: 2048 px)."""
+    from difftool.exporters.onnx import UNetSignature
+    from difftool.exporters.tensorrt_profiles import control_ranges, engine_profile
+
+    sd = UNetSignature(in_channels=4, multiple=4, class_labels=False, out_channels=4, context_dim=32)
+    pixel = UNetSignature(in_channels=6, multiple=4, class_labels=False)
+    for largest in (1024, 768, 2048):
+        low, opt, high = engine_profile(sd, None, largest).shapes["sample"]
+        assert high[2:] == (largest // 8, largest // 8) and low[2:] == (8, 8) and opt[2:] == (64, 64)
+        assert engine_profile(pixel, None, largest).shapes["sample"][2][2:] == (largest, largest)
+        assert control_ranges(None, largest)[1] == (8, 64, largest // 8)
+    # below the 512 px opt the opt follows the max (min <= opt <= max, or TensorRT refuses the profile)
+    assert engine_profile(sd, None, 256).shapes["sample"][1][2:] == (32, 32)
+    assert engine_profile(pixel, None, 256).shapes["sample"][1][2:] == (256, 256)
+
+
+def test_a_prompt_longer_than_the_engine_takes_says_shorten_the_prompt_not_tile() -> None:
+    from difftool.core.errors import ParameterError
+    from difftool.exporters.onnx import UNetSignature
+    from difftool.exporters.tensorrt_profiles import engine_profile, select_profile
+
+    sd = UNetSignature(in_channels=4, multiple=4, class_labels=False, out_channels=4, context_dim=32)
+    profile = engine_profile(sd, None, 1024)  # 77 tokens: one chunk
+    request = {"sample": (2, 4, 64, 64), "timestep": (2,), "encoder_hidden_states": (2, 154, 32)}
+    with pytest.raises(ParameterError) as caught:
+        select_profile([profile], request)
+    message = str(caught.value)
+    assert "the prompt is 154 tokens and this TensorRT engine takes at most 77" in message
+    assert "shorten the prompt (or its negative) to 1 chunk(s) of 75 tokens" in message
+    assert "--tile" not in message and "max_size" not in message
+    with pytest.raises(ParameterError, match=r"no TensorRT profile covers sample \[2, 4, 256, 256\].*--tile"):
+        select_profile([profile], {**request, "sample": (2, 4, 256, 256), "encoder_hidden_states": (2, 77, 32)})
+
+
+class _StreamLog:
+    """A CUDA stream that logs the waits and host synchronisations asked of it."""
+
+    def __init__(self, name: str, handle: int, log: list[str]) -> None:
+        self.name, self.cuda_stream, self.log = name, handle, log
+
+    def wait_stream(self, other: Any) -> None:
+        self.log.append(f"{self.name} waits for {other.name}")
+
+    def synchronize(self) -> None:
+        self.log.append(f"host waits for {self.name}")
+
+
+def test_the_ort_cuda_provider_runs_on_our_stream_without_host_syncs(cache: Path, gpu_onnxruntime, monkeypatch):
+    """The CUDA provider gets cuDNN's heuristic search and a stream of ours as user_compute_stream (not 0,
+    which ONNX Runtime reads as none); a step orders it against PyTorch's stream on the GPU and asks ONNX
+    Runtime not to wait on the host: no host synchronisation at all (there were two per step)."""
+    from difftool.exporters import onnxruntime_denoiser
+    from difftool.exporters.onnxruntime_denoiser import NO_SYNC, make_session, run_bound
+    from difftool.testing.gpu import gpu_harness
+
+    log: list[str] = []
+    entry = ArtifactCache().get_or_build("onnx", "unet-dddd-fp32", {"weights": "d"}, lambda f: _conv_export(f, 1.0))
+    with gpu_harness() as harness:
+        monkeypatch.setattr(harness.cuda, "new_stream", lambda device: _StreamLog("ours", 0x5000, log))
+        monkeypatch.setattr(harness.cuda, "current_stream", lambda device: _StreamLog("torch", 0, log))
+        session = make_session(entry.file("model.onnx"), "cuda:0", provider="cuda")
+        name, options = gpu_onnxruntime[-1][0]
+        assert name == "CUDAExecutionProvider" and options["user_compute_stream"] == str(0x5000)
+        assert options["cudnn_conv_algo_search"] == "HEURISTIC"  # not EXHAUSTIVE on every new shape
+
+        class Binding:
+            def bind_input(self, *args: Any) -> None:
+                pass
+
+            bind_output = bind_input
+
+        runs: list[Any] = []
+        session.io_binding = Binding
+        session.run_with_iobinding = lambda binding, options=None: (runs.append(options), log.append("run"))
+        x = torch.zeros(1, 3, 4, 4)
+        run_bound(session, {"sample": x}, {"out": torch.zeros_like(x)}, torch.device("cuda", 0))
+    assert log == ["ours waits for torch", "run", "torch waits for ours"]  # ordered on the GPU only
+    assert runs[0].get_run_config_entry(NO_SYNC) == "1"
+    # The TensorRT provider runs on streams of its own: it keeps the host wait (and gets no stream of ours).
+    trt = make_session(entry.file("model.onnx"), "cuda:0", provider="tensorrt")
+    assert trt not in onnxruntime_denoiser._STREAMS
+    assert "user_compute_stream" not in dict(gpu_onnxruntime[-1][1][1])
+    assert gpu_onnxruntime[-1][1][1]["cudnn_conv_algo_search"] == "HEURISTIC"

@@ -243,7 +243,10 @@ def test_provider_chain_puts_the_choice_first_with_fallbacks(tmp_path: Path) -> 
     from difftool.exporters.onnxruntime_denoiser import provider_chain
 
     assert provider_chain("cpu", "auto") == ["CPUExecutionProvider"]
-    assert provider_chain("cuda:1", "auto") == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    assert provider_chain("cuda:1", "auto") == [
+        ("CUDAExecutionProvider", {"device_id": 1, "cudnn_conv_algo_search": "HEURISTIC"}),
+        "CPUExecutionProvider",
+    ]
     trt = provider_chain("cuda", "tensorrt", fp16=True, cache_dir=tmp_path)
     assert [p if isinstance(p, str) else p[0] for p in trt] == [
         "TensorrtExecutionProvider",

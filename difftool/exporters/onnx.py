@@ -343,13 +343,34 @@ def save_optimized(model: Path, target: Path) -> bool:
     return target.is_file()
 
 
+#: Set on a U-Net by the Stable Diffusion loader when LoRAs are fused into it: its checkpoint's hash.
+LORA_BASE = "difftool_lora_base"
+
+
+def lora_base(module: torch.nn.Module) -> str | None:
+    """The checkpoint hash a LoRA-fused U-Net came from (:data:`LORA_BASE`), or ``None``."""
+    base = getattr(module, LORA_BASE, None)
+    return str(base) if base else None
+
+
 def cached_export(
     module: torch.nn.Module, name: str, precision: str = "fp32", model_id: str = "", cache: ArtifactCache | None = None
 ) -> Entry:
-    """The validated ONNX export of ``module`` from the cache, exported on first use."""
+    """The validated ONNX export of ``module`` from the cache, exported on first use.
+
+    A LoRA-fused U-Net (:func:`lora_base`) is exported as ``unet-<base>-lora``: each LoRA combination
+    is a whole U-Net (3.4 GB for SD 1.5), so the export of a new combination replaces the previous one
+    of the same checkpoint (and precision), never the checkpoint's own export.
+    """
     import onnx
     import onnxruntime
 
+    from difftool.exporters.cache import VERSIONS
+
+    base = lora_base(module)
+    replaces = VERSIONS
+    if base:
+        name, replaces = f"unet-{base[:12]}-lora", VERSIONS | {"weights"}
     components = {
         "weights": model_id or weights_hash(module),
         "precision": precision,
@@ -359,6 +380,7 @@ def cached_export(
         "onnxruntime": onnxruntime.__version__,
         "signature": UNetSignature.of(module).__dict__,
         "format": 4,  # 2: per-sample timestep input (was one scalar); 3: + saved optimised model; 4: sorted fp16
+        **({"lora_of": base} if base else {}),
     }
 
     def build(folder: Path) -> dict[str, Any]:
@@ -368,4 +390,4 @@ def cached_export(
         optimized = save_optimized(folder / MODEL_FILE, folder / OPTIMIZED_FILE)
         return {"validation": report, "seconds": round(time.perf_counter() - started, 2), "optimized": optimized}
 
-    return (cache or ArtifactCache()).get_or_build("onnx", f"{name}-{precision}", components, build)
+    return (cache or ArtifactCache()).get_or_build("onnx", f"{name}-{precision}", components, build, replaces)

@@ -369,7 +369,11 @@ def engine_components(
     versions: another ``onnx`` key) supersedes its engine and another model's engine never does; the
     GPU, precision and profiles are never superseded (see :meth:`ArtifactCache.get_or_build`).
     """
-    model = onnx.manifest.get("components", {}).get("weights", onnx.manifest.get("name"))
+    exported = onnx.manifest.get("components", {})
+    # a LoRA combination's engine replaces the previous combination's of that checkpoint, like its export
+    model = exported.get("weights", onnx.manifest.get("name"))
+    if exported.get("lora_of"):
+        model = f"{exported['lora_of']}+lora"
     return {
         **({"structure": structure} if options.refittable else {"onnx": onnx.manifest["key"], "model": model}),
         "refittable": options.refittable,

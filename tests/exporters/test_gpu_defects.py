@@ -536,3 +536,47 @@ def test_the_ort_cuda_provider_runs_on_our_stream_without_host_syncs(cache: Path
     assert trt not in onnxruntime_denoiser._STREAMS
     assert "user_compute_stream" not in dict(gpu_onnxruntime[-1][1][1])
     assert gpu_onnxruntime[-1][1][1]["cudnn_conv_algo_search"] == "HEURISTIC"
+
+
+# --- 4. LoRA combinations: one export (and engine) per checkpoint, not one per combination -------------
+
+
+def test_a_new_lora_combination_replaces_the_previous_lora_export_not_the_checkpoints(
+    tmp_path: Path, cache: Path
+) -> None:
+    """Each LoRA combination is a whole U-Net export (3.4 GB for SD 1.5) and none was ever removed: the
+    export (and non-refittable engine) of a new combination now replaces the previous combination's of
+    the same checkpoint; the checkpoint's own export stays."""
+    pytest.importorskip("peft")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
+    from sd import tiny
+    from sd.test_lora import make_lora
+
+    from difftool.exporters.onnx import LORA_BASE, UNetSignature, cached_export
+    from difftool.exporters.tensorrt_engine import BuildOptions, cached_engine
+    from difftool.exporters.tensorrt_profiles import engine_profile
+    from difftool.plugins.builtin.sd.loader import load_sd_model
+    from difftool.testing.gpu import gpu_harness
+
+    parts = tiny.components(seed=5)
+    folder = tiny.save_folder(parts, tmp_path / "sd")
+    lora = make_lora(parts["unet"], tmp_path / "lora" / "style.safetensors")
+    base, first, second = (load_sd_model(folder, loras=loras) for loras in ([], [(lora, 1.0)], [(lora, 0.5)]))
+    assert getattr(first.unet, LORA_BASE) == base.sha256 and not hasattr(base.unet, LORA_BASE)
+
+    def export(model: Any) -> Any:
+        return cached_export(model.unet, name=f"unet-{model.unet_id[:12]}", model_id=model.unet_id)
+
+    def engine(onnx: Any) -> Any:
+        profile = engine_profile(UNetSignature.of(base.unet), None, 256)
+        return cached_engine(onnx, [profile], BuildOptions("fp32"), "cuda")  # keeps its weights: keyed by them
+
+    with gpu_harness("11.3.0"):
+        own, one = export(base), export(first)
+        own_engine, one_engine = engine(own), engine(one)
+        two = export(second)
+        two_engine = engine(two)
+    assert two.path.name.startswith(f"unet-{base.sha256[:12]}-lora-fp32-")
+    assert not one.path.exists() and not one_engine.path.exists()  # the previous combination's, gone
+    assert own.path.is_dir() and own_engine.path.is_dir() and two_engine.path.is_dir()
+    assert two.manifest["components"]["weights"] == second.unet_id  # still keyed by the combination

@@ -35,6 +35,10 @@ def apply_lora(model: Any, path: Path, weight: float, *, allow_pickle: bool = Fa
     pipe.fuse_lora(lora_scale=weight, adapter_names=[adapter])
     pipe.unload_lora_weights()  # after fusing, this drops the adapter layers and keeps the merged weights
     model.loras.append((path.stem, weight, file_sha256(path)))
+    from difftool.exporters.onnx import LORA_BASE
+
+    # exporters keep one export per checkpoint for its LoRA combinations (not one per combination)
+    setattr(model.unet, LORA_BASE, model.sha256)
 
 
 def _pipeline_view(model: Any) -> Any:

@@ -62,7 +62,6 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.queue.signals.cancelling.connect(self._on_cancelling)
         self.setWindowTitle("difftool")
         self.setAcceptDrops(True)
-        wheel.install(QApplication.instance())  # the wheel scrolls the form, never a value it passes over
         self.canvas = Canvas()
         self.setCentralWidget(self.canvas)
         # The side panels run the window's full height; history sits under the canvas only.
@@ -114,6 +113,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.mask_panel = MaskPanel(self.canvas, self.show_error)
         self.paint_check, self.brush_size = self.mask_panel.paint_check, self.mask_panel.brush_size
         self.hardness, self.eraser = self.mask_panel.hardness, self.mask_panel.eraser
+        wheel.guard(self.mask_panel)  # the wheel never changes a value it passes over
         self.mask_dock = QDockWidget("Mask", self)
         self.mask_dock.setObjectName("mask-dock")
         self.mask_dock.setWidget(self.mask_panel)

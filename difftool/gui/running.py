@@ -69,15 +69,21 @@ class JobActions:
     def _refresh_queue(self) -> None:
         """The queue's rows: every queued and running job, and the last few that ended (a cancelled job's row
         says "cancelled" instead of vanishing)."""
-        self.queue_list.clear()
         jobs = list(self.queue.jobs.values())
         ended = [job.id for job in jobs if job.state not in ("queued", "running")][-ENDED_ROWS:]
-        for job in jobs:
-            if job.state in ("queued", "running") or job.id in ended:
-                item = QListWidgetItem(job.label())
-                item.setToolTip(job.label())  # the whole text, however narrow the panel
-                item.setData(Qt.ItemDataRole.UserRole, job.id)
-                self.queue_list.addItem(item)
+        rows = [job for job in jobs if job.state in ("queued", "running") or job.id in ended]
+        # Rows are updated in place, never cleared and made again: QListWidget.clear() deleting items whose
+        # Python wrappers PySide still tracks crashed the app after a few dozen jobs (PySide6 6.11).
+        listed = self.queue_list
+        while listed.count() > len(rows):
+            listed.takeItem(listed.count() - 1)
+        while listed.count() < len(rows):
+            listed.addItem(QListWidgetItem())
+        for index, job in enumerate(rows):
+            item = listed.item(index)
+            item.setText(job.label())
+            item.setToolTip(job.label())  # the whole text, however narrow the panel
+            item.setData(Qt.ItemDataRole.UserRole, job.id)
         running = self.queue.jobs.get(self.queue.running) if self.queue.running is not None else None
         self.status.running(running is not None, running is not None and running.token.cancelled)
 

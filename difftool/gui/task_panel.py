@@ -34,6 +34,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from difftool.gui import wheel
 from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 from difftool.gui.messages import for_the_window
@@ -156,6 +157,7 @@ class TaskPanel(QWidget):
         layout.addWidget(cancel_selected)
         self.backend_box.setCurrentText(str(settings.value("backend", "torch")))
         self.refresh_backends()
+        self.keep_wheel()
 
     def refresh_backends(self) -> None:
         """List every backend; those that cannot run on the chosen device are disabled, with the reason."""
@@ -186,6 +188,7 @@ class TaskPanel(QWidget):
             self.options_form.setVisible(self.options_box.isChecked())
             self.options_layout.addWidget(self.options_form)
             self.fix_tab_order()
+            self.keep_wheel()
         task = self.registry.tasks.get(self.task_box.currentText())
         self.options_box.setVisible(bool(options) and (task is None or task.cls.uses_model))
 
@@ -214,6 +217,11 @@ class TaskPanel(QWidget):
         self.options_box.setVisible(task.uses_model and self.options_form is not None)
         self.settings.setValue("task", name)
         self.fix_tab_order()
+        self.keep_wheel()
+
+    def keep_wheel(self) -> None:
+        """The scroll wheel scrolls the panel; it changes only the box the artist clicked or tabbed into."""
+        wheel.guard(self)
 
     def fix_tab_order(self) -> None:
         """Tab goes down the panel as it is laid out: the task, the form's fields in order (a ControlNet
@@ -226,7 +234,7 @@ class TaskPanel(QWidget):
     def _control_editor(self, param: Any) -> QWidget:
         task = self.registry.task(self.task_box.currentText())
         field = ControlUnitsField(self.controlnets, self.registry, self.source, bool(task.inputs), self.source_path)
-        field.on_change = self.fix_tab_order  # a unit added or removed: its fields in the Tab order
+        field.on_change = lambda: (self.fix_tab_order(), self.keep_wheel())  # a unit added or removed
         return field
 
     def _model_editor(self, param: Any) -> QWidget:

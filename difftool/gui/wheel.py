@@ -3,8 +3,8 @@
 Qt's spin and combo boxes take the wheel whenever the pointer passes over them (``Qt.WheelFocus``):
 scrolling down a long form to read it turned guidance 7.0 into 6.9 and the task box to another task, and
 those values were run and saved. The standard fix, for every such box in the app (forms are built on the
-fly, so one application-wide filter rather than a line per widget): ``Qt.StrongFocus`` (the wheel never
-gives them focus), and a wheel over one without focus scrolls the nearest scroll area instead.
+fly: :func:`guard` is called on each form, unit and panel as it is built): ``Qt.StrongFocus`` (the wheel
+never gives them focus), and a wheel over one without focus scrolls the nearest scroll area instead.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ GUARDED = (QAbstractSpinBox, QComboBox)
 
 
 class WheelGuard(QObject):
-    """Application event filter: see the module's docstring."""
+    """The event filter on each guarded box: see the module's docstring."""
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt's name
-        kind = event.type()
-        if kind == QEvent.Type.Polish and isinstance(watched, GUARDED):
-            watched.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
-        elif kind == QEvent.Type.Wheel and isinstance(watched, GUARDED) and not has_focus(watched):
+        if event.type() == QEvent.Type.Wheel and not has_focus(watched):  # type: ignore[arg-type]
             scroll(watched, event)  # type: ignore[arg-type]
             event.accept()
             return True
@@ -57,12 +54,19 @@ def scroll(widget: QWidget, event: QWheelEvent) -> None:
     QApplication.sendEvent(viewport, forwarded)
 
 
-_installed: list[WheelGuard] = []
+_GUARD: list[WheelGuard] = []
 
 
-def install(app: QApplication) -> None:
-    """Install the guard once per application (every window shares it)."""
-    if not _installed:
-        guard = WheelGuard(app)
-        app.installEventFilter(guard)
-        _installed.append(guard)
+def guard(root: QWidget) -> None:
+    """Guard every spin and combo box in ``root`` (and ``root`` itself): call it when a form, a ControlNet
+    unit or a panel is built. A filter on each box, not on the application: an application-wide Python
+    filter sees every event of every object, some of them half destroyed."""
+    if not _GUARD:
+        _GUARD.append(WheelGuard())  # one filter object for all, alive as long as the process
+    boxes = [root] if isinstance(root, GUARDED) else []
+    boxes += root.findChildren(QAbstractSpinBox) + root.findChildren(QComboBox)
+    for box in boxes:
+        if box.focusPolicy() != Qt.FocusPolicy.StrongFocus or not box.property("wheel-guarded"):
+            box.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
+            box.setProperty("wheel-guarded", True)
+            box.installEventFilter(_GUARD[0])

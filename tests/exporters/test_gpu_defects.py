@@ -541,6 +541,7 @@ def test_the_ort_cuda_provider_runs_on_our_stream_without_host_syncs(cache: Path
 # --- 4. LoRA combinations: one export (and engine) per checkpoint, not one per combination -------------
 
 
+@pytest.mark.slow  # three tiny SD U-Net exports: about a minute, four on a loaded 2-core machine
 def test_a_new_lora_combination_replaces_the_previous_lora_export_not_the_checkpoints(
     tmp_path: Path, cache: Path
 ) -> None:

@@ -15,18 +15,13 @@ from typing import Any
 
 from PySide6.QtCore import QSettings, Qt
 from PySide6.QtWidgets import (
-    QAbstractButton,
-    QAbstractItemView,
-    QAbstractSpinBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QListWidget,
-    QPlainTextEdit,
     QPushButton,
     QScrollArea,
     QSpinBox,
@@ -36,6 +31,7 @@ from PySide6.QtWidgets import (
 
 from difftool.gui import wheel
 from difftool.gui.control_units import ControlUnitsField, is_control_param
+from difftool.gui.focus import focus_chain
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 from difftool.gui.messages import for_the_window
 from difftool.gui.model_field import ModelNameField, offers_models
@@ -386,38 +382,3 @@ class TaskPanel(QWidget):
                 "backend_options": self.options_form.values() if self.options_form is not None else {},
             }
         return options
-
-
-#: Widgets Tab stops at as a whole (their inner line edits are theirs).
-_LEAVES = (QAbstractSpinBox, QComboBox, QLineEdit, QPlainTextEdit, QAbstractButton, QAbstractItemView)
-
-
-def focus_chain(root: QWidget) -> list[QWidget]:
-    """The widgets Tab can stop at under ``root``, in the order its layouts show them."""
-    found: list[QWidget] = []
-
-    def visit_layout(layout: Any) -> None:
-        for index in range(layout.count()):
-            item = layout.itemAt(index)
-            if item.widget() is not None:
-                visit(item.widget())
-            elif item.layout() is not None:
-                visit_layout(item.layout())
-
-    def visit(widget: QWidget) -> None:
-        if isinstance(widget, QScrollArea):
-            if widget.widget() is not None:
-                visit(widget.widget())
-            return
-        takes_tab = bool(widget.focusPolicy() & Qt.FocusPolicy.TabFocus)
-        if isinstance(widget, _LEAVES):
-            if takes_tab:
-                found.append(widget)
-            return
-        if takes_tab:  # a checkable group box, then its fields
-            found.append(widget)
-        if widget.layout() is not None:
-            visit_layout(widget.layout())
-
-    visit(root)
-    return found

@@ -53,6 +53,18 @@ def counting_tokenizer() -> Any:
     return clip_tokenizer("clip")
 
 
+def prompt_tokens(*texts: str | None) -> tuple[int, int, int]:
+    """The text lengths a request sends the U-Net, as (min, opt, max) in multiples of 77 (one per chunk).
+
+    Up to three chunks share one range (one TensorRT engine for most prompts); a longer prompt widens it.
+    A chunk is spare for embeddings, whose vectors may outnumber their name's tokens.
+    """
+    from difftool.plugins.builtin.sd.models import split_loras
+
+    chunks = max(len(chunk_prompt(counting_tokenizer(), split_loras(text or "")[0])) for text in (*texts, ""))
+    return (77, 77, 77 * max(3, chunks + 1))
+
+
 def check_prompt_length(params: Mapping[str, Any], names: Sequence[str] = ("prompt", "negative_prompt")) -> None:
     """Refuse a prompt over :data:`MAX_PROMPT_CHUNKS` chunks, in one line (the preflight calls this)."""
     from difftool.plugins.builtin.sd.models import split_loras

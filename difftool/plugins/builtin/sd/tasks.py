@@ -19,7 +19,7 @@ from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
-from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, counting_tokenizer, prompt_param
+from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
@@ -63,22 +63,6 @@ STYLE_PRESETS: dict[str, tuple[str, str]] = {
         "photo, photograph, realistic, 3d render",
     ),
 }
-
-
-def prompt_tokens(*texts: str | None) -> tuple[int, int, int]:
-    """The text lengths a request sends the U-Net, as (min, opt, max) in multiples of 77 (one per chunk).
-
-    Up to three chunks share one range (one TensorRT engine for most prompts); a longer prompt widens it.
-    A chunk is spare for embeddings, whose vectors may outnumber their name's tokens.
-    """
-    from difftool.plugins.builtin.sd.prompt_chunks import chunk_prompt
-
-    chunks = max(len(chunk_prompt(_tokenizer(), split_loras(text or "")[0])) for text in (*texts, ""))
-    return (77, 77, 77 * max(3, chunks + 1))
-
-
-def _tokenizer() -> Any:
-    return counting_tokenizer()
 
 
 def latent_shapes(

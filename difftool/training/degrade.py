@@ -89,7 +89,7 @@ def random_mask(size: int, rng: np.random.Generator, min_area: float = 0.05, max
 
 #: How a real-world training input is made: a clean bicubic downscale; a downscale saved as JPEG (what phones
 #: and websites hand users: the commonest input); or the full second-order chain.
-REAL_MIX = {"clean": 0.15, "jpeg": 0.40, "second_order": 0.45}
+REAL_MIX = {"clean": 0.15, "jpeg": 0.50, "second_order": 0.35}
 _RESAMPLE = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS, Image.Resampling.BOX)
 
 

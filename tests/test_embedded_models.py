@@ -81,7 +81,10 @@ def test_embedded_inpaint_on_onnx_matches_torch(
 def test_embedded_models_are_small_fp16_safetensors(embedded_superres: Path, embedded_inpaint: Path) -> None:
     from safetensors import safe_open
 
-    for folder in (embedded_superres, embedded_inpaint):
+    from difftool.plugins.builtin.pixel_model import embedded_model_path
+
+    real = embedded_model_path("superres-real")  # the real-world superres model (issue 33), where shipped
+    for folder in (embedded_superres, embedded_inpaint, *([real] if real else [])):
         files = sorted(folder.rglob("diffusion_pytorch_model.safetensors"))  # superres: one per scale
         assert files and sum(f.stat().st_size for f in files) <= 25 * 2**20
         for weights in files:
@@ -89,3 +92,26 @@ def test_embedded_models_are_small_fp16_safetensors(embedded_superres: Path, emb
                 assert {str(handle.get_slice(k).get_dtype()) for k in handle.keys()} == {"F16"}
         card = (folder / "README.md").read_text()
         assert "Held out" in card and "astronaut" in card and "Licence" in card
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_a_jpeg_input_gets_the_real_world_model_and_beats_lanczos(astronaut_crop: Image.Image, scale: int) -> None:
+    """Issue 33: a downscaled held-out crop saved as JPEG (quality 70) goes to difftool-real by default, which
+    restores it closer to the clean crop than a Lanczos resize of the same JPEG, and closer than the clean model."""
+    import io
+
+    from difftool.plugins.builtin.pixel_model import embedded_model_path
+
+    if embedded_model_path("superres-real") is None:
+        pytest.skip("this install has no real-world superres model")
+    low = astronaut_crop.resize((128 // scale, 128 // scale), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    low.save(buffer, "JPEG", quality=70)
+    jpeg = buffer.getvalue()
+    chosen = api.run("superres", jpeg, scale=str(scale), seed=0)
+    assert chosen.record["model_choice"] == "difftool-real (input is JPEG, quality about 70)"
+    clean = api.run("superres", jpeg, scale=str(scale), seed=0, model="difftool")
+    lanczos = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((128, 128), Image.Resampling.LANCZOS)
+    truth = np.asarray(astronaut_crop)
+    gain = psnr(truth, np.asarray(chosen.image)) - psnr(truth, np.asarray(lanczos))
+    assert gain > 0.0 and psnr(truth, np.asarray(chosen.image)) > psnr(truth, np.asarray(clean.image)), gain

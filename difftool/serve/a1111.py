@@ -9,7 +9,6 @@ and docs/serve.md.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
 from typing import Any
@@ -35,7 +34,7 @@ from difftool.serve.a1111_map import (
     refuse,
     upscale_scale,
 )
-from difftool.serve.jobs import SHUTDOWN, Job
+from difftool.serve.jobs import SHUTDOWN, Job, png_bytes
 from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
 
@@ -251,14 +250,14 @@ async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) ->
     scale = upscale_scale(req, superres.param("scale").choices)
     image = await run_in_threadpool(server.load_image, req.image, "image")
     if req.upscaler_1 in ("None", "") or scale == 1:  # A1111 leaves the image as it is then
-        unchanged = _b64(_png_bytes(image.to_pil()))
+        unchanged = _b64(png_bytes(image.to_pil()))
         return {"html_info": "<p>no upscaling asked for; image unchanged</p>", "image": unchanged}
     model = None if req.upscaler_1 == "difftool" else req.upscaler_1
     target = (image.width * scale, image.height * scale)
     check_pixels(*target, "the upscaled image", server.settings.max_pixels, PIXELS_FIX)
     # As A1111 does: the upscaler runs until the image reaches the target (the embedded model by 2 or 4, a
     # community model by its own scale), then a Lanczos resize lands on it exactly (3x: 4x, then down).
-    data, passes = _png_bytes(image.to_pil()), 0
+    data, passes = png_bytes(image.to_pil()), 0
     while image.width < target[0] and passes < 3:
         left = target[0] / image.width
         params = {"scale": 2 if left <= 2 else 4} if model is None else {}
@@ -269,15 +268,9 @@ async def extra_single_image(request: Request, req: ExtrasSingleImageRequest) ->
         data, passes = job.files[0].read_bytes(), passes + 1
         image = await run_in_threadpool(server.load_image, data, "the upscaled image")
     if image.size != target:
-        data = _png_bytes(image.to_pil().resize(target, Image.Resampling.LANCZOS))
+        data = png_bytes(image.to_pil().resize(target, Image.Resampling.LANCZOS))
     text = f"<p>Upscale: {scale}, upscaler: {req.upscaler_1}</p>"
     return {"html_info": text, "image": _b64(data) if req.show_extras_results else None}
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @router.get("/progress")

@@ -299,7 +299,7 @@ class JobQueue:
             if job.done.is_set():  # abandoned: its state is final
                 return
             if preview is not None:
-                job.preview, job.preview_step = _png(preview), step
+                job.preview, job.preview_step = png_bytes(preview), step
             job.step, job.total = step, total
             job._changed()
 
@@ -376,7 +376,8 @@ def _replan(plan: Plan, device: str) -> Plan:
     return preflight(plan.task_name, params=plan.params, registry=plan.registry, **fields)
 
 
-def _png(image: Any) -> bytes:
+def png_bytes(image: Any) -> bytes:
+    """A PIL image as PNG bytes (previews, and the A1111 routes' unchanged or resized results)."""
     import io
 
     buffer = io.BytesIO()

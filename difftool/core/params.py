@@ -7,7 +7,7 @@ JSON Schema all read these declarations; this module imports nothing of difftool
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -178,3 +178,56 @@ def _shown(value: Any) -> str:
     """``repr(value)``, cut short: an error message stays one readable line whatever a request sent."""
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class Params(Mapping[str, Any]):
+    """A request's validated parameters: every declared name present, defaults applied, values typed, frozen.
+
+    Tasks read ``params.steps`` (or ``params["steps"]``), never ``params.get("steps", 25)``: the default is
+    stated once, in the :class:`Param` declaration, and applied by the preflight. ``replace`` makes a copy
+    with some values changed (the run's loaded images, a second pass's size).
+    """
+
+    __slots__ = ("_values",)
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        object.__setattr__(self, "_values", dict(values or {}))
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(f"no parameter {name!r}; declared: {', '.join(self._values) or 'none'}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("Params are frozen; use params.replace(name=value)")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self._values) == dict(other)
+
+    __hash__ = None  # type: ignore[assignment]  # values may be unhashable (tuples of units hold images)
+
+    def __repr__(self) -> str:
+        return f"Params({self._values!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable for Ray and worker processes
+        return (Params, (self._values,))
+
+    def replace(self, **changes: Any) -> Params:
+        """A copy with ``changes`` applied (only declared names: a typo is an error, not a new value)."""
+        unknown = sorted(set(changes) - set(self._values))
+        if unknown:
+            raise KeyError(f"no parameter {unknown[0]!r}")
+        return Params({**self._values, **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)

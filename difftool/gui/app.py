@@ -121,6 +121,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
 
         self.history_list = HistoryStrip()
         self.history_list.currentItemChanged.connect(self._on_history_selected)
+        self.history_list.compare_with.connect(self.compare_against)
         history_dock = QDockWidget("History", self)
         history_dock.setObjectName("history-dock")
         history_dock.setWidget(self.history_list)
@@ -179,6 +180,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         action(view_menu, "&Fit", self.canvas.fit, "Ctrl+0")
         action(view_menu, "&100%", self.canvas.actual_size, "Ctrl+1")
         action(view_menu, "&Compare before | after", self.compare_check.toggle, "C")
+        action(view_menu, "Compare results against &this one (A/B)", self.pin_for_compare, "B")
         help_menu = self.menuBar().addMenu("&Help")
         action(help_menu, "&Plugins…", self.show_plugins)
         action(help_menu, "&About difftool…", self.show_about)

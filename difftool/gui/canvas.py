@@ -101,6 +101,8 @@ class Canvas(QWidget):
         self.brush_screen = 32  # the brush's diameter in screen pixels, whatever the zoom
         self.compare = False
         self.compare_with: QImage | None = None  # the "before" of the result on screen
+        #: The divider's captions, left and right: before | after, or two results (``#3 generate`` | ``#5``).
+        self.compare_labels = ("before", "after")
         self.split = 0.5
         self._dragging_split = False
         self._pointer: QPointF | None = None
@@ -284,7 +286,8 @@ class Canvas(QWidget):
         painter.setBrush(QColor(255, 255, 255))
         painter.drawEllipse(QPointF(x, target.center().y()), 6, 6)  # the handle
         top = max(target.top(), 0) + 6
-        for text, right, show in (("before", False, self.split > 0.02), ("after", True, self.split < 0.98)):
+        left_text, right_text = self.compare_labels
+        for text, right, show in ((left_text, False, self.split > 0.02), (right_text, True, self.split < 0.98)):
             if not show:
                 continue
             width = painter.fontMetrics().horizontalAdvance(text) + 12

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from PySide6.QtCore import QSize, Qt
+from PySide6.QtCore import QPoint, QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QPixmap
-from PySide6.QtWidgets import QListWidget, QListWidgetItem
+from PySide6.QtWidgets import QListWidget, QListWidgetItem, QMenu
 
 from difftool.gui.convert import pil_to_qimage
 
@@ -45,11 +45,21 @@ def plain(value: Any) -> str:
 
 
 class HistoryStrip(QListWidget):
-    """Thumbnails of finished jobs, newest last; :meth:`selected_job` is the one the window acts on."""
+    """Thumbnails of finished jobs, newest last; :meth:`selected_job` is the one the window acts on.
+
+    A/B across results: a right click on a thumbnail offers to compare against it (``compare_with``
+    emits that job, or ``None`` to go back to before | after); the window then sets every result it
+    shows against that one with the divider (two seeds, two models, side by side).
+    """
+
+    compare_with = Signal(object)
 
     def __init__(self) -> None:
         super().__init__()
         self.jobs: list[Any] = []
+        self.reference: Any = None  # the job results are compared against (None: each result's input)
+        self.setContextMenuPolicy(Qt.ContextMenuPolicy.CustomContextMenu)
+        self.customContextMenuRequested.connect(self._menu)
         self.setViewMode(QListWidget.ViewMode.IconMode)
         self.setIconSize(QSize(THUMBNAIL, THUMBNAIL))
         self.setMaximumHeight(THUMBNAIL + 34)
@@ -83,6 +93,21 @@ class HistoryStrip(QListWidget):
         self.setCurrentItem(item)
         self.scrollToItem(item)  # the newest result in view
         return item
+
+    def compare_menu(self, item: QListWidgetItem | None) -> QMenu:
+        """The thumbnail's menu: compare the shown results against it (A/B), or stop comparing."""
+        menu = QMenu(self)
+        if item is not None:
+            job = self.job_of(item)
+            menu.addAction(f"Compare results against #{job.id} (A/B)", lambda: self.compare_with.emit(job))
+        if self.reference is not None:
+            menu.addAction(f"Stop comparing against #{self.reference.id}", lambda: self.compare_with.emit(None))
+        return menu
+
+    def _menu(self, point: QPoint) -> None:
+        menu = self.compare_menu(self.itemAt(point))
+        if not menu.isEmpty():
+            menu.exec(self.viewport().mapToGlobal(point))
 
     def job_of(self, item: QListWidgetItem) -> Any:
         return self.jobs[int(item.data(Qt.ItemDataRole.UserRole))]

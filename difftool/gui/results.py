@@ -41,6 +41,24 @@ class ResultActions:
         if item is not None:  # clicked, or reached with the arrow keys: what is on screen is what Save saves
             self._show_result(self.history_list.job_of(item))
 
+    def compare_against(self, job: Any) -> None:
+        """A/B: set the shown result (and every result selected after it) against ``job``'s with the divider;
+        ``None``: back to each result against its input. Selecting ``job`` itself shows it against its input."""
+        self.history_list.reference = job
+        shown = self.history_list.selected_job()
+        if job is not None:
+            self.set_compare(True)
+        if shown is not None:
+            self._show_result(shown)
+        message = f"comparing results against #{job.id} {job.task} (B toggles)" if job is not None else ""
+        self.statusBar().showMessage(message or "comparing each result against its input", 5000)
+
+    def pin_for_compare(self) -> None:
+        """View > Compare against this result (B): the shown result becomes A; a second B stops."""
+        job = self.history_list.selected_job()
+        reference = self.history_list.reference
+        self.compare_against(None if job is None or reference is job else job)
+
     def set_compare(self, on: bool) -> None:
         """The before | after view: a divider on the canvas (drag it); previews stay visible right of it."""
         self.canvas.compare = on

@@ -11,6 +11,7 @@ from PySide6.QtWidgets import QListWidgetItem
 
 from difftool.gui.convert import pil_to_qimage
 from difftool.gui.jobs import Job
+from difftool.gui.prompt_tools import remember_prompts
 
 #: Ended jobs kept in the queue's list, after the queued and running ones (each says how it ended).
 ENDED_ROWS = 4
@@ -30,6 +31,7 @@ class JobActions:
                 params[name] = painted  # exactly what was painted, pixel for pixel (what is on screen wins)
         options = {**self.task_panel.run_options(task.uses_model), "registry": self.registry}
         self.task_panel.remember()
+        remember_prompts(self.settings, task.name, params)
         if inputs is not None:  # a batch: each job knows its own file
             path = Path(str(inputs[0]))
             origin = {"source_name": path.name, "source_stem": path.stem, "source_dir": str(path.parent)}
@@ -147,6 +149,18 @@ class JobActions:
     def _show_result(self, job: Job) -> None:
         image = job.result.image
         self.paint_check.setChecked(False)  # the result takes the screen
-        self.canvas.set_result(pil_to_qimage(image), self._before(job))
+        reference = self.history_list.reference
+        if reference is not None and reference is not job:  # A/B: two results side by side
+            before, labels = pil_to_qimage(reference.result.image), (_label(reference), _label(job))
+        else:
+            before, labels = self._before(job), ("before", "after")
+        self.canvas.compare_labels = labels
+        self.canvas.set_result(pil_to_qimage(image), before)
         origin = f" (from {job.source_name})" if job.source_name else ""
         self.status.showing(f"result of #{job.id} {job.task} — {image.width}×{image.height}{origin}")
+
+
+def _label(job: Job) -> str:
+    """A result's caption on the A/B divider: its number and seed (what usually differs between two)."""
+    seed = job.result.record.get("seed")
+    return f"#{job.id} seed {seed}" if seed is not None else f"#{job.id}"

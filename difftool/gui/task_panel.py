@@ -35,6 +35,7 @@ from difftool.gui.focus import focus_chain
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 from difftool.gui.messages import for_the_window
 from difftool.gui.model_field import ModelNameField, offers_models
+from difftool.gui.prompt_tools import attach_prompt_history
 
 NO_MODEL = "(choose a model)"  # the model box's first entry for a task with no default model
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
@@ -200,6 +201,7 @@ class TaskPanel(QWidget):
         editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
         editors |= {p.name: self._model_editor for p in task.params if offers_models(p)}
         self.form = ParamForm(task, choices, editors)
+        attach_prompt_history(self.form, self.settings)
         for key, value in self._remembered(name).items():
             try:
                 self.form.set_values({key: value})

@@ -95,7 +95,7 @@ def _verified(folder: Path, rehash: bool = False) -> Entry | None:
     known = hashed.get(folder)
     if not rehash and known is not None and signature and known[0] == signature:
         return known[1]
-    entry = _hash_check(folder)
+    entry = _hash_check(folder, rehash)
     if entry is None:
         hashed.pop(folder, None)
     else:
@@ -103,12 +103,28 @@ def _verified(folder: Path, rehash: bool = False) -> Entry | None:
     return entry
 
 
-def _hash_check(folder: Path) -> Entry | None:
+def _file_stat(path: Path) -> list[int]:
+    """What a file's bytes cannot change without: its size, modification and change times, inode."""
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
+
+
+def _hash_check(folder: Path, rehash: bool = False) -> Entry | None:
+    """The entry if its files match the manifest: by their stat as recorded when they were hashed at build
+    (a 15 GB SDXL engine is hashed once, not once per process), else (or with ``rehash``) by their SHA-256."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    stats = manifest.get("stats")
+    if not rehash and isinstance(stats, dict) and set(stats) == set(files):
+        try:
+            # ctime and the inode cannot be set back by hand: a same-size edit with a forged mtime shows
+            if all(_file_stat(folder / name) == stats[name] for name in files):
+                return Entry(folder, manifest)
+        except OSError:
+            return None
     for name, digest in files.items():
         path = folder / name
         if not path.is_file() or file_sha256(path) != digest:
@@ -252,14 +268,16 @@ class ArtifactCache:
             phases.announce(f"building {kind} for {name} (first use; cached after)")
             try:
                 extra = build(tmp)
-                files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+                written = [p for p in sorted(tmp.iterdir()) if p.is_file()]
                 manifest = {
                     "kind": kind,
                     "name": name,
                     "key": key,
                     "components": dict(components),
                     **extra,
-                    "files": files,
+                    "files": {p.name: file_sha256(p) for p in written},
+                    # hashed once, here; later processes check these (`difftool cache verify` rehashes)
+                    "stats": {p.name: _file_stat(p) for p in written},
                 }
                 (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
                 os.replace(tmp, target)

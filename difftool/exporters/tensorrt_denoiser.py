@@ -219,7 +219,7 @@ class TensorRTDenoiser(Denoiser):
                 self.use_graphs = False
                 bound = self._bind(inputs, out)  # noqa: F841 - referenced until the launch has run
                 self._execute()
-                return out.clone()
+                return out  # a fresh buffer, read after the caller's wait on this stream (no clone)
             self._graphs[key] = (graph, static, out)
         graph, static, out = self._graphs[key]
         for name, tensor in static.items():

@@ -233,7 +233,14 @@ class Context:
             snapshot = (dict(self.shapes), dict(self.addresses))
             cuda.capturing.launches.append(lambda: self._run(*snapshot))
             return True
-        return self._run(self.shapes, self.addresses)
+        session = self.engine.session()
+        if any(spec.name not in self.shapes or spec.name not in self.addresses for spec in session.get_inputs()):
+            return False  # an unbound input: TensorRT refuses to enqueue
+        if any(output.name not in self.addresses for output in session.get_outputs()):
+            return False  # an unbound output: TensorRT refuses to enqueue
+        snapshot = (dict(self.shapes), dict(self.addresses))  # the bindings as they are now, read when it runs
+        cuda.enqueue(stream, lambda: self._run(*snapshot))  # runs when the stream is synchronized or waited for
+        return True
 
     def _run(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> bool:
         import numpy as np

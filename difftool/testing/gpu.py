@@ -35,17 +35,25 @@ class FakeDevice:
 
 
 class FakeStream:
-    """A stream handle: work on it runs at once (the CPU is synchronous)."""
+    """A stream handle. Work TensorRT enqueues on it (``execute_async_v3``) is held until the stream is
+    synchronized or another stream waits for it, as a GPU runs it later: code that reads an engine's output
+    without ordering the read after the stream reads an unwritten buffer here too.
 
-    def __init__(self, device: int) -> None:
-        self.device = device
-        self.cuda_stream = 0x1000 + device
+    torch's own operations on these "cuda" tensors are CPU operations and run at once, so only TensorRT's
+    side of the ordering is modelled (and a CUDA graph's replay runs at once: difftool reads its output on
+    the same stream)."""
+
+    def __init__(self, device: int, cuda: FakeCuda | None = None, handle: int | None = None) -> None:
+        self.device, self.cuda = device, cuda
+        self.cuda_stream = 0x1000 + device if handle is None else handle  # 0x1000 + n: a device's default
 
     def wait_stream(self, other: Any) -> None:
-        pass
+        if self.cuda is not None:
+            self.cuda.flush(other.cuda_stream)
 
     def synchronize(self) -> None:
-        pass
+        if self.cuda is not None:
+            self.cuda.flush(self.cuda_stream)
 
 
 class FakeGraph:
@@ -69,6 +77,18 @@ class FakeCuda(CudaRuntime):
         self.current_index = 0
         self.capturing: FakeGraph | None = None
         self.captures = 0
+        #: Work enqueued on each stream (by handle) and not yet run: see :class:`FakeStream`.
+        self.pending: dict[int, list[Any]] = {}
+        self.streams = 0
+
+    def enqueue(self, stream: int, work: Any) -> None:
+        """Hold ``work`` until stream ``stream`` is synchronized or waited for (what a GPU queue does)."""
+        self.pending.setdefault(stream, []).append(work)
+
+    def flush(self, stream: int) -> None:
+        """Run what stream ``stream`` holds, in order."""
+        while self.pending.get(stream):
+            self.pending[stream].pop(0)()
 
     def is_available(self) -> bool:
         return True
@@ -113,10 +133,11 @@ class FakeCuda(CudaRuntime):
         return torch.device(device)
 
     def new_stream(self, device: str) -> FakeStream:
-        return FakeStream(device_index(device))
+        self.streams += 1
+        return FakeStream(device_index(device), self, 0x2000 + self.streams)  # each its own queue
 
     def current_stream(self, device: str) -> FakeStream:
-        return FakeStream(device_index(device))
+        return FakeStream(device_index(device), self)
 
     def use_stream(self, stream: Any) -> Any:
         return contextlib.nullcontext()

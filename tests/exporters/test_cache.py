@@ -202,3 +202,29 @@ def test_an_unwritable_cache_names_difftool_cache(tmp_path: Path) -> None:
     (tmp_path / "onnx").write_text("a file where the cache's folder should be")
     with pytest.raises(OutputError, match="artifact cache cannot be written.*DIFFTOOL_CACHE"):
         ArtifactCache(tmp_path).get_or_build("onnx", "unet", BASE, builder([]))
+
+
+def test_a_new_process_checks_the_build_time_stats_not_every_byte_and_sees_a_forged_mtime(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Hashed once at build (issue 30, item 10): a 15 GB engine is not hashed again by every process."""
+    from difftool.core.runtime import current
+    from difftool.exporters import cache as cache_module
+
+    cache, calls = ArtifactCache(tmp_path), []
+    entry = cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    assert set(entry.manifest["stats"]) == set(entry.manifest["files"]) == {"model.bin"}
+    hashed: list = []
+    real = cache_module.file_sha256
+    monkeypatch.setattr(cache_module, "file_sha256", lambda p: hashed.append(p) or real(p))
+    current().cache("artifact-hashes", dict).clear()  # what another process starts with
+    assert cache.get_or_build("onnx", "unet", BASE, builder(calls)).path == entry.path
+    assert hashed == [] and len(calls) == 1
+    # Edited in place, same size, its mtime set back: the change time still tells.
+    model = entry.file("model.bin")
+    before = model.stat()
+    model.write_bytes(b"ARTIFACT")
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+    current().cache("artifact-hashes", dict).clear()
+    rebuilt = cache.get_or_build("onnx", "unet", BASE, builder(calls))
+    assert len(calls) == 2 and rebuilt.file("model.bin").read_bytes() == b"artifact" and hashed

@@ -581,3 +581,65 @@ def test_a_new_lora_combination_replaces_the_previous_lora_export_not_the_checkp
     assert not one.path.exists() and not one_engine.path.exists()  # the previous combination's, gone
     assert own.path.is_dir() and own_engine.path.is_dir() and two_engine.path.is_dir()
     assert two.manifest["components"]["weights"] == second.unet_id  # still keyed by the combination
+
+
+# --- Part A: stream ordering, as strict as a GPU's queue --------------------------------------------------
+
+
+def test_engine_output_is_only_there_once_the_reading_stream_waits_for_the_engines(cache: Path, monkeypatch) -> None:
+    """TensorRT's work runs later on its stream: a read not ordered after it sees an unwritten buffer."""
+    from difftool.testing import gpu
+    from difftool.testing.gpu import gpu_harness
+
+    sample = torch.randn(1, 3, 8, 8)
+    with gpu_harness() as harness:
+        denoiser = _toy_denoiser("ordered")
+        torch.testing.assert_close(denoiser(sample, torch.tensor(1.0), {}), _toy_expected(sample), rtol=1e-5, atol=1e-5)
+        assert harness.trt.executions == 1 and not any(harness.cuda.pending.values())
+        with monkeypatch.context() as patched:  # difftool without its `current.wait_stream(self.stream)`
+            patched.setattr(gpu.FakeStream, "wait_stream", lambda self, other: None)
+            other = sample + 1  # another input: a reused buffer holding the last output is no answer either
+            unordered = denoiser(other, torch.tensor(1.0), {})
+        assert harness.trt.executions == 1  # enqueued, not run: nothing waited for the stream
+        assert not torch.allclose(unordered, _toy_expected(other), atol=1e-3)
+        denoiser.stream.synchronize()
+        assert harness.trt.executions == 2
+
+
+def _graph_with(folder: Path, op: str, domain: str = "", opset: int = 18) -> Path:
+    """``out = op(sample)``: a one-node graph of operator ``op`` from ``domain``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op, ["sample"], ["out"], domain=domain)
+    graph = helper.make_graph(
+        [node],
+        "one-op",
+        [helper.make_tensor_value_info("sample", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["n"])],
+    )
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=imports), folder / "model.onnx")
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("op", "domain", "opset", "message"),
+    [
+        ("Unique", "", 18, "No importer registered for op: Unique"),
+        ("Gelu", "com.microsoft", 18, r"No importer registered for op: Gelu \(com.microsoft\)"),
+        ("Relu", "", 8, "unsupported ONNX opset 8"),
+    ],
+)
+def test_an_operator_or_opset_tensorrt_has_no_importer_for_fails_the_parse(tmp_path, op, domain, opset, message):
+    """ONNX Runtime runs contrib ops and old opsets; TensorRT's parser refuses them, and so does the stand-in."""
+    from difftool.exporters.tensorrt_engine import BuildOptions, build_engine
+    from difftool.exporters.tensorrt_profiles import Profile
+    from difftool.testing.gpu import gpu_harness
+
+    path = _graph_with(tmp_path, op, domain, opset)
+    profile = Profile({"sample": ((1, 3, 4, 4), (1, 3, 8, 8), (2, 3, 16, 16))})
+    with gpu_harness() as harness, pytest.raises(BackendUnavailableError, match=message) as raised:
+        build_engine(path, tmp_path / "model.engine", [profile], BuildOptions("fp32"))
+    assert "--backend onnx" in str(raised.value)
+    assert harness.trt.builds == 0 and not (tmp_path / "model.engine").exists()

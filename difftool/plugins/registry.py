@@ -21,6 +21,7 @@ import pluggy
 from difftool.core.backend import Backend
 from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
 from difftool.core.exporter import Exporter
+from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.task import Task
 from difftool.plugins import hookspecs
@@ -37,6 +38,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.sd.tasks",
     "difftool.plugins.builtin.sd.upscale_sd",
     "difftool.plugins.builtin.sd.preprocessors",
+    "difftool.plugins.builtin.flow.plugin",
     "difftool.plugins.builtin.commands",
 )
 #: Option names every ``difftool run`` command has; a task parameter may not take one.
@@ -124,6 +126,7 @@ class Registry:
         self.exporters: dict[str, tuple[Exporter, str]] = {}
         self.model_sources: dict[str, tuple[ModelSource, str]] = {}
         self.preprocessors: dict[str, PreprocessorEntry] = {}
+        self.families: dict[str, tuple[ModelFamily, str]] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
@@ -177,6 +180,13 @@ class Registry:
             known = ", ".join(sorted(self.preprocessors)) or "none"
             raise ParameterError(f"unknown ControlNet preprocessor {name!r}", f"use one of {known}")
         return entry
+
+    def family_for(self, path: Any, task: str) -> ModelFamily | None:
+        """The registered family that recognises the model at ``path`` and runs ``task`` for it, if any."""
+        for family, _ in self.families.values():
+            if task in family.tasks and family.detect(path):
+                return family
+        return None
 
     def task_plugin(self, name: str) -> str:
         return self.tasks[name].plugin
@@ -253,6 +263,16 @@ class Registry:
         _check_declarations(f"preprocessor {name!r}", plugin, options)
         self.preprocessors[name] = PreprocessorEntry(name, function, plugin, summary, options)
         self._record(plugin, f"preprocessor {name}")
+
+    def _register_family(self, plugin: str, family: ModelFamily) -> None:
+        if not isinstance(family, ModelFamily):
+            raise PluginError(f"register_families got {family!r}, not a ModelFamily instance")
+        if family.name in self.families:
+            raise PluginError(
+                f"model family {family.name!r} is already registered by plugin {self.families[family.name][1]!r}"
+            )
+        self.families[family.name] = (family, plugin)
+        self._record(plugin, f"family {family.name}")
 
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
         if not isinstance(source, ModelSource):
@@ -363,6 +383,7 @@ def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, ent
     call_each(registry, "register_models", guarded(registry._register_model_source))
     call_each(registry, "register_exporters", guarded(registry._register_exporter))
     call_each(registry, "register_preprocessors", guarded(registry._register_preprocessor))
+    call_each(registry, "register_families", guarded(registry._register_family))
     call_each(registry, "register_tasks", guarded(registry._register_task))
     return registry
 

@@ -1,0 +1,170 @@
+"""SD3 and Flux through difftool's core: detection, loading every layout, parity with diffusers, the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from difftool import api, cli
+from difftool.core.errors import ModelError
+from difftool.core.images import read_metadata
+from difftool.plugins.builtin.flow.families import detect_shapes
+from difftool.plugins.builtin.flow.loader import is_flow_model, load_flow_model
+from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
+from difftool.plugins.builtin.sd.checkpoint import read_shapes
+from difftool.plugins.registry import build_registry
+
+from . import tiny
+
+SEED, STEPS, SIZE = 5, 3, (32, 24)
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def flux_parts() -> dict[str, Any]:
+    return tiny.flux()
+
+
+@pytest.fixture(scope="module")
+def sd3_parts() -> dict[str, Any]:
+    parts = tiny.sd3(seed=1)
+    with torch.no_grad():  # SD3 files keep CLIP-L without its projection: the identity
+        parts["text_encoder"].text_projection.weight.copy_(torch.eye(32))
+    return parts
+
+
+@pytest.fixture(scope="module")
+def models(flux_parts: dict, sd3_parts: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("flow")
+    return {
+        "flux-folder": tiny.save_folder(flux_parts, root / "flux-folder"),
+        "flux-comfy": tiny.save_flux_comfy(flux_parts, root / "comfy"),
+        "sd3-folder": tiny.save_folder(sd3_parts, root / "sd3-folder"),
+        "sd3-file": tiny.save_sd3_all_in_one(sd3_parts, root / "sd3.5-tiny.safetensors"),
+    }
+
+
+def ours(model: Path, **params: Any) -> Image.Image:
+    run = {"prompt": "a red fox in snow", "width": SIZE[0], "height": SIZE[1], "steps": STEPS, **params}
+    return api.run("generate", model=str(model), seed=SEED, dtype="fp32", **run).images[0]
+
+
+def flux_reference(parts: dict, guidance: float = 3.5) -> Image.Image:
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline(**parts, tokenizer=clip_tokenizer("clip_l"), tokenizer_2=t5_tokenizer())
+    return pipe(
+        "a red fox in snow", width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(SEED), max_sequence_length=512,
+    ).images[0]  # fmt: skip
+
+
+def sd3_reference(parts: dict, negative: str = "") -> Image.Image:
+    from diffusers import StableDiffusion3Pipeline
+
+    tokenizers = {"tokenizer": clip_tokenizer("clip_l"), "tokenizer_2": clip_tokenizer("clip_g")}
+    pipe = StableDiffusion3Pipeline(**parts, **tokenizers, tokenizer_3=t5_tokenizer())
+    return pipe(
+        "a red fox in snow", negative_prompt=negative, width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS,
+        guidance_scale=5.0, generator=torch.Generator().manual_seed(SEED), max_sequence_length=256,
+    ).images[0]  # fmt: skip
+
+
+def test_families_are_detected_from_names_and_shapes(models: dict, tmp_path: Path) -> None:
+    assert is_flow_model(models["flux-folder"]).name == "flux"
+    assert is_flow_model(models["flux-comfy"]).name == "flux"
+    assert is_flow_model(models["sd3-folder"]).name == "sd3"
+    assert is_flow_model(models["sd3-file"]).name == "sd3"
+    shapes = read_shapes(models["flux-comfy"])
+    schnell = {k: v for k, v in shapes.items() if not k.startswith("guidance_in.")}
+    assert detect_shapes(schnell).name == "flux-schnell"
+    fill = {**shapes, "img_in.weight": (shapes["img_in.weight"][0], 384)}
+    assert detect_shapes(fill).name == "flux-fill"
+    assert detect_shapes({"model.diffusion_model." + k: v for k, v in shapes.items()}).name == "flux"
+    # The companions are not models, and the registry's family hook finds exactly the flow models.
+    companions = models["flux-comfy"].parents[1]
+    assert is_flow_model(companions / "text_encoders" / "clip_l.safetensors") is None
+    registry = build_registry(entry_points=False)
+    assert registry.family_for(models["sd3-file"], "generate") is not None
+    assert registry.family_for(companions / "vae" / "ae.safetensors", "generate") is None
+    assert registry.family_for(models["sd3-file"], "style") is None
+
+
+def test_every_layout_loads_the_same_weights(models: dict, flux_parts: dict, sd3_parts: dict) -> None:
+    for folder, single, parts in (("flux-folder", "flux-comfy", flux_parts), ("sd3-folder", "sd3-file", sd3_parts)):
+        a, b = load_flow_model(models[folder]), load_flow_model(models[single])
+        assert a.family == b.family
+        for name in ("transformer", "vae"):
+            expected = parts[name].state_dict()
+            for key, value in getattr(b, name).state_dict().items():
+                assert torch.equal(value, expected[key]), (single, name, key)
+        assert set(a.encoders) == set(b.encoders)
+        for role in a.encoders:
+            x, y = a.encoders[role].state_dict(), b.encoders[role].state_dict()
+            assert all(torch.equal(x[k], y[k]) for k in y), (single, role)
+    assert load_flow_model(models["flux-comfy"]).sources == {"clip_l": "clip_l.safetensors",
+                                                             "t5": "t5xxl_fp16.safetensors", "vae": "ae"}  # fmt: skip
+
+
+def test_a_transformer_only_file_without_its_text_encoder_says_where_to_put_it(flux_parts: dict, tmp_path: Path) -> None:
+    lone = tiny.save(tiny.bfl_flux_keys(flux_parts["transformer"].state_dict()), tmp_path / "flux1-dev.safetensors")
+    with pytest.raises(ModelError) as error:
+        load_flow_model(lone)
+    assert "ae.safetensors" in error.value.fix or "models/text_encoders" in error.value.fix
+
+
+@pytest.mark.parametrize("layout", ["flux-folder", "flux-comfy"])
+def test_flux_dev_matches_flux_pipeline(layout: str, models: dict, flux_parts: dict) -> None:
+    image = ours(models[layout], guidance_scale=3.5)
+    assert np.asarray(image).std() > 1
+    assert max_diff(image, flux_reference(flux_parts)) <= 2
+
+
+@pytest.mark.parametrize("layout", ["sd3-folder", "sd3-file"])
+def test_sd3_matches_stable_diffusion_3_pipeline_with_cfg(layout: str, models: dict, sd3_parts: dict) -> None:
+    image = ours(models[layout], guidance_scale=5.0, negative_prompt="blurry")
+    assert np.asarray(image).std() > 1
+    assert max_diff(image, sd3_reference(sd3_parts, "blurry")) <= 2
+    assert max_diff(image, sd3_reference(sd3_parts, "")) > 2  # the negative prompt went through CFG
+
+
+def test_flux_schnell_runs_without_guidance_or_dynamic_shift(tmp_path: Path) -> None:
+    parts = tiny.flux(guidance=False, seed=3)
+    folder = tiny.save_folder(parts, tmp_path / "schnell")
+    assert is_flow_model(folder).name == "flux-schnell"
+    assert max_diff(ours(folder, guidance_scale=1.0), flux_reference(parts, guidance=0.0)) <= 2
+
+
+def test_cli_generates_with_a_comfyui_flux_file(models: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    registry = build_registry(entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli.cli, [
+        "run", "generate", "--model", str(models["flux-comfy"]), "--prompt", "a lighthouse", "--width", "32",
+        "--height", "32", "--steps", "2", "--guidance-scale", "3.5", "--seed", "4", "-o", str(out),
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    image = Image.open(out / "generate-4.png")
+    assert image.size == (32, 32)
+    meta = read_metadata(out / "generate-4.png")
+    assert meta["difftool"]["model_family"] == "flux"
+    assert meta["difftool"]["scheduler"] == "flow-euler"
+    assert meta["difftool"]["distilled_guidance"] == 3.5
+
+
+def test_unsupported_options_and_sizes_are_refused_in_one_line(models: dict) -> None:
+    from difftool.core.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="--hires is not supported"):
+        ours(models["flux-folder"], hires=2.0)
+    with pytest.raises(ParameterError, match="multiples of 4"):
+        ours(models["flux-folder"], width=30)

@@ -4,7 +4,7 @@ A task such as ``generate`` is declared once (its parameters become the CLI's op
 fields). A plugin that teaches difftool another architecture registers a :class:`ModelFamily` through
 the ``register_families`` hook; when ``--model`` names a model the family recognises, a task that
 delegates (the Stable Diffusion ``generate`` task does) hands the whole run to :meth:`ModelFamily.run`.
-Core names no family: the built-in SD3 / Flux support is such a plugin.
+Core names no family: difftool's own transformer families arrive as such a plugin.
 """
 
 from __future__ import annotations

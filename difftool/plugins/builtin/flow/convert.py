@@ -117,7 +117,8 @@ def clip(state: State, role: str, projection: bool) -> Any:
 
     with init_empty_weights():
         wrapped = any(k.startswith("text_model.") for k in cls(config).state_dict())
-    body = {k.removeprefix("text_model."): v for k, v in state.items() if not k.startswith(("text_projection", "logit"))}
+    skip = ("text_projection", "logit")
+    body = {k.removeprefix("text_model."): v for k, v in state.items() if not k.startswith(skip)}
     body = {k: v for k, v in body.items() if not k.endswith("position_ids")}
     weights = {f"text_model.{k}" if wrapped else k: v for k, v in body.items()}
     if projection:

@@ -122,7 +122,8 @@ def sample_latents(
     denoiser = TransformerDenoiser(model.transformer, arch=model.family.arch, device=context.device,
                                    dtype=context.torch_dtype)  # fmt: skip
     context.denoisers.append(denoiser)
-    config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2), "flux_sigmas": model.family.arch == "flux"}
+    config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
+    config["flux_sigmas"] = model.family.arch == "flux"
     return sample(
         denoiser,
         context.make_scheduler(scheduler, config),

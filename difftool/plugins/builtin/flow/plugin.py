@@ -45,7 +45,7 @@ class FlowFamilies(ModelFamily):
 
 def _check_options(params: Mapping[str, Any], label: str) -> None:
     for name in NOT_YET:
-        if params[name] not in (None, "", 1.0):
+        if params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
             flag = "--" + name.replace("_", "-")
             raise ParameterError(f"{flag} is not supported for {label} models yet", f"drop {flag}")
     if "<lora:" in str(params["prompt"]):
@@ -56,8 +56,8 @@ def _check_options(params: Mapping[str, Any], label: str) -> None:
 
 def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     """Load (or reuse: one model at a time) the SD3 / Flux model the run names."""
-    from difftool.plugins.builtin.models import model_roots as roots
     from difftool.plugins.builtin.flow.loader import load_flow_model
+    from difftool.plugins.builtin.models import model_roots as roots
     from difftool.plugins.builtin.sd.models import resolve_path
 
     path = resolve_path(context.model, context)
@@ -114,8 +114,8 @@ class DiffusionModelsSource(ModelSource):
     name = "diffusion-models"
 
     def find(self) -> list[ModelEntry]:
-        from difftool.plugins.builtin.models import model_roots as roots
         from difftool.plugins.builtin.flow.loader import is_flow_model
+        from difftool.plugins.builtin.models import model_roots as roots
 
         found = []
         for root in roots():

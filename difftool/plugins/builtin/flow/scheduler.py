@@ -93,6 +93,7 @@ class FlowMatchEuler(Scheduler):
 def flow_euler(config: Mapping[str, Any]) -> FlowMatchEuler:
     if not is_flow_config(config):
         raise ParameterError(
-            f"the {NAME} scheduler runs flow-matching models (SD3, Flux) only", "pick another --scheduler for this model"
+            f"the {NAME} scheduler runs flow-matching models (SD3, Flux) only",
+            "pick another --scheduler for this model",
         )
     return FlowMatchEuler(config)

@@ -13,11 +13,14 @@ from PIL import Image
 
 from difftool import api, cli
 from difftool.core.errors import ModelError
+from difftool.core.family import ModelFamily
 from difftool.core.images import read_metadata
+from difftool.core.task import TaskResult
 from difftool.plugins.builtin.flow.families import detect_shapes
 from difftool.plugins.builtin.flow.loader import is_flow_model, load_flow_model
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
 from difftool.plugins.builtin.sd.checkpoint import read_shapes
+from difftool.plugins.hookspecs import hookimpl
 from difftool.plugins.registry import build_registry
 
 from . import tiny
@@ -58,13 +61,13 @@ def ours(model: Path, **params: Any) -> Image.Image:
     return api.run("generate", model=str(model), seed=SEED, dtype="fp32", **run).images[0]
 
 
-def flux_reference(parts: dict, guidance: float = 3.5) -> Image.Image:
+def flux_reference(parts: dict, guidance: float = 3.5, t5_tokens: int = 512) -> Image.Image:
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(**parts, tokenizer=clip_tokenizer("clip_l"), tokenizer_2=t5_tokenizer())
     return pipe(
         "a red fox in snow", width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(SEED), max_sequence_length=512,
+        generator=torch.Generator().manual_seed(SEED), max_sequence_length=t5_tokens,
     ).images[0]  # fmt: skip
 
 
@@ -115,7 +118,7 @@ def test_every_layout_loads_the_same_weights(models: dict, flux_parts: dict, sd3
                                                              "t5": "t5xxl_fp16.safetensors", "vae": "ae"}  # fmt: skip
 
 
-def test_a_transformer_only_file_without_its_text_encoder_says_where_to_put_it(flux_parts: dict, tmp_path: Path) -> None:
+def test_a_lone_transformer_file_says_where_to_put_its_companions(flux_parts: dict, tmp_path: Path) -> None:
     lone = tiny.save(tiny.bfl_flux_keys(flux_parts["transformer"].state_dict()), tmp_path / "flux1-dev.safetensors")
     with pytest.raises(ModelError) as error:
         load_flow_model(lone)
@@ -141,7 +144,8 @@ def test_flux_schnell_runs_without_guidance_or_dynamic_shift(tmp_path: Path) -> 
     parts = tiny.flux(guidance=False, seed=3)
     folder = tiny.save_folder(parts, tmp_path / "schnell")
     assert is_flow_model(folder).name == "flux-schnell"
-    assert max_diff(ours(folder, guidance_scale=1.0), flux_reference(parts, guidance=0.0)) <= 2
+    # Schnell reads 256 T5 tokens (dev 512), as diffusers' FluxPipeline documents for it.
+    assert max_diff(ours(folder, guidance_scale=1.0), flux_reference(parts, 0.0, t5_tokens=256)) <= 2
 
 
 def test_cli_generates_with_a_comfyui_flux_file(models: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -168,3 +172,32 @@ def test_unsupported_options_and_sizes_are_refused_in_one_line(models: dict) -> 
         ours(models["flux-folder"], hires=2.0)
     with pytest.raises(ParameterError, match="multiples of 4"):
         ours(models["flux-folder"], width=30)
+
+
+class EchoFamily(ModelFamily):
+    """A third party's family: recognises ``*.echo`` files and answers ``generate`` with a flat image."""
+
+    name, families, tasks = "echo", ("echo",), ("generate",)
+
+    def detect(self, path: Path) -> str | None:
+        return "echo" if Path(path).suffix == ".echo" else None
+
+    def run(self, task: str, request: Any, context: Any) -> TaskResult:
+        size = (request.params["width"] or 8, request.params["height"] or 8)
+        return TaskResult([Image.new("RGB", size, (10, 200, 30))], {"model_family": "echo"})
+
+
+class EchoPlugin:
+    @hookimpl
+    def register_families(self, register):
+        register(EchoFamily())
+
+
+def test_a_plugin_family_runs_generate_and_duplicates_are_refused(tmp_path: Path) -> None:
+    model = tmp_path / "m.echo"
+    model.write_text("weights")
+    registry = build_registry([EchoPlugin()], entry_points=False)
+    result = api.run("generate", model=str(model), prompt="x", width=16, height=8, registry=registry)
+    assert result.images[0].getpixel((3, 3)) == (10, 200, 30) and result.record["model_family"] == "echo"
+    twice = build_registry([EchoPlugin(), EchoPlugin()], entry_points=False)
+    assert any("already registered" in failure.error for failure in twice.failures)

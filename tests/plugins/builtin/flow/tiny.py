@@ -74,7 +74,8 @@ def flux(guidance: bool = True, seed: int = 0) -> dict[str, Any]:
         joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance, axes_dims_rope=(4, 14, 14),
     )  # fmt: skip
     scheduler = {"num_train_timesteps": 1000, "shift": 3.0 if guidance else 1.0, "use_dynamic_shifting": guidance,
-                 "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096}  # fmt: skip
+                 "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                 "max_image_seq_len": 4096}  # fmt: skip
     return {
         "transformer": _randomize(transformer, seed),
         "vae": vae(FLUX_SCALING, seed + 1),
@@ -145,8 +146,10 @@ def bfl_flux_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}  # fmt: skip
     double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
-              "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}  # fmt: skip
-    norms = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+              "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj",
+              "attn.to_add_out": "txt_attn.proj"}  # fmt: skip
+    norms = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale",
+             "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
              "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
              "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}  # fmt: skip
     out: dict[str, torch.Tensor] = {}

@@ -52,9 +52,11 @@ class TransformerDenoiser(Denoiser):
         self.dtype = dtype
         self.arch = arch
         first = next(iter(module.parameters()))
-        storage = getattr(module, "_difftool_storage_dtype", None)  # fp8 kept in fp8, cast layer by layer
-        if first.device != self.device or (storage is None and first.dtype != dtype):
-            module = copied_to(module, self.device, storage or dtype)
+        if getattr(module, "_difftool_storage_dtype", None) is not None:
+            # fp8 kept in fp8 and cast layer by layer (flow.fp8): computes in the dtype it was set up for.
+            torch.nn.Module.to(module, device=self.device)
+        elif first.device != self.device or first.dtype != dtype:
+            module = copied_to(module, self.device, dtype)
         self.module = module.eval().requires_grad_(False)
         channels = int(module.config.out_channels or module.config.in_channels)
         self.sample_channels = channels // 4 if arch == "flux" else channels

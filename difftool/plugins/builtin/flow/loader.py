@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
-from difftool.plugins.builtin.flow import convert
-from difftool.plugins.builtin.flow.families import FlowFamily, detect_folder, detect_shapes
+from difftool.plugins.builtin.flow import convert, fp8
+from difftool.plugins.builtin.flow.families import PREFIX, FlowFamily, detect_folder, detect_shapes
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, folder_tokenizer, t5_tokenizer
 from difftool.plugins.builtin.sd import checkpoint
 
@@ -147,7 +147,10 @@ def _load_file(path: Path, dtype: torch.dtype | None, roots: tuple[Path, ...]) -
     if family is None:
         raise ModelError(f"{path.name} holds no SD3 or Flux transformer", "pass an SD 3.5 or Flux.1 model")
     transformer = convert.transformer(state, family)
-    if dtype is not None:
+    storage = fp8.storage_dtype(convert.strip(state, PREFIX) or state)
+    if storage is not None and dtype is not None:
+        fp8.keep_in_fp8(transformer, storage, dtype)  # stays fp8 in memory; computes in ``dtype``
+    elif dtype is not None:
         import torch
 
         torch.nn.Module.to(transformer, dtype=dtype)

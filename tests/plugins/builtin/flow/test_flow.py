@@ -58,7 +58,7 @@ def models(flux_parts: dict, sd3_parts: dict, tmp_path_factory: pytest.TempPathF
 
 def ours(model: Path, **params: Any) -> Image.Image:
     run = {"prompt": "a red fox in snow", "width": SIZE[0], "height": SIZE[1], "steps": STEPS, **params}
-    return api.run("generate", model=str(model), seed=SEED, dtype="fp32", **run).images[0]
+    return api.run("generate", model=str(model), seed=SEED, **{"dtype": "fp32", **run}).images[0]
 
 
 def flux_reference(parts: dict, guidance: float = 3.5, t5_tokens: int = 512) -> Image.Image:
@@ -201,3 +201,21 @@ def test_a_plugin_family_runs_generate_and_duplicates_are_refused(tmp_path: Path
     assert result.images[0].getpixel((3, 3)) == (10, 200, 30) and result.record["model_family"] == "echo"
     twice = build_registry([EchoPlugin(), EchoPlugin()], entry_points=False)
     assert any("already registered" in failure.error for failure in twice.failures)
+
+
+def test_fp8_weights_stay_fp8_and_compute_in_bf16(flux_parts: dict, tmp_path: Path) -> None:
+    bfl = tiny.bfl_flux_keys(flux_parts["transformer"].state_dict())
+    stored = {k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}
+    fp8_file = tiny.save_flux_comfy(flux_parts, tmp_path / "fp8")
+    tiny.save(stored, fp8_file)  # the transformer as people store it: float8_e4m3fn
+    wide_file = tiny.save_flux_comfy(flux_parts, tmp_path / "fp32")
+    tiny.save({k: v.float() for k, v in stored.items()}, wide_file)  # the same rounded weights in fp32
+    import difftool.plugins.builtin.flow.loader as loader
+
+    model = loader.load_flow_model(fp8_file, dtype=torch.bfloat16)
+    block = model.transformer.transformer_blocks[0]
+    assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn  # kept in fp8 between uses
+    assert block.attn.norm_q.weight.dtype == torch.bfloat16  # norms are not cast layer by layer
+    low = np.asarray(ours(fp8_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
+    high = np.asarray(ours(wide_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
+    assert low.std() > 1 and np.abs(low - high).max() <= 2  # fp8 storage changes nothing but memory

@@ -7,6 +7,7 @@ API share :func:`get_registry`. Entry points are loaded one by one, so one broke
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -172,7 +173,16 @@ class Registry:
                 models.extend(source.find())
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
                 self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
-        return models
+        return [self._with_family(entry) for entry in models]
+
+    def _with_family(self, entry: ModelEntry) -> ModelEntry:
+        """An entry the sources could not place, named by the registered family that recognises it."""
+        if self.families and entry.family in ("unknown", "unsupported checkpoint", "diffusers-pipeline"):
+            for family, _ in self.families.values():
+                found = family.detect(entry.path)
+                if found:
+                    return dataclasses.replace(entry, family=found)
+        return entry
 
     def preprocessor(self, name: str) -> PreprocessorEntry:
         entry = self.preprocessors.get(name)

@@ -203,6 +203,7 @@ def test_a_plugin_family_runs_generate_and_duplicates_are_refused(tmp_path: Path
     assert any("already registered" in failure.error for failure in twice.failures)
 
 
+@pytest.mark.slow
 def test_fp8_weights_stay_fp8_and_compute_in_bf16(flux_parts: dict, tmp_path: Path) -> None:
     bfl = tiny.bfl_flux_keys(flux_parts["transformer"].state_dict())
     stored = {k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}
@@ -219,3 +220,12 @@ def test_fp8_weights_stay_fp8_and_compute_in_bf16(flux_parts: dict, tmp_path: Pa
     low = np.asarray(ours(fp8_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
     high = np.asarray(ours(wide_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
     assert low.std() > 1 and np.abs(low - high).max() <= 2  # fp8 storage changes nothing but memory
+
+
+def test_models_lists_flow_files_by_family(models: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    comfy = models["flux-comfy"].parents[2]
+    monkeypatch.setenv("DIFFTOOL_MODELS", f"{comfy}:{models['sd3-file'].parent}")
+    listed = {e.name: e.family for e in build_registry(entry_points=False).find_models()}
+    assert listed["flux1-tiny"] == "flux"  # models/diffusion_models (the flow plugin's source)
+    assert listed["sd3.5-tiny"] == "sd3" and listed["flux-folder"] == "flux"  # placed by the family hook
+    assert "clip_l" not in listed  # text encoders are not models

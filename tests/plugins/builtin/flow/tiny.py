@@ -107,6 +107,10 @@ def sd3(seed: int = 0, with_t5: bool = True) -> dict[str, Any]:
 def save_folder(parts: dict[str, Any], path: Path) -> Path:
     """A diffusers folder: each component in its sub-folder, no tokenizers (difftool's shipped ones serve)."""
     path.mkdir(parents=True, exist_ok=True)
+    flux = type(parts["transformer"]).__name__.startswith("Flux")
+    (path / "model_index.json").write_text(
+        json.dumps({"_class_name": "FluxPipeline" if flux else "StableDiffusion3Pipeline"})
+    )
     for name, part in parts.items():
         if part is None:
             continue

@@ -16,12 +16,13 @@ from difftool.core.errors import ModelError
 from difftool.core.family import ModelFamily
 from difftool.core.images import read_metadata
 from difftool.core.task import TaskResult
-from difftool.plugins.builtin.flow.families import detect_shapes
+from difftool.plugins.builtin.flow.families import FAMILIES, detect_shapes
 from difftool.plugins.builtin.flow.loader import is_flow_model, load_flow_model
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
 from difftool.plugins.builtin.sd.checkpoint import read_shapes
 from difftool.plugins.hookspecs import hookimpl
 from difftool.plugins.registry import build_registry
+from difftool.testing import SchedulerConformance
 
 from . import tiny
 
@@ -229,3 +230,24 @@ def test_models_lists_flow_files_by_family(models: dict, monkeypatch: pytest.Mon
     assert listed["flux1-tiny"] == "flux"  # models/diffusion_models (the flow plugin's source)
     assert listed["sd3.5-tiny"] == "sd3" and listed["flux-folder"] == "flux"  # placed by the family hook
     assert "clip_l" not in listed  # text encoders are not models
+
+
+FLUX_SCHEDULE = {**FAMILIES["flux"].scheduler_config(), "flux_sigmas": True}
+
+
+class TestFlowEuler(SchedulerConformance):
+    def make_scheduler(self):
+        return build_registry(entry_points=False).make_scheduler("flow-euler", {**FLUX_SCHEDULE, "image_seq_len": 1024})
+
+
+def test_flow_euler_shifts_with_resolution_and_refuses_sd_schedules() -> None:
+    from difftool.core.errors import ParameterError
+
+    registry = build_registry(entry_points=False)
+    small, large = (registry.make_scheduler("flow-euler", {**FLUX_SCHEDULE, "image_seq_len": n}) for n in (256, 4096))
+    small.set_timesteps(4)
+    large.set_timesteps(4)
+    assert float(small.timesteps[0]) == float(large.timesteps[0]) == 1000.0
+    assert float(large.timesteps[2]) > float(small.timesteps[2])  # more tokens: more of the run at high noise
+    with pytest.raises(ParameterError, match="flow-matching models"):
+        registry.make_scheduler("flow-euler", {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"})

@@ -14,8 +14,15 @@ Conditioning is a dict with these keys (a backend passes through what it does no
 ``down_block_additional_residuals``, ``mid_block_additional_residual``
     A tuple of tensors and a tensor added to the U-Net's skip connections and middle block (ControlNet
     residuals, computed per call by a wrapping denoiser; diffusers' U-Net keyword names).
+``pooled_projections``
+    A pooled text embedding per batch item (transformer denoisers' global conditioning).
+``guidance``
+    A guidance scale per batch item that the network takes as an input (guidance-distilled models,
+    which then need no unconditional batch).
 
 The sampler batches classifier-free guidance into one call, so every tensor's batch is the sample's.
+A denoiser over another architecture subclasses :class:`Denoiser` and reads the keys it needs: the
+sample stays a latent image (batch, channels, h, w) whatever the network tokenizes it into.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from difftool.core.backend import Backend
     from difftool.core.exporter import Exporter
+    from difftool.core.family import ModelFamily
     from difftool.core.models import ModelSource
     from difftool.core.task import Task
 
@@ -83,6 +84,17 @@ def register_models(register: Callable[[ModelSource], None]) -> None:
     """Register :class:`~difftool.core.models.ModelSource` instances that list models on disk.
 
     ``difftool models`` shows what every source finds; ``--model NAME`` resolves a listed name.
+    """
+
+
+@hookspec
+def register_families(register: Callable[[ModelFamily], None]) -> None:
+    """Register :class:`~difftool.core.family.ModelFamily` instances: architectures other tasks run.
+
+    A family detects its models from a file's header or a folder's config (``detect(path)``) and runs
+    the tasks it names (``tasks``, e.g. ``("generate",)``) for them: ``difftool run generate --model
+    flux1-dev.safetensors`` keeps ``generate``'s declared options and hands the run to the family whose
+    ``detect`` recognises the model. The built-in SD3 / Flux support registers this way.
     """
 
 

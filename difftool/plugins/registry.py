@@ -7,6 +7,7 @@ API share :func:`get_registry`. Entry points are loaded one by one, so one broke
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.metadata
@@ -21,6 +22,7 @@ import pluggy
 from difftool.core.backend import Backend
 from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
 from difftool.core.exporter import Exporter
+from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.task import Task
 from difftool.plugins import hookspecs
@@ -37,6 +39,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.sd.tasks",
     "difftool.plugins.builtin.sd.upscale_sd",
     "difftool.plugins.builtin.sd.preprocessors",
+    "difftool.plugins.builtin.flow.plugin",
     "difftool.plugins.builtin.commands",
 )
 #: Option names every ``difftool run`` command has; a task parameter may not take one.
@@ -124,6 +127,7 @@ class Registry:
         self.exporters: dict[str, tuple[Exporter, str]] = {}
         self.model_sources: dict[str, tuple[ModelSource, str]] = {}
         self.preprocessors: dict[str, PreprocessorEntry] = {}
+        self.families: dict[str, tuple[ModelFamily, str]] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
@@ -169,7 +173,16 @@ class Registry:
                 models.extend(source.find())
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
                 self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
-        return models
+        return [self._with_family(entry) for entry in models]
+
+    def _with_family(self, entry: ModelEntry) -> ModelEntry:
+        """An entry the sources could not place, named by the registered family that recognises it."""
+        if self.families and entry.family in ("unknown", "unsupported checkpoint", "diffusers-pipeline"):
+            for family, _ in self.families.values():
+                found = family.detect(entry.path)
+                if found:
+                    return dataclasses.replace(entry, family=found)
+        return entry
 
     def preprocessor(self, name: str) -> PreprocessorEntry:
         entry = self.preprocessors.get(name)
@@ -177,6 +190,13 @@ class Registry:
             known = ", ".join(sorted(self.preprocessors)) or "none"
             raise ParameterError(f"unknown ControlNet preprocessor {name!r}", f"use one of {known}")
         return entry
+
+    def family_for(self, path: Any, task: str) -> ModelFamily | None:
+        """The registered family that recognises the model at ``path`` and runs ``task`` for it, if any."""
+        for family, _ in self.families.values():
+            if task in family.tasks and family.detect(path):
+                return family
+        return None
 
     def task_plugin(self, name: str) -> str:
         return self.tasks[name].plugin
@@ -253,6 +273,16 @@ class Registry:
         _check_declarations(f"preprocessor {name!r}", plugin, options)
         self.preprocessors[name] = PreprocessorEntry(name, function, plugin, summary, options)
         self._record(plugin, f"preprocessor {name}")
+
+    def _register_family(self, plugin: str, family: ModelFamily) -> None:
+        if not isinstance(family, ModelFamily):
+            raise PluginError(f"register_families got {family!r}, not a ModelFamily instance")
+        if family.name in self.families:
+            raise PluginError(
+                f"model family {family.name!r} is already registered by plugin {self.families[family.name][1]!r}"
+            )
+        self.families[family.name] = (family, plugin)
+        self._record(plugin, f"family {family.name}")
 
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
         if not isinstance(source, ModelSource):
@@ -363,6 +393,7 @@ def build_registry(plugins: Iterable[object] = (), *, builtins: bool = True, ent
     call_each(registry, "register_models", guarded(registry._register_model_source))
     call_each(registry, "register_exporters", guarded(registry._register_exporter))
     call_each(registry, "register_preprocessors", guarded(registry._register_preprocessor))
+    call_each(registry, "register_families", guarded(registry._register_family))
     call_each(registry, "register_tasks", guarded(registry._register_task))
     return registry
 

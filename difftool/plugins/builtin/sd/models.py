@@ -56,6 +56,14 @@ def is_sd_request(model: str | None, context: RunContext) -> bool:
     return is_sd_model(resolve_path(model, context))
 
 
+def delegated_family(context: RunContext, task: str) -> Any:
+    """A family plugin (``register_families``: SD3, Flux, a third party's) that runs ``task`` for ``--model``,
+    or ``None`` when Stable Diffusion runs it here."""
+    if context.registry is None or not context.model:
+        return None
+    return context.registry.family_for(resolve_path(context.model, context), task)
+
+
 def parse_loras(spec: str | None) -> list[tuple[Path, float]]:
     """``a.safetensors:0.7,b.safetensors`` -> [(path, 0.7), (path, 1.0)]."""
     loras = []

@@ -18,7 +18,7 @@ from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, Task
 from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, sd_model_for, split_loras
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
 from difftool.plugins.hookspecs import hookimpl
 
@@ -271,6 +271,9 @@ class Generate(Task):
         return shapes
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        family = delegated_family(context, self.name)
+        if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
+            return family.run(self.name, request, context)
         params = request.params
         model = sd_model_for(context, params)
         if model.family.inpainting:

@@ -1,0 +1,37 @@
+"""The ModelFamily interface: a model architecture a plugin brings to tasks declared elsewhere.
+
+A task such as ``generate`` is declared once (its parameters become the CLI's options and the GUI's
+fields). A plugin that teaches difftool another architecture registers a :class:`ModelFamily` through
+the ``register_families`` hook; when ``--model`` names a model the family recognises, a task that
+delegates (the Stable Diffusion ``generate`` task does) hands the whole run to :meth:`ModelFamily.run`.
+Core names no family: difftool's own transformer families arrive as such a plugin.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import ClassVar
+
+from difftool.core.task import RunContext, TaskRequest, TaskResult
+
+
+class ModelFamily(ABC):
+    """Detects its models on disk and runs the tasks it names for them."""
+
+    #: Unique id (``difftool plugins`` lists it).
+    name: ClassVar[str]
+    #: The family names :meth:`detect` returns (what ``difftool models`` shows).
+    families: ClassVar[tuple[str, ...]]
+    #: The task names it runs for its models.
+    tasks: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def detect(self, path: Path) -> str | None:
+        """The family of the model file or folder at ``path``, or ``None`` if it is not one of these.
+        Cheap: read a header or a config, never the weights."""
+
+    @abstractmethod
+    def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
+        """Run ``task`` (one of :attr:`tasks`) with ``context.model``, its parameters validated against the
+        task's declaration; report progress and honour cancellation through ``context`` as any task does."""

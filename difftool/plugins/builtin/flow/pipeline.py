@@ -1,0 +1,159 @@
+"""Text conditioning, sampling and decoding for SD3 and Flux, step for step as diffusers'
+StableDiffusion3Pipeline and FluxPipeline do it, so the same weights, seed and steps give the same image.
+
+Prompts: CLIP reads 77 tokens (the rest is dropped, as in diffusers), T5 ``max_sequence_length`` tokens
+(SD3 and Flux schnell: 256, Flux dev: 512). SD3 runs classifier-free guidance through the core sampler
+(negative prompt batch); Flux dev takes ``guidance_scale`` as its distilled-guidance input, one batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from difftool.core.errors import ModelError, ParameterError
+from difftool.core.task import RunContext
+from difftool.plugins.builtin.flow.loader import FlowModel
+
+if TYPE_CHECKING:
+    import torch
+
+CLIP_LENGTH = 77
+
+
+def t5_length(model: FlowModel) -> int:
+    return 512 if model.family.name in ("flux", "flux-fill") else 256
+
+
+@dataclass
+class Conditioning:
+    cond: dict[str, Any]
+    uncond: dict[str, Any] | None
+    guidance_scale: float
+
+
+def _ids(tokenizer: Any, text: str, length: int) -> torch.Tensor:
+    return tokenizer([text], padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+
+
+def _clip(model: FlowModel, role: str, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled, penultimate hidden states) of one CLIP encoder."""
+    encoder = model.encoders[role]
+    out = encoder(_ids(model.tokenizers[role], text, CLIP_LENGTH).to(encoder.device), output_hidden_states=True)
+    pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+    return pooled, out.hidden_states[-2]
+
+
+def _t5(model: FlowModel, text: str, length: int) -> torch.Tensor | None:
+    encoder = model.encoders.get("t5")
+    if encoder is None:
+        return None
+    return encoder(_ids(model.tokenizers["t5"], text, length).to(encoder.device))[0]
+
+
+def _sd3_text(model: FlowModel, text: str) -> dict[str, Any]:
+    import torch
+
+    l_pooled, l_hidden = _clip(model, "clip_l", text)
+    g_pooled, g_hidden = _clip(model, "clip_g", text)
+    width = int(model.transformer.config.joint_attention_dim)
+    t5 = _t5(model, text, t5_length(model))
+    if t5 is None:  # SD3 without T5: zeros in its place (diffusers' choice)
+        t5 = torch.zeros(1, t5_length(model), width, dtype=l_hidden.dtype, device=l_hidden.device)
+    clip = torch.cat([l_hidden, g_hidden], dim=-1)
+    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    states = torch.cat([clip, t5.to(clip.dtype)], dim=-2)
+    return {"encoder_hidden_states": states.float(), "pooled_projections": torch.cat([l_pooled, g_pooled], -1).float()}
+
+
+def _flux_text(model: FlowModel, text: str) -> dict[str, Any]:
+    pooled, _ = _clip(model, "clip_l", text)
+    t5 = _t5(model, text, t5_length(model))
+    assert t5 is not None  # the loader refuses a Flux model without T5
+    return {"encoder_hidden_states": t5.float(), "pooled_projections": pooled.float()}
+
+
+def encode(model: FlowModel, prompt: str, negative: str, guidance: float, context: RunContext) -> Conditioning:
+    import torch
+
+    prepare_text_encoders(model, context)
+    with torch.inference_mode():
+        if model.family.arch == "sd3":
+            return Conditioning(_sd3_text(model, prompt), _sd3_text(model, negative), guidance)
+        cond = _flux_text(model, prompt)
+    if model.family.guidance_embeds:
+        cond["guidance"] = torch.full((1,), guidance, dtype=torch.float32)
+    if negative:
+        context.logger.warning("Flux runs without a negative prompt (distilled guidance); it is ignored")
+    return Conditioning(cond, None, 1.0)
+
+
+def prepare_text_encoders(model: FlowModel, context: RunContext) -> None:
+    import torch
+
+    dtype = context.torch_dtype
+    if dtype == torch.float16 and context.device == "cpu":
+        dtype = torch.float32
+    for role, encoder in model.encoders.items():
+        # T5 overflows in fp16 (its feed-forward outputs exceed 65504): bf16 instead.
+        run_dtype = torch.bfloat16 if role == "t5" and dtype == torch.float16 else dtype
+        torch.nn.Module.to(encoder, device=context.torch_device, dtype=run_dtype).eval()
+
+
+def check_size(model: FlowModel, width: int, height: int) -> None:
+    step = model.vae_scale * 2  # VAE downsampling x the transformer's 2 x 2 patches
+    for name, value in (("width", width), ("height", height)):
+        if value % step:
+            raise ParameterError(
+                f"{model.family.label} needs a {name} in multiples of {step}; got {value}",
+                f"pass a {name} such as {max(step, value // step * step)}",
+            )
+
+
+def sample_latents(
+    model: FlowModel, text: Conditioning, context: RunContext, *, size: tuple[int, int], steps: int, scheduler: str
+) -> torch.Tensor:
+    """Latents (1, 16, h, w) for ``size`` through the core sampler."""
+    from difftool.core.sampler import sample
+    from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
+
+    width, height = size
+    h, w = height // model.vae_scale, width // model.vae_scale
+    denoiser = TransformerDenoiser(model.transformer, arch=model.family.arch, device=context.device,
+                                   dtype=context.torch_dtype)  # fmt: skip
+    context.denoisers.append(denoiser)
+    config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
+    config["flux_sigmas"] = model.family.arch == "flux"
+    return sample(
+        denoiser,
+        context.make_scheduler(scheduler, config),
+        steps=steps,
+        context=context,
+        shape=(1, denoiser.sample_channels, h, w),
+        cond=text.cond,
+        uncond=text.uncond,
+        guidance_scale=text.guidance_scale,
+        decode_preview=(lambda x0: _preview(model, x0, context)) if context.preview_every else None,
+    )
+
+
+def decode(model: FlowModel, latents: torch.Tensor, context: RunContext) -> torch.Tensor:
+    """Latents -> a [-1, 1] float32 image batch on the CPU (scaled and shifted back as diffusers does)."""
+    import torch
+
+    vae = model.vae
+    dtype = torch.float32 if context.torch_dtype == torch.float16 else context.torch_dtype
+    torch.nn.Module.to(vae, device=context.torch_device, dtype=dtype).eval()
+    with torch.inference_mode():
+        z = latents.to(context.torch_device, dtype) / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(z).sample.float().cpu()
+    if not bool(torch.isfinite(image).all()):
+        raise ModelError("the VAE produced NaN or Inf values; nothing was written", "run with --dtype fp32")
+    return image
+
+
+def _preview(model: FlowModel, x0: torch.Tensor, context: RunContext) -> Any:
+    from difftool.core.images import to_pil
+    from difftool.plugins.builtin.sd.pipeline import to_numpy
+
+    return to_pil(to_numpy(decode(model, x0[:1], context)))

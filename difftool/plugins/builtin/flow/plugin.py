@@ -1,0 +1,145 @@
+"""The SD3 / Flux plugin: registered through the same hooks a third-party family would use.
+
+``register_families``: ``generate`` runs SD 3.5 and Flux.1 models (``--model`` a diffusers folder or a
+single file). ``register_schedulers``: ``flow-euler``, which these families use whatever ``--scheduler``
+names an SD sampler. ``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from difftool.core import phases
+from difftool.core.errors import ParameterError
+from difftool.core.family import ModelFamily
+from difftool.core.models import ModelEntry, ModelSource
+from difftool.core.runtime import current
+from difftool.core.task import RunContext, TaskRequest, TaskResult
+from difftool.plugins.builtin.flow.families import FAMILIES
+from difftool.plugins.builtin.flow.scheduler import NAME as SCHEDULER
+from difftool.plugins.builtin.flow.scheduler import flow_euler
+from difftool.plugins.hookspecs import hookimpl
+
+#: ComfyUI's folders for transformer-only files, under a model root.
+DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
+#: ``generate`` options these families do not take yet (refused when set).
+NOT_YET = ("lora", "embedding", "refiner", "control", "hires")
+
+
+class FlowFamilies(ModelFamily):
+    name = "flow"
+    families = tuple(FAMILIES)
+    tasks = ("generate",)
+
+    def detect(self, path: Path) -> str | None:
+        from difftool.plugins.builtin.flow.loader import is_flow_model
+
+        family = is_flow_model(Path(path))
+        return family.name if family else None
+
+    def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
+        return generate(request, context)
+
+
+def _check_options(params: Mapping[str, Any], label: str) -> None:
+    for name in NOT_YET:
+        if params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
+            flag = "--" + name.replace("_", "-")
+            raise ParameterError(f"{flag} is not supported for {label} models yet", f"drop {flag}")
+    if "<lora:" in str(params["prompt"]):
+        raise ParameterError(f"<lora:...> tags are not supported for {label} models yet", "remove them")
+    if int(params["clip_skip"]) != 1:
+        raise ParameterError(f"--clip-skip is not supported for {label} models", "drop --clip-skip")
+
+
+def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
+    """Load (or reuse: one model at a time) the SD3 / Flux model the run names."""
+    from difftool.plugins.builtin.flow.loader import load_flow_model
+    from difftool.plugins.builtin.models import model_roots as roots
+    from difftool.plugins.builtin.sd.models import resolve_path
+
+    path = resolve_path(context.model, context)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device)
+    cache = current().cache("flow-models", dict)
+    if key not in cache:
+        cache.clear()
+        phases.announce(f"loading model {path.name}")
+        model = load_flow_model(path, dtype=context.torch_dtype, vae=params["vae"], roots=tuple(roots()))
+        if context.device != "cpu":
+            import torch
+
+            torch.nn.Module.to(model.transformer, device=context.torch_device)
+        cache[key] = model
+    context.cancel.raise_if_cancelled()
+    return cache[key]
+
+
+def generate(request: TaskRequest, context: RunContext) -> TaskResult:
+    from difftool.core.images import to_pil
+    from difftool.plugins.builtin.flow import pipeline
+    from difftool.plugins.builtin.sd.pipeline import to_numpy
+
+    params = request.params
+    if context.backend_name != "torch":
+        raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
+    model = flow_model_for(context, params)
+    label = model.family.label
+    _check_options(params, label)
+    if model.family.inpainting:
+        raise ParameterError(f"{model.name} is a {label} model", "pass a Flux.1 dev or schnell model to generate")
+    width = params["width"] or model.family.native_size
+    height = params["height"] or model.family.native_size
+    pipeline.check_size(model, width, height)
+    guidance = float(params["guidance_scale"])
+    text = pipeline.encode(model, params["prompt"], params["negative_prompt"] or "", guidance, context)
+    # The SD samplers do not apply to flow-matching models: their own scheduler unless one of theirs is named.
+    scheduler = params["scheduler"] if params["scheduler"] in FLOW_SCHEDULERS else SCHEDULER
+    size = (width, height)
+    latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)
+    image = pipeline.decode(model, latents, context)
+    record = {"task": "generate", "size": f"{width}x{height}", "scheduler": scheduler, **model.record()}
+    if model.family.guidance_embeds:
+        record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; no CFG batch ran
+    return TaskResult([to_pil(to_numpy(image))], record)
+
+
+FLOW_SCHEDULERS = (SCHEDULER,)
+
+
+class DiffusionModelsSource(ModelSource):
+    """Transformer-only files in ComfyUI's ``models/diffusion_models`` and ``models/unet`` under each root."""
+
+    name = "diffusion-models"
+
+    def find(self) -> list[ModelEntry]:
+        from difftool.plugins.builtin.flow.loader import is_flow_model
+        from difftool.plugins.builtin.models import model_roots as roots
+
+        found = []
+        for root in roots():
+            for sub in DIFFUSION_FOLDERS:
+                folder = root / sub
+                if not folder.is_dir():
+                    continue
+                for child in sorted(folder.iterdir()):
+                    family = is_flow_model(child) if child.suffix.lower() == ".safetensors" else None
+                    if family is not None:
+                        found.append(ModelEntry(child.stem, child, family.name, str(root)))
+        return found
+
+
+@hookimpl
+def register_families(register: Callable[[ModelFamily], None]) -> None:
+    register(FlowFamilies())
+
+
+@hookimpl
+def register_schedulers(register: Callable[..., None]) -> None:
+    register(SCHEDULER, flow_euler, label="Euler (flow)", summary="flow-matching Euler with shift (SD3, Flux only)")
+
+
+@hookimpl
+def register_models(register: Callable[[ModelSource], None]) -> None:
+    register(DiffusionModelsSource())

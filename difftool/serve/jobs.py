@@ -1,8 +1,8 @@
 """The job queue: bounded, one worker thread per device, progress and cancel through the GUI's hooks.
 
 A job is a preflighted :class:`~difftool.plan.Plan` plus its loaded inputs and seeds. Workers run it
-with :func:`difftool.api.execute` (models stay loaded in the process's runtime between jobs) and write
-each output with :func:`~difftool.core.images.save_image` (atomically, with the CLI's PNG metadata).
+with :func:`difftool.api.execute` (models stay loaded in the process's runtime between jobs) into a
+:class:`~difftool.serve.sink.PngSink`, and write each output's PNG (the CLI's, with its metadata) atomically.
 A job that raises fails alone; the worker goes on with the next one.
 """
 

@@ -3,8 +3,9 @@
 The same :func:`process_item` (:func:`difftool.api.execute` into a :class:`FileSink`) runs in the CLI's
 local loop and inside each Ray Data actor, so a distributed run writes the same files as a local one:
 outputs are named by the input's relative path, seeds derive from the base seed and that path (never
-from processing order), and every output is written atomically with its metadata. An output is *up to date* when its metadata records
-the same input hash and job fingerprint (task, parameters, model); a rerun skips those inputs.
+from processing order), and every output is written atomically with its metadata. An output is *up to
+date* when its metadata records the same input hash and job fingerprint (task, parameters, model); a
+rerun skips those inputs.
 """
 
 from __future__ import annotations

@@ -167,7 +167,7 @@ class Item:
 
 class Sink(Protocol):
     """Where :func:`execute` reports its runs: files on disk (:class:`difftool.jobs.FileSink`), PNG bytes
-    for a server (:class:`difftool.serve.jobs.PngSink`) or Qt signals (:class:`difftool.gui.jobs.QtSink`)."""
+    for a server (:class:`difftool.serve.sink.PngSink`) or Qt signals (:class:`difftool.gui.jobs.QtSink`)."""
 
     def started(self, item: Item) -> bool:
         """Before ``item`` runs; ``False`` skips it (its outputs are up to date, or another process makes them)."""
@@ -178,8 +178,9 @@ class Sink(Protocol):
     def finished(self, item: Item, result: RunResult) -> None:
         """``item`` ran: keep its ``result``."""
 
-    def failed(self, item: Item, error: BaseException) -> None:
-        """``item`` (or the sink itself) raised ``error``; the sink records it or raises. :func:`execute` stops."""
+    def failed(self, item: Item | None, error: BaseException) -> None:
+        """``item`` (or the sink itself) raised ``error``; the sink records it or raises. :func:`execute` stops.
+        ``item`` is ``None`` for a failure before any run (a front end's preflight, an unreadable input)."""
 
 
 def execute(

@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image
 
@@ -24,7 +24,7 @@ from difftool.core.task import CancelToken, ProgressCallback, RunContext, Task, 
 from difftool.plan import Plan, param_choices, preflight, validate_params
 from difftool.plugins.registry import Registry
 
-__all__ = ["RunResult", "execute", "param_choices", "prepare", "run", "validate_params"]
+__all__ = ["Item", "RunResult", "Sink", "execute", "param_choices", "prepare", "run", "run_plan", "validate_params"]
 
 
 @dataclass
@@ -77,11 +77,21 @@ def _load(value: Any, what: str) -> LoadedImage:
     raise ParameterError(f"{what}: expected an image path, bytes or PIL image, got {type(value).__name__}")
 
 
+def task_inputs(task: Task, inputs: Sequence[Any] | Mapping[str, Any]) -> list[Any]:
+    """``inputs`` in the task's declared order (given in order, or by name), or a one-line ParameterError."""
+    names = ", ".join(p.name for p in task.inputs) or "none"
+    if isinstance(inputs, Mapping):
+        if set(inputs) != {p.name for p in task.inputs}:
+            raise ParameterError(f"task {task.name!r} takes the inputs: {names}", f"send exactly {names}")
+        inputs = [inputs[p.name] for p in task.inputs]
+    if len(inputs) != len(task.inputs):
+        raise ParameterError(f"task {task.name!r} takes {len(task.inputs)} input(s) ({names}), got {len(inputs)}")
+    return list(inputs)
+
+
 def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any]) -> TaskRequest:
     """Load the inputs and image parameters of one run (``params`` already validated by the preflight)."""
-    if len(inputs) != len(task.inputs):
-        names = ", ".join(p.name for p in task.inputs)
-        raise ParameterError(f"task {task.name!r} takes {len(task.inputs)} input(s) ({names}), got {len(inputs)}")
+    inputs = task_inputs(task, inputs)
     kinds = {p.name: p.type for p in task.params}
     values = {
         name: _load(value, f"--{name.replace('_', '-')}")
@@ -142,10 +152,76 @@ def run(
         params=params,
         registry=registry,
     )
-    return execute(plan, *inputs, seed=seed, progress=progress, preview_every=preview_every, cancel=cancel, phase=phase)
+    return run_plan(
+        plan, *inputs, seed=seed, progress=progress, preview_every=preview_every, cancel=cancel, phase=phase
+    )
+
+
+@dataclass(frozen=True)
+class Item:
+    """One run of :func:`execute`: which of its seeds (``index``) and the seed."""
+
+    index: int
+    seed: int
+
+
+class Sink(Protocol):
+    """Where :func:`execute` reports its runs: files on disk (:class:`difftool.jobs.FileSink`), PNG bytes
+    for a server (:class:`difftool.serve.sink.PngSink`) or Qt signals (:class:`difftool.gui.jobs.QtSink`)."""
+
+    def started(self, item: Item) -> bool:
+        """Before ``item`` runs; ``False`` skips it (its outputs are up to date, or another process makes them)."""
+
+    def progress(self, step: int, total: int, preview: Image.Image | None) -> None:
+        """A sampling step of the running item (``preview``: a decoded image on preview steps)."""
+
+    def finished(self, item: Item, result: RunResult) -> None:
+        """``item`` ran: keep its ``result``."""
+
+    def failed(self, item: Item | None, error: BaseException) -> None:
+        """``item`` (or the sink itself) raised ``error``; the sink records it or raises. :func:`execute` stops.
+        ``item`` is ``None`` for a failure before any run (a front end's preflight, an unreadable input)."""
 
 
 def execute(
+    plan: Plan,
+    inputs: Sequence[Any],
+    seeds: Sequence[int],
+    sink: Sink,
+    *,
+    preview_every: int = 0,
+    cancel: CancelToken | None = None,
+    phase: PhaseCallback | None = None,
+) -> bool:
+    """Run ``plan`` on ``inputs`` once per seed (SEED, SEED+1, ... for a batch), reporting to ``sink``.
+
+    The one loop every front end runs: the CLI's folder jobs, the server, its Ray replicas and the GUI.
+    Returns whether every run finished; the first failure goes to ``sink.failed`` and ends the loop.
+    """
+    for index, seed in enumerate(seeds):
+        item = Item(index, seed)
+        try:
+            if sink.started(item) is False:
+                continue
+            result = run_plan(
+                plan,
+                *inputs,
+                seed=seed,
+                progress=sink.progress,
+                preview_every=preview_every,
+                cancel=cancel,
+                phase=phase,
+            )
+            sink.finished(item, result)
+        except BaseException as error:
+            sink.failed(item, error)
+            if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: never swallowed
+                raise
+            return False
+    return True
+
+
+def run_plan(
     plan: Plan,
     *inputs: Any,
     seed: int | None = None,
@@ -168,6 +244,7 @@ def execute(
         cancel=cancel or CancelToken(),
         registry=registry,
     )
+    context.task_runner = _TaskRunner(plan, context)
     try:
         context.cancel.raise_if_cancelled()
         context.export_shapes = instance.export_shapes(request)
@@ -218,3 +295,35 @@ def execute(
     if scheduler is not None:
         record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field
     return RunResult(result.images, record)
+
+
+class _TaskRunner:
+    """``context.run_task``: another task preflighted on the running plan's backend, then executed with the
+    running context's seed, progress, previews and cancel token (a task composes others through the API)."""
+
+    def __init__(self, plan: Plan, context: RunContext) -> None:
+        self.plan, self.context = plan, context
+        self.result: RunResult | None = None
+
+    def __call__(self, name: str, inputs: Sequence[Any], *, model: str | None = None, **params: Any) -> RunResult:
+        entry = self.plan.registry.tasks.get(name) if self.plan.registry is not None else None
+        fields = self.plan.request_fields() if entry is not None and entry.cls.uses_model else {}
+        plan = preflight(name, registry=self.plan.registry, params=params, **{**fields, "model": model})
+        context = self.context
+        execute(plan, inputs, [context.seed], self, preview_every=context.preview_every, cancel=context.cancel)
+        assert self.result is not None
+        return self.result
+
+    # The sink: results come back to the caller; errors are the caller's.
+    def started(self, item: Item) -> bool:
+        self.result = None
+        return True
+
+    def progress(self, step: int, total: int, preview: Image.Image | None) -> None:
+        self.context.report(step, total, preview)
+
+    def finished(self, item: Item, result: RunResult) -> None:
+        self.result = result
+
+    def failed(self, item: Item, error: BaseException) -> None:
+        raise error

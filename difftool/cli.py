@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Any
 
 import click
@@ -138,9 +137,7 @@ def task_command(name: str, registry: Any) -> click.Command:
 
 
 def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
-    from difftool import api, jobs
-    from difftool.executors.local import run_local
-    from difftool.plan import preflight
+    from difftool.runs import run_files
 
     debug = values.pop("debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
@@ -151,49 +148,26 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
     ray_options = {k: values.pop(k, None) for k in ("address", "workers", "gpus_per_worker")}
     request = {k: values.pop(k) for k in ("model", "backend", "device", "dtype") if k in values}
     seed = values.pop("seed", None)
+    if "backend_opt" in values:
+        request["backend_options"] = parse_backend_options(values.pop("backend_opt"))
+    params = {k: v for k, v in values.items() if v is not None}
     try:
-        if "backend_opt" in values:
-            request["backend_options"] = parse_backend_options(values.pop("backend_opt"))
-        params = {k: v for k, v in values.items() if v is not None}
-        run_plan = preflight(task_name, registry=registry, params=params, **request)
-        job = jobs.plan_job(
-            run_plan,
-            specs=specs,
+        result = run_files(
+            task_name,
+            specs,
             output=output,
-            base_seed=api.new_seed() if seed is None else seed,
+            seed=seed,
             overwrite=overwrite,
             count=count,
-            seed_given=seed is not None,
+            request=request,
+            params=params,
+            executor=executor,
+            ray_options=ray_options,
+            registry=registry,
         )
     except DifftoolError as error:
         fail(error, debug)
-    except OSError as error:  # the filesystem changed under the planning (a concurrent run, a removed folder)
-        from difftool.core.errors import OutputError
-
-        fail(OutputError(f"cannot prepare the job: {error}", "check the input and output paths"), debug)
-    started = time.perf_counter()
-    if executor == "ray":
-        from difftool.executors.ray_data import run_on_ray
-
-        try:
-            records = run_on_ray(job, **ray_options)
-        except DifftoolError as error:
-            fail(error, debug)
-    else:
-        try:
-            records = run_local(job, run_plan)
-        except DifftoolError as error:  # one input: its error is the command's error
-            fail(error, debug)
-        except OSError as error:
-            fail(DifftoolError(str(error), "check the path and free disk space"), debug)
-    try:
-        jobs.write_report(job, records)
-    except OSError as error:
-        from difftool.core.errors import OutputError
-
-        reason = error.strerror or str(error)
-        fail(OutputError(f"cannot write {jobs.REPORT_NAME}: {reason}", "check the output folder"), debug)
-    result = jobs.summary(job, records, executor, time.perf_counter() - started)
+    records = result["results"]
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:

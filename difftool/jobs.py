@@ -1,14 +1,16 @@
 """Folder jobs: plan a batch, process one input (resumably), and write the report.
 
-The same :func:`process_item` runs in the CLI's local loop and inside each Ray Data actor, so a
-distributed run writes the same files as a local one: outputs are named by the input's relative
-path, seeds derive from the base seed and that path (never from processing order), and every
-output is written atomically with its metadata. An output is *up to date* when its metadata records
-the same input hash and job fingerprint (task, parameters, model); a rerun skips those inputs.
+The same :func:`process_item` (:func:`difftool.api.execute` into a :class:`FileSink`) runs in the CLI's
+local loop and inside each Ray Data actor, so a distributed run writes the same files as a local one:
+outputs are named by the input's relative path, seeds derive from the base seed and that path (never
+from processing order), and every output is written atomically with its metadata. An output is *up to
+date* when its metadata records the same input hash and job fingerprint (task, parameters, model); a
+rerun skips those inputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,6 +25,7 @@ from difftool.core.atomic import atomic_write_bytes, claim, clean_stale_temps
 from difftool.core.errors import DifftoolError, OutputError, OutputExistsError, ParameterError
 
 if TYPE_CHECKING:
+    from difftool.api import Item, RunResult
     from difftool.plan import Plan
 
 REPORT_NAME = "report.jsonl"
@@ -280,63 +283,88 @@ def recorded_seed(item: JobItem, default: int) -> int:
         return default
 
 
+class FileSink:
+    """A folder job's input as files on disk: claimed among processes, skipped when up to date, each output
+    written atomically with its metadata; :attr:`record` is its line of the report."""
+
+    def __init__(self, job: FolderJob, item: JobItem, progress: Any = None, *, raise_errors: bool = False) -> None:
+        self.job, self.item, self._progress, self.raise_errors = job, item, progress, raise_errors
+        self.digest: str | None = None  # the input's sha256 (``None``: a task without inputs)
+        self._claim = contextlib.ExitStack()
+        self._started = time.perf_counter()
+        self.record: dict[str, Any] = {
+            "input": item.source,
+            "key": item.key,
+            "outputs": list(item.outputs),
+            "seed": item.seed,
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        }
+
+    def started(self, run: Item) -> bool:
+        job, item = self.job, self.item
+        if not self._claim.enter_context(claim(item.outputs[0])):
+            # another process (a concurrent run on the same folder) is making it right now
+            return self._skip(reason="being made by another difftool process")
+        state = up_to_date(job, item, self.digest)  # checked under the claim: a finished claimant's file counts
+        if state and not job.overwrite:
+            return self._skip(seed=recorded_seed(item, item.seed))
+        if state is False and not job.overwrite:
+            first = next(p for p in item.outputs if Path(p).exists())
+            raise OutputExistsError(
+                f"{first} exists and was not made from this input with these parameters",
+                "pass --overwrite to replace it or -o another folder",
+            )
+        return True
+
+    def _skip(self, **fields: Any) -> bool:
+        self._claim.close()
+        self._done(status="skipped", **fields)
+        return False
+
+    def progress(self, step: int, total: int, preview: Any) -> None:
+        if self._progress is not None:
+            self._progress(step, total, preview)
+
+    def finished(self, run: Item, result: RunResult) -> None:
+        from difftool.core.images import save_image
+
+        with self._claim:
+            meta = {**result.record, "input": self.item.source, "job": self.job.fingerprint}
+            if self.digest is not None:
+                meta["input_sha256"] = self.digest
+            for image, path in zip(result.images, self.item.outputs, strict=True):
+                save_image(image, path, meta)
+        self._done(status="ok")
+
+    def failed(self, run: Item | None, error: BaseException) -> None:
+        """The user's errors go in the record (``raise_errors``: raised); anything else is raised."""
+        self._claim.close()
+        if self.raise_errors or not isinstance(error, (DifftoolError, OSError)):
+            raise error
+        self._done(status="failed", error=str(error), error_type=type(error).__name__)
+
+    def _done(self, **fields: Any) -> None:
+        self.record.update(fields, seconds=round(time.perf_counter() - self._started, 3))
+
+
 def process_item(
     job: FolderJob, item: JobItem, run_plan: Plan, progress: Any = None, *, raise_errors: bool = False
 ) -> dict[str, Any]:
-    """Run one input of ``job`` with its preflighted plan and write its outputs.
+    """Run one input of ``job`` with its preflighted plan through a :class:`FileSink`; returns its record.
 
     The user's errors go in the record (``raise_errors``: raised).
     """
     from difftool import api
-    from difftool.core.images import save_image
 
-    started = time.perf_counter()
-    record: dict[str, Any] = {
-        "input": item.source,
-        "key": item.key,
-        "outputs": list(item.outputs),
-        "seed": item.seed,
-        "worker": f"{socket.gethostname()}:{os.getpid()}",
-    }
+    sink = FileSink(job, item, progress, raise_errors=raise_errors)
     try:
         data = read_source(item.source) if item.source is not None else None
-        digest = hashlib.sha256(data).hexdigest() if data is not None else None
-        with claim(item.outputs[0]) as mine:
-            if not mine:  # another process (a concurrent run on the same folder) is making it right now
-                return {
-                    **record,
-                    "status": "skipped",
-                    "reason": "being made by another difftool process",
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-            state = up_to_date(job, item, digest)  # checked under the claim: a finished claimant's file counts
-            if state and not job.overwrite:
-                return {
-                    **record,
-                    "status": "skipped",
-                    "seed": recorded_seed(item, item.seed),
-                    "seconds": round(time.perf_counter() - started, 3),
-                }
-            if state is False and not job.overwrite:
-                first = next(p for p in item.outputs if Path(p).exists())
-                raise OutputExistsError(
-                    f"{first} exists and was not made from this input with these parameters",
-                    "pass --overwrite to replace it or -o another folder",
-                )
-            args = (data,) if data is not None else ()
-            result = api.execute(run_plan, *args, seed=item.seed, progress=progress)
-            meta = {**result.record, "input": item.source, "job": job.fingerprint}
-            if digest is not None:
-                meta["input_sha256"] = digest
-            for image, path in zip(result.images, item.outputs, strict=True):
-                save_image(image, path, meta)
-        record["status"] = "ok"
     except (DifftoolError, OSError) as error:
-        if raise_errors:
-            raise
-        record.update(status="failed", error=str(error), error_type=type(error).__name__)
-    record["seconds"] = round(time.perf_counter() - started, 3)
-    return record
+        sink.failed(None, error)
+        return sink.record
+    sink.digest = hashlib.sha256(data).hexdigest() if data is not None else None
+    api.execute(run_plan, (data,) if data is not None else (), [item.seed], sink)
+    return sink.record
 
 
 def write_report(job: FolderJob, records: list[dict[str, Any]]) -> Path | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from difftool.core.exporter import ExportTarget
     from difftool.core.scheduler import Scheduler
 
+
 @dataclass(frozen=True)
 class ExportShapes:
     """What a task will ask of an exported denoiser, declared so engines are built for it before any work.
@@ -100,6 +101,9 @@ class RunContext:
     export_shapes: ExportShapes | None = None
     #: Metadata found while running (the embeddings a prompt named): merged into the run's record.
     notes: dict[str, Any] = field(default_factory=dict)
+    #: ``task_runner(name, inputs, **params)``: runs another task; injected by the API (core does not import
+    #: it). Call :meth:`run_task`.
+    task_runner: Callable[..., Any] | None = field(default=None, repr=False)
     _generator: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -135,6 +139,15 @@ class RunContext:
         import torch
 
         return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.dtype]
+
+    def run_task(self, name: str, inputs: Sequence[Any], **params: Any) -> Any:
+        """Run the registered task ``name`` on ``inputs`` with ``params`` (``model=`` picks its model) through
+        the API's preflight and execute: its parameters are validated and defaulted as a user's would be (a bad
+        value raises the one-line ``ParameterError``). It runs on this run's backend, seed, progress and cancel
+        token and returns a :class:`difftool.api.RunResult`."""
+        if self.task_runner is None:
+            raise RuntimeError("this RunContext runs no other tasks; run tasks through difftool.api")
+        return self.task_runner(name, inputs, **params)
 
     def report(self, step: int, total: int, preview: Image.Image | None = None) -> None:
         if self.progress is not None:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import itertools
 import traceback
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QObject, QRunnable, QThreadPool, QTimer, Signal
 
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
+
+if TYPE_CHECKING:
+    from difftool.api import Item
 
 
 @dataclass
@@ -51,6 +54,36 @@ class JobSignals(QObject):
     changed = Signal()  # the queue's contents or states changed
 
 
+class QtSink:
+    """A GUI job's run (:func:`difftool.api.execute`'s sink): steps and previews as :class:`JobSignals`, the
+    result or the error (with its traceback) on the job."""
+
+    def __init__(self, job: Job, signals: JobSignals) -> None:
+        self.job, self.signals = job, signals
+
+    def started(self, item: Item) -> bool:
+        return True
+
+    def progress(self, step: int, total: int, preview: Any) -> None:
+        self.signals.progress.emit(self.job.id, step, total, preview)
+
+    def phase(self, what: str, done: int | None, total: int | None) -> None:
+        self.signals.phase.emit(self.job.id, what, -1 if done is None else done, -1 if total is None else total)
+
+    def finished(self, item: Item | None, result: Any) -> None:
+        self.job.result, self.job.state = result, "done"
+
+    def failed(self, item: Item | None, error: BaseException) -> None:
+        job = self.job
+        if isinstance(error, Cancelled):
+            job.state = "cancelled"
+        elif isinstance(error, Exception):  # the app must survive any task's bug
+            unexpected = not isinstance(error, DifftoolError)
+            job.state = "failed"
+            job.error = f"unexpected error: {type(error).__name__}: {error}" if unexpected else str(error)
+            job.details = "".join(traceback.format_exception(error))
+
+
 class _Runner(QRunnable):
     def __init__(self, job: Job, signals: JobSignals, preview_every: int) -> None:
         super().__init__()
@@ -59,41 +92,26 @@ class _Runner(QRunnable):
     def run(self) -> None:
         from difftool import api
         from difftool.gui.remote import RemoteRegistry
+        from difftool.plan import preflight
 
-        job = self.job
-
-        def progress(step: int, total: int, preview: Any) -> None:
-            self.signals.progress.emit(job.id, step, total, preview)
-
+        job, sink = self.job, QtSink(self.job, self.signals)
         try:
-            registry = job.options.get("registry")
+            options = dict(job.options)  # model, backend, device, dtype, seed, registry
+            registry = options.pop("registry", None)
             if isinstance(registry, RemoteRegistry):  # connected to a server: the job runs there
-                options = {k: v for k, v in job.options.items() if k != "registry"}
-                job.result = registry.run(
-                    job.task, job.inputs, job.params, options, progress, job.token, self.preview_every
+                result = registry.run(
+                    job.task, job.inputs, job.params, options, sink.progress, job.token, self.preview_every
                 )
+                sink.finished(None, result)
             else:
-                job.result = api.run(
-                    job.task,
-                    *job.inputs,
-                    progress=progress,
-                    preview_every=self.preview_every,
-                    cancel=job.token,
-                    phase=lambda what, done, total: self.signals.phase.emit(
-                        job.id, what, -1 if done is None else done, -1 if total is None else total
-                    ),
-                    **job.options,
-                    **job.params,
+                seed = options.pop("seed", None)
+                seed = api.new_seed() if seed is None else api.check_seed(seed)
+                plan = preflight(job.task, registry=registry, params=job.params, **options)
+                api.execute(
+                    plan, job.inputs, [seed], sink, preview_every=self.preview_every, cancel=job.token, phase=sink.phase
                 )
-            job.state = "done"
-        except Cancelled:
-            job.state = "cancelled"
-        except DifftoolError as error:
-            job.state, job.error = "failed", str(error)
-            job.details = traceback.format_exc()
-        except Exception as error:  # noqa: BLE001 - the app must survive any task's bug
-            job.state, job.error = "failed", f"unexpected error: {type(error).__name__}: {error}"
-            job.details = traceback.format_exc()
+        except Exception as error:  # noqa: BLE001 - the sink puts it on the job
+            sink.failed(None, error)
         self.signals.finished.emit(job.id)
 
 

@@ -34,9 +34,10 @@ from difftool.serve.a1111_map import (
     refuse,
     upscale_scale,
 )
-from difftool.serve.jobs import SHUTDOWN, Job, png_bytes
+from difftool.serve.jobs import SHUTDOWN, Job
 from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
+from difftool.serve.sink import png_bytes
 
 router = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
 

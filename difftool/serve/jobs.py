@@ -1,8 +1,8 @@
 """The job queue: bounded, one worker thread per device, progress and cancel through the GUI's hooks.
 
 A job is a preflighted :class:`~difftool.plan.Plan` plus its loaded inputs and seeds. Workers run it
-with :func:`difftool.api.execute` (models stay loaded in the process's runtime between jobs) and write
-each output with :func:`~difftool.core.images.save_image` (atomically, with the CLI's PNG metadata).
+with :func:`difftool.api.execute` (models stay loaded in the process's runtime between jobs) into a
+:class:`~difftool.serve.sink.PngSink`, and write each output's PNG (the CLI's, with its metadata) atomically.
 A job that raises fails alone; the worker goes on with the next one.
 """
 
@@ -18,13 +18,18 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from difftool.core.errors import Cancelled, DifftoolError
+from difftool.core.atomic import atomic_write_bytes
+from difftool.core.errors import DifftoolError
 from difftool.core.task import CancelToken
 from difftool.plan import Plan
 from difftool.serve.errors import without_paths
 from difftool.serve.results import make_results_dir, remove_orphaned_results
+from difftool.serve.sink import Event, PngSink
+
+if TYPE_CHECKING:
+    from difftool.api import Item
 
 log = logging.getLogger("difftool.serve")
 
@@ -293,41 +298,15 @@ class JobQueue:
 
     def _run(self, job: Job, device: str) -> None:
         from difftool.api import execute
-        from difftool.core.images import save_image
 
-        def progress(step: int, total: int, preview: Any) -> None:
-            if job.done.is_set():  # abandoned: its state is final
-                return
-            if preview is not None:
-                job.preview, job.preview_step = png_bytes(preview), step
-            job.step, job.total = step, total
-            job._changed()
-
+        sink = _QueueSink(self, job)
         try:
             plan = job.plan if job.plan.backend.device == device else _replan(job.plan, device)
-            for index, seed in enumerate(job.seeds):
-                job.index, job.step = index, 0
-                result = execute(
-                    plan, *job.inputs, seed=seed, progress=progress, preview_every=job.preview_every, cancel=job.token
-                )
-                record = public(result.record)
-                for number, image in enumerate(result.images):
-                    path = self.output_dir / f"{job.id}-{index}-{number}.png"
-                    save_image(image, path, record)
-                    job.files.append(path)
-                    job.file_seeds.append(seed)
-                job.records.append(record)
-                job._changed()
+        except Exception as error:  # noqa: BLE001 - the sink fails the job with it
+            sink.failed(None, error)
+            return
+        if execute(plan, job.inputs, job.seeds, sink, preview_every=job.preview_every, cancel=job.token):
             self._finish(job, "done")
-        except Cancelled:
-            shutdown = job.error_type == SHUTDOWN
-            self._finish(job, "cancelled", "the server shut down" if shutdown else "cancelled", job.error_type)
-        except DifftoolError as error:
-            self._finish(job, "failed", str(error), type(error).__name__)
-        except Exception as error:  # noqa: BLE001 - a task's bug (or out of memory) fails its job, not the server
-            log.exception("job %s (%s) failed", job.id, job.task)
-            self._finish(job, "failed", f"unexpected error: {type(error).__name__}: {error}", type(error).__name__)
-            _release_memory()
 
     def _finish(self, job: Job, state: str, error: str = "", error_type: str = "") -> None:
         with self._lock:  # the worker and the abandon timer may both get here
@@ -354,20 +333,6 @@ class JobQueue:
                 path.unlink(missing_ok=True)
 
 
-def public(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` without the server's paths: a resolved model, LoRA, VAE or file keeps only its name.
-
-    Requests name models by name (or inside --allow-path); the task recorded the resolved path, which
-    would tell every client the server's folder layout. Prompts are left as written.
-    """
-    return {
-        key: without_paths(value)
-        if isinstance(value, str) and "prompt" not in key
-        else value
-        for key, value in record.items()
-    }
-
-
 def _replan(plan: Plan, device: str) -> Plan:
     """The same request preflighted for this worker's device."""
     from difftool.plan import preflight
@@ -376,13 +341,47 @@ def _replan(plan: Plan, device: str) -> Plan:
     return preflight(plan.task_name, params=plan.params, registry=plan.registry, **fields)
 
 
-def png_bytes(image: Any) -> bytes:
-    """A PIL image as PNG bytes (previews, and the A1111 routes' unchanged or resized results)."""
-    import io
+class _QueueSink(PngSink):
+    """A job of this process's queue: its progress, previews and result files, and its end state."""
 
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    def __init__(self, queue: JobQueue, job: Job) -> None:
+        super().__init__(self._event, f"job {job.id} ({job.task})")
+        self.queue, self.job = queue, job
+
+    def started(self, item: Item) -> bool:
+        self.job.index, self.job.step = item.index, 0
+        return super().started(item)
+
+    def progress(self, step: int, total: int, preview: Any) -> None:
+        if not self.job.done.is_set():  # abandoned: its state is final
+            super().progress(step, total, preview)
+
+    def _event(self, event: Event) -> None:
+        job, queue = self.job, self.queue
+        if event[0] == "step":
+            if event[3] is not None:
+                job.preview, job.preview_step = event[3], event[1]
+            job.step, job.total = event[1], event[2]
+            job._changed()
+        elif event[0] == "done":
+            index = self.item.index if self.item is not None else job.index
+            for number, data in enumerate(event[1]):
+                path = queue.output_dir / f"{job.id}-{index}-{number}.png"
+                atomic_write_bytes(path, data)
+                job.files.append(path)
+                job.file_seeds.append(job.seeds[index])
+            job.records.append(event[2])
+            job._changed()
+        elif event[0] == "cancelled":
+            shutdown = job.error_type == SHUTDOWN
+            queue._finish(job, "cancelled", "the server shut down" if shutdown else "cancelled", job.error_type)
+        else:
+            queue._finish(job, "failed", event[1], event[2])
+
+    def failed(self, item: Item | None, error: BaseException) -> None:
+        super().failed(item, error)
+        if not isinstance(error, DifftoolError):  # a task's bug, or out of memory: free what it held
+            _release_memory()
 
 
 def _release_memory() -> None:

@@ -10,7 +10,6 @@ request that was waiting for it is answered as if nothing happened (same seed, s
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
@@ -22,7 +21,8 @@ from difftool.core.atomic import atomic_write_bytes
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.serve.board import SharedJobQueue
-from difftool.serve.jobs import FINAL_STATES, Job, public
+from difftool.serve.jobs import FINAL_STATES, Job
+from difftool.serve.sink import PngSink
 
 log = logging.getLogger("difftool.serve")
 
@@ -71,34 +71,31 @@ class DifftoolWorker:
         token = CancelToken()
         checked = [0.0]
 
-        def progress(step: int, total: int, preview: Any) -> None:
-            now = time.monotonic()
-            if now - checked[0] > CANCEL_POLL:
-                checked[0] = now
-                entry = ray.get(self.board.get.remote(spec["job"]))
-                # Cancelled, or failed on the board because the HTTP replica waiting for it died: stop.
-                if entry is None or entry["cancel"] or entry["status"]["state"] in FINAL_STATES:
-                    token.cancel()
-            events.put(("step", step, total, None if preview is None else _png(preview, None)))
+        def cancelled() -> bool:
+            entry = ray.get(self.board.get.remote(spec["job"]))
+            # Cancelled, or failed on the board because the HTTP replica waiting for it died: stop.
+            return entry is None or entry["cancel"] or entry["status"]["state"] in FINAL_STATES
+
+        class ReplicaSink(PngSink):
+            def progress(self, step: int, total: int, preview: Any) -> None:
+                now = time.monotonic()
+                if now - checked[0] > CANCEL_POLL:
+                    checked[0] = now
+                    if cancelled():
+                        token.cancel()
+                super().progress(step, total, preview)
 
         def target() -> None:
+            sink = ReplicaSink(events.put, f"job {spec['job']}")
             try:
-                entry = ray.get(self.board.get.remote(spec["job"]))
-                if entry is None or entry["cancel"] or entry["status"]["state"] in FINAL_STATES:
+                if cancelled():
                     raise Cancelled()  # cancelled while it waited for this replica: load nothing
                 fields = {**spec["fields"], "device": self.device}
                 plan = preflight(spec["task"], params=spec["params"], registry=self.registry, **fields)
-                result = execute(plan, *spec["inputs"], seed=spec["seed"], progress=progress,
-                                 preview_every=spec["preview_every"], cancel=token)  # fmt: skip
-                record = public(result.record)  # no server paths in what clients get
-                events.put(("done", [_png(image, record) for image in result.images], record))
-            except Cancelled:
-                events.put(("cancelled",))
-            except DifftoolError as error:
-                events.put(("error", str(error), type(error).__name__))
-            except Exception as error:  # noqa: BLE001 - a task's bug fails its job, not the replica
-                log.exception("job %s failed", spec["job"])
-                events.put(("error", f"unexpected error: {type(error).__name__}: {error}", type(error).__name__))
+            except Exception as error:  # noqa: BLE001 - the sink sends it as the run's end
+                sink.failed(None, error)
+                return
+            execute(plan, spec["inputs"], [spec["seed"]], sink, preview_every=spec["preview_every"], cancel=token)
 
         thread = threading.Thread(target=target, name="difftool-run", daemon=True)
         thread.start()
@@ -112,23 +109,6 @@ class DifftoolWorker:
         finally:
             token.cancel()  # the caller stopped listening: stop within a step
             thread.join(RUN_JOIN_SECONDS)  # one run at a time on this device, as max_ongoing_requests says
-
-
-def _png(image: Any, record: dict[str, Any] | None) -> bytes:
-    """``image`` as PNG bytes; with ``record``, written by the CLI's writer (its metadata included)."""
-    if record is None:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-    import tempfile
-    from pathlib import Path
-
-    from difftool.core.images import save_image
-
-    with tempfile.TemporaryDirectory(prefix="difftool-run-") as folder:
-        path = Path(folder) / "out.png"
-        save_image(image, path, record)
-        return path.read_bytes()
 
 
 class RemoteJobQueue(SharedJobQueue):

@@ -73,21 +73,12 @@ class Server:
         ``inputs`` are the task's declared inputs, in order or by name; images as base64 text, bytes, or
         ``{"path": ...}`` inside an ``--allow-path`` folder. Raises a one-line ``DifftoolError``.
         """
-        from difftool.api import new_seed
+        from difftool.api import new_seed, task_inputs
         from difftool.plan import preflight
 
         instance = self.registry.task(task)
         limit = self.settings.max_body_bytes
-        if isinstance(inputs, Mapping):
-            missing = [p.name for p in instance.inputs if p.name not in inputs]
-            extra = sorted(set(inputs) - {p.name for p in instance.inputs})
-            if missing or extra:
-                names = ", ".join(p.name for p in instance.inputs) or "none"
-                raise ParameterError(f"task {task!r} takes the inputs: {names}", f"send exactly {names}")
-            inputs = [inputs[p.name] for p in instance.inputs]
-        if len(inputs) != len(instance.inputs):
-            names = ", ".join(p.name for p in instance.inputs) or "none"
-            raise ParameterError(f"task {task!r} takes {len(instance.inputs)} input(s) ({names}), got {len(inputs)}")
+        inputs = task_inputs(instance, inputs)  # in order, as the API checks them
         if not 1 <= int(count) <= MAX_COUNT:
             raise ParameterError(f"count {count} is out of range", f"ask for 1 to {MAX_COUNT} outputs per request")
         loaded = [

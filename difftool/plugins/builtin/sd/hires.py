@@ -10,11 +10,10 @@ its img2img pipeline on the upscaled latents, with one generator.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from difftool.core.errors import ParameterError
-from difftool.core.task import Param, RunContext, TaskRequest
+from difftool.core.task import Param, RunContext
 
 HIRES_PARAMS = (
     Param("hires", "float", default=None, min=1.0, max=4.0, help="second pass at this scale (A1111's hires fix)"),
@@ -60,19 +59,14 @@ def superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunC
     from PIL import Image
 
     from difftool.core.images import open_image, to_pil
-    from difftool.plugins.builtin.superres import SuperResolution
 
-    task = SuperResolution()
-    params = {p.name: p.default for p in task.params}
     height, width = rgb.shape[:2]
     wanted = max(target[0] / width, target[1] / height)
-    if model is None:
-        params["scale"] = 2 if wanted <= 2 else 4  # the embedded model's variants
-    run = dataclasses.replace(context, model=model, denoisers=[], notes={}, export_shapes=None)
+    params = {} if model is not None else {"scale": 2 if wanted <= 2 else 4}  # the embedded model's variants
     if context.registry is not None and context.registry.tasks.get("superres") is None:
         raise ParameterError("--hires-upscaler needs the superres task", "use --hires-upscaler latent")
-    request = TaskRequest({"image": open_image(to_pil(rgb))}, params)
-    upscaled = task.run(request, run).images[0].convert("RGB")
+    result = context.run_task("superres", [open_image(to_pil(rgb))], model=model, **params)
+    upscaled = result.image.convert("RGB")
     if upscaled.size != target:  # a 4x model for a 1.5x pass: Lanczos down to the target
         upscaled = upscaled.resize(target, Image.Resampling.LANCZOS)
     return np.asarray(upscaled, dtype=np.float32) / 255.0

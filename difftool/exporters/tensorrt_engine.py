@@ -221,10 +221,8 @@ def build_engine(
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise BackendUnavailableError(
-                f"TensorRT cannot parse the ONNX export: {errors}",
-                "run this model with --backend onnx (ONNX Runtime) or torch; no engine was built",
-            )
+            fix = "run this model with --backend onnx (ONNX Runtime) or torch; no engine was built"
+            raise BackendUnavailableError(f"TensorRT cannot parse the ONNX export: {errors}", fix)
         config = builder.create_builder_config()
         for flag in precision_flags(options.precision, cuda.capability(device), major, typed):
             config.set_flag(getattr(trt.BuilderFlag, flag))

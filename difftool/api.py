@@ -19,6 +19,7 @@ from difftool import __version__
 from difftool.core import phases
 from difftool.core.errors import DifftoolError, ParameterError, PluginError
 from difftool.core.images import LoadedImage, open_image
+from difftool.core.params import Params
 from difftool.core.phases import PhaseCallback
 from difftool.core.task import CancelToken, ProgressCallback, RunContext, Task, TaskRequest
 from difftool.plan import Plan, param_choices, preflight, validate_params
@@ -89,16 +90,12 @@ def task_inputs(task: Task, inputs: Sequence[Any] | Mapping[str, Any]) -> list[A
     return list(inputs)
 
 
-def prepare(task: Task, inputs: Sequence[Any], params: Mapping[str, Any]) -> TaskRequest:
-    """Load the inputs and image parameters of one run (``params`` already validated by the preflight)."""
+def prepare(task: Task, inputs: Sequence[Any], params: Params) -> TaskRequest:
+    """Load the inputs and image parameters of one run (``params`` validated by the preflight: a
+    :class:`~difftool.core.params.Params`, whose image parameters are replaced by the loaded images)."""
     inputs = task_inputs(task, inputs)
-    kinds = {p.name: p.type for p in task.params}
-    values = {
-        name: _load(value, f"--{name.replace('_', '-')}")
-        if kinds[name] in ("image", "mask") and value is not None
-        else value
-        for name, value in params.items()
-    }
+    images = {p.name for p in task.params if p.type in ("image", "mask") and params[p.name] is not None}
+    values = params.replace(**{name: _load(params[name], f"--{name.replace('_', '-')}") for name in images})
     loaded = {
         port.name: _load(value, port.name) if port.kind in ("image", "mask") else value
         for port, value in zip(task.inputs, inputs, strict=True)

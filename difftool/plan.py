@@ -15,6 +15,7 @@ from typing import Any
 from difftool.core.backend import ResolvedBackend
 from difftool.core.devices import resolve_dtype
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.params import Params
 from difftool.core.task import Param, Task
 
 #: What the defaults of backend, device and dtype are; a task that uses no model runs with these.
@@ -30,8 +31,9 @@ class Plan:
     plugin: str
     backend: ResolvedBackend
     model: str | None
-    #: Validated, typed parameters; image parameters stay as given (loaded per run).
-    params: dict[str, Any]
+    #: Validated, typed, frozen parameters: every declared name present, defaults applied; image parameters
+    #: stay as given (loaded per run, :func:`difftool.api.prepare`).
+    params: Params
     registry: Any = field(repr=False, default=None)
 
     def request_fields(self) -> dict[str, Any]:
@@ -52,8 +54,9 @@ def param_choices(param: Param, registry: Any) -> tuple[Any, ...]:
     return param.choices
 
 
-def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> dict[str, Any]:
-    """Apply defaults, convert and range-check ``params`` against the task's declaration."""
+def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> Params:
+    """Apply defaults, convert and range-check ``params`` against the task's declaration: every declared name
+    is present in the result (a task reads ``params.steps``, never ``params.get("steps", 25)``)."""
     declared = {p.name: p for p in task.params}
     unknown = sorted(set(params) - set(declared))
     if unknown:
@@ -64,8 +67,9 @@ def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> dic
     values: dict[str, Any] = {}
     for name, param in declared.items():
         choices = param_choices(param, registry) if param.type == "choice" else None
-        values[name] = param.validate(params.get(name, param.default), choices)
-    return values
+        given = params.get(name)  # the request's raw mapping; None (JSON null, an empty form field): the default
+        values[name] = param.validate(param.default if given is None else given, choices)
+    return Params(values)
 
 
 def preflight(
@@ -79,7 +83,10 @@ def preflight(
     params: Mapping[str, Any] | None = None,
     registry: Any = None,
 ) -> Plan:
-    """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error."""
+    """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error.
+
+    The task's cross-field checks (:meth:`Task.check`) and backend checks run here, before any model loads.
+    """
     from difftool.plugins.registry import get_registry
 
     registry = registry or get_registry()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from difftool.core.errors import Cancelled
-from difftool.core.params import Param
+from difftool.core.params import Param, Params
 
 if TYPE_CHECKING:
     import torch
@@ -192,10 +192,13 @@ class RunContext:
 
 @dataclass
 class TaskRequest:
-    """Validated inputs and parameters of one run (images already loaded)."""
+    """Validated inputs and parameters of one run (images already loaded).
+
+    ``params`` holds every declared parameter, typed, defaults applied: read ``request.params.steps``.
+    """
 
     inputs: dict[str, Any]
-    params: dict[str, Any]
+    params: Params
 
 
 @dataclass
@@ -235,12 +238,13 @@ class Task(ABC):
         """``None`` if the task can run with ``model`` (``None``: the default one), else why not and the fix."""
         return None
 
-    def check(self, params: Mapping[str, Any]) -> None:
-        """Raise a one-line error for what the declaration cannot say: cross-field rules and the work a request
-        may ask for (a prompt's length in tokens). The preflight calls it once, before any model loads."""
+    def check(self, params: Params) -> None:
+        """Raise a one-line error for what the declaration cannot say: cross-field rules (superres's ``overlap``
+        below ``tile``) and the work a request may ask for (a prompt's length in tokens). The preflight calls it
+        once, with the validated parameters, before any model loads."""
         return None
 
-    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The largest (width, height) one output can have for these validated ``params`` and the sizes of the
         image inputs, before any model loads (a server bounds a request's work with it). Default: the first
         input's size; ``None``: nothing to bound by."""

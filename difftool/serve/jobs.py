@@ -320,7 +320,10 @@ class JobQueue:
                 self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (job.finished - job.started)
             # A kept job holds its status and result files, not its decoded inputs (megabytes each).
             job.inputs, job.preview = [], None
-            job.plan.params = {k: v for k, v in job.plan.params.items() if isinstance(v, (str, int, float, bool))}
+            plain = (str, int, float, bool)
+            job.plan.params = job.plan.params.replace(
+                **{k: None for k, v in job.plan.params.items() if v is not None and not isinstance(v, plain)}
+            )
             job._changed()
             job.done.set()
 

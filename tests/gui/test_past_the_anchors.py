@@ -35,7 +35,8 @@ def test_two_results_compare_side_by_side_with_the_divider_and_back(window, qapp
     strip.setCurrentRow(1)  # #2 is shown, set against #1
     for _ in range(5):
         qapp.processEvents()
-    assert canvas.compare_labels == (f"#1 seed {first.result.record['seed']}", f"#2 seed {second.result.record['seed']}")
+    seeds = first.result.record["seed"], second.result.record["seed"]
+    assert canvas.compare_labels == (f"#1 seed {seeds[0]}", f"#2 seed {seeds[1]}")
     canvas.set_split(0.5)
     grab = canvas.grab().toImage()
     target = canvas._image_rect(canvas.after)

@@ -13,6 +13,7 @@ from difftool.core.exporter import Exporter, ExportResult
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.scheduler import Scheduler, SchedulerStep
 from difftool.core.task import Param, Task, TaskRequest
+from difftool.plan import validate_params
 from difftool.plugins import hookimpl
 from difftool.plugins.registry import build_registry
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
@@ -214,11 +215,14 @@ def test_tasks_declare_the_shapes_a_shape_specific_backend_builds_for(photo: Pat
             seed=1, registry=registry, dtype="fp32")  # fmt: skip
     # any tile up to --tile, whatever the image: small inputs and edge tiles fit, one engine for a folder
     assert ShapeRecordingBackend.seen == [ExportShapes(batch=(1, 1, 1), size=(1, 256, 256))]
-    generate = registry.task("generate").export_shapes(
-        TaskRequest({}, {"width": 640, "height": 512, "guidance_scale": 7.0})
-    )
+    task = registry.task("generate")
+
+    def shapes(**params):  # the task reads validated parameters: every declared one, defaults applied
+        return task.export_shapes(TaskRequest({}, validate_params(task, {"prompt": "a", **params}, registry)))
+
+    generate = shapes(width=640, height=512, guidance_scale=7.0)
     assert generate == ExportShapes(batch=(1, 2, 2), size=(8, 80, 128), tokens=TEXT)
-    tiny = registry.task("generate").export_shapes(TaskRequest({}, {"width": 16, "height": 16, "guidance_scale": 1.0}))
+    tiny = shapes(width=16, height=16, guidance_scale=1.0)
     assert tiny == ExportShapes(batch=(1, 1, 1), size=(2, 2, 128), tokens=TEXT)
     with pytest.raises(ValueError, match="min <= opt <= max"):
         ExportShapes(size=(64, 32, 128))

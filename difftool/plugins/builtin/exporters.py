@@ -35,12 +35,13 @@ def declared_shapes(task: Any) -> Any:
 
     from difftool.core.errors import DifftoolError
     from difftool.core.images import LoadedImage
+    from difftool.core.params import Params
     from difftool.core.task import TaskRequest
 
     blank = LoadedImage(np.zeros((512, 512, 3), np.float32))
     inputs = {port.name: blank for port in task.inputs if port.kind in ("image", "mask")}
     try:
-        return task.export_shapes(TaskRequest(inputs, {p.name: p.default for p in task.params}))
+        return task.export_shapes(TaskRequest(inputs, Params({p.name: p.default for p in task.params})))
     except (DifftoolError, KeyError, TypeError, ValueError):  # a declaration that needs real inputs
         return None
 

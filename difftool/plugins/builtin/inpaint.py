@@ -26,6 +26,7 @@ import numpy as np
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil, to_uint8
+from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
@@ -35,7 +36,7 @@ from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
-from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
+from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, DEFAULT_STEPS, EMBEDDING_PARAM
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -89,20 +90,21 @@ class Inpaint(Task):
         Param("clip_skip", "int", default=1, min=1, max=12, help="SD models: text encoder layer from the end"),
         Param("only_masked", "bool", default=False, help="SD models: repaint a crop around the mask (+ --context)"),
         Param("extend", "string", default=None, help="outpaint: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels"),
+        EMBEDDING_PARAM,
         CONTROL_PARAM,
         *LOAD_PARAMS,
     )
 
     availability = pixel_model.availability
 
-    def check(self, params: Mapping[str, Any]) -> None:
+    def check(self, params: Params) -> None:
         check_prompt_length(params)
 
-    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The input grown by ``extend`` (outpainting)."""
         if not inputs:
             return None
-        left, right, top, bottom = parse_extend(params.get("extend"))
+        left, right, top, bottom = parse_extend(params.extend)
         return inputs[0][0] + left + right, inputs[0][1] + top + bottom
 
     def check_backend(self, params: Mapping[str, Any], backend: Any) -> None:
@@ -123,27 +125,27 @@ class Inpaint(Task):
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        extend = parse_extend(params.get("extend"))
-        if params.get("mask") is None and not any(extend):
+        extend = parse_extend(params.extend)
+        if params.mask is None and not any(extend):
             raise ParameterError("inpaint needs a mask", "pass --mask FILE (white = repaint) or --extend L,R,T,B")
-        if params.get("mask") is not None:
-            mask = mask_array(params["mask"], image.size, bool(params.get("resize_mask")))
+        if params.mask is not None:
+            mask = mask_array(params.mask, image.size, params.resize_mask)
         else:
             mask = np.zeros((image.height, image.width), np.float32)
         if is_sd_request(context.model, context):
             return self._run_sd(image, mask, extend, params, context)
-        if any(extend) or params.get("control"):
+        if any(extend) or params.control:
             flag = "--extend" if any(extend) else "--control"
             raise ParameterError(f"{flag} needs a Stable Diffusion model", "pass --model with an SD checkpoint")
-        mask = dilate(mask, params.get("dilate") or 0)
-        weight = feather(mask, params.get("feather") or 0)
+        mask = dilate(mask, params.dilate)
+        weight = feather(mask, params.feather)
         model = pixel_model.model_for(self.name, context)
-        record = {
+        record = {  # fill, steps, scheduler: None is the model's own
             "task": self.name,
-            "fill": params.get("fill") or model.meta.get("fill", "blur"),
+            "fill": params.fill or model.meta.get("fill", "blur"),
             "texture": texture_amount(model, params),
-            "steps": params.get("steps") or model.meta.get("steps"),
-            "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
+            "steps": params.steps or model.meta.get("steps"),
+            "scheduler": params.scheduler or model.meta.get("scheduler"),
             "size": f"{image.width}x{image.height}",
             **pixel_model.model_record(model),
         }
@@ -151,8 +153,7 @@ class Inpaint(Task):
         if not weight.any():
             context.logger.warning("the mask is empty: the image is returned unchanged")
             return TaskResult([to_pil(image.rgb, image.alpha)], record)
-        context_px = params.get("context")
-        context_px = int(model.meta.get("context", 64) if context_px is None else context_px)
+        context_px = int(model.meta.get("context", 64) if params.context is None else params.context)
         record["context"] = context_px
         y0, y1, x0, x1 = crop_box(weight > 0, context_px, image.size)
         painted = paint(model, image.rgb[y0:y1, x0:x1], weight[y0:y1, x0:x1] > 0, params, context)
@@ -164,20 +165,21 @@ class Inpaint(Task):
         return TaskResult([to_pil(result.astype(np.float32) / 255.0, image.alpha)], record)
 
     def _run_sd(
-        self, image: LoadedImage, mask: np.ndarray, extend: tuple[int, ...], params: dict, context: RunContext
+        self, image: LoadedImage, mask: np.ndarray, extend: tuple[int, ...], params: Params, context: RunContext
     ) -> TaskResult:
         from difftool.plugins.builtin.sd.inpaint import extend_canvas, sd_inpaint
 
         rgb, alpha, mask = extend_canvas(image.rgb, image.alpha, mask, extend)
-        mask = dilate(mask, params.get("dilate") or 0)
-        weight = feather(mask, params.get("feather") or 0)
+        mask = dilate(mask, params.dilate)
+        weight = feather(mask, params.feather)
         height, width = mask.shape
-        record = {"task": self.name, "size": f"{width}x{height}", "steps": params.get("steps") or 25}
-        record["scheduler"] = params.get("scheduler") or DEFAULT_SCHEDULER
+        # Unset steps and scheduler (None: the model's own) are Stable Diffusion's defaults for an SD model.
+        sd_params = params.replace(steps=params.steps or DEFAULT_STEPS, scheduler=params.scheduler or DEFAULT_SCHEDULER)
+        record = {"task": self.name, "size": f"{width}x{height}", "steps": sd_params.steps}
+        record["scheduler"] = sd_params.scheduler
         if not weight.any():
             context.logger.warning("the mask is empty: the image is returned unchanged")
             return TaskResult([to_pil(rgb, alpha)], record)
-        sd_params = {**params, "steps": record["steps"], "scheduler": record["scheduler"]}
         painted, model = sd_inpaint(rgb, mask, sd_params, context)
         record.update(model.record())
         original = to_uint8(rgb)
@@ -189,7 +191,7 @@ class Inpaint(Task):
 
 
 def paint(
-    model: pixel_model.PixelModel, rgb: np.ndarray, repaint: np.ndarray, params: dict, context: RunContext
+    model: pixel_model.PixelModel, rgb: np.ndarray, repaint: np.ndarray, params: Params, context: RunContext
 ) -> np.ndarray:
     """The model's fill of ``repaint`` (bool H x W) in ``rgb`` (float H x W x 3), as float RGB."""
     import math
@@ -199,17 +201,17 @@ def paint(
     x = pixel_model.to_tensor(rgb)
     hole = torch.from_numpy(repaint.astype(np.float32))[None, None]
     cond = torch.cat([x * (1 - hole), hole], dim=1)
-    steps = params.get("steps") or int(model.meta.get("steps", 2))
+    steps = params.steps or int(model.meta.get("steps", 2))  # None: the model's
     init, strength = None, 1.0
-    if (params.get("fill") or model.meta.get("fill", "blur")) == "blur":
-        init, strength = push_pull_fill(x, 1 - hole), float(params.get("strength") or 0.3)
+    if (params.fill or model.meta.get("fill", "blur")) == "blur":  # None: the blur fill's 0.3
+        init, strength = push_pull_fill(x, 1 - hole), 0.3 if params.strength is None else params.strength
         steps = max(steps, math.ceil(1 / strength))  # plan enough steps that at least one runs
     out = pixel_model.denoise(
         model,
         pixel_model.make_denoiser(model, context),
         cond=cond,
         steps=steps,
-        scheduler=params.get("scheduler"),
+        scheduler=params.scheduler,
         context=context,
         init=init,
         strength=strength,
@@ -222,10 +224,9 @@ def paint(
     return pixel_model.to_numpy(out)
 
 
-def texture_amount(model: pixel_model.PixelModel, params: dict) -> float:
+def texture_amount(model: pixel_model.PixelModel, params: Params) -> float:
     """``--texture``, or the model's own default (``texture`` in its difftool.json; none: 0)."""
-    value = params.get("texture")
-    return float(model.meta.get("texture", 0.0) if value is None else value)
+    return float(model.meta.get("texture", 0.0) if params.texture is None else params.texture)
 
 
 @hookimpl

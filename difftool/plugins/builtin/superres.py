@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from PIL import Image
 from difftool.core.devices import is_out_of_memory
 from difftool.core.errors import BackendUnavailableError, DifftoolError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
+from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model, upscalers
 from difftool.plugins.hookspecs import hookimpl
@@ -66,7 +67,7 @@ class SuperResolution(Task):
             default=None,
             choices=(1, 2, 3, 4, 8),
             help="upscaling factor (default: 4, or a community model's own scale)",
-        ),
+        ),  # an int (2, not "2") from the declaration on; None: the model's own scale
         Param("steps", "int", default=None, min=1, max=1000, help="denoising steps (default: the model's)"),
         Param("scheduler", "choice", default=None, choices_from="schedulers", help="default: the model's"),
         Param("tile", "int", default=1024, min=32, max=8192, help="largest tile, in output pixels (bounds memory)"),
@@ -76,9 +77,16 @@ class SuperResolution(Task):
 
     availability = pixel_model.availability
 
-    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    def check(self, params: Params) -> None:
+        """Tiles must overlap by less than their size (checked at preflight, before any model loads)."""
+        if params.overlap >= params.tile:
+            raise ParameterError(
+                f"--overlap {params.overlap} must be smaller than --tile {params.tile}", "lower --overlap"
+            )
+
+    def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The input times ``scale`` (without one: times 8, the largest a model may have)."""
-        scale = int(params.get("scale") or max(self.param("scale").choices))
+        scale = max(self.param("scale").choices) if params.scale is None else params.scale
         return (inputs[0][0] * scale, inputs[0][1] * scale) if inputs else None
 
     def export_target(self, model: str | None) -> Any:
@@ -90,29 +98,25 @@ class SuperResolution(Task):
         The smallest is 1 (the engine's floor is the U-Net's multiple): edge tiles and small images fit, and
         the declaration does not depend on the image, so one engine serves a whole folder.
         """
-        tile = int(request.params.get("tile") or 1024)
+        tile = request.params.tile
         return ExportShapes(batch=(1, 1, 1), size=(1, tile, tile))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        if params["overlap"] >= params["tile"]:
-            raise ParameterError(
-                f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
-            )
         find = context.registry.find_models if context.registry is not None else None
         community = upscalers.upscaler_path(context.model, find)
         if community is not None:
             return self.run_upscaler(community, image, params, context)
-        requested = params.get("scale")
-        chosen, reason = choose_embedded(image, context.model, int(requested or DEFAULT_SCALE))
+        requested: int | None = params.scale
+        chosen, reason = choose_embedded(image, context.model, DEFAULT_SCALE if requested is None else requested)
         if chosen is not None:  # without --scale, each model's own default variant (both: 4x)
             model = pixel_model.load_pixel_model(chosen, self.name, requested)
             context.cancel.raise_if_cancelled()
         else:
             model = pixel_model.model_for(self.name, context, variant=requested)  # no --scale: the default variant
-        if requested:
-            scale = int(requested)
+        if requested is not None:
+            scale = requested
         else:
             offered = model.meta.get("scales") or [DEFAULT_SCALE]
             scale = DEFAULT_SCALE if DEFAULT_SCALE in offered else int(offered[0])
@@ -124,25 +128,25 @@ class SuperResolution(Task):
                 f"pass --scale {scales[0]} or another model",
             )
         rgb, tile = with_tile_retry(
-            lambda t: upscale_rgb(model, image.rgb, scale, {**params, "tile": t}, context), int(params["tile"]), context
+            lambda t: upscale_rgb(model, image.rgb, scale, params.replace(tile=t), context), params.tile, context
         )
         result = finish(image, rgb, scale, params)
         record = {
             "task": self.name,
             "scale": scale,
-            "steps": params.get("steps") or model.meta.get("steps"),
-            "scheduler": params.get("scheduler") or model.meta.get("scheduler"),
+            "steps": params.steps or model.meta.get("steps"),  # None: the model's
+            "scheduler": params.scheduler or model.meta.get("scheduler"),
             "size": f"{result.width}x{result.height}",
             **pixel_model.model_record(model),
         }
-        if tile != params["tile"]:
+        if tile != params.tile:
             record["tile_used"] = tile
         if reason:
             record["model_choice"] = reason
             context.logger.info("model: %s", reason)
         return TaskResult([result], record)
 
-    def run_upscaler(self, path: Path, image: LoadedImage, params: dict[str, Any], context: RunContext) -> TaskResult:
+    def run_upscaler(self, path: Path, image: LoadedImage, params: Params, context: RunContext) -> TaskResult:
         """A community upscaler (spandrel): one forward pass per tile, at the model's own scale."""
         if context.backend_name not in ("torch", "onnx", "tensorrt"):
             raise BackendUnavailableError(
@@ -152,20 +156,20 @@ class SuperResolution(Task):
         upscaler = upscalers.load_upscaler(path)
         context.cancel.raise_if_cancelled()
         scale = upscaler.scale
-        if params.get("scale") and int(params["scale"]) != scale:
+        if params.scale is not None and params.scale != scale:
             raise ParameterError(
-                f"{upscaler.name} is a {scale}x {upscaler.architecture} model; --scale {params['scale']} differs",
+                f"{upscaler.name} is a {scale}x {upscaler.architecture} model; --scale {params.scale} differs",
                 f"drop --scale or pass --scale {scale}",
             )
         check_pixels(image.width * scale, image.height * scale, what=f"the {scale}x output")
         precision = []
 
         def attempt(tile: int) -> np.ndarray:
-            rgb, used = upscalers.upscale(upscaler, image.rgb, {**params, "tile": tile}, context)
+            rgb, used = upscalers.upscale(upscaler, image.rgb, params.replace(tile=tile), context)
             precision.append(used)
             return rgb
 
-        rgb, tile = with_tile_retry(attempt, int(params["tile"]), context)
+        rgb, tile = with_tile_retry(attempt, params.tile, context)
         result = finish(image, rgb, scale, params)
         record = {
             "task": self.name,
@@ -174,7 +178,7 @@ class SuperResolution(Task):
             "precision": precision[-1],
             **upscalers.model_record(upscaler),
         }
-        if tile != params["tile"]:
+        if tile != params.tile:
             record["tile_used"] = tile
         return TaskResult([result], record)
 
@@ -183,10 +187,10 @@ class SuperResolution(Task):
 DEFAULT_SCALE = 4
 
 
-def finish(image: LoadedImage, rgb: np.ndarray, scale: int, params: dict[str, Any]) -> Image.Image:
+def finish(image: LoadedImage, rgb: np.ndarray, scale: int, params: Params) -> Image.Image:
     """The upscaled RGB with the source's alpha (upscaled on its own) and, with --keep-mode, its mode."""
     alpha = upscale_alpha(image.alpha, scale)
-    keep = bool(params.get("keep_mode")) and image.grayscale
+    keep = params.keep_mode and image.grayscale
     if keep and image.bits == 16 and alpha is None:
         gray = np.clip(rgb.mean(axis=2) * 65535.0 + 0.5, 0, 65535).astype(np.uint16)
         return Image.fromarray(gray)
@@ -234,7 +238,7 @@ class _TileProgress:
 
 
 def upscale_rgb(
-    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: dict[str, Any], context: RunContext
+    model: pixel_model.PixelModel, rgb: np.ndarray, scale: int, params: Params, context: RunContext
 ) -> np.ndarray:
     """Upscale float RGB (H x W x 3, [0, 1]) by ``scale`` with ``model``, tile by tile."""
     import torch
@@ -246,11 +250,11 @@ def upscale_rgb(
     low = pixel_model.to_tensor(rgb)
     height, width = rgb.shape[:2]
     out_h, out_w = height * scale, width * scale
-    lr_tile = max(model.multiple, params.get("tile", 1024) // scale)
-    lr_overlap = max(1, min(params.get("overlap", 64) // scale, lr_tile // 2))  # smaller tiles after an OOM
+    lr_tile = max(model.multiple, params.tile // scale)
+    lr_overlap = max(1, min(params.overlap // scale, lr_tile // 2))  # smaller tiles after an OOM
     spans_y = tile_spans(height, lr_tile, lr_overlap)
     spans_x = tile_spans(width, lr_tile, lr_overlap)
-    steps = params.get("steps") or int(model.meta.get("steps", 4))
+    steps = params.steps or int(model.meta.get("steps", 4))  # None: the model's
     denoiser = pixel_model.make_denoiser(model, context)
     noise = make_noise((1, 3, out_h, out_w), context, torch.device("cpu"), torch.float32)
     extra = {}
@@ -270,7 +274,7 @@ def upscale_rgb(
                 denoiser,
                 cond=up,
                 steps=steps,
-                scheduler=params.get("scheduler"),
+                scheduler=params.scheduler,
                 context=tile_context,
                 base=up,
                 noise=noise[..., ys[0] : ys[1], xs[0] : xs[1]],

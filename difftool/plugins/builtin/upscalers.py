@@ -29,6 +29,7 @@ import numpy as np
 from difftool.core import phases
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import DifftoolError, ModelError
+from difftool.core.params import Params
 from difftool.core.runtime import current
 
 #: Files ``--model`` may name for superres as a community upscaler.
@@ -226,7 +227,7 @@ def load_upscaler(path: Path) -> Upscaler:
     return loaded
 
 
-def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context: Any) -> tuple[np.ndarray, str]:
+def upscale(upscaler: Upscaler, rgb: np.ndarray, params: Params, context: Any) -> tuple[np.ndarray, str]:
     """Float RGB (H x W x 3, [0, 1]) upscaled by the model, tile by tile; and the precision used.
 
     These are plain feed-forward networks, so tiles are not blended: each tile carries ``--overlap``
@@ -244,7 +245,7 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
         engine = None
         if context.backend_name == "tensorrt":
             wanted = upscaler.dtype_for(context.torch_dtype)
-            engine = ("fp16" if wanted == torch.float16 else "fp32", max(8, int(params.get("tile", 1024)) // scale))
+            engine = ("fp16" if wanted == torch.float16 else "fp32", max(8, params.tile // scale))
         model = onnx_runner(upscaler, context.device, engine)
         dtype = torch.float16 if engine and engine[0] == "fp16" else torch.float32
     else:
@@ -254,9 +255,9 @@ def upscale(upscaler: Upscaler, rgb: np.ndarray, params: dict[str, Any], context
             model = copy.deepcopy(model)
         model.to(device=device, dtype=dtype)
     height, width = rgb.shape[:2]
-    tile = max(8, int(params.get("tile", 1024)) // scale)
+    tile = max(8, params.tile // scale)
     tile = getattr(model, "fixed_tile", None) or tile  # an export of one size takes tiles of that size
-    margin = min(max(0, int(params.get("overlap", 64)) // scale), tile // 4)  # context never dwarfs the core
+    margin = min(max(0, params.overlap // scale), tile // 4)  # context never dwarfs the core
     core = tile - 2 * margin
 
     def starts(length: int) -> range:  # a side that fits in one tile is one tile, not a tile and a sliver

@@ -162,7 +162,7 @@ def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
 def check_backend(params: Mapping[str, Any], backend: ResolvedBackend) -> None:
     """``Task.check_backend`` for the tasks taking ``--control``: refused on a backend that runs no
     ControlNets, at preflight (before the Stable Diffusion model loads)."""
-    if params.get("control") and not backend.backend.runs_controlnets:
+    if params["control"] and not backend.backend.runs_controlnets:
         from difftool.core.backend import controlnet_refused
 
         raise controlnet_refused(backend.backend.name)

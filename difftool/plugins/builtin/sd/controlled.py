@@ -18,6 +18,7 @@ import numpy as np
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ParameterError
+from difftool.core.params import Params
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import controlnet
 from difftool.plugins.builtin.sd.control import ControlUnit, a1111_text, preprocess
@@ -41,13 +42,13 @@ class ControlSource:
 
 
 def controls_for(
-    params: dict[str, Any], model: Any, context: RunContext, size: tuple[int, int], source: ControlSource | None = None
+    params: Params, model: Any, context: RunContext, size: tuple[int, int], source: ControlSource | None = None
 ) -> list[PreparedControl]:
     """The request's ``control`` units ready for sampling at ``size``; recorded in the run's notes."""
-    units = params.get("control") or ()
+    units = params.control
     if not units:
         return []
-    loaded = load_units(units, model, context, bool(params.get("allow_pickle")))
+    loaded = load_units(units, model, context, params.allow_pickle)
     controls = prepare(loaded, size, context, source)
     context.notes.update(record(controls))
     return controls

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from difftool.core.errors import ParameterError
+from difftool.core.params import Params
 from difftool.core.task import Param, RunContext
 
 HIRES_PARAMS = (
@@ -20,7 +21,7 @@ HIRES_PARAMS = (
     Param(
         "hires_upscaler",
         "string",
-        default=None,
+        default=None,  # None: latent (see upscaler_name)
         help="latent (default: bilinear in latent space), or a superres model: embedded, a listed name or a file",
     ),
     Param("hires_steps", "int", default=None, min=1, max=500, help="steps of the second pass (default: --steps)"),
@@ -29,22 +30,40 @@ HIRES_PARAMS = (
     ),
 )
 
+#: What an unset ``--hires-upscaler`` and ``--hires-strength`` mean once ``--hires`` asks for a second pass. They
+#: are applied here rather than declared: a declared default would be recorded (and written into the PNG's
+#: parameters) by every run, hires or not.
+DEFAULT_UPSCALER, DEFAULT_STRENGTH = "latent", 0.7  # A1111's defaults for the hires pass
+
+
+def wanted(params: Params) -> bool:
+    """Whether the request asks for a second pass (``--hires`` above 1)."""
+    return params.hires is not None and params.hires > 1.0
+
+
+def upscaler_name(params: Params) -> str:
+    """``--hires-upscaler``, or :data:`DEFAULT_UPSCALER` when unset."""
+    return params.hires_upscaler or DEFAULT_UPSCALER
+
+
+def strength(params: Params) -> float:
+    """``--hires-strength``, or :data:`DEFAULT_STRENGTH` when unset."""
+    return DEFAULT_STRENGTH if params.hires_strength is None else params.hires_strength
+
 
 def target_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
     """The second pass's size: ``size`` x ``scale``, rounded down to multiples of 8 (as A1111 does)."""
     return tuple(max(8, int(v * scale) // 8 * 8) for v in size)  # type: ignore[return-value]
 
 
-def upscale_latents(
-    model: Any, latents: Any, target: tuple[int, int], params: dict[str, Any], context: RunContext
-) -> Any:
+def upscale_latents(model: Any, latents: Any, target: tuple[int, int], params: Params, context: RunContext) -> Any:
     """The first pass's latents at ``target`` (width, height) pixels, ready for img2img."""
     import torch
 
     from difftool.plugins.builtin.sd import pipeline
 
     width, height = target
-    upscaler = str(params.get("hires_upscaler") or "latent")
+    upscaler = upscaler_name(params)
     if upscaler.lower() == "latent":
         size = (height // model.vae_scale, width // model.vae_scale)
         return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=False)
@@ -72,13 +91,10 @@ def superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunC
     return np.asarray(upscaled, dtype=np.float32) / 255.0
 
 
-DEFAULT_STRENGTH = 0.7  # A1111's default denoising strength for the hires pass
-
-
-def record(params: dict[str, Any], target: tuple[int, int]) -> dict[str, Any]:
+def record(params: Params, target: tuple[int, int]) -> dict[str, Any]:
     """The final size and the hires settings in effect (A1111: ``Hires upscaler``, ``Denoising strength``)."""
     return {
         "size": f"{target[0]}x{target[1]}",
-        "hires_upscaler": params.get("hires_upscaler") or "latent",
-        "hires_strength": params.get("hires_strength") or DEFAULT_STRENGTH,
+        "hires_upscaler": upscaler_name(params),
+        "hires_strength": strength(params),
     }

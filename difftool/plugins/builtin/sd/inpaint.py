@@ -14,10 +14,14 @@ import numpy as np
 from PIL import Image
 
 from difftool.core.errors import ParameterError
+from difftool.core.params import Params
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import pipeline
 from difftool.plugins.builtin.sd.models import sd_model_for
-from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, latent_shapes, prompt_tokens, run_sd
+from difftool.plugins.builtin.sd.tasks import latent_shapes, prompt_tokens, run_sd
+
+#: What an unset ``--context`` and ``--strength`` (``None``: the model's own) mean for Stable Diffusion models.
+DEFAULT_CONTEXT, DEFAULT_STRENGTH = 64, 1.0
 
 
 def parse_extend(spec: str | None) -> tuple[int, int, int, int]:
@@ -60,18 +64,16 @@ def _t(array: np.ndarray) -> Any:
     return torch.from_numpy(array.astype(np.float32))[None, None]
 
 
-def sd_inpaint(
-    rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any], context: RunContext
-) -> tuple[np.ndarray, Any]:
+def sd_inpaint(rgb: np.ndarray, hole: np.ndarray, params: Params, context: RunContext) -> tuple[np.ndarray, Any]:
     """Repaint ``hole`` (H x W {0, 1}) of ``rgb`` (H x W x 3 in [0, 1]); returns the painted image and model."""
     model = sd_model_for(context, params)
     height, width = hole.shape
-    if params.get("only_masked") and any(unit.image is not None for unit in params.get("control") or ()):
+    if params.only_masked and any(unit.image is not None for unit in params.control):
         raise ParameterError(
             "--only-masked repaints a crop, which a ControlNet unit's own image does not follow",
             "drop --only-masked, or leave out =IMAGE so the unit sees the (cropped) input",
         )
-    if params.get("only_masked"):
+    if params.only_masked:
         return _only_masked(model, rgb, hole, params, context), model
     pad_h, pad_w = (-height) % 8, (-width) % 8  # the VAE needs multiples of 8: pad, then crop back
     if pad_h or pad_w:
@@ -81,11 +83,11 @@ def sd_inpaint(
     return painted[:height, :width], model
 
 
-def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any], context: RunContext) -> Any:
+def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: Params, context: RunContext) -> Any:
     """Repaint a padded crop around the mask at the model's native resolution, then scale it back."""
     from difftool.plugins.builtin.masks import crop_box
 
-    margin = 64 if params.get("context") is None else int(params["context"])
+    margin = DEFAULT_CONTEXT if params.context is None else params.context
     y0, y1, x0, x1 = crop_box(hole > 0, margin, (hole.shape[1], hole.shape[0]))
     crop_h, crop_w = y1 - y0, x1 - x0
     scale = model.native_size / max(crop_h, crop_w)
@@ -98,7 +100,7 @@ def _only_masked(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str
     return out
 
 
-def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any], context: RunContext) -> np.ndarray:
+def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: Params, context: RunContext) -> np.ndarray:
     """One inpainting run on an image whose sides are multiples of 8 (diffusers' random-draw order)."""
     import torch
     import torch.nn.functional as F
@@ -106,10 +108,10 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
     from difftool.core.sampler import make_noise
 
     height, width = hole.shape
-    strength = float(params.get("strength") or 1.0)
+    strength = DEFAULT_STRENGTH if params.strength is None else params.strength
     image = pipeline.to_tensor(rgb)
     mask = _t(hole)
-    if strength < 1.0 and params.get("fill") == "blur":
+    if strength < 1.0 and params.fill == "blur":
         from difftool.plugins.builtin.masks import push_pull_fill
 
         image = push_pull_fill(image, 1 - mask)  # A1111's "masked content: fill"
@@ -121,7 +123,7 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
     noise = make_noise(latent_shape, context, context.torch_device, torch.float32)
     masked_latents = pipeline.encode_image(model, image * (mask < 0.5), context)
     latent_mask = F.interpolate(mask, size=latent_shape[-2:]).to(context.torch_device)
-    scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
+    scheduler = context.make_scheduler(params.scheduler, model.scheduler_config)  # set by the inpaint task
     extra, step_hook = {}, None
     if nine_channel:
         extra["concat"] = torch.cat([latent_mask, masked_latents.to(context.torch_device)], dim=1)
@@ -141,14 +143,14 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: dict[str, Any],
         context,
         params,
         controls=controls,
-        prompt=params.get("prompt") or "",
-        negative=params.get("negative_prompt") or "",
+        prompt=params.prompt,
+        negative=params.negative_prompt,
         size=(width, height),
         shapes=latent_shapes(
             (width, height),
-            float(params.get("guidance_scale", 7.0)),
+            params.guidance_scale,
             exact=False,
-            tokens=prompt_tokens(params.get("prompt"), params.get("negative_prompt")),
+            tokens=prompt_tokens(params.prompt, params.negative_prompt),
         ),
         init=image_latents if strength < 1.0 else None,
         strength=strength,

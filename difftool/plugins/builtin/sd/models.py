@@ -9,6 +9,7 @@ from typing import Any
 
 from difftool.core import phases
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.params import Params
 from difftool.core.runtime import current
 from difftool.core.task import Param, RunContext
 from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model
@@ -128,10 +129,10 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
+def sd_model_for(context: RunContext, params: Params) -> SDModel:
     """Load (or reuse) the model a run asked for with its VAE and LoRA options."""
     path = resolve_path(context.model, context)
-    loras = parse_loras(params.get("lora")) + prompt_loras(params.get("prompt") or "", context)
+    loras = parse_loras(params.lora) + prompt_loras(params.prompt, context)
     model = cached_model(path, loras, params, context)
     if model.family.refiner:
         raise ModelError(
@@ -142,15 +143,15 @@ def sd_model_for(context: RunContext, params: dict[str, Any]) -> SDModel:
 
 
 def cached_model(
-    path: Path, loras: list[tuple[Path, float]], params: dict[str, Any], context: RunContext, cache_name: str = ""
+    path: Path, loras: list[tuple[Path, float]], params: Params, context: RunContext, cache_name: str = ""
 ) -> SDModel:
     """Load (or reuse) the model at ``path``; ``cache_name`` keeps it beside the run's model (a refiner)."""
-    vae = params.get("vae")
+    vae = params.vae
     key = (
         str(path.resolve()),
         path.stat().st_mtime_ns,
-        bool(params.get("allow_pickle")),
-        params.get("prediction") or "auto",
+        params.allow_pickle,
+        params.prediction,
         str(vae),
         tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras),
         context.dtype,  # the U-Net loads in the run's precision; the VAE and text encoders are cast in place
@@ -163,8 +164,8 @@ def cached_model(
         phases.announce(f"loading model {path.name}")
         cache[key] = load_sd_model(
             path,
-            allow_pickle=bool(params.get("allow_pickle")),
-            prediction=params.get("prediction") or "auto",
+            allow_pickle=params.allow_pickle,
+            prediction=params.prediction,
             vae=vae,
             loras=loras,
             # Exporting backends take fp32 weights: an export keyed by the checkpoint must not see rounded ones.

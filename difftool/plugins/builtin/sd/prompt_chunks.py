@@ -70,7 +70,7 @@ def check_prompt_length(params: Mapping[str, Any], names: Sequence[str] = ("prom
     from difftool.plugins.builtin.sd.models import split_loras
 
     for name in names:
-        text = params.get(name)
+        text = params[name]
         if not text or (len(text) <= _SURELY_SHORT and text.isascii() and "BREAK" not in text):
             continue  # no need to load a tokenizer: an ASCII character is at most one token
         chunks = len(chunk_prompt(counting_tokenizer(), split_loras(str(text))[0]))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.params import Params
 from difftool.core.scheduler import DiffusersScheduler, Scheduler, SchedulerStep
 from difftool.core.task import Param, RunContext
 from difftool.plugins.builtin.sd.loader import SDModel
@@ -57,9 +58,9 @@ class Refiner:
         return {"refiner": self.model.name, "refiner_hash": self.model.sha256[:10], "refiner_switch": self.switch}
 
 
-def refiner_for(params: dict[str, Any], base: SDModel, context: RunContext) -> Refiner | None:
+def refiner_for(params: Params, base: SDModel, context: RunContext) -> Refiner | None:
     """The request's ``--refiner``, loaded and checked against the base model; ``None`` without one."""
-    name = params.get("refiner")
+    name = params.refiner
     if not name:
         return None
     if base.family.name != "sdxl":
@@ -73,21 +74,20 @@ def refiner_for(params: dict[str, Any], base: SDModel, context: RunContext) -> R
             f"--refiner {name} is {model.family.label}, not an SDXL refiner",
             "pass an SDXL refiner (`difftool models` lists them as sdxl-refiner), or drop --refiner",
         )
-    return Refiner(model, float(params.get("refiner_switch") or DEFAULT_SWITCH))
+    return Refiner(model, params.refiner_switch)
 
 
 def plan_shares(
     base: SDModel,
     refiner: Refiner,
     context: RunContext,
-    params: dict[str, Any],
+    params: Params,
     strength: float = 1.0,
     strength_flag: str = "--strength",
 ) -> tuple[SwitchScheduler, SwitchScheduler, list[int]]:
     """The base's and the refiner's schedulers for ``params`` and their step counts; a one-line error
     (naming ``strength_flag``) when either would run no step. Cheap: check it before any sampling."""
-    name = str(params["scheduler"])
-    steps = int(params.get("steps") or 25)
+    name, steps = params.scheduler, params.steps
     first = SwitchScheduler(context.make_scheduler(name, base.scheduler_config), end=refiner.switch)
     second = SwitchScheduler(context.make_scheduler(name, refiner.model.scheduler_config), start=refiner.switch)
     return first, second, [first.planned(steps, strength, strength_flag), second.planned(steps)]
@@ -98,7 +98,7 @@ def sample_refined(
     base: SDModel,
     refiner: Refiner,
     context: RunContext,
-    params: dict[str, Any],
+    params: Params,
     controls: Sequence[Any] = (),
     init: torch.Tensor | None = None,
     strength: float = 1.0,

@@ -13,6 +13,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
+from difftool.core.params import Params
 from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
@@ -26,22 +27,25 @@ if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
     from difftool.core.backend import ResolvedBackend
     from difftool.plugins.builtin.sd.controlled import PreparedControl
 
-DEFAULT_SCHEDULER = "dpmpp-2m-karras"
+DEFAULT_SCHEDULER, DEFAULT_STEPS = "dpmpp-2m-karras", 25
+
+#: Read by :func:`encode_text`, so every task that runs a Stable Diffusion model declares it.
+EMBEDDING_PARAM = Param(
+    "embedding",
+    "string",
+    default=None,
+    help="textual-inversion embedding file(s), comma-separated, used where their name is in a prompt "
+    "(files in embeddings/ under the model roots are found by name)",
+)
 
 #: Prompt parameters shared by every Stable Diffusion task.
 PROMPT_PARAMS = (
     prompt_param("negative_prompt", default="", help="what the image should not show"),
-    Param("steps", "int", default=25, min=1, max=500, help="denoising steps"),
+    Param("steps", "int", default=DEFAULT_STEPS, min=1, max=500, help="denoising steps"),
     Param("guidance_scale", "float", default=7.0, min=0.0, max=50.0, help="classifier-free guidance (CFG) scale"),
     Param("scheduler", "choice", default=DEFAULT_SCHEDULER, choices_from="schedulers", help="sampler"),
     Param("clip_skip", "int", default=1, min=1, max=12, help="text encoder layer from the end (A1111: 1 = last)"),
-    Param(
-        "embedding",
-        "string",
-        default=None,
-        help="textual-inversion embedding file(s), comma-separated, used where their name is in a prompt "
-        "(files in embeddings/ under the model roots are found by name)",
-    ),
+    EMBEDDING_PARAM,
 )
 
 #: ``--style`` presets: (prompt template, negative prompt). ``{}`` is the user's ``--prompt``.
@@ -84,15 +88,14 @@ def latent_shapes(
 
 
 def sample_maybe_refined(
-    model: Any, refine: refiner.Refiner | None, context: RunContext, params: dict[str, Any], **run: Any
+    model: Any, refine: refiner.Refiner | None, context: RunContext, params: Params, **run: Any
 ) -> Any:
     """:func:`run_sd` with ``model``, or (with ``refine``) the base to the switch and the refiner after
     it (:func:`refiner.sample_refined`, which takes ``strength_flag`` too); latents either way."""
     if refine is None:
         run.pop("strength_flag", None)
         return run_sd(model, context, params, **run)
-    scheduled = {**params, "scheduler": params.get("scheduler") or DEFAULT_SCHEDULER}
-    return refiner.sample_refined(run_sd, model, refine, context, scheduled, **run)
+    return refiner.sample_refined(run_sd, model, refine, context, params, **run)
 
 
 def sd_export_target(model: str | None) -> Any:
@@ -107,7 +110,7 @@ def sd_export_target(model: str | None) -> Any:
 
 
 def encode_text(
-    model: Any, context: RunContext, params: dict[str, Any], prompt: str, negative: str, size: tuple[int, int]
+    model: Any, context: RunContext, params: Params, prompt: str, negative: str, size: tuple[int, int]
 ) -> pipeline.TextConditioning:
     """The prompts as the U-Net's conditioning: LoRA tags dropped (applied by :func:`sd_model_for`),
     embeddings the texts name placed, A1111's chunking; SDXL's size conditioning for ``size``."""
@@ -116,18 +119,17 @@ def encode_text(
     pipeline.prepare_text_encoders(model, context)
     prompt, _ = split_loras(prompt)
     widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]
-    found = embeddings.named_in([prompt, negative], params.get("embedding"), widths, bool(params.get("allow_pickle")))
+    found = embeddings.named_in([prompt, negative], params.embedding, widths, params.allow_pickle)
     context.notes.update(embeddings.record(found))
-    clip_skip = int(params.get("clip_skip") or 1)
     return pipeline.encode_prompt(
-        model, prompt, negative, clip_skip=clip_skip, size=size, context=context, embeddings=found
+        model, prompt, negative, clip_skip=params.clip_skip, size=size, context=context, embeddings=found
     )
 
 
 def run_sd(
     model: Any,
     context: RunContext,
-    params: dict[str, Any],
+    params: Params,
     *,
     prompt: str,
     negative: str,
@@ -155,8 +157,7 @@ def run_sd(
     if text is None:
         text = encode_text(model, context, params, prompt, negative, size)
     if shapes is None and context.export_shapes is None:
-        guidance = float(params.get("guidance_scale", 7.0))
-        shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))
+        shapes = latent_shapes(size, params.guidance_scale, exact=False, tokens=prompt_tokens(prompt, negative))
     denoiser = pipeline.make_denoiser(model, context, shapes, residuals=bool(controls))
     runners: list[Any] = []
     if controls:  # exported (and built) before sampling, like the U-Net
@@ -164,12 +165,12 @@ def run_sd(
 
         runners = runners_for(controls, context, shapes)
     if scheduler is None:
-        scheduler = context.make_scheduler(params.get("scheduler") or DEFAULT_SCHEDULER, model.scheduler_config)
+        scheduler = context.make_scheduler(params.scheduler, model.scheduler_config)
     width, height = size
     channels = model.unet.config.out_channels
     shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
 
-    guidance = float(params.get("guidance_scale", 7.0))
+    guidance = params.guidance_scale
 
     def run() -> Any:
         from difftool.plugins.builtin.sd.controlled import ControlledDenoiser
@@ -179,7 +180,7 @@ def run_sd(
         return sample(
             active,
             scheduler,
-            steps=int(params.get("steps") or 25),
+            steps=params.steps,
             context=context,
             shape=shape,
             init=init,
@@ -245,13 +246,13 @@ class Generate(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
-    def check(self, params: Mapping[str, Any]) -> None:
+    def check(self, params: Params) -> None:
         check_prompt_length(params)
 
-    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The requested size (a side left to the model: 1024, the largest native size), after hires."""
-        size = (params.get("width") or 1024, params.get("height") or 1024)
-        return hires.target_size(size, float(params["hires"])) if (params.get("hires") or 1.0) > 1.0 else size
+        size = (params.width or 1024, params.height or 1024)  # None: the model's native size, at most 1024
+        return hires.target_size(size, params.hires) if hires.wanted(params) else size
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
@@ -262,11 +263,11 @@ class Generate(Task):
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
         params = request.params
-        size = (params.get("width") or 512, params.get("height") or 512)
-        tokens = prompt_tokens(params.get("prompt"), params.get("negative_prompt"))
-        shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=tokens)
-        if (params.get("hires") or 1.0) > 1.0:  # one engine for both passes: up to the second pass's size
-            side = max(hires.target_size(size, float(params["hires"]))) // 8
+        size = (params.width or 512, params.height or 512)  # None: the model's native size (512 assumed here)
+        tokens = prompt_tokens(params.prompt, params.negative_prompt)
+        shapes = latent_shapes(size, params.guidance_scale, tokens=tokens)
+        if hires.wanted(params):  # one engine for both passes: up to the second pass's size
+            side = max(hires.target_size(size, params.hires)) // 8
             shapes = dataclasses.replace(shapes, size=(shapes.size[0], shapes.size[1], max(shapes.size[2], side)))
         return shapes
 
@@ -280,26 +281,25 @@ class Generate(Task):
             raise ParameterError(
                 f"{model.name} is an inpainting model", "use it with `difftool run inpaint`, or pass a base model"
             )
-        width = params.get("width") or model.native_size
-        height = params.get("height") or model.native_size
+        width = params.width or model.native_size  # None: the model's native size
+        height = params.height or model.native_size
         pipeline.check_size(width, height, "the output")
         from difftool.plugins.builtin.sd import controlled
 
-        texts = {"prompt": params["prompt"], "negative": params.get("negative_prompt") or ""}
+        texts = {"prompt": params.prompt, "negative": params.negative_prompt}
         record = {"task": self.name, "size": f"{width}x{height}", **model.record()}
         refine = refiner.refiner_for(params, model, context)
         controls = controlled.controls_for(params, model, context, (width, height))
-        upscale = (params.get("hires") or 1.0) > 1.0
+        upscale = hires.wanted(params)
         # The refiner finishes the last pass (A1111's default "Hires refiner: second pass"); its VAE decodes.
         decoder = refine.model if refine is not None else model
         if upscale:  # the second pass's settings, checked (with the refiner's switch) before the first pass
-            target = hires.target_size((width, height), float(params["hires"]))
+            target = hires.target_size((width, height), params.hires)
             pipeline.check_size(*target, "the hires output")
             pipeline.check_exported_size(model, target, context)
-            second = {**params, "steps": params.get("hires_steps") or params.get("steps")}
-            second["scheduler"] = params.get("scheduler") or DEFAULT_SCHEDULER
-            strength = float(params.get("hires_strength") or hires.DEFAULT_STRENGTH)
-            steps_for_strength(second["steps"], strength, "--hires-strength", "--hires-steps")  # no step: say so now
+            second = params.replace(steps=params.hires_steps or params.steps)  # None: --steps
+            strength = hires.strength(params)
+            steps_for_strength(second.steps, strength, "--hires-strength", "--hires-steps")  # no step: say so now
             if refine is not None:
                 refiner.plan_shares(model, refine, context, second, strength, "--hires-strength")
         first = refine if not upscale else None
@@ -335,7 +335,7 @@ class Style(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
-    def check(self, params: Mapping[str, Any]) -> None:
+    def check(self, params: Params) -> None:
         check_prompt_length(params)
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
@@ -348,17 +348,17 @@ class Style(Task):
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
         size = request.inputs["image"].size
         params = request.params
-        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")  # what run() encodes
-        tokens = prompt_tokens(prompt, negative, params.get("negative_prompt"))
-        return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
+        prompt, negative = style_prompt(params.style, params.prompt)  # what run() encodes
+        tokens = prompt_tokens(prompt, negative, params.negative_prompt)
+        return latent_shapes(size, params.guidance_scale, exact=False, tokens=tokens)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         from difftool.plugins.builtin.sd import controlled
 
         params = request.params
         image: LoadedImage = request.inputs["image"]
-        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")
-        negative = ", ".join(p for p in (params.get("negative_prompt") or "", negative) if p)
+        prompt, negative = style_prompt(params.style, params.prompt)
+        negative = ", ".join(p for p in (params.negative_prompt, negative) if p)
         model = sd_model_for(context, params)
         if model.family.inpainting:
             raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to style")
@@ -371,7 +371,7 @@ class Style(Task):
         init = pipeline.encode_image(model, pipeline.to_tensor(rgb), context)
         source = controlled.ControlSource(rgb)
         run = {"prompt": prompt, "negative": negative, "size": (width, height), "init": init}
-        run |= {"strength": float(params.get("strength", 0.6))}
+        run |= {"strength": params.strength}
         run |= {"controls": controlled.controls_for(params, model, context, (width, height), source)}
         latents = sample_maybe_refined(model, refine, context, params, **run)  # refined: base to the switch
         decoder = refine.model if refine is not None else model

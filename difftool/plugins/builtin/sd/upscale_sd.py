@@ -8,7 +8,7 @@ linear ramps across the overlap, so no seam shows where two tiles meet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from PIL import Image
 
 from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
+from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import hires, pipeline
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
@@ -71,44 +72,40 @@ class UpscaleSD(Task):
     def availability(self, model: str | None) -> str | None:
         return None if model else "it needs a Stable Diffusion model; pass --model PATH"
 
-    def check(self, params: Mapping[str, Any]) -> None:
+    def check(self, params: Params) -> None:
+        """The prompts' length, and tiles that overlap by less than their size (before any model loads)."""
         check_prompt_length(params)
+        if params.tile % 8 or params.overlap >= params.tile:
+            raise ParameterError(
+                f"--tile {params.tile} must be a multiple of 8 and larger than --overlap {params.overlap}",
+                "pass e.g. --tile 512 --overlap 64",
+            )
 
-    def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
-        scale = float(params["scale"])
+    def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+        scale = params.scale
         return tuple(max(8, round(v * scale / 8) * 8) for v in inputs[0]) if inputs else None  # type: ignore[return-value]
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
         """Every tile has the same size (a small image: one smaller tile)."""
-        tile = int(request.params.get("tile") or 512)
-        guidance = float(request.params.get("guidance_scale", 7.0))
-        return latent_shapes(
-            (tile, tile),
-            guidance,
-            exact=False,
-            tokens=prompt_tokens(request.params.get("prompt"), request.params.get("negative_prompt")),
-        )
+        params = request.params
+        tokens = prompt_tokens(params.prompt, params.negative_prompt)
+        return latent_shapes((params.tile, params.tile), params.guidance_scale, exact=False, tokens=tokens)
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
         image: LoadedImage = request.inputs["image"]
-        tile, overlap = int(params["tile"]), int(params["overlap"])
-        if tile % 8 or overlap >= tile:
-            raise ParameterError(
-                f"--tile {tile} must be a multiple of 8 and larger than --overlap {overlap}",
-                "pass e.g. --tile 512 --overlap 64",
-            )
-        width, height = (max(8, round(v * float(params["scale"]) / 8) * 8) for v in image.size)
-        check_pixels(width, height, what=f"the {params['scale']}x output")
+        tile, overlap = params.tile, params.overlap  # checked against each other at preflight (check)
+        width, height = (max(8, round(v * params.scale / 8) * 8) for v in image.size)
+        check_pixels(width, height, what=f"the {params.scale}x output")
         model = sd_model_for(context, params)
         if model.family.inpainting:
             raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to upscale-sd")
-        upscaled = self._upscale(image.rgb, (width, height), str(params.get("upscaler") or "embedded"), context)
+        upscaled = self._upscale(image.rgb, (width, height), params.upscaler, context)
         total = np.zeros((height, width, 3), np.float32)
         weights = np.zeros((height, width, 1), np.float32)
         xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
         th, tw = min(tile, height), min(tile, width)  # every tile has this size
-        texts = (params.get("prompt") or "", params.get("negative_prompt") or "")
+        texts = (params.prompt, params.negative_prompt)
         text = encode_text(model, context, params, *texts, (tw, th))  # once for all the tiles
         for row, top in enumerate(ys):
             for col, left in enumerate(xs):
@@ -138,7 +135,7 @@ class UpscaleSD(Task):
         return hires.superres(rgb, size, None if upscaler.lower() == "embedded" else upscaler, context)
 
     @staticmethod
-    def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext, text: Any) -> np.ndarray:
+    def _refine(model: Any, crop: np.ndarray, params: Params, context: RunContext, text: Any) -> np.ndarray:
         """One tile through img2img at its own size (its VAE encode and decode are tile-sized too)."""
         size = (crop.shape[1], crop.shape[0])
         init = pipeline.encode_image(model, pipeline.to_tensor(crop), context)
@@ -146,11 +143,11 @@ class UpscaleSD(Task):
             model,
             context,
             params,
-            prompt=params.get("prompt") or "",
-            negative=params.get("negative_prompt") or "",
+            prompt=params.prompt,
+            negative=params.negative_prompt,
             size=size,
             init=init,
-            strength=float(params["strength"]),
+            strength=params.strength,
             text=text,
         )
         return pipeline.to_numpy(pipeline.decode_latents(model, latents, context))

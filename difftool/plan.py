@@ -8,13 +8,16 @@ receives the resolved backend, so nothing below the preflight looks anything up 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from difftool.core.backend import ResolvedBackend
 from difftool.core.devices import resolve_dtype
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.models import ModelRef
+from difftool.core.params import Resolver, resolve_value
 from difftool.core.task import Param, Task
 
 #: What the defaults of backend, device and dtype are; a task that uses no model runs with these.
@@ -29,6 +32,7 @@ class Plan:
     task: Task
     plugin: str
     backend: ResolvedBackend
+    #: The task's model, resolved against its ``model_families`` (a :class:`ModelRef`; ``None``: its default).
     model: str | None
     #: Validated, typed parameters; image parameters stay as given (loaded per run).
     params: dict[str, Any]
@@ -50,6 +54,30 @@ def param_choices(param: Param, registry: Any) -> tuple[Any, ...]:
     if param.choices_from == "schedulers":
         return tuple(registry.schedulers)
     return param.choices
+
+
+class LocalResolver:
+    """:class:`~difftool.core.params.Resolver` on this machine: models through the registry's one resolver,
+    files as given (they must exist)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def model(self, name: str, families: Sequence[str], what: str) -> str:
+        if isinstance(name, ModelRef):  # resolved already (a plan preflighted again in a worker)
+            return name
+        return ModelRef(name, self.registry.resolve_model(str(name), families, what=what))
+
+    def file(self, path: str | Path, what: str) -> Path:
+        found = Path(path).expanduser()
+        if not found.exists():
+            raise ParameterError(f"{what} {path} does not exist", f"pass an existing file as the {what}")
+        return found
+
+
+def resolve_params(task: Task, values: Mapping[str, Any], resolver: Resolver) -> dict[str, Any]:
+    """Validated ``values`` with every model parameter and structured value's names resolved, once."""
+    return {p.name: resolve_value(p, values[p.name], resolver) for p in task.params}
 
 
 def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> dict[str, Any]:
@@ -78,8 +106,12 @@ def preflight(
     backend_options: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     registry: Any = None,
+    resolver: Resolver | None = None,
 ) -> Plan:
-    """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error."""
+    """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error.
+
+    ``resolver`` resolves the models and files the request names (default: :class:`LocalResolver`; a server
+    passes its path policy)."""
     from difftool.plugins.registry import get_registry
 
     registry = registry or get_registry()
@@ -94,7 +126,10 @@ def preflight(
     if reason:
         raise ModelError(f"task {task!r} cannot run: {reason}")
     resolved = registry.backend(backend).resolve(device, resolve_dtype(dtype, device), backend_options)
-    values = validate_params(instance, params or {}, registry)
+    resolver = resolver or LocalResolver(registry)
+    if model and model not in instance.model_keywords:  # against the families the task runs
+        model = resolver.model(model, instance.model_families or (), "model")
+    values = resolve_params(instance, validate_params(instance, params or {}, registry), resolver)
     instance.check(values)
     instance.check_backend(values, resolved)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)

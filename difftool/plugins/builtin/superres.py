@@ -59,6 +59,7 @@ class SuperResolution(Task):
     summary = "Upscale an image 2x or 4x with a diffusion model, or by a community upscaler (--model X.pth)"
     uses_model = True
     model_families = ("difftool-superres", upscalers.FAMILY)
+    model_keywords = tuple(EMBEDDED)
     params = (
         Param(
             "scale",
@@ -100,8 +101,8 @@ class SuperResolution(Task):
             raise ParameterError(
                 f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
             )
-        find = context.registry.find_models if context.registry is not None else None
-        community = upscalers.upscaler_path(context.model, find)
+        named = context.model if context.model not in EMBEDDED else None
+        community = upscalers.upscaler_path(named, context.registry)
         if community is not None:
             return self.run_upscaler(community, image, params, context)
         requested = params.get("scale")

@@ -22,6 +22,7 @@ from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
+from difftool.plugins.builtin.upscalers import SUPERRES_FAMILIES
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -57,8 +58,10 @@ class UpscaleSD(Task):
         Param("scale", "float", default=2.0, min=1.0, max=8.0, help="upscaling factor"),
         Param(
             "upscaler",
-            "string",
+            "model",
             default="embedded",
+            families=SUPERRES_FAMILIES,
+            keywords=("embedded", "lanczos"),
             help="embedded (difftool's superres model), lanczos, or a superres model: a listed name or a file",
         ),
         Param("strength", "float", default=0.3, min=0.01, max=1.0, help="how much each tile is repainted"),
@@ -103,7 +106,7 @@ class UpscaleSD(Task):
         model = sd_model_for(context, params)
         if model.family.inpainting:
             raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to upscale-sd")
-        upscaled = self._upscale(image.rgb, (width, height), str(params.get("upscaler") or "embedded"), context)
+        upscaled = self._upscale(image.rgb, (width, height), params.get("upscaler") or "embedded", context)
         total = np.zeros((height, width, 3), np.float32)
         weights = np.zeros((height, width, 1), np.float32)
         xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
@@ -132,10 +135,10 @@ class UpscaleSD(Task):
 
     @staticmethod
     def _upscale(rgb: np.ndarray, size: tuple[int, int], upscaler: str, context: RunContext) -> np.ndarray:
-        if upscaler.lower() == "lanczos":
+        if upscaler == "lanczos":
             channels = [Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS) for c in range(3)]
             return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0).astype(np.float32)
-        return hires.superres(rgb, size, None if upscaler.lower() == "embedded" else upscaler, context)
+        return hires.superres(rgb, size, None if upscaler == "embedded" else upscaler, context)
 
     @staticmethod
     def _refine(model: Any, crop: np.ndarray, params: dict[str, Any], context: RunContext, text: Any) -> np.ndarray:

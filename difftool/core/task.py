@@ -183,6 +183,9 @@ class TaskRequest:
 
     inputs: dict[str, Any]
     params: dict[str, Any]
+    #: The task's model as the preflight resolved it (a :class:`~difftool.core.models.ModelRef`; ``None``: the
+    #: task's default), so :meth:`Task.export_shapes` can declare what the run will ask of it.
+    model: str | None = None
 
 
 @dataclass

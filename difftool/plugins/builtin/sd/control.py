@@ -52,10 +52,10 @@ class ControlUnit:
     def resolved(self, resolver: Resolver) -> ControlUnit:
         """The unit with its model resolved (a file or folder, or a listed ControlNet) and its image, when a
         path, checked (:class:`~difftool.core.params.Resolvable`: the preflight calls it once)."""
-        image = self.image
+        model, image = resolver.model(self.model, CONTROLNET_FAMILIES, "ControlNet"), self.image
         if isinstance(image, (str, Path)):
             image = resolver.file(image, "control image")
-        return replace(self, model=resolver.model(self.model, CONTROLNET_FAMILIES, "ControlNet"), image=image)
+        return replace(self, model=model, image=image)
 
 
 def format_unit(unit: ControlUnit) -> str:

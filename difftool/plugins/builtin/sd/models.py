@@ -9,10 +9,10 @@ from typing import Any
 
 from difftool.core import phases
 from difftool.core.errors import ModelError, ParameterError
-from difftool.core.models import model_path
+from difftool.core.models import ModelRef, model_path
 from difftool.core.runtime import current
 from difftool.core.task import Param, RunContext
-from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model
+from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model, native_size
 from difftool.plugins.builtin.sd.lora import LORA_FAMILIES, Loras, _is_number, parse_lora
 
 #: Parameters every Stable Diffusion task declares for loading its model.
@@ -55,6 +55,15 @@ def is_sd_request(model: str | None, context: RunContext) -> bool:
     if not model:
         return False
     return is_sd_model(resolve_path(model, context))
+
+
+def native_size_of(model: str | None) -> int:
+    """The native resolution of ``--model`` (resolved by the preflight) without loading its weights: a side
+    ``export_shapes`` defaults to, as the run does (SDXL: 1024); 512 when only loading would tell."""
+    if not model:
+        return 512
+    path = model.path if isinstance(model, ModelRef) else Path(model).expanduser()
+    return native_size(path) or 512
 
 
 def lora_files(loras: Loras | None) -> list[tuple[Path, float]]:

@@ -18,7 +18,7 @@ from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, Task
 from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for, split_loras
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, native_size_of, sd_model_for, split_loras
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
 from difftool.plugins.hookspecs import hookimpl
 
@@ -260,9 +260,10 @@ class Generate(Task):
         return sd_export_target(model)
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
-        """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
-        params = request.params
-        size = (params.get("width") or 512, params.get("height") or 512)
+        """One latent of the requested size (pixels / 8; a side left out: the model's native size, as the run
+        does), doubled for classifier-free guidance."""
+        params, native = request.params, native_size_of(request.model)
+        size = (params.get("width") or native, params.get("height") or native)
         tokens = prompt_tokens(params.get("prompt"), params.get("negative_prompt"))
         shapes = latent_shapes(size, float(params.get("guidance_scale", 7.0)), tokens=tokens)
         if (params.get("hires") or 1.0) > 1.0:  # one engine for both passes: up to the second pass's size

@@ -175,10 +175,6 @@ def check_params(
             continue
         if param.type == "path":
             checked[param.name] = str(policy.resolve(str(value), param.name))
-        elif param.name == "embedding" and param.type == "string":  # files; named ones are found by the task
-            checked[param.name] = ",".join(
-                str(policy.resolve(item.strip(), "embedding")) for item in str(value).split(",") if item.strip()
-            )
         elif param.parse is not None and param.multiple:
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
             checked[param.name] = [_decoded(item, policy, limit, max_pixels) for item in items if item]

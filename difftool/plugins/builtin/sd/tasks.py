@@ -15,7 +15,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
+from difftool.plugins.builtin.sd import control, embeddings, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, native_size_of, sd_model_for, split_loras
@@ -41,6 +41,7 @@ PROMPT_PARAMS = (
         default=None,
         help="textual-inversion embedding file(s), comma-separated, used where their name is in a prompt "
         "(files in embeddings/ under the model roots are found by name)",
+        parse=embeddings.parse_embedding_files,
     ),
 )
 
@@ -111,8 +112,6 @@ def encode_text(
 ) -> pipeline.TextConditioning:
     """The prompts as the U-Net's conditioning: LoRA tags dropped (applied by :func:`sd_model_for`),
     embeddings the texts name placed, A1111's chunking; SDXL's size conditioning for ``size``."""
-    from difftool.plugins.builtin.sd import embeddings
-
     pipeline.prepare_text_encoders(model, context)
     prompt, _ = split_loras(prompt)
     widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]

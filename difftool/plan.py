@@ -126,10 +126,13 @@ def preflight(
     if reason:
         raise ModelError(f"task {task!r} cannot run: {reason}")
     resolved = registry.backend(backend).resolve(device, resolve_dtype(dtype, device), backend_options)
-    resolver = resolver or LocalResolver(registry)
-    if model and model not in instance.model_keywords:  # against the families the task runs
-        model = resolver.model(model, instance.model_families or (), "model")
-    values = resolve_params(instance, validate_params(instance, params or {}, registry), resolver)
+    values = validate_params(instance, params or {}, registry)
     instance.check(values)
     instance.check_backend(values, resolved)
+    # Then the models and files the request names, once: against the families each is declared with (the
+    # task's own model against its model_families); the plan carries what they resolved to.
+    resolver = resolver or LocalResolver(registry)
+    if model and model not in instance.model_keywords:
+        model = resolver.model(model, instance.model_families or (), "model")
+    values = resolve_params(instance, values, resolver)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)

@@ -161,8 +161,8 @@ class Param:
                     raise TypeError
                 value = value if isinstance(value, str) else str(value)  # a resolved ModelRef stays one
                 value = next((k for k in self.keywords if k.lower() == value.lower()), value)
-                if not value:  # an emptied form field: the default
-                    return self._validate_one(self.default, choices) if self.default else None
+                if not value:  # an emptied form field: the default (a required one is then missing)
+                    return self._validate_one(self.default or None, choices)
         except (TypeError, ValueError, OverflowError):
             raise ParameterError(f"{self.flag}: {_shown(value)} is not a valid {self.type}", fix) from None
         if self.type == "float" and not math.isfinite(value):

@@ -96,9 +96,11 @@ class Server:
             if kinds.get(name) in ("image", "mask") and value is not None:
                 values[name] = self.load_image(value, name)
         request: dict[str, Any] = {"device": self.settings.devices[0]}
-        if model:  # the preflight resolves it against the task's families; a caller may narrow them
-            narrowed = model_families and resolve_model(model, self.registry, self.policy, model_families)
-            request["model"] = narrowed or model
+        if model and model not in instance.model_keywords:  # a name of the task's families (a caller may narrow)
+            families = model_families or instance.model_families or ()
+            request["model"] = resolve_model(model, self.registry, self.policy, families)
+        elif model:
+            request["model"] = model
         if backend:
             request["backend"] = backend
         if dtype:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -101,16 +102,15 @@ def prompt_loras(prompt: str, context: RunContext) -> list[tuple[Path, float]]:
     """The LoRAs a prompt's ``<lora:NAME:WEIGHT>`` tags name, found by name in the model roots (as ``--lora``)."""
     loras = []
     for name, weight in split_loras(prompt)[1]:
-        try:
-            if context.registry is None:
-                raise ModelError("no registry")
-            path = context.registry.resolve_model(name, LORA_FAMILIES, what="LoRA", paths=False)
-        except ModelError:
+        path = None
+        with contextlib.suppress(ModelError):  # a tag names a listed LoRA, never a path
+            path = context.registry and context.registry.resolve_model(name, LORA_FAMILIES, what="LoRA", paths=False)
+        if path is None:
             raise ParameterError(
                 f"the prompt names LoRA {name!r}, which is not in the model roots' Lora folders",
                 f"put {name}.safetensors in models/Lora under a model root (`difftool models` lists them) "
                 "or pass --lora PATH",
-            ) from None
+            )
         loras.append((path, weight))
     return loras
 

@@ -353,7 +353,8 @@ def test_cli_run_with_a_listed_refiner(models: dict, tmp_path: Path, monkeypatch
     text = read_metadata(png)["parameters"]
     assert text["Refiner"].startswith("tiny-refiner-file [") and text["Refiner switch at"] == "0.6"
     bad = CliRunner().invoke(cli.cli, [*args[:4], "--refiner", "tiny-sdxl", *args[6:], "-o", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output
+    # A listed base is refused by its family at preflight, before any model loads.
+    assert bad.exit_code != 0 and "--refiner 'tiny-sdxl' is a sdxl model, not sdxl-refiner" in bad.output
 
 
 def test_server_accepts_listed_refiners_only(models: dict) -> None:

@@ -232,6 +232,7 @@ def run_plan(
     task, instance, registry = plan.task_name, type(plan.task)(), plan.registry
     seed = new_seed() if seed is None else check_seed(seed)
     request = prepare(instance, inputs, plan.params)
+    request.model = plan.model  # export_shapes declares against the resolved model (SDXL: 1024 px)
     context = RunContext(
         seed=seed,
         backend=plan.backend,

@@ -8,14 +8,16 @@ receives the resolved backend, so nothing below the preflight looks anything up 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from difftool.core.backend import ResolvedBackend
 from difftool.core.devices import resolve_dtype
 from difftool.core.errors import ModelError, ParameterError
-from difftool.core.params import Params
+from difftool.core.models import ModelRef
+from difftool.core.params import Params, Resolver, resolve_value
 from difftool.core.task import Param, Task
 
 #: What the defaults of backend, device and dtype are; a task that uses no model runs with these.
@@ -30,6 +32,7 @@ class Plan:
     task: Task
     plugin: str
     backend: ResolvedBackend
+    #: The task's model, resolved against its ``model_families`` (a :class:`ModelRef`; ``None``: its default).
     model: str | None
     #: Validated, typed, frozen parameters: every declared name present, defaults applied; image parameters
     #: stay as given (loaded per run, :func:`difftool.api.prepare`).
@@ -52,6 +55,30 @@ def param_choices(param: Param, registry: Any) -> tuple[Any, ...]:
     if param.choices_from == "schedulers":
         return tuple(registry.schedulers)
     return param.choices
+
+
+class LocalResolver:
+    """:class:`~difftool.core.params.Resolver` on this machine: models through the registry's one resolver,
+    files as given (they must exist)."""
+
+    def __init__(self, registry: Any) -> None:
+        self.registry = registry
+
+    def model(self, name: str, families: Sequence[str], what: str) -> str:
+        if isinstance(name, ModelRef):  # resolved already (a plan preflighted again in a worker)
+            return name
+        return ModelRef(name, self.registry.resolve_model(str(name), families, what=what))
+
+    def file(self, path: str | Path, what: str) -> Path:
+        found = Path(path).expanduser()
+        if not found.exists():
+            raise ParameterError(f"{what} {path} does not exist", f"pass an existing file as the {what}")
+        return found
+
+
+def resolve_params(task: Task, values: Mapping[str, Any], resolver: Resolver) -> Params:
+    """Validated ``values`` with every model parameter and structured value's names resolved, once."""
+    return Params({p.name: resolve_value(p, values[p.name], resolver) for p in task.params})
 
 
 def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> Params:
@@ -82,10 +109,13 @@ def preflight(
     backend_options: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
     registry: Any = None,
+    resolver: Resolver | None = None,
 ) -> Plan:
     """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error.
 
     The task's cross-field checks (:meth:`Task.check`) and backend checks run here, before any model loads.
+    ``resolver`` resolves the models and files the request names (default: :class:`LocalResolver`; a server
+    passes its path policy).
     """
     from difftool.plugins.registry import get_registry
 
@@ -104,4 +134,10 @@ def preflight(
     values = validate_params(instance, params or {}, registry)
     instance.check(values)
     instance.check_backend(values, resolved)
+    # Then the models and files the request names, once: against the families each is declared with (the
+    # task's own model against its model_families); the plan carries what they resolved to.
+    resolver = resolver or LocalResolver(registry)
+    if model and model not in instance.model_keywords:
+        model = resolver.model(model, instance.model_families or (), "model")
+    values = resolve_params(instance, values, resolver)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)

@@ -10,12 +10,14 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from difftool.core.errors import ParameterError
 
-ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path"]
-PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path")
+ParamType = Literal["int", "float", "bool", "string", "choice", "image", "mask", "path", "model"]
+PARAM_TYPES: tuple[str, ...] = ("int", "float", "bool", "string", "choice", "image", "mask", "path", "model")
+#: Types whose value is text the file system or a model lookup reads (bounded, no NUL).
+_TEXT_TYPES = ("string", "path", "choice", "model")
 
 #: Longest text a string or path parameter takes unless it declares :attr:`Param.max_length`: every request
 #: is bounded before any work (a 10 MB prompt once held a server worker for minutes).
@@ -28,6 +30,11 @@ class Param:
 
     ``choices_from="schedulers"`` takes the choices from the registry at run time, so a plugin's
     scheduler is a valid choice for every task that declares a scheduler parameter.
+
+    ``type="model"``: a model, named as ``difftool models`` lists it (among :attr:`families`) or by its file
+    or folder; the preflight resolves it once (:class:`Resolver`), so the plan carries the resolved path (a
+    :class:`~difftool.core.models.ModelRef`) and a server applies its path policy to it by this kind, whatever
+    the parameter is called. :attr:`keywords` are values that name no model (``latent``, ``embedded``).
 
     ``multiple``: the parameter takes several values (a repeatable CLI option, one value per line in a
     form, a list in the API); its validated value is a tuple. ``parse`` turns each (already typed) value
@@ -51,6 +58,10 @@ class Param:
     parse: Callable[[Any], Any] | None = field(default=None, compare=False)
     #: Longest text (characters) a string or path value may have; checked before anything reads it.
     max_length: int = MAX_STRING_LENGTH
+    #: A model parameter's families (:attr:`ModelEntry.family`) a listed name must have; empty: any.
+    families: tuple[str, ...] = ()
+    #: A model parameter's values that name no model (matched without regard to case): kept as words.
+    keywords: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.type not in PARAM_TYPES:
@@ -64,6 +75,8 @@ class Param:
             raise TypeError(f"parameter {self.name!r}: choices mix types {sorted(k.__name__ for k in kinds)}")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise TypeError(f"parameter {self.name!r}: min {self.min} > max {self.max}")
+        if (self.families or self.keywords) and self.type != "model":
+            raise TypeError(f"parameter {self.name!r}: only a model parameter has families or keywords")
 
     def effective_default(self) -> Any:
         """:attr:`default`, or the value of :attr:`env` when that variable is set."""
@@ -111,7 +124,7 @@ class Param:
                 raise ParameterError(f"{self.flag} is required", f"pass {self.flag} ({self.help or self.type})")
             return None
         fix = f"pass {self.flag} {self.range_text()}".rstrip()
-        if isinstance(value, str) and self.type in ("string", "path", "choice"):
+        if isinstance(value, str) and self.type in _TEXT_TYPES:
             if len(value) > self.max_length:  # before anything reads it (tokenizers, parsers, the file system)
                 raise ParameterError(
                     f"{self.flag} is {len(value)} characters long, over its limit of {self.max_length}",
@@ -143,6 +156,13 @@ class Param:
                 if not isinstance(value, (str, Path)):
                     raise TypeError
                 value = Path(value)
+            elif self.type == "model":
+                if not isinstance(value, (str, Path)):
+                    raise TypeError
+                value = value if isinstance(value, str) else str(value)  # a resolved ModelRef stays one
+                value = next((k for k in self.keywords if k.lower() == value.lower()), value)
+                if not value:  # an emptied form field: the default (a required one is then missing)
+                    return self._validate_one(self.default or None, choices)
         except (TypeError, ValueError, OverflowError):
             raise ParameterError(f"{self.flag}: {_shown(value)} is not a valid {self.type}", fix) from None
         if self.type == "float" and not math.isfinite(value):
@@ -172,6 +192,45 @@ class Param:
         if self.max is not None:
             return f"<= {self.max:g}"
         return ""
+
+
+class Resolver(Protocol):
+    """How the preflight turns what a request names into what a run reads: the registry's resolver on this
+    machine (:class:`difftool.plan.LocalResolver`), a server's path policy for its requests."""
+
+    def model(self, name: str, families: Sequence[str], what: str) -> str:
+        """The model ``name`` names (a :class:`~difftool.core.models.ModelRef`), or a one-line error."""
+        ...
+
+    def file(self, path: str | Path, what: str) -> Path:
+        """The file ``path`` names, checked (it exists; a server: inside its allowed folders)."""
+        ...
+
+
+@runtime_checkable
+class Resolvable(Protocol):
+    """A structured value (a ControlNet unit, LoRA specs) that names models or files: ``resolved`` returns
+    it with each name resolved through ``resolver`` (its syntax is parsed once, by the parameter's parse)."""
+
+    def resolved(self, resolver: Resolver) -> Any: ...
+
+
+def resolve_value(param: Param, value: Any, resolver: Resolver) -> Any:
+    """``value`` (validated) with the models and files it names resolved: a model parameter's name, and the
+    names inside structured values (:class:`Resolvable`); other values unchanged."""
+    if value is None:
+        return None
+    if param.multiple and isinstance(value, tuple):
+        return tuple(_resolve_one(param, item, resolver) for item in value)
+    return _resolve_one(param, value, resolver)
+
+
+def _resolve_one(param: Param, value: Any, resolver: Resolver) -> Any:
+    if param.type == "model":
+        return value if value in param.keywords else resolver.model(value, param.families, param.flag)
+    if isinstance(value, Resolvable):
+        return value.resolved(resolver)
+    return value
 
 
 def _shown(value: Any) -> str:

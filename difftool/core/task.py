@@ -199,6 +199,9 @@ class TaskRequest:
 
     inputs: dict[str, Any]
     params: Params
+    #: The task's model as the preflight resolved it (a :class:`~difftool.core.models.ModelRef`; ``None``: the
+    #: task's default), so :meth:`Task.export_shapes` can declare what the run will ask of it.
+    model: str | None = None
 
 
 @dataclass
@@ -222,6 +225,9 @@ class Task(ABC):
     #: The families of listed models (:attr:`ModelEntry.family`) this task runs; ``None``: any. Model
     #: pickers offer only these (a path given by hand is still checked by the task itself).
     model_families: ClassVar[tuple[str, ...] | None] = None
+    #: Values of ``--model`` that name no file but a model the task knows (superres' ``difftool``): the
+    #: preflight resolves every other value (:meth:`difftool.plugins.registry.Registry.resolve_model`).
+    model_keywords: ClassVar[tuple[str, ...]] = ()
     #: What one worker running this task needs (distributed executors reserve it): ``cpus``, ``gpus``
     #: (with ``--device cuda``), ``memory_gb``.
     resources: ClassVar[dict[str, float]] = {"cpus": 1}

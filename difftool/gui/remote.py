@@ -48,6 +48,8 @@ def param_from_schema(name: str, schema: dict[str, Any], required: bool) -> Para
         required=required,
         multiline="prompt" in name or multiple,
         multiple=multiple,
+        families=tuple(schema.get("x-difftool-families", ())),
+        keywords=tuple(schema.get("x-difftool-keywords", ())),
     )
 
 

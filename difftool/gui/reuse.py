@@ -8,7 +8,6 @@ for the user to accept or leave out, and only paths that exist here are offered 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,8 +19,6 @@ from difftool.core.task import Param
 NEVER_FROM_A_FILE = ("allow_pickle",)
 #: String parameters that list files, comma-separated (``PATH[:WEIGHT]`` for LoRAs).
 FILE_LISTS = ("lora", "embedding")
-#: String parameters that name one model: a keyword, a listed name, or a file or folder.
-MODEL_NAMES = ("refiner", "hires_upscaler", "upscaler")
 _SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".onnx", ".engine", ".yaml", ".json"}
 _SUFFIXES |= {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif"}
 
@@ -59,11 +56,15 @@ def _exists(text: str) -> bool:
 
 
 def _lora_path(item: str) -> str:
-    path, sep, weight = item.rpartition(":")
+    """The file one ``--lora`` item names, read by the LoRA parser itself (its weight dropped)."""
+    from difftool.core.errors import ParameterError
+    from difftool.plugins.builtin.sd.lora import parse_lora
+
     try:
-        return path if sep and math.isfinite(float(weight)) else item
-    except ValueError:
+        specs = parse_lora(item).specs
+    except ParameterError:  # a weight that is not finite: the whole item is the name
         return item
+    return specs[0].name if specs else item
 
 
 def _split_files(name: str, param: Param, value: Any) -> tuple[Any, Any, list[str], list[str]]:
@@ -93,7 +94,7 @@ def _split_files(name: str, param: Param, value: Any) -> tuple[Any, Any, list[st
             else:
                 gone.append(path)
         return ",".join(kept) or None, ",".join(plain) or None, found, gone
-    if name in MODEL_NAMES and isinstance(value, str):
+    if param.type == "model" and isinstance(value, str):  # a keyword, a listed name, or a file
         if not names_a_file(value):
             return value, value, [], []
         return (value, None, [value], []) if _exists(value) else (None, None, [], [value])

@@ -13,14 +13,15 @@ import importlib
 import importlib.metadata
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from difftool.core.backend import Backend
-from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
+from difftool.core.errors import BackendUnavailableError, ModelError, ParameterError, PluginError
 from difftool.core.exporter import Exporter
 from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
@@ -183,6 +184,32 @@ class Registry:
                 if found:
                     return dataclasses.replace(entry, family=found)
         return entry
+
+    def resolve_model(
+        self, name: str, families: Sequence[str] = (), *, what: str = "model", paths: bool = True
+    ) -> Path:
+        """The file or folder model ``name`` names (the one resolver): an existing file or folder (if ``paths``;
+        a server applies its own policy), else a name ``difftool models`` lists among ``families`` (empty: any);
+        otherwise a one-line :class:`ModelError` naming the fix and the listed choices of those families."""
+        if paths:
+            path = Path(name).expanduser()
+            if path.exists():
+                if not (path.is_file() or path.is_dir()):  # a FIFO's open() would block the run forever
+                    raise ModelError(f"{what} {name!r} is not a regular file or folder", "name a model file or folder")
+                return path
+        listed = self.find_models()
+        fits = [e for e in listed if not families or e.family in families]
+        found = next((e for e in fits if e.name == name), None)
+        if found is not None:
+            return found.path
+        choices = ", ".join(sorted({e.name for e in fits})[:20]) or "none found"
+        other = next((e for e in listed if e.name == name), None)
+        if other is not None:
+            raise ModelError(
+                f"{what} {name!r} is a {other.family} model, not {' or '.join(families)} (listed: {choices})",
+                "pass one of the listed models of those families (`difftool models` shows each one's family)",
+            )
+        raise ModelError(f"{what} {name!r} not found (listed: {choices})", "pass a file or folder, or a listed name")
 
     def preprocessor(self, name: str) -> PreprocessorEntry:
         entry = self.preprocessors.get(name)

@@ -28,6 +28,7 @@ from difftool.serve.server import MAX_COUNT, Server
 router = APIRouter(prefix="/v1", tags=["native"])
 
 _JSON_TYPES = {"int": "integer", "float": "number", "bool": "boolean", "string": "string", "path": "string"}
+_JSON_TYPES["model"] = "string"  # a listed name or a path (the server's policy applies)
 #: An image or mask: base64 bytes (a ``data:`` URL prefix is allowed), or a path inside an --allow-path folder.
 IMAGE_SCHEMA: dict[str, Any] = {
     "anyOf": [
@@ -53,6 +54,9 @@ def param_schema(param: Param, registry: Any) -> dict[str, Any]:
         schema = {"type": _JSON_TYPES[param.type]}
         if param.type == "path":
             schema["format"] = "path"
+        if param.type == "model":  # what the GUI's model picker offers: listed models of these families
+            schema |= {"x-difftool-type": "model", "x-difftool-families": list(param.families)}
+            schema["x-difftool-keywords"] = list(param.keywords)
     if param.min is not None:
         schema["minimum"] = param.min
     if param.max is not None:

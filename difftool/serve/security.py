@@ -15,8 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from difftool.core.errors import DifftoolError, ImageError, ParameterError
+from difftool.core.errors import DifftoolError, ImageError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, open_image
+from difftool.core.models import ModelRef
 from difftool.core.task import Task
 
 
@@ -83,22 +84,37 @@ class PathPolicy:
 
 
 def resolve_model(name: str | None, registry: Any, policy: PathPolicy, families: Sequence[str] = ()) -> str | None:
-    """The path of model ``name`` (a name ``GET /v1/models`` lists, or a path inside an allowed folder).
-
-    ``families`` restricts which listed models count (an upscaler name for superres, a LoRA for --lora).
-    """
+    """Model ``name`` resolved for a request: a name ``GET /v1/models`` lists (among ``families``), or a path
+    inside an allowed folder; a :class:`~difftool.core.models.ModelRef`, so records show the name as sent."""
     if name is None or name == "":
         return None
+    if isinstance(name, ModelRef):  # resolved already, by this policy
+        return name
     if not isinstance(name, str) or "\x00" in name:
         raise ParameterError(f"model {str(name)[:80]!r} is not a model name", "GET /v1/models lists the names")
-    for entry in registry.find_models():
-        if entry.name == name and (not families or entry.family in families):
-            return str(entry.path)
-    if policy.roots and ("/" in name or (policy.roots[0] / name).exists()):  # a path, not a mistyped name
-        return str(policy.resolve(name, "model"))
+    try:
+        return ModelRef(name, registry.resolve_model(name, families, paths=False))
+    except ModelError:
+        if policy.roots and ("/" in name or (policy.roots[0] / name).exists()):  # a path, not a mistyped name
+            return ModelRef(name, policy.resolve(name, "model"))
     raise ParameterError(
         f"model {name!r} is not one of this server's models", "GET /v1/models lists the names it accepts"
     )
+
+
+class PolicyResolver:
+    """The :class:`~difftool.core.params.Resolver` a server's preflight uses: every model a request names (a
+    model parameter, a structured value's model, the task's model) and every file it names go through the
+    path policy, whatever the parameter is called."""
+
+    def __init__(self, registry: Any, policy: PathPolicy) -> None:
+        self.registry, self.policy = registry, policy
+
+    def model(self, name: str, families: Sequence[str], what: str) -> str:
+        return resolve_model(name, self.registry, self.policy, families) or ""
+
+    def file(self, path: str | Path, what: str) -> Path:
+        return self.policy.resolve(path, what)
 
 
 def decode_base64(text: str, what: str, limit: int) -> bytes:
@@ -139,14 +155,6 @@ def load_image(value: Any, what: str, policy: PathPolicy, limit: int, max_pixels
     return open_image(data, max_pixels, PIXELS_FIX)
 
 
-#: Built-in string parameters that name a superres model unless they hold one of :data:`KEYWORDS`.
-UPSCALER_PARAMS = ("hires_upscaler", "upscaler")
-KEYWORDS = ("latent", "embedded", "lanczos")
-UPSCALER_FAMILIES = ("difftool-superres", "upscaler")
-#: The family ``difftool models`` gives SDXL refiners (generate's ``refiner``).
-REFINER_FAMILIES = ("sdxl-refiner",)
-
-
 def check_params(
     task: Task,
     params: Mapping[str, Any],
@@ -155,8 +163,11 @@ def check_params(
     limit: int = 50 << 20,
     max_pixels: int | None = None,
 ) -> dict[str, Any]:
-    """``params`` with every server-side file reference checked (path params, ``lora``, ControlNet units);
-    pickles refused. ``limit``: the largest image (bytes) a ControlNet unit may send inline."""
+    """``params`` with the server-side files they name checked, by parameter kind: a path parameter inside an
+    allowed folder; a structured value sent as a JSON object (a ControlNet unit) with its ``image`` decoded
+    (base64, or ``{"path": ...}`` inside an allowed folder); pickles refused. Models, and the names inside
+    structured values, are resolved by the preflight through :class:`PolicyResolver`. ``limit``: the largest
+    image (bytes) a structured value may send inline."""
     checked = dict(params)
     for param in task.params:
         value = checked.get(param.name)
@@ -164,21 +175,9 @@ def check_params(
             continue
         if param.type == "path":
             checked[param.name] = str(policy.resolve(str(value), param.name))
-        elif param.name == "lora" and param.type == "string":
-            checked[param.name] = _checked_loras(str(value), registry, policy)
-        elif param.name == "embedding" and param.type == "string":  # files; named ones are found by the task
-            checked[param.name] = ",".join(
-                str(policy.resolve(item.strip(), "embedding")) for item in str(value).split(",") if item.strip()
-            )
-        elif param.name == "control" and param.multiple:
+        elif param.parse is not None and param.multiple:
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
-            checked[param.name] = [
-                _checked_control(item, registry, policy, limit, max_pixels) for item in items if item
-            ]
-        elif param.name == "refiner" and param.type == "string":
-            checked[param.name] = resolve_model(str(value), registry, policy, families=REFINER_FAMILIES)
-        elif param.name in UPSCALER_PARAMS and param.type == "string" and str(value).lower() not in KEYWORDS:
-            checked[param.name] = resolve_model(str(value), registry, policy, families=UPSCALER_FAMILIES)
+            checked[param.name] = [_decoded(item, policy, limit, max_pixels) for item in items if item]
         elif param.name == "allow_pickle" and value not in (False, 0, "false", "0", "no", "off", ""):
             raise AccessDenied(
                 "allow_pickle: the server never unpickles files named in a request", "use .safetensors models"
@@ -186,45 +185,9 @@ def check_params(
     return checked
 
 
-#: The families ``difftool models`` gives ControlNets.
-CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
-
-
-def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
-    """A ControlNet unit whose model is a listed ControlNet (or inside an allowed folder) and whose image is a
-    path inside an allowed folder (string form ``MODEL=PATH,...``) or, in the mapping form, base64 data or
-    ``{"path": ...}``."""
-    if isinstance(item, Mapping):
-        unit = dict(item)
-        unit["model"] = resolve_model(str(unit.get("model") or ""), registry, policy, CONTROLNET_FAMILIES)
-        if unit.get("image") is not None:
-            unit["image"] = load_image(unit["image"], "control image", policy, limit, max_pixels).rgb
-        return unit
-    head, comma, rest = str(item).partition(",")
-    name, _, image = head.partition("=")
-    model = resolve_model(name.strip(), registry, policy, CONTROLNET_FAMILIES)
-    image = f"={policy.resolve(image.strip(), 'control image')}" if image.strip() else ""
-    return f"{model}{image}{comma}{rest}"
-
-
-def _checked_loras(spec: str, registry: Any, policy: PathPolicy) -> str:
-    """``NAME[:WEIGHT],...`` with each name resolved among the listed LoRAs or inside an allowed folder."""
-    items = []
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        name, sep, weight = item.rpartition(":")
-        if not sep or not _is_number(weight):
-            name, weight = item, ""
-        path = resolve_model(name, registry, policy, families=("lora",))
-        items.append(f"{path}:{weight}" if weight else str(path))
-    return ",".join(items)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+def _decoded(item: Any, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
+    """A structured value as sent: a JSON object's ``image`` is wire data (base64 or ``{"path": ...}``), decoded
+    here, where the server's image budget applies; text goes to the parameter's own parser unchanged."""
+    if isinstance(item, Mapping) and item.get("image") is not None:
+        return {**item, "image": load_image(item["image"], "control image", policy, limit, max_pixels).rgb}
+    return item

@@ -9,20 +9,15 @@ from difftool.core.errors import ImageTooLargeError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels
 from difftool.plan import Plan
 from difftool.serve.jobs import Job, JobQueue
-from difftool.serve.security import (
-    PIXELS_FIX,
-    REFINER_FAMILIES,
-    PathPolicy,
-    check_params,
-    load_image,
-    resolve_model,
-)
+from difftool.serve.security import PIXELS_FIX, PathPolicy, PolicyResolver, check_params, load_image, resolve_model
 from difftool.serve.settings import ServeSettings
 
 #: Most outputs one request may ask for (A1111's batch_size x n_iter, the native ``count``).
 MAX_COUNT = 16
 #: Families of Stable Diffusion checkpoints (what ``/sdapi/v1/sd-models`` lists).
 SD_FAMILY_PREFIXES = ("sd1", "sd2", "sdxl")
+#: The family ``difftool models`` gives SDXL refiners (generate's ``refiner``).
+REFINER_FAMILIES = ("sdxl-refiner",)
 
 
 class Server:
@@ -92,13 +87,17 @@ class Server:
             if kinds.get(name) in ("image", "mask") and value is not None:
                 values[name] = self.load_image(value, name)
         request: dict[str, Any] = {"device": self.settings.devices[0]}
-        if model:
-            request["model"] = resolve_model(model, self.registry, self.policy, model_families)
+        if model and model not in instance.model_keywords:  # a name of the task's families (a caller may narrow)
+            families = model_families or instance.model_families or ()
+            request["model"] = resolve_model(model, self.registry, self.policy, families)
+        elif model:
+            request["model"] = model
         if backend:
             request["backend"] = backend
         if dtype:
             request["dtype"] = dtype
-        plan = preflight(task, params=values, registry=self.registry, **request)
+        resolver = PolicyResolver(self.registry, self.policy)  # models and files, by kind, through the policy
+        plan = preflight(task, params=values, registry=self.registry, resolver=resolver, **request)
         self.check_work(plan, [image.size for image in loaded if isinstance(image, LoadedImage)], int(count))
         first = new_seed() if seed is None or int(seed) < 0 else int(seed)
         return Job(plan, loaded, [first + i for i in range(int(count))], preview_every=max(0, int(preview_every)))

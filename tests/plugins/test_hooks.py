@@ -382,6 +382,9 @@ def test_preflight_refuses_controlnet_units_on_a_backend_without_controlnets(tmp
             api.run(task, *inputs, model=missing, backend="shapes", prompt="x", control=[f"cn={photo}"],
                     registry=registry, **extra)  # fmt: skip
         assert "use --backend torch, onnx or tensorrt" in str(caught.value), task
-    # Without units, or on a backend that runs ControlNets, the preflight passes.
-    assert preflight("generate", model=missing, backend="shapes", params={"prompt": "x"}, registry=registry)
-    assert preflight("generate", model=missing, params={"prompt": "x", "control": ["cn"]}, registry=registry)
+    # Without units, or on a backend that runs ControlNets, the preflight passes (it resolves the files named,
+    # it loads none of them).
+    model, cn = tmp_path / "model.safetensors", tmp_path / "cn.safetensors"
+    model.write_bytes(b"\0"), cn.write_bytes(b"\0")
+    assert preflight("generate", model=str(model), backend="shapes", params={"prompt": "x"}, registry=registry)
+    assert preflight("generate", model=str(model), params={"prompt": "x", "control": [str(cn)]}, registry=registry)

@@ -1,10 +1,12 @@
 import importlib.metadata
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from difftool.core.errors import ModelError
 from difftool.core.task import Param, Task, TaskResult
 from difftool.plugins import hookimpl
 from difftool.plugins.registry import DEFAULT_PLUGINS, build_registry, get_registry, plugins_disabled
@@ -253,3 +255,61 @@ def test_malformed_registrations_are_reported_and_the_rest_registered() -> None:
     assert any("not a Backend instance" in f.error for f in registry.failures)
     assert all(plugin == "Malformed" for plugin, _ in stages)
     assert "superres" in registry.tasks and "torch" in registry.backends  # the built-ins are unaffected
+
+
+# --- the one model resolver ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def listed(tmp_path: Path) -> tuple:
+    """A registry whose model sources list an upscaler ``4x-ink``, a LoRA ``ink`` and a checkpoint ``dreamy``."""
+    from difftool.core.models import ModelEntry
+
+    files = {name: tmp_path / f"{name}.safetensors" for name in ("4x-ink", "ink", "dreamy")}
+    for path in files.values():
+        path.write_bytes(b"\0")
+    registry = build_registry(entry_points=False)
+    entries = [
+        ModelEntry("4x-ink", files["4x-ink"], "upscaler", "test"),
+        ModelEntry("ink", files["ink"], "lora", "test"),
+        ModelEntry("dreamy", files["dreamy"], "sd1", "test"),
+    ]
+    registry.find_models = lambda: entries  # type: ignore[method-assign]
+    return registry, files
+
+
+def test_resolve_model_finds_a_listed_name_among_its_families(listed: tuple) -> None:
+    registry, files = listed
+    assert registry.resolve_model("4x-ink", ("difftool-superres", "upscaler")) == files["4x-ink"]
+    assert registry.resolve_model("ink", ("lora",)) == files["ink"]
+    assert registry.resolve_model("dreamy") == files["dreamy"]  # no families: any listed model
+
+
+def test_resolve_model_takes_an_existing_path_as_itself(listed: tuple, tmp_path: Path) -> None:
+    registry, _ = listed
+    mine = tmp_path / "mine.pth"
+    mine.write_bytes(b"\0")
+    assert registry.resolve_model(str(mine), ("upscaler",)) == mine  # a path is checked by the task, any family
+    assert registry.resolve_model(str(tmp_path)) == tmp_path  # a folder too
+    with pytest.raises(ModelError, match="not found"):  # a server resolves paths through its own policy
+        registry.resolve_model(str(mine), ("upscaler",), paths=False)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelError, match="not a regular file or folder"):  # its open() would block forever
+        registry.resolve_model(str(fifo))
+
+
+def test_an_unknown_model_is_one_line_naming_the_fix_and_the_choices(listed: tuple) -> None:
+    registry, _ = listed
+    with pytest.raises(ModelError) as error:
+        registry.resolve_model("4x-pen", ("difftool-superres", "upscaler"), what="--hires-upscaler")
+    assert str(error.value).splitlines()[0].startswith("--hires-upscaler '4x-pen' not found (listed: 4x-ink)")
+    assert "\n" not in error.value.problem and "listed name" in error.value.fix
+
+
+def test_a_listed_model_of_another_family_is_refused(listed: tuple) -> None:
+    registry, _ = listed
+    with pytest.raises(ModelError, match=r"'ink' is a lora model, not sdxl-refiner \(listed: none found\)"):
+        registry.resolve_model("ink", ("sdxl-refiner",))
+    with pytest.raises(ModelError, match=r"'dreamy' is a sd1 model, not difftool-superres or upscaler"):
+        registry.resolve_model("dreamy", ("difftool-superres", "upscaler"))

@@ -76,9 +76,8 @@ def client(make_client: Any) -> Any:
 
 
 def _json_type(param: Param) -> str | None:
-    return {"int": "integer", "float": "number", "bool": "boolean", "string": "string", "path": "string"}.get(
-        param.type
-    )
+    kinds = {"int": "integer", "float": "number", "bool": "boolean", "string": "string", "path": "string"}
+    return {**kinds, "model": "string"}.get(param.type)
 
 
 def test_task_schemas_match_the_declarations(client: Any, serve_registry: Any) -> None:
@@ -107,6 +106,9 @@ def test_task_schemas_match_the_declarations(client: Any, serve_registry: Any) -
             assert prop.get("default") == param.default
             if param.type == "choice" and param.choices:
                 assert prop["enum"] == list(param.choices)
+            if param.type == "model":  # what a remote GUI's model picker offers
+                assert prop["x-difftool-type"] == "model" and prop["x-difftool-families"] == list(param.families)
+                assert prop["x-difftool-keywords"] == list(param.keywords)
     levels = tasks["posterize"]["params"]["properties"]["levels"]
     assert levels == {"type": "integer", "minimum": 2, "maximum": 64, "default": 4, "description": "levels per channel"}
     # choices_from="schedulers": the plugin's scheduler is a valid choice of every scheduler parameter

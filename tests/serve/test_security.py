@@ -196,27 +196,87 @@ def test_a1111_sizes_are_bounded_before_anything_is_allocated(make_client: Any, 
     assert response.status_code == 422 and "width" in response.json()["error"]
 
 
+def _listing(*entries: Any) -> Any:
+    """A registry (no plugins) whose model sources list exactly ``entries``."""
+    from difftool.plugins.registry import Registry
+
+    class Listing(Registry):
+        def find_models(self) -> list[Any]:
+            return list(entries)
+
+    return Listing()
+
+
 def test_control_units_name_listed_controlnets_and_images_inside_allowed_folders(tmp_path: Path) -> None:
+    """The server decodes a unit's inline image; the unit's own parser reads its text and the preflight's
+    resolver (the path policy) resolves its model and image: the server parses no unit syntax itself."""
     from difftool.core.models import ModelEntry
+    from difftool.core.params import resolve_value
     from difftool.plugins.builtin.sd.tasks import Generate
-    from difftool.serve.security import AccessDenied, PathPolicy, check_params
+    from difftool.serve.security import AccessDenied, PathPolicy, PolicyResolver, check_params
 
     allowed, outside = tmp_path / "allowed", tmp_path / "outside"
     allowed.mkdir(), outside.mkdir()
     (allowed / "edges.png").write_bytes(png_bytes(8, 8))
     (outside / "secret.png").write_bytes(png_bytes(8, 8))
     cn = tmp_path / "cn.safetensors"
+    registry = _listing(ModelEntry("cn", cn, "sd1-controlnet", "test"), ModelEntry("sd", cn, "sd1", "test"))
+    policy, param = PathPolicy((allowed,)), Generate.param("control")
 
-    class Registry:
-        def find_models(self) -> list[ModelEntry]:
-            return [ModelEntry("cn", cn, "sd1-controlnet", "test"), ModelEntry("sd", cn, "sd1", "test")]
+    def resolved(units: list[Any], policy: PathPolicy = policy) -> tuple[Any, ...]:
+        sent = check_params(Generate(), {"control": units}, registry, policy)["control"]
+        return resolve_value(param, param.validate(sent), PolicyResolver(registry, policy))
 
-    policy = PathPolicy((allowed,))
-    checked = check_params(Generate(), {"control": ["cn=edges.png,weight=0.5"]}, Registry(), policy)
-    assert checked["control"] == [f"{cn}={(allowed / 'edges.png').resolve()},weight=0.5"]
-    inline = check_params(Generate(), {"control": [{"model": "cn", "image": b64(png_bytes(8, 8))}]}, Registry(), policy)
-    assert inline["control"][0]["model"] == str(cn) and inline["control"][0]["image"].shape == (8, 8, 3)
+    (unit,) = resolved(["cn=edges.png,weight=0.5"])
+    assert unit.model.path == cn and unit.model == "cn" and unit.weight == 0.5  # records show the name as sent
+    assert unit.image == (allowed / "edges.png").resolve()
+    (inline,) = resolved([{"model": "cn", "image": b64(png_bytes(8, 8))}])
+    assert inline.model.path == cn and inline.image.shape == (8, 8, 3)
     with pytest.raises(AccessDenied, match="outside the folders"):
-        check_params(Generate(), {"control": [f"cn={outside / 'secret.png'}"]}, Registry(), policy)
+        resolved([f"cn={outside / 'secret.png'}"])
     with pytest.raises(ParameterError, match="not one of this server's models"):  # a checkpoint is no ControlNet
-        check_params(Generate(), {"control": ["sd=edges.png"]}, Registry(), PathPolicy(()))
+        resolved(["sd=edges.png"], PathPolicy(()))
+
+
+def test_a_plugin_tasks_own_model_parameter_is_under_the_path_policy(make_client: Any, tmp_path: Path) -> None:
+    """The policy goes by parameter kind: a plugin's model parameter, whatever its name, resolves among the
+    listed models of its families or inside an --allow-path folder, never anywhere else on the server."""
+    from difftool.core.images import to_pil
+    from difftool.core.task import Param, Task, TaskResult
+    from difftool.plugins.hookspecs import hookimpl
+    from difftool.plugins.registry import build_registry
+
+    seen: list[Any] = []
+
+    class Weighted(Task):
+        name, summary = "weighted", "a plugin task with its own model parameter"
+        params = (Param("weights", "model", families=("upscaler",), keywords=("none",)),)
+
+        def run(self, request: Any, context: Any) -> TaskResult:
+            seen.append(request.params["weights"])
+            return TaskResult([to_pil(request.inputs["image"].rgb)])
+
+    class Plugin:
+        @hookimpl
+        def register_tasks(self, register: Any) -> None:
+            register(Weighted)
+
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir(), outside.mkdir()
+    for folder in (allowed, outside):
+        (folder / "w.pth").write_bytes(b"weights")
+    client = make_client(registry=build_registry([Plugin()], entry_points=False), allow_paths=(allowed,))
+
+    def post(weights: str) -> Any:
+        body = {"task": "weighted", "inputs": [b64(png_bytes(8, 8))], "params": {"weights": weights}}
+        return client.post("/v1/jobs", json=body)
+
+    for escape in (str(outside / "w.pth"), "../outside/w.pth"):
+        response = post(escape)
+        assert response.status_code == 403 and "outside the folders" in response.json()["error"], response.text
+    assert post("nonexistent-name").status_code == 422
+    response = post("w.pth")  # inside the allowed folder: resolved there
+    assert response.status_code == 202, response.text
+    assert wait_for(client, response.json()["id"])["state"] == "done"
+    assert seen[-1] == "w.pth" and seen[-1].path == (allowed / "w.pth").resolve()
+    assert post("none").status_code == 202  # a keyword names no model

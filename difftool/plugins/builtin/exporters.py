@@ -26,8 +26,8 @@ def exportable_tasks(registry: Any) -> list[str]:
     return sorted(n for n, e in registry.tasks.items() if e.cls.export_target is not Task.export_target)
 
 
-def declared_shapes(task: Any) -> Any:
-    """The shapes a run with default parameters on a 512x512 input declares (what runs will ask for).
+def declared_shapes(task: Any, model: str | None = None) -> Any:
+    """The shapes a run of ``model`` with default parameters on a 512x512 input declares (what runs will ask for).
 
     ``None`` when the task declares none for such a request: the exporter then uses its defaults.
     """
@@ -41,7 +41,7 @@ def declared_shapes(task: Any) -> Any:
     blank = LoadedImage(np.zeros((512, 512, 3), np.float32))
     inputs = {port.name: blank for port in task.inputs if port.kind in ("image", "mask")}
     try:
-        return task.export_shapes(TaskRequest(inputs, Params({p.name: p.default for p in task.params})))
+        return task.export_shapes(TaskRequest(inputs, Params({p.name: p.default for p in task.params}), model))
     except (DifftoolError, KeyError, TypeError, ValueError):  # a declaration that needs real inputs
         return None
 
@@ -72,7 +72,7 @@ def exporter_command(exporter: Exporter, registry: Any) -> click.Command:
                 raise click.ClickException(f"cannot export {exporter.name} here: {reason}")
             target = instance.export_target(model)
             if target.shapes is None:
-                target = dataclasses.replace(target, shapes=declared_shapes(instance))
+                target = dataclasses.replace(target, shapes=declared_shapes(instance, model))
             result = exporter.export(target, name, options)
         click.echo(str(result.path))
         for line in result.details:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from difftool.core import phases
 from difftool.core.atomic import file_sha256, replace_dir
 from difftool.core.errors import ModelError
+from difftool.core.models import model_path
 from difftool.core.runtime import current
 from difftool.core.safetensors_check import check_safetensors
 
@@ -83,8 +84,9 @@ def embedded_model_path(task: str) -> Path | None:
     return path if (path / META_FILE).is_file() else None
 
 
-def resolve_model(task: str, model: str | None, find_models: Any = None) -> Path:
-    """The folder for ``--model`` (a path, or a name that ``difftool models`` lists), or the embedded one."""
+def resolve_model(task: str, model: str | None, registry: Any = None) -> Path:
+    """The folder for ``--model`` (resolved by the preflight: a path, or a name ``difftool models`` lists), or
+    the embedded one."""
     if model is None:
         embedded = embedded_model_path(task)
         if embedded is None:
@@ -93,14 +95,7 @@ def resolve_model(task: str, model: str | None, find_models: Any = None) -> Path
                 f"pass --model PATH to a difftool {task} model folder (see `difftool train {task}`)",
             )
         return embedded
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if find_models is not None:
-        for entry in find_models():
-            if entry.name == model:
-                return entry.path
-    raise ModelError(f"model {model!r} not found", "pass a folder path or a name listed by `difftool models`")
+    return model_path(model, registry)
 
 
 def availability(task: Any, model: str | None) -> str | None:
@@ -112,8 +107,7 @@ def availability(task: Any, model: str | None) -> str | None:
 
 def model_for(task: str, context: Any, variant: str | None = None) -> PixelModel:
     """The model a run asked for (``context.model``) or the embedded one, loaded and checked."""
-    find = context.registry.find_models if context.registry is not None else None
-    model = load_pixel_model(resolve_model(task, context.model, find), task, variant)
+    model = load_pixel_model(resolve_model(task, context.model, context.registry), task, variant)
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return model
 

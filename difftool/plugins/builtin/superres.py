@@ -60,6 +60,7 @@ class SuperResolution(Task):
     summary = "Upscale an image 2x or 4x with a diffusion model, or by a community upscaler (--model X.pth)"
     uses_model = True
     model_families = ("difftool-superres", upscalers.FAMILY)
+    model_keywords = tuple(EMBEDDED)
     params = (
         Param(
             "scale",
@@ -104,8 +105,8 @@ class SuperResolution(Task):
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        find = context.registry.find_models if context.registry is not None else None
-        community = upscalers.upscaler_path(context.model, find)
+        named = context.model if context.model not in EMBEDDED else None
+        community = upscalers.upscaler_path(named, context.registry)
         if community is not None:
             return self.run_upscaler(community, image, params, context)
         requested: int | None = params.scale

@@ -29,6 +29,7 @@ import numpy as np
 from difftool.core import phases
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import DifftoolError, ModelError
+from difftool.core.models import model_path
 from difftool.core.params import Params
 from difftool.core.runtime import current
 
@@ -38,6 +39,8 @@ UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
 UPSCALER_FOLDERS = ("ESRGAN", "RealESRGAN", "upscale_models", "models/ESRGAN", "models/RealESRGAN")
 #: ``ModelEntry.family`` of the upscalers ``difftool models`` lists.
 FAMILY = "upscaler"
+#: The families a model parameter that names a superres model takes (difftool's own and community ones).
+SUPERRES_FAMILIES = ("difftool-superres", FAMILY)
 #: spandrel architecture id -> the ONNX exporter tested for it (ESRGAN covers Real-ESRGAN x4plus, BSRGAN
 #: and most community "4x-*" models; Compact is Real-ESRGAN's SRVGG). torch 2.13's torch.export-based
 #: exporter crashes the process on SPAN's decomposition, so SPAN exports with the tracing exporter. An
@@ -133,18 +136,13 @@ class Upscaler:
         return requested if supported.get(requested) else torch.float32
 
 
-def upscaler_path(model: str | None, find_models: Any = None) -> Path | None:
-    """The upscaler file ``--model`` names (a path, or a name ``difftool models`` lists), else ``None``."""
+def upscaler_path(model: str | None, registry: Any = None) -> Path | None:
+    """The upscaler file ``--model`` names (resolved by the preflight: a path, or a name ``difftool models``
+    lists), else ``None`` (another kind of model, or none)."""
     if not model:
         return None
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() in UPSCALER_SUFFIXES:
-        return path
-    if not path.exists() and find_models is not None:
-        for entry in find_models():
-            if entry.name == model and entry.family == FAMILY:
-                return entry.path
-    return None
+    path = model_path(model, registry)
+    return path if path.is_file() and path.suffix.lower() in UPSCALER_SUFFIXES else None
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:

@@ -10,11 +10,12 @@ keys (``image`` may then be a PIL image or an array), or :class:`ControlUnit` s.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ParameterError
+from difftool.core.params import Resolver
 from difftool.core.task import Param
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ _FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,
 #: to cover the output and crops the middle (A1111's default), ``just`` stretches it, ``fill`` fits it
 #: inside and pads the rest (black: no edges, no lines; -1 for the inpaint preprocessor: to be made).
 RESIZE_MODES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resize and Fill"}
+#: The families ``difftool models`` gives ControlNets: a unit's listed name must have one of them.
+CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
 
 
 @dataclass(frozen=True)
@@ -44,17 +47,33 @@ class ControlUnit:
     resize: str = "crop"
 
     def __str__(self) -> str:
-        image = "" if self.image is None else "=<image>"
-        if isinstance(self.image, (str, Path)):
-            image = f"={self.image}"
-        parts = [f"{self.model}{image}", f"pre={self.pre}", f"weight={self.weight:g}"]
-        parts += [f"start={self.start:g}", f"end={self.end:g}"] + (["guess=1"] if self.guess else [])
-        parts += [f"resize={self.resize}"] if self.resize != "crop" else []
-        return ",".join(parts + [f"{k}={v}" for k, v in self.options])
+        return format_unit(self)
+
+    def resolved(self, resolver: Resolver) -> ControlUnit:
+        """The unit with its model resolved (a file or folder, or a listed ControlNet) and its image, when a
+        path, checked (:class:`~difftool.core.params.Resolvable`: the preflight calls it once)."""
+        model, image = resolver.model(self.model, CONTROLNET_FAMILIES, "ControlNet"), self.image
+        if isinstance(image, (str, Path)):
+            image = resolver.file(image, "control image")
+        return replace(self, model=model, image=image)
+
+
+def format_unit(unit: ControlUnit) -> str:
+    """A unit's string form, which :func:`parse_unit` reads back (records, metadata and the GUI show it)."""
+    image = "" if unit.image is None else "=<image>"
+    if isinstance(unit.image, (str, Path)):
+        image = f"={unit.image}"
+    parts = [f"{unit.model}{image}", f"pre={unit.pre}", f"weight={unit.weight:g}"]
+    parts += [f"start={unit.start:g}", f"end={unit.end:g}"] + (["guess=1"] if unit.guess else [])
+    parts += [f"resize={unit.resize}"] if unit.resize != "crop" else []
+    return ",".join(parts + [f"{k}={v}" for k, v in unit.options])
 
 
 def parse_unit(value: Any) -> ControlUnit:
-    """A unit from its string form, a mapping of its fields, or a unit; one-line errors for bad fields."""
+    """A unit from its string form, a mapping of its fields, or a unit; one-line errors for bad fields.
+
+    The one parser of ``--control`` (CLI, API, server, GUI): syntax only, no file is read; the preflight then
+    resolves the unit's model and image (:meth:`ControlUnit.resolved`)."""
     if isinstance(value, ControlUnit):
         return value
     if isinstance(value, str):
@@ -106,8 +125,6 @@ def _unit(fields: dict[str, Any], given: Any) -> ControlUnit:
     if not model:
         raise ParameterError(f"--control {given!r} names no ControlNet model", _FIX)
     image = fields.pop("image", None)
-    if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
-        raise ParameterError(f"control image {image} does not exist", "pass an existing image file after MODEL=")
     given_options = dict(fields.pop("options", None) or {})  # the mapping form may nest them
     extra = {k: v for k, v in fields.items() if k not in _FIELDS} | given_options
     weight = _number(fields, "weight", 1.0, 0.0, 2.0)

@@ -19,9 +19,10 @@ import numpy as np
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ParameterError
 from difftool.core.params import Params
+from difftool.core.models import model_path
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import controlnet
-from difftool.plugins.builtin.sd.control import ControlUnit, a1111_text, preprocess
+from difftool.plugins.builtin.sd.control import CONTROLNET_FAMILIES, ControlUnit, a1111_text, preprocess
 
 
 @dataclass
@@ -65,7 +66,7 @@ def load_units(
     if units and context.registry is not None:
         for unit in units:
             context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load
-    paths = [controlnet.resolve(unit.model, context) for unit in units]
+    paths = [model_path(unit.model, context.registry, CONTROLNET_FAMILIES, "ControlNet") for unit in units]
     nets = [controlnet.loaded(path, context, allow_pickle) for path in paths]
     for net in nets:
         controlnet.check_family(net, model.family, model.unet)

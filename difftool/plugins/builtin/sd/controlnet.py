@@ -80,22 +80,6 @@ def detect(path: Path) -> str | None:
     return None
 
 
-def resolve(name: str, context: RunContext) -> Path:
-    """A unit's model: a file or folder, or a name ``difftool models`` lists as a ControlNet."""
-    path = Path(name).expanduser()
-    if path.exists():
-        return path
-    listed = [e for e in (context.registry.find_models() if context.registry else []) if e.family.endswith(SUFFIX)]
-    for entry in listed:
-        if entry.name == name:
-            return entry.path
-    known = ", ".join(sorted(e.name for e in listed)) or "none found"
-    raise ModelError(
-        f"ControlNet {name!r} not found (listed: {known})",
-        "pass a ControlNet file or folder, or put it in models/ControlNet under a model root",
-    )
-
-
 def load(path: Path, allow_pickle: bool = False, dtype: Any = None) -> ControlNet:
     """A ControlNet from a diffusers folder or a single file, in ``dtype`` (no fp32 copy in memory)."""
     from diffusers import ControlNetModel

@@ -24,6 +24,7 @@ from typing import Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.params import Resolver
 from difftool.core.runtime import current
 from difftool.plugins.builtin.sd import checkpoint
 
@@ -90,6 +91,35 @@ def load_embedding(path: Path, *, allow_pickle: bool = False) -> Embedding:
     return embedding
 
 
+class EmbeddingFiles(str):
+    """``--embedding``'s parsed value: the text as given (records show it) and :attr:`paths`, its files, which
+    the preflight's resolver checks (:class:`~difftool.core.params.Resolvable`; a server: its path policy)."""
+
+    paths: tuple[Path, ...]
+
+    def __new__(cls, text: str, paths: Sequence[Path] | None = None) -> EmbeddingFiles:
+        value = super().__new__(cls, text)
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        value.paths = tuple(paths) if paths is not None else tuple(Path(item).expanduser() for item in items)
+        return value
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable for Ray and worker processes
+        return (EmbeddingFiles, (str(self), self.paths))
+
+    def resolved(self, resolver: Resolver) -> EmbeddingFiles:
+        items = [item.strip() for item in self.split(",") if item.strip()]
+        return EmbeddingFiles(str(self), [resolver.file(item, "embedding file") for item in items])
+
+
+def parse_embedding_files(value: Any) -> EmbeddingFiles:
+    """``a.pt,b.safetensors`` -> its files (comma-separated), the one parser of ``--embedding``."""
+    if isinstance(value, EmbeddingFiles):
+        return value
+    if not isinstance(value, (str, Path)):
+        raise ParameterError(f"--embedding {str(value)[:80]!r} is not file names", "pass --embedding FILE[,FILE]")
+    return EmbeddingFiles(str(value))
+
+
 def candidates(extra: str | None) -> dict[str, Path]:
     """Embedding files by name: ``--embedding`` files (comma-separated) over the model roots' folders."""
     from difftool.plugins.builtin.models import model_roots
@@ -102,14 +132,10 @@ def candidates(extra: str | None) -> dict[str, Path]:
                 for path in sorted(folder.iterdir()):
                     if path.is_file() and path.suffix.lower() in SUFFIXES:
                         found.setdefault(path.stem, path)
-    for item in (extra or "").split(","):
-        if item.strip():
-            path = Path(item.strip()).expanduser()
-            if not path.is_file():
-                raise ParameterError(
-                    f"embedding file {path} does not exist", "pass --embedding FILE with an existing file"
-                )
-            found[path.stem] = path
+    for path in parse_embedding_files(extra or "").paths:  # resolved by the preflight; checked again here
+        if not path.is_file():
+            raise ParameterError(f"embedding file {path} does not exist", "pass --embedding FILE with an existing file")
+        found[path.stem] = path
     return found
 
 

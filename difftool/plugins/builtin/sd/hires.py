@@ -15,13 +15,16 @@ from typing import Any
 from difftool.core.errors import ParameterError
 from difftool.core.params import Params
 from difftool.core.task import Param, RunContext
+from difftool.plugins.builtin.upscalers import SUPERRES_FAMILIES
 
 HIRES_PARAMS = (
     Param("hires", "float", default=None, min=1.0, max=4.0, help="second pass at this scale (A1111's hires fix)"),
     Param(
         "hires_upscaler",
-        "string",
-        default=None,  # None: latent (see upscaler_name)
+        "model",
+        default=None,
+        families=SUPERRES_FAMILIES,
+        keywords=("latent", "embedded"),
         help="latent (default: bilinear in latent space), or a superres model: embedded, a listed name or a file",
     ),
     Param("hires_steps", "int", default=None, min=1, max=500, help="steps of the second pass (default: --steps)"),
@@ -68,7 +71,7 @@ def upscale_latents(model: Any, latents: Any, target: tuple[int, int], params: P
         size = (height // model.vae_scale, width // model.vae_scale)
         return torch.nn.functional.interpolate(latents, size=size, mode="bilinear", antialias=False)
     image = pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
-    upscaled = superres(image, target, None if upscaler.lower() == "embedded" else upscaler, context)
+    upscaled = superres(image, target, None if upscaler == "embedded" else upscaler, context)
     return pipeline.encode_image(model, pipeline.to_tensor(upscaled), context)
 
 

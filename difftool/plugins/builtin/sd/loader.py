@@ -98,6 +98,27 @@ def is_sd_model(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in (".safetensors", *checkpoint.PICKLE_SUFFIXES)
 
 
+def native_size(path: str | Path) -> int | None:
+    """The resolution the model at ``path`` was trained at (:attr:`SDModel.native_size`) from its configs or its
+    safetensors header, without loading weights; ``None`` when only loading would tell (a pickle, a bad file)."""
+    path = Path(path).expanduser()
+    sidecar = path.with_name(path.name + SIDECAR_SUFFIX)
+    folder = path if path.is_dir() else sidecar if sidecar.is_dir() else None
+    try:
+        if folder is not None:
+            unet, vae = (_read_json(folder / part / "config.json") for part in ("unet", "vae"))
+        elif path.is_file() and not checkpoint.is_pickle(path):
+            family = detect_family(checkpoint.read_shapes(path), path.name)
+            unet, vae = family.config("unet"), family.config("vae")
+        else:
+            return None
+        size = unet["sample_size"]
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (ModelError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_sd_model(
     path: str | Path,
     *,

@@ -8,12 +8,84 @@ modules and a step costs what it cost without the LoRA.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from difftool.core.atomic import file_sha256
-from difftool.core.errors import ModelError
+from difftool.core.errors import ModelError, ParameterError
+from difftool.core.models import ModelRef
+from difftool.core.params import Resolver
 from difftool.plugins.builtin.sd import checkpoint
+
+#: The family ``difftool models`` gives LoRA files.
+LORA_FAMILIES = ("lora",)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One ``--lora`` item: a LoRA file or listed name (a :class:`ModelRef` once resolved) and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+    @property
+    def path(self) -> Path:
+        """The file (after the preflight resolved it)."""
+        return self.name.path if isinstance(self.name, ModelRef) else Path(self.name).expanduser()
+
+
+class Loras(str):
+    """``--lora``'s parsed value: the specs (:attr:`specs`) and, as text, their canonical spelling
+    (:func:`format_lora`), which records and metadata show as before."""
+
+    specs: tuple[LoraSpec, ...]
+
+    def __new__(cls, specs: tuple[LoraSpec, ...]) -> Loras:
+        value = super().__new__(cls, format_lora(specs))
+        value.specs = tuple(specs)
+        return value
+
+    def __reduce__(self) -> tuple[object, ...]:  # picklable for Ray and worker processes
+        return (Loras, (self.specs,))
+
+    def resolved(self, resolver: Resolver) -> Loras:
+        """Each name resolved to its file (a path, or a name listed with the ``lora`` family)."""
+        return Loras(tuple(LoraSpec(resolver.model(s.name, LORA_FAMILIES, "LoRA"), s.weight) for s in self.specs))
+
+
+def parse_lora(value: Any) -> Loras:
+    """``a.safetensors:0.7,b`` -> specs (weight default 1); the one parser of ``--lora`` (CLI, API, server, GUI)."""
+    if isinstance(value, Loras):
+        return value
+    if not isinstance(value, (str, Path)):
+        raise ParameterError(f"--lora {str(value)[:80]!r} is not LoRA text", "pass --lora NAME[:WEIGHT],...")
+    specs = []
+    for item in str(value).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, weight = item.rpartition(":")
+        if not sep or not _is_number(weight):
+            name, weight = item, "1"
+        elif not math.isfinite(float(weight)):
+            raise ParameterError(f"--lora {item}: weight {weight} is not a finite number", f"write --lora {name}:0.8")
+        specs.append(LoraSpec(name, float(weight)))
+    return Loras(tuple(specs))
+
+
+def format_lora(specs: tuple[LoraSpec, ...]) -> str:
+    """The text :func:`parse_lora` reads back: ``NAME[:WEIGHT]`` (the weight when not 1), comma-separated."""
+    return ",".join(s.name if s.weight == 1.0 else f"{s.name}:{s.weight:g}" for s in specs)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def apply_lora(model: Any, path: Path, weight: float, *, allow_pickle: bool = False) -> None:

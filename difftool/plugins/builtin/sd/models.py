@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from pathlib import Path
@@ -9,15 +10,22 @@ from typing import Any
 
 from difftool.core import phases
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.models import ModelRef, model_path
 from difftool.core.params import Params
 from difftool.core.runtime import current
 from difftool.core.task import Param, RunContext
-from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model
+from difftool.plugins.builtin.sd.loader import SDModel, is_sd_model, load_sd_model, native_size
+from difftool.plugins.builtin.sd.lora import LORA_FAMILIES, Loras, _is_number, parse_lora
 
 #: Parameters every Stable Diffusion task declares for loading its model.
 LOAD_PARAMS = (
     Param("vae", "path", help="a VAE file or folder to use instead of the checkpoint's"),
-    Param("lora", "string", help="LoRA files, comma-separated, each PATH[:WEIGHT] (weight default 1)"),
+    Param(
+        "lora",
+        "string",
+        help="LoRA files or listed names, comma-separated, each PATH[:WEIGHT] (weight default 1)",
+        parse=parse_lora,
+    ),
     Param(
         "prediction",
         "choice",
@@ -35,19 +43,13 @@ def _loaded(cache_name: str = "") -> dict[tuple[Any, ...], SDModel]:
 
 
 def resolve_path(model: str | None, context: RunContext) -> Path:
-    """The file or folder that ``--model`` names: a path, or a name that ``difftool models`` lists."""
+    """The file or folder ``--model`` names (resolved by the preflight: a path, or a name ``difftool models``
+    lists)."""
     if not model:
         raise ModelError(
             "this task needs a Stable Diffusion model", "pass --model PATH or a name from `difftool models`"
         )
-    path = Path(model).expanduser()
-    if path.exists():
-        return path
-    if context.registry is not None:
-        for entry in context.registry.find_models():
-            if entry.name == model:
-                return entry.path
-    raise ModelError(f"model {model!r} not found", "pass a checkpoint path or a name listed by `difftool models`")
+    return model_path(model, context.registry)
 
 
 def is_sd_request(model: str | None, context: RunContext) -> bool:
@@ -65,23 +67,25 @@ def delegated_family(context: RunContext, task: str) -> Any:
     return context.registry.family_for(resolve_path(context.model, context), task)
 
 
-def parse_loras(spec: str | None) -> list[tuple[Path, float]]:
-    """``a.safetensors:0.7,b.safetensors`` -> [(path, 0.7), (path, 1.0)]."""
-    loras = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        path, sep, weight = item.rpartition(":")
-        if not sep or not _is_number(weight):
-            path, weight = item, "1"
-        elif not math.isfinite(float(weight)):
-            raise ParameterError(f"--lora {item}: weight {weight} is not a finite number", f"write --lora {path}:0.8")
-        lora = Path(path).expanduser()
-        if not lora.is_file():
-            raise ParameterError(f"LoRA file {path} does not exist", "pass --lora PATH[:WEIGHT] with an existing file")
-        loras.append((lora, float(weight)))
-    return loras
+def native_size_of(model: str | None) -> int:
+    """The native resolution of ``--model`` (resolved by the preflight) without loading its weights: a side
+    ``export_shapes`` defaults to, as the run does (SDXL: 1024); 512 when only loading would tell."""
+    if not model:
+        return 512
+    path = model.path if isinstance(model, ModelRef) else Path(model).expanduser()
+    return native_size(path) or 512
+
+
+def lora_files(loras: Loras | None) -> list[tuple[Path, float]]:
+    """The (file, weight) pairs of ``--lora`` (resolved by the preflight), each checked to be a file."""
+    found = []
+    for spec in parse_lora(loras or "").specs:
+        if not spec.path.is_file():
+            raise ParameterError(
+                f"LoRA file {spec.name} does not exist", "pass --lora PATH[:WEIGHT] with an existing file"
+            )
+        found.append((spec.path, spec.weight))
+    return found
 
 
 #: A1111's extra-network tag for LoRAs: ``<lora:NAME>`` or ``<lora:NAME:WEIGHT>`` (a third field, A1111's
@@ -105,34 +109,25 @@ def split_loras(prompt: str) -> tuple[str, list[tuple[str, float]]]:
 
 def prompt_loras(prompt: str, context: RunContext) -> list[tuple[Path, float]]:
     """The LoRAs a prompt's ``<lora:NAME:WEIGHT>`` tags name, found by name in the model roots (as ``--lora``)."""
-    named = split_loras(prompt)[1]
-    if not named:
-        return []
-    listed = {e.name: e.path for e in context.registry.find_models() if e.family == "lora"} if context.registry else {}
     loras = []
-    for name, weight in named:
-        if name not in listed:
+    for name, weight in split_loras(prompt)[1]:
+        path = None
+        with contextlib.suppress(ModelError):  # a tag names a listed LoRA, never a path
+            path = context.registry and context.registry.resolve_model(name, LORA_FAMILIES, what="LoRA", paths=False)
+        if path is None:
             raise ParameterError(
                 f"the prompt names LoRA {name!r}, which is not in the model roots' Lora folders",
                 f"put {name}.safetensors in models/Lora under a model root (`difftool models` lists them) "
                 "or pass --lora PATH",
             )
-        loras.append((listed[name], weight))
+        loras.append((path, weight))
     return loras
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def sd_model_for(context: RunContext, params: Params) -> SDModel:
     """Load (or reuse) the model a run asked for with its VAE and LoRA options."""
     path = resolve_path(context.model, context)
-    loras = parse_loras(params.lora) + prompt_loras(params.prompt, context)
+    loras = lora_files(params.lora) + prompt_loras(params.prompt, context)
     model = cached_model(path, loras, params, context)
     if model.family.refiner:
         raise ModelError(

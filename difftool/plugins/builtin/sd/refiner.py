@@ -28,11 +28,14 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_SWITCH = 0.8  # A1111's and diffusers' examples' default
+#: The family ``difftool models`` gives SDXL refiners: what ``--refiner`` may name.
+REFINER_FAMILIES = ("sdxl-refiner",)
 REFINER_PARAMS = (
     Param(
         "refiner",
-        "string",
+        "model",
         default=None,
+        families=REFINER_FAMILIES,
         help="an SDXL refiner that finishes the image (a file, folder or a name `difftool models` lists)",
     ),
     Param(
@@ -68,7 +71,7 @@ def refiner_for(params: Params, base: SDModel, context: RunContext) -> Refiner |
             f"--refiner finishes SDXL base models; {base.name} is {base.family.label}",
             "pass an SDXL base as --model, or drop --refiner",
         )
-    model = cached_model(resolve_path(str(name), context), [], params, context, "-refiner")
+    model = cached_model(resolve_path(name, context), [], params, context, "-refiner")
     if not model.family.refiner:
         raise ModelError(
             f"--refiner {name} is {model.family.label}, not an SDXL refiner",

@@ -16,10 +16,10 @@ from difftool.core.images import LoadedImage, to_pil
 from difftool.core.params import Params
 from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
+from difftool.plugins.builtin.sd import control, embeddings, hires, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, sd_model_for, split_loras
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, native_size_of, sd_model_for, split_loras
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
 from difftool.plugins.hookspecs import hookimpl
 
@@ -36,6 +36,7 @@ EMBEDDING_PARAM = Param(
     default=None,
     help="textual-inversion embedding file(s), comma-separated, used where their name is in a prompt "
     "(files in embeddings/ under the model roots are found by name)",
+    parse=embeddings.parse_embedding_files,
 )
 
 #: Prompt parameters shared by every Stable Diffusion task.
@@ -114,8 +115,6 @@ def encode_text(
 ) -> pipeline.TextConditioning:
     """The prompts as the U-Net's conditioning: LoRA tags dropped (applied by :func:`sd_model_for`),
     embeddings the texts name placed, A1111's chunking; SDXL's size conditioning for ``size``."""
-    from difftool.plugins.builtin.sd import embeddings
-
     pipeline.prepare_text_encoders(model, context)
     prompt, _ = split_loras(prompt)
     widths = [int(encoder.config.hidden_size) for encoder in model.text_encoders]
@@ -261,9 +260,10 @@ class Generate(Task):
         return sd_export_target(model)
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes:
-        """One latent of the requested size (pixels / 8), doubled for classifier-free guidance."""
-        params = request.params
-        size = (params.width or 512, params.height or 512)  # None: the model's native size (512 assumed here)
+        """One latent of the requested size (pixels / 8; a side left out: the model's native size, as the run
+        does), doubled for classifier-free guidance."""
+        params, native = request.params, native_size_of(request.model)
+        size = (params.width or native, params.height or native)
         tokens = prompt_tokens(params.prompt, params.negative_prompt)
         shapes = latent_shapes(size, params.guidance_scale, tokens=tokens)
         if hires.wanted(params):  # one engine for both passes: up to the second pass's size

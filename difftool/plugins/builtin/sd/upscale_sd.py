@@ -23,6 +23,7 @@ from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
+from difftool.plugins.builtin.upscalers import SUPERRES_FAMILIES
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -58,8 +59,10 @@ class UpscaleSD(Task):
         Param("scale", "float", default=2.0, min=1.0, max=8.0, help="upscaling factor"),
         Param(
             "upscaler",
-            "string",
+            "model",
             default="embedded",
+            families=SUPERRES_FAMILIES,
+            keywords=("embedded", "lanczos"),
             help="embedded (difftool's superres model), lanczos, or a superres model: a listed name or a file",
         ),
         Param("strength", "float", default=0.3, min=0.01, max=1.0, help="how much each tile is repainted"),
@@ -129,10 +132,10 @@ class UpscaleSD(Task):
 
     @staticmethod
     def _upscale(rgb: np.ndarray, size: tuple[int, int], upscaler: str, context: RunContext) -> np.ndarray:
-        if upscaler.lower() == "lanczos":
+        if upscaler == "lanczos":
             channels = [Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS) for c in range(3)]
             return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0).astype(np.float32)
-        return hires.superres(rgb, size, None if upscaler.lower() == "embedded" else upscaler, context)
+        return hires.superres(rgb, size, None if upscaler == "embedded" else upscaler, context)
 
     @staticmethod
     def _refine(model: Any, crop: np.ndarray, params: Params, context: RunContext, text: Any) -> np.ndarray:

@@ -18,7 +18,7 @@ from difftool.core.images import read_metadata
 from difftool.core.task import Param
 from difftool.plugins import hookimpl
 from difftool.plugins.builtin.sd import preprocessors
-from difftool.plugins.builtin.sd.control import CONTROL_PARAM, ControlUnit, parse_unit
+from difftool.plugins.builtin.sd.control import CONTROL_PARAM, ControlUnit, format_unit, parse_unit
 from difftool.plugins.registry import build_registry
 
 from . import tiny
@@ -74,13 +74,34 @@ def test_a_unit_string_names_model_image_and_fields(tmp_path: Path) -> None:
         ("m,weight=3", "weight 3 is outside [0, 2]"),
         ("m,start=0.5,end=0.5", "start 0.5 is not before end 0.5"),
         ("m,weight=much", "is not a number"),
-        ("m=missing.png", "control image missing.png does not exist"),
     ],
 )
 def test_a_bad_unit_is_a_one_line_error_with_the_fix(spec: str, problem: str) -> None:
     with pytest.raises(ParameterError, match=re.escape(problem)) as error:
         parse_unit(spec)
     assert "\n" not in str(error.value) and error.value.fix
+
+
+def test_a_unit_is_parsed_once_and_its_files_resolved_by_the_preflight(tmp_path: Path) -> None:
+    """parse_unit reads syntax only (the server calls it on text it has not checked); the preflight's resolver
+    then resolves the model and checks the image; the formatted unit still shows the names as written."""
+    from difftool.core.models import ModelEntry
+    from difftool.plan import LocalResolver
+
+    cn = tmp_path / "cn.safetensors"
+    cn.write_bytes(b"\0")
+    unit = parse_unit(f"{cn}=missing.png,weight=0.5")
+    assert unit.image == "missing.png" and parse_unit(format_unit(unit)) == unit
+    resolver = LocalResolver(build_registry(entry_points=False))
+    with pytest.raises(ParameterError, match="control image missing.png does not exist"):
+        unit.resolved(resolver)
+    (tmp_path / "edges.png").write_bytes(b"png")
+    registry = build_registry(entry_points=False)
+    registry.find_models = lambda: [ModelEntry("cn-edges", cn, "sd1-controlnet", "test")]  # type: ignore[method-assign]
+    named = parse_unit(f"cn-edges={tmp_path / 'edges.png'},pre=canny,low=50").resolved(LocalResolver(registry))
+    assert named.model.path == cn and named.image == tmp_path / "edges.png"
+    assert format_unit(named) == f"cn-edges={tmp_path / 'edges.png'},pre=canny,weight=1,start=0,end=1,low=50"
+    assert parse_unit(format_unit(named)) == parse_unit(f"cn-edges={tmp_path / 'edges.png'},pre=canny,low=50")
 
 
 def test_a_multiple_param_takes_a_list_lines_or_one_value() -> None:

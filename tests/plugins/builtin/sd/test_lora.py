@@ -104,3 +104,23 @@ def test_lora_that_does_not_fit_is_a_clear_error(setup: dict, tmp_path: Path) ->
     with pytest.raises(ModelError, match="is not a LoRA"):
         api.run("generate", model=str(setup["folder"]), lora=str(not_lora), **GEN)
     assert np.asarray(api.run("generate", model=str(setup["folder"]), **GEN).images[0]).std() > 0
+
+
+def test_lora_specs_parse_and_format_as_one_pair() -> None:
+    """``--lora`` is parsed once (CLI, API, server, GUI alike); its text form reads back to the same specs."""
+    from difftool.core.errors import ParameterError
+    from difftool.plugins.builtin.sd.lora import LoraSpec, format_lora, parse_lora
+    from difftool.plugins.builtin.sd.models import LOAD_PARAMS
+
+    parsed = parse_lora(" ink.safetensors:0.7, C:/loras/pen.safetensors ,,dots:-0.25")
+    assert parsed.specs == (
+        LoraSpec("ink.safetensors", 0.7),
+        LoraSpec("C:/loras/pen.safetensors"),
+        LoraSpec("dots", -0.25),
+    )
+    assert parsed == format_lora(parsed.specs) == "ink.safetensors:0.7,C:/loras/pen.safetensors,dots:-0.25"
+    assert parse_lora(str(parsed)).specs == parsed.specs and parse_lora(parsed) is parsed
+    lora = next(p for p in LOAD_PARAMS if p.name == "lora")
+    assert lora.validate("a:2").specs == (LoraSpec("a", 2.0),) and lora.validate(None) is None
+    with pytest.raises(ParameterError, match="weight inf is not a finite number"):
+        parse_lora("a:inf")

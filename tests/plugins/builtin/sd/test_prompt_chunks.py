@@ -185,15 +185,15 @@ def test_a_padded_negative_is_recorded_as_a1111s_pad_conds(tmp_path: Path) -> No
 def test_a_lora_weight_that_is_not_finite_is_refused_before_any_model_loads(weight: str, tmp_path: Path) -> None:
     """Issue 29 item 17: ``<lora:x:nan>`` (or ``--lora x:nan``) fused NaN into every weight, then the run
     blamed the checkpoint ("NaN in the U-Net")."""
-    from difftool.plugins.builtin.sd.models import parse_loras
+    from difftool.plugins.builtin.sd.lora import LoraSpec, parse_lora
 
     with pytest.raises(ParameterError, match=rf"<lora:ink:{weight}>: the weight is not a finite number"):
         split_loras(f"a cat <lora:ink:{weight}>")
     lora = tmp_path / "ink.safetensors"
     lora.write_bytes(b"")
     with pytest.raises(ParameterError, match=rf"--lora .*ink.safetensors:{weight}: weight {weight} is not a finite"):
-        parse_loras(f"{lora}:{weight}")
-    assert parse_loras(f"{lora}:0.5") == [(lora, 0.5)]
+        parse_lora(f"{lora}:{weight}")
+    assert parse_lora(f"{lora}:0.5").specs == (LoraSpec(str(lora), 0.5),)
 
 
 def test_an_embedding_with_nan_vectors_is_named_not_blamed_on_the_vae(tmp_path: Path) -> None:

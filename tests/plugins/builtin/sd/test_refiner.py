@@ -353,21 +353,29 @@ def test_cli_run_with_a_listed_refiner(models: dict, tmp_path: Path, monkeypatch
     text = read_metadata(png)["parameters"]
     assert text["Refiner"].startswith("tiny-refiner-file [") and text["Refiner switch at"] == "0.6"
     bad = CliRunner().invoke(cli.cli, [*args[:4], "--refiner", "tiny-sdxl", *args[6:], "-o", str(tmp_path / "bad")])
-    assert bad.exit_code != 0 and "not an SDXL refiner" in bad.output
+    # A listed base is refused by its family at preflight, before any model loads.
+    assert bad.exit_code != 0 and "--refiner 'tiny-sdxl' is a sdxl model, not sdxl-refiner" in bad.output
 
 
 def test_server_accepts_listed_refiners_only(models: dict) -> None:
     from difftool.core.models import ModelEntry
+    from difftool.core.params import resolve_value
     from difftool.plugins.builtin.sd.tasks import Generate
+    from difftool.plugins.registry import Registry as Plain
     from difftool.serve.a1111_map import Txt2ImgRequest, refiner_params
-    from difftool.serve.security import PathPolicy, check_params
+    from difftool.serve.security import PathPolicy, PolicyResolver
 
-    class Registry:
+    class Registry(Plain):
         def find_models(self) -> list[ModelEntry]:
             return [
                 ModelEntry("tiny-refiner", models["refiner"], "sdxl-refiner", "test"),
                 ModelEntry("tiny-sdxl", models["base"], "sdxl", "test"),
             ]
+
+    def check_params(task: Any, params: dict, registry: Any, policy: PathPolicy) -> dict:
+        """What the server's preflight makes of the ``refiner`` a request sends (by the parameter's kind)."""
+        resolver, param = PolicyResolver(registry, policy), task.param("refiner")
+        return {"refiner": resolve_value(param, param.validate(params["refiner"]), resolver)}
 
     def request(**fields: Any) -> Txt2ImgRequest:
         return Txt2ImgRequest(prompt="x", **fields)
@@ -388,7 +396,7 @@ def test_server_accepts_listed_refiners_only(models: dict) -> None:
         refiner_params(request(refiner_switch_at=0.5), refiners)
     # The native API: a refiner is a listed refiner's name, never a path or another family's model.
     checked = check_params(Generate(), {"refiner": "tiny-refiner"}, Registry(), PathPolicy(()))
-    assert checked["refiner"] == str(models["refiner"])
+    assert checked["refiner"] == "tiny-refiner" and checked["refiner"].path == models["refiner"]
     for name in ("tiny-sdxl", str(models["refiner"])):
         with pytest.raises(ParameterError, match="not one of this server's models"):
             check_params(Generate(), {"refiner": name}, Registry(), PathPolicy(()))

@@ -18,8 +18,8 @@ import numpy as np
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ParameterError
-from difftool.core.params import Params
 from difftool.core.models import model_path
+from difftool.core.params import Params
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import controlnet
 from difftool.plugins.builtin.sd.control import CONTROLNET_FAMILIES, ControlUnit, a1111_text, preprocess

@@ -14,7 +14,7 @@ import click
 from difftool import __version__
 from difftool.core.devices import DTYPES
 from difftool.core.errors import DifftoolError, exit_code
-from difftool.core.task import Param, Task
+from difftool.core.task import Param, RegistryView, Task
 from difftool.plugins.click_options import param_option
 
 
@@ -39,19 +39,19 @@ def fail(error: DifftoolError, debug: bool) -> None:
 # --- task parameters -> click options ---------------------------------------------------------------
 
 
-def click_option(param: Param, registry: Any) -> click.Option:
+def click_option(param: Param, registry: RegistryView) -> click.Option:
     """The click option for one declared task parameter (choices from the registry where declared so)."""
     from difftool.plan import param_choices
 
     return param_option(param, param_choices(param, registry) if param.type == "choice" else None)
 
 
-def backend_options(registry: Any) -> list[click.Option]:
+def backend_options(registry: RegistryView) -> list[click.Option]:
     """``--backend``, ``--device``, ``--dtype`` and ``--backend-opt``: only for tasks that load a model."""
     declared = "; ".join(
-        f"{name}: {', '.join(p.name for p in backend.options)}"
-        for name, (backend, _) in sorted(registry.backends.items())
-        if backend.options
+        f"{name}: {', '.join(p.name for p in entry.value.options)}"
+        for name, entry in sorted(registry.backends.items())
+        if entry.value.options
     )
     return [
         click.Option(["--backend"], type=click.Choice(sorted(registry.backends)), default="torch", show_default=True),
@@ -83,7 +83,7 @@ def parse_backend_options(items: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-def common_options(task: Task, registry: Any) -> list[click.Option]:
+def common_options(task: Task, registry: RegistryView) -> list[click.Option]:
     options = [
         click.Option(["-o", "--output"], help="output file (one input) or folder; default: beside each input"),
         click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
@@ -107,7 +107,7 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
     return options
 
 
-def task_command(name: str, registry: Any) -> click.Command:
+def task_command(name: str, registry: RegistryView) -> click.Command:
     task = registry.task(name)
     params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=bool(task.inputs))]
     params += [click_option(p, registry) for p in task.params]
@@ -137,7 +137,7 @@ def task_command(name: str, registry: Any) -> click.Command:
     )
 
 
-def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
+def run_batch(task_name: str, registry: RegistryView, values: dict[str, Any]) -> None:
     from difftool import api, jobs
     from difftool.executors.local import run_local
     from difftool.plan import preflight
@@ -295,8 +295,8 @@ def tasks(name: str | None) -> None:
     if name is None:
         rows = []
         for task_name, entry in sorted(registry.tasks.items()):
-            reason = entry.cls().availability(None)
-            rows.append((task_name, "ready" if reason is None else "needs --model", entry.cls.summary))
+            reason = entry.value().availability(None)
+            rows.append((task_name, "ready" if reason is None else "needs --model", entry.value.summary))
         _table(rows)
         return
     try:
@@ -330,8 +330,9 @@ def backends() -> None:
 
     registry = _registry()
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(runtime().device_count())] or ["cuda"])
-    for name, (backend, plugin) in sorted(registry.backends.items()):
-        click.echo(f"{name} ({plugin}): {backend.summary}")
+    for name, entry in sorted(registry.backends.items()):
+        backend = entry.value
+        click.echo(f"{name} ({entry.plugin}): {backend.summary}")
         for device in devices:
             reason = backend.unavailable_reason(device)
             click.echo(f"  {device}: {'ready' if reason is None else 'unavailable: ' + reason}")

@@ -15,7 +15,7 @@ from typing import Any
 from difftool.core.backend import ResolvedBackend
 from difftool.core.devices import resolve_dtype
 from difftool.core.errors import ModelError, ParameterError
-from difftool.core.task import Param, Task
+from difftool.core.task import Param, RegistryView, Task
 
 #: What the defaults of backend, device and dtype are; a task that uses no model runs with these.
 DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE = "torch", "cpu", "auto"
@@ -32,7 +32,7 @@ class Plan:
     model: str | None
     #: Validated, typed parameters; image parameters stay as given (loaded per run).
     params: dict[str, Any]
-    registry: Any = field(repr=False, default=None)
+    registry: RegistryView = field(repr=False)
 
     def request_fields(self) -> dict[str, Any]:
         """The request as plain values, to preflight the same plan in another process (a Ray actor)."""
@@ -45,14 +45,14 @@ class Plan:
         }
 
 
-def param_choices(param: Param, registry: Any) -> tuple[Any, ...]:
+def param_choices(param: Param, registry: RegistryView) -> tuple[Any, ...]:
     """A choice parameter's allowed values (schedulers come from the registry)."""
     if param.choices_from == "schedulers":
         return tuple(registry.schedulers)
     return param.choices
 
 
-def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> dict[str, Any]:
+def validate_params(task: Task, params: Mapping[str, Any], registry: RegistryView) -> dict[str, Any]:
     """Apply defaults, convert and range-check ``params`` against the task's declaration."""
     declared = {p.name: p for p in task.params}
     unknown = sorted(set(params) - set(declared))
@@ -77,7 +77,7 @@ def preflight(
     dtype: str = DEFAULT_DTYPE,
     backend_options: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
-    registry: Any = None,
+    registry: RegistryView | None = None,
 ) -> Plan:
     """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error."""
     from difftool.plugins.registry import get_registry

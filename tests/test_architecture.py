@@ -25,8 +25,8 @@ def test_no_backend_reads_an_undeclared_difftool_variable() -> None:
     from difftool.plugins.registry import build_registry
 
     registry = build_registry(entry_points=False)
-    declared = {p.env for backend, _ in registry.backends.values() for p in backend.options if p.env}
-    declared |= {p.env for exporter, _ in registry.exporters.values() for p in exporter.options if p.env}
+    declared = {p.env for e in registry.backends.values() for p in e.value.options if p.env}
+    declared |= {p.env for e in registry.exporters.values() for p in e.value.options if p.env}
     assert {"DIFFTOOL_ORT_PROVIDER", "DIFFTOOL_TRT_MAX_SIZE", "DIFFTOOL_TRITON_URL"} <= declared
     used = {}
     for name, path in _modules().items():

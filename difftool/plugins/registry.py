@@ -22,7 +22,7 @@ from difftool.core.backend import Backend
 from difftool.core.errors import BackendUnavailableError, ParameterError, PluginError
 from difftool.core.exporter import Exporter
 from difftool.core.models import ModelEntry, ModelSource
-from difftool.core.task import Task
+from difftool.core.task import Entry, Task
 from difftool.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "difftool"
@@ -91,38 +91,32 @@ class PluginInfo:
 
 
 @dataclass(frozen=True)
-class SchedulerEntry:
-    name: str
-    factory: Callable[[Mapping[str, Any]], Any]
-    plugin: str
+class SchedulerEntry(Entry[Callable[[Mapping[str, Any]], Any]]):
+    """A scheduler: ``value`` is its factory (noise schedule config -> scheduler)."""
+
+    name: str = ""
     label: str = ""
     summary: str = ""
 
 
 @dataclass(frozen=True)
-class PreprocessorEntry:
-    name: str
-    function: Callable[..., Any]
-    plugin: str
+class PreprocessorEntry(Entry[Callable[..., Any]]):
+    """A ControlNet preprocessor: ``value`` is its function (rgb, mask, **options -> control image)."""
+
+    name: str = ""
     summary: str = ""
     options: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    cls: type[Task]
-    plugin: str
 
 
 class Registry:
     """What the installed plugins provide, and who provided it."""
 
     def __init__(self) -> None:
-        self.tasks: dict[str, TaskEntry] = {}
+        self.tasks: dict[str, Entry[type[Task]]] = {}
         self.schedulers: dict[str, SchedulerEntry] = {}
-        self.backends: dict[str, tuple[Backend, str]] = {}
-        self.exporters: dict[str, tuple[Exporter, str]] = {}
-        self.model_sources: dict[str, tuple[ModelSource, str]] = {}
+        self.backends: dict[str, Entry[Backend]] = {}
+        self.exporters: dict[str, Entry[Exporter]] = {}
+        self.model_sources: dict[str, Entry[ModelSource]] = {}
         self.preprocessors: dict[str, PreprocessorEntry] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
@@ -144,14 +138,14 @@ class Registry:
                     "fix or reinstall that plugin (`difftool plugins` lists failures)",
                 )
             raise ParameterError(f"unknown task {name!r} (available: {known})", "run `difftool tasks` to list them")
-        return entry.cls()
+        return entry.value()
 
     def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
         entry = self.schedulers.get(name)
         if entry is None:
             known = ", ".join(sorted(self.schedulers))
             raise ParameterError(f"unknown scheduler {name!r}", f"use one of {known}")
-        return entry.factory(config)
+        return entry.value(config)
 
     def backend(self, name: str) -> Backend:
         """Backend ``name`` (unchecked: :meth:`Backend.resolve` checks it for a device, once, in the preflight)."""
@@ -159,16 +153,16 @@ class Registry:
         if found is None:
             known = ", ".join(sorted(self.backends))
             raise BackendUnavailableError(f"unknown backend {name!r}", f"use one of {known}")
-        return found[0]
+        return found.value
 
     def find_models(self) -> list[ModelEntry]:
         """Models every source lists; a source that raises is recorded as a failure and skipped."""
         models: list[ModelEntry] = []
-        for source, plugin in self.model_sources.values():
+        for entry in self.model_sources.values():
             try:
-                models.extend(source.find())
+                models.extend(entry.value.find())
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
-                self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
+                self.failures.append(PluginFailure(entry.plugin, f"model source {entry.value.name!r}", _one_line(exc)))
         return models
 
     def preprocessor(self, name: str) -> PreprocessorEntry:
@@ -200,7 +194,7 @@ class Registry:
         _check_declarations(f"task {cls.name!r}", plugin, cls.params, tuple(self.schedulers))
         if cls.name in self.tasks:
             raise PluginError(f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}")
-        self.tasks[cls.name] = TaskEntry(cls, plugin)
+        self.tasks[cls.name] = Entry(cls, plugin)
         self._record(plugin, f"task {cls.name}")
 
     def _register_scheduler(
@@ -210,7 +204,7 @@ class Registry:
             raise PluginError(f"scheduler {name!r} is already registered by plugin {self.schedulers[name].plugin!r}")
         if not callable(factory):
             raise PluginError(f"scheduler {name!r}: factory {factory!r} is not callable")
-        self.schedulers[name] = SchedulerEntry(name, factory, plugin, label or name, summary)
+        self.schedulers[name] = SchedulerEntry(factory, plugin, name, label or name, summary)
         self._record(plugin, f"scheduler {name}")
 
     def _register_backend(self, plugin: str, backend: Backend) -> None:
@@ -225,9 +219,9 @@ class Registry:
                 ) from None
         if backend.name in self.backends:
             raise PluginError(
-                f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name][1]!r}"
+                f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name].plugin!r}"
             )
-        self.backends[backend.name] = (backend, plugin)
+        self.backends[backend.name] = Entry(backend, plugin)
         self._record(plugin, f"backend {backend.name}")
 
     def _register_exporter(self, plugin: str, exporter: Exporter) -> None:
@@ -236,9 +230,9 @@ class Registry:
         _check_declarations(f"exporter {exporter.name!r}", plugin, exporter.options)
         if exporter.name in self.exporters:
             raise PluginError(
-                f"exporter {exporter.name!r} is already registered by plugin {self.exporters[exporter.name][1]!r}"
+                f"exporter {exporter.name!r} is already registered by plugin {self.exporters[exporter.name].plugin!r}"
             )
-        self.exporters[exporter.name] = (exporter, plugin)
+        self.exporters[exporter.name] = Entry(exporter, plugin)
         self._record(plugin, f"exporter {exporter.name}")
 
     def _register_preprocessor(
@@ -251,7 +245,7 @@ class Registry:
             raise PluginError(f"preprocessor {name!r}: function {function!r} is not callable")
         options = tuple(options)
         _check_declarations(f"preprocessor {name!r}", plugin, options)
-        self.preprocessors[name] = PreprocessorEntry(name, function, plugin, summary, options)
+        self.preprocessors[name] = PreprocessorEntry(function, plugin, name, summary, options)
         self._record(plugin, f"preprocessor {name}")
 
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
@@ -259,7 +253,7 @@ class Registry:
             raise PluginError(f"register_models got {source!r}, not a ModelSource instance")
         if source.name in self.model_sources:
             raise PluginError(f"model source {source.name!r} is already registered")
-        self.model_sources[source.name] = (source, plugin)
+        self.model_sources[source.name] = Entry(source, plugin)
         self._record(plugin, f"models {source.name}")
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from difftool.core.errors import DifftoolError, ImageError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, open_image
-from difftool.core.task import Task
+from difftool.core.task import RegistryView, Task
 
 
 class AccessDenied(DifftoolError):
@@ -82,7 +82,9 @@ class PathPolicy:
         return real
 
 
-def resolve_model(name: str | None, registry: Any, policy: PathPolicy, families: Sequence[str] = ()) -> str | None:
+def resolve_model(
+    name: str | None, registry: RegistryView, policy: PathPolicy, families: Sequence[str] = ()
+) -> str | None:
     """The path of model ``name`` (a name ``GET /v1/models`` lists, or a path inside an allowed folder).
 
     ``families`` restricts which listed models count (an upscaler name for superres, a LoRA for --lora).
@@ -150,7 +152,7 @@ REFINER_FAMILIES = ("sdxl-refiner",)
 def check_params(
     task: Task,
     params: Mapping[str, Any],
-    registry: Any,
+    registry: RegistryView,
     policy: PathPolicy,
     limit: int = 50 << 20,
     max_pixels: int | None = None,
@@ -190,7 +192,7 @@ def check_params(
 CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
 
 
-def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
+def _checked_control(item: Any, registry: RegistryView, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
     """A ControlNet unit whose model is a listed ControlNet (or inside an allowed folder) and whose image is a
     path inside an allowed folder (string form ``MODEL=PATH,...``) or, in the mapping form, base64 data or
     ``{"path": ...}``."""
@@ -207,7 +209,7 @@ def _checked_control(item: Any, registry: Any, policy: PathPolicy, limit: int, m
     return f"{model}{image}{comma}{rest}"
 
 
-def _checked_loras(spec: str, registry: Any, policy: PathPolicy) -> str:
+def _checked_loras(spec: str, registry: RegistryView, policy: PathPolicy) -> str:
     """``NAME[:WEIGHT],...`` with each name resolved among the listed LoRAs or inside an allowed folder."""
     items = []
     for item in spec.split(","):

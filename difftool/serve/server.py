@@ -7,6 +7,7 @@ from typing import Any
 
 from difftool.core.errors import ImageTooLargeError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels
+from difftool.core.task import RegistryView
 from difftool.plan import Plan
 from difftool.serve.jobs import Job, JobQueue
 from difftool.serve.security import (
@@ -28,7 +29,7 @@ SD_FAMILY_PREFIXES = ("sd1", "sd2", "sdxl")
 class Server:
     """Everything the routes share; one per application."""
 
-    def __init__(self, settings: ServeSettings, registry: Any = None) -> None:
+    def __init__(self, settings: ServeSettings, registry: RegistryView | None = None) -> None:
         from difftool.plugins.registry import get_registry
 
         self.settings = settings

@@ -55,7 +55,7 @@ def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server
     assert "superres" in [window.task_box.itemText(i) for i in range(window.task_box.count())]
     window.send_menu.aboutToShow.emit()  # Edit > Send result to: the server's tasks that take an image
     assert [a.text() for a in window.send_menu.actions()] == sorted(
-        name for name, entry in window.registry.tasks.items() if entry.cls.inputs
+        name for name, entry in window.registry.tasks.items() if entry.value.inputs
     )
     window.task_box.setCurrentText("superres")
     assert set(window.form.widgets) >= {"scale", "tile", "overlap"}  # the form comes from the server's schema

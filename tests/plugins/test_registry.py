@@ -145,7 +145,7 @@ def test_duplicate_task_name_is_refused_naming_both_plugins() -> None:
             register(Again)
 
     registry = build_registry([DupPlugin()], entry_points=False)
-    assert registry.tasks["superres"].cls is not Again
+    assert registry.tasks["superres"].value is not Again
     [failure] = registry.failures
     assert "already registered by plugin 'difftool.plugins.builtin.superres'" in failure.error
 

@@ -97,8 +97,8 @@ def check_backends(
         reference = api.run(task_name, *inputs, model=model, device=device, dtype="fp32", seed=0, **values)
     base = np.asarray(reference.images[0])
     click.echo(f"{'torch fp32':<22} reference")
-    for name, (backend, _) in sorted(registry.backends.items()):
-        reason = backend.unavailable_reason(device)
+    for name, entry in sorted(registry.backends.items()):
+        reason = entry.value.unavailable_reason(device)
         if reason:
             click.echo(f"{name:<22} unavailable: {reason}")
             continue

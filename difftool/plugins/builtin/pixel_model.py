@@ -112,8 +112,7 @@ def availability(task: Any, model: str | None) -> str | None:
 
 def model_for(task: str, context: Any, variant: str | None = None) -> PixelModel:
     """The model a run asked for (``context.model``) or the embedded one, loaded and checked."""
-    find = context.registry.find_models if context.registry is not None else None
-    model = load_pixel_model(resolve_model(task, context.model, find), task, variant)
+    model = load_pixel_model(resolve_model(task, context.model, context.registry.find_models), task, variant)
     context.cancel.raise_if_cancelled()  # cancelled while loading: stop before any work
     return model
 

@@ -58,6 +58,7 @@ class SuperResolution(Task):
     name = "superres"
     summary = "Upscale an image 2x or 4x with a diffusion model, or by a community upscaler (--model X.pth)"
     uses_model = True
+    exports = True
     model_families = ("difftool-superres", upscalers.FAMILY)
     params = (
         Param(
@@ -100,8 +101,7 @@ class SuperResolution(Task):
             raise ParameterError(
                 f"--overlap {params['overlap']} must be smaller than --tile {params['tile']}", "lower --overlap"
             )
-        find = context.registry.find_models if context.registry is not None else None
-        community = upscalers.upscaler_path(context.model, find)
+        community = upscalers.upscaler_path(context.model, context.registry.find_models)
         if community is not None:
             return self.run_upscaler(community, image, params, context)
         requested = params.get("scale")

@@ -85,7 +85,7 @@ def resolve(name: str, context: RunContext) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    listed = [e for e in (context.registry.find_models() if context.registry else []) if e.family.endswith(SUFFIX)]
+    listed = [e for e in context.registry.find_models() if e.family.endswith(SUFFIX)]
     for entry in listed:
         if entry.name == name:
             return entry.path

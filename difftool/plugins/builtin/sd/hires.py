@@ -69,7 +69,7 @@ def superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunC
     if model is None:
         params["scale"] = 2 if wanted <= 2 else 4  # the embedded model's variants
     run = dataclasses.replace(context, model=model, denoisers=[], notes={}, export_shapes=None)
-    if context.registry is not None and context.registry.tasks.get("superres") is None:
+    if context.registry.tasks.get("superres") is None:
         raise ParameterError("--hires-upscaler needs the superres task", "use --hires-upscaler latent")
     request = TaskRequest({"image": open_image(to_pil(rgb))}, params)
     upscaled = task.run(request, run).images[0].convert("RGB")

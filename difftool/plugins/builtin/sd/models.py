@@ -42,10 +42,9 @@ def resolve_path(model: str | None, context: RunContext) -> Path:
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if context.registry is not None:
-        for entry in context.registry.find_models():
-            if entry.name == model:
-                return entry.path
+    for entry in context.registry.find_models():
+        if entry.name == model:
+            return entry.path
     raise ModelError(f"model {model!r} not found", "pass a checkpoint path or a name listed by `difftool models`")
 
 
@@ -99,7 +98,7 @@ def prompt_loras(prompt: str, context: RunContext) -> list[tuple[Path, float]]:
     named = split_loras(prompt)[1]
     if not named:
         return []
-    listed = {e.name: e.path for e in context.registry.find_models() if e.family == "lora"} if context.registry else {}
+    listed = {e.name: e.path for e in context.registry.find_models() if e.family == "lora"}
     loras = []
     for name, weight in named:
         if name not in listed:

@@ -26,10 +26,9 @@ from difftool.plugins.registry import build_registry
 
 
 @pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch):
+def runner():
     registry = build_registry([EverythingPlugin()], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
-    return lambda *args: CliRunner().invoke(cli.cli, [str(a) for a in args])
+    return lambda *args: CliRunner().invoke(cli.cli, [str(a) for a in args], obj=registry)
 
 
 def small_png(path: Path, value: int = 90) -> Path:

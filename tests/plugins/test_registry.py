@@ -87,11 +87,10 @@ def test_example_plugin_runs_through_its_entry_point_and_the_cli(
     registry = build_registry()
     assert registry.tasks["posterize"].plugin == "example"
     assert registry.schedulers["ddim-trailing"].plugin == "example"
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     Image.linear_gradient("L").save(tmp_path / "in.png")
-    listing = CliRunner().invoke(cli.cli, ["tasks"])
+    listing = CliRunner().invoke(cli.cli, ["tasks"], obj=registry)
     assert "posterize" in listing.output
-    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(tmp_path / "in.png"), "--levels", "2"])
+    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(tmp_path / "in.png"), "--levels", "2"], obj=registry)
     assert result.exit_code == 0, result.output
     assert set(np.unique(np.asarray(Image.open(tmp_path / "in.posterize.png").convert("L")))) == {0, 255}
 
@@ -192,10 +191,9 @@ def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> No
     from difftool.core.runtime import Runtime, using
 
     registry = build_registry([CommandPlugin()], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     try:
         with using(Runtime()):  # a fresh process's state: the plugins' commands not added yet
-            result = CliRunner().invoke(cli.cli, ["hello"])
+            result = CliRunner().invoke(cli.cli, ["hello"], obj=registry)
         assert result.exit_code == 0 and "hello from a plugin" in result.output
     finally:
         cli.cli.commands.pop("hello", None)

@@ -16,7 +16,7 @@ import click
 from difftool.core.exporter import Exporter
 from difftool.core.task import RegistryView
 from difftool.exporters.formats import OnnxExporter, TensorRTExporter, TritonExporter
-from difftool.plugins.click_options import click_errors, param_option
+from difftool.plugins.click_options import click_errors, context_registry, param_option
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -79,13 +79,15 @@ def exporter_command(exporter: Exporter, registry: RegistryView) -> click.Comman
     return click.Command(exporter.name, params=params, callback=callback, help=f"Export {exporter.summary}.")
 
 
-def export_group(get_registry: Callable[[], Any]) -> click.Group:
+def export_group() -> click.Group:
+    """``difftool export NAME``: one subcommand per registered exporter (the invocation's registry's)."""
+
     class ExportGroup(click.Group):
         def list_commands(self, ctx: click.Context) -> list[str]:
-            return sorted(get_registry().exporters)
+            return sorted(context_registry(ctx).exporters)
 
         def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-            registry = get_registry()
+            registry = context_registry(ctx)
             found = registry.exporters.get(cmd_name)
             return exporter_command(found.value, registry) if found else None
 
@@ -143,7 +145,5 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from difftool.plugins.registry import get_registry
-
-    cli.add_command(export_group(get_registry))
+    cli.add_command(export_group())
     cli.add_command(cache)

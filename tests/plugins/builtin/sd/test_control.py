@@ -218,16 +218,15 @@ def test_a_pickle_controlnet_needs_allow_pickle(models: Path, tmp_path: Path) ->
 # --- CLI and metadata ------------------------------------------------------------------------------
 
 
-def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_path: Path, monkeypatch) -> None:
+def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_path: Path) -> None:
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     model = models / "models" / "Stable-diffusion" / "tiny-sd"
     edges = models / "edges.png"
     args = ["run", "generate", "--model", model, "--prompt", "a tower", "--steps", "2", "--width", "64",
             "--height", "48", "--dtype", "fp32", "-o", tmp_path / "out.png",
             "--control", f"cn-edges={edges},pre=canny,low=80,weight=0.7,end=0.5",
             "--control", f"cn-edges={edges},pre=scribble,guess=1,resize=fill"]  # fmt: skip
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     parameters = Image.open(tmp_path / "out.png").text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: cn-edges [' in parameters
@@ -243,7 +242,7 @@ def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_pa
         "cn-edges,pre=canny,weight=0.7,start=0,end=0.5,low=80,high=200",
         "cn-edges,pre=scribble,weight=1,start=0,end=1,guess=1,resize=fill",
     ]
-    help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"]).output
+    help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"], obj=registry).output
     assert "--control" in help_text and "MODEL[=IMAGE]" in help_text
 
 

@@ -11,7 +11,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from difftool.core.errors import Cancelled
 from difftool.core.params import ExportShapes, Param
@@ -38,6 +38,7 @@ class Entry(Generic[T]):
     plugin: str
 
 
+@runtime_checkable
 class RegistryView(Protocol):
     """What tasks and front ends ask of a registry: a run's :attr:`RunContext.registry`, the CLI's, the GUI's.
 

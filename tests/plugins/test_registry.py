@@ -66,6 +66,38 @@ def test_builtins_register_through_the_hooks(registry) -> None:
     assert registry.failures == []
 
 
+def test_every_kind_is_an_entry_of_value_and_plugin(registry) -> None:
+    from difftool.core.backend import Backend
+    from difftool.core.exporter import Exporter
+    from difftool.core.models import ModelSource
+    from difftool.core.task import Entry, RegistryView
+
+    assert isinstance(registry, RegistryView)
+    kinds = {
+        "tasks": type,
+        "backends": Backend,
+        "exporters": Exporter,
+        "model_sources": ModelSource,
+        "schedulers": object,
+        "preprocessors": object,
+    }
+    for kind, value_type in kinds.items():
+        entries = getattr(registry, kind)
+        assert entries, kind
+        for entry in entries.values():
+            assert isinstance(entry, Entry) and isinstance(entry.value, value_type), (kind, entry)
+            assert entry.plugin in DEFAULT_PLUGINS, (kind, entry)
+    assert registry.backend("onnx") is registry.backends["onnx"].value
+    assert registry.task("superres").__class__ is registry.tasks["superres"].value
+    assert callable(registry.schedulers["ddim"].value) and callable(registry.preprocessors["canny"].value)
+    # A task offers its network for export by declaring it, not by overriding a method someone compares.
+    from difftool.plugins.builtin.exporters import exportable_tasks
+
+    assert exportable_tasks(registry) == sorted(n for n, e in registry.tasks.items() if e.value.exports)
+    assert {"superres", "inpaint", "generate", "style"} <= set(exportable_tasks(registry))
+    assert "upscale-sd" not in exportable_tasks(registry)
+
+
 def test_entry_point_plugin_is_discovered(site: Path) -> None:
     (site / "shout_plugin.py").write_text(SHOUT_PLUGIN)
     fake_distribution(site, "shout-plugin", {"shout": "shout_plugin"})

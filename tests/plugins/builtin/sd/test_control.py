@@ -19,7 +19,7 @@ from difftool.core.task import Param
 from difftool.plugins import hookimpl
 from difftool.plugins.builtin.sd import preprocessors
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM, ControlUnit, parse_unit
-from difftool.plugins.registry import build_registry
+from difftool.plugins.registry import Registry, build_registry
 
 from . import tiny
 from .test_parity import photo
@@ -46,7 +46,7 @@ def models(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def run(root: Path, control: Any, registry: Any = None, **params: Any) -> Any:
+def run(root: Path, control: Any, registry: Registry | None = None, **params: Any) -> Any:
     defaults = dict(prompt="a tower", steps=2, width=64, height=48, seed=1, dtype="fp32")
     model = str(root / "models" / "Stable-diffusion" / "tiny-sd")
     return api.run("generate", model=model, control=control, registry=registry, **{**defaults, **params})

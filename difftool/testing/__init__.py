@@ -242,7 +242,7 @@ class BackendConformance:
         return type(self)._artifacts
 
     def _denoiser(self, module: Any, model_id: str = "conformance") -> Any:
-        from difftool.core.task import ExportShapes
+        from difftool.core.params import ExportShapes
 
         resolved = self.make_backend().resolve(self.device, self.dtype, self.options)
         shapes = ExportShapes(batch=(1, 1, 1), size=(16, 16, 32))  # what a task would declare for 16 px

@@ -278,7 +278,7 @@ def test_a_thin_control_image_makes_no_intermediate_larger_than_image_or_output(
     thin = tmp_path / "thin.png"
     Image.fromarray(np.full((1, 2000, 3), 255, np.uint8)).save(thin)
     negative = np.full((2000, 1, 3), -1.0, np.float32)  # the inpaint preprocessor's "to be made"
-    unit, context = parse_unit(f"cn={thin},resize={mode}"), SimpleNamespace(registry=None)
+    unit, context = parse_unit(f"cn={thin},resize={mode}"), SimpleNamespace(registry=build_registry(entry_points=False))
     control_image(parse_unit(f"cn={thin},resize=just"), (64, 64), context, None)  # imports, outside the count
     tracemalloc.start()
     try:
@@ -305,7 +305,7 @@ def test_a_control_image_of_another_aspect_is_cropped_by_default(tmp_path: Path)
     pixels = np.zeros((48, 96, 3), np.uint8)
     pixels[:, :16] = 255  # a white band at the left, cut off by crop
     Image.fromarray(pixels).save(wide)
-    context = SimpleNamespace(registry=None)
+    context = SimpleNamespace(registry=build_registry(entry_points=False))
     seen = {
         mode: control_image(parse_unit(f"cn={wide},resize={mode}"), (64, 48), context, None)[0, 0].numpy()
         for mode in ("crop", "just", "fill")

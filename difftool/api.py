@@ -289,7 +289,7 @@ def run_plan(
         prints = [f for f in dict.fromkeys(getattr(d, "fingerprint", None) for d in context.denoisers) if f]
         if prints:
             record["artifact"] = ", ".join(prints)
-    scheduler = registry.schedulers.get(str(record.get("scheduler"))) if registry is not None else None
+    scheduler = registry.schedulers.get(str(record.get("scheduler")))
     if scheduler is not None:
         record["scheduler_label"] = scheduler.label  # A1111's name, for the "Sampler:" metadata field
     return RunResult(result.images, record)

@@ -6,21 +6,19 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+import time
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from difftool import __version__
 from difftool.core.devices import DTYPES
 from difftool.core.errors import DifftoolError, exit_code
-from difftool.core.task import Param, Task
-from difftool.plugins.click_options import param_option
+from difftool.core.task import Param, RegistryView, Task
+from difftool.plugins.click_options import context_registry, param_option
 
-
-def _registry() -> Any:
-    from difftool.plugins.registry import get_registry
-
-    return get_registry()
+if TYPE_CHECKING:
+    from difftool.plugins.registry import Registry
 
 
 def fail(error: DifftoolError, debug: bool) -> None:
@@ -38,19 +36,19 @@ def fail(error: DifftoolError, debug: bool) -> None:
 # --- task parameters -> click options ---------------------------------------------------------------
 
 
-def click_option(param: Param, registry: Any) -> click.Option:
+def click_option(param: Param, registry: RegistryView) -> click.Option:
     """The click option for one declared task parameter (choices from the registry where declared so)."""
     from difftool.plan import param_choices
 
     return param_option(param, param_choices(param, registry) if param.type == "choice" else None)
 
 
-def backend_options(registry: Any) -> list[click.Option]:
+def backend_options(registry: RegistryView) -> list[click.Option]:
     """``--backend``, ``--device``, ``--dtype`` and ``--backend-opt``: only for tasks that load a model."""
     declared = "; ".join(
-        f"{name}: {', '.join(p.name for p in backend.options)}"
-        for name, (backend, _) in sorted(registry.backends.items())
-        if backend.options
+        f"{name}: {', '.join(p.name for p in entry.value.options)}"
+        for name, entry in sorted(registry.backends.items())
+        if entry.value.options
     )
     return [
         click.Option(["--backend"], type=click.Choice(sorted(registry.backends)), default="torch", show_default=True),
@@ -82,7 +80,7 @@ def parse_backend_options(items: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-def common_options(task: Task, registry: Any) -> list[click.Option]:
+def common_options(task: Task, registry: RegistryView) -> list[click.Option]:
     options = [
         click.Option(["-o", "--output"], help="output file (one input) or folder; default: beside each input"),
         click.Option(["--overwrite"], is_flag=True, help="replace existing outputs"),
@@ -106,7 +104,7 @@ def common_options(task: Task, registry: Any) -> list[click.Option]:
     return options
 
 
-def task_command(name: str, registry: Any) -> click.Command:
+def task_command(name: str, registry: RegistryView) -> click.Command:
     task = registry.task(name)
     params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=bool(task.inputs))]
     params += [click_option(p, registry) for p in task.params]
@@ -136,7 +134,7 @@ def task_command(name: str, registry: Any) -> click.Command:
     )
 
 
-def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
+def run_batch(task_name: str, registry: RegistryView, values: dict[str, Any]) -> None:
     from difftool.runs import run_files
 
     debug = values.pop("debug")
@@ -192,16 +190,20 @@ def run_batch(task_name: str, registry: Any, values: dict[str, Any]) -> None:
 
 
 class RunGroup(click.Group):
-    """``difftool run TASK``: one subcommand per registered task, generated from its declaration."""
+    """``difftool run TASK``: one subcommand per registered task, generated from its declaration (once per
+    invocation, from the registry in the root context's ``obj``: see :func:`context_registry`)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(_registry().tasks)
+        return sorted(context_registry(ctx).tasks)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        registry = _registry()
+        registry = context_registry(ctx)
         if cmd_name not in registry.tasks:
             return None
-        return task_command(cmd_name, registry)
+        built = ctx.meta.setdefault("difftool.run.commands", {})  # meta is shared by the whole invocation
+        if cmd_name not in built:
+            built[cmd_name] = task_command(cmd_name, registry)
+        return built[cmd_name]
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]
@@ -216,7 +218,7 @@ class RunGroup(click.Group):
 class MainGroup(click.Group):
     """The top-level group; plugins add commands through ``register_commands``."""
 
-    def _add_plugin_commands(self) -> None:
+    def _add_plugin_commands(self, ctx: click.Context) -> None:
         from difftool.core.runtime import current
         from difftool.plugins.registry import call_each
 
@@ -224,17 +226,16 @@ class MainGroup(click.Group):
         if id(self) in added:
             return
         added.add(id(self))
-        registry = _registry()
-        call_each(registry, "register_commands", lambda plugin: {"cli": self})
+        call_each(context_registry(ctx), "register_commands", lambda plugin: {"cli": self})
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        self._add_plugin_commands()
+        self._add_plugin_commands(ctx)
         return super().list_commands(ctx)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         command = super().get_command(ctx, cmd_name)
         if command is None:
-            self._add_plugin_commands()
+            self._add_plugin_commands(ctx)
             command = super().get_command(ctx, cmd_name)
         return command
 
@@ -265,12 +266,12 @@ def _table(rows: list[tuple[str, ...]]) -> None:
 @click.argument("name", required=False)
 def tasks(name: str | None) -> None:
     """List tasks, or show the parameters of task NAME."""
-    registry = _registry()
+    registry = context_registry()
     if name is None:
         rows = []
         for task_name, entry in sorted(registry.tasks.items()):
-            reason = entry.cls().availability(None)
-            rows.append((task_name, "ready" if reason is None else "needs --model", entry.cls.summary))
+            reason = entry.value().availability(None)
+            rows.append((task_name, "ready" if reason is None else "needs --model", entry.value.summary))
         _table(rows)
         return
     try:
@@ -302,10 +303,11 @@ def backends() -> None:
     """List backends, whether each runs here (CPU and cuda), and their --backend-opt options."""
     from difftool.core.cuda import runtime
 
-    registry = _registry()
+    registry = context_registry()
     devices = ["cpu"] + ([f"cuda:{i}" for i in range(runtime().device_count())] or ["cuda"])
-    for name, (backend, plugin) in sorted(registry.backends.items()):
-        click.echo(f"{name} ({plugin}): {backend.summary}")
+    for name, entry in sorted(registry.backends.items()):
+        backend = entry.value
+        click.echo(f"{name} ({entry.plugin}): {backend.summary}")
         for device in devices:
             reason = backend.unavailable_reason(device)
             click.echo(f"  {device}: {'ready' if reason is None else 'unavailable: ' + reason}")
@@ -320,14 +322,14 @@ def backends() -> None:
 @cli.command()
 def schedulers() -> None:
     """List schedulers (usable as --scheduler)."""
-    registry = _registry()
+    registry = context_registry()
     _table([(e.name, e.label, e.plugin, e.summary) for e in registry.schedulers.values()])
 
 
 @cli.command()
 def plugins() -> None:
     """List plugins, what each registered, and plugins that failed."""
-    registry = _registry()
+    registry = context_registry()
     for info in registry.plugins.values():
         kind = "built-in" if info.builtin else f"plugin {info.version}".rstrip()
         click.echo(f"{info.name} ({kind}): {', '.join(info.registered) or 'nothing registered'}")
@@ -338,7 +340,7 @@ def plugins() -> None:
 @cli.command()
 def models() -> None:
     """List models found on disk (see docs: ~/.difftool/models, $DIFFTOOL_MODELS)."""
-    registry = _registry()
+    registry = context_registry()
     found = registry.find_models()
     if not found:
         click.echo("no models found; put them in ~/.difftool/models or point DIFFTOOL_MODELS at a folder", err=True)
@@ -351,7 +353,7 @@ def info(as_json: bool) -> None:
     """What this install can do: versions, devices, backends, models, cache, plugins (paste it into bug reports)."""
     from difftool.info import as_text, collect
 
-    report = collect(_registry())
+    report = collect(context_registry())
     click.echo(json.dumps(report, indent=2, default=str) if as_json else as_text(report))
 
 
@@ -364,6 +366,6 @@ def gui(image: str | None) -> None:
     sys.exit(gui_main([image] if image else []))
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
-    cli.main(args=argv, prog_name="difftool")
+def main(argv: list[str] | None = None, registry: Registry | None = None) -> None:
+    """Console-script entry point (``registry``: run with this one instead of the installed plugins')."""
+    cli.main(args=argv, prog_name="difftool", obj=registry)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from difftool.core.task import RegistryView
+
 #: distribution name -> module to import; what each enables.
 OPTIONAL: dict[str, tuple[str, str]] = {
     "diffusers": ("diffusers", "models, schedulers (required)"),
@@ -116,9 +118,10 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def backends(registry: Any, device_names: list[str]) -> list[dict[str, Any]]:
+def backends(registry: RegistryView, device_names: list[str]) -> list[dict[str, Any]]:
     rows = []
-    for name, (backend, plugin) in sorted(registry.backends.items()):
+    for name, entry in sorted(registry.backends.items()):
+        backend, plugin = entry.value, entry.plugin
         availability = {}
         for device in device_names:
             try:
@@ -135,7 +138,7 @@ def backends(registry: Any, device_names: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def models(registry: Any) -> dict[str, Any]:
+def models(registry: RegistryView) -> dict[str, Any]:
     from difftool.plugins.builtin.models import model_roots
 
     entries = registry.find_models()
@@ -165,7 +168,7 @@ def cache() -> dict[str, Any]:
     return {"path": str(root), "exists": root.is_dir(), "entries": entries, "size_mib": round(size / 2**20, 1)}
 
 
-def collect(registry: Any = None) -> dict[str, Any]:
+def collect(registry: RegistryView | None = None) -> dict[str, Any]:
     """Everything ``difftool info`` reports, as plain JSON-able data."""
     import difftool
     from difftool.plugins.registry import get_registry

@@ -11,14 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftool.core.backend import ResolvedBackend
 from difftool.core.devices import resolve_dtype
 from difftool.core.errors import ModelError, ParameterError
 from difftool.core.models import ModelRef
 from difftool.core.params import Params, Resolver, resolve_value
-from difftool.core.task import Param, Task
+from difftool.core.task import Param, RegistryView, Task
+
+if TYPE_CHECKING:
+    from difftool.plugins.registry import Registry
 
 #: What the defaults of backend, device and dtype are; a task that uses no model runs with these.
 DEFAULT_BACKEND, DEFAULT_DEVICE, DEFAULT_DTYPE = "torch", "cpu", "auto"
@@ -37,7 +40,7 @@ class Plan:
     #: Validated, typed, frozen parameters: every declared name present, defaults applied; image parameters
     #: stay as given (loaded per run, :func:`difftool.api.prepare`).
     params: Params
-    registry: Any = field(repr=False, default=None)
+    registry: RegistryView = field(repr=False)
 
     def request_fields(self) -> dict[str, Any]:
         """The request as plain values, to preflight the same plan in another process (a Ray actor)."""
@@ -50,7 +53,7 @@ class Plan:
         }
 
 
-def param_choices(param: Param, registry: Any) -> tuple[Any, ...]:
+def param_choices(param: Param, registry: RegistryView) -> tuple[Any, ...]:
     """A choice parameter's allowed values (schedulers come from the registry)."""
     if param.choices_from == "schedulers":
         return tuple(registry.schedulers)
@@ -61,7 +64,7 @@ class LocalResolver:
     """:class:`~difftool.core.params.Resolver` on this machine: models through the registry's one resolver,
     files as given (they must exist)."""
 
-    def __init__(self, registry: Any) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
     def model(self, name: str, families: Sequence[str], what: str) -> str:
@@ -81,7 +84,7 @@ def resolve_params(task: Task, values: Mapping[str, Any], resolver: Resolver) ->
     return Params({p.name: resolve_value(p, values[p.name], resolver) for p in task.params})
 
 
-def validate_params(task: Task, params: Mapping[str, Any], registry: Any) -> Params:
+def validate_params(task: Task, params: Mapping[str, Any], registry: RegistryView) -> Params:
     """Apply defaults, convert and range-check ``params`` against the task's declaration: every declared name
     is present in the result (a task reads ``params.steps``, never ``params.get("steps", 25)``)."""
     declared = {p.name: p for p in task.params}
@@ -108,7 +111,7 @@ def preflight(
     dtype: str = DEFAULT_DTYPE,
     backend_options: Mapping[str, Any] | None = None,
     params: Mapping[str, Any] | None = None,
-    registry: Any = None,
+    registry: RegistryView | None = None,
     resolver: Resolver | None = None,
 ) -> Plan:
     """Check the request once and resolve it into a :class:`Plan`, or raise a one-line error.

@@ -43,14 +43,36 @@ class EverythingPlugin:
 
 
 @pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch):
+def runner():
     registry = build_registry([EverythingPlugin()], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
 
     def invoke(*args: str):
-        return CliRunner().invoke(cli.cli, [str(a) for a in args])
+        return CliRunner().invoke(cli.cli, [str(a) for a in args], obj=registry)
 
     return invoke
+
+
+def test_a_run_builds_its_command_once_from_the_invocations_registry(photo: Path, tmp_path: Path) -> None:
+    """The registry comes from ``click.Context.obj``; ``difftool run TASK`` builds TASK's command once."""
+    asked: list[str] = []
+
+    class Counting(EverythingPlugin):
+        @hookimpl
+        def register_tasks(self, register):
+            class Counted(Everything):
+                def __init__(self) -> None:
+                    asked.append("everything")
+
+            register(Counted)
+
+    registry = build_registry([Counting()], entry_points=False)
+    out = tmp_path / "out.png"
+    result = CliRunner().invoke(cli.cli, ["run", "everything", str(photo), "-o", str(out)], obj=registry)
+    assert result.exit_code == 0, result.output
+    assert out.is_file()  # "everything" is only in this registry: the command came from ctx.obj
+    # One instance for the command's declaration, one for the preflight, one for the run (4 when the
+    # command was built twice, once to check the name and once to run it).
+    assert len(asked) <= 3, asked
 
 
 def one_line_error(result) -> str:

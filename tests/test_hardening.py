@@ -26,10 +26,9 @@ from difftool.plugins.registry import build_registry
 
 
 @pytest.fixture
-def runner(monkeypatch: pytest.MonkeyPatch):
+def runner():
     registry = build_registry([EverythingPlugin()], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
-    return lambda *args: CliRunner().invoke(cli.cli, [str(a) for a in args])
+    return lambda *args: CliRunner().invoke(cli.cli, [str(a) for a in args], obj=registry)
 
 
 def small_png(path: Path, value: int = 90) -> Path:
@@ -315,10 +314,9 @@ class Plugin:
         register(Slow)
 
 registry = build_registry([Plugin()], entry_points=False)
-cli._registry = lambda: registry
 start = float(sys.argv[1])
 time.sleep(max(0.0, start - time.time()))
-cli.main(["run", "slow", *sys.argv[2:]])
+cli.main(["run", "slow", *sys.argv[2:]], registry=registry)
 """
 
 

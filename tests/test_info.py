@@ -24,9 +24,8 @@ def broken_torchvision(root: Path) -> Path:
     return root
 
 
-def test_info_json_names_every_backend_with_a_reason_when_unavailable(registry, monkeypatch) -> None:
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
-    result = CliRunner().invoke(cli.cli, ["info", "--json"])
+def test_info_json_names_every_backend_with_a_reason_when_unavailable(registry) -> None:
+    result = CliRunner().invoke(cli.cli, ["info", "--json"], obj=registry)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     names = {row["name"] for row in report["backends"]}

@@ -11,14 +11,15 @@ Conditioning is a dict with these keys (a backend passes through what it does no
     A dict of extra tensors (SDXL's ``text_embeds`` and ``time_ids``).
 ``class_labels``
     Integer class per batch item (difftool's superres model: the scale).
-``down_block_additional_residuals``, ``mid_block_additional_residual``
-    A tuple of tensors and a tensor added to the U-Net's skip connections and middle block (ControlNet
-    residuals, computed per call by a wrapping denoiser; diffusers' U-Net keyword names).
 ``pooled_projections``
     A pooled text embedding per batch item (transformer denoisers' global conditioning).
 ``guidance``
     A guidance scale per batch item that the network takes as an input (guidance-distilled models,
     which then need no unconditional batch).
+
+A plugin's model may take more keys: :class:`TorchDenoiser` passes every key but ``concat`` to the module
+as a keyword argument (tensors, and tensors in tuples and dicts, placed on its device, floating ones in
+its dtype); a backend that runs exported graphs reads the keys it knows and ignores the rest.
 
 The sampler batches classifier-free guidance into one call, so every tensor's batch is the sample's.
 A denoiser over another architecture subclasses :class:`Denoiser` and reads the keys it needs: the
@@ -117,42 +118,18 @@ class TorchDenoiser(Denoiser):
                 "pass the conditioning this model expects",
             )
         x = x.contiguous(memory_format=torch.channels_last)
-        kwargs: dict[str, Any] = {}
-        if cond.get("class_labels") is not None:
-            kwargs["class_labels"] = cond["class_labels"].to(self.device)
-        if cond.get("encoder_hidden_states") is not None:
-            kwargs["encoder_hidden_states"] = cond["encoder_hidden_states"].to(self.device, self.dtype)
-        if cond.get("added_cond_kwargs") is not None:
-            kwargs["added_cond_kwargs"] = {
-                k: v.to(self.device, self.dtype) for k, v in cond["added_cond_kwargs"].items()
-            }
-        if cond.get("down_block_additional_residuals") is not None:
-            kwargs["down_block_additional_residuals"] = tuple(
-                r.to(self.device, self.dtype) for r in cond["down_block_additional_residuals"]
-            )
-        if cond.get("mid_block_additional_residual") is not None:
-            kwargs["mid_block_additional_residual"] = cond["mid_block_additional_residual"].to(self.device, self.dtype)
+        kwargs = {k: self._placed(v) for k, v in cond.items() if k != "concat" and v is not None}
         t = timestep.to(self.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
         out = self.module(x, t, **kwargs)
         out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
         return out.to(sample.dtype)
 
-
-class TorchControlNet:
-    """A diffusers ``ControlNetModel`` as a :class:`~difftool.core.backend.ControlNetRunner`: raw residuals
-    (conditioning scale 1, no guess mode) on the module's own device and dtype, as it was loaded."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-
-    @torch.inference_mode()
-    def __call__(self, sample: Any, timestep: Any, text: Any, image: Any, added: Any) -> tuple[list[Any], Any]:
-        first = next(self.module.parameters())
-        place = {"device": first.device, "dtype": first.dtype}
-        kwargs = {"added_cond_kwargs": {k: v.to(**place) for k, v in added.items()}} if added else {}
-        t = timestep.to(first.device) if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
-        down, mid = self.module(
-            sample.to(**place), t, encoder_hidden_states=text.to(**place), controlnet_cond=image.to(**place),
-            conditioning_scale=1.0, guess_mode=False, return_dict=False, **kwargs,
-        )  # fmt: skip
-        return list(down), mid
+    def _placed(self, value: Any) -> Any:
+        """A conditioning value on this denoiser's device; floating tensors in its dtype (labels stay integers)."""
+        if isinstance(value, torch.Tensor):
+            return value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
+        if isinstance(value, (tuple, list)):
+            return tuple(self._placed(v) for v in value)
+        if isinstance(value, Mapping):
+            return {k: self._placed(v) for k, v in value.items()}
+        return value

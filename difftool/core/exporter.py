@@ -11,10 +11,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-if TYPE_CHECKING:
-    from difftool.core.task import Param
+from difftool.core.params import ExportShapes, Param, validate_options
 
 
 @dataclass(frozen=True)
@@ -26,7 +25,7 @@ class ExportTarget:
     model_id: str
     prediction_type: str = "epsilon"
     #: What runs will ask of the network (an ``ExportShapes``): engines built ahead of time match them.
-    shapes: Any = None
+    shapes: ExportShapes | None = None
 
 
 @dataclass
@@ -46,8 +45,6 @@ class Exporter(ABC):
     options: ClassVar[tuple[Param, ...]] = ()
 
     def validate_options(self, values: Mapping[str, Any] | None) -> dict[str, Any]:
-        from difftool.core.backend import validate_options
-
         return validate_options(f"exporter {self.name!r}", self.options, values, f"difftool export {self.name} --")
 
     def unavailable_reason(self, options: Mapping[str, Any]) -> str | None:

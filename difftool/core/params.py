@@ -1,7 +1,9 @@
 """A task's declared parameter (:class:`Param`): its type, range, default and how a value is checked.
 
 The bottom floor of core: the task interface, the plan, the CLI's options, the GUI's forms and the server's
-JSON Schema all read these declarations; this module imports nothing of difftool's but its errors.
+JSON Schema all read these declarations; this module imports nothing of difftool's but its errors. Backends'
+and exporters' options are checked here too (:func:`validate_options`), and the shapes a task declares for
+exported networks (:class:`ExportShapes`) live here, so task, backend and exporter import no one another.
 """
 
 from __future__ import annotations
@@ -290,3 +292,51 @@ class Params(Mapping[str, Any]):
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self._values)
+
+
+@dataclass(frozen=True)
+class ExportShapes:
+    """What a task will ask of an exported denoiser, declared so engines are built for it before any work.
+
+    Each field is (min, opt, max). ``size`` is the square side of the sample in the denoiser's own
+    units (pixels for pixel models, latent cells for Stable Diffusion: 512 px is 64); ``batch``
+    counts classifier-free guidance's doubled batch; ``tokens`` is the text length.
+    """
+
+    batch: tuple[int, int, int] = (1, 1, 1)
+    size: tuple[int, int, int] = (64, 512, 1024)
+    tokens: tuple[int, int, int] = (77, 77, 77)
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "size", "tokens"):
+            low, opt, high = getattr(self, name)
+            if not 1 <= low <= opt <= high:
+                raise ValueError(f"ExportShapes.{name} must be 1 <= min <= opt <= max, got {(low, opt, high)}")
+
+
+def validate_options(
+    owner: str, declared: tuple[Param, ...], values: Mapping[str, Any] | None, flag: str
+) -> dict[str, Any]:
+    """``values`` checked against ``declared`` options, defaults (or their environment variables) filled in.
+
+    ``owner`` names whose options they are in errors (``backend 'onnx'``); ``flag`` is how users pass one.
+    """
+    values = dict(values or {})
+    params = {p.name: p for p in declared}
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        names = ", ".join(params) or "none"
+        raise ParameterError(f"{owner} has no option {unknown[0]!r}", f"its options are: {names}")
+    resolved = {}
+    for name, param in params.items():
+        raw = values[name] if name in values else param.effective_default()
+        try:
+            resolved[name] = param.validate(raw)
+        except ParameterError as error:
+            source = f" (from {param.env})" if name not in values and param.env else ""
+            detail = error.problem.removeprefix(f"{param.flag}: ").replace(f"{param.flag} ", f"{name}=", 1)
+            raise ParameterError(
+                f"{owner} option {name}{source}: {detail}",
+                f"pass {flag} {name}=VALUE {param.range_text() or (f'({error.fix})' if error.fix else '')}".rstrip(),
+            ) from None
+    return resolved

@@ -11,39 +11,68 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
 from difftool.core.errors import Cancelled
-from difftool.core.params import Param, Params
+from difftool.core.params import ExportShapes, Param, Params
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-    from difftool.core.backend import ResolvedBackend
+    from difftool.core.backend import Backend, ResolvedBackend
     from difftool.core.denoiser import Denoiser
     from difftool.core.exporter import ExportTarget
+    from difftool.core.models import ModelEntry
     from difftool.core.scheduler import Scheduler
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class ExportShapes:
-    """What a task will ask of an exported denoiser, declared so engines are built for it before any work.
+class Entry(Generic[T]):
+    """One registered thing (a task class, a backend, an exporter, a scheduler, ...) and the plugin that
+    registered it: every kind a registry holds has this shape."""
 
-    Each field is (min, opt, max). ``size`` is the square side of the sample in the denoiser's own
-    units (pixels for pixel models, latent cells for Stable Diffusion: 512 px is 64); ``batch``
-    counts classifier-free guidance's doubled batch; ``tokens`` is the text length.
+    value: T
+    plugin: str
+
+
+@runtime_checkable
+class RegistryView(Protocol):
+    """What tasks and front ends ask of a registry: a run's :attr:`RunContext.registry`, the CLI's, the GUI's.
+
+    :class:`difftool.plugins.registry.Registry` implements it from the installed plugins; the desktop app's
+    :class:`difftool.gui.remote.RemoteRegistry` from a server's ``/v1`` API. Tasks use the lookups, never how
+    the plugins were loaded.
     """
 
-    batch: tuple[int, int, int] = (1, 1, 1)
-    size: tuple[int, int, int] = (64, 512, 1024)
-    tokens: tuple[int, int, int] = (77, 77, 77)
+    @property
+    def tasks(self) -> Mapping[str, Entry[Any]]: ...
+    @property
+    def backends(self) -> Mapping[str, Entry[Any]]: ...
+    @property
+    def schedulers(self) -> Mapping[str, Any]: ...
+    @property
+    def preprocessors(self) -> Mapping[str, Any]: ...
+    @property
+    def plugins(self) -> Mapping[str, Any]: ...
+    @property
+    def failures(self) -> Sequence[Any]: ...
 
-    def __post_init__(self) -> None:
-        for name in ("batch", "size", "tokens"):
-            low, opt, high = getattr(self, name)
-            if not 1 <= low <= opt <= high:
-                raise ValueError(f"ExportShapes.{name} must be 1 <= min <= opt <= max, got {(low, opt, high)}")
+    def task(self, name: str) -> Task:
+        """A fresh instance of task ``name`` (a one-line error naming the known ones if there is none)."""
+        ...
+
+    def task_plugin(self, name: str) -> str: ...
+
+    def backend(self, name: str) -> Backend: ...
+
+    def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Scheduler: ...
+
+    def find_models(self) -> list[ModelEntry]: ...
+
+    def preprocessor(self, name: str) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -85,6 +114,8 @@ class RunContext:
     checked for the run's device, with its options. Tasks never look a backend up by name.
     """
 
+    #: Schedulers, models and other tasks are looked up here.
+    registry: RegistryView = field(kw_only=True, repr=False)
     seed: int = 0
     backend: ResolvedBackend | None = None
     model: str | None = None
@@ -93,8 +124,6 @@ class RunContext:
     preview_every: int = 0
     cancel: CancelToken = field(default_factory=CancelToken)
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("difftool"))
-    #: Schedulers and models are looked up here (a :class:`difftool.plugins.registry.Registry`).
-    registry: Any = None
     #: Denoisers this run made (the API records their precision and artifact fingerprint).
     denoisers: list[Any] = field(default_factory=list)
     #: The task's declared export shapes for this request (backends that build engines use them).
@@ -164,30 +193,22 @@ class RunContext:
         prediction_type: str,
         model_id: str = "",
         shapes: ExportShapes | None = None,
-        residuals: bool = False,
     ) -> Denoiser:
         """Wrap a torch module for the resolved backend (its device, dtype and options).
 
-        ``shapes`` overrides the task's declared :attr:`export_shapes` for this denoiser; ``residuals``
-        asks for a U-Net taking ControlNet residuals (see :class:`~difftool.core.backend.DenoiserSpec`).
+        ``shapes`` overrides the task's declared :attr:`export_shapes` for this denoiser.
         """
-        if self.backend is None:
-            raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
-        denoiser = self.backend.make_denoiser(
-            module,
-            prediction_type=prediction_type,
-            model_id=model_id,
-            shapes=shapes or self.export_shapes,
-            residuals=residuals,
+        denoiser = self.resolved_backend().make_denoiser(
+            module, prediction_type=prediction_type, model_id=model_id, shapes=shapes or self.export_shapes
         )
         self.denoisers.append(denoiser)
         return denoiser
 
-    def make_controlnet(self, module: Any, *, model_id: str = "", shapes: ExportShapes | None = None) -> Any:
-        """A :class:`~difftool.core.backend.ControlNetRunner` for ``module`` on the resolved backend."""
+    def resolved_backend(self) -> ResolvedBackend:
+        """:attr:`backend`, or an error if this context was built without one (not by the preflight)."""
         if self.backend is None:
             raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
-        return self.backend.make_controlnet(module, model_id=model_id, shapes=shapes or self.export_shapes)
+        return self.backend
 
 
 @dataclass
@@ -228,6 +249,9 @@ class Task(ABC):
     #: Values of ``--model`` that name no file but a model the task knows (superres' ``difftool``): the
     #: preflight resolves every other value (:meth:`difftool.plugins.registry.Registry.resolve_model`).
     model_keywords: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`export_target` offers a network (``difftool export`` lists the task): declared, so no
+    #: one finds it out by comparing methods.
+    exports: ClassVar[bool] = False
     #: What one worker running this task needs (distributed executors reserve it): ``cpus``, ``gpus``
     #: (with ``--device cuda``), ``memory_gb``.
     resources: ClassVar[dict[str, float]] = {"cpus": 1}
@@ -258,11 +282,12 @@ class Task(ABC):
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         """Raise a one-line error if ``backend`` cannot run these (validated) ``params``; the preflight
-        calls it once, before any model loads (e.g. ControlNet units on a backend that runs none)."""
+        calls it once, before any model loads (e.g. a parameter that needs a capability the backend lacks)."""
         return None
 
     def export_target(self, model: str | None) -> ExportTarget | None:
-        """The network ``difftool export FORMAT TASK`` exports for ``model`` (``None``: nothing to export)."""
+        """The network ``difftool export FORMAT TASK`` exports for ``model`` (``None``: nothing to export);
+        a task that overrides it declares :attr:`exports`."""
         return None
 
     def export_shapes(self, request: TaskRequest) -> ExportShapes | None:

@@ -1,4 +1,5 @@
-"""A ControlNet on ONNX Runtime: the ``onnx`` backend's :class:`~difftool.core.backend.ControlNetRunner`.
+"""A ControlNet on ONNX Runtime: the ``onnx`` backend's ControlNet runner (see
+:class:`difftool.plugins.builtin.sd.control_backend.ControlNetRunner`).
 
 Runs the cached, validated export of :mod:`difftool.exporters.onnx_controlnet` (raw residuals out);
 inputs and outputs are torch tensors bound by pointer, as the U-Net's denoiser binds them.

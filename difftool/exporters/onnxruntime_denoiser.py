@@ -220,7 +220,7 @@ class OnnxRuntimeDenoiser(Denoiser):
         shapes: Any = None,
     ) -> None:
         """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` a residual-input U-Net takes;
-        ``shapes``: the task's declared :class:`~difftool.core.task.ExportShapes` (the TensorRT provider's profile)."""
+        ``shapes``: the task's declared :class:`~difftool.core.params.ExportShapes` (its TensorRT profile)."""
         from difftool.core.cuda import runtime
         from difftool.exporters.tensorrt_profiles import signature_profile
 

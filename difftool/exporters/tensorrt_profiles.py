@@ -132,7 +132,7 @@ def control_ranges(shapes: Any, largest: int = 1024) -> tuple[tuple[int, int, in
 def engine_profile(signature: Any, shapes: Any, largest: int = 1024) -> Profile:
     """The profile to build for a request: the task's declared shapes, else a default range.
 
-    ``shapes`` is the task's :class:`~difftool.core.task.ExportShapes` (or ``None``); ``largest`` the
+    ``shapes`` is the task's :class:`~difftool.core.params.ExportShapes` (or ``None``); ``largest`` the
     default maximum image side in pixels (the backend's ``max_size`` option).
     """
     if shapes is not None:

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
 from shiboken6 import isValid
 
 from difftool.core.images import read_metadata
+from difftool.core.task import RegistryView
 from difftool.gui import wheel
 from difftool.gui.canvas import Canvas
 from difftool.gui.convert import pil_to_qimage, qimage_to_pil
@@ -43,7 +44,7 @@ PANEL_WIDTH = 390
 
 
 class MainWindow(JobActions, ResultActions, QMainWindow):
-    def __init__(self, registry: Any = None, settings: QSettings | None = None) -> None:
+    def __init__(self, registry: RegistryView | None = None, settings: QSettings | None = None) -> None:
         super().__init__()
         from difftool.plugins.registry import get_registry
 
@@ -165,7 +166,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         def fill_send_menu() -> None:  # the tasks of the registry in use (this machine's, or a server's)
             self.send_menu.clear()
             for name in sorted(self.registry.tasks):
-                if self.registry.tasks[name].cls.inputs:
+                if self.registry.tasks[name].value.inputs:
                     action(self.send_menu, name, lambda _=False, n=name: self.send_to(n))
 
         self.send_menu.aboutToShow.connect(fill_send_menu)
@@ -204,7 +205,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
         self.use_registry(registry, url)
         return True
 
-    def use_registry(self, registry: Any, server: str = "") -> None:
+    def use_registry(self, registry: RegistryView | None, server: str = "") -> None:
         """Run on ``registry`` (a server's, or ``None``: this machine's plugins) from now on."""
         from difftool.plugins.registry import get_registry
 

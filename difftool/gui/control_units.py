@@ -30,7 +30,7 @@ from PySide6.QtWidgets import (
 )
 
 from difftool.core.errors import DifftoolError
-from difftool.core.task import Param
+from difftool.core.task import Param, RegistryView
 from difftool.gui.form import PathField
 from difftool.plugins.builtin.sd.control import RESIZE_MODES, parse_unit, preprocess, split_unit
 
@@ -165,7 +165,7 @@ class ControlUnitsField(QWidget):
     def __init__(
         self,
         models: Sequence[str],
-        registry: Any,
+        registry: RegistryView,
         source: Callable[[], Any] | None = None,
         takes_input: bool = True,
         source_path: Callable[[], Any] | None = None,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from PySide6.QtWidgets import (
     QApplication,
     QDialog,
@@ -18,8 +16,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from difftool.core.task import RegistryView
 
-def about_dialog(parent: QWidget, registry: Any) -> QDialog:
+
+def about_dialog(parent: QWidget, registry: RegistryView) -> QDialog:
     """The same report as `difftool info`, with a button to copy it for a bug report; shown, not modal."""
     from difftool.info import as_text, collect
 

@@ -12,8 +12,10 @@ from typing import Any
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QMenu, QPlainTextEdit
 
+from difftool.core.task import RegistryView
 
-def prompt_names(registry: Any) -> tuple[list[str], list[str]]:
+
+def prompt_names(registry: RegistryView) -> tuple[list[str], list[str]]:
     """The names of the LoRAs and embeddings found in the model roots (empty when connected to a server)."""
     if not hasattr(registry, "model_sources"):  # a server's registry: its files are not ours to list
         return [], []

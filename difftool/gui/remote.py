@@ -1,9 +1,10 @@
 """The desktop app on a ``difftool serve`` server: tasks, models and backends from its ``/v1`` API, jobs
 run there with progress and previews from its event stream.
 
-:class:`RemoteRegistry` stands where the window's local plugin registry stands (the task panel and
-the forms read the same attributes), so an artist's laptop drives the team's GPU box with the same
-window. Only the standard library talks HTTP here: the app needs no server packages.
+:class:`RemoteRegistry` stands where the window's local plugin registry stands: both implement
+:class:`~difftool.core.task.RegistryView` (the task panel and the forms read the same attributes), so
+an artist's laptop drives the team's GPU box with the same window. Only the standard library talks
+HTTP here: the app needs no server packages.
 """
 
 from __future__ import annotations
@@ -13,16 +14,15 @@ import io
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from difftool.core.errors import Cancelled, DifftoolError
+from difftool.core.errors import BackendUnavailableError, Cancelled, DifftoolError, ParameterError
 from difftool.core.models import ModelEntry
-from difftool.core.task import CancelToken, Param, Port
+from difftool.core.task import CancelToken, Entry, Param, Port
 
 _TYPES = {"integer": "int", "number": "float", "boolean": "bool", "string": "string"}
 
@@ -81,12 +81,6 @@ class RemoteTask:
         return next(p for p in self.params if p.name == name)
 
 
-@dataclass
-class _Entry:
-    cls: RemoteTask
-    plugin: str
-
-
 class RemoteBackend:
     options = ()
     recorded = ()
@@ -106,23 +100,41 @@ class RemoteRegistry:
     def __init__(self, url: str, token: str | None = None, timeout: float = 30.0) -> None:
         self.url, self.token, self.timeout = url.rstrip("/"), token, timeout
         tasks = self._json("GET", "/v1/tasks")["tasks"]
-        self.tasks = {t["name"]: _Entry(RemoteTask(t), t.get("plugin", "server")) for t in tasks}
+        self.tasks = {t["name"]: Entry(RemoteTask(t), t.get("plugin", "server")) for t in tasks}
         self.models = [m for m in self._json("GET", "/v1/models")["models"]]
         rows = self._json("GET", "/v1/backends")["backends"]
-        self.backends = {row["name"]: (RemoteBackend(row["name"], row), "server") for row in rows}
+        self.backends = {row["name"]: Entry(RemoteBackend(row["name"], row), "server") for row in rows}
         #: The server's workers' devices (the device box offers these, not this machine's GPUs).
         self.devices = list(rows[0]["devices"]) if rows else ["cpu"]
         self.last_job = ""  # the server's id of the last job submitted (for logs and bug reports)
         self.failures: list[Any] = []
         self.plugins: dict[str, Any] = {}
         self.schedulers: dict[str, Any] = {}
+        self.preprocessors: dict[str, Any] = {}
 
     # --- what the window asks of a registry ----------------------------------------------------
     def task(self, name: str) -> RemoteTask:
-        return self.tasks[name].cls
+        entry = self.tasks.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.tasks)) or "none"
+            raise ParameterError(f"the server at {self.url} has no task {name!r} (available: {known})")
+        return entry.value
 
     def task_plugin(self, name: str) -> str:
         return self.tasks[name].plugin
+
+    def backend(self, name: str) -> RemoteBackend:
+        entry = self.backends.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.backends)) or "none"
+            raise BackendUnavailableError(f"the server at {self.url} has no backend {name!r}", f"use one of {known}")
+        return entry.value
+
+    def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
+        raise DifftoolError(f"scheduler {name!r} runs on the server at {self.url}, not here")
+
+    def preprocessor(self, name: str) -> Any:
+        raise DifftoolError(f"preprocessor {name!r} runs on the server at {self.url}, not here")
 
     def find_models(self) -> list[ModelEntry]:
         return [ModelEntry(m["name"], Path(m["name"]), m.get("family", ""), self.url) for m in self.models]

@@ -206,7 +206,7 @@ class ResultActions:
             return False
         task = record.get("task") or a1111.get("difftool task")
         params = self.registry.task(task).params if task in self.registry.tasks else self.form.task.params
-        labels = {entry.label: key for key, entry in getattr(self.registry, "schedulers", {}).items()}
+        labels = {entry.label: key for key, entry in self.registry.schedulers.items()}
         reuse = plan_reuse(record, a1111, params, trusted=False, sampler_labels=labels)
         with_files = False
         if reuse.files:

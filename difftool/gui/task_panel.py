@@ -29,6 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from difftool.core.task import RegistryView
 from difftool.gui import wheel
 from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.focus import focus_chain
@@ -56,7 +57,7 @@ class TaskPanel(QWidget):
 
     def __init__(
         self,
-        registry: Any,
+        registry: RegistryView,
         settings: QSettings,
         on_run: Callable[[], Any],
         on_cancel: Callable[[], None],
@@ -71,7 +72,7 @@ class TaskPanel(QWidget):
         self.task_box = QComboBox()
         for name, entry in sorted(registry.tasks.items()):
             self.task_box.addItem(name)
-            summary = for_the_window(entry.cls.summary, [p.name for p in entry.cls.params])[0]  # GUI words
+            summary = for_the_window(entry.value.summary, [p.name for p in entry.value.params])[0]  # GUI words
             self.task_box.setItemData(self.task_box.count() - 1, summary, Qt.ItemDataRole.ToolTipRole)
         self.task_box.currentTextChanged.connect(self.on_task_changed)
         task_label = QLabel("&Task")  # Alt+T reaches the task box from anywhere
@@ -161,7 +162,8 @@ class TaskPanel(QWidget):
         current = self.backend_box.currentText() or "torch"
         self.backend_box.blockSignals(True)
         self.backend_box.clear()
-        for name, (backend, _plugin) in sorted(self.registry.backends.items()):
+        for name, entry in sorted(self.registry.backends.items()):
+            backend = entry.value
             reason = backend.unavailable_reason(self.device_box.currentText())
             self.backend_box.addItem(name)
             index = self.backend_box.count() - 1
@@ -179,7 +181,7 @@ class TaskPanel(QWidget):
             self.options_form.setParent(None)
             self.options_form = None
         found = self.registry.backends.get(self.backend_box.currentText())
-        options = found[0].options if found else ()
+        options = found.value.options if found else ()
         if options:
             self.options_form = ParamForm(types.SimpleNamespace(params=options), {})
             self.options_form.setVisible(self.options_box.isChecked())
@@ -187,7 +189,7 @@ class TaskPanel(QWidget):
             self.fix_tab_order()
             self.keep_wheel()
         task = self.registry.tasks.get(self.task_box.currentText())
-        self.options_box.setVisible(bool(options) and (task is None or task.cls.uses_model))
+        self.options_box.setVisible(bool(options) and (task is None or task.value.uses_model))
 
     def on_task_changed(self) -> None:
         name = self.task_box.currentText()

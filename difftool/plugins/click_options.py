@@ -4,11 +4,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from difftool.core.task import Param
+
+if TYPE_CHECKING:
+    from difftool.plugins.registry import Registry
+
+
+def context_registry(ctx: click.Context | None = None) -> Registry:
+    """The registry a ``difftool`` command runs with: the root context's ``obj`` (tests and embedders pass
+    their own: ``cli.main(obj=registry)``, ``CliRunner().invoke(cli, args, obj=registry)``), else the
+    runtime's :func:`~difftool.plugins.registry.get_registry`, kept there for the rest of the invocation."""
+    root = (ctx or click.get_current_context()).find_root()
+    if root.obj is None:
+        from difftool.plugins.registry import get_registry
+
+        root.obj = get_registry()
+    return root.obj
 
 
 def param_option(param: Param, choices: Sequence[Any] | None = None) -> click.Option:

@@ -25,7 +25,7 @@ from difftool.core.errors import BackendUnavailableError, ModelError, ParameterE
 from difftool.core.exporter import Exporter
 from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
-from difftool.core.task import Task
+from difftool.core.task import Entry, Task
 from difftool.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "difftool"
@@ -95,40 +95,34 @@ class PluginInfo:
 
 
 @dataclass(frozen=True)
-class SchedulerEntry:
-    name: str
-    factory: Callable[[Mapping[str, Any]], Any]
-    plugin: str
+class SchedulerEntry(Entry[Callable[[Mapping[str, Any]], Any]]):
+    """A scheduler: ``value`` is its factory (noise schedule config -> scheduler)."""
+
+    name: str = ""
     label: str = ""
     summary: str = ""
 
 
 @dataclass(frozen=True)
-class PreprocessorEntry:
-    name: str
-    function: Callable[..., Any]
-    plugin: str
+class PreprocessorEntry(Entry[Callable[..., Any]]):
+    """A ControlNet preprocessor: ``value`` is its function (rgb, mask, **options -> control image)."""
+
+    name: str = ""
     summary: str = ""
     options: tuple[Any, ...] = ()
-
-
-@dataclass(frozen=True)
-class TaskEntry:
-    cls: type[Task]
-    plugin: str
 
 
 class Registry:
     """What the installed plugins provide, and who provided it."""
 
     def __init__(self) -> None:
-        self.tasks: dict[str, TaskEntry] = {}
+        self.tasks: dict[str, Entry[type[Task]]] = {}
         self.schedulers: dict[str, SchedulerEntry] = {}
-        self.backends: dict[str, tuple[Backend, str]] = {}
-        self.exporters: dict[str, tuple[Exporter, str]] = {}
-        self.model_sources: dict[str, tuple[ModelSource, str]] = {}
+        self.backends: dict[str, Entry[Backend]] = {}
+        self.exporters: dict[str, Entry[Exporter]] = {}
+        self.model_sources: dict[str, Entry[ModelSource]] = {}
         self.preprocessors: dict[str, PreprocessorEntry] = {}
-        self.families: dict[str, tuple[ModelFamily, str]] = {}
+        self.families: dict[str, Entry[ModelFamily]] = {}
         self.plugins: dict[str, PluginInfo] = {}
         self.failures: list[PluginFailure] = []
         self.plugin_manager: pluggy.PluginManager | None = None
@@ -149,14 +143,14 @@ class Registry:
                     "fix or reinstall that plugin (`difftool plugins` lists failures)",
                 )
             raise ParameterError(f"unknown task {name!r} (available: {known})", "run `difftool tasks` to list them")
-        return entry.cls()
+        return entry.value()
 
     def make_scheduler(self, name: str, config: Mapping[str, Any]) -> Any:
         entry = self.schedulers.get(name)
         if entry is None:
             known = ", ".join(sorted(self.schedulers))
             raise ParameterError(f"unknown scheduler {name!r}", f"use one of {known}")
-        return entry.factory(config)
+        return entry.value(config)
 
     def backend(self, name: str) -> Backend:
         """Backend ``name`` (unchecked: :meth:`Backend.resolve` checks it for a device, once, in the preflight)."""
@@ -164,23 +158,23 @@ class Registry:
         if found is None:
             known = ", ".join(sorted(self.backends))
             raise BackendUnavailableError(f"unknown backend {name!r}", f"use one of {known}")
-        return found[0]
+        return found.value
 
     def find_models(self) -> list[ModelEntry]:
         """Models every source lists; a source that raises is recorded as a failure and skipped."""
         models: list[ModelEntry] = []
-        for source, plugin in self.model_sources.values():
+        for entry in self.model_sources.values():
             try:
-                models.extend(source.find())
+                models.extend(entry.value.find())
             except Exception as exc:  # noqa: BLE001 - one broken source must not hide the others
-                self.failures.append(PluginFailure(plugin, f"model source {source.name!r}", _one_line(exc)))
-        return [self._with_family(entry) for entry in models]
+                self.failures.append(PluginFailure(entry.plugin, f"model source {entry.value.name!r}", _one_line(exc)))
+        return [self._with_family(found) for found in models]
 
     def _with_family(self, entry: ModelEntry) -> ModelEntry:
         """An entry the sources could not place, named by the registered family that recognises it."""
         if self.families and entry.family in ("unknown", "unsupported checkpoint", "diffusers-pipeline"):
-            for family, _ in self.families.values():
-                found = family.detect(entry.path)
+            for family in self.families.values():
+                found = family.value.detect(entry.path)
                 if found:
                     return dataclasses.replace(entry, family=found)
         return entry
@@ -220,9 +214,9 @@ class Registry:
 
     def family_for(self, path: Any, task: str) -> ModelFamily | None:
         """The registered family that recognises the model at ``path`` and runs ``task`` for it, if any."""
-        for family, _ in self.families.values():
-            if task in family.tasks and family.detect(path):
-                return family
+        for entry in self.families.values():
+            if task in entry.value.tasks and entry.value.detect(path):
+                return entry.value
         return None
 
     def task_plugin(self, name: str) -> str:
@@ -247,7 +241,7 @@ class Registry:
         _check_declarations(f"task {cls.name!r}", plugin, cls.params, tuple(self.schedulers))
         if cls.name in self.tasks:
             raise PluginError(f"task {cls.name!r} is already registered by plugin {self.tasks[cls.name].plugin!r}")
-        self.tasks[cls.name] = TaskEntry(cls, plugin)
+        self.tasks[cls.name] = Entry(cls, plugin)
         self._record(plugin, f"task {cls.name}")
 
     def _register_scheduler(
@@ -257,7 +251,7 @@ class Registry:
             raise PluginError(f"scheduler {name!r} is already registered by plugin {self.schedulers[name].plugin!r}")
         if not callable(factory):
             raise PluginError(f"scheduler {name!r}: factory {factory!r} is not callable")
-        self.schedulers[name] = SchedulerEntry(name, factory, plugin, label or name, summary)
+        self.schedulers[name] = SchedulerEntry(factory, plugin, name, label or name, summary)
         self._record(plugin, f"scheduler {name}")
 
     def _register_backend(self, plugin: str, backend: Backend) -> None:
@@ -272,9 +266,9 @@ class Registry:
                 ) from None
         if backend.name in self.backends:
             raise PluginError(
-                f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name][1]!r}"
+                f"backend {backend.name!r} is already registered by plugin {self.backends[backend.name].plugin!r}"
             )
-        self.backends[backend.name] = (backend, plugin)
+        self.backends[backend.name] = Entry(backend, plugin)
         self._record(plugin, f"backend {backend.name}")
 
     def _register_exporter(self, plugin: str, exporter: Exporter) -> None:
@@ -283,9 +277,9 @@ class Registry:
         _check_declarations(f"exporter {exporter.name!r}", plugin, exporter.options)
         if exporter.name in self.exporters:
             raise PluginError(
-                f"exporter {exporter.name!r} is already registered by plugin {self.exporters[exporter.name][1]!r}"
+                f"exporter {exporter.name!r} is already registered by plugin {self.exporters[exporter.name].plugin!r}"
             )
-        self.exporters[exporter.name] = (exporter, plugin)
+        self.exporters[exporter.name] = Entry(exporter, plugin)
         self._record(plugin, f"exporter {exporter.name}")
 
     def _register_preprocessor(
@@ -298,7 +292,7 @@ class Registry:
             raise PluginError(f"preprocessor {name!r}: function {function!r} is not callable")
         options = tuple(options)
         _check_declarations(f"preprocessor {name!r}", plugin, options)
-        self.preprocessors[name] = PreprocessorEntry(name, function, plugin, summary, options)
+        self.preprocessors[name] = PreprocessorEntry(function, plugin, name, summary, options)
         self._record(plugin, f"preprocessor {name}")
 
     def _register_family(self, plugin: str, family: ModelFamily) -> None:
@@ -306,9 +300,9 @@ class Registry:
             raise PluginError(f"register_families got {family!r}, not a ModelFamily instance")
         if family.name in self.families:
             raise PluginError(
-                f"model family {family.name!r} is already registered by plugin {self.families[family.name][1]!r}"
+                f"model family {family.name!r} is already registered by plugin {self.families[family.name].plugin!r}"
             )
-        self.families[family.name] = (family, plugin)
+        self.families[family.name] = Entry(family, plugin)
         self._record(plugin, f"family {family.name}")
 
     def _register_model_source(self, plugin: str, source: ModelSource) -> None:
@@ -316,7 +310,7 @@ class Registry:
             raise PluginError(f"register_models got {source!r}, not a ModelSource instance")
         if source.name in self.model_sources:
             raise PluginError(f"model source {source.name!r} is already registered")
-        self.model_sources[source.name] = (source, plugin)
+        self.model_sources[source.name] = Entry(source, plugin)
         self._record(plugin, f"models {source.name}")
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from difftool.core.errors import ParameterError
+from difftool.core.task import RegistryView
 from difftool.serve.a1111_controlnet import is_controlnet_script
 
 #: ``override_settings`` / ``POST /options`` keys difftool honours.
@@ -223,7 +224,7 @@ def refiner_params(req: Txt2ImgRequest, refiners: Sequence[str]) -> dict[str, An
     return params
 
 
-def scheduler_for(sampler: str | None, schedule: str | None, registry: Any) -> str | None:
+def scheduler_for(sampler: str | None, schedule: str | None, registry: RegistryView) -> str | None:
     """The difftool scheduler for an A1111 sampler name (and, since A1111 1.9, its schedule type).
 
     Labels are the schedulers' A1111 names (``DPM++ 2M Karras``); ``DPM++ 2M`` with schedule ``Karras``
@@ -247,7 +248,7 @@ def scheduler_for(sampler: str | None, schedule: str | None, registry: Any) -> s
     raise ParameterError(f"unknown sampler {sampler!r}", "GET /sdapi/v1/samplers lists the samplers")
 
 
-def prompt_params(req: Txt2ImgRequest, registry: Any, clip_skip: int | None) -> dict[str, Any]:
+def prompt_params(req: Txt2ImgRequest, registry: RegistryView, clip_skip: int | None) -> dict[str, Any]:
     """The prompt parameters every Stable Diffusion task shares."""
     params: dict[str, Any] = {
         "prompt": req.prompt,

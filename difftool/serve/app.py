@@ -21,6 +21,7 @@ from difftool.core.errors import (
     OutputError,
     PluginError,
 )
+from difftool.core.task import RegistryView
 from difftool.serve.errors import body_error, without_paths
 from difftool.serve.jobs import QueueFull
 from difftool.serve.security import AccessDenied, token_matches
@@ -121,7 +122,7 @@ def _without_body(send: Send) -> Send:
     return head
 
 
-def create_app(settings: ServeSettings, registry: Any = None, start_workers: bool = True) -> FastAPI:
+def create_app(settings: ServeSettings, registry: RegistryView | None = None, start_workers: bool = True) -> FastAPI:
     """The server application for ``settings`` (``registry``: tests pass their own)."""
     from difftool.serve import a1111, native
 

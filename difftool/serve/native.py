@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from difftool.core.errors import ParameterError
-from difftool.core.task import Param, Task
+from difftool.core.task import Param, RegistryView, Task
 from difftool.plan import param_choices
 from difftool.serve.errors import body_error
 from difftool.serve.jobs import FINAL_STATES, Job
@@ -38,7 +38,7 @@ IMAGE_SCHEMA: dict[str, Any] = {
 }
 
 
-def param_schema(param: Param, registry: Any) -> dict[str, Any]:
+def param_schema(param: Param, registry: RegistryView) -> dict[str, Any]:
     """One declared parameter as JSON Schema (type, range, choices, default, help)."""
     if param.type in ("image", "mask"):
         schema: dict[str, Any] = {**IMAGE_SCHEMA, "x-difftool-type": param.type}
@@ -71,7 +71,7 @@ def param_schema(param: Param, registry: Any) -> dict[str, Any]:
     return schema
 
 
-def task_schema(task: Task, registry: Any) -> dict[str, Any]:
+def task_schema(task: Task, registry: RegistryView) -> dict[str, Any]:
     """A task's parameters as one JSON Schema object."""
     return {
         "title": f"{task.name} parameters",
@@ -82,7 +82,7 @@ def task_schema(task: Task, registry: Any) -> dict[str, Any]:
     }
 
 
-def describe_task(name: str, registry: Any) -> dict[str, Any]:
+def describe_task(name: str, registry: RegistryView) -> dict[str, Any]:
     task = registry.task(name)
     return {
         "name": name,
@@ -214,9 +214,9 @@ def list_schedulers(request: Request) -> dict[str, Any]:
 def list_backends(request: Request) -> dict[str, Any]:
     server = _server(request)
     rows = []
-    for name, (backend, plugin) in sorted(server.registry.backends.items()):
-        devices = {d: backend.unavailable_reason(d) or "ready" for d in server.settings.devices}
-        rows.append({"name": name, "plugin": plugin, "summary": backend.summary, "devices": devices})
+    for name, entry in sorted(server.registry.backends.items()):
+        devices = {d: entry.value.unavailable_reason(d) or "ready" for d in server.settings.devices}
+        rows.append({"name": name, "plugin": entry.plugin, "summary": entry.value.summary, "devices": devices})
     return {"backends": rows}
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from difftool.core.errors import DifftoolError, ImageError, ModelError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels, open_image
 from difftool.core.models import ModelRef
-from difftool.core.task import Task
+from difftool.core.task import RegistryView, Task
 
 
 class AccessDenied(DifftoolError):
@@ -83,7 +83,9 @@ class PathPolicy:
         return real
 
 
-def resolve_model(name: str | None, registry: Any, policy: PathPolicy, families: Sequence[str] = ()) -> str | None:
+def resolve_model(
+    name: str | None, registry: RegistryView, policy: PathPolicy, families: Sequence[str] = ()
+) -> str | None:
     """Model ``name`` resolved for a request: a name ``GET /v1/models`` lists (among ``families``), or a path
     inside an allowed folder; a :class:`~difftool.core.models.ModelRef`, so records show the name as sent."""
     if name is None or name == "":
@@ -158,7 +160,7 @@ def load_image(value: Any, what: str, policy: PathPolicy, limit: int, max_pixels
 def check_params(
     task: Task,
     params: Mapping[str, Any],
-    registry: Any,
+    registry: RegistryView,
     policy: PathPolicy,
     limit: int = 50 << 20,
     max_pixels: int | None = None,

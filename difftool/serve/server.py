@@ -7,6 +7,7 @@ from typing import Any
 
 from difftool.core.errors import ImageTooLargeError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels
+from difftool.core.task import RegistryView
 from difftool.plan import Plan
 from difftool.serve.jobs import Job, JobQueue
 from difftool.serve.security import PIXELS_FIX, PathPolicy, PolicyResolver, check_params, load_image, resolve_model
@@ -23,7 +24,7 @@ REFINER_FAMILIES = ("sdxl-refiner",)
 class Server:
     """Everything the routes share; one per application."""
 
-    def __init__(self, settings: ServeSettings, registry: Any = None) -> None:
+    def __init__(self, settings: ServeSettings, registry: RegistryView | None = None) -> None:
         from difftool.plugins.registry import get_registry
 
         self.settings = settings

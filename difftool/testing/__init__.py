@@ -13,9 +13,12 @@ Each suite needs only pytest and the implementation; difftool's own built-ins ru
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from difftool.plugins.registry import Registry
 
 #: The noise schedule the suites use (Stable Diffusion's).
 SD_SCHEDULE: dict[str, Any] = {
@@ -132,7 +135,7 @@ class TaskConformance:
     def make_params(self) -> dict[str, Any]:
         return {}
 
-    def registry(self) -> Any:
+    def registry(self) -> Registry:
         from difftool.plugins.registry import build_registry
 
         return build_registry(entry_points=False)
@@ -239,7 +242,7 @@ class BackendConformance:
         return type(self)._artifacts
 
     def _denoiser(self, module: Any, model_id: str = "conformance") -> Any:
-        from difftool.core.task import ExportShapes
+        from difftool.core.params import ExportShapes
 
         resolved = self.make_backend().resolve(self.device, self.dtype, self.options)
         shapes = ExportShapes(batch=(1, 1, 1), size=(16, 16, 32))  # what a task would declare for 16 px
@@ -289,6 +292,7 @@ class BackendConformance:
         from difftool.core.sampler import sample
         from difftool.core.scheduler import DiffusersSchedulerFactory
         from difftool.core.task import CancelToken, RunContext
+        from difftool.plugins.registry import Registry
 
         self._use_cache(tmp_path, monkeypatch)
         token, calls = CancelToken(), []
@@ -305,8 +309,8 @@ class BackendConformance:
             scheduler = DiffusersSchedulerFactory("DDIMScheduler")(SD_SCHEDULE)
             with pytest.raises(Cancelled):
                 sample(
-                    _Counted(denoiser, counted), scheduler, steps=5, context=RunContext(cancel=token),
-                    shape=(1, 3, 16, 16), cond=cond,
+                    _Counted(denoiser, counted), scheduler, steps=5, shape=(1, 3, 16, 16), cond=cond,
+                    context=RunContext(cancel=token, registry=Registry()),
                 )  # fmt: skip
         assert len(calls) == 1
 

@@ -6,6 +6,7 @@ from difftool.core.errors import Cancelled
 from difftool.core.sampler import sample
 from difftool.core.task import CancelToken, RunContext
 from difftool.plugins.builtin.schedulers import BUILTIN_SCHEDULERS
+from difftool.plugins.registry import Registry
 from difftool.testing import SD_SCHEDULE
 
 
@@ -38,12 +39,19 @@ def test_guidance_is_one_batched_call_per_step_and_matches_two_calls() -> None:
     uncond = {"encoder_hidden_states": torch.zeros((1, 3, 4))}
     d = CountingDenoiser()
     out = sample(
-        d, ddim(), steps=4, context=RunContext(seed=5), shape=(1, 2, 8, 8), cond=cond, uncond=uncond, guidance_scale=7.5
+        d,
+        ddim(),
+        steps=4,
+        context=RunContext(registry=Registry(), seed=5),
+        shape=(1, 2, 8, 8),
+        cond=cond,
+        uncond=uncond,
+        guidance_scale=7.5,
     )
     assert [batch for batch, _ in d.calls] == [2, 2, 2, 2]
 
     # The same guidance computed by hand with separate calls.
-    scheduler, context = ddim(), RunContext(seed=5)
+    scheduler, context = ddim(), RunContext(registry=Registry(), seed=5)
     scheduler.set_timesteps(4)
     x = torch.randn((1, 2, 8, 8), generator=context.generator)
     ref = CountingDenoiser()
@@ -64,14 +72,20 @@ def test_cancel_stops_within_one_step() -> None:
             token.cancel()
 
     with pytest.raises(Cancelled):
-        sample(d, ddim(), steps=10, context=RunContext(progress=progress, cancel=token), shape=(1, 2, 8, 8))
+        sample(
+            d,
+            ddim(),
+            steps=10,
+            context=RunContext(registry=Registry(), progress=progress, cancel=token),
+            shape=(1, 2, 8, 8),
+        )
     assert len(d.calls) == 2 and seen == [1, 2]
 
 
 def test_img2img_runs_only_the_last_steps_from_the_noised_init() -> None:
     d = CountingDenoiser()
     init = torch.ones(1, 2, 8, 8)
-    sample(d, ddim(), steps=10, strength=0.3, init=init, context=RunContext())
+    sample(d, ddim(), steps=10, strength=0.3, init=init, context=RunContext(registry=Registry()))
     assert len(d.calls) == 3
 
 
@@ -83,7 +97,7 @@ def test_step_hook_and_progress_and_previews() -> None:
         hooked.append((index, None if next_t is None else int(next_t)))
         return torch.zeros_like(x)
 
-    context = RunContext(progress=lambda s, n, p: reports.append((s, n, p)), preview_every=2)
+    context = RunContext(registry=Registry(), progress=lambda s, n, p: reports.append((s, n, p)), preview_every=2)
     out = sample(
         CountingDenoiser(),
         ddim(),
@@ -100,7 +114,7 @@ def test_step_hook_and_progress_and_previews() -> None:
 
 
 def test_same_seed_same_output_different_seed_different() -> None:
-    a = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(seed=1), shape=(1, 2, 4, 4))
-    b = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(seed=1), shape=(1, 2, 4, 4))
-    c = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(seed=2), shape=(1, 2, 4, 4))
+    a = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(registry=Registry(), seed=1), shape=(1, 2, 4, 4))
+    b = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(registry=Registry(), seed=1), shape=(1, 2, 4, 4))
+    c = sample(CountingDenoiser(), ddim(), steps=3, context=RunContext(registry=Registry(), seed=2), shape=(1, 2, 4, 4))
     assert torch.equal(a, b) and not torch.equal(a, c)

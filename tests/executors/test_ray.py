@@ -40,8 +40,7 @@ def folder(tmp_path: Path) -> Path:
 
 def cli_run(monkeypatch, *args: object, plugins: tuple[str, ...] = ()):
     registry = build_registry(list(plugins), entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
-    return CliRunner().invoke(cli.cli, ["run", *[str(a) for a in args]])
+    return CliRunner().invoke(cli.cli, ["run", *[str(a) for a in args]], obj=registry)
 
 
 def report(out: Path) -> list[dict]:
@@ -178,7 +177,6 @@ def test_a_ray_job_on_tensorrt_cuda_matches_onnx(superres_model: Path, tmp_path:
         Image.fromarray(rng.integers(0, 255, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"s{i}.png")
     monkeypatch.setenv("DIFFTOOL_CACHE", str(tmp_path / "cache"))  # forwarded to the workers
     registry = build_registry(["ray_gpu_plugin"], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     common = ["run", "superres", str(folder), "--model", str(superres_model), "--scale", "2", "--seed", "4"]
     if ray.is_initialized():
         ray.shutdown()  # the module's Ray, started without GPUs
@@ -188,13 +186,15 @@ def test_a_ray_job_on_tensorrt_cuda_matches_onnx(superres_model: Path, tmp_path:
             assert ray.cluster_resources().get("GPU") == 2  # the stand-in's two GPUs, as Ray sees them
             result = CliRunner().invoke(cli.cli, [*common, "--backend", "tensorrt", "--device", "cuda",
                                                   "--executor", "ray", "--workers", "1", "--gpus-per-worker", "1",
-                                                  "--json", "-o", str(tmp_path / "trt")])  # fmt: skip
+                                                  "--json", "-o", str(tmp_path / "trt")], obj=registry)  # fmt: skip
         finally:
             ray.shutdown()
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["executor"] == "ray" and summary["ok"] == 3
-    local = CliRunner().invoke(cli.cli, [*common, "--backend", "onnx", "--dtype", "fp16", "-o", str(tmp_path / "onnx")])
+    local = CliRunner().invoke(
+        cli.cli, [*common, "--backend", "onnx", "--dtype", "fp16", "-o", str(tmp_path / "onnx")], obj=registry
+    )
     assert local.exit_code == 0, local.output
     for name in ("s0", "s1", "s2"):
         trt, onnx = (Image.open(tmp_path / kind / f"{name}.png") for kind in ("trt", "onnx"))

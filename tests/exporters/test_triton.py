@@ -174,7 +174,7 @@ def test_the_triton_backend_refuses_a_model_from_other_weights(
     monkeypatch.delenv("DIFFTOOL_TRITON_URL")
     from difftool.plugins.registry import build_registry
 
-    backend = build_registry(entry_points=False).backends["triton"][0]
+    backend = build_registry(entry_points=False).backends["triton"].value
     assert backend.validate_options({})["url"] == "localhost:8001"  # the declared default, unless the variable is set
     monkeypatch.setenv("DIFFTOOL_TRITON_URL", "triton-host:8001")
     assert backend.validate_options({})["url"] == "triton-host:8001"

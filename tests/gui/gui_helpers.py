@@ -30,12 +30,23 @@ class DialPlugin:
         register(Dial)
 
 
-def wait_for(queue, qapp) -> None:
-    """Process events (as the app's event loop would) until no job is queued or running, then flush."""
+def wait_for(queue, qapp, timeout: float = 300.0) -> None:
+    """Process events (as the app's event loop would) until no job is queued or running, then flush.
+
+    A job that never ends (a hung worker, a lost signal) fails the test after ``timeout`` seconds instead of
+    hanging the suite."""
+    deadline = time.monotonic() + timeout
+
+    def check() -> None:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the job queue was still busy after {timeout:g} s: running {queue.running!r}")
+
     while True:
         while not queue.wait(10):
+            check()
             qapp.processEvents()
         for _ in range(20):
             qapp.processEvents()
         if queue.running is None and not queue.pending:
             return
+        check()

@@ -155,9 +155,16 @@ def test_screenshot(window, qapp, photo: Path, tmp_path: Path) -> None:
     window.open_path(photo)
     window.show()
     qapp.processEvents()
-    assert not window.grab().isNull()
+    shot = window.grab()
+    assert not shot.isNull()
     if os.environ.get("DIFFTOOL_SCREENSHOT"):
-        window.grab().save(os.environ["DIFFTOOL_SCREENSHOT"])
+        shot.save(os.environ["DIFFTOOL_SCREENSHOT"])
+    from difftool.gui.convert import qimage_to_pil
+
+    # The photo is on screen: its gradient gives the canvas hundreds of colours (an empty canvas has a few).
+    canvas = np.asarray(qimage_to_pil(window.canvas.grab().toImage()).convert("RGB"))
+    assert len(np.unique(canvas.reshape(-1, 3), axis=0)) > 100
+    assert window.task_box.currentText() == "superres" and window.form.task.name == "superres"
 
 
 def test_gui_run_gives_the_same_pixels_as_the_cli(window, qapp, photo: Path, superres_model: Path, tmp_path):

@@ -48,14 +48,20 @@ def server() -> Iterator[str]:
 
 def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server: str, photo: Path) -> None:
     from difftool import api
+    from difftool.core.errors import ParameterError
+    from difftool.core.task import RegistryView
     from difftool.gui.remote import RemoteRegistry
 
     assert window.connect_to(server)
     assert isinstance(window.registry, RemoteRegistry) and server in window.windowTitle()
+    assert isinstance(window.registry, RegistryView)  # what the window reads of any registry
+    assert window.registry.backend("torch").unavailable_reason("cpu") is None  # Entry(value, plugin) as here
+    with pytest.raises(ParameterError, match="has no task 'nope'"):
+        window.registry.task("nope")
     assert "superres" in [window.task_box.itemText(i) for i in range(window.task_box.count())]
     window.send_menu.aboutToShow.emit()  # Edit > Send result to: the server's tasks that take an image
     assert [a.text() for a in window.send_menu.actions()] == sorted(
-        name for name, entry in window.registry.tasks.items() if entry.cls.inputs
+        name for name, entry in window.registry.tasks.items() if entry.value.inputs
     )
     window.task_box.setCurrentText("superres")
     assert set(window.form.widgets) >= {"scale", "tile", "overlap"}  # the form comes from the server's schema

@@ -321,7 +321,7 @@ def test_a_plugin_exporter_exports_any_exportable_task(tmp_path: Path, superres_
 
     registry = build_registry([TextExporter()], entry_points=False)
     assert {"superres", "inpaint", "generate", "style"} <= set(exportable_tasks(registry))
-    command = exporter_command(registry.exporters["count"][0], registry)
+    command = exporter_command(registry.exporters["count"].value, registry)
     out = tmp_path / "count.txt"
     result = CliRunner().invoke(command, ["superres", "--model", str(superres_model), "-o", str(out)])
     assert result.exit_code == 0, result.output

@@ -68,6 +68,38 @@ def test_builtins_register_through_the_hooks(registry) -> None:
     assert registry.failures == []
 
 
+def test_every_kind_is_an_entry_of_value_and_plugin(registry) -> None:
+    from difftool.core.backend import Backend
+    from difftool.core.exporter import Exporter
+    from difftool.core.models import ModelSource
+    from difftool.core.task import Entry, RegistryView
+
+    assert isinstance(registry, RegistryView)
+    kinds = {
+        "tasks": type,
+        "backends": Backend,
+        "exporters": Exporter,
+        "model_sources": ModelSource,
+        "schedulers": object,
+        "preprocessors": object,
+    }
+    for kind, value_type in kinds.items():
+        entries = getattr(registry, kind)
+        assert entries, kind
+        for entry in entries.values():
+            assert isinstance(entry, Entry) and isinstance(entry.value, value_type), (kind, entry)
+            assert entry.plugin in DEFAULT_PLUGINS, (kind, entry)
+    assert registry.backend("onnx") is registry.backends["onnx"].value
+    assert registry.task("superres").__class__ is registry.tasks["superres"].value
+    assert callable(registry.schedulers["ddim"].value) and callable(registry.preprocessors["canny"].value)
+    # A task offers its network for export by declaring it, not by overriding a method someone compares.
+    from difftool.plugins.builtin.exporters import exportable_tasks
+
+    assert exportable_tasks(registry) == sorted(n for n, e in registry.tasks.items() if e.value.exports)
+    assert {"superres", "inpaint", "generate", "style"} <= set(exportable_tasks(registry))
+    assert "upscale-sd" not in exportable_tasks(registry)
+
+
 def test_entry_point_plugin_is_discovered(site: Path) -> None:
     (site / "shout_plugin.py").write_text(SHOUT_PLUGIN)
     fake_distribution(site, "shout-plugin", {"shout": "shout_plugin"})
@@ -89,11 +121,10 @@ def test_example_plugin_runs_through_its_entry_point_and_the_cli(
     registry = build_registry()
     assert registry.tasks["posterize"].plugin == "example"
     assert registry.schedulers["ddim-trailing"].plugin == "example"
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     Image.linear_gradient("L").save(tmp_path / "in.png")
-    listing = CliRunner().invoke(cli.cli, ["tasks"])
+    listing = CliRunner().invoke(cli.cli, ["tasks"], obj=registry)
     assert "posterize" in listing.output
-    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(tmp_path / "in.png"), "--levels", "2"])
+    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(tmp_path / "in.png"), "--levels", "2"], obj=registry)
     assert result.exit_code == 0, result.output
     assert set(np.unique(np.asarray(Image.open(tmp_path / "in.posterize.png").convert("L")))) == {0, 255}
 
@@ -147,7 +178,7 @@ def test_duplicate_task_name_is_refused_naming_both_plugins() -> None:
             register(Again)
 
     registry = build_registry([DupPlugin()], entry_points=False)
-    assert registry.tasks["superres"].cls is not Again
+    assert registry.tasks["superres"].value is not Again
     [failure] = registry.failures
     assert "already registered by plugin 'difftool.plugins.builtin.superres'" in failure.error
 
@@ -194,10 +225,9 @@ def test_commands_hook_adds_a_cli_command(monkeypatch: pytest.MonkeyPatch) -> No
     from difftool.core.runtime import Runtime, using
 
     registry = build_registry([CommandPlugin()], entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     try:
         with using(Runtime()):  # a fresh process's state: the plugins' commands not added yet
-            result = CliRunner().invoke(cli.cli, ["hello"])
+            result = CliRunner().invoke(cli.cli, ["hello"], obj=registry)
         assert result.exit_code == 0 and "hello from a plugin" in result.output
     finally:
         cli.cli.commands.pop("hello", None)

@@ -10,9 +10,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from difftool.plugins.registry import Registry
 
 if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
     collect_ignore_glob = ["test_*.py"]  # the serve extra is not installed: nothing here can run
@@ -65,7 +68,7 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture(scope="session")
-def serve_registry() -> Any:
+def serve_registry() -> Registry:
     """Built-ins plus the example plugin (its ``posterize`` task and ``ddim-trailing`` scheduler)."""
     from difftool.plugins.registry import build_registry
 
@@ -73,7 +76,7 @@ def serve_registry() -> Any:
 
 
 @pytest.fixture
-def make_client(serve_registry: Any) -> Iterator[Any]:
+def make_client(serve_registry: Registry) -> Iterator[Any]:
     """``make_client(**settings)``: a TestClient on a fresh app (workers started, stopped after the test)."""
     from fastapi.testclient import TestClient
 
@@ -82,7 +85,7 @@ def make_client(serve_registry: Any) -> Iterator[Any]:
 
     clients = []
 
-    def make(registry: Any = None, start_workers: bool = True, **settings: Any) -> Any:
+    def make(registry: Registry | None = None, start_workers: bool = True, **settings: Any) -> Any:
         app = create_app(ServeSettings(**settings), registry or serve_registry, start_workers=start_workers)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
@@ -95,7 +98,7 @@ def make_client(serve_registry: Any) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="module")
-def live_server(model_root: Path, serve_registry: Any) -> Iterator[str]:
+def live_server(model_root: Path, serve_registry: Registry) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 (a free port), in a thread; yields ``host:port``.
 
     torch computes on one thread meanwhile: with the clients' threads in the same process (and whatever else

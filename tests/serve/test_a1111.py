@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import difftool
+from difftool.plugins.registry import Registry
 
 webuiapi = pytest.importorskip("webuiapi")
 
@@ -37,7 +38,7 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def test_txt2img_matches_difftool_run(api: Any, serve_registry: Any) -> None:
+def test_txt2img_matches_difftool_run(api: Any, serve_registry: Registry) -> None:
     result = api.txt2img(
         prompt="a red cube", negative_prompt="fog", seed=11, steps=3, cfg_scale=6.5, width=32, height=24,
         sampler_name="Euler a", batch_size=2,
@@ -55,7 +56,7 @@ def test_txt2img_matches_difftool_run(api: Any, serve_registry: Any) -> None:
     assert json.loads(result.images[0].info["difftool"])["scheduler"] == "euler-a"
 
 
-def test_img2img_is_style_with_the_same_pixels(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+def test_img2img_is_style_with_the_same_pixels(api: Any, picture: Image.Image, serve_registry: Registry) -> None:
     result = api.img2img(
         images=[picture], prompt="a watercolor", denoising_strength=0.6, seed=5, steps=4, width=32, height=24,
         sampler_name="DDIM", cfg_scale=5.0,
@@ -69,7 +70,7 @@ def test_img2img_is_style_with_the_same_pixels(api: Any, picture: Image.Image, s
 
 
 def test_img2img_with_a_refiner_is_style_finished_by_the_refiner(
-    api: Any, picture: Image.Image, serve_registry: Any
+    api: Any, picture: Image.Image, serve_registry: Registry
 ) -> None:
     """A1111's ``refiner_checkpoint``/``refiner_switch_at`` on img2img (webuiapi has no such fields: raw JSON)."""
     buffer = io.BytesIO()
@@ -98,7 +99,7 @@ def test_img2img_with_a_refiner_is_style_finished_by_the_refiner(
     assert refused.status_code == 422 and "not inpainting" in refused.text
 
 
-def test_inpaint_with_mask_matches_and_keeps_the_rest(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+def test_inpaint_with_mask_matches_and_keeps_the_rest(api: Any, picture: Image.Image, serve_registry: Registry) -> None:
     hole = np.zeros((24, 32), np.uint8)
     hole[6:16, 8:24] = 255
     mask = Image.fromarray(hole)
@@ -117,7 +118,7 @@ def test_inpaint_with_mask_matches_and_keeps_the_rest(api: Any, picture: Image.I
     assert not np.array_equal(got[hole > 0], pixels(picture)[hole > 0])
 
 
-def test_extra_single_image_upscales_like_superres(api: Any, picture: Image.Image, serve_registry: Any) -> None:
+def test_extra_single_image_upscales_like_superres(api: Any, picture: Image.Image, serve_registry: Registry) -> None:
     names = [u["name"] for u in api.get_upscalers()]
     assert names[:2] == ["None", "difftool"]
     small = picture.crop((0, 0, 16, 12))
@@ -191,7 +192,7 @@ def test_what_cannot_be_honoured_is_refused(api: Any) -> None:
         api.txt2img(prompt="x", steps=1, width=20, height=16)
 
 
-def test_txt2img_hires_fix_is_generate_with_hires(api: Any, serve_registry: Any) -> None:
+def test_txt2img_hires_fix_is_generate_with_hires(api: Any, serve_registry: Registry) -> None:
     result = api.txt2img(
         prompt="a red cube", seed=3, steps=2, width=32, height=24, sampler_name="DDIM", enable_hr=True,
         hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=3, denoising_strength=0.6,
@@ -214,7 +215,7 @@ def test_a1111_fields_difftool_lacks_are_refused_when_set_not_ignored(api: Any) 
         assert response.status_code == 422 and field in response.json()["error"], (field, response.text)
 
 
-def test_controlnet_units_from_webuiapi_match_difftool_run(api: Any, serve_registry: Any, model_root: Any) -> None:
+def test_controlnet_units_from_webuiapi_match_difftool_run(api: Any, serve_registry: Registry, model_root: Any) -> None:
     """webuiapi's ControlNetUnit (sent as ``alwayson_scripts.ControlNet``) is difftool's ``--control``."""
     edges = Image.new("RGB", (64, 48))
     edges.paste((255, 255, 255), (16, 8, 40, 30))

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_helpers import b64, png_bytes
 
+from difftool.plugins.registry import Registry
 from difftool.serve.jobs import QueueFull
 
 #: Values a careless or hostile client sends for any field.
@@ -59,7 +60,7 @@ def _post(client: Any, path: str, body: Any) -> Any:
     return client.post(path, content=content, headers={"content-type": "application/json"})
 
 
-def _declared(registry: Any) -> list[tuple[str, str]]:
+def _declared(registry: Registry) -> list[tuple[str, str]]:
     return [(name, p.name) for name in sorted(registry.tasks) for p in registry.task(name).params]
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 from serve_helpers import b64, png_bytes
 
 from difftool.core.errors import ParameterError
+from difftool.plugins.registry import Registry
 from difftool.serve.settings import ServeSettings
 
 GENERATE = {"task": "generate", "model": "tiny-sd", "params": {"prompt": "x", "steps": 1, "width": 16, "height": 16}}
@@ -274,7 +275,7 @@ def test_the_http_surface_says_what_it_does(make_client: Any) -> None:
     assert set(events) == {"text/event-stream"}
 
 
-def test_a_client_that_never_finishes_its_headers_is_disconnected(serve_registry: Any) -> None:
+def test_a_client_that_never_finishes_its_headers_is_disconnected(serve_registry: Registry) -> None:
     """Issue 29 item 8: 500 half-open connections stayed open (uvicorn has no header timeout)."""
     import socket
     import threading

@@ -20,6 +20,7 @@ import difftool
 from difftool.core.images import read_metadata
 from difftool.core.task import Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins import hookimpl
+from difftool.plugins.registry import Registry
 
 
 class SlowSteps(Task):
@@ -80,7 +81,7 @@ def _json_type(param: Param) -> str | None:
     return {**kinds, "model": "string"}.get(param.type)
 
 
-def test_task_schemas_match_the_declarations(client: Any, serve_registry: Any) -> None:
+def test_task_schemas_match_the_declarations(client: Any, serve_registry: Registry) -> None:
     tasks = {t["name"]: t for t in client.get("/v1/tasks").json()["tasks"]}
     openapi = client.get("/openapi.json").json()["components"]["schemas"]
     assert {"generate", "style", "inpaint", "superres", "posterize", "slow-steps"} <= set(tasks)
@@ -125,7 +126,7 @@ def test_listings(client: Any, model_root: Any) -> None:
     assert backends["torch"]["devices"] == {"cpu": "ready"}
 
 
-def test_json_job_gives_the_cli_png_and_pixels(client: Any, serve_registry: Any) -> None:
+def test_json_job_gives_the_cli_png_and_pixels(client: Any, serve_registry: Registry) -> None:
     data = png_bytes(16, 12)
     response = client.post(
         "/v1/jobs", json={"task": "superres", "inputs": [b64(data)], "params": {"scale": 2}, "seed": 3}
@@ -249,7 +250,7 @@ def test_previews_stream_as_events(client: Any, model_root: Any) -> None:
     assert lines[-2] == "event: done" or "event: done" in lines
 
 
-def test_a_worker_device_that_cannot_run_is_refused_at_start(serve_registry: Any) -> None:
+def test_a_worker_device_that_cannot_run_is_refused_at_start(serve_registry: Registry) -> None:
     from difftool.core.errors import ParameterError
     from difftool.serve.app import create_app
     from difftool.serve.settings import ServeSettings

@@ -1,13 +1,17 @@
-"""The built-in PyTorch backend (ONNX Runtime and TensorRT come from the exporters)."""
+"""The built-in backends: PyTorch, and ONNX Runtime, TensorRT and Triton over the exporters' engines.
+
+``torch``, ``onnx`` and ``tensorrt`` also run ControlNets: they implement the Stable Diffusion plugin's
+:class:`~difftool.plugins.builtin.sd.control_backend.ControlNetCapable`."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from difftool.core.backend import Backend, ControlNetRunner, DenoiserSpec
-from difftool.core.task import Param
+from difftool.core.backend import Backend, DenoiserSpec
+from difftool.core.params import Param
 from difftool.exporters.options import ORT_OPTIONS, TENSORRT_OPTIONS
+from difftool.plugins.builtin.sd.control_backend import ControlNetCapable, ControlNetRunner
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -22,10 +26,9 @@ def onnx_packages_missing() -> str | None:
     return f"{', '.join(missing)} not installed; pip install 'difftool[onnx]'" if missing else None
 
 
-class TorchBackend(Backend):
+class TorchBackend(Backend, ControlNetCapable):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
-    runs_controlnets = True
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         if device == "cpu":
@@ -46,16 +49,18 @@ class TorchBackend(Backend):
 
         return TorchDenoiser(module, prediction_type=spec.prediction_type, device=spec.device, dtype=spec.dtype)
 
+    def make_residual_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
+        return self.make_denoiser(module, spec)  # it passes the residuals to the U-Net as keywords
+
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
-        from difftool.core.denoiser import TorchControlNet
+        from difftool.plugins.builtin.sd.control_backend import TorchControlNet
 
         return TorchControlNet(module)  # loaded on the run's device in its dtype (sd.controlnet.loaded)
 
 
-class OnnxBackend(Backend):
+class OnnxBackend(Backend, ControlNetCapable):
     name = "onnx"
     summary = "ONNX Runtime; the model is exported, validated and cached on first use"
-    runs_controlnets = True
     options = (
         *ORT_OPTIONS,
         Param(
@@ -91,8 +96,6 @@ class OnnxBackend(Backend):
 
         # fp16 runs get an fp16 graph (fp32 I/O); bf16 has no ONNX Runtime kernels to speak of: fp32.
         options = self.validate_options(spec.options)
-        if spec.residuals:
-            return self._residual_denoiser(module, spec, options)
         precision = "fp16" if spec.dtype == torch.float16 else "fp32"
         name = f"unet-{spec.model_id[:12] or 'model'}"
         entry = cached_export(module, name=name, precision=precision, model_id=spec.model_id)
@@ -111,11 +114,12 @@ class OnnxBackend(Backend):
         denoiser.fingerprint = entry.manifest["key"]
         return denoiser
 
-    def _residual_denoiser(self, module: Any, spec: DenoiserSpec, options: dict[str, Any]) -> Denoiser:
+    def make_residual_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         """The U-Net taking ControlNet residuals: an fp32 graph (whatever the run's dtype)."""
         from difftool.exporters.onnx_controlnet import cached_residual_unet
         from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
 
+        options = self.validate_options(spec.options)
         entry, signature, residuals = cached_residual_unet(module, spec.model_id)
         denoiser = OnnxRuntimeDenoiser(
             entry.file("model.onnx"), signature, prediction_type=spec.prediction_type,
@@ -133,10 +137,9 @@ class OnnxBackend(Backend):
         )
 
 
-class TensorRTBackend(Backend):
+class TensorRTBackend(Backend, ControlNetCapable):
     name = "tensorrt"
     summary = "TensorRT engines (NVIDIA GPUs); built from the ONNX export on first use, cached per GPU"
-    runs_controlnets = True
     options = TENSORRT_OPTIONS
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
@@ -144,7 +147,7 @@ class TensorRTBackend(Backend):
 
         return onnx_packages_missing() or unavailable_reason(device)  # TensorRT parses the ONNX itself
 
-    def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
+    def make_denoiser(self, module: Any, spec: DenoiserSpec, residuals: bool = False) -> Denoiser:
         from difftool.exporters.tensorrt_denoiser import engine_denoiser
 
         return engine_denoiser(
@@ -155,8 +158,11 @@ class TensorRTBackend(Backend):
             model_id=spec.model_id,
             options=self.validate_options(spec.options),
             shapes=spec.shapes,
-            residuals=spec.residuals,
+            residuals=residuals,
         )
+
+    def make_residual_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
+        return self.make_denoiser(module, spec, residuals=True)
 
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
         from difftool.exporters.tensorrt_controlnet import tensorrt_controlnet

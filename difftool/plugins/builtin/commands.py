@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from difftool.plugins.click_options import click_errors
+from difftool.plugins.click_options import click_errors, context_registry
 from difftool.plugins.hookspecs import hookimpl
 
 
@@ -83,10 +83,9 @@ def check_backends(
 
     from difftool import api
     from difftool.core.errors import DifftoolError
-    from difftool.plugins.registry import get_registry
     from difftool.training.evaluate import psnr
 
-    registry = get_registry()
+    registry = context_registry()
     values: dict[str, str] = {"mask": mask} if mask else {}
     for item in params:
         name, sep, value = item.partition("=")
@@ -94,11 +93,13 @@ def check_backends(
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="--param")
         values[name.replace("-", "_")] = value
     with click_errors():
-        reference = api.run(task_name, *inputs, model=model, device=device, dtype="fp32", seed=0, **values)
+        reference = api.run(
+            task_name, *inputs, model=model, device=device, dtype="fp32", seed=0, registry=registry, **values
+        )
     base = np.asarray(reference.images[0])
     click.echo(f"{'torch fp32':<22} reference")
-    for name, (backend, _) in sorted(registry.backends.items()):
-        reason = backend.unavailable_reason(device)
+    for name, entry in sorted(registry.backends.items()):
+        reason = entry.value.unavailable_reason(device)
         if reason:
             click.echo(f"{name:<22} unavailable: {reason}")
             continue
@@ -107,8 +108,9 @@ def check_backends(
                 continue
             try:
                 result = api.run(
-                    task_name, *inputs, model=model, device=device, backend=name, dtype=dtype, seed=0, **values
-                )
+                    task_name, *inputs, model=model, device=device, backend=name, dtype=dtype, seed=0,
+                    registry=registry, **values,
+                )  # fmt: skip
             except DifftoolError as error:
                 click.echo(f"{name + ' ' + dtype:<22} failed: {error}")
                 continue

@@ -14,16 +14,15 @@ from typing import Any
 import click
 
 from difftool.core.exporter import Exporter
+from difftool.core.task import RegistryView
 from difftool.exporters.formats import OnnxExporter, TensorRTExporter, TritonExporter
-from difftool.plugins.click_options import click_errors, param_option
+from difftool.plugins.click_options import click_errors, context_registry, param_option
 from difftool.plugins.hookspecs import hookimpl
 
 
-def exportable_tasks(registry: Any) -> list[str]:
-    """Tasks that implement ``export_target``."""
-    from difftool.core.task import Task
-
-    return sorted(n for n, e in registry.tasks.items() if e.cls.export_target is not Task.export_target)
+def exportable_tasks(registry: RegistryView) -> list[str]:
+    """Tasks that declare :attr:`~difftool.core.task.Task.exports` (their ``export_target`` offers a network)."""
+    return sorted(n for n, e in registry.tasks.items() if e.value.exports)
 
 
 def declared_shapes(task: Any, model: str | None = None) -> Any:
@@ -46,7 +45,7 @@ def declared_shapes(task: Any, model: str | None = None) -> Any:
         return None
 
 
-def exporter_command(exporter: Exporter, registry: Any) -> click.Command:
+def exporter_command(exporter: Exporter, registry: RegistryView) -> click.Command:
     """``difftool export NAME [TASK] [--model M] [declared options]``."""
     params: list[click.Parameter] = [
         click.Argument(["task"], required=False),
@@ -81,15 +80,17 @@ def exporter_command(exporter: Exporter, registry: Any) -> click.Command:
     return click.Command(exporter.name, params=params, callback=callback, help=f"Export {exporter.summary}.")
 
 
-def export_group(get_registry: Callable[[], Any]) -> click.Group:
+def export_group() -> click.Group:
+    """``difftool export NAME``: one subcommand per registered exporter (the invocation's registry's)."""
+
     class ExportGroup(click.Group):
         def list_commands(self, ctx: click.Context) -> list[str]:
-            return sorted(get_registry().exporters)
+            return sorted(context_registry(ctx).exporters)
 
         def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-            registry = get_registry()
+            registry = context_registry(ctx)
             found = registry.exporters.get(cmd_name)
-            return exporter_command(found[0], registry) if found else None
+            return exporter_command(found.value, registry) if found else None
 
     return ExportGroup(
         "export", help="Export a task's denoiser for another runtime (validated against PyTorch, cached)."
@@ -145,7 +146,5 @@ def register_exporters(register: Callable[[Exporter], None]) -> None:
 
 @hookimpl
 def register_commands(cli: click.Group) -> None:
-    from difftool.plugins.registry import get_registry
-
-    cli.add_command(export_group(get_registry))
+    cli.add_command(export_group())
     cli.add_command(cache)

@@ -44,6 +44,7 @@ class Inpaint(Task):
     name = "inpaint"
     summary = "Repaint the white area of a mask"
     uses_model = True
+    exports = True
     model_families = ("difftool-inpaint", *BASE_FAMILIES)  # SD checkpoints inpaint too (an inpainting one best)
     params = (
         Param("mask", "mask", help="mask image: white (non-zero) = repaint, black = keep (or use --extend)"),

@@ -59,6 +59,7 @@ class SuperResolution(Task):
     name = "superres"
     summary = "Upscale an image 2x or 4x with a diffusion model, or by a community upscaler (--model X.pth)"
     uses_model = True
+    exports = True
     model_families = ("difftool-superres", upscalers.FAMILY)
     model_keywords = tuple(EMBEDDED)
     params = (

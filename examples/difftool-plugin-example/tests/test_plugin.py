@@ -37,15 +37,14 @@ def test_posterize_two_levels_gives_black_or_white(tmp_path):
     assert set(np.unique(np.asarray(result.image))) == {0, 255}
 
 
-def test_cli_runs_the_task(tmp_path, monkeypatch):
+def test_cli_runs_the_task(tmp_path):
     from difftool import cli
-    from difftool.plugins import registry as registry_module
 
-    monkeypatch.setattr(registry_module, "get_registry", lambda: build_registry([plugin], entry_points=False))
     source = tmp_path / "in.png"
     Image.linear_gradient("L").save(source)
     out = tmp_path / "out.png"
-    result = CliRunner().invoke(cli.cli, ["run", "posterize", str(source), "--levels", "3", "-o", str(out), "--json"])
+    args = ["run", "posterize", str(source), "--levels", "3", "-o", str(out), "--json"]
+    result = CliRunner().invoke(cli.cli, args, obj=build_registry([plugin], entry_points=False))
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["results"][0]["status"] == "ok"
     assert len(np.unique(np.asarray(Image.open(out)))) == 3

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ParameterError
 from difftool.core.params import Resolver
-from difftool.core.task import Param
+from difftool.core.task import Param, RegistryView
 
 if TYPE_CHECKING:
     from difftool.core.backend import ResolvedBackend
@@ -99,7 +99,7 @@ def split_unit(text: str) -> dict[str, Any]:
     return fields
 
 
-def preprocess(registry: Any, unit: ControlUnit, rgb: Any, mask: Any = None) -> Any:
+def preprocess(registry: RegistryView, unit: ControlUnit, rgb: Any, mask: Any = None) -> Any:
     """``unit``'s preprocessor (looked up in ``registry``) on ``rgb`` (float H x W x 3 in [0, 1]), its
     options checked against the preprocessor's declaration: the control image before resizing."""
     import numpy as np
@@ -112,7 +112,7 @@ def preprocess(registry: Any, unit: ControlUnit, rgb: Any, mask: Any = None) -> 
             takes = ", ".join(declared) or "no options"
             raise ParameterError(f"preprocessor {unit.pre} has no option {key!r}", f"it takes: {takes}")
         kwargs[key] = declared[key].validate(value)
-    out = np.asarray(entry.function(rgb, mask, **kwargs), dtype=np.float32)
+    out = np.asarray(entry.value(rgb, mask, **kwargs), dtype=np.float32)
     if out.ndim != 3 or out.shape[2] != 3:
         raise ParameterError(
             f"preprocessor {unit.pre} returned shape {out.shape}, not H x W x 3", "fix the preprocessor plugin"
@@ -179,7 +179,7 @@ def a1111_text(unit: ControlUnit, name: str, digest: str) -> str:
 def check_backend(params: Mapping[str, Any], backend: ResolvedBackend) -> None:
     """``Task.check_backend`` for the tasks taking ``--control``: refused on a backend that runs no
     ControlNets, at preflight (before the Stable Diffusion model loads)."""
-    if params["control"] and not backend.backend.runs_controlnets:
-        from difftool.core.backend import controlnet_refused
+    if params["control"]:
+        from difftool.plugins.builtin.sd.control_backend import capable
 
-        raise controlnet_refused(backend.backend.name)
+        capable(backend)

@@ -21,7 +21,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.models import model_path
 from difftool.core.params import Params
 from difftool.core.task import RunContext
-from difftool.plugins.builtin.sd import controlnet
+from difftool.plugins.builtin.sd import control_backend, controlnet
 from difftool.plugins.builtin.sd.control import CONTROLNET_FAMILIES, ControlUnit, a1111_text, preprocess
 
 
@@ -59,11 +59,9 @@ def load_units(
     units: Sequence[ControlUnit], model: Any, context: RunContext, allow_pickle: bool = False
 ) -> list[tuple[ControlUnit, controlnet.ControlNet]]:
     """Each unit's ControlNet, loaded and checked against the model's family (before any sampling)."""
-    if units and context.backend is not None and not context.backend.backend.runs_controlnets:
-        from difftool.core.backend import controlnet_refused
-
-        raise controlnet_refused(context.backend_name)  # before any ControlNet loads
-    if units and context.registry is not None:
+    if units and context.backend is not None:
+        control_backend.capable(context.backend)  # before any ControlNet loads
+    if units:
         for unit in units:
             context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load
     paths = [model_path(unit.model, context.registry, CONTROLNET_FAMILIES, "ControlNet") for unit in units]
@@ -157,12 +155,6 @@ def _resize_float(image: np.ndarray, size: tuple[int, int], nearest: bool) -> np
 
 
 def _preprocess(unit: ControlUnit, rgb: np.ndarray, mask: np.ndarray | None, context: RunContext) -> np.ndarray:
-    if context.registry is None:
-        from difftool.plugins.builtin.sd import preprocessors
-
-        if unit.pre != "none":
-            raise ParameterError(f"preprocessor {unit.pre!r} needs a registry", "run through difftool.run")
-        return preprocessors.none(rgb, mask)
     return preprocess(context.registry, unit, rgb, mask)
 
 
@@ -177,9 +169,11 @@ def record(controls: Sequence[PreparedControl]) -> dict[str, Any]:
 
 
 def runners_for(controls: Sequence[PreparedControl], context: RunContext, shapes: Any = None) -> list[Any]:
-    """Each unit's ControlNet as a :class:`~difftool.core.backend.ControlNetRunner` on the run's backend
+    """Each unit's ControlNet as a :class:`~.control_backend.ControlNetRunner` on the run's backend
     (exported and built before sampling on ``onnx`` and ``tensorrt``); ``shapes`` as the U-Net's."""
-    return [context.make_controlnet(c.net.module, model_id=c.net.sha256, shapes=shapes) for c in controls]
+    return [
+        control_backend.controlnet_runner(context, c.net.module, model_id=c.net.sha256, shapes=shapes) for c in controls
+    ]
 
 
 def residual_scales(count: int, weight: float, guess: bool) -> list[Any]:

@@ -85,7 +85,7 @@ def superres(rgb: Any, target: tuple[int, int], model: str | None, context: RunC
     height, width = rgb.shape[:2]
     wanted = max(target[0] / width, target[1] / height)
     params = {} if model is not None else {"scale": 2 if wanted <= 2 else 4}  # the embedded model's variants
-    if context.registry is not None and context.registry.tasks.get("superres") is None:
+    if context.registry.tasks.get("superres") is None:
         raise ParameterError("--hires-upscaler needs the superres task", "use --hires-upscaler latent")
     result = context.run_task("superres", [open_image(to_pil(rgb))], model=model, **params)
     upscaled = result.image.convert("RGB")

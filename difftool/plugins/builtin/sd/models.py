@@ -113,7 +113,7 @@ def prompt_loras(prompt: str, context: RunContext) -> list[tuple[Path, float]]:
     for name, weight in split_loras(prompt)[1]:
         path = None
         with contextlib.suppress(ModelError):  # a tag names a listed LoRA, never a path
-            path = context.registry and context.registry.resolve_model(name, LORA_FAMILIES, what="LoRA", paths=False)
+            path = context.registry.resolve_model(name, LORA_FAMILIES, what="LoRA", paths=False)
         if path is None:
             raise ParameterError(
                 f"the prompt names LoRA {name!r}, which is not in the model roots' Lora folders",

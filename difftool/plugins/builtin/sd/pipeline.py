@@ -284,8 +284,14 @@ def prepare_text_encoders(model: SDModel, context: RunContext) -> None:
 
 def make_denoiser(model: SDModel, context: RunContext, shapes: Any = None, residuals: bool = False) -> Any:
     """The U-Net on the run's backend; ``residuals``: the variant taking ControlNet residuals."""
+    if residuals:
+        from difftool.plugins.builtin.sd.control_backend import residual_denoiser
+
+        return residual_denoiser(
+            context, model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes
+        )
     return context.make_denoiser(
-        model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes, residuals=residuals
+        model.unet, prediction_type=model.prediction_type, model_id=model.unet_id, shapes=shapes
     )
 
 

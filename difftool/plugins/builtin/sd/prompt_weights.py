@@ -21,10 +21,6 @@ _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 BREAK_WEIGHT = -1.0
 
 
-def has_emphasis(prompt: str) -> bool:
-    return bool(re.search(r"(?<!\\)[()\[\]]", prompt))
-
-
 def parse(prompt: str) -> list[tuple[str, float]]:
     """``"a (red:1.5) [car]"`` -> ``[("a ", 1.0), ("red", 1.5), ("car", 0.909...)]`` (adjacent equal weights merged).
 

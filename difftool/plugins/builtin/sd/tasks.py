@@ -229,6 +229,7 @@ class Generate(Task):
     name = "generate"
     summary = "Make an image from a text prompt with a Stable Diffusion model"
     uses_model = True
+    exports = True
     model_families = BASE_FAMILIES
     inputs = ()
     params = (
@@ -320,6 +321,7 @@ class Style(Task):
     name = "style"
     summary = "Restyle an image (oil painting, watercolor, ...) with a Stable Diffusion model"
     uses_model = True
+    exports = True
     model_families = BASE_FAMILIES
     inputs = (Port("image", "image", "the image to restyle"),)
     params = (

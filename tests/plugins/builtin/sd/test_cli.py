@@ -30,10 +30,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture
 def run(monkeypatch: pytest.MonkeyPatch):
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
 
     def invoke(*args: object):
-        return CliRunner().invoke(cli.cli, ["run", *[str(a) for a in args]])
+        return CliRunner().invoke(cli.cli, ["run", *[str(a) for a in args]], obj=registry)
 
     return invoke
 

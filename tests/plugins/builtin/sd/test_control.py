@@ -19,7 +19,7 @@ from difftool.core.task import Param
 from difftool.plugins import hookimpl
 from difftool.plugins.builtin.sd import preprocessors
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM, ControlUnit, format_unit, parse_unit
-from difftool.plugins.registry import build_registry
+from difftool.plugins.registry import Registry, build_registry
 
 from . import tiny
 from .test_parity import photo
@@ -46,7 +46,7 @@ def models(root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def run(root: Path, control: Any, registry: Any = None, **params: Any) -> Any:
+def run(root: Path, control: Any, registry: Registry | None = None, **params: Any) -> Any:
     defaults = dict(prompt="a tower", steps=2, width=64, height=48, seed=1, dtype="fp32")
     model = str(root / "models" / "Stable-diffusion" / "tiny-sd")
     return api.run("generate", model=model, control=control, registry=registry, **{**defaults, **params})
@@ -239,16 +239,15 @@ def test_a_pickle_controlnet_needs_allow_pickle(models: Path, tmp_path: Path) ->
 # --- CLI and metadata ------------------------------------------------------------------------------
 
 
-def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_path: Path, monkeypatch) -> None:
+def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_path: Path) -> None:
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     model = models / "models" / "Stable-diffusion" / "tiny-sd"
     edges = models / "edges.png"
     args = ["run", "generate", "--model", model, "--prompt", "a tower", "--steps", "2", "--width", "64",
             "--height", "48", "--dtype", "fp32", "-o", tmp_path / "out.png",
             "--control", f"cn-edges={edges},pre=canny,low=80,weight=0.7,end=0.5",
             "--control", f"cn-edges={edges},pre=scribble,guess=1,resize=fill"]  # fmt: skip
-    result = CliRunner().invoke(cli.cli, [str(a) for a in args])
+    result = CliRunner().invoke(cli.cli, [str(a) for a in args], obj=registry)
     assert result.exit_code == 0, result.output
     parameters = Image.open(tmp_path / "out.png").text["parameters"]
     assert 'ControlNet 0: "Module: canny, Model: cn-edges [' in parameters
@@ -264,7 +263,7 @@ def test_cli_takes_repeated_control_and_records_a1111_units(models: Path, tmp_pa
         "cn-edges,pre=canny,weight=0.7,start=0,end=0.5,low=80,high=200",
         "cn-edges,pre=scribble,weight=1,start=0,end=1,guess=1,resize=fill",
     ]
-    help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"]).output
+    help_text = CliRunner().invoke(cli.cli, ["run", "generate", "--help"], obj=registry).output
     assert "--control" in help_text and "MODEL[=IMAGE]" in help_text
 
 
@@ -300,7 +299,7 @@ def test_a_thin_control_image_makes_no_intermediate_larger_than_image_or_output(
     thin = tmp_path / "thin.png"
     Image.fromarray(np.full((1, 2000, 3), 255, np.uint8)).save(thin)
     negative = np.full((2000, 1, 3), -1.0, np.float32)  # the inpaint preprocessor's "to be made"
-    unit, context = parse_unit(f"cn={thin},resize={mode}"), SimpleNamespace(registry=None)
+    unit, context = parse_unit(f"cn={thin},resize={mode}"), SimpleNamespace(registry=build_registry(entry_points=False))
     control_image(parse_unit(f"cn={thin},resize=just"), (64, 64), context, None)  # imports, outside the count
     tracemalloc.start()
     try:
@@ -327,7 +326,7 @@ def test_a_control_image_of_another_aspect_is_cropped_by_default(tmp_path: Path)
     pixels = np.zeros((48, 96, 3), np.uint8)
     pixels[:, :16] = 255  # a white band at the left, cut off by crop
     Image.fromarray(pixels).save(wide)
-    context = SimpleNamespace(registry=None)
+    context = SimpleNamespace(registry=build_registry(entry_points=False))
     seen = {
         mode: control_image(parse_unit(f"cn={wide},resize={mode}"), (64, 48), context, None)[0, 0].numpy()
         for mode in ("crop", "just", "fill")

@@ -157,11 +157,19 @@ def test_controlnet_is_refused_on_a_backend_that_cannot_run_it() -> None:
     from difftool.core.task import RunContext
     from difftool.plugins.builtin.backends import TritonBackend
     from difftool.plugins.builtin.sd.control import ControlUnit
+    from difftool.plugins.builtin.sd.control_backend import ControlNetCapable, residual_denoiser
     from difftool.plugins.builtin.sd.controlled import load_units
+    from difftool.plugins.registry import build_registry
 
-    context = RunContext(backend=ResolvedBackend(TritonBackend(), "cpu", "fp32"))
+    registry = build_registry(entry_points=False)
+    context = RunContext(backend=ResolvedBackend(TritonBackend(), "cpu", "fp32"), registry=registry)
     with pytest.raises(ParameterError, match="ControlNet does not run on --backend triton") as caught:
         load_units([ControlUnit("cn")], model=None, context=context)
     assert "use --backend torch, onnx or tensorrt" in str(caught.value)
     with pytest.raises(ParameterError, match="ControlNet does not run on --backend triton"):
-        context.backend.make_denoiser(object(), prediction_type="epsilon", residuals=True)
+        residual_denoiser(context, object(), prediction_type="epsilon")
+    assert not context.denoisers
+    # The capability is the SD plugin's protocol, declared by the backends that run ControlNets; core's
+    # backend interface names no model family.
+    capable = {name for name, entry in registry.backends.items() if isinstance(entry.value, ControlNetCapable)}
+    assert capable == {"torch", "onnx", "tensorrt"}

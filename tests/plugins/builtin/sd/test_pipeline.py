@@ -12,6 +12,7 @@ import torch
 from difftool import api
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import loader, pipeline
+from difftool.plugins.registry import Registry
 
 from . import tiny
 
@@ -55,7 +56,7 @@ class _NanVae(torch.nn.Module):
 def test_large_images_decode_in_tiles(folder: Path, monkeypatch) -> None:
     model = loader.load_sd_model(folder)
     latents = torch.randn(1, 4, 40, 40, generator=torch.Generator().manual_seed(0))
-    context = RunContext()  # no backend: the CPU in fp32
+    context = RunContext(registry=Registry())  # no backend: the CPU in fp32
     whole = pipeline.decode_latents(model, latents, context)
     assert not model.vae.use_tiling
     monkeypatch.setattr(pipeline, "TILED_DECODE_PIXELS", 32 * 32)

@@ -342,11 +342,10 @@ def test_cli_run_with_a_listed_refiner(models: dict, tmp_path: Path, monkeypatch
 
     monkeypatch.setenv("DIFFTOOL_MODELS", str(models["refiner"].parent))
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     out = tmp_path / "out"
     args = ["run", "generate", "--model", "tiny-sdxl", "--refiner", "tiny-refiner-file", "--refiner-switch", "0.6"]
     args += ["--prompt", "a castle", "--width", "32", "--height", "24", "--steps", "3", "--seed", "7", "-o", str(out)]
-    result = CliRunner().invoke(cli.cli, args)
+    result = CliRunner().invoke(cli.cli, args, obj=registry)
     assert result.exit_code == 0, result.output
     [png] = sorted(out.glob("*.png"))
     assert Image.open(png).size == (32, 24)

@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import TYPE_CHECKING, Any
 
 import click

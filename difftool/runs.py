@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import DifftoolError, OutputError
+
+if TYPE_CHECKING:
+    from difftool.core.task import RegistryView
 
 
 def run_files(
@@ -25,7 +28,7 @@ def run_files(
     params: Mapping[str, Any] | None = None,
     executor: str = "local",
     ray_options: Mapping[str, Any] | None = None,
-    registry: Any = None,
+    registry: RegistryView | None = None,
 ) -> dict[str, Any]:
     """Run ``task_name`` on the files, folders, globs or URIs ``specs``; returns :func:`difftool.jobs.summary`.
 

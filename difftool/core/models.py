@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 from difftool.core.errors import ModelError
 
@@ -50,7 +50,13 @@ class ModelRef(str):
         return (ModelRef, (str(self), self.path))
 
 
-def model_path(model: str | Path, registry: Any, families: Sequence[str] = (), what: str = "model") -> Path:
+class ModelResolver(Protocol):
+    """What :func:`model_path` asks of a registry: its one resolver (:meth:`Registry.resolve_model`)."""
+
+    def resolve_model(self, name: str, families: Sequence[str] = (), *, what: str = "model") -> Path: ...
+
+
+def model_path(model: str | Path, registry: ModelResolver | None, families: Sequence[str] = (), what: str = "model") -> Path:
     """The file or folder ``model`` names: a :class:`ModelRef`'s path (resolved by the preflight), else what
     the registry's one resolver finds (a task composed by hand, a test building its own context)."""
     if isinstance(model, ModelRef):

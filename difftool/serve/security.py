@@ -109,7 +109,7 @@ class PolicyResolver:
     model parameter, a structured value's model, the task's model) and every file it names go through the
     path policy, whatever the parameter is called."""
 
-    def __init__(self, registry: Any, policy: PathPolicy) -> None:
+    def __init__(self, registry: RegistryView, policy: PathPolicy) -> None:
         self.registry, self.policy = registry, policy
 
     def model(self, name: str, families: Sequence[str], what: str) -> str:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from difftool.core import phases
 from difftool.core.atomic import file_sha256, replace_dir
 from difftool.core.errors import ModelError
-from difftool.core.models import model_path
+from difftool.core.models import ModelResolver, model_path
 from difftool.core.runtime import current
 from difftool.core.safetensors_check import check_safetensors
 
@@ -84,7 +84,7 @@ def embedded_model_path(task: str) -> Path | None:
     return path if (path / META_FILE).is_file() else None
 
 
-def resolve_model(task: str, model: str | None, registry: Any = None) -> Path:
+def resolve_model(task: str, model: str | None, registry: ModelResolver | None = None) -> Path:
     """The folder for ``--model`` (resolved by the preflight: a path, or a name ``difftool models`` lists), or
     the embedded one."""
     if model is None:

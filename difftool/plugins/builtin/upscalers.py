@@ -29,7 +29,7 @@ import numpy as np
 from difftool.core import phases
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import DifftoolError, ModelError
-from difftool.core.models import model_path
+from difftool.core.models import ModelResolver, model_path
 from difftool.core.params import Params
 from difftool.core.runtime import current
 
@@ -136,7 +136,7 @@ class Upscaler:
         return requested if supported.get(requested) else torch.float32
 
 
-def upscaler_path(model: str | None, registry: Any = None) -> Path | None:
+def upscaler_path(model: str | None, registry: ModelResolver | None = None) -> Path | None:
     """The upscaler file ``--model`` names (resolved by the preflight: a path, or a name ``difftool models``
     lists), else ``None`` (another kind of model, or none)."""
     if not model:

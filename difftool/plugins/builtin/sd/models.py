@@ -62,7 +62,7 @@ def is_sd_request(model: str | None, context: RunContext) -> bool:
 def delegated_family(context: RunContext, task: str) -> Any:
     """A family plugin (``register_families``: SD3, Flux, a third party's) that runs ``task`` for ``--model``,
     or ``None`` when Stable Diffusion runs it here."""
-    if context.registry is None or not context.model:
+    if not context.model:
         return None
     return context.registry.family_for(resolve_path(context.model, context), task)
 

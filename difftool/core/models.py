@@ -56,7 +56,9 @@ class ModelResolver(Protocol):
     def resolve_model(self, name: str, families: Sequence[str] = (), *, what: str = "model") -> Path: ...
 
 
-def model_path(model: str | Path, registry: ModelResolver | None, families: Sequence[str] = (), what: str = "model") -> Path:
+def model_path(
+    model: str | Path, registry: ModelResolver | None, families: Sequence[str] = (), what: str = "model"
+) -> Path:
     """The file or folder ``model`` names: a :class:`ModelRef`'s path (resolved by the preflight), else what
     the registry's one resolver finds (a task composed by hand, a test building its own context)."""
     if isinstance(model, ModelRef):

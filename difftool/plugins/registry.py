@@ -14,7 +14,6 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,13 @@ from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.task import Entry, Task
 from difftool.plugins import hookspecs
+from difftool.plugins.entries import (  # noqa: F401 - importers find them here too
+    COMMON_OPTIONS,
+    PluginFailure,
+    PluginInfo,
+    PreprocessorEntry,
+    SchedulerEntry,
+)
 
 ENTRY_POINT_GROUP = "difftool"
 #: Built-in plugins, registered exactly as third-party ones are (by module, through the same hooks).
@@ -43,75 +49,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.flow.plugin",
     "difftool.plugins.builtin.commands",
 )
-#: Option names every ``difftool run`` command has; a task parameter may not take one.
-COMMON_OPTIONS = frozenset(
-    {
-        "model",
-        "backend",
-        "device",
-        "dtype",
-        "seed",
-        "output",
-        "overwrite",
-        "json",
-        "debug",
-        "inputs",
-        "help",
-        "batch_count",
-        "executor",
-        "address",
-        "workers",
-        "gpus_per_worker",
-        "backend_opt",
-        "backend_options",
-        # difftool.run()'s own keywords
-        "progress",
-        "preview_every",
-        "cancel",
-        "registry",
-        "phase",
-    }
-)
-
-
-@dataclass(frozen=True)
-class PluginFailure:
-    """A plugin that failed to import, or raised or registered wrongly in a hook."""
-
-    plugin: str
-    stage: str
-    error: str
-
-    def __str__(self) -> str:
-        return f"plugin {self.plugin!r} failed in {self.stage}: {self.error}"
-
-
-@dataclass
-class PluginInfo:
-    name: str
-    builtin: bool
-    version: str = ""
-    registered: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SchedulerEntry(Entry[Callable[[Mapping[str, Any]], Any]]):
-    """A scheduler: ``value`` is its factory (noise schedule config -> scheduler)."""
-
-    name: str = ""
-    label: str = ""
-    summary: str = ""
-
-
-@dataclass(frozen=True)
-class PreprocessorEntry(Entry[Callable[..., Any]]):
-    """A ControlNet preprocessor: ``value`` is its function (rgb, mask, **options -> control image)."""
-
-    name: str = ""
-    summary: str = ""
-    options: tuple[Any, ...] = ()
-
-
 class Registry:
     """What the installed plugins provide, and who provided it."""
 

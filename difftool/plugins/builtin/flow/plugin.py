@@ -124,7 +124,7 @@ class DiffusionModelsSource(ModelSource):
                 if not folder.is_dir():
                     continue
                 for child in sorted(folder.iterdir()):
-                    family = is_flow_model(child) if child.suffix.lower() == ".safetensors" else None
+                    family = is_flow_model(child) if child.suffix.lower() in (".safetensors", ".gguf") else None
                     if family is not None:
                         found.append(ModelEntry(child.stem, child, family.name, str(root)))
         return found

@@ -26,6 +26,17 @@ class TorchBackend(Backend):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
     runs_controlnets = True
+    options = (
+        Param(
+            "offload",
+            "choice",
+            default="none",
+            choices=("none", "model"),
+            env="DIFFTOOL_OFFLOAD",
+            help="SD 3.5 / Flux: model frees the text encoders after encoding and keeps each other part on the GPU "
+            "only while it runs (a Flux-size model on a 24 GB machine; slower)",
+        ),
+    )
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         if device == "cpu":

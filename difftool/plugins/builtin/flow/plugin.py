@@ -56,18 +56,20 @@ def _check_options(params: Mapping[str, Any], label: str) -> None:
 
 def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     """Load (or reuse: one model at a time) the SD3 / Flux model the run names."""
+    from difftool.plugins.builtin.flow import pipeline
     from difftool.plugins.builtin.flow.loader import load_flow_model
     from difftool.plugins.builtin.models import model_roots as roots
     from difftool.plugins.builtin.sd.models import resolve_path
 
     path = resolve_path(context.model, context)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device)
+    offload = pipeline.low_memory(context)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device, offload)
     cache = current().cache("flow-models", dict)
-    if key not in cache:
+    if key not in cache or not cache[key].encoders:  # low-memory mode freed the last run's text encoders
         cache.clear()
         phases.announce(f"loading model {path.name}")
         model = load_flow_model(path, dtype=context.torch_dtype, vae=params["vae"], roots=tuple(roots()))
-        if context.device != "cpu":
+        if context.device != "cpu" and not offload:  # offload: on the GPU only while sampling
             import torch
 
             torch.nn.Module.to(model.transformer, device=context.torch_device)

@@ -54,6 +54,8 @@ class FlowModel:
     sha256: str
     #: Which file each component came from, when not the model itself (recorded in the metadata).
     sources: dict[str, str] = field(default_factory=dict)
+    #: LoRAs merged into the weights: (name, weight, sha256).
+    loras: list[tuple[str, float, str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -67,6 +69,9 @@ class FlowModel:
         out: dict[str, Any] = {"model": self.name, "model_hash": self.sha256[:10], "model_family": self.family.name}
         if "vae" in self.sources:
             out["vae"] = self.sources["vae"]
+        if self.loras:  # as the SD plugin records them (A1111's "Lora hashes")
+            out["loras"] = [f"{name}:{weight:g}" for name, weight, _ in self.loras]
+            out["lora_hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, _, digest in self.loras)
         return out
 
 

@@ -25,7 +25,7 @@ from difftool.plugins.hookspecs import hookimpl
 #: ComfyUI's folders for transformer-only files, under a model root.
 DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
 #: ``generate`` options these families do not take yet (refused when set).
-NOT_YET = ("lora", "embedding", "refiner", "control", "hires")
+NOT_YET = ("embedding", "refiner", "control", "hires")
 
 
 class FlowFamilies(ModelFamily):
@@ -48,8 +48,6 @@ def _check_options(params: Mapping[str, Any], label: str) -> None:
         if params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
             flag = "--" + name.replace("_", "-")
             raise ParameterError(f"{flag} is not supported for {label} models yet", f"drop {flag}")
-    if "<lora:" in str(params["prompt"]):
-        raise ParameterError(f"<lora:...> tags are not supported for {label} models yet", "remove them")
     if int(params["clip_skip"]) != 1:
         raise ParameterError(f"--clip-skip is not supported for {label} models", "drop --clip-skip")
 
@@ -58,17 +56,23 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     """Load (or reuse: one model at a time) the SD3 / Flux model the run names."""
     from difftool.plugins.builtin.flow import pipeline
     from difftool.plugins.builtin.flow.loader import load_flow_model
+    from difftool.plugins.builtin.flow.lora import apply_lora
     from difftool.plugins.builtin.models import model_roots as roots
-    from difftool.plugins.builtin.sd.models import resolve_path
+    from difftool.plugins.builtin.sd.models import parse_loras, prompt_loras, resolve_path
 
     path = resolve_path(context.model, context)
     offload = pipeline.low_memory(context)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device, offload)
+    # ``--lora PATH[:W]`` and the prompt's ``<lora:NAME:W>`` tags, as for Stable Diffusion
+    loras = parse_loras(params["lora"]) + prompt_loras(str(params["prompt"] or ""), context)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device, offload,
+           tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras))  # fmt: skip
     cache = current().cache("flow-models", dict)
     if key not in cache or not cache[key].encoders:  # low-memory mode freed the last run's text encoders
         cache.clear()
         phases.announce(f"loading model {path.name}")
         model = load_flow_model(path, dtype=context.torch_dtype, vae=params["vae"], roots=tuple(roots()))
+        for lora, weight in loras:
+            apply_lora(model, lora, weight)
         if context.device != "cpu" and not offload:  # offload: on the GPU only while sampling
             import torch
 
@@ -81,6 +85,7 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
 def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     from difftool.core.images import to_pil
     from difftool.plugins.builtin.flow import pipeline
+    from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
 
     params = request.params
@@ -95,7 +100,8 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     height = params["height"] or model.family.native_size
     pipeline.check_size(model, width, height)
     guidance = float(params["guidance_scale"])
-    text = pipeline.encode(model, params["prompt"], params["negative_prompt"] or "", guidance, context)
+    prompt = split_loras(str(params["prompt"] or ""))[0]  # the <lora:...> tags were merged at load
+    text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
     # The SD samplers do not apply to flow-matching models: their own scheduler unless one of theirs is named.
     scheduler = params["scheduler"] if params["scheduler"] in FLOW_SCHEDULERS else SCHEDULER
     size = (width, height)

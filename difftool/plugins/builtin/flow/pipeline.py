@@ -153,10 +153,33 @@ def check_size(model: FlowModel, width: int, height: int) -> None:
             )
 
 
+def encode_image(model: FlowModel, rgb: Any, context: RunContext) -> torch.Tensor:
+    """An H x W x 3 [0, 1] image -> the latents img2img starts from, sampled from the VAE's distribution with
+    the run's generator (before the noise, as diffusers' Flux / SD3 img2img pipelines draw them)."""
+    import torch
+
+    vae = model.vae
+    dtype = torch.float32 if context.torch_dtype == torch.float16 else context.torch_dtype
+    torch.nn.Module.to(vae, dtype=dtype).eval()
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None] * 2 - 1
+    with on_device(vae, context), torch.inference_mode():
+        latents = vae.encode(pixels.to(context.torch_device, dtype)).latent_dist.sample(generator=context.generator)
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
 def sample_latents(
-    model: FlowModel, text: Conditioning, context: RunContext, *, size: tuple[int, int], steps: int, scheduler: str
+    model: FlowModel,
+    text: Conditioning,
+    context: RunContext,
+    *,
+    size: tuple[int, int],
+    steps: int,
+    scheduler: str,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """Latents (1, 16, h, w) for ``size`` through the core sampler."""
+    """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
+    (img2img) when given."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
 
@@ -174,6 +197,8 @@ def sample_latents(
             steps=steps,
             context=context,
             shape=(1, denoiser.sample_channels, h, w),
+            init=init,
+            strength=strength,
             cond=text.cond,
             uncond=text.uncond,
             guidance_scale=text.guidance_scale,

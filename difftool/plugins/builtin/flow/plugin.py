@@ -19,7 +19,7 @@ from difftool.core.runtime import current
 from difftool.core.task import RunContext, TaskRequest, TaskResult
 from difftool.plugins.builtin.flow.families import FAMILIES
 from difftool.plugins.builtin.flow.scheduler import NAME as SCHEDULER
-from difftool.plugins.builtin.flow.scheduler import flow_euler
+from difftool.plugins.builtin.flow.scheduler import flow_euler, run_scheduler
 from difftool.plugins.hookspecs import hookimpl
 
 #: ComfyUI's folders for transformer-only files, under a model root.
@@ -31,7 +31,7 @@ NOT_YET = ("embedding", "refiner", "control", "hires")
 class FlowFamilies(ModelFamily):
     name = "flow"
     families = tuple(FAMILIES)
-    tasks = ("generate",)
+    tasks = ("generate", "style")
 
     def detect(self, path: Path) -> str | None:
         from difftool.plugins.builtin.flow.loader import is_flow_model
@@ -40,12 +40,17 @@ class FlowFamilies(ModelFamily):
         return family.name if family else None
 
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
+        if task == "style":
+            from difftool.plugins.builtin.flow.img2img import style
+
+            model = _checked_model(request, context)
+            return style(request, context, model)
         return generate(request, context)
 
 
 def _check_options(params: Mapping[str, Any], label: str) -> None:
     for name in NOT_YET:
-        if params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
+        if name in params and params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
             flag = "--" + name.replace("_", "-")
             raise ParameterError(f"{flag} is not supported for {label} models yet", f"drop {flag}")
     if int(params["clip_skip"]) != 1:
@@ -82,6 +87,14 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     return cache[key]
 
 
+def _checked_model(request: TaskRequest, context: RunContext) -> Any:
+    if context.backend_name != "torch":
+        raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
+    model = flow_model_for(context, request.params)
+    _check_options(request.params, model.family.label)
+    return model
+
+
 def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     from difftool.core.images import to_pil
     from difftool.plugins.builtin.flow import pipeline
@@ -89,11 +102,8 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     from difftool.plugins.builtin.sd.pipeline import to_numpy
 
     params = request.params
-    if context.backend_name != "torch":
-        raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
-    model = flow_model_for(context, params)
+    model = _checked_model(request, context)
     label = model.family.label
-    _check_options(params, label)
     if model.family.inpainting:
         raise ParameterError(f"{model.name} is a {label} model", "pass a Flux.1 dev or schnell model to generate")
     width = params["width"] or model.family.native_size
@@ -102,8 +112,7 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     guidance = float(params["guidance_scale"])
     prompt = split_loras(str(params["prompt"] or ""))[0]  # the <lora:...> tags were merged at load
     text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
-    # The SD samplers do not apply to flow-matching models: their own scheduler unless one of theirs is named.
-    scheduler = params["scheduler"] if params["scheduler"] in FLOW_SCHEDULERS else SCHEDULER
+    scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
     latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)
     image = pipeline.decode(model, latents, context)
@@ -111,9 +120,6 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     if model.family.guidance_embeds:
         record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; no CFG batch ran
     return TaskResult([to_pil(to_numpy(image))], record)
-
-
-FLOW_SCHEDULERS = (SCHEDULER,)
 
 
 class DiffusionModelsSource(ModelSource):

@@ -1,8 +1,9 @@
 """The SD3 / Flux plugin: registered through the same hooks a third-party family would use.
 
-``register_families``: ``generate`` runs SD 3.5 and Flux.1 models (``--model`` a diffusers folder or a
-single file). ``register_schedulers``: ``flow-euler``, which these families use whatever ``--scheduler``
-names an SD sampler. ``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
+``register_families``: ``generate`` and ``style`` run SD 3.5 and Flux.1 models (``--model`` a diffusers
+folder, a ``.safetensors`` or a ``.gguf`` file). ``register_schedulers``: ``flow-euler``, which these
+families use unless ``--scheduler`` names another flow scheduler (SD samplers are refused).
+``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
 """
 
 from __future__ import annotations

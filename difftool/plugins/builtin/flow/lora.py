@@ -1,9 +1,10 @@
 """LoRAs for SD3 and Flux, merged into a loaded model's weights, as the SD plugin does for U-Nets.
 
 diffusers' ``FluxLoraLoaderMixin`` / ``SD3LoraLoaderMixin`` read the layouts people download and convert
-them (Flux: kohya / sd-scripts ``lora_unet_double_blocks_*``, XLabs, BFL, diffusers / peft; SD3: kohya
-and diffusers / peft); difftool loads the file, lets a pipeline view over the model's own modules attach
-it, fuses it into the weights and drops the adapter, so a step costs what it cost without it.
+them (Flux: kohya / sd-scripts ``lora_unet_double_blocks_*``, XLabs, BFL, diffusers / peft; SD3:
+diffusers / peft, all its SD3 loader reads); difftool loads the file, lets a pipeline view over the
+model's own modules attach it, fuses it into the weights and drops the adapter, so a step costs what it
+cost without it.
 """
 
 from __future__ import annotations

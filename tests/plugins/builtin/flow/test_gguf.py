@@ -64,6 +64,10 @@ def test_flux_gguf_stays_quantised_and_matches_its_dequantised_weights(flux: dic
     image = ours(flux["gguf"], guidance_scale=3.5)
     assert np.asarray(image).std() > 1
     assert max_diff(image, ours(flux["safetensors"], guidance_scale=3.5)) <= 2
+    low = api.run("generate", model=str(flux["gguf"]), seed=SEED, prompt="a red fox in snow", width=SIZE[0],
+                  height=SIZE[1], steps=STEPS, dtype="fp32", guidance_scale=3.5,
+                  backend_options={"offload": "model"}).images[0]  # fmt: skip
+    assert max_diff(image, low) == 0  # the low-memory mode changes no pixel of a quantised model either
 
 
 def test_flux_gguf_matches_flux_pipeline(flux: dict) -> None:

@@ -122,3 +122,13 @@ def test_without_the_gguf_package_loading_says_how_to_install_it(flux: dict, mon
     with pytest.raises(ModelError, match="gguf package is not installed") as error:
         load_flow_model(flux["gguf"])
     assert "difftool[gguf]" in error.value.fix
+
+
+def test_models_lists_gguf_files_in_comfyui_unet_folders(flux: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftool.plugins.registry import build_registry
+
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(flux["gguf"].parents[2]))
+    listed = {e.name: e.family for e in build_registry(entry_points=False).find_models()}
+    assert listed["flux1-tiny-Q8_0"] == "flux"
+    image = ours(Path("flux1-tiny-Q8_0"), guidance_scale=3.5)  # found by its listed name
+    assert max_diff(image, ours(flux["gguf"], guidance_scale=3.5)) == 0

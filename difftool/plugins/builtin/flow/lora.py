@@ -2,9 +2,9 @@
 
 diffusers' ``FluxLoraLoaderMixin`` / ``SD3LoraLoaderMixin`` read the layouts people download and convert
 them (Flux: kohya / sd-scripts ``lora_unet_double_blocks_*``, XLabs, BFL, diffusers / peft; SD3:
-diffusers / peft, all its SD3 loader reads); difftool loads the file, lets a pipeline view over the
-model's own modules attach it, fuses it into the weights and drops the adapter, so a step costs what it
-cost without it.
+diffusers / peft, plus kohya's layout through :mod:`sd3_lora`); difftool loads the file, lets a
+pipeline view over the model's own modules attach it, fuses it into the weights and drops the adapter,
+so a step costs what it cost without it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
+from difftool.plugins.builtin.flow import sd3_lora
 from difftool.plugins.builtin.flow.gguf_files import is_quantised
 from difftool.plugins.builtin.flow.loader import FlowModel
 from difftool.plugins.builtin.sd import checkpoint
@@ -29,6 +30,8 @@ def apply_lora(model: FlowModel, path: Path, weight: float) -> None:
     state = checkpoint.load_state_dict(path)
     if not any("lora" in key or ".processor." in key for key in state):  # XLabs names its layers processors
         raise ModelError(f"{path.name} is not a LoRA (no lora weights in it)", "pass a LoRA file to --lora")
+    if model.family.arch == "sd3" and sd3_lora.is_kohya_sd3(state):  # diffusers' SD3 loader reads peft only
+        state = sd3_lora.to_peft(state, int(model.transformer.config.num_layers))
     pipe = _pipeline_view(model)
     adapter = f"lora{len(model.loras)}"
     try:

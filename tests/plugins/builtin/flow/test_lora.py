@@ -117,3 +117,35 @@ def test_a_lora_for_another_model_is_refused_in_one_line(flux: dict) -> None:
     lora = peft_lora({"down_blocks.0.attentions.0.proj_in": (32, 32)}, flux["root"] / "sd15.safetensors", seed=5)
     with pytest.raises(ModelError, match="does not fit|changes nothing"):
         ours(flux["model"], guidance_scale=3.5, lora=str(lora))
+
+
+def test_sd3_kohya_lora_equals_its_deltas_merged_into_the_checkpoint(tmp_path: Path) -> None:
+    """kohya SD3 LoRAs use Stability's module names: merged by hand into a Stability-layout checkpoint (whose
+    conversion is diffusers' own: qkv split, adaLN halves swapped) they must give the same pixels."""
+    parts = tiny.sd3(seed=8)
+    plain = tiny.save_sd3_all_in_one(parts, tmp_path / "plain" / "sd3.5-tiny.safetensors")
+    modules = {"lora_unet_joint_blocks_0_x_block_attn_qkv": "model.diffusion_model.joint_blocks.0.x_block.attn.qkv",
+               "lora_unet_joint_blocks_1_context_block_adaLN_modulation_1":
+                   "model.diffusion_model.joint_blocks.1.context_block.adaLN_modulation.1",
+               "lora_unet_joint_blocks_0_context_block_mlp_fc1":
+                   "model.diffusion_model.joint_blocks.0.context_block.mlp.fc1",
+               "lora_unet_final_layer_adaLN_modulation_1": "model.diffusion_model.final_layer.adaLN_modulation.1",
+               "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+                   "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj",
+               "lora_te2_text_model_encoder_layers_1_self_attn_v_proj":
+                   "text_encoders.clip_g.transformer.text_model.encoder.layers.1.self_attn.v_proj"}  # fmt: skip
+    from safetensors.torch import load_file
+
+    merged = load_file(str(plain))
+    generator, lora, weight = torch.Generator().manual_seed(9), {}, 0.9
+    for name, target in modules.items():
+        rows, columns = merged[f"{target}.weight"].shape
+        down, up = lora_pair(rows, columns, 4, generator)
+        lora |= {f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)}
+        merged[f"{target}.weight"] = merged[f"{target}.weight"] + weight * (2.0 / 4) * (up @ down)
+    tiny.save(merged, tmp_path / "merged" / "sd3.5-tiny.safetensors")
+    lora_file = tiny.save(lora, tmp_path / "sd3-kohya.safetensors")
+    run = {"guidance_scale": 5.0, "negative_prompt": "blurry"}
+    image = ours(plain, lora=f"{lora_file}:{weight}", **run)
+    assert max_diff(image, ours(tmp_path / "merged" / "sd3.5-tiny.safetensors", **run)) <= 2
+    assert max_diff(image, ours(plain, **run)) > 2

@@ -29,6 +29,17 @@ def onnx_packages_missing() -> str | None:
 class TorchBackend(Backend, ControlNetCapable):
     name = "torch"
     summary = "PyTorch eager, on the CPU or a CUDA GPU"
+    options = (
+        Param(
+            "offload",
+            "choice",
+            default="none",
+            choices=("none", "model"),
+            env="DIFFTOOL_OFFLOAD",
+            help="SD 3.5 / Flux: model frees the text encoders after encoding and keeps each other part on the GPU "
+            "only while it runs (a Flux-size model on a 24 GB machine; slower)",
+        ),
+    )
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
         if device == "cpu":

@@ -31,7 +31,8 @@ FLUX_WIDTH = 3072
 
 
 def shapes_of(state: State) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in state.items()}
+    # A GGUF tensor's stored shape is its quantised bytes; ``quant_shape`` is the model's.
+    return {k: tuple(getattr(v, "quant_shape", v.shape)) for k, v in state.items()}
 
 
 def strip(state: State, prefix: str) -> dict[str, torch.Tensor]:
@@ -63,6 +64,12 @@ def _assign(cls: Any, config: Any, state: Mapping[str, Any], what: str) -> Any:
 
 def transformer(state: State, family: FlowFamily) -> Any:
     """The denoising transformer from a BFL / Stability layout state dict (all-in-one prefix or none)."""
+    cls, config, converted = transformer_parts(state, family)
+    return _assign(cls, config, converted, f"the {family.label} transformer")
+
+
+def transformer_parts(state: State, family: FlowFamily) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(diffusers class, config from the shapes, diffusers-layout state dict) of a BFL / Stability transformer."""
     t = strip(state, PREFIX) if any(k.startswith(PREFIX) for k in state) else dict(state)
     shapes = transformer_shapes(shapes_of(t))
     try:
@@ -70,13 +77,12 @@ def transformer(state: State, family: FlowFamily) -> Any:
             from diffusers import FluxTransformer2DModel
 
             config = flux_config(shapes, family)
-            return _assign(FluxTransformer2DModel, config, _convert_flux(t, config), "the Flux transformer")
+            return FluxTransformer2DModel, config, _convert_flux(t, config)
         from diffusers import SD3Transformer2DModel
         from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
 
         config = sd3_config(shapes)
-        converted = convert_sd3_transformer_checkpoint_to_diffusers(dict(t))
-        return _assign(SD3Transformer2DModel, config, converted, "the SD3 transformer")
+        return SD3Transformer2DModel, config, convert_sd3_transformer_checkpoint_to_diffusers(dict(t))
     except KeyError as error:
         raise ModelError(f"the {family.label} transformer lacks weight {error}", "use an intact file") from None
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from difftool.core.denoiser import Conditioning, Denoiser, copied_to
+from difftool.plugins.builtin.flow.gguf_files import is_quantised
 from difftool.plugins.builtin.flow.scheduler import FLOW_PREDICTION
 
 
@@ -52,8 +53,9 @@ class TransformerDenoiser(Denoiser):
         self.dtype = dtype
         self.arch = arch
         first = next(iter(module.parameters()))
-        if getattr(module, "_difftool_storage_dtype", None) is not None:
-            # fp8 kept in fp8 and cast layer by layer (flow.fp8): computes in the dtype it was set up for.
+        if getattr(module, "_difftool_storage_dtype", None) is not None or is_quantised(module):
+            # fp8 kept in fp8 and cast layer by layer (flow.fp8), GGUF dequantised layer by layer
+            # (flow.gguf_files): moved, never copied (a copy would drop the quantisation), in the dtype set up.
             torch.nn.Module.to(module, device=self.device)
         elif first.device != self.device or first.dtype != dtype:
             module = copied_to(module, self.device, dtype)

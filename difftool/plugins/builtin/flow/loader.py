@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from difftool.core.atomic import file_sha256
 from difftool.core.errors import ModelError
-from difftool.plugins.builtin.flow import convert, fp8
+from difftool.plugins.builtin.flow import convert, fp8, gguf_files
 from difftool.plugins.builtin.flow.families import PREFIX, FlowFamily, detect_folder, detect_shapes
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, folder_tokenizer, t5_tokenizer
 from difftool.plugins.builtin.sd import checkpoint
@@ -54,6 +54,8 @@ class FlowModel:
     sha256: str
     #: Which file each component came from, when not the model itself (recorded in the metadata).
     sources: dict[str, str] = field(default_factory=dict)
+    #: LoRAs merged into the weights: (name, weight, sha256).
+    loras: list[tuple[str, float, str]] = field(default_factory=list)
 
     @property
     def name(self) -> str:
@@ -67,14 +69,19 @@ class FlowModel:
         out: dict[str, Any] = {"model": self.name, "model_hash": self.sha256[:10], "model_family": self.family.name}
         if "vae" in self.sources:
             out["vae"] = self.sources["vae"]
+        if self.loras:  # as the SD plugin records them (A1111's "Lora hashes")
+            out["loras"] = [f"{name}:{weight:g}" for name, weight, _ in self.loras]
+            out["lora_hashes"] = ", ".join(f"{name}: {digest[:12]}" for name, _, digest in self.loras)
         return out
 
 
 def is_flow_model(path: Path) -> FlowFamily | None:
-    """The family of an SD3 / Flux folder or ``.safetensors`` file (header only), or ``None``."""
+    """The family of an SD3 / Flux folder, ``.safetensors`` or ``.gguf`` file (header only), or ``None``."""
     path = Path(path)
     if path.is_dir():
         return detect_folder(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_files.family_of(path)
     if path.is_file() and path.suffix.lower() == ".safetensors":
         try:
             return detect_shapes(checkpoint.read_shapes(path))
@@ -142,18 +149,12 @@ def _scheduler_config(path: Path, family: FlowFamily) -> dict[str, Any]:
 def _load_file(path: Path, dtype: torch.dtype | None, roots: tuple[Path, ...]) -> FlowModel:
     if not path.is_file():
         raise ModelError(f"model {path} does not exist", "pass a .safetensors file or a diffusers model folder")
-    state = checkpoint.load_state_dict(path)
+    quantised = path.suffix.lower() == ".gguf"
+    state = gguf_files.load_state_dict(path) if quantised else checkpoint.load_state_dict(path)
     family = detect_shapes(convert.shapes_of(state))
     if family is None:
         raise ModelError(f"{path.name} holds no SD3 or Flux transformer", "pass an SD 3.5 or Flux.1 model")
-    transformer = convert.transformer(state, family)
-    storage = fp8.storage_dtype(convert.strip(state, PREFIX) or state)
-    if storage is not None and dtype is not None:
-        fp8.keep_in_fp8(transformer, storage, dtype)  # stays fp8 in memory; computes in ``dtype``
-    elif dtype is not None:
-        import torch
-
-        torch.nn.Module.to(transformer, dtype=dtype)
+    transformer = _transformer(state, family, dtype, quantised)
     sources: dict[str, str] = {}
     encoders: dict[str, Any] = {}
     roles = ("clip_l", "clip_g", "t5") if family.arch == "sd3" else ("clip_l", "t5")
@@ -177,6 +178,20 @@ def _load_file(path: Path, dtype: torch.dtype | None, roots: tuple[Path, ...]) -
     _require(model, path.name)
     model.sha256 = file_sha256(path)
     return model
+
+
+def _transformer(state: dict[str, Any], family: FlowFamily, dtype: torch.dtype | None, quantised: bool) -> Any:
+    if quantised:  # GGUF: stays quantised; each layer is dequantised in ``dtype`` as it runs
+        return gguf_files.transformer(*convert.transformer_parts(state, family), dtype)
+    transformer = convert.transformer(state, family)
+    storage = fp8.storage_dtype(convert.strip(state, PREFIX) or state)
+    if storage is not None and dtype is not None:
+        fp8.keep_in_fp8(transformer, storage, dtype)  # stays fp8 in memory; computes in ``dtype``
+    elif dtype is not None:
+        import torch
+
+        torch.nn.Module.to(transformer, dtype=dtype)
+    return transformer
 
 
 def _encoder(weights: dict[str, Any], role: str, family: FlowFamily) -> Any:

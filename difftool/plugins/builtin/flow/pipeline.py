@@ -1,6 +1,10 @@
 """Text conditioning, sampling and decoding for SD3 and Flux, step for step as diffusers'
 StableDiffusion3Pipeline and FluxPipeline do it, so the same weights, seed and steps give the same image.
 
+Low-memory mode (``--backend-opt offload=model``): the text encoders are freed once the prompts are
+encoded, and the transformer and the VAE each sit on the GPU only while they run (diffusers'
+``enable_model_cpu_offload``, done here by phase: encode, sample, decode).
+
 Prompts: CLIP reads 77 tokens (the rest is dropped, as in diffusers), T5 ``max_sequence_length`` tokens
 (SD3 and Flux schnell: 256, Flux dev: 512). SD3 runs classifier-free guidance through the core sampler
 (negative prompt batch); Flux dev takes ``guidance_scale`` as its distilled-guidance input, one batch.
@@ -8,6 +12,9 @@ Prompts: CLIP reads 77 tokens (the rest is dropped, as in diffusers), T5 ``max_s
 
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,8 +86,14 @@ def encode(model: FlowModel, prompt: str, negative: str, guidance: float, contex
     prepare_text_encoders(model, context)
     with torch.inference_mode():
         if model.family.arch == "sd3":
-            return Conditioning(_sd3_text(model, prompt), _sd3_text(model, negative), guidance)
-        cond = _flux_text(model, prompt)
+            text = Conditioning(_sd3_text(model, prompt), _sd3_text(model, negative), guidance)
+        else:
+            text = Conditioning(_flux_text(model, prompt), None, 1.0)
+    if low_memory(context):
+        release_encoders(model)
+    if model.family.arch == "sd3":
+        return text
+    cond = text.cond
     if model.family.guidance_embeds:
         cond["guidance"] = torch.full((1,), guidance, dtype=torch.float32)
     if negative:
@@ -100,6 +113,36 @@ def prepare_text_encoders(model: FlowModel, context: RunContext) -> None:
         torch.nn.Module.to(encoder, device=context.torch_device, dtype=run_dtype).eval()
 
 
+def low_memory(context: RunContext) -> bool:
+    """Whether the run asked for the low-memory mode (the torch backend's ``offload=model``)."""
+    return context.backend is not None and context.backend.options.get("offload") == "model"
+
+
+def release_encoders(model: FlowModel) -> None:
+    """Drop the text encoders (T5-XXL alone is 9.5 GB in fp16); the next run loads them again."""
+    from difftool.core.cuda import runtime
+
+    model.encoders.clear()
+    gc.collect()
+    runtime().empty_cache()
+
+
+@contextmanager
+def on_device(module: Any, context: RunContext) -> Iterator[Any]:
+    """``module`` on the run's device for the block; in low-memory mode back on the CPU after it."""
+    import torch
+
+    torch.nn.Module.to(module, device=context.torch_device)
+    try:
+        yield module
+    finally:
+        if low_memory(context) and context.device != "cpu":
+            from difftool.core.cuda import runtime
+
+            torch.nn.Module.to(module, device="cpu")
+            runtime().empty_cache()
+
+
 def check_size(model: FlowModel, width: int, height: int) -> None:
     step = model.vae_scale * 2  # VAE downsampling x the transformer's 2 x 2 patches
     for name, value in (("width", width), ("height", height)):
@@ -110,31 +153,57 @@ def check_size(model: FlowModel, width: int, height: int) -> None:
             )
 
 
+def encode_image(model: FlowModel, rgb: Any, context: RunContext) -> torch.Tensor:
+    """An H x W x 3 [0, 1] image -> the latents img2img starts from, sampled from the VAE's distribution with
+    the run's generator (before the noise, as diffusers' Flux / SD3 img2img pipelines draw them)."""
+    import torch
+
+    vae = model.vae
+    dtype = torch.float32 if context.torch_dtype == torch.float16 else context.torch_dtype
+    torch.nn.Module.to(vae, dtype=dtype).eval()
+    pixels = torch.from_numpy(rgb).permute(2, 0, 1)[None] * 2 - 1
+    with on_device(vae, context), torch.inference_mode():
+        latents = vae.encode(pixels.to(context.torch_device, dtype)).latent_dist.sample(generator=context.generator)
+    return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+
+
 def sample_latents(
-    model: FlowModel, text: Conditioning, context: RunContext, *, size: tuple[int, int], steps: int, scheduler: str
+    model: FlowModel,
+    text: Conditioning,
+    context: RunContext,
+    *,
+    size: tuple[int, int],
+    steps: int,
+    scheduler: str,
+    init: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
-    """Latents (1, 16, h, w) for ``size`` through the core sampler."""
+    """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
+    (img2img) when given."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
 
     width, height = size
     h, w = height // model.vae_scale, width // model.vae_scale
-    denoiser = TransformerDenoiser(model.transformer, arch=model.family.arch, device=context.device,
-                                   dtype=context.torch_dtype)  # fmt: skip
-    context.denoisers.append(denoiser)
     config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
     config["flux_sigmas"] = model.family.arch == "flux"
-    return sample(
-        denoiser,
-        context.make_scheduler(scheduler, config),
-        steps=steps,
-        context=context,
-        shape=(1, denoiser.sample_channels, h, w),
-        cond=text.cond,
-        uncond=text.uncond,
-        guidance_scale=text.guidance_scale,
-        decode_preview=(lambda x0: _preview(model, x0, context)) if context.preview_every else None,
-    )
+    with on_device(model.transformer, context) as transformer:
+        denoiser = TransformerDenoiser(transformer, arch=model.family.arch, device=context.device,
+                                       dtype=context.torch_dtype)  # fmt: skip
+        context.denoisers.append(denoiser)
+        return sample(
+            denoiser,
+            context.make_scheduler(scheduler, config),
+            steps=steps,
+            context=context,
+            shape=(1, denoiser.sample_channels, h, w),
+            init=init,
+            strength=strength,
+            cond=text.cond,
+            uncond=text.uncond,
+            guidance_scale=text.guidance_scale,
+            decode_preview=(lambda x0: _preview(model, x0, context)) if context.preview_every else None,
+        )
 
 
 def decode(model: FlowModel, latents: torch.Tensor, context: RunContext) -> torch.Tensor:
@@ -143,8 +212,8 @@ def decode(model: FlowModel, latents: torch.Tensor, context: RunContext) -> torc
 
     vae = model.vae
     dtype = torch.float32 if context.torch_dtype == torch.float16 else context.torch_dtype
-    torch.nn.Module.to(vae, device=context.torch_device, dtype=dtype).eval()
-    with torch.inference_mode():
+    torch.nn.Module.to(vae, dtype=dtype).eval()
+    with on_device(vae, context), torch.inference_mode():
         z = latents.to(context.torch_device, dtype) / vae.config.scaling_factor + vae.config.shift_factor
         image = vae.decode(z).sample.float().cpu()
     if not bool(torch.isfinite(image).all()):

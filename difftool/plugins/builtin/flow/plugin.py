@@ -1,8 +1,9 @@
 """The SD3 / Flux plugin: registered through the same hooks a third-party family would use.
 
-``register_families``: ``generate`` runs SD 3.5 and Flux.1 models (``--model`` a diffusers folder or a
-single file). ``register_schedulers``: ``flow-euler``, which these families use whatever ``--scheduler``
-names an SD sampler. ``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
+``register_families``: ``generate`` and ``style`` run SD 3.5 and Flux.1 models (``--model`` a diffusers
+folder, a ``.safetensors`` or a ``.gguf`` file). ``register_schedulers``: ``flow-euler``, which these
+families use unless ``--scheduler`` names another flow scheduler (SD samplers are refused).
+``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ from difftool.core.runtime import current
 from difftool.core.task import RunContext, TaskRequest, TaskResult
 from difftool.plugins.builtin.flow.families import FAMILIES
 from difftool.plugins.builtin.flow.scheduler import NAME as SCHEDULER
-from difftool.plugins.builtin.flow.scheduler import flow_euler
+from difftool.plugins.builtin.flow.scheduler import flow_euler, run_scheduler
 from difftool.plugins.hookspecs import hookimpl
 
 #: ComfyUI's folders for transformer-only files, under a model root.
 DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
 #: ``generate`` options these families do not take yet (refused when set).
-NOT_YET = ("lora", "embedding", "refiner", "control", "hires")
+NOT_YET = ("embedding", "refiner", "control", "hires")
 
 
 class FlowFamilies(ModelFamily):
     name = "flow"
     families = tuple(FAMILIES)
-    tasks = ("generate",)
+    tasks = ("generate", "style")
 
     def detect(self, path: Path) -> str | None:
         from difftool.plugins.builtin.flow.loader import is_flow_model
@@ -40,34 +41,45 @@ class FlowFamilies(ModelFamily):
         return family.name if family else None
 
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
+        if task == "style":
+            from difftool.plugins.builtin.flow.img2img import style
+
+            model = _checked_model(request, context)
+            return style(request, context, model)
         return generate(request, context)
 
 
 def _check_options(params: Mapping[str, Any], label: str) -> None:
     for name in NOT_YET:
-        if params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
+        if name in params and params[name] and params[name] != 1.0:  # unset: None, "", (), or hires 1
             flag = "--" + name.replace("_", "-")
             raise ParameterError(f"{flag} is not supported for {label} models yet", f"drop {flag}")
-    if "<lora:" in str(params["prompt"]):
-        raise ParameterError(f"<lora:...> tags are not supported for {label} models yet", "remove them")
     if int(params["clip_skip"]) != 1:
         raise ParameterError(f"--clip-skip is not supported for {label} models", "drop --clip-skip")
 
 
 def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     """Load (or reuse: one model at a time) the SD3 / Flux model the run names."""
+    from difftool.plugins.builtin.flow import pipeline
     from difftool.plugins.builtin.flow.loader import load_flow_model
+    from difftool.plugins.builtin.flow.lora import apply_lora
     from difftool.plugins.builtin.models import model_roots as roots
-    from difftool.plugins.builtin.sd.models import resolve_path
+    from difftool.plugins.builtin.sd.models import parse_loras, prompt_loras, resolve_path
 
     path = resolve_path(context.model, context)
-    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device)
+    offload = pipeline.low_memory(context)
+    # ``--lora PATH[:W]`` and the prompt's ``<lora:NAME:W>`` tags, as for Stable Diffusion
+    loras = parse_loras(params["lora"]) + prompt_loras(str(params["prompt"] or ""), context)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device, offload,
+           tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras))  # fmt: skip
     cache = current().cache("flow-models", dict)
-    if key not in cache:
+    if key not in cache or not cache[key].encoders:  # low-memory mode freed the last run's text encoders
         cache.clear()
         phases.announce(f"loading model {path.name}")
         model = load_flow_model(path, dtype=context.torch_dtype, vae=params["vae"], roots=tuple(roots()))
-        if context.device != "cpu":
+        for lora, weight in loras:
+            apply_lora(model, lora, weight)
+        if context.device != "cpu" and not offload:  # offload: on the GPU only while sampling
             import torch
 
             torch.nn.Module.to(model.transformer, device=context.torch_device)
@@ -76,26 +88,32 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     return cache[key]
 
 
+def _checked_model(request: TaskRequest, context: RunContext) -> Any:
+    if context.backend_name != "torch":
+        raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
+    model = flow_model_for(context, request.params)
+    _check_options(request.params, model.family.label)
+    return model
+
+
 def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     from difftool.core.images import to_pil
     from difftool.plugins.builtin.flow import pipeline
+    from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
 
     params = request.params
-    if context.backend_name != "torch":
-        raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
-    model = flow_model_for(context, params)
+    model = _checked_model(request, context)
     label = model.family.label
-    _check_options(params, label)
     if model.family.inpainting:
         raise ParameterError(f"{model.name} is a {label} model", "pass a Flux.1 dev or schnell model to generate")
     width = params["width"] or model.family.native_size
     height = params["height"] or model.family.native_size
     pipeline.check_size(model, width, height)
     guidance = float(params["guidance_scale"])
-    text = pipeline.encode(model, params["prompt"], params["negative_prompt"] or "", guidance, context)
-    # The SD samplers do not apply to flow-matching models: their own scheduler unless one of theirs is named.
-    scheduler = params["scheduler"] if params["scheduler"] in FLOW_SCHEDULERS else SCHEDULER
+    prompt = split_loras(str(params["prompt"] or ""))[0]  # the <lora:...> tags were merged at load
+    text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
+    scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
     latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)
     image = pipeline.decode(model, latents, context)
@@ -103,9 +121,6 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     if model.family.guidance_embeds:
         record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; no CFG batch ran
     return TaskResult([to_pil(to_numpy(image))], record)
-
-
-FLOW_SCHEDULERS = (SCHEDULER,)
 
 
 class DiffusionModelsSource(ModelSource):
@@ -124,7 +139,7 @@ class DiffusionModelsSource(ModelSource):
                 if not folder.is_dir():
                     continue
                 for child in sorted(folder.iterdir()):
-                    family = is_flow_model(child) if child.suffix.lower() == ".safetensors" else None
+                    family = is_flow_model(child) if child.suffix.lower() in (".safetensors", ".gguf") else None
                     if family is not None:
                         found.append(ModelEntry(child.stem, child, family.name, str(root)))
         return found

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ParameterError
-from difftool.core.scheduler import Scheduler, SchedulerStep, steps_for_strength
+from difftool.core.scheduler import Scheduler, SchedulerStep
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,10 @@ class FlowMatchEuler(Scheduler):
         self.impl.set_timesteps(num_steps, device="cpu", **kwargs)
         timesteps = self.impl.timesteps
         if strength < 1.0:
-            start = num_steps - steps_for_strength(num_steps, strength)
+            if strength <= 0.0:
+                raise ParameterError(f"--strength {strength} is outside (0, 1]", "pass --strength such as 0.6")
+            # The flow img2img pipelines' rule (SD's rounds the kept steps down first): int(n - n * strength).
+            start = int(max(num_steps - num_steps * strength, 0))
             timesteps = timesteps[start:]
             self.impl.set_begin_index(start)
         self.timesteps = timesteps
@@ -97,3 +100,19 @@ def flow_euler(config: Mapping[str, Any]) -> FlowMatchEuler:
             "pick another --scheduler for this model",
         )
     return FlowMatchEuler(config)
+
+
+def run_scheduler(name: str | None, label: str) -> str:
+    """The scheduler an SD3 / Flux run uses for ``--scheduler name``: a flow-matching one (``flow-euler``, or a
+    plugin's ``flow-*``) as named; the SD tasks' declared default (filled in before the run) means "the
+    family's own", ``flow-euler``; any other Stable Diffusion sampler is refused in one line."""
+    from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
+
+    if not name or name == DEFAULT_SCHEDULER:
+        return NAME
+    if name == NAME or name.startswith("flow-"):
+        return name
+    raise ParameterError(
+        f"--scheduler {name} is a Stable Diffusion sampler; {label} models run flow-matching schedulers",
+        f"pass --scheduler {NAME}, or leave --scheduler out",
+    )

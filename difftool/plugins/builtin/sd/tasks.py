@@ -357,6 +357,9 @@ class Style(Task):
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         from difftool.plugins.builtin.sd import controlled
 
+        family = delegated_family(context, self.name)
+        if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
+            return family.run(self.name, request, context)
         params = request.params
         image: LoadedImage = request.inputs["image"]
         prompt, negative = style_prompt(params.style, params.prompt)

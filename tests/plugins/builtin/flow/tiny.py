@@ -290,3 +290,35 @@ def save_sd3_all_in_one(parts: dict[str, Any], path: Path) -> Path:
     if parts.get("text_encoder_3") is not None:
         state |= prefixed(parts["text_encoder_3"].state_dict(), "text_encoders.t5xxl.transformer.")
     return save(state, path)
+
+
+def save_gguf(state: dict[str, torch.Tensor], path: Path, arch: str, quant: str = "Q8_0") -> Path:
+    """A GGUF file as city96's convert.py (ComfyUI-GGUF) writes one: original key names, matrices quantised
+    to ``quant``, vectors, small and 4-D tensors kept in F32."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[quant]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, tensor in state.items():
+        data = tensor.detach().float().numpy()
+        if data.ndim == 2 and data.shape[1] % block == 0:
+            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def dequantized(path: Path) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors dequantised to float32 (the same weights the quantised model computes with)."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_gguf_tensor
+
+    state = load_gguf_checkpoint(str(path))
+    return {k: (dequantize_gguf_tensor(v) if isinstance(v, GGUFParameter) else v).float() for k, v in state.items()}

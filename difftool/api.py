@@ -304,8 +304,8 @@ class _TaskRunner:
         self.result: RunResult | None = None
 
     def __call__(self, name: str, inputs: Sequence[Any], *, model: str | None = None, **params: Any) -> RunResult:
-        entry = self.plan.registry.tasks.get(name) if self.plan.registry is not None else None
-        fields = self.plan.request_fields() if entry is not None and entry.cls.uses_model else {}
+        entry = self.plan.registry.tasks.get(name)
+        fields = self.plan.request_fields() if entry is not None and entry.value.uses_model else {}
         plan = preflight(name, registry=self.plan.registry, params=params, **{**fields, "model": model})
         context = self.context
         execute(plan, inputs, [context.seed], self, preview_every=context.preview_every, cancel=context.cancel)

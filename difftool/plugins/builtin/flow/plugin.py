@@ -64,12 +64,12 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
     from difftool.plugins.builtin.flow.loader import load_flow_model
     from difftool.plugins.builtin.flow.lora import apply_lora
     from difftool.plugins.builtin.models import model_roots as roots
-    from difftool.plugins.builtin.sd.models import parse_loras, prompt_loras, resolve_path
+    from difftool.plugins.builtin.sd.models import lora_files, prompt_loras, resolve_path
 
     path = resolve_path(context.model, context)
     offload = pipeline.low_memory(context)
     # ``--lora PATH[:W]`` and the prompt's ``<lora:NAME:W>`` tags, as for Stable Diffusion
-    loras = parse_loras(params["lora"]) + prompt_loras(str(params["prompt"] or ""), context)
+    loras = lora_files(params["lora"]) + prompt_loras(str(params["prompt"] or ""), context)
     key = (str(path.resolve()), path.stat().st_mtime_ns, str(params["vae"]), context.dtype, context.device, offload,
            tuple((str(p), w, p.stat().st_mtime_ns) for p, w in loras))  # fmt: skip
     cache = current().cache("flow-models", dict)

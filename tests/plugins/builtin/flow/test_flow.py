@@ -150,14 +150,13 @@ def test_flux_schnell_runs_without_guidance_or_dynamic_shift(tmp_path: Path) -> 
     assert max_diff(ours(folder, guidance_scale=1.0), flux_reference(parts, 0.0, t5_tokens=256)) <= 2
 
 
-def test_cli_generates_with_a_comfyui_flux_file(models: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_cli_generates_with_a_comfyui_flux_file(models: dict, tmp_path: Path) -> None:
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli.cli, [
         "run", "generate", "--model", str(models["flux-comfy"]), "--prompt", "a lighthouse", "--width", "32",
         "--height", "32", "--steps", "2", "--guidance-scale", "3.5", "--seed", "4", "-o", str(out),
-    ])  # fmt: skip
+    ], obj=registry)  # fmt: skip
     assert result.exit_code == 0, result.output
     image = Image.open(out / "generate-4.png")
     assert image.size == (32, 32)

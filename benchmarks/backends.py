@@ -67,7 +67,7 @@ def add_fractions(row: dict, flops: int, results: dict) -> None:
 
 def measure(name: str, module: torch.nn.Module, inputs: dict, repeats: int, results: dict) -> None:
     from difftool.exporters.onnx import UNetSignature, cached_export
-    from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.runtimes.onnxruntime.denoiser import make_session
 
     module = module.float().eval()
     flops = flops_of(module, inputs)
@@ -101,9 +101,9 @@ def measure_vae_decode(repeats: int, results: dict) -> None:
     from diffusers import AutoencoderKL
 
     from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
-    from difftool.exporters.onnxruntime_denoiser import make_session
     from difftool.plugins.builtin.sd.families import FAMILIES
     from difftool.plugins.builtin.sd.onnx_parts import VaeDecoderGraph
+    from difftool.runtimes.onnxruntime.denoiser import make_session
 
     torch.manual_seed(0)
     graph = VaeDecoderGraph(AutoencoderKL.from_config(FAMILIES["sd1"].config("vae"))).eval()

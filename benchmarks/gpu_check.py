@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 #: The test files holding the ``gpu`` marked tests (collected by file: collecting the whole suite is slow).
-GPU_TESTS = ["tests/exporters/test_tensorrt.py", "tests/plugins/builtin/sd/test_cuda.py",
+GPU_TESTS = ["tests/runtimes/tensorrt/test_tensorrt.py", "tests/plugins/builtin/sd/test_cuda.py",
              "tests/plugins/builtin/test_cuda_pixel.py"]  # fmt: skip
 
 
@@ -114,7 +114,7 @@ def parity(device: str, dry: bool) -> str:
     import numpy as np
     from PIL import Image, ImageDraw
 
-    from difftool import api
+    from difftool.app import api
     from difftool.training.evaluate import psnr
 
     side = 32 if dry else 96

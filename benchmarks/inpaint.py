@@ -113,7 +113,7 @@ def detail_table(rows: list[dict], methods: list[str]) -> list[str]:
 
 def compare_figure(model: Path, out: Path, names: tuple[str, ...] = ("chelsea", "coffee")) -> None:
     """Original / mask / Telea / PatchMatch / difftool around the object mask of two held-out photos."""
-    from difftool import api
+    from difftool.app import api
     from difftool.training.evaluate import classical_fills, holdout_images, inpaint_masks
 
     strips = []

@@ -46,7 +46,7 @@ def timed(args: list[str]) -> float:
 def ray_startup_seconds() -> float:
     code = (
         "import time; t = time.perf_counter()\n"
-        "from difftool.executors.ray_data import start_ray\n"
+        "from difftool.app.executors.ray_data import start_ray\n"
         "ray = start_ray(); print(time.perf_counter() - t); ray.shutdown()"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout

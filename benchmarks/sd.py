@@ -6,7 +6,7 @@ Builds an SD 1.5-size model with random weights (860 M U-Net parameters, the rea
 ViT-L shapes) from difftool's shipped configs, saves it as a diffusers folder, then measures:
 
 * seconds per denoising step at 512x512 with classifier-free guidance (U-Net batch 2), in fp32 and
-  bf16, for diffusers' ``StableDiffusionPipeline`` and for ``difftool.api.run("generate")``, both
+  bf16, for diffusers' ``StableDiffusionPipeline`` and for ``difftool.app.api.run("generate")``, both
   timed from their per-step callbacks (the first step is warm-up and not counted);
 * peak RSS (VmHWM) of a whole ``difftool run generate`` at 512x512 in bf16, in a fresh process.
 """
@@ -73,7 +73,7 @@ def diffusers_step_seconds(folder: Path, dtype: torch.dtype, steps: int) -> floa
 
 
 def difftool_step_seconds(folder: Path, dtype: str, steps: int) -> float:
-    from difftool import api
+    from difftool.app import api
 
     stamps: list[float] = []
     api.run(

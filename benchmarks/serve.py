@@ -50,7 +50,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 def in_process(size: tuple[int, int]) -> list[float]:
-    from difftool import api
+    from difftool.app import api
     from difftool.core.images import save_image
 
     times = []

@@ -31,7 +31,7 @@ def rss_mib() -> float:
 
 
 def main() -> None:
-    from difftool import api
+    from difftool.app import api
     from difftool.core.images import save_image
 
     rng = np.random.default_rng(0)

@@ -127,7 +127,7 @@ def community_models(folder: Path) -> dict[str, Path]:
 
 def comparison_figure(out: Path) -> None:
     """A crop of docs/sample.png, 4x: Lanczos | difftool, side by side and labelled."""
-    from difftool import api
+    from difftool.app import api
 
     sample = Image.open(ROOT / "docs" / "sample.png").convert("RGB")
     box = (40, 20, 112, 74)  # 72 x 54 px of the source

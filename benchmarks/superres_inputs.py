@@ -78,7 +78,7 @@ def gates(rows: list[dict]) -> list[str]:
 
 def figure(out: Path) -> None:
     """A crop of a held-out photo saved as JPEG (quality 70) after a 2x downscale: three restorations."""
-    from difftool import api
+    from difftool.app import api
     from difftool.training.evaluate import degraded_input, holdout_images
 
     name, photo = holdout_images()[0]

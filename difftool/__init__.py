@@ -19,15 +19,15 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0+unknown"
 
 if TYPE_CHECKING:
-    from difftool.api import RunResult
+    from difftool.app.api import RunResult
     from difftool.plugins.registry import Registry
 
 __all__ = ["__version__", "run", "get_registry"]
 
 
 def run(task: str, *inputs: Any, **params: Any) -> RunResult:
-    """Run ``task`` on ``inputs`` with ``params``; see :func:`difftool.api.run`."""
-    from difftool.api import run as _run
+    """Run ``task`` on ``inputs`` with ``params``; see :func:`difftool.app.api.run`."""
+    from difftool.app.api import run as _run
 
     return _run(task, *inputs, **params)
 

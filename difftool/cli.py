@@ -1,4 +1,4 @@
-"""The ``difftool`` command line. Commands only parse, call :mod:`difftool.api` and print."""
+"""The ``difftool`` command line. Commands only parse, call :mod:`difftool.app.api` and print."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def fail(error: DifftoolError, debug: bool) -> None:
         import traceback
 
         traceback.print_exception(error)
-    from difftool.batch import shown
+    from difftool.app.batch import shown
 
     click.echo(shown(f"Error: {error}"), err=True)
     sys.exit(exit_code(error))
@@ -37,7 +37,7 @@ def fail(error: DifftoolError, debug: bool) -> None:
 
 def click_option(param: Param, registry: RegistryView) -> click.Option:
     """The click option for one declared task parameter (choices from the registry where declared so)."""
-    from difftool.plan import param_choices
+    from difftool.app.plan import param_choices
 
     return param_option(param, param_choices(param, registry) if param.type == "choice" else None)
 
@@ -134,7 +134,7 @@ def task_command(name: str, registry: RegistryView) -> click.Command:
 
 
 def run_batch(task_name: str, registry: RegistryView, values: dict[str, Any]) -> None:
-    from difftool.runs import run_files
+    from difftool.app.runs import run_files
 
     debug = values.pop("debug")
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(levelname)s %(message)s")
@@ -168,7 +168,7 @@ def run_batch(task_name: str, registry: RegistryView, values: dict[str, Any]) ->
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        from difftool.batch import shown
+        from difftool.app.batch import shown
 
         for r in records:
             source = f"{r['input']} -> " if r["input"] else ""
@@ -283,7 +283,7 @@ def tasks(name: str | None) -> None:
         click.echo(f"  not ready: {reason}")
     click.echo("inputs: " + ", ".join(f"{p.name} ({p.kind})" for p in task.inputs))
     click.echo("parameters:")
-    from difftool.plan import param_choices
+    from difftool.app.plan import param_choices
 
     rows = []
     for p in task.params:
@@ -363,6 +363,11 @@ def gui(image: str | None) -> None:
     from difftool.gui import main as gui_main
 
     sys.exit(gui_main([image] if image else []))
+
+
+from difftool.commands import add_commands  # noqa: E402 - after the group they join
+
+add_commands(cli)
 
 
 def main(argv: list[str] | None = None, registry: Registry | None = None) -> None:

@@ -186,7 +186,7 @@ def test_folder_batch_with_json_and_per_image_seeds(runner, tmp_path: Path) -> N
     ]
     seeds = [r["seed"] for r in summary["results"]]
     assert len(set(seeds)) == 3  # derived per input, recorded
-    from difftool.api import derive_seed
+    from difftool.app.api import derive_seed
 
     assert seeds == [derive_seed(5, key) for key in ("a.png", "b.jpg", "sub/c.png")]
 

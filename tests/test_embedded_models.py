@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from difftool import api
+from difftool.app import api
 from difftool.training.evaluate import psnr
 
 

@@ -198,7 +198,7 @@ class Param:
 
 class Resolver(Protocol):
     """How the preflight turns what a request names into what a run reads: the registry's resolver on this
-    machine (:class:`difftool.plan.LocalResolver`), a server's path policy for its requests."""
+    machine (:class:`difftool.app.plan.LocalResolver`), a server's path policy for its requests."""
 
     def model(self, name: str, families: Sequence[str], what: str) -> str:
         """The model ``name`` names (a :class:`~difftool.core.models.ModelRef`), or a one-line error."""

@@ -173,9 +173,9 @@ class RunContext:
         """Run the registered task ``name`` on ``inputs`` with ``params`` (``model=`` picks its model) through
         the API's preflight and execute: its parameters are validated and defaulted as a user's would be (a bad
         value raises the one-line ``ParameterError``). It runs on this run's backend, seed, progress and cancel
-        token and returns a :class:`difftool.api.RunResult`."""
+        token and returns a :class:`difftool.app.api.RunResult`."""
         if self.task_runner is None:
-            raise RuntimeError("this RunContext runs no other tasks; run tasks through difftool.api")
+            raise RuntimeError("this RunContext runs no other tasks; run tasks through difftool.app.api")
         return self.task_runner(name, inputs, **params)
 
     def report(self, step: int, total: int, preview: Image.Image | None = None) -> None:
@@ -207,7 +207,7 @@ class RunContext:
     def resolved_backend(self) -> ResolvedBackend:
         """:attr:`backend`, or an error if this context was built without one (not by the preflight)."""
         if self.backend is None:
-            raise RuntimeError("this RunContext has no backend; build it with difftool.plan.preflight")
+            raise RuntimeError("this RunContext has no backend; build it with difftool.app.plan.preflight")
         return self.backend
 
 

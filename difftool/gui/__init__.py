@@ -1,6 +1,6 @@
 """The PySide6 desktop app (``difftool gui``, extra ``[gui]``).
 
-It drives the same :func:`difftool.api.run` as the CLI; forms are generated from task declarations,
+It drives the same :func:`difftool.app.api.run` as the CLI; forms are generated from task declarations,
 so a plugin's task appears with a working form and no GUI code of its own.
 """
 

@@ -29,7 +29,7 @@ from difftool.gui.convert import pil_to_qimage, qimage_to_pil
 from difftool.gui.dialogs import about_dialog, ask_server
 from difftool.gui.form import ParamForm
 from difftool.gui.history import HistoryStrip
-from difftool.gui.jobs import JobQueue
+from difftool.gui.job_queue import JobQueue
 from difftool.gui.mask_panel import MaskPanel
 from difftool.gui.messages import for_the_window, outline, outline_targets
 from difftool.gui.prompt_tools import fill_insert_menu
@@ -307,7 +307,7 @@ class MainWindow(JobActions, ResultActions, QMainWindow):
 
     def run_batch(self, paths: list[Path]) -> list[int]:
         """Queue the current task with the current form for every image in ``paths`` (folders expanded)."""
-        from difftool.batch import IMAGE_SUFFIXES
+        from difftool.app.batch import IMAGE_SUFFIXES
 
         listed = [f for p in paths for f in (sorted(p.iterdir()) if p.is_dir() else [p])]
         files = [f for f in listed if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]

@@ -85,7 +85,7 @@ class PathField(QWidget):
 class ParamForm(QWidget):
     """One widget per declared parameter of ``task`` (or anything with ``params``: a backend's options).
 
-    :meth:`values` gives what :func:`difftool.api.run` takes. ``editors`` build a parameter's own widget
+    :meth:`values` gives what :func:`difftool.app.api.run` takes. ``editors`` build a parameter's own widget
     (ControlNet units) by name; such a widget has ``value()``, ``set_value(value)`` and ``reset()``.
     """
 

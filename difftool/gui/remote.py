@@ -151,7 +151,7 @@ class RemoteRegistry:
         preview_every: int = 0,
     ) -> Any:
         """Submit the job, follow its events (progress, previews), fetch the result; a cancel deletes it."""
-        from difftool.api import RunResult
+        from difftool.app.api import RunResult
         from difftool.core.images import read_metadata
 
         body = {

@@ -10,7 +10,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QListWidgetItem
 
 from difftool.gui.convert import pil_to_qimage
-from difftool.gui.jobs import Job
+from difftool.gui.job_queue import Job
 from difftool.gui.prompt_tools import remember_prompts
 
 #: Ended jobs kept in the queue's list, after the queued and running ones (each says how it ended).

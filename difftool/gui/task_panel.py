@@ -197,7 +197,7 @@ class TaskPanel(QWidget):
             return
         self.remember()
         task = self.registry.task(name)
-        from difftool.plan import param_choices
+        from difftool.app.plan import param_choices
 
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
@@ -375,7 +375,7 @@ class TaskPanel(QWidget):
         return -1
 
     def run_options(self, uses_model: bool) -> dict[str, Any]:
-        """Model, backend, device, precision and backend options for :func:`difftool.api.run`."""
+        """Model, backend, device, precision and backend options for :func:`difftool.app.api.run`."""
         options: dict[str, Any] = {"seed": None if self.seed_box.value() < 0 else self.seed_box.value()}
         if uses_model:
             options |= {

@@ -47,7 +47,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "difftool.plugins.builtin.sd.upscale_sd",
     "difftool.plugins.builtin.sd.preprocessors",
     "difftool.plugins.builtin.flow.plugin",
-    "difftool.plugins.builtin.commands",
 )
 class Registry:
     """What the installed plugins provide, and who provided it."""

@@ -5,7 +5,7 @@ Needs ``pip install "difftool[serve]"`` (FastAPI, uvicorn). Nothing here is impo
 
 - :mod:`~difftool.serve.settings`: what the operator chose (host, token, allowed paths, limits);
 - :mod:`~difftool.serve.security`: who may call, which files and models a request may name;
-- :mod:`~difftool.serve.jobs`: the bounded queue and one worker thread per device;
+- :mod:`~difftool.serve.job_queue`: the bounded queue and one worker thread per device;
 - :mod:`~difftool.serve.native`: the ``/v1`` routes, generated from task declarations;
 - :mod:`~difftool.serve.a1111`: the AUTOMATIC1111 ``/sdapi/v1`` subset;
 - :mod:`~difftool.serve.app`: the FastAPI application that puts them together;

@@ -34,7 +34,7 @@ from difftool.serve.a1111_map import (
     refuse,
     upscale_scale,
 )
-from difftool.serve.jobs import SHUTDOWN, Job
+from difftool.serve.job_queue import SHUTDOWN, Job
 from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
 from difftool.serve.sink import png_bytes

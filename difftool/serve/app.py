@@ -23,7 +23,7 @@ from difftool.core.errors import (
 )
 from difftool.core.task import RegistryView
 from difftool.serve.errors import body_error, without_paths
-from difftool.serve.jobs import QueueFull
+from difftool.serve.job_queue import QueueFull
 from difftool.serve.security import AccessDenied, token_matches
 from difftool.serve.server import Server
 from difftool.serve.settings import ServeSettings

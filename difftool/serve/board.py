@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from difftool.core.atomic import atomic_write_bytes
-from difftool.serve.jobs import FINAL_STATES, Job, JobQueue
+from difftool.serve.job_queue import FINAL_STATES, Job, JobQueue
 
 log = logging.getLogger("difftool.serve")
 

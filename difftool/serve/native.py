@@ -18,11 +18,11 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from difftool.app.plan import param_choices
 from difftool.core.errors import ParameterError
 from difftool.core.task import Param, RegistryView, Task
-from difftool.plan import param_choices
 from difftool.serve.errors import body_error
-from difftool.serve.jobs import FINAL_STATES, Job
+from difftool.serve.job_queue import FINAL_STATES, Job
 from difftool.serve.server import MAX_COUNT, Server
 
 router = APIRouter(prefix="/v1", tags=["native"])

@@ -181,7 +181,7 @@ def deploy(settings: ServeSettings, options: RayOptions) -> str:
     """Start (or join) Ray, create the job board, run the application on Ray Serve; returns its URL."""
     settings = settings.check()
     ray, serve = import_serve()
-    from difftool.executors.ray_data import start_ray
+    from difftool.app.executors.ray_data import start_ray
     from difftool.serve.ray_worker import DifftoolWorker
 
     device, resources = replica_resources(settings, options)

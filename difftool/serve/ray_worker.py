@@ -21,7 +21,7 @@ from difftool.core.atomic import atomic_write_bytes
 from difftool.core.errors import Cancelled, DifftoolError
 from difftool.core.task import CancelToken
 from difftool.serve.board import SharedJobQueue
-from difftool.serve.jobs import FINAL_STATES, Job
+from difftool.serve.job_queue import FINAL_STATES, Job
 from difftool.serve.sink import PngSink
 
 log = logging.getLogger("difftool.serve")
@@ -64,8 +64,8 @@ class DifftoolWorker:
         ``("error", message, type)``. The run stops within a step once the job's cancel flag is set."""
         import ray
 
-        from difftool.api import execute
-        from difftool.plan import preflight
+        from difftool.app.api import execute
+        from difftool.app.plan import preflight
 
         events: queue.Queue[tuple[Any, ...]] = queue.Queue()
         token = CancelToken()

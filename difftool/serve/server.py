@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from difftool.app.plan import Plan
 from difftool.core.errors import ImageTooLargeError, ParameterError
 from difftool.core.images import LoadedImage, check_pixels
 from difftool.core.task import RegistryView
-from difftool.plan import Plan
-from difftool.serve.jobs import Job, JobQueue
+from difftool.serve.job_queue import Job, JobQueue
 from difftool.serve.security import PIXELS_FIX, PathPolicy, PolicyResolver, check_params, load_image, resolve_model
 from difftool.serve.settings import ServeSettings
 
@@ -69,8 +69,8 @@ class Server:
         ``inputs`` are the task's declared inputs, in order or by name; images as base64 text, bytes, or
         ``{"path": ...}`` inside an ``--allow-path`` folder. Raises a one-line ``DifftoolError``.
         """
-        from difftool.api import new_seed, task_inputs
-        from difftool.plan import preflight
+        from difftool.app.api import new_seed, task_inputs
+        from difftool.app.plan import preflight
 
         instance = self.registry.task(task)
         limit = self.settings.max_body_bytes

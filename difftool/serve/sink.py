@@ -1,4 +1,4 @@
-"""The server's :class:`~difftool.api.Sink`: a job's runs as PNG bytes, for the local queue and the Ray replicas.
+"""The server's :class:`~difftool.app.api.Sink`: a job's runs as PNG bytes, for the local queue and the Ray replicas.
 
 Previews become PNG bytes; results become the PNG files the CLI writes (its metadata included), with the
 server's paths taken out of the record; a failure becomes one event the job's state is set from.
@@ -15,7 +15,7 @@ from difftool.core.errors import Cancelled, DifftoolError
 from difftool.serve.errors import without_paths
 
 if TYPE_CHECKING:
-    from difftool.api import Item, RunResult
+    from difftool.app.api import Item, RunResult
 
 log = logging.getLogger("difftool.serve")
 

@@ -150,9 +150,9 @@ class TaskConformance:
             assert p.validate(p.default) == p.default or p.default is None or p.type in ("image", "mask", "path")
 
     def run_task(self, cancel: Any = None) -> Any:
-        from difftool.api import prepare
+        from difftool.app.api import prepare
+        from difftool.app.plan import validate_params
         from difftool.core.task import CancelToken, RunContext
-        from difftool.plan import validate_params
 
         task, registry = self.make_task(), self.registry()
         request = prepare(task, self.make_inputs(), validate_params(task, self.make_params(), registry))

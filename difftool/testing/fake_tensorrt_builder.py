@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from difftool.testing.fake_tensorrt_engine import _dims, _engine_model, _graph_inputs, _weights
 
 if TYPE_CHECKING:
-    from difftool.testing.fake_tensorrt import FakeTensorRTState
+    from difftool.testing.fake_tensorrt_state import FakeTensorRTState
 
 _MAGIC = b"FAKETRT1"
 _TIMING_MAGIC = b"FAKETC1:"

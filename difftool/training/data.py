@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from difftool.batch import IMAGE_SUFFIXES
+from difftool.app.batch import IMAGE_SUFFIXES
 from difftool.core.images import open_image
 
 #: Evaluation photos (colour, natural): never used for training.

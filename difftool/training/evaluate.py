@@ -62,7 +62,7 @@ def evaluate_superres(
     and bicubic's and Lanczos'."""
     import json
 
-    from difftool import api
+    from difftool.app import api
     from difftool.plugins.builtin.pixel_model import META_FILE
 
     if scales is None:  # a one-scale model (an SRNet run) cannot be asked for the other scale
@@ -128,7 +128,7 @@ def evaluate_superres_inputs(
     ``None``: the default choice) scored against the clean photo (PSNR, SSIM, and the output's blockiness)."""
     import io
 
-    from difftool import api
+    from difftool.app import api
     from difftool.plugins.builtin.jpeg_evidence import blockiness
 
     rows = []
@@ -276,7 +276,7 @@ def evaluate_inpaint(
 ) -> list[dict[str, Any]]:
     """One row per held-out image and mask set: each model's scores (``models``: label -> (path, extra
     run parameters), or one model path) and the classical anchors' (``classical``), inside the mask."""
-    from difftool import api
+    from difftool.app import api
 
     if not isinstance(models, dict):
         models = {"model": (models, {})}

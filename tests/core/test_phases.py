@@ -3,7 +3,7 @@
 import threading
 from pathlib import Path
 
-from difftool import api
+from difftool.app import api
 from difftool.core import phases
 from difftool.core.runtime import Runtime, using
 

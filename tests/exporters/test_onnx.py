@@ -12,11 +12,11 @@ from difftool.core.errors import ParameterError
 
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
 
-from difftool import api  # noqa: E402
+from difftool.app import api  # noqa: E402
 from difftool.exporters.cache import ArtifactCache  # noqa: E402
 from difftool.exporters.onnx import UNetSignature, cached_export  # noqa: E402
-from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser  # noqa: E402
 from difftool.plugins.builtin.pixel_model import load_pixel_model  # noqa: E402
+from difftool.runtimes.onnxruntime.denoiser import OnnxRuntimeDenoiser  # noqa: E402
 from difftool.training.evaluate import psnr  # noqa: E402
 
 
@@ -137,7 +137,7 @@ def test_check_backends_compares_every_backend(superres_model: Path, photo: Path
 def test_the_optimised_model_is_cached_and_gives_the_same_output(superres_model: Path) -> None:
     import time
 
-    from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.runtimes.onnxruntime.denoiser import make_session
 
     model = load_pixel_model(superres_model, "superres")
     entry = cached_export(model.unet, name="test-superres", model_id=model.sha256)
@@ -240,7 +240,7 @@ def test_fp16_overflow_is_an_error_not_a_model(tmp_path: Path) -> None:
 
 def test_provider_chain_puts_the_choice_first_with_fallbacks(tmp_path: Path) -> None:
     from difftool.core.errors import ParameterError
-    from difftool.exporters.onnxruntime_denoiser import provider_chain
+    from difftool.runtimes.onnxruntime.denoiser import provider_chain
 
     assert provider_chain("cpu", "auto") == ["CPUExecutionProvider"]
     assert provider_chain("cuda:1", "auto") == [
@@ -264,7 +264,7 @@ def test_a_missing_provider_is_named_with_the_fix(superres_model: Path, monkeypa
     import onnxruntime
 
     from difftool.core.errors import BackendUnavailableError
-    from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.runtimes.onnxruntime.denoiser import make_session
 
     monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(BackendUnavailableError, match="no CUDAExecutionProvider here.*onnxruntime-gpu"):
@@ -302,7 +302,7 @@ def test_io_binding_gives_what_session_run_gives(superres_model: Path) -> None:
 def test_sessions_are_reused_while_the_file_is_unchanged(superres_model: Path, tmp_path: Path) -> None:
     import shutil
 
-    from difftool.exporters.onnxruntime_denoiser import make_session
+    from difftool.runtimes.onnxruntime.denoiser import make_session
 
     model = load_pixel_model(superres_model, "superres")
     entry = cached_export(model.unet, name="test-superres", model_id=model.sha256)

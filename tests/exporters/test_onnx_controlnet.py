@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from difftool.exporters import onnx_controlnet as oc
-from difftool.exporters.tensorrt_profiles import controlnet_profiles
+from difftool.runtimes.tensorrt.profiles import controlnet_profiles
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins" / "builtin"))
 from sd import tiny  # noqa: E402

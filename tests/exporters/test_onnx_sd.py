@@ -14,7 +14,7 @@ from PIL import Image
 
 pytest.importorskip("onnxruntime")
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ParameterError  # noqa: E402
 from difftool.exporters.onnx import UNetSignature, cached_export  # noqa: E402
 from difftool.training.evaluate import psnr  # noqa: E402

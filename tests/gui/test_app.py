@@ -25,7 +25,7 @@ from difftool.core.images import read_metadata  # noqa: E402
 from difftool.core.task import Task, TaskResult  # noqa: E402
 from difftool.gui.app import MainWindow  # noqa: E402
 from difftool.gui.form import ParamForm  # noqa: E402
-from difftool.gui.jobs import Job, JobQueue  # noqa: E402
+from difftool.gui.job_queue import Job, JobQueue  # noqa: E402
 from difftool.plugins import hookimpl  # noqa: E402
 from difftool.plugins.registry import build_registry  # noqa: E402
 
@@ -237,7 +237,7 @@ def test_a_plugin_that_raises_does_not_break_the_window(qapp, tmp_path: Path) ->
 
 
 def test_the_form_of_every_registered_task_matches_its_declaration(qapp) -> None:
-    from difftool.api import param_choices
+    from difftool.app.api import param_choices
     from difftool.gui.form import PathField
 
     registry = build_registry([DialPlugin()], entry_points=False)
@@ -404,7 +404,7 @@ def test_the_backend_panel_shows_the_chosen_backends_declared_options(window, qa
 def test_run_button_with_tensorrt_on_cuda_reaches_the_engine(qapp, tmp_path: Path, photo: Path, superres_model: Path,
                                                              monkeypatch) -> None:  # fmt: skip
     """The GPU path from the window, with stand-ins for CUDA and tensorrt only (difftool.testing.gpu)."""
-    from difftool import api
+    from difftool.app import api
     from difftool.testing.gpu import gpu_harness
     from difftool.training.evaluate import psnr
 

@@ -11,8 +11,8 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 pytest.importorskip("PySide6", reason="the test extra installs PySide6")
 
-from difftool import api  # noqa: E402
-from difftool.gui.jobs import Job, JobQueue  # noqa: E402
+from difftool.app import api  # noqa: E402
+from difftool.gui.job_queue import Job, JobQueue  # noqa: E402
 
 
 def _finish(qapp, queue: JobQueue, job: Job) -> None:

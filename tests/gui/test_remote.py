@@ -47,7 +47,7 @@ def server() -> Iterator[str]:
 
 
 def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server: str, photo: Path) -> None:
-    from difftool import api
+    from difftool.app import api
     from difftool.core.errors import ParameterError
     from difftool.core.task import RegistryView
     from difftool.gui.remote import RemoteRegistry

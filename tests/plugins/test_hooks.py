@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
+from difftool.app.plan import validate_params
 from difftool.core.backend import Backend
 from difftool.core.denoiser import TorchDenoiser
 from difftool.core.errors import BackendUnavailableError, ParameterError
@@ -13,7 +14,6 @@ from difftool.core.exporter import Exporter, ExportResult
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.scheduler import Scheduler, SchedulerStep
 from difftool.core.task import Param, Task, TaskRequest
-from difftool.plan import validate_params
 from difftool.plugins import hookimpl
 from difftool.plugins.registry import build_registry
 from difftool.testing import SD_SCHEDULE, SchedulerConformance
@@ -369,8 +369,8 @@ def test_typed_choices_take_the_value_or_its_spelling(photo: Path, superres_mode
 def test_preflight_refuses_controlnet_units_on_a_backend_without_controlnets(tmp_path: Path, photo: Path) -> None:
     """``Task.check_backend`` runs once at preflight: the model named here does not exist, so a refusal
     that came after loading it would be a model error, not this one."""
+    from difftool.app.plan import preflight
     from difftool.core.errors import ParameterError
-    from difftool.plan import preflight
 
     registry = build_registry([ShapesPlugin()], entry_points=False)
     missing = str(tmp_path / "no-such-model.safetensors")

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from serve_helpers import b64, png_bytes
 
 from difftool.plugins.registry import Registry
-from difftool.serve.jobs import QueueFull
+from difftool.serve.job_queue import QueueFull
 
 #: Values a careless or hostile client sends for any field.
 HOSTILE = st.one_of(

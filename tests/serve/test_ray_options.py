@@ -127,8 +127,8 @@ def test_the_board_forgets_the_oldest_ended_jobs_beyond_keep() -> None:
 
 
 def test_a_run_carries_the_requested_dtype_not_the_one_resolved_for_the_http_replicas_cpu() -> None:
-    from difftool.plan import preflight
-    from difftool.serve.jobs import Job
+    from difftool.app.plan import preflight
+    from difftool.serve.job_queue import Job
     from difftool.serve.ray_worker import RemoteJobQueue
 
     queue = RemoteJobQueue(None, "http-1", None, "cuda", devices=("cpu",))

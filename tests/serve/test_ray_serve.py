@@ -43,7 +43,7 @@ def ray_server(model_root: Any) -> Iterator[str]:
     """Two HTTP replicas and two model replicas (half a CPU each) of the built-in tasks, the tiny SD models
     in the model root; module-scoped, so Ray starts before the per-test loopback guard (Ray looks up this
     machine's address once, at start)."""
-    from difftool.executors.ray_data import start_ray
+    from difftool.app.executors.ray_data import start_ray
     from difftool.serve.ray_serve import RayOptions, deploy, undeploy
     from difftool.serve.settings import ServeSettings
 

@@ -55,7 +55,7 @@ def test_resumed_run_continues_exactly(task: str, pool: ImagePool, tmp_path: Pat
 
 
 def test_exported_model_runs_in_its_task(pool: ImagePool, tmp_path: Path, registry) -> None:
-    from difftool import api
+    from difftool.app import api
 
     trainer = Trainer(tiny("superres"), tmp_path / "run")
     trainer.fit(pool, progress=False)
@@ -82,7 +82,7 @@ def assert_resumes_exactly(config: Callable[[], TrainConfig], pool: ImagePool, t
 
 
 def test_srnet_run_resumes_exactly_and_exports_a_working_model(pool: ImagePool, tmp_path: Path, registry) -> None:
-    from difftool import api
+    from difftool.app import api
 
     def config() -> TrainConfig:
         return tiny("superres", arch="srnet", scales=[2], channels=8, blocks=2, one_step_fraction=0.5)
@@ -133,7 +133,7 @@ def test_degradations() -> None:
 def test_inpaintnet_run_resumes_exactly_and_exports_a_noise_fill_model(
     pool: ImagePool, tmp_path: Path, registry
 ) -> None:
-    from difftool import api
+    from difftool.app import api
 
     def config() -> TrainConfig:
         return tiny("inpaint", arch="inpaintnet", channels=8, blocks=4, texture_weight=1.0)

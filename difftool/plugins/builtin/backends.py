@@ -103,7 +103,7 @@ class OnnxBackend(Backend, ControlNetCapable):
         import torch
 
         from difftool.exporters.onnx import UNetSignature, cached_export
-        from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
+        from difftool.runtimes.onnxruntime.denoiser import OnnxRuntimeDenoiser
 
         # fp16 runs get an fp16 graph (fp32 I/O); bf16 has no ONNX Runtime kernels to speak of: fp32.
         options = self.validate_options(spec.options)
@@ -128,7 +128,7 @@ class OnnxBackend(Backend, ControlNetCapable):
     def make_residual_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         """The U-Net taking ControlNet residuals: an fp32 graph (whatever the run's dtype)."""
         from difftool.exporters.onnx_controlnet import cached_residual_unet
-        from difftool.exporters.onnxruntime_denoiser import OnnxRuntimeDenoiser
+        from difftool.runtimes.onnxruntime.denoiser import OnnxRuntimeDenoiser
 
         options = self.validate_options(spec.options)
         entry, signature, residuals = cached_residual_unet(module, spec.model_id)
@@ -141,7 +141,7 @@ class OnnxBackend(Backend, ControlNetCapable):
         return denoiser
 
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
-        from difftool.exporters.onnxruntime_controlnet import onnx_controlnet
+        from difftool.runtimes.onnxruntime.controlnet import onnx_controlnet
 
         return onnx_controlnet(
             module, model_id=spec.model_id, device=spec.device, options=self.validate_options(spec.options)
@@ -154,12 +154,12 @@ class TensorRTBackend(Backend, ControlNetCapable):
     options = TENSORRT_OPTIONS
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
-        from difftool.exporters.tensorrt_engine import unavailable_reason
+        from difftool.runtimes.tensorrt.engine import unavailable_reason
 
         return onnx_packages_missing() or unavailable_reason(device)  # TensorRT parses the ONNX itself
 
     def make_denoiser(self, module: Any, spec: DenoiserSpec, residuals: bool = False) -> Denoiser:
-        from difftool.exporters.tensorrt_denoiser import engine_denoiser
+        from difftool.runtimes.tensorrt.denoiser import engine_denoiser
 
         return engine_denoiser(
             module,
@@ -176,7 +176,7 @@ class TensorRTBackend(Backend, ControlNetCapable):
         return self.make_denoiser(module, spec, residuals=True)
 
     def make_controlnet(self, module: Any, spec: DenoiserSpec) -> ControlNetRunner:
-        from difftool.exporters.tensorrt_controlnet import tensorrt_controlnet
+        from difftool.runtimes.tensorrt.controlnet import tensorrt_controlnet
 
         return tensorrt_controlnet(
             module, model_id=spec.model_id, device=spec.device, dtype=spec.dtype,
@@ -198,13 +198,13 @@ class TritonBackend(Backend):
     )
 
     def unavailable_reason(self, device: str = "cpu") -> str | None:
-        from difftool.exporters.triton_denoiser import unavailable_reason
+        from difftool.runtimes.triton.denoiser import unavailable_reason
 
         return unavailable_reason()
 
     def make_denoiser(self, module: Any, spec: DenoiserSpec) -> Denoiser:
         from difftool.exporters.onnx import UNetSignature, weights_hash
-        from difftool.exporters.triton_denoiser import TritonDenoiser
+        from difftool.runtimes.triton.denoiser import TritonDenoiser
 
         url = str(self.validate_options(spec.options)["url"])
         weights = spec.model_id or weights_hash(module)

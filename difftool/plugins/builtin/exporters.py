@@ -15,9 +15,11 @@ import click
 
 from difftool.core.exporter import Exporter
 from difftool.core.task import RegistryView
-from difftool.exporters.formats import OnnxExporter, TensorRTExporter, TritonExporter
+from difftool.exporters.formats import OnnxExporter
 from difftool.plugins.click_options import click_errors, context_registry, param_option
 from difftool.plugins.hookspecs import hookimpl
+from difftool.runtimes.tensorrt.exporter import TensorRTExporter
+from difftool.runtimes.triton.exporter import TritonExporter
 
 
 def exportable_tasks(registry: RegistryView) -> list[str]:

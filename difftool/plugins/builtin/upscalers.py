@@ -318,7 +318,8 @@ def onnx_runner(upscaler: Upscaler, device: str, engine: tuple[str, int] | None 
     """
     import torch
 
-    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.runtimes.onnxruntime.module import OnnxModule
 
     architecture = upscaler.descriptor.architecture.id
     tested = sorted([*ONNX_ARCHITECTURES, *FIXED_TILE_ARCHITECTURES])
@@ -380,7 +381,7 @@ def onnx_runner(upscaler: Upscaler, device: str, engine: tuple[str, int] | None 
     if engine is None:
         module: Any = OnnxModule(entry, device)
     else:
-        from difftool.exporters.tensorrt_module import image_profile, module_engine
+        from difftool.runtimes.tensorrt.module import image_profile, module_engine
 
         precision, tile = engine
         low, high = (side, side) if fixed is not None else (sizes(1, 1)[0], max(sizes(tile, tile)))

@@ -30,7 +30,7 @@ class TestDdimTrailing(SchedulerConformance):
 
 
 def test_posterize_two_levels_gives_black_or_white(tmp_path):
-    from difftool import api
+    from difftool.app import api
 
     gradient = Image.linear_gradient("L").convert("RGB")
     result = api.run("posterize", gradient, levels=2, registry=build_registry([plugin], entry_points=False))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from difftool import api
+from difftool.app import api
 from difftool.training.evaluate import psnr
 
 pytestmark = [

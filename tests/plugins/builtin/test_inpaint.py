@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ParameterError
 from difftool.plugins.builtin.masks import crop_box, dilate, feather
 

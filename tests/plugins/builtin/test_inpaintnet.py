@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.plugins.builtin.inpaintnet import InpaintNet, pyramid_fill
 
 

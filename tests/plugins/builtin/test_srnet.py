@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError
 from difftool.plugins.builtin.pixel_model import load_pixel_model
 from difftool.plugins.builtin.srnet import SRNet

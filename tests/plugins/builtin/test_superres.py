@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ImageTooLargeError, ParameterError
 from difftool.core.tiling import blend_weights, tile_spans
 

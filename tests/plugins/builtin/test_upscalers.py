@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError, ParameterError
 from difftool.plugins.builtin import upscalers
 

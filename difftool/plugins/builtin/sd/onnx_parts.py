@@ -65,8 +65,9 @@ def _dtype_tag(module: Any) -> str:
 
 
 def text_encoder(model: SDModel, index: int, device: str) -> Any:
-    """The ``index``-th text encoder as an :class:`~difftool.exporters.onnx_modules.OnnxModule`."""
-    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
+    """The ``index``-th text encoder as an :class:`~difftool.runtimes.onnxruntime.module.OnnxModule`."""
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.runtimes.onnxruntime.module import OnnxModule
 
     encoder = model.text_encoders[index]
     tokens = model.tokenizers[index].model_max_length
@@ -105,7 +106,8 @@ def _vae_part(
     model: SDModel, device: str, part: str, graph: type, name: str, channels: int, scale: int, outputs: tuple
 ) -> Any:
     from difftool.exporters.onnx import weights_hash
-    from difftool.exporters.onnx_modules import ModuleSpec, OnnxModule, cached_module_export
+    from difftool.exporters.onnx_modules import ModuleSpec, cached_module_export
+    from difftool.runtimes.onnxruntime.module import OnnxModule
 
     vae = model.vae
     g = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from difftool import api, cli
+from difftool.app import api, cli
 from difftool.core.errors import ModelError
 from difftool.core.family import ModelFamily
 from difftool.core.images import read_metadata

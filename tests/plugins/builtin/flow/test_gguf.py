@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError
 from difftool.plugins.builtin.flow import gguf_files
 from difftool.plugins.builtin.flow.loader import is_flow_model, load_flow_model

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ParameterError
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.plugins.builtin.flow import pipeline
 
 from . import tiny

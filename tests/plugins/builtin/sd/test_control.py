@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from difftool import api, cli
+from difftool.app import api, cli
 from difftool.core import metadata
 from difftool.core.errors import ModelError, ParameterError, PluginError
 from difftool.core.images import read_metadata
@@ -85,8 +85,8 @@ def test_a_bad_unit_is_a_one_line_error_with_the_fix(spec: str, problem: str) ->
 def test_a_unit_is_parsed_once_and_its_files_resolved_by_the_preflight(tmp_path: Path) -> None:
     """parse_unit reads syntax only (the server calls it on text it has not checked); the preflight's resolver
     then resolves the model and checks the image; the formatted unit still shows the names as written."""
+    from difftool.app.plan import LocalResolver
     from difftool.core.models import ModelEntry
-    from difftool.plan import LocalResolver
 
     cn = tmp_path / "cn.safetensors"
     cn.write_bytes(b"\0")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ParameterError
 
 from . import tiny
@@ -115,8 +115,8 @@ def test_tensorrt_control_builds_engines_with_the_declared_profiles_and_binds_th
     sd: dict[str, Any], cache: Path
 ) -> None:
     from difftool.exporters.onnx_controlnet import ControlNetSignature
-    from difftool.exporters.tensorrt_profiles import control_ranges, controlnet_profiles
     from difftool.plugins.builtin.sd.tasks import latent_shapes, prompt_tokens
+    from difftool.runtimes.tensorrt.profiles import control_ranges, controlnet_profiles
     from difftool.testing.gpu import gpu_harness
 
     control = [f"{sd['files'][0]}={sd['image']},weight=0.8"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 
 from . import tiny
 from .test_parity import SEED, generator, max_diff, photo, reference_scheduler

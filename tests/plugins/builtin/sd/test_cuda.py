@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 
 from . import tiny
 from .test_parity import photo

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError
 from difftool.plugins.builtin.sd import checkpoint, loader
 from difftool.plugins.builtin.sd.families import FAMILIES, detect_family

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError
 
 from . import tiny

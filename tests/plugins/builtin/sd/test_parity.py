@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.plugins.builtin.schedulers import BUILTIN_SCHEDULERS
 
 from . import tiny

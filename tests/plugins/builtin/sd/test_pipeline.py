@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd import loader, pipeline
 from difftool.plugins.registry import Registry

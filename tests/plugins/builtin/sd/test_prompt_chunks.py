@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError, ParameterError
 from difftool.core.images import read_metadata, save_image
 from difftool.plugins.builtin.sd import loader, pipeline

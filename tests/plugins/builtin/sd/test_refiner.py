@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import ModelError, ParameterError
 from difftool.plugins.builtin.sd import loader
 from difftool.plugins.builtin.sd.families import FAMILIES, detect_family, family_from_unet_config

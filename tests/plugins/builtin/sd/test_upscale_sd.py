@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.plugins.builtin.sd.upscale_sd import ramp, tile_starts
 
 from . import tiny

@@ -1,0 +1,1 @@
+"""ONNX Runtime: sessions for exported denoisers, ControlNets and modules."""

@@ -1,0 +1,1 @@
+"""TensorRT: engines built from the ONNX exports, cached per GPU, precision and profile."""

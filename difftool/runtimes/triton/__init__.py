@@ -1,0 +1,1 @@
+"""Triton Inference Server: model-repository exports and a remote denoiser."""

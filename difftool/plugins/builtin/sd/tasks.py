@@ -15,7 +15,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil
 from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import control, hires, pipeline, refiner
+from difftool.plugins.builtin.sd import control, hires, ip_adapter, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, sd_model_for, split_loras
@@ -158,6 +158,7 @@ def run_sd(
         guidance = float(params.get("guidance_scale", 7.0))
         shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))
     denoiser = pipeline.make_denoiser(model, context, shapes, residuals=bool(controls))
+    denoiser = ip_adapter.wrapped(model, denoiser, float(params["guidance_scale"]) != 1.0)  # --reference tokens
     runners: list[Any] = []
     if controls:  # exported (and built) before sampling, like the U-Net
         from difftool.plugins.builtin.sd.controlled import runners_for
@@ -239,6 +240,7 @@ class Generate(Task):
         *hires.HIRES_PARAMS,
         *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
+        *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -247,6 +249,7 @@ class Generate(Task):
 
     def check(self, params: Mapping[str, Any]) -> None:
         check_prompt_length(params)
+        ip_adapter.check(params)
 
     def output_size(self, params: Mapping[str, Any], inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The requested size (a side left to the model: 1024, the largest native size), after hires."""
@@ -255,6 +258,7 @@ class Generate(Task):
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
+        ip_adapter.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)
@@ -270,6 +274,7 @@ class Generate(Task):
             shapes = dataclasses.replace(shapes, size=(shapes.size[0], shapes.size[1], max(shapes.size[2], side)))
         return shapes
 
+    @ip_adapter.with_reference
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
@@ -329,6 +334,7 @@ class Style(Task):
         *PROMPT_PARAMS,
         *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
+        *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -337,9 +343,11 @@ class Style(Task):
 
     def check(self, params: Mapping[str, Any]) -> None:
         check_prompt_length(params)
+        ip_adapter.check(params)
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
+        ip_adapter.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)
@@ -352,6 +360,7 @@ class Style(Task):
         tokens = prompt_tokens(prompt, negative, params.get("negative_prompt"))
         return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
 
+    @ip_adapter.with_reference
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         from difftool.plugins.builtin.sd import controlled
 

@@ -1,0 +1,146 @@
+"""IP-Adapter (--reference) equals diffusers' load_ip_adapter + set_ip_adapter_scale on tiny weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from difftool import api
+from difftool.core.errors import DifftoolError
+
+from . import tiny, tiny_ipa
+from .test_parity import SEED, generator, max_diff, photo, reference_scheduler
+
+STEPS = 4
+SIZE = (64, 48)
+#: diffusers' InstantStyle dicts for the tiny U-Net (attention in up block 0 and down block 1).
+INSTANT = {"style": {"up": {"block_0": [0.0, 0.8, 0.0]}}, "composition": {"down": {"block_1": [0.0, 0.8]}}}
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny SD 1.x folder; a plain adapter with its encoder beside it (h94's layout); a reference."""
+    root = tmp_path_factory.mktemp("ipa")
+    parts = tiny.components(seed=2)
+    encoder = tiny_ipa.image_encoder(seed=4)
+    encoder.save_pretrained(root / "ipa" / "image_encoder", safe_serialization=True)
+    reference = root / "painting.png"
+    photo((50, 40)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(reference)
+    return {
+        "parts": parts,
+        "folder": tiny.save_folder(parts, root / "tiny-sd"),
+        "encoder": encoder,
+        "adapter": tiny_ipa.save_adapter(tiny_ipa.adapter(parts["unet"]), root / "ipa" / "ip-adapter_tiny.safetensors"),
+        "reference": reference,
+        "root": root,
+    }
+
+
+def ours(sd: dict[str, Any], **params: Any) -> Any:
+    defaults = dict(prompt="a lighthouse", negative_prompt="fog", steps=STEPS, guidance_scale=6.0, seed=SEED)
+    return api.run("generate", model=str(sd["folder"]), width=SIZE[0], height=SIZE[1], dtype="fp32",
+                   scheduler="ddim", **{**defaults, **params})  # fmt: skip
+
+
+def diffusers_reference(sd: dict[str, Any], adapter: Path, scale: Any) -> Image.Image:
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        **{**sd["parts"], "scheduler": reference_scheduler("ddim")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder")
+    pipe.set_ip_adapter_scale(scale)
+    try:
+        return pipe(
+            "a lighthouse", negative_prompt="fog", width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS,
+            guidance_scale=6.0, generator=generator(), ip_adapter_image=Image.open(sd["reference"]),
+        ).images[0]  # fmt: skip
+    finally:
+        pipe.unload_ip_adapter()  # the parts' U-Net is shared with the other tests
+
+
+@pytest.mark.parametrize("mode", ["all", "style", "composition"])
+def test_reference_matches_diffusers_ip_adapter(mode: str, sd: dict[str, Any]) -> None:
+    result = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]), reference_weight=0.8,
+                  reference_mode=mode)  # fmt: skip
+    ref = diffusers_reference(sd, sd["adapter"], INSTANT.get(mode, 0.8))
+    plain = ours(sd).images[0]
+    assert max_diff(result.images[0], plain) > 5  # the reference changed the image
+    assert max_diff(result.images[0], ref) <= 2
+    record = result.record
+    assert record["reference"] == ["painting.png"] and record["ip_adapter"] == "ip-adapter_tiny"
+    assert record["reference_mode"] == mode and record["reference_weight"] == 0.8
+    assert record["image_encoder"] == "image_encoder"
+
+
+def test_the_u_net_is_left_as_it_was_and_a_folder_of_one_image_is_that_image(sd: dict[str, Any]) -> None:
+    before = ours(sd).images[0]
+    folder = sd["root"] / "refs"
+    folder.mkdir(exist_ok=True)
+    Image.open(sd["reference"]).save(folder / "only.png")
+    by_folder = ours(sd, reference=[folder], ip_adapter=str(sd["adapter"]))
+    by_file = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]))
+    assert max_diff(by_folder.images[0], by_file.images[0]) == 0
+    assert max_diff(ours(sd).images[0], before) == 0  # no adapter left on the cached model
+
+
+def test_adapter_by_name_and_single_file_encoder_from_the_model_roots(
+    sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ComfyUI's layout: models/ipadapter/NAME.safetensors, models/clip_vision/ENCODER.safetensors."""
+    tiny_ipa.save_adapter(tiny_ipa.adapter(sd["parts"]["unet"]), tmp_path / "models/ipadapter/style-sd15.safetensors")
+    tiny_ipa.save_encoder_file(sd["encoder"], tmp_path / "models/clip_vision/tiny-vit.safetensors")
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(tmp_path))
+    by_name = ours(sd, reference=[sd["reference"]], ip_adapter="style-sd15")
+    by_path = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]))
+    assert max_diff(by_name.images[0], by_path.images[0]) == 0
+    assert by_name.record["image_encoder"] == "tiny-vit"
+
+
+def test_wrong_pairings_are_refused_naming_both_files(sd: dict[str, Any], tmp_path: Path) -> None:
+    xl_unet = tiny.components(xl=True)["unet"]
+    xl = tiny_ipa.save_adapter(tiny_ipa.adapter(xl_unet), tmp_path / "ip-adapter_sdxl.safetensors")
+    with pytest.raises(DifftoolError) as error:
+        ours(sd, reference=[sd["reference"]], ip_adapter=str(xl))
+    assert "ip-adapter_sdxl.safetensors" in str(error.value) and "tiny-sd" in str(error.value)
+    # an adapter over 24-wide embeds with a 16-wide encoder
+    wide = tiny_ipa.save_adapter(tiny_ipa.adapter(sd["parts"]["unet"], embed_dim=24), tmp_path / "wide.safetensors")
+    encoder = tiny_ipa.save_encoder_file(sd["encoder"], tmp_path / "vit16.safetensors")
+    with pytest.raises(DifftoolError) as error:
+        ours(sd, reference=[sd["reference"]], ip_adapter=str(wide), image_encoder=str(encoder))
+    assert "wide.safetensors" in str(error.value) and "vit16.safetensors" in str(error.value)
+
+
+def test_reference_needs_an_adapter_and_the_torch_backend(sd: dict[str, Any]) -> None:
+    with pytest.raises(DifftoolError, match="--ip-adapter"):
+        ours(sd, reference=[sd["reference"]])
+
+
+def test_cli_style_with_a_reference(sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from difftool import cli
+    from difftool.core.images import read_metadata
+    from difftool.plugins.registry import build_registry
+
+    registry = build_registry(entry_points=False)
+    monkeypatch.setattr(cli, "_registry", lambda: registry)
+    source = tmp_path / "photo.png"
+    photo(SIZE).save(source)
+    out = tmp_path / "out.png"
+    args = ["run", "style", str(source), "--model", str(sd["folder"]), "--prompt", "a lighthouse", "--steps", "3",
+            "--reference", str(sd["reference"]), "--ip-adapter", str(sd["adapter"]), "--reference-weight", "0.7",
+            "--reference-mode", "style", "--dtype", "fp32", "-o", str(out)]  # fmt: skip
+    result = CliRunner().invoke(cli.cli, args)
+    assert result.exit_code == 0, result.output
+    recorded = read_metadata(out)["difftool"]
+    assert recorded["reference"] == ["painting.png"] and recorded["reference_mode"] == "style"
+    assert recorded["reference_weight"] == 0.7 and recorded["ip_adapter"] == "ip-adapter_tiny"
+    assert np.asarray(Image.open(out)).std() > 1

@@ -55,7 +55,9 @@ def diffusers_reference(sd: dict[str, Any], adapter: Path, scale: Any) -> Image.
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder")
+    pipe.load_ip_adapter(
+        str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder"
+    )
     pipe.set_ip_adapter_scale(scale)
     try:
         return pipe(
@@ -144,3 +146,53 @@ def test_cli_style_with_a_reference(sd: dict[str, Any], tmp_path: Path, monkeypa
     assert recorded["reference"] == ["painting.png"] and recorded["reference_mode"] == "style"
     assert recorded["reference_weight"] == 0.7 and recorded["ip_adapter"] == "ip-adapter_tiny"
     assert np.asarray(Image.open(out)).std() > 1
+
+
+@pytest.fixture(scope="module")
+def xl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A tiny SDXL folder; a plain and a Plus adapter sharing an encoder beside them."""
+    root = tmp_path_factory.mktemp("ipa-xl")
+    parts = tiny.components(xl=True, seed=3)
+    tiny_ipa.image_encoder(seed=5).save_pretrained(root / "ipa" / "image_encoder", safe_serialization=True)
+    reference = root / "painting.png"
+    photo((40, 50)).transpose(Image.Transpose.ROTATE_180).save(reference)
+    unet = parts["unet"]
+    return {
+        "parts": parts,
+        "folder": tiny.save_folder(parts, root / "tiny-xl"),
+        "plain": tiny_ipa.save_adapter(tiny_ipa.adapter(unet, seed=1), root / "ipa" / "ip-adapter_xl.safetensors"),
+        "plus": tiny_ipa.save_adapter(
+            tiny_ipa.plus_adapter(unet, seed=2), root / "ipa" / "ip-adapter-plus_xl.safetensors"
+        ),
+        "reference": reference,
+    }
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("plain", "all"), ("plus", "style"), ("plus", "composition")])
+def test_sdxl_reference_matches_diffusers_ip_adapter(kind: str, mode: str, xl: dict[str, Any]) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    adapter = xl[kind]
+    result = api.run(
+        "generate", model=str(xl["folder"]), prompt="a lighthouse", negative_prompt="fog", width=SIZE[0],
+        height=SIZE[1], steps=STEPS, guidance_scale=6.0, seed=SEED, dtype="fp32", scheduler="ddim",
+        reference=[xl["reference"]], ip_adapter=str(adapter), reference_weight=0.8, reference_mode=mode,
+    )  # fmt: skip
+    pipe = StableDiffusionXLPipeline(**{**xl["parts"], "scheduler": reference_scheduler("ddim")})
+    pipe.load_ip_adapter(
+        str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder"
+    )
+    pipe.set_ip_adapter_scale(INSTANT.get(mode, 0.8))
+    try:
+        ref = pipe(
+            "a lighthouse", negative_prompt="fog", width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS,
+            guidance_scale=6.0, generator=generator(), ip_adapter_image=Image.open(xl["reference"]),
+        ).images[0]  # fmt: skip
+    finally:
+        pipe.unload_ip_adapter()
+    plain = api.run(
+        "generate", model=str(xl["folder"]), prompt="a lighthouse", negative_prompt="fog", width=SIZE[0],
+        height=SIZE[1], steps=STEPS, guidance_scale=6.0, seed=SEED, dtype="fp32", scheduler="ddim",
+    ).images[0]  # fmt: skip
+    assert max_diff(result.images[0], plain) > 2  # the reference changed the image
+    assert max_diff(result.images[0], ref) <= 2

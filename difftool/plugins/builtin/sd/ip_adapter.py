@@ -63,27 +63,6 @@ def check_backend(params: Mapping[str, Any], backend: Any) -> None:
         )
 
 
-def instant_style(unet: Any, mode: str, weight: float) -> float | dict[str, Any]:
-    """diffusers' ``set_ip_adapter_scale`` argument for ``mode``: the weight, or InstantStyle's block dict.
-
-    The blocks are found from the U-Net's layout: the first up block with attention (SDXL ``block_0``,
-    SD 1.x ``block_1``) carries style, the deepest down block with attention (SDXL ``block_2``) layout.
-    """
-    if mode == "all":
-        return weight
-    config = unet.config
-    layers = int(config.layers_per_block if isinstance(config.layers_per_block, int) else config.layers_per_block[0])
-    if mode == "style":
-        block = next(i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind)
-        scales = [0.0] * (layers + 1)
-        scales[1] = weight
-        return {"up": {f"block_{block}": scales}}
-    block = max(i for i, kind in enumerate(config.down_block_types) if "CrossAttn" in kind)
-    scales = [0.0] * layers
-    scales[min(1, layers - 1)] = weight
-    return {"down": {f"block_{block}": scales}}
-
-
 def with_reference(run: Callable[..., TaskResult]) -> Callable[..., TaskResult]:
     """Decorate a Stable Diffusion task's ``run``: with a ``reference``, the model's U-Net carries the
     IP-Adapter (:func:`ip_adapter_run.attached`) for the whole run, hires and refiner passes included

@@ -25,7 +25,6 @@ from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ModelError, ParameterError
 from difftool.core.runtime import current
 from difftool.core.task import RunContext
-from difftool.plugins.builtin.sd.ip_adapter import instant_style
 from difftool.plugins.builtin.sd.ip_adapter_files import (
     adapter_kind,
     encoder_width,
@@ -38,6 +37,27 @@ from difftool.plugins.builtin.sd.ip_adapter_files import (
 
 #: Encoded references kept between jobs (each a few kB of tokens).
 KEPT = 8
+
+
+def instant_style(unet: Any, mode: str, weight: float) -> float | dict[str, Any]:
+    """diffusers' ``set_ip_adapter_scale`` argument for ``mode``: the weight, or InstantStyle's block dict.
+
+    The blocks are found from the U-Net's layout: the first up block with attention (SDXL ``block_0``,
+    SD 1.x ``block_1``) carries style, the deepest down block with attention (SDXL ``block_2``) layout.
+    """
+    if mode == "all":
+        return weight
+    config = unet.config
+    layers = int(config.layers_per_block if isinstance(config.layers_per_block, int) else config.layers_per_block[0])
+    if mode == "style":
+        block = next(i for i, kind in enumerate(config.up_block_types) if "CrossAttn" in kind)
+        scales = [0.0] * (layers + 1)
+        scales[1] = weight
+        return {"up": {f"block_{block}": scales}}
+    block = max(i for i, kind in enumerate(config.down_block_types) if "CrossAttn" in kind)
+    scales = [0.0] * layers
+    scales[min(1, layers - 1)] = weight
+    return {"down": {f"block_{block}": scales}}
 
 
 def _split_processor_class() -> type:

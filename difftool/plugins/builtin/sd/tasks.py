@@ -356,7 +356,8 @@ class Style(Task):
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
         size = request.inputs["image"].size
         params = request.params
-        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")  # what run() encodes
+        # what run() encodes
+        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "", params.get("reference"))
         tokens = prompt_tokens(prompt, negative, params.get("negative_prompt"))
         return latent_shapes(size, float(params.get("guidance_scale", 7.0)), exact=False, tokens=tokens)
 
@@ -366,7 +367,7 @@ class Style(Task):
 
         params = request.params
         image: LoadedImage = request.inputs["image"]
-        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "")
+        prompt, negative = style_prompt(params.get("style"), params.get("prompt") or "", params.get("reference"))
         negative = ", ".join(p for p in (params.get("negative_prompt") or "", negative) if p)
         model = sd_model_for(context, params)
         if model.family.inpainting:
@@ -395,10 +396,10 @@ class Style(Task):
         return TaskResult([to_pil(out, image.alpha)], record)
 
 
-def style_prompt(style: str | None, prompt: str) -> tuple[str, str]:
-    """The prompt and extra negative prompt for a preset (or the user's prompt alone)."""
+def style_prompt(style: str | None, prompt: str, reference: Any = ()) -> tuple[str, str]:
+    """The prompt and extra negative prompt for a preset (or the user's prompt alone; none with a reference)."""
     if style is None:
-        if not prompt:
+        if not prompt and not reference:
             raise ParameterError("style needs --style or --prompt", f"pass --style ({', '.join(STYLE_PRESETS)})")
         return prompt, ""
     template, negative = STYLE_PRESETS[style]

@@ -121,11 +121,23 @@ def test_wrong_pairings_are_refused_naming_both_files(sd: dict[str, Any], tmp_pa
 
 
 def test_reference_needs_an_adapter_and_the_torch_backend(sd: dict[str, Any]) -> None:
+    from types import SimpleNamespace
+
+    from difftool.plugins.builtin.sd import ip_adapter
+
     with pytest.raises(DifftoolError, match="--ip-adapter"):
         ours(sd, reference=[sd["reference"]])
+    with pytest.raises(DifftoolError, match="--reference"):
+        ours(sd, ip_adapter=str(sd["adapter"]))
+    for name in ("onnx", "tensorrt"):
+        with pytest.raises(DifftoolError, match="torch backend only"):
+            ip_adapter.check_backend({"reference": (sd["reference"],)}, SimpleNamespace(name=name))
+    ip_adapter.check_backend({"reference": ()}, SimpleNamespace(name="onnx"))  # no reference: nothing to refuse
 
 
-def test_cli_style_with_a_reference(sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_style_with_a_reference_and_no_prompt(
+    sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from click.testing import CliRunner
 
     from difftool import cli
@@ -137,7 +149,7 @@ def test_cli_style_with_a_reference(sd: dict[str, Any], tmp_path: Path, monkeypa
     source = tmp_path / "photo.png"
     photo(SIZE).save(source)
     out = tmp_path / "out.png"
-    args = ["run", "style", str(source), "--model", str(sd["folder"]), "--prompt", "a lighthouse", "--steps", "3",
+    args = ["run", "style", str(source), "--model", str(sd["folder"]), "--steps", "3",
             "--reference", str(sd["reference"]), "--ip-adapter", str(sd["adapter"]), "--reference-weight", "0.7",
             "--reference-mode", "style", "--dtype", "fp32", "-o", str(out)]  # fmt: skip
     result = CliRunner().invoke(cli.cli, args)

@@ -208,3 +208,20 @@ def test_sdxl_reference_matches_diffusers_ip_adapter(kind: str, mode: str, xl: d
     ).images[0]  # fmt: skip
     assert max_diff(result.images[0], plain) > 2  # the reference changed the image
     assert max_diff(result.images[0], ref) <= 2
+
+
+def test_the_reference_is_encoded_once_for_a_whole_job(
+    sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not per step, nor per image: the embeddings are kept while the files stay the same."""
+    from difftool.plugins.builtin.sd import ip_adapter_run
+
+    calls = []
+    encode = ip_adapter_run.encode
+    monkeypatch.setattr(ip_adapter_run, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    reference = tmp_path / "fresh.png"
+    photo((30, 30)).save(reference)
+    first = ours(sd, reference=[reference], ip_adapter=str(sd["adapter"]), seed=1)
+    second = ours(sd, reference=[reference], ip_adapter=str(sd["adapter"]), seed=2)
+    assert len(calls) == 1
+    assert max_diff(first.images[0], second.images[0]) > 0  # two images made, one encoding

@@ -25,7 +25,7 @@ REFERENCE_PARAMS = (
     ),
     Param(
         "ip_adapter",
-        "string",
+        "path",  # a path, so a server checks it against --allow-path; a bare name is looked up in the roots
         default=None,
         help="IP-Adapter file, or its name in ipadapter/ or models/ipadapter under the model roots",
     ),

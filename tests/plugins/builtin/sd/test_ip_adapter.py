@@ -225,3 +225,22 @@ def test_the_reference_is_encoded_once_for_a_whole_job(
     second = ours(sd, reference=[reference], ip_adapter=str(sd["adapter"]), seed=2)
     assert len(calls) == 1
     assert max_diff(first.images[0], second.images[0]) > 0  # two images made, one encoding
+
+
+def test_a_server_checks_every_reference_and_the_adapter_against_its_allowed_folders(
+    sd: dict[str, Any], tmp_path: Path
+) -> None:
+    from difftool.plugins.builtin.sd.tasks import Style
+    from difftool.serve.security import AccessDenied, PathPolicy, check_params
+
+    policy = PathPolicy([sd["root"]])
+    params = {"reference": [str(sd["reference"]), "refs"], "ip_adapter": str(sd["adapter"])}
+    (sd["root"] / "refs").mkdir(exist_ok=True)
+    checked = check_params(Style(), params, None, policy)
+    assert checked["reference"] == [str(sd["reference"].resolve()), str((sd["root"] / "refs").resolve())]
+    outside = tmp_path / "secret.png"
+    photo((8, 8)).save(outside)
+    with pytest.raises(AccessDenied):
+        check_params(Style(), {**params, "reference": [str(outside)]}, None, policy)
+    with pytest.raises(AccessDenied):
+        check_params(Style(), {**params, "ip_adapter": str(outside)}, None, policy)

@@ -239,12 +239,22 @@ def attached(params: Mapping[str, Any], model: Any, context: RunContext) -> Iter
     scale = instant_style(unet, str(params["reference_mode"]), float(params["reference_weight"]))
     IPAdapterMixin.set_ip_adapter_scale(SimpleNamespace(unet=unet), scale)  # diffusers' InstantStyle expansion
     unet._difftool_reference = reference
+    # Sliced attention (the out-of-memory retry) would replace the adapter's processors and read the image
+    # tokens as text: refuse it in one line instead of making a wrong image.
+    unet.set_attention_slice = _no_slicing
     context.notes.update(reference.record)
     try:
         yield reference
     finally:
-        del unet._difftool_reference
+        del unet._difftool_reference, unet.set_attention_slice
         unet.set_attn_processor(own)
+
+
+def _no_slicing(*_: Any) -> None:
+    raise ModelError(
+        "out of memory in the U-Net with a reference image (IP-Adapter has no sliced attention)",
+        "use a smaller --width/--height or --dtype bf16",
+    )
 
 
 class ReferencedDenoiser(Denoiser):

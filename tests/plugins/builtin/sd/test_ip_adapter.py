@@ -244,3 +244,54 @@ def test_a_server_checks_every_reference_and_the_adapter_against_its_allowed_fol
         check_params(Style(), {**params, "reference": [str(outside)]}, None, policy)
     with pytest.raises(AccessDenied):
         check_params(Style(), {**params, "ip_adapter": str(outside)}, None, policy)
+
+
+def test_out_of_memory_with_a_reference_is_one_line_not_a_sliced_wrong_image(
+    sd: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from difftool.plugins.builtin.sd import ip_adapter_run
+
+    def no_memory(*_: Any) -> Any:
+        raise RuntimeError("CUDA out of memory")
+
+    before = ours(sd).images[0]
+    monkeypatch.setattr(ip_adapter_run.ReferencedDenoiser, "__call__", no_memory)
+    with pytest.raises(DifftoolError, match="IP-Adapter has no sliced attention"):
+        ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]))
+    monkeypatch.undo()
+    assert max_diff(ours(sd).images[0], before) == 0  # the U-Net's own processors back after the failure
+
+
+def test_several_references_average_their_embeddings_as_diffusers_embeds_would(sd: dict[str, Any]) -> None:
+    """Two references: the mean of diffusers' own image embeds, passed as ``ip_adapter_image_embeds``."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    second = sd["root"] / "second.png"
+    photo((32, 64)).save(second)
+    result = ours(sd, reference=[sd["reference"], second], ip_adapter=str(sd["adapter"]), reference_weight=0.8)
+    pipe = StableDiffusionPipeline(
+        **{**sd["parts"], "scheduler": reference_scheduler("ddim")},
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    adapter = sd["adapter"]
+    pipe.load_ip_adapter(
+        str(adapter.parent), subfolder="", weight_name=adapter.name, image_encoder_folder="image_encoder"
+    )
+    pipe.set_ip_adapter_scale(0.8)
+    try:
+        embeds = [pipe.encode_image(Image.open(p), "cpu", 1)[0] for p in (sd["reference"], second)]
+        mean = torch.stack(embeds).mean(0)  # (1, 16)
+        both = torch.stack([torch.zeros_like(mean), mean])  # negative first, as diffusers expects with CFG
+        ref = pipe(
+            "a lighthouse", negative_prompt="fog", width=SIZE[0], height=SIZE[1], num_inference_steps=STEPS,
+            guidance_scale=6.0, generator=generator(), ip_adapter_image_embeds=[both],
+        ).images[0]  # fmt: skip
+    finally:
+        pipe.unload_ip_adapter()
+    one = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]), reference_weight=0.8).images[0]
+    assert max_diff(result.images[0], one) > 2  # the second image counted
+    assert max_diff(result.images[0], ref) <= 2
+    assert result.record["reference"] == ["painting.png", "second.png"]

@@ -295,3 +295,22 @@ def test_several_references_average_their_embeddings_as_diffusers_embeds_would(s
     assert max_diff(result.images[0], one) > 2  # the second image counted
     assert max_diff(result.images[0], ref) <= 2
     assert result.record["reference"] == ["painting.png", "second.png"]
+
+
+def test_an_original_bin_loads_only_with_allow_pickle_and_equals_its_safetensors(sd: dict[str, Any]) -> None:
+    """h94's .bin files: {"image_proj": {...}, "ip_adapter": {...}}, read with torch.load(weights_only=True)."""
+    import torch
+    from safetensors.torch import load_file
+
+    flat = load_file(str(sd["adapter"]))
+    nested: dict[str, dict[str, Any]] = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in flat.items():
+        head, _, rest = key.partition(".")
+        nested[head][rest] = value
+    binary = sd["adapter"].with_name("ip-adapter_tiny_bin.bin")  # beside the encoder, like the safetensors
+    torch.save(nested, binary)
+    with pytest.raises(DifftoolError, match="pickle"):
+        ours(sd, reference=[sd["reference"]], ip_adapter=str(binary))
+    pickled = ours(sd, reference=[sd["reference"]], ip_adapter=str(binary), allow_pickle=True)
+    safe = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]))
+    assert max_diff(pickled.images[0], safe.images[0]) == 0

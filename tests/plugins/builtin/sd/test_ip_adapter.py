@@ -314,3 +314,12 @@ def test_an_original_bin_loads_only_with_allow_pickle_and_equals_its_safetensors
     pickled = ours(sd, reference=[sd["reference"]], ip_adapter=str(binary), allow_pickle=True)
     safe = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]))
     assert max_diff(pickled.images[0], safe.images[0]) == 0
+
+
+def test_a1111_ip_adapter_units_are_refused_in_one_line() -> None:
+    from difftool.core.errors import ParameterError
+    from difftool.serve.a1111_controlnet import controlnet_units
+
+    unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [6a3f6166]", "image": "..."}
+    with pytest.raises(ParameterError, match=r"args\[0\]\.module: ip-adapter units are not mapped"):
+        controlnet_units({"ControlNet": {"args": [unit]}})

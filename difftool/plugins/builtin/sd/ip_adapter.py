@@ -49,14 +49,14 @@ REFERENCE_PARAMS = (
 
 def check(params: Mapping[str, Any]) -> None:
     """A reference needs an adapter, and an adapter a reference (both refused before anything loads)."""
-    if params.get("reference") and not params.get("ip_adapter"):
+    if params["reference"] and not params["ip_adapter"]:
         raise ParameterError("--reference needs an IP-Adapter", "pass --ip-adapter FILE (or a name in ipadapter/)")
-    if params.get("ip_adapter") and not params.get("reference"):
+    if params["ip_adapter"] and not params["reference"]:
         raise ParameterError("--ip-adapter needs a reference image", "pass --reference IMAGE (or a folder)")
 
 
 def check_backend(params: Mapping[str, Any], backend: Any) -> None:
-    if params.get("reference") and backend.name != "torch":
+    if params["reference"] and backend.name != "torch":
         raise ParameterError(
             f"--reference (IP-Adapter) runs on the torch backend only, not --backend {backend.name}",
             "pass --backend torch",
@@ -71,7 +71,7 @@ def with_reference(run: Callable[..., TaskResult]) -> Callable[..., TaskResult]:
     @functools.wraps(run)
     def wrapper(self: Any, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
-        if not params.get("reference"):
+        if not params["reference"]:
             return run(self, request, context)
         from difftool.plugins.builtin.sd.ip_adapter_run import attached
         from difftool.plugins.builtin.sd.models import delegated_family, sd_model_for

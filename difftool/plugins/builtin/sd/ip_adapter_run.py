@@ -184,11 +184,11 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
     import torch
     from PIL import Image
 
-    if not params.get("reference"):
+    if not params["reference"]:
         return None
     if context.backend_name != "torch":
         raise ParameterError("--reference (IP-Adapter) runs on the torch backend only", "pass --backend torch")
-    allow_pickle = bool(params.get("allow_pickle"))
+    allow_pickle = bool(params["allow_pickle"])
     path = resolve_adapter(str(params["ip_adapter"]), context)
     adapter = _adapter_for(path, model, context, allow_pickle)
     encoder_path = find_encoder(path, adapter.width, adapter.hidden_states, params["image_encoder"])

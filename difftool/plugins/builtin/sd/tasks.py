@@ -158,7 +158,6 @@ def run_sd(
         guidance = float(params.get("guidance_scale", 7.0))
         shapes = latent_shapes(size, guidance, exact=False, tokens=prompt_tokens(prompt, negative))
     denoiser = pipeline.make_denoiser(model, context, shapes, residuals=bool(controls))
-    denoiser = ip_adapter.wrapped(model, denoiser, float(params["guidance_scale"]) != 1.0)  # --reference tokens
     runners: list[Any] = []
     if controls:  # exported (and built) before sampling, like the U-Net
         from difftool.plugins.builtin.sd.controlled import runners_for
@@ -171,6 +170,7 @@ def run_sd(
     shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
 
     guidance = float(params.get("guidance_scale", 7.0))
+    denoiser = ip_adapter.wrapped(model, denoiser, guidance != 1.0)  # a --reference's image tokens
 
     def run() -> Any:
         from difftool.plugins.builtin.sd.controlled import ControlledDenoiser

@@ -323,3 +323,16 @@ def test_a1111_ip_adapter_units_are_refused_in_one_line() -> None:
     unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [6a3f6166]", "image": "..."}
     with pytest.raises(ParameterError, match=r"args\[0\]\.module: ip-adapter units are not mapped"):
         controlnet_units({"ControlNet": {"args": [unit]}})
+
+
+def test_hires_carries_the_reference_into_its_second_pass(sd: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from difftool.plugins.builtin.sd import ip_adapter_run
+
+    passes = []
+    init = ip_adapter_run.ReferencedDenoiser.__init__
+    monkeypatch.setattr(
+        ip_adapter_run.ReferencedDenoiser, "__init__", lambda self, *a: passes.append(1) or init(self, *a)
+    )
+    result = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]), hires=1.5, hires_steps=2)
+    assert result.images[0].size == (96, 72) and result.record["reference"] == ["painting.png"]
+    assert len(passes) == 2  # the first pass and the hires pass both sample with the image tokens

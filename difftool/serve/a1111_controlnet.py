@@ -57,6 +57,8 @@ def _unit(index: int, arg: Mapping[str, Any]) -> dict[str, Any] | None:
     model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(arg.get("model") or "")).strip()
     if not model or model.lower() == "none":
         return None  # the extension skips a unit without a model
+    if str(arg.get("module") or "").strip().lower().startswith("ip-adapter"):
+        raise _refuse(index, "module", "ip-adapter units are not mapped yet: use /v1's reference and ip_adapter")
     if arg.get("mask") or arg.get("mask_image"):
         raise _refuse(index, "mask", "a unit's own mask is not supported; send the mask with the request")
     if str(arg.get("hr_option", "Both")) not in ("Both", "0"):

@@ -175,7 +175,10 @@ def check_params(
         value = checked.get(param.name)
         if value is None:
             continue
-        if param.type == "path":
+        if param.type == "path" and param.multiple:  # each value (--reference: images or folders)
+            items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
+            checked[param.name] = [str(policy.resolve(str(item), param.name)) for item in items if item]
+        elif param.type == "path":
             checked[param.name] = str(policy.resolve(str(value), param.name))
         elif param.parse is not None and param.multiple:
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()

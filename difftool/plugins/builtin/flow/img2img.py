@@ -29,7 +29,7 @@ def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     from difftool.plugins.builtin.flow.scheduler import run_scheduler
     from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
-    from difftool.plugins.builtin.sd.tasks import style_prompt
+    from difftool.plugins.builtin.sd.styles import style_prompt
 
     params = request.params
     image: LoadedImage = request.inputs["image"]

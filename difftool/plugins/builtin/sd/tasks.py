@@ -16,11 +16,12 @@ from difftool.core.images import LoadedImage, to_pil
 from difftool.core.params import Params
 from difftool.core.scheduler import steps_for_strength
 from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import control, embeddings, hires, pipeline, refiner
+from difftool.plugins.builtin.sd import control, embeddings, hires, ip_adapter, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, native_size_of, sd_model_for, split_loras
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
+from difftool.plugins.builtin.sd.styles import STYLE_PRESETS, style_prompt
 from difftool.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # controlled imports torch: listing tasks must not
@@ -48,27 +49,6 @@ PROMPT_PARAMS = (
     Param("clip_skip", "int", default=1, min=1, max=12, help="text encoder layer from the end (A1111: 1 = last)"),
     EMBEDDING_PARAM,
 )
-
-#: ``--style`` presets: (prompt template, negative prompt). ``{}`` is the user's ``--prompt``.
-STYLE_PRESETS: dict[str, tuple[str, str]] = {
-    "oil painting": (
-        "an oil painting of {}, thick impasto brush strokes, canvas texture, rich colours",
-        "photo, photograph, smooth, blurry",
-    ),
-    "watercolor": (
-        "a watercolor painting of {}, soft washes, wet-on-wet, paper texture, light colours",
-        "photo, photograph, harsh lines, oversaturated",
-    ),
-    "ink sketch": (
-        "an ink sketch of {}, black pen lines, cross-hatching, white paper, monochrome",
-        "colour, photo, photograph, blurry",
-    ),
-    "anime": (
-        "anime style illustration of {}, cel shading, clean line art, vibrant colours",
-        "photo, photograph, realistic, 3d render",
-    ),
-}
-
 
 def latent_shapes(
     size: tuple[int, int], guidance_scale: float, exact: bool = True, tokens: tuple[int, int, int] = (77, 77, 77)
@@ -170,6 +150,7 @@ def run_sd(
     shape = (1, channels, height // model.vae_scale, width // model.vae_scale)
 
     guidance = params.guidance_scale
+    denoiser = ip_adapter.wrapped(model, denoiser, guidance != 1.0)  # a --reference's image tokens
 
     def run() -> Any:
         from difftool.plugins.builtin.sd.controlled import ControlledDenoiser
@@ -240,6 +221,7 @@ class Generate(Task):
         *hires.HIRES_PARAMS,
         *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
+        *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -248,6 +230,7 @@ class Generate(Task):
 
     def check(self, params: Params) -> None:
         check_prompt_length(params)
+        ip_adapter.check(params)
 
     def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The requested size (a side left to the model: 1024, the largest native size), after hires."""
@@ -256,6 +239,7 @@ class Generate(Task):
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
+        ip_adapter.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)
@@ -272,6 +256,7 @@ class Generate(Task):
             shapes = dataclasses.replace(shapes, size=(shapes.size[0], shapes.size[1], max(shapes.size[2], side)))
         return shapes
 
+    @ip_adapter.with_reference
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
@@ -331,6 +316,7 @@ class Style(Task):
         *PROMPT_PARAMS,
         *refiner.REFINER_PARAMS,
         CONTROL_PARAM,
+        *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -339,9 +325,11 @@ class Style(Task):
 
     def check(self, params: Params) -> None:
         check_prompt_length(params)
+        ip_adapter.check(params)
 
     def check_backend(self, params: Mapping[str, Any], backend: ResolvedBackend) -> None:
         control.check_backend(params, backend)
+        ip_adapter.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return sd_export_target(model)
@@ -350,10 +338,11 @@ class Style(Task):
         """The input's size varies across a folder: a range that holds it (one engine up to 1024 px)."""
         size = request.inputs["image"].size
         params = request.params
-        prompt, negative = style_prompt(params.style, params.prompt)  # what run() encodes
+        prompt, negative = style_prompt(params.style, params.prompt, params.reference)  # what run() encodes
         tokens = prompt_tokens(prompt, negative, params.negative_prompt)
         return latent_shapes(size, params.guidance_scale, exact=False, tokens=tokens)
 
+    @ip_adapter.with_reference
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         from difftool.plugins.builtin.sd import controlled
 
@@ -362,7 +351,7 @@ class Style(Task):
             return family.run(self.name, request, context)
         params = request.params
         image: LoadedImage = request.inputs["image"]
-        prompt, negative = style_prompt(params.style, params.prompt)
+        prompt, negative = style_prompt(params.style, params.prompt, params.reference)
         negative = ", ".join(p for p in (params.negative_prompt, negative) if p)
         model = sd_model_for(context, params)
         if model.family.inpainting:
@@ -389,16 +378,6 @@ class Style(Task):
         if negative:
             record["negative_prompt"] = negative
         return TaskResult([to_pil(out, image.alpha)], record)
-
-
-def style_prompt(style: str | None, prompt: str) -> tuple[str, str]:
-    """The prompt and extra negative prompt for a preset (or the user's prompt alone)."""
-    if style is None:
-        if not prompt:
-            raise ParameterError("style needs --style or --prompt", f"pass --style ({', '.join(STYLE_PRESETS)})")
-        return prompt, ""
-    template, negative = STYLE_PRESETS[style]
-    return template.format(prompt or "the scene"), negative
 
 
 def _resize(rgb: Any, size: tuple[int, int]) -> Any:

@@ -17,23 +17,23 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import read_metadata
 from difftool.core.task import Param, Port, Task, TaskResult
 from difftool.plugins import hookimpl
-from difftool.plugins.registry import build_registry
+from difftool.plugins.registry import Registry, build_registry
 
 
-def _plan(registry: Any, superres_model: Path) -> Any:
+def _plan(registry: Registry, superres_model: Path) -> Any:
     return preflight(
         "superres", model=str(superres_model), dtype="fp32", params={"scale": "2", "steps": 2}, registry=registry
     )
 
 
-def _reference(registry: Any, superres_model: Path, photo: Path, seed: int) -> np.ndarray:
+def _reference(registry: Registry, superres_model: Path, photo: Path, seed: int) -> np.ndarray:
     made = api.run("superres", photo, model=str(superres_model), dtype="fp32", scale="2", steps=2, seed=seed,
                    registry=registry)  # fmt: skip
     return np.asarray(made.image)
 
 
 def test_the_file_sink_writes_what_run_makes_and_skips_it_when_up_to_date(
-    registry: Any, superres_model: Path, photo: Path, tmp_path: Path
+    registry: Registry, superres_model: Path, photo: Path, tmp_path: Path
 ) -> None:
     from difftool.app.folder_jobs import plan_job, process_item
 
@@ -51,7 +51,7 @@ def test_the_file_sink_writes_what_run_makes_and_skips_it_when_up_to_date(
 
 
 def test_the_png_sink_sends_steps_and_the_cli_png_for_each_seed(
-    registry: Any, superres_model: Path, photo: Path, tmp_path: Path
+    registry: Registry, superres_model: Path, photo: Path, tmp_path: Path
 ) -> None:
     from difftool.serve.sink import PngSink
 
@@ -69,7 +69,7 @@ def test_the_png_sink_sends_steps_and_the_cli_png_for_each_seed(
         assert str(superres_model.parent) not in str(record)  # no server paths
 
 
-def test_the_png_sink_ends_a_cancelled_run_and_a_bad_input_with_one_event(registry: Any, superres_model: Path) -> None:
+def test_the_png_sink_ends_a_cancelled_run_and_a_bad_input_with_one_event(registry: Registry, superres_model: Path) -> None:
     from difftool.core.task import CancelToken
     from difftool.serve.sink import PngSink
 

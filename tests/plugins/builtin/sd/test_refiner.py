@@ -13,6 +13,7 @@ from difftool.app import api
 from difftool.core.errors import ModelError, ParameterError
 from difftool.plugins.builtin.sd import loader
 from difftool.plugins.builtin.sd.families import FAMILIES, detect_family, family_from_unet_config
+from difftool.plugins.registry import Registry
 
 from . import tiny
 from .test_parity import SEED, max_diff, reference_scheduler
@@ -371,7 +372,7 @@ def test_server_accepts_listed_refiners_only(models: dict) -> None:
                 ModelEntry("tiny-sdxl", models["base"], "sdxl", "test"),
             ]
 
-    def check_params(task: Any, params: dict, registry: Any, policy: PathPolicy) -> dict:
+    def check_params(task: Any, params: dict, registry: Registry, policy: PathPolicy) -> dict:
         """What the server's preflight makes of the ``refiner`` a request sends (by the parameter's kind)."""
         resolver, param = PolicyResolver(registry, policy), task.param("refiner")
         return {"refiner": resolve_value(param, param.validate(params["refiner"]), resolver)}

@@ -69,7 +69,9 @@ def test_the_png_sink_sends_steps_and_the_cli_png_for_each_seed(
         assert str(superres_model.parent) not in str(record)  # no server paths
 
 
-def test_the_png_sink_ends_a_cancelled_run_and_a_bad_input_with_one_event(registry: Registry, superres_model: Path) -> None:
+def test_the_png_sink_ends_a_cancelled_run_and_a_bad_input_with_one_event(
+    registry: Registry, superres_model: Path
+) -> None:
     from difftool.core.task import CancelToken
     from difftool.serve.sink import PngSink
 

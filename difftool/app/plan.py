@@ -43,7 +43,10 @@ class Plan:
     registry: RegistryView = field(repr=False)
 
     def request_fields(self) -> dict[str, Any]:
-        """The request as plain values, to preflight the same plan in another process (a Ray actor)."""
+        """The request as plain values, to preflight the same plan in another process (a Ray actor); none for a
+        task that loads no model (it runs on the defaults, and takes no backend options)."""
+        if not self.task.uses_model:
+            return {}
         return {
             "model": self.model,
             "backend": self.backend.name,

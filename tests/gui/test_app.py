@@ -395,8 +395,8 @@ def test_the_backend_panel_shows_the_chosen_backends_declared_options(window, qa
     assert form is not None and set(form.widgets) == {"provider", "threads", "export"}
     form.widgets["threads"].setValue(2)
     assert window.build_job().options["backend_options"]["threads"] == 2
-    window.backend_box.setCurrentText("torch")  # declares none: no panel
-    assert window.task_panel.options_form is None and not window.task_panel.options_box.isVisibleTo(window)
+    window.backend_box.setCurrentText("torch")  # its own options: the low-memory mode (SD 3.5 / Flux)
+    assert set(window.task_panel.options_form.widgets) == {"offload"}
     window.task_box.setCurrentText("dial")  # loads no model: no backend to choose, none passed
     assert not window.backend_box.isVisibleTo(window) and "backend" not in window.build_job().options
 

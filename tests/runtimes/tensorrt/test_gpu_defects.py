@@ -148,7 +148,7 @@ def test_ort_older_than_1_27_is_refused_beside_tensorrt_11() -> None:
 def test_ort_session_refuses_old_onnxruntime_with_tensorrt_11(cache: Path, gpu_onnxruntime, monkeypatch) -> None:
     import onnxruntime
 
-    from difftool.exporters import onnxruntime_denoiser
+    from difftool.runtimes.onnxruntime import denoiser as onnxruntime_denoiser
     from difftool.runtimes.onnxruntime.denoiser import make_session
     from difftool.testing.gpu import gpu_harness
 
@@ -504,7 +504,7 @@ def test_the_ort_cuda_provider_runs_on_our_stream_without_host_syncs(cache: Path
     """The CUDA provider gets cuDNN's heuristic search and a stream of ours as user_compute_stream (not 0,
     which ONNX Runtime reads as none); a step orders it against PyTorch's stream on the GPU and asks ONNX
     Runtime not to wait on the host: no host synchronisation at all (there were two per step)."""
-    from difftool.exporters import onnxruntime_denoiser
+    from difftool.runtimes.onnxruntime import denoiser as onnxruntime_denoiser
     from difftool.runtimes.onnxruntime.denoiser import NO_SYNC, make_session, run_bound
     from difftool.testing.gpu import gpu_harness
 

@@ -16,7 +16,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from difftool.app import api, cli
+from difftool import cli
+from difftool.app import api
 from difftool.core.errors import BackendUnavailableError, ParameterError
 from difftool.testing.gpu import gpu_harness
 from difftool.training.evaluate import psnr

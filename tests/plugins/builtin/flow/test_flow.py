@@ -11,7 +11,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from difftool.app import api, cli
+from difftool import cli
+from difftool.app import api
 from difftool.core.errors import ModelError
 from difftool.core.family import ModelFamily
 from difftool.core.images import read_metadata

@@ -11,7 +11,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from difftool.app import api, cli
+from difftool import cli
+from difftool.app import api
 from difftool.core import metadata
 from difftool.core.errors import ModelError, ParameterError, PluginError
 from difftool.core.images import read_metadata

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from difftool import api
+from difftool.app import api
 from difftool.core.errors import DifftoolError
 
 from . import tiny, tiny_ipa
@@ -145,14 +145,13 @@ def test_cli_style_with_a_reference_and_no_prompt(
     from difftool.plugins.registry import build_registry
 
     registry = build_registry(entry_points=False)
-    monkeypatch.setattr(cli, "_registry", lambda: registry)
     source = tmp_path / "photo.png"
     photo(SIZE).save(source)
     out = tmp_path / "out.png"
     args = ["run", "style", str(source), "--model", str(sd["folder"]), "--steps", "3",
             "--reference", str(sd["reference"]), "--ip-adapter", str(sd["adapter"]), "--reference-weight", "0.7",
             "--reference-mode", "style", "--dtype", "fp32", "-o", str(out)]  # fmt: skip
-    result = CliRunner().invoke(cli.cli, args)
+    result = CliRunner().invoke(cli.cli, args, obj=registry)
     assert result.exit_code == 0, result.output
     recorded = read_metadata(out)["difftool"]
     assert recorded["reference"] == ["painting.png"] and recorded["reference_mode"] == "style"

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from difftool import api
+from difftool.app import api
 
 from . import tiny, tiny_ipa
 from .test_cuda import MIN_PSNR_FP16, MIN_PSNR_FP32, psnr

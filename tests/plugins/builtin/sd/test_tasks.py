@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from difftool.core.models import ModelRef
+from difftool.core.params import Params
 from difftool.core.task import TaskRequest
 from difftool.plugins.builtin.sd.families import UNET_ADD_EMBED, UNET_CONV_IN, UNET_PREFIX
 from difftool.plugins.builtin.sd.loader import load_sd_model, native_size
@@ -31,7 +32,8 @@ def header_only(path: Path, xl: bool) -> Path:
 
 
 def shapes(model: str | None, **params: object):
-    return Generate().export_shapes(TaskRequest({}, {"prompt": "x", "guidance_scale": 7.0, **params}, model))
+    values = Params({p.name: p.default for p in Generate.params}).replace(prompt="x", **params)
+    return Generate().export_shapes(TaskRequest({}, values, model))
 
 
 def test_a_side_left_out_is_the_models_native_size(tmp_path: Path) -> None:

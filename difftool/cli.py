@@ -104,7 +104,7 @@ def common_options(task: Task, registry: RegistryView) -> list[click.Option]:
 
 
 def task_command(name: str, registry: RegistryView) -> click.Command:
-    task = registry.task(name)
+    task = registry.tasks[name].value  # the declaration (class attributes): the preflight makes the instance
     params: list[click.Parameter] = [click.Argument(["inputs"], nargs=-1, required=bool(task.inputs))]
     params += [click_option(p, registry) for p in task.params]
     params += common_options(task, registry)

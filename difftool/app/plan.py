@@ -144,6 +144,8 @@ def preflight(
     # task's own model against its model_families); the plan carries what they resolved to.
     resolver = resolver or LocalResolver(registry)
     if model and model not in instance.model_keywords:
-        model = resolver.model(model, instance.model_families or (), "model")
+        families = instance.model_families  # None: any; else its own and those a family plugin runs it for
+        families = () if families is None else (*families, *registry.delegated_families(task))
+        model = resolver.model(model, families, "model")
     values = resolve_params(instance, values, resolver)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)

@@ -72,6 +72,10 @@ class RegistryView(Protocol):
 
     def find_models(self) -> list[ModelEntry]: ...
 
+    def delegated_families(self, task: str) -> tuple[str, ...]:
+        """The model families registered families (``register_families``) run ``task`` for."""
+        ...
+
     def preprocessor(self, name: str) -> Any: ...
 
 

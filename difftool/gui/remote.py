@@ -139,6 +139,9 @@ class RemoteRegistry:
     def find_models(self) -> list[ModelEntry]:
         return [ModelEntry(m["name"], Path(m["name"]), m.get("family", ""), self.url) for m in self.models]
 
+    def delegated_families(self, task: str) -> tuple[str, ...]:
+        return ()  # the server resolves its own models
+
     # --- running ---------------------------------------------------------------------------------
     def run(
         self,

@@ -148,6 +148,10 @@ class Registry:
             raise ParameterError(f"unknown ControlNet preprocessor {name!r}", f"use one of {known}")
         return entry
 
+    def delegated_families(self, task: str) -> tuple[str, ...]:
+        """The model families registered families run ``task`` for (SD 3.5 and Flux for ``generate``)."""
+        return tuple(f for entry in self.families.values() if task in entry.value.tasks for f in entry.value.families)
+
     def family_for(self, path: Any, task: str) -> ModelFamily | None:
         """The registered family that recognises the model at ``path`` and runs ``task`` for it, if any."""
         for entry in self.families.values():

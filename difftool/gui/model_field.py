@@ -16,6 +16,15 @@ def offers_models(param: Param) -> bool:
     return param.type == "model" and not param.multiple
 
 
+def runs_family(registry: Any, task: Any, family: str) -> bool:
+    """Whether ``task`` runs a listed model of ``family``: one of its own :attr:`~Task.model_families`, or one
+    a family plugin runs it for (``register_families``: SD 3.5 and Flux for ``generate`` and ``style``). The
+    preflight resolves ``--model`` among the same families (:mod:`difftool.app.plan`)."""
+    if task.accepts_family(family):
+        return True
+    return bool(task.uses_model) and family in registry.delegated_families(task.name)
+
+
 #: The entry that stands for "none" (no refiner), where no keyword means the default.
 NONE_LABEL = "(none)"
 

@@ -72,6 +72,9 @@ def _split_files(name: str, param: Param, value: Any) -> tuple[Any, Any, list[st
 
     A value that names no file is kept as it is both ways; one whose file is missing is dropped both ways.
     """
+    if param.multiple and param.type in ("image", "path") and isinstance(value, (list, tuple)):  # references
+        found = [str(v) for v in value if _exists(str(v))]
+        return found or None, None, found, [str(v) for v in value if not _exists(str(v))]
     if param.type in ("image", "mask", "path"):
         text = str(value)
         if text == "<image>":  # painted or pasted: no file to come back from

@@ -35,8 +35,9 @@ from difftool.gui.control_units import ControlUnitsField, is_control_param
 from difftool.gui.focus import focus_chain
 from difftool.gui.form import DEFAULT_CHOICE, ParamForm
 from difftool.gui.messages import for_the_window
-from difftool.gui.model_field import ModelNameField, offers_models
+from difftool.gui.model_field import ModelNameField, offers_models, runs_family
 from difftool.gui.prompt_tools import attach_prompt_history
+from difftool.gui.reference_field import ReferenceImagesField, is_image_list
 
 NO_MODEL = "(choose a model)"  # the model box's first entry for a task with no default model
 FAMILY_ROLE = Qt.ItemDataRole.UserRole + 1  # a listed model's family (models added by Browse have none)
@@ -202,6 +203,7 @@ class TaskPanel(QWidget):
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
         editors |= {p.name: self._model_editor for p in task.params if offers_models(p)}
+        editors |= {p.name: ReferenceImagesField for p in task.params if is_image_list(p)}
         self.form = ParamForm(task, choices, editors)
         attach_prompt_history(self.form, self.settings)
         for key, value in self._remembered(name).items():
@@ -275,7 +277,7 @@ class TaskPanel(QWidget):
         view, items = self.model_box.view(), self.model_box.model()
         for index in range(self.model_box.count()):
             family = self.model_box.itemData(index, FAMILY_ROLE)
-            hidden = family is not None and not task.accepts_family(family)
+            hidden = family is not None and not runs_family(self.registry, task, family)
             view.setRowHidden(index, hidden)
             items.item(index).setEnabled(not hidden)  # the wheel and arrow keys skip it too
         last = self.model_box.findText(str(self.settings.value(f"model/{task.name}", "")))

@@ -72,7 +72,7 @@ class ReferenceImagesField(QWidget):
         self.thumbs.setIconSize(QSize(THUMB_SIDE, THUMB_SIDE))
         self.thumbs.setFlow(QListView.Flow.LeftToRight)
         self.thumbs.setWrapping(False)  # one row that scrolls sideways: the panel keeps its height
-        self.thumbs.setFixedHeight(THUMB_SIDE + 34)
+        self.thumbs.setFixedHeight(THUMB_SIDE + 26)  # the icon and its name
         self.thumbs.setMovement(QListView.Movement.Static)
         self.thumbs.setAcceptDrops(False)  # a drop lands on the field (below), not the list's own handling
         self.thumbs.viewport().setAcceptDrops(False)
@@ -111,7 +111,7 @@ class ReferenceImagesField(QWidget):
     def reset(self) -> None:
         self.paths.clear()
         self.thumbs.clear()
-        self.message.setText("")
+        self._say([])
         self._show()
 
     # --- adding -------------------------------------------------------------------------------
@@ -126,7 +126,7 @@ class ReferenceImagesField(QWidget):
                 self._add(Path(path).expanduser())
             except (DifftoolError, OSError) as error:
                 problems.append(str(error))
-        self.message.setText("\n".join(f"⚠ {problem}" for problem in problems))
+        self._say(problems)
         self._show()
         return problems
 
@@ -151,6 +151,10 @@ class ReferenceImagesField(QWidget):
             item.setToolTip(str(path))
             item.setData(Qt.ItemDataRole.UserRole, str(path))
             self.thumbs.addItem(item)
+
+    def _say(self, problems: list[str]) -> None:
+        self.message.setText("\n".join(f"⚠ {problem}" for problem in problems))
+        self.message.setVisible(bool(problems))
 
     def _show(self) -> None:
         self.empty.setVisible(not self.paths)
@@ -184,4 +188,4 @@ class ReferenceImagesField(QWidget):
         if len(local) < len(urls):
             label = self.param.name.replace("_", " ")
             remote = f"{label} takes files on this machine only; save the image, then drop the file"
-            self.message.setText("\n".join(f"⚠ {p}" for p in [*problems, remote]))
+            self._say([*problems, remote])

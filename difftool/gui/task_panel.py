@@ -203,7 +203,10 @@ class TaskPanel(QWidget):
         choices = {p.name: tuple(map(str, param_choices(p, self.registry))) for p in task.params if p.type == "choice"}
         editors = {p.name: self._control_editor for p in task.params if is_control_param(p)}
         editors |= {p.name: self._model_editor for p in task.params if offers_models(p)}
-        editors |= {p.name: ReferenceImagesField for p in task.params if is_image_list(p)}
+        from difftool.gui.remote import RemoteRegistry
+
+        if not isinstance(self.registry, RemoteRegistry):  # a server's references are its paths: typed, not dropped
+            editors |= {p.name: ReferenceImagesField for p in task.params if is_image_list(p)}
         self.form = ParamForm(task, choices, editors)
         attach_prompt_history(self.form, self.settings)
         for key, value in self._remembered(name).items():

@@ -141,3 +141,13 @@ def test_a_dropped_reference_runs_through_the_adapter(qapp, tmp_path: Path) -> N
     ours = np.asarray(job.result.images[0], np.int16)
     assert np.abs(ours - np.asarray(expected.images[0], np.int16)).max() == 0
     win.close()
+
+
+def test_reusing_a_record_fills_the_references_that_exist_here(tmp_path: Path) -> None:
+    from difftool.gui.reuse import plan_reuse
+
+    here = picture(tmp_path / "painting.png")
+    params = (Param("reference", "path", multiple=True),)
+    reuse = plan_reuse({"reference": [str(here), str(tmp_path / "gone.png")]}, {}, params, trusted=False)
+    assert reuse.values["reference"] == [str(here)] and reuse.files["reference"] == [str(here)]
+    assert reuse.missing["reference"] == [str(tmp_path / "gone.png")] and "reference" not in reuse.without_files

@@ -63,6 +63,10 @@ def test_the_window_runs_its_jobs_on_a_server_and_back_here(window, qapp, server
     assert [a.text() for a in window.send_menu.actions()] == sorted(
         name for name, entry in window.registry.tasks.items() if entry.value.inputs
     )
+    window.task_box.setCurrentText("style")
+    from difftool.gui.form import PathField
+
+    assert isinstance(window.form.widgets["reference"], PathField)  # the server's own paths, typed: none dropped
     window.task_box.setCurrentText("superres")
     assert set(window.form.widgets) >= {"scale", "tile", "overlap"}  # the form comes from the server's schema
     window.form.widgets["scale"].setCurrentText("2")

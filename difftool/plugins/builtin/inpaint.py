@@ -34,7 +34,7 @@ from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.control import check_backend as check_control_backend
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.inpaint import parse_extend
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, is_sd_request
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, is_sd_request
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, DEFAULT_STEPS, EMBEDDING_PARAM
 from difftool.plugins.hookspecs import hookimpl
@@ -124,6 +124,9 @@ class Inpaint(Task):
         return ExportShapes(batch=(1, 1, 1), size=(1, 512, max(1024, 1 << (side - 1).bit_length())))
 
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        family = delegated_family(context, self.name)
+        if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
+            return family.run(self.name, request, context)
         image: LoadedImage = request.inputs["image"]
         params = request.params
         extend = parse_extend(params.extend)

@@ -62,7 +62,7 @@ class TransformerDenoiser(Denoiser):
         self.module = module.eval().requires_grad_(False)
         channels = int(module.config.out_channels or module.config.in_channels)
         self.sample_channels = channels // 4 if arch == "flux" else channels
-        self.in_channels = self.sample_channels
+        self.in_channels = int(module.config.in_channels) // 4 if arch == "flux" else channels  # Fill: 96 (16 + 80)
         self.prediction_type = FLOW_PREDICTION
         self.guidance_embeds = bool(getattr(module.config, "guidance_embeds", False))
 
@@ -84,6 +84,8 @@ class TransformerDenoiser(Denoiser):
             scale = cond.get("guidance")
             scale = torch.full((1,), 1.0) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
             guidance = scale.reshape(-1).to(self.device).expand(batch)
+        if cond.get("concat") is not None:  # Flux Fill: masked-image latents and the 8 x 8 pixel mask, packed too
+            x = torch.cat([x, cond["concat"].to(self.device, self.dtype).expand(batch, -1, -1, -1)], dim=1)
         out = self.module(
             hidden_states=pack(x),
             timestep=t.to(self.dtype) / 1000,

@@ -13,7 +13,7 @@ Prompts: CLIP reads 77 tokens (the rest is dropped, as in diffusers), T5 ``max_s
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -177,9 +177,13 @@ def sample_latents(
     scheduler: str,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    noise: torch.Tensor | None = None,
+    step_hook_for: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
     """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
-    (img2img) when given."""
+    (img2img) when given. ``noise``: drawn already (inpainting draws it between two VAE samples);
+    ``step_hook_for(scheduler)``: the core sampler's step hook, made with the run's scheduler (which
+    inpainting's latent blending noises the known region with)."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
 
@@ -191,9 +195,10 @@ def sample_latents(
         denoiser = TransformerDenoiser(transformer, arch=model.family.arch, device=context.device,
                                        dtype=context.torch_dtype)  # fmt: skip
         context.denoisers.append(denoiser)
+        flow_scheduler = context.make_scheduler(scheduler, config)
         return sample(
             denoiser,
-            context.make_scheduler(scheduler, config),
+            flow_scheduler,
             steps=steps,
             context=context,
             shape=(1, denoiser.sample_channels, h, w),
@@ -202,6 +207,8 @@ def sample_latents(
             cond=text.cond,
             uncond=text.uncond,
             guidance_scale=text.guidance_scale,
+            noise=noise,
+            step_hook=step_hook_for(flow_scheduler) if step_hook_for is not None else None,
             decode_preview=(lambda x0: _preview(model, x0, context)) if context.preview_every else None,
         )
 

@@ -1,6 +1,6 @@
 """The SD3 / Flux plugin: registered through the same hooks a third-party family would use.
 
-``register_families``: ``generate`` and ``style`` run SD 3.5 and Flux.1 models (``--model`` a diffusers
+``register_families``: ``generate``, ``style`` and ``inpaint`` run SD 3.5 and Flux.1 models (``--model`` a diffusers
 folder, a ``.safetensors`` or a ``.gguf`` file). ``register_schedulers``: ``flow-euler``, which these
 families use unless ``--scheduler`` names another flow scheduler (SD samplers are refused).
 ``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
@@ -32,7 +32,7 @@ NOT_YET = ("embedding", "refiner", "control", "hires")
 class FlowFamilies(ModelFamily):
     name = "flow"
     families = tuple(FAMILIES)
-    tasks = ("generate", "style")
+    tasks = ("generate", "style", "inpaint")
 
     def detect(self, path: Path) -> str | None:
         from difftool.plugins.builtin.flow.loader import is_flow_model
@@ -46,6 +46,10 @@ class FlowFamilies(ModelFamily):
 
             model = _checked_model(request, context)
             return style(request, context, model)
+        if task == "inpaint":  # Flux Fill as FluxFillPipeline; SD3, Flux dev / schnell by latent blending
+            from difftool.plugins.builtin.flow.inpaint import inpaint
+
+            return inpaint(request, context, _checked_model(request, context))
         return generate(request, context)
 
 

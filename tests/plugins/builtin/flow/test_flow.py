@@ -102,7 +102,7 @@ def test_families_are_detected_from_names_and_shapes(models: dict, tmp_path: Pat
     assert registry.family_for(models["sd3-file"], "generate") is not None
     assert registry.family_for(companions / "vae" / "ae.safetensors", "generate") is None
     assert registry.family_for(models["sd3-file"], "style") is not None
-    assert registry.family_for(models["sd3-file"], "inpaint") is None
+    assert registry.family_for(models["sd3-file"], "inpaint") is not None
 
 
 def test_every_layout_loads_the_same_weights(models: dict, flux_parts: dict, sd3_parts: dict) -> None:

@@ -46,13 +46,13 @@ def t5(width: int, seed: int) -> Any:
     return T5EncoderModel(config).eval()
 
 
-def vae(scaling: dict[str, float], seed: int) -> Any:
+def vae(scaling: dict[str, float], seed: int, levels: int = 2) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1,
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(32,) * levels, layers_per_block=1,
         latent_channels=16, norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, **scaling,
     ).eval()  # fmt: skip
 
@@ -83,6 +83,20 @@ def flux(guidance: bool = True, seed: int = 0) -> dict[str, Any]:
         "text_encoder_2": t5(32, seed + 3),
         "scheduler": FlowMatchEulerDiscreteScheduler(**scheduler),
     }
+
+
+def flux_fill(seed: int = 0) -> dict[str, Any]:
+    """Flux.1 Fill: the latents' 64 packed features, the masked image's 64 and the 8 x 8 pixel mask's 256 (384
+    inputs, as the real model: the VAE downsamples 8 times, so it has 4 levels here), 64 outputs."""
+    from diffusers import FluxTransformer2DModel
+
+    parts = flux(seed=seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=384, out_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=32,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+        axes_dims_rope=(4, 14, 14),
+    )  # fmt: skip
+    return parts | {"transformer": _randomize(transformer, seed), "vae": vae(FLUX_SCALING, seed + 1, levels=4)}
 
 
 def sd3(seed: int = 0, with_t5: bool = True) -> dict[str, Any]:
@@ -275,7 +289,8 @@ def save_flux_comfy(parts: dict[str, Any], root: Path, name: str = "flux1-tiny.s
     save(bfl_flux_keys(parts["transformer"].state_dict()), models / "diffusion_models" / name)
     save(parts["text_encoder"].state_dict(), models / "text_encoders" / "clip_l.safetensors")
     save(parts["text_encoder_2"].state_dict(), models / "text_encoders" / "t5xxl_fp16.safetensors")
-    save(ldm_vae_keys(parts["vae"].state_dict()), models / "vae" / "ae.safetensors")
+    levels = len(parts["vae"].config.block_out_channels)
+    save(ldm_vae_keys(parts["vae"].state_dict(), levels), models / "vae" / "ae.safetensors")
     return models / "diffusion_models" / name
 
 

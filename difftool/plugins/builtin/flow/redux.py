@@ -161,7 +161,7 @@ def attach(model: Any, text: Conditioning, params: Mapping[str, Any], context: R
 
     weighting = getattr(model.transformer, "_difftool_redux", None)
     if weighting is not None:
-        weighting.value = None
+        weighting.value, weighting.mask = None, None
     if not params["reference"]:
         return text
     check(params, model)
@@ -173,16 +173,21 @@ def attach(model: Any, text: Conditioning, params: Mapping[str, Any], context: R
     states = text.cond["encoder_hidden_states"]
     tokens = tokens.to(states.device, states.dtype).expand(states.shape[0], -1, -1)
     if weight != 1.0:
-        _weighting(model.transformer).value = (states.shape[1], tokens.shape[1], math.log(weight))
+        weighting = _weighting(model.transformer)
+        weighting.value, weighting.active = (states.shape[1], tokens.shape[1], math.log(weight)), False
     return Conditioning({**text.cond, "encoder_hidden_states": torch.cat([states, tokens], dim=1)}, text.uncond,
                         text.guidance_scale)  # fmt: skip
 
 
 class _Weighting:
     """The current run's (first token, token count, logit bias) for the Redux tokens, or ``None``: one holder
-    shared by every processor of a transformer (a copy of the transformer copies it along)."""
+    shared by every processor of a transformer (a copy of the transformer copies it along). ``active``: the
+    call's text is that run's (set by the joint blocks, which run before the single ones), so a call with
+    other text (another run on the cached model) never takes the bias."""
 
     value: tuple[int, int, float] | None = None
+    active = False
+    mask: Any = None
 
 
 class WeightedProcessor:
@@ -204,12 +209,19 @@ class WeightedProcessor:
     ) -> Any:
         import torch
 
-        value = self.weighting.value
-        if value is not None and attention_mask is None:
-            first, count, bias = value
+        weighting = self.weighting
+        if weighting.value is not None and attention_mask is None:
+            first, count, bias = weighting.value
+            if encoder_hidden_states is not None:  # a joint block: the text and the image apart
+                weighting.active = encoder_hidden_states.shape[1] == first + count
             total = hidden_states.shape[1] + (0 if encoder_hidden_states is None else encoder_hidden_states.shape[1])
-            attention_mask = torch.zeros(1, 1, 1, total, device=hidden_states.device, dtype=hidden_states.dtype)
-            attention_mask[..., first : first + count] = bias
+            mask = weighting.mask
+            if weighting.active and (mask is None or mask.shape[-1] != total or mask.dtype != hidden_states.dtype
+                                     or mask.device != hidden_states.device):  # fmt: skip
+                mask = torch.zeros(1, 1, 1, total, device=hidden_states.device, dtype=hidden_states.dtype)
+                mask[..., first : first + count] = bias
+                weighting.mask = mask
+            attention_mask = mask if weighting.active else None
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
 
 

@@ -25,7 +25,7 @@ def _resize(rgb: Any, size: tuple[int, int]) -> Any:
 
 def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     from difftool.core.images import to_pil
-    from difftool.plugins.builtin.flow import pipeline
+    from difftool.plugins.builtin.flow import pipeline, redux
     from difftool.plugins.builtin.flow.scheduler import run_scheduler
     from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
@@ -35,7 +35,8 @@ def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     image: LoadedImage = request.inputs["image"]
     if model.family.inpainting:
         raise ParameterError(f"{model.name} is a {model.family.label} model", "pass a Flux.1 dev or schnell model")
-    prompt, preset_negative = style_prompt(params["style"], split_loras(str(params["prompt"] or ""))[0])
+    prompt = split_loras(str(params["prompt"] or ""))[0]
+    prompt, preset_negative = style_prompt(params["style"], prompt, params["reference"])  # Redux: no prompt needed
     # Flux takes no negative prompt: a preset's is SD3's alone (the user's still draws Flux's warning).
     negative = [params["negative_prompt"] or "", preset_negative if model.family.arch == "sd3" else ""]
     negative_prompt = ", ".join(p for p in negative if p)
@@ -44,6 +45,7 @@ def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     rgb = image.rgb if (width, height) == image.size else _resize(image.rgb, (width, height))
     guidance = float(params["guidance_scale"])
     text = pipeline.encode(model, prompt, negative_prompt, guidance, context)
+    text = redux.attach(model, text, params, context)  # a --reference's Redux tokens
     init = pipeline.encode_image(model, rgb, context)
     scheduler = run_scheduler(params["scheduler"], model.family.label)
     strength = float(params["strength"])

@@ -35,6 +35,11 @@ def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult
     from difftool.plugins.builtin.sd.tasks import DEFAULT_STEPS
 
     params = request.params
+    if "reference" in params and params["reference"]:  # declared by SD's IP-Adapter; Redux inpaint not built
+        raise ParameterError(
+            f"--reference is not supported for inpaint with {model.family.label} models yet",
+            "drop --reference, or use generate / style for Flux Redux",
+        )
     image: LoadedImage = request.inputs["image"]
     extend = parse_extend(params.extend)
     if params.mask is None and not any(extend):

@@ -18,6 +18,7 @@ from difftool.core.family import ModelFamily
 from difftool.core.models import ModelEntry, ModelSource
 from difftool.core.runtime import current
 from difftool.core.task import RunContext, TaskRequest, TaskResult
+from difftool.plugins.builtin.flow import redux
 from difftool.plugins.builtin.flow.families import FAMILIES
 from difftool.plugins.builtin.flow.scheduler import NAME as SCHEDULER
 from difftool.plugins.builtin.flow.scheduler import flow_euler, run_scheduler
@@ -33,6 +34,8 @@ class FlowFamilies(ModelFamily):
     name = "flow"
     families = tuple(FAMILIES)
     tasks = ("generate", "style", "inpaint")
+    #: ``--reference`` is read here (Flux Redux, :mod:`flow.redux`), not by SD's IP-Adapter.
+    takes_reference = True
 
     def detect(self, path: Path) -> str | None:
         from difftool.plugins.builtin.flow.loader import is_flow_model
@@ -97,6 +100,7 @@ def _checked_model(request: TaskRequest, context: RunContext) -> Any:
         raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
     model = flow_model_for(context, request.params)
     _check_options(request.params, model.family.label)
+    redux.check(request.params, model)
     return model
 
 
@@ -117,6 +121,7 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     guidance = float(params["guidance_scale"])
     prompt = split_loras(str(params["prompt"] or ""))[0]  # the <lora:...> tags were merged at load
     text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
+    text = redux.attach(model, text, params, context)  # a --reference's Redux tokens
     scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
     latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)

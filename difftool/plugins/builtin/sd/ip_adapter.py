@@ -48,9 +48,8 @@ REFERENCE_PARAMS = (
 
 
 def check(params: Mapping[str, Any]) -> None:
-    """A reference needs an adapter, and an adapter a reference (both refused before anything loads)."""
-    if params["reference"] and not params["ip_adapter"]:
-        raise ParameterError("--reference needs an IP-Adapter", "pass --ip-adapter FILE (or a name in ipadapter/)")
+    """An adapter needs a reference (refused before anything loads). A reference needs an adapter on Stable
+    Diffusion (:func:`with_reference`; a family plugin's model may find its own: Flux Redux)."""
     if params["ip_adapter"] and not params["reference"]:
         raise ParameterError("--ip-adapter needs a reference image", "pass --reference IMAGE (or a folder)")
 
@@ -76,11 +75,16 @@ def with_reference(run: Callable[..., TaskResult]) -> Callable[..., TaskResult]:
         from difftool.plugins.builtin.sd.ip_adapter_run import attached
         from difftool.plugins.builtin.sd.models import delegated_family, sd_model_for
 
-        if delegated_family(context, self.name) is not None:
+        family = delegated_family(context, self.name)
+        if family is not None and getattr(family, "takes_reference", False):
+            return run(self, request, context)  # the family reads the reference itself (Flux Redux)
+        if family is not None:
             raise ParameterError(
                 "--reference (IP-Adapter) runs on Stable Diffusion 1.x/2.x/XL models only",
                 "pass an SD 1.x or SDXL --model, or drop --reference",
             )
+        if not params["ip_adapter"]:
+            raise ParameterError("--reference needs an IP-Adapter", "pass --ip-adapter FILE (or a name in ipadapter/)")
         model = sd_model_for(context, params)  # cached: the very model run() gets
         with attached(params, model, context):
             return run(self, request, context)

@@ -175,8 +175,9 @@ def encode(encoder: Any, images: list[Any], hidden_states: bool) -> tuple[Any, A
 class Reference:
     """A reference ready for sampling: its image tokens (reference and unconditional) and the adapter."""
 
-    def __init__(self, adapter: Adapter, tokens: Any, uncond: Any, record: dict[str, Any]) -> None:
+    def __init__(self, adapter: Adapter, tokens: Any, uncond: Any, record: dict[str, Any], unit: str = "") -> None:
         self.adapter, self.tokens, self.uncond, self.record = adapter, tokens, uncond, record
+        self.unit = unit  # A1111's ``ControlNet N`` text for it (:func:`a1111_unit`)
 
 
 def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Reference | None:
@@ -218,7 +219,23 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
         "reference_weight": float(params["reference_weight"]),
         "reference_mode": str(params["reference_mode"]),
     }
-    return Reference(adapter, tokens, uncond_tokens, record)
+    return Reference(adapter, tokens, uncond_tokens, record, a1111_unit(model, adapter, record))
+
+
+def a1111_unit(model: Any, adapter: Adapter, record: Mapping[str, Any]) -> str:
+    """The reference as A1111's ControlNet extension records an IP-Adapter unit (``Module: ip-adapter_clip_sd15,
+    Model: ip-adapter_sd15 [hash], Weight: 0.6, ...``); a mode other than ``all`` adds ``Reference Mode``,
+    which the extension does not have. The reference image itself is not recorded (A1111 records none)."""
+    from difftool.core.metadata import controlnet_text
+
+    module = "ip-adapter_clip_sd15"
+    if model.family.xl:  # the encoder the adapter needs: ViT-H (1024 projected, 1280 hidden) or ViT-bigG
+        vith = adapter.width == (1280 if adapter.hidden_states else 1024)
+        module = "ip-adapter_clip_sdxl_plus_vith" if vith else "ip-adapter_clip_sdxl"
+    name = f"{record['ip_adapter']} [{adapter.sha256[:8]}]"
+    text = controlnet_text(module, name, float(record["reference_weight"]), 0.0, 1.0, False)
+    mode = record["reference_mode"]
+    return text if mode == "all" else f"{text}, Reference Mode: {mode}"
 
 
 @contextmanager
@@ -245,6 +262,8 @@ def attached(params: Mapping[str, Any], model: Any, context: RunContext) -> Iter
     context.notes.update(reference.record)
     try:
         yield reference
+        # After the run: its ControlNet units (if any) recorded theirs; the reference is the last unit.
+        context.notes["controlnet"] = [*context.notes.get("controlnet", ()), reference.unit]
     finally:
         del unet._difftool_reference, unet.set_attention_slice
         unet.set_attn_processor(own)

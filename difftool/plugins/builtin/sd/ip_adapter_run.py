@@ -23,6 +23,7 @@ from typing import Any
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.images import LoadedImage
 from difftool.core.runtime import current
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd.ip_adapter_files import (
@@ -172,6 +173,15 @@ def encode(encoder: Any, images: list[Any], hidden_states: bool) -> tuple[Any, A
     return embeds.float(), uncond.float()
 
 
+def _identity(source: Any) -> tuple[str, Any]:
+    """What tells a reference apart for the cache: a file's path and time, an in-memory image's pixels."""
+    if isinstance(source, Path):
+        return (str(source), source.stat().st_mtime_ns)
+    import hashlib
+
+    return ("<image>", hashlib.sha256(source.rgb.tobytes()).hexdigest())
+
+
 class Reference:
     """A reference ready for sampling: its image tokens (reference and unconditional) and the adapter."""
 
@@ -194,7 +204,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
     adapter = _adapter_for(path, model, context, allow_pickle)
     encoder_path = find_encoder(path, adapter.width, adapter.hidden_states, params["image_encoder"])
     files = reference_files(params["reference"])
-    key = (adapter.sha256, str(encoder_path), tuple((str(f), f.stat().st_mtime_ns) for f in files), context.device)
+    key = (adapter.sha256, str(encoder_path), tuple(_identity(f) for f in files), context.device)
     cache: dict[Any, tuple[Any, Any]] = current().cache("sd-ip-adapter-references", dict)
     if key not in cache:
         encoder = _encoder_for(encoder_path, context)
@@ -204,7 +214,9 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
                 f"{encoder_width(encoder, adapter.hidden_states)} wide",
                 "pass the encoder the adapter was trained with as --image-encoder",
             )
-        images = [Image.open(f).convert("RGB") for f in files]
+        images = [
+            f.to_pil().convert("RGB") if isinstance(f, LoadedImage) else Image.open(f).convert("RGB") for f in files
+        ]
         embeds, uncond = encode(encoder, images, adapter.hidden_states)
         with torch.inference_mode():  # projected once here, not by the U-Net at every step
             cache[key] = (adapter.projection(embeds), adapter.projection(uncond))
@@ -212,7 +224,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
             del cache[next(iter(cache))]
     tokens, uncond_tokens = cache[key]
     record = {
-        "reference": [f.name for f in files],
+        "reference": [f.name if isinstance(f, Path) else "<image>" for f in files],  # names only, never a path
         "ip_adapter": path.stem,
         "ip_adapter_hash": adapter.sha256[:10],
         "image_encoder": encoder_path.stem if encoder_path.is_file() else encoder_path.name,

@@ -315,13 +315,12 @@ def test_an_original_bin_loads_only_with_allow_pickle_and_equals_its_safetensors
     assert max_diff(pickled.images[0], safe.images[0]) == 0
 
 
-def test_a1111_ip_adapter_units_are_refused_in_one_line() -> None:
-    from difftool.core.errors import ParameterError
+def test_a1111_ip_adapter_units_are_not_controlnet_units() -> None:
+    """They are the reference parameters (tests/serve/test_a1111_reference.py), never a --control."""
     from difftool.serve.a1111_controlnet import controlnet_units
 
     unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [6a3f6166]", "image": "..."}
-    with pytest.raises(ParameterError, match=r"args\[0\]\.module: ip-adapter units are not mapped"):
-        controlnet_units({"ControlNet": {"args": [unit]}})
+    assert controlnet_units({"ControlNet": {"args": [unit]}}) == []
 
 
 def test_hires_carries_the_reference_into_its_second_pass(sd: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:

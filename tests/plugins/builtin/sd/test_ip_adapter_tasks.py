@@ -50,6 +50,7 @@ def _inpaint(model: dict[str, Any], **params: Any) -> Image.Image:
     ).images[0]  # fmt: skip
 
 
+@pytest.mark.slow  # two of our runs and diffusers' pipeline with its adapter, per case
 @pytest.mark.parametrize(("kind", "mode"), [("nine", "all"), ("base", "style")], ids=["inpainting-all", "base-style"])
 def test_inpaint_with_a_reference_matches_diffusers_inpaint_pipeline_with_load_ip_adapter(
     kind: str, mode: str, models: dict[str, Any]

@@ -25,6 +25,9 @@ class ModelFamily(ABC):
     families: ClassVar[tuple[str, ...]]
     #: The task names it runs for its models.
     tasks: ClassVar[tuple[str, ...]]
+    #: Whether it reads a task's ``reference`` images itself (Flux Redux) rather than leave them to the
+    #: task's own image-prompt adapter (Stable Diffusion's IP-Adapter), which then refuses its models.
+    takes_reference: ClassVar[bool] = False
 
     @abstractmethod
     def detect(self, path: Path) -> str | None:

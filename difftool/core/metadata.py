@@ -289,7 +289,10 @@ def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str
     sampler = parsed.get("Sampler")
     if sampler and sampler_names and sampler in sampler_names:
         out["scheduler"] = sampler_names[sampler]
-    units = [controlnet_spec(str(parsed[key])) for key in sorted(parsed) if re.fullmatch(r"ControlNet \d+", key)]
+    texts = [str(parsed[key]) for key in sorted(parsed) if re.fullmatch(r"ControlNet \d+", key)]
+    references = [reference_params(text) for text in texts if reference_params(text)]
+    out.update(references[0] if references else {})  # an IP-Adapter unit: --ip-adapter, not a --control
+    units = [controlnet_spec(text) for text in texts if not reference_params(text)]
     if any(units):
         out["control"] = [unit for unit in units if unit]
     return out
@@ -339,6 +342,24 @@ def controlnet_text(
     fields += [f"Threshold {ab}: {value}" for ab, value in zip("AB", thresholds, strict=True) if value is not None]
     fields += [f"Guidance Start: {start:g}", f"Guidance End: {end:g}", f"Control Mode: {_CONTROL_MODES[guess]}"]
     return ", ".join(fields)
+
+
+def reference_params(text: str) -> dict[str, Any]:
+    """``ip_adapter``, ``reference_weight`` and ``reference_mode`` from a ``ControlNet N`` value whose module is an
+    IP-Adapter one (``ip-adapter_clip_sd15``, ...); empty for other units. The reference image is not in the
+    text (A1111 records no unit image): pass it again with ``--reference``."""
+    pairs = {k.strip(): v.strip() for k, v in _CONTROL_PAIR.findall(text)}
+    if not pairs.get("Module", "").lower().startswith("ip-adapter"):
+        return {}
+    model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", pairs.get("Model", "")).strip()
+    if not model or model.lower() == "none":
+        return {}
+    out: dict[str, Any] = {"ip_adapter": model, "reference_mode": pairs.get("Reference Mode") or "all"}
+    try:
+        out["reference_weight"] = float(pairs.get("Weight", "1"))
+    except ValueError:
+        pass
+    return out
 
 
 def controlnet_spec(text: str) -> str | None:

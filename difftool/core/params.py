@@ -155,9 +155,10 @@ class Param:
                         raise TypeError
                     value = str(value)
             elif self.type == "path":
-                if not isinstance(value, (str, Path)):
+                if isinstance(value, (str, Path)):
+                    value = Path(value)
+                elif not _in_memory_image(value):  # an image its caller loaded (and bounded): a server's
                     raise TypeError
-                value = Path(value)
             elif self.type == "model":
                 if not isinstance(value, (str, Path)):
                     raise TypeError
@@ -233,6 +234,16 @@ def _resolve_one(param: Param, value: Any, resolver: Resolver) -> Any:
     if isinstance(value, Resolvable):
         return value.resolved(resolver)
     return value
+
+
+def _in_memory_image(value: Any) -> bool:
+    """Whether ``value`` is a :class:`~difftool.core.images.LoadedImage` (an inline ``--reference`` a server decoded
+    within its limits); imported only then, as numpy and Pillow are heavy."""
+    if type(value).__name__ != "LoadedImage":
+        return False
+    from difftool.core.images import LoadedImage
+
+    return isinstance(value, LoadedImage)
 
 
 def _shown(value: Any) -> str:

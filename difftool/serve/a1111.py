@@ -34,6 +34,7 @@ from difftool.serve.a1111_map import (
     refuse,
     upscale_scale,
 )
+from difftool.serve.a1111_reference import reference_params
 from difftool.serve.job_queue import SHUTDOWN, Job
 from difftool.serve.security import PIXELS_FIX
 from difftool.serve.server import MAX_COUNT, Server
@@ -177,9 +178,11 @@ def _checked(server: Server, req: Txt2ImgRequest) -> tuple[str, dict[str, Any]]:
     clip_skip = server.options.get("CLIP_stop_at_last_layers")
     params = prompt_params(req, server.registry, clip_skip)
     deprecated = (req.model_extra or {}).get("controlnet_units")  # webuiapi's use_deprecated_controlnet
-    units = controlnet_units({**req.alwayson_scripts, **({"controlnet": {"args": deprecated}} if deprecated else {})})
+    scripts = {**req.alwayson_scripts, **({"controlnet": {"args": deprecated}} if deprecated else {})}
+    units = controlnet_units(scripts)
     if units:
         params["control"] = units
+    params |= reference_params(scripts, server.policy)  # an IP-Adapter unit: reference, ip_adapter, weight
     return _model_name(server, checkpoint), params
 
 

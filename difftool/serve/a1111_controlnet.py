@@ -33,6 +33,11 @@ def is_controlnet_script(name: str) -> bool:
     return name.strip().lower() == "controlnet"
 
 
+def is_ip_adapter_unit(arg: Mapping[str, Any]) -> bool:
+    """A unit whose module is one of the extension's IP-Adapter preprocessors (``ip-adapter_clip_sd15``, ...)."""
+    return str(arg.get("module") or "").strip().lower().startswith("ip-adapter")
+
+
 def controlnet_units(scripts: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The enabled units of the request's ControlNet script (none: an empty list)."""
     units: list[dict[str, Any]] = []
@@ -57,8 +62,8 @@ def _unit(index: int, arg: Mapping[str, Any]) -> dict[str, Any] | None:
     model = re.sub(r"\s*\[[0-9a-fA-F]+\]$", "", str(arg.get("model") or "")).strip()
     if not model or model.lower() == "none":
         return None  # the extension skips a unit without a model
-    if str(arg.get("module") or "").strip().lower().startswith("ip-adapter"):
-        raise _refuse(index, "module", "ip-adapter units are not mapped yet: use /v1's reference and ip_adapter")
+    if is_ip_adapter_unit(arg):
+        return None  # the reference parameters, not a ControlNet: a1111_reference.reference_params maps it
     if arg.get("mask") or arg.get("mask_image"):
         raise _refuse(index, "mask", "a unit's own mask is not supported; send the mask with the request")
     if str(arg.get("hr_option", "Both")) not in ("Both", "0"):

@@ -177,7 +177,11 @@ def check_params(
             continue
         if param.type == "path" and param.multiple:  # each value (--reference: images or folders)
             items = value if isinstance(value, (list, tuple)) else str(value).splitlines()
-            checked[param.name] = [str(policy.resolve(str(item), param.name)) for item in items if item]
+            checked[param.name] = [
+                _path_or_image(item, param.name, policy, limit, max_pixels) for item in items if item
+            ]
+        elif param.type == "path" and isinstance(value, ModelRef):
+            pass  # a name the server itself resolved among its model folders (an A1111 unit's IP-Adapter)
         elif param.type == "path":
             checked[param.name] = str(policy.resolve(str(value), param.name))
         elif param.parse is not None and param.multiple:
@@ -188,6 +192,14 @@ def check_params(
                 "allow_pickle: the server never unpickles files named in a request", "use .safetensors models"
             )
     return checked
+
+
+def _path_or_image(item: Any, name: str, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:
+    """One value of a multiple path parameter: a path inside an allowed folder, or an image sent inline as
+    ``{"image": base64}`` (an A1111 IP-Adapter unit's reference), decoded here within the server's budgets."""
+    if isinstance(item, Mapping) and set(item) == {"image"}:
+        return load_image(item["image"], f"{name} image", policy, limit, max_pixels)
+    return str(policy.resolve(str(item), name))
 
 
 def _decoded(item: Any, policy: PathPolicy, limit: int, max_pixels: int | None) -> Any:

@@ -30,6 +30,7 @@ from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
 from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
+from difftool.plugins.builtin.sd import ip_adapter
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.control import check_backend as check_control_backend
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
@@ -93,6 +94,7 @@ class Inpaint(Task):
         Param("extend", "string", default=None, help="outpaint: grow the canvas by LEFT,RIGHT,TOP,BOTTOM pixels"),
         EMBEDDING_PARAM,
         CONTROL_PARAM,
+        *ip_adapter.REFERENCE_PARAMS,  # SD models only
         *LOAD_PARAMS,
     )
 
@@ -100,6 +102,7 @@ class Inpaint(Task):
 
     def check(self, params: Params) -> None:
         check_prompt_length(params)
+        ip_adapter.check(params)
 
     def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         """The input grown by ``extend`` (outpainting)."""
@@ -110,6 +113,7 @@ class Inpaint(Task):
 
     def check_backend(self, params: Mapping[str, Any], backend: Any) -> None:
         check_control_backend(params, backend)
+        ip_adapter.check_backend(params, backend)
 
     def export_target(self, model: str | None) -> Any:
         return pixel_model.export_target(self.name, model)
@@ -123,6 +127,7 @@ class Inpaint(Task):
         side = max(request.inputs["image"].size)
         return ExportShapes(batch=(1, 1, 1), size=(1, 512, max(1024, 1 << (side - 1).bit_length())))
 
+    @ip_adapter.with_reference  # a reference: SD models only, the adapter on the U-Net for the run
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model

@@ -64,8 +64,9 @@ def check_backend(params: Mapping[str, Any], backend: Any) -> None:
 
 def with_reference(run: Callable[..., TaskResult]) -> Callable[..., TaskResult]:
     """Decorate a Stable Diffusion task's ``run``: with a ``reference``, the model's U-Net carries the
-    IP-Adapter (:func:`ip_adapter_run.attached`) for the whole run, hires and refiner passes included
-    (a refiner, another U-Net, runs without it)."""
+    IP-Adapter (:func:`ip_adapter_run.attached`) for the whole run, hires and refiner passes and every tile
+    included (a refiner, another U-Net, runs without it); the U-Net's own processors are back after it,
+    also when the run fails. Another family's model (SD3, Flux) or a task's own model (inpaint's) is refused."""
 
     @functools.wraps(run)
     def wrapper(self: Any, request: TaskRequest, context: RunContext) -> TaskResult:
@@ -73,12 +74,12 @@ def with_reference(run: Callable[..., TaskResult]) -> Callable[..., TaskResult]:
         if not params["reference"]:
             return run(self, request, context)
         from difftool.plugins.builtin.sd.ip_adapter_run import attached
-        from difftool.plugins.builtin.sd.models import delegated_family, sd_model_for
+        from difftool.plugins.builtin.sd.models import delegated_family, is_sd_request, sd_model_for
 
         family = delegated_family(context, self.name)
-        if family is not None and getattr(family, "takes_reference", False):
+        if family is not None and family.takes_reference:
             return run(self, request, context)  # the family reads the reference itself (Flux Redux)
-        if family is not None:
+        if family is not None or not is_sd_request(context.model, context):
             raise ParameterError(
                 "--reference (IP-Adapter) runs on Stable Diffusion 1.x/2.x/XL models only",
                 "pass an SD 1.x or SDXL --model, or drop --reference",

@@ -37,14 +37,7 @@ def resolve_adapter(name: str, context: RunContext) -> Path:
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    listed = [
-        child
-        for root in _roots()
-        for sub in ADAPTER_FOLDERS
-        if (root / sub).is_dir()
-        for child in sorted((root / sub).iterdir())
-        if child.suffix.lower() in _SUFFIXES
-    ]
+    listed = listed_adapters()
     for child in listed:
         if name in (child.name, child.stem):
             return child
@@ -53,6 +46,18 @@ def resolve_adapter(name: str, context: RunContext) -> Path:
         f"IP-Adapter {name!r} not found (listed: {known})",
         "pass an IP-Adapter file, or put it in models/ipadapter under a model root",
     )
+
+
+def listed_adapters() -> list[Path]:
+    """The IP-Adapter files in the model roots' ipadapter folders (what a bare ``--ip-adapter`` name names)."""
+    return [
+        child
+        for root in _roots()
+        for sub in ADAPTER_FOLDERS
+        if (root / sub).is_dir()
+        for child in sorted((root / sub).iterdir())
+        if child.suffix.lower() in _SUFFIXES and child.is_file()
+    ]
 
 
 def read_adapter(path: Path, allow_pickle: bool) -> dict[str, dict[str, Any]]:
@@ -182,10 +187,16 @@ def load_encoder(path: Path) -> Any:
     return model
 
 
-def reference_files(values: Sequence[Any]) -> list[Path]:
-    """Each ``--reference``: an image file, or a folder's images (sorted)."""
-    files: list[Path] = []
+def reference_files(values: Sequence[Any]) -> list[Any]:
+    """Each ``--reference``: an image file, or a folder's images (sorted); an image already in memory (a
+    :class:`~difftool.core.images.LoadedImage`: one a server decoded from a request) stays as it is."""
+    from difftool.core.images import LoadedImage
+
+    files: list[Any] = []
     for value in values:
+        if isinstance(value, LoadedImage):
+            files.append(value)
+            continue
         path = Path(value).expanduser()
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

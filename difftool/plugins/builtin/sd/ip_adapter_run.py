@@ -23,6 +23,7 @@ from typing import Any
 
 from difftool.core.denoiser import Conditioning, Denoiser
 from difftool.core.errors import ModelError, ParameterError
+from difftool.core.images import LoadedImage
 from difftool.core.runtime import current
 from difftool.core.task import RunContext
 from difftool.plugins.builtin.sd.ip_adapter_files import (
@@ -172,11 +173,21 @@ def encode(encoder: Any, images: list[Any], hidden_states: bool) -> tuple[Any, A
     return embeds.float(), uncond.float()
 
 
+def _identity(source: Any) -> tuple[str, Any]:
+    """What tells a reference apart for the cache: a file's path and time, an in-memory image's pixels."""
+    if isinstance(source, Path):
+        return (str(source), source.stat().st_mtime_ns)
+    import hashlib
+
+    return ("<image>", hashlib.sha256(source.rgb.tobytes()).hexdigest())
+
+
 class Reference:
     """A reference ready for sampling: its image tokens (reference and unconditional) and the adapter."""
 
-    def __init__(self, adapter: Adapter, tokens: Any, uncond: Any, record: dict[str, Any]) -> None:
+    def __init__(self, adapter: Adapter, tokens: Any, uncond: Any, record: dict[str, Any], unit: str = "") -> None:
         self.adapter, self.tokens, self.uncond, self.record = adapter, tokens, uncond, record
+        self.unit = unit  # A1111's ``ControlNet N`` text for it (:func:`a1111_unit`)
 
 
 def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Reference | None:
@@ -193,7 +204,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
     adapter = _adapter_for(path, model, context, allow_pickle)
     encoder_path = find_encoder(path, adapter.width, adapter.hidden_states, params["image_encoder"])
     files = reference_files(params["reference"])
-    key = (adapter.sha256, str(encoder_path), tuple((str(f), f.stat().st_mtime_ns) for f in files), context.device)
+    key = (adapter.sha256, str(encoder_path), tuple(_identity(f) for f in files), context.device)
     cache: dict[Any, tuple[Any, Any]] = current().cache("sd-ip-adapter-references", dict)
     if key not in cache:
         encoder = _encoder_for(encoder_path, context)
@@ -203,7 +214,9 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
                 f"{encoder_width(encoder, adapter.hidden_states)} wide",
                 "pass the encoder the adapter was trained with as --image-encoder",
             )
-        images = [Image.open(f).convert("RGB") for f in files]
+        images = [
+            f.to_pil().convert("RGB") if isinstance(f, LoadedImage) else Image.open(f).convert("RGB") for f in files
+        ]
         embeds, uncond = encode(encoder, images, adapter.hidden_states)
         with torch.inference_mode():  # projected once here, not by the U-Net at every step
             cache[key] = (adapter.projection(embeds), adapter.projection(uncond))
@@ -211,14 +224,30 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
             del cache[next(iter(cache))]
     tokens, uncond_tokens = cache[key]
     record = {
-        "reference": [f.name for f in files],
+        "reference": [f.name if isinstance(f, Path) else "<image>" for f in files],  # names only, never a path
         "ip_adapter": path.stem,
         "ip_adapter_hash": adapter.sha256[:10],
         "image_encoder": encoder_path.stem if encoder_path.is_file() else encoder_path.name,
         "reference_weight": float(params["reference_weight"]),
         "reference_mode": str(params["reference_mode"]),
     }
-    return Reference(adapter, tokens, uncond_tokens, record)
+    return Reference(adapter, tokens, uncond_tokens, record, a1111_unit(model, adapter, record))
+
+
+def a1111_unit(model: Any, adapter: Adapter, record: Mapping[str, Any]) -> str:
+    """The reference as A1111's ControlNet extension records an IP-Adapter unit (``Module: ip-adapter_clip_sd15,
+    Model: ip-adapter_sd15 [hash], Weight: 0.6, ...``); a mode other than ``all`` adds ``Reference Mode``,
+    which the extension does not have. The reference image itself is not recorded (A1111 records none)."""
+    from difftool.core.metadata import controlnet_text
+
+    module = "ip-adapter_clip_sd15"
+    if model.family.xl:  # the encoder the adapter needs: ViT-H (1024 projected, 1280 hidden) or ViT-bigG
+        vith = adapter.width == (1280 if adapter.hidden_states else 1024)
+        module = "ip-adapter_clip_sdxl_plus_vith" if vith else "ip-adapter_clip_sdxl"
+    name = f"{record['ip_adapter']} [{adapter.sha256[:8]}]"
+    text = controlnet_text(module, name, float(record["reference_weight"]), 0.0, 1.0, False)
+    mode = record["reference_mode"]
+    return text if mode == "all" else f"{text}, Reference Mode: {mode}"
 
 
 @contextmanager
@@ -245,6 +274,8 @@ def attached(params: Mapping[str, Any], model: Any, context: RunContext) -> Iter
     context.notes.update(reference.record)
     try:
         yield reference
+        # After the run: its ControlNet units (if any) recorded theirs; the reference is the last unit.
+        context.notes["controlnet"] = [*context.notes.get("controlnet", ()), reference.unit]
     finally:
         del unet._difftool_reference, unet.set_attention_slice
         unet.set_attn_processor(own)

@@ -8,7 +8,7 @@ linear ramps across the overlap, so no seam shows where two tiles meet.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, check_pixels, to_pil
 from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
-from difftool.plugins.builtin.sd import hires, pipeline
+from difftool.plugins.builtin.sd import hires, ip_adapter, pipeline
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
@@ -69,6 +69,7 @@ class UpscaleSD(Task):
         Param("tile", "int", default=512, min=16, max=2048, help="tile side in output pixels (multiple of 8)"),
         Param("overlap", "int", default=64, min=8, max=512, help="overlap between tiles, in output pixels"),
         *PROMPT_PARAMS,
+        *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
     )
 
@@ -78,11 +79,15 @@ class UpscaleSD(Task):
     def check(self, params: Params) -> None:
         """The prompts' length, and tiles that overlap by less than their size (before any model loads)."""
         check_prompt_length(params)
+        ip_adapter.check(params)
         if params.tile % 8 or params.overlap >= params.tile:
             raise ParameterError(
                 f"--tile {params.tile} must be a multiple of 8 and larger than --overlap {params.overlap}",
                 "pass e.g. --tile 512 --overlap 64",
             )
+
+    def check_backend(self, params: Mapping[str, Any], backend: Any) -> None:
+        ip_adapter.check_backend(params, backend)
 
     def output_size(self, params: Params, inputs: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
         scale = params.scale
@@ -94,6 +99,7 @@ class UpscaleSD(Task):
         tokens = prompt_tokens(params.prompt, params.negative_prompt)
         return latent_shapes((params.tile, params.tile), params.guidance_scale, exact=False, tokens=tokens)
 
+    @ip_adapter.with_reference  # the reference encoded once, its image tokens in every tile
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
         params = request.params
         image: LoadedImage = request.inputs["image"]

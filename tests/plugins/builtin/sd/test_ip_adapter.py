@@ -315,23 +315,29 @@ def test_an_original_bin_loads_only_with_allow_pickle_and_equals_its_safetensors
     assert max_diff(pickled.images[0], safe.images[0]) == 0
 
 
-def test_a1111_ip_adapter_units_are_refused_in_one_line() -> None:
-    from difftool.core.errors import ParameterError
+def test_a1111_ip_adapter_units_are_not_controlnet_units() -> None:
+    """They are the reference parameters (tests/serve/test_a1111_reference.py), never a --control."""
     from difftool.serve.a1111_controlnet import controlnet_units
 
     unit = {"module": "ip-adapter_clip_sd15", "model": "ip-adapter_sd15 [6a3f6166]", "image": "..."}
-    with pytest.raises(ParameterError, match=r"args\[0\]\.module: ip-adapter units are not mapped"):
-        controlnet_units({"ControlNet": {"args": [unit]}})
+    assert controlnet_units({"ControlNet": {"args": [unit]}}) == []
 
 
-def test_hires_carries_the_reference_into_its_second_pass(sd: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hires_carries_the_reference_into_its_second_pass(
+    sd: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from difftool.plugins.builtin.sd import ip_adapter_run
 
-    passes = []
+    passes, calls = [], []
     init = ip_adapter_run.ReferencedDenoiser.__init__
     monkeypatch.setattr(
         ip_adapter_run.ReferencedDenoiser, "__init__", lambda self, *a: passes.append(1) or init(self, *a)
     )
-    result = ours(sd, reference=[sd["reference"]], ip_adapter=str(sd["adapter"]), hires=1.5, hires_steps=2)
-    assert result.images[0].size == (96, 72) and result.record["reference"] == ["painting.png"]
+    encode = ip_adapter_run.encode
+    monkeypatch.setattr(ip_adapter_run, "encode", lambda *a, **k: calls.append(1) or encode(*a, **k))
+    reference = tmp_path / "for-hires.png"  # encoded by no other test
+    photo((36, 28)).save(reference)
+    result = ours(sd, reference=[reference], ip_adapter=str(sd["adapter"]), hires=1.5, hires_steps=2)
+    assert result.images[0].size == (96, 72) and result.record["reference"] == ["for-hires.png"]
     assert len(passes) == 2  # the first pass and the hires pass both sample with the image tokens
+    assert len(calls) == 1  # ... encoded once, for both

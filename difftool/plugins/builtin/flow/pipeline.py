@@ -181,15 +181,16 @@ def sample_latents(
     """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
     (img2img) when given."""
     from difftool.core.sampler import sample
-    from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
+    from difftool.plugins.builtin.flow.exported import transformer_denoiser
 
     width, height = size
     h, w = height // model.vae_scale, width // model.vae_scale
     config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
     config["flux_sigmas"] = model.family.arch == "flux"
     with on_device(model.transformer, context) as transformer:
-        denoiser = TransformerDenoiser(transformer, arch=model.family.arch, device=context.device,
-                                       dtype=context.torch_dtype)  # fmt: skip
+        cfg = text.uncond is not None and text.guidance_scale != 1.0  # torch, or the export on onnx / tensorrt
+        tokens = int(text.cond["encoder_hidden_states"].shape[1])
+        denoiser = transformer_denoiser(model, transformer, context, (h, w), cfg=cfg, text=tokens)
         context.denoisers.append(denoiser)
         return sample(
             denoiser,

@@ -132,12 +132,14 @@ def test_profiles_count_tokens_from_the_declared_image_size() -> None:
 
 
 def test_the_export_crop_of_sd3_position_embedding_is_diffusers_own() -> None:
-    module = tiny.sd3()["transformer"]
-    embed = export_copy(module).pos_embed
-    for h in range(1, 17):
-        for w in (1, 5, 16):
-            want = type(embed).cropped_pos_embed(embed, 2 * h, 2 * w)
-            assert torch.equal(embed.cropped_pos_embed(2 * h, 2 * w), want)
+    from diffusers.models.embeddings import PatchEmbed
+
+    for side in (16, 15):
+        embed = PatchEmbed(height=32, width=32, patch_size=2, in_channels=16, embed_dim=8, pos_embed_max_size=side)
+        for h in range(1, side + 1):
+            for w in (1, 4, 5, side):
+                want = embed.cropped_pos_embed(2 * h, 2 * w)
+                assert torch.equal(onnx_parts._cropped_pos_embed(embed, 2 * h, 2 * w), want)
 
 
 def test_fp8_weights_are_exported_upcast_without_casting_hooks() -> None:

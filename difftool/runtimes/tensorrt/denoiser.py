@@ -228,15 +228,18 @@ class TensorRTDenoiser(Denoiser):
         return out.clone()
 
     def __call__(self, sample: Any, timestep: Any, cond: Mapping[str, Any]) -> Any:
-
-        cuda = runtime()
         inputs = graph_inputs(self.signature, sample, timestep, cond, self.device)
         x = inputs["sample"]
         if self.residuals is not None:
             from difftool.exporters.onnx_controlnet import residual_inputs
 
             inputs |= residual_inputs(self.residuals, cond, x, self.device)
-        out_shape = (x.shape[0], self.sample_channels, *x.shape[2:])
+        return self.run(inputs, (x.shape[0], self.sample_channels, *x.shape[2:])).to(sample.dtype)
+
+    def run(self, inputs: Mapping[str, Any], out_shape: tuple[int, ...]) -> Any:
+        """The engine's output (of ``out_shape``) for ``inputs`` by name, ordered after PyTorch's current
+        stream both ways; a subclass for another network's inputs builds them and calls this."""
+        cuda = runtime()
         current = cuda.current_stream(self.cuda_device)
         self.stream.wait_stream(current)
         with cuda.current(self.cuda_device), cuda.use_stream(self.stream):
@@ -247,4 +250,4 @@ class TensorRTDenoiser(Denoiser):
                 bound = self._bind(inputs, out)  # noqa: F841 - referenced until the launch has run
                 self._execute()
         current.wait_stream(self.stream)
-        return out.to(sample.dtype)
+        return out

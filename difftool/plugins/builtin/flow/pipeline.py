@@ -185,15 +185,16 @@ def sample_latents(
     ``step_hook_for(scheduler)``: the core sampler's step hook, made with the run's scheduler (which
     inpainting's latent blending noises the known region with)."""
     from difftool.core.sampler import sample
-    from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
+    from difftool.plugins.builtin.flow.exported import transformer_denoiser
 
     width, height = size
     h, w = height // model.vae_scale, width // model.vae_scale
     config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
     config["flux_sigmas"] = model.family.arch == "flux"
     with on_device(model.transformer, context) as transformer:
-        denoiser = TransformerDenoiser(transformer, arch=model.family.arch, device=context.device,
-                                       dtype=context.torch_dtype)  # fmt: skip
+        cfg = text.uncond is not None and text.guidance_scale != 1.0  # torch, or the export on onnx / tensorrt
+        tokens = int(text.cond["encoder_hidden_states"].shape[1])
+        denoiser = transformer_denoiser(model, transformer, context, (h, w), cfg=cfg, text=tokens)
         context.denoisers.append(denoiser)
         flow_scheduler = context.make_scheduler(scheduler, config)
         return sample(

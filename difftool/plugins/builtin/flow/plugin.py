@@ -96,7 +96,7 @@ def flow_model_for(context: RunContext, params: Mapping[str, Any]) -> Any:
 
 
 def _checked_model(request: TaskRequest, context: RunContext) -> Any:
-    if context.backend_name != "torch":
+    if context.backend_name not in ("torch", "onnx", "tensorrt"):  # onnx, tensorrt: the exported transformer
         raise ParameterError(f"--backend {context.backend_name} does not run SD3 / Flux yet", "use --backend torch")
     model = flow_model_for(context, request.params)
     _check_options(request.params, model.family.label)

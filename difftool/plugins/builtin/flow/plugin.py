@@ -101,7 +101,18 @@ def _checked_model(request: TaskRequest, context: RunContext) -> Any:
     model = flow_model_for(context, request.params)
     _check_options(request.params, model.family.label)
     redux.check(request.params, model)
+    if context.backend_name != "torch":  # the export is the plain transformer: no Fill inputs, no Redux bias
+        extra = (
+            "a Flux Fill model" if model.family.inpainting else "--reference" if _given(request, "reference") else ""
+        )
+        if extra:
+            raise ParameterError(f"--backend {context.backend_name} does not run {extra} yet", "use --backend torch")
     return model
+
+
+def _given(request: TaskRequest, name: str) -> bool:
+    """Whether the request sets ``name`` (a parameter of some of these tasks only)."""
+    return name in request.params and bool(request.params[name])
 
 
 def generate(request: TaskRequest, context: RunContext) -> TaskResult:

@@ -162,3 +162,24 @@ def test_fp8_weights_are_exported_upcast_without_casting_hooks() -> None:
         got = onnx_parts.graph_of(copy, signature)(*inputs.values())
         want = onnx_parts.graph_of(wide, signature)(*inputs.values())
     assert torch.equal(got, want)
+
+
+def test_what_the_export_does_not_carry_is_refused_on_exported_backends(folders: dict, tmp_path: Path) -> None:
+    """The export is the plain transformer: a Flux Fill model (its masked-image inputs) and a Redux
+    reference (its attention bias) are refused in one line on onnx / tensorrt, before any export."""
+    from PIL import Image
+
+    from difftool.core.errors import ParameterError
+
+    fill = tiny.save_folder(tiny.flux_fill(), tmp_path / "fill")
+    image = Image.new("RGB", (32, 32), (90, 120, 150))
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (8, 8, 24, 24))
+    image.save(tmp_path / "in.png")
+    mask.save(tmp_path / "mask.png")
+    with pytest.raises(ParameterError, match="does not run a Flux Fill model"):
+        api.run("inpaint", tmp_path / "in.png", model=str(fill), backend="onnx", mask=str(tmp_path / "mask.png"),
+                prompt="a kite", steps=2)  # fmt: skip
+    with pytest.raises(ParameterError, match="--reference.*torch"):
+        api.run("generate", model=str(folders["flux"]), backend="onnx", reference=[str(tmp_path / "in.png")],
+                **COMMON)  # fmt: skip

@@ -105,14 +105,18 @@ def flow_euler(config: Mapping[str, Any]) -> FlowMatchEuler:
 def run_scheduler(name: str | None, label: str) -> str:
     """The scheduler an SD3 / Flux run uses for ``--scheduler name``: a flow-matching one (``flow-euler``, or a
     plugin's ``flow-*``) as named; the SD tasks' declared default (filled in before the run) means "the
-    family's own", ``flow-euler``; any other Stable Diffusion sampler is refused in one line."""
+    family's own", ``flow-euler``; an SD sampler with a flow variant (``dpmpp-2m``) means that variant; any
+    other Stable Diffusion sampler is refused in one line."""
+    from difftool.plugins.builtin.flow.samplers import FLOW_VARIANTS
     from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
 
     if not name or name == DEFAULT_SCHEDULER:
         return NAME
+    if name in FLOW_VARIANTS:
+        return FLOW_VARIANTS[name]
     if name == NAME or name.startswith("flow-"):
         return name
     raise ParameterError(
         f"--scheduler {name} is a Stable Diffusion sampler; {label} models run flow-matching schedulers",
-        f"pass --scheduler {NAME}, or leave --scheduler out",
+        f"pass --scheduler {NAME} (or another flow-*: `difftool schedulers`), or leave --scheduler out",
     )

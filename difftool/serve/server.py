@@ -91,6 +91,8 @@ class Server:
         request: dict[str, Any] = {"device": self.settings.devices[0]}
         if model and model not in instance.model_keywords:  # a name of the task's families (a caller may narrow)
             families = model_families or instance.model_families or ()
+            if families and not model_families:  # and those a family plugin runs the task for (SD3, Flux)
+                families = (*families, *self.registry.delegated_families(task))
             request["model"] = resolve_model(model, self.registry, self.policy, families)
         elif model:
             request["model"] = model

@@ -39,8 +39,8 @@ class FlowSampler(Scheduler):
 
     prediction_type = FLOW_PREDICTION
 
-    def __init__(self, impl: Any, seq_len: int, flux_sigmas: bool) -> None:
-        self.impl, self.seq_len, self.flux_sigmas = impl, seq_len, flux_sigmas
+    def __init__(self, impl: Any, seq_len: int, flux_sigmas: bool, flow_config: Mapping[str, Any]) -> None:
+        self.impl, self.seq_len, self.flux_sigmas, self.flow_config = impl, seq_len, flux_sigmas, dict(flow_config)
 
     @property
     def init_noise_sigma(self) -> float:
@@ -53,8 +53,8 @@ class FlowSampler(Scheduler):
             raise ParameterError(f"steps must be at least 1, got {num_steps}", "pass --steps 1 or more")
         config = self.impl.config
         kwargs: dict[str, Any] = {}
-        if config.get("use_dynamic_shifting"):
-            kwargs["mu"] = calculate_shift(self.seq_len, config)
+        if config.get("use_dynamic_shifting"):  # mu from the model's own config (the solvers drop its keys)
+            kwargs["mu"] = calculate_shift(self.seq_len, self.flow_config)
         # FluxPipeline plans linspace(1, 1/n, n) before shifting, except for schedulers with their own flow sigmas.
         if self.flux_sigmas and not config.get("use_flow_sigmas"):
             kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
@@ -111,12 +111,14 @@ class FlowSamplerFactory:
                 f"the {self.name} scheduler runs flow-matching models (SD3, Flux) only",
                 "pick another --scheduler for this model",
             )
-        config = dict(config)
+        config = flow_config = dict(config)
         seq_len = int(config.pop("image_seq_len", 4096))
         flux_sigmas = bool(config.pop("flux_sigmas", False))
         extra = {"flow_shift": float(config.get("shift", 1.0))} if self.flow_shift else {}
         cls = getattr(importlib.import_module("diffusers"), self.class_name)
-        return FlowSampler(cls.from_config({**config, **extra, **self.overrides}), seq_len, flux_sigmas)
+        # Named as the config's class, FlowMatch Euler's own keys (shift, base_shift, ...) are dropped quietly.
+        config = {"_class_name": "FlowMatchEulerDiscreteScheduler", **config, **extra, **self.overrides}
+        return FlowSampler(cls.from_config(config), seq_len, flux_sigmas, flow_config)
 
 
 #: name -> (label, factory, summary). Labels end in "(flow)": A1111's sampler names stay the SD samplers'.
@@ -142,10 +144,6 @@ FLOW_SAMPLERS: dict[str, tuple[str, FlowSamplerFactory, str]] = {
         "flow-matching Euler, shifted sigmas respaced by a beta distribution (SD3, Flux only)",
     ),
 }
-
-#: ``--scheduler`` names of Stable Diffusion samplers that have a flow variant: an SD3 / Flux run takes them
-#: as that variant (A1111 and Forge name the samplers alike for every model).
-FLOW_VARIANTS = {"euler": "flow-euler", "dpmpp-2m": "flow-dpmpp-2m", "unipc": "flow-unipc"}
 
 
 def with_shift(config: Mapping[str, Any], shift: float | None) -> dict[str, Any]:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 NAME = "flow-euler"
 FLOW_PREDICTION = "flow_prediction"
+#: ``--scheduler`` names of Stable Diffusion samplers that have a flow variant (:mod:`.samplers`): an SD3 / Flux
+#: run takes them as that variant (A1111 and Forge name the samplers alike for every model).
+FLOW_VARIANTS = {"euler": NAME, "dpmpp-2m": "flow-dpmpp-2m", "unipc": "flow-unipc"}
 
 
 def calculate_shift(seq_len: int, config: Mapping[str, Any]) -> float:
@@ -107,7 +110,6 @@ def run_scheduler(name: str | None, label: str) -> str:
     plugin's ``flow-*``) as named; the SD tasks' declared default (filled in before the run) means "the
     family's own", ``flow-euler``; an SD sampler with a flow variant (``dpmpp-2m``) means that variant; any
     other Stable Diffusion sampler is refused in one line."""
-    from difftool.plugins.builtin.flow.samplers import FLOW_VARIANTS
     from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
 
     if not name or name == DEFAULT_SCHEDULER:

@@ -160,6 +160,8 @@ _A1111_KEYS = (
     ("steps", "Steps"),
     ("scheduler", "Sampler"),
     ("guidance_scale", "CFG scale"),
+    ("distilled_guidance", "Distilled CFG Scale"),
+    ("shift", "Shift"),
     ("seed", "Seed"),
     ("size", "Size"),
     ("model_hash", "Model hash"),
@@ -184,6 +186,8 @@ _A1111_KEYS = (
 def format_parameters(record: Mapping[str, Any]) -> str:
     """The A1111 ``parameters`` text: prompt, ``Negative prompt:`` line, then ``Key: value, ...``."""
     record = {**record, "scheduler": record.get("scheduler_label") or record.get("scheduler"), **_refiner(record)}
+    if record.get("distilled_guidance") is not None:  # Forge: CFG scale is the true CFG (1: none) beside it
+        record["guidance_scale"] = record.get("true_cfg") or 1
     lines = [_escape(str(record.get("prompt", "") or ""))]
     if record.get("negative_prompt"):
         lines.append(f"Negative prompt: {_escape(str(record['negative_prompt']))}")
@@ -267,12 +271,16 @@ def params_from_a1111(parsed: Mapping[str, Any], sampler_names: Mapping[str, str
             out[key] = parsed[key]
     typed = {"Steps": ("steps", int), "CFG scale": ("guidance_scale", float), "Seed": ("seed", int)}
     typed |= {"Clip skip": ("clip_skip", int), "Hires upscale": ("hires", float), "Hires steps": ("hires_steps", int)}
-    typed |= {"Refiner switch at": ("refiner_switch", float)}
+    typed |= {"Refiner switch at": ("refiner_switch", float), "Shift": ("shift", float)}
+    if parsed.get("Distilled CFG Scale"):  # Forge's guidance-distilled models: CFG scale is the true CFG
+        typed |= {"Distilled CFG Scale": ("guidance_scale", float), "CFG scale": ("true_cfg", float)}
     for label, (name, kind) in typed.items():
         try:
             out[name] = kind(parsed[label])
         except (KeyError, TypeError, ValueError):
             continue
+    if out.get("true_cfg", 2.0) <= 1.0:  # Forge's "CFG scale: 1": no true CFG ran
+        del out["true_cfg"]
     size = re.fullmatch(r"(\d+)x(\d+)", str(parsed.get("Size", "")))
     if size:
         out["width"], out["height"] = int(size.group(1)), int(size.group(2))

@@ -27,6 +27,7 @@ from difftool.serve.a1111_map import (
     Img2ImgRequest,
     Txt2ImgRequest,
     check_supported,
+    forge_params,
     hires_params,
     inpaint_params,
     prompt_params,
@@ -183,7 +184,9 @@ def _checked(server: Server, req: Txt2ImgRequest) -> tuple[str, dict[str, Any]]:
     if units:
         params["control"] = units
     params |= reference_params(scripts, server.policy)  # an IP-Adapter unit: reference, ip_adapter, weight
-    return _model_name(server, checkpoint), params
+    name = _model_name(server, checkpoint)
+    params |= forge_params(req, next((m.family for m in server.sd_models() if m.name == name), ""))
+    return name, params
 
 
 @router.post("/txt2img")
@@ -329,6 +332,7 @@ def schedulers(request: Request) -> list[dict[str, Any]]:
     """A1111 1.9's schedule types difftool honours: Automatic, and Karras where a sampler has it."""
     labels = [e.label for e in _server(request).registry.schedulers.values()]
     kinds = [("automatic", "Automatic")] + [("karras", "Karras")] * any(x.endswith(" Karras") for x in labels)
+    kinds += [("simple", "Simple"), ("beta", "Beta")] * ("Euler Beta (flow)" in labels)  # Forge's, for SD3 / Flux
     return [
         {"name": name, "label": label, "aliases": None, "default_rho": None, "need_inner_model": None}
         for name, label in kinds

@@ -55,6 +55,7 @@ class Txt2ImgRequest(BaseModel):
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     denoising_strength: float | None = None  # txt2img: the hires pass's
+    distilled_cfg_scale: float | None = Field(default=None, ge=0.0, le=50.0)  # Forge's, for Flux
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
@@ -248,6 +249,31 @@ def scheduler_for(sampler: str | None, schedule: str | None, registry: RegistryV
     raise ParameterError(f"unknown sampler {sampler!r}", "GET /sdapi/v1/samplers lists the samplers")
 
 
+def flow_scheduler_for(sampler: str | None, schedule: str | None, registry: RegistryView) -> str | None:
+    """Forge's names for the flow samplers (SD3 / Flux): ``Euler`` with schedule ``Simple``, ``Karras`` or
+    ``Beta`` is ``Euler (flow)``, ``Euler Karras (flow)``, ``Euler Beta (flow)`` (the flow plugin's labels);
+    any other pair is A1111's (:func:`scheduler_for`)."""
+    names = {e.label.lower(): e.name for e in registry.schedulers.values()}
+    kind = (schedule or "").strip().lower()
+    if sampler and kind not in ("", "automatic"):
+        key = sampler.strip().lower() + ("" if kind == "simple" else f" {kind}")
+        if f"{key} (flow)" in names:
+            return names[f"{key} (flow)"]
+    return scheduler_for(sampler, schedule, registry)
+
+
+def forge_params(req: Txt2ImgRequest, family: str) -> dict[str, Any]:
+    """Forge's ``distilled_cfg_scale`` for a Flux model: the distilled guidance (``guidance_scale``), and
+    ``cfg_scale`` above 1 then Flux's true CFG (``true_cfg``), as Forge runs them. A1111 clients, which send no
+    ``distilled_cfg_scale``, give Flux's guidance as ``cfg_scale``; other models ignore it, as Forge does."""
+    if req.distilled_cfg_scale is None or not family.startswith("flux"):
+        return {}
+    params: dict[str, Any] = {"guidance_scale": req.distilled_cfg_scale}
+    if req.cfg_scale > 1:
+        params["true_cfg"] = req.cfg_scale
+    return params
+
+
 def prompt_params(req: Txt2ImgRequest, registry: RegistryView, clip_skip: int | None) -> dict[str, Any]:
     """The prompt parameters every Stable Diffusion task shares."""
     params: dict[str, Any] = {
@@ -255,7 +281,7 @@ def prompt_params(req: Txt2ImgRequest, registry: RegistryView, clip_skip: int | 
         "negative_prompt": req.negative_prompt,
         "steps": req.steps,
         "guidance_scale": req.cfg_scale,
-        "scheduler": scheduler_for(req.sampler_name or req.sampler_index, req.scheduler, registry),
+        "scheduler": flow_scheduler_for(req.sampler_name or req.sampler_index, req.scheduler, registry),
     }
     override = (req.override_settings or {}).get("CLIP_stop_at_last_layers", clip_skip)
     if override is not None:

@@ -16,7 +16,7 @@ from difftool.serve.settings import ServeSettings
 #: Most outputs one request may ask for (A1111's batch_size x n_iter, the native ``count``).
 MAX_COUNT = 16
 #: Families of Stable Diffusion checkpoints (what ``/sdapi/v1/sd-models`` lists).
-SD_FAMILY_PREFIXES = ("sd1", "sd2", "sdxl")
+SD_FAMILY_PREFIXES = ("sd1", "sd2", "sdxl", "sd3", "flux")  # SD3 / Flux: the flow family plugin's
 #: The family ``difftool models`` gives SDXL refiners (generate's ``refiner``).
 REFINER_FAMILIES = ("sdxl-refiner",)
 
@@ -47,7 +47,8 @@ class Server:
 
     def _first_sd_model(self) -> str | None:
         # A refiner only finishes another model's image: never the default checkpoint.
-        models = [m for m in self.sd_models() if "inpaint" not in m.family and m.family not in REFINER_FAMILIES]
+        models = [m for m in self.sd_models() if "inpaint" not in m.family and m.family not in REFINER_FAMILIES
+                  and not m.family.endswith("-fill")]  # fmt: skip
         return models[0].name if models else None
 
     def make_job(
@@ -90,6 +91,8 @@ class Server:
         request: dict[str, Any] = {"device": self.settings.devices[0]}
         if model and model not in instance.model_keywords:  # a name of the task's families (a caller may narrow)
             families = model_families or instance.model_families or ()
+            if families and not model_families:  # and those a family plugin runs the task for (SD3, Flux)
+                families = (*families, *self.registry.delegated_families(task))
             request["model"] = resolve_model(model, self.registry, self.policy, families)
         elif model:
             request["model"] = model

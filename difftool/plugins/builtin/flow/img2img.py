@@ -26,6 +26,7 @@ def _resize(rgb: Any, size: tuple[int, int]) -> Any:
 def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     from difftool.core.images import to_pil
     from difftool.plugins.builtin.flow import pipeline, redux
+    from difftool.plugins.builtin.flow.samplers import shift_record
     from difftool.plugins.builtin.flow.scheduler import run_scheduler
     from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
@@ -44,18 +45,19 @@ def style(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     width, height = (max(step, v // step * step) for v in image.size)
     rgb = image.rgb if (width, height) == image.size else _resize(image.rgb, (width, height))
     guidance = float(params["guidance_scale"])
-    text = pipeline.encode(model, prompt, negative_prompt, guidance, context)
+    text = pipeline.encode(model, prompt, negative_prompt, guidance, context, params["true_cfg"])
     text = redux.attach(model, text, params, context)  # a --reference's Redux tokens
     init = pipeline.encode_image(model, rgb, context)
     scheduler = run_scheduler(params["scheduler"], model.family.label)
     strength = float(params["strength"])
     latents = pipeline.sample_latents(model, text, context, size=(width, height), steps=int(params["steps"]),
-                                      scheduler=scheduler, init=init, strength=strength)  # fmt: skip
+                                      scheduler=scheduler, init=init, strength=strength,
+                                      shift=params["shift"])  # fmt: skip
     out = to_numpy(pipeline.decode(model, latents, context))
     if (width, height) != image.size:
         out = _resize(out, image.size)
     record = {"task": "style", "prompt": prompt, "size": f"{image.width}x{image.height}", "strength": strength}
-    record |= {"scheduler": scheduler, **model.record()}
+    record |= {"scheduler": scheduler, **model.record(), **shift_record(model, params["shift"], (width, height))}
     if model.family.guidance_embeds:
         record["distilled_guidance"] = guidance
     if negative_prompt and model.family.arch == "sd3":

@@ -7,7 +7,8 @@ encoded, and the transformer and the VAE each sit on the GPU only while they run
 
 Prompts: CLIP reads 77 tokens (the rest is dropped, as in diffusers), T5 ``max_sequence_length`` tokens
 (SD3 and Flux schnell: 256, Flux dev: 512). SD3 runs classifier-free guidance through the core sampler
-(negative prompt batch); Flux dev takes ``guidance_scale`` as its distilled-guidance input, one batch.
+(negative prompt batch); Flux dev takes ``guidance_scale`` as its distilled-guidance input, one batch, and
+``--true-cfg`` adds FluxPipeline's true CFG (a negative prompt batch) on top.
 """
 
 from __future__ import annotations
@@ -80,25 +81,31 @@ def _flux_text(model: FlowModel, text: str) -> dict[str, Any]:
     return {"encoder_hidden_states": t5.float(), "pooled_projections": pooled.float()}
 
 
-def encode(model: FlowModel, prompt: str, negative: str, guidance: float, context: RunContext) -> Conditioning:
+def encode(
+    model: FlowModel, prompt: str, negative: str, guidance: float, context: RunContext, true_cfg: float | None = None
+) -> Conditioning:
+    """``true_cfg`` > 1 (Flux): FluxPipeline's ``true_cfg_scale``, the negative prompt's pass (batched with the
+    prompt's here) mixed in as CFG, on top of the distilled guidance."""
     import torch
 
+    true_cfg = float(true_cfg or 1.0)
     prepare_text_encoders(model, context)
     with torch.inference_mode():
         if model.family.arch == "sd3":
             text = Conditioning(_sd3_text(model, prompt), _sd3_text(model, negative), guidance)
         else:
-            text = Conditioning(_flux_text(model, prompt), None, 1.0)
+            uncond = _flux_text(model, negative) if true_cfg > 1 else None
+            text = Conditioning(_flux_text(model, prompt), uncond, true_cfg)
     if low_memory(context):
         release_encoders(model)
     if model.family.arch == "sd3":
         return text
-    cond = text.cond
-    if model.family.guidance_embeds:
-        cond["guidance"] = torch.full((1,), guidance, dtype=torch.float32)
-    if negative:
-        context.logger.warning("Flux runs without a negative prompt (distilled guidance); it is ignored")
-    return Conditioning(cond, None, 1.0)
+    if model.family.guidance_embeds:  # both passes of true CFG take the distilled guidance, as in diffusers
+        for branch in (text.cond, text.uncond or {}):
+            branch["guidance"] = torch.full((1,), guidance, dtype=torch.float32)
+    if negative and text.uncond is None:
+        context.logger.warning("Flux takes a negative prompt only with --true-cfg above 1; it is ignored")
+    return text
 
 
 def prepare_text_encoders(model: FlowModel, context: RunContext) -> None:
@@ -179,17 +186,20 @@ def sample_latents(
     strength: float = 1.0,
     noise: torch.Tensor | None = None,
     step_hook_for: Callable[[Any], Any] | None = None,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
     (img2img) when given. ``noise``: drawn already (inpainting draws it between two VAE samples);
     ``step_hook_for(scheduler)``: the core sampler's step hook, made with the run's scheduler (which
-    inpainting's latent blending noises the known region with)."""
+    inpainting's latent blending noises the known region with); ``shift`` in place of the model's
+    (``--shift``)."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.exported import transformer_denoiser
+    from difftool.plugins.builtin.flow.samplers import with_shift
 
     width, height = size
     h, w = height // model.vae_scale, width // model.vae_scale
-    config = {**model.scheduler_config, "image_seq_len": (h // 2) * (w // 2)}
+    config = {**with_shift(model.scheduler_config, shift), "image_seq_len": (h // 2) * (w // 2)}
     config["flux_sigmas"] = model.family.arch == "flux"
     with on_device(model.transformer, context) as transformer:
         cfg = text.uncond is not None and text.guidance_scale != 1.0  # torch, or the export on onnx / tensorrt

@@ -2,7 +2,9 @@
 
 ``register_families``: ``generate``, ``style`` and ``inpaint`` run SD 3.5 and Flux.1 models (``--model`` a diffusers
 folder, a ``.safetensors`` or a ``.gguf`` file). ``register_schedulers``: ``flow-euler``, which these
-families use unless ``--scheduler`` names another flow scheduler (SD samplers are refused).
+families use unless ``--scheduler`` names another flow scheduler (``flow-dpmpp-2m``, ``flow-unipc``,
+``flow-euler-karras``, ``flow-euler-beta``: :mod:`.samplers`; ``euler``, ``dpmpp-2m`` and ``unipc`` mean
+their flow variants, other SD samplers are refused).
 ``register_models``: ComfyUI's ``models/diffusion_models`` and ``models/unet``.
 """
 
@@ -20,6 +22,7 @@ from difftool.core.runtime import current
 from difftool.core.task import RunContext, TaskRequest, TaskResult
 from difftool.plugins.builtin.flow import redux
 from difftool.plugins.builtin.flow.families import FAMILIES
+from difftool.plugins.builtin.flow.samplers import FLOW_SAMPLERS, check_flow_params, shift_record
 from difftool.plugins.builtin.flow.scheduler import NAME as SCHEDULER
 from difftool.plugins.builtin.flow.scheduler import flow_euler, run_scheduler
 from difftool.plugins.hookspecs import hookimpl
@@ -101,10 +104,12 @@ def _checked_model(request: TaskRequest, context: RunContext) -> Any:
     model = flow_model_for(context, request.params)
     _check_options(request.params, model.family.label)
     redux.check(request.params, model)
+    check_flow_params(request.params, model.family.arch, model.family.label)
+    reference = _given(request, "reference")
+    if reference and _given(request, "true_cfg"):  # Redux lengthens the prompt past the negative's tokens
+        raise ParameterError("--true-cfg does not run with --reference (Flux Redux) yet", "drop one of them")
     if context.backend_name != "torch":  # the export is the plain transformer: no Fill inputs, no Redux bias
-        extra = (
-            "a Flux Fill model" if model.family.inpainting else "--reference" if _given(request, "reference") else ""
-        )
+        extra = "a Flux Fill model" if model.family.inpainting else "--reference" if reference else ""
         if extra:
             raise ParameterError(f"--backend {context.backend_name} does not run {extra} yet", "use --backend torch")
     return model
@@ -131,15 +136,17 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     pipeline.check_size(model, width, height)
     guidance = float(params["guidance_scale"])
     prompt = split_loras(str(params["prompt"] or ""))[0]  # the <lora:...> tags were merged at load
-    text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
+    text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context, params["true_cfg"])
     text = redux.attach(model, text, params, context)  # a --reference's Redux tokens
     scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
-    latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)
+    latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler,
+                                      shift=params["shift"])  # fmt: skip
     image = pipeline.decode(model, latents, context)
     record = {"task": "generate", "size": f"{width}x{height}", "scheduler": scheduler, **model.record()}
+    record |= shift_record(model, params["shift"], size)
     if model.family.guidance_embeds:
-        record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; no CFG batch ran
+        record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; a CFG batch only with --true-cfg
     return TaskResult([to_pil(to_numpy(image))], record)
 
 
@@ -173,6 +180,8 @@ def register_families(register: Callable[[ModelFamily], None]) -> None:
 @hookimpl
 def register_schedulers(register: Callable[..., None]) -> None:
     register(SCHEDULER, flow_euler, label="Euler (flow)", summary="flow-matching Euler with shift (SD3, Flux only)")
+    for name, (label, factory, summary) in FLOW_SAMPLERS.items():
+        register(name, factory, label=label, summary=summary)
 
 
 @hookimpl

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 NAME = "flow-euler"
 FLOW_PREDICTION = "flow_prediction"
+#: ``--scheduler`` names of Stable Diffusion samplers that have a flow variant (:mod:`.samplers`): an SD3 / Flux
+#: run takes them as that variant (A1111 and Forge name the samplers alike for every model).
+FLOW_VARIANTS = {"euler": NAME, "dpmpp-2m": "flow-dpmpp-2m", "unipc": "flow-unipc"}
 
 
 def calculate_shift(seq_len: int, config: Mapping[str, Any]) -> float:
@@ -105,14 +108,17 @@ def flow_euler(config: Mapping[str, Any]) -> FlowMatchEuler:
 def run_scheduler(name: str | None, label: str) -> str:
     """The scheduler an SD3 / Flux run uses for ``--scheduler name``: a flow-matching one (``flow-euler``, or a
     plugin's ``flow-*``) as named; the SD tasks' declared default (filled in before the run) means "the
-    family's own", ``flow-euler``; any other Stable Diffusion sampler is refused in one line."""
+    family's own", ``flow-euler``; an SD sampler with a flow variant (``dpmpp-2m``) means that variant; any
+    other Stable Diffusion sampler is refused in one line."""
     from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER
 
     if not name or name == DEFAULT_SCHEDULER:
         return NAME
+    if name in FLOW_VARIANTS:
+        return FLOW_VARIANTS[name]
     if name == NAME or name.startswith("flow-"):
         return name
     raise ParameterError(
         f"--scheduler {name} is a Stable Diffusion sampler; {label} models run flow-matching schedulers",
-        f"pass --scheduler {NAME}, or leave --scheduler out",
+        f"pass --scheduler {NAME} (or another flow-*: `difftool schedulers`), or leave --scheduler out",
     )

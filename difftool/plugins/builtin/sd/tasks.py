@@ -19,6 +19,7 @@ from difftool.core.task import ExportShapes, Param, Port, RunContext, Task, Task
 from difftool.plugins.builtin.sd import control, embeddings, hires, ip_adapter, pipeline, refiner
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
+from difftool.plugins.builtin.sd.family_params import FLOW_PARAMS, refuse_flow_params
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, native_size_of, sd_model_for, split_loras
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param, prompt_tokens
 from difftool.plugins.builtin.sd.styles import STYLE_PRESETS, style_prompt
@@ -220,6 +221,7 @@ class Generate(Task):
         Param("height", "int", default=None, min=8, max=4096, help="multiple of 8 (default: the model's native size)"),
         *hires.HIRES_PARAMS,
         *refiner.REFINER_PARAMS,
+        *FLOW_PARAMS,
         CONTROL_PARAM,
         *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
@@ -261,6 +263,7 @@ class Generate(Task):
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
             return family.run(self.name, request, context)
+        refuse_flow_params(request.params)
         params = request.params
         model = sd_model_for(context, params)
         if model.family.inpainting:
@@ -315,6 +318,7 @@ class Style(Task):
         Param("strength", "float", default=0.6, min=0.01, max=1.0, help="how far from the input (1: ignore it)"),
         *PROMPT_PARAMS,
         *refiner.REFINER_PARAMS,
+        *FLOW_PARAMS,
         CONTROL_PARAM,
         *ip_adapter.REFERENCE_PARAMS,
         *LOAD_PARAMS,
@@ -349,6 +353,7 @@ class Style(Task):
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
             return family.run(self.name, request, context)
+        refuse_flow_params(request.params)
         params = request.params
         image: LoadedImage = request.inputs["image"]
         prompt, negative = style_prompt(params.style, params.prompt, params.reference)

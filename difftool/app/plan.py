@@ -147,5 +147,18 @@ def preflight(
         families = instance.model_families  # None: any; else its own and those a family plugin runs it for
         families = () if families is None else (*families, *registry.delegated_families(task))
         model = resolver.model(model, families, "model")
+        values = family_defaults(instance, values, params or {}, model, registry)
     values = resolve_params(instance, values, resolver)
     return Plan(task, instance, registry.task_plugin(task), resolved, model, values, registry)
+
+
+def family_defaults(task: Task, values: Params, given: Mapping[str, Any], model: str, registry: RegistryView) -> Params:
+    """``values`` with the model family's own defaults (:meth:`~difftool.core.family.ModelFamily.defaults`)
+    in place of the declared ones, for the parameters the request left unset: resolved here, once."""
+    family = registry.family_for(model.path, task.name) if isinstance(model, ModelRef) else None
+    if family is None:
+        return values
+    declared = {p.name: p for p in task.params}
+    own = family.defaults(family.detect(model.path) or "", task.name)
+    unset = {k: declared[k].validate(v) for k, v in own.items() if k in declared and given.get(k) is None}
+    return values.replace(**unset) if unset else values

@@ -76,6 +76,11 @@ class RegistryView(Protocol):
         """The model families registered families (``register_families``) run ``task`` for."""
         ...
 
+    def family_for(self, path: Any, task: str) -> Any:
+        """The registered :class:`~difftool.core.family.ModelFamily` that runs ``task`` for the model at
+        ``path``, or ``None``."""
+        ...
+
     def preprocessor(self, name: str) -> Any: ...
 
 

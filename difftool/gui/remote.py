@@ -142,6 +142,9 @@ class RemoteRegistry:
     def delegated_families(self, task: str) -> tuple[str, ...]:
         return ()  # the server resolves its own models
 
+    def family_for(self, path: Any, task: str) -> None:
+        return None  # and applies their families' defaults
+
     # --- running ---------------------------------------------------------------------------------
     def run(
         self,

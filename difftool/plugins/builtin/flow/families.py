@@ -36,6 +36,11 @@ class FlowFamily:
     #: Flux dev: the guidance scale is an input of the network (distilled guidance), not a second batch.
     guidance_embeds: bool = False
     inpainting: bool = False
+    #: What a request that names neither gets: diffusers' pipeline defaults for the family (BFL's
+    #: recommendations): Flux.1 dev 28 steps at distilled guidance 3.5, schnell 4 steps (guidance unused),
+    #: Fill 50 at 30, SD 3 / 3.5 28 steps at CFG 7.
+    steps: int = 28
+    guidance_scale: float = 7.0
 
     def scheduler_config(self) -> dict[str, Any]:
         # Schnell is timestep-distilled without the resolution-dependent shift; dev and Fill use it.
@@ -46,9 +51,17 @@ FAMILIES: dict[str, FlowFamily] = {
     f.name: f
     for f in (
         FlowFamily("sd3", "Stable Diffusion 3 / 3.5", "sd3"),
-        FlowFamily("flux", "Flux.1 dev", "flux", guidance_embeds=True),
-        FlowFamily("flux-schnell", "Flux.1 schnell", "flux"),
-        FlowFamily("flux-fill", "Flux.1 Fill (inpainting)", "flux", guidance_embeds=True, inpainting=True),
+        FlowFamily("flux", "Flux.1 dev", "flux", guidance_embeds=True, guidance_scale=3.5),
+        FlowFamily("flux-schnell", "Flux.1 schnell", "flux", steps=4, guidance_scale=0.0),
+        FlowFamily(
+            "flux-fill",
+            "Flux.1 Fill (inpainting)",
+            "flux",
+            guidance_embeds=True,
+            inpainting=True,
+            steps=50,
+            guidance_scale=30.0,
+        ),
     )
 }
 

@@ -46,6 +46,10 @@ class FlowFamilies(ModelFamily):
         family = is_flow_model(Path(path))
         return family.name if family else None
 
+    def defaults(self, family: str, task: str) -> Mapping[str, Any]:
+        own = FAMILIES.get(family)
+        return {} if own is None else {"steps": own.steps, "guidance_scale": own.guidance_scale}
+
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
         if task == "style":
             from difftool.plugins.builtin.flow.img2img import style

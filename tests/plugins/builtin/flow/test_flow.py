@@ -252,3 +252,20 @@ def test_flow_euler_shifts_with_resolution_and_refuses_sd_schedules() -> None:
     assert float(large.timesteps[2]) > float(small.timesteps[2])  # more tokens: more of the run at high noise
     with pytest.raises(ParameterError, match="flow-matching models"):
         registry.make_scheduler("flow-euler", {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear"})
+
+
+def test_a_family_supplies_its_own_defaults_for_what_a_request_leaves_unset(models: dict, tmp_path: Path) -> None:
+    """Flux.1 dev: 28 steps at distilled guidance 3.5 (diffusers' FluxPipeline defaults), not SD's 7;
+    schnell 4 steps. Resolved once by the preflight; what the request names is kept."""
+    from difftool.app.plan import preflight
+
+    dev = preflight("generate", model=str(models["flux-folder"]), params={"prompt": "a fox"})
+    assert (dev.params.steps, dev.params.guidance_scale) == (28, 3.5)
+    named = preflight(
+        "generate", model=str(models["flux-folder"]), params={"prompt": "a fox", "steps": 3, "guidance_scale": 5}
+    )
+    assert (named.params.steps, named.params.guidance_scale) == (3, 5.0)
+    schnell = tiny.save_folder(tiny.flux(guidance=False, seed=3), tmp_path / "schnell")
+    assert preflight("generate", model=str(schnell), params={"prompt": "a fox"}).params.steps == 4
+    sd3 = preflight("style", model=str(models["sd3-file"]), params={"prompt": "a fox"})
+    assert (sd3.params.steps, sd3.params.guidance_scale) == (28, 7.0)

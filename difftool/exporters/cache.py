@@ -289,6 +289,17 @@ class ArtifactCache:
         self._remove_superseded(kind, name, entry, replaces)
         return entry
 
+    def find(self, kind: str, name: str) -> list[Entry]:
+        """The verified entries of ``name`` whatever their key, newest first (held for use, as built ones)."""
+        folders = [f for f in (self.root / kind).glob(f"{name}-*") if f.is_dir() and not f.name.startswith(".")]
+        found = []
+        for folder in sorted(folders, key=lambda f: f.stat().st_mtime, reverse=True):
+            _hold(self._use_lock(folder))  # before verifying, as get_or_build: never one half-deleted
+            entry = _verified(folder)
+            if entry is not None and entry.manifest.get("name") == name:
+                found.append(entry)
+        return found
+
     @staticmethod
     def _use_lock(folder: Path) -> Path:
         return folder.parent / f".{folder.name}.use"

@@ -362,16 +362,33 @@ def cached_export(
     is a whole U-Net (3.4 GB for SD 1.5), so the export of a new combination replaces the previous one
     of the same checkpoint (and precision), never the checkpoint's own export.
     """
-    import onnx
-    import onnxruntime
-
     from difftool.exporters.cache import VERSIONS
+    from difftool.exporters.refit_map import write_weight_map
 
     base = lora_base(module)
     replaces = VERSIONS
     if base:
         name, replaces = f"unet-{base[:12]}-lora", VERSIONS | {"weights"}
-    components = {
+    components = export_components(module, precision, model_id)
+
+    def build(folder: Path) -> dict[str, Any]:
+        started = time.perf_counter()
+        export(module, folder / MODEL_FILE, precision)
+        report = validate(module, folder / MODEL_FILE, precision)
+        optimized = save_optimized(folder / MODEL_FILE, folder / OPTIMIZED_FILE)
+        write_weight_map(module, folder / MODEL_FILE)  # a LoRA of it then refits an engine by name
+        return {"validation": report, "seconds": round(time.perf_counter() - started, 2), "optimized": optimized}
+
+    return (cache or ArtifactCache()).get_or_build("onnx", f"{name}-{precision}", components, build, replaces)
+
+
+def export_components(module: torch.nn.Module, precision: str, model_id: str = "") -> dict[str, Any]:
+    """The cache-key components of ``module``'s export: its weights, and what decides the graph."""
+    import onnx
+    import onnxruntime
+
+    base = lora_base(module)
+    return {
         "weights": model_id or weights_hash(module),
         "precision": precision,
         "opset": OPSET,
@@ -382,12 +399,3 @@ def cached_export(
         "format": 4,  # 2: per-sample timestep input (was one scalar); 3: + saved optimised model; 4: sorted fp16
         **({"lora_of": base} if base else {}),
     }
-
-    def build(folder: Path) -> dict[str, Any]:
-        started = time.perf_counter()
-        export(module, folder / MODEL_FILE, precision)
-        report = validate(module, folder / MODEL_FILE, precision)
-        optimized = save_optimized(folder / MODEL_FILE, folder / OPTIMIZED_FILE)
-        return {"validation": report, "seconds": round(time.perf_counter() - started, 2), "optimized": optimized}
-
-    return (cache or ArtifactCache()).get_or_build("onnx", f"{name}-{precision}", components, build, replaces)

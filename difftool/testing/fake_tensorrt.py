@@ -12,7 +12,8 @@ code is proven against TensorRT's contract, not its own assumptions:
   for an invalid profile (ranks differ, not min <= opt <= max); a build fails (``None``) when a
   profile names no network input or misses a dynamic input; inputs no layer reads are dropped from
   the engine (TensorRT warns "Unused Input" and the engine has no such tensor);
-- weights: ``REFIT`` engines take other weights of the same graph structure; ``REFIT_IDENTICAL``
+- weights: ``REFIT`` engines take other weights of the same graph structure, from an ONNX file or by
+  name (:class:`Refitter`: prototype types and counts, missing weights); ``REFIT_IDENTICAL``
   engines only their build weights (TensorRT calls anything else undefined: refused here);
   ``STRIP_PLAN`` leaves the refittable (float) weights out of the plan, so a stripped engine computes
   with zeros until it is refitted; on TensorRT 11.3+ a ``REFIT`` engine drops GEMM biases, the known
@@ -41,7 +42,7 @@ import types
 from typing import Any, ClassVar
 
 from difftool.testing.fake_tensorrt_builder import _MAGIC, Builder, OnnxParser, _Errors
-from difftool.testing.fake_tensorrt_engine import _DTYPES, Engine, _engine_model, _structure, _weights
+from difftool.testing.fake_tensorrt_engine import _DTYPES, _FLOAT_TYPES, Engine, _engine_model, _structure, _weights
 from difftool.testing.fake_tensorrt_state import FakeTensorRTState
 
 
@@ -79,6 +80,7 @@ def fake_tensorrt(state: FakeTensorRTState) -> types.ModuleType:
     trt.Runtime = type("Runtime", (Runtime,), {"state": state})  # type: ignore[attr-defined]
     trt.OnnxParser = OnnxParser  # type: ignore[attr-defined]
     trt.Refitter = Refitter  # type: ignore[attr-defined]
+    trt.Weights = Weights  # type: ignore[attr-defined]
     trt.OnnxParserRefitter = OnnxParserRefitter  # type: ignore[attr-defined]
     return trt
 
@@ -101,21 +103,96 @@ class Runtime:
         return Engine(self.state, header, data[16 + size :])
 
 
+class Weights:
+    """``trt.Weights(dtype, ptr, count)``: host memory TensorRT reads when the refit runs, not before."""
+
+    def __init__(self, dtype: Any = "FLOAT", ptr: int = 0, count: int = 0) -> None:
+        self.dtype, self.ptr, self.count = dtype, int(ptr), int(count)
+
+
 class Refitter:
+    """TensorRT's refitter: from an ONNX file (:class:`OnnxParserRefitter`) or weight by weight by name.
+
+    By name, as TensorRT: only the engine's refittable (float) weights, each of its prototype's type and
+    count (``set_named_weights`` returns ``False`` otherwise); ``get_missing_weights`` lists what must be
+    set before ``refit_cuda_engine`` succeeds: every weight of a stripped plan, and for the others each
+    weight a layer combines with one that was set (the stand-in's rule: the weights of one node)."""
+
     def __init__(self, engine: Engine, logger: Any) -> None:
         if engine.header["refit"] is None:
             raise RuntimeError("TensorRT: the engine was not built refittable")
         self.engine = engine
         self.pending: Any = None
+        self.named: dict[str, Weights] = {}
+        self._weights = {i.name: i for i in engine.model.graph.initializer if i.data_type in _FLOAT_TYPES}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self._weights)
+
+    def get_weights_prototype(self, name: str) -> Weights:
+        init = self._weights.get(name)
+        if init is None:
+            return Weights("FLOAT", 0, -1)  # TensorRT: count -1 for a name it has no refittable weights of
+        count = 1
+        for dim in init.dims:
+            count *= int(dim)
+        return Weights(_DTYPES[init.data_type], 0, count)
+
+    def set_named_weights(self, name: str, weights: Weights) -> bool:
+        prototype = self.get_weights_prototype(name)
+        if prototype.count < 0 or weights.count != prototype.count or weights.dtype != prototype.dtype:
+            return False  # unknown name, another count, or another type than the prototype's: refused
+        self.named[name] = weights
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        if self.engine.header.get("stripped"):
+            return [name for name in self._weights if name not in self.named]
+        combined = {
+            other
+            for node in self.engine.model.graph.node
+            if any(name in self.named for name in node.input)
+            for other in node.input
+            if other in self._weights
+        }
+        return sorted(combined - set(self.named))
 
     def refit_cuda_engine(self) -> bool:
+        header = self.engine.header
+        if self.named:
+            if self.get_missing_weights():
+                return False
+            self.pending = _with_weights(self.engine.model, self.named)
+            self.named = {}
+            if header["refit"] == "REFIT_IDENTICAL" and _weights(self.pending) != header["weights"]:
+                return False  # undefined in TensorRT: refused here so nothing depends on it
         if self.pending is None:
             return False
-        header = self.engine.header
         self.engine.model = _engine_model(self.pending, strip=False, drop_gemm_bias=header["drops_gemm_bias"])
         self.engine._session, self.engine.refitted = None, True
         self.engine.state.refits += 1
         return True
+
+
+def _with_weights(model: Any, named: dict[str, Weights]) -> Any:
+    """``model`` with the named weights read from host memory now (TensorRT copies them at refit)."""
+    import ctypes
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    numpy = {"FLOAT": np.float32, "HALF": np.float16}
+    for index, init in enumerate(model.graph.initializer):
+        weights = named.get(init.name)
+        if weights is None:
+            continue
+        dtype = numpy[weights.dtype]
+        raw = (ctypes.c_uint8 * (weights.count * np.dtype(dtype).itemsize)).from_address(weights.ptr)
+        value = np.frombuffer(raw, dtype=dtype).reshape(tuple(init.dims)).copy()
+        model.graph.initializer[index].CopyFrom(numpy_helper.from_array(value, init.name))
+    return model
 
 
 class OnnxParserRefitter(_Errors):

@@ -67,18 +67,23 @@ def engine_denoiser(
     refittable = default_refittable(str(options["refit"]), bool(signature.context_dim), version_tuple(trt))
     major = major_version(trt)
     model_id = model_id or weights_hash(module)  # names the export: unnamed models must not share one
-    taken = None
+    taken = source = None
     if residuals:  # fp32 exports only: TensorRT 10 lowers them with a precision flag, 11 refuses
         fp32_control_graph(precision, major)
         onnx, taken, profile = residual_unet_export(module, model_id, shapes, int(options["max_size"]))
     else:  # the export of the engine's precision, built strongly typed (fp16: its fp32 layers stay fp32)
         graph_precision = onnx_precision(precision, major)
-        onnx = cached_export(module, name=f"unet-{model_id[:12]}", precision=graph_precision, model_id=model_id)
+        # a LoRA combination refits by name from an earlier export of its checkpoint: no export of its own
+        source = lora_refit_source(module, graph_precision, model_id) if refittable else None
+        onnx = source[0] if source else None
+        if onnx is None:
+            onnx = cached_export(module, name=f"unet-{model_id[:12]}", precision=graph_precision, model_id=model_id)
     # strongly typed where the export has the engine's precision (cached_engine reads it from the export)
     build = BuildOptions(precision, refittable=refittable, workspace_gb=float(options["workspace_gb"]) or None)
     engine = cached_engine(onnx, [profile], build, device)
     graphs = str(options["cuda_graphs"])
-    key = (engine.manifest["key"], onnx.manifest["key"], device, prediction_type, graphs)
+    by_name = (source[1], model_id) if source else None
+    key = (engine.manifest["key"], onnx.manifest["key"], model_id if by_name else "", device, prediction_type, graphs)
     return recent_engines().get(
         key,
         lambda: TensorRTDenoiser(
@@ -92,8 +97,24 @@ def engine_denoiser(
             dtype=dtype,
             cuda_graphs=graphs,
             residuals=taken,
+            by_name=by_name,
         ),
     )
+
+
+def lora_refit_source(module: Any, precision: str, model_id: str) -> tuple[Entry, dict[str, Any]] | None:
+    """For a LoRA-fused U-Net: an export of its checkpoint to refit from by name, and its weights by that
+    export's names (see :mod:`~difftool.runtimes.tensorrt.refit`)."""
+    from difftool.exporters.onnx import export_components, lora_base
+    from difftool.runtimes.tensorrt.refit import refit_source
+
+    base = lora_base(module)
+    if not base:
+        return None
+    found = refit_source(module, export_components(module, precision, model_id), base)
+    if found is not None:
+        log.info("refitting the %s engine by name for this LoRA combination (no export)", found[0].path.name)
+    return found
 
 
 def fp32_control_graph(precision: str, major: int) -> None:
@@ -133,8 +154,10 @@ class TensorRTDenoiser(Denoiser):
         dtype: Any = None,
         cuda_graphs: str = "auto",
         residuals: Any = None,
+        by_name: tuple[Mapping[str, Any], str] | None = None,
     ) -> None:
-        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` the engine takes as inputs."""
+        """``residuals``: the :class:`~difftool.exporters.onnx_controlnet.Residuals` the engine takes as inputs;
+        ``by_name``: weights by initializer name and their id, refitted in place of ``onnx``'s."""
         import tensorrt as trt
         import torch
 
@@ -158,7 +181,12 @@ class TensorRTDenoiser(Denoiser):
                     "or built by another TensorRT or GPU)",
                     "free GPU memory, or clear the engine with `difftool cache clear` to rebuild it",
                 )
-            if load_weights(self.engine, entry, onnx):
+            if by_name is not None and onnx is not None:
+                from difftool.runtimes.tensorrt.refit import refit_by_name
+
+                refit_by_name(self.engine, by_name[0], onnx, entry.path.name)
+                self.fingerprint = f"{entry.manifest['key']}+{by_name[1][:16]}"
+            elif load_weights(self.engine, entry, onnx):
                 self.fingerprint = f"{entry.manifest['key']}+{onnx.manifest['key']}"  # type: ignore[union-attr]
             self.io = EngineIO.of(self.engine, entry.path.name)
             names = signature.input_names() + (list(residuals.names) if residuals is not None else [])

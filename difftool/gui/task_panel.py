@@ -316,7 +316,16 @@ class TaskPanel(QWidget):
                 self.settings.setValue("model_dir", str(Path(folder).parent if Path(folder).is_file() else folder))
             else:
                 self.model_box.setCurrentIndex(0)
+        self._apply_family_defaults()
         self._show_availability()
+
+    def _apply_family_defaults(self) -> None:
+        """A picked model whose family has its own defaults (Flux.1 dev: guidance 3.5; schnell: 4 steps) puts
+        them in the form, as the preflight gives them to a CLI run that names neither."""
+        path, form = self.model_box.currentData(), self.form
+        family = self.registry.family_for(Path(path), form.task.name) if path and form is not None else None
+        if family is not None and form is not None:
+            form.set_values(dict(family.defaults(family.detect(Path(path)) or "", form.task.name)))
 
     def _show_seed(self) -> None:
         fixed = self.seed_box.value() >= 0

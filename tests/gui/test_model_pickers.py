@@ -55,3 +55,19 @@ def test_flow_models_are_offered_for_the_tasks_their_family_runs(qapp, flow_root
         for model, family in listed.items():
             assert (model in shown) == runs_family(registry, task, family), (name, model)
     win.close()
+
+
+def test_picking_a_flux_model_puts_its_familys_defaults_in_the_form(qapp, flow_root: Path) -> None:
+    """Flux.1 dev runs 28 steps at distilled guidance 3.5, not SD's 7: picking it sets them, as the preflight
+    does for a CLI run that names neither."""
+    registry = build_registry(entry_points=False)
+    settings = QSettings(str(flow_root / "settings.ini"), QSettings.Format.IniFormat)
+    win = MainWindow(registry=registry, settings=settings)
+    win.task_box.setCurrentText("generate")
+    panel = win.task_panel
+    assert panel.form is not None and panel.form.values()["guidance_scale"] == 7.0
+    index = panel.model_box.findText("flux1-tiny")
+    panel.model_box.setCurrentIndex(index)
+    panel.model_box.activated.emit(index)
+    assert (panel.form.values()["steps"], panel.form.values()["guidance_scale"]) == (28, 3.5)
+    win.close()

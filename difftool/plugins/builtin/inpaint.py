@@ -34,6 +34,7 @@ from difftool.plugins.builtin.sd import ip_adapter
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.control import check_backend as check_control_backend
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
+from difftool.plugins.builtin.sd.family_params import FLOW_PARAMS, refuse_flow_params
 from difftool.plugins.builtin.sd.inpaint import parse_extend
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, is_sd_request
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
@@ -95,6 +96,7 @@ class Inpaint(Task):
         EMBEDDING_PARAM,
         CONTROL_PARAM,
         *ip_adapter.REFERENCE_PARAMS,  # SD models only
+        *FLOW_PARAMS,  # SD3 / Flux only
         *LOAD_PARAMS,
     )
 
@@ -132,6 +134,7 @@ class Inpaint(Task):
         family = delegated_family(context, self.name)
         if family is not None:  # another architecture's plugin (SD3, Flux) runs this model
             return family.run(self.name, request, context)
+        refuse_flow_params(request.params)
         image: LoadedImage = request.inputs["image"]
         params = request.params
         extend = parse_extend(params.extend)

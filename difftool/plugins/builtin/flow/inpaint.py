@@ -30,6 +30,7 @@ DEFAULT_CONTEXT, DEFAULT_STRENGTH = 64, 1.0
 
 
 def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
+    from difftool.plugins.builtin.flow.samplers import shift_record
     from difftool.plugins.builtin.masks import dilate, feather, mask_array
     from difftool.plugins.builtin.sd.inpaint import extend_canvas, parse_extend
     from difftool.plugins.builtin.sd.tasks import DEFAULT_STEPS
@@ -56,6 +57,7 @@ def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult
     strength = DEFAULT_STRENGTH if params.strength is None else float(params.strength)
     record = {"task": "inpaint", "size": f"{width}x{height}", "steps": params.steps, "strength": strength}
     record |= {"scheduler": _scheduler(params, model), **model.record()}
+    record |= shift_record(model, params.shift, (width, height))  # the sampled crop's, with --only-masked
     if model.family.guidance_embeds:
         record["distilled_guidance"] = float(params.guidance_scale)
     if not weight.any():
@@ -136,7 +138,8 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: Params, context
         filled = push_pull_fill(torch.from_numpy(rgb).permute(2, 0, 1)[None], 1 - mask)
         source = filled[0].permute(1, 2, 0).numpy()
     prompt = split_loras(str(params.prompt or ""))[0]  # the <lora:...> tags were merged at load
-    text = pipeline.encode(model, prompt, params.negative_prompt or "", float(params.guidance_scale), context)
+    text = pipeline.encode(model, prompt, params.negative_prompt or "", float(params.guidance_scale), context,
+                           params.true_cfg)  # fmt: skip
     # diffusers' draw order: the input's VAE sample (even at strength 1), the noise, then the masked image's.
     init = pipeline.encode_image(model, source, context)
     latent = (height // model.vae_scale, width // model.vae_scale)
@@ -160,5 +163,6 @@ def paint(model: Any, rgb: np.ndarray, hole: np.ndarray, params: Params, context
     latents = pipeline.sample_latents(
         model, text, context, size=(width, height), steps=int(params.steps), scheduler=_scheduler(params, model),
         init=init if strength < 1.0 else None, strength=strength, noise=noise, step_hook_for=hook_for,
+        shift=params.shift,
     )  # fmt: skip
     return to_numpy(pipeline.decode(model, latents, context))

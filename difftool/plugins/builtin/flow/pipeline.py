@@ -177,9 +177,10 @@ def sample_latents(
     scheduler: str,
     init: torch.Tensor | None = None,
     strength: float = 1.0,
+    controls: Any = None,
 ) -> torch.Tensor:
     """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
-    (img2img) when given."""
+    (img2img) when given; ``controls``: ControlNet units (:func:`.controlled.controls_for`)."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.denoiser import TransformerDenoiser
 
@@ -191,9 +192,14 @@ def sample_latents(
         denoiser = TransformerDenoiser(transformer, arch=model.family.arch, device=context.device,
                                        dtype=context.torch_dtype)  # fmt: skip
         context.denoisers.append(denoiser)
+        steps_scheduler = context.make_scheduler(scheduler, config)
+        if controls:
+            from difftool.plugins.builtin.flow.controlled import ControlledFlowDenoiser
+
+            denoiser = ControlledFlowDenoiser(denoiser, controls, steps_scheduler)
         return sample(
             denoiser,
-            context.make_scheduler(scheduler, config),
+            steps_scheduler,
             steps=steps,
             context=context,
             shape=(1, denoiser.sample_channels, h, w),

@@ -26,7 +26,7 @@ from difftool.plugins.hookspecs import hookimpl
 #: ComfyUI's folders for transformer-only files, under a model root.
 DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
 #: ``generate`` options these families do not take yet (refused when set).
-NOT_YET = ("embedding", "refiner", "control", "hires")
+NOT_YET = ("embedding", "refiner", "hires")
 
 
 class FlowFamilies(ModelFamily):
@@ -42,9 +42,11 @@ class FlowFamilies(ModelFamily):
 
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
         if task == "style":
+            from difftool.plugins.builtin.flow.controlled import check_task
             from difftool.plugins.builtin.flow.img2img import style
 
             model = _checked_model(request, context)
+            check_task(task, request.params, model.family.label)
             return style(request, context, model)
         return generate(request, context)
 
@@ -115,7 +117,11 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     text = pipeline.encode(model, prompt, params["negative_prompt"] or "", guidance, context)
     scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
-    latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler)
+    from difftool.plugins.builtin.flow.controlled import controls_for
+
+    controls = controls_for(params, model, context, size, guidance)  # VAE-encoded before the noise, as diffusers
+    latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler,
+                                      controls=controls)  # fmt: skip
     image = pipeline.decode(model, latents, context)
     record = {"task": "generate", "size": f"{width}x{height}", "scheduler": scheduler, **model.record()}
     if model.family.guidance_embeds:

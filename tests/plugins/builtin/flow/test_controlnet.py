@@ -1,0 +1,146 @@
+"""ControlNet for Flux and SD3 (``--control``): parity with FluxControlNetPipeline (incl. a union model with a
+mode) and StableDiffusion3ControlNetPipeline; single files in the diffusers key layout; family checks."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difftool.app import api
+from difftool.core.errors import DifftoolError
+from difftool.plugins.builtin.flow import controlnet
+from difftool.plugins.builtin.flow.controlled import union_mode
+from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
+from difftool.plugins.builtin.sd.control import parse_unit
+
+from . import tiny
+
+SEED, STEPS, PROMPT = 5, 4, "a lighthouse at dusk"
+
+
+def max_diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
+@pytest.fixture(scope="module")
+def edges(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    y, x = np.mgrid[0:32, 0:32]
+    rgb = np.stack([(x // 8 % 2) * 255, (y // 8 % 2) * 255, (x + y) * 4], axis=-1).clip(0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("control") / "edges.png"
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def flux_controlnet(seed: int, num_mode: int | None = None) -> Any:
+    from diffusers import FluxControlNetModel
+
+    net = FluxControlNetModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 14, 14),
+        num_mode=num_mode,
+    )  # fmt: skip
+    return tiny._randomize(net, seed)
+
+
+def sd3_controlnet(seed: int) -> Any:
+    from diffusers import SD3ControlNetModel
+
+    net = SD3ControlNetModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
+        pos_embed_max_size=16, qk_norm="rms_norm",
+    )  # fmt: skip
+    return tiny._randomize(net, seed)
+
+
+def ours(model: Path, *control: str, **params: Any) -> api.RunResult:
+    run = {"prompt": PROMPT, "steps": STEPS, "width": 32, "height": 32, "dtype": "fp32", **params}
+    return api.run("generate", model=str(model), seed=SEED, control=list(control), **run)
+
+
+def flux_reference(parts: dict[str, Any], net: Any, edges: Path, **kwargs: Any) -> Image.Image:
+    from diffusers import FluxControlNetPipeline
+
+    tokenizers = {"tokenizer": clip_tokenizer("clip_l"), "tokenizer_2": t5_tokenizer()}
+    pipe = FluxControlNetPipeline(**copy.deepcopy(parts), controlnet=copy.deepcopy(net), **tokenizers)
+    return pipe(PROMPT, control_image=Image.open(edges), num_inference_steps=STEPS, guidance_scale=3.5, width=32,
+                height=32, generator=torch.Generator().manual_seed(SEED), **kwargs).images[0]  # fmt: skip
+
+
+def test_flux_controlnet_single_file_matches_flux_controlnet_pipeline(edges: Path, tmp_path: Path) -> None:
+    parts, net = tiny.flux(seed=31), flux_controlnet(32)
+    model = tiny.save_flux_comfy(parts, tmp_path)
+    # InstantX's diffusion_pytorch_model.safetensors downloaded alone: diffusers keys, no config
+    file = tiny.save(net.state_dict(), tmp_path / "models" / "controlnet" / "flux-canny.safetensors")
+    assert controlnet.detect(file) == "flux-controlnet"
+    result = ours(model, f"{file}={edges},weight=0.8,start=0.25", guidance_scale=3.5)
+    reference = flux_reference(parts, net, edges, controlnet_conditioning_scale=0.8, control_guidance_start=0.25)
+    assert max_diff(result.images[0], reference) <= 2
+    plain = ours(model, guidance_scale=3.5).images[0]
+    assert max_diff(plain, result.images[0]) > 8  # the ControlNet steers the image
+    assert result.record["control"][0].startswith(f"{file}=")
+
+
+def test_flux_union_controlnet_takes_the_units_mode(edges: Path, tmp_path: Path) -> None:
+    parts, net = tiny.flux(seed=33), flux_controlnet(34, num_mode=7)
+    model = tiny.save_flux_comfy(parts, tmp_path)
+    folder = tmp_path / "union"
+    net.save_pretrained(folder)  # a diffusers folder (config.json + weights)
+    assert controlnet.detect(folder) == "flux-controlnet"
+    depth = ours(model, f"{folder}={edges},mode=depth,end=0.75", guidance_scale=3.5).images[0]
+    reference = flux_reference(parts, net, edges, control_mode=2, control_guidance_end=0.75)
+    assert max_diff(depth, reference) <= 2
+    loaded = controlnet.load(folder)
+    assert loaded.union and [union_mode(parse_unit(f"{folder}=x,{fields}"), loaded) for fields in
+                             ("pre=blur", "pre=canny,mode=openpose", "mode=5")] == [3, 4, 5]  # fmt: skip
+    with pytest.raises(DifftoolError, match="needs a mode"):
+        ours(model, f"{folder}={edges}", guidance_scale=3.5)
+    with pytest.raises(DifftoolError, match="no mode"):
+        ours(model, f"{folder}={edges},mode=9", guidance_scale=3.5)
+
+
+def test_sd3_controlnet_matches_sd3_controlnet_pipeline(edges: Path, tmp_path: Path) -> None:
+    from diffusers import StableDiffusion3ControlNetPipeline
+
+    parts, net = tiny.sd3(seed=35), sd3_controlnet(36)
+    with torch.no_grad():  # SD3 files keep CLIP-L without its projection: the identity
+        parts["text_encoder"].text_projection.weight.copy_(torch.eye(32))
+        # diffusers samples SD3's control latents from the unseeded global generator; difftool takes the mean.
+        # A near-zero spread (as a real VAE's) makes the two the same: logvar -30.
+        conv = parts["vae"].encoder.conv_out
+        conv.weight[16:].zero_()
+        conv.bias[16:].fill_(-30.0)
+    model = tiny.save_sd3_all_in_one(parts, tmp_path / "sd3.5-tiny.safetensors")
+    file = tiny.save(net.state_dict(), tmp_path / "sd3-canny.safetensors")
+    assert controlnet.detect(file) == "sd3-controlnet"
+    result = ours(model, f"{file}={edges},weight=0.7", guidance_scale=5.0, negative_prompt="blurry")
+    tokenizers = {"tokenizer": clip_tokenizer("clip_l"), "tokenizer_2": clip_tokenizer("clip_g")}
+    pipe = StableDiffusion3ControlNetPipeline(**copy.deepcopy(parts), **tokenizers, tokenizer_3=t5_tokenizer(),
+                                              controlnet=copy.deepcopy(net))  # fmt: skip
+    reference = pipe(PROMPT, negative_prompt="blurry", control_image=Image.open(edges), num_inference_steps=STEPS,
+                     guidance_scale=5.0, controlnet_conditioning_scale=0.7, max_sequence_length=256, width=32,
+                     height=32, generator=torch.Generator().manual_seed(SEED)).images[0]  # fmt: skip
+    image = result.images[0]
+    assert np.asarray(image).std() > 1 and max_diff(image, reference) <= 2
+    assert max_diff(image, ours(model, guidance_scale=5.0, negative_prompt="blurry").images[0]) > 2
+
+
+def test_a_controlnet_of_another_family_is_refused_naming_both(edges: Path, tmp_path: Path) -> None:
+    from tests.plugins.builtin.sd import tiny as sd_tiny
+
+    flux = tiny.save_flux_comfy(tiny.flux(seed=37), tmp_path)
+    sd3_net = tiny.save(sd3_controlnet(38).state_dict(), tmp_path / "sd3-canny.safetensors")
+    with pytest.raises(DifftoolError, match=r"sd3-canny is a SD3 ControlNet.*the model is Flux.1 dev"):
+        ours(flux, f"{sd3_net}={edges}", guidance_scale=3.5)
+    sd15 = sd_tiny.controlnet(sd_tiny.components(vae_levels=4)["unet"])
+    sd15_file = sd_tiny.save_controlnet_file(sd15, tmp_path / "control_v11p_sd15_canny.safetensors")
+    with pytest.raises(DifftoolError, match=r"control_v11p_sd15_canny.* is an sd1 ControlNet, the model is Flux.1 dev"):
+        ours(flux, f"{sd15_file}={edges}", guidance_scale=3.5)
+    with pytest.raises(DifftoolError, match="--control runs with generate"):
+        api.run("style", str(edges), model=str(flux), prompt="x", steps=2, control=[f"{sd3_net}={edges}"])

@@ -27,6 +27,8 @@ from difftool.plugins.builtin.sd import checkpoint
 #: ``difftool models`` families of these ControlNets, by the transformer architecture they steer.
 FAMILIES = {"sd3": "sd3-controlnet", "flux": "flux-controlnet"}
 LABELS = {"sd3": "SD3", "flux": "Flux"}
+#: "ControlNet X is {A_LABEL}, the model is ...": the one-line refusal of a mismatched pairing.
+A_LABEL = {"sd3": "an SD3 ControlNet", "flux": "a Flux ControlNet"}
 CLASSES = {"SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
 _FLUX_MARKER = "controlnet_x_embedder.weight"
 _SD3_MARKER = "pos_embed_input.proj.weight"
@@ -192,8 +194,7 @@ def check_pairing(net: FlowControlNet, family: Any, transformer: Any) -> None:
     width = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     if net.arch != family.arch or inner != width:
         raise ModelError(
-            f"ControlNet {net.name} is a {LABELS[net.arch]} ControlNet ({inner} wide), "
-            f"the model is {family.label} ({width} wide)",
+            f"ControlNet {net.name} is {A_LABEL[net.arch]} ({inner} wide), the model is {family.label} ({width} wide)",
             f"use a ControlNet made for {family.label} (`difftool models` lists each one's family)",
         )
 

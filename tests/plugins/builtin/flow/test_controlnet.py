@@ -18,6 +18,7 @@ from difftool.plugins.builtin.flow import controlnet
 from difftool.plugins.builtin.flow.controlled import union_mode
 from difftool.plugins.builtin.flow.tokenizers import clip_tokenizer, t5_tokenizer
 from difftool.plugins.builtin.sd.control import parse_unit
+from difftool.plugins.registry import build_registry
 
 from . import tiny
 
@@ -73,18 +74,22 @@ def flux_reference(parts: dict[str, Any], net: Any, edges: Path, **kwargs: Any) 
                 height=32, generator=torch.Generator().manual_seed(SEED), **kwargs).images[0]  # fmt: skip
 
 
-def test_flux_controlnet_single_file_matches_flux_controlnet_pipeline(edges: Path, tmp_path: Path) -> None:
+def test_flux_controlnet_single_file_matches_flux_controlnet_pipeline(
+    edges: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     parts, net = tiny.flux(seed=31), flux_controlnet(32)
     model = tiny.save_flux_comfy(parts, tmp_path)
     # InstantX's diffusion_pytorch_model.safetensors downloaded alone: diffusers keys, no config
-    file = tiny.save(net.state_dict(), tmp_path / "models" / "controlnet" / "flux-canny.safetensors")
-    assert controlnet.detect(file) == "flux-controlnet"
-    result = ours(model, f"{file}={edges},weight=0.8,start=0.25", guidance_scale=3.5)
+    tiny.save(net.state_dict(), tmp_path / "models" / "controlnet" / "flux-canny.safetensors")
+    monkeypatch.setenv("DIFFTOOL_MODELS", str(tmp_path))
+    listed = {entry.name: entry.family for entry in build_registry(entry_points=False).find_models()}
+    assert listed["flux-canny"] == "flux-controlnet"
+    result = ours(model, f"flux-canny={edges},weight=0.8,start=0.25", guidance_scale=3.5)  # by its listed name
     reference = flux_reference(parts, net, edges, controlnet_conditioning_scale=0.8, control_guidance_start=0.25)
     assert max_diff(result.images[0], reference) <= 2
     plain = ours(model, guidance_scale=3.5).images[0]
     assert max_diff(plain, result.images[0]) > 8  # the ControlNet steers the image
-    assert result.record["control"][0].startswith(f"{file}=")
+    assert result.record["control"][0].startswith("flux-canny=")
 
 
 def test_flux_union_controlnet_takes_the_units_mode(edges: Path, tmp_path: Path) -> None:
@@ -136,11 +141,17 @@ def test_a_controlnet_of_another_family_is_refused_naming_both(edges: Path, tmp_
 
     flux = tiny.save_flux_comfy(tiny.flux(seed=37), tmp_path)
     sd3_net = tiny.save(sd3_controlnet(38).state_dict(), tmp_path / "sd3-canny.safetensors")
-    with pytest.raises(DifftoolError, match=r"sd3-canny is a SD3 ControlNet.*the model is Flux.1 dev"):
+    with pytest.raises(DifftoolError, match=r"sd3-canny is an SD3 ControlNet.*the model is Flux.1 dev"):
         ours(flux, f"{sd3_net}={edges}", guidance_scale=3.5)
     sd15 = sd_tiny.controlnet(sd_tiny.components(vae_levels=4)["unet"])
     sd15_file = sd_tiny.save_controlnet_file(sd15, tmp_path / "control_v11p_sd15_canny.safetensors")
     with pytest.raises(DifftoolError, match=r"control_v11p_sd15_canny.* is an sd1 ControlNet, the model is Flux.1 dev"):
         ours(flux, f"{sd15_file}={edges}", guidance_scale=3.5)
+    sd15_model = sd_tiny.save_folder(sd_tiny.components(vae_levels=4), tmp_path / "sd15")
+    with pytest.raises(
+        DifftoolError, match=r"sd3-canny.safetensors is an SD3 ControlNet, the model is Stable Diffusion 1.x"
+    ):
+        api.run("generate", model=str(sd15_model), prompt="x", steps=2, width=64, height=64,
+                control=[f"{sd3_net}={edges}"])  # fmt: skip
     with pytest.raises(DifftoolError, match="--control runs with generate"):
         api.run("style", str(edges), model=str(flux), prompt="x", steps=2, control=[f"{sd3_net}={edges}"])

@@ -194,7 +194,7 @@ def sample_latents(
         context.denoisers.append(denoiser)
         steps_scheduler = context.make_scheduler(scheduler, config)
         if controls:
-            from difftool.plugins.builtin.flow.controlled import ControlledFlowDenoiser
+            from difftool.plugins.builtin.flow.control_denoiser import ControlledFlowDenoiser
 
             denoiser = ControlledFlowDenoiser(denoiser, controls, steps_scheduler)
         return sample(

@@ -98,15 +98,18 @@ def controls_for(
         if controlnet.arch_of(path) is None:  # an SD 1.x / 2.x / SDXL ControlNet, or none at all
             from difftool.plugins.builtin.sd.controlnet import detect
 
-            what = (detect(path) or "not a ControlNet").removesuffix("-controlnet")
+            base = detect(path)
+            what = f"an {base.removesuffix('-controlnet')} ControlNet" if base else "no ControlNet difftool reads"
             raise ParameterError(
-                f"ControlNet {path.name} is {what if what.startswith('not') else f'an {what} ControlNet'}, "
-                f"the model is {model.family.label}",
-                f"use a ControlNet made for {model.family.label} (`difftool models` lists each one's family)",
+                f"ControlNet {path.name} is {what}, the model is {model.family.label}",
+                f"use a ControlNet made for {model.family.label} in the diffusers layout (a folder, or a file with "
+                "diffusers key names; `difftool models` lists each one's family)",
             )
-    nets = [controlnet.loaded(path, context) for path in paths]
+    head = int(model.transformer.config.attention_head_dim)
+    nets = [controlnet.loaded(path, context, head) for path in paths]
     for net in nets:
         controlnet.check_pairing(net, model.family, model.transformer)
+        controlnet.share_pos_embed(net, model.transformer)
     controls = [
         FlowControl(unit, net, _encode(model, net, unit, size, context), union_mode(unit, net), guidance)
         for unit, net in zip(units, nets, strict=True)

@@ -117,20 +117,21 @@ def flux_config(shapes: Shapes) -> dict[str, Any]:
     }
 
 
-def sd3_config(shapes: Shapes) -> dict[str, Any]:
-    """``SD3ControlNetModel`` config from diffusers-layout shapes. Not in the weights:
+def sd3_config(shapes: Shapes, head: int = 64) -> dict[str, Any]:
+    """``SD3ControlNetModel`` config from diffusers-layout shapes. Not in the weights: the head size when the
+    attention has no q/k norms (``head``: the model's, 64 for every SD 3 / 3.5), and
     ``force_zeros_for_pooled_projection``, taken as InstantX's (True) when the ControlNet reads the text
     (has a ``context_embedder``) and as Stability's SD 3.5 ControlNets' (False) when it does not."""
     hidden, channels, patch, _ = shapes[_SD3_MARKER]
     norm = shapes.get("transformer_blocks.0.attn.norm_q.weight")
-    head = int(norm[0]) if norm else 64
+    head = int(norm[0]) if norm else head
     proj = shapes.get("pos_embed.proj.weight")
     in_channels = int(proj[1]) if proj else 16
     positions = math.isqrt(int(shapes["pos_embed.pos_embed"][1])) if "pos_embed.pos_embed" in shapes else 96
     context = shapes.get("context_embedder.weight")
     qk = "layer_norm" if "transformer_blocks.0.attn.norm_q.bias" in shapes else "rms_norm"
     return {
-        "sample_size": min(128, positions),
+        "sample_size": min(128, positions) if proj else 128,
         "patch_size": int(patch),
         "in_channels": in_channels,
         "out_channels": in_channels,
@@ -156,8 +157,9 @@ def _classes() -> dict[str, Any]:
     return {"sd3": SD3ControlNetModel, "flux": FluxControlNetModel}
 
 
-def load(path: Path, dtype: Any = None) -> FlowControlNet:
-    """A ControlNet from a diffusers folder or a single diffusers-layout file, in ``dtype``."""
+def load(path: Path, dtype: Any = None, head: int = 64) -> FlowControlNet:
+    """A ControlNet from a diffusers folder or a single diffusers-layout file, in ``dtype``; ``head``: the
+    attention head size of the model it steers (what an SD3 file without q/k norms does not say)."""
     from difftool.core.safetensors_check import check_safetensors
     from difftool.plugins.builtin.flow.convert import _assign
 
@@ -180,7 +182,7 @@ def load(path: Path, dtype: Any = None) -> FlowControlNet:
     from safetensors.torch import load_file
 
     shapes = checkpoint.read_shapes(path)
-    config = flux_config(shapes) if arch == "flux" else sd3_config(shapes)
+    config = flux_config(shapes) if arch == "flux" else sd3_config(shapes, head)
     state = load_file(str(path))
     if dtype is not None:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -199,14 +201,23 @@ def check_pairing(net: FlowControlNet, family: Any, transformer: Any) -> None:
         )
 
 
-def loaded(path: Path, context: RunContext) -> FlowControlNet:
+def share_pos_embed(net: FlowControlNet, transformer: Any) -> None:
+    """Stability's SD 3.5 ControlNets (``use_pos_embed`` off) have no patch embedding of their own: they take
+    the transformer's, as diffusers' StableDiffusion3ControlNetPipeline sets it up (each run: the net is cached
+    apart from the model)."""
+    if net.arch == "sd3" and net.module.config.use_pos_embed is False:
+        first = next(net.module.parameters())
+        net.module.pos_embed = net.module._get_pos_embed_from_transformer(transformer).to(first.device, first.dtype)
+
+
+def loaded(path: Path, context: RunContext, head: int = 64) -> FlowControlNet:
     """Load (or reuse) a ControlNet on the run's device in its precision; keeps the :data:`KEPT` used last."""
     import torch
 
-    key = (str(path.resolve()), path.stat().st_mtime_ns, context.dtype, context.device)
+    key = (str(path.resolve()), path.stat().st_mtime_ns, context.dtype, context.device, head)
     cache: dict[Any, FlowControlNet] = current().cache("flow-controlnets", dict)
     if key not in cache:
-        net = load(path, context.torch_dtype)
+        net = load(path, context.torch_dtype, head)
         torch.nn.Module.to(net.module, device=context.torch_device)
         cache[key] = net
     cache[key] = cache.pop(key)  # most recently used last

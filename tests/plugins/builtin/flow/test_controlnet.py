@@ -49,13 +49,18 @@ def flux_controlnet(seed: int, num_mode: int | None = None) -> Any:
     return tiny._randomize(net, seed)
 
 
-def sd3_controlnet(seed: int) -> Any:
+def sd3_controlnet(seed: int, stability: bool = False) -> Any:
+    """InstantX's kind (reads the text, zero pooled text, own patch embedding), or ``stability``: SD 3.5's
+    own ControlNets' kind (no text, pooled text, the transformer's patch embedding)."""
     from diffusers import SD3ControlNetModel
 
+    kind: dict[str, Any] = {"joint_attention_dim": 64, "qk_norm": "rms_norm"}
+    if stability:
+        kind = {"joint_attention_dim": None, "use_pos_embed": False, "pos_embed_type": None,
+                "force_zeros_for_pooled_projection": False}  # fmt: skip
     net = SD3ControlNetModel(
         sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
-        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64, out_channels=16,
-        pos_embed_max_size=16, qk_norm="rms_norm",
+        caption_projection_dim=32, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, **kind,
     )  # fmt: skip
     return tiny._randomize(net, seed)
 
@@ -65,12 +70,13 @@ def ours(model: Path, *control: str, **params: Any) -> api.RunResult:
     return api.run("generate", model=str(model), seed=SEED, control=list(control), **run)
 
 
-def flux_reference(parts: dict[str, Any], net: Any, edges: Path, **kwargs: Any) -> Image.Image:
+def flux_reference(parts: dict[str, Any], net: Any, edges: Path | list[Path], **kwargs: Any) -> Image.Image:
     from diffusers import FluxControlNetPipeline
 
     tokenizers = {"tokenizer": clip_tokenizer("clip_l"), "tokenizer_2": t5_tokenizer()}
     pipe = FluxControlNetPipeline(**copy.deepcopy(parts), controlnet=copy.deepcopy(net), **tokenizers)
-    return pipe(PROMPT, control_image=Image.open(edges), num_inference_steps=STEPS, guidance_scale=3.5, width=32,
+    images = [Image.open(p) for p in edges] if isinstance(edges, list) else Image.open(edges)
+    return pipe(PROMPT, control_image=images, num_inference_steps=STEPS, guidance_scale=3.5, width=32,
                 height=32, generator=torch.Generator().manual_seed(SEED), **kwargs).images[0]  # fmt: skip
 
 
@@ -92,15 +98,35 @@ def test_flux_controlnet_single_file_matches_flux_controlnet_pipeline(
     assert result.record["control"][0].startswith("flux-canny=")
 
 
-def test_flux_union_controlnet_takes_the_units_mode(edges: Path, tmp_path: Path) -> None:
+def test_flux_union_controlnet_takes_each_units_mode(
+    edges: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import FluxControlNetModel, FluxMultiControlNetModel
+
     parts, net = tiny.flux(seed=33), flux_controlnet(34, num_mode=7)
     model = tiny.save_flux_comfy(parts, tmp_path)
     folder = tmp_path / "union"
     net.save_pretrained(folder)  # a diffusers folder (config.json + weights)
     assert controlnet.detect(folder) == "flux-controlnet"
-    depth = ours(model, f"{folder}={edges},mode=depth,end=0.75", guidance_scale=3.5).images[0]
-    reference = flux_reference(parts, net, edges, control_mode=2, control_guidance_end=0.75)
-    assert max_diff(depth, reference) <= 2
+    inverted = tmp_path / "inverted.png"
+    Image.fromarray(255 - np.asarray(Image.open(edges))).save(inverted)
+    # two conditions on one union ControlNet (their residuals summed), each with its mode
+    units = (f"{folder}={edges},mode=depth,end=0.75", f"{folder}={inverted},mode=0,weight=0.5")
+    seen, forward = [], FluxControlNetModel.forward
+
+    def spy(self: Any, *args: Any, controlnet_mode: Any = None, **kwargs: Any) -> Any:
+        seen.append(controlnet_mode[:, 0].tolist())
+        return forward(self, *args, controlnet_mode=controlnet_mode, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FluxControlNetModel, "forward", spy)
+        both = ours(model, *units, guidance_scale=3.5).images[0]
+    # one mode token among 512 text tokens barely moves a tiny model's pixels: check the modes it was given
+    assert seen == [[2], [0]] * 3 + [[0]]  # the first unit ends after 3 of 4 steps
+    multi = FluxMultiControlNetModel([net])
+    reference = flux_reference(parts, multi, [edges, inverted], control_mode=[2, 0],
+                               controlnet_conditioning_scale=[1.0, 0.5], control_guidance_end=[0.75, 1.0])  # fmt: skip
+    assert max_diff(both, reference) <= 2
     loaded = controlnet.load(folder)
     assert loaded.union and [union_mode(parse_unit(f"{folder}=x,{fields}"), loaded) for fields in
                              ("pre=blur", "pre=canny,mode=openpose", "mode=5")] == [3, 4, 5]  # fmt: skip
@@ -110,10 +136,11 @@ def test_flux_union_controlnet_takes_the_units_mode(edges: Path, tmp_path: Path)
         ours(model, f"{folder}={edges},mode=9", guidance_scale=3.5)
 
 
-def test_sd3_controlnet_matches_sd3_controlnet_pipeline(edges: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stability", [False, True], ids=["instantx", "sd3.5"])
+def test_sd3_controlnet_matches_sd3_controlnet_pipeline(edges: Path, tmp_path: Path, stability: bool) -> None:
     from diffusers import StableDiffusion3ControlNetPipeline
 
-    parts, net = tiny.sd3(seed=35), sd3_controlnet(36)
+    parts, net = tiny.sd3(seed=35), sd3_controlnet(36, stability)
     with torch.no_grad():  # SD3 files keep CLIP-L without its projection: the identity
         parts["text_encoder"].text_projection.weight.copy_(torch.eye(32))
         # diffusers samples SD3's control latents from the unseeded global generator; difftool takes the mean.

@@ -110,15 +110,18 @@ def controls_for(
     for net in nets:
         controlnet.check_pairing(net, model.family, model.transformer)
         controlnet.share_pos_embed(net, model.transformer)
+    modes = [union_mode(unit, net) for unit, net in zip(units, nets, strict=True)]  # checked before any encoding
     controls = [
-        FlowControl(unit, net, _encode(model, net, unit, size, context), union_mode(unit, net), guidance)
-        for unit, net in zip(units, nets, strict=True)
+        FlowControl(unit, net, _encode(model, net, unit, size, context), mode, guidance)
+        for unit, net, mode in zip(units, nets, modes, strict=True)
     ]
     context.notes.update(record(controls))
     return controls
 
 
-def _encode(model: Any, net: controlnet.FlowControlNet, unit: ControlUnit, size: tuple[int, int], context: RunContext):
+def _encode(
+    model: Any, net: controlnet.FlowControlNet, unit: ControlUnit, size: tuple[int, int], context: RunContext
+) -> torch.Tensor:
     from difftool.plugins.builtin.flow.pipeline import on_device
     from difftool.plugins.builtin.sd.controlled import control_image
 

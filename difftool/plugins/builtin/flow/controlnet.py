@@ -101,7 +101,8 @@ def flux_config(shapes: Shapes) -> dict[str, Any]:
     hint = shapes.get("input_hint_block.conv_out.weight")
     mode = shapes.get("controlnet_mode_embedder.weight")
     return {
-        "patch_size": 1,
+        # XLabs-style: the hint block's channels x patch^2 make the packed latents' features
+        "patch_size": math.isqrt(int(in_channels) // int(hint[0])) if hint else 1,
         "in_channels": int(in_channels),
         "num_layers": _count(shapes, r"transformer_blocks\.(\d+)\."),
         "num_single_layers": _count(shapes, r"single_transformer_blocks\.(\d+)\."),

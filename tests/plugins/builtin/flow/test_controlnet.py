@@ -182,3 +182,33 @@ def test_a_controlnet_of_another_family_is_refused_naming_both(edges: Path, tmp_
                 control=[f"{sd3_net}={edges}"])  # fmt: skip
     with pytest.raises(DifftoolError, match="--control runs with generate"):
         api.run("style", str(edges), model=str(flux), prompt="x", steps=2, control=[f"{sd3_net}={edges}"])
+
+
+#: Stability's SD 3.5 ControlNets: no text input, no patch embedding of their own, pooled text kept.
+SD35_STABILITY = {"joint_attention_dim": None, "pos_embed_type": None, "use_pos_embed": False,
+                  "force_zeros_for_pooled_projection": False, "qk_norm": None}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        {"num_layers": 5, "num_single_layers": 10, "num_mode": 10, "guidance_embeds": True},  # InstantX union
+        {"num_layers": 2, "num_single_layers": 0, "conditioning_embedding_channels": 16, "patch_size": 2},  # XLabs
+        {"num_layers": 6, "num_attention_heads": 24, "caption_projection_dim": 1536, "pos_embed_max_size": 192},
+        {"num_layers": 19, "num_attention_heads": 38, "caption_projection_dim": 2432, **SD35_STABILITY},
+    ],
+    ids=["flux-union", "flux-xlabs-diffusers", "sd3-instantx", "sd3.5-large-stability"],
+)
+def test_a_single_files_config_is_read_from_its_shapes_at_full_size(kind: dict[str, Any]) -> None:
+    from accelerate import init_empty_weights
+    from diffusers import FluxControlNetModel, SD3ControlNetModel
+
+    cls = SD3ControlNetModel if "caption_projection_dim" in kind else FluxControlNetModel
+    with init_empty_weights():  # full-size configs, no memory
+        net = cls(**kind)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    arch = controlnet.arch_from_shapes(shapes)
+    config = (controlnet.flux_config if arch == "flux" else controlnet.sd3_config)(shapes)
+    plain = {k: list(v) if isinstance(v, tuple) else v for k, v in dict(net.config).items()}
+    assert arch == ("sd3" if cls is SD3ControlNetModel else "flux")
+    assert {k: v for k, v in config.items() if plain[k] != v} == {}

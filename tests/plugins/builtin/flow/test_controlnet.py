@@ -24,6 +24,10 @@ from . import tiny
 
 SEED, STEPS, PROMPT = 5, 4, "a lighthouse at dusk"
 
+#: Stability's SD 3.5 ControlNets: no text input, no patch embedding of their own, pooled text kept.
+SD35_STABILITY = {"joint_attention_dim": None, "pos_embed_type": None, "use_pos_embed": False,
+                  "force_zeros_for_pooled_projection": False, "qk_norm": None}  # fmt: skip
+
 
 def max_diff(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
@@ -54,10 +58,7 @@ def sd3_controlnet(seed: int, stability: bool = False) -> Any:
     own ControlNets' kind (no text, pooled text, the transformer's patch embedding)."""
     from diffusers import SD3ControlNetModel
 
-    kind: dict[str, Any] = {"joint_attention_dim": 64, "qk_norm": "rms_norm"}
-    if stability:
-        kind = {"joint_attention_dim": None, "use_pos_embed": False, "pos_embed_type": None,
-                "force_zeros_for_pooled_projection": False}  # fmt: skip
+    kind: dict[str, Any] = SD35_STABILITY if stability else {"joint_attention_dim": 64, "qk_norm": "rms_norm"}
     net = SD3ControlNetModel(
         sample_size=16, patch_size=2, in_channels=16, num_layers=1, attention_head_dim=16, num_attention_heads=2,
         caption_projection_dim=32, pooled_projection_dim=64, out_channels=16, pos_embed_max_size=16, **kind,
@@ -182,11 +183,6 @@ def test_a_controlnet_of_another_family_is_refused_naming_both(edges: Path, tmp_
                 control=[f"{sd3_net}={edges}"])  # fmt: skip
     with pytest.raises(DifftoolError, match="--control runs with generate"):
         api.run("style", str(edges), model=str(flux), prompt="x", steps=2, control=[f"{sd3_net}={edges}"])
-
-
-#: Stability's SD 3.5 ControlNets: no text input, no patch embedding of their own, pooled text kept.
-SD35_STABILITY = {"joint_attention_dim": None, "pos_embed_type": None, "use_pos_embed": False,
-                  "force_zeros_for_pooled_projection": False, "qk_norm": None}  # fmt: skip
 
 
 @pytest.mark.parametrize(

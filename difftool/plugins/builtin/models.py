@@ -55,7 +55,9 @@ def detect_folder(path: Path) -> str | None:
             return "diffusers (unsupported U-Net)"
     if (path / "model_index.json").is_file():
         return "diffusers-pipeline"
-    return controlnet.detect(path)
+    from difftool.plugins.builtin.flow import controlnet as flow_controlnet  # SD3 / Flux ControlNets
+
+    return controlnet.detect(path) or flow_controlnet.detect(path)
 
 
 def detect_file(path: Path) -> str:
@@ -73,6 +75,10 @@ def detect_file(path: Path) -> str:
         shapes = read_shapes(path)
     except ModelError as error:
         return f"unreadable ({error.problem})"
+    from difftool.plugins.builtin.flow import controlnet as flow_controlnet
+
+    if (arch := flow_controlnet.arch_from_shapes(shapes)) is not None:  # SD3 / Flux ControlNets
+        return flow_controlnet.FAMILIES[arch]
     try:
         kind = component_kind(shapes)
         if kind == "controlnet":

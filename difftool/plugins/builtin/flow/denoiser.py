@@ -17,6 +17,12 @@ from difftool.core.denoiser import Conditioning, Denoiser, copied_to
 from difftool.plugins.builtin.flow.gguf_files import is_quantised
 from difftool.plugins.builtin.flow.scheduler import FLOW_PREDICTION
 
+#: ControlNet residuals passed on to the transformer when the conditioning holds them (flow.controlled).
+RESIDUAL_KEYS = {
+    "sd3": ("block_controlnet_hidden_states",),
+    "flux": ("controlnet_block_samples", "controlnet_single_block_samples", "controlnet_blocks_repeat"),
+}
+
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """(b, c, h, w) -> (b, h/2 * w/2, 4c): Flux's 2 x 2 patches as tokens (diffusers' ``_pack_latents``)."""
@@ -73,10 +79,12 @@ class TransformerDenoiser(Denoiser):
         t = torch.as_tensor(timestep, dtype=torch.float32, device=self.device).reshape(-1).expand(batch)
         text = cond["encoder_hidden_states"].to(self.device, self.dtype)
         pooled = cond["pooled_projections"].to(self.device, self.dtype)
+        residuals = {key: cond[key] for key in RESIDUAL_KEYS[self.arch] if key in cond}
         if self.arch == "sd3":
             out = self.module(
-                hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled, return_dict=False
-            )[0]
+                hidden_states=x, timestep=t, encoder_hidden_states=text, pooled_projections=pooled, return_dict=False,
+                **residuals,
+            )[0]  # fmt: skip
             return out.to(sample.dtype)
         h, w = x.shape[-2:]
         guidance = None
@@ -95,5 +103,6 @@ class TransformerDenoiser(Denoiser):
             txt_ids=torch.zeros(text.shape[1], 3, device=self.device, dtype=self.dtype),
             img_ids=image_ids(h // 2, w // 2, self.device, self.dtype),
             return_dict=False,
+            **residuals,
         )[0]
         return unpack(out, h, w).to(sample.dtype)

@@ -187,12 +187,13 @@ def sample_latents(
     noise: torch.Tensor | None = None,
     step_hook_for: Callable[[Any], Any] | None = None,
     shift: float | None = None,
+    controls: Any = None,
 ) -> torch.Tensor:
     """Latents (1, 16, h, w) for ``size`` through the core sampler; from ``init`` noised to ``strength``
     (img2img) when given. ``noise``: drawn already (inpainting draws it between two VAE samples);
     ``step_hook_for(scheduler)``: the core sampler's step hook, made with the run's scheduler (which
     inpainting's latent blending noises the known region with); ``shift`` in place of the model's
-    (``--shift``)."""
+    (``--shift``); ``controls``: ControlNet units (:func:`.controlled.controls_for`)."""
     from difftool.core.sampler import sample
     from difftool.plugins.builtin.flow.exported import transformer_denoiser
     from difftool.plugins.builtin.flow.samplers import with_shift
@@ -207,6 +208,10 @@ def sample_latents(
         denoiser = transformer_denoiser(model, transformer, context, (h, w), cfg=cfg, text=tokens)
         context.denoisers.append(denoiser)
         flow_scheduler = context.make_scheduler(scheduler, config)
+        if controls:
+            from difftool.plugins.builtin.flow.control_denoiser import ControlledFlowDenoiser
+
+            denoiser = ControlledFlowDenoiser(denoiser, controls, flow_scheduler)
         return sample(
             denoiser,
             flow_scheduler,

@@ -30,7 +30,7 @@ from difftool.plugins.hookspecs import hookimpl
 #: ComfyUI's folders for transformer-only files, under a model root.
 DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
 #: ``generate`` options these families do not take yet (refused when set).
-NOT_YET = ("embedding", "refiner", "control", "hires")
+NOT_YET = ("embedding", "refiner", "hires")
 
 
 class FlowFamilies(ModelFamily):
@@ -52,14 +52,19 @@ class FlowFamilies(ModelFamily):
 
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
         if task == "style":
+            from difftool.plugins.builtin.flow.controlled import check_task
             from difftool.plugins.builtin.flow.img2img import style
 
             model = _checked_model(request, context)
+            check_task(task, request.params, model.family.label)
             return style(request, context, model)
         if task == "inpaint":  # Flux Fill as FluxFillPipeline; SD3, Flux dev / schnell by latent blending
+            from difftool.plugins.builtin.flow.controlled import check_task
             from difftool.plugins.builtin.flow.inpaint import inpaint
 
-            return inpaint(request, context, _checked_model(request, context))
+            model = _checked_model(request, context)
+            check_task(task, request.params, model.family.label)
+            return inpaint(request, context, model)
         return generate(request, context)
 
 
@@ -113,7 +118,12 @@ def _checked_model(request: TaskRequest, context: RunContext) -> Any:
     if reference and _given(request, "true_cfg"):  # Redux lengthens the prompt past the negative's tokens
         raise ParameterError("--true-cfg does not run with --reference (Flux Redux) yet", "drop one of them")
     if context.backend_name != "torch":  # the export is the plain transformer: no Fill inputs, no Redux bias
-        extra = "a Flux Fill model" if model.family.inpainting else "--reference" if reference else ""
+        extra = (
+            "a Flux Fill model" if model.family.inpainting
+            else "--reference" if reference
+            else "--control" if _given(request, "control")
+            else ""
+        )  # fmt: skip
         if extra:
             raise ParameterError(f"--backend {context.backend_name} does not run {extra} yet", "use --backend torch")
     return model
@@ -144,8 +154,11 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     text = redux.attach(model, text, params, context)  # a --reference's Redux tokens
     scheduler = run_scheduler(params["scheduler"], label)  # flow-euler unless a flow scheduler is named
     size = (width, height)
+    from difftool.plugins.builtin.flow.controlled import controls_for
+
+    controls = controls_for(params, model, context, size, guidance)  # VAE-encoded before the noise, as diffusers
     latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler,
-                                      shift=params["shift"])  # fmt: skip
+                                      shift=params["shift"], controls=controls)  # fmt: skip
     image = pipeline.decode(model, latents, context)
     record = {"task": "generate", "size": f"{width}x{height}", "scheduler": scheduler, **model.record()}
     record |= shift_record(model, params["shift"], size)

@@ -28,7 +28,7 @@ _FIX = "write --control MODEL=IMAGE[,pre=canny][,weight=0.8][,start=0][,end=1][,
 #: inside and pads the rest (black: no edges, no lines; -1 for the inpaint preprocessor: to be made).
 RESIZE_MODES = {"crop": "Crop and Resize", "just": "Just Resize", "fill": "Resize and Fill"}
 #: The families ``difftool models`` gives ControlNets: a unit's listed name must have one of them.
-CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet")
+CONTROLNET_FAMILIES = ("sd1-controlnet", "sd2-controlnet", "sdxl-controlnet", "sd3-controlnet", "flux-controlnet")
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,24 @@ def load_units(
         for unit in units:
             context.registry.preprocessor(unit.pre)  # an unknown name fails before the models load
     paths = [model_path(unit.model, context.registry, CONTROLNET_FAMILIES, "ControlNet") for unit in units]
+    _refuse_flow_controlnets(paths, model.family)
     nets = [controlnet.loaded(path, context, allow_pickle) for path in paths]
     for net in nets:
         controlnet.check_family(net, model.family, model.unet)
     return list(zip(units, nets, strict=True))
+
+
+def _refuse_flow_controlnets(paths: Sequence[Any], family: Any) -> None:
+    """An SD3 / Flux ControlNet beside a Stable Diffusion model: one line naming both."""
+    from difftool.plugins.builtin.flow.controlnet import A_LABEL, arch_of  # the flow plugin reads SD's units
+
+    for path in paths:
+        arch = arch_of(path)
+        if arch is not None:
+            raise ParameterError(
+                f"ControlNet {path.name} is {A_LABEL[arch]}, the model is {family.label}",
+                f"use a ControlNet made for {family.label} (`difftool models` lists each one's family)",
+            )
 
 
 def prepare(

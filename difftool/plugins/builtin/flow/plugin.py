@@ -30,7 +30,7 @@ from difftool.plugins.hookspecs import hookimpl
 #: ComfyUI's folders for transformer-only files, under a model root.
 DIFFUSION_FOLDERS = ("models/diffusion_models", "models/unet", "diffusion_models", "unet")
 #: ``generate`` options these families do not take yet (refused when set).
-NOT_YET = ("embedding", "refiner", "hires")
+NOT_YET = ("embedding", "refiner")
 
 
 class FlowFamilies(ModelFamily):
@@ -159,9 +159,14 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
     controls = controls_for(params, model, context, size, guidance)  # VAE-encoded before the noise, as diffusers
     latents = pipeline.sample_latents(model, text, context, size=size, steps=int(params["steps"]), scheduler=scheduler,
                                       shift=params["shift"], controls=controls)  # fmt: skip
-    image = pipeline.decode(model, latents, context)
     record = {"task": "generate", "size": f"{width}x{height}", "scheduler": scheduler, **model.record()}
     record |= shift_record(model, params["shift"], size)
+    if params["hires"] and params["hires"] > 1.0:  # A1111's hires fix: a second, img2img pass
+        from difftool.plugins.builtin.flow.hires import second_pass
+
+        latents, hires_record = second_pass(model, latents, text, params, context, size, scheduler)
+        record |= hires_record
+    image = pipeline.decode(model, latents, context)
     if model.family.guidance_embeds:
         record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; a CFG batch only with --true-cfg
     return TaskResult([to_pil(to_numpy(image))], record)

@@ -170,8 +170,8 @@ def test_cli_generates_with_a_comfyui_flux_file(models: dict, tmp_path: Path) ->
 def test_unsupported_options_and_sizes_are_refused_in_one_line(models: dict) -> None:
     from difftool.core.errors import ParameterError
 
-    with pytest.raises(ParameterError, match="--hires is not supported"):
-        ours(models["flux-folder"], hires=2.0)
+    with pytest.raises(ParameterError, match="--refiner is not supported"):
+        ours(models["flux-folder"], refiner=str(models["sd3-folder"]))
     with pytest.raises(ParameterError, match="multiples of 4"):
         ours(models["flux-folder"], width=30)
 

@@ -36,7 +36,7 @@ NOT_YET = ("embedding", "refiner")
 class FlowFamilies(ModelFamily):
     name = "flow"
     families = tuple(FAMILIES)
-    tasks = ("generate", "style", "inpaint")
+    tasks = ("generate", "style", "inpaint", "upscale-sd")
     #: ``--reference`` is read here (Flux Redux, :mod:`flow.redux`), not by SD's IP-Adapter.
     takes_reference = True
 
@@ -65,6 +65,10 @@ class FlowFamilies(ModelFamily):
             model = _checked_model(request, context)
             check_task(task, request.params, model.family.label)
             return inpaint(request, context, model)
+        if task == "upscale-sd":  # the SD tiles, each repainted by this family's img2img
+            from difftool.plugins.builtin.flow.upscale import upscale_sd
+
+            return upscale_sd(request, context, _checked_model(request, context))
         return generate(request, context)
 
 

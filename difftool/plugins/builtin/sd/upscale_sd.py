@@ -20,7 +20,8 @@ from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin.sd import hires, ip_adapter, pipeline
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
-from difftool.plugins.builtin.sd.models import LOAD_PARAMS, sd_model_for
+from difftool.plugins.builtin.sd.family_params import FLOW_PARAMS, refuse_flow_params
+from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, sd_model_for
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import PROMPT_PARAMS, encode_text, latent_shapes, prompt_tokens, run_sd
 from difftool.plugins.builtin.upscalers import SUPERRES_FAMILIES
@@ -48,6 +49,28 @@ def ramp(length: int, overlap: int, before: bool, after: bool) -> np.ndarray:
     return weight
 
 
+def refine_tiles(
+    upscaled: np.ndarray, tile: int, overlap: int, refine: Callable[[np.ndarray], np.ndarray], context: RunContext
+) -> np.ndarray:
+    """``upscaled`` (H x W x 3 floats) repainted tile by tile by ``refine``, tiles blended across ``overlap``."""
+    height, width = upscaled.shape[:2]
+    total = np.zeros((height, width, 3), np.float32)
+    weights = np.zeros((height, width, 1), np.float32)
+    xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+    th, tw = min(tile, height), min(tile, width)  # every tile has this size
+    for row, top in enumerate(ys):
+        for col, left in enumerate(xs):
+            context.cancel.raise_if_cancelled()
+            refined = refine(upscaled[top : top + th, left : left + tw])
+            wy = ramp(th, overlap, row > 0, row < len(ys) - 1)
+            wx = ramp(tw, overlap, col > 0, col < len(xs) - 1)
+            window = (wy[:, None] * wx[None, :])[..., None]
+            total[top : top + th, left : left + tw] += refined * window
+            weights[top : top + th, left : left + tw] += window
+    total /= weights  # in place: no second full-size float array
+    return total
+
+
 class UpscaleSD(Task):
     name = "upscale-sd"
     summary = "Upscale, then repaint detail tile by tile with Stable Diffusion (A1111's SD upscale)"
@@ -70,6 +93,7 @@ class UpscaleSD(Task):
         Param("overlap", "int", default=64, min=8, max=512, help="overlap between tiles, in output pixels"),
         *PROMPT_PARAMS,
         *ip_adapter.REFERENCE_PARAMS,
+        *FLOW_PARAMS,  # SD3 / Flux only
         *LOAD_PARAMS,
     )
 
@@ -101,6 +125,10 @@ class UpscaleSD(Task):
 
     @ip_adapter.with_reference  # the reference encoded once, its image tokens in every tile
     def run(self, request: TaskRequest, context: RunContext) -> TaskResult:
+        family = delegated_family(context, self.name)
+        if family is not None:  # another architecture's plugin (SD3, Flux) refines the tiles
+            return family.run(self.name, request, context)
+        refuse_flow_params(request.params)
         params = request.params
         image: LoadedImage = request.inputs["image"]
         tile, overlap = params.tile, params.overlap  # checked against each other at preflight (check)
@@ -109,35 +137,22 @@ class UpscaleSD(Task):
         model = sd_model_for(context, params)
         if model.family.inpainting:
             raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to upscale-sd")
-        upscaled = self._upscale(image.rgb, (width, height), params.upscaler, context)
-        total = np.zeros((height, width, 3), np.float32)
-        weights = np.zeros((height, width, 1), np.float32)
+        upscaled = self.upscale(image.rgb, (width, height), params.upscaler, context)
+        th, tw = min(params.tile, height), min(params.tile, width)  # every tile has this size
+        text = encode_text(model, context, params, params.prompt, params.negative_prompt, (tw, th))  # once for all
+        result = refine_tiles(upscaled, tile, overlap, lambda crop: self._refine(model, crop, params, context, text),
+                              context)  # fmt: skip
         xs, ys = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
-        th, tw = min(tile, height), min(tile, width)  # every tile has this size
-        texts = (params.prompt, params.negative_prompt)
-        text = encode_text(model, context, params, *texts, (tw, th))  # once for all the tiles
-        for row, top in enumerate(ys):
-            for col, left in enumerate(xs):
-                context.cancel.raise_if_cancelled()
-                crop = upscaled[top : top + th, left : left + tw]
-                refined = self._refine(model, crop, params, context, text)
-                wy = ramp(th, overlap, row > 0, row < len(ys) - 1)
-                wx = ramp(tw, overlap, col > 0, col < len(xs) - 1)
-                window = (wy[:, None] * wx[None, :])[..., None]
-                total[top : top + th, left : left + tw] += refined * window
-                weights[top : top + th, left : left + tw] += window
-        total /= weights  # in place: no second full-size float array
-        result = total
         record = {
             "task": self.name,
             "size": f"{width}x{height}",
             "tiles": len(xs) * len(ys),
             **model.record(),
         }
-        return TaskResult([to_pil(result, _scaled_alpha(image, (width, height)))], record)
+        return TaskResult([to_pil(result, scaled_alpha(image, (width, height)))], record)
 
     @staticmethod
-    def _upscale(rgb: np.ndarray, size: tuple[int, int], upscaler: str, context: RunContext) -> np.ndarray:
+    def upscale(rgb: np.ndarray, size: tuple[int, int], upscaler: str, context: RunContext) -> np.ndarray:
         if upscaler == "lanczos":
             channels = [Image.fromarray(rgb[..., c], "F").resize(size, Image.Resampling.LANCZOS) for c in range(3)]
             return np.clip(np.stack([np.asarray(c) for c in channels], axis=-1), 0.0, 1.0).astype(np.float32)
@@ -162,7 +177,7 @@ class UpscaleSD(Task):
         return pipeline.to_numpy(pipeline.decode_latents(model, latents, context))
 
 
-def _scaled_alpha(image: LoadedImage, size: tuple[int, int]) -> np.ndarray | None:
+def scaled_alpha(image: LoadedImage, size: tuple[int, int]) -> np.ndarray | None:
     if image.alpha is None:
         return None
     alpha = Image.fromarray(image.alpha.astype(np.float32), "F").resize(size, Image.Resampling.LANCZOS)

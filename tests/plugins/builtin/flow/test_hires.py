@@ -57,3 +57,22 @@ def test_hires_with_control_is_refused_in_one_line(tmp_path: Path) -> None:
         from difftool.plugins.builtin.flow.hires import second_pass
 
         second_pass(model, None, None, Params({"control": ("x",), "hires": 2.0}), None, (64, 64), "flow-euler")
+
+
+def test_upscale_sd_with_flux_repaints_each_tile_as_flux_img2img(tmp_path: Path) -> None:
+    """One tile is exactly the family's img2img (``style``, which equals FluxImg2ImgPipeline) of that tile;
+    a wider output runs in overlapping tiles padded to the model's multiples and blended back."""
+    from PIL import Image
+
+    folder = tiny.save_folder(tiny.flux(seed=12), tmp_path / "flux")
+    rng = np.random.default_rng(0)
+    source = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(source)
+    common = {"model": str(folder), "prompt": PROMPT, "steps": STEPS, "seed": SEED, "guidance_scale": 3.5,
+              "strength": 0.5, "dtype": "fp32"}  # fmt: skip
+    tiled = api.run("upscale-sd", source, scale=1.0, upscaler="lanczos", **common)
+    styled = api.run("style", source, **common)
+    assert tiled.record["tiles"] == 1 and max_diff(tiled.images[0], styled.images[0]) <= 2
+    wide = api.run("upscale-sd", source, scale=1.5, upscaler="lanczos", tile=24, overlap=8, **common)
+    assert wide.images[0].size == (48, 48) and wide.record["tiles"] == 9  # 24 px tiles padded to 32 for Flux
+    assert wide.record["model_family"] == "flux"

@@ -219,6 +219,9 @@ def test_fp8_weights_stay_fp8_and_compute_in_bf16(flux_parts: dict, tmp_path: Pa
     block = model.transformer.transformer_blocks[0]
     assert block.attn.to_q.weight.dtype == torch.float8_e4m3fn  # kept in fp8 between uses
     assert block.attn.norm_q.weight.dtype == torch.bfloat16  # norms are not cast layer by layer
+    # the AdaLN modulation linears stay as stored too (diffusers' "norm" name pattern would widen them)
+    assert block.norm1.linear.weight.dtype == torch.float8_e4m3fn
+    assert model.transformer.single_transformer_blocks[0].norm.linear.weight.dtype == torch.float8_e4m3fn
     low = np.asarray(ours(fp8_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
     high = np.asarray(ours(wide_file, guidance_scale=3.5, dtype="bf16"), dtype=np.float32)
     assert low.std() > 1 and np.abs(low - high).max() <= 2  # fp8 storage changes nothing but memory

@@ -216,7 +216,7 @@ def run_sd3(tmp: Path, layers: int, steps: int) -> dict:
 
 
 # --- Flux.1 dev, fp8: peak RSS of a whole low-memory run ---------------------------------------------
-def build_flux(root: Path, layers: tuple[int, int], t5_layers: int) -> tuple[Path, int, int]:
+def build_flux(root: Path, layers: tuple[int, int], t5_layers: int) -> tuple[Path, int, dict]:
     import tiny
     from diffusers import FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
@@ -227,8 +227,6 @@ def build_flux(root: Path, layers: tuple[int, int], t5_layers: int) -> tuple[Pat
     config = dict(FLUX_DEV, num_layers=layers[0], num_single_layers=layers[1])
     with torch.device("meta"):  # BFL's key names from diffusers' (the layout flux1-dev.safetensors has)
         meta = tiny.bfl_flux_keys(FluxTransformer2DModel(**config).state_dict())
-        full = sum(math.prod(v.shape) for v in FluxTransformer2DModel(**FLUX_DEV).parameters() if v.ndim >= 2)
-    left_out = full - sum(math.prod(v.shape) for v in meta.values() if v.ndim >= 2)  # fp8 bytes not built
     model = models / "diffusion_models" / "flux1-dev-fp8.safetensors"
     params = write_random(model, {k: tuple(v.shape) for k, v in meta.items()}, torch.float8_e4m3fn, torch.bfloat16)
     t5 = dict(base_configs()["t5xxl"], num_layers=t5_layers)
@@ -238,39 +236,94 @@ def build_flux(root: Path, layers: tuple[int, int], t5_layers: int) -> tuple[Pat
     save_small(clip("clip_l", None), models / "text_encoders" / "clip_l.safetensors")
     levels = len(base_configs()["vae"]["block_out_channels"])
     save_small(vae("flux"), models / "vae" / "ae.safetensors", lambda s: tiny.ldm_vae_keys(s, levels))
-    return model, params, left_out
+    return model, params, config
 
 
-def timed_run(args: list[str]) -> tuple[float, float, str]:
-    """Seconds, peak RSS (GiB) and outcome of one ``difftool ...`` command in a fresh process; as
-    measure.timed_run, but the peak is read even when the run fails (a failure is the outcome, not a crash)."""
+#: The child process: runs ``difftool ARGS``, then prints its time, outcome, VmHWM and the peaks (sampled every
+#: 0.1 s) of its anonymous memory and of its file-backed pages: safetensors maps weight files, and those
+#: clean pages count in RSS though the kernel can drop them and read them again.
+CHILD = """
+import sys, threading, time
+peaks = {"RssAnon": 0, "RssFile": 0}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(line.split()[1]))
+        time.sleep(0.1)
+threading.Thread(target=sample, daemon=True).start()
+from difftool.cli import main
+t, ok = time.perf_counter(), "ok"
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    ok = "ok" if not e.code else f"exit_{e.code}"
+print("SECONDS", time.perf_counter() - t)
+print("OUTCOME", ok)
+print("RSS", [line for line in open("/proc/self/status") if line.startswith("VmHWM")][0].split()[1])
+print("ANON", peaks["RssAnon"])
+print("FILE", peaks["RssFile"])
+"""
+
+
+def flux_bytes(config: dict) -> tuple[int, int]:
+    """(bytes of the fp8 file, bytes its loading casts to bf16) for a Flux transformer of ``config``: the layers
+    diffusers' layerwise casting skips (norms' modulation linears, embedders, the output projection) are cast
+    to the compute precision when loaded, as ``difftool.plugins.builtin.flow.fp8.keep_in_fp8`` picks them."""
+    import re
+
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks._common import _GO_LC_SUPPORTED_PYTORCH_LAYERS
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+
+    with torch.device("meta"):
+        module = FluxTransformer2DModel(**config)
+    patterns = (*DEFAULT_SKIP_MODULES_PATTERN, *(module._keep_in_fp32_modules or ()),
+                *(module._skip_layerwise_casting_patterns or ()))  # fmt: skip
+    file = anon = 0
+    for name, sub in module.named_modules():
+        hooked = isinstance(sub, _GO_LC_SUPPORTED_PYTORCH_LAYERS) and not any(re.search(p, name) for p in patterns)
+        for p in sub.parameters(recurse=False):
+            file += p.numel() * (1 if p.ndim >= 2 else 2)
+            anon += 0 if hooked else p.numel() * 2
+    return file, anon
+
+
+def timed_run(args: list[str]) -> dict[str, float | str]:
+    """Seconds, outcome and peak memory (GiB: ``rss``, ``anon``, ``file``) of one ``difftool ...`` command in a
+    fresh process; as measure.timed_run, but read even when the run fails (the outcome says so)."""
     import subprocess
 
-    code = (
-        "import sys, time; from difftool.cli import main; t = time.perf_counter(); ok = 'ok'\n"
-        "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    ok = 'ok' if not e.code else f'exit {e.code}'\n"
-        "print('SECONDS', time.perf_counter() - t)\nprint('OUTCOME', ok.replace(' ', '_'))\n"
-        "print('RSS', [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])"
-    )
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
-    values = dict(line.split() for line in out.stdout.splitlines() if line.startswith(("SECONDS", "RSS", "OUTCOME")))
+    out = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, cwd=ROOT)
+    keys = ("SECONDS", "OUTCOME", "RSS", "ANON", "FILE")
+    values = dict(line.split() for line in out.stdout.splitlines() if line.startswith(keys))
     if "RSS" not in values:
         raise RuntimeError(out.stderr[-2000:])
     if values["OUTCOME"] != "ok":
         print(out.stderr[-2000:], file=sys.stderr)
-    return float(values["SECONDS"]), int(values["RSS"]) / 2**20, values["OUTCOME"]
+    gib = {k.lower(): round(int(values[k]) / 2**20, 2) for k in ("RSS", "ANON", "FILE")}
+    return {"seconds": round(float(values["SECONDS"]), 1), "outcome": values["OUTCOME"], **gib}
 
 
 def run_flux(tmp: Path, layers: tuple[int, int], t5_layers: int, steps: int) -> dict:
-    model, params, left_out = build_flux(tmp, layers, t5_layers)
+    model, params, config = build_flux(tmp, layers, t5_layers)
     r: dict = {"flux_params_m": round(params / 1e6, 1), "flux_layers": list(layers), "flux_t5_layers": t5_layers,
                "flux_steps": steps, "flux_file_gib": round(model.stat().st_size / 2**30, 2)}  # fmt: skip
     args = ["run", "generate", "--model", str(model), "--prompt", "a photo", "--steps", str(steps),
             "--width", str(SIZE), "--height", str(SIZE), "--dtype", "bf16", "--seed", "0",
             "--backend-opt", "offload=model", "-o", str(tmp / "flux.png")]  # fmt: skip
-    seconds, rss, outcome = timed_run(args)
-    r |= {"flux_lowmem_rss_gib": round(rss, 2), "flux_lowmem_seconds": round(seconds, 1), "flux_outcome": outcome}
-    r["flux_full_rss_estimate_gib"] = round(rss + left_out / 2**30, 2)
+    run = timed_run(args)
+    r |= {"flux_lowmem_rss_gib": run["rss"], "flux_lowmem_anon_gib": run["anon"], "flux_lowmem_file_gib": run["file"],
+          "flux_lowmem_seconds": run["seconds"], "flux_outcome": run["outcome"]}  # fmt: skip
+    if config != FLUX_DEV:  # what the blocks left out would add: their file pages and their bf16 layers
+        (file_full, anon_full), (file_built, anon_built) = flux_bytes(FLUX_DEV), flux_bytes(config)
+        r["flux_full_file_gap_gib"] = round((file_full - file_built) / 2**30, 2)
+        r["flux_full_anon_gap_gib"] = round((anon_full - anon_built) / 2**30, 2)
+        r["flux_full_rss_estimate_gib"] = round(
+            float(run["rss"]) + r["flux_full_file_gap_gib"] + r["flux_full_anon_gap_gib"], 2
+        )
+        r["flux_full_anon_estimate_gib"] = round(float(run["anon"]) + r["flux_full_anon_gap_gib"], 2)
     print(r, flush=True)
     return r
 
@@ -326,19 +379,25 @@ first not counted).
         if full
         else f"{layers[0]} double + {layers[1]} single of 19 + 38 blocks"
     )
-    estimate = (
-        ""
-        if full
-        else (
-            f" With all 57 blocks the transformer's fp8 weights add the blocks left out, for an estimated peak of"
-            f" **{get('flux_full_rss_estimate_gib')} GiB**."
+    estimate = ""
+    if not full:
+        estimate = (
+            f" The {57 - sum(layers)} blocks left out would add {get('flux_full_file_gap_gib')} GiB of fp8 file pages"
+            f" and {get('flux_full_anon_gap_gib')} GiB of layers cast to bf16 at load (the modulation linears"
+            f" layerwise casting skips): for the full model an estimated peak RSS of"
+            f" **{get('flux_full_rss_estimate_gib')} GiB**, of which"
+            f" {get('flux_full_anon_estimate_gib')} GiB anonymous."
         )
-    )
-    flux = f"""Flux.1 dev-size transformer (fp8 e4m3fn, {blocks}: {get("flux_params_m")} M parameters in all files,
+    flux = f"""Flux.1 dev-size transformer (fp8 e4m3fn, {blocks}: {get("flux_params_m")} M parameters,
 {get("flux_file_gib")} GiB transformer file), T5-XXL ({get("flux_t5_layers")} of 24 layers, fp8), CLIP-L and the VAE in
 ComfyUI's folders: `difftool run generate --dtype bf16 --backend-opt offload=model` at 512x512,
-{get("flux_steps")} step, fresh process (load, encode, sample, decode; outcome: {get("flux_outcome")}): peak RSS
-**{get("flux_lowmem_rss_gib")} GiB**, {get("flux_lowmem_seconds")} s.{estimate}
+{get("flux_steps")} step, fresh process (load, encode, sample, decode; outcome: {get("flux_outcome")}, {
+        get("flux_lowmem_seconds")
+    } s): peak RSS **{get("flux_lowmem_rss_gib")} GiB**; peak anonymous memory
+{get("flux_lowmem_anon_gib")} GiB, peak file-backed pages {
+        get("flux_lowmem_file_gib")
+    } GiB (the weight files safetensors
+maps: counted in RSS, but clean pages the kernel can drop and read again).{estimate}
 """
     body = f"""## SD 3.5 medium and Flux.1 dev (random weights), 512x512
 

@@ -388,6 +388,12 @@ first not counted).
             f" **{get('flux_full_rss_estimate_gib')} GiB**, of which"
             f" {get('flux_full_anon_estimate_gib')} GiB anonymous."
         )
+        total = Path("/proc/meminfo").read_text().split()[1]  # MemTotal, kB
+        if float(r["flux_full_rss_estimate_gib"]) > int(total) / 2**20:
+            estimate += (
+                f" That is more than this machine's {int(total) / 2**20:.0f} GiB: what does not fit is file pages the"
+                " kernel would drop and read again from disk while sampling, so the full model was not run here."
+            )
     flux = f"""Flux.1 dev-size transformer (fp8 e4m3fn, {blocks}: {get("flux_params_m")} M parameters,
 {get("flux_file_gib")} GiB transformer file), T5-XXL ({get("flux_t5_layers")} of 24 layers, fp8), CLIP-L and the VAE in
 ComfyUI's folders: `difftool run generate --dtype bf16 --backend-opt offload=model` at 512x512,
@@ -402,7 +408,8 @@ maps: counted in RSS, but clean pages the kernel can drop and read again).{estim
     body = f"""## SD 3.5 medium and Flux.1 dev (random weights), 512x512
 
 `python benchmarks/flow.py` on {r["cpu"]} ({r["threads"]} threads), 24 GB RAM, shared with other work
-while it ran (timings are upper bounds; the ratios compare runs made one after the other).
+while it ran: timings are upper bounds, and the ratios compare runs made one after the other under
+changing load, so they are only as steady as that load (rerun on an idle machine for firm figures).
 
 {sd3 if "sd3_layers" in r else ""}
 {flux if "flux_layers" in r else ""}"""

@@ -1,4 +1,5 @@
-"""An example difftool plugin: a ``posterize`` task and a ``ddim-trailing`` scheduler."""
+"""An example difftool plugin: a ``posterize`` task, a ``ddim-trailing`` scheduler and a model family
+(PixArt-Sigma, for ``generate``)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,11 @@ def register_schedulers(register: Callable[..., None]) -> None:
         label="DDIM trailing",
         summary="DDIM with trailing timestep spacing (example plugin)",
     )
+
+
+@hookimpl
+def register_families(register: Callable[..., None]) -> None:
+    # A model family: `generate --model` with a PixArt-Sigma folder runs through difftool's core sampler.
+    from difftool_plugin_example.pixart import PixArtSigma
+
+    register(PixArtSigma())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from PySide6.QtCore import Qt
@@ -156,9 +156,11 @@ class ParamForm(QWidget):
             return PathField(param)
         return PromptEdit() if param.multiline else QLineEdit()
 
-    def reset(self) -> None:
-        """Restore every declared default."""
+    def reset(self, names: Collection[str] | None = None) -> None:
+        """Restore the declared defaults (of ``names`` only, if given)."""
         for param in self.task.params:
+            if names is not None and param.name not in names:
+                continue
             widget, default = self.widgets[param.name], _default(param)
             if _is_editor(widget):
                 widget.reset()  # type: ignore[attr-defined]

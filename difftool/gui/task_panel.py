@@ -91,6 +91,7 @@ class TaskPanel(QWidget):
 
         common = self.common = QFormLayout()
         self.form: ParamForm | None = None
+        self._family_set: dict[str, Any] = {}  # what the picked model's family put in the form
         self.model_box = QComboBox()
         self.model_box.addItem(DEFAULT_CHOICE)
         found = self.models = registry.find_models()
@@ -208,6 +209,7 @@ class TaskPanel(QWidget):
         if not isinstance(self.registry, RemoteRegistry):  # a server's references are its paths: typed, not dropped
             editors |= {p.name: ReferenceImagesField for p in task.params if is_image_list(p)}
         self.form = ParamForm(task, choices, editors)
+        self._family_set = {}
         attach_prompt_history(self.form, self.settings)
         for key, value in self._remembered(name).items():
             try:
@@ -321,11 +323,18 @@ class TaskPanel(QWidget):
 
     def _apply_family_defaults(self) -> None:
         """A picked model whose family has its own defaults (Flux.1 dev: guidance 3.5; schnell: 4 steps) puts
-        them in the form, as the preflight gives them to a CLI run that names neither."""
+        them in the form, as the preflight gives them to a CLI run that names neither. Picking another model
+        puts the declared defaults back where the form still holds what the family set (schnell's CFG 0 must
+        not follow the user to an SD model); a value the user typed meanwhile stays."""
         path, form = self.model_box.currentData(), self.form
-        family = self.registry.family_for(Path(path), form.task.name) if path and form is not None else None
-        if family is not None and form is not None:
-            form.set_values(dict(family.defaults(family.detect(Path(path)) or "", form.task.name)))
+        if form is None:
+            return
+        family = self.registry.family_for(Path(path), form.task.name) if path else None
+        own = dict(family.defaults(family.detect(Path(path)) or "", form.task.name)) if family is not None else {}
+        now = form.values()
+        form.reset([k for k, v in self._family_set.items() if k not in own and now.get(k) == v])
+        form.set_values(own)
+        self._family_set = {k: form.values().get(k) for k in own}
 
     def _show_seed(self) -> None:
         fixed = self.seed_box.value() >= 0

@@ -70,4 +70,10 @@ def test_picking_a_flux_model_puts_its_familys_defaults_in_the_form(qapp, flow_r
     panel.model_box.setCurrentIndex(index)
     panel.model_box.activated.emit(index)
     assert (panel.form.values()["steps"], panel.form.values()["guidance_scale"]) == (28, 3.5)
+    panel.form.set_values({"steps": 12})  # the user's own value stays; the family's guidance goes back to 7
+    panel.model_box.insertItem(1, "sd15-tiny", str(flow_root / "sd15"))  # as Browse… adds a folder
+    index = panel.model_box.findText("sd15-tiny")
+    panel.model_box.setCurrentIndex(index)
+    panel.model_box.activated.emit(index)
+    assert (panel.form.values()["steps"], panel.form.values()["guidance_scale"]) == (12, 7.0)
     win.close()

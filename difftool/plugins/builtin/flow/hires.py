@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from difftool.core.errors import ParameterError
 from difftool.core.params import Params
 from difftool.core.task import RunContext
 
@@ -32,8 +31,6 @@ def second_pass(
     from difftool.plugins.builtin.sd import hires
     from difftool.plugins.builtin.sd.pipeline import to_numpy
 
-    if params.control:
-        raise ParameterError("--hires with --control is not supported for these models yet", "drop one of them")
     target = target_size(model, size, float(params.hires))
     upscaler = hires.upscaler_name(params)
     if upscaler.lower() == "latent":

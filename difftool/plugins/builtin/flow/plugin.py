@@ -118,6 +118,8 @@ def _checked_model(request: TaskRequest, context: RunContext) -> Any:
     _check_options(request.params, model.family.label)
     redux.check(request.params, model)
     check_flow_params(request.params, model.family.arch, model.family.label)
+    if _given(request, "control") and _given(request, "hires") and request.params["hires"] > 1.0:
+        raise ParameterError("--hires with --control is not supported for these models yet", "drop one of them")
     reference = _given(request, "reference")
     if reference and _given(request, "true_cfg"):  # Redux lengthens the prompt past the negative's tokens
         raise ParameterError("--true-cfg does not run with --reference (Flux Redux) yet", "drop one of them")
@@ -170,6 +172,9 @@ def generate(request: TaskRequest, context: RunContext) -> TaskResult:
 
         latents, hires_record = second_pass(model, latents, text, params, context, size, scheduler)
         record |= hires_record
+        if params["shift"] is None and model.scheduler_config.get("use_dynamic_shifting"):
+            del record["shift"]  # Flux dev's shift follows the size: the passes differ, and one value would not
+            # reproduce the image (a fixed --shift would apply to both)
     image = pipeline.decode(model, latents, context)
     if model.family.guidance_embeds:
         record["distilled_guidance"] = guidance  # Forge's "Distilled CFG Scale"; a CFG batch only with --true-cfg

@@ -123,23 +123,22 @@ def _parts_for(params: Mapping[str, Any], model: Any) -> _Parts:
 def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> tuple[Any, dict[str, Any]]:
     """The references' Redux tokens (encoded once per job, kept while the files stay the same) and what the
     metadata records of them (the keys SD's IP-Adapter records)."""
-    from PIL import Image
-
     from difftool.plugins.builtin.flow.pipeline import on_device
+    from difftool.plugins.builtin.sd.ip_adapter_run import reference_identity, reference_images, reference_names
 
     parts = _parts_for(params, model)
-    files = reference_files(params["reference"])
-    key = (parts.sha256, str(parts.encoder_path), tuple((str(f), f.stat().st_mtime_ns) for f in files), context.device)
+    files = reference_files(params["reference"])  # paths, or images a server decoded from the request
+    key = (parts.sha256, str(parts.encoder_path), tuple(reference_identity(f) for f in files), context.device)
     cache: dict[Any, Any] = current().cache("flux-redux-references", dict)
     if key not in cache:
-        images = [Image.open(f).convert("RGB") for f in files]
+        images = reference_images(files)
         with on_device(parts.encoder, context) as encoder, on_device(parts.projector, context) as projector:
             cache[key] = encode(encoder, projector, images)
         while len(cache) > KEPT:
             del cache[next(iter(cache))]
     encoder_path = parts.encoder_path
     record = {
-        "reference": [f.name for f in files],
+        "reference": reference_names(files),
         "ip_adapter": parts.redux.stem if parts.redux.is_file() else parts.redux.name,
         "ip_adapter_hash": parts.sha256[:10],
         "image_encoder": encoder_path.stem if encoder_path.is_file() else encoder_path.name,

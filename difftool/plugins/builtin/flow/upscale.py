@@ -19,7 +19,7 @@ def upscale_sd(request: TaskRequest, context: RunContext, model: Any) -> TaskRes
     from difftool.plugins.builtin.flow.scheduler import run_scheduler
     from difftool.plugins.builtin.sd.models import split_loras
     from difftool.plugins.builtin.sd.pipeline import to_numpy
-    from difftool.plugins.builtin.sd.upscale_sd import UpscaleSD, scaled_alpha, refine_tiles, tile_starts
+    from difftool.plugins.builtin.sd.upscale_sd import UpscaleSD, refine_tiles, scaled_alpha, tile_starts
 
     params = request.params
     if params.reference:

@@ -16,7 +16,7 @@ down block's second one (SDXL: ``up.block_0`` and ``down.block_2``, as diffusers
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -173,7 +173,20 @@ def encode(encoder: Any, images: list[Any], hidden_states: bool) -> tuple[Any, A
     return embeds.float(), uncond.float()
 
 
-def _identity(source: Any) -> tuple[str, Any]:
+def reference_images(files: Sequence[Any]) -> list[Any]:
+    """The references as RGB images: a file decoded as difftool opens any image (its size checked before
+    decoding), an image a server decoded from a request as it is."""
+    from difftool.core.images import open_image
+
+    return [(f if isinstance(f, LoadedImage) else open_image(f)).to_pil().convert("RGB") for f in files]
+
+
+def reference_names(files: Sequence[Any]) -> list[str]:
+    """What a record says of the references: file names only (never a path), ``<image>`` for one sent inline."""
+    return [f.name if isinstance(f, Path) else "<image>" for f in files]
+
+
+def reference_identity(source: Any) -> tuple[str, Any]:
     """What tells a reference apart for the cache: a file's path and time, an in-memory image's pixels."""
     if isinstance(source, Path):
         return (str(source), source.stat().st_mtime_ns)
@@ -193,7 +206,6 @@ class Reference:
 def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Reference | None:
     """The request's reference encoded and projected (once per job), or ``None`` without one."""
     import torch
-    from PIL import Image
 
     if not params["reference"]:
         return None
@@ -204,7 +216,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
     adapter = _adapter_for(path, model, context, allow_pickle)
     encoder_path = find_encoder(path, adapter.width, adapter.hidden_states, params["image_encoder"])
     files = reference_files(params["reference"])
-    key = (adapter.sha256, str(encoder_path), tuple(_identity(f) for f in files), context.device)
+    key = (adapter.sha256, str(encoder_path), tuple(reference_identity(f) for f in files), context.device)
     cache: dict[Any, tuple[Any, Any]] = current().cache("sd-ip-adapter-references", dict)
     if key not in cache:
         encoder = _encoder_for(encoder_path, context)
@@ -214,9 +226,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
                 f"{encoder_width(encoder, adapter.hidden_states)} wide",
                 "pass the encoder the adapter was trained with as --image-encoder",
             )
-        images = [
-            f.to_pil().convert("RGB") if isinstance(f, LoadedImage) else Image.open(f).convert("RGB") for f in files
-        ]
+        images = reference_images(files)
         embeds, uncond = encode(encoder, images, adapter.hidden_states)
         with torch.inference_mode():  # projected once here, not by the U-Net at every step
             cache[key] = (adapter.projection(embeds), adapter.projection(uncond))
@@ -224,7 +234,7 @@ def prepare(params: Mapping[str, Any], model: Any, context: RunContext) -> Refer
             del cache[next(iter(cache))]
     tokens, uncond_tokens = cache[key]
     record = {
-        "reference": [f.name if isinstance(f, Path) else "<image>" for f in files],  # names only, never a path
+        "reference": reference_names(files),
         "ip_adapter": path.stem,
         "ip_adapter_hash": adapter.sha256[:10],
         "image_encoder": encoder_path.stem if encoder_path.is_file() else encoder_path.name,

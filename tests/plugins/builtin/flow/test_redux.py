@@ -136,6 +136,17 @@ def test_comfyui_files_found_by_themselves_match_diffusers_redux(flux: dict[str,
     assert record["image_encoder"] == "sigclip_vision_patch14_384" and record["reference_weight"] == 1.0
 
 
+def test_a_reference_sent_inline_runs_as_its_file_does(flux: dict[str, Any]) -> None:
+    """A server decodes a request's ``{"image": base64}`` reference into an image in memory: Redux takes it
+    as it takes the file (found by review: it called ``.stat()`` on it), and records no name for it."""
+    from difftool.core.images import open_image
+
+    by_path = ours(flux["comfy"], reference=[flux["refs"][0]], reference_weight=1.0)
+    inline = ours(flux["comfy"], reference=[open_image(flux["refs"][0])], reference_weight=1.0)
+    assert max_diff(inline.images[0], by_path.images[0]) == 0
+    assert inline.record["reference"] == ["<image>"]
+
+
 @pytest.mark.slow  # six runs of the tiny Flux
 def test_a_folder_of_references_and_a_weight_match_diffusers(flux: dict[str, Any]) -> None:
     """diffusers' layout: FLUX.1-Redux-dev's folder as --ip-adapter, two references averaged, weight 0.5."""

@@ -343,6 +343,8 @@ def main() -> None:
     flux_layers = tuple(int(n) for n in (args.flux_layers or ("1,2" if args.quick else "19,38")).split(","))
     t5_layers = args.t5_layers or (2 if args.quick else 24)
     previous = json.loads(JSON.read_text()) if JSON.is_file() and not args.quick else {}
+    rerun = ("sd3_", "flux_") if args.part == "all" else (f"{args.part}_",)
+    previous = {k: v for k, v in previous.items() if not k.startswith(rerun)}  # no stale figure of a part rerun
     results = {**previous, "cpu": cpu_name(), "threads": torch.get_num_threads(), "quick": args.quick}
     with tempfile.TemporaryDirectory() as tmp:
         if args.part in ("all", "sd3"):

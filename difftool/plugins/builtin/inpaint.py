@@ -29,13 +29,13 @@ from difftool.core.images import LoadedImage, to_pil, to_uint8
 from difftool.core.params import Params
 from difftool.core.task import ExportShapes, Param, RunContext, Task, TaskRequest, TaskResult
 from difftool.plugins.builtin import pixel_model
-from difftool.plugins.builtin.masks import crop_box, dilate, feather, mask_array, push_pull_fill
+from difftool.plugins.builtin.masks import crop_box, dilate, feather, push_pull_fill
 from difftool.plugins.builtin.sd import ip_adapter
 from difftool.plugins.builtin.sd.control import CONTROL_PARAM
 from difftool.plugins.builtin.sd.control import check_backend as check_control_backend
 from difftool.plugins.builtin.sd.families import BASE_FAMILIES
 from difftool.plugins.builtin.sd.family_params import FLOW_PARAMS, refuse_flow_params
-from difftool.plugins.builtin.sd.inpaint import parse_extend
+from difftool.plugins.builtin.sd.inpaint import parse_extend, requested_mask
 from difftool.plugins.builtin.sd.models import LOAD_PARAMS, delegated_family, is_sd_request
 from difftool.plugins.builtin.sd.prompt_chunks import check_prompt_length, prompt_param
 from difftool.plugins.builtin.sd.tasks import DEFAULT_SCHEDULER, DEFAULT_STEPS, EMBEDDING_PARAM
@@ -137,13 +137,7 @@ class Inpaint(Task):
         refuse_flow_params(request.params)
         image: LoadedImage = request.inputs["image"]
         params = request.params
-        extend = parse_extend(params.extend)
-        if params.mask is None and not any(extend):
-            raise ParameterError("inpaint needs a mask", "pass --mask FILE (white = repaint) or --extend L,R,T,B")
-        if params.mask is not None:
-            mask = mask_array(params.mask, image.size, params.resize_mask)
-        else:
-            mask = np.zeros((image.height, image.width), np.float32)
+        mask, extend = requested_mask(params, image)
         if is_sd_request(context.model, context):
             return self._run_sd(image, mask, extend, params, context)
         if any(extend) or params.control:

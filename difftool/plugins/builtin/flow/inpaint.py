@@ -31,8 +31,8 @@ DEFAULT_CONTEXT, DEFAULT_STRENGTH = 64, 1.0
 
 def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult:
     from difftool.plugins.builtin.flow.samplers import shift_record
-    from difftool.plugins.builtin.masks import dilate, feather, mask_array
-    from difftool.plugins.builtin.sd.inpaint import extend_canvas, parse_extend
+    from difftool.plugins.builtin.masks import dilate, feather
+    from difftool.plugins.builtin.sd.inpaint import extend_canvas, requested_mask
     from difftool.plugins.builtin.sd.tasks import DEFAULT_STEPS
 
     params = request.params
@@ -42,13 +42,7 @@ def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult
             "drop --reference, or use generate / style for Flux Redux",
         )
     image: LoadedImage = request.inputs["image"]
-    extend = parse_extend(params.extend)
-    if params.mask is None and not any(extend):
-        raise ParameterError("inpaint needs a mask", "pass --mask FILE (white = repaint) or --extend L,R,T,B")
-    if params.mask is not None:
-        mask = mask_array(params.mask, image.size, params.resize_mask)
-    else:
-        mask = np.zeros((image.height, image.width), np.float32)
+    mask, extend = requested_mask(params, image)
     rgb, alpha, mask = extend_canvas(image.rgb, image.alpha, mask, extend)
     mask = dilate(mask, params.dilate)
     weight = feather(mask, params.feather)

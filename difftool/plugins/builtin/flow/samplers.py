@@ -24,73 +24,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from difftool.core.errors import ParameterError
-from difftool.core.scheduler import Scheduler, SchedulerStep
-from difftool.plugins.builtin.flow.scheduler import FLOW_PREDICTION, calculate_shift, is_flow_config
+from difftool.plugins.builtin.flow.scheduler import FLOW_PREDICTION, FlowSampler, calculate_shift, is_flow_config
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 #: The multistep solvers' flow configuration on top of the model's schedule config.
 _FLOW_SOLVER = {"use_flow_sigmas": True, "prediction_type": FLOW_PREDICTION}
-
-
-class FlowSampler(Scheduler):
-    """A diffusers flow-matching scheduler behind the core interface; sigmas from 1 (noise) to 0."""
-
-    prediction_type = FLOW_PREDICTION
-
-    def __init__(self, impl: Any, seq_len: int, flux_sigmas: bool, flow_config: Mapping[str, Any]) -> None:
-        self.impl, self.seq_len, self.flux_sigmas, self.flow_config = impl, seq_len, flux_sigmas, dict(flow_config)
-
-    @property
-    def init_noise_sigma(self) -> float:
-        return 1.0
-
-    def set_timesteps(self, num_steps: int, strength: float = 1.0) -> None:
-        import numpy as np
-
-        if num_steps < 1:
-            raise ParameterError(f"steps must be at least 1, got {num_steps}", "pass --steps 1 or more")
-        config = self.impl.config
-        kwargs: dict[str, Any] = {}
-        if config.get("use_dynamic_shifting"):  # mu from the model's own config (the solvers drop its keys)
-            kwargs["mu"] = calculate_shift(self.seq_len, self.flow_config)
-        # FluxPipeline plans linspace(1, 1/n, n) before shifting, except for schedulers with their own flow sigmas.
-        if self.flux_sigmas and not config.get("use_flow_sigmas"):
-            kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
-        self.impl.set_timesteps(num_steps, device="cpu", **kwargs)
-        timesteps = self.impl.timesteps
-        if strength < 1.0:
-            if strength <= 0.0:
-                raise ParameterError(f"--strength {strength} is outside (0, 1]", "pass --strength such as 0.6")
-            # The flow img2img pipelines' rule: int(n - n * strength) steps skipped (x the solver's order).
-            start = int(max(num_steps - num_steps * strength, 0)) * self.impl.order
-            timesteps = timesteps[start:]
-            self.impl.set_begin_index(start)
-        self.timesteps = timesteps
-
-    def scale_model_input(self, sample: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return sample
-
-    def step(
-        self,
-        model_output: torch.Tensor,
-        t: torch.Tensor,
-        sample: torch.Tensor,
-        generator: torch.Generator | None = None,
-    ) -> SchedulerStep:
-        if self.impl.step_index is None:
-            self.impl._init_step_index(t)
-        sigma = self.impl.sigmas[self.impl.step_index].to(sample.device)
-        out = self.impl.step(model_output, t, sample, return_dict=True)
-        # x_t = (1 - sigma) x0 + sigma noise and v = noise - x0, so x0 = x_t - sigma v.
-        return SchedulerStep(prev_sample=out.prev_sample, pred_original_sample=sample - sigma * model_output)
-
-    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        # (1 - sigma) x0 + sigma noise in each: FlowMatch Euler calls it scale_noise, the solvers add_noise.
-        if hasattr(self.impl, "scale_noise"):
-            return self.impl.scale_noise(original, t.reshape(1), noise)
-        return self.impl.add_noise(original, noise, t.reshape(1))
 
 
 @dataclass(frozen=True)

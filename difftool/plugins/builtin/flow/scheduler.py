@@ -37,18 +37,13 @@ def is_flow_config(config: Mapping[str, Any]) -> bool:
     return config.get("_class_name") == "FlowMatchEulerDiscreteScheduler" or "shift" in config
 
 
-class FlowMatchEuler(Scheduler):
-    """Euler steps on the velocity a flow-matching model predicts; sigmas from 1 (noise) to 0."""
+class FlowSampler(Scheduler):
+    """A diffusers flow-matching scheduler behind the core interface; sigmas from 1 (noise) to 0."""
 
     prediction_type = FLOW_PREDICTION
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        config = dict(config)
-        self.seq_len = int(config.pop("image_seq_len", 4096))
-        self.flux_sigmas = bool(config.pop("flux_sigmas", False))
-        self.impl = FlowMatchEulerDiscreteScheduler.from_config(config)
+    def __init__(self, impl: Any, seq_len: int, flux_sigmas: bool, flow_config: Mapping[str, Any]) -> None:
+        self.impl, self.seq_len, self.flux_sigmas, self.flow_config = impl, seq_len, flux_sigmas, dict(flow_config)
 
     @property
     def init_noise_sigma(self) -> float:
@@ -59,18 +54,20 @@ class FlowMatchEuler(Scheduler):
 
         if num_steps < 1:
             raise ParameterError(f"steps must be at least 1, got {num_steps}", "pass --steps 1 or more")
+        config = self.impl.config
         kwargs: dict[str, Any] = {}
-        if self.impl.config.use_dynamic_shifting:
-            kwargs["mu"] = calculate_shift(self.seq_len, self.impl.config)
-        if self.flux_sigmas:
+        if config.get("use_dynamic_shifting"):  # mu from the model's own config (the solvers drop its keys)
+            kwargs["mu"] = calculate_shift(self.seq_len, self.flow_config)
+        # FluxPipeline plans linspace(1, 1/n, n) before shifting, except for schedulers with their own flow sigmas.
+        if self.flux_sigmas and not config.get("use_flow_sigmas"):
             kwargs["sigmas"] = np.linspace(1.0, 1 / num_steps, num_steps)
         self.impl.set_timesteps(num_steps, device="cpu", **kwargs)
         timesteps = self.impl.timesteps
         if strength < 1.0:
             if strength <= 0.0:
                 raise ParameterError(f"--strength {strength} is outside (0, 1]", "pass --strength such as 0.6")
-            # The flow img2img pipelines' rule (SD's rounds the kept steps down first): int(n - n * strength).
-            start = int(max(num_steps - num_steps * strength, 0))
+            # The flow img2img pipelines' rule: int(n - n * strength) steps skipped (x the solver's order).
+            start = int(max(num_steps - num_steps * strength, 0)) * self.impl.order
             timesteps = timesteps[start:]
             self.impl.set_begin_index(start)
         self.timesteps = timesteps
@@ -93,7 +90,23 @@ class FlowMatchEuler(Scheduler):
         return SchedulerStep(prev_sample=out.prev_sample, pred_original_sample=sample - sigma * model_output)
 
     def add_noise(self, original: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.impl.scale_noise(original, t.reshape(1), noise)
+        # (1 - sigma) x0 + sigma noise in each: FlowMatch Euler calls it scale_noise, the solvers add_noise.
+        if hasattr(self.impl, "scale_noise"):
+            return self.impl.scale_noise(original, t.reshape(1), noise)
+        return self.impl.add_noise(original, noise, t.reshape(1))
+
+
+class FlowMatchEuler(FlowSampler):
+    """Euler steps on the velocity a flow-matching model predicts (diffusers' FlowMatchEulerDiscreteScheduler)."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        config = dict(config)
+        seq_len = int(config.pop("image_seq_len", 4096))
+        flux_sigmas = bool(config.pop("flux_sigmas", False))
+        impl = FlowMatchEulerDiscreteScheduler.from_config(config)
+        super().__init__(impl, seq_len, flux_sigmas, impl.config)
 
 
 def flow_euler(config: Mapping[str, Any]) -> FlowMatchEuler:

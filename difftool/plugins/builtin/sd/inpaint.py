@@ -24,6 +24,19 @@ from difftool.plugins.builtin.sd.tasks import latent_shapes, prompt_tokens, run_
 DEFAULT_CONTEXT, DEFAULT_STRENGTH = 64, 1.0
 
 
+def requested_mask(params: Params, image: Any) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The request's mask at ``image``'s size (none for an outpaint: zeros) and its ``--extend``; a request
+    with neither is refused in one line."""
+    from difftool.plugins.builtin.masks import mask_array
+
+    extend = parse_extend(params.extend)
+    if params.mask is None and not any(extend):
+        raise ParameterError("inpaint needs a mask", "pass --mask FILE (white = repaint) or --extend L,R,T,B")
+    if params.mask is None:
+        return np.zeros((image.height, image.width), np.float32), extend
+    return mask_array(params.mask, image.size, params.resize_mask), extend
+
+
 def parse_extend(spec: str | None) -> tuple[int, int, int, int]:
     """``--extend left,right,top,bottom`` in pixels (one number extends every side)."""
     if not spec:

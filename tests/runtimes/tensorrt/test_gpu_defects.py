@@ -21,13 +21,6 @@ from difftool.exporters.cache import ArtifactCache
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(root))
-    return root
-
-
 def _tiny_sd_unet(seed: int) -> Any:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins" / "builtin"))
     from sd import tiny

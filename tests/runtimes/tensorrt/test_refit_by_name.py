@@ -19,13 +19,6 @@ from difftool.training.evaluate import psnr
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("DIFFTOOL_CACHE", str(root))
-    return root
-
-
 def _score(a: api.RunResult, b: api.RunResult) -> float:
     return psnr(np.asarray(a.image, np.float32) / 255, np.asarray(b.image, np.float32) / 255)
 

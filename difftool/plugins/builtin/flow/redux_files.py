@@ -205,11 +205,6 @@ def load_encoder(path: Path, redux: Path, width: int) -> Any:
     state.pop("embeddings.position_ids", None)
     if any(k.startswith(VISION_PREFIX) for k in encoder.state_dict()):  # transformers 4 nests the tower
         state = {VISION_PREFIX + k: v for k, v in state.items()}
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]
-    if missing or unexpected:
-        raise ModelError(
-            f"{path.name} does not match a SigLIP vision model ({len(missing)} missing, {len(unexpected)} unexpected)",
-            "use a transformers-layout SigLIP vision .safetensors or folder",
-        )
-    return encoder
+    from difftool.plugins.builtin.sd.ip_adapter_files import load_checked
+
+    return load_checked(encoder, state, path, "SigLIP vision")

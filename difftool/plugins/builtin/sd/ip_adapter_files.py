@@ -175,14 +175,19 @@ def load_encoder(path: Path) -> Any:
         image_size=int(round((positions - 1) ** 0.5)) * int(patch.shape[-1]),
         hidden_act="quick_gelu" if width == 1024 else "gelu",  # OpenAI's ViT-L; LAION's H and bigG: gelu
     )
-    model = CLIPVisionModelWithProjection(config)
     state.pop(prefix + "embeddings.position_ids", None)
+    return load_checked(CLIPVisionModelWithProjection(config), state, path, "CLIP vision")
+
+
+def load_checked(model: Any, state: dict[str, Any], path: Path, what: str) -> Any:
+    """``model`` with ``state`` loaded, or a one-line error naming ``path`` if they do not match (position
+    ids, a buffer transformers makes itself, may be absent)."""
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ModelError(
-            f"{path.name} does not match a CLIP vision model ({len(missing)} missing, {len(unexpected)} unexpected)",
-            "use a transformers-layout CLIP vision .safetensors or folder",
+            f"{path.name} does not match a {what} model ({len(missing)} missing, {len(unexpected)} unexpected)",
+            f"use a transformers-layout {what} .safetensors or folder",
         )
     return model
 

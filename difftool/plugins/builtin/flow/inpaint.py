@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from difftool.core.errors import ParameterError
 from difftool.core.images import LoadedImage, to_pil, to_uint8
 from difftool.core.params import Params
 from difftool.core.task import RunContext, TaskRequest, TaskResult
@@ -36,11 +35,6 @@ def inpaint(request: TaskRequest, context: RunContext, model: Any) -> TaskResult
     from difftool.plugins.builtin.sd.tasks import DEFAULT_STEPS
 
     params = request.params
-    if "reference" in params and params["reference"]:  # declared by SD's IP-Adapter; Redux inpaint not built
-        raise ParameterError(
-            f"--reference is not supported for inpaint with {model.family.label} models yet",
-            "drop --reference, or use generate / style for Flux Redux",
-        )
     image: LoadedImage = request.inputs["image"]
     mask, extend = requested_mask(params, image)
     rgb, alpha, mask = extend_canvas(image.rgb, image.alpha, mask, extend)

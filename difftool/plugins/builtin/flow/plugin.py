@@ -51,25 +51,26 @@ class FlowFamilies(ModelFamily):
         return {} if own is None else {"steps": own.steps, "guidance_scale": own.guidance_scale}
 
     def run(self, task: str, request: TaskRequest, context: RunContext) -> TaskResult:
-        if task == "style":
-            from difftool.plugins.builtin.flow.controlled import check_task
-            from difftool.plugins.builtin.flow.img2img import style
+        if task == "generate":
+            return generate(request, context)
+        from difftool.plugins.builtin.flow.controlled import check_task
 
-            model = _checked_model(request, context)
-            check_task(task, request.params, model.family.label)
-            return style(request, context, model)
-        if task == "inpaint":  # Flux Fill as FluxFillPipeline; SD3, Flux dev / schnell by latent blending
-            from difftool.plugins.builtin.flow.controlled import check_task
-            from difftool.plugins.builtin.flow.inpaint import inpaint
-
-            model = _checked_model(request, context)
-            check_task(task, request.params, model.family.label)
-            return inpaint(request, context, model)
+        if task != "style" and _given(request, "reference"):  # Redux is wired into generate and style only
+            raise ParameterError(f"--reference (Flux Redux) runs with generate and style, not {task} yet",
+                                 "drop --reference")  # fmt: skip
+        model = _checked_model(request, context)
         if task == "upscale-sd":  # the SD tiles, each repainted by this family's img2img
             from difftool.plugins.builtin.flow.upscale import upscale_sd
 
-            return upscale_sd(request, context, _checked_model(request, context))
-        return generate(request, context)
+            return upscale_sd(request, context, model)
+        check_task(task, request.params, model.family.label)  # --control: generate only
+        if task == "inpaint":  # Flux Fill as FluxFillPipeline; SD3, Flux dev / schnell by latent blending
+            from difftool.plugins.builtin.flow.inpaint import inpaint
+
+            return inpaint(request, context, model)
+        from difftool.plugins.builtin.flow.img2img import style
+
+        return style(request, context, model)
 
 
 def _check_options(params: Mapping[str, Any], label: str) -> None:

@@ -22,9 +22,6 @@ def upscale_sd(request: TaskRequest, context: RunContext, model: Any) -> TaskRes
     from difftool.plugins.builtin.sd.upscale_sd import UpscaleSD, refine_tiles, scaled_alpha, tile_starts
 
     params = request.params
-    if params.reference:
-        raise ParameterError(f"--reference with upscale-sd is not supported for {model.family.label} yet",
-                             "drop --reference")  # fmt: skip
     if model.family.inpainting:
         raise ParameterError(f"{model.name} is an inpainting model", "pass a base (txt2img) model to upscale-sd")
     image = request.inputs["image"]

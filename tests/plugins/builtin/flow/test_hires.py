@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from difftool.app import api
@@ -70,3 +71,7 @@ def test_upscale_sd_with_flux_repaints_each_tile_as_flux_img2img(tmp_path: Path)
     wide = api.run("upscale-sd", source, scale=1.5, upscaler="lanczos", tile=24, overlap=8, **common)
     assert wide.images[0].size == (48, 48) and wide.record["tiles"] == 9  # 24 px tiles padded to 32 for Flux
     assert wide.record["model_family"] == "flux"
+    from difftool.core.errors import ParameterError
+
+    with pytest.raises(ParameterError, match="runs with generate and style, not upscale-sd"):
+        api.run("upscale-sd", source, scale=1.0, upscaler="lanczos", reference=[source], **common)

@@ -159,7 +159,7 @@ def degrade_real(hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.nda
     image = hr
     if rng.random() < 0.8:
         image = _blur(image, rng, (0.2, 2.0))
-    factor = rng.uniform(0.5, 1.2) / scale ** 0.5  # part of the way down, by a random kernel
+    factor = rng.uniform(0.5, 1.2) / scale**0.5  # part of the way down, by a random kernel
     middle = (max(8, round(width * factor)), max(8, round(height * factor)))
     image = _resize(image, middle, rng)
     if rng.random() < 0.7:

@@ -58,10 +58,23 @@ def _table(rows: list[dict], task: str) -> str:
     return "\n".join(out)
 
 
-def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: list[dict] | None = None) -> str:
+def model_card(
+    task: str, meta: dict, config: dict, rows: list[dict], configs: list[dict] | None = None, run_name: str = ""
+) -> str:
     """The model card; ``configs``: one training config per variant (SRNet: per scale), ``config`` the first."""
-    train_names = [c.name for c in builtin_corpus("train")]
+    train_names = [c.name for c in builtin_corpus("train")] if config.get("builtin_data", True) else []
     licences = sorted({CORPUS[n][2] for n in train_names})
+    photos = _folder_photos(config)
+    licences += [
+        f"{stem}: {author}, {licence} (Debian package {package})" for stem, (package, author, licence) in photos
+    ]
+    sources = f"{len(train_names)} from PyPI wheels: {', '.join(train_names)}"
+    if photos:
+        sources += (
+            f"; {len(photos)} colour photos from Debian's wallpaper packages "
+            f"({', '.join(sorted({p for _, (p, _, _) in photos}))}; `python -m difftool.training.debian_photos "
+            f"{config['folders'][0]}` prepares them): {', '.join(stem for stem, _ in photos)}"
+        )
     formulation = (
         "residual: the sample is the high-resolution image minus the bicubic upsample of the input, "
         "which is concatenated as conditioning; the scale (2x or 4x) is a class label"
@@ -121,6 +134,8 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
             "safetensors."
         )
     config_name = f"{task}-{'real-' if real else ''}x{config['scales'][0]}" if config.get("arch") == "srnet" else task
+    if run_name and (Path(__file__).parent / "configs" / f"{run_name}.json").is_file():
+        config_name = run_name  # the run folder is named after its config, as the docs' commands do
     runs = "; ".join(
         (f"{c['scales'][0]}x: " if len(configs or []) > 1 else "")
         + f"{c['steps']} steps on {c['crop']} px crops, seed {c['seed']}"
@@ -142,7 +157,7 @@ def model_card(task: str, meta: dict, config: dict, rows: list[dict], configs: l
   reproduce with
   `difftool train {task} --config difftool/training/configs/{config_name}.json -o runs/{config_name}`.
   Shipped weights: {meta.get("weights", "the EMA")}.
-* **Training images** ({len(train_names)}, from PyPI wheels): {", ".join(train_names)}.
+* **Training images** ({sources}).
 * **Held out, never trained on**: {", ".join(HOLDOUT)}.
 * **Degradations**: {degradations} This model: {clean_share}
   `few_step_fraction` {config.get("few_step_fraction", 0.5)}, `one_step_fraction` {config.get("one_step_fraction", 0)}.
@@ -206,7 +221,7 @@ def embed(
         stored = json.loads((tmp / META_FILE).read_text())
         (tmp / META_FILE).write_text(json.dumps({**stored, "name": name}, indent=2, sort_keys=True))
     rows = evaluate(tmp, task, dtype="fp32")
-    card = model_card(task, meta, configs[0], rows, configs)
+    card = model_card(task, meta, configs[0], rows, configs, run_name=runs[0].name)
     if configs[0].get("degradation") == "real":
         card += "\n" + inputs_card(tmp)
     (tmp / "README.md").write_text(card)
@@ -214,6 +229,21 @@ def embed(
     from difftool.core.atomic import replace_dir
 
     return replace_dir(tmp, target)
+
+
+def _folder_photos(config: dict) -> list[tuple[str, tuple[str, str, str]]]:
+    """The Debian photos (:mod:`difftool.training.debian_photos`) among the config's ``folders``."""
+    from difftool.training.data import folder_images
+    from difftool.training.debian_photos import PHOTOS
+
+    known = {Path(name).stem: source for name, source in PHOTOS.items()}
+    found = [
+        p.stem for folder in config.get("folders", []) if Path(folder).is_dir() for p in folder_images(Path(folder))
+    ]
+    unknown = sorted(set(found) - set(known))
+    if unknown:  # a card must name every training image and its licence
+        raise ValueError(f"training folder images without a known source and licence: {', '.join(unknown)}")
+    return [(stem, known[stem]) for stem in found]
 
 
 def inputs_card(model: Path) -> str:

@@ -19,6 +19,8 @@ from difftool.plugins.click_options import click_errors, context_registry
 @click.option("--lr", type=click.FloatRange(0, min_open=True), help="peak learning rate")
 @click.option("--seed", type=int, help="random seed (default 0)")
 @click.option("--threads", type=click.IntRange(0), help="CPU threads (0: PyTorch's default)")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="where to train (default: the config's, cpu)")
+@click.option("--workers", type=click.IntRange(0), help="processes making batches ahead (0: in the loop)")
 @click.option("--data", "folders", multiple=True, type=click.Path(exists=True, file_okay=False), help="image folder")
 @click.option("--no-builtin-data", is_flag=True, help="train only on --data folders")
 @click.option("--init", type=click.Path(exists=True, file_okay=False), help="fine-tune from this model folder")

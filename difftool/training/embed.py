@@ -117,7 +117,8 @@ def model_card(
             f"A pixel-space diffusion model built like a super-resolution network (difftool's `SRNet`: "
             f"{config['blocks']} residual blocks of {config['channels']} channels without normalisation at the "
             "low resolution, FiLM timestep conditioning, a pixel-shuffle tail), one network per scale "
-            f"(`x2/`, `x4/`), trained by difftool on CPU, shipped as fp16 safetensors."
+            f"(`x2/`, `x4/`), trained by difftool on {'a CUDA GPU' if config.get('device') == 'cuda' else 'CPU'}, "
+            "shipped as fp16 safetensors."
         )
     elif config.get("arch") == "inpaintnet":
         network = (

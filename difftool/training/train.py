@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,11 @@ class TrainConfig:
     init: str | None = None
     folders: list[str] = field(default_factory=list)
     builtin_data: bool = True
+    #: ``cpu`` or ``cuda`` (bf16 autocast there whatever the CPU supports; checkpoints stay device-free).
+    device: str = "cpu"
+    #: Processes making batches ahead (0: in the loop, from one sequential random stream); with workers,
+    #: batch ``i`` is a function of ``(seed, i)`` alone (:mod:`difftool.training.loader`).
+    workers: int = 0
 
     @classmethod
     def for_task(cls, task: str, **overrides: Any) -> TrainConfig:
@@ -153,6 +160,11 @@ class Trainer:
         from diffusers import DDIMScheduler
 
         self.config, self.out = config, Path(out)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError("device cuda: PyTorch sees no CUDA GPU here; set device to cpu")
+            torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN picks its fastest kernels once
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(config.seed)
@@ -166,16 +178,17 @@ class Trainer:
             self.model.load_state_dict(load_pixel_model(Path(config.init), config.task).unet.state_dict())
         if config.arch == "srnet":  # oneDNN's convolutions are about 10% faster on NHWC (measured on this CPU)
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = build_unet(config)
+        self.model = self.model.to(self.device)
+        self.ema = build_unet(config).to(self.device)
         self.ema.load_state_dict(self.model.state_dict())
         self.ema.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
-        self.alphas = DDIMScheduler.from_config(NOISE_SCHEDULE).alphas_cumprod.float()
+        self.alphas = DDIMScheduler.from_config(NOISE_SCHEDULE).alphas_cumprod.float().to(self.device)
         self.rng = np.random.default_rng(config.seed)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.losses: list[float] = []
-        self.autocast = config.bf16 and cpu_supports_bf16()
+        self.autocast = config.bf16 and (self.device.type != "cpu" or cpu_supports_bf16())
 
     # --- checkpoints --------------------------------------------------------------------------
     @property
@@ -189,7 +202,7 @@ class Trainer:
         folder.mkdir(parents=True, exist_ok=True)
         optimizer = self.optimizer.state_dict()
         moments = {
-            f"{index}.{key}": value.contiguous()
+            f"{index}.{key}": value.cpu().contiguous()
             for index, state in optimizer["state"].items()
             for key, value in state.items()
         }
@@ -258,29 +271,29 @@ class Trainer:
         return self.config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
     def sample_timesteps(self, batch: int) -> torch.Tensor:
-        uniform = torch.randint(0, 1000, (batch,), generator=self.generator)
-        few = torch.tensor(FEW_STEP_TIMESTEPS)[torch.randint(0, 4, (batch,), generator=self.generator)]
-        draw = torch.rand(batch, generator=self.generator)
-        picked = torch.where(draw < self.config.few_step_fraction, few, uniform)
-        last = draw >= 1 - self.config.one_step_fraction
-        return torch.where(last, torch.full_like(picked, 999), picked)
+        return sample_timesteps(self.config, batch, self.generator)
 
-    def train_step(self, pool: Any) -> float:
-        batch = make_batch(self.config, pool, self.rng)
-        target = batch["target"]
-        t = self.sample_timesteps(target.shape[0])
+    def train_step(self, pool: Any, batch: dict[str, Any] | None = None) -> float:
+        """One optimizer step on ``batch`` (made ahead: :mod:`~difftool.training.loader`) or on one made here."""
+        if batch is None:
+            batch = make_batch(self.config, pool, self.rng)
+            batch["t"] = self.sample_timesteps(batch["target"].shape[0])
+            batch["noise"] = torch.randn(batch["target"].shape, generator=self.generator)
+        # noise and timesteps come from CPU generators (reproducible on any device), then travel with the batch
+        on = {k: v.to(self.device, non_blocking=True) if v is not None else None for k, v in batch.items()}
+        target, t, weight = on["target"], on["t"], on["weight"]
         a = self.alphas[t].view(-1, 1, 1, 1)
-        noise = torch.randn(target.shape, generator=self.generator)
-        noisy = a.sqrt() * target + (1 - a).sqrt() * noise
+        noisy = a.sqrt() * target + (1 - a).sqrt() * on["noise"]
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-            inputs = torch.cat([noisy, batch["cond"]], dim=1).contiguous(memory_format=torch.channels_last)
-            pred = self.model(inputs, t, class_labels=batch["labels"]).sample
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            inputs = torch.cat([noisy, on["cond"]], dim=1).contiguous(memory_format=torch.channels_last)
+            pred = self.model(inputs, t, class_labels=on["labels"]).sample
         error = pred.float() - target
-        loss = ((error.square() if self.config.loss == "l2" else error.abs()) * batch["weight"]).mean()
+        error = error.square() if self.config.loss == "l2" else error.abs()
+        loss = (error if weight is None else error * weight).mean()  # None: all ones (the loader drops them)
         if self.config.texture_weight:
-            loss = loss + self.config.texture_weight * texture_loss(pred.float(), target, batch["cond"][:, 3:4])
+            loss = loss + self.config.texture_weight * texture_loss(pred.float(), target, on["cond"][:, 3:4])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -293,21 +306,67 @@ class Trainer:
         self.losses.append(value)
         return value
 
-    def fit(self, pool: Any, progress: bool = True, stop_after: int | None = None) -> None:
-        """Train to ``config.steps`` (or ``stop_after`` more steps), checkpointing every ``save_every``."""
+    def fit(
+        self,
+        pool: Any,
+        progress: bool = True,
+        stop_after: int | None = None,
+        deadline: float | None = None,
+        on_step: Callable[[Trainer], None] | None = None,
+    ) -> None:
+        """Train to ``config.steps`` (or ``stop_after`` more steps), checkpointing every ``save_every``.
+
+        ``deadline`` (a ``time.monotonic()`` value): stop after the step that passes it, with a checkpoint
+        and an export, as at the end. ``on_step(trainer)`` runs after each step (logging).
+        """
         from tqdm import tqdm
 
         end = self.config.steps if stop_after is None else min(self.config.steps, self.step + stop_after)
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc=f"train {self.config.task}")
+        stream = None
+        if self.config.workers and self.step < end:
+            from difftool.training.loader import batches
+
+            stream = batches(self.config, pool, self.step, end, step_batch, pin=self.device.type == "cuda")
         while self.step < end:
-            self.train_step(pool)
+            self.train_step(pool, next(stream) if stream is not None else None)
             bar.update(1)
+            if on_step is not None:
+                on_step(self)
             if self.step % 10 == 0:
                 bar.set_postfix(loss=f"{np.mean(self.losses[-50:]):.4f}", lr=f"{self.lr_at(self.step):.1e}")
-            if self.step % self.config.save_every == 0 or self.step == end:
+            late = deadline is not None and time.monotonic() >= deadline
+            if self.step % self.config.save_every == 0 or self.step == end or late:
                 self.save()
                 self.export()
+            if late:
+                break
+        del stream  # ends the worker processes
         bar.close()
+
+
+def sample_timesteps(config: TrainConfig, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Training timesteps: uniform, the few-step schedules' (``few_step_fraction``) and 999 (``one_step_fraction``)."""
+    uniform = torch.randint(0, 1000, (batch,), generator=generator)
+    few = torch.tensor(FEW_STEP_TIMESTEPS)[torch.randint(0, 4, (batch,), generator=generator)]
+    draw = torch.rand(batch, generator=generator)
+    picked = torch.where(draw < config.few_step_fraction, few, uniform)
+    last = draw >= 1 - config.one_step_fraction
+    return torch.where(last, torch.full_like(picked, 999), picked)
+
+
+def step_batch(config: TrainConfig, pool: Any, step: int) -> dict[str, Any]:
+    """Batch ``step`` of a run with workers, from ``(seed, step)`` alone: ``make_batch``'s keys plus the
+    timesteps ``t`` and the ``noise`` (from a CPU generator seeded from the same stream); ``weight`` None
+    for superres (all ones: not worth moving between processes)."""
+    rng = np.random.default_rng([config.seed, step])
+    batch = make_batch(config, pool, rng)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**63)))
+    batch["t"] = sample_timesteps(config, batch["target"].shape[0], generator)
+    batch["noise"] = torch.randn(batch["target"].shape, generator=generator)
+    if config.task == "superres":
+        batch["weight"] = None
+    return batch
 
 
 def local_detail(x: torch.Tensor, window: int = 9) -> torch.Tensor:
@@ -340,4 +399,4 @@ def texture_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, s
 
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -57,8 +57,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SCALES = (2, 4)
-#: Steps timed before the run's step count is fitted to its share of the budget (the first 20 not counted).
-PROBE = 200
+#: Steps run before the run's step count is fitted to its share of the budget, and the first of them not
+#: timed: while the GPU warms up the workers queue batches ahead, which the next steps eat faster than
+#: the workers make them (about 1 s of backlog at 14 workers x 4).
+PROBE, UNTIMED = 400, 150
 #: Seconds kept per scale for the last checkpoint, export and packing.
 RESERVE = 15.0
 LOG_EVERY_S = 10.0
@@ -120,6 +122,10 @@ def train_scale(scale: int, pool, work: Path, out: Path, deadline: float, args, 
         shutil.rmtree(run)
     started = time.monotonic()
     trainer = Trainer(config, run)
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
     planned = config.steps
     marks: list[float] = []
     last = [started]
@@ -138,7 +144,7 @@ def train_scale(scale: int, pool, work: Path, out: Path, deadline: float, args, 
 
     probe = min(PROBE, max(2, config.steps // 3))
     trainer.fit(pool, progress=False, stop_after=probe, deadline=deadline - RESERVE, on_step=on_step)
-    skip = min(20, len(marks) // 2)
+    skip = min(UNTIMED, len(marks) // 2)
     rate = (len(marks) - 1 - skip) / max(marks[-1] - marks[skip], 1e-9)
     if not args.dry_run:  # fit the cosine schedule to the time left (the checkpoint records the count)
         left = max(0.0, deadline - RESERVE - time.monotonic())

@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 #: The test files holding the ``gpu`` marked tests (collected by file: collecting the whole suite is slow).
 GPU_TESTS = ["tests/runtimes/tensorrt/test_tensorrt.py", "tests/plugins/builtin/sd/test_cuda.py",
-             "tests/plugins/builtin/test_cuda_pixel.py"]  # fmt: skip
+             "tests/plugins/builtin/test_cuda_pixel.py", "tests/training/test_gpu_train.py"]  # fmt: skip
 
 
 class Report:

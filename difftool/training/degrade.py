@@ -145,13 +145,18 @@ def _random_jpeg(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return jpeg(rgb, int(rng.integers(30, 96)), int(rng.choice([0, 1, 2], p=[0.25, 0.15, 0.6])))
 
 
-def degrade_real(hr: np.ndarray, scale: int, rng: np.random.Generator) -> np.ndarray:
+def degrade_real(
+    hr: np.ndarray, scale: int, rng: np.random.Generator, mix: dict[str, float] | None = None
+) -> np.ndarray:
     """A real-world low-resolution input for ``hr`` (see :data:`REAL_MIX`): blur (isotropic, anisotropic,
     generalized Gaussian), a resize with a random kernel, Gaussian or Poisson noise and JPEG at quality 30-95,
     twice, the second time in random order; the clean and the plain-JPEG cases kept in the mix."""
     height, width = hr.shape[:2]
     size = (width // scale, height // scale)
-    kind = rng.choice(list(REAL_MIX), p=list(REAL_MIX.values()))
+    mix = mix or REAL_MIX
+    if set(mix) != set(REAL_MIX) or abs(sum(mix.values()) - 1) > 1e-6:
+        raise ValueError(f"real_mix {mix}: give shares of {', '.join(REAL_MIX)} that add up to 1")
+    kind = rng.choice(list(REAL_MIX), p=[mix[k] for k in REAL_MIX])
     if kind == "clean":
         return downscale(hr, scale)
     if kind == "jpeg":

@@ -104,7 +104,7 @@ def model_card(
         degradations = (
             " ".join((degrade.degrade_real.__doc__ or "").split())
             + " Mix: "
-            + ", ".join(f"{kind} {share:.0%}" for kind, share in degrade.REAL_MIX.items())
+            + ", ".join(f"{kind} {share:.0%}" for kind, share in (config.get("real_mix") or degrade.REAL_MIX).items())
             + "; fine-tuned from the clean model."
         )
     if config.get("arch") == "srnet":

@@ -63,6 +63,8 @@ class TrainConfig:
     clean_fraction: float = 0.5
     #: ``classic`` (:func:`degrade_for_superres`) or ``real`` (:func:`degrade_real`: second-order, JPEG 30-95).
     degradation: str = "classic"
+    #: ``real`` degradation: shares of its kinds (default :data:`~difftool.training.degrade.REAL_MIX`).
+    real_mix: dict[str, float] | None = None
     #: Share of the batch trained at the timesteps few-step sampling visits (the rest: uniform).
     few_step_fraction: float = 0.5
     #: Share of the batch trained at t=999 (the 1-step sample), on top of ``few_step_fraction``.
@@ -140,7 +142,7 @@ def make_batch(config: TrainConfig, pool: Any, rng: np.random.Generator) -> dict
         for crop, index in zip(crops, scale_index, strict=True):
             scale = config.scales[index]
             if config.degradation == "real":
-                low = degrade_real(crop, scale, rng)
+                low = degrade_real(crop, scale, rng, config.real_mix)
             else:
                 low = degrade_for_superres(crop, scale, rng, clean_fraction=config.clean_fraction)
             low = torch.from_numpy(low).permute(2, 0, 1)[None] * 2 - 1

@@ -173,3 +173,15 @@ def test_masks_include_scratches_and_objects_like_users_paint() -> None:
     masks = [random_mask(128, rng) for _ in range(60)]
     assert all(0.04 <= m.mean() <= 0.5 for m in masks)
     assert len({round(float(m.mean()), 3) for m in masks}) > 40  # varied, not one shape repeated
+
+
+def test_real_mix_picks_the_kinds_of_real_world_input() -> None:
+    from difftool.training.degrade import degrade_real, downscale
+
+    hr = np.random.default_rng(1).random((64, 64, 3)).astype(np.float32)
+    clean = {"clean": 1.0, "jpeg": 0.0, "second_order": 0.0}
+    assert np.array_equal(degrade_real(hr, 2, np.random.default_rng(0), clean), downscale(hr, 2))
+    jpeg_only = degrade_real(hr, 2, np.random.default_rng(0), {"clean": 0.0, "jpeg": 1.0, "second_order": 0.0})
+    assert jpeg_only.shape == (32, 32, 3) and not np.array_equal(jpeg_only, downscale(hr, 2))
+    with pytest.raises(ValueError, match="add up to 1"):
+        degrade_real(hr, 2, np.random.default_rng(0), {"clean": 0.5, "jpeg": 0.0, "second_order": 0.0})

@@ -44,6 +44,7 @@ The script ends by printing the follow-up to run here.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -104,7 +105,7 @@ def shared_memory_workers(config, log: Log) -> None:
         return
     per_batch = 3 * config.batch * 3 * config.crop**2 * 4  # target, cond, noise: float32
     free = shutil.disk_usage("/dev/shm").free
-    fits = max(1, int(free * 0.5 // (per_batch * (PREFETCH + 1))))
+    fits = int(free * 0.5 // (per_batch * (PREFETCH + 1)))  # 0: batches made in the loop
     if fits < config.workers:
         log(f"/dev/shm has {free / 2**30:.1f} GiB free: {fits} workers instead of {config.workers}")
         config.workers = fits
@@ -118,8 +119,8 @@ def train_scale(scale: int, pool, work: Path, out: Path, deadline: float, args, 
     config = load_config(scale, args.dry_run, args.photos)
     shared_memory_workers(config, log)
     run = work / run_name(scale)
-    if run.exists():
-        shutil.rmtree(run)
+    if run.exists():  # never delete a run this script did not make: it may be one to resume
+        raise SystemExit(f"{run} exists; move it away or give another --work")
     started = time.monotonic()
     trainer = Trainer(config, run)
     if trainer.device.type == "cuda":
@@ -169,13 +170,33 @@ def pack(run: Path, out: Path, log: Log) -> None:
     archive = out / f"{run.name}.tar"
     with tarfile.open(archive.with_suffix(".part"), "w") as tar:
         for name in SHIPPED:
-            tar.add(run / name, arcname=name.rstrip("/"))
+            if name == "checkpoint/state.json":  # the device's absolute paths would mean nothing here
+                data = json.dumps(portable_state(json.loads((run / name).read_text()))).encode()
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.add(run / name, arcname=name.rstrip("/"))
     archive.with_suffix(".part").replace(archive)
     optimizer = out / f"{run.name}.optimizer.safetensors"
     shutil.copyfile(run / "checkpoint" / "optimizer.safetensors", optimizer)
     for path in (archive, optimizer):
         size = path.stat().st_size / 2**20
         log(f"wrote {path.name} ({size:.1f} MiB{', OVER the 16 MiB a file can come back' if size > 16 else ''})")
+
+
+def portable_state(state: dict) -> dict:
+    """The checkpoint's ``init`` and ``folders`` relative to the repository root where they lie inside it, as
+    the configs write them: the model card here finds the photos (and their licences) by these paths."""
+
+    def relative(path: str) -> str:
+        resolved = Path(path).resolve()
+        return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else path
+
+    config = dict(state["config"])
+    config["init"] = relative(config["init"]) if config.get("init") else config.get("init")
+    config["folders"] = [relative(folder) for folder in config.get("folders", [])]
+    return {**state, "config": config}
 
 
 def unpack(folder: Path, runs: Path) -> list[Path]:
@@ -185,10 +206,18 @@ def unpack(folder: Path, runs: Path) -> list[Path]:
         target = runs / archive.stem
         if (target / "checkpoint" / "state.json").exists():
             raise SystemExit(f"{target} already holds a run; move it away first")
-        with tarfile.open(archive) as tar:
-            tar.extractall(target, filter="data")
         optimizer = archive.parent / f"{archive.stem}.optimizer.safetensors"
-        shutil.copyfile(optimizer, target / "checkpoint" / "optimizer.safetensors")
+        if not optimizer.is_file():
+            raise SystemExit(f"{optimizer.name} did not come back beside {archive.name}; fetch both")
+        partial = runs / f".{archive.stem}.unpacking"
+        if partial.exists():
+            raise SystemExit(f"{partial} exists (an unpack stopped part-way); remove it and rerun")
+        with tarfile.open(archive) as tar:  # into a sibling first: a stopped unpack leaves no half run
+            tar.extractall(partial, filter="data")
+        shutil.copyfile(optimizer, partial / "checkpoint" / "optimizer.safetensors")
+        if target.exists():
+            target.rmdir()  # empty (checked above that it holds no run); a non-empty one refuses here
+        partial.rename(target)
         made.append(target)
     if not made:
         raise SystemExit(f"{folder} holds no superres-real-gpu-x*.tar")

@@ -145,6 +145,13 @@ def _random_jpeg(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return jpeg(rgb, int(rng.integers(30, 96)), int(rng.choice([0, 1, 2], p=[0.25, 0.15, 0.6])))
 
 
+def check_mix(mix: dict[str, float]) -> dict[str, float]:
+    """``mix`` if it gives a share of each kind of :data:`REAL_MIX`, the shares adding up to 1."""
+    if set(mix) != set(REAL_MIX) or min(mix.values()) < 0 or abs(sum(mix.values()) - 1) > 1e-6:
+        raise ValueError(f"real_mix {mix}: give shares of {', '.join(REAL_MIX)} that add up to 1")
+    return mix
+
+
 def degrade_real(
     hr: np.ndarray, scale: int, rng: np.random.Generator, mix: dict[str, float] | None = None
 ) -> np.ndarray:
@@ -153,9 +160,7 @@ def degrade_real(
     twice, the second time in random order; the clean and the plain-JPEG cases kept in the mix."""
     height, width = hr.shape[:2]
     size = (width // scale, height // scale)
-    mix = mix or REAL_MIX
-    if set(mix) != set(REAL_MIX) or abs(sum(mix.values()) - 1) > 1e-6:
-        raise ValueError(f"real_mix {mix}: give shares of {', '.join(REAL_MIX)} that add up to 1")
+    mix = check_mix(mix or REAL_MIX)
     kind = rng.choice(list(REAL_MIX), p=[mix[k] for k in REAL_MIX])
     if kind == "clean":
         return downscale(hr, scale)

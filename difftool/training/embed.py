@@ -105,7 +105,7 @@ def model_card(
             " ".join((degrade.degrade_real.__doc__ or "").split())
             + " Mix: "
             + ", ".join(f"{kind} {share:.0%}" for kind, share in (config.get("real_mix") or degrade.REAL_MIX).items())
-            + "; fine-tuned from the clean model."
+            + (f"; fine-tuned from `{config['init']}`." if config.get("init") else ".")
         )
     if config.get("arch") == "srnet":
         formulation = (
@@ -238,9 +238,13 @@ def _folder_photos(config: dict) -> list[tuple[str, tuple[str, str, str]]]:
     from difftool.training.debian_photos import PHOTOS
 
     known = {Path(name).stem: source for name, source in PHOTOS.items()}
-    found = [
-        p.stem for folder in config.get("folders", []) if Path(folder).is_dir() for p in folder_images(Path(folder))
-    ]
+    missing = [folder for folder in config.get("folders", []) if not Path(folder).is_dir()]
+    if missing:  # the card must list every training image and its licence: run from the repository root
+        raise FileNotFoundError(
+            f"training folder {missing[0]} (from the run's config) is not here; run from the "
+            "folder the config's paths are relative to, or prepare it first"
+        )
+    found = [p.stem for folder in config.get("folders", []) for p in folder_images(Path(folder))]
     unknown = sorted(set(found) - set(known))
     if unknown:  # a card must name every training image and its licence
         raise ValueError(f"training folder images without a known source and licence: {', '.join(unknown)}")

@@ -56,3 +56,17 @@ def test_the_evaluation_package_is_refused_before_anything_downloads(tmp_path: P
         debian_photos.fetch({"lomiri-wallpapers-16.04": "20.04.0-2", "mate-backgrounds": "1.26.0-1"}, tmp_path)
     assert calls == []
     assert not set(debian_photos.PACKAGES) & set(debian_photos.RESERVED)
+
+
+def test_the_model_card_names_each_folder_photo_and_its_licence(tmp_path: Path) -> None:
+    from difftool.training.embed import _folder_photos
+
+    written = debian_photos.prepare(tmp_path / "photos", _unpacked(tmp_path / "debs"), long_side=64)
+    photos = dict(_folder_photos({"folders": [str(tmp_path / "photos")]}))
+    assert len(photos) == len(written)
+    assert photos["seeding_by_Clements_Engelhardt"] == ("lomiri-wallpapers-16.04", "Clemens Engelhardt", "CC0-1.0")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "mystery.png")
+    with pytest.raises(ValueError, match="without a known source and licence: mystery"):
+        _folder_photos({"folders": [str(tmp_path / "photos")]})
+    with pytest.raises(FileNotFoundError, match="training folder .*gone"):
+        _folder_photos({"folders": [str(tmp_path / "gone")]})

@@ -121,6 +121,9 @@ def test_gpu_script_dry_run_trains_packs_and_unpacks_models_that_run(tmp_path: P
         run = tmp_path / "runs" / f"superres-real-gpu-x{scale}"
         state = json.loads((run / "checkpoint" / "state.json").read_text())
         assert state["step"] == 6 and state["config"]["device"] == "cpu" and state["config"]["workers"] == 2
+        # the device's absolute paths become the config's repository-relative ones (the card finds them here)
+        assert state["config"]["init"] == f"difftool/models/superres-real/x{scale}"
+        assert state["config"]["folders"] == [str(photos)]  # outside the repository: kept as it was
         resumed = Trainer(TrainConfig(**state["config"]), run)
         assert resumed.resume() and resumed.step == 6  # the optimizer moments came back too
         result = api.run(
@@ -138,3 +141,36 @@ def test_cuda_run_checkpoints_device_free_and_resumes_on_the_cpu(pool: ImagePool
     assert next(trainer.model.parameters()).is_cuda and np.isfinite(trainer.losses).all()
     resumed = Trainer(tiny(), tmp_path / "run")
     assert resumed.resume() and resumed.step == 6
+
+
+def test_unpack_refuses_a_run_without_its_optimizer_and_leaves_nothing(tmp_path: Path) -> None:
+    import tarfile
+
+    script = load_script()
+    back, runs = tmp_path / "back", tmp_path / "runs"
+    run = tmp_path / "made" / "superres-real-gpu-x2"
+    (run / "checkpoint").mkdir(parents=True)
+    (run / "checkpoint" / "state.json").write_text("{}")
+    back.mkdir()
+    with tarfile.open(back / "superres-real-gpu-x2.tar", "w") as tar:
+        tar.add(run / "checkpoint", arcname="checkpoint")
+    with pytest.raises(SystemExit, match="optimizer.safetensors did not come back"):
+        script.unpack(back, runs)
+    assert not runs.exists() or not any(runs.iterdir())
+    (back / "superres-real-gpu-x2.optimizer.safetensors").write_bytes(b"moments")
+    (made,) = script.unpack(back, runs)
+    assert (made / "checkpoint" / "optimizer.safetensors").read_bytes() == b"moments"
+    assert sorted(p.name for p in runs.iterdir()) == ["superres-real-gpu-x2"]  # no partial folder left
+    with pytest.raises(SystemExit, match="already holds a run"):
+        script.unpack(back, runs)
+
+
+def test_the_script_never_deletes_a_run_folder_it_did_not_make(tmp_path: Path) -> None:
+    script = load_script()
+    photos, work = write_photos(tmp_path / "photos"), tmp_path / "work"
+    (work / "superres-real-gpu-x2").mkdir(parents=True)
+    (work / "superres-real-gpu-x2" / "keep.txt").write_text("a run to resume")
+    args = ["--dry-run", "--out", str(tmp_path / "out"), "--photos", str(photos), "--work", str(work)]
+    with pytest.raises(SystemExit, match="exists; move it away"):
+        script.main([*args, "--scales", "2"])
+    assert (work / "superres-real-gpu-x2" / "keep.txt").read_text() == "a run to resume"

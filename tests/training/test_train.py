@@ -185,3 +185,5 @@ def test_real_mix_picks_the_kinds_of_real_world_input() -> None:
     assert jpeg_only.shape == (32, 32, 3) and not np.array_equal(jpeg_only, downscale(hr, 2))
     with pytest.raises(ValueError, match="add up to 1"):
         degrade_real(hr, 2, np.random.default_rng(0), {"clean": 0.5, "jpeg": 0.0, "second_order": 0.0})
+    with pytest.raises(ValueError, match="add up to 1"):  # a config says so when it is read, not in a worker
+        TrainConfig.for_task("superres", degradation="real", real_mix={"clean": 1.0, "jpeg": 0.5})

@@ -65,13 +65,20 @@ def gates(rows: list[dict]) -> list[str]:
             continue
         gain = mean(chosen, "new_psnr") - mean(chosen, "lanczos_psnr")
         worst = min(r["new_psnr"] - r["lanczos_psnr"] for r in chosen)
-        blocky = all(r["new_blockiness"] <= r["lanczos_blockiness"] + 0.01 for r in chosen)
+        # block energy is the JPEG gates' measure: a clean input has no 8x8 grid (the table still lists it)
+        jpeg = all(kind.startswith("jpeg") for kind in kinds)
+        excess = max(r["new_blockiness"] - r["lanczos_blockiness"] for r in chosen)
+        blocky = not jpeg or excess <= 0.01
         met = gain >= over and (worst_min is None or worst >= worst_min) and blocky
         worst_text = f", every photo >= +{worst_min} dB" if worst_min is not None else ""
+        block_target = ", no more block energy than Lanczos (0.01 slack) on any photo" if jpeg else ""
+        block_measured = (
+            f", blockiness {'not above' if blocky else 'ABOVE'} Lanczos' (worst photo {excess:+.3f})" if jpeg else ""
+        )
         out.append(
-            f"* {scale}x on {'/'.join(kinds)}: target the default >= +{over} dB over Lanczos{worst_text}, no more "
-            f"block energy than Lanczos. Measured {gain:+.2f} dB, worst photo {worst:+.2f} dB, blockiness "
-            f"{'not above' if blocky else 'ABOVE'} Lanczos': **{'met' if met else 'missed'}**."
+            f"* {scale}x on {'/'.join(kinds)}: target the default >= +{over} dB over Lanczos{worst_text}"
+            f"{block_target}. Measured {gain:+.2f} dB, worst photo {worst:+.2f} dB{block_measured}: "
+            f"**{'met' if met else 'missed'}**."
         )
     return out
 
